@@ -1,0 +1,454 @@
+"""TOML configuration → typed, validated, frozen config.
+
+Every section is a dataclass; `load()` walks the fields, so a wrong value always yields a
+`ConfigError` naming the file, the dotted key, what was expected, what was found and the fix.
+Unknown keys are errors too (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from hostagent.errors import ConfigError
+
+TimeFormat = Literal["unix", "rfc3339"]
+InstanceIdScheme = Literal["uuid", "name", "metadata", "formation"]
+
+
+def _meta(doc: str, *, minimum: float | None = None, maximum: float | None = None) -> Any:
+    return {"doc": doc, "min": minimum, "max": maximum}
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """[host]"""
+
+    node_id: str = field(
+        default_factory=socket.gethostname,
+        metadata=_meta("this host's id in events (`host`) and event ids; default: hostname"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LibvirtConfig:
+    """[libvirt]"""
+
+    uri: str = field(default="qemu:///system", metadata=_meta("libvirt connection URI"))
+    call_timeout_s: float = field(
+        default=10.0,
+        metadata=_meta("deadline of one blocking libvirt call; past it the call is abandoned",
+                       minimum=0.1, maximum=600),
+    )
+    reconnect_max_s: float = field(
+        default=60.0, metadata=_meta("cap of the reconnect backoff", minimum=1, maximum=3600)
+    )
+    readonly: bool = field(
+        default=True,
+        metadata=_meta("connect read-only (libvirt-sock-ro): bulk stats and XML need no more"),
+    )
+    nowait: bool = field(
+        default=True,
+        metadata=_meta("ask libvirt not to wait on a domain's job lock (stale-but-fast stats)"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PathsConfig:
+    """[paths]: where the host's pseudo-filesystems are (tests point them at fixture trees)."""
+
+    root: str = field(default="/", metadata=_meta("prefix for /proc, /sys and /run"))
+    cgroup_root: str = field(
+        default="/sys/fs/cgroup", metadata=_meta("cgroup mount point, relative to root")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorConfig:
+    """[collector]"""
+
+    interval_s: float = field(
+        default=30.0, metadata=_meta("seconds between passes", minimum=1, maximum=3600)
+    )
+    align: bool = field(
+        default=True, metadata=_meta("start passes on multiples of interval_s of wall time")
+    )
+    state_path: str = field(
+        default="/var/lib/hostagent/state.db",
+        metadata=_meta("SQLite file with baselines, outbox and alert state"),
+    )
+    pass_timeout_s: float = field(
+        default=20.0,
+        metadata=_meta("deadline for reading all sources in one pass", minimum=0.5, maximum=3600),
+    )
+    max_threads: int = field(
+        default=8, metadata=_meta("worker threads for blocking sources", minimum=1, maximum=256)
+    )
+    time_format: TimeFormat = field(
+        default="unix", metadata=_meta("event timestamps: unix seconds or RFC 3339 strings")
+    )
+    instance_id: InstanceIdScheme = field(
+        default="uuid", metadata=_meta("what identifies an instance in events and the API")
+    )
+    instance_id_xpath: str = field(
+        default="",
+        metadata=_meta("with instance_id = \"metadata\": XPath into <metadata> (ElementTree "
+                       "syntax, {namespace}tag) whose text or `uuid` attribute is the id; "
+                       "empty = OpenStack nova:instance"),
+    )
+    count_preexisting: bool = field(
+        default=False,
+        metadata=_meta("bill usage a domain accrued before this store first saw it "
+                       "(only right when no other collector billed it)"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OwnersConfig:
+    """[owners]: the account service and the owner resolution chain."""
+
+    enabled: bool = field(default=False, metadata=_meta("look owners up in the account service"))
+    url: str = field(default="http://127.0.0.1:3004", metadata=_meta("account service base URL"))
+    prefix: str = field(default="/v1", metadata=_meta("route prefix (\"\" on older nodes)"))
+    refresh_s: float = field(
+        default=60.0, metadata=_meta("owner index refresh period", minimum=1, maximum=86400)
+    )
+    ttl_s: float = field(
+        default=600.0, metadata=_meta("how long a looked-up owner is fresh", minimum=1)
+    )
+    negative_ttl_s: float = field(
+        default=60.0, metadata=_meta("how long an unknown instance is not asked again", minimum=1)
+    )
+    timeout_s: float = field(default=5.0, metadata=_meta("HTTP timeout", minimum=0.1, maximum=120))
+    max_response_bytes: int = field(
+        default=16 * 1024 * 1024, metadata=_meta("responses larger than this are refused",
+                                                 minimum=1024)
+    )
+    lookups_per_s: float = field(
+        default=2.0, metadata=_meta("rate limit of point lookups for unknown instances",
+                                    minimum=0.01)
+    )
+    key_file: str = field(
+        default="", metadata=_meta("secp256k1 private key (hex, mode 0600) to sign requests")
+    )
+    unassigned: str = field(
+        default="unassigned", metadata=_meta("user_id of events whose owner is unknown")
+    )
+    default_org_id: str = field(
+        default="", metadata=_meta("org_id when neither metadata nor the service has one")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxConfig:
+    """[outbox]"""
+
+    max_bytes: int = field(
+        default=512 * 1024 * 1024,
+        metadata=_meta("outbox size cap; near it, pending events of an instance are merged",
+                       minimum=1024 * 1024),
+    )
+    retention_s: float = field(
+        default=86400.0, metadata=_meta("keep acknowledged events this long", minimum=0)
+    )
+    dead_letter_after: int = field(
+        default=3,
+        metadata=_meta("rejections (Failure reply or 4xx) before an event is dead-lettered",
+                       minimum=1, maximum=1000),
+    )
+    batch_size: int = field(
+        default=256,
+        metadata=_meta("events a sink claims per delivery batch (sent max_in_flight at a time, "
+                       "in order per instance)", minimum=1, maximum=10000),
+    )
+    maintenance_interval_s: float = field(
+        default=10.0,
+        metadata=_meta("how often delivery prunes, checks the size cap and refreshes depth "
+                       "gauges", minimum=0.1, maximum=3600),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """[sinks.retry]: one round of attempts; after a failed round the event waits in the outbox."""
+
+    max_retries: int = field(default=3, metadata=_meta("retries per round", minimum=0, maximum=100))
+    initial_backoff_s: float = field(default=0.1, metadata=_meta("first backoff", minimum=0))
+    max_backoff_s: float = field(default=10.0, metadata=_meta("backoff cap", minimum=0))
+    multiplier: float = field(default=2.0, metadata=_meta("backoff growth", minimum=1))
+    jitter: float = field(default=0.1, metadata=_meta("jitter fraction", minimum=0, maximum=1))
+    round_backoff_max_s: float = field(
+        default=300.0,
+        metadata=_meta("cap of the wait between rounds (max_backoff_s × multiplier^(rounds−1) "
+                       "while the event waits in the outbox)", minimum=0, maximum=86400),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """[sinks.breaker]"""
+
+    failure_threshold: int = field(default=5, metadata=_meta("failures to open", minimum=1))
+    reset_timeout_s: float = field(default=60.0, metadata=_meta("open → half-open", minimum=0))
+    half_open_calls: int = field(default=2, metadata=_meta("trial calls when half-open",
+                                                           minimum=1))
+
+
+@dataclass(frozen=True, slots=True)
+class JsonlSinkConfig:
+    """[[sinks]] type = "jsonl": one JSON event per line, fsynced."""
+
+    type: Literal["jsonl"] = "jsonl"
+    name: str = field(default="jsonl", metadata=_meta("sink name (unique)"))
+    path: str = field(default="/var/lib/hostagent/events.jsonl", metadata=_meta("file to append"))
+    kinds: tuple[str, ...] = field(
+        default=("resource_usage", "threshold_violation"),
+        metadata=_meta("event kinds this sink receives"),
+    )
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSinkConfig:
+    """[[sinks]] type = "formation-queue": Formation's form-p2p queue."""
+
+    type: Literal["formation-queue"] = "formation-queue"
+    name: str = field(default="formation-queue", metadata=_meta("sink name (unique)"))
+    url: str = field(default="http://127.0.0.1:53333", metadata=_meta("queue base URL"))
+    topic: str = field(default="usage_events", metadata=_meta("topic NAME (hashed on the wire)"))
+    alert_topic: str = field(
+        default="usage_alerts", metadata=_meta("topic NAME for threshold_violation events")
+    )
+    sub_topic: int = field(default=0, metadata=_meta("sub-topic byte", minimum=0, maximum=255))
+    max_in_flight: int = field(default=8, metadata=_meta("concurrent requests", minimum=1,
+                                                         maximum=256))
+    timeout_s: float = field(default=5.0, metadata=_meta("HTTP timeout", minimum=0.1))
+    http_client: Literal["h11", "httpx"] = field(
+        default="h11",
+        metadata=_meta("HTTP client: \"h11\" (built-in keep-alive HTTP/1.1 pool, ~5x less CPU "
+                       "per event; http:// only) or \"httpx\" (also used for https:// URLs)"),
+    )
+    max_request_bytes: int = field(
+        default=1_887_436,
+        metadata=_meta("largest encoded request (the queue's body limit is 2 MiB); a bigger "
+                       "event is dead-lettered without being sent", minimum=1024,
+                       maximum=2 * 1024 * 1024),
+    )
+    kinds: tuple[str, ...] = field(
+        default=("resource_usage", "threshold_violation"),
+        metadata=_meta("event kinds this sink receives"),
+    )
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+SinkConfig = JsonlSinkConfig | QueueSinkConfig
+SINK_TYPES: dict[str, type[Any]] = {"jsonl": JsonlSinkConfig, "formation-queue": QueueSinkConfig}
+
+
+@dataclass(frozen=True, slots=True)
+class GpuConfig:
+    """[gpu]"""
+
+    nvml: Literal["auto", "off"] = field(
+        default="auto", metadata=_meta("read vGPU utilisation through NVML when present")
+    )
+    timeout_s: float = field(default=5.0, metadata=_meta("NVML call deadline", minimum=0.1))
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """[log]"""
+
+    level: Literal["debug", "info", "warning", "error"] = field(
+        default="info", metadata=_meta("debug, info, warning or error"))
+    format: Literal["json", "text"] = field(
+        default="json", metadata=_meta("json: one object per line (journald); text: for humans"))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    host: HostConfig = field(default_factory=HostConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    owners: OwnersConfig = field(default_factory=OwnersConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sinks: tuple[SinkConfig, ...] = field(default_factory=lambda: (JsonlSinkConfig(),))
+    source: str = "<defaults>"
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(str(p), "-", "a readable TOML file", "no such file",
+                          "create it or pass --config") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(str(p), "-", "UTF-8 text", "undecodable bytes") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(str(p), "-", "valid TOML", str(err), "fix the syntax") from err
+    return from_mapping(raw, str(p))
+
+
+def from_mapping(raw: Mapping[str, Any], source: str = "<inline>") -> Config:
+    """Validate an already-parsed TOML document."""
+    top = {k: v for k, v in raw.items() if k != "sinks"}
+    cfg: Config = _build(Config, top, source, "", skip={"sinks", "source"})
+    sinks_raw = raw.get("sinks")
+    sinks: tuple[SinkConfig, ...] = cfg.sinks
+    if sinks_raw is not None:
+        sinks = _build_sinks(sinks_raw, source)
+    return dataclasses.replace(cfg, sinks=sinks, source=source)
+
+
+def _build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(source, "sinks", "an array of tables ([[sinks]])", raw)
+    out: list[SinkConfig] = []
+    names: set[str] = set()
+    for i, item in enumerate(raw):
+        key = f"sinks[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(source, key, "a table", item)
+        kind = item.get("type")
+        if kind not in SINK_TYPES:
+            raise ConfigError(source, f"{key}.type", f"one of {sorted(SINK_TYPES)}", kind,
+                              'set type = "jsonl" or type = "formation-queue"')
+        sink = _build(SINK_TYPES[kind], item, source, key)
+        if "name" not in item:
+            sink = dataclasses.replace(sink, name=sink.name if not names else f"{sink.name}-{i}")
+        if sink.name in names:
+            raise ConfigError(source, f"{key}.name", "a unique sink name", sink.name,
+                              "give each [[sinks]] its own name")
+        names.add(sink.name)
+        out.append(sink)
+    return tuple(out)
+
+
+def _build(cls: type[Any], raw: Any, source: str, prefix: str,
+           skip: frozenset[str] | set[str] = frozenset()) -> Any:
+    where = prefix or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(source, where, "a table", raw)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(source, key, f"one of {sorted(fields)}", unknown[0],
+                          "remove the key or fix its spelling")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], raw[name], source, key, f.metadata)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str, meta: Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _build(tp, value, source, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(source, key, "one of " + ", ".join(repr(c) for c in choices), value)
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(args[0], value, source, key, meta)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(source, key, "an array of strings", value)
+        return tuple(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, "true or false", value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, "an integer", value)
+        _check_range(value, source, key, meta)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, key, "a number", value)
+        _check_range(float(value), source, key, meta)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, "a string", value)
+        return value
+    raise ConfigError(source, key, f"a value of type {tp}", value)  # pragma: no cover
+
+
+def _check_range(value: float, source: str, key: str, meta: Mapping[str, Any]) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(source, key, f"a value >= {lo}", value)
+    if hi is not None and value > hi:
+        raise ConfigError(source, key, f"a value <= {hi}", value)
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every option: the README's config reference is built from it."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(cls: type[Any], prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name in ("source",):
+                continue
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            if f.default is not dataclasses.MISSING:
+                default: Any = f.default
+            elif f.default_factory is socket.gethostname:
+                rows.append((key, "the host name", str(f.metadata.get("doc", ""))))
+                continue
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:  # pragma: no cover
+                default = None
+            if dataclasses.is_dataclass(default):
+                walk(type(default), key)
+                continue
+            rows.append((key, repr(default), str(f.metadata.get("doc", ""))))
+
+    for f in dataclasses.fields(Config):
+        if f.name in ("sinks", "source"):
+            continue
+        factory: Any = f.default_factory
+        walk(type(factory()), f.name)
+    walk(JsonlSinkConfig, "sinks[jsonl]")
+    walk(QueueSinkConfig, "sinks[formation-queue]")
+    return rows
+
+
+def reference_markdown() -> str:
+    """The README's configuration table."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, doc in reference():
+        lines.append(f"| `{key}` | `{default}` | {doc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # `python -m hostagent.config` prints the README table
+    print(reference_markdown())

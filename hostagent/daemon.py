@@ -1,0 +1,183 @@
+"""The trio daemon: collector loop, delivery, owner refresh and signals in one nursery.
+
+SIGTERM/SIGINT: the pass in progress finishes and commits, delivery gets `drain_grace_s` to
+flush, then everything is cancelled. SIGHUP: reload the config file; options that can change
+live (interval, log level) take effect at the next pass, the others are reported as needing a
+restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from hostagent import config as config_mod
+from hostagent import identity, logs
+from hostagent.clock import Clock, SystemClock
+from hostagent.collector import Collector, PassReport, link_reader_for
+from hostagent.config import Config
+from hostagent.delivery import Delivery
+from hostagent.errors import ConfigError
+from hostagent.notify import Notifier
+from hostagent.outbox import Store
+from hostagent.owners import Owners, make_client
+from hostagent.sinks import build_sink
+from hostagent.sources.gpu import GpuSource
+from hostagent.sources.libvirt import LibvirtSource
+
+log = logging.getLogger(__name__)
+
+
+def next_tick_s(now_wall_s: float, interval_s: float, align: bool) -> float:
+    """Seconds to wait until the next pass: the next multiple of interval_s when aligned."""
+    if not align:
+        return interval_s
+    nxt = math.floor(now_wall_s / interval_s + 1e-9) * interval_s + interval_s
+    return max(nxt - now_wall_s, 0.0)
+
+
+@dataclass
+class Daemon:
+    """Everything the running daemon holds; built by `build()`, run by `run()`."""
+
+    cfg: Config
+    clock: Clock
+    store: Store
+    collector: Collector
+    delivery: Delivery
+    owners: Owners
+    libvirt: LibvirtSource
+    notifier: Notifier = field(default_factory=Notifier)
+    config_path: str | None = None
+    stop: trio.Event = field(default_factory=trio.Event)
+    passes_done: int = 0
+    drain_grace_s: float = 5.0
+    on_pass: list[Callable[[PassReport], None]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, cfg: Config, *, clock: Clock | None = None,
+              config_path: str | None = None, owner_client: Any = None) -> Daemon:
+        """Open the store and construct every component from the config."""
+        clock = clock or SystemClock()
+        limiter = trio.CapacityLimiter(cfg.collector.max_threads)
+        sinks = [build_sink(s, clock=clock) for s in cfg.sinks]
+        store = Store.open(cfg.collector.state_path, clock=clock, node_id=cfg.host.node_id,
+                           sink_names=[s.name for s in cfg.sinks])
+        identity.check_scheme(cfg.collector.instance_id, cfg.host.node_id,
+                              cfg.collector.instance_id_xpath, cfg.source)
+        if owner_client is None and cfg.owners.enabled:
+            owner_client = make_client(cfg.owners, clock, cfg.source)
+        owners = Owners(cfg.owners, clock, owner_client)
+        lv = LibvirtSource(cfg.libvirt, clock=clock, limiter=limiter)
+        gpu = GpuSource(cfg.gpu, root=cfg.paths.root, clock=clock)
+        collector = Collector(cfg, clock=clock, store=store, owners=owners, libvirt_source=lv,
+                              link_reader=link_reader_for(cfg), gpu_source=gpu, limiter=limiter)
+        delivery = Delivery(store, sinks, clock, cfg)
+        return cls(cfg=cfg, clock=clock, store=store, collector=collector, delivery=delivery,
+                   owners=owners, libvirt=lv, config_path=config_path)
+
+    async def run(self, *, passes: int | None = None,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until `passes` passes are done or a stop signal arrives."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.delivery.run)
+                if self.cfg.owners.enabled:
+                    await nursery.start(self.owners.run)
+                nursery.start_soon(self._signals)
+                task_status.started()
+                await self._collect_loop(passes)
+                await self._drain()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.notifier.stopping()
+            self.libvirt.close()
+            self.store.close()
+
+    async def _collect_loop(self, passes: int | None) -> None:
+        first = True
+        while passes is None or self.passes_done < passes:
+            if not first:
+                wait_s = next_tick_s(self.clock.now().wall_s, self.cfg.collector.interval_s,
+                                     self.cfg.collector.align)
+                with trio.move_on_after(wait_s):
+                    await self.stop.wait()
+            if self.stop.is_set():
+                return
+            first = False
+            # Shielded: a stop request never interrupts a pass between reading and committing.
+            with trio.CancelScope(shield=True):
+                report = await self.collector.run_pass()
+            self.passes_done += 1
+            self._after_pass(report)
+            if self.stop.is_set():
+                return
+
+    def _after_pass(self, report: PassReport) -> None:
+        fields = {"domains": report.domains, "events": report.events,
+                  "duration_s": round(report.duration_s, 4), "cpu_s": round(report.cpu_s, 4),
+                  "libvirt_path": report.libvirt_path, "missing": report.missing}
+        if report.committed:
+            log.info("pass committed", extra=fields)
+            self.delivery.wake()
+        else:
+            log.warning("pass failed", extra={**fields, "error": report.error})
+        # The loop is alive either way: a libvirtd outage must not become a watchdog restart
+        # loop. READY comes after the first pass attempt; STATUS says whether it committed.
+        self.notifier.ready()
+        self.notifier.watchdog()
+        self.notifier.status(
+            f"{report.domains} domains, {report.events} events, "
+            f"pass {report.duration_s:.2f}s" + (f", error: {report.error}" if report.error else "")
+        )
+        for cb in self.on_pass:
+            cb(report)
+
+    async def _drain(self) -> None:
+        with trio.move_on_after(self.drain_grace_s):
+            await self.delivery.drained()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                    continue
+                log.info("stop requested; finishing the pass in progress",
+                         extra={"signal": signal.Signals(signum).name})
+                self.stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; apply what can change live, report the rest."""
+        if self.config_path is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as err:
+            log.error("reload refused: config invalid, keeping the running one",
+                      extra={"error": str(err)})
+            self.notifier.ready()
+            return
+        needs_restart = [name for name in ("libvirt", "paths", "sinks", "owners", "outbox")
+                         if getattr(new, name) != getattr(self.cfg, name)]
+        if new.collector.state_path != self.cfg.collector.state_path:
+            needs_restart.append("collector.state_path")
+        logs.setup(new.log.level, new.log.format)
+        self.cfg = new
+        self.collector.cfg = new
+        log.info("config reloaded", extra={"needs_restart": needs_restart})
+        self.notifier.ready()
+
+
+def run(cfg: Config, *, config_path: str | None, passes: int | None) -> int:
+    """Entry point of `hostagent run`."""
+    daemon = Daemon.build(cfg, config_path=config_path)
+    trio.run(lambda: daemon.run(passes=passes))
+    return 0

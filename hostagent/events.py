@@ -1,0 +1,213 @@
+"""Usage + owner -> the `resource_usage` v1.0 event of seeds 003/004, as compact UTF-8 JSON.
+
+The seed fields come first and keep the seed's types; documented extras follow (the JSON Schema
+in `hostagent/schemas/resource_usage.v1.json` lists them all). Building an event is a pure
+function of its inputs: the same Usage renders the same bytes and the same `event_id`, so a
+resent event is recognisably the same.
+
+Time: `timestamp` is the period end. Both ends are rendered from the exact ns values with the
+same function, so consecutive events tile exactly after rendering: unix seconds are floored;
+RFC 3339 is UTC with a fractional part only when non-zero (exact to the ns, e.g.
+"2023-07-15T14:30:00.25Z"). `period_ns` carries the exact ns for consumers that tile.
+
+Units are binary: `_gb` = GiB (2**30 bytes), `_mb` = MiB (2**20 bytes). Byte-derived values are
+not rounded: bytes / 2**k is exact in a double below 2**53, so `mb * 2**20` gives the exact
+bytes back. Percentages are rounded to 6 decimals. Integer billing counters stay integers.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+
+from hostagent.model import OutEvent, Owner, Usage
+
+EVENT_TYPE = "resource_usage"
+SCHEMA_VERSION = "1.0"
+# Fixed forever: changing it changes every event_id and breaks de-duplication downstream.
+EVENT_ID_NAMESPACE = uuid.UUID("107614cf-6d93-40f2-aaf5-813edec233e3")
+
+TimeFormat = Literal["unix", "rfc3339"]
+
+NS_PER_S = 1_000_000_000
+GIB = 1 << 30
+MIB = 1 << 20
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_RFC3339 = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?Z$")
+
+
+def event_id(host: str, instance_id: str, incarnation: str, period_start_ns: int) -> str:
+    """Deterministic UUIDv5 of (host, instance, incarnation, period start) as a canonical string."""
+    name = f"{host}|{instance_id}|{incarnation}|{period_start_ns}"
+    return str(uuid.uuid5(EVENT_ID_NAMESPACE, name))
+
+
+def render_time(t_ns: int, time_format: TimeFormat) -> int | str:
+    """Wall time in ns as the event shows it: floored unix seconds or exact RFC 3339 UTC."""
+    seconds, frac_ns = divmod(t_ns, NS_PER_S)
+    if time_format == "unix":
+        return seconds
+    text = (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+    if frac_ns:
+        text += "." + f"{frac_ns:09d}".rstrip("0")
+    return text + "Z"
+
+
+def parse_time(value: int | str) -> int:
+    """Inverse of `render_time` to ns (unix seconds give whole seconds); ValueError if malformed."""
+    if isinstance(value, int):
+        return value * NS_PER_S
+    m = _RFC3339.match(value)
+    if m is None:
+        raise ValueError(f"not an RFC 3339 UTC time: {value!r}")
+    whole = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    frac_ns = int((m.group(2) or "0").ljust(9, "0"))
+    return (whole - _EPOCH) // timedelta(seconds=1) * NS_PER_S + frac_ns
+
+
+def build_usage_event(u: Usage, owner: Owner, host: str, *, time_format: TimeFormat) -> OutEvent:
+    """The outbox-ready event for one Usage, billed to `owner`, produced on `host`."""
+    eid = event_id(host, u.instance_id, u.incarnation, u.period_start_ns)
+    missing = dict(u.missing)
+
+    def required(field: str, value: float | None, why: str) -> float:
+        # The seed's f64 fields are not optional: an unknown value is sent as 0.0 and named in
+        # `missing`, so a consumer can tell "zero" from "unknown".
+        if value is None:
+            missing[field] = why
+            return 0.0
+        return value
+
+    no_memory = u.missing.get("memory", "no memory reading")
+    memory_gb = None if u.memory_bytes is None else u.memory_bytes / GIB
+    memory_percent = _rounded(u.memory_percent)
+    cpu_percent = _rounded(u.cpu_percent_avg)
+    storage_gb = None if u.storage_bytes is None else u.storage_bytes / GIB
+
+    metrics: dict[str, Any] = {
+        "cpu_seconds": u.cpu_seconds,
+        "cpu_percent_avg": required(
+            "cpu_percent_avg", cpu_percent, u.missing.get("cpu", "no CPU rate for the period")
+        ),
+        "memory_gb": required("memory_gb", memory_gb, no_memory),
+        "memory_percent": required(
+            "memory_percent",
+            memory_percent,
+            no_memory if u.memory_bytes is None else "memory allocation unknown",
+        ),
+        "storage_gb": required("storage_gb", storage_gb, "no disk allocation known"),
+        "network_egress_mb": u.net_egress_bytes / MIB,
+        "network_ingress_mb": u.net_ingress_bytes / MIB,
+        "gpu_seconds": u.gpu_seconds,
+        "cpu_ns": u.cpu_ns,
+        "disk_read_mb": u.disk_read_bytes / MIB,
+        "disk_write_mb": u.disk_write_bytes / MIB,
+        "gpu_count": u.gpu_count,
+    }
+    if u.storage_capacity_bytes is not None:
+        metrics["storage_capacity_gb"] = u.storage_capacity_bytes / GIB
+    if u.memory_source is not None:
+        metrics["memory_source"] = u.memory_source
+    gpu_util = _rounded(u.gpu_util_avg)
+    if gpu_util is not None:
+        metrics["gpu_util_avg"] = gpu_util
+    pressure = _pressure(u)
+    if pressure:
+        metrics["pressure"] = pressure
+
+    event: dict[str, Any] = {
+        "event_type": EVENT_TYPE,
+        "version": SCHEMA_VERSION,
+        "timestamp": render_time(u.period_end_ns, time_format),
+        "instance_id": u.instance_id,
+        "user_id": owner.user_id,
+        "org_id": owner.org_id,
+        "metrics": metrics,
+        "period": {
+            "start": render_time(u.period_start_ns, time_format),
+            "end": render_time(u.period_end_ns, time_format),
+        },
+        "event_id": eid,
+        "host": host,
+        "incarnation": u.incarnation,
+        "period_ns": {"start": u.period_start_ns, "end": u.period_end_ns},
+        "owner_source": owner.source,
+    }
+    if missing:
+        event["missing"] = missing
+    return OutEvent(
+        event_id=eid,
+        kind=EVENT_TYPE,
+        instance_id=u.instance_id,
+        period_start_ns=u.period_start_ns,
+        period_end_ns=u.period_end_ns,
+        payload=orjson.dumps(event),
+    )
+
+
+def _rounded(value: float | None) -> float | None:
+    """A ratio rounded to 6 decimals; NaN/inf (never valid JSON numbers) count as unknown."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, 6)
+
+
+def _pressure(u: Usage) -> dict[str, float]:
+    """PSI some-avg10 percentages that are known, by resource."""
+    p = u.pressure
+    if p is None:
+        return {}
+    known = {"cpu": p.cpu_some_avg10, "memory": p.memory_some_avg10, "io": p.io_some_avg10}
+    return {k: r for k, v in known.items() if (r := _rounded(v)) is not None}
+
+
+@functools.cache
+def _schema_bytes() -> bytes:
+    """The packaged schema file, read once."""
+    ref = importlib.resources.files("hostagent").joinpath("schemas/resource_usage.v1.json")
+    return ref.read_bytes()
+
+
+def load_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the event, a fresh dict per call."""
+    schema: dict[str, Any] = orjson.loads(_schema_bytes())
+    return schema
+
+
+def semantic_errors(event: Mapping[str, Any]) -> list[str]:
+    """Cross-field rules JSON Schema cannot state; [] when the (schema-valid) event obeys them."""
+    errors: list[str] = []
+    period = event["period"]
+    try:
+        start_ns, end_ns = parse_time(period["start"]), parse_time(period["end"])
+    except ValueError as err:
+        return [str(err)]
+    if end_ns < start_ns:
+        errors.append("period.end is before period.start")
+    if event["timestamp"] != period["end"]:
+        errors.append("timestamp is not period.end")
+    exact = event.get("period_ns")
+    if exact is not None:
+        fmt: TimeFormat = "unix" if isinstance(period["start"], int) else "rfc3339"
+        if exact["end"] <= exact["start"]:
+            errors.append("period_ns is empty or reversed")
+        if render_time(exact["start"], fmt) != period["start"]:
+            errors.append("period.start does not render period_ns.start")
+        if render_time(exact["end"], fmt) != period["end"]:
+            errors.append("period.end does not render period_ns.end")
+        host, incarnation = event.get("host"), event.get("incarnation")
+        merged = "merged_from" in event  # a merged event's id derives from the ids it replaces
+        if (isinstance(host, str) and isinstance(incarnation, str) and "event_id" in event
+                and not merged):
+            expected = event_id(host, event["instance_id"], incarnation, exact["start"])
+            if event["event_id"] != expected:
+                errors.append("event_id does not match host/instance/incarnation/period start")
+    return errors

@@ -1,0 +1,283 @@
+"""Frozen value types shared by every module: inventory, readings, baselines, usage, events.
+
+Units live in names (`_ns`, `_bytes`, `_s`). A reading that could not be taken is `None`
+(typed "missing"), never a made-up zero; `Sample.missing` says why.
+Network counters are guest-oriented: `guest_tx_bytes` left the guest (egress, the host tap's
+rx), `guest_rx_bytes` entered it (ingress, the host tap's tx).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MemorySource = Literal["balloon", "cgroup", "rss"]
+HostdevKind = Literal["pci", "mdev", "usb", "other"]
+
+
+# --- inventory (parsed from the domain XML) -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Nic:
+    """A guest NIC; `mac` (lowercase) is its stable key, `target` the host tap (may be absent)."""
+
+    mac: str
+    kind: str
+    target: str | None
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Disk:
+    """A guest block device by its target name (`vda`)."""
+
+    target: str
+    device: str
+    source: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hostdev:
+    """A host device given to the guest: a PCI address (`0000:3b:00.0`) or an mdev UUID."""
+
+    kind: HostdevKind
+    address: str
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerHint:
+    """An owner written into the domain's own metadata."""
+
+    user_id: str | None
+    org_id: str | None
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class DomainInfo:
+    """What the domain XML says about one running domain (one incarnation)."""
+
+    uuid: str
+    name: str
+    domid: int
+    vcpus: int
+    memory_bytes: int
+    max_memory_bytes: int
+    nics: tuple[Nic, ...] = ()
+    disks: tuple[Disk, ...] = ()
+    hostdevs: tuple[Hostdev, ...] = ()
+    owner_hint: OwnerHint | None = None
+    metadata_xml: str | None = None
+
+
+# --- readings (one domain, one pass) ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NicCounters:
+    """Cumulative byte counters of one NIC, keyed by MAC; `ifindex` changes when a tap is new."""
+
+    mac: str
+    ifname: str | None
+    ifindex: int | None
+    guest_rx_bytes: int
+    guest_tx_bytes: int
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCounters:
+    """Cumulative I/O bytes and current sizes of one disk."""
+
+    target: str
+    rd_bytes: int | None
+    wr_bytes: int | None
+    allocation_bytes: int | None
+    capacity_bytes: int | None
+    physical_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryReading:
+    """Guest memory in use and where the figure came from."""
+
+    used_bytes: int
+    source: MemorySource
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """PSI `some avg10` percentages from the domain's cgroup, where the kernel has them."""
+
+    cpu_some_avg10: float | None
+    memory_some_avg10: float | None
+    io_some_avg10: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """One GPU allocated to a domain; utilisation is None when the host cannot see it."""
+
+    address: str
+    kind: HostdevKind
+    model: str | None
+    util_percent: float | None
+    fb_used_bytes: int | None
+    util_unavailable_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """Everything read for one domain in one pass, at wall time `t_wall_ns`."""
+
+    instance_id: str
+    uuid: str
+    name: str
+    domid: int
+    incarnation: str
+    started_wall_ns: int | None
+    t_wall_ns: int
+    vcpus: int
+    memory_alloc_bytes: int
+    cpu_ns: int | None
+    memory: MemoryReading | None
+    nics: tuple[NicCounters, ...] = ()
+    disks: tuple[BlockCounters, ...] = ()
+    gpus: tuple[GpuReading, ...] = ()
+    pressure: Pressure | None = None
+    missing: Mapping[str, str] = field(default_factory=dict)
+
+
+# --- baselines (persisted per instance) -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NicBase:
+    """Last good counters of one NIC."""
+
+    ifindex: int | None
+    guest_rx_bytes: int
+    guest_tx_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiskBase:
+    """Last good I/O counters of one disk."""
+
+    rd_bytes: int | None
+    wr_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """Where the next period of an instance starts: its end time and last good counters."""
+
+    instance_id: str
+    incarnation: str
+    t_wall_ns: int
+    cpu_ns: int | None
+    cpu_carry_ns: int = 0
+    gpu_carry_ns: int = 0
+    nics: Mapping[str, NicBase] = field(default_factory=dict)
+    disks: Mapping[str, DiskBase] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the store's on-disk form)."""
+        return {
+            "v": 1,
+            "instance_id": self.instance_id,
+            "incarnation": self.incarnation,
+            "t_wall_ns": self.t_wall_ns,
+            "cpu_ns": self.cpu_ns,
+            "cpu_carry_ns": self.cpu_carry_ns,
+            "gpu_carry_ns": self.gpu_carry_ns,
+            "nics": {
+                mac: [n.ifindex, n.guest_rx_bytes, n.guest_tx_bytes] for mac, n in self.nics.items()
+            },
+            "disks": {t: [d.rd_bytes, d.wr_bytes] for t, d in self.disks.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Baseline:
+        """Inverse of `to_dict`; raises KeyError/TypeError/ValueError on a malformed dict."""
+        if raw.get("v") != 1:
+            raise ValueError(f"unknown baseline version {raw.get('v')!r}")
+        return cls(
+            instance_id=str(raw["instance_id"]),
+            incarnation=str(raw["incarnation"]),
+            t_wall_ns=int(raw["t_wall_ns"]),
+            cpu_ns=None if raw["cpu_ns"] is None else int(raw["cpu_ns"]),
+            cpu_carry_ns=int(raw["cpu_carry_ns"]),
+            gpu_carry_ns=int(raw["gpu_carry_ns"]),
+            nics={
+                str(mac): NicBase(
+                    None if v[0] is None else int(v[0]), int(v[1]), int(v[2])
+                )
+                for mac, v in raw["nics"].items()
+            },
+            disks={
+                str(t): DiskBase(
+                    None if v[0] is None else int(v[0]), None if v[1] is None else int(v[1])
+                )
+                for t, v in raw["disks"].items()
+            },
+        )
+
+
+# --- usage and events -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one instance used in one period [period_start_ns, period_end_ns)."""
+
+    instance_id: str
+    uuid: str
+    name: str
+    incarnation: str
+    new_incarnation: bool
+    period_start_ns: int
+    period_end_ns: int
+    vcpus: int
+    memory_alloc_bytes: int
+    cpu_ns: int
+    cpu_seconds: int
+    cpu_percent_avg: float | None
+    memory_bytes: int | None
+    memory_source: MemorySource | None
+    memory_percent: float | None
+    storage_bytes: int | None
+    storage_capacity_bytes: int | None
+    net_egress_bytes: int
+    net_ingress_bytes: int
+    disk_read_bytes: int
+    disk_write_bytes: int
+    gpu_count: int
+    gpu_seconds: int
+    gpu_util_avg: float | None
+    pressure: Pressure | None = None
+    missing: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who an instance's usage is billed to, and how we know."""
+
+    user_id: str
+    org_id: str | None
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutEvent:
+    """An event ready for the outbox: its id, kind, subject and the exact JSON bytes sinks send."""
+
+    event_id: str
+    kind: str
+    instance_id: str
+    period_start_ns: int
+    period_end_ns: int
+    payload: bytes

@@ -1,0 +1,559 @@
+"""The state store: ONE SQLite file (WAL, synchronous=FULL) with baselines, outbox and alert state.
+
+Tables: ``meta`` (schema version, ``created_ns``, ``host``), ``baselines`` (JSON per instance),
+``events`` (the outbox: exact payload bytes per ``event_id``), ``sinks`` (registered sinks and the
+breaker state the daemon last recorded), ``deliveries`` (one row per event and sink: pending,
+acked or dead, attempts, rejections, ``next_attempt_ns``, last error), ``dead_letters`` (reason),
+``merges`` (which events a merged event replaced) and ``alert_state``.
+
+Threads: the store is synchronous. Trio code calls it through ``trio.to_thread.run_sync`` (not
+abandoned on cancel: a commit's outcome must be known). There is ONE connection, opened with
+``check_same_thread=False`` and guarded by a lock, so calls from any worker thread are
+serialised; every call is short (one transaction of one pass or one delivery batch). Other
+processes (``hostagent outbox``) open their own connection; WAL lets them read while we write.
+
+Routing: an event gets a pending delivery row for every active sink whose kinds include its
+kind. A sink registered later gets only events committed after it was added; an event that no
+sink takes is not stored. Rows of a sink removed from the config stay (never dropped) and are
+shown by ``hostagent outbox status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import orjson
+
+from hostagent import outbox_upkeep
+from hostagent.clock import Clock
+from hostagent.errors import StateCorrupt, StateError, StoreFull
+from hostagent.model import Baseline, OutEvent
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+APP = "hostagent-state"
+SQLITE_CORRUPT = 11
+SQLITE_FULL = 13
+SQLITE_NOTADB = 26
+MERGE_AT = outbox_upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pending
+
+_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE baselines(instance_id TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE events(
+  event_id TEXT PRIMARY KEY, kind TEXT NOT NULL, instance_id TEXT NOT NULL,
+  period_start_ns INTEGER NOT NULL, period_end_ns INTEGER NOT NULL,
+  payload BLOB NOT NULL, created_ns INTEGER NOT NULL);
+CREATE TABLE sinks(
+  name TEXT PRIMARY KEY, added_ns INTEGER NOT NULL, active INTEGER NOT NULL,
+  breaker_state TEXT, breaker_since_ns INTEGER, breaker_updated_ns INTEGER) WITHOUT ROWID;
+CREATE TABLE deliveries(
+  sink TEXT NOT NULL, event_id TEXT NOT NULL, instance_id TEXT NOT NULL,
+  period_start_ns INTEGER NOT NULL, created_ns INTEGER NOT NULL,
+  status TEXT NOT NULL CHECK (status IN ('pending', 'acked', 'dead')),
+  claimed INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+  rejections INTEGER NOT NULL DEFAULT 0, next_attempt_ns INTEGER NOT NULL DEFAULT 0,
+  last_error TEXT, done_ns INTEGER,
+  PRIMARY KEY (sink, event_id)) WITHOUT ROWID;
+CREATE INDEX deliveries_queue
+  ON deliveries(sink, status, period_start_ns, instance_id, next_attempt_ns);
+CREATE INDEX deliveries_retry ON deliveries(sink, instance_id, period_start_ns, next_attempt_ns)
+  WHERE status = 'pending' AND claimed = 1;
+CREATE INDEX deliveries_acked ON deliveries(done_ns) WHERE status = 'acked';
+CREATE TABLE dead_letters(
+  sink TEXT NOT NULL, event_id TEXT NOT NULL, reason TEXT NOT NULL, attempts INTEGER NOT NULL,
+  dead_ns INTEGER NOT NULL, PRIMARY KEY (sink, event_id)) WITHOUT ROWID;
+CREATE TABLE merges(
+  merged_event_id TEXT NOT NULL, sink TEXT NOT NULL, source_ids TEXT NOT NULL,
+  created_ns INTEGER NOT NULL, PRIMARY KEY (merged_event_id, sink)) WITHOUT ROWID;
+CREATE TABLE alert_state(fingerprint TEXT PRIMARY KEY, state BLOB NOT NULL) WITHOUT ROWID;
+"""
+
+Result = Literal["acked", "failed", "rejected", "dead", "skipped"]
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An event claimed for delivery to one sink, with its delivery history."""
+
+    event: OutEvent
+    attempts: int
+    rejections: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one delivery round did to one event (`skipped`: never sent this round)."""
+
+    event_id: str
+    result: Result
+    error: str | None = None
+    next_attempt_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    """Depth and history of one sink, plus the breaker state the daemon last wrote."""
+
+    name: str
+    active: bool
+    pending: int
+    oldest_pending_ns: int | None
+    acked: int
+    dead: int
+    breaker_state: str | None
+    breaker_since_ns: int | None
+    breaker_updated_ns: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event a sink refused for good."""
+
+    sink: str
+    event_id: str
+    kind: str
+    instance_id: str
+    period_start_ns: int
+    period_end_ns: int
+    attempts: int
+    reason: str
+    dead_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSize:
+    """Bytes: the database file, its WAL, and the pages in use (what `max_bytes` bounds)."""
+
+    file_bytes: int
+    wal_bytes: int
+    used_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Maintenance:
+    """What one maintenance run did."""
+
+    pruned: int
+    merged: Mapping[str, int]
+    merges: int
+    used_bytes: int
+
+
+def _translate(err: sqlite3.Error, path: Path, what: str) -> StateError:
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF == SQLITE_FULL:
+        return StoreFull(f"{path}: {what}: store or disk full ({err})")
+    if code is not None and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
+        return StateCorrupt(f"{path}: {what}: database damaged ({err})")
+    return StateError(f"{path}: {what}: {err}")
+
+
+class Store:
+    """Baselines, the event outbox with per-sink delivery state, and alert state."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Clock) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self.path = path
+        self.clock = clock
+        self.created_ns = 0
+        self.host = ""
+        self.max_bytes: int | None = None
+        self._routes: dict[str, frozenset[str] | None] = {}
+
+    # --- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, clock: Clock, node_id: str, sink_names: Sequence[str],
+             sink_kinds: Mapping[str, Collection[str]] | None = None,
+             max_bytes: int | None = None, create: bool = True,
+             register_sinks: bool = True) -> Store:
+        """Open (or create) the store; StateCorrupt if the file is foreign or damaged."""
+        p = Path(path)
+        if not create and not p.exists():
+            raise StateError(f"{p}: no state store here (the daemon creates it on first run)")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        existed = p.exists() and p.stat().st_size > 0
+        try:
+            conn = sqlite3.connect(p, isolation_level=None, check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as err:
+            raise StateError(f"{p}: cannot open the state store: {err}") from err
+        store = cls(conn, p, clock)
+        try:
+            store._setup(existed, node_id)
+        except sqlite3.Error as err:
+            conn.close()
+            if getattr(err, "sqlite_errorcode", 0) & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
+                raise StateCorrupt(f"{p}: not a usable hostagent state store ({err}); refusing "
+                                   "to reset billing state: move the file aside to start "
+                                   "afresh") from err
+            raise StateError(f"{p}: cannot open the state store: {err}") from err
+        except StateError:
+            conn.close()
+            raise
+        if register_sinks:
+            store._register(sink_names)
+        store.configure(sink_kinds=sink_kinds, max_bytes=max_bytes)
+        return store
+
+    def _setup(self, existed: bool, node_id: str) -> None:
+        c = self._conn
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "meta" not in tables:
+            raise StateCorrupt(f"{self.path}: not a hostagent state store (no meta table); "
+                               "refusing to touch it: point collector.state_path elsewhere")
+        if existed and not tables:  # e.g. a crash while it was being created: nothing to lose
+            log.warning("state store file has no tables; initialising it",
+                        extra={"path": str(self.path)})
+        if tables:  # check it is ours before changing anything (journal mode included)
+            meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("app") != APP:
+                raise StateCorrupt(f"{self.path}: meta.app is {meta.get('app')!r}, not {APP!r}")
+        else:
+            c.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if c.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise StateError(f"{self.path}: cannot switch the store to WAL mode")
+        c.execute("PRAGMA synchronous=FULL")
+        c.execute("PRAGMA journal_size_limit=16777216")
+        if not tables:
+            now = self.clock.now().wall_ns
+            c.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    c.execute(statement)
+            c.executemany("INSERT INTO meta(key, value) VALUES(?, ?)",
+                          [("app", APP), ("schema_version", str(SCHEMA_VERSION)),
+                           ("created_ns", str(now)), ("host", node_id)])
+            c.execute("COMMIT")
+            meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise StateError(f"{self.path}: schema version {meta.get('schema_version')} is not "
+                             f"{SCHEMA_VERSION}: this hostagent cannot use it (upgrade hostagent)")
+        check = c.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise StateCorrupt(f"{self.path}: integrity check failed: {check}")
+        self.created_ns = int(meta["created_ns"])
+        self.host = meta.get("host", "")
+        if self.host != node_id:
+            log.warning("state store was created by another node_id",
+                        extra={"path": str(self.path), "stored": self.host, "node_id": node_id})
+
+    def _register(self, names: Sequence[str]) -> None:
+        now = self.clock.now().wall_ns
+        with self.transaction("register sinks") as c:
+            c.execute("UPDATE sinks SET active = 0")
+            for name in names:
+                c.execute("INSERT INTO sinks(name, added_ns, active) VALUES(?, ?, 1) "
+                          "ON CONFLICT(name) DO UPDATE SET active = 1", (name, now))
+        self._routes = dict.fromkeys(names)
+
+    def configure(self, *, sink_kinds: Mapping[str, Collection[str]] | None = None,
+                  max_bytes: int | None = None) -> None:
+        """Set which kinds each sink takes and the size cap (SQLite max_page_count)."""
+        if sink_kinds is not None:
+            self._routes.update({n: frozenset(k) for n, k in sink_kinds.items()
+                                 if n in self._routes})
+        if max_bytes is not None:
+            self.max_bytes = max_bytes
+            with self._lock:
+                page = self._conn.execute("PRAGMA page_size").fetchone()[0]
+                self._conn.execute(f"PRAGMA max_page_count={max(max_bytes // page, 16)}")
+
+    def close(self) -> None:
+        """Close the connection (checkpointing the WAL)."""
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            c = self._conn
+            try:
+                c.execute("BEGIN IMMEDIATE")
+                yield c
+                c.execute("COMMIT")
+            except sqlite3.Error as err:
+                self._rollback()
+                raise _translate(err, self.path, what) from err
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error as err:  # SQLite may already have rolled back (SQLITE_FULL)
+                log.debug("rollback failed", extra={"error": str(err)})
+
+    @contextmanager
+    def reading(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.Error as err:
+                raise _translate(err, self.path, what) from err
+
+    # --- the collector's side ---------------------------------------------------------------
+
+    def load_baselines(self) -> dict[str, Baseline]:
+        """Every instance's persisted baseline."""
+        with self.reading("load baselines") as c:
+            rows = c.execute("SELECT instance_id, state FROM baselines").fetchall()
+        out: dict[str, Baseline] = {}
+        for iid, state in rows:
+            try:
+                out[iid] = Baseline.from_dict(orjson.loads(state))
+            except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as err:
+                raise StateCorrupt(f"{self.path}: baseline of {iid!r} is damaged: {err}") from err
+        return out
+
+    def load_alert_state(self) -> dict[str, bytes]:
+        """Alert state by fingerprint."""
+        with self.reading("load alert state") as c:
+            return {k: bytes(v) for k, v in c.execute("SELECT fingerprint, state FROM alert_state")}
+
+    def _sinks_for(self, kind: str) -> list[str]:
+        return [n for n, kinds in self._routes.items() if kinds is None or kind in kinds]
+
+    def commit_pass(self, baselines: Sequence[Baseline], events: Sequence[OutEvent], *,
+                    removed_instances: Sequence[str] = (),
+                    alert_state: Mapping[str, bytes | None] | None = None) -> None:
+        """ONE transaction: baselines, events (+ pending deliveries), alert state (None deletes)."""
+        now = self.clock.now().wall_ns
+        base_rows = [(b.instance_id, orjson.dumps(b.to_dict()).decode()) for b in baselines]
+        with self.transaction("commit pass") as c:
+            c.executemany("INSERT INTO baselines(instance_id, state) VALUES(?, ?) "
+                          "ON CONFLICT(instance_id) DO UPDATE SET state = excluded.state",
+                          base_rows)
+            c.executemany("DELETE FROM baselines WHERE instance_id = ?",
+                          [(i,) for i in removed_instances])
+            for ev in events:
+                sinks = self._sinks_for(ev.kind)
+                if not sinks:
+                    continue
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO events(event_id, kind, instance_id, period_start_ns, "
+                    "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                    (ev.event_id, ev.kind, ev.instance_id, ev.period_start_ns,
+                     ev.period_end_ns, ev.payload, now))
+                if cur.rowcount != 1:
+                    continue  # already committed by an earlier try of this pass
+                c.executemany(
+                    "INSERT OR IGNORE INTO deliveries(sink, event_id, instance_id, "
+                    "period_start_ns, created_ns, status) VALUES(?, ?, ?, ?, ?, 'pending')",
+                    [(s, ev.event_id, ev.instance_id, ev.period_start_ns, now) for s in sinks])
+            for fp, state in (alert_state or {}).items():
+                if state is None:
+                    c.execute("DELETE FROM alert_state WHERE fingerprint = ?", (fp,))
+                else:
+                    c.execute("INSERT INTO alert_state(fingerprint, state) VALUES(?, ?) "
+                              "ON CONFLICT(fingerprint) DO UPDATE SET state = excluded.state",
+                              (fp, state))
+
+    # --- the delivery side ------------------------------------------------------------------
+
+    def _due_ids(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[str]:
+        # An instance whose earliest failed event waits for its backoff holds back its later
+        # events: per instance, events reach the sink in period order.
+        blocked = dict(c.execute(
+            "SELECT instance_id, MIN(period_start_ns) FROM deliveries WHERE sink = ? AND "
+            "status = 'pending' AND claimed = 1 AND next_attempt_ns > ? GROUP BY instance_id",
+            (sink, now_ns)).fetchall())
+        cur = c.execute(
+            "SELECT event_id, instance_id, period_start_ns FROM deliveries "
+            "INDEXED BY deliveries_queue WHERE sink = ? AND status = 'pending' AND "
+            "next_attempt_ns <= ? ORDER BY period_start_ns, instance_id", (sink, now_ns))
+        ids: list[str] = []
+        while len(ids) < limit and (rows := cur.fetchmany(1024)):
+            for eid, iid, start in rows:
+                if iid in blocked and start > blocked[iid]:
+                    continue
+                ids.append(eid)
+                if len(ids) >= limit:
+                    break
+        cur.close()
+        return ids
+
+    def _load(self, c: sqlite3.Connection, sink: str, ids: Sequence[str]) -> list[Pending]:
+        rows = {r[0]: r for r in c.execute(
+            "SELECT e.event_id, e.kind, e.instance_id, e.period_start_ns, e.period_end_ns, "
+            "e.payload, d.attempts, d.rejections FROM deliveries d JOIN events e ON e.event_id = "
+            "d.event_id WHERE d.sink = ? AND d.event_id IN (SELECT value FROM json_each(?))",
+            (sink, orjson.dumps(list(ids)).decode()))}
+        return [Pending(OutEvent(r[0], r[1], r[2], r[3], r[4], bytes(r[5])), r[6], r[7])
+                for r in (rows[i] for i in ids if i in rows)]
+
+    def pending(self, sink: str, limit: int, now_ns: int) -> list[Pending]:
+        """Due events of `sink`, oldest period first, in period order per instance (read only)."""
+        with self.reading("list pending") as c:
+            return self._load(c, sink, self._due_ids(c, sink, limit, now_ns))
+
+    def take(self, sink: str, limit: int, now_ns: int) -> list[Pending]:
+        """Like `pending`, and mark them claimed (maybe sent) so they are never merged."""
+        with self.transaction("claim batch") as c:
+            ids = self._due_ids(c, sink, limit, now_ns)
+            c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND event_id = ?",
+                          [(sink, i) for i in ids])
+            return self._load(c, sink, ids)
+
+    def record(self, sink: str, outcomes: Sequence[Outcome], *, dead_letter_after: int) -> int:
+        """Apply a round's outcomes in one transaction; returns how many were dead-lettered."""
+        now = self.clock.now().wall_ns
+        dead = 0
+        with self.transaction("record outcomes") as c:
+            for o in outcomes:
+                key = (sink, o.event_id)
+                if o.result == "acked":
+                    c.execute("UPDATE deliveries SET status = 'acked', attempts = attempts + 1, "
+                              "done_ns = ?, last_error = NULL WHERE sink = ? AND event_id = ? "
+                              "AND status = 'pending'", (now, *key))
+                elif o.result == "failed":
+                    c.execute("UPDATE deliveries SET attempts = attempts + 1, next_attempt_ns = ?,"
+                              " last_error = ? WHERE sink = ? AND event_id = ? AND "
+                              "status = 'pending'", (o.next_attempt_ns, o.error, *key))
+                elif o.result == "skipped":
+                    c.execute("UPDATE deliveries SET claimed = (attempts > 0) WHERE sink = ? AND "
+                              "event_id = ? AND status = 'pending'", key)
+                else:
+                    row = c.execute(
+                        "UPDATE deliveries SET attempts = attempts + 1, rejections = rejections "
+                        "+ 1, next_attempt_ns = ?, last_error = ? WHERE sink = ? AND event_id = ?"
+                        " AND status = 'pending' RETURNING rejections, attempts",
+                        (o.next_attempt_ns, o.error, *key)).fetchone()
+                    if row and (o.result == "dead" or row[0] >= dead_letter_after):
+                        dead += 1
+                        c.execute("UPDATE deliveries SET status = 'dead', done_ns = ? "
+                                  "WHERE sink = ? AND event_id = ?", (now, *key))
+                        c.execute("INSERT OR REPLACE INTO dead_letters(sink, event_id, reason, "
+                                  "attempts, dead_ns) VALUES(?, ?, ?, ?, ?)",
+                                  (*key, o.error or "rejected", row[1], now))
+        return dead
+
+    def release_backoff(self, sink: str, now_ns: int) -> int:
+        """The sink is back: events waiting out a transient backoff become due now."""
+        with self.transaction("release backoff") as c:
+            return c.execute(
+                "UPDATE deliveries SET next_attempt_ns = 0 WHERE sink = ? AND status = 'pending' "
+                "AND claimed = 1 AND next_attempt_ns > ? AND rejections = 0",
+                (sink, now_ns)).rowcount
+
+    def next_due_ns(self, sink: str, now_ns: int) -> int | None:
+        """When the earliest backed-off event of `sink` becomes due (None: none waits)."""
+        with self.reading("next due") as c:
+            row = c.execute("SELECT MIN(next_attempt_ns) FROM deliveries WHERE sink = ? AND "
+                            "status = 'pending' AND claimed = 1 AND next_attempt_ns > ?",
+                            (sink, now_ns)).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def set_breaker(self, sink: str, state: str, since_ns: int) -> None:
+        """Record a sink's breaker state for `hostagent outbox status`."""
+        now = self.clock.now().wall_ns
+        with self.transaction("record breaker state") as c:
+            c.execute("UPDATE sinks SET breaker_state = ?, breaker_since_ns = ?, "
+                      "breaker_updated_ns = ? WHERE name = ?", (state, since_ns, now, sink))
+
+    def heartbeat(self) -> None:
+        """Say the daemon's delivery is alive (read by `outbox status`)."""
+        now = self.clock.now().wall_ns
+        with self.transaction("heartbeat") as c:
+            c.execute("INSERT INTO meta(key, value) VALUES('delivery_heartbeat_ns', ?) "
+                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(now),))
+
+    def meta(self) -> dict[str, str]:
+        """The meta table."""
+        with self.reading("read meta") as c:
+            return dict(c.execute("SELECT key, value FROM meta").fetchall())
+
+    # --- inspection -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, SinkStats]:
+        """Per sink: pending depth and oldest pending commit time, acked, dead, breaker."""
+        with self.reading("stats") as c:
+            counts = c.execute("SELECT sink, status, COUNT(*), MIN(created_ns) FROM deliveries "
+                               "GROUP BY sink, status").fetchall()
+            sinks = c.execute("SELECT name, active, breaker_state, breaker_since_ns, "
+                              "breaker_updated_ns FROM sinks ORDER BY name").fetchall()
+        by: dict[tuple[str, str], tuple[int, int | None]] = {
+            (s, st): (n, oldest) for s, st, n, oldest in counts}
+        names = [r[0] for r in sinks] + sorted({s for s, _ in by} - {r[0] for r in sinks})
+        info = {r[0]: r for r in sinks}
+        out = {}
+        for name in names:
+            r = info.get(name, (name, 0, None, None, None))
+            pend = by.get((name, "pending"), (0, None))
+            out[name] = SinkStats(name, bool(r[1]), pend[0], pend[1],
+                                  by.get((name, "acked"), (0, None))[0],
+                                  by.get((name, "dead"), (0, None))[0], r[2], r[3], r[4])
+        return out
+
+    def dead_letters(self, sink: str | None = None) -> list[DeadLetter]:
+        """Dead letters (all sinks or one), oldest first."""
+        with self.reading("list dead letters") as c:
+            rows = c.execute(
+                "SELECT x.sink, x.event_id, e.kind, e.instance_id, e.period_start_ns, "
+                "e.period_end_ns, x.attempts, x.reason, x.dead_ns FROM dead_letters x "
+                "JOIN events e ON e.event_id = x.event_id WHERE ? IS NULL OR x.sink = ? "
+                "ORDER BY x.dead_ns, x.sink, x.event_id", (sink, sink)).fetchall()
+        return [DeadLetter(*r) for r in rows]
+
+    def replay(self, sink: str | None = None, event_id: str | None = None) -> int:
+        """Re-queue dead letters (optionally one sink / one event); returns how many."""
+        with self.transaction("replay dead letters") as c:
+            keys = c.execute("SELECT sink, event_id FROM dead_letters WHERE (? IS NULL OR sink = ?)"
+                             " AND (? IS NULL OR event_id = ?)",
+                             (sink, sink, event_id, event_id)).fetchall()
+            for key in keys:
+                c.execute("UPDATE deliveries SET status = 'pending', rejections = 0, "
+                          "next_attempt_ns = 0, done_ns = NULL, last_error = 'replayed' "
+                          "WHERE sink = ? AND event_id = ? AND status = 'dead'", key)
+                c.execute("DELETE FROM dead_letters WHERE sink = ? AND event_id = ?", key)
+        for s, eid in keys:
+            log.info("dead letter replayed", extra={"sink": s, "event_id": eid})
+        return len(keys)
+
+    def merge_records(self) -> list[tuple[str, str, list[str]]]:
+        """(merged event id, sink, replaced event ids) for every merge still recorded."""
+        with self.reading("list merges") as c:
+            rows = c.execute("SELECT merged_event_id, sink, source_ids FROM merges "
+                             "ORDER BY created_ns").fetchall()
+        return [(m, s, list(orjson.loads(ids))) for m, s, ids in rows]
+
+    def size(self) -> StoreSize:
+        """File, WAL and in-use bytes."""
+        with self.reading("size") as c:
+            page = c.execute("PRAGMA page_size").fetchone()[0]
+            count = c.execute("PRAGMA page_count").fetchone()[0]
+            free = c.execute("PRAGMA freelist_count").fetchone()[0]
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        return StoreSize(file_bytes=page * count, wal_bytes=wal, used_bytes=page * (count - free))
+
+    # --- upkeep (hostagent.outbox_upkeep) ----------------------------------------------------
+
+    def delete_orphans(self, c: sqlite3.Connection, ids: Collection[str]) -> None:
+        """Delete these events where no sink has a delivery row for them any more."""
+        c.executemany("DELETE FROM events WHERE event_id = ? AND NOT EXISTS (SELECT 1 FROM "
+                      "deliveries WHERE sink IN (SELECT name FROM sinks) AND "
+                      "event_id = events.event_id)", [(i,) for i in ids])
+
+    def vacuum(self, pages: int) -> None:
+        """Hand up to `pages` free pages back to the file system (incremental auto-vacuum)."""
+        with self.reading("vacuum") as c:
+            c.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
+
+    def maintain(self, retention_s: float) -> Maintenance:
+        """Prune acked events past retention; near the size cap prune early, then merge."""
+        return outbox_upkeep.maintain(self, retention_s)

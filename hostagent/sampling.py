@@ -1,0 +1,304 @@
+"""Pure delta engine: the persisted Baseline of an instance plus a new Sample -> one Usage.
+
+Billing-grade rules (docs/parts/usage-math.md has the long form):
+
+* Every CPU-ns and byte lands in exactly one Usage; per instance the periods tile wall time
+  (the next `period_start_ns` is the previous `period_end_ns`), also across reboots.
+* A counter counts "from its own zero" whenever it cannot be compared with its baseline: a new
+  QEMU process (incarnation), a counter that went down, a tap re-created (new ifindex), a NIC or
+  disk hot-plugged. Deltas are therefore never negative and never huge.
+* A missing reading keeps the old baseline value and contributes 0, so the next good reading
+  covers the gap (deferred, never lost).
+* cpu/gpu seconds are floored per event with the remainder carried in the baseline, so over an
+  incarnation the seconds sum to the floor of the total nanoseconds.
+* A period of zero or negative length (wall clock stepped back) emits nothing and keeps the old
+  baseline; the next sample with a later timestamp covers the whole span.
+
+Integer arithmetic only for the billing counters; floats only for averages and percentages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hostagent.model import Baseline, DiskBase, NicBase, Sample, Usage
+
+NS_PER_S = 1_000_000_000
+
+# NicBase counters cannot be None in the model, yet a pre-existing NIC whose first reading is
+# missing has no known value. This sentinel marks "known NIC, value not yet established"; the
+# next good reading establishes it without billing anything. It round-trips through to_dict().
+UNKNOWN_BYTES = -1
+
+ESTABLISHED = "baseline established by this reading; earlier use is unknown"
+
+
+def usage(
+    prev: Baseline | None,
+    cur: Sample,
+    *,
+    store_created_ns: int,
+    count_preexisting: bool = False,
+) -> tuple[Usage | None, Baseline]:
+    """The Usage since `prev` (None when there is nothing to emit) and the baseline to persist."""
+    if prev is None:
+        start_ns = _counting_start_ns(cur, store_created_ns, count_preexisting)
+        if start_ns is None:
+            return None, _observed_baseline(cur)
+        # Counting from zero is the same as a baseline at `start_ns` with every counter at 0.
+        base = _zero_baseline(cur, start_ns)
+        running_from_ns = start_ns
+        new_incarnation = True
+    elif cur.incarnation != prev.incarnation:
+        base = _zero_baseline(cur, prev.t_wall_ns)
+        # Devices and vCPUs only exist while the process runs: the tiling period may include
+        # the time the instance was off, which must not be billed as GPU time.
+        running_from_ns = prev.t_wall_ns
+        if cur.started_wall_ns is not None:
+            running_from_ns = min(max(cur.started_wall_ns, prev.t_wall_ns), cur.t_wall_ns)
+        new_incarnation = True
+    else:
+        base = prev
+        running_from_ns = prev.t_wall_ns
+        new_incarnation = False
+
+    period_ns = cur.t_wall_ns - base.t_wall_ns
+    if period_ns <= 0:
+        # Never emit a zero/negative period; the counters are cumulative, so the next sample
+        # with a later timestamp sees everything this one would have.
+        return None, prev if prev is not None else base
+    running_ns = cur.t_wall_ns - running_from_ns
+
+    missing: dict[str, str] = {}
+    cpu_delta_ns, cpu_base, cpu_known = _cpu(base, cur, missing)
+    nics, egress_bytes, ingress_bytes = _nics(base, cur, missing)
+    disks, read_bytes, write_bytes = _disks(base, cur, missing)
+
+    cpu_seconds, cpu_carry_ns = divmod(cpu_delta_ns + base.cpu_carry_ns, NS_PER_S)
+    gpu_count = len(cur.gpus)
+    gpu_seconds, gpu_carry_ns = divmod(gpu_count * running_ns + base.gpu_carry_ns, NS_PER_S)
+
+    cpu_percent: float | None = None
+    if cpu_known and running_ns > 0 and cur.vcpus > 0:
+        cpu_percent = cpu_delta_ns / (running_ns * cur.vcpus) * 100.0
+
+    memory = cur.memory
+    if memory is None or "memory" in cur.missing:
+        missing["memory"] = cur.missing.get("memory", "not reported")
+        memory = None
+    memory_percent: float | None = None
+    if memory is not None and cur.memory_alloc_bytes > 0:
+        memory_percent = memory.used_bytes / cur.memory_alloc_bytes * 100.0
+
+    storage_bytes, capacity_bytes = _storage(cur, missing)
+    utils = [g.util_percent for g in cur.gpus if g.util_percent is not None]
+
+    result = Usage(
+        instance_id=cur.instance_id,
+        uuid=cur.uuid,
+        name=cur.name,
+        incarnation=cur.incarnation,
+        new_incarnation=new_incarnation,
+        period_start_ns=base.t_wall_ns,
+        period_end_ns=cur.t_wall_ns,
+        vcpus=cur.vcpus,
+        memory_alloc_bytes=cur.memory_alloc_bytes,
+        cpu_ns=cpu_delta_ns,
+        cpu_seconds=cpu_seconds,
+        cpu_percent_avg=cpu_percent,
+        memory_bytes=None if memory is None else memory.used_bytes,
+        memory_source=None if memory is None else memory.source,
+        memory_percent=memory_percent,
+        storage_bytes=storage_bytes,
+        storage_capacity_bytes=capacity_bytes,
+        net_egress_bytes=egress_bytes,
+        net_ingress_bytes=ingress_bytes,
+        disk_read_bytes=read_bytes,
+        disk_write_bytes=write_bytes,
+        gpu_count=gpu_count,
+        gpu_seconds=gpu_seconds,
+        gpu_util_avg=sum(utils) / len(utils) if utils else None,
+        pressure=cur.pressure,
+        missing=missing,
+    )
+    new_base = Baseline(
+        instance_id=cur.instance_id,
+        incarnation=cur.incarnation,
+        t_wall_ns=cur.t_wall_ns,
+        cpu_ns=cpu_base,
+        cpu_carry_ns=cpu_carry_ns,
+        gpu_carry_ns=gpu_carry_ns,
+        nics=nics,
+        disks=disks,
+    )
+    return result, new_base
+
+
+def _counting_start_ns(cur: Sample, store_created_ns: int, count_preexisting: bool) -> int | None:
+    """Where a never-seen instance starts counting from zero, or None when it must not."""
+    started = cur.started_wall_ns
+    if started is not None and (count_preexisting or started >= store_created_ns):
+        return max(started, store_created_ns)
+    if count_preexisting:
+        return store_created_ns
+    return None
+
+
+def _zero_baseline(cur: Sample, t_wall_ns: int) -> Baseline:
+    """A baseline with every counter at zero: the start of a QEMU process's own counters."""
+    return Baseline(
+        instance_id=cur.instance_id, incarnation=cur.incarnation, t_wall_ns=t_wall_ns, cpu_ns=0
+    )
+
+
+def _observed_baseline(cur: Sample) -> Baseline:
+    """A baseline from a first sight we must not bill: only growth from now on counts."""
+    cpu = None if "cpu" in cur.missing else cur.cpu_ns
+    nics: dict[str, NicBase] = {}
+    for n in cur.nics:
+        mac = n.mac.lower()
+        if f"net:{mac}" not in cur.missing:
+            nics[mac] = NicBase(n.ifindex, n.guest_rx_bytes, n.guest_tx_bytes)
+    for mac in _missing_keys(cur.missing, "net:"):
+        nics[mac] = NicBase(None, UNKNOWN_BYTES, UNKNOWN_BYTES)
+    disks: dict[str, DiskBase] = {}
+    for d in cur.disks:
+        if f"disk:{d.target}" not in cur.missing:
+            disks[d.target] = DiskBase(d.rd_bytes, d.wr_bytes)
+    for target in _missing_keys(cur.missing, "disk:"):
+        disks[target] = DiskBase(None, None)
+    return Baseline(
+        instance_id=cur.instance_id,
+        incarnation=cur.incarnation,
+        t_wall_ns=cur.t_wall_ns,
+        cpu_ns=cpu,
+        nics=nics,
+        disks=disks,
+    )
+
+
+def _missing_keys(missing: Mapping[str, str], prefix: str) -> list[str]:
+    """Names of whole devices flagged missing (`net:<mac>`, `disk:<target>`), not sub-counters."""
+    out = []
+    for key in missing:
+        if key.startswith(prefix):
+            rest = key[len(prefix) :]
+            if prefix == "net:":
+                out.append(rest.lower())
+            elif ":" not in rest:
+                out.append(rest)
+    return out
+
+
+def _counter(
+    base: int | None, value: int | None, restarted: bool = False
+) -> tuple[int, int | None]:
+    """(delta, new base) of one cumulative counter; a missing value defers, a drop restarts."""
+    if value is None:
+        return 0, base
+    if base is None:
+        return 0, value
+    if restarted or value < base:
+        return value, value
+    return value - base, value
+
+
+def _cpu(base: Baseline, cur: Sample, missing: dict[str, str]) -> tuple[int, int | None, bool]:
+    """(delta ns, new base, whether the delta is a measurement) for the CPU counter."""
+    if cur.cpu_ns is None or "cpu" in cur.missing:
+        missing["cpu"] = cur.missing.get("cpu", "not reported")
+        return 0, base.cpu_ns, False
+    if base.cpu_ns is None:
+        missing["cpu"] = ESTABLISHED
+        return 0, cur.cpu_ns, False
+    delta, new = _counter(base.cpu_ns, cur.cpu_ns)
+    return delta, new, True
+
+
+def _nics(
+    base: Baseline, cur: Sample, missing: dict[str, str]
+) -> tuple[dict[str, NicBase], int, int]:
+    """New NIC baselines by MAC and the (egress, ingress) bytes of the period."""
+    out: dict[str, NicBase] = {}
+    egress = ingress = 0
+    flagged = set(_missing_keys(cur.missing, "net:"))
+    for mac in flagged:
+        missing[f"net:{mac}"] = cur.missing.get(f"net:{mac}", "not reported")
+        if mac in base.nics:
+            out[mac] = base.nics[mac]
+    for n in cur.nics:
+        mac = n.mac.lower()
+        if mac in flagged:
+            continue
+        old = base.nics.get(mac)
+        if old is None:
+            # Hot-plugged (or the process is new): its counters started at zero.
+            old = NicBase(n.ifindex, 0, 0)
+        if old.guest_rx_bytes == UNKNOWN_BYTES:
+            missing[f"net:{mac}"] = ESTABLISHED
+            out[mac] = NicBase(n.ifindex, n.guest_rx_bytes, n.guest_tx_bytes)
+            continue
+        # A new ifindex is a new tap that counts from zero; unknown ifindex falls back to the
+        # "counter went down" rule.
+        restarted = old.ifindex is not None and n.ifindex is not None and old.ifindex != n.ifindex
+        tx, _ = _counter(old.guest_tx_bytes, n.guest_tx_bytes, restarted)
+        rx, _ = _counter(old.guest_rx_bytes, n.guest_rx_bytes, restarted)
+        egress += tx
+        ingress += rx
+        ifindex = n.ifindex if n.ifindex is not None else old.ifindex
+        out[mac] = NicBase(ifindex, n.guest_rx_bytes, n.guest_tx_bytes)
+    # NICs in the baseline but neither read nor flagged were unplugged: dropped, no delta.
+    return out, egress, ingress
+
+
+def _disks(
+    base: Baseline, cur: Sample, missing: dict[str, str]
+) -> tuple[dict[str, DiskBase], int, int]:
+    """New disk baselines by target and the (read, written) bytes of the period."""
+    out: dict[str, DiskBase] = {}
+    read = written = 0
+    flagged = set(_missing_keys(cur.missing, "disk:"))
+    for target in flagged:
+        missing[f"disk:{target}"] = cur.missing.get(f"disk:{target}", "not reported")
+        if target in base.disks:
+            out[target] = base.disks[target]
+    for d in cur.disks:
+        if d.target in flagged:
+            continue
+        old = base.disks.get(d.target, DiskBase(0, 0))  # hot-plugged: from zero
+        rd_value = _sub_reading(d.rd_bytes, f"disk:{d.target}:rd_bytes", cur, missing)
+        wr_value = _sub_reading(d.wr_bytes, f"disk:{d.target}:wr_bytes", cur, missing)
+        rd, rd_base = _counter(old.rd_bytes, rd_value)
+        wr, wr_base = _counter(old.wr_bytes, wr_value)
+        if rd_value is not None and old.rd_bytes is None:
+            missing[f"disk:{d.target}:rd_bytes"] = ESTABLISHED
+        if wr_value is not None and old.wr_bytes is None:
+            missing[f"disk:{d.target}:wr_bytes"] = ESTABLISHED
+        read += rd
+        written += wr
+        out[d.target] = DiskBase(rd_base, wr_base)
+    return out, read, written
+
+
+def _sub_reading(value: int | None, name: str, cur: Sample, missing: dict[str, str]) -> int | None:
+    """A per-counter reading, or None (recorded in `missing`) when absent or flagged."""
+    if value is None or name in cur.missing:
+        missing[name] = cur.missing.get(name, "not reported")
+        return None
+    return value
+
+
+def _storage(cur: Sample, missing: dict[str, str]) -> tuple[int | None, int | None]:
+    """Σ allocation and Σ capacity of the disks whose sizes are known (None if none is)."""
+    alloc: int | None = None
+    capacity: int | None = None
+    for d in cur.disks:
+        if d.allocation_bytes is None:
+            missing.setdefault(f"storage:{d.target}", "allocation not reported")
+        else:
+            alloc = (alloc or 0) + d.allocation_bytes
+        if d.capacity_bytes is not None:
+            capacity = (capacity or 0) + d.capacity_bytes
+    if not cur.disks and not _missing_keys(cur.missing, "disk:"):
+        return 0, 0  # a diskless guest uses no storage: a fact, not an unknown
+    return alloc, capacity

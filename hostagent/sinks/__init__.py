@@ -1,0 +1,81 @@
+"""Sinks: where outbox events go. Each sink sends ONE event per `send` and says how it went.
+
+::
+
+    send(event) ──► returns            the sink has the event (after `flush` for buffered sinks)
+                ├─► SinkUnavailable    transient (transport error, timeout, 5xx, garbage reply):
+                │                      retried, then the event waits in the outbox; never dropped
+                └─► SinkRejected       the sink refused this event (`{"Failure": …}`, 4xx):
+                     └─► Undeliverable dead-lettered at once (can never succeed, e.g. too large)
+
+The delivery loop owns retries, the circuit breaker and the outbox state; a sink only talks to
+its destination. `flush()` makes everything sent so far durable (fsync for files); the delivery
+records acknowledgements only after it returns.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from hostagent.clock import Clock
+from hostagent.config import BreakerConfig, JsonlSinkConfig, QueueSinkConfig, RetryConfig
+from hostagent.errors import SinkRejected
+from hostagent.model import OutEvent
+
+
+class Undeliverable(SinkRejected):
+    """This sink can never take this event (e.g. larger than its request limit)."""
+
+
+class Sink(Protocol):
+    """What the delivery loop needs from a sink."""
+
+    @property
+    def name(self) -> str:
+        """Unique sink name (the outbox keys delivery state by it)."""
+        ...
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """Event kinds this sink receives."""
+        ...
+
+    @property
+    def max_in_flight(self) -> int:
+        """How many `send` calls may run at once."""
+        ...
+
+    @property
+    def retry(self) -> RetryConfig:
+        """Retry schedule of one attempt round."""
+        ...
+
+    @property
+    def breaker(self) -> BreakerConfig:
+        """Circuit breaker settings."""
+        ...
+
+    async def send(self, event: OutEvent) -> None:
+        """Deliver one event or raise SinkUnavailable / SinkRejected."""
+        ...
+
+    async def flush(self) -> None:
+        """Make what was sent durable; SinkUnavailable if that failed."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig, *, clock: Clock | None = None) -> Sink:
+    """The sink a `[[sinks]]` entry describes (nothing is opened until the first send)."""
+    del clock  # sinks keep no time of their own; timeouts are trio deadlines
+    # Imported here: the sink modules import `Undeliverable` from this package.
+    if isinstance(cfg, JsonlSinkConfig):
+        from hostagent.sinks.jsonl import JsonlSink
+
+        return JsonlSink(cfg)
+    from hostagent.sinks.formation_queue import FormationQueueSink
+
+    return FormationQueueSink(cfg)

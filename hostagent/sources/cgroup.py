@@ -1,0 +1,410 @@
+"""A domain's cgroups: find them from the QEMU pid, read CPU, memory, io and PSI from them.
+
+Layouts (docs/parts/sources-cgroup-net.md): hybrid, v2 at `<cgroup_root>/unified` with per-VM
+`cpu.stat` + PSI and v1 memory/blkio at `<cgroup_root>/<controller>/machine/qemu-N-NAME...`;
+pure v2 (systemd), all under `machine.slice/machine-qemu\\x2dN\\x2dNAME.scope/libvirt`.
+QEMU's main thread sits in the `emulator` child; the VM's cgroup is its parent, whose cpu.stat
+covers emulator and vcpu threads. Nothing is cached: the collector caches `CgroupPaths` per
+(domid, pid).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+from hostagent.errors import SourceError
+from hostagent.model import Pressure
+from hostagent.sources.files import HostRoot, cat, kv_value, parse_int
+
+CgroupVersion = Literal[1, 2]
+IoSource = Literal["v2:io.stat", "v1:blkio.throttle"]
+
+DEFAULT_CLK_TCK = os.sysconf("SC_CLK_TCK")
+LIBVIRT_RUN_DIR = "/run/libvirt/qemu"
+
+# libvirt's per-thread children of a VM cgroup; the VM's own cgroup is their parent.
+_THREAD_CHILD = re.compile(r"^(emulator|vcpu\d+|iothread\d+)$")
+# v1 reports "no limit" as PAGE_COUNTER_MAX pages (9223372036854771712 with 4 KiB pages).
+_V1_UNLIMITED_BYTES = 1 << 62
+# Field 22 of /proc/<pid>/stat (starttime) is the 20th after the ")" that ends comm.
+_STARTTIME_AFTER_COMM = 19
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerDir:
+    """One controller's per-VM directory (host path, without the HostRoot prefix)."""
+
+    path: str
+    version: CgroupVersion
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupPaths:
+    """Where a domain's counters live; `missing` says why a controller has no per-VM dir."""
+
+    cpu: ControllerDir | None
+    memory: ControllerDir | None
+    io: ControllerDir | None
+    unified: str | None
+    missing: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupReading:
+    """One read of a domain's cgroups; None = could not be read (`missing` says why).
+
+    `memory_limit_bytes` is None without a `missing` entry when the cgroup is unlimited.
+    `io_source` "v1:blkio.throttle" stays 0 without throttle rules: prefer libvirt block stats.
+    """
+
+    cpu_ns: int | None
+    memory_current_bytes: int | None
+    memory_working_set_bytes: int | None
+    memory_limit_bytes: int | None
+    io_read_bytes: int | None
+    io_write_bytes: int | None
+    io_source: IoSource | None
+    pressure: Pressure | None
+    missing: Mapping[str, str] = field(default_factory=dict)
+
+
+# --- locating -----------------------------------------------------------------------------------
+
+
+def vm_cgroup(path: str) -> str:
+    """The VM's cgroup for a /proc/<pid>/cgroup path: the parent of `emulator`/`vcpuN`."""
+    head, _, leaf = path.rstrip("/").rpartition("/")
+    if _THREAD_CHILD.match(leaf):
+        return head or "/"
+    return path
+
+
+def v2_mount(root: HostRoot, cgroup_root: str) -> str | None:
+    """The v2 mount point: `cgroup_root` (pure v2), `cgroup_root/unified` (hybrid) or None."""
+    base = cgroup_root.rstrip("/")
+    for mount in (base, f"{base}/unified"):
+        if root.exists(f"{mount}/cgroup.controllers"):
+            return mount
+    return None
+
+
+def _join(mount: str, path: str) -> str:
+    return mount if path == "/" else f"{mount}{path}"
+
+
+class _Want(NamedTuple):
+    """A controller we read: its name, the v2 file that proves it, its v1 hierarchy and file."""
+
+    name: str
+    v2_file: str
+    v1_name: str
+    v1_file: str
+
+
+_WANTS = (
+    _Want("cpu", "cpu.stat", "cpuacct", "cpuacct.usage"),
+    _Want("memory", "memory.current", "memory", "memory.usage_in_bytes"),
+    _Want("io", "io.stat", "blkio", "blkio.throttle.io_service_bytes"),
+)
+
+
+def _pick(
+    root: HostRoot,
+    want: _Want,
+    *,
+    cgroup_root: str,
+    v2_dir: str | None,
+    v2_why: str,
+    v1: tuple[str, str] | None,
+) -> tuple[ControllerDir | None, str]:
+    """A controller's per-VM dir, v2 first (what libvirt itself reads), else v1; or why not."""
+    if v2_dir is not None:
+        if root.exists(f"{v2_dir}/{want.v2_file}"):
+            return ControllerDir(v2_dir, 2), ""
+        v2_why = f"v2 {v2_dir} has no {want.v2_file}"
+    if v1 is None:
+        return None, f"{v2_why}; no v1 {want.v1_name} hierarchy"
+    field_, path = v1
+    if path == "/":
+        return None, f"{v2_why}; v1 {want.v1_name} is the root cgroup, not per VM"
+    base = cgroup_root.rstrip("/")
+    # Co-mounted controllers live at e.g. /sys/fs/cgroup/cpu,cpuacct (plus symlinks).
+    for mount_name in dict.fromkeys((field_, *field_.split(","))):
+        d = _join(f"{base}/{mount_name}", path)
+        if root.exists(f"{d}/{want.v1_file}"):
+            return ControllerDir(d, 1), ""
+    return None, f"{v2_why}; no {want.v1_file} in v1 {want.v1_name} {path}"
+
+
+def locate(root: HostRoot, cgroup_root: str, pid: int) -> CgroupPaths | None:
+    """A QEMU process's per-VM cgroup dirs from /proc/<pid>/cgroup; None when the pid is gone."""
+    text = root.read_text(f"/proc/{pid}/cgroup")
+    if text is None:
+        return None
+    v2_path: str | None = None
+    v1: dict[str, tuple[str, str]] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3 or not parts[2].startswith("/"):
+            continue
+        hier, controllers, path = parts
+        if hier == "0" and controllers == "":
+            v2_path = vm_cgroup(path)
+        else:
+            for c in controllers.split(","):
+                v1[c] = (controllers, vm_cgroup(path))
+    mount = v2_mount(root, cgroup_root)
+    v2_dir: str | None = None
+    if mount is None:
+        v2_why = "no cgroup v2 mount"
+    elif v2_path is None:
+        v2_why = "no v2 line in /proc/pid/cgroup"
+    elif v2_path == "/":
+        v2_why = "process is in the v2 root cgroup, not per VM"
+    elif not root.exists(_join(mount, v2_path)):
+        v2_why = f"v2 {_join(mount, v2_path)} is gone"
+    else:
+        v2_dir = _join(mount, v2_path)
+        v2_why = ""
+    missing: dict[str, str] = {}
+    found: dict[str, ControllerDir | None] = {}
+    for want in _WANTS:
+        found[want.name], why = _pick(root, want, cgroup_root=cgroup_root, v2_dir=v2_dir,
+                                      v2_why=v2_why, v1=v1.get(want.v1_name))
+        if why:
+            missing[want.name] = why
+    if v2_dir is None:
+        missing["pressure"] = v2_why
+    return CgroupPaths(cpu=found["cpu"], memory=found["memory"], io=found["io"], unified=v2_dir,
+                       missing=missing)
+
+
+# --- process identity ---------------------------------------------------------------------------
+
+
+def pid_of(root: HostRoot, domain_name: str, run_dir: str = LIBVIRT_RUN_DIR) -> int | None:
+    """QEMU's pid from libvirt's `<run_dir>/<name>.pid`; None when absent or still empty."""
+    if not domain_name or "/" in domain_name or domain_name in (".", ".."):
+        return None
+    rel = f"{run_dir}/{domain_name}.pid"
+    text = root.read_text(rel)
+    if text is None or not text.strip():  # empty: libvirt is writing it right now
+        return None
+    return parse_int(text, root.abspath(rel))
+
+
+def process_start_ticks(root: HostRoot, pid: int) -> int | None:
+    """Field 22 (starttime, clock ticks after boot) of /proc/<pid>/stat; None when gone."""
+    rel = f"/proc/{pid}/stat"
+    text = root.read_text(rel)
+    if text is None:
+        return None
+    # comm (field 2) may hold spaces and parens: fields resume after the LAST ")".
+    fields = text[text.rfind(")") + 1 :].split()
+    try:
+        return int(fields[_STARTTIME_AFTER_COMM])
+    except (IndexError, ValueError) as err:
+        raise SourceError(f"{root.abspath(rel)}: no starttime field in {text[:80]!r}") from err
+
+
+def boot_time_ns(root: HostRoot) -> int | None:
+    """Boot time from /proc/stat `btime` (whole unix seconds, as ns); None when absent.
+
+    The kernel truncates btime to the second, so wall times derived from it are up to 1 s
+    early, but identical on every call: a process's start stays one stable number.
+    """
+    text = root.read_text("/proc/stat")
+    if text is None:
+        return None
+    value = kv_value(text, "btime")
+    if value is None:
+        raise SourceError(f"{root.abspath('/proc/stat')}: no btime line")
+    return value * 1_000_000_000
+
+
+def ticks_to_wall_ns(start_ticks: int, boot_ns: int, clk_tck: int = DEFAULT_CLK_TCK) -> int:
+    """Wall-clock ns of a process start from its starttime ticks and the boot time."""
+    return boot_ns + start_ticks * 1_000_000_000 // clk_tck
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+class CgroupReader:
+    """Reads a domain's counters from the dirs `locate` found; one call per domain per pass.
+
+    `io=False` / `pressure=False` skip those files (each costs ~7 µs of kernel time per domain
+    on cgroupfs); skipped fields are None with no `missing` entry.
+    """
+
+    __slots__ = ("_io", "_prefix", "_pressure")
+
+    def __init__(self, root: HostRoot, *, io: bool = True, pressure: bool = True) -> None:
+        self._prefix = root.abspath("/").rstrip("/")
+        self._io = io
+        self._pressure = pressure
+
+    def read(self, paths: CgroupPaths) -> CgroupReading:
+        """Every counter that can be read now; the rest None, with the reason in `missing`."""
+        missing: dict[str, str] = {}
+        cpu_ns = self._cpu(paths, missing)
+        current, working_set, limit = self._memory(paths, missing)
+        rd, wr, io_source = self._read_io(paths, missing) if self._io else (None, None, None)
+        pressure = self._read_pressure(paths, missing) if self._pressure else None
+        return CgroupReading(
+            cpu_ns=cpu_ns, memory_current_bytes=current, memory_working_set_bytes=working_set,
+            memory_limit_bytes=limit, io_read_bytes=rd, io_write_bytes=wr, io_source=io_source,
+            pressure=pressure, missing=missing,
+        )
+
+    def _cat(self, host_path: str, key: str, missing: dict[str, str]) -> str | None:
+        try:
+            text = cat(self._prefix + host_path)
+        except SourceError as err:
+            missing[key] = f"unreadable: {err}"
+            return None
+        if text is None:
+            missing[key] = f"absent: {host_path}"
+        return text
+
+    def _cpu(self, paths: CgroupPaths, missing: dict[str, str]) -> int | None:
+        d = paths.cpu
+        if d is None:
+            missing["cgroup:cpu_ns"] = paths.missing.get("cpu", "no cpu cgroup")
+            return None
+        if d.version == 2:
+            text = self._cat(f"{d.path}/cpu.stat", "cgroup:cpu_ns", missing)
+            usage_usec = None if text is None else kv_value(text, "usage_usec")
+            if text is not None and usage_usec is None:
+                missing["cgroup:cpu_ns"] = f"no usage_usec in {d.path}/cpu.stat"
+            return None if usage_usec is None else usage_usec * 1000
+        text = self._cat(f"{d.path}/cpuacct.usage", "cgroup:cpu_ns", missing)
+        return None if text is None else self._int(text, d.path, "cpuacct.usage",
+                                                   "cgroup:cpu_ns", missing)
+
+    def _memory(
+        self, paths: CgroupPaths, missing: dict[str, str]
+    ) -> tuple[int | None, int | None, int | None]:
+        d = paths.memory
+        keys = ("cgroup:memory_current_bytes", "cgroup:memory_working_set_bytes",
+                "cgroup:memory_limit_bytes")
+        if d is None:
+            why = paths.missing.get("memory", "no memory cgroup")
+            missing.update(dict.fromkeys(keys, why))
+            return None, None, None
+        v2 = d.version == 2
+        cur_file = "memory.current" if v2 else "memory.usage_in_bytes"
+        text = self._cat(f"{d.path}/{cur_file}", keys[0], missing)
+        current = None if text is None else self._int(text, d.path, cur_file, keys[0], missing)
+        stat = self._cat(f"{d.path}/memory.stat", keys[1], missing)
+        # cAdvisor's working set: usage minus inactive file cache (v1: hierarchical total_*).
+        inactive = None if stat is None else kv_value(stat, "inactive_file" if v2
+                                                      else "total_inactive_file")
+        working_set: int | None = None
+        if current is not None and inactive is not None:
+            working_set = max(current - inactive, 0)
+        elif keys[1] not in missing:
+            missing[keys[1]] = (f"no memory usage in {d.path}" if current is None
+                                else f"no inactive_file in {d.path}/memory.stat")
+        limit: int | None = None
+        if v2:
+            text = self._cat(f"{d.path}/memory.max", keys[2], missing)
+            if text is not None and text.strip() != "max":
+                limit = self._int(text, d.path, "memory.max", keys[2], missing)
+        else:
+            # hierarchical_memory_limit is the effective limit (parents included) and saves
+            # opening memory.limit_in_bytes; the file is the fallback for odd kernels.
+            limit = None if stat is None else kv_value(stat, "hierarchical_memory_limit")
+            if limit is None:
+                text = self._cat(f"{d.path}/memory.limit_in_bytes", keys[2], missing)
+                if text is not None:
+                    limit = self._int(text, d.path, "memory.limit_in_bytes", keys[2], missing)
+            if limit is not None and limit >= _V1_UNLIMITED_BYTES:
+                limit = None
+        return current, working_set, limit
+
+    def _read_io(
+        self, paths: CgroupPaths, missing: dict[str, str]
+    ) -> tuple[int | None, int | None, IoSource | None]:
+        d = paths.io
+        keys = ("cgroup:io_read_bytes", "cgroup:io_write_bytes")
+        if d is None:
+            missing.update(dict.fromkeys(keys, paths.missing.get("io", "no io cgroup")))
+            return None, None, None
+        name = "io.stat" if d.version == 2 else "blkio.throttle.io_service_bytes"
+        text = self._cat(f"{d.path}/{name}", keys[0], missing)
+        if text is None:
+            missing[keys[1]] = missing[keys[0]]
+            return None, None, None
+        try:
+            if d.version == 2:
+                rd, wr = _sum_io_stat(text)
+                return rd, wr, "v2:io.stat"
+            rd, wr = _sum_blkio(text)
+        except ValueError as err:
+            missing.update(dict.fromkeys(keys, f"malformed {d.path}/{name}: {err}"))
+            return None, None, None
+        return rd, wr, "v1:blkio.throttle"
+
+    def _read_pressure(self, paths: CgroupPaths, missing: dict[str, str]) -> Pressure | None:
+        d = paths.unified
+        if d is None:
+            missing["cgroup:pressure"] = paths.missing.get("pressure", "no cgroup v2 directory")
+            return None
+        values: list[float | None] = []
+        for resource in ("cpu", "memory", "io"):
+            key = f"cgroup:pressure.{resource}"
+            text = self._cat(f"{d}/{resource}.pressure", key, missing)
+            value = None if text is None else _some_avg10(text)
+            if text is not None and value is None:
+                missing[key] = f"malformed {d}/{resource}.pressure"
+            values.append(value)
+        if all(v is None for v in values):
+            return None
+        return Pressure(cpu_some_avg10=values[0], memory_some_avg10=values[1],
+                        io_some_avg10=values[2])
+
+    @staticmethod
+    def _int(text: str, d: str, name: str, key: str, missing: dict[str, str]) -> int | None:
+        try:
+            return int(text)
+        except ValueError:
+            missing[key] = f"malformed {d}/{name}: {text.strip()[:40]!r}"
+            return None
+
+
+def _sum_io_stat(text: str) -> tuple[int, int]:
+    """Σ rbytes, Σ wbytes over the devices of a v2 io.stat (no device yet: 0, 0)."""
+    rd = wr = 0
+    for line in text.splitlines():
+        for token in line.split()[1:]:
+            if token.startswith("rbytes="):
+                rd += int(token[7:])
+            elif token.startswith("wbytes="):
+                wr += int(token[7:])
+    return rd, wr
+
+
+def _sum_blkio(text: str) -> tuple[int, int]:
+    """Σ Read, Σ Write over the `MAJ:MIN Op bytes` lines of v1 blkio.throttle.io_service_bytes."""
+    sums = {"Read": 0, "Write": 0}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in sums:
+            sums[parts[1]] += int(parts[2])
+    return sums["Read"], sums["Write"]
+
+
+def _some_avg10(text: str) -> float | None:
+    """`some avg10=` of a PSI file, in percent."""
+    if not text.startswith("some avg10="):
+        return None
+    end = text.find(" ", 11)
+    try:
+        return float(text[11:end] if end > 0 else text[11:].strip())
+    except ValueError:
+        return None

@@ -1,0 +1,272 @@
+"""libvirt: ONE bulk `getAllDomainStats` per pass, domain XML on demand, reconnect with backoff.
+
+Every libvirt call runs in a worker thread under the shared capacity limiter and a deadline; a
+call past its deadline is abandoned (`abandon_on_cancel`) and the pass goes on without it.
+
+A hung bulk call (a QEMU whose monitor does not answer, e.g. SIGSTOPped) is abandoned at
+`call_timeout_s`; the same pass then asks each domain separately with the NOWAIT flag, so the
+healthy domains still get their stats and the stuck one reports what libvirt has without its job
+lock. While the abandoned call is still blocked, later passes use the per-domain path too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from hostagent.clock import Clock
+from hostagent.config import LibvirtConfig
+from hostagent.errors import SourceTimeout, SourceUnavailable
+
+log = logging.getLogger(__name__)
+
+try:  # libvirt-python is a hard runtime dependency, but keep import errors readable
+    import libvirt
+except ImportError as _err:  # pragma: no cover
+    libvirt = None
+    _IMPORT_ERROR: ImportError | None = _err
+else:
+    _IMPORT_ERROR = None
+    # libvirt's C library prints every error to stderr by default; we raise and log them
+    # ourselves, so keep the journal to our own JSON lines.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def stats_mask() -> int:
+    """The stats groups a pass asks for."""
+    return int(
+        libvirt.VIR_DOMAIN_STATS_STATE
+        | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+        | libvirt.VIR_DOMAIN_STATS_BALLOON
+        | libvirt.VIR_DOMAIN_STATS_VCPU
+        | libvirt.VIR_DOMAIN_STATS_INTERFACE
+        | libvirt.VIR_DOMAIN_STATS_BLOCK
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DomainStats:
+    """One active domain's bulk stats (libvirt's flat `group.N.field` dict) and its handle."""
+
+    uuid: str
+    name: str
+    domid: int
+    stats: Mapping[str, Any]
+    handle: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What one pass got from libvirt; `path` says how ("bulk", "per-domain")."""
+
+    domains: tuple[DomainStats, ...]
+    path: str
+    timed_out: tuple[str, ...] = ()
+
+
+Connector = Callable[[str, bool], Any]
+
+
+def _default_connector(uri: str, readonly: bool) -> Any:
+    if libvirt is None:  # pragma: no cover
+        raise SourceUnavailable(f"libvirt-python is not importable: {_IMPORT_ERROR}")
+    return libvirt.openReadOnly(uri) if readonly else libvirt.open(uri)
+
+
+class LibvirtSource:
+    """The libvirt connection and the calls a pass makes through it."""
+
+    def __init__(
+        self,
+        cfg: LibvirtConfig,
+        *,
+        clock: Clock,
+        limiter: trio.CapacityLimiter,
+        connector: Connector = _default_connector,
+    ) -> None:
+        self._cfg = cfg
+        self._clock = clock
+        self._limiter = limiter
+        self._connector = connector
+        self._conn: Any = None
+        self._nowait = cfg.nowait
+        self._failures = 0
+        self._next_try_ns = 0
+        self._bulk_in_flight = 0
+        self.state = "never connected"
+        self.last_error: str | None = None
+        self.down_since_ns: int | None = None
+
+    # --- connection ---------------------------------------------------------------------------
+
+    async def _connection(self) -> Any:
+        if self._conn is not None:
+            return self._conn
+        now = self._clock.now().monotonic_ns
+        if now < self._next_try_ns:
+            raise SourceUnavailable(f"libvirt {self._cfg.uri} down; next try in "
+                                    f"{(self._next_try_ns - now) / 1e9:.1f}s: {self.last_error}")
+        try:
+            conn = await self._call(self._connector, self._cfg.uri, self._cfg.readonly)
+        except SourceTimeout as err:
+            self._mark_down(f"connect timed out: {err}")
+            raise SourceUnavailable(str(err)) from err
+        except Exception as err:  # libvirt.libvirtError and anything the connector raises
+            self._mark_down(f"connect failed: {err}")
+            raise SourceUnavailable(f"cannot connect to {self._cfg.uri}: {err}") from err
+        self._conn = conn
+        if self.state != "connected":
+            log.info("libvirt connected", extra={"uri": self._cfg.uri,
+                                                 "after_failures": self._failures})
+        self.state = "connected"
+        self._failures = 0
+        self.down_since_ns = None
+        self.last_error = None
+        return conn
+
+    def _mark_down(self, reason: str) -> None:
+        self._conn = None
+        self._failures += 1
+        now = self._clock.now()
+        delay_s = backoff_s(self._failures, self._cfg.reconnect_max_s)
+        self._next_try_ns = now.monotonic_ns + int(delay_s * 1e9)
+        if self.state != "down":
+            log.warning("libvirt down", extra={"uri": self._cfg.uri, "error": reason})
+            self.down_since_ns = now.wall_ns
+        self.state = "down"
+        self.last_error = reason
+
+    def drop_connection(self, reason: str) -> None:
+        """Forget the connection (after an RPC error); the next pass reconnects with backoff."""
+        self._mark_down(reason)
+
+    async def _call(
+        self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None
+    ) -> Any:
+        limit = self._cfg.call_timeout_s if timeout_s is None else timeout_s
+        with trio.move_on_after(limit) as scope:
+            return await trio.to_thread.run_sync(
+                fn, *args, limiter=self._limiter, abandon_on_cancel=True
+            )
+        if scope.cancelled_caught:
+            raise SourceTimeout(f"{getattr(fn, '__name__', fn)} exceeded {limit}s")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- calls --------------------------------------------------------------------------------
+
+    async def bulk_stats(self) -> BulkResult:
+        """All active domains' stats: one bulk call, or per-domain NOWAIT calls if it hangs."""
+        conn = await self._connection()
+        if self._bulk_in_flight:
+            # An abandoned bulk call still blocks in a worker; don't queue another behind it.
+            return await self._per_domain(conn)
+        flags = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+        if self._nowait:
+            flags |= libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+        try:
+            raw = await self._call(self._tracked_bulk, conn, flags)
+        except SourceTimeout:
+            log.warning("libvirt bulk stats call hung; falling back to per-domain calls",
+                        extra={"timeout_s": self._cfg.call_timeout_s})
+            return await self._per_domain(conn)
+        except libvirt.libvirtError as err:
+            if self._nowait and err.get_error_code() in (libvirt.VIR_ERR_INVALID_ARG,
+                                                         libvirt.VIR_ERR_NO_SUPPORT):
+                self._nowait = False
+                log.info("libvirt has no NOWAIT stats flag; asking without it")
+                return await self.bulk_stats()
+            self.drop_connection(f"getAllDomainStats failed: {err}")
+            raise SourceUnavailable(str(err)) from err
+        return BulkResult(domains=tuple(_convert(raw)), path="bulk")
+
+    def _tracked_bulk(self, conn: Any, flags: int) -> Any:
+        self._bulk_in_flight += 1
+        try:
+            return conn.getAllDomainStats(stats_mask(), flags)
+        finally:
+            self._bulk_in_flight -= 1
+
+    async def _per_domain(self, conn: Any) -> BulkResult:
+        try:
+            doms = await self._call(conn.listAllDomains,
+                                    libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except SourceTimeout as err:
+            raise SourceUnavailable(f"listAllDomains hung: {err}") from err
+        except libvirt.libvirtError as err:
+            self.drop_connection(f"listAllDomains failed: {err}")
+            raise SourceUnavailable(str(err)) from err
+        flags = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT if self._nowait else 0
+        got: list[DomainStats] = []
+        hung: list[str] = []
+
+        async def one(dom: Any) -> None:
+            try:
+                raw = await self._call(conn.domainListGetStats, [dom], stats_mask(), flags)
+            except SourceTimeout:
+                hung.append(dom.name())
+                return
+            except libvirt.libvirtError as err:
+                log.info("domain stats failed", extra={"domain": dom.name(), "error": str(err)})
+                return
+            got.extend(_convert(raw))
+
+        async with trio.open_nursery() as nursery:
+            for dom in doms:
+                nursery.start_soon(one, dom)
+        return BulkResult(domains=tuple(got), path="per-domain", timed_out=tuple(hung))
+
+    async def domain_xml(self, handles: Sequence[DomainStats]) -> dict[str, str | Exception]:
+        """Live XML of the given domains, fetched concurrently; failures returned, not raised."""
+        out: dict[str, str | Exception] = {}
+
+        async def one(d: DomainStats) -> None:
+            try:
+                out[d.uuid] = await self._call(d.handle.XMLDesc, 0)
+            except Exception as err:  # a domain may vanish between the two calls
+                out[d.uuid] = err
+
+        async with trio.open_nursery() as nursery:
+            for d in handles:
+                nursery.start_soon(one, d)
+        return out
+
+    async def lookup(self, name_or_uuid: str) -> Any:
+        """A domain handle by name or UUID (for `hostagent dump`); None when unknown."""
+        conn = await self._connection()
+
+        def find() -> Any:
+            for fn in (conn.lookupByName, conn.lookupByUUIDString):
+                try:
+                    return fn(name_or_uuid)
+                except libvirt.libvirtError:
+                    continue
+            return None
+
+        return await self._call(find)
+
+    def close(self) -> None:
+        """Close the connection if one is open."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as err:  # closing a dead connection is not worth a crash
+                log.debug("libvirt close failed", extra={"error": str(err)})
+
+
+def _convert(raw: Sequence[tuple[Any, Mapping[str, Any]]]) -> list[DomainStats]:
+    out = []
+    for dom, stats in raw:
+        out.append(DomainStats(uuid=dom.UUIDString().lower(), name=dom.name(), domid=dom.ID(),
+                               stats=stats, handle=dom))
+    return out
+
+
+def backoff_s(failures: int, cap_s: float) -> float:
+    """Reconnect backoff after `failures` consecutive failures (exported for tests)."""
+    return float(min(cap_s, 0.5 * math.pow(2, min(failures - 1, 16))))

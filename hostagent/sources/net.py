@@ -1,0 +1,289 @@
+"""Host-side byte counters of network links, matched to guest NICs by tap name, keyed by MAC.
+
+`LinkStatsReader` does ONE RTM_GETLINK dump per pass on a kept-open NETLINK_ROUTE socket and
+decodes only what we need (ifindex, IFLA_IFNAME, IFLA_ADDRESS, IFLA_STATS64, the link kind).
+Decoding every attribute with pyroute2's `IPRoute().get_links()` measured ~16x more CPU per
+link (docs/parts/sources-cgroup-net.md); pyroute2 is used to open the socket inside a named
+network namespace and, in the tests, as the reference decoder. `SysfsLinkReader` reads the
+same counters from /sys/class/net through a `HostRoot` (fixture trees, or a host without
+netlink access). Both are blocking: call them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from hostagent.errors import SourceError, SourceTimeout
+from hostagent.model import Nic, NicCounters
+from hostagent.sources.files import HostRoot
+
+log = logging.getLogger(__name__)
+
+_NETLINK_ROUTE = 0
+_RTM_NEWLINK, _RTM_GETLINK = 16, 18
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_REQUEST, _NLM_F_DUMP, _NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
+_IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_LINKINFO, _IFLA_STATS64 = 1, 3, 18, 23
+_IFLA_INFO_KIND = 1
+_NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_NLATTR = struct.Struct("=HH")  # len, type
+_RX_TX_BYTES = struct.Struct("=16xQQ")  # rtnl_link_stats64: rx_packets, tx_packets, rx/tx_bytes
+_ERRNO = struct.Struct("=i")
+_HDR_BYTES = _NLMSGHDR.size + _IFINFOMSG.size
+_RECV_BYTES = 65536  # the kernel fills at most 32 KiB per dump message batch
+_MAX_INTERRUPTED_RETRIES = 2
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStats:
+    """Host-side counters of one link (a tap's rx is what the guest sent)."""
+
+    ifindex: int
+    ifname: str
+    mac: str | None
+    rx_bytes: int | None
+    tx_bytes: int | None
+    kind: str | None = None
+    source: str = "netlink"
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _parse_link(data: bytes, off: int, end: int) -> LinkStats | None:
+    """One RTM_NEWLINK message, reading only the attributes we use."""
+    _, _, ifindex, _, _ = _IFINFOMSG.unpack_from(data, off + _NLMSGHDR.size)
+    name: str | None = None
+    mac: str | None = None
+    rx: int | None = None
+    tx: int | None = None
+    kind: str | None = None
+    at = off + _HDR_BYTES
+    while at + 4 <= end:
+        alen, atype = _NLATTR.unpack_from(data, at)
+        if alen < 4 or at + alen > end:
+            raise SourceError(f"malformed netlink attribute in the link dump (ifindex {ifindex})")
+        atype &= _NLA_TYPE_MASK
+        if atype == _IFLA_IFNAME:
+            name = data[at + 4 : at + alen].rstrip(b"\0").decode("utf-8", "replace")
+        elif atype == _IFLA_ADDRESS:
+            mac = data[at + 4 : at + alen].hex(":") or None
+        elif atype == _IFLA_STATS64 and alen >= 4 + _RX_TX_BYTES.size:
+            rx, tx = _RX_TX_BYTES.unpack_from(data, at + 4)
+        elif atype == _IFLA_LINKINFO:
+            kind = _info_kind(data, at + 4, at + alen)
+        at += _align(alen)
+    if name is None:
+        return None
+    return LinkStats(ifindex=ifindex, ifname=name, mac=mac, rx_bytes=rx, tx_bytes=tx, kind=kind)
+
+
+def _info_kind(data: bytes, at: int, end: int) -> str | None:
+    while at + 4 <= end:
+        alen, atype = _NLATTR.unpack_from(data, at)
+        if alen < 4:
+            return None
+        if atype & _NLA_TYPE_MASK == _IFLA_INFO_KIND:
+            return data[at + 4 : at + alen].rstrip(b"\0").decode("ascii", "replace")
+        at += _align(alen)
+    return None
+
+
+def dump_links(sock: socket.socket, seq: int) -> tuple[dict[str, LinkStats], bool]:
+    """One RTM_GETLINK dump on `sock`: links by name, and whether the kernel flagged it
+    interrupted (links changed meanwhile: every counter read is still a real value)."""
+    ifinfo = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    sock.send(_NLMSGHDR.pack(_HDR_BYTES, _RTM_GETLINK, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0)
+              + ifinfo)
+    links: dict[str, LinkStats] = {}
+    interrupted = False
+    while True:
+        data, _, msg_flags, _ = sock.recvmsg(_RECV_BYTES)
+        if msg_flags & socket.MSG_TRUNC:
+            raise SourceError("netlink link dump: message larger than the receive buffer")
+        if not data:
+            raise SourceError("netlink link dump: socket closed")
+        off = 0
+        while off + _NLMSGHDR.size <= len(data):
+            mlen, mtype, mflags, mseq, _ = _NLMSGHDR.unpack_from(data, off)
+            if mlen < _NLMSGHDR.size or off + mlen > len(data):
+                raise SourceError("netlink link dump: malformed message header")
+            if mseq == seq:  # anything else is a late answer to an earlier request
+                interrupted |= bool(mflags & _NLM_F_DUMP_INTR)
+                if mtype == _NLMSG_DONE:
+                    return links, interrupted
+                if mtype == _NLMSG_ERROR:
+                    code = -_ERRNO.unpack_from(data, off + _NLMSGHDR.size)[0]
+                    raise SourceError(f"netlink link dump refused: {os.strerror(code)}")
+                if mtype == _RTM_NEWLINK and mlen >= _HDR_BYTES:
+                    link = _parse_link(data, off, off + mlen)
+                    if link is not None:
+                        links[link.ifname] = link
+            off += _align(mlen)
+
+
+class LinkStatsReader:
+    """Host link counters from one netlink dump per call, on a socket kept open across calls.
+
+    Not re-entrant: a second call while one is still running (an abandoned, timed-out worker
+    thread) fails fast with SourceError instead of interleaving on the socket.
+    """
+
+    def __init__(self, netns: str | None = None, timeout_s: float = 5.0) -> None:
+        self._netns = netns
+        self._timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            if self._netns is None:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                     _NETLINK_ROUTE)
+            else:
+                # pyroute2 is heavy to import and only needed to enter a named netns.
+                from pyroute2 import netns as pr_netns
+
+                sock = pr_netns.create_socket(self._netns, family=socket.AF_NETLINK,
+                                              socket_type=socket.SOCK_RAW, proto=_NETLINK_ROUTE,
+                                              flags=0)
+            sock.settimeout(self._timeout_s)
+            sock.bind((0, 0))
+            self._sock = sock
+        return self._sock
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def read(self) -> dict[str, LinkStats]:
+        """All links by name; SourceTimeout past `timeout_s`, SourceError when netlink fails."""
+        if not self._lock.acquire(blocking=False):
+            raise SourceError("a previous link dump is still running")
+        try:
+            return self._read_locked()
+        finally:
+            self._lock.release()
+
+    def _read_locked(self) -> dict[str, LinkStats]:
+        failures = interruptions = 0
+        while True:
+            self._seq = self._seq % 0x7FFFFFFF + 1
+            try:
+                links, interrupted = dump_links(self._socket(), self._seq)
+            except TimeoutError as err:
+                self._drop_socket()
+                raise SourceTimeout(f"link dump: no answer within {self._timeout_s} s") from err
+            except (OSError, SourceError) as err:
+                # A fresh socket fixes a socket left mid-dump or closed under us; retry once.
+                self._drop_socket()
+                failures += 1
+                if failures > 1:
+                    raise SourceError(f"link dump failed: {err}") from err
+                log.info("link dump failed, reopening", extra={"error": str(err)})
+                continue
+            if interrupted and interruptions < _MAX_INTERRUPTED_RETRIES:
+                interruptions += 1
+                continue
+            return links
+
+    def close(self) -> None:
+        """Close the netlink socket (a later read() opens a new one)."""
+        with self._lock:
+            self._drop_socket()
+
+
+class SysfsLinkReader:
+    """The same counters from <root>/sys/class/net/<if>/{ifindex,address,statistics/*_bytes}."""
+
+    def __init__(self, root: HostRoot) -> None:
+        self._root = root
+
+    def read(self, names: Iterable[str] | None = None) -> dict[str, LinkStats]:
+        """Links by name (only `names` when given); a link that vanishes mid-read is left out."""
+        base = "/sys/class/net"
+        if names is None:
+            try:
+                names = sorted(os.listdir(self._root.abspath(base)))
+            except FileNotFoundError:
+                return {}
+            except OSError as err:
+                raise SourceError(f"cannot list {self._root.abspath(base)}: {err}") from err
+        out: dict[str, LinkStats] = {}
+        for name in names:
+            if "/" in name or name in (".", ".."):
+                continue
+            d = f"{base}/{name}"
+            ifindex = self._root.read_int(f"{d}/ifindex")
+            if ifindex is None:
+                continue
+            address = self._root.read_text(f"{d}/address")
+            out[name] = LinkStats(
+                ifindex=ifindex,
+                ifname=name,
+                mac=(address.strip() or None) if address is not None else None,
+                rx_bytes=self._root.read_int(f"{d}/statistics/rx_bytes"),
+                tx_bytes=self._root.read_int(f"{d}/statistics/tx_bytes"),
+                source="sysfs",
+            )
+        return out
+
+
+# --- matching NICs to links (pure) ---------------------------------------------------------------
+
+_NO_HOST_NETDEV = {
+    "hostdev": "hostdev NIC (PCI passthrough / SR-IOV VF): its traffic bypasses the host "
+               "kernel, no host-side counter",
+    "vhostuser": "vhost-user NIC: packets are switched in user space (e.g. OVS-DPDK), no host "
+                 "kernel netdev to count",
+    "vdpa": "vDPA NIC: the datapath is in hardware, no host tap",
+    "user": "user-mode networking (SLIRP/passt): no host tap",
+}
+
+
+def nic_counters(
+    nics: Sequence[Nic], links: Mapping[str, LinkStats]
+) -> tuple[tuple[NicCounters, ...], dict[str, str]]:
+    """Guest-oriented counters of each NIC from the host links, and why the others are missing."""
+    counters: list[NicCounters] = []
+    missing: dict[str, str] = {}
+    for nic in nics:
+        key = f"net:{nic.mac}"
+        reason = _NO_HOST_NETDEV.get(nic.kind)
+        if reason is not None:
+            missing[key] = reason
+            continue
+        if not nic.target:
+            missing[key] = f"{nic.kind} NIC without a target dev: no host tap to count"
+            continue
+        link = links.get(nic.target)
+        if link is None:
+            missing[key] = f"tap {nic.target} not found on the host (unplugged or renamed?)"
+            continue
+        if link.rx_bytes is None or link.tx_bytes is None:
+            missing[key] = f"{nic.target} has no 64-bit byte counters"
+            continue
+        # A tap sees the guest's traffic mirrored (host rx = guest tx); a macvtap shares the
+        # guest's view (libvirt's virDomainNetTypeSharesHostView), so it is not swapped.
+        shares_view = nic.kind == "direct" or link.kind == "macvtap"
+        counters.append(NicCounters(
+            mac=nic.mac,
+            ifname=link.ifname,
+            ifindex=link.ifindex,
+            guest_rx_bytes=link.rx_bytes if shares_view else link.tx_bytes,
+            guest_tx_bytes=link.tx_bytes if shares_view else link.rx_bytes,
+            source=link.source,
+        ))
+    return tuple(counters), missing

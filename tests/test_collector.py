@@ -1,0 +1,243 @@
+"""The pass on recorded host trees, with libvirt replaced by a connection replaying recorded stats.
+
+The root is a symlink swung from the t0 tree to the t1 tree between passes, so cgroup files,
+pid files and tap counters all move together as they did on the recorded host.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from hostagent import config as config_mod
+from hostagent.clock import FakeClock
+from hostagent.collector import Collector
+from hostagent.outbox import Store
+from hostagent.owners import Owners
+from hostagent.sources.files import HostRoot
+from hostagent.sources.libvirt import LibvirtSource
+from hostagent.sources.net import SysfsLinkReader
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hosts"
+
+
+class FakeDomain:
+    def __init__(self, entry: dict[str, Any], xml: str) -> None:
+        self.entry = entry
+        self.xml = xml
+
+    def UUIDString(self) -> str:
+        return str(self.entry["uuid"])
+
+    def name(self) -> str:
+        return str(self.entry["name"])
+
+    def ID(self) -> int:
+        return int(self.entry["id"])
+
+    def XMLDesc(self, flags: int) -> str:
+        return self.xml
+
+
+class ReplayConnection:
+    """Answers like a libvirt connection from a recorded tree; can hang on demand."""
+
+    def __init__(self, tree: Path) -> None:
+        self.tree = tree
+        self.bulk_calls = 0
+        self.xml_calls = 0
+        self.hang_bulk = threading.Event()
+        self.release = threading.Event()
+
+    def _domains(self) -> list[tuple[FakeDomain, dict[str, Any]]]:
+        entries = json.loads((self.tree / "libvirt" / "bulk_stats.json").read_text())
+        out = []
+        for e in entries:
+            xml = (self.tree / "libvirt" / f"{e['name']}.xml").read_text()
+            out.append((self._count_xml(FakeDomain(e, xml)), e["stats"]))
+        return out
+
+    def _count_xml(self, dom: FakeDomain) -> FakeDomain:
+        conn = self
+
+        class Counted(FakeDomain):
+            def XMLDesc(self, flags: int) -> str:
+                conn.xml_calls += 1
+                return dom.xml
+
+        return Counted(dom.entry, dom.xml)
+
+    def getAllDomainStats(self, stats: int, flags: int) -> Any:
+        self.bulk_calls += 1
+        if self.hang_bulk.is_set():
+            self.release.wait(30)
+        return self._domains()
+
+    def listAllDomains(self, flags: int) -> list[FakeDomain]:
+        return [d for d, _ in self._domains()]
+
+    def domainListGetStats(self, doms: list[FakeDomain], stats: int, flags: int) -> Any:
+        want = {d.UUIDString() for d in doms}
+        return [(d, s) for d, s in self._domains() if d.UUIDString() in want]
+
+    def close(self) -> None:
+        pass
+
+
+class Host:
+    """A recorded host whose clock and tree move from t0 to t1."""
+
+    def __init__(self, tmp: Path, name: str) -> None:
+        self.src = FIXTURES / name
+        self.meta = json.loads((self.src / "meta.json").read_text())
+        self.root = tmp / "root"
+        self.root.symlink_to(self.src / "t0")
+        self.conn = ReplayConnection(self.root)
+        self.clock = FakeClock(wall_ns=1_800_000_000 * 10**9)
+
+    def move_to_t1(self) -> None:
+        self.root.unlink()
+        self.root.symlink_to(self.src / "t1")
+        self.clock.advance(float(self.meta["interval_s"]))
+
+    def bulk(self, t: str) -> dict[str, dict[str, Any]]:
+        entries = json.loads((self.src / t / "libvirt" / "bulk_stats.json").read_text())
+        return {e["uuid"]: e["stats"] for e in entries}
+
+
+def make_collector(host: Host, tmp: Path, **collector: Any) -> tuple[Collector, Store]:
+    cfg = config_mod.from_mapping({
+        "host": {"node_id": "fixture-host"},
+        "libvirt": {"uri": "replay:///", "call_timeout_s": 1.0},
+        "paths": {"root": str(host.root)},
+        "collector": {"state_path": str(tmp / "state.db"), **collector},
+        "sinks": [{"type": "jsonl", "path": str(tmp / "events.jsonl")}],
+    })
+    store = Store.open(cfg.collector.state_path, clock=host.clock, node_id="fixture-host",
+                       sink_names=["jsonl"])
+    limiter = trio.CapacityLimiter(4)
+    lv = LibvirtSource(cfg.libvirt, clock=host.clock, limiter=limiter,
+                       connector=lambda uri, ro: host.conn)
+    coll = Collector(cfg, clock=host.clock, store=store,
+                     owners=Owners(cfg.owners, host.clock, None), libvirt_source=lv,
+                     link_reader=SysfsLinkReader(HostRoot(str(host.root))), gpu_source=None,
+                     limiter=limiter)
+    return coll, store
+
+
+@pytest.fixture(params=["lab-hybrid", "systemd-v2"])
+def host(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Host]:
+    return Host(tmp_path, request.param)
+
+
+async def test_two_passes_bill_exactly_the_recorded_growth(host: Host, tmp_path: Path) -> None:
+    coll, store = make_collector(host, tmp_path, count_preexisting=False)
+    first = await coll.run_pass()
+    assert first.committed, first.error
+    assert first.domains == len(host.bulk("t0"))
+    assert first.events == 0  # domains older than the store: baselines only, nothing billed
+    host.move_to_t1()
+    second = await coll.run_pass()
+    assert second.committed, second.error
+    assert second.events == second.domains
+    t0, t1 = host.bulk("t0"), host.bulk("t1")
+    for u in second.usages:
+        assert u.period_end_ns - u.period_start_ns == int(host.meta["interval_s"] * 1e9)
+        assert u.cpu_ns == t1[u.uuid]["cpu.time"] - t0[u.uuid]["cpu.time"]
+        assert u.cpu_seconds == u.cpu_ns // 10**9
+    assert host.conn.xml_calls == len(t0)  # XML read once per domain, not every pass
+    payloads = [orjson.loads(p) for p in store_payloads(store)]
+    assert {p["instance_id"] for p in payloads} == {u.instance_id for u in second.usages}
+    store.close()
+
+
+async def test_network_bytes_come_from_the_tap_in_guest_direction(tmp_path: Path) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    links0 = {x["name"]: x for x in json.loads((host.src / "t0/net/links.json").read_text())}
+    host.move_to_t1()
+    report = await coll.run_pass()
+    links1 = {x["name"]: x for x in json.loads((host.src / "t1/net/links.json").read_text())}
+    by_name = {u.name: u for u in report.usages}
+    for guest in host.meta["guests"]:
+        u = by_name[guest["name"]]
+        tap = guest["tap"]
+        assert u.net_egress_bytes == links1[tap]["rx_bytes"] - links0[tap]["rx_bytes"]
+        assert u.net_ingress_bytes == links1[tap]["tx_bytes"] - links0[tap]["tx_bytes"]
+    store.close()
+
+
+async def test_restart_resumes_from_persisted_baselines(tmp_path: Path) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    store.close()
+    host.move_to_t1()
+    coll2, store2 = make_collector(host, tmp_path)  # a new daemon process on the same state
+    report = await coll2.run_pass()
+    assert report.events == report.domains > 0
+    start = host.clock.wall_ns - int(host.meta["interval_s"] * 1e9)
+    assert all(u.period_start_ns == start for u in report.usages)
+    store2.close()
+
+
+async def test_hung_bulk_call_is_abandoned_and_the_pass_completes(tmp_path: Path) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    host.conn.hang_bulk.set()
+    try:
+        t0 = time.monotonic()
+        report = await coll.run_pass()
+        elapsed = time.monotonic() - t0
+    finally:
+        host.conn.release.set()
+    assert report.committed, report.error
+    assert report.libvirt_path == "per-domain"
+    assert report.events == report.domains > 0
+    assert elapsed < 5  # call_timeout_s = 1 plus the per-domain calls
+    store.close()
+
+
+async def test_libvirt_down_commits_nothing_and_recovers(tmp_path: Path) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    calls = {"n": 0}
+
+    def flaky(uri: str, ro: bool) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("libvirtd is not running")
+        return host.conn
+
+    coll, store = make_collector(host, tmp_path)
+    coll.libvirt._connector = flaky
+    down = await coll.run_pass()
+    assert not down.committed
+    assert down.error is not None
+    assert "libvirtd is not running" in down.error
+    assert coll.libvirt.state == "down"
+    host.clock.advance(1.0)  # past the first backoff
+    up = await coll.run_pass()
+    assert up.committed, up.error
+    assert coll.libvirt.state == "connected"
+    store.close()
+
+
+def store_payloads(store: Store) -> list[bytes]:
+    import sqlite3
+
+    db = sqlite3.connect(store.path)
+    try:
+        return [row[0] for row in db.execute("SELECT payload FROM events ORDER BY created_ns")]
+    finally:
+        db.close()

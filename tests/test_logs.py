@@ -1,0 +1,140 @@
+"""Structured logging: one JSON object per line with every extra field; text for humans."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from hostagent import logs
+from hostagent.errors import ConfigError
+
+TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+@pytest.fixture(autouse=True)
+def restore_root() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+
+
+def lines(buf: io.StringIO) -> list[dict[str, object]]:
+    text = buf.getvalue()
+    assert text.endswith("\n")
+    return [orjson.loads(line) for line in text.splitlines()]
+
+
+def test_json_line_with_extras() -> None:
+    buf = io.StringIO()
+    logs.setup("info", "json", stream=buf)
+    logging.getLogger("hostagent.sinks").warning(
+        "sink down", extra={"sink": "queue", "attempt": 3, "lag_s": 1.5, "ok": False,
+                            "path": Path("/x"), "tags": {"b", "a"}},
+    )
+    (rec,) = lines(buf)
+    assert TS.match(str(rec.pop("ts")))
+    assert rec == {
+        "level": "warning", "logger": "hostagent.sinks", "msg": "sink down",
+        "sink": "queue", "attempt": 3, "lag_s": 1.5, "ok": False, "path": "/x",
+        "tags": ["a", "b"],
+    }
+
+
+def test_timestamp_is_utc_milliseconds() -> None:
+    assert logs._ts(1_700_000_000.1239) == "2023-11-14T22:13:20.123Z"
+    assert logs._ts(0.0) == "1970-01-01T00:00:00.000Z"
+
+
+def test_level_filters_and_message_args() -> None:
+    buf = io.StringIO()
+    logs.setup("WARNING", "json", stream=buf)
+    log = logging.getLogger("hostagent.x")
+    log.info("hidden")
+    log.error("pass took %d ms", 42)
+    (rec,) = lines(buf)
+    assert rec["msg"] == "pass took 42 ms"
+    assert rec["level"] == "error"
+
+
+def test_exception_is_one_line_with_exc_field() -> None:
+    buf = io.StringIO()
+    logs.setup("debug", "json", stream=buf)
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        logging.getLogger("hostagent.y").exception("boom", extra={"domain": "vm1"})
+    (rec,) = lines(buf)  # the multi-line traceback stays inside one JSON string
+    assert rec["msg"] == "boom"
+    assert rec["domain"] == "vm1"
+    assert "Traceback" in str(rec["exc"])
+    assert "ValueError: bad\nthing" in str(rec["exc"])
+
+
+def test_colliding_and_unencodable_extras_do_not_break_the_line() -> None:
+    buf = io.StringIO()
+    logs.setup("info", "json", stream=buf)
+    log = logging.getLogger("hostagent.z")
+    log.info("collide", extra={"level": "mine", "ts": 1})
+    log.info("huge", extra={"n": 2**70, "k": {1: "one"}})
+    first, second = lines(buf)
+    assert first["level"] == "info"
+    assert first["extra.level"] == "mine"
+    assert first["extra.ts"] == 1
+    assert second["msg"] == "huge"
+    assert second["n"] == repr(2**70)
+
+
+def test_standard_attributes_are_not_leaked() -> None:
+    buf = io.StringIO()
+    logs.setup("info", "json", stream=buf)
+    logging.getLogger("hostagent").info("plain")
+    (rec,) = lines(buf)
+    assert set(rec) == {"ts", "level", "logger", "msg"}
+
+
+def test_setup_again_replaces_handler() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    logs.setup("info", "json", stream=first)
+    logs.setup("debug", "json", stream=second)  # e.g. after SIGHUP
+    logging.getLogger("hostagent").debug("once")
+    assert first.getvalue() == ""
+    assert len(lines(second)) == 1
+
+
+def test_text_format() -> None:
+    buf = io.StringIO()
+    logs.setup("info", "text", stream=buf)
+    logging.getLogger("hostagent.api").info(
+        "listening", extra={"port": 9464, "addr": "127.0.0.1", "note": "two words"}
+    )
+    line = buf.getvalue().rstrip("\n")
+    ts, rest = line.split(" ", 1)
+    assert TS.match(ts)
+    assert rest == 'INFO    hostagent.api: listening port=9464 addr=127.0.0.1 note="two words"'
+
+
+def test_text_format_exception() -> None:
+    buf = io.StringIO()
+    logs.setup("info", "text", stream=buf)
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        logging.getLogger("hostagent").exception("failed")
+    assert "failed\nTraceback" in buf.getvalue()
+    assert "ZeroDivisionError" in buf.getvalue()
+
+
+@pytest.mark.parametrize(("level", "fmt"), [("verbose", "json"), ("info", "xml")])
+def test_bad_arguments(level: str, fmt: str) -> None:
+    with pytest.raises(ConfigError):
+        logs.setup(level, fmt, stream=io.StringIO())  # type: ignore[arg-type]
