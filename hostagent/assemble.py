@@ -23,6 +23,7 @@ from hostagent.model import (
     Pressure,
     Sample,
 )
+from hostagent.sampling import incarnation_of
 
 KIB = 1024
 
@@ -35,11 +36,6 @@ def _int(stats: Mapping[str, Any], key: str) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
-
-
-def incarnation_of(domid: int, start_ticks: int | None) -> str:
-    """A QEMU process's identity: the domain id and, where known, the process start time."""
-    return f"{domid}:{start_ticks}" if start_ticks is not None else str(domid)
 
 
 def memory_reading(

@@ -73,6 +73,12 @@ class Readings:
     links_error: str | None
 
 
+def _has_guest_memory(stats: Mapping[str, Any]) -> bool:
+    """Balloon stats give the guest's own memory figure: no cgroup fallback needed."""
+    return "balloon.available" in stats and (
+        "balloon.usable" in stats or "balloon.unused" in stats)
+
+
 def link_reader_for(cfg: Config) -> net_src.LinkStatsReader | net_src.SysfsLinkReader:
     """Netlink on a real host; /sys/class/net under the root when it points at a recorded tree."""
     if cfg.paths.root in ("/", ""):
@@ -104,7 +110,9 @@ class Collector:
         self.gpu = gpu_source
         self.limiter = limiter
         self.root = HostRoot(cfg.paths.root)
-        self.cgroups = cgroup_src.CgroupReader(self.root)
+        # Disk bytes come from libvirt (v1 blkio stays 0 on kernel 6.x): never read cgroup io.
+        self.cgroups = cgroup_src.CgroupReader(self.root, io=False,
+                                               pressure=cfg.collector.pressure)
         self.inventory = inventory.Inventory()
         self.baselines: dict[str, Baseline] = store.load_baselines() if store is not None else {}
         self._facts: dict[tuple[str, int], HostFacts] = {}
@@ -194,16 +202,24 @@ class Collector:
         return out
 
     def _read_cgroups(
-        self, facts: Mapping[tuple[str, int], HostFacts]
+        self,
+        facts: Mapping[tuple[str, int], HostFacts],
+        stats: Mapping[tuple[str, int], Mapping[str, Any]],
     ) -> dict[tuple[str, int], cgroup_src.CgroupReading | str]:
-        """Runs in a worker thread: one cgroup read per domain; errors become reasons."""
+        """Runs in a worker thread: per domain, the cgroup files libvirt could not stand in for."""
         out: dict[tuple[str, int], cgroup_src.CgroupReading | str] = {}
+        pressure = self.cfg.collector.pressure
         for key, f in facts.items():
+            s = stats.get(key, {})
+            want_cpu = "cpu.time" not in s
+            want_memory = not _has_guest_memory(s)
+            if not (want_cpu or want_memory or pressure):
+                continue
             if f.cgroup is None:
                 out[key] = "cgroup of the QEMU process not found"
                 continue
             try:
-                out[key] = self.cgroups.read(f.cgroup)
+                out[key] = self.cgroups.read(f.cgroup, cpu=want_cpu, memory=want_memory)
             except SourceError as err:
                 out[key] = str(err)
         return out
@@ -246,7 +262,9 @@ class Collector:
         infos = [info for _, info in running]
         facts = await trio.to_thread.run_sync(self._host_facts, infos, limiter=self.limiter)
         self._facts.update(facts)
-        cgroups = await trio.to_thread.run_sync(self._read_cgroups, facts, limiter=self.limiter)
+        stats = {(d.uuid, d.domid): d.stats for d, _ in running}
+        cgroups = await trio.to_thread.run_sync(self._read_cgroups, facts, stats,
+                                                limiter=self.limiter)
         gpus: Mapping[str, tuple[GpuReading, ...]] = {}
         if self.gpu is not None and any(i.hostdevs for i in infos):
             gpus = (await self.gpu.read(infos, self.limiter)).by_uuid

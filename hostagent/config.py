@@ -103,6 +103,10 @@ class CollectorConfig:
                        "syntax, {namespace}tag) whose text or `uuid` attribute is the id; "
                        "empty = OpenStack nova:instance"),
     )
+    pressure: bool = field(
+        default=True,
+        metadata=_meta("read the VM cgroup's PSI files (pressure in events; ~20 µs per domain)"),
+    )
     count_preexisting: bool = field(
         default=False,
         metadata=_meta("bill usage a domain accrued before this store first saw it "

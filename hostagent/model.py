@@ -156,11 +156,11 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class NicBase:
-    """Last good counters of one NIC."""
+    """Last good counters of one NIC; None counters: seen but never read (baseline unknown)."""
 
     ifindex: int | None
-    guest_rx_bytes: int
-    guest_tx_bytes: int
+    guest_rx_bytes: int | None
+    guest_tx_bytes: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +183,9 @@ class Baseline:
     gpu_carry_ns: int = 0
     nics: Mapping[str, NicBase] = field(default_factory=dict)
     disks: Mapping[str, DiskBase] = field(default_factory=dict)
+    # When `cpu_ns` was read; earlier than t_wall_ns after passes without a CPU reading, so a
+    # catch-up delta is averaged over the time it really covers.
+    cpu_t_wall_ns: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the store's on-disk form)."""
@@ -198,6 +201,7 @@ class Baseline:
                 mac: [n.ifindex, n.guest_rx_bytes, n.guest_tx_bytes] for mac, n in self.nics.items()
             },
             "disks": {t: [d.rd_bytes, d.wr_bytes] for t, d in self.disks.items()},
+            "cpu_t_wall_ns": self.cpu_t_wall_ns,
         }
 
     @classmethod
@@ -213,9 +217,7 @@ class Baseline:
             cpu_carry_ns=int(raw["cpu_carry_ns"]),
             gpu_carry_ns=int(raw["gpu_carry_ns"]),
             nics={
-                str(mac): NicBase(
-                    None if v[0] is None else int(v[0]), int(v[1]), int(v[2])
-                )
+                str(mac): NicBase(_opt_int(v[0]), _opt_counter(v[1]), _opt_counter(v[2]))
                 for mac, v in raw["nics"].items()
             },
             disks={
@@ -224,7 +226,17 @@ class Baseline:
                 )
                 for t, v in raw["disks"].items()
             },
+            cpu_t_wall_ns=_opt_int(raw.get("cpu_t_wall_ns")),
         )
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _opt_counter(value: Any) -> int | None:
+    # Stores written before NicBase allowed None used -1 for "unknown".
+    return None if value is None or int(value) < 0 else int(value)
 
 
 # --- usage and events -------------------------------------------------------------------------

@@ -28,9 +28,25 @@ NS_PER_S = 1_000_000_000
 # NicBase counters cannot be None in the model, yet a pre-existing NIC whose first reading is
 # missing has no known value. This sentinel marks "known NIC, value not yet established"; the
 # next good reading establishes it without billing anything. It round-trips through to_dict().
-UNKNOWN_BYTES = -1
-
 ESTABLISHED = "baseline established by this reading; earlier use is unknown"
+
+
+def incarnation_of(domid: int, start_ticks: int | None) -> str:
+    """A QEMU process's identity: the domain id and, where known, the process start time."""
+    return f"{domid}:{start_ticks}" if start_ticks is not None else str(domid)
+
+
+def same_incarnation(a: str, b: str) -> bool:
+    """Same QEMU process: same domain id, and the start times agree where both are known.
+
+    The start time comes from /proc and can be unreadable for one pass (a pid file not written
+    yet); that must not look like a reboot, which would bill the process's counters twice.
+    """
+    if a == b:
+        return True
+    dom_a, _, ticks_a = a.partition(":")
+    dom_b, _, ticks_b = b.partition(":")
+    return dom_a == dom_b and (not ticks_a or not ticks_b)
 
 
 def usage(
@@ -49,7 +65,7 @@ def usage(
         base = _zero_baseline(cur, start_ns)
         running_from_ns = start_ns
         new_incarnation = True
-    elif cur.incarnation != prev.incarnation:
+    elif not same_incarnation(prev.incarnation, cur.incarnation):
         base = _zero_baseline(cur, prev.t_wall_ns)
         # Devices and vCPUs only exist while the process runs: the tiling period may include
         # the time the instance was off, which must not be billed as GPU time.
@@ -78,9 +94,16 @@ def usage(
     gpu_count = len(cur.gpus)
     gpu_seconds, gpu_carry_ns = divmod(gpu_count * running_ns + base.gpu_carry_ns, NS_PER_S)
 
+    # The CPU delta covers the time since CPU was last read, which is longer than the period
+    # when earlier passes lacked a reading: average over that span, not the period.
+    cpu_since_ns = base.cpu_t_wall_ns if base.cpu_t_wall_ns is not None else running_from_ns
+    cpu_span_ns = cur.t_wall_ns - cpu_since_ns
     cpu_percent: float | None = None
-    if cpu_known and running_ns > 0 and cur.vcpus > 0:
-        cpu_percent = cpu_delta_ns / (running_ns * cur.vcpus) * 100.0
+    if cpu_known and cpu_span_ns > 0 and cur.vcpus > 0:
+        cpu_percent = cpu_delta_ns / (cpu_span_ns * cur.vcpus) * 100.0
+    cpu_read = cur.cpu_ns is not None and "cpu" not in cur.missing
+    cpu_t_wall_ns = cur.t_wall_ns if cpu_read else (
+        base.cpu_t_wall_ns if base.cpu_t_wall_ns is not None else base.t_wall_ns)
 
     memory = cur.memory
     if memory is None or "memory" in cur.missing:
@@ -123,11 +146,13 @@ def usage(
     )
     new_base = Baseline(
         instance_id=cur.instance_id,
-        incarnation=cur.incarnation,
+        incarnation=(cur.incarnation if new_incarnation or ":" in cur.incarnation
+                     else base.incarnation),
         t_wall_ns=cur.t_wall_ns,
         cpu_ns=cpu_base,
         cpu_carry_ns=cpu_carry_ns,
         gpu_carry_ns=gpu_carry_ns,
+        cpu_t_wall_ns=cpu_t_wall_ns,
         nics=nics,
         disks=disks,
     )
@@ -160,7 +185,7 @@ def _observed_baseline(cur: Sample) -> Baseline:
         if f"net:{mac}" not in cur.missing:
             nics[mac] = NicBase(n.ifindex, n.guest_rx_bytes, n.guest_tx_bytes)
     for mac in _missing_keys(cur.missing, "net:"):
-        nics[mac] = NicBase(None, UNKNOWN_BYTES, UNKNOWN_BYTES)
+        nics[mac] = NicBase(None, None, None)
     disks: dict[str, DiskBase] = {}
     for d in cur.disks:
         if f"disk:{d.target}" not in cur.missing:
@@ -234,7 +259,7 @@ def _nics(
         if old is None:
             # Hot-plugged (or the process is new): its counters started at zero.
             old = NicBase(n.ifindex, 0, 0)
-        if old.guest_rx_bytes == UNKNOWN_BYTES:
+        if old.guest_rx_bytes is None or old.guest_tx_bytes is None:
             missing[f"net:{mac}"] = ESTABLISHED
             out[mac] = NicBase(n.ifindex, n.guest_rx_bytes, n.guest_tx_bytes)
             continue

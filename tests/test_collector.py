@@ -233,6 +233,29 @@ async def test_libvirt_down_commits_nothing_and_recovers(tmp_path: Path) -> None
     store.close()
 
 
+async def test_a_domain_destroyed_mid_listing_is_not_billed_again(tmp_path: Path) -> None:
+    """libvirt can return a domain being destroyed with id -1 and its old counters."""
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    real = host.conn._domains
+
+    def dying() -> list[tuple[FakeDomain, dict[str, Any]]]:
+        out = real()
+        dom, stats = out[0]
+        entry = {**dom.entry, "id": -1}
+        out[0] = (FakeDomain(entry, dom.xml), {**stats, "state.state": 5})
+        return out
+
+    host.conn._domains = dying  # type: ignore[method-assign]
+    report = await coll.run_pass()
+    assert report.committed, report.error
+    assert report.domains == len(host.bulk("t1")) - 1
+    assert all(u.cpu_ns < 10**9 * 5 for u in report.usages)
+    store.close()
+
+
 def store_payloads(store: Store) -> list[bytes]:
     import sqlite3
 

@@ -22,7 +22,7 @@ from hostagent.model import (
     Sample,
     Usage,
 )
-from hostagent.sampling import ESTABLISHED, NS_PER_S, UNKNOWN_BYTES, usage
+from hostagent.sampling import ESTABLISHED, NS_PER_S, usage
 
 S = NS_PER_S
 T0 = 1_700_000_000 * S
@@ -149,6 +149,7 @@ def test_deltas_within_an_incarnation() -> None:
         cpu_ns=25 * S,
         nics={MAC: NicBase(7, 400, 1200)},
         disks={"vda": DiskBase(11, 22)},
+        cpu_t_wall_ns=T0 + 30 * S,
     )
 
 
@@ -282,7 +283,7 @@ def test_first_sight_with_missing_readings_establishes_later_without_billing() -
     u, b = run(None, cur)
     assert u is None
     assert b.cpu_ns is None
-    assert b.nics == {MAC: NicBase(None, UNKNOWN_BYTES, UNKNOWN_BYTES)}
+    assert b.nics == {MAC: NicBase(None, None, None)}
     assert b.disks == {"vda": DiskBase(None, 3), "vdb": DiskBase(None, None)}
     b = Baseline.from_dict(orjson.loads(orjson.dumps(b.to_dict())))  # the sentinel persists
     cur2 = sample(

@@ -248,11 +248,16 @@ class CgroupReader:
         self._io = io
         self._pressure = pressure
 
-    def read(self, paths: CgroupPaths) -> CgroupReading:
-        """Every counter that can be read now; the rest None, with the reason in `missing`."""
+    def read(self, paths: CgroupPaths, *, cpu: bool = True, memory: bool = True) -> CgroupReading:
+        """Every counter that can be read now; the rest None, with the reason in `missing`.
+
+        `cpu=False` / `memory=False` skip those files when the caller already has the figure
+        from libvirt (skipped fields are None with no `missing` entry).
+        """
         missing: dict[str, str] = {}
-        cpu_ns = self._cpu(paths, missing)
-        current, working_set, limit = self._memory(paths, missing)
+        cpu_ns = self._cpu(paths, missing) if cpu else None
+        current, working_set, limit = (self._memory(paths, missing) if memory
+                                       else (None, None, None))
         rd, wr, io_source = self._read_io(paths, missing) if self._io else (None, None, None)
         pressure = self._read_pressure(paths, missing) if self._pressure else None
         return CgroupReading(

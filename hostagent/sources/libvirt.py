@@ -259,10 +259,18 @@ class LibvirtSource:
                 log.debug("libvirt close failed", extra={"error": str(err)})
 
 
+SHUTOFF = 5  # VIR_DOMAIN_SHUTOFF
+
+
 def _convert(raw: Sequence[tuple[Any, Mapping[str, Any]]]) -> list[DomainStats]:
     out = []
     for dom, stats in raw:
-        out.append(DomainStats(uuid=dom.UUIDString().lower(), name=dom.name(), domid=dom.ID(),
+        domid = dom.ID()
+        if domid < 0 or stats.get("state.state") == SHUTOFF:
+            # Destroyed between libvirt's listing and its stats query: the old process's
+            # counters arrive with id -1. Billing them as a new process would count them twice.
+            continue
+        out.append(DomainStats(uuid=dom.UUIDString().lower(), name=dom.name(), domid=domid,
                                stats=stats, handle=dom))
     return out
 
