@@ -97,6 +97,9 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             self.notifier.stopping()
+            if self.collector.gpu is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await self.collector.gpu.aclose()
             self.libvirt.close()
             self.store.close()
 
