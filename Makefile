@@ -1,4 +1,5 @@
-# hostagent: the two commands a new user needs (run as root on Debian 12):
+# hostagent: the two commands a new user needs (run as root on Debian 12; on a bare image
+# `bash deploy/bootstrap.sh demo|test` first installs make, gcc and Python, then runs these):
 #   make demo   set up the local libvirt/QEMU lab and watch real resource_usage events
 #   make test   install everything and run the whole test suite (what CI runs)
 SHELL := /bin/bash
@@ -38,8 +39,8 @@ demo: venv lab-up          ## lab + daemon: events appear in $(DEMO_DIR)/events.
 	  deploy/config/demo.toml.in > $(DEMO_DIR)/hostagent.toml
 	$(VENV)/bin/hostagent check-config $(DEMO_DIR)/hostagent.toml
 	$(VENV)/bin/hostagent dump halab-1
-	@echo "== running $(DEMO_PASSES) passes every $(DEMO_INTERVAL)s; events -> $(DEMO_DIR)/events.jsonl"
-	$(VENV)/bin/hostagent --config $(DEMO_DIR)/hostagent.toml run --passes $(DEMO_PASSES)
+	@echo "== running $(if $(filter 0,$(DEMO_PASSES)),until Ctrl-C,$(DEMO_PASSES) passes) every $(DEMO_INTERVAL)s; events -> $(DEMO_DIR)/events.jsonl"
+	-$(VENV)/bin/hostagent --config $(DEMO_DIR)/hostagent.toml run $(if $(filter 0,$(DEMO_PASSES)),,--passes $(DEMO_PASSES))
 	@echo "== the last events:"
 	@tail -n $(LAB_GUESTS) $(DEMO_DIR)/events.jsonl | $(PY) -m json.tool --json-lines
 

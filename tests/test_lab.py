@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
+from hostagent import events
 from tests import lab_support
 
 pytestmark = pytest.mark.lab
@@ -68,13 +70,20 @@ class DaemonProc:
         return rc
 
 
+VALIDATOR = jsonschema.Draft202012Validator(events.load_schema())
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every event the daemon wrote, each checked against the JSON Schema and its semantics."""
     if not path.exists():
         return []
     out = []
     for line in path.read_text().splitlines():
         if line.strip():
-            out.append(json.loads(line))
+            doc = json.loads(line)
+            VALIDATOR.validate(doc)
+            assert events.semantic_errors(doc) == [], doc
+            out.append(doc)
     return out
 
 
