@@ -275,9 +275,16 @@ class Collector:
         readings, samples, infos = await self.collect()
         report.libvirt_path, report.timed_out = readings.path, readings.timed_out
         usages, bases, new_events, owners = self.account(samples, infos)
-        await trio.to_thread.run_sync(self._commit, bases, new_events, limiter=self.limiter)
-        for b in bases:
-            self.baselines[b.instance_id] = b
+        gone = self._expired_baselines({s.instance_id for s in samples}, readings.t_wall_ns)
+        # Shielded: once the commit starts, the pass deadline must not cancel it, or the store
+        # would hold new baselines while memory keeps the old ones and re-bills the period.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._commit, bases, new_events, gone,
+                                          limiter=self.limiter)
+            for b in bases:
+                self.baselines[b.instance_id] = b
+            for iid in gone:
+                self.baselines.pop(iid, None)
         report.committed = True
         report.domains = len(samples)
         report.events = len(new_events)
@@ -287,8 +294,19 @@ class Collector:
         if self._passes % 20 == 0:
             self.owners.retain({s.instance_id for s in samples})
 
-    def _commit(self, bases: Sequence[Baseline], new_events: Sequence[OutEvent]) -> None:
-        self.store.commit_pass(bases, new_events)
+    def _commit(self, bases: Sequence[Baseline], new_events: Sequence[OutEvent],
+                gone: Sequence[str] = ()) -> None:
+        self.store.commit_pass(bases, new_events, removed_instances=gone)
+
+    def _expired_baselines(self, present: set[str], now_wall_ns: int) -> list[str]:
+        """Instances not running for longer than baseline_retention_s: their baselines go.
+
+        A domain that comes back later is a first sight again; its process started after the
+        store existed, so it is billed from its own start and nothing is lost.
+        """
+        keep_ns = int(self.cfg.collector.baseline_retention_s * 1e9)
+        return [iid for iid, b in self.baselines.items()
+                if iid not in present and now_wall_ns - b.t_wall_ns > keep_ns]
 
     def _instance_id(self, info: DomainInfo) -> str:
         key = (info.uuid, info.domid)

@@ -107,6 +107,10 @@ class CollectorConfig:
         default=True,
         metadata=_meta("read the VM cgroup's PSI files (pressure in events; ~20 µs per domain)"),
     )
+    baseline_retention_s: float = field(
+        default=30 * 86400.0,
+        metadata=_meta("forget the baseline of an instance not seen for this long", minimum=3600),
+    )
     count_preexisting: bool = field(
         default=False,
         metadata=_meta("bill usage a domain accrued before this store first saw it "

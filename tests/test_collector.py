@@ -20,6 +20,7 @@ import trio
 from hostagent import config as config_mod
 from hostagent.clock import FakeClock
 from hostagent.collector import Collector
+from hostagent.model import Baseline
 from hostagent.outbox import Store
 from hostagent.owners import Owners
 from hostagent.sources.files import HostRoot
@@ -253,6 +254,43 @@ async def test_a_domain_destroyed_mid_listing_is_not_billed_again(tmp_path: Path
     assert report.committed, report.error
     assert report.domains == len(host.bulk("t1")) - 1
     assert all(u.cpu_ns < 10**9 * 5 for u in report.usages)
+    store.close()
+
+
+async def test_a_commit_past_the_pass_deadline_keeps_memory_and_store_in_step(
+        tmp_path: Path) -> None:
+    """The deadline must not cancel a started commit: that would re-bill the period."""
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path, pass_timeout_s=0.5)
+    await coll.run_pass()
+    host.move_to_t1()
+    real_commit = store.commit_pass
+
+    def slow_commit(*args: Any, **kw: Any) -> None:
+        time.sleep(1.0)  # the pass deadline passes while this runs
+        real_commit(*args, **kw)
+
+    store.commit_pass = slow_commit  # type: ignore[method-assign]
+    report = await coll.run_pass()
+    assert report.committed, report.error
+    assert coll.baselines == store.load_baselines()
+    store.close()
+
+
+async def test_baselines_of_long_gone_instances_are_pruned(tmp_path: Path) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path, baseline_retention_s=3600)
+    ghost = Baseline(instance_id="ghost", incarnation="9:9",
+                     t_wall_ns=host.clock.wall_ns - 7200 * 10**9, cpu_ns=5)
+    recent = Baseline(instance_id="recent", incarnation="8:8",
+                      t_wall_ns=host.clock.wall_ns - 60 * 10**9, cpu_ns=5)
+    store.commit_pass([ghost, recent], [])
+    coll.baselines = store.load_baselines()
+    report = await coll.run_pass()
+    assert report.committed, report.error
+    assert "ghost" not in coll.baselines
+    assert "ghost" not in store.load_baselines()
+    assert "recent" in store.load_baselines()
     store.close()
 
 

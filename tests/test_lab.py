@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_config(tmp: Path, *, interval_s: float = 1.0, call_timeout_s: float = 3.0,
                  extra: str = "") -> Path:
+    """A daemon config for one test; `extra` holds more tables (they go before [[sinks]])."""
     cfg = tmp / "hostagent.toml"
     cfg.write_text(f"""
 [host]
@@ -41,10 +42,10 @@ state_path = "{tmp}/state.db"
 pass_timeout_s = 15
 [log]
 level = "debug"
+{extra}
 [[sinks]]
 type = "jsonl"
 path = "{tmp}/events.jsonl"
-{extra}
 """)
     return cfg
 
