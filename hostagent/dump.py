@@ -109,8 +109,8 @@ async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
         _, first, _ = await coll.collect(only=wanted)
         await trio.sleep(interval_s)
         _, second, infos = await coll.collect(only=wanted)
-        gpu_view = describe(await gpu.read(infos, limiter)) if any(i.hostdevs for i in infos) \
-            else []
+        # Always scanned (cheap sysfs reads): operators also want the GPUs no VM holds.
+        gpu_view = describe(await gpu.read(infos, limiter))
     finally:
         lv.close()
     docs = []
@@ -139,7 +139,8 @@ async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
                                  for d in info.disks]},
             "interval_s": (s.t_wall_ns - p.t_wall_ns) / 1e9,
             "counters": [_as_dict(c) for c in counters(p, s)],
-            "gpus": [g for g in gpu_view if g.get("domain") in (s.uuid, s.name, None)],
+            "gpus": [g for g in gpu_view if g.get("domain") == s.uuid],
+            "host_gpus": [g for g in gpu_view if g.get("domain") is None],
             "missing": dict(s.missing),
             "event": event,
         })
@@ -172,11 +173,17 @@ def render_text(docs: Sequence[dict[str, Any]]) -> str:
             lines.append(f"  {c['name']:<44} {value_s:>16} {c['unit']:<6} {rate_s:>12}  "
                          f"{c['source']}")
         for g in doc["gpus"]:
-            lines.append(f"  gpu {g}")
+            util = (f"{g['util_percent']:.1f} %" if g["util_percent"] is not None
+                    else f"utilisation unknown: {g['why_no_util']}")
+            lines.append(f"  gpu {g['address']} {g['model'] or ''} {g['allocation']}, "
+                         f"{'billed' if g['billed'] else 'not billed'}, {util}")
         for k, v in doc["missing"].items():
             lines.append(f"  missing {k}: {v}")
         lines.append("  event the daemon would emit for this interval:")
         lines.append("  " + orjson.dumps(doc["event"], option=orjson.OPT_INDENT_2)
                      .decode().replace("\n", "\n  "))
         lines.append("")
+    host = docs[0]["host_gpus"] if docs else []
+    for g in host:
+        lines.append(f"host GPU {g['address']} {g['model'] or ''}: {g['why_no_util']}")
     return "\n".join(lines)
