@@ -25,6 +25,7 @@ from hostagent.model import Baseline, DomainInfo, GpuReading, OutEvent, Owner, S
 from hostagent.owners import Owners
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import net as net_src
+from hostagent.sources import proc
 from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import DomainStats, LibvirtSource
@@ -189,10 +190,10 @@ class Collector:
             key = (info.uuid, info.domid)
             facts = self._facts.get(key)
             if facts is None or facts.cgroup is None:
-                pid = cgroup_src.pid_of(self.root, info.name)
-                ticks = cgroup_src.process_start_ticks(self.root, pid) if pid else None
-                boot_ns = cgroup_src.boot_time_ns(self.root)
-                started = (cgroup_src.ticks_to_wall_ns(ticks, boot_ns)
+                pid = proc.pid_of(self.root, info.name)
+                ticks = proc.process_start_ticks(self.root, pid) if pid else None
+                boot_ns = proc.boot_time_ns(self.root)
+                started = (proc.ticks_to_wall_ns(ticks, boot_ns)
                            if ticks is not None and boot_ns is not None else None)
                 paths = (cgroup_src.locate(self.root, self.cfg.paths.cgroup_root, pid)
                          if pid else None)

@@ -1,6 +1,6 @@
 """Pure delta engine: the persisted Baseline of an instance plus a new Sample -> one Usage.
 
-Billing-grade rules (docs/parts/usage-math.md has the long form):
+Billing-grade rules (docs/usage-math.md has the long form):
 
 * Every CPU-ns and byte lands in exactly one Usage; per instance the periods tile wall time
   (the next `period_start_ns` is the previous `period_end_ns`), also across reboots.

@@ -1,6 +1,6 @@
 """A domain's cgroups: find them from the QEMU pid, read CPU, memory, io and PSI from them.
 
-Layouts (docs/parts/sources-cgroup-net.md): hybrid, v2 at `<cgroup_root>/unified` with per-VM
+Layouts (docs/sources.md): hybrid, v2 at `<cgroup_root>/unified` with per-VM
 `cpu.stat` + PSI and v1 memory/blkio at `<cgroup_root>/<controller>/machine/qemu-N-NAME...`;
 pure v2 (systemd), all under `machine.slice/machine-qemu\\x2dN\\x2dNAME.scope/libvirt`.
 QEMU's main thread sits in the `emulator` child; the VM's cgroup is its parent, whose cpu.stat
@@ -10,7 +10,6 @@ covers emulator and vcpu threads. Nothing is cached: the collector caches `Cgrou
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,20 +17,30 @@ from typing import Literal, NamedTuple
 
 from hostagent.errors import SourceError
 from hostagent.model import Pressure
-from hostagent.sources.files import HostRoot, cat, kv_value, parse_int
+from hostagent.sources.files import HostRoot, cat, kv_value
+from hostagent.sources.proc import (  # re-exported: the process identity of a domain
+    DEFAULT_CLK_TCK,
+    LIBVIRT_RUN_DIR,
+    boot_time_ns,
+    pid_of,
+    process_start_ticks,
+    ticks_to_wall_ns,
+)
+
+__all__ = [
+    "DEFAULT_CLK_TCK", "LIBVIRT_RUN_DIR", "CgroupPaths", "CgroupReader", "CgroupReading",
+    "ControllerDir", "boot_time_ns", "locate", "pid_of", "process_start_ticks",
+    "ticks_to_wall_ns", "v2_mount", "vm_cgroup",
+]
 
 CgroupVersion = Literal[1, 2]
 IoSource = Literal["v2:io.stat", "v1:blkio.throttle"]
 
-DEFAULT_CLK_TCK = os.sysconf("SC_CLK_TCK")
-LIBVIRT_RUN_DIR = "/run/libvirt/qemu"
 
 # libvirt's per-thread children of a VM cgroup; the VM's own cgroup is their parent.
 _THREAD_CHILD = re.compile(r"^(emulator|vcpu\d+|iothread\d+)$")
 # v1 reports "no limit" as PAGE_COUNTER_MAX pages (9223372036854771712 with 4 KiB pages).
 _V1_UNLIMITED_BYTES = 1 << 62
-# Field 22 of /proc/<pid>/stat (starttime) is the 20th after the ")" that ends comm.
-_STARTTIME_AFTER_COMM = 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,54 +190,6 @@ def locate(root: HostRoot, cgroup_root: str, pid: int) -> CgroupPaths | None:
         missing["pressure"] = v2_why
     return CgroupPaths(cpu=found["cpu"], memory=found["memory"], io=found["io"], unified=v2_dir,
                        missing=missing)
-
-
-# --- process identity ---------------------------------------------------------------------------
-
-
-def pid_of(root: HostRoot, domain_name: str, run_dir: str = LIBVIRT_RUN_DIR) -> int | None:
-    """QEMU's pid from libvirt's `<run_dir>/<name>.pid`; None when absent or still empty."""
-    if not domain_name or "/" in domain_name or domain_name in (".", ".."):
-        return None
-    rel = f"{run_dir}/{domain_name}.pid"
-    text = root.read_text(rel)
-    if text is None or not text.strip():  # empty: libvirt is writing it right now
-        return None
-    return parse_int(text, root.abspath(rel))
-
-
-def process_start_ticks(root: HostRoot, pid: int) -> int | None:
-    """Field 22 (starttime, clock ticks after boot) of /proc/<pid>/stat; None when gone."""
-    rel = f"/proc/{pid}/stat"
-    text = root.read_text(rel)
-    if text is None:
-        return None
-    # comm (field 2) may hold spaces and parens: fields resume after the LAST ")".
-    fields = text[text.rfind(")") + 1 :].split()
-    try:
-        return int(fields[_STARTTIME_AFTER_COMM])
-    except (IndexError, ValueError) as err:
-        raise SourceError(f"{root.abspath(rel)}: no starttime field in {text[:80]!r}") from err
-
-
-def boot_time_ns(root: HostRoot) -> int | None:
-    """Boot time from /proc/stat `btime` (whole unix seconds, as ns); None when absent.
-
-    The kernel truncates btime to the second, so wall times derived from it are up to 1 s
-    early, but identical on every call: a process's start stays one stable number.
-    """
-    text = root.read_text("/proc/stat")
-    if text is None:
-        return None
-    value = kv_value(text, "btime")
-    if value is None:
-        raise SourceError(f"{root.abspath('/proc/stat')}: no btime line")
-    return value * 1_000_000_000
-
-
-def ticks_to_wall_ns(start_ticks: int, boot_ns: int, clk_tck: int = DEFAULT_CLK_TCK) -> int:
-    """Wall-clock ns of a process start from its starttime ticks and the boot time."""
-    return boot_ns + start_ticks * 1_000_000_000 // clk_tck
 
 
 # --- reading ------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 `LinkStatsReader` does ONE RTM_GETLINK dump per pass on a kept-open NETLINK_ROUTE socket and
 decodes only what we need (ifindex, IFLA_IFNAME, IFLA_ADDRESS, IFLA_STATS64, the link kind).
 Decoding every attribute with pyroute2's `IPRoute().get_links()` measured ~16x more CPU per
-link (docs/parts/sources-cgroup-net.md); pyroute2 is used to open the socket inside a named
+link (docs/sources.md); pyroute2 is used to open the socket inside a named
 network namespace and, in the tests, as the reference decoder. `SysfsLinkReader` reads the
 same counters from /sys/class/net through a `HostRoot` (fixture trees, or a host without
 netlink access). Both are blocking: call them from a worker thread.
