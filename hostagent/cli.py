@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import orjson
 import trio
 
-from hostagent import __version__, logs
+from hostagent import __version__, logs, rules_source
 from hostagent import config as config_mod
 from hostagent.errors import ConfigError, DomainNotFound, HostAgentError
 
@@ -51,9 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     dump.add_argument("--json", action="store_true", help="machine-readable output")
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check = sub.add_parser("check-config",
+                           help="validate a config file (and the rules file it names) and exit")
     check.add_argument("file")
     check.add_argument("--quiet", "-q", action="store_true")
+
+    rules = sub.add_parser("check-rules", help="validate a threshold rules file and exit")
+    rules.add_argument("file")
+    rules.add_argument("--quiet", "-q", action="store_true")
 
     cli_outbox.add_parser(sub, parents=[common])
     return p
@@ -65,9 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             cfg = config_mod.load(args.file)
+            n_rules = (len(rules_source.load_rules(cfg.thresholds.rules_path))
+                       if cfg.thresholds.rules_path else None)
             if not args.quiet:
                 print(f"{args.file}: OK ({len(cfg.sinks)} sink(s): "
-                      + ", ".join(f"{s.name} ({s.type})" for s in cfg.sinks) + ")")
+                      + ", ".join(f"{s.name} ({s.type})" for s in cfg.sinks) + ")"
+                      + ("" if n_rules is None
+                         else f"; {cfg.thresholds.rules_path}: {n_rules} rule(s)"))
+            return 0
+        if args.command == "check-rules":
+            n = len(rules_source.load_rules(args.file))
+            if not args.quiet:
+                print(f"{args.file}: OK ({n} rule(s))")
             return 0
         cfg = _load(args.config)
         logs.setup(cfg.log.level, cfg.log.format, stream=sys.stderr

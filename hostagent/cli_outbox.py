@@ -17,7 +17,8 @@ import orjson
 
 from hostagent.clock import SystemClock
 from hostagent.config import Config
-from hostagent.outbox import SinkStats, Store
+from hostagent.outbox import Store
+from hostagent.outbox_inspect import SinkStats
 
 MIB = 1024 * 1024
 

@@ -16,13 +16,15 @@ from typing import Any
 
 import trio
 
-from hostagent import events, identity, inventory, sampling
+from hostagent import alerts, events, identity, inventory, sampling, thresholds
+from hostagent.alerts import StormControl
 from hostagent.assemble import build_sample
 from hostagent.clock import Clock
 from hostagent.config import Config
 from hostagent.errors import SourceError, StateError
 from hostagent.model import Baseline, DomainInfo, GpuReading, OutEvent, Owner, Sample, Usage
 from hostagent.owners import Owners
+from hostagent.rules_source import RulesSource
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import net as net_src
 from hostagent.sources import proc
@@ -60,6 +62,18 @@ class PassReport:
     usages: tuple[Usage, ...] = ()
     samples: tuple[Sample, ...] = ()
     owners: Mapping[str, Owner] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Accounting:
+    """What the pure part of a pass produced, committed together."""
+
+    usages: list[Usage]
+    baselines: list[Baseline]
+    events: list[OutEvent]
+    owners: dict[str, Owner]
+    alert_changes: Mapping[str, bytes | None]
+    alert_states: Mapping[str, thresholds.AlertState]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +115,8 @@ class Collector:
         link_reader: Any,
         gpu_source: GpuSource | None,
         limiter: trio.CapacityLimiter,
+        rules: RulesSource | None = None,
+        storm: StormControl | None = None,
     ) -> None:
         self.cfg = cfg
         self.clock = clock
@@ -116,6 +132,11 @@ class Collector:
                                                pressure=cfg.collector.pressure)
         self.inventory = inventory.Inventory()
         self.baselines: dict[str, Baseline] = store.load_baselines() if store is not None else {}
+        self.rules = rules
+        self.storm = storm
+        self.alert_states: dict[str, thresholds.AlertState] = (
+            thresholds.load_states(store.load_alert_state())
+            if store is not None and rules is not None else {})
         self._facts: dict[tuple[str, int], HostFacts] = {}
         self._instance_ids: dict[tuple[str, int], str] = {}
         self.last: PassReport | None = None
@@ -275,29 +296,33 @@ class Collector:
     async def _pass(self, report: PassReport) -> None:
         readings, samples, infos = await self.collect()
         report.libvirt_path, report.timed_out = readings.path, readings.timed_out
-        usages, bases, new_events, owners = self.account(samples, infos)
         gone = self._expired_baselines({s.instance_id for s in samples}, readings.t_wall_ns)
+        acc = self.account(samples, infos, now_ns=readings.t_wall_ns, gone=gone)
         # Shielded: once the commit starts, the pass deadline must not cancel it, or the store
         # would hold new baselines while memory keeps the old ones and re-bills the period.
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._commit, bases, new_events, gone,
-                                          limiter=self.limiter)
-            for b in bases:
+            await trio.to_thread.run_sync(self._commit, acc.baselines, acc.events, gone,
+                                          acc.alert_changes, limiter=self.limiter)
+            for b in acc.baselines:
                 self.baselines[b.instance_id] = b
             for iid in gone:
                 self.baselines.pop(iid, None)
+            self.alert_states = dict(acc.alert_states)
         report.committed = True
         report.domains = len(samples)
-        report.events = len(new_events)
+        report.events = len(acc.events)
         report.missing = sum(len(s.missing) for s in samples)
-        report.usages, report.samples, report.owners = tuple(usages), tuple(samples), owners
+        report.usages, report.samples = tuple(acc.usages), tuple(samples)
+        report.owners = acc.owners
         self._passes += 1
         if self._passes % 20 == 0:
             self.owners.retain({s.instance_id for s in samples})
 
     def _commit(self, bases: Sequence[Baseline], new_events: Sequence[OutEvent],
-                gone: Sequence[str] = ()) -> None:
-        self.store.commit_pass(bases, new_events, removed_instances=gone)
+                gone: Sequence[str] = (),
+                alert_changes: Mapping[str, bytes | None] | None = None) -> None:
+        self.store.commit_pass(bases, new_events, removed_instances=gone,
+                               alert_state=alert_changes or None)
 
     def _expired_baselines(self, present: set[str], now_wall_ns: int) -> list[str]:
         """Instances not running for longer than baseline_retention_s: their baselines go.
@@ -363,9 +388,10 @@ class Collector:
         )
 
     def account(
-        self, samples: Sequence[Sample], infos: Sequence[DomainInfo]
-    ) -> tuple[list[Usage], list[Baseline], list[OutEvent], dict[str, Owner]]:
-        """Pure part of the pass: samples + baselines → usage, new baselines, events."""
+        self, samples: Sequence[Sample], infos: Sequence[DomainInfo], *, now_ns: int,
+        gone: Sequence[str] = (),
+    ) -> Accounting:
+        """Pure part of the pass: samples + baselines → usage, new baselines, events, alerts."""
         hints = {i.uuid: i.owner_hint for i in infos}
         usages: list[Usage] = []
         bases: list[Baseline] = []
@@ -387,4 +413,17 @@ class Collector:
             usages.append(u)
             out.append(events.build_usage_event(u, owner, self.cfg.host.node_id,
                                                 time_format=self.cfg.collector.time_format))
-        return usages, bases, out, owners
+        changes: Mapping[str, bytes | None] = {}
+        states: Mapping[str, thresholds.AlertState] = self.alert_states
+        if self.rules is not None:
+            unassigned = self.cfg.owners.unassigned
+            users = {iid: (None if o.user_id == unassigned else o.user_id)
+                     for iid, o in owners.items()}
+            ev = thresholds.evaluate(self.rules.index, usages, users, self.alert_states, now_ns,
+                                     gate=self.storm, removed_instances=gone)
+            out.extend(alerts.route(ev.transitions, owners, self.cfg.host.node_id,
+                                    time_format=self.cfg.collector.time_format,
+                                    unassigned=unassigned))
+            changes, states = ev.changes, ev.states
+        return Accounting(usages=usages, baselines=bases, events=out, owners=owners,
+                          alert_changes=changes, alert_states=states)

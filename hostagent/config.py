@@ -258,8 +258,78 @@ class QueueSinkConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
-SinkConfig = JsonlSinkConfig | QueueSinkConfig
-SINK_TYPES: dict[str, type[Any]] = {"jsonl": JsonlSinkConfig, "formation-queue": QueueSinkConfig}
+@dataclass(frozen=True, slots=True)
+class WebhookSinkConfig:
+    """[[sinks]] type = "webhook": fan-out to the registered webhooks (FORMATION.md §4)."""
+
+    type: Literal["webhook"] = "webhook"
+    name: str = field(default="webhooks", metadata=_meta("sink name (unique)"))
+    kinds: tuple[str, ...] = field(
+        default=("resource_usage", "threshold_violation"),
+        metadata=_meta("event kinds fanned out (registrations pick `metrics` and/or "
+                       "`threshold_violation`)"),
+    )
+    allow_list: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("host names, IPs or CIDRs a webhook URL may reach even when they are "
+                       "loopback/private/link-local (the SSRF guard refuses those otherwise)"),
+    )
+    timeout_s: float = field(default=5.0, metadata=_meta("HTTP timeout per delivery attempt",
+                                                         minimum=0.1, maximum=120))
+    max_in_flight: int = field(default=4, metadata=_meta("concurrent fan-out writes",
+                                                         minimum=1, maximum=256))
+    endpoint_concurrency: int = field(
+        default=1, metadata=_meta("concurrent requests per endpoint (1 keeps events in order)",
+                                  minimum=1, maximum=64))
+    dead_after_attempts: int = field(
+        default=50, metadata=_meta("attempts before a delivery to one endpoint is dead "
+                                   "(4xx other than 408/429 count 5 each)", minimum=1))
+    max_response_bytes: int = field(
+        default=64 * 1024, metadata=_meta("reply bytes read (and ignored) per delivery",
+                                          minimum=0))
+    retention_s: float = field(
+        default=86400.0, metadata=_meta("keep delivered/dead webhook rows this long", minimum=0))
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+SinkConfig = JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig
+SINK_TYPES: dict[str, type[Any]] = {"jsonl": JsonlSinkConfig, "formation-queue": QueueSinkConfig,
+                                    "webhook": WebhookSinkConfig}
+
+
+@dataclass(frozen=True, slots=True)
+class ThresholdsConfig:
+    """[thresholds]: threshold rules and the alert state machine."""
+
+    rules_path: str = field(
+        default="", metadata=_meta("rules file (JSON or TOML, both seed formats); reloaded on "
+                                   "SIGHUP and when it changes; empty: no rules"))
+    reload_check_s: float = field(
+        default=5.0, metadata=_meta("how often the rules file's mtime is checked",
+                                    minimum=0.1, maximum=3600))
+    approaching_fraction: float = field(
+        default=0.9, metadata=_meta("an alert is `approaching` at this fraction of its threshold "
+                                    "(1 = no approaching state)", minimum=0, maximum=1))
+    hysteresis_fraction: float = field(
+        default=0.05, metadata=_meta("a firing alert resolves below threshold × (1 − this)",
+                                     minimum=0, maximum=0.9))
+    default_for_passes: int = field(
+        default=1, metadata=_meta("consecutive passes at/above the threshold before an alert "
+                                  "fires (a rule's `for_passes` overrides it)",
+                                  minimum=1, maximum=1000))
+    repeat_interval_s: float = field(
+        default=3600.0, metadata=_meta("a still-firing alert notifies again this often "
+                                       "(0: never)", minimum=0))
+    cooldown_s: float = field(
+        default=0.0, metadata=_meta("least time between two notifications of one alert; held-back"
+                                    " ones are counted and the latest status sent after it",
+                                    minimum=0))
+    channel_per_minute: float = field(
+        default=60.0, metadata=_meta("notifications per minute per channel (0: unlimited); "
+                                     "held-back ones are counted, never lost", minimum=0))
+    channel_burst: int = field(
+        default=20, metadata=_meta("burst size of the per-channel rate limit", minimum=1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +364,7 @@ class Config:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     sinks: tuple[SinkConfig, ...] = field(default_factory=lambda: (JsonlSinkConfig(),))
     source: str = "<defaults>"
 
@@ -339,7 +410,7 @@ def _build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
         kind = item.get("type")
         if kind not in SINK_TYPES:
             raise ConfigError(source, f"{key}.type", f"one of {sorted(SINK_TYPES)}", kind,
-                              'set type = "jsonl" or type = "formation-queue"')
+                              'set type = "jsonl", "formation-queue" or "webhook"')
         sink = _build(SINK_TYPES[kind], item, source, key)
         if "name" not in item:
             sink = dataclasses.replace(sink, name=sink.name if not names else f"{sink.name}-{i}")
@@ -447,6 +518,7 @@ def reference() -> list[tuple[str, str, str]]:
         walk(type(factory()), f.name)
     walk(JsonlSinkConfig, "sinks[jsonl]")
     walk(QueueSinkConfig, "sinks[formation-queue]")
+    walk(WebhookSinkConfig, "sinks[webhook]")
     return rows
 
 

@@ -8,6 +8,7 @@ restart.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
@@ -18,18 +19,20 @@ from typing import Any
 import trio
 
 from hostagent import config as config_mod
-from hostagent import identity, logs
+from hostagent import identity, logs, rules_source
 from hostagent.clock import Clock, SystemClock
 from hostagent.collector import Collector, PassReport, link_reader_for
-from hostagent.config import Config
+from hostagent.config import Config, WebhookSinkConfig
 from hostagent.delivery import Delivery
 from hostagent.errors import ConfigError
 from hostagent.notify import Notifier
 from hostagent.outbox import Store
 from hostagent.owners import Owners, make_client
+from hostagent.rules_source import RulesSource
 from hostagent.sinks import build_sink
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
+from hostagent.webhook_store import WebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ class Daemon:
     passes_done: int = 0
     drain_grace_s: float = 5.0
     on_pass: list[Callable[[PassReport], None]] = field(default_factory=list)
+    rules: RulesSource | None = None
+    webhooks: WebhookStore | None = None
+    sinks: list[Any] = field(default_factory=list)
 
     @classmethod
     def build(cls, cfg: Config, *, clock: Clock | None = None,
@@ -66,9 +72,13 @@ class Daemon:
         """Open the store and construct every component from the config."""
         clock = clock or SystemClock()
         limiter = trio.CapacityLimiter(cfg.collector.max_threads)
-        sinks = [build_sink(s, clock=clock) for s in cfg.sinks]
+        rules = rules_source.from_config(cfg.thresholds)
+        rules.load_initial()  # an invalid rules file at start is a config error: refuse to run
         store = Store.open(cfg.collector.state_path, clock=clock, node_id=cfg.host.node_id,
                            sink_names=[s.name for s in cfg.sinks])
+        hooks = (WebhookStore(cfg.collector.state_path, clock)
+                 if any(isinstance(s, WebhookSinkConfig) for s in cfg.sinks) else None)
+        sinks = [build_sink(s, clock=clock, webhook_store=hooks) for s in cfg.sinks]
         identity.check_scheme(cfg.collector.instance_id, cfg.host.node_id,
                               cfg.collector.instance_id_xpath, cfg.source)
         if owner_client is None and cfg.owners.enabled:
@@ -77,10 +87,12 @@ class Daemon:
         lv = LibvirtSource(cfg.libvirt, clock=clock, limiter=limiter)
         gpu = GpuSource(cfg.gpu, root=cfg.paths.root, clock=clock)
         collector = Collector(cfg, clock=clock, store=store, owners=owners, libvirt_source=lv,
-                              link_reader=link_reader_for(cfg), gpu_source=gpu, limiter=limiter)
+                              link_reader=link_reader_for(cfg), gpu_source=gpu, limiter=limiter,
+                              rules=rules, storm=rules_source.storm_from(cfg.thresholds))
         delivery = Delivery(store, sinks, clock, cfg)
         return cls(cfg=cfg, clock=clock, store=store, collector=collector, delivery=delivery,
-                   owners=owners, libvirt=lv, config_path=config_path)
+                   owners=owners, libvirt=lv, config_path=config_path, rules=rules,
+                   webhooks=hooks, sinks=sinks)
 
     async def run(self, *, passes: int | None = None,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -88,6 +100,13 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.delivery.run)
+                for sink in self.sinks:
+                    dispatcher = getattr(sink, "dispatcher", None)
+                    if dispatcher is not None:  # webhooks: per-endpoint delivery tasks
+                        await nursery.start(dispatcher.run)
+                if self.rules is not None:
+                    # the daemon owns SIGHUP and calls rules.reload() from reload()
+                    await nursery.start(functools.partial(self.rules.run, sighup=False))
                 if self.cfg.owners.enabled:
                     await nursery.start(self.owners.run)
                 nursery.start_soon(self._signals)
@@ -101,6 +120,8 @@ class Daemon:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await self.collector.gpu.aclose()
             self.libvirt.close()
+            if self.webhooks is not None:
+                self.webhooks.close()
             self.store.close()
 
     async def _collect_loop(self, passes: int | None) -> None:
@@ -161,6 +182,8 @@ class Daemon:
         if self.config_path is None:
             return
         self.notifier.reloading()
+        if self.rules is not None:
+            self.rules.reload()  # an invalid rules file keeps the valid set (logged)
         try:
             new = config_mod.load(self.config_path)
         except ConfigError as err:
@@ -168,7 +191,8 @@ class Daemon:
                       extra={"error": str(err)})
             self.notifier.ready()
             return
-        needs_restart = [name for name in ("libvirt", "paths", "sinks", "owners", "outbox")
+        needs_restart = [name for name in ("libvirt", "paths", "sinks", "owners", "outbox", "gpu",
+                                                 "thresholds")
                          if getattr(new, name) != getattr(self.cfg, name)]
         if new.collector.state_path != self.cfg.collector.state_path:
             needs_restart.append("collector.state_path")

@@ -35,7 +35,8 @@ from hostagent.breaker import Breaker, CircuitOpen
 from hostagent.clock import Clock
 from hostagent.config import Config, OutboxConfig, RetryConfig
 from hostagent.errors import SinkRejected, SinkUnavailable, StateError
-from hostagent.outbox import MERGE_AT, Outcome, Pending, SinkStats, Store, StoreSize
+from hostagent.outbox import MERGE_AT, Outcome, Store
+from hostagent.outbox_inspect import Pending, SinkStats, StoreSize
 from hostagent.sinks import Sink, Undeliverable
 
 log = logging.getLogger(__name__)

@@ -16,12 +16,15 @@ Routing: an event gets a pending delivery row for every active sink whose kinds 
 kind. A sink registered later gets only events committed after it was added; an event that no
 sink takes is not stored. Rows of a sink removed from the config stay (never dropped) and are
 shown by ``hostagent outbox status``.
+
+Modules: this one holds the schema, opening and every write (commit, claim, record, replay);
+the read-only queries (loads, due events, stats, dead letters, size) are StoreReader's in
+hostagent.outbox_inspect, pruning and merging are hostagent.outbox_upkeep's.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -36,6 +39,7 @@ from hostagent import outbox_upkeep
 from hostagent.clock import Clock
 from hostagent.errors import StateCorrupt, StateError, StoreFull
 from hostagent.model import Baseline, OutEvent
+from hostagent.outbox_inspect import Pending, StoreReader
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +86,6 @@ Result = Literal["acked", "failed", "rejected", "dead", "skipped"]
 
 
 @dataclass(frozen=True, slots=True)
-class Pending:
-    """An event claimed for delivery to one sink, with its delivery history."""
-
-    event: OutEvent
-    attempts: int
-    rejections: int
-
-
-@dataclass(frozen=True, slots=True)
 class Outcome:
     """What one delivery round did to one event (`skipped`: never sent this round)."""
 
@@ -98,45 +93,6 @@ class Outcome:
     result: Result
     error: str | None = None
     next_attempt_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class SinkStats:
-    """Depth and history of one sink, plus the breaker state the daemon last wrote."""
-
-    name: str
-    active: bool
-    pending: int
-    oldest_pending_ns: int | None
-    acked: int
-    dead: int
-    breaker_state: str | None
-    breaker_since_ns: int | None
-    breaker_updated_ns: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """An event a sink refused for good."""
-
-    sink: str
-    event_id: str
-    kind: str
-    instance_id: str
-    period_start_ns: int
-    period_end_ns: int
-    attempts: int
-    reason: str
-    dead_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class StoreSize:
-    """Bytes: the database file, its WAL, and the pages in use (what `max_bytes` bounds)."""
-
-    file_bytes: int
-    wal_bytes: int
-    used_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +114,7 @@ def _translate(err: sqlite3.Error, path: Path, what: str) -> StateError:
     return StateError(f"{path}: {what}: {err}")
 
 
-class Store:
+class Store(StoreReader):
     """Baselines, the event outbox with per-sink delivery state, and alert state."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, clock: Clock) -> None:
@@ -306,23 +262,6 @@ class Store:
 
     # --- the collector's side ---------------------------------------------------------------
 
-    def load_baselines(self) -> dict[str, Baseline]:
-        """Every instance's persisted baseline."""
-        with self.reading("load baselines") as c:
-            rows = c.execute("SELECT instance_id, state FROM baselines").fetchall()
-        out: dict[str, Baseline] = {}
-        for iid, state in rows:
-            try:
-                out[iid] = Baseline.from_dict(orjson.loads(state))
-            except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as err:
-                raise StateCorrupt(f"{self.path}: baseline of {iid!r} is damaged: {err}") from err
-        return out
-
-    def load_alert_state(self) -> dict[str, bytes]:
-        """Alert state by fingerprint."""
-        with self.reading("load alert state") as c:
-            return {k: bytes(v) for k, v in c.execute("SELECT fingerprint, state FROM alert_state")}
-
     def _sinks_for(self, kind: str) -> list[str]:
         return [n for n, kinds in self._routes.items() if kinds is None or kind in kinds]
 
@@ -362,42 +301,6 @@ class Store:
                               (fp, state))
 
     # --- the delivery side ------------------------------------------------------------------
-
-    def _due_ids(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[str]:
-        # An instance whose earliest failed event waits for its backoff holds back its later
-        # events: per instance, events reach the sink in period order.
-        blocked = dict(c.execute(
-            "SELECT instance_id, MIN(period_start_ns) FROM deliveries WHERE sink = ? AND "
-            "status = 'pending' AND claimed = 1 AND next_attempt_ns > ? GROUP BY instance_id",
-            (sink, now_ns)).fetchall())
-        cur = c.execute(
-            "SELECT event_id, instance_id, period_start_ns FROM deliveries "
-            "INDEXED BY deliveries_queue WHERE sink = ? AND status = 'pending' AND "
-            "next_attempt_ns <= ? ORDER BY period_start_ns, instance_id", (sink, now_ns))
-        ids: list[str] = []
-        while len(ids) < limit and (rows := cur.fetchmany(1024)):
-            for eid, iid, start in rows:
-                if iid in blocked and start > blocked[iid]:
-                    continue
-                ids.append(eid)
-                if len(ids) >= limit:
-                    break
-        cur.close()
-        return ids
-
-    def _load(self, c: sqlite3.Connection, sink: str, ids: Sequence[str]) -> list[Pending]:
-        rows = {r[0]: r for r in c.execute(
-            "SELECT e.event_id, e.kind, e.instance_id, e.period_start_ns, e.period_end_ns, "
-            "e.payload, d.attempts, d.rejections FROM deliveries d JOIN events e ON e.event_id = "
-            "d.event_id WHERE d.sink = ? AND d.event_id IN (SELECT value FROM json_each(?))",
-            (sink, orjson.dumps(list(ids)).decode()))}
-        return [Pending(OutEvent(r[0], r[1], r[2], r[3], r[4], bytes(r[5])), r[6], r[7])
-                for r in (rows[i] for i in ids if i in rows)]
-
-    def pending(self, sink: str, limit: int, now_ns: int) -> list[Pending]:
-        """Due events of `sink`, oldest period first, in period order per instance (read only)."""
-        with self.reading("list pending") as c:
-            return self._load(c, sink, self._due_ids(c, sink, limit, now_ns))
 
     def take(self, sink: str, limit: int, now_ns: int) -> list[Pending]:
         """Like `pending`, and mark them claimed (maybe sent) so they are never merged."""
@@ -448,14 +351,6 @@ class Store:
                 "AND claimed = 1 AND next_attempt_ns > ? AND rejections = 0",
                 (sink, now_ns)).rowcount
 
-    def next_due_ns(self, sink: str, now_ns: int) -> int | None:
-        """When the earliest backed-off event of `sink` becomes due (None: none waits)."""
-        with self.reading("next due") as c:
-            row = c.execute("SELECT MIN(next_attempt_ns) FROM deliveries WHERE sink = ? AND "
-                            "status = 'pending' AND claimed = 1 AND next_attempt_ns > ?",
-                            (sink, now_ns)).fetchone()
-        return None if row[0] is None else int(row[0])
-
     def set_breaker(self, sink: str, state: str, since_ns: int) -> None:
         """Record a sink's breaker state for `hostagent outbox status`."""
         now = self.clock.now().wall_ns
@@ -470,42 +365,7 @@ class Store:
             c.execute("INSERT INTO meta(key, value) VALUES('delivery_heartbeat_ns', ?) "
                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(now),))
 
-    def meta(self) -> dict[str, str]:
-        """The meta table."""
-        with self.reading("read meta") as c:
-            return dict(c.execute("SELECT key, value FROM meta").fetchall())
-
-    # --- inspection -------------------------------------------------------------------------
-
-    def stats(self) -> dict[str, SinkStats]:
-        """Per sink: pending depth and oldest pending commit time, acked, dead, breaker."""
-        with self.reading("stats") as c:
-            counts = c.execute("SELECT sink, status, COUNT(*), MIN(created_ns) FROM deliveries "
-                               "GROUP BY sink, status").fetchall()
-            sinks = c.execute("SELECT name, active, breaker_state, breaker_since_ns, "
-                              "breaker_updated_ns FROM sinks ORDER BY name").fetchall()
-        by: dict[tuple[str, str], tuple[int, int | None]] = {
-            (s, st): (n, oldest) for s, st, n, oldest in counts}
-        names = [r[0] for r in sinks] + sorted({s for s, _ in by} - {r[0] for r in sinks})
-        info = {r[0]: r for r in sinks}
-        out = {}
-        for name in names:
-            r = info.get(name, (name, 0, None, None, None))
-            pend = by.get((name, "pending"), (0, None))
-            out[name] = SinkStats(name, bool(r[1]), pend[0], pend[1],
-                                  by.get((name, "acked"), (0, None))[0],
-                                  by.get((name, "dead"), (0, None))[0], r[2], r[3], r[4])
-        return out
-
-    def dead_letters(self, sink: str | None = None) -> list[DeadLetter]:
-        """Dead letters (all sinks or one), oldest first."""
-        with self.reading("list dead letters") as c:
-            rows = c.execute(
-                "SELECT x.sink, x.event_id, e.kind, e.instance_id, e.period_start_ns, "
-                "e.period_end_ns, x.attempts, x.reason, x.dead_ns FROM dead_letters x "
-                "JOIN events e ON e.event_id = x.event_id WHERE ? IS NULL OR x.sink = ? "
-                "ORDER BY x.dead_ns, x.sink, x.event_id", (sink, sink)).fetchall()
-        return [DeadLetter(*r) for r in rows]
+    # --- dead letters ---------------------------------------------------------------------
 
     def replay(self, sink: str | None = None, event_id: str | None = None) -> int:
         """Re-queue dead letters (optionally one sink / one event); returns how many."""
@@ -522,37 +382,7 @@ class Store:
             log.info("dead letter replayed", extra={"sink": s, "event_id": eid})
         return len(keys)
 
-    def merge_records(self) -> list[tuple[str, str, list[str]]]:
-        """(merged event id, sink, replaced event ids) for every merge still recorded."""
-        with self.reading("list merges") as c:
-            rows = c.execute("SELECT merged_event_id, sink, source_ids FROM merges "
-                             "ORDER BY created_ns").fetchall()
-        return [(m, s, list(orjson.loads(ids))) for m, s, ids in rows]
-
-    def size(self) -> StoreSize:
-        """File, WAL and in-use bytes."""
-        with self.reading("size") as c:
-            page = c.execute("PRAGMA page_size").fetchone()[0]
-            count = c.execute("PRAGMA page_count").fetchone()[0]
-            free = c.execute("PRAGMA freelist_count").fetchone()[0]
-        try:
-            wal = os.stat(f"{self.path}-wal").st_size
-        except FileNotFoundError:
-            wal = 0
-        return StoreSize(file_bytes=page * count, wal_bytes=wal, used_bytes=page * (count - free))
-
     # --- upkeep (hostagent.outbox_upkeep) ----------------------------------------------------
-
-    def delete_orphans(self, c: sqlite3.Connection, ids: Collection[str]) -> None:
-        """Delete these events where no sink has a delivery row for them any more."""
-        c.executemany("DELETE FROM events WHERE event_id = ? AND NOT EXISTS (SELECT 1 FROM "
-                      "deliveries WHERE sink IN (SELECT name FROM sinks) AND "
-                      "event_id = events.event_id)", [(i,) for i in ids])
-
-    def vacuum(self, pages: int) -> None:
-        """Hand up to `pages` free pages back to the file system (incremental auto-vacuum)."""
-        with self.reading("vacuum") as c:
-            c.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
 
     def maintain(self, retention_s: float) -> Maintenance:
         """Prune acked events past retention; near the size cap prune early, then merge."""

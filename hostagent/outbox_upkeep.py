@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -146,6 +146,19 @@ def _under(store: Store, fraction: float) -> bool:
     return store.max_bytes is None or store.size().used_bytes < fraction * store.max_bytes
 
 
+def delete_orphans(c: sqlite3.Connection, ids: Collection[str]) -> None:
+    """Delete these events where no sink has a delivery row for them any more."""
+    c.executemany("DELETE FROM events WHERE event_id = ? AND NOT EXISTS (SELECT 1 FROM "
+                  "deliveries WHERE sink IN (SELECT name FROM sinks) AND "
+                  "event_id = events.event_id)", [(i,) for i in ids])
+
+
+def vacuum(store: Store, pages: int) -> None:
+    """Hand up to `pages` free pages back to the file system (incremental auto-vacuum)."""
+    with store.reading("vacuum") as c:
+        c.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
+
+
 def prune(store: Store, before_ns: int | None) -> int:
     """Delete acked deliveries done before `before_ns` (None: all, down to PRUNE_TO of the cap),
     oldest first, and the events no sink needs any more."""
@@ -157,7 +170,7 @@ def prune(store: Store, before_ns: int | None) -> int:
                 "FROM deliveries WHERE status = 'acked' AND done_ns < ? ORDER BY done_ns "
                 "LIMIT ?) RETURNING event_id",
                 (before_ns if before_ns is not None else 2**63 - 1, _CHUNK)).fetchall()
-            store.delete_orphans(c, {g[0] for g in gone})
+            delete_orphans(c, {g[0] for g in gone})
         total += len(gone)
         if len(gone) < _CHUNK:
             return total
@@ -185,7 +198,7 @@ def maintain(store: Store, retention_s: float) -> Maintenance:
                 merges += m
         log.warning("outbox near its size cap: pruned acked events, merged pending ones",
                     extra={"pruned": pruned, "merged": merged, "max_bytes": store.max_bytes})
-    store.vacuum(VACUUM_PAGES)
+    vacuum(store, VACUUM_PAGES)
     return Maintenance(pruned, merged, merges, store.size().used_bytes)
 
 
@@ -251,7 +264,7 @@ def _merge_one(store: Store, c: sqlite3.Connection, sink: str, rows: Sequence[An
     # Delete first: the freed pages take the merged event even at the hard page cap.
     c.executemany("DELETE FROM deliveries WHERE sink = ? AND event_id = ?",
                   [(sink, i) for i in ids])
-    store.delete_orphans(c, ids)
+    delete_orphans(c, ids)
     first, last = rows[0], rows[-1]
     created = min(r[6] for r in rows)
     c.execute("INSERT OR IGNORE INTO events(event_id, kind, instance_id, period_start_ns, "

@@ -48,6 +48,26 @@ def test_config_accepted_before_and_after_the_subcommand(tmp_path: Path,
     assert "unrecognized" not in first.err + second.err
 
 
+def test_check_rules_and_check_config_validate_the_rules(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "rules.json"
+    good.write_text('[{"resource_type": "storage", "threshold_type": "absolute", '
+                    '"threshold_value": 500, "units": "GB", "action": "notify", '
+                    '"user_id": "*", "notification_channels": ["queue"]}]')
+    assert main(["check-rules", str(good)]) == 0
+    assert "1 rule(s)" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"resource_type": "storage", "threshold_type": "absolute", '
+                   '"threshold_value": 500, "units": "percent", "action": "notify", '
+                   '"user_id": "*"}]')
+    assert main(["check-rules", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    cfg = tmp_path / "h.toml"
+    cfg.write_text(f'[thresholds]\nrules_path = "{bad}"\n')
+    assert main(["check-config", str(cfg)]) == 2   # the config names a broken rules file
+    assert str(bad) in capsys.readouterr().err
+
+
 def test_dump_without_a_domain_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", str(EXAMPLE), "dump"]) == 2
     assert "name a DOMAIN" in capsys.readouterr().err

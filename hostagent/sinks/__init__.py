@@ -15,12 +15,21 @@ records acknowledgements only after it returns.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hostagent.clock import Clock
-from hostagent.config import BreakerConfig, JsonlSinkConfig, QueueSinkConfig, RetryConfig
-from hostagent.errors import SinkRejected
+from hostagent.config import (
+    BreakerConfig,
+    JsonlSinkConfig,
+    QueueSinkConfig,
+    RetryConfig,
+    WebhookSinkConfig,
+)
+from hostagent.errors import SinkRejected, StateError
 from hostagent.model import OutEvent
+
+if TYPE_CHECKING:
+    from hostagent.webhook_store import WebhookStore
 
 
 class Undeliverable(SinkRejected):
@@ -68,9 +77,19 @@ class Sink(Protocol):
         ...
 
 
-def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig, *, clock: Clock | None = None) -> Sink:
-    """The sink a `[[sinks]]` entry describes (nothing is opened until the first send)."""
-    del clock  # sinks keep no time of their own; timeouts are trio deadlines
+def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig, *,
+               clock: Clock | None = None, webhook_store: WebhookStore | None = None) -> Sink:
+    """The sink a `[[sinks]]` entry describes (nothing is opened until the first send).
+
+    A webhook sink needs `webhook_store` and `clock`; run its `dispatcher.run` in a nursery.
+    """
+    if isinstance(cfg, WebhookSinkConfig):
+        from hostagent.sinks.webhook import WebhookDispatcher, WebhookSink
+
+        if webhook_store is None or clock is None:
+            raise StateError("a webhook sink needs the webhook store and a clock")
+        return WebhookSink(cfg, webhook_store, WebhookDispatcher(cfg, webhook_store, clock))
+    del clock  # other sinks keep no time of their own; timeouts are trio deadlines
     # Imported here: the sink modules import `Undeliverable` from this package.
     if isinstance(cfg, JsonlSinkConfig):
         from hostagent.sinks.jsonl import JsonlSink

@@ -8,16 +8,18 @@ is not a GPU. A host GPU given to no domain is listed for operators and never bi
 Measured: only vGPUs, through NVML, in ONE worker-thread call per pass. The host cannot read a
 passed-through GPU (the guest driver owns it), so its utilisation is None with the reason; so is
 a vGPU's when NVML is absent or failing. Never a made-up number.
+a vGPU's when NVML is absent or failing. Never a made-up number.
+
+Reading sysfs (PCI ids and class, mdev parents, the host's display controllers) lives in
+hostagent.sources.gpu_sysfs; its public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +30,16 @@ from hostagent.config import GpuConfig
 from hostagent.errors import SourceError, SourceTimeout, SourceUnavailable
 from hostagent.model import DomainInfo, GpuReading, Hostdev
 from hostagent.sources.files import HostRoot
+from hostagent.sources.gpu_sysfs import (
+    UUID_RE,
+    MdevInfo,
+    PciInfo,
+    SysfsSnapshot,
+    list_display_devices,
+    read_mdev_info,
+    read_pci_info,
+    scan_sysfs,
+)
 from hostagent.sources.nvml_boundary import (
     NvmlBoundary,
     NvmlPhase,
@@ -38,26 +50,15 @@ from hostagent.sources.nvml_boundary import (
     quiet_shutdown,
 )
 
+__all__ = [  # the sysfs names are re-exported from hostagent.sources.gpu_sysfs
+    "PASSTHROUGH_REASON", "Allocation", "GpuReadings", "GpuSource", "HostGpu", "MdevInfo",
+    "PciInfo", "SysfsSnapshot", "build_readings", "describe", "list_display_devices",
+    "parse_hostdevs", "read_mdev_info", "read_pci_info", "scan_sysfs",
+]
+
 log = logging.getLogger(__name__)
 
 PASSTHROUGH_REASON = "passthrough: the host cannot read a passed-through GPU"
-NVIDIA, AMD, INTEL = 0x10DE, 0x1002, 0x8086
-_VENDORS = {NVIDIA: "NVIDIA", AMD: "AMD", INTEL: "Intel"}
-# A few data-centre GPUs by PCI id (from pci.ids); anything else is shown as "vendor:device".
-_MODELS = {
-    (NVIDIA, 0x1DB1): "Tesla V100-SXM2-16GB", (NVIDIA, 0x1DB4): "Tesla V100-PCIE-16GB",
-    (NVIDIA, 0x1DB5): "Tesla V100-SXM2-32GB", (NVIDIA, 0x1DB6): "Tesla V100-PCIE-32GB",
-    (NVIDIA, 0x1EB8): "Tesla T4", (NVIDIA, 0x20B0): "A100-SXM4-40GB",
-    (NVIDIA, 0x20B2): "A100-SXM4-80GB", (NVIDIA, 0x20B5): "A100 80GB PCIe",
-    (NVIDIA, 0x20F1): "A100-PCIE-40GB", (NVIDIA, 0x2236): "A10", (NVIDIA, 0x25B6): "A2 / A16",
-    (NVIDIA, 0x2330): "H100 SXM5 80GB", (NVIDIA, 0x2331): "H100 PCIe",
-    (NVIDIA, 0x26B5): "L40", (NVIDIA, 0x26B9): "L40S", (NVIDIA, 0x27B8): "L4",
-    (AMD, 0x738C): "Instinct MI100", (AMD, 0x740C): "Instinct MI250X / MI250",
-    (AMD, 0x740F): "Instinct MI210", (INTEL, 0x0BD5): "Data Center GPU Max 1550",
-    (INTEL, 0x56C0): "Data Center GPU Flex 170", (INTEL, 0x56C1): "Data Center GPU Flex 140",
-}
-_PCI_ADDR = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _BACKOFF_INITIAL_S = 15.0
 _BACKOFF_MAX_S = 300.0
 
@@ -87,7 +88,7 @@ def _pci_from_xml(el: ET.Element) -> str:
 
 def _mdev_uuid(el: ET.Element) -> str:
     uuid = (el.get("uuid") or "").strip().lower()
-    if not _UUID.match(uuid):
+    if not UUID_RE.match(uuid):
         raise ValueError(f"mdev without a valid uuid: {uuid!r}")
     return uuid
 
@@ -119,121 +120,6 @@ def parse_hostdevs(domain_xml_root: ET.Element) -> tuple[Hostdev, ...]:
         if dev is not None:
             out.setdefault((dev.kind, dev.address), dev)
     return tuple(out.values())
-
-
-# --- sysfs -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PciInfo:
-    """A PCI function as sysfs describes it."""
-
-    address: str
-    vendor_id: int
-    device_id: int
-    class_id: int
-    driver: str | None = None
-
-    @property
-    def is_gpu(self) -> bool:
-        """Display controller (class 0x03xxxx: VGA 0x0300, 3D 0x0302, other 0x0380)."""
-        return self.class_id >> 16 == 0x03
-
-    @property
-    def ids(self) -> str:
-        """`10de:20b5`."""
-        return f"{self.vendor_id:04x}:{self.device_id:04x}"
-
-    @property
-    def model(self) -> str:
-        """`NVIDIA A100 80GB PCIe` from the built-in table, else the ids."""
-        name = _MODELS.get((self.vendor_id, self.device_id))
-        vendor = _VENDORS.get(self.vendor_id)
-        if name is None:
-            return f"{vendor} {self.ids}" if vendor else self.ids
-        return f"{vendor} {name}"
-
-
-@dataclass(frozen=True, slots=True)
-class MdevInfo:
-    """A mediated device: its parent PCI function and mdev type (`nvidia-471`, `GRID A100-10C`)."""
-
-    uuid: str
-    parent: str | None
-    type_id: str | None
-    type_name: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class SysfsSnapshot:
-    """PCI functions and mdevs one pass looked up, and every display controller on the host."""
-
-    pci: Mapping[str, PciInfo]
-    mdevs: Mapping[str, MdevInfo]
-    host_gpus: tuple[str, ...]
-
-
-def _hex(root: HostRoot, rel: str) -> int | None:
-    text = root.read_text(rel)
-    try:
-        return int(text.strip(), 16) if text else None
-    except ValueError:
-        return None
-
-
-def _link_name(root: HostRoot, rel: str) -> str | None:
-    try:
-        return os.path.basename(os.readlink(root.abspath(rel)).rstrip("/")) or None
-    except OSError:
-        return None
-
-
-def read_pci_info(root: HostRoot, address: str) -> PciInfo | None:
-    """vendor/device/class/driver of `/sys/bus/pci/devices/<address>`; None if absent."""
-    if not _PCI_ADDR.match(address):
-        return None
-    base = f"sys/bus/pci/devices/{address}"
-    vendor, device = _hex(root, f"{base}/vendor"), _hex(root, f"{base}/device")
-    cls = _hex(root, f"{base}/class")
-    if vendor is None or device is None or cls is None:
-        return None
-    return PciInfo(address, vendor, device, cls, _link_name(root, f"{base}/driver"))
-
-
-def read_mdev_info(root: HostRoot, uuid: str) -> MdevInfo | None:
-    """Parent and type of `/sys/bus/mdev/devices/<uuid>` (a symlink into its parent device)."""
-    if not _UUID.match(uuid):
-        return None
-    rel = f"sys/bus/mdev/devices/{uuid}"
-    try:
-        target = os.readlink(root.abspath(rel))
-    except OSError:
-        return None
-    parts = target.rstrip("/").split("/")
-    parent = parts[-2] if len(parts) >= 2 and _PCI_ADDR.match(parts[-2]) else None
-    name = root.read_text(f"{rel}/mdev_type/name")
-    return MdevInfo(uuid, parent, _link_name(root, f"{rel}/mdev_type"),
-                    name.strip() if name else None)
-
-
-def list_display_devices(root: HostRoot) -> tuple[str, ...]:
-    """PCI addresses of every display controller on the host, sorted."""
-    try:
-        names = sorted(os.listdir(root.abspath("sys/bus/pci/devices")))
-    except OSError:
-        return ()
-    return tuple(a for a in names if _PCI_ADDR.match(a)
-                 and ((_hex(root, f"sys/bus/pci/devices/{a}/class") or 0) >> 16) == 0x03)
-
-
-def scan_sysfs(root: HostRoot, pci_addrs: Iterable[str],
-               mdev_uuids: Iterable[str]) -> SysfsSnapshot:
-    """Everything a pass needs from sysfs (blocking; run it in a worker thread)."""
-    mdevs = {u: m for u in mdev_uuids if (m := read_mdev_info(root, u)) is not None}
-    gpus = list_display_devices(root)
-    wanted = set(pci_addrs) | set(gpus) | {m.parent for m in mdevs.values() if m.parent}
-    pci = {a: i for a in sorted(wanted) if (i := read_pci_info(root, a)) is not None}
-    return SysfsSnapshot(pci, mdevs, tuple(a for a in gpus if a in pci))
 
 
 # --- readings ----------------------------------------------------------------------------------
