@@ -412,8 +412,8 @@ def _build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
             raise ConfigError(source, f"{key}.type", f"one of {sorted(SINK_TYPES)}", kind,
                               'set type = "jsonl", "formation-queue" or "webhook"')
         sink = _build(SINK_TYPES[kind], item, source, key)
-        if "name" not in item:
-            sink = dataclasses.replace(sink, name=sink.name if not names else f"{sink.name}-{i}")
+        if "name" not in item and sink.name in names:
+            sink = dataclasses.replace(sink, name=f"{sink.name}-{i}")  # only to avoid a clash
         if sink.name in names:
             raise ConfigError(source, f"{key}.name", "a unique sink name", sink.name,
                               "give each [[sinks]] its own name")

@@ -98,3 +98,9 @@ def test_reference_covers_every_section() -> None:
                 "sinks[jsonl].path", "sinks[formation-queue].retry.max_retries"):
         assert key in keys
     assert all(doc for k, _, doc in config.reference() if not k.startswith(("log.", "sinks")))
+
+
+def test_unnamed_sinks_keep_their_type_name_unless_it_clashes() -> None:
+    cfg = config.from_mapping({"sinks": [{"type": "formation-queue"}, {"type": "jsonl"},
+                                         {"type": "jsonl", "path": "/tmp/second.jsonl"}]})
+    assert [s.name for s in cfg.sinks] == ["formation-queue", "jsonl", "jsonl-2"]

@@ -1,0 +1,80 @@
+"""Alerts on real guests (issue 6): lab guests' CPU crosses a threshold, a real webhook receiver
+on 127.0.0.1 gets exactly the expected transitions with both signatures, and a rules file
+rewritten under the running daemon resolves them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hostagent.clock import SystemClock
+from hostagent.outbox import Store
+from hostagent.webhook_store import WebhookStore
+from tests import lab_support
+from tests.standins.webhook_receiver import WebhookReceiver
+from tests.test_lab import DaemonProc, wait_for, write_config
+
+pytestmark = pytest.mark.lab
+
+SECRET = "lab-secret"
+
+
+def rule(percent: float) -> str:
+    return json.dumps([{"id": "cpu-busy", "resource_type": "Cpu",
+                        "threshold_type": {"Percentage": {"value": percent}},
+                        "action": "Alert", "user_id": "*", "for_passes": 2}])
+
+
+def test_cpu_threshold_crossed_and_resolved_on_lab_guests(tmp_path: Path,
+                                                          lab_guests: list[str]) -> None:
+    rules = tmp_path / "rules.json"
+    rules.write_text(rule(1.0))   # lab guests run a steady ~8 % CPU loop
+    cfg = write_config(tmp_path, extra=f"""
+[thresholds]
+rules_path = "{rules}"
+reload_check_s = 0.5
+approaching_fraction = 1.0
+[[sinks]]
+type = "webhook"
+allow_list = ["127.0.0.1"]
+""")
+    receiver = WebhookReceiver(secret=SECRET).start()
+    try:
+        # Register the hook in the daemon's state file before it starts (the API does this live).
+        clock = SystemClock()
+        store = Store.open(tmp_path / "state.db", clock=clock, node_id="lab-test",
+                           sink_names=["webhooks", "jsonl"])
+        hooks = WebhookStore(tmp_path / "state.db", clock)
+        hooks.register(receiver.url, ["threshold_violation"], secret=SECRET)
+        hooks.close()
+        store.close()
+        uuids = {lab_support.domain_uuid(g) for g in lab_guests}
+
+        def transitions() -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for r in list(receiver.received):
+                data = r.json["data"]
+                if data["instance_id"] in uuids:
+                    out.setdefault(data["instance_id"], []).append(data["transition"])
+            return out
+
+        d = DaemonProc(cfg, tmp_path / "daemon.log")
+        try:
+            # for_passes = 2: the first pass over the threshold is `approaching` (pending)
+            wait_for(lambda: all(transitions().get(u) == ["approaching", "exceeded"]
+                                 for u in uuids), 60, "an `exceeded` alert per lab guest")
+            rules.write_text(rule(99.0))   # reloaded on change: nothing is that busy
+            wait_for(lambda: all(transitions().get(u) == ["approaching", "exceeded", "resolved"]
+                                 for u in uuids), 60, "`resolved` after the rules change")
+        finally:
+            assert d.stop() == 0
+        assert all(r.std_ok and r.legacy_ok for r in receiver.received)
+        assert transitions() == {u: ["approaching", "exceeded", "resolved"] for u in uuids}
+        first = next(r.json for r in receiver.received if r.json["data"]["instance_id"] in uuids)
+        assert first["event_type"] == "threshold_violation"
+        assert first["data"]["threshold_value"] == 1.0
+        assert first["data"]["current_value"] > 1.0
+    finally:
+        receiver.stop()
