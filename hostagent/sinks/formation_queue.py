@@ -154,6 +154,21 @@ class _Stale(Exception):  # an internal signal, turned into SinkUnavailable abov
     """A reused keep-alive connection turned out to be closed."""
 
 
+def wants(event: OutEvent) -> bool:
+    """Whether the queue is one of the event's channels.
+
+    Usage events and `Alert` rules' alerts always go to the queue; a `Notify` rule names its
+    channels, and its alerts reach the queue only when "queue" is one of them.
+    """
+    if event.kind != "threshold_violation":
+        return True
+    try:
+        doc = orjson.loads(event.payload)
+    except orjson.JSONDecodeError:
+        return True  # not ours to judge: send it and let the queue answer
+    return doc.get("action") != "notify" or "queue" in (doc.get("channels") or ())
+
+
 class FormationQueueSink:
     """Publishes events to a form-p2p queue over HTTP."""
 
@@ -217,6 +232,8 @@ class FormationQueueSink:
 
     async def send(self, event: OutEvent) -> None:
         """POST one event; return only on "OpSuccess"."""
+        if not wants(event):
+            return  # a Notify alert for other channels: done, nothing to send here
         body = self.body_for(event)
         if len(body) > self.cfg.max_request_bytes:
             raise Undeliverable(f"encoded request is {len(body)} bytes, over max_request_bytes="
