@@ -353,6 +353,85 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """[api]: the HTTP API (current usage, health, webhooks, rules, Prometheus)."""
+
+    enabled: bool = field(default=False, metadata=_meta("serve the HTTP API"))
+    bind: str = field(
+        default="127.0.0.1",
+        metadata=_meta("address to listen on; a non-loopback bind requires tls_cert_file/key"),
+    )
+    port: int = field(default=8080, metadata=_meta("TCP port (0: any free port)",
+                                                   minimum=0, maximum=65535))
+    tls_cert_file: str = field(default="", metadata=_meta("PEM certificate chain for TLS"))
+    tls_key_file: str = field(default="", metadata=_meta("PEM private key for TLS"))
+    allow_plaintext_remote: bool = field(
+        default=False,
+        metadata=_meta("allow a non-loopback bind without TLS (behind a TLS-terminating proxy)"),
+    )
+    metrics_unauthenticated: bool = field(
+        default=False,
+        metadata=_meta("serve Prometheus `GET /metrics` without credentials (else admin scope)"),
+    )
+    legacy_get_unauthenticated: bool = field(
+        default=False,
+        metadata=_meta("serve the legacy `GET /get` without credentials (upstream compatibility)"),
+    )
+    jwt_algorithms: tuple[str, ...] = field(
+        default=("RS256", "ES256", "EdDSA"),
+        metadata=_meta("JWT algorithms accepted (allow-list; `none` is always refused)"),
+    )
+    jwt_keys_file: str = field(
+        default="", metadata=_meta("PEM file(s) of JWT verification keys (public keys)"))
+    jwks_file: str = field(default="", metadata=_meta("JWKS file of JWT verification keys"))
+    jwt_hmac_secret_file: str = field(
+        default="", metadata=_meta("file holding an HMAC secret, for HS* algorithms only"))
+    jwt_audience: str = field(default="", metadata=_meta("required `aud` claim (\"\": unchecked)"))
+    jwt_issuer: str = field(default="", metadata=_meta("required `iss` claim (\"\": unchecked)"))
+    jwt_leeway_s: float = field(
+        default=30.0, metadata=_meta("clock skew allowed on exp/nbf", minimum=0, maximum=600))
+    jwt_admin_claim: str = field(
+        default="scope",
+        metadata=_meta("claim whose space-separated values grant `admin` when they contain it"),
+    )
+    api_keys_file: str = field(
+        default="",
+        metadata=_meta("TOML file of hashed API keys (`python -m hostagent.api.keys new`)"),
+    )
+    admin_principals: tuple[str, ...] = field(
+        default=(), metadata=_meta("principals (JWT `sub` or key principal) that are admins"))
+    rate_per_principal_s: float = field(
+        default=50.0, metadata=_meta("requests/s refilled per principal", minimum=0.01))
+    burst_per_principal: int = field(
+        default=100, metadata=_meta("token bucket size per principal", minimum=1))
+    rate_per_address_s: float = field(
+        default=100.0, metadata=_meta("requests/s refilled per client address", minimum=0.01))
+    burst_per_address: int = field(
+        default=200, metadata=_meta("token bucket size per client address", minimum=1))
+    max_body_bytes: int = field(
+        default=65536, metadata=_meta("largest request body accepted (413 past it)",
+                                      minimum=1, maximum=16 * 1024 * 1024))
+    max_header_bytes: int = field(
+        default=8192, metadata=_meta("largest Authorization header accepted",
+                                     minimum=256, maximum=65536))
+    page_size: int = field(default=100, metadata=_meta("default page size", minimum=1,
+                                                       maximum=10000))
+    max_page_size: int = field(default=1000, metadata=_meta("largest page size a client may ask",
+                                                            minimum=1, maximum=100000))
+    max_pass_age_s: float = field(
+        default=180.0,
+        metadata=_meta("/api/v1/health/status answers 503 when the last committed pass is older",
+                       minimum=1),
+    )
+    max_outbox_age_s: float = field(
+        default=3600.0,
+        metadata=_meta("503 when a sink's oldest pending event is older", minimum=1),
+    )
+    shutdown_grace_s: float = field(
+        default=5.0, metadata=_meta("seconds in-flight requests get at shutdown", minimum=0))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -364,6 +443,7 @@ class Config:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     sinks: tuple[SinkConfig, ...] = field(default_factory=lambda: (JsonlSinkConfig(),))
     source: str = "<defaults>"

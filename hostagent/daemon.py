@@ -20,6 +20,9 @@ import trio
 
 from hostagent import config as config_mod
 from hostagent import identity, logs, rules_source
+from hostagent.api.backends import FileRuleStore, StoreWebhooks
+from hostagent.api.server import make_app, serve_api
+from hostagent.api.view import ApiView
 from hostagent.clock import Clock, SystemClock
 from hostagent.collector import Collector, PassReport, link_reader_for
 from hostagent.config import Config, WebhookSinkConfig
@@ -35,6 +38,10 @@ from hostagent.sources.libvirt import LibvirtSource
 from hostagent.webhook_store import WebhookStore
 
 log = logging.getLogger(__name__)
+
+
+def _noop() -> None:
+    pass
 
 
 def next_tick_s(now_wall_s: float, interval_s: float, align: bool) -> float:
@@ -65,6 +72,11 @@ class Daemon:
     rules: RulesSource | None = None
     webhooks: WebhookStore | None = None
     sinks: list[Any] = field(default_factory=list)
+    api_view: ApiView | None = None
+    api_app: Any = None
+    api_stop: trio.Event = field(default_factory=trio.Event)
+    api_done: trio.Event = field(default_factory=trio.Event)
+    api_urls: list[str] = field(default_factory=list)
 
     @classmethod
     def build(cls, cfg: Config, *, clock: Clock | None = None,
@@ -90,9 +102,23 @@ class Daemon:
                               link_reader=link_reader_for(cfg), gpu_source=gpu, limiter=limiter,
                               rules=rules, storm=rules_source.storm_from(cfg.thresholds))
         delivery = Delivery(store, sinks, clock, cfg)
-        return cls(cfg=cfg, clock=clock, store=store, collector=collector, delivery=delivery,
-                   owners=owners, libvirt=lv, config_path=config_path, rules=rules,
-                   webhooks=hooks, sinks=sinks)
+        daemon = cls(cfg=cfg, clock=clock, store=store, collector=collector, delivery=delivery,
+                     owners=owners, libvirt=lv, config_path=config_path, rules=rules,
+                     webhooks=hooks, sinks=sinks)
+        if cfg.api.enabled:
+            daemon.api_view = ApiView(
+                authorized=owners.authorized, delivery_health=delivery.health,
+                owners_health=owners.health,
+                libvirt_health=lambda: {"state": lv.state, "last_error": lv.last_error},
+                emission_metrics=delivery.metrics)
+            dispatcher = next((getattr(s, "dispatcher", None) for s in sinks
+                               if getattr(s, "dispatcher", None) is not None), None)
+            registry = (StoreWebhooks(hooks, wake=dispatcher.wake if dispatcher else _noop)
+                        if hooks is not None else None)
+            daemon.api_app = make_app(cfg.api, daemon.api_view, clock=clock, webhooks=registry,
+                                      rules=FileRuleStore(rules))
+            daemon.on_pass.append(daemon.api_view.update)
+        return daemon
 
     async def run(self, *, passes: int | None = None,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -109,10 +135,16 @@ class Daemon:
                     await nursery.start(functools.partial(self.rules.run, sighup=False))
                 if self.cfg.owners.enabled:
                     await nursery.start(self.owners.run)
+                if self.api_app is not None:
+                    self.api_urls = await nursery.start(self._api)
                 nursery.start_soon(self._signals)
                 task_status.started()
                 await self._collect_loop(passes)
                 await self._drain()
+                if self.api_app is not None:
+                    self.api_stop.set()  # graceful: in-flight requests finish
+                    with trio.move_on_after(self.cfg.api.shutdown_grace_s + 1):
+                        await self.api_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self.notifier.stopping()
@@ -123,6 +155,13 @@ class Daemon:
             if self.webhooks is not None:
                 self.webhooks.close()
             self.store.close()
+
+    async def _api(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+                   ) -> None:
+        try:
+            await serve_api(self.cfg.api, self.api_app, self.api_stop, task_status=task_status)
+        finally:
+            self.api_done.set()
 
     async def _collect_loop(self, passes: int | None) -> None:
         first = True
@@ -192,7 +231,7 @@ class Daemon:
             self.notifier.ready()
             return
         needs_restart = [name for name in ("libvirt", "paths", "sinks", "owners", "outbox", "gpu",
-                                                 "thresholds")
+                                                 "thresholds", "api")
                          if getattr(new, name) != getattr(self.cfg, name)]
         if new.collector.state_path != self.cfg.collector.state_path:
             needs_restart.append("collector.state_path")

@@ -1,0 +1,279 @@
+"""API benchmark: latency and throughput of /api/v1/usage/users/{id}/current with 1,000
+instances, and the collector's pass duration with and without API load.
+
+The server runs in this process's trio loop (as in the daemon); the load comes from separate
+client processes (so client CPU is not charged to the server's loop). Printed, not asserted.
+
+    .venv/bin/python bench/api.py [--instances 1000] [--clients 50] [--duration 20]
+                                  [--client-procs 4] [--domains 1000] [--passes 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hostagent.api.view import ApiView  # noqa: E402
+from tests.api.support import api_config, make_keys, report, start_server  # noqa: E402
+
+# --- client side (runs in child processes) ---------------------------------------------------
+
+
+async def _client_main(url: str, key: str, paths: list[str], concurrency: int,
+                       duration_s: float) -> dict[str, Any]:
+    import httpx
+
+    lat_ms: list[float] = []
+    errors: dict[str, int] = {}
+    deadline = time.perf_counter() + duration_s
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, limits=limits,
+                                 timeout=30) as c:
+        async def worker(i: int) -> None:
+            n = i
+            while time.perf_counter() < deadline:
+                path = paths[n % len(paths)]
+                n += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await c.get(path)
+                    ok = r.status_code == 200
+                    r.read()
+                except httpx.HTTPError as err:
+                    errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
+                    continue
+                lat_ms.append((time.perf_counter() - t0) * 1e3)
+                if not ok:
+                    errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+
+        async with trio.open_nursery() as n:
+            for i in range(concurrency):
+                n.start_soon(worker, i)
+    return {"lat_ms": lat_ms, "errors": errors}
+
+
+def client_process() -> None:
+    """`bench/api.py --client URL KEY CONCURRENCY DURATION PATH...`: JSON result on stdout."""
+    url, key, conc, dur, *paths = sys.argv[2:]
+    out = trio.run(_client_main, url, key, paths, int(conc), float(dur))
+    print(json.dumps(out))
+
+
+async def run_load(url: str, key: str, paths: list[str], clients: int, procs: int,
+                   duration_s: float) -> dict[str, Any]:
+    """`clients` concurrent clients spread over `procs` processes for `duration_s`."""
+    per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    results: list[dict[str, Any]] = []
+
+    async def one(conc: int) -> None:
+        p = await trio.run_process(
+            [sys.executable, __file__, "--client", url, key, str(conc), str(duration_s),
+             *paths], capture_stdout=True, check=True)
+        results.append(json.loads(p.stdout))
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as n:
+        for conc in per:
+            if conc:
+                n.start_soon(one, conc)
+    wall = time.perf_counter() - t0
+    lat = sorted(x for r in results for x in r["lat_ms"])
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    q = statistics.quantiles(lat, n=100) if len(lat) > 100 else [float("nan")] * 99
+    return {"requests": len(lat), "req_per_s": len(lat) / duration_s, "p50_ms": q[49],
+            "p99_ms": q[98], "errors": errors, "wall_s": wall}
+
+
+# --- server side ------------------------------------------------------------------------------
+
+
+def _cfg(keys: Any) -> Any:
+    return api_config(keys, rate_per_address_s=1e6, burst_per_address=10**6,
+                      rate_per_principal_s=1e6, burst_per_principal=10**6)
+
+
+async def latency(args: argparse.Namespace, keys: Any) -> None:
+    view = ApiView()
+    view.update(report({f"i-{n:05d}": "0xalice" for n in range(args.instances)}))
+    async with trio.open_nursery() as nursery:
+        srv = await start_server(nursery, _cfg(keys), view)
+        res = await run_load(srv.url, keys.read_key, ["/api/v1/usage/users/0xalice/current"],
+                             args.clients, args.client_procs, args.duration)
+        srv.stop.set()
+    print(f"GET /api/v1/usage/users/{{id}}/current, {args.instances} instances of one user "
+          f"(page of 100, totals over all), {args.clients} clients x {args.duration:.0f} s:")
+    print(f"  {res['requests']} requests, {res['req_per_s']:.0f} req/s, "
+          f"p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, errors {res['errors']}")
+
+
+async def pass_ratio(args: argparse.Namespace, keys: Any) -> None:
+    from bench.pass_cost import generate
+    from hostagent import config as config_mod
+    from hostagent.clock import SystemClock
+    from hostagent.collector import Collector
+    from hostagent.outbox import Store
+    from hostagent.owners import Owners
+    from hostagent.sources.gpu import GpuSource
+    from hostagent.sources.libvirt import LibvirtSource
+    from hostagent.sources.net import LinkStatsReader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        node_xml, root = generate(args.domains, Path(tmp) / "gen")
+        cfg = config_mod.from_mapping({
+            "host": {"node_id": "bench"},
+            "libvirt": {"uri": f"test://{node_xml}", "call_timeout_s": 60, "readonly": False},
+            "paths": {"root": str(root)},
+            "collector": {"state_path": f"{tmp}/state.db", "pass_timeout_s": 120},
+            "sinks": [{"type": "jsonl", "path": f"{tmp}/events.jsonl"}]})
+        clock = SystemClock()
+        limiter = trio.CapacityLimiter(cfg.collector.max_threads)
+        store = Store.open(cfg.collector.state_path, clock=clock, node_id="bench",
+                           sink_names=["jsonl"])
+        coll = Collector(cfg, clock=clock, store=store, owners=Owners(cfg.owners, clock, None),
+                         libvirt_source=LibvirtSource(cfg.libvirt, clock=clock,
+                                                      limiter=limiter),
+                         link_reader=LinkStatsReader(),
+                         gpu_source=GpuSource(cfg.gpu, root=str(root), clock=clock),
+                         limiter=limiter)
+        view = ApiView()
+
+        async def passes(k: int) -> list[float]:
+            out = []
+            for _ in range(k):
+                rep = await coll.run_pass()
+                if rep.error:
+                    raise RuntimeError(rep.error)
+                view.update(rep)  # what Daemon.on_pass does
+                out.append(rep.duration_s)
+            return out
+
+        await passes(2)  # warm-up: first pass parses XML and has no baselines
+        first = next(iter(view.snapshot.instances.values()))
+        uid = first.owner.user_id if first.owner else "unassigned"
+        quiet = await passes(args.passes)
+        async with trio.open_nursery() as nursery:
+            srv = await start_server(nursery, _cfg(keys), view)
+            load: dict[str, Any] = {}
+            done = trio.Event()
+
+            async def drive() -> None:
+                load.update(await run_load(
+                    srv.url, keys.admin_key, [f"/api/v1/usage/users/{uid}/current",
+                                              "/api/v1/metrics?limit=50",
+                                              f"/api/v1/usage/instances/{first.instance_id}"
+                                              "/current"],
+                    args.clients, args.client_procs, args.duration))
+                done.set()
+
+            nursery.start_soon(drive)
+            loaded = await passes_during_load(passes, args.duration, done)
+            srv.stop.set()
+        # control: the same client load on a server in ANOTHER process (CPU contention only)
+        async with trio.open_nursery() as nursery:
+            child = await trio.lowlevel.open_process(
+                [sys.executable, __file__, "--serve", str(args.domains)],
+                stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+            assert child.stdout is not None
+            assert child.stdin is not None
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await child.stdout.receive_some(4096)
+            url, key, path = json.loads(line)
+            control: dict[str, Any] = {}
+            done2 = trio.Event()
+
+            async def drive2() -> None:
+                control.update(await run_load(url, key, [path], args.clients,
+                                              args.client_procs, args.duration))
+                done2.set()
+
+            nursery.start_soon(drive2)
+            separate = await passes_during_load(passes, args.duration, done2)
+            await child.stdin.aclose()
+            await child.wait()
+        store.close()
+    mq, ml, ms = (statistics.median(x) for x in (quiet, loaded, separate))
+    print(f"collector pass, {args.domains} domains (libvirt test driver), {os.cpu_count()} CPUs, "
+          f"{args.clients} clients in {args.client_procs} processes on the same machine:")
+    print(f"  no load:                          median {mq * 1e3:6.0f} ms ({len(quiet)} passes)")
+    print(f"  API in the daemon's loop, loaded: median {ml * 1e3:6.0f} ms ({len(loaded)} passes)"
+          f"  ratio {ml / mq:.2f}")
+    print(f"  API in another process, loaded:   median {ms * 1e3:6.0f} ms ({len(separate)} "
+          f"passes)  ratio {ms / mq:.2f}  (machine CPU contention alone)")
+    for name, r in (("same loop", load), ("other process", control)):
+        print(f"  load ({name}): {r['requests']} requests, {r['req_per_s']:.0f} req/s, "
+              f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}")
+
+
+async def passes_during_load(passes: Any, duration_s: float, done: trio.Event) -> list[float]:
+    """Run passes back to back while the load runs (after a 1 s ramp-up)."""
+    await trio.sleep(1.0)
+    out: list[float] = []
+    t_end = time.perf_counter() + duration_s - 2
+    while time.perf_counter() < t_end:
+        out += await passes(1)
+    await done.wait()
+    return out
+
+
+def serve_process() -> None:
+    """`bench/api.py --serve N`: serve N synthetic instances; print url, key, path; stop on EOF."""
+    n = int(sys.argv[2])
+
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            keys = make_keys(Path(tmp))
+            view = ApiView()
+            view.update(report({f"i-{i:05d}": "0xalice" for i in range(n)}))
+            async with trio.open_nursery() as nursery:
+                srv = await start_server(nursery, _cfg(keys), view)
+                print(json.dumps([srv.url, keys.read_key,
+                                  "/api/v1/usage/users/0xalice/current"]), flush=True)
+                await trio.to_thread.run_sync(sys.stdin.read)
+                srv.stop.set()
+
+    trio.run(main)
+
+
+def main() -> int:
+    """Run both parts and print the results."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--instances", type=int, default=1000)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--client-procs", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--domains", type=int, default=1000)
+    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--skip-pass", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = make_keys(Path(tmp))
+        trio.run(latency, args, keys)
+        if not args.skip_pass:
+            trio.run(pass_ratio, args, keys)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        client_process()
+    elif len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve_process()
+    else:
+        raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The HTTP API: current usage, health, webhooks, rules, Prometheus; see docs/parts/api.md."""

@@ -1,0 +1,123 @@
+"""Admin routes: webhook registrations (FORMATION.md §4) and threshold rules, over seams.
+
+Both need the `admin` scope: a webhook receives every instance's events on this host, and a
+rule changes what alerts fire for everyone. Bodies are JSON, size-capped by api.max_body_bytes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from hostagent.api.auth import Principal
+from hostagent.api.problems import Problem, json_response
+from hostagent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hostagent.api.app import Api
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The JSON body, refusing (413) past `max_bytes` before reading it all, 415 if not JSON."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise Problem(415, "send the body as application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise Problem(413, f"body larger than {max_bytes} bytes")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise Problem(413, f"body larger than {max_bytes} bytes")
+    try:
+        return orjson.loads(buf)
+    except orjson.JSONDecodeError as err:
+        raise Problem(400, f"body is not valid JSON: {err}") from err
+
+
+class AdminRoutes:
+    """Handlers of /api/v1/webhooks and /api/v1/thresholds."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def _need(self, what: str, seam: Any) -> Any:
+        if seam is None:
+            raise Problem(503, f"{what} are not available on this host", kind="not-configured")
+        return seam
+
+    async def webhooks(self, request: Request, _p: Principal) -> Response:
+        """GET: bare array of registrations; POST: register → 201."""
+        reg = self._need("webhooks", self.api.webhooks)
+        if request.method == "GET":
+            return json_response([{**w, "secret": None} for w in await reg.list()])
+        body = await read_json(request, self.api.cfg.max_body_bytes)
+        if not isinstance(body, dict):
+            raise Problem(400, "body must be an object {url, event_types, secret?}")
+        url, types, secret = body.get("url"), body.get("event_types"), body.get("secret")
+        unknown = sorted(set(body) - {"url", "event_types", "secret"})
+        if unknown:
+            raise Problem(400, f"unknown key {unknown[0]!r}")
+        if not isinstance(url, str) or not isinstance(types, list) \
+                or not all(isinstance(t, str) for t in types) \
+                or not (secret is None or isinstance(secret, str)):
+            raise Problem(400, "url must be a string, event_types an array of strings, "
+                               "secret a string or absent")
+        try:
+            item = await reg.register(url, types, secret)
+        except ValueError as err:
+            raise Problem(400, str(err), kind="invalid-webhook") from err
+        return json_response({**item, "secret": None, "status": "registered"}, 201)
+
+    async def webhook_delete(self, request: Request, _p: Principal) -> Response:
+        """DELETE /api/v1/webhooks/{id}: 204, or 404 for an unknown id."""
+        reg = self._need("webhooks", self.api.webhooks)
+        if not await reg.delete(request.path_params["webhook_id"]):
+            raise Problem(404, "no such webhook", kind="webhook-not-found")
+        return Response(status_code=204)
+
+    def _validate(self, rules: Any, raw: Any) -> dict[str, Any]:
+        try:
+            out: dict[str, Any] = rules.validate(raw)
+        except ConfigError as err:
+            raise Problem(400, str(err), kind="invalid-rule",
+                          extra={"key": err.key, "expected": err.expected}) from err
+        return out
+
+    async def thresholds(self, request: Request, _p: Principal) -> Response:
+        """GET: every rule; POST: create (409 when the id exists)."""
+        rules = self._need("threshold rules", self.api.rules)
+        if request.method == "GET":
+            return json_response(list(await rules.list()))
+        rule = self._validate(rules, await read_json(request, self.api.cfg.max_body_bytes))
+        if await rules.get(rule["id"]) is not None:
+            raise Problem(409, f"rule {rule['id']!r} exists; PUT /api/v1/thresholds/{{id}} "
+                               "replaces it", kind="rule-exists")
+        await rules.put(rule)
+        return json_response(rule, 201)
+
+    async def threshold_one(self, request: Request, _p: Principal) -> Response:
+        """GET / PUT (create or replace) / DELETE one rule by id."""
+        rules = self._need("threshold rules", self.api.rules)
+        rid = request.path_params["rule_id"]
+        if request.method == "GET":
+            rule = await rules.get(rid)
+            if rule is None:
+                raise Problem(404, "no such rule", kind="rule-not-found")
+            return json_response(rule)
+        if request.method == "DELETE":
+            if not await rules.delete(rid):
+                raise Problem(404, "no such rule", kind="rule-not-found")
+            return Response(status_code=204)
+        raw = await read_json(request, self.api.cfg.max_body_bytes)
+        if not isinstance(raw, dict):
+            raise Problem(400, "body must be a rule object")
+        if raw.get("id", rid) != rid:
+            raise Problem(400, "the body's id differs from the path's")
+        rule = self._validate(rules, {**raw, "id": rid})
+        created = await rules.put(rule)
+        return json_response(rule, 201 if created else 200)

@@ -1,0 +1,123 @@
+"""API keys: `hak_<id>_<secret>`, stored as salted SHA-256 (never in clear), with scopes.
+
+The secret is 32 random bytes, so a fast salted hash is enough: a slow KDF (scrypt) protects
+guessable passwords, not 256-bit random keys, and would put ~50 ms of CPU on every request.
+
+    python -m hostagent.api.keys new --principal portal --scope read --file keys.toml
+    python -m hostagent.api.keys list --file keys.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import os
+import secrets
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostagent.errors import ConfigError
+
+PREFIX = "hak_"
+SCOPES = ("read", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """One key as the keys file holds it."""
+
+    key_id: str
+    principal: str
+    scopes: frozenset[str]
+    salt: bytes
+    digest: bytes
+
+
+def _digest(salt: bytes, secret: str) -> bytes:
+    return hashlib.sha256(salt + secret.encode()).digest()
+
+
+def new_key(principal: str, scopes: Sequence[str]) -> tuple[str, StoredKey]:
+    """A fresh key: (the clear key to hand out once, the entry to store)."""
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad or not scopes:
+        raise ValueError(f"scopes must be a non-empty subset of {SCOPES}, got {list(scopes)}")
+    key_id = secrets.token_hex(4)
+    secret = secrets.token_urlsafe(32)
+    salt = secrets.token_bytes(16)
+    return (f"{PREFIX}{key_id}_{secret}",
+            StoredKey(key_id, principal, frozenset(scopes), salt, _digest(salt, secret)))
+
+
+def to_toml(k: StoredKey) -> str:
+    """The `[[keys]]` table of one stored key."""
+    scopes = ", ".join(f'"{s}"' for s in sorted(k.scopes))
+    return (f'[[keys]]\nid = "{k.key_id}"\nprincipal = "{k.principal}"\nscopes = [{scopes}]\n'
+            f'salt = "{k.salt.hex()}"\nsha256 = "{k.digest.hex()}"\n')
+
+
+def load_keys(path: str) -> dict[str, StoredKey]:
+    """Parse the keys file; every defect is a ConfigError naming the entry."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(path, "keys", "a readable TOML keys file", str(err)) from err
+    out: dict[str, StoredKey] = {}
+    for i, e in enumerate(raw.get("keys", [])):
+        where = f"keys[{i}]"
+        try:
+            k = StoredKey(str(e["id"]), str(e["principal"]), frozenset(e["scopes"]),
+                          bytes.fromhex(e["salt"]), bytes.fromhex(e["sha256"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(path, where, "id, principal, scopes, salt, sha256", e,
+                              "create entries with `python -m hostagent.api.keys new`") from err
+        if not k.scopes <= set(SCOPES) or not k.scopes:
+            raise ConfigError(path, f"{where}.scopes", f"a subset of {SCOPES}", sorted(k.scopes))
+        out[k.key_id] = k
+    return out
+
+
+def verify(presented: str, keys: Mapping[str, StoredKey]) -> StoredKey | None:
+    """The stored key a presented `hak_…` key matches, in constant time per candidate."""
+    if not presented.startswith(PREFIX):
+        return None
+    key_id, sep, secret = presented[len(PREFIX):].partition("_")
+    k = keys.get(key_id)
+    if not sep or k is None:
+        return None
+    return k if hmac.compare_digest(_digest(k.salt, secret), k.digest) else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`new` appends a key to the file and prints the clear key once; `list` shows entries."""
+    ap = argparse.ArgumentParser(prog="python -m hostagent.api.keys")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    n = sub.add_parser("new", help="create a key")
+    n.add_argument("--principal", required=True)
+    n.add_argument("--scope", action="append", choices=SCOPES, required=True)
+    n.add_argument("--file", help="keys file to append to (created 0600); else print the entry")
+    ls = sub.add_parser("list", help="list key ids, principals and scopes")
+    ls.add_argument("--file", required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "list":
+        for k in load_keys(args.file).values():
+            print(f"{k.key_id}\t{k.principal}\t{','.join(sorted(k.scopes))}")
+        return 0
+    clear, stored = new_key(args.principal, args.scope)
+    if args.file:
+        fd = os.open(args.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write("\n" + to_toml(stored))
+        print(f"key id {stored.key_id} added to {args.file}", file=sys.stderr)
+    else:
+        print(to_toml(stored), file=sys.stderr)
+    print(clear)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

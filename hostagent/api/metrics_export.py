@@ -1,0 +1,152 @@
+"""Prometheus exposition of the view: per-instance gauges/counters, pass health, emission.
+
+Labels are bounded: `instance` and `owner` take one value per running instance (at most one
+series set per domain on this host), `sink` one per configured sink, `route` one per route
+template (never the raw path), `code` one per status class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from hostagent.api.view import ApiView
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BREAKER_STATES = ("closed", "open", "half_open")
+
+
+class ViewCollector(Collector):
+    """Reads the current snapshot at scrape time (nothing is kept between scrapes)."""
+
+    def __init__(self, view: ApiView, api_counters: Mapping[tuple[str, str], int]) -> None:
+        self.view = view
+        self.api_counters = api_counters
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every family."""
+        yield from self._instances()
+        yield from self._passes()
+        yield from self._emission()
+        req = CounterMetricFamily("hostagent_api_requests", "API requests by route and class",
+                                  labels=["route", "code"])
+        for (route, code), n in sorted(self.api_counters.items()):
+            req.add_metric([route, code], n)
+        yield req
+
+    def _instances(self) -> Iterator[Metric]:
+        snap = self.view.snapshot
+        lab = ["instance", "owner"]
+        g: dict[str, GaugeMetricFamily] = {
+            name: GaugeMetricFamily(f"hostagent_instance_{name}", doc, labels=lab)
+            for name, doc in [
+                ("vcpus", "allocated vCPUs"),
+                ("memory_alloc_bytes", "allocated memory"),
+                ("memory_used_bytes", "guest memory in use (last period)"),
+                ("cpu_percent", "average CPU use in the last period, % of allocation"),
+                ("storage_bytes", "disk allocation"),
+                ("gpu_util_percent", "average GPU utilisation in the last period"),
+                ("last_update_timestamp_seconds", "wall time of the last reading"),
+            ]}
+        c: dict[str, CounterMetricFamily] = {
+            name: CounterMetricFamily(f"hostagent_instance_{name}", doc, labels=lab)
+            for name, doc in [
+                ("cpu_seconds", "CPU time of the current incarnation"),
+                ("network_egress_bytes", "bytes sent by the guest (all NICs)"),
+                ("network_ingress_bytes", "bytes received by the guest (all NICs)"),
+                ("disk_read_bytes", "bytes read from disks"),
+                ("disk_write_bytes", "bytes written to disks"),
+            ]}
+        for iid, iv in snap.instances.items():
+            labels = [iid, iv.owner.user_id if iv.owner else ""]
+            s, u = iv.sample, iv.usage
+            g["last_update_timestamp_seconds"].add_metric(labels, iv.updated_wall_ns / 1e9)
+            if s is not None:
+                g["vcpus"].add_metric(labels, s.vcpus)
+                g["memory_alloc_bytes"].add_metric(labels, s.memory_alloc_bytes)
+                if s.cpu_ns is not None:
+                    c["cpu_seconds"].add_metric(labels, s.cpu_ns / 1e9)
+                if s.nics:
+                    c["network_egress_bytes"].add_metric(
+                        labels, sum(n.guest_tx_bytes for n in s.nics))
+                    c["network_ingress_bytes"].add_metric(
+                        labels, sum(n.guest_rx_bytes for n in s.nics))
+                rd = [d.rd_bytes for d in s.disks if d.rd_bytes is not None]
+                wr = [d.wr_bytes for d in s.disks if d.wr_bytes is not None]
+                if rd:
+                    c["disk_read_bytes"].add_metric(labels, sum(rd))
+                if wr:
+                    c["disk_write_bytes"].add_metric(labels, sum(wr))
+            if u is not None:
+                if u.memory_bytes is not None:
+                    g["memory_used_bytes"].add_metric(labels, u.memory_bytes)
+                if u.cpu_percent_avg is not None:
+                    g["cpu_percent"].add_metric(labels, u.cpu_percent_avg)
+                if u.storage_bytes is not None:
+                    g["storage_bytes"].add_metric(labels, u.storage_bytes)
+                if u.gpu_util_avg is not None:
+                    g["gpu_util_percent"].add_metric(labels, u.gpu_util_avg)
+        yield from g.values()
+        yield from c.values()
+
+    def _passes(self) -> Iterator[Metric]:
+        p = self.view.snapshot.pass_info
+        yield GaugeMetricFamily("hostagent_instances", "running instances seen by the last pass",
+                                value=len(self.view.snapshot.instances))
+        yield CounterMetricFamily("hostagent_passes", "collection passes", value=p.passes)
+        yield CounterMetricFamily("hostagent_pass_failures", "passes that did not commit",
+                                  value=p.failed_passes)
+        if p.duration_s is not None:
+            yield GaugeMetricFamily("hostagent_pass_duration_seconds", "last pass duration",
+                                    value=p.duration_s)
+        if p.last_ok_wall_ns is not None:
+            yield GaugeMetricFamily("hostagent_last_committed_pass_timestamp_seconds",
+                                    "start of the last committed pass",
+                                    value=p.last_ok_wall_ns / 1e9)
+
+    def _emission(self) -> Iterator[Metric]:
+        if self.view.emission_metrics is None:
+            return
+        m: Any = self.view.emission_metrics()
+        lab = ["sink"]
+        fams = {
+            n: CounterMetricFamily(f"hostagent_events_{n}", f"events {n} per sink", labels=lab)
+            for n in ("published", "failed", "retried", "rejected", "dead_lettered")}
+        depth = GaugeMetricFamily("hostagent_outbox_depth", "events pending per sink", labels=lab)
+        age = GaugeMetricFamily("hostagent_outbox_oldest_pending_age_seconds",
+                                "age of the oldest pending event", labels=lab)
+        breaker = GaugeMetricFamily("hostagent_sink_breaker_state",
+                                    "1 for the breaker's current state", labels=["sink", "state"])
+        lat = HistogramMetricFamily("hostagent_sink_latency_seconds", "delivery latency",
+                                    labels=lab)
+        for name, s in sorted(m.sinks.items()):
+            for n, fam in fams.items():
+                fam.add_metric([name], getattr(s, n))
+            depth.add_metric([name], s.depth)
+            if s.oldest_pending_age_s is not None:
+                age.add_metric([name], s.oldest_pending_age_s)
+            for st in BREAKER_STATES:
+                breaker.add_metric([name, st], 1.0 if s.breaker_state == st else 0.0)
+            buckets = [("+Inf" if le == float("inf") else repr(float(le)), n)
+                       for le, n in s.latency_buckets]
+            lat.add_metric([name], buckets, s.latency_sum_s)
+        yield from fams.values()
+        yield from (depth, age, breaker, lat)
+        yield GaugeMetricFamily("hostagent_outbox_used_bytes", "outbox bytes in use",
+                                value=m.store_used_bytes)
+
+
+def exposition(view: ApiView, api_counters: Mapping[tuple[str, str], int]) -> bytes:
+    """The text exposition of everything (a fresh registry per scrape: no global state)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(ViewCollector(view, api_counters))
+    return generate_latest(reg)

@@ -1,0 +1,201 @@
+"""The OpenAPI 3.0 document of the API (tests check every route and response against it)."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from hostagent.api.view import RESOURCES
+
+NULL_STR = {"type": "string", "nullable": True}
+NULL_NUM = {"type": "number", "nullable": True}
+NULL_INT = {"type": "integer", "nullable": True}
+PROBLEM = {"$ref": "#/components/responses/Problem"}
+
+
+def _json(schema: dict[str, Any], desc: str = "OK") -> dict[str, Any]:
+    return {"description": desc, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): PROBLEM for c in (*codes, 401, 429, 431)}
+
+
+def _q(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": desc,
+            "schema": schema or {"type": "string"}}
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+FILTERS = [
+    _q("user_id", "only instances of this user"),
+    _q("instance_id", "comma-separated instance ids"),
+    _q("resource", f"comma-separated subset of {', '.join(RESOURCES)}"),
+    _q("fields", "comma-separated top-level fields of each item"),
+    _q("limit", "page size", {"type": "integer", "minimum": 1}),
+    _q("offset", "items to skip", {"type": "integer", "minimum": 0}),
+]
+PROJECTION = [f for f in FILTERS if f["name"] in ("resource", "fields")]
+
+SCHEMAS: dict[str, Any] = {
+    "Problem": {"type": "object", "required": ["type", "title", "status", "detail", "instance"],
+                "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                               "status": {"type": "integer"}, "detail": {"type": "string"},
+                               "instance": {"type": "string"}}},
+    "Instance": {
+        "type": "object", "description": "fields absent when projected away with `fields`",
+        "properties": {
+            "instance_id": {"type": "string"}, "name": {"type": "string"},
+            "uuid": {"type": "string"}, "user_id": NULL_STR, "org_id": NULL_STR,
+            "updated_at": NULL_STR,
+            "period": {"type": "object", "nullable": True, "properties": {
+                "start": {"type": "string"}, "end": {"type": "string"},
+                "duration_s": {"type": "number"}}},
+            "metrics": {"type": "object", "nullable": True,
+                        "properties": {r: {"type": "object"} for r in RESOURCES}},
+            "missing": {"type": "object", "nullable": True,
+                        "additionalProperties": {"type": "string"}},
+            "readings": {"type": "object", "nullable": True},
+        }},
+    "Page": {"type": "object", "required": ["total", "limit", "offset", "next_offset"],
+             "properties": {"total": {"type": "integer"}, "limit": {"type": "integer"},
+                            "offset": {"type": "integer"}, "next_offset": NULL_INT}},
+    "InstanceList": {"allOf": [{"$ref": "#/components/schemas/Page"}, {
+        "type": "object", "required": ["items"],
+        "properties": {"items": {"type": "array",
+                                 "items": {"$ref": "#/components/schemas/Instance"}}}}]},
+    "UserUsage": {"allOf": [{"$ref": "#/components/schemas/Page"}, {
+        "type": "object", "required": ["user_id", "totals", "instances"],
+        "properties": {
+            "user_id": {"type": "string"},
+            "totals": {"type": "object", "required": ["instances", "cpu_seconds"],
+                       "additionalProperties": {"type": "number"}},
+            "instances": {"type": "array",
+                          "items": {"$ref": "#/components/schemas/Instance"}}}}]},
+    "HealthStatus": {"type": "object", "required": ["status", "reasons", "components"],
+                     "properties": {"status": {"type": "string",
+                                               "enum": ["healthy", "degraded"]},
+                                    "checked_at": NULL_STR,
+                                    "reasons": {"type": "array", "items": {"type": "string"}},
+                                    "components": {"type": "object"}}},
+    "WebhookRequest": {"type": "object", "required": ["url", "event_types"],
+                       "additionalProperties": False,
+                       "properties": {"url": {"type": "string", "format": "uri"},
+                                      "event_types": {"type": "array", "minItems": 1,
+                                                      "items": {"type": "string", "enum": [
+                                                          "metrics", "threshold_violation"]}},
+                                      "secret": NULL_STR}},
+    "Webhook": {"type": "object", "required": ["id", "url", "event_types"],
+                "properties": {"id": {"type": "string"}, "url": {"type": "string"},
+                               "event_types": {"type": "array", "items": {"type": "string"}},
+                               "secret": {"type": "string", "nullable": True,
+                                          "enum": [None]},
+                               "status": {"type": "string"},
+                               "created_at": {"type": "string"}}},
+    "Rule": {"type": "object", "description": "a threshold rule in either seed format",
+             "required": ["resource_type", "threshold_type", "action", "user_id"],
+             "properties": {"id": {"type": "string"}, "resource_type": {"type": "string"},
+                            "threshold_type": {}, "action": {"type": "string"},
+                            "user_id": {"type": "string"}, "instance_id": NULL_STR,
+                            "notification_channels": {"type": "array",
+                                                      "items": {"type": "string"}}}},
+}
+
+
+def _op(summary: str, responses: dict[str, Any], *, params: list[dict[str, Any]] | None = None,
+        body: str | None = None, secure: bool = True) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{body}"}}}}
+    if not secure:
+        op["security"] = []
+    return op
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The document (built once)."""
+    inst = [_path("instance_id")]
+    paths: dict[str, Any] = {
+        "/health": {"get": _op("liveness", {"200": {"description": "healthy", "content": {
+            "text/plain": {"schema": {"type": "string", "enum": ["healthy"]}}}},
+            "429": PROBLEM}, secure=False)},
+        "/openapi.json": {"get": _op("this document", {"200": _json({"type": "object"}),
+                                                       "429": PROBLEM}, secure=False)},
+        "/metrics": {"get": _op("Prometheus exposition (admin unless configured open)", {
+            "200": {"description": "text exposition",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_errors(403)})},
+        "/get": {"get": _op("legacy: latest readings of every visible instance",
+                            {"200": _json(_ref("InstanceList")), **_errors(400, 403)},
+                            params=FILTERS)},
+        "/api/v1/health/status": {"get": _op("component health", {
+            "200": _json(_ref("HealthStatus")), "503": _json(_ref("HealthStatus"), "degraded"),
+            **_errors(403)})},
+        "/api/v1/metrics": {"get": _op("latest readings of visible instances", {
+            "200": _json(_ref("InstanceList")), **_errors(400, 403)}, params=FILTERS)},
+        "/api/v1/metrics/instances/{instance_id}": {"get": _op(
+            "latest readings of one instance", {"200": _json(_ref("Instance")),
+                                                **_errors(400, 403, 404)},
+            params=inst + PROJECTION)},
+        "/api/v1/usage/instances/{instance_id}/current": {"get": _op(
+            "usage of the last period of one instance", {
+                "200": _json(_ref("Instance")), **_errors(400, 403, 404)},
+            params=inst + PROJECTION)},
+        "/api/v1/usage/users/{user_id}/current": {"get": _op(
+            "totals over a user's instances on this host, with the instances", {
+                "200": _json(_ref("UserUsage")), **_errors(400, 403)},
+            params=[_path("user_id"), *[f for f in FILTERS if f["name"] != "user_id"]])},
+        "/api/v1/webhooks": {
+            "get": _op("registrations (admin)", {
+                "200": _json({"type": "array", "items": _ref("Webhook")}), **_errors(403, 503)}),
+            "post": _op("register (admin)", {"201": _json(_ref("Webhook"), "registered"),
+                                             **_errors(400, 403, 413, 415, 503)},
+                        body="WebhookRequest")},
+        "/api/v1/webhooks/{webhook_id}": {"delete": _op(
+            "remove (admin)", {"204": {"description": "removed"}, **_errors(403, 404, 503)},
+            params=[_path("webhook_id")])},
+        "/api/v1/thresholds": {
+            "get": _op("rules (admin)", {"200": _json({"type": "array", "items": _ref("Rule")}),
+                                         **_errors(403, 503)}),
+            "post": _op("create a rule (admin)", {"201": _json(_ref("Rule"), "created"),
+                                                  **_errors(400, 403, 409, 413, 415, 503)},
+                        body="Rule")},
+        "/api/v1/thresholds/{rule_id}": {
+            "get": _op("one rule (admin)", {"200": _json(_ref("Rule")),
+                                            **_errors(403, 404, 503)},
+                       params=[_path("rule_id")]),
+            "put": _op("create or replace (admin)", {
+                "200": _json(_ref("Rule")), "201": _json(_ref("Rule"), "created"),
+                **_errors(400, 403, 413, 415, 503)}, params=[_path("rule_id")], body="Rule"),
+            "delete": _op("remove (admin)", {"204": {"description": "removed"},
+                                             **_errors(403, 404, 503)},
+                          params=[_path("rule_id")])},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "hostagent API", "version": "1.0.0",
+                 "description": "Current usage, health, webhooks and threshold rules of one "
+                                "KVM host. Errors are RFC 9457 problem details."},
+        "paths": paths,
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "a JWT, or an API key `hak_…`"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+            "schemas": SCHEMAS,
+            "responses": {"Problem": {"description": "problem details", "content": {
+                "application/problem+json": {"schema": _ref("Problem")}}}},
+        },
+    }

@@ -1,0 +1,89 @@
+"""Serving the app: hypercorn's trio worker inside the daemon's nursery.
+
+    view = ApiView(...)
+    await nursery.start(serve_api, cfg.api, view, stop_event)   # → ["http://127.0.0.1:8080"]
+
+Binds 127.0.0.1 by default; a non-loopback bind needs TLS (cert/key files) unless
+`api.allow_plaintext_remote` says a proxy terminates TLS. Setting `stop` starts a graceful
+shutdown: no new connections, in-flight requests get `api.shutdown_grace_s`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hyper_serve
+from starlette.applications import Starlette
+
+from hostagent.api.app import Api, build_app
+from hostagent.api.auth import Authenticator
+from hostagent.api.seams import RuleStore, WebhookRegistry
+from hostagent.api.view import ApiView
+from hostagent.clock import Clock
+from hostagent.config import ApiConfig
+from hostagent.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and `localhost`."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(cfg: ApiConfig) -> None:
+    """Refuse a remote plaintext bind and half-configured TLS."""
+    if bool(cfg.tls_cert_file) != bool(cfg.tls_key_file):
+        raise ConfigError("<config>", "api.tls_cert_file", "both tls_cert_file and tls_key_file",
+                          "only one", "set both, or neither for a loopback bind")
+    if not is_loopback(cfg.bind) and not cfg.tls_cert_file and not cfg.allow_plaintext_remote:
+        raise ConfigError("<config>", "api.bind", "a loopback address unless TLS is configured",
+                          cfg.bind, "set api.tls_cert_file/tls_key_file, or bind 127.0.0.1")
+
+
+def hypercorn_config(cfg: ApiConfig) -> HyperConfig:
+    """Hypercorn settings from [api]."""
+    check_bind(cfg)
+    hc = HyperConfig()
+    host = f"[{cfg.bind}]" if ":" in cfg.bind and not cfg.bind.startswith("[") else cfg.bind
+    hc.bind = [f"{host}:{cfg.port}"]
+    if cfg.tls_cert_file:
+        hc.certfile, hc.keyfile = cfg.tls_cert_file, cfg.tls_key_file
+    hc.graceful_timeout = cfg.shutdown_grace_s
+    hc.include_server_header = False
+    hc.accesslog = None
+    # Headers past this size are refused by the protocol layer before the app sees them.
+    hc.h11_max_incomplete_size = max(16 * 1024, cfg.max_header_bytes * 2)
+    hc.keep_alive_timeout = 30
+    return hc
+
+
+def make_app(cfg: ApiConfig, view: ApiView, *, clock: Clock | None = None,
+             webhooks: WebhookRegistry | None = None, rules: RuleStore | None = None,
+             authenticator: Authenticator | None = None) -> Starlette:
+    """The ASGI app for `cfg` (keys and key files are loaded here: errors are ConfigError)."""
+    auth = authenticator or Authenticator(cfg)
+    return build_app(Api(cfg, view, auth, clock=clock, webhooks=webhooks, rules=rules))
+
+
+async def serve_api(
+    cfg: ApiConfig,
+    app: Starlette,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until `stop` is set; `task_status.started(binds)` once the socket listens."""
+    hc = hypercorn_config(cfg)
+    log.info("api starting", extra={"bind": hc.bind, "tls": bool(cfg.tls_cert_file)})
+    await hyper_serve(app, hc, shutdown_trigger=stop.wait,  # type: ignore[arg-type]
+                      task_status=task_status)
+    log.info("api stopped")

@@ -1,0 +1,149 @@
+"""Test support for the API: synthetic pass reports, real keys and a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import jwt
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from hostagent.api import keys as keys_mod
+from hostagent.api.auth import Authenticator
+from hostagent.api.seams import MemoryRules, MemoryWebhooks
+from hostagent.api.server import make_app, serve_api
+from hostagent.api.view import ApiView
+from hostagent.config import ApiConfig
+from hostagent.model import MemoryReading, NicCounters, Owner, Sample, Usage
+
+T0_NS = 1_763_000_000 * 10**9
+AUD = "hostagent-test"
+ISS = "https://issuer.test"
+
+
+@dataclass
+class Report:
+    """Duck-typed PassReport (the view reads only these fields)."""
+
+    started_wall_ns: int = T0_NS
+    duration_s: float = 0.05
+    domains: int = 0
+    events: int = 0
+    committed: bool = True
+    error: str | None = None
+    usages: tuple[Usage, ...] = ()
+    samples: tuple[Sample, ...] = ()
+    owners: Mapping[str, Owner] = field(default_factory=dict)
+
+
+def usage(iid: str, *, cpu_s: int = 30, mem: int = 2 << 30, egress: int = 10 << 20) -> Usage:
+    """A usage of a 30 s period."""
+    return Usage(instance_id=iid, uuid=f"uuid-{iid}", name=f"vm-{iid}", incarnation="inc1",
+                 new_incarnation=False, period_start_ns=T0_NS - 30 * 10**9,
+                 period_end_ns=T0_NS, vcpus=2, memory_alloc_bytes=4 << 30, cpu_ns=cpu_s * 10**9,
+                 cpu_seconds=cpu_s, cpu_percent_avg=50.0, memory_bytes=mem,
+                 memory_source="balloon", memory_percent=50.0, storage_bytes=10 << 30,
+                 storage_capacity_bytes=20 << 30, net_egress_bytes=egress,
+                 net_ingress_bytes=egress // 2, disk_read_bytes=1000, disk_write_bytes=2000,
+                 gpu_count=0, gpu_seconds=0, gpu_util_avg=None)
+
+
+def sample(iid: str) -> Sample:
+    """A sample matching `usage(iid)`."""
+    return Sample(instance_id=iid, uuid=f"uuid-{iid}", name=f"vm-{iid}", domid=1,
+                  incarnation="inc1", started_wall_ns=T0_NS - 3600 * 10**9, t_wall_ns=T0_NS,
+                  vcpus=2, memory_alloc_bytes=4 << 30, cpu_ns=3600 * 10**9,
+                  memory=MemoryReading(2 << 30, "balloon"),
+                  nics=(NicCounters("52:54:00:00:00:01", "vnet0", 5, 100, 200, "netlink"),))
+
+
+def report(owned: Mapping[str, str], **kw: Any) -> Report:
+    """A committed pass with one instance per key of `owned` (instance → owner user id)."""
+    iids = sorted(owned)
+    return Report(domains=len(iids), events=len(iids),
+                  usages=tuple(usage(i, **kw) for i in iids),
+                  samples=tuple(sample(i) for i in iids),
+                  owners={i: Owner(u, "org-1", "account-service") for i, u in owned.items()})
+
+
+@dataclass
+class Keys:
+    """Real signing keys and their public halves on disk."""
+
+    rsa: rsa.RSAPrivateKey
+    ec: ec.EllipticCurvePrivateKey
+    rsa_pem: bytes
+    pem_file: Path
+    jwks_file: Path
+    keys_file: Path
+    read_key: str
+    admin_key: str
+    other_key: str
+
+
+def make_keys(tmp: Path) -> Keys:
+    """RSA (PEM file) + EC (JWKS file, kid "ec1") + an API keys file with three keys."""
+    rk = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ek = ec.generate_private_key(ec.SECP256R1())
+    pub = rk.public_key().public_bytes(serialization.Encoding.PEM,
+                                       serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem_file = tmp / "jwt_keys.pem"
+    pem_file.write_bytes(pub)
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ek.public_key()))
+    jwk.update({"kid": "ec1", "use": "sig", "alg": "ES256"})
+    jwks_file = tmp / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [jwk]}))
+    keys_file = tmp / "api_keys.toml"
+    read_clear, read_k = keys_mod.new_key("0xAlice", ["read"])
+    admin_clear, admin_k = keys_mod.new_key("ops", ["admin"])
+    other_clear, other_k = keys_mod.new_key("0xbob", ["read"])
+    keys_file.write_text("\n".join(keys_mod.to_toml(k) for k in (read_k, admin_k, other_k)))
+    return Keys(rk, ek, pub, pem_file, jwks_file, keys_file, read_clear, admin_clear,
+                other_clear)
+
+
+def token(keys: Keys, sub: str = "0xalice", *, alg: str = "RS256", exp_s: float = 300,
+          **claims: Any) -> str:
+    """A real JWT signed with the test RSA (RS*) or EC (ES*) key."""
+    now = int(time.time())
+    body = {"sub": sub, "iat": now, "exp": now + exp_s, "aud": AUD, "iss": ISS, **claims}
+    if alg.startswith("ES"):
+        return jwt.encode(body, keys.ec, algorithm=alg, headers={"kid": "ec1"})
+    return jwt.encode(body, keys.rsa, algorithm=alg)
+
+
+def api_config(keys: Keys, **over: Any) -> ApiConfig:
+    """An [api] section using the test keys."""
+    cfg = ApiConfig(enabled=True, port=0, jwt_algorithms=("RS256", "ES256"),
+                    jwt_keys_file=str(keys.pem_file), jwks_file=str(keys.jwks_file),
+                    jwt_audience=AUD, jwt_issuer=ISS, api_keys_file=str(keys.keys_file),
+                    admin_principals=("0xroot",), rate_per_principal_s=1000.0,
+                    burst_per_principal=2000, rate_per_address_s=1000.0, burst_per_address=2000)
+    return replace(cfg, **over)
+
+
+@dataclass
+class Server:
+    """A running API server."""
+
+    url: str
+    view: ApiView
+    stop: trio.Event
+    webhooks: MemoryWebhooks
+    rules: MemoryRules
+
+
+async def start_server(nursery: trio.Nursery, cfg: ApiConfig, view: ApiView) -> Server:
+    """Serve `view` on 127.0.0.1:<ephemeral> in `nursery`."""
+    stop = trio.Event()
+    webhooks, rules = MemoryWebhooks(), MemoryRules()
+    app = make_app(cfg, view, webhooks=webhooks, rules=rules,
+                   authenticator=Authenticator(cfg))
+    binds = await nursery.start(serve_api, cfg, app, stop)
+    return Server(binds[0], view, stop, webhooks, rules)

@@ -1,0 +1,164 @@
+"""The auth corpus: every forged, stale or misdirected credential is refused correctly."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import replace
+
+import httpx
+import jwt
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from hostagent.api.auth import Authenticator
+from hostagent.api.problems import Problem
+from hostagent.api.view import ApiView
+from hostagent.errors import ConfigError
+from tests.api.support import AUD, ISS, Keys, api_config, report, start_server, token
+
+ROUTE = "/api/v1/usage/instances/i-a1/current"
+
+
+def b64(d: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
+
+def claims(**over: object) -> dict[str, object]:
+    now = int(time.time())
+    return {"sub": "0xalice", "aud": AUD, "iss": ISS, "exp": now + 300, **over}
+
+
+def corpus(keys: Keys) -> dict[str, str]:
+    """name → Authorization header value; every one must be refused with 401."""
+    good = token(keys)
+    h, p, s = good.split(".")
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return {
+        "alg none": f"Bearer {b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims())}.",
+        "alg None": f"Bearer {b64({'alg': 'None'})}.{b64(claims())}.",
+        "HS/RS confusion": f"Bearer {_confusion_token(keys)}",
+        "expired": f"Bearer {token(keys, exp_s=-3600)}",
+        "no exp": "Bearer " + jwt.encode({k: v for k, v in claims().items() if k != "exp"},
+                                         keys.rsa, algorithm="RS256"),
+        "no sub": "Bearer " + jwt.encode({k: v for k, v in claims().items() if k != "sub"},
+                                         keys.rsa, algorithm="RS256"),
+        "wrong audience": f"Bearer {token(keys, aud='someone-else')}",
+        "wrong issuer": f"Bearer {token(keys, iss='https://evil.test')}",
+        "tampered payload": f"Bearer {h}.{b64({**claims(), 'sub': '0xbob'})}.{s}",
+        "alg not allowed (RS512)": f"Bearer {token(keys, alg='RS512')}",
+        "unknown key": "Bearer " + jwt.encode(claims(), stranger, algorithm="RS256"),
+        "garbage": "Bearer not.a.jwt",
+        "bearer without token": "Bearer",
+        "basic scheme": "Basic dXNlcjpwYXNz",
+        "wrong API key secret": f"Bearer {keys.read_key[:-4]}AAAA",
+        "unknown API key id": "Bearer hak_00000000_" + "A" * 43,
+        "payload only": f"Bearer {p}",
+    }
+
+
+def _hs256_with_pem(keys: Keys) -> str:
+    """Signature of an HS256 token whose secret is the server's RSA public key PEM."""
+    import hashlib
+    import hmac
+
+    header = b64({"alg": "HS256", "typ": "JWT"})
+    body = b64(claims())
+    sig = hmac.new(keys.rsa_pem, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(sig).rstrip(b"=").decode()
+
+
+def _confusion_token(keys: Keys) -> str:
+    header = b64({"alg": "HS256", "typ": "JWT"})
+    return f"{header}.{b64(claims())}.{_hs256_with_pem(keys)}"
+
+
+async def test_corpus_refused_with_401(client: httpx.AsyncClient, keys: Keys) -> None:
+    for name, value in corpus(keys).items():
+        r = await client.get(ROUTE, headers={"Authorization": value})
+        assert r.status_code == 401, (name, r.text)
+        assert r.headers["www-authenticate"].startswith('Bearer realm="hostagent"'), name
+        assert r.headers["content-type"] == "application/problem+json", name
+
+
+async def test_hs_rs_confusion_refused_even_with_hs256_allowed(
+        nursery: trio.Nursery, keys: Keys) -> None:
+    # HS256 on the allow-list but no HMAC secret: the RSA PEM must never become one.
+    cfg = api_config(keys, jwt_algorithms=("RS256", "HS256"))
+    view = ApiView()
+    view.update(report({"i-a1": "0xalice"}))
+    srv = await start_server(nursery, cfg, view)
+    async with httpx.AsyncClient(base_url=srv.url) as c:
+        r = await c.get(ROUTE, headers={"Authorization": f"Bearer {_confusion_token(keys)}"})
+        assert r.status_code == 401
+        ok = await c.get(ROUTE, headers={"Authorization": f"Bearer {token(keys)}"})
+        assert ok.status_code == 200
+    srv.stop.set()
+
+
+async def test_missing_credentials_challenge(client: httpx.AsyncClient) -> None:
+    r = await client.get(ROUTE)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == 'Bearer realm="hostagent"'
+
+
+async def test_oversized_header_refused(client: httpx.AsyncClient, keys: Keys) -> None:
+    r = await client.get(ROUTE, headers={"Authorization": "Bearer " + "a" * 9000})
+    assert r.status_code == 431
+    r = await client.get(ROUTE, headers={"X-API-Key": "hak_" + "a" * 9000})
+    assert r.status_code == 431
+    r = await client.get(ROUTE, headers={"Authorization": "Bearer " + "a" * 100_000})
+    assert r.status_code in (400, 431)  # past hypercorn's own header limit
+
+
+async def test_other_users_instance_is_not_revealed(client: httpx.AsyncClient,
+                                                    keys: Keys) -> None:
+    bob = {"Authorization": f"Bearer {token(keys, '0xbob')}"}
+    r = await client.get(ROUTE, headers=bob)
+    assert r.status_code == 404
+    r = await client.get("/api/v1/usage/users/0xalice/current", headers=bob)
+    assert r.status_code == 403
+    r = await client.get("/api/v1/metrics", headers=bob, params={"user_id": "0xalice"})
+    assert r.json()["items"] == []
+
+
+async def test_valid_credentials(client: httpx.AsyncClient, keys: Keys) -> None:
+    for value in (f"Bearer {token(keys)}", f"Bearer {token(keys, alg='ES256')}",
+                  f"Bearer {keys.read_key}"):
+        r = await client.get(ROUTE, headers={"Authorization": value})
+        assert r.status_code == 200, (value[:30], r.text)
+    r = await client.get(ROUTE, headers={"X-API-Key": keys.read_key})
+    assert r.status_code == 200
+
+
+async def test_admin_from_claim_or_principal_list(client: httpx.AsyncClient,
+                                                  keys: Keys) -> None:
+    for t in (token(keys, "0xroot"), token(keys, "0xzed", scope="read admin")):
+        r = await client.get("/api/v1/usage/instances/i-b1/current",
+                             headers={"Authorization": f"Bearer {t}"})
+        assert r.status_code == 200
+    r = await client.get("/api/v1/usage/instances/i-b1/current",
+                         headers={"Authorization": f"Bearer {token(keys, '0xzed', scope='read')}"})
+    assert r.status_code == 404
+
+
+def test_config_refuses_none_and_short_hmac(keys: Keys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="jwt_algorithms"):
+        Authenticator(api_config(keys, jwt_algorithms=("none",)))
+    short = tmp_path / "secret"
+    short.write_text("tooshort")
+    with pytest.raises(ConfigError, match="32 bytes"):
+        Authenticator(api_config(keys, jwt_hmac_secret_file=str(short)))
+
+
+def test_hmac_secret_works_when_configured(keys: Keys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    secret = tmp_path / "secret"
+    secret.write_text("k" * 40)
+    auth = Authenticator(replace(api_config(keys), jwt_algorithms=("HS256",),
+                                 jwt_hmac_secret_file=str(secret)))
+    t = jwt.encode(claims(), "k" * 40, algorithm="HS256")
+    assert auth.authenticate(f"Bearer {t}", None).subject == "0xalice"
+    with pytest.raises(Problem):  # RS256 is not on this allow-list
+        auth.authenticate(f"Bearer {token(keys)}", None)

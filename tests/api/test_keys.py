@@ -1,0 +1,56 @@
+"""API keys: the CLI writes hashed entries only; verification is exact."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hostagent.api import keys
+from hostagent.errors import ConfigError
+
+
+def test_cli_new_and_list(tmp_path: Path) -> None:
+    f = tmp_path / "keys.toml"
+    out = subprocess.run([sys.executable, "-m", "hostagent.api.keys", "new", "--principal",
+                          "portal", "--scope", "read", "--file", str(f)],
+                         capture_output=True, text=True, check=True)
+    clear = out.stdout.strip()
+    assert clear.startswith("hak_")
+    text = f.read_text()
+    assert clear.split("_", 2)[2] not in text  # the secret is never stored
+    assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    loaded = keys.load_keys(str(f))
+    k = keys.verify(clear, loaded)
+    assert k is not None
+    assert k.principal == "portal"
+    assert k.scopes == {"read"}
+    listed = subprocess.run([sys.executable, "-m", "hostagent.api.keys", "list", "--file",
+                             str(f)], capture_output=True, text=True, check=True).stdout
+    assert "portal\tread" in listed
+
+
+def test_verify_rejects_near_misses() -> None:
+    clear, stored = keys.new_key("p", ["admin"])
+    table = {stored.key_id: stored}
+    assert keys.verify(clear, table) == stored
+    assert keys.verify(clear + "x", table) is None
+    assert keys.verify(clear[:-1], table) is None
+    assert keys.verify(clear.replace("hak_", "hak"), table) is None
+    assert keys.verify("hak_" + stored.key_id, table) is None
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    f = tmp_path / "k.toml"
+    f.write_text('[[keys]]\nid = "x"\nprincipal = "p"\nscopes = ["root"]\nsalt = "00"\n'
+                 'sha256 = "00"\n')
+    with pytest.raises(ConfigError, match="scopes"):
+        keys.load_keys(str(f))
+    f.write_text('[[keys]]\nid = "x"\n')
+    with pytest.raises(ConfigError, match="keys\\[0\\]"):
+        keys.load_keys(str(f))
+    with pytest.raises(ValueError, match="scopes"):
+        keys.new_key("p", ["write"])

@@ -1,0 +1,61 @@
+"""Load: 50 concurrent clients against a live server: no errors, no 5xx, sane latency.
+
+Runs HOSTAGENT_API_LOAD_S seconds (default 3 to keep the suite fast; the issue's 20 s run and
+the pass-duration comparison are in bench/api.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import trio
+
+from hostagent.api.view import ApiView
+from tests.api.support import Keys, api_config, report, start_server, token
+
+DURATION_S = float(os.environ.get("HOSTAGENT_API_LOAD_S", "3"))
+CLIENTS = 50
+
+
+async def test_fifty_clients_no_errors(nursery: trio.Nursery, keys: Keys) -> None:
+    view = ApiView()
+    owned = {f"i-{n:04d}": f"0xu{n % 10}" for n in range(1000)}
+    view.update(report(owned))
+    cfg = api_config(keys, rate_per_address_s=1e6, burst_per_address=10**6,
+                     rate_per_principal_s=1e6, burst_per_principal=10**6)
+    srv = await start_server(nursery, cfg, view)
+    statuses: dict[int, int] = {}
+    failures: list[str] = []
+    count = 0
+
+    async def client(i: int) -> None:
+        nonlocal count
+        user = f"0xu{i % 10}"
+        h = {"Authorization": f"Bearer {token(keys, user)}"}
+        paths = [f"/api/v1/usage/users/{user}/current", "/api/v1/metrics?limit=20",
+                 f"/api/v1/usage/instances/i-{i % 10:04d}/current", "/health"]
+        async with httpx.AsyncClient(base_url=srv.url, headers=h, timeout=30) as c:
+            n = 0
+            with trio.move_on_after(DURATION_S):
+                while True:
+                    try:
+                        r = await c.get(paths[n % len(paths)])
+                    except httpx.HTTPError as err:
+                        failures.append(repr(err))
+                        continue
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    count += 1
+                    n += 1
+
+    async with trio.open_nursery() as n:
+        for i in range(CLIENTS):
+            n.start_soon(client, i)
+        # meanwhile the "collector" swaps snapshots, as Daemon.on_pass would
+        for _ in range(int(DURATION_S * 4)):
+            await trio.sleep(0.25)
+            view.update(report(owned))
+    srv.stop.set()
+    assert failures == []
+    assert set(statuses) == {200}, statuses
+    assert count > CLIENTS * DURATION_S  # every client made progress

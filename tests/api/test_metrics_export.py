@@ -1,0 +1,70 @@
+"""GET /metrics: a parseable exposition with bounded labels and the daemon's own metrics."""
+
+from __future__ import annotations
+
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from hostagent import emission_metrics as em
+from hostagent.api.view import ApiView
+from tests.api.support import Keys, api_config, report, start_server
+
+
+def emission() -> em.EmissionMetrics:
+    c = em.SinkCounters(published=7, failed=2)
+    c.observe_latency(0.02)
+    return em.EmissionMetrics(
+        sinks={"queue": em.snapshot("queue", c, depth=3, oldest_pending_age_s=12.5,
+                                    dead_letters=1, breaker_state="open", breaker_opened=1)},
+        store_used_bytes=4096, store_file_bytes=8192, store_max_bytes=10**9, merges=0)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
+    view = ApiView(emission_metrics=emission)
+    view.update(report({"i-a1": "0xalice", "i-b1": "0xbob"}))
+    srv = await start_server(nursery, api_config(keys), view)
+    async with httpx.AsyncClient(base_url=srv.url) as c:
+        assert (await c.get("/metrics")).status_code == 401
+        assert (await c.get("/metrics", headers={"X-API-Key": keys.read_key})).status_code == 403
+        await c.get("/api/v1/metrics", headers={"X-API-Key": keys.read_key})
+        r = await c.get("/metrics", headers={"X-API-Key": keys.admin_key})
+    srv.stop.set()
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    s = samples(r.text)
+    a1 = (("instance", "i-a1"), ("owner", "0xalice"))
+    assert s[("hostagent_instance_cpu_seconds_total", a1)] == 3600.0
+    assert s[("hostagent_instance_network_egress_bytes_total", a1)] == 200
+    assert s[("hostagent_instance_memory_used_bytes", a1)] == 2 << 30
+    assert s[("hostagent_instances", ())] == 2
+    assert s[("hostagent_passes_total", ())] == 1
+    assert s[("hostagent_events_published_total", (("sink", "queue"),))] == 7
+    assert s[("hostagent_outbox_depth", (("sink", "queue"),))] == 3
+    assert s[("hostagent_sink_breaker_state", (("sink", "queue"), ("state", "open")))] == 1
+    assert s[("hostagent_sink_latency_seconds_count", (("sink", "queue"),))] == 1
+    assert s[("hostagent_api_requests_total",
+              (("code", "2xx"), ("route", "/api/v1/metrics")))] == 1
+    # bounded labels: only these label names anywhere
+    names = {k for (_n, labels) in s for k, _v in labels}
+    assert names <= {"instance", "owner", "sink", "state", "route", "code", "le"}
+    routes = {dict(labels).get("route") for (n, labels) in s if n.startswith("hostagent_api")}
+    assert "/api/v1/metrics/instances/i-a1" not in routes
+
+
+async def test_metrics_can_be_opened(nursery: trio.Nursery, keys: Keys) -> None:
+    view = ApiView()
+    srv = await start_server(nursery, api_config(keys, metrics_unauthenticated=True), view)
+    async with httpx.AsyncClient(base_url=srv.url) as c:
+        r = await c.get("/metrics")
+    srv.stop.set()
+    assert r.status_code == 200
+    assert "hostagent_passes_total 0.0" in r.text
