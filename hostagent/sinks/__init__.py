@@ -15,7 +15,7 @@ records acknowledgements only after it returns.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from hostagent.clock import Clock
 from hostagent.config import (
@@ -34,6 +34,46 @@ if TYPE_CHECKING:
 
 class Undeliverable(SinkRejected):
     """This sink can never take this event (e.g. larger than its request limit)."""
+
+
+class _SinkSettings(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def kinds(self) -> tuple[str, ...]: ...
+    @property
+    def retry(self) -> RetryConfig: ...
+    @property
+    def breaker(self) -> BreakerConfig: ...
+
+
+C = TypeVar("C", bound=_SinkSettings)
+
+
+class ConfiguredSink(Generic[C]):
+    """The settings the Sink protocol asks for, read from the sink's `[[sinks]]` entry."""
+
+    cfg: C
+
+    @property
+    def name(self) -> str:
+        """Unique sink name."""
+        return self.cfg.name
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """Event kinds this sink receives."""
+        return frozenset(self.cfg.kinds)
+
+    @property
+    def retry(self) -> RetryConfig:
+        """Retry schedule of one attempt round."""
+        return self.cfg.retry
+
+    @property
+    def breaker(self) -> BreakerConfig:
+        """Circuit breaker settings."""
+        return self.cfg.breaker
 
 
 class Sink(Protocol):

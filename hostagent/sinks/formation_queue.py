@@ -30,10 +30,10 @@ import httpx
 import orjson
 import trio
 
-from hostagent.config import BreakerConfig, QueueSinkConfig, RetryConfig
+from hostagent.config import QueueSinkConfig
 from hostagent.errors import SinkRejected, SinkUnavailable
 from hostagent.model import OutEvent
-from hostagent.sinks import Undeliverable
+from hostagent.sinks import ConfiguredSink, Undeliverable
 
 ALERT_KIND = "threshold_violation"
 WRITE_PATH = "/queue/write_local"
@@ -169,7 +169,7 @@ def wants(event: OutEvent) -> bool:
     return doc.get("action") != "notify" or "queue" in (doc.get("channels") or ())
 
 
-class FormationQueueSink:
+class FormationQueueSink(ConfiguredSink[QueueSinkConfig]):
     """Publishes events to a form-p2p queue over HTTP."""
 
     def __init__(self, cfg: QueueSinkConfig, *,
@@ -189,30 +189,14 @@ class FormationQueueSink:
                                              transport=transport, trust_env=False)
             self._url = str(url.copy_with(path=self._target))
 
-    @property
-    def name(self) -> str:
-        """The sink's name."""
-        return self.cfg.name
 
-    @property
-    def kinds(self) -> frozenset[str]:
-        """Kinds this sink takes."""
-        return frozenset(self.cfg.kinds)
 
     @property
     def max_in_flight(self) -> int:
         """Concurrent requests."""
         return self.cfg.max_in_flight
 
-    @property
-    def retry(self) -> RetryConfig:
-        """Retry schedule."""
-        return self.cfg.retry
 
-    @property
-    def breaker(self) -> BreakerConfig:
-        """Breaker settings."""
-        return self.cfg.breaker
 
     def body_for(self, event: OutEvent) -> bytes:
         """The request body for `event` (topic chosen by kind)."""

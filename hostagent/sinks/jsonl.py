@@ -15,14 +15,15 @@ from pathlib import Path
 
 import trio
 
-from hostagent.config import BreakerConfig, JsonlSinkConfig, RetryConfig
+from hostagent.config import JsonlSinkConfig
 from hostagent.errors import SinkUnavailable
 from hostagent.model import OutEvent
+from hostagent.sinks import ConfiguredSink
 
 log = logging.getLogger(__name__)
 
 
-class JsonlSink:
+class JsonlSink(ConfiguredSink[JsonlSinkConfig]):
     """Appends events to a file; a failed write or fsync is transient (retried)."""
 
     max_in_flight = 1
@@ -34,25 +35,9 @@ class JsonlSink:
         self._needs_newline = False
         self._limiter = trio.CapacityLimiter(1)
 
-    @property
-    def name(self) -> str:
-        """The sink's name."""
-        return self.cfg.name
 
-    @property
-    def kinds(self) -> frozenset[str]:
-        """Kinds this sink takes."""
-        return frozenset(self.cfg.kinds)
 
-    @property
-    def retry(self) -> RetryConfig:
-        """Retry schedule."""
-        return self.cfg.retry
 
-    @property
-    def breaker(self) -> BreakerConfig:
-        """Breaker settings."""
-        return self.cfg.breaker
 
     def _open(self) -> int:
         if self._fd is None:

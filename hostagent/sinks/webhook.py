@@ -41,9 +41,10 @@ import trio
 
 from hostagent.breaker import Breaker
 from hostagent.clock import Clock
-from hostagent.config import BreakerConfig, RetryConfig, WebhookSinkConfig
+from hostagent.config import WebhookSinkConfig
 from hostagent.errors import SinkUnavailable, StateError
 from hostagent.model import OutEvent
+from hostagent.sinks import ConfiguredSink
 from hostagent.ssrf import AllowList, Resolver, UrlRefused, resolve, system_resolver
 from hostagent.webhook_store import Delivery, Registration, WebhookStore
 
@@ -79,7 +80,7 @@ def request_headers(reg: Registration, d: Delivery, ts: int) -> dict[str, str]:
             "webhook-timestamp": str(ts), **signature_headers(reg.secret, d.event_id, ts, d.body)}
 
 
-class WebhookSink:
+class WebhookSink(ConfiguredSink[WebhookSinkConfig]):
     """The outbox side: `send` fans an event out into the webhook delivery table."""
 
     def __init__(self, cfg: WebhookSinkConfig, store: WebhookStore,
@@ -89,30 +90,14 @@ class WebhookSink:
         self.dispatcher = dispatcher
         self.fanned_out = 0
 
-    @property
-    def name(self) -> str:
-        """Sink name."""
-        return self.cfg.name
 
-    @property
-    def kinds(self) -> frozenset[str]:
-        """Kinds fanned out."""
-        return frozenset(self.cfg.kinds)
 
     @property
     def max_in_flight(self) -> int:
         """Concurrent fan-out writes."""
         return self.cfg.max_in_flight
 
-    @property
-    def retry(self) -> RetryConfig:
-        """Retry schedule of the fan-out write."""
-        return self.cfg.retry
 
-    @property
-    def breaker(self) -> BreakerConfig:
-        """Breaker of the fan-out write (per-endpoint breakers live in the dispatcher)."""
-        return self.cfg.breaker
 
     async def send(self, event: OutEvent) -> None:
         """Commit the event's fan-out rows; SinkUnavailable if the state file refused."""
