@@ -141,6 +141,7 @@ class Collector:
         self._instance_ids: dict[tuple[str, int], str] = {}
         self.last: PassReport | None = None
         self._passes = 0
+        self._boot_ns: int | None = None
         self.last_ok_wall_ns: int | None = None
 
     # --- reading --------------------------------------------------------------------------
@@ -213,7 +214,9 @@ class Collector:
             if facts is None or facts.cgroup is None:
                 pid = proc.pid_of(self.root, info.name)
                 ticks = proc.process_start_ticks(self.root, pid) if pid else None
-                boot_ns = proc.boot_time_ns(self.root)
+                if self._boot_ns is None:  # fixed until reboot: read /proc/stat once
+                    self._boot_ns = proc.boot_time_ns(self.root)
+                boot_ns = self._boot_ns
                 started = (proc.ticks_to_wall_ns(ticks, boot_ns)
                            if ticks is not None and boot_ns is not None else None)
                 paths = (cgroup_src.locate(self.root, self.cfg.paths.cgroup_root, pid)

@@ -28,16 +28,16 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import orjson
 
-from hostagent import outbox_upkeep
+from hostagent import outbox_upkeep, sqlite_tx
 from hostagent.clock import Clock
-from hostagent.errors import StateCorrupt, StateError, StoreFull
+from hostagent.errors import StateCorrupt, StateError
 from hostagent.model import Baseline, OutEvent
 from hostagent.outbox_inspect import Pending, StoreReader
 
@@ -45,9 +45,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 APP = "hostagent-state"
-SQLITE_CORRUPT = 11
-SQLITE_FULL = 13
-SQLITE_NOTADB = 26
 MERGE_AT = outbox_upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pending
 
 _SCHEMA = """
@@ -105,15 +102,6 @@ class Maintenance:
     used_bytes: int
 
 
-def _translate(err: sqlite3.Error, path: Path, what: str) -> StateError:
-    code = getattr(err, "sqlite_errorcode", None)
-    if code is not None and code & 0xFF == SQLITE_FULL:
-        return StoreFull(f"{path}: {what}: store or disk full ({err})")
-    if code is not None and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
-        return StateCorrupt(f"{path}: {what}: database damaged ({err})")
-    return StateError(f"{path}: {what}: {err}")
-
-
 class Store(StoreReader):
     """Baselines, the event outbox with per-sink delivery state, and alert state."""
 
@@ -149,7 +137,8 @@ class Store(StoreReader):
             store._setup(existed, node_id)
         except sqlite3.Error as err:
             conn.close()
-            if getattr(err, "sqlite_errorcode", 0) & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
+            damaged = (sqlite_tx.SQLITE_CORRUPT, sqlite_tx.SQLITE_NOTADB)
+            if getattr(err, "sqlite_errorcode", 0) & 0xFF in damaged:
                 raise StateCorrupt(f"{p}: not a usable hostagent state store ({err}); refusing "
                                    "to reset billing state: move the file aside to start "
                                    "afresh") from err
@@ -230,27 +219,9 @@ class Store(StoreReader):
         with self._lock:
             self._conn.close()
 
-    @contextmanager
-    def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            c = self._conn
-            try:
-                c.execute("BEGIN IMMEDIATE")
-                yield c
-                c.execute("COMMIT")
-            except sqlite3.Error as err:
-                self._rollback()
-                raise _translate(err, self.path, what) from err
-            except BaseException:
-                self._rollback()
-                raise
-
-    def _rollback(self) -> None:
-        if self._conn.in_transaction:
-            try:
-                self._conn.execute("ROLLBACK")
-            except sqlite3.Error as err:  # SQLite may already have rolled back (SQLITE_FULL)
-                log.debug("rollback failed", extra={"error": str(err)})
+    def transaction(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
+        """One write transaction under the store's lock (errors mapped to StateError)."""
+        return sqlite_tx.transaction(self._conn, self._lock, self.path, what)
 
     @contextmanager
     def reading(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -258,7 +229,7 @@ class Store(StoreReader):
             try:
                 yield self._conn
             except sqlite3.Error as err:
-                raise _translate(err, self.path, what) from err
+                raise sqlite_tx.translate(err, self.path, what) from err
 
     # --- the collector's side ---------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -70,14 +71,14 @@ class StoreSize:
     used_bytes: int
 
 
-class StoreReader:
+class StoreReader(ABC):
     """The read-only queries of hostagent.outbox.Store, which supplies `path` and `reading`."""
 
     path: Path
 
+    @abstractmethod
     def reading(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
-        """The connection to read with, under the store's lock (Store overrides this)."""
-        raise NotImplementedError
+        """The connection to read with, under the store's lock."""
 
     # --- the collector's side ---------------------------------------------------------------
 

@@ -26,14 +26,15 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from hostagent import sqlite_tx
 from hostagent.clock import Clock
 from hostagent.errors import ConfigError, StateError
 from hostagent.model import OutEvent
@@ -132,24 +133,8 @@ class WebhookStore:
         with self._lock:
             self._conn.close()
 
-    @contextmanager
-    def _tx(self, what: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            c = self._conn
-            try:
-                c.execute("BEGIN IMMEDIATE")
-                yield c
-                c.execute("COMMIT")
-            except sqlite3.Error as err:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise StateError(f"{self.path}: {what}: {err}") from err
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
-
-    # --- registrations ------------------------------------------------------------------
+    def _tx(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite_tx.transaction(self._conn, self._lock, self.path, what)
 
     def register(self, url: str, event_types: Sequence[str], secret: str | None = None,
                  ) -> Registration:

@@ -1,9 +1,15 @@
-"""Shared fixtures: the lab (real libvirt + QEMU guests) for tests marked `lab`."""
+"""Shared fixtures: the lab (real libvirt + QEMU guests) for tests marked `lab`, and small
+tmpfs mounts for disk-full tests. Both need root: under `make test` (HOSTAGENT_LAB=required)
+a missing prerequisite fails the test instead of skipping it."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -12,19 +18,42 @@ from tests import lab_support
 LAB_REQUIRED = os.environ.get("HOSTAGENT_LAB") == "required"
 
 
+def unavailable(reason: str) -> NoReturn:
+    """Skip when a root-only prerequisite is missing, but fail under `make test`."""
+    if LAB_REQUIRED:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
-def lab_guests() -> Iterator[list[str]]:
-    """Names of running lab guests (at least 2). Skips, or fails under HOSTAGENT_LAB=required."""
-    reason = None
+def lab_guests() -> list[str]:
+    """Names of running lab guests (at least 2)."""
     if os.geteuid() != 0:
-        reason = "the lab needs root"
-    else:
-        try:
-            guests = lab_support.ensure_lab(2)
-        except Exception as err:
-            reason = f"lab unavailable: {err}"
-    if reason is not None:
-        if LAB_REQUIRED:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return guests
+        unavailable("the lab needs root")
+    try:
+        return lab_support.ensure_lab(2)
+    except Exception as err:  # any failure to bring the lab up
+        unavailable(f"lab unavailable: {err}")
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[str], Path]]:
+    """`tmpfs("2m")` mounts a tmpfs of that size for the test (root only); unmounted after."""
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            unavailable("mounting a tmpfs needs root")
+        mnt = Path(tempfile.mkdtemp(prefix="hostagent-tmpfs-"))
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                           capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            mnt.rmdir()
+            unavailable(f"cannot mount tmpfs: {r.stderr.strip()}")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        mnt.rmdir()

@@ -7,7 +7,6 @@ pid files and tap counters all move together as they did on the recorded host.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,6 @@ import pytest
 import trio
 
 from hostagent import config as config_mod
-from hostagent.clock import FakeClock
 from hostagent.collector import Collector
 from hostagent.model import Baseline
 from hostagent.outbox import Store
@@ -26,92 +24,7 @@ from hostagent.owners import Owners
 from hostagent.sources.files import HostRoot
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import SysfsLinkReader
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hosts"
-
-
-class FakeDomain:
-    def __init__(self, entry: dict[str, Any], xml: str) -> None:
-        self.entry = entry
-        self.xml = xml
-
-    def UUIDString(self) -> str:
-        return str(self.entry["uuid"])
-
-    def name(self) -> str:
-        return str(self.entry["name"])
-
-    def ID(self) -> int:
-        return int(self.entry["id"])
-
-    def XMLDesc(self, flags: int) -> str:
-        return self.xml
-
-
-class ReplayConnection:
-    """Answers like a libvirt connection from a recorded tree; can hang on demand."""
-
-    def __init__(self, tree: Path) -> None:
-        self.tree = tree
-        self.bulk_calls = 0
-        self.xml_calls = 0
-        self.hang_bulk = threading.Event()
-        self.release = threading.Event()
-
-    def _domains(self) -> list[tuple[FakeDomain, dict[str, Any]]]:
-        entries = json.loads((self.tree / "libvirt" / "bulk_stats.json").read_text())
-        out = []
-        for e in entries:
-            xml = (self.tree / "libvirt" / f"{e['name']}.xml").read_text()
-            out.append((self._count_xml(FakeDomain(e, xml)), e["stats"]))
-        return out
-
-    def _count_xml(self, dom: FakeDomain) -> FakeDomain:
-        conn = self
-
-        class Counted(FakeDomain):
-            def XMLDesc(self, flags: int) -> str:
-                conn.xml_calls += 1
-                return dom.xml
-
-        return Counted(dom.entry, dom.xml)
-
-    def getAllDomainStats(self, stats: int, flags: int) -> Any:
-        self.bulk_calls += 1
-        if self.hang_bulk.is_set():
-            self.release.wait(30)
-        return self._domains()
-
-    def listAllDomains(self, flags: int) -> list[FakeDomain]:
-        return [d for d, _ in self._domains()]
-
-    def domainListGetStats(self, doms: list[FakeDomain], stats: int, flags: int) -> Any:
-        want = {d.UUIDString() for d in doms}
-        return [(d, s) for d, s in self._domains() if d.UUIDString() in want]
-
-    def close(self) -> None:
-        pass
-
-
-class Host:
-    """A recorded host whose clock and tree move from t0 to t1."""
-
-    def __init__(self, tmp: Path, name: str) -> None:
-        self.src = FIXTURES / name
-        self.meta = json.loads((self.src / "meta.json").read_text())
-        self.root = tmp / "root"
-        self.root.symlink_to(self.src / "t0")
-        self.conn = ReplayConnection(self.root)
-        self.clock = FakeClock(wall_ns=1_800_000_000 * 10**9)
-
-    def move_to_t1(self) -> None:
-        self.root.unlink()
-        self.root.symlink_to(self.src / "t1")
-        self.clock.advance(float(self.meta["interval_s"]))
-
-    def bulk(self, t: str) -> dict[str, dict[str, Any]]:
-        entries = json.loads((self.src / t / "libvirt" / "bulk_stats.json").read_text())
-        return {e["uuid"]: e["stats"] for e in entries}
+from tests.replay import FakeDomain, Host
 
 
 def make_collector(host: Host, tmp: Path, **collector: Any) -> tuple[Collector, Store]:

@@ -9,9 +9,8 @@ import orjson
 import pytest
 import trio
 
-from hostagent import config as config_mod
 from hostagent.daemon import Daemon, next_tick_s
-from tests.test_collector import Host
+from tests.replay import Host, build_daemon, daemon_config
 
 
 @pytest.mark.parametrize(
@@ -24,30 +23,8 @@ def test_next_tick_aligns_to_the_wall_clock(now: float, interval: float, align: 
     assert next_tick_s(now, interval, align) == pytest.approx(expected)
 
 
-def build(tmp_path: Path, host: Host, **collector: Any) -> tuple[Daemon, Path]:
-    events = tmp_path / "events.jsonl"
-    cfg_path = tmp_path / "hostagent.toml"
-    cfg_path.write_text(f"""
-[host]
-node_id = "daemon-test"
-[libvirt]
-uri = "replay:///"
-call_timeout_s = 2
-[paths]
-root = "{host.root}"
-[collector]
-interval_s = 1
-align = false
-state_path = "{tmp_path}/state.db"
-count_preexisting = true
-[[sinks]]
-type = "jsonl"
-path = "{events}"
-""")
-    cfg = config_mod.load(cfg_path)
-    daemon = Daemon.build(cfg, config_path=str(cfg_path))
-    daemon.libvirt._connector = lambda uri, ro: host.conn
-    return daemon, events
+def build(tmp_path: Path, host: Host) -> tuple[Daemon, Path]:
+    return build_daemon(daemon_config(tmp_path, host), host), tmp_path / "events.jsonl"
 
 
 def read(path: Path) -> list[dict[str, Any]]:

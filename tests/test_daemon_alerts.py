@@ -11,10 +11,9 @@ from typing import Any
 import orjson
 import trio
 
-from hostagent import config as config_mod
 from hostagent.daemon import Daemon
+from tests.replay import Host, build_daemon, daemon_config
 from tests.standins.webhook_receiver import WebhookReceiver
-from tests.test_collector import Host
 
 SECRET = "s3cret-for-tests"
 CPU = {"id": "cpu-high", "resource_type": "Cpu",
@@ -29,31 +28,9 @@ MEMORY = {"id": "mem-high", "resource_type": "Memory",
 def build(tmp_path: Path, host: Host) -> Daemon:
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps([CPU, MEMORY]))
-    cfg_path = tmp_path / "hostagent.toml"
-    cfg_path.write_text(f"""
-[host]
-node_id = "alerts-test"
-[libvirt]
-uri = "replay:///"
-[paths]
-root = "{host.root}"
-[collector]
-interval_s = 1
-align = false
-state_path = "{tmp_path}/state.db"
-count_preexisting = true
-[thresholds]
-rules_path = "{rules}"
-[[sinks]]
-type = "jsonl"
-path = "{tmp_path}/events.jsonl"
-[[sinks]]
-type = "webhook"
-allow_list = ["127.0.0.1"]
-""")
-    daemon = Daemon.build(config_mod.load(cfg_path), config_path=str(cfg_path))
-    daemon.libvirt._connector = lambda uri, ro: host.conn
-    return daemon
+    cfg = daemon_config(tmp_path, host, tables=f'[thresholds]\nrules_path = "{rules}"',
+                        sinks='[[sinks]]\ntype = "webhook"\nallow_list = ["127.0.0.1"]')
+    return build_daemon(cfg, host)
 
 
 async def run_until(daemon: Daemon, done: Callable[[], bool], timeout_s: float) -> None:

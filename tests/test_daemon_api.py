@@ -9,10 +9,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from hostagent import config as config_mod
-from hostagent.daemon import Daemon
 from tests.api.support import make_keys
-from tests.test_collector import Host
+from tests.replay import Host, build_daemon, daemon_config
 
 
 async def test_daemon_serves_usage_webhooks_rules_and_metrics(tmp_path: Path) -> None:
@@ -20,33 +18,15 @@ async def test_daemon_serves_usage_webhooks_rules_and_metrics(tmp_path: Path) ->
     keys = make_keys(tmp_path)
     rules = tmp_path / "rules.json"
     rules.write_text("[]")
-    cfg_path = tmp_path / "hostagent.toml"
-    cfg_path.write_text(f"""
-[host]
-node_id = "api-test"
-[libvirt]
-uri = "replay:///"
-[paths]
-root = "{host.root}"
-[collector]
-interval_s = 1
-align = false
-state_path = "{tmp_path}/state.db"
-count_preexisting = true
+    cfg = daemon_config(tmp_path, host, tables=f"""
 [thresholds]
 rules_path = "{rules}"
 [api]
 enabled = true
 port = 0
 api_keys_file = "{keys.keys_file}"
-[[sinks]]
-type = "jsonl"
-path = "{tmp_path}/events.jsonl"
-[[sinks]]
-type = "webhook"
-""")
-    daemon = Daemon.build(config_mod.load(cfg_path), config_path=str(cfg_path))
-    daemon.libvirt._connector = lambda uri, ro: host.conn
+""", sinks='[[sinks]]\ntype = "webhook"')
+    daemon = build_daemon(cfg, host)
     admin = {"Authorization": f"Bearer {keys.admin_key}"}
     uuid = host.meta["guests"][0]["uuid"]
     first_pass = trio.Event()

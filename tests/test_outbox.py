@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -271,21 +269,9 @@ def test_cap_full_commit_raises_storefull_and_keeps_baselines(tmp_path: Path,
 
 
 @pytest.fixture
-def tiny_fs() -> Iterator[Path]:
-    """A 2 MiB tmpfs, mounted for the test (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = Path(tempfile.mkdtemp(prefix="hostagent-full-"))
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        mnt.rmdir()
-        pytest.skip(f"cannot mount tmpfs: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        mnt.rmdir()
+def tiny_fs(tmpfs: Callable[[str], Path]) -> Path:
+    """A 2m tmpfs for the test."""
+    return tmpfs("2m")
 
 
 def test_disk_full_no_loss_and_recovery(tiny_fs: Path, clock: FakeClock) -> None:

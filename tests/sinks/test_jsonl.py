@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -58,20 +55,9 @@ async def test_torn_last_line_does_not_corrupt_later_lines(tmp_path: Path) -> No
 
 
 @pytest.fixture
-def tiny_fs() -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = Path(tempfile.mkdtemp(prefix="hostagent-jsonl-"))
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        mnt.rmdir()
-        pytest.skip(f"cannot mount tmpfs: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        mnt.rmdir()
+def tiny_fs(tmpfs: Callable[[str], Path]) -> Path:
+    """A 64k tmpfs for the test."""
+    return tmpfs("64k")
 
 
 async def test_full_disk_is_transient_and_lines_stay_whole(tiny_fs: Path) -> None:
