@@ -36,7 +36,8 @@ import orjson
 
 from hostagent.events import TimeFormat, render_time
 from hostagent.model import OutEvent, Owner
-from hostagent.thresholds import Rule, Transition
+from hostagent.threshold_rules import Rule
+from hostagent.threshold_state import Transition
 
 log = logging.getLogger(__name__)
 

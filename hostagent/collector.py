@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from hostagent import alerts, events, identity, inventory, sampling, thresholds
+from hostagent import alerts, events, identity, inventory, sampling, threshold_state
 from hostagent.alerts import StormControl
 from hostagent.assemble import build_sample
 from hostagent.clock import Clock
@@ -73,7 +73,7 @@ class Accounting:
     events: list[OutEvent]
     owners: dict[str, Owner]
     alert_changes: Mapping[str, bytes | None]
-    alert_states: Mapping[str, thresholds.AlertState]
+    alert_states: Mapping[str, threshold_state.AlertState]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +134,8 @@ class Collector:
         self.baselines: dict[str, Baseline] = store.load_baselines() if store is not None else {}
         self.rules = rules
         self.storm = storm
-        self.alert_states: dict[str, thresholds.AlertState] = (
-            thresholds.load_states(store.load_alert_state())
+        self.alert_states: dict[str, threshold_state.AlertState] = (
+            threshold_state.load_states(store.load_alert_state())
             if store is not None and rules is not None else {})
         self._facts: dict[tuple[str, int], HostFacts] = {}
         self._instance_ids: dict[tuple[str, int], str] = {}
@@ -417,13 +417,13 @@ class Collector:
             out.append(events.build_usage_event(u, owner, self.cfg.host.node_id,
                                                 time_format=self.cfg.collector.time_format))
         changes: Mapping[str, bytes | None] = {}
-        states: Mapping[str, thresholds.AlertState] = self.alert_states
+        states: Mapping[str, threshold_state.AlertState] = self.alert_states
         if self.rules is not None:
             unassigned = self.cfg.owners.unassigned
             users = {iid: (None if o.user_id == unassigned else o.user_id)
                      for iid, o in owners.items()}
-            ev = thresholds.evaluate(self.rules.index, usages, users, self.alert_states, now_ns,
-                                     gate=self.storm, removed_instances=gone)
+            ev = threshold_state.evaluate(self.rules.index, usages, users, self.alert_states,
+                                          now_ns, gate=self.storm, removed_instances=gone)
             out.extend(alerts.route(ev.transitions, owners, self.cfg.host.node_id,
                                     time_format=self.cfg.collector.time_format,
                                     unassigned=unassigned))

@@ -9,8 +9,8 @@ Formats (by suffix; `.toml` is TOML, anything else JSON)::
            threshold_type = { Percentage = { value = 80.0 } }
            ...
 
-Each rule is either seed format (see hostagent.thresholds). A file that cannot be read or has
-one invalid rule raises `ConfigError` naming the file, `rules[i].key`, what was expected and
+Each rule is either seed format (see hostagent.threshold_rules). A file that cannot be read or
+has one invalid rule raises `ConfigError` naming the file, `rules[i].key`, what was expected and
 the fix; `RulesSource` then keeps serving the last valid set (and says so in `last_error`).
 A file that disappears is an error too (rules are not silently dropped); an empty `rules_path`
 means no rules.
@@ -32,7 +32,8 @@ import trio
 from hostagent.alerts import StormControl
 from hostagent.config import ThresholdsConfig
 from hostagent.errors import ConfigError
-from hostagent.thresholds import Rule, RuleIndex, Settings, build_index, parse_rules
+from hostagent.threshold_index import RuleIndex, Settings, build_index
+from hostagent.threshold_rules import Rule, parse_rules
 
 log = logging.getLogger(__name__)
 

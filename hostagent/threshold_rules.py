@@ -1,0 +1,253 @@
+"""Threshold rules: both seed formats → one `Rule`, with its units checked and converted.
+
+Formats (both normalise to the same `Rule`; `config_dict` renders it back in seed 000's form):
+
+* nested (seeds 000/003): ``{"id", "resource_type": "Cpu"|"Memory"|"Storage"|"NetworkEgress"|
+  "NetworkIngress"|"Gpu", "threshold_type": {"Percentage": {"value"}} | {"Absolute": {"value",
+  "unit"}}, "action": "Notify"|"Log"|"Alert", "user_id" ("*" = everyone), "instance_id"?,
+  "notification_channels"}``
+* flat (seed 004): ``{"resource_type": "storage", "threshold_type": "absolute"|"percentage",
+  "threshold_value", "units", "action", "user_id", "instance_id"?, "notification_channels",
+  "id"?}``; without an ``id`` the id is ``rule-<sha256 of the canonical rule, 12 hex>``.
+
+Both accept the optional extras ``for_passes`` (consecutive passes above the threshold before
+an alert fires) and ``repeat_interval_s``. Unknown keys are errors (a typo must not silently
+change what a rule means).
+
+What a value is, per resource (`measure`):
+
+=============== =============================================== =============================
+resource        percentage (of the instance's allocation)       absolute units
+=============== =============================================== =============================
+cpu             cpu_percent_avg: CPU time / (period × vCPUs)    seconds (CPU s in the period),
+                                                                cores (average cores busy)
+memory          memory_percent: used / allocated memory         B, KB/KiB, MB/MiB, GB/GiB, TB
+storage         storage_bytes / storage_capacity_bytes          same byte units
+network_*       refused: hostagent does not know a NIC's        bytes per period (byte units)
+                bandwidth (use an absolute rate)                or a rate (B/s … GB/s, kbps,
+                                                                Mbps, Gbps)
+gpu             gpu_util_avg (mean utilisation of its GPUs)     seconds (GPU s in the period)
+=============== =============================================== =============================
+
+Byte units are binary, like the events (`_gb` = GiB): "GB" means 2**30 bytes. Rates in bits
+(kbps, Mbps, Gbps) are decimal (10**3, 10**6, 10**9 bit/s). A value that could not be read
+(`Usage.missing`, None) is `None`: missing data never fires or resolves an alert.
+
+The measuring itself (`measure`) and the rule index live in `threshold_index`; the alert state
+machine in `threshold_state`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from hostagent.errors import ConfigError
+
+Resource = Literal["cpu", "memory", "storage", "network_egress", "network_ingress", "gpu"]
+Action = Literal["notify", "log", "alert"]
+Kind = Literal["percent", "absolute"]
+WILDCARD = "*"
+
+_RESOURCES: dict[str, Resource] = {
+    "cpu": "cpu", "memory": "memory", "storage": "storage", "networkegress": "network_egress",
+    "network_egress": "network_egress", "networkingress": "network_ingress",
+    "network_ingress": "network_ingress", "gpu": "gpu",
+}
+_SEED_NAMES: dict[Resource, str] = {
+    "cpu": "Cpu", "memory": "Memory", "storage": "Storage", "network_egress": "NetworkEgress",
+    "network_ingress": "NetworkIngress", "gpu": "Gpu",
+}
+_ACTIONS: dict[str, Action] = {"notify": "notify", "log": "log", "alert": "alert"}
+_BYTE_UNITS = {"B": 1, "KB": 1 << 10, "KIB": 1 << 10, "MB": 1 << 20, "MIB": 1 << 20,
+               "GB": 1 << 30, "GIB": 1 << 30, "TB": 1 << 40, "TIB": 1 << 40}
+_RATE_UNITS = {"B/S": 1.0, "KB/S": 1024.0, "MB/S": 1024.0**2, "GB/S": 1024.0**3,
+               "KBPS": 1e3 / 8, "MBPS": 1e6 / 8, "GBPS": 1e9 / 8}
+_PERCENT_UNITS = {"", "%", "PERCENT", "PCT"}
+# Which absolute units each resource takes: unit (upper case) → (canonical name, factor).
+_UNITS: dict[Resource, dict[str, tuple[str, float]]] = {
+    "cpu": {"SECONDS": ("seconds", 1.0), "S": ("seconds", 1.0), "CORES": ("cores", 1.0),
+            "VCPUS": ("cores", 1.0)},
+    "memory": {u: ("bytes", float(f)) for u, f in _BYTE_UNITS.items()},
+    "storage": {u: ("bytes", float(f)) for u, f in _BYTE_UNITS.items()},
+    "network_egress": {**{u: ("bytes", float(f)) for u, f in _BYTE_UNITS.items()},
+                       **{u: ("bytes/s", f) for u, f in _RATE_UNITS.items()}},
+    "network_ingress": {**{u: ("bytes", float(f)) for u, f in _BYTE_UNITS.items()},
+                        **{u: ("bytes/s", f) for u, f in _RATE_UNITS.items()}},
+    "gpu": {"SECONDS": ("seconds", 1.0), "S": ("seconds", 1.0)},
+}
+_NESTED_KEYS = {"id", "resource_type", "threshold_type", "action", "user_id", "instance_id",
+                "notification_channels", "for_passes", "repeat_interval_s"}
+_FLAT_KEYS = _NESTED_KEYS | {"threshold_value", "units", "unit"}
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One normalised threshold rule; `threshold` is in `measure_unit` (percent, bytes, ...)."""
+
+    id: str
+    resource: Resource
+    kind: Kind
+    value: float  # as written, in `unit`
+    unit: str  # as written ("percent" for percentages)
+    threshold: float  # in `measure_unit`
+    measure_unit: str  # "percent", "bytes", "bytes/s", "seconds" or "cores"
+    action: Action
+    user_id: str
+    instance_id: str | None
+    channels: tuple[str, ...]
+    for_passes: int | None = None  # None: the [thresholds] default
+    repeat_interval_s: float | None = None
+
+    def config_dict(self) -> dict[str, Any]:
+        """The rule in seed 000's ThresholdConfig form (the `config` of a violation event)."""
+        tt: dict[str, Any] = (
+            {"Percentage": {"value": self.value}} if self.kind == "percent"
+            else {"Absolute": {"value": self.value, "unit": self.unit}})
+        return {"id": self.id, "resource_type": _SEED_NAMES[self.resource],
+                "threshold_type": tt, "action": self.action.capitalize(),
+                "user_id": self.user_id, "instance_id": self.instance_id,
+                "notification_channels": list(self.channels)}
+
+
+def _err(source: str, index: int, key: str, expected: str, found: object,
+         fix: str | None = None) -> ConfigError:
+    return ConfigError(source, f"rules[{index}].{key}", expected, found, fix)
+
+
+def _str(raw: Mapping[str, Any], key: str, source: str, i: int, *,
+         optional: bool = False) -> str | None:
+    v = raw.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not v:
+        raise _err(source, i, key, "a non-empty string", v)
+    return v
+
+
+def _number(v: Any, source: str, i: int, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+        raise _err(source, i, key, "a non-negative number", v)
+    return float(v)
+
+
+def parse_rule(raw: Any, *, source: str = "<rules>", index: int = 0) -> Rule:
+    """One rule in either seed format → `Rule`; ConfigError names source, index and key."""
+    i = index
+    if not isinstance(raw, Mapping):
+        raise ConfigError(source, f"rules[{i}]", "a table/object", raw)
+    tt = raw.get("threshold_type")
+    nested = isinstance(tt, Mapping)
+    allowed = _NESTED_KEYS if nested else _FLAT_KEYS
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise _err(source, i, unknown[0], f"one of {sorted(allowed)}", unknown[0],
+                   "remove the key or fix its spelling")
+    res_raw = _str(raw, "resource_type", source, i)
+    assert res_raw is not None
+    resource = _RESOURCES.get(res_raw.lower())
+    if resource is None:
+        raise _err(source, i, "resource_type", f"one of {sorted(_SEED_NAMES.values())}", res_raw)
+    kind: Kind
+    if nested:
+        assert isinstance(tt, Mapping)
+        if len(tt) != 1 or next(iter(tt)) not in ("Percentage", "Absolute"):
+            raise _err(source, i, "threshold_type", '{"Percentage": {...}} or '
+                       '{"Absolute": {...}}', dict(tt))
+        tname, body = next(iter(tt.items()))
+        if not isinstance(body, Mapping):
+            raise _err(source, i, f"threshold_type.{tname}", "an object", body)
+        extra = sorted(set(body) - {"value", "unit"})
+        if extra:
+            raise _err(source, i, f"threshold_type.{tname}.{extra[0]}", "value or unit",
+                       extra[0])
+        kind = "percent" if tname == "Percentage" else "absolute"
+        value = _number(body.get("value"), source, i, f"threshold_type.{tname}.value")
+        unit_raw = body.get("unit", "percent" if kind == "percent" else None)
+        unit_key = f"threshold_type.{tname}.unit"
+    else:
+        t = str(tt).lower() if isinstance(tt, str) else None
+        if t not in ("absolute", "percentage", "percent"):
+            raise _err(source, i, "threshold_type", '"absolute" or "percentage" (or the nested '
+                       'form)', tt)
+        kind = "absolute" if t == "absolute" else "percent"
+        value = _number(raw.get("threshold_value"), source, i, "threshold_value")
+        unit_key = "units" if "units" in raw else "unit"
+        unit_raw = raw.get(unit_key, "percent" if kind == "percent" else None)
+    if not isinstance(unit_raw, str):
+        raise _err(source, i, unit_key, "a unit string", unit_raw)
+    threshold, measure_unit, unit = _check_unit(resource, kind, value, unit_raw, source, i,
+                                                unit_key)
+    action_raw = _str(raw, "action", source, i)
+    assert action_raw is not None
+    action = _ACTIONS.get(action_raw.lower())
+    if action is None:
+        raise _err(source, i, "action", "Notify, Log or Alert", action_raw)
+    user_id = _str(raw, "user_id", source, i)
+    assert user_id is not None
+    instance_id = _str(raw, "instance_id", source, i, optional=True)
+    chans = raw.get("notification_channels", [])
+    if not isinstance(chans, list) or not all(isinstance(c, str) and c for c in chans):
+        raise _err(source, i, "notification_channels", "an array of strings", chans)
+    for_passes = raw.get("for_passes")
+    if for_passes is not None and (isinstance(for_passes, bool) or not isinstance(
+            for_passes, int) or for_passes < 1):
+        raise _err(source, i, "for_passes", "an integer >= 1", for_passes)
+    rep = raw.get("repeat_interval_s")
+    repeat = None if rep is None else _number(rep, source, i, "repeat_interval_s")
+    rule = Rule(id="", resource=resource, kind=kind, value=value, unit=unit,
+                threshold=threshold, measure_unit=measure_unit, action=action,
+                user_id=user_id, instance_id=instance_id, channels=tuple(chans),
+                for_passes=for_passes, repeat_interval_s=repeat)
+    rid = _str(raw, "id", source, i, optional=True)
+    if rid is None:
+        canon = orjson.dumps({**rule.config_dict(), "for": for_passes, "repeat": repeat},
+                             option=orjson.OPT_SORT_KEYS)
+        rid = "rule-" + hashlib.sha256(canon).hexdigest()[:12]
+    return _replace_id(rule, rid)
+
+
+def _replace_id(rule: Rule, rid: str) -> Rule:
+    return Rule(rid, rule.resource, rule.kind, rule.value, rule.unit, rule.threshold,
+                rule.measure_unit, rule.action, rule.user_id, rule.instance_id, rule.channels,
+                rule.for_passes, rule.repeat_interval_s)
+
+
+def _check_unit(resource: Resource, kind: Kind, value: float, unit_raw: str, source: str,
+                i: int, key: str) -> tuple[float, str, str]:
+    u = unit_raw.strip().upper()
+    if kind == "percent":
+        if u not in _PERCENT_UNITS:
+            raise _err(source, i, key, "percent (or no unit) for a percentage", unit_raw,
+                       "use an Absolute threshold for a value in units")
+        if resource in ("network_egress", "network_ingress"):
+            raise _err(source, i, "threshold_type", "an absolute rate for network resources",
+                       "percentage", "hostagent does not know a NIC's bandwidth; use e.g. "
+                       '{"Absolute": {"value": 100, "unit": "Mbps"}}')
+        return value, "percent", "percent"
+    table = _UNITS[resource]
+    if u not in table:
+        canon = sorted(table)
+        raise _err(source, i, key, f"a unit for {_SEED_NAMES[resource]}: one of {canon}",
+                   unit_raw)
+    name, factor = table[u]
+    return value * factor, name, unit_raw.strip()
+
+
+def parse_rules(items: Any, *, source: str = "<rules>") -> tuple[Rule, ...]:
+    """A list of rules (either format, mixed) → rules; duplicate ids are errors."""
+    if not isinstance(items, list):
+        raise ConfigError(source, "rules", "an array of rules", type(items).__name__)
+    rules = [parse_rule(r, source=source, index=i) for i, r in enumerate(items)]
+    seen: dict[str, int] = {}
+    for i, r in enumerate(rules):
+        if r.id in seen:
+            raise _err(source, i, "id", "a unique rule id", r.id,
+                       f"rules[{seen[r.id]}] has the same id")
+        seen[r.id] = i
+    return tuple(rules)
