@@ -429,6 +429,12 @@ class ApiConfig:
     )
     shutdown_grace_s: float = field(
         default=5.0, metadata=_meta("seconds in-flight requests get at shutdown", minimum=0))
+    yield_to_pass_max_s: float = field(
+        default=2.0,
+        metadata=_meta("requests arriving during a collector pass wait for it to end, at most "
+                       "this long, so API load never slows a pass (0: never wait)",
+                       minimum=0, maximum=60),
+    )
 
 
 @dataclass(frozen=True, slots=True)

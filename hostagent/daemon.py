@@ -3,11 +3,16 @@
 SIGTERM/SIGINT: the pass in progress finishes and commits, delivery gets `drain_grace_s` to
 flush, then everything is cancelled. SIGHUP: reload the config file; options that can change
 live (interval, log level) take effect at the next pass, the others are reported as needing a
-restart.
+restart; the API's key files (API keys, JWT keys) are re-read, so a new or revoked key
+takes effect at once.
+
+Collection comes first: while a pass runs, API requests wait for it (`PassGate`), so API
+load cannot slow a pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -28,6 +33,7 @@ from hostagent.errors import ConfigError
 from hostagent.notify import Notifier
 from hostagent.outbox import Store
 from hostagent.owners import Owners, make_client
+from hostagent.pass_gate import PassGate
 from hostagent.rules_source import RulesSource
 from hostagent.sinks import build_sink
 from hostagent.sources.gpu import GpuSource
@@ -35,6 +41,8 @@ from hostagent.sources.libvirt import LibvirtSource
 from hostagent.webhook_store import WebhookStore
 
 log = logging.getLogger(__name__)
+# Longest a pass waits for API requests in flight before it starts reading counters.
+PASS_DRAIN_MAX_S = 1.0
 
 
 def _noop() -> None:
@@ -71,6 +79,8 @@ class Daemon:
     sinks: list[Any] = field(default_factory=list)
     api_view: Any = None  # hostagent.api.view.ApiView when [api] is enabled
     api_app: Any = None
+    api_auth: Any = None  # hostagent.api.auth.Authenticator: re-reads key files on SIGHUP
+    pass_gate: PassGate = field(default_factory=PassGate)
     api_stop: trio.Event = field(default_factory=trio.Event)
     api_done: trio.Event = field(default_factory=trio.Event)
     api_urls: list[str] = field(default_factory=list)
@@ -104,6 +114,7 @@ class Daemon:
                      webhooks=hooks, sinks=sinks)
         if cfg.api.enabled:
             # Imported only when enabled: the web stack costs ~120 ms of start-up otherwise.
+            from hostagent.api.auth import Authenticator
             from hostagent.api.backends import FileRuleStore, StoreWebhooks
             from hostagent.api.server import make_app
             from hostagent.api.view import ApiView
@@ -117,8 +128,10 @@ class Daemon:
                                if getattr(s, "dispatcher", None) is not None), None)
             registry = (StoreWebhooks(hooks, wake=dispatcher.wake if dispatcher else _noop)
                         if hooks is not None else None)
+            daemon.api_auth = Authenticator(cfg.api)
             daemon.api_app = make_app(cfg.api, daemon.api_view, clock=clock, webhooks=registry,
-                                      rules=FileRuleStore(rules))
+                                      rules=FileRuleStore(rules), authenticator=daemon.api_auth,
+                                      gate=daemon.pass_gate)
             daemon.on_pass.append(daemon.api_view.update)
         return daemon
 
@@ -179,7 +192,10 @@ class Daemon:
                 return
             first = False
             # Shielded: a stop request never interrupts a pass between reading and committing.
-            with trio.CancelScope(shield=True):
+            # The gate holds API requests back while the pass runs; the pass starts once the
+            # requests already being served are done (at most PASS_DRAIN_MAX_S).
+            with trio.CancelScope(shield=True), self.pass_gate.busy():
+                await self.pass_gate.drain(PASS_DRAIN_MAX_S)
                 report = await self.collector.run_pass()
             self.passes_done += 1
             self._after_pass(report)
@@ -235,8 +251,9 @@ class Daemon:
             self.notifier.ready()
             return
         needs_restart = [name for name in ("libvirt", "paths", "sinks", "owners", "outbox", "gpu",
-                                                 "thresholds", "api")
+                                                 "thresholds")
                          if getattr(new, name) != getattr(self.cfg, name)]
+        needs_restart += self._reload_api(new)
         if new.collector.state_path != self.cfg.collector.state_path:
             needs_restart.append("collector.state_path")
         logs.setup(new.log.level, new.log.format)
@@ -244,6 +261,25 @@ class Daemon:
         self.collector.cfg = new
         log.info("config reloaded", extra={"needs_restart": needs_restart})
         self.notifier.ready()
+
+    def _reload_api(self, new: Config) -> list[str]:
+        """Re-read the API's key files; the [api] keys that need a restart to apply."""
+        old = self.cfg.api
+        if self.api_auth is None:
+            return ["api"] if new.api != old else []
+        from hostagent.api.auth import CREDENTIAL_KEYS
+
+        try:
+            creds = self.api_auth.reload(new.api)
+        except ConfigError as err:
+            log.error("API credentials reload refused, keeping the keys in force",
+                      extra={"error": str(err)})
+        else:
+            log.info("API credentials reloaded", extra={
+                "api_keys": len(creds.api_keys), "jwt_keys": len(creds.verify_keys)})
+        return sorted(f"api.{f.name}" for f in dataclasses.fields(old)
+                      if f.name not in CREDENTIAL_KEYS
+                      and getattr(new.api, f.name) != getattr(old, f.name))
 
 
 def run(cfg: Config, *, config_path: str | None, passes: int | None) -> int:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
 
+from hostagent import config as config_mod
+from hostagent.api import keys as keys_mod
 from tests.api.support import make_keys
 from tests.replay import Host, build_daemon, daemon_config
 
@@ -73,3 +76,86 @@ api_keys_file = "{keys.keys_file}"
             assert "hostagent_" in metrics.text
         daemon.stop.set()
     assert daemon.api_done.is_set()
+
+
+async def test_api_requests_wait_while_the_daemon_runs_a_pass(tmp_path: Path) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    keys = make_keys(tmp_path)
+    cfg = daemon_config(tmp_path, host, tables=f"""
+[api]
+enabled = true
+port = 0
+api_keys_file = "{keys.keys_file}"
+""")
+    daemon = build_daemon(cfg, host)
+    seen_in_pass: list[bool] = []
+    run_pass = daemon.collector.run_pass
+
+    async def observed_pass() -> Any:
+        seen_in_pass.append(daemon.pass_gate.pass_running)
+        return await run_pass()
+
+    daemon.collector.run_pass = observed_pass  # type: ignore[method-assign]
+    two = trio.Event()
+    daemon.on_pass.append(lambda _r: two.set() if daemon.passes_done >= 2 else None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(daemon.run)
+        with trio.fail_after(15):
+            await two.wait()
+        daemon.stop.set()
+    assert seen_in_pass[:2] == [True, True]  # every pass runs with the API held back
+    assert not daemon.pass_gate.pass_running  # and releases it after
+    assert daemon.api_app is not None
+
+
+async def test_sighup_rereads_api_keys(tmp_path: Path) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    keys = make_keys(tmp_path)
+    cfg = daemon_config(tmp_path, host, tables=f"""
+[api]
+enabled = true
+port = 0
+api_keys_file = "{keys.keys_file}"
+""")
+    daemon = build_daemon(cfg, host)
+    first_pass = trio.Event()
+    daemon.on_pass.append(lambda _r: first_pass.set())
+    original = keys.keys_file.read_text()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(daemon.run)
+        with trio.fail_after(15):
+            await first_pass.wait()
+        async with httpx.AsyncClient(base_url=daemon.api_urls[0], timeout=5) as http:
+            async def status(key: str) -> int:
+                return (await http.get("/api/v1/health/status",
+                                       headers={"X-API-Key": key})).status_code
+
+            new_clear, new_stored = keys_mod.new_key("portal", ["read"])
+            assert await status(new_clear) == 401
+            # add a key, revoke the read key (its entry is the first [[keys]] table)
+            entries = original.split("[[keys]]")
+            keys.keys_file.write_text("[[keys]]".join([entries[0], *entries[2:]])
+                                      + "\n" + keys_mod.to_toml(new_stored))
+            daemon.reload()  # what SIGHUP does
+            assert await status(new_clear) in (200, 503)
+            assert await status(keys.read_key) == 401
+            assert await status(keys.admin_key) in (200, 503)
+            # a broken keys file keeps the keys in force
+            keys.keys_file.write_text("[[keys]]\nid = 'x'\n")
+            daemon.reload()
+            assert await status(new_clear) in (200, 503)
+        daemon.stop.set()
+
+
+def test_reload_reports_which_api_settings_need_a_restart(tmp_path: Path) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    keys = make_keys(tmp_path)
+    table = f'[api]\nenabled = true\nport = 0\napi_keys_file = "{keys.keys_file}"\n'
+    cfg_path = daemon_config(tmp_path, host, tables=table)
+    daemon = build_daemon(cfg_path, host)
+    cfg_path.write_text(cfg_path.read_text().replace(
+        "port = 0\n", 'port = 9\nadmin_principals = ["ops"]\n'))
+    new = config_mod.load(cfg_path)
+    assert daemon._reload_api(new) == ["api.port"]  # admin_principals applies live
+    assert daemon.api_auth.creds.admins == frozenset({"ops"})
+    daemon.store.close()

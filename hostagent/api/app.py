@@ -1,8 +1,9 @@
 """The ASGI app (starlette): routing, the request guard, problem details, health, /metrics.
 
-Every route goes through `Api.guard`: per-address rate limit → credentials → per-principal
-rate limit → scope. Handlers only read `ApiView.snapshot` (an immutable snapshot the daemon
-swaps after each pass), so a request never blocks or races the collector.
+Every route goes through `Api.guard`: wait while a collector pass runs (`PassGate`; not
+`/health`) → per-address rate limit → credentials → per-principal rate limit → scope.
+Handlers only read `ApiView.snapshot` (an immutable snapshot the daemon swaps after each
+pass), so a request never blocks or races the collector.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hostagent.api.seams import RuleStore, WebhookRegistry
 from hostagent.api.view import ApiView, iso
 from hostagent.clock import Clock, SystemClock
 from hostagent.config import ApiConfig
+from hostagent.pass_gate import PassGate
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Request, Principal], Awaitable[Response]]
@@ -38,8 +40,9 @@ class Api:
 
     def __init__(self, cfg: ApiConfig, view: ApiView, auth: Authenticator, *,
                  clock: Clock | None = None, webhooks: WebhookRegistry | None = None,
-                 rules: RuleStore | None = None) -> None:
+                 rules: RuleStore | None = None, gate: PassGate | None = None) -> None:
         self.cfg = cfg
+        self.gate = gate
         self.view = view
         self.auth = auth
         self.clock = clock or SystemClock()
@@ -63,6 +66,12 @@ class Api:
         """Wrap a handler with rate limits, authentication, scope check and counting."""
 
         async def endpoint(request: Request) -> Response:
+            if self.gate is None or route == "/health":  # liveness answers at once
+                return await guarded(request)
+            async with self.gate.request(self.cfg.yield_to_pass_max_s):
+                return await guarded(request)
+
+        async def guarded(request: Request) -> Response:
             status = 500
             try:
                 addr = request.client.host if request.client else "unknown"
@@ -96,7 +105,7 @@ class Api:
 
     async def prometheus(self, _r: Request, _p: Principal) -> Response:
         """Prometheus text exposition."""
-        return Response(metrics_export.exposition(self.view, self.requests),
+        return Response(metrics_export.exposition(self.view, self.requests, self.gate),
                         media_type=metrics_export.CONTENT_TYPE)
 
     async def health_status(self, _r: Request, _p: Principal) -> Response:

@@ -30,6 +30,10 @@ FAMILIES = {
     "EdDSA": "okp",
 }
 REALM = 'Bearer realm="hostagent"'
+# [api] keys that `Authenticator.reload` applies live (the rest of [api] needs a restart).
+CREDENTIAL_KEYS = ("jwt_algorithms", "jwt_keys_file", "jwks_file", "jwt_hmac_secret_file",
+                   "jwt_audience", "jwt_issuer", "jwt_leeway_s", "jwt_admin_claim",
+                   "api_keys_file", "admin_principals")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,43 +106,77 @@ def _unauthorized(detail: str, error: str | None = "invalid_token") -> Problem:
                    headers={"WWW-Authenticate": challenge})
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What the API trusts: swapped whole on reload, so a request sees one consistent set."""
+
+    cfg: ApiConfig
+    verify_keys: tuple[VerifyKey, ...]
+    api_keys: Mapping[str, keys_mod.StoredKey]
+    admins: frozenset[str]
+
+
+def load_credentials(cfg: ApiConfig, verify_keys: Sequence[VerifyKey] = (),
+                     api_keys: Mapping[str, keys_mod.StoredKey] | None = None) -> Credentials:
+    """Read every key file `cfg` names (plus the given keys); defects are ConfigErrors."""
+    unknown = [a for a in cfg.jwt_algorithms if a not in FAMILIES]
+    if unknown:
+        raise ConfigError(cfg.__class__.__name__, "api.jwt_algorithms",
+                          f"algorithms among {sorted(FAMILIES)}", unknown,
+                          "`none` is never accepted")
+    vk = list(verify_keys)
+    if cfg.jwt_keys_file:
+        vk += load_pem_keys(cfg.jwt_keys_file)
+    if cfg.jwks_file:
+        vk += load_jwks(cfg.jwks_file)
+    if cfg.jwt_hmac_secret_file:
+        try:
+            secret = Path(cfg.jwt_hmac_secret_file).read_bytes().strip()
+        except OSError as err:
+            raise ConfigError(cfg.jwt_hmac_secret_file, "api.jwt_hmac_secret_file",
+                              "a readable secret file", str(err)) from err
+        if len(secret) < 32:
+            raise ConfigError(cfg.jwt_hmac_secret_file, "api.jwt_hmac_secret_file",
+                              "a secret of at least 32 bytes", f"{len(secret)} bytes")
+        vk.append(VerifyKey("hmac", secret, None))
+    keys = dict(api_keys or {})
+    if cfg.api_keys_file:
+        keys.update(keys_mod.load_keys(cfg.api_keys_file))
+    return Credentials(cfg, tuple(vk), keys, frozenset(cfg.admin_principals))
+
+
 class Authenticator:
-    """Turns request headers into a Principal, or raises a 401/431 Problem."""
+    """Turns request headers into a Principal, or raises a 401/431 Problem.
+
+    `reload(cfg)` (SIGHUP) re-reads the key files: a new or revoked API key, a rotated JWT
+    key or a changed admin list takes effect without a restart. A reload that fails keeps
+    the credentials in force.
+    """
 
     def __init__(self, cfg: ApiConfig, *, verify_keys: Sequence[VerifyKey] = (),
                  api_keys: Mapping[str, keys_mod.StoredKey] | None = None) -> None:
-        unknown = [a for a in cfg.jwt_algorithms if a not in FAMILIES]
-        if unknown:
-            raise ConfigError(cfg.__class__.__name__, "api.jwt_algorithms",
-                              f"algorithms among {sorted(FAMILIES)}", unknown,
-                              "`none` is never accepted")
-        self.cfg = cfg
-        self.algorithms = tuple(cfg.jwt_algorithms)
-        vk = list(verify_keys)
-        if cfg.jwt_keys_file:
-            vk += load_pem_keys(cfg.jwt_keys_file)
-        if cfg.jwks_file:
-            vk += load_jwks(cfg.jwks_file)
-        if cfg.jwt_hmac_secret_file:
-            secret = Path(cfg.jwt_hmac_secret_file).read_bytes().strip()
-            if len(secret) < 32:
-                raise ConfigError(cfg.jwt_hmac_secret_file, "api.jwt_hmac_secret_file",
-                                  "a secret of at least 32 bytes", f"{len(secret)} bytes")
-            vk.append(VerifyKey("hmac", secret, None))
-        self.verify_keys = vk
-        self.api_keys = dict(api_keys or {})
-        if cfg.api_keys_file:
-            self.api_keys.update(keys_mod.load_keys(cfg.api_keys_file))
-        self.admins = frozenset(cfg.admin_principals)
+        self._extra = (tuple(verify_keys), dict(api_keys or {}))
+        self.creds = load_credentials(cfg, *self._extra)
+
+    @property
+    def cfg(self) -> ApiConfig:
+        """The [api] section in force."""
+        return self.creds.cfg
+
+    def reload(self, cfg: ApiConfig) -> Credentials:
+        """Re-read the key files `cfg` names and swap them in; ConfigError keeps the old set."""
+        self.creds = load_credentials(cfg, *self._extra)
+        return self.creds
 
     def authenticate(self, authorization: str | None, api_key: str | None) -> Principal:
         """The caller, from `Authorization: Bearer <jwt|hak_…>` or `X-API-Key: hak_…`."""
-        cap = self.cfg.max_header_bytes
+        creds = self.creds
+        cap = creds.cfg.max_header_bytes
         if (authorization and len(authorization) > cap) or (api_key and len(api_key) > cap):
             raise Problem(431, f"credential header longer than {cap} bytes",
                           headers={"WWW-Authenticate": f'{REALM}, error="invalid_request"'})
         if api_key:
-            return self._api_key(api_key)
+            return self._api_key(creds, api_key)
         if not authorization:
             raise _unauthorized("credentials required", None)
         scheme, _, token = authorization.partition(" ")
@@ -146,30 +184,33 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token:
             raise _unauthorized("use the Bearer scheme", "invalid_request")
         if token.startswith(keys_mod.PREFIX):
-            return self._api_key(token)
-        return self._jwt(token)
+            return self._api_key(creds, token)
+        return self._jwt(creds, token)
 
-    def _api_key(self, presented: str) -> Principal:
-        k = keys_mod.verify(presented, self.api_keys)
+    @staticmethod
+    def _api_key(creds: Credentials, presented: str) -> Principal:
+        k = keys_mod.verify(presented, creds.api_keys)
         if k is None:
             raise _unauthorized("unknown or revoked API key")
         scopes = set(k.scopes)
-        if k.principal in self.admins:
+        if k.principal in creds.admins:
             scopes.add("admin")
         if "admin" in scopes:
             scopes.add("read")
         return Principal(k.principal, frozenset(scopes), "api_key")
 
-    def _jwt(self, token: str) -> Principal:
+    @staticmethod
+    def _jwt(creds: Credentials, token: str) -> Principal:
+        cfg = creds.cfg
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as err:
             raise _unauthorized(f"malformed token: {err}") from err
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self.algorithms:
+        if not isinstance(alg, str) or alg not in cfg.jwt_algorithms:
             raise _unauthorized(f"algorithm {alg!r} not accepted")
         fam = FAMILIES[alg]
-        cands = [k for k in self.verify_keys if k.family == fam]
+        cands = [k for k in creds.verify_keys if k.family == fam]
         kid = header.get("kid")
         if kid is not None and any(k.kid == kid for k in cands):
             cands = [k for k in cands if k.kid == kid]
@@ -180,11 +221,11 @@ class Authenticator:
             try:
                 claims = jwt.decode(
                     token, k.key, algorithms=[alg],
-                    audience=self.cfg.jwt_audience or None,
-                    issuer=self.cfg.jwt_issuer or None,
-                    leeway=self.cfg.jwt_leeway_s,
+                    audience=cfg.jwt_audience or None,
+                    issuer=cfg.jwt_issuer or None,
+                    leeway=cfg.jwt_leeway_s,
                     options={"require": ["exp", "sub"],
-                             "verify_aud": bool(self.cfg.jwt_audience)})
+                             "verify_aud": bool(cfg.jwt_audience)})
                 break
             except jwt.InvalidSignatureError:
                 continue
@@ -196,9 +237,9 @@ class Authenticator:
         if not isinstance(sub, str) or not sub:
             raise _unauthorized("`sub` must be a non-empty string")
         scopes = {"read"}
-        granted = claims.get(self.cfg.jwt_admin_claim)
+        granted = claims.get(cfg.jwt_admin_claim)
         values = granted.split() if isinstance(granted, str) else (
             granted if isinstance(granted, list) else [])
-        if "admin" in values or sub in self.admins:
+        if "admin" in values or sub in creds.admins:
             scopes.add("admin")
         return Principal(sub, frozenset(scopes), "jwt")

@@ -20,6 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from hostagent.api.view import ApiView
+from hostagent.pass_gate import PassGate
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER_STATES = ("closed", "open", "half_open")
@@ -28,9 +29,11 @@ BREAKER_STATES = ("closed", "open", "half_open")
 class ViewCollector(Collector):
     """Reads the current snapshot at scrape time (nothing is kept between scrapes)."""
 
-    def __init__(self, view: ApiView, api_counters: Mapping[tuple[str, str], int]) -> None:
+    def __init__(self, view: ApiView, api_counters: Mapping[tuple[str, str], int],
+                 gate: PassGate | None = None) -> None:
         self.view = view
         self.api_counters = api_counters
+        self.gate = gate
 
     def collect(self) -> Iterator[Metric]:
         """Yield every family."""
@@ -42,6 +45,22 @@ class ViewCollector(Collector):
         for (route, code), n in sorted(self.api_counters.items()):
             req.add_metric([route, code], n)
         yield req
+        if self.gate is not None:
+            yield CounterMetricFamily(
+                "hostagent_api_deferred_requests",
+                "requests that waited for a collector pass to end",
+                value=self.gate.deferred_requests)
+            yield CounterMetricFamily(
+                "hostagent_api_deferred_seconds", "time requests spent waiting for passes",
+                value=self.gate.deferred_s)
+            yield CounterMetricFamily(
+                "hostagent_api_deferral_timeouts",
+                "requests served before the pass ended (api.yield_to_pass_max_s reached)",
+                value=self.gate.timed_out_waits)
+            yield CounterMetricFamily(
+                "hostagent_pass_drain_seconds",
+                "time passes waited for API requests in flight before starting",
+                value=self.gate.drain_s)
 
     def _instances(self) -> Iterator[Metric]:
         snap = self.view.snapshot
@@ -145,8 +164,9 @@ class ViewCollector(Collector):
                                 value=m.store_used_bytes)
 
 
-def exposition(view: ApiView, api_counters: Mapping[tuple[str, str], int]) -> bytes:
+def exposition(view: ApiView, api_counters: Mapping[tuple[str, str], int],
+               gate: PassGate | None = None) -> bytes:
     """The text exposition of everything (a fresh registry per scrape: no global state)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(ViewCollector(view, api_counters))
+    reg.register(ViewCollector(view, api_counters, gate))
     return generate_latest(reg)

@@ -25,6 +25,7 @@ from hostagent.api.view import ApiView
 from hostagent.clock import Clock
 from hostagent.config import ApiConfig
 from hostagent.errors import ConfigError
+from hostagent.pass_gate import PassGate
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,15 @@ def hypercorn_config(cfg: ApiConfig) -> HyperConfig:
 
 def make_app(cfg: ApiConfig, view: ApiView, *, clock: Clock | None = None,
              webhooks: WebhookRegistry | None = None, rules: RuleStore | None = None,
-             authenticator: Authenticator | None = None) -> Starlette:
-    """The ASGI app for `cfg` (keys and key files are loaded here: errors are ConfigError)."""
+             authenticator: Authenticator | None = None, gate: PassGate | None = None
+             ) -> Starlette:
+    """The ASGI app for `cfg` (keys and key files are loaded here: errors are ConfigError).
+
+    With a `gate`, requests wait while a collector pass runs (see hostagent.pass_gate).
+    """
     auth = authenticator or Authenticator(cfg)
-    return build_app(Api(cfg, view, auth, clock=clock, webhooks=webhooks, rules=rules))
+    return build_app(Api(cfg, view, auth, clock=clock, webhooks=webhooks, rules=rules,
+                         gate=gate))
 
 
 async def serve_api(

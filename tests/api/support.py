@@ -21,6 +21,7 @@ from hostagent.api.server import make_app, serve_api
 from hostagent.api.view import ApiView
 from hostagent.config import ApiConfig
 from hostagent.model import MemoryReading, NicCounters, Owner, Sample, Usage
+from hostagent.pass_gate import PassGate
 
 T0_NS = 1_763_000_000 * 10**9
 AUD = "hostagent-test"
@@ -139,11 +140,13 @@ class Server:
     rules: MemoryRules
 
 
-async def start_server(nursery: trio.Nursery, cfg: ApiConfig, view: ApiView) -> Server:
-    """Serve `view` on 127.0.0.1:<ephemeral> in `nursery`."""
+async def start_server(nursery: trio.Nursery, cfg: ApiConfig, view: ApiView, *,
+                       gate: PassGate | None = None,
+                       authenticator: Authenticator | None = None) -> Server:
+    """Serve `view` on 127.0.0.1:<ephemeral> in `nursery` (held back by `gate` if given)."""
     stop = trio.Event()
     webhooks, rules = MemoryWebhooks(), MemoryRules()
     app = make_app(cfg, view, webhooks=webhooks, rules=rules,
-                   authenticator=Authenticator(cfg))
+                   authenticator=authenticator or Authenticator(cfg), gate=gate)
     binds = await nursery.start(serve_api, cfg, app, stop)
     return Server(binds[0], view, stop, webhooks, rules)
