@@ -63,8 +63,13 @@ test: venv lab-up          ## everything CI runs
 	HOSTAGENT_LAB=required $(VENV)/bin/pytest -q
 	bash deploy/ci/check_deploy.sh
 
-bench: venv lab-up
+bench: venv lab-up         ## every benchmark; each prints its ratios (nothing asserted)
 	$(PY) bench/pass_cost.py
+	$(PY) bench/owner_lookup.py
+	$(PY) bench/delivery.py
+	$(PY) bench/thresholds.py
+	$(PY) bench/api.py
+	$(PY) bench/api.py --skip-latency --pin
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) dist build *.egg-info
