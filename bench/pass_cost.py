@@ -5,7 +5,12 @@ Both run side by side in this one process, over (1) the lab's live guests (qemu:
 runs, else in-process test:///, plus a generated pure cgroup-v2 tree). CPU is process CPU time
 (all threads) of the collector: what the daemon would cost the host. Printed, not asserted.
 
-    python bench/pass_cost.py [--domains 1000] [--passes 5] [--skip-lab]
+The generated tree's cgroup files are plain files, which the collector reads like `cat` every
+pass. `--cgroupfs` (root, hybrid host like the lab: cgroup2 plus a v1 memory hierarchy) makes
+the per-VM cgroups for real instead (v2 for cpu.stat and PSI, v1 for memory, removed at exit),
+so the kept-open descriptors of sources/fdcache.py and the kernel's cgroupfs costs are measured.
+
+    python bench/pass_cost.py [--domains 1000] [--passes 5] [--skip-lab] [--cgroupfs]
 """
 
 from __future__ import annotations
@@ -44,8 +49,46 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # --- generated host ------------------------------------------------------------------------------
 
 
-def generate(n: int, workdir: Path) -> tuple[Path, Path]:
-    """A test-driver node XML with n running domains and a matching pure cgroup-v2 root tree."""
+class RealCgroups:
+    """Per-VM cgroups made for real on a hybrid host (cgroup2 + v1 memory); `remove()` at exit."""
+
+    def __init__(self) -> None:
+        mounts: dict[str, str] = {}
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            head, _, tail = line.partition(" - ")
+            fstype, _, options = tail.split(" ", 2)
+            if fstype == "cgroup2":
+                mounts.setdefault("cgroup2", head.split(" ")[4])
+            elif fstype == "cgroup" and "memory" in options.split(","):
+                mounts.setdefault("memory", head.split(" ")[4])
+        if set(mounts) != {"cgroup2", "memory"}:
+            sys.exit(f"--cgroupfs needs cgroup2 and a v1 memory hierarchy (hybrid, like the "
+                     f"lab); found {mounts or 'neither'}")
+        name = f"hostagent-bench-{os.getpid()}"
+        self.v2 = f"{mounts['cgroup2']}/{name}"
+        self.memory = f"{mounts['memory']}/{name}"
+        self.made: list[str] = []
+
+    def make(self, rel: str) -> None:
+        """mkdir -p `rel` under both bench cgroups."""
+        for base in (self.v2, self.memory):
+            parts = [base, *rel.split("/")]
+            for i in range(1, len(parts) + 1):
+                d = "/".join(parts[:i])
+                if not os.path.isdir(d):
+                    os.mkdir(d)
+                    self.made.append(d)
+
+    def remove(self) -> None:
+        """rmdir everything made, children first (they hold no processes)."""
+        for d in reversed(self.made):
+            os.rmdir(d)
+        self.made.clear()
+
+
+def generate(n: int, workdir: Path, real: RealCgroups | None = None) -> tuple[Path, Path]:
+    """A test-driver node XML with n running domains and a matching pure cgroup-v2 root tree
+    (with `real`: a hybrid tree whose cgroup dirs are links to real cgroups)."""
     root = workdir / "root"
     node = ET.Element("node")
     (root / "proc").mkdir(parents=True)
@@ -79,11 +122,16 @@ def generate(n: int, workdir: Path) -> tuple[Path, Path]:
         (qemu_run / f"{name}.pid").write_text(f"{pid}\n")
         proc = root / "proc" / str(pid)
         proc.mkdir()
+        fields = ["S"] + ["0"] * 18 + [str(1000 + i)] + ["0"] * 30
+        (proc / "stat").write_text(f"{pid} (qemu-system-x86) " + " ".join(fields) + "\n")
+        if real is not None:  # the lab's hybrid layout
+            vm = f"machine/qemu-{domid}-{name}.libvirt-qemu"
+            (proc / "cgroup").write_text(f"0::/{vm}/emulator\n4:memory:/{vm}\n")
+            real.make(vm)
+            continue
         esc = name.replace("-", "\\x2d")
         scope = f"machine.slice/machine-qemu\\x2d{domid}\\x2d{esc}.scope/libvirt"
         (proc / "cgroup").write_text(f"0::/{scope}/emulator\n")
-        fields = ["S"] + ["0"] * 18 + [str(1000 + i)] + ["0"] * 30
-        (proc / "stat").write_text(f"{pid} (qemu-system-x86) " + " ".join(fields) + "\n")
         cg = root / "sys" / "fs" / "cgroup" / scope
         cg.mkdir(parents=True)
         (root / "sys" / "fs" / "cgroup" / "cgroup.controllers").write_text("cpu io memory pids\n")
@@ -96,6 +144,10 @@ def generate(n: int, workdir: Path) -> tuple[Path, Path]:
             (cg / f"{res}.pressure").write_text(
                 "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
                 "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    if real is not None:
+        (root / "sys" / "fs" / "cgroup").mkdir(parents=True)
+        (root / "sys" / "fs" / "cgroup" / "unified").symlink_to(real.v2)
+        (root / "sys" / "fs" / "cgroup" / "memory").symlink_to(real.memory)
     node_xml = workdir / "node.xml"
     ET.ElementTree(node).write(node_xml)
     return node_xml, root
@@ -200,6 +252,7 @@ def hostagent_passes(uri: str, root: str, state_dir: Path,
     try:
         return trio.run(run_all)
     finally:
+        coll.cgroups.close()
         store.close()
 
 
@@ -217,6 +270,8 @@ def main() -> int:
     ap.add_argument("--domains", type=int, default=1000)
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--skip-lab", action="store_true")
+    ap.add_argument("--cgroupfs", action="store_true",
+                    help="make the generated domains' cgroups for real (root, hybrid host)")
     args = ap.parse_args()
     print(f"pass cost, median of {args.passes} passes after a warm-up; CPU = process CPU time")
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,14 +288,20 @@ def main() -> int:
                 ours = hostagent_passes("qemu:///system", "/", work / "lab", args.passes)
                 theirs = measure(lambda: per_domain_pass(conn), args.passes)
                 row("lab guests (qemu:///system)", ours, theirs)
-        node_xml, root = generate(args.domains, work / "gen")
-        uri = f"test+unix://{node_xml}" if shutil.which("libvirtd") and _libvirtd_up() \
-            else f"test://{node_xml}"
-        (work / "gen-state").mkdir()
-        ours = hostagent_passes(uri, str(root), work / "gen-state", args.passes)
+        real = RealCgroups() if args.cgroupfs else None
+        try:
+            node_xml, root = generate(args.domains, work / "gen", real)
+            uri = f"test+unix://{node_xml}" if shutil.which("libvirtd") and _libvirtd_up() \
+                else f"test://{node_xml}"
+            (work / "gen-state").mkdir()
+            ours = hostagent_passes(uri, str(root), work / "gen-state", args.passes)
+        finally:
+            if real is not None:
+                real.remove()
         conn = libvirt.open(uri)
         theirs = measure(lambda: per_domain_pass(conn), args.passes)
-        row(f"{args.domains} domains ({uri.split(':', maxsplit=1)[0]})", ours, theirs)
+        cgroups = ", real cgroups" if real is not None else ""
+        row(f"{args.domains} domains ({uri.split(':', maxsplit=1)[0]}{cgroups})", ours, theirs)
     print("targets: >= 5x less CPU than the per-domain style; < 2 ms CPU per domain per pass "
           "(mission: ~0.2 ms)")
     return 0

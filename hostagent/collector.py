@@ -28,6 +28,7 @@ from hostagent.rules_source import RulesSource
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import net as net_src
 from hostagent.sources import proc
+from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import DomainStats, LibvirtSource
@@ -128,8 +129,9 @@ class Collector:
         self.limiter = limiter
         self.root = HostRoot(cfg.paths.root)
         # Disk bytes come from libvirt (v1 blkio stays 0 on kernel 6.x): never read cgroup io.
+        # Kept-open cgroup files, across passes; whoever owns the collector calls close().
         self.cgroups = cgroup_src.CgroupReader(self.root, io=False,
-                                               pressure=cfg.collector.pressure)
+                                               pressure=cfg.collector.pressure, fds=FdCache())
         self.inventory = inventory.Inventory()
         self.baselines: dict[str, Baseline] = store.load_baselines() if store is not None else {}
         self.rules = rules
@@ -247,6 +249,7 @@ class Collector:
                 out[key] = self.cgroups.read(f.cgroup, cpu=want_cpu, memory=want_memory)
             except SourceError as err:
                 out[key] = str(err)
+        self.cgroups.sweep()  # closes the files of domains gone since the last pass
         return out
 
     # --- the pass ---------------------------------------------------------------------------

@@ -167,6 +167,7 @@ class Daemon:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await self.collector.gpu.aclose()
             self.libvirt.close()
+            self.collector.cgroups.close()
             if self.webhooks is not None:
                 self.webhooks.close()
             self.store.close()

@@ -113,6 +113,7 @@ async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
         gpu_view = describe(await gpu.read(infos, limiter))
     finally:
         lv.close()
+        coll.cgroups.close()
     docs = []
     before = {s.uuid: s for s in first}
     info_by_uuid = {i.uuid: i for i in infos}

@@ -13,15 +13,13 @@ background task that
 
 When the service fails, nothing is dropped: the last index and lookups keep serving
 (stale-while-error) and `health()` says since when. Logs come once per state change.
-The billing owner of an instance is the account whose `owned_instances` lists it; if several
-do, the smallest address wins (logged); with no owning account, an `Owner` role in
-`authorized_instances` is used the same way.
+The index itself (who owns what in one account listing) is built in `owner_index`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -29,75 +27,39 @@ from typing import Final
 
 import trio
 
-from hostagent.account_client import Account, AccountClient, parse_account_list
+from hostagent.account_client import AccountClient
 from hostagent.clock import Clock
 from hostagent.config import OwnersConfig
 from hostagent.errors import OwnerLookupError
 from hostagent.model import Owner, OwnerHint
+from hostagent.owner_index import (
+    EMPTY_INDEX,
+    SERVICE_SOURCE,
+    OwnerIndex,
+    build_index,
+    index_from_body,
+)
 from hostagent.signing import load_key_file
+
+__all__ = [
+    "EMPTY_INDEX",
+    "SERVICE_SOURCE",
+    "UNASSIGNED_SOURCE",
+    "OwnerIndex",
+    "Owners",
+    "build_index",
+    "index_from_body",
+    "make_client",
+]
 
 log = logging.getLogger(__name__)
 
-SERVICE_SOURCE: Final = "account-service"
 UNASSIGNED_SOURCE: Final = "unassigned"
 _SWEEP_S: Final = 1.0
 _MAX_PENDING: Final = 10_000
 _MAX_HINT_CACHE: Final = 100_000
 _FORGET_AFTER_S: Final = 3600.0  # per-instance memory of instances no longer resolved
 _EMPTY: Mapping[str, str] = MappingProxyType({})
-
-
-@dataclass(frozen=True, slots=True)
-class OwnerIndex:
-    """instance → billing owner and instance → {address: role}, from one account listing."""
-
-    owners: Mapping[str, Owner]
-    roles: Mapping[str, Mapping[str, str]]
-    conflicts: Mapping[str, tuple[str, ...]]
-    accounts: int = 0
-    unknown_roles: int = 0
-
-
-EMPTY_INDEX: Final = OwnerIndex({}, {}, {})
-
-
-def build_index(accounts: Iterable[Account], *, org_id: str | None = None,
-                unknown_roles: int = 0) -> OwnerIndex:
-    """Pure: the owner index of a list of accounts (deterministic for any account order)."""
-    claims: dict[str, set[str]] = {}
-    roles: dict[str, dict[str, str]] = {}
-    n = 0
-    for acct in accounts:
-        n += 1
-        for iid in acct.owned_instances:
-            claims.setdefault(iid, set()).add(acct.address)
-            roles.setdefault(iid, {})[acct.address] = "Owner"
-        for iid, role in acct.authorized_instances.items():
-            roles.setdefault(iid, {}).setdefault(acct.address, role)
-    for iid, by_addr in roles.items():
-        if iid not in claims:
-            holders = {a for a, r in by_addr.items() if r == "Owner"}
-            if holders:
-                claims[iid] = holders
-    interned: dict[str, Owner] = {}
-    owners: dict[str, Owner] = {}
-    conflicts: dict[str, tuple[str, ...]] = {}
-    for iid, addrs in claims.items():
-        addr = min(addrs)
-        if len(addrs) > 1:
-            conflicts[iid] = tuple(sorted(addrs))
-        owner = interned.get(addr)
-        if owner is None:  # one Owner object per address keeps resolve's identity check cheap
-            owner = interned[addr] = Owner(addr, org_id, SERVICE_SOURCE)
-        owners[iid] = owner
-    frozen_roles = {iid: MappingProxyType(r) for iid, r in roles.items()}
-    return OwnerIndex(owners, frozen_roles, conflicts, n, unknown_roles)
-
-
-def index_from_body(body: bytes, org_id: str | None = None) -> OwnerIndex:
-    """Parse, validate and index an `account/list` body (run it in a worker thread)."""
-    listing = parse_account_list(body)
-    return build_index(listing.accounts, org_id=org_id, unknown_roles=listing.unknown_roles)
 
 
 def make_client(cfg: OwnersConfig, clock: Clock, config_source: str = "<config>"

@@ -90,6 +90,24 @@ async def test_network_bytes_come_from_the_tap_in_guest_direction(tmp_path: Path
     store.close()
 
 
+async def test_cgroup_files_are_read_afresh_when_the_root_moves(tmp_path: Path) -> None:
+    """The cgroup reader lives across passes; a file kept open from the t0 tree must never
+    answer for t1 (plain files are not kept: only cgroupfs says ENODEV when its file goes)."""
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    report = await coll.run_pass()
+    assert report.samples
+    for s in report.samples:
+        vm = host.src / "t1/sys/fs/cgroup/unified/machine" / f"qemu-{s.domid}-{s.name}.libvirt-qemu"
+        psi = (vm / "cpu.pressure").read_text().split()[1]
+        assert s.pressure is not None
+        assert s.pressure.cpu_some_avg10 == float(psi.removeprefix("avg10="))
+    coll.cgroups.close()
+    store.close()
+
+
 async def test_restart_resumes_from_persisted_baselines(tmp_path: Path) -> None:
     host = Host(tmp_path, "lab-hybrid")
     coll, store = make_collector(host, tmp_path)

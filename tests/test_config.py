@@ -104,3 +104,20 @@ def test_unnamed_sinks_keep_their_type_name_unless_it_clashes() -> None:
     cfg = config.from_mapping({"sinks": [{"type": "formation-queue"}, {"type": "jsonl"},
                                          {"type": "jsonl", "path": "/tmp/second.jsonl"}]})
     assert [s.name for s in cfg.sinks] == ["formation-queue", "jsonl", "jsonl-2"]
+
+
+def test_config_re_exports_the_split_modules_objects() -> None:
+    from hostagent import config_load, config_schema, config_sinks
+
+    assert sorted(config.__all__) == sorted(set(config.__all__))
+    homes = (config_schema, config_sinks)
+    for name in config.__all__:
+        obj = getattr(config, name)
+        defined = [m for m in homes if name in vars(m)]
+        if defined:
+            assert [getattr(m, name) is obj for m in defined] == [True] * len(defined), name
+        else:  # defined here: the root table, load/from_mapping and the README table
+            assert name in {"Config", "load", "from_mapping", "reference",
+                            "reference_markdown"}, name
+    assert config.SINK_TYPES["webhook"] is config_sinks.WebhookSinkConfig
+    assert config_load.SINK_TYPES is config.SINK_TYPES

@@ -196,3 +196,13 @@ def test_change_history_survives_one_rotation_then_is_forgotten(
         owners.sweep()
     owners.resolve("i-2", OwnerHint("u-c", None, "metadata:nova"))
     assert len([r for r in caplog.records if r.msg == "owner changed"]) == 1
+
+
+def test_owners_re_exports_the_index_module_objects() -> None:
+    from hostagent import owner_index, owners
+
+    for name in ("EMPTY_INDEX", "SERVICE_SOURCE", "OwnerIndex", "build_index",
+                 "index_from_body"):
+        assert name in owners.__all__
+        assert getattr(owners, name) is getattr(owner_index, name), name
+    assert all(hasattr(owners, name) for name in owners.__all__)

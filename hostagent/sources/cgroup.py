@@ -4,8 +4,9 @@ Layouts (docs/sources.md): hybrid, v2 at `<cgroup_root>/unified` with per-VM
 `cpu.stat` + PSI and v1 memory/blkio at `<cgroup_root>/<controller>/machine/qemu-N-NAME...`;
 pure v2 (systemd), all under `machine.slice/machine-qemu\\x2dN\\x2dNAME.scope/libvirt`.
 QEMU's main thread sits in the `emulator` child; the VM's cgroup is its parent, whose cpu.stat
-covers emulator and vcpu threads. Nothing is cached: the collector caches `CgroupPaths` per
-(domid, pid).
+covers emulator and vcpu threads. The collector caches `CgroupPaths` per (domid, pid); a reader
+given an `FdCache` keeps the cgroup files open across passes (sources/fdcache.py says why a
+kept descriptor never answers for a removed cgroup).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Literal, NamedTuple
 
 from hostagent.errors import SourceError
 from hostagent.model import Pressure
+from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot, cat, kv_value
 from hostagent.sources.proc import (  # re-exported: the process identity of a domain
     DEFAULT_CLK_TCK,
@@ -199,15 +201,29 @@ class CgroupReader:
     """Reads a domain's counters from the dirs `locate` found; one call per domain per pass.
 
     `io=False` / `pressure=False` skip those files (each costs ~7 µs of kernel time per domain
-    on cgroupfs); skipped fields are None with no `missing` entry.
+    on cgroupfs to open and read, ~2 µs to re-read through `fds`); skipped fields are None with
+    no `missing` entry. With `fds` the reader owns that cache: call `sweep()` once per pass,
+    after the reads, and `close()` when done.
     """
 
-    __slots__ = ("_io", "_prefix", "_pressure")
+    __slots__ = ("_fds", "_io", "_prefix", "_pressure")
 
-    def __init__(self, root: HostRoot, *, io: bool = True, pressure: bool = True) -> None:
+    def __init__(self, root: HostRoot, *, io: bool = True, pressure: bool = True,
+                 fds: FdCache | None = None) -> None:
         self._prefix = root.abspath("/").rstrip("/")
         self._io = io
         self._pressure = pressure
+        self._fds = fds
+
+    def sweep(self) -> None:
+        """After a pass's reads: close the kept files no domain read (VMs that went away)."""
+        if self._fds is not None:
+            self._fds.sweep()
+
+    def close(self) -> None:
+        """Close every kept file; later reads open and close each file. Idempotent."""
+        if self._fds is not None:
+            self._fds.close()
 
     def read(self, paths: CgroupPaths, *, cpu: bool = True, memory: bool = True) -> CgroupReading:
         """Every counter that can be read now; the rest None, with the reason in `missing`.
@@ -228,8 +244,9 @@ class CgroupReader:
         )
 
     def _cat(self, host_path: str, key: str, missing: dict[str, str]) -> str | None:
+        path = self._prefix + host_path
         try:
-            text = cat(self._prefix + host_path)
+            text = cat(path) if self._fds is None else self._fds.read(path)
         except SourceError as err:
             missing[key] = f"unreadable: {err}"
             return None

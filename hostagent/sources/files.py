@@ -18,8 +18,16 @@ from hostagent.errors import SourceError
 # Errnos that mean "not there (any more)" rather than "broken".
 # ENOTDIR: a path component is a file (a fixture or a half-removed tree);
 # EOPNOTSUPP: PSI files of a cgroup whose accounting is off (`psi=0`, cgroup.pressure = 0).
-_GONE = frozenset({errno.ENOENT, errno.ENODEV, errno.ESRCH, errno.ENOTDIR, errno.EOPNOTSUPP})
-_CHUNK = 16384
+GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENODEV, errno.ESRCH, errno.ENOTDIR,
+                         errno.EOPNOTSUPP})
+CHUNK_BYTES = 16384  # one read; a file this long or longer is read on until EOF
+
+
+def gone_or_error(err: OSError, verb: str, path: str) -> SourceError | None:
+    """None when `err` says the file is gone; else the SourceError to raise `from err`."""
+    if err.errno in GONE_ERRNOS:
+        return None
+    return SourceError(f"cannot {verb} {path}: {err.strerror or err}")
 
 
 def cat(path: str) -> str | None:
@@ -27,20 +35,20 @@ def cat(path: str) -> str | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
-        if err.errno in _GONE:
+        if (error := gone_or_error(err, "open", path)) is None:
             return None
-        raise SourceError(f"cannot open {path}: {err.strerror or err}") from err
+        raise error from err
     try:
-        data = os.read(fd, _CHUNK)
-        if len(data) == _CHUNK:  # rare: memory.stat of a big host, /proc/stat with many CPUs
+        data = os.read(fd, CHUNK_BYTES)
+        if len(data) == CHUNK_BYTES:  # rare: memory.stat of a big host, /proc/stat, many CPUs
             parts = [data]
-            while chunk := os.read(fd, _CHUNK):
+            while chunk := os.read(fd, CHUNK_BYTES):
                 parts.append(chunk)
             data = b"".join(parts)
     except OSError as err:
-        if err.errno in _GONE:
+        if (error := gone_or_error(err, "read", path)) is None:
             return None
-        raise SourceError(f"cannot read {path}: {err.strerror or err}") from err
+        raise error from err
     finally:
         os.close(fd)
     return data.decode("utf-8", "replace")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,9 +17,11 @@ import pytest
 from hostagent.errors import SourceError
 from hostagent.sources import cgroup
 from hostagent.sources.cgroup import CgroupPaths, CgroupReader, ControllerDir
+from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
 from hostagent.sources.net import LinkStatsReader
 from tests import lab_support
+from tests.sources.conftest import RealCgroups, fds_on, trusting
 
 HOSTS = Path(__file__).parents[2] / "fixtures" / "hosts"
 CG = "/sys/fs/cgroup"
@@ -403,6 +406,94 @@ def test_io_and_pressure_can_be_skipped(v2_copy: tuple[HostRoot, CgroupPaths, Pa
     assert r.cpu_ns is not None
     assert (r.io_read_bytes, r.io_write_bytes, r.io_source, r.pressure) == (None,) * 4
     assert r.missing == {}
+
+
+# --- kept-open files (FdCache) -------------------------------------------------------------------
+
+
+def test_kept_files_give_new_values_each_pass(v2_copy: tuple[HostRoot, CgroupPaths, Path]) -> None:
+    root, paths, d = v2_copy
+    fds = FdCache(mountinfo=trusting(Path(root.root)))  # keep these plain files as if cgroupfs
+    reader = CgroupReader(root, fds=fds)
+    first = reader.read(paths)
+    assert first.missing == {}
+    reader.sweep()
+    (d / "cpu.stat").write_text("usage_usec 123456789\nuser_usec 1\n")
+    (d / "memory.current").write_text("1048576\n")
+    (d / "cpu.pressure").write_text("some avg10=42.50 avg60=0 avg300=0 total=1\n")
+    second = reader.read(paths)
+    assert second.cpu_ns == 123456789 * 1000
+    assert second.memory_current_bytes == 1048576
+    assert second.pressure is not None
+    assert second.pressure.cpu_some_avg10 == 42.5
+    assert dataclasses.replace(second, cpu_ns=first.cpu_ns, memory_current_bytes=None,
+                               memory_working_set_bytes=None, pressure=None) == \
+        dataclasses.replace(first, memory_current_bytes=None, memory_working_set_bytes=None,
+                            pressure=None)
+    kept = fds.open_fds
+    assert kept == 8  # cpu.stat, memory.current/stat/max, io.stat, 3 PSI files
+    assert fds.stats().hits == kept
+    reader.sweep()
+    reader.read(paths, cpu=False, memory=False)  # a pass that needs only io and PSI
+    reader.sweep()
+    assert fds.open_fds == 4
+    reader.close()
+    assert fds.open_fds == 0
+    assert fds_on(d / "io.stat") == 0
+    assert reader.read(paths).cpu_ns == 123456789 * 1000  # after close: read like cat
+
+
+def test_plain_fixture_files_are_read_afresh_not_kept(
+    v2_copy: tuple[HostRoot, CgroupPaths, Path],
+) -> None:
+    root, paths, d = v2_copy
+    fds = FdCache()
+    reader = CgroupReader(root, fds=fds)
+    assert reader.read(paths).cpu_ns is not None
+    shutil.rmtree(d)  # on a plain filesystem nothing would say ENODEV: nothing was kept
+    r = reader.read(paths)
+    assert r.cpu_ns is None
+    assert r.missing["cgroup:cpu_ns"].startswith("absent: ")
+    assert fds.open_fds == 0
+    reader.close()
+
+
+def test_kept_files_of_a_real_cgroup_removed_and_made_again(real_cgroups: RealCgroups) -> None:
+    vm = real_cgroups.mkdir("qemu-7-vm.libvirt-qemu")
+    memory_dir = (real_cgroups.mkdir("qemu-7-vm.libvirt-qemu", v1_memory=True)
+                  if real_cgroups.memory_parent is not None else None)
+    paths = CgroupPaths(cpu=ControllerDir(vm, 2),
+                        memory=ControllerDir(memory_dir, 1) if memory_dir else None,
+                        io=None, unified=vm)
+    fds = FdCache()
+    reader = CgroupReader(HostRoot("/"), io=False, fds=fds)
+    real_cgroups.burn_cpu(vm)
+    old = reader.read(paths)
+    assert old.cpu_ns is not None
+    assert old.cpu_ns >= 40_000_000
+    assert old.pressure is not None
+    if memory_dir:
+        assert old.memory_current_bytes is not None
+    kept = fds.open_fds
+    assert kept == (6 if memory_dir else 4)  # cpu.stat, 3 PSI files (+ v1 usage, memory.stat)
+    # The VM stops and starts again between two passes: its new cgroup has the old path.
+    for d in (vm, memory_dir):
+        if d:
+            os.rmdir(d)
+            os.mkdir(d)
+    new = reader.read(paths)
+    assert new.cpu_ns == 0  # the new cgroup's counter, never the dead one's
+    assert fds.stats().stale == kept
+    assert fds.open_fds == kept
+    # Stopped for good: absent, exactly like cat.
+    for d in (vm, memory_dir):
+        if d:
+            os.rmdir(d)
+    gone = reader.read(paths)
+    assert gone.cpu_ns is None
+    assert gone.missing["cgroup:cpu_ns"] == f"absent: {vm}/cpu.stat"
+    assert fds.open_fds == 0
+    reader.close()
 
 
 # --- live lab -----------------------------------------------------------------------------------
