@@ -14,10 +14,13 @@ current_value as a percentage of threshold_value (100 = at the threshold). `even
 UUIDv5 of (host, fingerprint, transition, period end): a resent event is recognisably the same.
 
 Routing by action: Log → one structured log line per transition, no event; Alert and Notify →
-one event (the queue sink sends every one to its alert topic; the webhook sink sends Alert
-events to every `threshold_violation` registration and Notify events to the registrations
-named in `notification_channels`, or to all of them when a channel is "webhook" or
-"api_callback").
+one event. An Alert event goes to every sink that takes `threshold_violation` (the queue on
+its alert topic, every `threshold_violation` webhook registration, the JSONL file). A Notify
+event carries the rule's channels as `OutEvent.channels` and the outbox routes it to the sinks
+answering to them (hostagent.routing): the queue for "queue"; the webhook registrations named,
+or all of them for "webhook"/"api_callback"; the JSONL file keeps every event. The payload's
+`channels` and `action` say the same; `payload_channels` reads them back (outbox rows written
+before events carried their channels).
 
 Storm control: a per-fingerprint cooldown (in the state machine) and a token bucket per
 channel (`StormControl`, used as the evaluation's gate). A held-back notification is counted
@@ -67,6 +70,25 @@ def channels_of(rule: Rule) -> tuple[str, ...]:
     return rule.channels or ("default",)
 
 
+def routing_channels(action: str, channels: Iterable[str]) -> frozenset[str] | None:
+    """`OutEvent.channels` of an alert: a Notify rule's channels, None (everywhere) otherwise."""
+    return frozenset(channels) if action == "notify" else None
+
+
+def payload_channels(kind: str, payload: bytes) -> frozenset[str] | None:
+    """The routing channels an event's payload records (None: not a Notify alert, or unreadable:
+    every sink of its kind, as before channels were routed)."""
+    if kind != KIND:
+        return None
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("channels") or [], list):
+        return None
+    return routing_channels(str(doc.get("action")), map(str, doc.get("channels") or []))
+
+
 def build_alert_event(t: Transition, owner: Owner | None, host: str, *,
                       time_format: TimeFormat, unassigned: str = "unassigned") -> OutEvent:
     """The outbox-ready `threshold_violation` event for one transition."""
@@ -93,7 +115,7 @@ def build_alert_event(t: Transition, owner: Owner | None, host: str, *,
         "action": rule.action,
     }
     return OutEvent(str(payload["event_id"]), KIND, u.instance_id, u.period_start_ns, at_ns,
-                    orjson.dumps(payload))
+                    orjson.dumps(payload), routing_channels(rule.action, rule.channels))
 
 
 def route(transitions: Iterable[Transition], owners: Mapping[str, Owner], host: str, *,

@@ -93,6 +93,7 @@ class Delivery:
         self._size = StoreSize(0, 0, 0)
         self._merges = 0
         store.configure(sink_kinds={s.name: s.kinds for s in sinks},
+                        sink_channels={s.name: s.channels for s in sinks},
                         max_bytes=self.cfg.max_bytes)
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -285,7 +285,13 @@ class Owner:
 
 @dataclass(frozen=True, slots=True)
 class OutEvent:
-    """An event ready for the outbox: its id, kind, subject and the exact JSON bytes sinks send."""
+    """An event ready for the outbox: its id, kind, subject and the exact JSON bytes sinks send.
+
+    `channels` routes, it is never sent: None (usage events, Alert rules' alerts) goes to every
+    sink that takes the kind; a set (a Notify rule's channels) only to the sinks answering to
+    them (hostagent.routing). The outbox reads it once, at commit, and does not store it: an
+    event loaded back for delivery has None.
+    """
 
     event_id: str
     kind: str
@@ -293,3 +299,4 @@ class OutEvent:
     period_start_ns: int
     period_end_ns: int
     payload: bytes
+    channels: frozenset[str] | None = None

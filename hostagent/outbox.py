@@ -12,10 +12,14 @@ abandoned on cancel: a commit's outcome must be known). There is ONE connection,
 serialised; every call is short (one transaction of one pass or one delivery batch). Other
 processes (``hostagent outbox``) open their own connection; WAL lets them read while we write.
 
-Routing: an event gets a pending delivery row for every active sink whose kinds include its
-kind. A sink registered later gets only events committed after it was added; an event that no
-sink takes is not stored. Rows of a sink removed from the config stay (never dropped) and are
-shown by ``hostagent outbox status``.
+Routing (hostagent.routing): an event gets a pending delivery row for every active sink whose
+kinds include its kind and, for a Notify alert, that answers to one of its channels; no row
+means the sink never sees the event. A sink registered later gets only events committed after
+it was added; an event that no sink takes is not stored. Rows of a sink removed from the config
+stay (never dropped) and are shown by ``hostagent outbox status``. Pending alert rows written
+by an older hostagent, which gave every sink of the kind a row and let the queue sink skip
+Notify alerts at send time, are re-routed when the daemon configures the channels
+(``outbox_upkeep.drop_unrouted``), before any of them can be sent.
 
 Modules: this one holds the schema, opening and every write (commit, claim, record, replay);
 the read-only queries (loads, due events, stats, dead letters, size) are StoreReader's in
@@ -24,6 +28,7 @@ hostagent.outbox_inspect, pruning and merging are hostagent.outbox_upkeep's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import threading
@@ -35,7 +40,7 @@ from typing import Literal
 
 import orjson
 
-from hostagent import outbox_upkeep, sqlite_tx
+from hostagent import outbox_upkeep, routing, sqlite_tx
 from hostagent.clock import Clock
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.model import Baseline, OutEvent
@@ -113,13 +118,14 @@ class Store(StoreReader):
         self.created_ns = 0
         self.host = ""
         self.max_bytes: int | None = None
-        self._routes: dict[str, frozenset[str] | None] = {}
+        self._routes: dict[str, routing.Route] = {}
 
     # --- opening ----------------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str | Path, *, clock: Clock, node_id: str, sink_names: Sequence[str],
              sink_kinds: Mapping[str, Collection[str]] | None = None,
+             sink_channels: Mapping[str, Collection[str] | None] | None = None,
              max_bytes: int | None = None, create: bool = True,
              register_sinks: bool = True) -> Store:
         """Open (or create) the store; StateCorrupt if the file is foreign or damaged."""
@@ -148,7 +154,7 @@ class Store(StoreReader):
             raise
         if register_sinks:
             store._register(sink_names)
-        store.configure(sink_kinds=sink_kinds, max_bytes=max_bytes)
+        store.configure(sink_kinds=sink_kinds, sink_channels=sink_channels, max_bytes=max_bytes)
         return store
 
     def _setup(self, existed: bool, node_id: str) -> None:
@@ -200,14 +206,23 @@ class Store(StoreReader):
             for name in names:
                 c.execute("INSERT INTO sinks(name, added_ns, active) VALUES(?, ?, 1) "
                           "ON CONFLICT(name) DO UPDATE SET active = 1", (name, now))
-        self._routes = dict.fromkeys(names)
+        self._routes = dict.fromkeys(names, routing.EVERYTHING)
 
     def configure(self, *, sink_kinds: Mapping[str, Collection[str]] | None = None,
+                  sink_channels: Mapping[str, Collection[str] | None] | None = None,
                   max_bytes: int | None = None) -> None:
-        """Set which kinds each sink takes and the size cap (SQLite max_page_count)."""
-        if sink_kinds is not None:
-            self._routes.update({n: frozenset(k) for n, k in sink_kinds.items()
-                                 if n in self._routes})
+        """Set which kinds and channels each sink takes (hostagent.routing; not given: all)
+        and the size cap (SQLite max_page_count). Setting channels re-routes pending alert
+        rows an older hostagent wrote for every sink (`outbox_upkeep.drop_unrouted`)."""
+        for n, k in (sink_kinds or {}).items():
+            if n in self._routes:
+                self._routes[n] = dataclasses.replace(self._routes[n], kinds=frozenset(k))
+        for n, ch in (sink_channels or {}).items():
+            if n in self._routes:
+                self._routes[n] = dataclasses.replace(
+                    self._routes[n], channels=None if ch is None else frozenset(ch))
+        if sink_channels is not None:
+            outbox_upkeep.drop_unrouted(self, self._routes)
         if max_bytes is not None:
             self.max_bytes = max_bytes
             with self._lock:
@@ -233,9 +248,6 @@ class Store(StoreReader):
 
     # --- the collector's side ---------------------------------------------------------------
 
-    def _sinks_for(self, kind: str) -> list[str]:
-        return [n for n, kinds in self._routes.items() if kinds is None or kind in kinds]
-
     def commit_pass(self, baselines: Sequence[Baseline], events: Sequence[OutEvent], *,
                     removed_instances: Sequence[str] = (),
                     alert_state: Mapping[str, bytes | None] | None = None) -> None:
@@ -249,7 +261,7 @@ class Store(StoreReader):
             c.executemany("DELETE FROM baselines WHERE instance_id = ?",
                           [(i,) for i in removed_instances])
             for ev in events:
-                sinks = self._sinks_for(ev.kind)
+                sinks = routing.sinks_for(self._routes, ev.kind, ev.channels)
                 if not sinks:
                     continue
                 cur = c.execute(

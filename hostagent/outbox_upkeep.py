@@ -21,6 +21,9 @@ replaces in ``merged_from`` (flattened: merging a merged event lists the origina
 
 Only events never claimed for sending are merged (a claimed event may already be at the
 sink). The payload functions are pure; `merge_pending` applies them inside the store.
+
+`drop_unrouted` brings pending alert rows an older hostagent wrote in line with the routing
+by channel (hostagent.routing), once the daemon has told the store each sink's channels.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from hostagent import routing
+from hostagent.alerts import KIND as ALERT_KIND
+from hostagent.alerts import payload_channels
 
 if TYPE_CHECKING:
     from hostagent.outbox import Maintenance, Store
@@ -151,6 +158,47 @@ def delete_orphans(c: sqlite3.Connection, ids: Collection[str]) -> None:
     c.executemany("DELETE FROM events WHERE event_id = ? AND NOT EXISTS (SELECT 1 FROM "
                   "deliveries WHERE sink IN (SELECT name FROM sinks) AND "
                   "event_id = events.event_id)", [(i,) for i in ids])
+
+
+def drop_unrouted(store: Store, routes: Mapping[str, routing.Route]) -> dict[str, int]:
+    """Delete pending rows of Notify alerts for sinks that do not answer to their channels.
+
+    An older hostagent gave every sink that takes `threshold_violation` a row for every alert,
+    and the queue sink acknowledged the Notify alerts not naming "queue" without sending them
+    (the webhook fan-out found no registration for them). Sinks now send every row they get,
+    so such rows go before delivery starts: they were never meant for that sink, nothing was
+    ever sent for them there, and the sinks the alert is meant for keep their own rows (an
+    event no sink is left owing goes too, as pruning does). Only channels are judged, never
+    kinds (rows of a sink whose kinds changed stay, as ever). Runs at every daemon start, so a
+    store an older hostagent wrote to in between is set right as well: one sequential scan of
+    the events table (~0.13 s for 500,000 pending events, less than the `quick_check` at open),
+    with a primary-key look-up per alert and only alert payloads decoded.
+    """
+    restricted = [n for n, r in routes.items() if r.channels is not None]
+    if not restricted:
+        return {}
+    named = routing.claimed(routes)
+    with store.transaction("re-route pending alert rows") as c:
+        rows = c.execute(
+            # CROSS JOIN keeps this order: the alerts first, then their rows (6x faster than
+            # walking every pending row and looking up its event's kind).
+            "SELECT d.sink, d.event_id, e.payload FROM events e CROSS JOIN deliveries d ON "
+            "d.event_id = e.event_id WHERE e.kind = ? AND d.sink IN (SELECT value FROM "
+            "json_each(?)) AND d.status = 'pending'",
+            (ALERT_KIND, orjson.dumps(restricted).decode())).fetchall()
+        drop = [(sink, eid) for sink, eid, payload in rows
+                if not routing.takes(routing.Route(None, routes[sink].channels), ALERT_KIND,
+                                     payload_channels(ALERT_KIND, bytes(payload)), named)]
+        c.executemany("DELETE FROM deliveries WHERE sink = ? AND event_id = ?", drop)
+        delete_orphans(c, {eid for _, eid in drop})
+    counts: dict[str, int] = {}
+    for sink, _ in drop:
+        counts[sink] = counts.get(sink, 0) + 1
+    for sink, n in counts.items():
+        log.info("pending alert rows of an older hostagent dropped: not meant for this sink",
+                 extra={"sink": sink, "rows": n,
+                        "event_ids": [e for s, e in drop if s == sink][:100]})
+    return counts
 
 
 def vacuum(store: Store, pages: int) -> None:

@@ -49,6 +49,33 @@ def test_event_has_seed_fields_and_state() -> None:
     assert alerts.build_alert_event(t, OWNER, "host-b", time_format="unix").event_id != ev.event_id
 
 
+def test_notify_alerts_carry_their_channels_for_routing() -> None:
+    notify = dataclasses.replace(CPU, action="notify", channels=("queue", "webhook_0badc0de"))
+    (t,) = transitions(notify, [90.0])
+    ev = alerts.build_alert_event(t, OWNER, "host-a", time_format="unix")
+    assert ev.channels == {"queue", "webhook_0badc0de"}
+    body = orjson.loads(ev.payload)
+    # the payload is as it was: the channels and the action stay in it, the id is the same
+    assert (body["action"], body["channels"]) == ("notify", ["queue", "webhook_0badc0de"])
+    assert list(body)[-2:] == ["channels", "action"]
+    (plain,) = transitions(CPU, [90.0])
+    assert ev.event_id == alerts.build_alert_event(plain, OWNER, "host-a",
+                                                   time_format="unix").event_id
+    assert alerts.payload_channels(ev.kind, ev.payload) == ev.channels  # legacy rows: the same
+    # a Notify rule without channels reaches no channel (but the audit log), not every one
+    (quiet,) = transitions(dataclasses.replace(CPU, action="notify", channels=()), [90.0])
+    assert alerts.build_alert_event(quiet, None, "h", time_format="unix").channels == frozenset()
+
+
+def test_alert_rules_and_usage_route_everywhere() -> None:
+    rule = dataclasses.replace(CPU, channels=("queue",))  # an Alert rule's channels do not route
+    (ev,) = alerts.route(transitions(rule, [90.0]), {"vm-1": OWNER}, "h", time_format="unix")
+    assert ev.channels is None and orjson.loads(ev.payload)["channels"] == ["queue"]
+    assert alerts.payload_channels(ev.kind, ev.payload) is None
+    assert alerts.payload_channels("resource_usage", b'{"action": "notify"}') is None
+    assert alerts.payload_channels(ev.kind, b"not json") is None  # unreadable: everywhere
+
+
 def test_absolute_values_are_in_the_rule_unit() -> None:
     rule = th.parse_rule({**FLAT, "threshold_value": 100, "user_id": "*"})  # 100 GB storage
     (t,) = transitions(rule, [150.0])

@@ -1,9 +1,10 @@
 """Alerts end to end in the daemon: rules file → the pass → outbox → JSONL and a signed webhook;
-a restart neither re-notifies nor forgets (issue 6)."""
+a restart neither re-notifies nor forgets (issue 6); Notify rules reach only their channels."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import trio
 
 from hostagent.daemon import Daemon
 from tests.replay import Host, build_daemon, daemon_config
+from tests.standins.queue import serve_queue
 from tests.standins.webhook_receiver import WebhookReceiver
 
 SECRET = "s3cret-for-tests"
@@ -84,5 +86,65 @@ async def test_transitions_reach_the_webhook_signed_and_survive_a_restart(tmp_pa
         await run_until(again, lambda: again.passes_done >= 3, 20)
         assert again.passes_done >= 3
         assert len(receiver.received) == before
+    finally:
+        receiver.stop()
+
+
+def alert_rows(state: Path) -> dict[str, list[str]]:
+    """Rule ids of the alert delivery rows per outbox sink (what `outbox status` counts)."""
+    with sqlite3.connect(state) as c:
+        rows = c.execute("SELECT d.sink, e.payload FROM deliveries d JOIN events e USING "
+                         "(event_id) WHERE e.kind = 'threshold_violation'").fetchall()
+    out: dict[str, list[str]] = {}
+    for sink, payload in rows:
+        out.setdefault(sink, []).append(orjson.loads(payload)["fingerprint"].split("|")[0])
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+async def test_notify_rules_reach_only_their_channels(tmp_path: Path) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    guests = len(host.meta["guests"])
+    receiver = WebhookReceiver(secret=SECRET).start()
+    rules = tmp_path / "rules.json"
+    rules.write_text("[]")
+    try:
+        with serve_queue() as queue:
+            cfg = daemon_config(
+                tmp_path, host, tables=f'[thresholds]\nrules_path = "{rules}"',
+                sinks=f'[[sinks]]\ntype = "formation-queue"\nurl = "{queue.url}"\n'
+                      '[[sinks]]\ntype = "webhook"\nallow_list = ["127.0.0.1"]')
+            daemon = build_daemon(cfg, host)
+            assert daemon.webhooks is not None and daemon.rules is not None
+            hook = daemon.webhooks.register(receiver.url, ["threshold_violation"], secret=SECRET)
+            daemon.webhooks.register(receiver.url + "?unnamed", ["threshold_violation"])
+            # exceeded then resolved, to the queue only; exceeded, to one registration only;
+            # exceeded, an Alert rule: everywhere (the JSONL audit log gets every alert)
+            rules.write_text(json.dumps([
+                {**CPU, "id": "cpu-queue", "action": "Notify",
+                 "notification_channels": ["queue"]},
+                {**MEMORY, "id": "mem-hook", "action": "Notify",
+                 "notification_channels": [hook.id]},
+                {**MEMORY, "id": "mem-alert", "notification_channels": []}]))
+            assert daemon.rules.reload()
+
+            def done() -> bool:
+                return (len(receiver.received) >= 3 * guests
+                        and len(queue.events("usage_alerts")) >= 3 * guests
+                        and len(jsonl_alerts(tmp_path / "events.jsonl")) >= 4 * guests)
+
+            await run_until(daemon, done, 20)
+            to_queue = queue.events("usage_alerts")
+        assert sorted(e["fingerprint"].split("|")[0] for e in to_queue) == sorted(
+            ["cpu-queue"] * 2 * guests + ["mem-alert"] * guests)
+        got = [(r.path, r.json["data"]["fingerprint"].split("|")[0]) for r in receiver.received]
+        assert sorted(got) == sorted([("/hook", "mem-hook")] * guests
+                                     + [("/hook", "mem-alert")] * guests
+                                     + [("/hook?unnamed", "mem-alert")] * guests)
+        assert len(jsonl_alerts(tmp_path / "events.jsonl")) == 4 * guests
+        # no delivery row for a sink that is not among a Notify rule's channels
+        assert alert_rows(tmp_path / "state.db") == {
+            "formation-queue": sorted(["cpu-queue"] * 2 * guests + ["mem-alert"] * guests),
+            "jsonl": sorted(["cpu-queue"] * 2 * guests + ["mem-hook", "mem-alert"] * guests),
+            "webhooks": sorted(["mem-hook", "mem-alert"] * guests)}
     finally:
         receiver.stop()

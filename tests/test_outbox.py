@@ -16,6 +16,7 @@ from hostagent.clock import FakeClock
 from hostagent.errors import StateCorrupt, StateError, StoreFull
 from hostagent.model import Baseline, OutEvent
 from hostagent.outbox import Outcome, Store
+from hostagent.routing import UNCLAIMED
 from tests.standins.queue import PERIOD_NS, T0_NS, usage_event
 
 HOST = "host-a"
@@ -133,6 +134,94 @@ def test_routing_by_kind_and_sinks_added_later(tmp_path: Path, clock: FakeClock)
     st = s.stats()
     assert (st["q"].pending, st["file"].active, st["file"].pending) == (3, False, 2)
     s.close()
+
+
+QUEUE_CHANNELS = ["queue"]
+HOOK_CHANNELS = ["webhook", "webhooks", "api_callback", UNCLAIMED]
+CHANNELS: dict[str, list[str] | None] = {"q": QUEUE_CHANNELS, "hooks": HOOK_CHANNELS,
+                                         "file": None}
+
+
+def alert(eid: str, channels: list[str] | None, *, routed: bool = True) -> OutEvent:
+    """An alert; channels None: an Alert rule's. `routed=False`: as an older hostagent built
+    it, the channels only in the payload."""
+    doc = {"event_type": "threshold_violation", "event_id": eid, "channels": channels or [],
+           "action": "alert" if channels is None else "notify"}
+    chans = frozenset(channels) if channels is not None and routed else None
+    return OutEvent(eid, "threshold_violation", "i1", T0_NS, T0_NS, orjson.dumps(doc), chans)
+
+
+def alert_rows(s: Store) -> dict[str, list[str]]:
+    with s.reading("alert rows") as c:
+        rows = c.execute("SELECT d.sink, d.event_id || ':' || d.status FROM deliveries d JOIN "
+                         "events e USING (event_id) WHERE e.kind = 'threshold_violation' "
+                         "ORDER BY 1, 2").fetchall()
+    out: dict[str, list[str]] = {}
+    for sink, row in rows:
+        out.setdefault(sink, []).append(row)
+    return out
+
+
+def test_routing_by_channel_and_outbox_status(tmp_path: Path, clock: FakeClock,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "state.db"
+    s = open_store(path, clock, ("q", "hooks", "file"), sink_channels=CHANNELS)
+    s.commit_pass([], [usage_event("i1", 0), alert("a1", None), alert("a2", ["queue"]),
+                       alert("a3", ["webhook_0badc0de"]), alert("a4", []),
+                       alert("a5", ["queue", "webhook"])])
+    # no row for a sink that is not among a Notify alert's channels; the rest reach every sink
+    assert alert_rows(s) == {
+        "file": ["a1:pending", "a2:pending", "a3:pending", "a4:pending", "a5:pending"],
+        "hooks": ["a1:pending", "a3:pending", "a5:pending"],
+        "q": ["a1:pending", "a2:pending", "a5:pending"]}
+    st = s.stats()
+    assert (st["q"].pending, st["hooks"].pending, st["file"].pending) == (4, 4, 6)
+    # an alert no sink answers to is not stored at all
+    only_q = open_store(tmp_path / "q.db", clock, ("q",), sink_channels=CHANNELS)
+    only_q.commit_pass([], [alert("a6", ["webhook_0badc0de"])])
+    assert only_q.stats()["q"].pending == 0
+    with only_q.reading("count") as c:
+        assert c.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
+    only_q.close()
+    batch = s.take("q", 10, clock.wall_ns)
+    s.record("q", [Outcome(p.event.event_id, "acked") for p in batch], dead_letter_after=3)
+    s.close()
+
+    cfg = tmp_path / "hostagent.toml"
+    cfg.write_text(f'[collector]\nstate_path = "{path}"\n[host]\nnode_id = "{HOST}"\n'
+                   '[[sinks]]\ntype = "formation-queue"\nname = "q"\n'
+                   '[[sinks]]\ntype = "webhook"\nname = "hooks"\n'
+                   f'[[sinks]]\ntype = "jsonl"\nname = "file"\npath = "{tmp_path}/e.jsonl"\n')
+    assert cli.main(["--config", str(cfg), "outbox", "status", "--json"]) == 0
+    doc = orjson.loads(capsys.readouterr().out)
+    assert {r["sink"]: (r["pending"], r["acked"]) for r in doc["sinks"]} == {
+        "q": (0, 4), "hooks": (4, 0), "file": (6, 0)}
+
+
+def test_channels_reroute_pending_rows_an_older_hostagent_wrote(tmp_path: Path,
+                                                                clock: FakeClock) -> None:
+    path = tmp_path / "state.db"
+    old = open_store(path, clock, ("q", "hooks", "file", "gone"))  # before: every sink a row
+    old.commit_pass([], [alert("a1", None, routed=False), alert("a2", ["queue"], routed=False),
+                         alert("a3", ["webhook_0badc0de"], routed=False),
+                         alert("a4", [], routed=False)])
+    # the old queue sink acknowledged a4 without sending it: an acked row stays as it was
+    s_a4 = [p for p in old.take("q", 10, clock.wall_ns) if p.event.event_id == "a4"]
+    old.record("q", [Outcome(p.event.event_id, "acked") for p in s_a4], dead_letter_after=3)
+    old.close()
+    # the queue now takes usage only (a kinds change): its alert rows are not judged by kind
+    s = open_store(path, clock, ("q", "hooks", "file"), sink_channels=CHANNELS,
+                   sink_kinds={"q": ["resource_usage"]})
+    assert alert_rows(s) == {
+        "file": ["a1:pending", "a2:pending", "a3:pending", "a4:pending"],
+        "gone": ["a1:pending", "a2:pending", "a3:pending", "a4:pending"],  # not configured
+        "hooks": ["a1:pending", "a3:pending"],
+        "q": ["a1:pending", "a2:pending", "a4:acked"]}
+    assert [p.event.event_id for p in s.pending("q", 10, clock.wall_ns)] == ["a1", "a2"]
+    s.close()
+    again = open_store(path, clock, ("q", "hooks", "file"), sink_channels=CHANNELS)
+    assert len(again.pending("q", 10, clock.wall_ns)) == 2  # idempotent
+    again.close()
 
 
 # --- delivery state -----------------------------------------------------------------------

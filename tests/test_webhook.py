@@ -201,6 +201,51 @@ def test_fan_out_is_idempotent_and_filters_notify(rig: Rig) -> None:
     assert rig.hooks.counts()[other.id] == {"pending": 1}
 
 
+def notify_alert(rule_id: str, channels: list[str]) -> OutEvent:
+    rule = dataclasses.replace(CPU, id=rule_id, action="notify", channels=tuple(channels))
+    u = usage(cpu_percent_avg=95.0)
+    ev = th.evaluate(th.build_index([rule], th.Settings()), [u], {}, {}, u.period_end_ns)
+    (alert,) = alerts.route(ev.transitions, {"vm-1": OWNER}, "host-a", time_format="unix")
+    return alert
+
+
+async def test_notify_alerts_reach_only_the_registrations_they_name(rig: Rig) -> None:
+    named = rig.hooks.register(rig.receiver.url + "?to=named", ["threshold_violation"],
+                               "s3cret")
+    other = rig.hooks.register(rig.receiver.url + "?to=other", ["threshold_violation"])
+    evs = {n: notify_alert(n, chans) for n, chans in (
+        ("to-named", [named.id]), ("to-all", ["webhook"]), ("to-queue", ["queue"]),
+        ("to-none", []))}
+    clock = SystemClock()
+    # next to a queue sink (answering to "queue"), which nobody drains here
+    store = Store.open(rig.store.path, clock=clock, node_id="host-a",
+                       sink_names=["webhooks", "formation-queue"],
+                       sink_channels={"formation-queue": ["queue"]})
+    sink = build_sink(rig.cfg, clock=clock, webhook_store=rig.hooks)
+    assert isinstance(sink, WebhookSink) and sink.dispatcher is not None
+    delivery = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=0.5))
+    try:
+        store.commit_pass([], list(evs.values()))
+        # the webhook sink gets no row for alerts that name no webhook
+        assert sorted(p.event.event_id for p in store.pending("webhooks", 10, 2**62)) == sorted(
+            evs[n].event_id for n in ("to-named", "to-all"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.dispatcher.run)
+            await nursery.start(delivery.run)
+            await until(lambda: len(rig.receiver.received) == 3)
+            await trio.sleep(0.2)  # nothing more arrives
+            nursery.cancel_scope.cancel()
+        st = store.stats()
+        assert (st["webhooks"].acked, st["webhooks"].pending) == (2, 0)
+        assert st["formation-queue"].pending == 1
+    finally:
+        store.close()
+    got = {(r.path.rsplit("=", 1)[1], r.headers["webhook-id"]) for r in rig.receiver.received}
+    assert got == {("named", evs["to-named"].event_id), ("named", evs["to-all"].event_id),
+                   ("other", evs["to-all"].event_id)}
+    assert rig.hooks.counts() == {named.id: {"delivered": 2}, other.id: {"delivered": 1}}
+
+
 def test_registrations_persist_and_validate(rig: Rig, tmp_path: Path) -> None:
     reg = rig.hooks.register("https://hooks.example/x", ["metrics"], "k")
     again = WebhookStore(tmp_path / "state.db", SystemClock())

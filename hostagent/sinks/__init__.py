@@ -9,8 +9,11 @@
                      └─► Undeliverable dead-lettered at once (can never succeed, e.g. too large)
 
 The delivery loop owns retries, the circuit breaker and the outbox state; a sink only talks to
-its destination. `flush()` makes everything sent so far durable (fsync for files); the delivery
-records acknowledgements only after it returns.
+its destination. Which events a sink gets is the outbox's decision (hostagent.routing), made
+from the sink's `kinds` and `channels` when an event is committed: a sink sends every event
+it is given and never looks into a payload to decide whether it is its own. `flush()` makes
+everything sent so far durable (fsync for files); the delivery records acknowledgements only
+after it returns.
 """
 
 from __future__ import annotations
@@ -87,6 +90,12 @@ class Sink(Protocol):
     @property
     def kinds(self) -> frozenset[str]:
         """Event kinds this sink receives."""
+        ...
+
+    @property
+    def channels(self) -> frozenset[str] | None:
+        """Notify channels this sink answers to (None: every event of its kinds; a set holding
+        hostagent.routing.UNCLAIMED: also every channel no other sink names)."""
         ...
 
     @property

@@ -6,7 +6,9 @@ Wire format, exactly::
     {"Write": {"content": [sub_topic, <UTF-8 bytes of the event JSON>...],
                "topic": "<lowercase hex SHA3-256 of the topic NAME>"}}
 
-`threshold_violation` events go to `alert_topic`, everything else to `topic`. Only HTTP 200
+`threshold_violation` events go to `alert_topic`, everything else to `topic`. The sink answers
+to the channel "queue": the outbox gives it usage events, Alert rules' alerts and the Notify
+alerts naming "queue" (hostagent.routing), and it sends every one of them. Only HTTP 200
 with the JSON string "OpSuccess" is success. `{"Failure": …}` and 4xx (except 408/429) are
 rejections (the event is dead-lettered after `dead_letter_after` of them); transport errors,
 timeouts, 408/429, 5xx and any other reply are transient. The queue does not deduplicate:
@@ -36,6 +38,7 @@ from hostagent.model import OutEvent
 from hostagent.sinks import ConfiguredSink, Undeliverable
 
 ALERT_KIND = "threshold_violation"
+CHANNEL = "queue"  # what a Notify rule's notification_channels name to reach the queue
 WRITE_PATH = "/queue/write_local"
 MAX_REPLY_BYTES = 64 * 1024
 _HEADERS = {"Content-Type": "application/json"}
@@ -154,23 +157,10 @@ class _Stale(Exception):  # an internal signal, turned into SinkUnavailable abov
     """A reused keep-alive connection turned out to be closed."""
 
 
-def wants(event: OutEvent) -> bool:
-    """Whether the queue is one of the event's channels.
-
-    Usage events and `Alert` rules' alerts always go to the queue; a `Notify` rule names its
-    channels, and its alerts reach the queue only when "queue" is one of them.
-    """
-    if event.kind != "threshold_violation":
-        return True
-    try:
-        doc = orjson.loads(event.payload)
-    except orjson.JSONDecodeError:
-        return True  # not ours to judge: send it and let the queue answer
-    return doc.get("action") != "notify" or "queue" in (doc.get("channels") or ())
-
-
 class FormationQueueSink(ConfiguredSink[QueueSinkConfig]):
     """Publishes events to a form-p2p queue over HTTP."""
+
+    channels: frozenset[str] | None = frozenset({CHANNEL})
 
     def __init__(self, cfg: QueueSinkConfig, *,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -189,14 +179,10 @@ class FormationQueueSink(ConfiguredSink[QueueSinkConfig]):
                                              transport=transport, trust_env=False)
             self._url = str(url.copy_with(path=self._target))
 
-
-
     @property
     def max_in_flight(self) -> int:
         """Concurrent requests."""
         return self.cfg.max_in_flight
-
-
 
     def body_for(self, event: OutEvent) -> bytes:
         """The request body for `event` (topic chosen by kind)."""
@@ -216,8 +202,6 @@ class FormationQueueSink(ConfiguredSink[QueueSinkConfig]):
 
     async def send(self, event: OutEvent) -> None:
         """POST one event; return only on "OpSuccess"."""
-        if not wants(event):
-            return  # a Notify alert for other channels: done, nothing to send here
         body = self.body_for(event)
         if len(body) > self.cfg.max_request_bytes:
             raise Undeliverable(f"encoded request is {len(body)} bytes, over max_request_bytes="

@@ -5,6 +5,9 @@ A crash can leave a torn last line; before appending again the sink makes sure t
 with a newline, so the torn fragment stays a line of its own and later lines are intact.
 Readers skip lines that are not valid JSON. Redelivery after a crash (an event written but its
 acknowledgement not yet committed) repeats a line: consumers dedupe on `event_id`.
+
+It is the audit log: it answers to every channel, so it gets every event of its kinds, Notify
+alerts for any channel included.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class JsonlSink(ConfiguredSink[JsonlSinkConfig]):
     """Appends events to a file; a failed write or fsync is transient (retried)."""
 
     max_in_flight = 1
+    channels: frozenset[str] | None = None  # every channel: the audit log keeps every event
 
     def __init__(self, cfg: JsonlSinkConfig) -> None:
         self.cfg = cfg
@@ -34,10 +38,6 @@ class JsonlSink(ConfiguredSink[JsonlSinkConfig]):
         self._fd: int | None = None
         self._needs_newline = False
         self._limiter = trio.CapacityLimiter(1)
-
-
-
-
 
     def _open(self) -> int:
         if self._fd is None:

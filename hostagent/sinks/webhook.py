@@ -44,9 +44,10 @@ from hostagent.clock import Clock
 from hostagent.config import WebhookSinkConfig
 from hostagent.errors import SinkUnavailable, StateError
 from hostagent.model import OutEvent
+from hostagent.routing import UNCLAIMED
 from hostagent.sinks import ConfiguredSink
 from hostagent.ssrf import AllowList, Resolver, UrlRefused, resolve, system_resolver
-from hostagent.webhook_store import Delivery, Registration, WebhookStore
+from hostagent.webhook_store import ALL_WEBHOOKS_CHANNELS, Delivery, Registration, WebhookStore
 
 log = logging.getLogger(__name__)
 USER_AGENT = "hostagent-webhooks/1"
@@ -81,7 +82,14 @@ def request_headers(reg: Registration, d: Delivery, ts: int) -> dict[str, str]:
 
 
 class WebhookSink(ConfiguredSink[WebhookSinkConfig]):
-    """The outbox side: `send` fans an event out into the webhook delivery table."""
+    """The outbox side: `send` fans an event out into the webhook delivery table.
+
+    Channels: "webhook", "webhooks", "api_callback" and, since registration ids are made at run
+    time, every channel no other sink names (UNCLAIMED); the fan-out then picks the
+    registrations a Notify alert names (hostagent.webhook_store.wants).
+    """
+
+    channels: frozenset[str] | None = ALL_WEBHOOKS_CHANNELS | {UNCLAIMED}
 
     def __init__(self, cfg: WebhookSinkConfig, store: WebhookStore,
                  dispatcher: WebhookDispatcher | None = None) -> None:
@@ -90,14 +98,10 @@ class WebhookSink(ConfiguredSink[WebhookSinkConfig]):
         self.dispatcher = dispatcher
         self.fanned_out = 0
 
-
-
     @property
     def max_in_flight(self) -> int:
         """Concurrent fan-out writes."""
         return self.cfg.max_in_flight
-
-
 
     async def send(self, event: OutEvent) -> None:
         """Commit the event's fan-out rows; SinkUnavailable if the state file refused."""
@@ -214,6 +218,12 @@ class WebhookDispatcher:
                 except StateError as err:
                     log.error("webhook deliveries unreadable", extra={"error": str(err)})
                     await self._wait(ep, 1.0)
+                    continue
+                if self.cfg.endpoint_concurrency == 1:
+                    # one at a time, oldest first: trio may start a nursery's tasks in any
+                    # order, so only a plain loop keeps the promised per-endpoint order
+                    for d in batch:
+                        await self._deliver(client, ep, d, limiter)
                     continue
                 async with trio.open_nursery() as nursery:
                     for d in batch:
