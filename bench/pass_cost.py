@@ -39,6 +39,7 @@ from hostagent.clock import SystemClock
 from hostagent.collector import Collector
 from hostagent.outbox import Store
 from hostagent.owners import Owners
+from hostagent.sources.files import cgroup_mounts
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import LinkStatsReader
@@ -53,14 +54,7 @@ class RealCgroups:
     """Per-VM cgroups made for real on a hybrid host (cgroup2 + v1 memory); `remove()` at exit."""
 
     def __init__(self) -> None:
-        mounts: dict[str, str] = {}
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            head, _, tail = line.partition(" - ")
-            fstype, _, options = tail.split(" ", 2)
-            if fstype == "cgroup2":
-                mounts.setdefault("cgroup2", head.split(" ")[4])
-            elif fstype == "cgroup" and "memory" in options.split(","):
-                mounts.setdefault("memory", head.split(" ")[4])
+        mounts = cgroup_mounts(Path("/proc/self/mountinfo").read_text())
         if set(mounts) != {"cgroup2", "memory"}:
             sys.exit(f"--cgroupfs needs cgroup2 and a v1 memory hierarchy (hybrid, like the "
                      f"lab); found {mounts or 'neither'}")

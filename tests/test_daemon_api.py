@@ -12,7 +12,8 @@ import trio
 
 from hostagent import config as config_mod
 from hostagent.api import keys as keys_mod
-from tests.api.support import make_keys
+from hostagent.daemon import Daemon
+from tests.api.support import Keys, make_keys
 from tests.replay import Host, build_daemon, daemon_config
 
 
@@ -78,16 +79,16 @@ api_keys_file = "{keys.keys_file}"
     assert daemon.api_done.is_set()
 
 
-async def test_api_requests_wait_while_the_daemon_runs_a_pass(tmp_path: Path) -> None:
+def api_daemon(tmp_path: Path) -> tuple[Daemon, Keys]:
+    """A daemon on a replayed host with the API on an ephemeral port and test API keys."""
     host = Host(tmp_path, "lab-hybrid")
     keys = make_keys(tmp_path)
-    cfg = daemon_config(tmp_path, host, tables=f"""
-[api]
-enabled = true
-port = 0
-api_keys_file = "{keys.keys_file}"
-""")
-    daemon = build_daemon(cfg, host)
+    table = f'[api]\nenabled = true\nport = 0\napi_keys_file = "{keys.keys_file}"\n'
+    return build_daemon(daemon_config(tmp_path, host, tables=table), host), keys
+
+
+async def test_api_requests_wait_while_the_daemon_runs_a_pass(tmp_path: Path) -> None:
+    daemon, _ = api_daemon(tmp_path)
     seen_in_pass: list[bool] = []
     run_pass = daemon.collector.run_pass
 
@@ -109,15 +110,7 @@ api_keys_file = "{keys.keys_file}"
 
 
 async def test_sighup_rereads_api_keys(tmp_path: Path) -> None:
-    host = Host(tmp_path, "lab-hybrid")
-    keys = make_keys(tmp_path)
-    cfg = daemon_config(tmp_path, host, tables=f"""
-[api]
-enabled = true
-port = 0
-api_keys_file = "{keys.keys_file}"
-""")
-    daemon = build_daemon(cfg, host)
+    daemon, keys = api_daemon(tmp_path)
     first_pass = trio.Event()
     daemon.on_pass.append(lambda _r: first_pass.set())
     original = keys.keys_file.read_text()

@@ -46,7 +46,7 @@ import weakref
 from dataclasses import dataclass
 
 from hostagent.errors import SourceError
-from hostagent.sources.files import CHUNK_BYTES, cat, gone_or_error
+from hostagent.sources.files import CHUNK_BYTES, cat, gone_or_error, parse_mountinfo
 
 __all__ = ["FdCache", "FdCacheStats", "cgroup_devices", "default_max_fds"]
 
@@ -71,16 +71,8 @@ def cgroup_devices(mountinfo: str = "/proc/self/mountinfo") -> frozenset[int]:
         text = cat(mountinfo)
     except SourceError:
         return frozenset()
-    devs: set[int] = set()
-    for line in (text or "").splitlines():
-        head, sep, tail = line.partition(" - ")
-        fields = head.split(" ")
-        if not sep or len(fields) < 3 or tail.split(" ", 1)[0] not in _SELF_INVALIDATING_FS:
-            continue
-        major, _, minor = fields[2].partition(":")
-        with contextlib.suppress(ValueError):
-            devs.add(os.makedev(int(major), int(minor)))
-    return frozenset(devs)
+    return frozenset(m.dev for m in parse_mountinfo(text or "")
+                     if m.fstype in _SELF_INVALIDATING_FS)
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from hostagent.errors import SourceError
 
@@ -131,3 +132,40 @@ class HostRoot:
         """`key value` lines of a host file as a dict; None when gone (never an empty stand-in)."""
         text = cat(self.abspath(rel))
         return None if text is None else parse_kv(text)
+
+
+class Mount(NamedTuple):
+    """One line of /proc/<pid>/mountinfo: device, mount point, filesystem type, super options."""
+
+    dev: int
+    mount_point: str
+    fstype: str
+    options: frozenset[str]
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The mounts of a mountinfo text (proc(5)); malformed lines are skipped."""
+    out: list[Mount] = []
+    for line in text.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, rest = head.split(" "), tail.split(" ")
+        if not sep or len(fields) < 5 or len(rest) < 3:
+            continue
+        major, _, minor = fields[2].partition(":")
+        try:
+            dev = os.makedev(int(major), int(minor))
+        except ValueError:
+            continue
+        out.append(Mount(dev, fields[4], rest[0], frozenset(rest[2].split(","))))
+    return out
+
+
+def cgroup_mounts(text: str) -> dict[str, str]:
+    """Mount points of a mountinfo text: "cgroup2", and "memory" for a v1 memory hierarchy."""
+    found: dict[str, str] = {}
+    for m in parse_mountinfo(text):
+        if m.fstype == "cgroup2":
+            found.setdefault("cgroup2", m.mount_point)
+        elif m.fstype == "cgroup" and "memory" in m.options:
+            found.setdefault("memory", m.mount_point)
+    return found

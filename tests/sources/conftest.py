@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from hostagent.sources import files
 from tests.conftest import unavailable
 
 _SEQ = itertools.count()
@@ -25,15 +26,7 @@ _SEQ = itertools.count()
 
 def cgroup_mounts() -> dict[str, str]:
     """Mount points by kind: "cgroup2", and "memory" for a v1 memory hierarchy."""
-    mounts: dict[str, str] = {}
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        head, _, tail = line.partition(" - ")
-        fstype, _, options = tail.split(" ", 2)
-        if fstype == "cgroup2":
-            mounts.setdefault("cgroup2", head.split(" ")[4])
-        elif fstype == "cgroup" and "memory" in options.split(","):
-            mounts.setdefault("memory", head.split(" ")[4])
-    return mounts
+    return files.cgroup_mounts(Path("/proc/self/mountinfo").read_text())
 
 
 def trusting(tree: Path) -> str:

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from hostagent.errors import SourceError
-from hostagent.sources.files import HostRoot, cat, kv_value, parse_kv
+from hostagent.sources.files import (
+    HostRoot,
+    cat,
+    cgroup_mounts,
+    kv_value,
+    parse_kv,
+    parse_mountinfo,
+)
 
 
 def test_paths_are_joined_under_the_root(tmp_path: Path) -> None:
@@ -120,3 +127,22 @@ def test_kv_value_finds_whole_keys_only() -> None:
 
 def test_parse_kv_skips_malformed_lines() -> None:
     assert parse_kv("a 1\n\nb\nc 2 3\nd -4\n") == {"a": 1, "d": -4}
+
+
+MOUNTINFO = """\
+24 1 259:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw,errors=remount-ro
+35 24 0:30 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+40 35 0:35 / /sys/fs/cgroup/memory rw,nosuid,relatime shared:15 - cgroup cgroup rw,memory
+41 35 0:36 / /sys/fs/cgroup/cpu,cpuacct rw,relatime shared:16 - cgroup cgroup rw,cpu,cpuacct
+garbage line without separator
+"""
+
+
+def test_mountinfo_parsing_and_cgroup_mounts() -> None:
+    mounts = parse_mountinfo(MOUNTINFO)
+    assert [m.fstype for m in mounts] == ["ext4", "tmpfs", "cgroup2", "cgroup", "cgroup"]
+    assert mounts[2].dev == os.makedev(0, 31)
+    assert mounts[3].options == frozenset({"rw", "memory"})
+    assert cgroup_mounts(MOUNTINFO) == {"cgroup2": "/sys/fs/cgroup/unified",
+                                        "memory": "/sys/fs/cgroup/memory"}
