@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -24,6 +23,7 @@ from hostagent.config import Config
 from hostagent.errors import SourceError, StateError
 from hostagent.model import Baseline, DomainInfo, GpuReading, OutEvent, Owner, Sample, Usage
 from hostagent.owners import Owners
+from hostagent.pass_data import Accounting, HostFacts, PassReport, Readings
 from hostagent.rules_source import RulesSource
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import net as net_src
@@ -34,59 +34,7 @@ from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import DomainStats, LibvirtSource
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class HostFacts:
-    """What the host side knows about one QEMU process (found once per incarnation)."""
-
-    pid: int | None
-    start_ticks: int | None
-    started_wall_ns: int | None
-    cgroup: cgroup_src.CgroupPaths | None
-
-
-@dataclass(slots=True)
-class PassReport:
-    """What a pass did, for logs, health and the API."""
-
-    started_wall_ns: int = 0
-    duration_s: float = 0.0
-    cpu_s: float = 0.0
-    domains: int = 0
-    events: int = 0
-    libvirt_path: str = ""
-    timed_out: tuple[str, ...] = ()
-    missing: int = 0
-    committed: bool = False
-    error: str | None = None
-    usages: tuple[Usage, ...] = ()
-    samples: tuple[Sample, ...] = ()
-    owners: Mapping[str, Owner] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Accounting:
-    """What the pure part of a pass produced, committed together."""
-
-    usages: list[Usage]
-    baselines: list[Baseline]
-    events: list[OutEvent]
-    owners: dict[str, Owner]
-    alert_changes: Mapping[str, bytes | None]
-    alert_states: Mapping[str, threshold_state.AlertState]
-
-
-@dataclass(frozen=True, slots=True)
-class Readings:
-    """Everything the sources returned for one pass."""
-
-    t_wall_ns: int
-    domains: tuple[DomainStats, ...]
-    path: str
-    timed_out: tuple[str, ...]
-    links: Mapping[str, net_src.LinkStats] | None
-    links_error: str | None
+__all__ = ["Accounting", "Collector", "HostFacts", "PassReport", "Readings", "link_reader_for"]
 
 
 def _has_guest_memory(stats: Mapping[str, Any]) -> bool:

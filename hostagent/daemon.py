@@ -26,13 +26,14 @@ import trio
 from hostagent import config as config_mod
 from hostagent import identity, logs, rules_source
 from hostagent.clock import Clock, SystemClock
-from hostagent.collector import Collector, PassReport, link_reader_for
+from hostagent.collector import Collector, link_reader_for
 from hostagent.config import Config, WebhookSinkConfig
 from hostagent.delivery import Delivery
 from hostagent.errors import ConfigError
 from hostagent.notify import Notifier
 from hostagent.outbox import Store
 from hostagent.owners import Owners, make_client
+from hostagent.pass_data import PassReport
 from hostagent.pass_gate import PassGate
 from hostagent.rules_source import RulesSource
 from hostagent.sinks import build_sink
