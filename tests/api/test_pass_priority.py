@@ -10,7 +10,7 @@ import trio
 
 from hostagent.api.view import ApiView
 from hostagent.pass_gate import PassGate
-from tests.api.support import Keys, api_config, report, start_server
+from tests.api.support import Keys, Server, api_config, report, start_server
 
 
 async def _hold(gate: PassGate, until: trio.Event, *,
@@ -21,13 +21,20 @@ async def _hold(gate: PassGate, until: trio.Event, *,
         await until.wait()
 
 
-async def test_requests_wait_for_the_pass_and_health_does_not(nursery: trio.Nursery,
-                                                              keys: Keys) -> None:
+async def gated_server(nursery: trio.Nursery, keys: Keys, max_wait_s: float
+                       ) -> tuple[ApiView, PassGate, Server]:
+    """A server over one instance of 0xalice, held back by a fresh gate."""
     view = ApiView()
     view.update(report({"i-1": "0xalice"}))
     gate = PassGate()
-    srv = await start_server(nursery, api_config(keys, yield_to_pass_max_s=30.0), view,
+    srv = await start_server(nursery, api_config(keys, yield_to_pass_max_s=max_wait_s), view,
                              gate=gate)
+    return view, gate, srv
+
+
+async def test_requests_wait_for_the_pass_and_health_does_not(nursery: trio.Nursery,
+                                                              keys: Keys) -> None:
+    view, gate, srv = await gated_server(nursery, keys, 30.0)
     got: dict[str, httpx.Response] = {}
     async with httpx.AsyncClient(base_url=srv.url, timeout=10,
                                  headers={"X-API-Key": keys.admin_key}) as http:
@@ -58,11 +65,7 @@ async def test_requests_wait_for_the_pass_and_health_does_not(nursery: trio.Nurs
 
 async def test_a_stuck_pass_delays_answers_by_the_bound_only(nursery: trio.Nursery,
                                                              keys: Keys) -> None:
-    view = ApiView()
-    view.update(report({"i-1": "0xalice"}))
-    gate = PassGate()
-    srv = await start_server(nursery, api_config(keys, yield_to_pass_max_s=0.3), view,
-                             gate=gate)
+    _, gate, srv = await gated_server(nursery, keys, 0.3)
     never = trio.Event()
     await nursery.start(_hold, gate, never)  # a pass stuck on a slow libvirtd
     async with httpx.AsyncClient(base_url=srv.url, timeout=10,
