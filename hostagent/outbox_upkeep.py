@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -191,14 +192,12 @@ def drop_unrouted(store: Store, routes: Mapping[str, routing.Route]) -> dict[str
                                      payload_channels(ALERT_KIND, bytes(payload)), named)]
         c.executemany("DELETE FROM deliveries WHERE sink = ? AND event_id = ?", drop)
         delete_orphans(c, {eid for _, eid in drop})
-    counts: dict[str, int] = {}
-    for sink, _ in drop:
-        counts[sink] = counts.get(sink, 0) + 1
+    counts = Counter(sink for sink, _ in drop)
     for sink, n in counts.items():
         log.info("pending alert rows of an older hostagent dropped: not meant for this sink",
                  extra={"sink": sink, "rows": n,
                         "event_ids": [e for s, e in drop if s == sink][:100]})
-    return counts
+    return dict(counts)
 
 
 def vacuum(store: Store, pages: int) -> None:

@@ -46,21 +46,18 @@ class ViewCollector(Collector):
             req.add_metric([route, code], n)
         yield req
         if self.gate is not None:
-            yield CounterMetricFamily(
-                "hostagent_api_deferred_requests",
-                "requests that waited for a collector pass to end",
-                value=self.gate.deferred_requests)
-            yield CounterMetricFamily(
-                "hostagent_api_deferred_seconds", "time requests spent waiting for passes",
-                value=self.gate.deferred_s)
-            yield CounterMetricFamily(
-                "hostagent_api_deferral_timeouts",
-                "requests served before the pass ended (api.yield_to_pass_max_s reached)",
-                value=self.gate.timed_out_waits)
-            yield CounterMetricFamily(
-                "hostagent_pass_drain_seconds",
-                "time passes waited for API requests in flight before starting",
-                value=self.gate.drain_s)
+            g = self.gate
+            for name, doc, value in (
+                ("hostagent_api_deferred_requests",
+                 "requests that waited for a collector pass to end", g.deferred_requests),
+                ("hostagent_api_deferred_seconds", "time requests spent waiting for passes",
+                 g.deferred_s),
+                ("hostagent_api_deferral_timeouts",
+                 "requests served before the pass ended (api.yield_to_pass_max_s reached)",
+                 g.timed_out_waits),
+                ("hostagent_pass_drain_seconds",
+                 "time passes waited for API requests in flight before starting", g.drain_s)):
+                yield CounterMetricFamily(name, doc, value=value)
 
     def _instances(self) -> Iterator[Metric]:
         snap = self.view.snapshot

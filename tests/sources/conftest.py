@@ -75,7 +75,7 @@ class RealCgroups:
         """A new cgroup (v2, or v1 memory); its path."""
         parent = self.memory_parent if v1_memory else self.v2_parent
         if parent is None:
-            pytest.skip("no v1 memory hierarchy on this host")
+            unavailable("no v1 memory hierarchy on this host")
         path = f"{parent}/{name}"
         os.mkdir(path)
         return path
