@@ -29,9 +29,9 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hostagent.api.pass_gate import PassGate  # noqa: E402
 from hostagent.api.view import ApiView  # noqa: E402
 from hostagent.daemon import PASS_DRAIN_MAX_S  # noqa: E402
-from hostagent.pass_gate import PassGate  # noqa: E402
 from tests.api.support import api_config, make_keys, report, start_server  # noqa: E402
 
 CLIENT_CPUS: set[int] = set()  # --pin: cores of the load generator
@@ -134,18 +134,18 @@ async def latency(args: argparse.Namespace, keys: Any) -> None:
 
 async def pass_ratio(args: argparse.Namespace, keys: Any) -> None:
     from bench.pass_cost import generate
-    from hostagent import config as config_mod
     from hostagent.clock import SystemClock
     from hostagent.collector import Collector
-    from hostagent.outbox import Store
-    from hostagent.owners import Owners
+    from hostagent.config.load import from_mapping
+    from hostagent.owners.resolver import Owners
     from hostagent.sources.gpu import GpuSource
     from hostagent.sources.libvirt import LibvirtSource
     from hostagent.sources.net import LinkStatsReader
+    from hostagent.store.outbox import Store
 
     with tempfile.TemporaryDirectory() as tmp:
         node_xml, root = generate(args.domains, Path(tmp) / "gen")
-        cfg = config_mod.from_mapping({
+        cfg = from_mapping({
             "host": {"node_id": "bench"},
             "libvirt": {"uri": f"test://{node_xml}", "call_timeout_s": 60, "readonly": False},
             "paths": {"root": str(root)},

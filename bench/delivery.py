@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hostagent.clock import SystemClock  # noqa: E402
-from hostagent.config import OutboxConfig, QueueSinkConfig  # noqa: E402
-from hostagent.delivery import Delivery  # noqa: E402
+from hostagent.config.schema import OutboxConfig  # noqa: E402
+from hostagent.config.sinks import QueueSinkConfig  # noqa: E402
+from hostagent.delivery.engine import Delivery  # noqa: E402
+from hostagent.delivery.sinks.formation_queue import FormationQueueSink  # noqa: E402
 from hostagent.model import Baseline, OutEvent  # noqa: E402
-from hostagent.outbox import Store  # noqa: E402
-from hostagent.sinks.formation_queue import FormationQueueSink  # noqa: E402
+from hostagent.store.outbox import Store  # noqa: E402
 from tests.standins.queue import PERIOD_NS, T0_NS, usage_event  # noqa: E402
 
 STANDIN = ("import sys, time; sys.path.insert(0, %r)\n"

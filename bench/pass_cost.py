@@ -34,15 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import contextlib
 
-from hostagent import config as config_mod
 from hostagent.clock import SystemClock
 from hostagent.collector import Collector
-from hostagent.outbox import Store
-from hostagent.owners import Owners
+from hostagent.config.load import from_mapping
+from hostagent.owners.resolver import Owners
 from hostagent.sources.files import cgroup_mounts
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import LinkStatsReader
+from hostagent.store.outbox import Store
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -212,7 +212,7 @@ def hostagent_passes(uri: str, root: str, state_dir: Path,
                      passes: int) -> tuple[float, float, int]:
     """Real hostagent passes (sources, math, events, SQLite commit) in ONE trio run, like the
     daemon: median CPU and wall seconds per pass after a warm-up pass, and the domain count."""
-    cfg = config_mod.from_mapping({
+    cfg = from_mapping({
         "host": {"node_id": "bench"},
         "libvirt": {"uri": uri, "call_timeout_s": 60, "readonly": False},
         "paths": {"root": root},

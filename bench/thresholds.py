@@ -29,7 +29,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hostagent import thresholds as th
+from hostagent.alerts.index import RuleIndex, Settings, build_index, measure
+from hostagent.alerts.rules import Rule, parse_rules
+from hostagent.alerts.state import AlertState, evaluate, fingerprint, step
 from hostagent.model import Usage
 
 S = 1_000_000_000
@@ -57,7 +59,7 @@ def make_usages(n: int, rng: random.Random, t: int) -> list[Usage]:
     return out
 
 
-def make_rules(mix: str, rng: random.Random) -> list[th.Rule]:
+def make_rules(mix: str, rng: random.Random) -> list[Rule]:
     n_inst, inst_ids, n_user, users, n_wild = (
         (7000, 5000, 2950, 500, 50) if mix == "typical" else (5000, 1000, 4500, 100, 500))
     raw: list[dict[str, Any]] = []
@@ -76,11 +78,11 @@ def make_rules(mix: str, rng: random.Random) -> list[th.Rule]:
         else:
             r |= {"user_id": "*"}
         raw.append(r)
-    return list(th.parse_rules(raw))
+    return list(parse_rules(raw))
 
 
-def naive(index: th.RuleIndex, usages: list[Usage], owners: dict[str, str | None],
-          states: dict[str, th.AlertState], now_ns: int) -> int:
+def naive(index: RuleIndex, usages: list[Usage], owners: dict[str, str | None],
+          states: dict[str, AlertState], now_ns: int) -> int:
     """Seed 000's shape: every rule for every instance, then the same state machine step."""
     steps = 0
     cooldown_ns = int(index.settings.cooldown_s * S)
@@ -91,12 +93,12 @@ def naive(index: th.RuleIndex, usages: list[Usage], owners: dict[str, str | None
                 continue
             if r.user_id not in ("*", user):
                 continue
-            v = th.measure(r, u)
+            v = measure(r, u)
             lv = index.levels[r.id]
-            prev = states.get(th.fingerprint(r.id, u.instance_id))
+            prev = states.get(fingerprint(r.id, u.instance_id))
             if prev is None and (v is None or v < min(lv.approach, lv.threshold)):
                 continue
-            th.step(r, lv, prev, u.instance_id, v, now_ns, cooldown_ns, None)
+            step(r, lv, prev, u.instance_id, v, now_ns, cooldown_ns, None)
             steps += 1
     return steps
 
@@ -114,13 +116,13 @@ def main() -> None:
         owners: dict[str, str | None] = {
             f"vm-{i}": f"user-{rng.randrange(500 if mix == 'typical' else 100)}"
             for i in range(args.instances)}
-        index = th.build_index(rules, th.Settings())
-        states: dict[str, th.AlertState] = {}
+        index = build_index(rules, Settings())
+        states: dict[str, AlertState] = {}
         times, checks, trans = [], 0, 0
         for p in range(args.passes):
             usages = make_usages(args.instances, rng, p * 30)
             t0 = time.perf_counter()
-            ev = th.evaluate(index, usages, owners, states, T0 + p * 30 * S)
+            ev = evaluate(index, usages, owners, states, T0 + p * 30 * S)
             times.append(time.perf_counter() - t0)
             states, checks, trans = dict(ev.states), ev.checked, trans + len(ev.transitions)
         usages = make_usages(args.instances, rng, args.passes * 30)

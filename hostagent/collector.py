@@ -15,16 +15,18 @@ from typing import Any
 
 import trio
 
-from hostagent import alerts, events, identity, inventory, sampling, threshold_state
-from hostagent.alerts import StormControl
-from hostagent.assemble import build_sample
+from hostagent.accounting import events, identity, inventory, sampling
+from hostagent.accounting.assemble import build_sample
+from hostagent.accounting.readings import Accounting, HostFacts, PassReport, Readings
+from hostagent.alerts import state as threshold_state
+from hostagent.alerts import violations as alerts
+from hostagent.alerts.rules_source import RulesSource
+from hostagent.alerts.violations import StormControl
 from hostagent.clock import Clock
-from hostagent.config import Config
+from hostagent.config.load import Config
 from hostagent.errors import SourceError, StateError
 from hostagent.model import Baseline, DomainInfo, GpuReading, OutEvent, Owner, Sample, Usage
-from hostagent.owners import Owners
-from hostagent.pass_data import Accounting, HostFacts, PassReport, Readings
-from hostagent.rules_source import RulesSource
+from hostagent.owners.resolver import Owners
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import net as net_src
 from hostagent.sources import proc
@@ -34,7 +36,6 @@ from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import DomainStats, LibvirtSource
 
 log = logging.getLogger(__name__)
-__all__ = ["Accounting", "Collector", "HostFacts", "PassReport", "Readings", "link_reader_for"]
 
 
 def _has_guest_memory(stats: Mapping[str, Any]) -> bool:

@@ -23,23 +23,25 @@ from typing import Any
 
 import trio
 
-from hostagent import config as config_mod
-from hostagent import identity, logs, rules_source
+from hostagent import logs
+from hostagent.accounting import identity
+from hostagent.accounting.readings import PassReport
+from hostagent.alerts import rules_source
+from hostagent.alerts.rules_source import RulesSource
+from hostagent.api.pass_gate import PassGate
 from hostagent.clock import Clock, SystemClock
 from hostagent.collector import Collector, link_reader_for
-from hostagent.config import Config, WebhookSinkConfig
-from hostagent.delivery import Delivery
+from hostagent.config.load import Config, load
+from hostagent.config.sinks import WebhookSinkConfig
+from hostagent.delivery.engine import Delivery
+from hostagent.delivery.sinks.base import build_sink
 from hostagent.errors import ConfigError
 from hostagent.notify import Notifier
-from hostagent.outbox import Store
-from hostagent.owners import Owners, make_client
-from hostagent.pass_data import PassReport
-from hostagent.pass_gate import PassGate
-from hostagent.rules_source import RulesSource
-from hostagent.sinks import build_sink
+from hostagent.owners.resolver import Owners, make_client
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
-from hostagent.webhook_store import WebhookStore
+from hostagent.store.outbox import Store
+from hostagent.store.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
 # Longest a pass waits for API requests in flight before it starts reading counters.
@@ -246,7 +248,7 @@ class Daemon:
         if self.rules is not None:
             self.rules.reload()  # an invalid rules file keeps the valid set (logged)
         try:
-            new = config_mod.load(self.config_path)
+            new = load(self.config_path)
         except ConfigError as err:
             log.error("reload refused: config invalid, keeping the running one",
                       extra={"error": str(err)})

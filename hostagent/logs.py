@@ -6,7 +6,7 @@ Callers log key-value events with the stdlib::
 
 and the JSON formatter turns that into::
 
-    {"ts":"2024-05-01T12:00:00.123Z","level":"warning","logger":"hostagent.sinks",
+    {"ts":"2024-05-01T12:00:00.123Z","level":"warning","logger":"hostagent.delivery.sinks.base",
      "msg":"sink down","sink":"queue","error":"timeout"}
 
 (on one line). Every ``extra`` field is kept; an extra whose name collides with a core field

@@ -289,7 +289,7 @@ class OutEvent:
 
     `channels` routes, it is never sent: None (usage events, Alert rules' alerts) goes to every
     sink that takes the kind; a set (a Notify rule's channels) only to the sinks answering to
-    them (hostagent.routing). The outbox reads it once, at commit, and does not store it: an
+    them (hostagent.alerts.routing). The outbox reads it once, at commit, and does not store it: an
     event loaded back for delivery has None.
     """
 

@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from hostagent import config as config_mod
 from hostagent.clock import FakeClock
+from hostagent.config.load import load
 from hostagent.daemon import Daemon
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hosts"
@@ -127,6 +127,6 @@ path = "{tmp}/events.jsonl"
 
 def build_daemon(cfg_path: Path, host: Host) -> Daemon:
     """The real daemon on that config, its libvirt connection replaced by the replay."""
-    daemon = Daemon.build(config_mod.load(cfg_path), config_path=str(cfg_path))
+    daemon = Daemon.build(load(cfg_path), config_path=str(cfg_path))
     daemon.libvirt._connector = lambda uri, ro: host.conn
     return daemon

@@ -16,19 +16,19 @@ import orjson
 import pytest
 import trio
 
-from hostagent import config as config_mod
 from hostagent.collector import Collector
+from hostagent.config.load import from_mapping
 from hostagent.model import Baseline
-from hostagent.outbox import Store
-from hostagent.owners import Owners
+from hostagent.owners.resolver import Owners
 from hostagent.sources.files import HostRoot
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import SysfsLinkReader
+from hostagent.store.outbox import Store
 from tests.replay import FakeDomain, Host
 
 
 def make_collector(host: Host, tmp: Path, **collector: Any) -> tuple[Collector, Store]:
-    cfg = config_mod.from_mapping({
+    cfg = from_mapping({
         "host": {"node_id": "fixture-host"},
         "libvirt": {"uri": "replay:///", "call_timeout_s": 1.0},
         "paths": {"root": str(host.root)},

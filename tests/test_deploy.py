@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from hostagent import config
+from hostagent.config.load import Config, load, reference
+from hostagent.config.sinks import SINK_TYPES, JsonlSinkConfig
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "deploy/config/hostagent.example.toml"
@@ -47,7 +48,7 @@ def parse_unit(path: Path) -> Unit:
 
 
 def example_keys() -> set[str]:
-    """Every key the example sets or shows commented out, named like config.reference()."""
+    """Every key the example sets or shows commented out, named like reference()."""
     text = EXAMPLE.read_text()
     keys: set[str] = set()
 
@@ -77,26 +78,26 @@ def example_keys() -> set[str]:
 
 
 def test_example_config_loads() -> None:
-    cfg = config.load(EXAMPLE)
+    cfg = load(EXAMPLE)
     assert cfg.source == str(EXAMPLE)
-    assert {s.type for s in cfg.sinks} == set(config.SINK_TYPES)
+    assert {s.type for s in cfg.sinks} == set(SINK_TYPES)
 
 
 def test_example_uses_every_section() -> None:
     doc = tomllib.loads(EXAMPLE.read_text())
-    sections = {f.name for f in dataclasses.fields(config.Config)} - {"source"}
+    sections = {f.name for f in dataclasses.fields(Config)} - {"source"}
     assert sections - set(doc) == set(), "add these sections to the example config"
 
 
 def test_example_keys_exist_in_reference() -> None:
-    reference = {key for key, _, _ in config.reference()}
-    unknown = example_keys() - reference
-    assert unknown == set(), f"keys in {EXAMPLE.name} that config.py does not know"
+    known = {key for key, _, _ in reference()}
+    unknown = example_keys() - known
+    assert unknown == set(), f"keys in {EXAMPLE.name} that the config schema does not know"
 
 
 def test_example_documents_every_key() -> None:
-    reference = {key for key, _, _ in config.reference()}
-    missing = reference - example_keys()
+    known = {key for key, _, _ in reference()}
+    missing = known - example_keys()
     assert missing == set(), (
         f"document these keys in {EXAMPLE.name} (set, or as a `# key = value` comment)"
     )
@@ -104,7 +105,7 @@ def test_example_documents_every_key() -> None:
 
 def test_example_defaults_where_set() -> None:
     """Values the example sets are the defaults (so the comments' 'default' claim holds)."""
-    defaults = {key: default for key, default, _ in config.reference()}
+    defaults = {key: default for key, default, _ in reference()}
     doc = tomllib.loads(EXAMPLE.read_text())
     for section, table in doc.items():
         if section == "sinks":
@@ -153,7 +154,7 @@ def seconds(value: str) -> float:
 
 def test_unit_matches_config_defaults() -> None:
     svc = {k: v[-1] for k, v in parse_unit(UNIT)["Service"].items()}
-    defaults = config.Config()
+    defaults = Config()
     # The watchdog must survive a few passes (WATCHDOG=1 is sent once per pass).
     assert seconds(svc["WatchdogSec"]) >= 3 * defaults.collector.interval_s
     # READY=1 follows the first pass: it must fit in the start timeout.
@@ -162,7 +163,7 @@ def test_unit_matches_config_defaults() -> None:
     state_dir = Path("/var/lib") / svc["StateDirectory"]
     assert Path(defaults.collector.state_path).parent == state_dir
     assert all(Path(s.path).parent == state_dir for s in defaults.sinks
-               if isinstance(s, config.JsonlSinkConfig))
+               if isinstance(s, JsonlSinkConfig))
     assert int(svc["TasksMax"]) > 4 * defaults.collector.max_threads
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from hostagent import events
+from hostagent.accounting import events
 from tests import lab_support
 
 pytestmark = pytest.mark.lab

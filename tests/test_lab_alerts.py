@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from hostagent.clock import SystemClock
-from hostagent.outbox import Store
-from hostagent.webhook_store import WebhookStore
+from hostagent.store.outbox import Store
+from hostagent.store.webhooks import WebhookStore
 from tests import lab_support
 from tests.standins.webhook_receiver import WebhookReceiver
 from tests.test_lab import DaemonProc, wait_for, write_config

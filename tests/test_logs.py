@@ -37,14 +37,14 @@ def lines(buf: io.StringIO) -> list[dict[str, object]]:
 def test_json_line_with_extras() -> None:
     buf = io.StringIO()
     logs.setup("info", "json", stream=buf)
-    logging.getLogger("hostagent.sinks").warning(
+    logging.getLogger("hostagent.delivery.sinks.base").warning(
         "sink down", extra={"sink": "queue", "attempt": 3, "lag_s": 1.5, "ok": False,
                             "path": Path("/x"), "tags": {"b", "a"}},
     )
     (rec,) = lines(buf)
     assert TS.match(str(rec.pop("ts")))
     assert rec == {
-        "level": "warning", "logger": "hostagent.sinks", "msg": "sink down",
+        "level": "warning", "logger": "hostagent.delivery.sinks.base", "msg": "sink down",
         "sink": "queue", "attempt": 3, "lag_s": 1.5, "ok": False, "path": "/x",
         "tags": ["a", "b"],
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from hostagent import config
+from hostagent.config.load import reference_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -15,7 +15,7 @@ def test_config_table_matches_the_code() -> None:
     m = re.search(r"<!-- config-reference:start -->\n(.*?)\n<!-- config-reference:end -->",
                   text, re.S)
     assert m, "README lost its config-reference markers"
-    assert m.group(1).strip() == config.reference_markdown(), (
+    assert m.group(1).strip() == reference_markdown(), (
         "README config table is stale: run `python -m hostagent.config` and paste it")
 
 

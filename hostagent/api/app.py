@@ -22,13 +22,13 @@ from starlette.routing import Route
 from hostagent.api import admin_routes, metrics_export, usage_routes
 from hostagent.api.auth import Authenticator, Principal
 from hostagent.api.openapi import openapi_document
+from hostagent.api.pass_gate import PassGate
 from hostagent.api.problems import Problem, json_response, problem_response
 from hostagent.api.ratelimit import RateLimiter
 from hostagent.api.seams import RuleStore, WebhookRegistry
 from hostagent.api.view import ApiView, iso
 from hostagent.clock import Clock, SystemClock
-from hostagent.config import ApiConfig
-from hostagent.pass_gate import PassGate
+from hostagent.config.schema import ApiConfig
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Request, Principal], Awaitable[Response]]

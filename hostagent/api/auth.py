@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from hostagent.api import keys as keys_mod
 from hostagent.api.problems import Problem
-from hostagent.config import ApiConfig
+from hostagent.config.schema import ApiConfig
 from hostagent.errors import ConfigError
 
 FAMILIES = {

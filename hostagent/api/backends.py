@@ -17,10 +17,10 @@ from typing import Any
 import orjson
 import trio
 
+from hostagent.alerts.rules import Rule, parse_rule
+from hostagent.alerts.rules_source import RulesSource
 from hostagent.errors import ConfigError
-from hostagent.rules_source import RulesSource
-from hostagent.thresholds import Rule, parse_rule
-from hostagent.webhook_store import WebhookStore
+from hostagent.store.webhooks import WebhookStore
 
 
 def rule_dict(rule: Rule) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from hostagent.api.pass_gate import PassGate
 from hostagent.api.view import ApiView
-from hostagent.pass_gate import PassGate
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER_STATES = ("closed", "open", "half_open")

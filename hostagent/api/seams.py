@@ -1,7 +1,7 @@
 """Seams to the webhook store and the rule store, with in-memory versions for tests.
 
 The API depends only on these Protocols; the daemon passes the real, persistent ones
-(hostagent.webhook_store / hostagent.rules_source). Invalid input is reported by raising
+(hostagent.store.webhooks / hostagent.alerts.rules_source). Invalid input is reported by raising
 `ValueError` (webhooks) or `ConfigError` (rules, as the rules file does): both become 400.
 """
 
@@ -11,8 +11,6 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
-
-from hostagent.errors import ConfigError
 
 EVENT_TYPES = ("metrics", "threshold_violation")
 
@@ -105,9 +103,9 @@ class MemoryRules:
 
     def validate(self, raw: Any) -> dict[str, Any]:
         """See RuleStore.validate."""
-        from hostagent import thresholds
+        from hostagent.alerts.rules import parse_rule
 
-        r = thresholds.parse_rule(raw, source="<api>")
+        r = parse_rule(raw, source="<api>")
         out = r.config_dict()
         if r.for_passes is not None:
             out["for_passes"] = r.for_passes
@@ -135,5 +133,3 @@ class MemoryRules:
         return self._rules.pop(rule_id, None) is not None
 
 
-__all__ = ["EVENT_TYPES", "ConfigError", "MemoryRules", "MemoryWebhooks", "RuleStore",
-           "WebhookRegistry", "check_webhook"]

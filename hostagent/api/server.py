@@ -20,12 +20,12 @@ from starlette.applications import Starlette
 
 from hostagent.api.app import Api, build_app
 from hostagent.api.auth import Authenticator
+from hostagent.api.pass_gate import PassGate
 from hostagent.api.seams import RuleStore, WebhookRegistry
 from hostagent.api.view import ApiView
 from hostagent.clock import Clock
-from hostagent.config import ApiConfig
+from hostagent.config.schema import ApiConfig
 from hostagent.errors import ConfigError
-from hostagent.pass_gate import PassGate
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def make_app(cfg: ApiConfig, view: ApiView, *, clock: Clock | None = None,
              ) -> Starlette:
     """The ASGI app for `cfg` (keys and key files are loaded here: errors are ConfigError).
 
-    With a `gate`, requests wait while a collector pass runs (see hostagent.pass_gate).
+    With a `gate`, requests wait while a collector pass runs (see hostagent.api.pass_gate).
     """
     auth = authenticator or Authenticator(cfg)
     return build_app(Api(cfg, view, auth, clock=clock, webhooks=webhooks, rules=rules,

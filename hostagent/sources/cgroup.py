@@ -20,20 +20,6 @@ from hostagent.errors import SourceError
 from hostagent.model import Pressure
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot, cat, kv_value
-from hostagent.sources.proc import (  # re-exported: the process identity of a domain
-    DEFAULT_CLK_TCK,
-    LIBVIRT_RUN_DIR,
-    boot_time_ns,
-    pid_of,
-    process_start_ticks,
-    ticks_to_wall_ns,
-)
-
-__all__ = [
-    "DEFAULT_CLK_TCK", "LIBVIRT_RUN_DIR", "CgroupPaths", "CgroupReader", "CgroupReading",
-    "ControllerDir", "boot_time_ns", "locate", "pid_of", "process_start_ticks",
-    "ticks_to_wall_ns", "v2_mount", "vm_cgroup",
-]
 
 CgroupVersion = Literal[1, 2]
 IoSource = Literal["v2:io.stat", "v1:blkio.throttle"]

@@ -26,18 +26,14 @@ from typing import Any, Literal
 import trio
 
 from hostagent.clock import Clock
-from hostagent.config import GpuConfig
+from hostagent.config.schema import GpuConfig
 from hostagent.errors import SourceError, SourceTimeout, SourceUnavailable
 from hostagent.model import DomainInfo, GpuReading, Hostdev
 from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu_sysfs import (
     UUID_RE,
-    MdevInfo,
     PciInfo,
     SysfsSnapshot,
-    list_display_devices,
-    read_mdev_info,
-    read_pci_info,
     scan_sysfs,
 )
 from hostagent.sources.nvml_boundary import (
@@ -49,12 +45,6 @@ from hostagent.sources.nvml_boundary import (
     nvml_pass,
     quiet_shutdown,
 )
-
-__all__ = [  # the sysfs names are re-exported from hostagent.sources.gpu_sysfs
-    "PASSTHROUGH_REASON", "Allocation", "GpuReadings", "GpuSource", "HostGpu", "MdevInfo",
-    "PciInfo", "SysfsSnapshot", "build_readings", "describe", "list_display_devices",
-    "parse_hostdevs", "read_mdev_info", "read_pci_info", "scan_sysfs",
-]
 
 log = logging.getLogger(__name__)
 

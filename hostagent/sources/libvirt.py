@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from hostagent.clock import Clock
-from hostagent.config import LibvirtConfig
+from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceTimeout, SourceUnavailable
 
 log = logging.getLogger(__name__)

@@ -16,12 +16,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hostagent.api import keys as keys_mod
 from hostagent.api.auth import Authenticator
+from hostagent.api.pass_gate import PassGate
 from hostagent.api.seams import MemoryRules, MemoryWebhooks
 from hostagent.api.server import make_app, serve_api
 from hostagent.api.view import ApiView
-from hostagent.config import ApiConfig
+from hostagent.config.schema import ApiConfig
 from hostagent.model import MemoryReading, NicCounters, Owner, Sample, Usage
-from hostagent.pass_gate import PassGate
 
 T0_NS = 1_763_000_000 * 10**9
 AUD = "hostagent-test"

@@ -6,8 +6,8 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from hostagent import emission_metrics as em
 from hostagent.api.view import ApiView
+from hostagent.delivery import metrics as em
 from tests.api.support import Keys, api_config, report, start_server
 
 

@@ -8,8 +8,8 @@ import re
 import httpx
 import trio
 
+from hostagent.api.pass_gate import PassGate
 from hostagent.api.view import ApiView
-from hostagent.pass_gate import PassGate
 from tests.api.support import Keys, Server, api_config, report, start_server
 
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from hostagent.errors import SourceError
-from hostagent.sources import cgroup
+from hostagent.sources import cgroup, proc
 from hostagent.sources.cgroup import CgroupPaths, CgroupReader, ControllerDir
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
@@ -56,7 +56,7 @@ def systemd_dir(domid: int, name: str) -> str:
 def test_locate_on_the_hybrid_lab(t: str) -> None:
     root = HostRoot(HOSTS / "lab-hybrid" / t)
     for g in meta("lab-hybrid")["guests"]:
-        assert cgroup.pid_of(root, g["name"]) == g["qemu_pid"]
+        assert proc.pid_of(root, g["name"]) == g["qemu_pid"]
         paths = cgroup.locate(root, CG, g["qemu_pid"])
         vm = f"machine/qemu-{g['domid']}-{g['name']}.libvirt-qemu"
         assert paths == CgroupPaths(
@@ -72,7 +72,7 @@ def test_locate_on_the_hybrid_lab(t: str) -> None:
 def test_locate_on_pure_v2_systemd(t: str) -> None:
     root = HostRoot(HOSTS / "systemd-v2" / t)
     for g in meta("systemd-v2")["guests"]:
-        assert cgroup.pid_of(root, g["name"]) == g["qemu_pid"]
+        assert proc.pid_of(root, g["name"]) == g["qemu_pid"]
         paths = cgroup.locate(root, CG, g["qemu_pid"])
         d = systemd_dir(g["domid"], g["name"])
         assert paths == CgroupPaths(cpu=ControllerDir(d, 2), memory=ControllerDir(d, 2),
@@ -152,7 +152,7 @@ def test_pure_v2_values_come_from_the_v2_files() -> None:
 @pytest.mark.parametrize("host", ["lab-hybrid", "systemd-v2"])
 def test_start_ticks_identify_the_incarnation_across_samples(host: str) -> None:
     for g in meta(host)["guests"]:
-        ticks = {t: cgroup.process_start_ticks(HostRoot(HOSTS / host / t), g["qemu_pid"])
+        ticks = {t: proc.process_start_ticks(HostRoot(HOSTS / host / t), g["qemu_pid"])
                  for t in ("t0", "t1")}
         assert ticks["t0"] is not None
         assert ticks["t0"] == ticks["t1"]
@@ -164,48 +164,48 @@ def test_start_ticks_identify_the_incarnation_across_samples(host: str) -> None:
 def test_start_ticks_survive_a_comm_with_spaces_and_parens(tmp_path: Path) -> None:
     fields = " ".join(str(n) for n in range(3, 53)).replace("22", "777001", 1)
     write(tmp_path, "/proc/9/stat", f"9 (qemu (x) ) y) S {fields.split(' ', 1)[1]}\n")
-    assert cgroup.process_start_ticks(HostRoot(tmp_path), 9) == 777001
+    assert proc.process_start_ticks(HostRoot(tmp_path), 9) == 777001
     write(tmp_path, "/proc/10/stat", "10 (short) S 1 2\n")
     with pytest.raises(SourceError, match="no starttime"):
-        cgroup.process_start_ticks(HostRoot(tmp_path), 10)
-    assert cgroup.process_start_ticks(HostRoot(tmp_path), 11) is None  # gone
+        proc.process_start_ticks(HostRoot(tmp_path), 10)
+    assert proc.process_start_ticks(HostRoot(tmp_path), 11) is None  # gone
 
 
 def test_start_wall_time_matches_psutil() -> None:
     root = HostRoot()
-    ticks = cgroup.process_start_ticks(root, os.getpid())
-    boot_ns = cgroup.boot_time_ns(root)
+    ticks = proc.process_start_ticks(root, os.getpid())
+    boot_ns = proc.boot_time_ns(root)
     assert ticks is not None
     assert boot_ns is not None
-    start_ns = cgroup.ticks_to_wall_ns(ticks, boot_ns)
+    start_ns = proc.ticks_to_wall_ns(ticks, boot_ns)
     assert abs(start_ns / 1e9 - psutil.Process().create_time()) < 0.02
     assert start_ns <= time.time_ns()
 
 
 def test_boot_time_and_tick_conversion(tmp_path: Path) -> None:
     write(tmp_path, "/proc/stat", "cpu 1 2 3\nintr 5\nbtime 1700000000\nprocesses 9\n")
-    boot_ns = cgroup.boot_time_ns(HostRoot(tmp_path))
+    boot_ns = proc.boot_time_ns(HostRoot(tmp_path))
     assert boot_ns == 1_700_000_000 * 10**9
-    assert cgroup.ticks_to_wall_ns(250, boot_ns, clk_tck=100) == boot_ns + 2_500_000_000
-    assert cgroup.ticks_to_wall_ns(1, boot_ns, clk_tck=3) == boot_ns + 333_333_333
+    assert proc.ticks_to_wall_ns(250, boot_ns, clk_tck=100) == boot_ns + 2_500_000_000
+    assert proc.ticks_to_wall_ns(1, boot_ns, clk_tck=3) == boot_ns + 333_333_333
     write(tmp_path, "/proc/stat", "cpu 1 2 3\n")
     with pytest.raises(SourceError, match="btime"):
-        cgroup.boot_time_ns(HostRoot(tmp_path))
-    assert cgroup.boot_time_ns(HostRoot(tmp_path / "nowhere")) is None
+        proc.boot_time_ns(HostRoot(tmp_path))
+    assert proc.boot_time_ns(HostRoot(tmp_path / "nowhere")) is None
 
 
 def test_pid_file_edge_cases(tmp_path: Path) -> None:
     root = HostRoot(tmp_path)
-    assert cgroup.pid_of(root, "absent") is None
+    assert proc.pid_of(root, "absent") is None
     write(tmp_path, "/run/libvirt/qemu/empty.pid", "")
-    assert cgroup.pid_of(root, "empty") is None  # being written by libvirt
+    assert proc.pid_of(root, "empty") is None  # being written by libvirt
     write(tmp_path, "/run/libvirt/qemu/junk.pid", "pid=12\n")
     with pytest.raises(SourceError, match=r"junk\.pid"):
-        cgroup.pid_of(root, "junk")
+        proc.pid_of(root, "junk")
     write(tmp_path, "/run/libvirt/qemu/ok.pid", "4242")
-    assert cgroup.pid_of(root, "ok") == 4242
-    assert cgroup.pid_of(root, "../qemu/ok") is None
-    assert cgroup.pid_of(root, "") is None
+    assert proc.pid_of(root, "ok") == 4242
+    assert proc.pid_of(root, "../qemu/ok") is None
+    assert proc.pid_of(root, "") is None
 
 
 # --- locating on odd trees ----------------------------------------------------------------------
@@ -503,7 +503,7 @@ def test_kept_files_of_a_real_cgroup_removed_and_made_again(real_cgroups: RealCg
 def test_live_guest_cgroup_and_tap_match_virsh(lab_guests: list[str]) -> None:
     name = lab_guests[0]
     root = HostRoot()
-    pid = cgroup.pid_of(root, name)
+    pid = proc.pid_of(root, name)
     assert pid is not None
     paths = cgroup.locate(root, CG, pid)
     assert paths is not None

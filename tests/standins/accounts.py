@@ -10,7 +10,7 @@ Routes and envelopes follow ../shared/FORMATION.md §2 (prefix "/v1" or ""):
 
 Signed routes answer 401 {"error": "Missing signature"} without an `Authorization` header,
 even from 127.0.0.1, and only show instances the signer owns or is authorized on unless the
-signer is an admin. The signature is checked here independently of hostagent.signing (same
+signer is an admin. The signature is checked here independently of hostagent.owners.signing (same
 steps as form-state: SHA-256 the message, recover from SHA-256 of that, Keccak address).
 
 Faults on demand (`set_fault`): reset, slow, drip, http (status), garbage, success_false,

@@ -41,8 +41,8 @@ from urllib.parse import unquote
 import httpx
 import trio
 
+from hostagent.accounting.events import build_usage_event
 from hostagent.clock import Reading
-from hostagent.events import build_usage_event
 from hostagent.model import OutEvent, Owner, Usage
 
 
@@ -304,7 +304,7 @@ PERIOD_NS = 30 * 10**9
 def usage_event(instance: str, k: int, *, host: str = "host-a", incarnation: str = "inc-1",
                 t0_ns: int = T0_NS, period_ns: int = PERIOD_NS, user: str = "user-1",
                 pad: int = 0) -> OutEvent:
-    """The real `resource_usage` event (hostagent.events) of period `k` of `instance`.
+    """The real `resource_usage` event (hostagent.accounting.events) of period `k` of `instance`.
 
     Counters are a deterministic function of (instance, k): regenerating a period after a
     crash yields byte-identical events, like the collector does from its persisted baseline.

@@ -1,0 +1,1 @@
+"""Accounting (pure): domain XML → identity; readings → samples → usage with carry → events."""

@@ -1,0 +1,163 @@
+"""Domain XML → `DomainInfo`, and the inventory that parses XML only for new or changed domains.
+
+Pure: the XML text comes from the libvirt source; this module never talks to libvirt.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from hostagent.accounting.identity import owner_hint_from_metadata
+from hostagent.errors import SourceError
+from hostagent.model import Disk, DomainInfo, Nic
+from hostagent.sources.gpu import parse_hostdevs
+
+_UNIT_BYTES = {
+    "b": 1, "bytes": 1,
+    "kb": 1000, "k": 1024, "kib": 1024,
+    "mb": 1000**2, "m": 1024**2, "mib": 1024**2,
+    "gb": 1000**3, "g": 1024**3, "gib": 1024**3,
+    "tb": 1000**4, "t": 1024**4, "tib": 1024**4,
+}
+
+
+def _memory_bytes(el: ET.Element | None) -> int:
+    if el is None or el.text is None:
+        return 0
+    unit = el.get("unit", "KiB").lower()
+    return int(el.text.strip()) * _UNIT_BYTES.get(unit, 1024)
+
+
+def parse_domain_xml(xml_text: str) -> DomainInfo:
+    """Parse a live domain XML; raises SourceError if it is not a domain document."""
+    try:
+        root = ET.fromstring(xml_text)  # noqa: S314 - libvirt's own XML, not untrusted input
+    except ET.ParseError as err:
+        raise SourceError(f"domain XML does not parse: {err}") from err
+    if root.tag != "domain":
+        raise SourceError(f"expected <domain>, found <{root.tag}>")
+    uuid = (root.findtext("uuid") or "").strip().lower()
+    name = (root.findtext("name") or "").strip()
+    if not uuid or not name:
+        raise SourceError("domain XML has no uuid or name")
+    domid = int(root.get("id", "-1"))
+    vcpu_el = root.find("vcpu")
+    vcpus = int(vcpu_el.get("current", vcpu_el.text or "1")) if vcpu_el is not None else 1
+    max_mem = _memory_bytes(root.find("memory"))
+    cur_mem = _memory_bytes(root.find("currentMemory")) or max_mem
+    devices = root.find("devices")
+    nics: list[Nic] = []
+    disks: list[Disk] = []
+    if devices is not None:
+        for iface in devices.findall("interface"):
+            mac_el = iface.find("mac")
+            if mac_el is None or not mac_el.get("address"):
+                continue  # libvirt always assigns a MAC; without one there is nothing to key on
+            target = iface.find("target")
+            model = iface.find("model")
+            nics.append(Nic(
+                mac=mac_el.get("address", "").lower(),
+                kind=iface.get("type", "unknown"),
+                target=target.get("dev") if target is not None else None,
+                model=model.get("type") if model is not None else None,
+            ))
+        for disk in devices.findall("disk"):
+            target = disk.find("target")
+            if target is None or not target.get("dev"):
+                continue
+            src = disk.find("source")
+            source = None
+            if src is not None:
+                source = src.get("file") or src.get("dev") or src.get("name") or src.get("volume")
+            disks.append(Disk(target=target.get("dev", ""), device=disk.get("device", "disk"),
+                              source=source))
+    metadata = root.find("metadata")
+    metadata_xml = ET.tostring(metadata, encoding="unicode") if metadata is not None else None
+    return DomainInfo(
+        uuid=uuid,
+        name=name,
+        domid=domid,
+        vcpus=max(vcpus, 1),
+        memory_bytes=cur_mem,
+        max_memory_bytes=max_mem,
+        nics=tuple(nics),
+        disks=tuple(disks),
+        hostdevs=parse_hostdevs(root),
+        owner_hint=owner_hint_from_metadata(metadata_xml),
+        metadata_xml=metadata_xml,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """The cheap fingerprint of a domain seen in bulk stats: changes force an XML re-read."""
+
+    uuid: str
+    domid: int
+    taps: tuple[str, ...]
+    disks: tuple[str, ...]
+
+
+def shape_from_stats(uuid: str, domid: int, stats: Mapping[str, object]) -> Shape:
+    """Fingerprint from bulk stats: domain id plus the tap and disk names libvirt reports."""
+    taps = tuple(str(stats.get(f"net.{i}.name", "")) for i in range(_count(stats, "net.count")))
+    disks = tuple(
+        str(stats.get(f"block.{i}.name", "")) for i in range(_count(stats, "block.count"))
+    )
+    return Shape(uuid=uuid, domid=domid, taps=taps, disks=disks)
+
+
+def _count(stats: Mapping[str, object], key: str) -> int:
+    value = stats.get(key, 0)
+    return value if isinstance(value, int) else 0
+
+
+class Inventory:
+    """Known domains by UUID; says which ones need their XML (re-)read this pass.
+
+    A domain's XML is read when it is new, when its domain id changed (a new QEMU process), when
+    the tap/disk names in bulk stats differ from those seen when its XML was last read (hot-plug),
+    and every `refresh_every_passes` passes (metadata edits change nothing in bulk stats).
+    """
+
+    def __init__(self, refresh_every_passes: int = 20) -> None:
+        self._by_uuid: dict[str, DomainInfo] = {}
+        self._shape: dict[str, Shape] = {}
+        self._age: dict[str, int] = {}
+        self._refresh = refresh_every_passes
+
+    def needs_xml(self, shapes: Iterable[Shape]) -> list[str]:
+        """UUIDs whose XML must be fetched this pass."""
+        want = []
+        for s in shapes:
+            age = self._age.get(s.uuid, 0)
+            if self._shape.get(s.uuid) != s or age >= self._refresh:
+                want.append(s.uuid)
+            self._age[s.uuid] = age + 1
+        return want
+
+    def update(self, infos: Iterable[tuple[DomainInfo, Shape]], present: Iterable[str]) -> None:
+        """Record freshly parsed domains (with the stats shape seen then); forget stopped ones."""
+        for info, shape in infos:
+            self._by_uuid[info.uuid] = info
+            self._shape[info.uuid] = shape
+            self._age[info.uuid] = 0
+        keep = set(present)
+        for uuid in list(self._by_uuid):
+            if uuid not in keep:
+                self.forget(uuid)
+
+    def forget(self, uuid: str) -> None:
+        """Drop a domain (it stopped, or its XML could not be read)."""
+        self._by_uuid.pop(uuid, None)
+        self._shape.pop(uuid, None)
+        self._age.pop(uuid, None)
+
+    def get(self, uuid: str) -> DomainInfo | None:
+        """The known DomainInfo, if any."""
+        return self._by_uuid.get(uuid)
+
+    def __len__(self) -> int:
+        return len(self._by_uuid)

@@ -1,0 +1,250 @@
+"""The alert state machine, and `evaluate`: one pass of it over the rule index's matches.
+
+Per (rule, instance) alert: ok → approaching → exceeded, with hysteresis, `for_passes`, repeats
+and a cooldown (drawn below). Pure: `evaluate` returns the notifications and the state rows to
+write, and the outbox commits those rows in the pass's transaction (`AlertState.to_bytes`).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+
+from hostagent.alerts.index import NS_PER_S, Levels, MeasureKey, RuleIndex, measure_value
+from hostagent.alerts.rules import WILDCARD, Rule
+from hostagent.model import Usage
+
+# --- the alert state machine ----------------------------------------------------------------
+#
+#   ok ──(value ≥ approach)──► approaching ──(value ≥ threshold for `for` passes)──► exceeded
+#   exceeded ──(value < threshold × (1 − hysteresis))──► approaching | ok      ("resolved")
+#   approaching ──(value < approach × (1 − hysteresis))──► ok                  ("resolved")
+#   exceeded, still firing, repeat_interval since the last notice            ("repeat")
+#
+# Consumers are told about a status through a notification; `notified` is what they were last
+# told. A notification held back (cooldown, rate limit) leaves `notified` behind, so it is sent
+# as soon as it may be: the latest status always reaches consumers, with a count of what was
+# held back. A pass without a value (None) changes nothing at all.
+
+Status = Literal["ok", "approaching", "exceeded"]
+TransitionKind = Literal["approaching", "exceeded", "repeat", "resolved"]
+_RANK: dict[Status, int] = {"ok": 0, "approaching": 1, "exceeded": 2}
+Gate = Callable[[Rule, str, int], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class AlertState:
+    """What the store keeps per fingerprint (`rule_id|instance_id`) while it is not plain ok."""
+
+    rule_id: str
+    instance_id: str
+    status: Status
+    breaches: int  # consecutive passes at/above the threshold before it fired
+    since_ns: int  # when `status` began
+    notified: Status  # what consumers were last told
+    notified_ns: int | None  # when they were told
+    suppressed: int  # notifications held back since the last one sent
+    value: float  # at the last status change
+
+    def to_bytes(self) -> bytes:
+        """The store's form (orjson)."""
+        return orjson.dumps({"v": 1, "rule_id": self.rule_id, "instance_id": self.instance_id,
+                             "status": self.status, "breaches": self.breaches,
+                             "since_ns": self.since_ns, "notified": self.notified,
+                             "notified_ns": self.notified_ns, "suppressed": self.suppressed,
+                             "value": self.value})
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> AlertState:
+        """Inverse of `to_bytes`; ValueError on anything else."""
+        d = orjson.loads(raw)
+        if not isinstance(d, dict) or d.get("v") != 1:
+            raise ValueError("unknown alert state version")
+        if d["status"] not in _RANK or d["notified"] not in _RANK:
+            raise ValueError(f"bad alert status {d['status']!r}")
+        return cls(str(d["rule_id"]), str(d["instance_id"]), d["status"], int(d["breaches"]),
+                   int(d["since_ns"]), d["notified"],
+                   None if d["notified_ns"] is None else int(d["notified_ns"]),
+                   int(d["suppressed"]), float(d["value"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A notification to send: `kind` moved the alert from `previous` to `state.status`."""
+
+    fingerprint: str
+    rule: Rule
+    usage: Usage
+    kind: TransitionKind
+    previous: Status
+    state: AlertState
+    value: float
+    levels: Levels
+    suppressed_before: int  # notifications of this fingerprint held back before this one
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """One pass's outcome: notifications, store changes (None deletes), counts."""
+
+    transitions: tuple[Transition, ...]
+    changes: Mapping[str, bytes | None]
+    states: Mapping[str, AlertState]
+    suppressed: int
+    checked: int
+
+
+def fingerprint(rule_id: str, instance_id: str) -> str:
+    """The alert's identity: one per (rule, instance)."""
+    return f"{rule_id}|{instance_id}"
+
+
+def next_status(prev: Status, breaches: int, value: float, lv: Levels) -> tuple[Status, int]:
+    """Pure core: the status and breach count after one pass with `value`."""
+    if value >= lv.threshold:
+        breaches += 1
+        if prev == "exceeded" or breaches >= lv.for_passes:
+            return "exceeded", 0
+        return "approaching", breaches
+    if prev == "exceeded" and value >= lv.resolve:
+        return "exceeded", 0  # hysteresis: still firing
+    if value >= lv.approach and lv.approach < lv.threshold:
+        return "approaching", 0
+    if prev != "ok" and value >= lv.approach_clear and lv.approach < lv.threshold:
+        return "approaching", 0  # hysteresis below the approach level
+    return "ok", 0
+
+
+def step(rule: Rule, lv: Levels, prev: AlertState | None, instance_id: str,
+         value: float | None, now_ns: int, cooldown_ns: int, gate: Gate | None,
+         ) -> tuple[AlertState | None, TransitionKind | None, bool]:
+    """One alert, one pass → (new state or None for ok, notification kind, suppressed?)."""
+    if value is None:
+        return prev, None, False
+    if prev is None:
+        if value < lv.approach and value < lv.threshold:
+            return None, None, False  # the hot path: nothing to keep, nothing to say
+        prev = AlertState(rule.id, instance_id, "ok", 0, now_ns, "ok", None, 0, value)
+    status, breaches = next_status(prev.status, prev.breaches, value, lv)
+    since = prev.since_ns if status == prev.status else now_ns
+    # The value at the last status change: an unchanged alert is an unchanged row (no write).
+    kept = prev.value if status == prev.status else value
+    kind: TransitionKind | None = None
+    if status != prev.notified:
+        kind = "resolved" if _RANK[status] < _RANK[prev.notified] else status  # type: ignore[assignment]
+    elif (status == "exceeded" and lv.repeat_ns > 0 and prev.notified_ns is not None
+          and now_ns - prev.notified_ns >= lv.repeat_ns):
+        kind = "repeat"
+    new = AlertState(rule.id, instance_id, status, breaches, since, prev.notified,
+                     prev.notified_ns, prev.suppressed, kept)
+    suppressed = False
+    if kind is not None:
+        fp = fingerprint(rule.id, instance_id)
+        cooling = (prev.notified_ns is not None and now_ns - prev.notified_ns < cooldown_ns)
+        if cooling or (gate is not None and not gate(rule, fp, now_ns)):
+            suppressed = status != prev.status or kind == "repeat"
+            new = AlertState(rule.id, instance_id, status, breaches, since, prev.notified,
+                             prev.notified_ns, prev.suppressed + int(suppressed), kept)
+            kind = None
+        else:
+            new = AlertState(rule.id, instance_id, status, breaches, since, status, now_ns, 0,
+                             kept)
+    if new.status == "ok" and new.notified == "ok" and new.breaches == 0:
+        return None, kind, suppressed
+    return new, kind, suppressed
+
+
+def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str | None],
+             states: Mapping[str, AlertState], now_ns: int, *, gate: Gate | None = None,
+             removed_instances: Iterable[str] = ()) -> Evaluation:
+    """One pass: the rules that apply to each usage → notifications + state changes.
+
+    `owners` maps instance → user_id (None or absent: unknown; then only instance and wildcard
+    rules apply). Per instance and measure, only rules whose level the value reaches are
+    visited (bisect), plus the rules with an open alert for that instance (so it can resolve).
+    States of rules no longer in the index, and of removed instances, are dropped silently.
+    """
+    cooldown_ns = int(index.settings.cooldown_s * NS_PER_S)
+    levels, by_id = index.levels, index.by_id
+    open_by_inst: dict[str, dict[str, AlertState]] = {}
+    for st in states.values():
+        open_by_inst.setdefault(st.instance_id, {})[st.rule_id] = st
+    changes: dict[str, bytes | None] = {}
+    out_states = dict(states)
+    transitions: list[Transition] = []
+    suppressed = checked = 0
+
+    def visit(rule: Rule, u: Usage, value: float | None, prev: AlertState | None) -> None:
+        nonlocal suppressed
+        iid = u.instance_id
+        fp = fingerprint(rule.id, iid)
+        lv = levels[rule.id]
+        new, kind, held = step(rule, lv, prev, iid, value, now_ns, cooldown_ns, gate)
+        suppressed += held
+        if new != prev:
+            changes[fp] = None if new is None else new.to_bytes()
+            if new is None:
+                out_states.pop(fp, None)
+            else:
+                out_states[fp] = new
+        if kind is not None and value is not None:
+            transitions.append(Transition(fp, rule, u, kind, prev.notified if prev else "ok",
+                                          new or _ok(rule.id, iid, now_ns, value), value, lv,
+                                          prev.suppressed if prev else 0))
+
+    for u in usages:
+        iid = u.instance_id
+        user = owners.get(iid)
+        opened = open_by_inst.get(iid, {})
+        done: set[str] = set()
+        cache: dict[MeasureKey, float | None] = {}
+        buckets = [index.by_instance.get(iid), index.wildcard,
+                   index.by_user.get(user) if user is not None else None]
+        for bucket in buckets:
+            if not bucket:
+                continue
+            for key, (lows, rules) in bucket.items():
+                checked += len(rules)
+                if key in cache:
+                    value = cache[key]
+                else:
+                    value = cache[key] = measure_value(key[0], key[1], u)
+                if value is None:
+                    continue  # missing data: nothing fires, nothing resolves
+                for rule in rules[:bisect_right(lows, value)]:
+                    if rule.instance_id is not None and rule.user_id not in (WILDCARD, user):
+                        continue
+                    done.add(rule.id)
+                    visit(rule, u, value, opened.get(rule.id))
+        for rid, prev in opened.items():
+            held_rule = by_id.get(rid)
+            if rid in done or held_rule is None or held_rule.user_id not in (WILDCARD, user):
+                continue
+            key = (held_rule.resource, held_rule.measure_unit)
+            value = cache[key] if key in cache else measure_value(key[0], key[1], u)
+            visit(held_rule, u, value, prev)
+    gone = set(removed_instances)
+    for fp, st in list(out_states.items()):
+        if st.rule_id not in levels or st.instance_id in gone:
+            del out_states[fp]
+            changes[fp] = None
+    return Evaluation(tuple(transitions), changes, out_states, suppressed, checked)
+
+
+def _ok(rule_id: str, instance_id: str, now_ns: int, value: float) -> AlertState:
+    return AlertState(rule_id, instance_id, "ok", 0, now_ns, "ok", now_ns, 0, value)
+
+
+def load_states(raw: Mapping[str, bytes]) -> dict[str, AlertState]:
+    """The store's alert_state rows → states; unreadable rows are skipped (and reported)."""
+    out: dict[str, AlertState] = {}
+    for fp, b in raw.items():
+        try:
+            out[fp] = AlertState.from_bytes(b)
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+            continue
+    return out

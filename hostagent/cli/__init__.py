@@ -1,0 +1,1 @@
+"""The `hostagent` command line: run, dump, check-config, check-rules, outbox."""

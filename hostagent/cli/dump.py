@@ -1,0 +1,190 @@
+"""`hostagent dump`: two samples of one domain (or all) `--interval` apart, every counter with its
+source and rate, and the event the daemon would emit for that interval."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import trio
+
+from hostagent.accounting import events, sampling
+from hostagent.clock import Clock, SystemClock
+from hostagent.collector import Collector, link_reader_for
+from hostagent.config.load import Config
+from hostagent.errors import DomainNotFound
+from hostagent.model import Sample
+from hostagent.owners.resolver import Owners
+from hostagent.sources.gpu import GpuSource, describe
+from hostagent.sources.libvirt import LibvirtSource
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One line of the dump."""
+
+    name: str
+    value: float | int | str | None
+    unit: str
+    source: str
+    rate_per_s: float | None = None
+
+
+def _rate(a: int | None, b: int | None, dt_s: float) -> float | None:
+    if a is None or b is None or dt_s <= 0 or b < a:
+        return None
+    return (b - a) / dt_s
+
+
+def counters(first: Sample, second: Sample) -> list[Counter]:
+    """The counters of `second`, with rates against `first`."""
+    dt_s = (second.t_wall_ns - first.t_wall_ns) / 1e9
+    out = [
+        Counter("cpu_time", second.cpu_ns, "ns", "libvirt cpu.time (cgroup cpu.stat fallback)",
+                _rate(first.cpu_ns, second.cpu_ns, dt_s)),
+        Counter("vcpus", second.vcpus, "count", "libvirt vcpu.current"),
+        Counter("memory_allocated", second.memory_alloc_bytes, "bytes", "libvirt balloon.current"),
+    ]
+    if second.memory is not None:
+        out.append(Counter("memory_used", second.memory.used_bytes, "bytes", second.memory.source))
+    prev_nics = {n.mac: n for n in first.nics}
+    for n in second.nics:
+        p = prev_nics.get(n.mac)
+        where = f"{n.source} tap {n.ifname} ifindex {n.ifindex}"
+        out.append(Counter(f"net[{n.mac}].guest_tx (egress)", n.guest_tx_bytes, "bytes", where,
+                           _rate(p.guest_tx_bytes if p else None, n.guest_tx_bytes, dt_s)))
+        out.append(Counter(f"net[{n.mac}].guest_rx (ingress)", n.guest_rx_bytes, "bytes", where,
+                           _rate(p.guest_rx_bytes if p else None, n.guest_rx_bytes, dt_s)))
+    prev_disks = {d.target: d for d in first.disks}
+    for d in second.disks:
+        pd = prev_disks.get(d.target)
+        src = f"libvirt block {d.target}"
+        out.append(Counter(f"disk[{d.target}].read", d.rd_bytes, "bytes", src,
+                           _rate(pd.rd_bytes if pd else None, d.rd_bytes, dt_s)))
+        out.append(Counter(f"disk[{d.target}].write", d.wr_bytes, "bytes", src,
+                           _rate(pd.wr_bytes if pd else None, d.wr_bytes, dt_s)))
+        out.append(Counter(f"disk[{d.target}].allocation", d.allocation_bytes, "bytes", src))
+        out.append(Counter(f"disk[{d.target}].capacity", d.capacity_bytes, "bytes", src))
+    if second.pressure is not None:
+        for res in ("cpu", "memory", "io"):
+            value = getattr(second.pressure, f"{res}_some_avg10")
+            out.append(Counter(f"pressure.{res}.some_avg10", value, "%", "cgroup PSI"))
+    for g in second.gpus:
+        out.append(Counter(f"gpu[{g.address}].util", g.util_percent, "%",
+                           g.util_unavailable_reason or f"NVML ({g.kind})"))
+    return out
+
+
+async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
+                       *, clock: Clock | None = None) -> list[dict[str, Any]]:
+    """Take two samples `interval_s` apart and build the dump documents."""
+    clock = clock or SystemClock()
+    limiter = trio.CapacityLimiter(cfg.collector.max_threads)
+    lv = LibvirtSource(cfg.libvirt, clock=clock, limiter=limiter)
+    gpu = GpuSource(cfg.gpu, root=cfg.paths.root, clock=clock)
+    coll = Collector(cfg, clock=clock, store=None, owners=Owners(cfg.owners, clock, None),
+                     libvirt_source=lv, link_reader=link_reader_for(cfg), gpu_source=gpu,
+                     limiter=limiter)
+    try:
+        readings, _, _ = await coll.collect(only=set())
+        by_key = {}
+        for d in readings.domains:
+            by_key[d.name] = d.uuid
+            by_key[d.uuid] = d.uuid
+        if targets:
+            wanted = set()
+            for t in targets:
+                uuid = by_key.get(t) or by_key.get(t.lower())
+                if uuid is None:
+                    running = sorted(d.name for d in readings.domains)
+                    raise DomainNotFound(
+                        f"no running domain named or with UUID {t!r}; running: "
+                        + (", ".join(running) if running else "none"))
+                wanted.add(uuid)
+        else:
+            wanted = {d.uuid for d in readings.domains}
+        _, first, _ = await coll.collect(only=wanted)
+        await trio.sleep(interval_s)
+        _, second, infos = await coll.collect(only=wanted)
+        # Always scanned (cheap sysfs reads): operators also want the GPUs no VM holds.
+        gpu_view = describe(await gpu.read(infos, limiter))
+    finally:
+        lv.close()
+        coll.cgroups.close()
+    docs = []
+    before = {s.uuid: s for s in first}
+    info_by_uuid = {i.uuid: i for i in infos}
+    for s in second:
+        p = before.get(s.uuid)
+        if p is None:
+            continue
+        _, base = sampling.usage(None, p, store_created_ns=2**62)
+        usage, _ = sampling.usage(base, s, store_created_ns=2**62)
+        info = info_by_uuid[s.uuid]
+        owner = coll.owners.resolve(s.instance_id, info.owner_hint)
+        event = None
+        if usage is not None:
+            ev = events.build_usage_event(usage, owner, cfg.host.node_id,
+                                          time_format=cfg.collector.time_format)
+            event = orjson.loads(ev.payload)
+        docs.append({
+            "domain": {"name": s.name, "uuid": s.uuid, "domid": s.domid,
+                       "instance_id": s.instance_id, "incarnation": s.incarnation,
+                       "vcpus": s.vcpus, "memory_allocated_bytes": s.memory_alloc_bytes,
+                       "nics": [{"mac": n.mac, "kind": n.kind, "tap": n.target}
+                                for n in info.nics],
+                       "disks": [{"target": d.target, "device": d.device, "source": d.source}
+                                 for d in info.disks]},
+            "interval_s": (s.t_wall_ns - p.t_wall_ns) / 1e9,
+            "counters": [_as_dict(c) for c in counters(p, s)],
+            "gpus": [g for g in gpu_view if g.get("domain") == s.uuid],
+            "host_gpus": [g for g in gpu_view if g.get("domain") is None],
+            "missing": dict(s.missing),
+            "event": event,
+        })
+    return docs
+
+
+def _as_dict(c: Counter) -> dict[str, Any]:
+    return {"name": c.name, "value": c.value, "unit": c.unit, "source": c.source,
+            "rate_per_s": c.rate_per_s}
+
+
+def render_text(docs: Sequence[dict[str, Any]]) -> str:
+    """Human-readable dump."""
+    lines: list[str] = []
+    for doc in docs:
+        d = doc["domain"]
+        lines.append(f"domain {d['name']}  uuid {d['uuid']}  id {d['domid']}  "
+                     f"instance {d['instance_id']}  incarnation {d['incarnation']}")
+        lines.append(f"  {'counter':<44} {'value':>16} {'unit':<6} {'rate/s':>12}  source")
+        for c in doc["counters"]:
+            rate = c["rate_per_s"]
+            rate_s = "" if rate is None else f"{rate:,.1f}"
+            value = c["value"]
+            if isinstance(value, float):
+                value_s = f"{value:,.2f}" if not math.isnan(value) else "nan"
+            elif value is None:
+                value_s = "missing"
+            else:
+                value_s = f"{value:,}" if isinstance(value, int) else str(value)
+            lines.append(f"  {c['name']:<44} {value_s:>16} {c['unit']:<6} {rate_s:>12}  "
+                         f"{c['source']}")
+        for g in doc["gpus"]:
+            util = (f"{g['util_percent']:.1f} %" if g["util_percent"] is not None
+                    else f"utilisation unknown: {g['why_no_util']}")
+            lines.append(f"  gpu {g['address']} {g['model'] or ''} {g['allocation']}, "
+                         f"{'billed' if g['billed'] else 'not billed'}, {util}")
+        for k, v in doc["missing"].items():
+            lines.append(f"  missing {k}: {v}")
+        lines.append("  event the daemon would emit for this interval:")
+        lines.append("  " + orjson.dumps(doc["event"], option=orjson.OPT_INDENT_2)
+                     .decode().replace("\n", "\n  "))
+        lines.append("")
+    host = docs[0]["host_gpus"] if docs else []
+    for g in host:
+        lines.append(f"host GPU {g['address']} {g['model'] or ''}: {g['why_no_util']}")
+    return "\n".join(lines)

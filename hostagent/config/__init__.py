@@ -1,0 +1,1 @@
+"""Configuration: the TOML file → typed, validated, frozen `Config` (schema, sinks, loading)."""

@@ -1,0 +1,135 @@
+"""TOML configuration → typed, validated, frozen config.
+
+Every section is a dataclass; `load()` walks the fields, so a wrong value always yields a
+`ConfigError` naming the file, the dotted key, what was expected, what was found and the fix.
+Unknown keys are errors too (a typo must not silently fall back to a default).
+
+This module holds the root `Config`, `load()`, `from_mapping()` and the README's config table
+(`python -m hostagent.config` prints it). Its neighbours:
+
+* `config.schema`: the [section] tables (`HostConfig` … `ApiConfig`) and `_meta`, each field's
+  doc line and range;
+* `config.sinks`: the [[sinks]] tables with their [sinks.retry] / [sinks.breaker], `SINK_TYPES`;
+* `config.walk`: the reflective walk that validates a parsed table against a dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hostagent.config.schema import (
+    ApiConfig,
+    CollectorConfig,
+    GpuConfig,
+    HostConfig,
+    LibvirtConfig,
+    LogConfig,
+    OutboxConfig,
+    OwnersConfig,
+    PathsConfig,
+    ThresholdsConfig,
+)
+from hostagent.config.sinks import (
+    JsonlSinkConfig,
+    QueueSinkConfig,
+    SinkConfig,
+    WebhookSinkConfig,
+)
+from hostagent.config.walk import build_sinks, build_table
+from hostagent.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    host: HostConfig = field(default_factory=HostConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    owners: OwnersConfig = field(default_factory=OwnersConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
+    sinks: tuple[SinkConfig, ...] = field(default_factory=lambda: (JsonlSinkConfig(),))
+    source: str = "<defaults>"
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(str(p), "-", "a readable TOML file", "no such file",
+                          "create it or pass --config") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(str(p), "-", "UTF-8 text", "undecodable bytes") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(str(p), "-", "valid TOML", str(err), "fix the syntax") from err
+    return from_mapping(raw, str(p))
+
+
+def from_mapping(raw: Mapping[str, Any], source: str = "<inline>") -> Config:
+    """Validate an already-parsed TOML document."""
+    top = {k: v for k, v in raw.items() if k != "sinks"}
+    cfg: Config = build_table(Config, top, source, "", skip={"sinks", "source"})
+    sinks_raw = raw.get("sinks")
+    sinks: tuple[SinkConfig, ...] = cfg.sinks
+    if sinks_raw is not None:
+        sinks = build_sinks(sinks_raw, source)
+    return dataclasses.replace(cfg, sinks=sinks, source=source)
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every option: the README's config reference is built from it."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(cls: type[Any], prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name in ("source",):
+                continue
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            if f.default is not dataclasses.MISSING:
+                default: Any = f.default
+            elif f.default_factory is socket.gethostname:
+                rows.append((key, "the host name", str(f.metadata.get("doc", ""))))
+                continue
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:  # pragma: no cover
+                default = None
+            if dataclasses.is_dataclass(default):
+                walk(type(default), key)
+                continue
+            rows.append((key, repr(default), str(f.metadata.get("doc", ""))))
+
+    for f in dataclasses.fields(Config):
+        if f.name in ("sinks", "source"):
+            continue
+        factory: Any = f.default_factory
+        walk(type(factory()), f.name)
+    walk(JsonlSinkConfig, "sinks[jsonl]")
+    walk(QueueSinkConfig, "sinks[formation-queue]")
+    walk(WebhookSinkConfig, "sinks[webhook]")
+    return rows
+
+
+def reference_markdown() -> str:
+    """The README's configuration table."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, doc in reference():
+        lines.append(f"| `{key}` | `{default}` | {doc} |")
+    return "\n".join(lines)
+

@@ -1,0 +1,127 @@
+"""The [[sinks]] tables of the configuration and their [sinks.retry] / [sinks.breaker] parts.
+
+`SINK_TYPES` maps a sink's `type` key to its table; `config_load.build_sinks` uses it. The
+fields carry `_meta` like the [section] tables in `config_schema`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hostagent.config.schema import _meta
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """[sinks.retry]: one round of attempts; after a failed round the event waits in the outbox."""
+
+    max_retries: int = field(default=3, metadata=_meta("retries per round", minimum=0, maximum=100))
+    initial_backoff_s: float = field(default=0.1, metadata=_meta("first backoff", minimum=0))
+    max_backoff_s: float = field(default=10.0, metadata=_meta("backoff cap", minimum=0))
+    multiplier: float = field(default=2.0, metadata=_meta("backoff growth", minimum=1))
+    jitter: float = field(default=0.1, metadata=_meta("jitter fraction", minimum=0, maximum=1))
+    round_backoff_max_s: float = field(
+        default=300.0,
+        metadata=_meta("cap of the wait between rounds (max_backoff_s × multiplier^(rounds−1) "
+                       "while the event waits in the outbox)", minimum=0, maximum=86400),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """[sinks.breaker]"""
+
+    failure_threshold: int = field(default=5, metadata=_meta("failures to open", minimum=1))
+    reset_timeout_s: float = field(default=60.0, metadata=_meta("open → half-open", minimum=0))
+    half_open_calls: int = field(default=2, metadata=_meta("trial calls when half-open",
+                                                           minimum=1))
+
+
+@dataclass(frozen=True, slots=True)
+class JsonlSinkConfig:
+    """[[sinks]] type = "jsonl": one JSON event per line, fsynced."""
+
+    type: Literal["jsonl"] = "jsonl"
+    name: str = field(default="jsonl", metadata=_meta("sink name (unique)"))
+    path: str = field(default="/var/lib/hostagent/events.jsonl", metadata=_meta("file to append"))
+    kinds: tuple[str, ...] = field(
+        default=("resource_usage", "threshold_violation"),
+        metadata=_meta("event kinds this sink receives"),
+    )
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSinkConfig:
+    """[[sinks]] type = "formation-queue": Formation's form-p2p queue."""
+
+    type: Literal["formation-queue"] = "formation-queue"
+    name: str = field(default="formation-queue", metadata=_meta("sink name (unique)"))
+    url: str = field(default="http://127.0.0.1:53333", metadata=_meta("queue base URL"))
+    topic: str = field(default="usage_events", metadata=_meta("topic NAME (hashed on the wire)"))
+    alert_topic: str = field(
+        default="usage_alerts", metadata=_meta("topic NAME for threshold_violation events")
+    )
+    sub_topic: int = field(default=0, metadata=_meta("sub-topic byte", minimum=0, maximum=255))
+    max_in_flight: int = field(default=8, metadata=_meta("concurrent requests", minimum=1,
+                                                         maximum=256))
+    timeout_s: float = field(default=5.0, metadata=_meta("HTTP timeout", minimum=0.1))
+    http_client: Literal["h11", "httpx"] = field(
+        default="h11",
+        metadata=_meta("HTTP client: \"h11\" (built-in keep-alive HTTP/1.1 pool, ~5x less CPU "
+                       "per event; http:// only) or \"httpx\" (also used for https:// URLs)"),
+    )
+    max_request_bytes: int = field(
+        default=1_887_436,
+        metadata=_meta("largest encoded request (the queue's body limit is 2 MiB); a bigger "
+                       "event is dead-lettered without being sent", minimum=1024,
+                       maximum=2 * 1024 * 1024),
+    )
+    kinds: tuple[str, ...] = field(
+        default=("resource_usage", "threshold_violation"),
+        metadata=_meta("event kinds this sink receives"),
+    )
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSinkConfig:
+    """[[sinks]] type = "webhook": fan-out to the registered webhooks (FORMATION.md §4)."""
+
+    type: Literal["webhook"] = "webhook"
+    name: str = field(default="webhooks", metadata=_meta("sink name (unique)"))
+    kinds: tuple[str, ...] = field(
+        default=("resource_usage", "threshold_violation"),
+        metadata=_meta("event kinds fanned out (registrations pick `metrics` and/or "
+                       "`threshold_violation`)"),
+    )
+    allow_list: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("host names, IPs or CIDRs a webhook URL may reach even when they are "
+                       "loopback/private/link-local (the SSRF guard refuses those otherwise)"),
+    )
+    timeout_s: float = field(default=5.0, metadata=_meta("HTTP timeout per delivery attempt",
+                                                         minimum=0.1, maximum=120))
+    max_in_flight: int = field(default=4, metadata=_meta("concurrent fan-out writes",
+                                                         minimum=1, maximum=256))
+    endpoint_concurrency: int = field(
+        default=1, metadata=_meta("concurrent requests per endpoint (1 keeps events in order)",
+                                  minimum=1, maximum=64))
+    dead_after_attempts: int = field(
+        default=50, metadata=_meta("attempts before a delivery to one endpoint is dead "
+                                   "(4xx other than 408/429 count 5 each)", minimum=1))
+    max_response_bytes: int = field(
+        default=64 * 1024, metadata=_meta("reply bytes read (and ignored) per delivery",
+                                          minimum=0))
+    retention_s: float = field(
+        default=86400.0, metadata=_meta("keep delivered/dead webhook rows this long", minimum=0))
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+SinkConfig = JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig
+SINK_TYPES: dict[str, type[Any]] = {"jsonl": JsonlSinkConfig, "formation-queue": QueueSinkConfig,
+                                    "webhook": WebhookSinkConfig}

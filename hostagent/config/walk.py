@@ -1,0 +1,110 @@
+"""The reflective walk from a parsed TOML table to a frozen config dataclass.
+
+`build_table` checks a table against a dataclass's fields: unknown keys, the types of the type
+hints, `Literal` choices and each field's `_meta` range; `build_sinks` does the [[sinks]] array.
+Every error is a `ConfigError` naming the source, the dotted key, what was expected, what was
+found and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from hostagent.config.sinks import SINK_TYPES, SinkConfig
+from hostagent.errors import ConfigError
+
+
+def build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
+    """Validate the [[sinks]] array: each table by its `type`, names unique."""
+    if not isinstance(raw, list):
+        raise ConfigError(source, "sinks", "an array of tables ([[sinks]])", raw)
+    out: list[SinkConfig] = []
+    names: set[str] = set()
+    for i, item in enumerate(raw):
+        key = f"sinks[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(source, key, "a table", item)
+        kind = item.get("type")
+        if kind not in SINK_TYPES:
+            raise ConfigError(source, f"{key}.type", f"one of {sorted(SINK_TYPES)}", kind,
+                              'set type = "jsonl", "formation-queue" or "webhook"')
+        sink = build_table(SINK_TYPES[kind], item, source, key)
+        if "name" not in item and sink.name in names:
+            sink = dataclasses.replace(sink, name=f"{sink.name}-{i}")  # only to avoid a clash
+        if sink.name in names:
+            raise ConfigError(source, f"{key}.name", "a unique sink name", sink.name,
+                              "give each [[sinks]] its own name")
+        names.add(sink.name)
+        out.append(sink)
+    return tuple(out)
+
+
+def build_table(cls: type[Any], raw: Any, source: str, prefix: str,
+                skip: frozenset[str] | set[str] = frozenset()) -> Any:
+    """An instance of dataclass `cls` from table `raw` (at dotted key `prefix`), validated."""
+    where = prefix or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(source, where, "a table", raw)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(source, key, f"one of {sorted(fields)}", unknown[0],
+                          "remove the key or fix its spelling")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], raw[name], source, key, f.metadata)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str, meta: Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return build_table(tp, value, source, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(source, key, "one of " + ", ".join(repr(c) for c in choices), value)
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(args[0], value, source, key, meta)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(source, key, "an array of strings", value)
+        return tuple(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, "true or false", value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, "an integer", value)
+        _check_range(value, source, key, meta)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, key, "a number", value)
+        _check_range(float(value), source, key, meta)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, "a string", value)
+        return value
+    raise ConfigError(source, key, f"a value of type {tp}", value)  # pragma: no cover
+
+
+def _check_range(value: float, source: str, key: str, meta: Mapping[str, Any]) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(source, key, f"a value >= {lo}", value)
+    if hi is not None and value > hi:
+        raise ConfigError(source, key, f"a value <= {hi}", value)

@@ -1,0 +1,1 @@
+"""Sinks: where outbox events go (Formation queue, JSONL file, webhooks)."""

@@ -1,0 +1,149 @@
+"""Sinks: where outbox events go. Each sink sends ONE event per `send` and says how it went.
+
+::
+
+    send(event) ──► returns            the sink has the event (after `flush` for buffered sinks)
+                ├─► SinkUnavailable    transient (transport error, timeout, 5xx, garbage reply):
+                │                      retried, then the event waits in the outbox; never dropped
+                └─► SinkRejected       the sink refused this event (`{"Failure": …}`, 4xx):
+                     └─► Undeliverable dead-lettered at once (can never succeed, e.g. too large)
+
+The delivery loop owns retries, the circuit breaker and the outbox state; a sink only talks to
+its destination. Which events a sink gets is the outbox's decision (hostagent.alerts.routing), made
+from the sink's `kinds` and `channels` when an event is committed: a sink sends every event
+it is given and never looks into a payload to decide whether it is its own. `flush()` makes
+everything sent so far durable (fsync for files); the delivery records acknowledgements only
+after it returns.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+from hostagent.clock import Clock
+from hostagent.config.sinks import (
+    BreakerConfig,
+    JsonlSinkConfig,
+    QueueSinkConfig,
+    RetryConfig,
+    WebhookSinkConfig,
+)
+from hostagent.errors import SinkRejected, StateError
+from hostagent.model import OutEvent
+
+if TYPE_CHECKING:
+    from hostagent.store.webhooks import WebhookStore
+
+
+class Undeliverable(SinkRejected):
+    """This sink can never take this event (e.g. larger than its request limit)."""
+
+
+class _SinkSettings(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def kinds(self) -> tuple[str, ...]: ...
+    @property
+    def retry(self) -> RetryConfig: ...
+    @property
+    def breaker(self) -> BreakerConfig: ...
+
+
+C = TypeVar("C", bound=_SinkSettings)
+
+
+class ConfiguredSink(Generic[C]):
+    """The settings the Sink protocol asks for, read from the sink's `[[sinks]]` entry."""
+
+    cfg: C
+
+    @property
+    def name(self) -> str:
+        """Unique sink name."""
+        return self.cfg.name
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """Event kinds this sink receives."""
+        return frozenset(self.cfg.kinds)
+
+    @property
+    def retry(self) -> RetryConfig:
+        """Retry schedule of one attempt round."""
+        return self.cfg.retry
+
+    @property
+    def breaker(self) -> BreakerConfig:
+        """Circuit breaker settings."""
+        return self.cfg.breaker
+
+
+class Sink(Protocol):
+    """What the delivery loop needs from a sink."""
+
+    @property
+    def name(self) -> str:
+        """Unique sink name (the outbox keys delivery state by it)."""
+        ...
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """Event kinds this sink receives."""
+        ...
+
+    @property
+    def channels(self) -> frozenset[str] | None:
+        """Notify channels this sink answers to (None: every event of its kinds; a set holding
+        hostagent.alerts.routing.UNCLAIMED: also every channel no other sink names)."""
+        ...
+
+    @property
+    def max_in_flight(self) -> int:
+        """How many `send` calls may run at once."""
+        ...
+
+    @property
+    def retry(self) -> RetryConfig:
+        """Retry schedule of one attempt round."""
+        ...
+
+    @property
+    def breaker(self) -> BreakerConfig:
+        """Circuit breaker settings."""
+        ...
+
+    async def send(self, event: OutEvent) -> None:
+        """Deliver one event or raise SinkUnavailable / SinkRejected."""
+        ...
+
+    async def flush(self) -> None:
+        """Make what was sent durable; SinkUnavailable if that failed."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig, *,
+               clock: Clock | None = None, webhook_store: WebhookStore | None = None) -> Sink:
+    """The sink a `[[sinks]]` entry describes (nothing is opened until the first send).
+
+    A webhook sink needs `webhook_store` and `clock`; run its `dispatcher.run` in a nursery.
+    """
+    if isinstance(cfg, WebhookSinkConfig):
+        from hostagent.delivery.sinks.webhook import WebhookDispatcher, WebhookSink
+
+        if webhook_store is None or clock is None:
+            raise StateError("a webhook sink needs the webhook store and a clock")
+        return WebhookSink(cfg, webhook_store, WebhookDispatcher(cfg, webhook_store, clock))
+    del clock  # other sinks keep no time of their own; timeouts are trio deadlines
+    # Imported here: the sink modules import `Undeliverable` from this package.
+    if isinstance(cfg, JsonlSinkConfig):
+        from hostagent.delivery.sinks.jsonl import JsonlSink
+
+        return JsonlSink(cfg)
+    from hostagent.delivery.sinks.formation_queue import FormationQueueSink
+
+    return FormationQueueSink(cfg)

@@ -1,0 +1,1 @@
+"""Owners: who pays for an instance (owner index, account-service client, request signing)."""

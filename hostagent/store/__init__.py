@@ -1,0 +1,1 @@
+"""The state store: ONE SQLite file with baselines, the outbox, alert state and webhooks."""

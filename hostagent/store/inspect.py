@@ -1,0 +1,202 @@
+"""Read-only queries on the state store (hostagent.store.outbox): StoreReader, mixed into Store.
+
+What the collector loads at start (baselines, alert state), which events are due for a sink
+(`pending`, `next_due_ns`; `Store.take` claims through the same query), and what `hostagent
+outbox status | dead-letters`, the delivery metrics and upkeep report: per-sink stats, dead
+letters, merge records, the store's size and the meta table (the delivery heartbeat). Every
+query runs under `Store.reading` (the store's one connection and its lock) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from hostagent.errors import StateCorrupt
+from hostagent.model import Baseline, OutEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An event claimed for delivery to one sink, with its delivery history."""
+
+    event: OutEvent
+    attempts: int
+    rejections: int
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    """Depth and history of one sink, plus the breaker state the daemon last wrote."""
+
+    name: str
+    active: bool
+    pending: int
+    oldest_pending_ns: int | None
+    acked: int
+    dead: int
+    breaker_state: str | None
+    breaker_since_ns: int | None
+    breaker_updated_ns: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event a sink refused for good."""
+
+    sink: str
+    event_id: str
+    kind: str
+    instance_id: str
+    period_start_ns: int
+    period_end_ns: int
+    attempts: int
+    reason: str
+    dead_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSize:
+    """Bytes: the database file, its WAL, and the pages in use (what `max_bytes` bounds)."""
+
+    file_bytes: int
+    wal_bytes: int
+    used_bytes: int
+
+
+class StoreReader(ABC):
+    """The read-only queries of store.outbox.Store, which supplies `path` and `reading`."""
+
+    path: Path
+
+    @abstractmethod
+    def reading(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
+        """The connection to read with, under the store's lock."""
+
+    # --- the collector's side ---------------------------------------------------------------
+
+    def load_baselines(self) -> dict[str, Baseline]:
+        """Every instance's persisted baseline."""
+        with self.reading("load baselines") as c:
+            rows = c.execute("SELECT instance_id, state FROM baselines").fetchall()
+        out: dict[str, Baseline] = {}
+        for iid, state in rows:
+            try:
+                out[iid] = Baseline.from_dict(orjson.loads(state))
+            except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as err:
+                raise StateCorrupt(f"{self.path}: baseline of {iid!r} is damaged: {err}") from err
+        return out
+
+    def load_alert_state(self) -> dict[str, bytes]:
+        """Alert state by fingerprint."""
+        with self.reading("load alert state") as c:
+            return {k: bytes(v) for k, v in c.execute("SELECT fingerprint, state FROM alert_state")}
+
+    # --- the delivery side ------------------------------------------------------------------
+
+    def _due_ids(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[str]:
+        # An instance whose earliest failed event waits for its backoff holds back its later
+        # events: per instance, events reach the sink in period order.
+        blocked = dict(c.execute(
+            "SELECT instance_id, MIN(period_start_ns) FROM deliveries WHERE sink = ? AND "
+            "status = 'pending' AND claimed = 1 AND next_attempt_ns > ? GROUP BY instance_id",
+            (sink, now_ns)).fetchall())
+        cur = c.execute(
+            "SELECT event_id, instance_id, period_start_ns FROM deliveries "
+            "INDEXED BY deliveries_queue WHERE sink = ? AND status = 'pending' AND "
+            "next_attempt_ns <= ? ORDER BY period_start_ns, instance_id", (sink, now_ns))
+        ids: list[str] = []
+        while len(ids) < limit and (rows := cur.fetchmany(1024)):
+            for eid, iid, start in rows:
+                if iid in blocked and start > blocked[iid]:
+                    continue
+                ids.append(eid)
+                if len(ids) >= limit:
+                    break
+        cur.close()
+        return ids
+
+    def _load(self, c: sqlite3.Connection, sink: str, ids: Sequence[str]) -> list[Pending]:
+        rows = {r[0]: r for r in c.execute(
+            "SELECT e.event_id, e.kind, e.instance_id, e.period_start_ns, e.period_end_ns, "
+            "e.payload, d.attempts, d.rejections FROM deliveries d JOIN events e ON e.event_id = "
+            "d.event_id WHERE d.sink = ? AND d.event_id IN (SELECT value FROM json_each(?))",
+            (sink, orjson.dumps(list(ids)).decode()))}
+        return [Pending(OutEvent(r[0], r[1], r[2], r[3], r[4], bytes(r[5])), r[6], r[7])
+                for r in (rows[i] for i in ids if i in rows)]
+
+    def pending(self, sink: str, limit: int, now_ns: int) -> list[Pending]:
+        """Due events of `sink`, oldest period first, in period order per instance (read only)."""
+        with self.reading("list pending") as c:
+            return self._load(c, sink, self._due_ids(c, sink, limit, now_ns))
+
+    def next_due_ns(self, sink: str, now_ns: int) -> int | None:
+        """When the earliest backed-off event of `sink` becomes due (None: none waits)."""
+        with self.reading("next due") as c:
+            row = c.execute("SELECT MIN(next_attempt_ns) FROM deliveries WHERE sink = ? AND "
+                            "status = 'pending' AND claimed = 1 AND next_attempt_ns > ?",
+                            (sink, now_ns)).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def meta(self) -> dict[str, str]:
+        """The meta table."""
+        with self.reading("read meta") as c:
+            return dict(c.execute("SELECT key, value FROM meta").fetchall())
+
+    # --- inspection -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, SinkStats]:
+        """Per sink: pending depth and oldest pending commit time, acked, dead, breaker."""
+        with self.reading("stats") as c:
+            counts = c.execute("SELECT sink, status, COUNT(*), MIN(created_ns) FROM deliveries "
+                               "GROUP BY sink, status").fetchall()
+            sinks = c.execute("SELECT name, active, breaker_state, breaker_since_ns, "
+                              "breaker_updated_ns FROM sinks ORDER BY name").fetchall()
+        by: dict[tuple[str, str], tuple[int, int | None]] = {
+            (s, st): (n, oldest) for s, st, n, oldest in counts}
+        names = [r[0] for r in sinks] + sorted({s for s, _ in by} - {r[0] for r in sinks})
+        info = {r[0]: r for r in sinks}
+        out = {}
+        for name in names:
+            r = info.get(name, (name, 0, None, None, None))
+            pend = by.get((name, "pending"), (0, None))
+            out[name] = SinkStats(name, bool(r[1]), pend[0], pend[1],
+                                  by.get((name, "acked"), (0, None))[0],
+                                  by.get((name, "dead"), (0, None))[0], r[2], r[3], r[4])
+        return out
+
+    def dead_letters(self, sink: str | None = None) -> list[DeadLetter]:
+        """Dead letters (all sinks or one), oldest first."""
+        with self.reading("list dead letters") as c:
+            rows = c.execute(
+                "SELECT x.sink, x.event_id, e.kind, e.instance_id, e.period_start_ns, "
+                "e.period_end_ns, x.attempts, x.reason, x.dead_ns FROM dead_letters x "
+                "JOIN events e ON e.event_id = x.event_id WHERE ? IS NULL OR x.sink = ? "
+                "ORDER BY x.dead_ns, x.sink, x.event_id", (sink, sink)).fetchall()
+        return [DeadLetter(*r) for r in rows]
+
+    def merge_records(self) -> list[tuple[str, str, list[str]]]:
+        """(merged event id, sink, replaced event ids) for every merge still recorded."""
+        with self.reading("list merges") as c:
+            rows = c.execute("SELECT merged_event_id, sink, source_ids FROM merges "
+                             "ORDER BY created_ns").fetchall()
+        return [(m, s, list(orjson.loads(ids))) for m, s, ids in rows]
+
+    def size(self) -> StoreSize:
+        """File, WAL and in-use bytes."""
+        with self.reading("size") as c:
+            page = c.execute("PRAGMA page_size").fetchone()[0]
+            count = c.execute("PRAGMA page_count").fetchone()[0]
+            free = c.execute("PRAGMA freelist_count").fetchone()[0]
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        return StoreSize(file_bytes=page * count, wal_bytes=wal, used_bytes=page * (count - free))

@@ -1,0 +1,374 @@
+"""The state store: ONE SQLite file (WAL, synchronous=FULL) with baselines, outbox and alert state.
+
+Tables: ``meta`` (schema version, ``created_ns``, ``host``), ``baselines`` (JSON per instance),
+``events`` (the outbox: exact payload bytes per ``event_id``), ``sinks`` (registered sinks and the
+breaker state the daemon last recorded), ``deliveries`` (one row per event and sink: pending,
+acked or dead, attempts, rejections, ``next_attempt_ns``, last error), ``dead_letters`` (reason),
+``merges`` (which events a merged event replaced) and ``alert_state``.
+
+Threads: the store is synchronous. Trio code calls it through ``trio.to_thread.run_sync`` (not
+abandoned on cancel: a commit's outcome must be known). There is ONE connection, opened with
+``check_same_thread=False`` and guarded by a lock, so calls from any worker thread are
+serialised; every call is short (one transaction of one pass or one delivery batch). Other
+processes (``hostagent outbox``) open their own connection; WAL lets them read while we write.
+
+Routing (hostagent.alerts.routing): an event gets a pending delivery row for every active sink whose
+kinds include its kind and, for a Notify alert, that answers to one of its channels; no row
+means the sink never sees the event. A sink registered later gets only events committed after
+it was added; an event that no sink takes is not stored. Rows of a sink removed from the config
+stay (never dropped) and are shown by ``hostagent outbox status``. Pending alert rows written
+by an older hostagent, which gave every sink of the kind a row and let the queue sink skip
+Notify alerts at send time, are re-routed when the daemon configures the channels
+(``outbox_upkeep.drop_unrouted``), before any of them can be sent.
+
+Modules: this one holds the schema, opening and every write (commit, claim, record, replay);
+the read-only queries (loads, due events, stats, dead letters, size) are StoreReader's in
+hostagent.store.inspect, pruning and merging are hostagent.store.upkeep's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+import threading
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import orjson
+
+from hostagent.alerts import routing
+from hostagent.clock import Clock
+from hostagent.errors import StateCorrupt, StateError
+from hostagent.model import Baseline, OutEvent
+from hostagent.store import sqlite_tx
+from hostagent.store import upkeep as outbox_upkeep
+from hostagent.store.inspect import Pending, StoreReader
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+APP = "hostagent-state"
+MERGE_AT = outbox_upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pending
+
+_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE baselines(instance_id TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE events(
+  event_id TEXT PRIMARY KEY, kind TEXT NOT NULL, instance_id TEXT NOT NULL,
+  period_start_ns INTEGER NOT NULL, period_end_ns INTEGER NOT NULL,
+  payload BLOB NOT NULL, created_ns INTEGER NOT NULL);
+CREATE TABLE sinks(
+  name TEXT PRIMARY KEY, added_ns INTEGER NOT NULL, active INTEGER NOT NULL,
+  breaker_state TEXT, breaker_since_ns INTEGER, breaker_updated_ns INTEGER) WITHOUT ROWID;
+CREATE TABLE deliveries(
+  sink TEXT NOT NULL, event_id TEXT NOT NULL, instance_id TEXT NOT NULL,
+  period_start_ns INTEGER NOT NULL, created_ns INTEGER NOT NULL,
+  status TEXT NOT NULL CHECK (status IN ('pending', 'acked', 'dead')),
+  claimed INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+  rejections INTEGER NOT NULL DEFAULT 0, next_attempt_ns INTEGER NOT NULL DEFAULT 0,
+  last_error TEXT, done_ns INTEGER,
+  PRIMARY KEY (sink, event_id)) WITHOUT ROWID;
+CREATE INDEX deliveries_queue
+  ON deliveries(sink, status, period_start_ns, instance_id, next_attempt_ns);
+CREATE INDEX deliveries_retry ON deliveries(sink, instance_id, period_start_ns, next_attempt_ns)
+  WHERE status = 'pending' AND claimed = 1;
+CREATE INDEX deliveries_acked ON deliveries(done_ns) WHERE status = 'acked';
+CREATE TABLE dead_letters(
+  sink TEXT NOT NULL, event_id TEXT NOT NULL, reason TEXT NOT NULL, attempts INTEGER NOT NULL,
+  dead_ns INTEGER NOT NULL, PRIMARY KEY (sink, event_id)) WITHOUT ROWID;
+CREATE TABLE merges(
+  merged_event_id TEXT NOT NULL, sink TEXT NOT NULL, source_ids TEXT NOT NULL,
+  created_ns INTEGER NOT NULL, PRIMARY KEY (merged_event_id, sink)) WITHOUT ROWID;
+CREATE TABLE alert_state(fingerprint TEXT PRIMARY KEY, state BLOB NOT NULL) WITHOUT ROWID;
+"""
+
+Result = Literal["acked", "failed", "rejected", "dead", "skipped"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one delivery round did to one event (`skipped`: never sent this round)."""
+
+    event_id: str
+    result: Result
+    error: str | None = None
+    next_attempt_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Maintenance:
+    """What one maintenance run did."""
+
+    pruned: int
+    merged: Mapping[str, int]
+    merges: int
+    used_bytes: int
+
+
+class Store(StoreReader):
+    """Baselines, the event outbox with per-sink delivery state, and alert state."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Clock) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self.path = path
+        self.clock = clock
+        self.created_ns = 0
+        self.host = ""
+        self.max_bytes: int | None = None
+        self._routes: dict[str, routing.Route] = {}
+
+    # --- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, clock: Clock, node_id: str, sink_names: Sequence[str],
+             sink_kinds: Mapping[str, Collection[str]] | None = None,
+             sink_channels: Mapping[str, Collection[str] | None] | None = None,
+             max_bytes: int | None = None, create: bool = True,
+             register_sinks: bool = True) -> Store:
+        """Open (or create) the store; StateCorrupt if the file is foreign or damaged."""
+        p = Path(path)
+        if not create and not p.exists():
+            raise StateError(f"{p}: no state store here (the daemon creates it on first run)")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        existed = p.exists() and p.stat().st_size > 0
+        try:
+            conn = sqlite3.connect(p, isolation_level=None, check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as err:
+            raise StateError(f"{p}: cannot open the state store: {err}") from err
+        store = cls(conn, p, clock)
+        try:
+            store._setup(existed, node_id)
+        except sqlite3.Error as err:
+            conn.close()
+            damaged = (sqlite_tx.SQLITE_CORRUPT, sqlite_tx.SQLITE_NOTADB)
+            if getattr(err, "sqlite_errorcode", 0) & 0xFF in damaged:
+                raise StateCorrupt(f"{p}: not a usable hostagent state store ({err}); refusing "
+                                   "to reset billing state: move the file aside to start "
+                                   "afresh") from err
+            raise StateError(f"{p}: cannot open the state store: {err}") from err
+        except StateError:
+            conn.close()
+            raise
+        if register_sinks:
+            store._register(sink_names)
+        store.configure(sink_kinds=sink_kinds, sink_channels=sink_channels, max_bytes=max_bytes)
+        return store
+
+    def _setup(self, existed: bool, node_id: str) -> None:
+        c = self._conn
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "meta" not in tables:
+            raise StateCorrupt(f"{self.path}: not a hostagent state store (no meta table); "
+                               "refusing to touch it: point collector.state_path elsewhere")
+        if existed and not tables:  # e.g. a crash while it was being created: nothing to lose
+            log.warning("state store file has no tables; initialising it",
+                        extra={"path": str(self.path)})
+        if tables:  # check it is ours before changing anything (journal mode included)
+            meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("app") != APP:
+                raise StateCorrupt(f"{self.path}: meta.app is {meta.get('app')!r}, not {APP!r}")
+        else:
+            c.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if c.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise StateError(f"{self.path}: cannot switch the store to WAL mode")
+        c.execute("PRAGMA synchronous=FULL")
+        c.execute("PRAGMA journal_size_limit=16777216")
+        if not tables:
+            now = self.clock.now().wall_ns
+            c.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    c.execute(statement)
+            c.executemany("INSERT INTO meta(key, value) VALUES(?, ?)",
+                          [("app", APP), ("schema_version", str(SCHEMA_VERSION)),
+                           ("created_ns", str(now)), ("host", node_id)])
+            c.execute("COMMIT")
+            meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise StateError(f"{self.path}: schema version {meta.get('schema_version')} is not "
+                             f"{SCHEMA_VERSION}: this hostagent cannot use it (upgrade hostagent)")
+        check = c.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise StateCorrupt(f"{self.path}: integrity check failed: {check}")
+        self.created_ns = int(meta["created_ns"])
+        self.host = meta.get("host", "")
+        if self.host != node_id:
+            log.warning("state store was created by another node_id",
+                        extra={"path": str(self.path), "stored": self.host, "node_id": node_id})
+
+    def _register(self, names: Sequence[str]) -> None:
+        now = self.clock.now().wall_ns
+        with self.transaction("register sinks") as c:
+            c.execute("UPDATE sinks SET active = 0")
+            for name in names:
+                c.execute("INSERT INTO sinks(name, added_ns, active) VALUES(?, ?, 1) "
+                          "ON CONFLICT(name) DO UPDATE SET active = 1", (name, now))
+        self._routes = dict.fromkeys(names, routing.EVERYTHING)
+
+    def configure(self, *, sink_kinds: Mapping[str, Collection[str]] | None = None,
+                  sink_channels: Mapping[str, Collection[str] | None] | None = None,
+                  max_bytes: int | None = None) -> None:
+        """Set which kinds and channels each sink takes (hostagent.alerts.routing; not given: all)
+        and the size cap (SQLite max_page_count). Setting channels re-routes pending alert
+        rows an older hostagent wrote for every sink (`outbox_upkeep.drop_unrouted`)."""
+        for n, k in (sink_kinds or {}).items():
+            if n in self._routes:
+                self._routes[n] = dataclasses.replace(self._routes[n], kinds=frozenset(k))
+        for n, ch in (sink_channels or {}).items():
+            if n in self._routes:
+                self._routes[n] = dataclasses.replace(
+                    self._routes[n], channels=None if ch is None else frozenset(ch))
+        if sink_channels is not None:
+            outbox_upkeep.drop_unrouted(self, self._routes)
+        if max_bytes is not None:
+            self.max_bytes = max_bytes
+            with self._lock:
+                page = self._conn.execute("PRAGMA page_size").fetchone()[0]
+                self._conn.execute(f"PRAGMA max_page_count={max(max_bytes // page, 16)}")
+
+    def close(self) -> None:
+        """Close the connection (checkpointing the WAL)."""
+        with self._lock:
+            self._conn.close()
+
+    def transaction(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
+        """One write transaction under the store's lock (errors mapped to StateError)."""
+        return sqlite_tx.transaction(self._conn, self._lock, self.path, what)
+
+    @contextmanager
+    def reading(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.Error as err:
+                raise sqlite_tx.translate(err, self.path, what) from err
+
+    # --- the collector's side ---------------------------------------------------------------
+
+    def commit_pass(self, baselines: Sequence[Baseline], events: Sequence[OutEvent], *,
+                    removed_instances: Sequence[str] = (),
+                    alert_state: Mapping[str, bytes | None] | None = None) -> None:
+        """ONE transaction: baselines, events (+ pending deliveries), alert state (None deletes)."""
+        now = self.clock.now().wall_ns
+        base_rows = [(b.instance_id, orjson.dumps(b.to_dict()).decode()) for b in baselines]
+        with self.transaction("commit pass") as c:
+            c.executemany("INSERT INTO baselines(instance_id, state) VALUES(?, ?) "
+                          "ON CONFLICT(instance_id) DO UPDATE SET state = excluded.state",
+                          base_rows)
+            c.executemany("DELETE FROM baselines WHERE instance_id = ?",
+                          [(i,) for i in removed_instances])
+            for ev in events:
+                sinks = routing.sinks_for(self._routes, ev.kind, ev.channels)
+                if not sinks:
+                    continue
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO events(event_id, kind, instance_id, period_start_ns, "
+                    "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                    (ev.event_id, ev.kind, ev.instance_id, ev.period_start_ns,
+                     ev.period_end_ns, ev.payload, now))
+                if cur.rowcount != 1:
+                    continue  # already committed by an earlier try of this pass
+                c.executemany(
+                    "INSERT OR IGNORE INTO deliveries(sink, event_id, instance_id, "
+                    "period_start_ns, created_ns, status) VALUES(?, ?, ?, ?, ?, 'pending')",
+                    [(s, ev.event_id, ev.instance_id, ev.period_start_ns, now) for s in sinks])
+            for fp, state in (alert_state or {}).items():
+                if state is None:
+                    c.execute("DELETE FROM alert_state WHERE fingerprint = ?", (fp,))
+                else:
+                    c.execute("INSERT INTO alert_state(fingerprint, state) VALUES(?, ?) "
+                              "ON CONFLICT(fingerprint) DO UPDATE SET state = excluded.state",
+                              (fp, state))
+
+    # --- the delivery side ------------------------------------------------------------------
+
+    def take(self, sink: str, limit: int, now_ns: int) -> list[Pending]:
+        """Like `pending`, and mark them claimed (maybe sent) so they are never merged."""
+        with self.transaction("claim batch") as c:
+            ids = self._due_ids(c, sink, limit, now_ns)
+            c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND event_id = ?",
+                          [(sink, i) for i in ids])
+            return self._load(c, sink, ids)
+
+    def record(self, sink: str, outcomes: Sequence[Outcome], *, dead_letter_after: int) -> int:
+        """Apply a round's outcomes in one transaction; returns how many were dead-lettered."""
+        now = self.clock.now().wall_ns
+        dead = 0
+        with self.transaction("record outcomes") as c:
+            for o in outcomes:
+                key = (sink, o.event_id)
+                if o.result == "acked":
+                    c.execute("UPDATE deliveries SET status = 'acked', attempts = attempts + 1, "
+                              "done_ns = ?, last_error = NULL WHERE sink = ? AND event_id = ? "
+                              "AND status = 'pending'", (now, *key))
+                elif o.result == "failed":
+                    c.execute("UPDATE deliveries SET attempts = attempts + 1, next_attempt_ns = ?,"
+                              " last_error = ? WHERE sink = ? AND event_id = ? AND "
+                              "status = 'pending'", (o.next_attempt_ns, o.error, *key))
+                elif o.result == "skipped":
+                    c.execute("UPDATE deliveries SET claimed = (attempts > 0) WHERE sink = ? AND "
+                              "event_id = ? AND status = 'pending'", key)
+                else:
+                    row = c.execute(
+                        "UPDATE deliveries SET attempts = attempts + 1, rejections = rejections "
+                        "+ 1, next_attempt_ns = ?, last_error = ? WHERE sink = ? AND event_id = ?"
+                        " AND status = 'pending' RETURNING rejections, attempts",
+                        (o.next_attempt_ns, o.error, *key)).fetchone()
+                    if row and (o.result == "dead" or row[0] >= dead_letter_after):
+                        dead += 1
+                        c.execute("UPDATE deliveries SET status = 'dead', done_ns = ? "
+                                  "WHERE sink = ? AND event_id = ?", (now, *key))
+                        c.execute("INSERT OR REPLACE INTO dead_letters(sink, event_id, reason, "
+                                  "attempts, dead_ns) VALUES(?, ?, ?, ?, ?)",
+                                  (*key, o.error or "rejected", row[1], now))
+        return dead
+
+    def release_backoff(self, sink: str, now_ns: int) -> int:
+        """The sink is back: events waiting out a transient backoff become due now."""
+        with self.transaction("release backoff") as c:
+            return c.execute(
+                "UPDATE deliveries SET next_attempt_ns = 0 WHERE sink = ? AND status = 'pending' "
+                "AND claimed = 1 AND next_attempt_ns > ? AND rejections = 0",
+                (sink, now_ns)).rowcount
+
+    def set_breaker(self, sink: str, state: str, since_ns: int) -> None:
+        """Record a sink's breaker state for `hostagent outbox status`."""
+        now = self.clock.now().wall_ns
+        with self.transaction("record breaker state") as c:
+            c.execute("UPDATE sinks SET breaker_state = ?, breaker_since_ns = ?, "
+                      "breaker_updated_ns = ? WHERE name = ?", (state, since_ns, now, sink))
+
+    def heartbeat(self) -> None:
+        """Say the daemon's delivery is alive (read by `outbox status`)."""
+        now = self.clock.now().wall_ns
+        with self.transaction("heartbeat") as c:
+            c.execute("INSERT INTO meta(key, value) VALUES('delivery_heartbeat_ns', ?) "
+                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(now),))
+
+    # --- dead letters ---------------------------------------------------------------------
+
+    def replay(self, sink: str | None = None, event_id: str | None = None) -> int:
+        """Re-queue dead letters (optionally one sink / one event); returns how many."""
+        with self.transaction("replay dead letters") as c:
+            keys = c.execute("SELECT sink, event_id FROM dead_letters WHERE (? IS NULL OR sink = ?)"
+                             " AND (? IS NULL OR event_id = ?)",
+                             (sink, sink, event_id, event_id)).fetchall()
+            for key in keys:
+                c.execute("UPDATE deliveries SET status = 'pending', rejections = 0, "
+                          "next_attempt_ns = 0, done_ns = NULL, last_error = 'replayed' "
+                          "WHERE sink = ? AND event_id = ? AND status = 'dead'", key)
+                c.execute("DELETE FROM dead_letters WHERE sink = ? AND event_id = ?", key)
+        for s, eid in keys:
+            log.info("dead letter replayed", extra={"sink": s, "event_id": eid})
+        return len(keys)
+
+    # --- upkeep (hostagent.store.upkeep) ----------------------------------------------------
+
+    def maintain(self, retention_s: float) -> Maintenance:
+        """Prune acked events past retention; near the size cap prune early, then merge."""
+        return outbox_upkeep.maintain(self, retention_s)

@@ -1,0 +1,99 @@
+"""Domain XML parsing and the inventory's decision to re-read XML."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostagent.accounting import inventory
+from hostagent.errors import SourceError
+
+XML = """<domain type='kvm' id='7'>
+  <name>vm-a</name>
+  <uuid>0F8F1A54-2B0C-4C4B-9D3C-0123456789AB</uuid>
+  <metadata>
+    <hostagent:owner xmlns:hostagent="urn:hostagent:owner:1" user="alice" org="acme"/>
+  </metadata>
+  <memory unit='KiB'>4194304</memory>
+  <currentMemory unit='KiB'>2097152</currentMemory>
+  <vcpu placement='static' current='2'>4</vcpu>
+  <devices>
+    <disk type='file' device='disk'><source file='/img/a.qcow2'/><target dev='vda'/></disk>
+    <disk type='file' device='cdrom'><target dev='sda'/></disk>
+    <disk type='network' device='disk'><source protocol='rbd' name='pool/img'/>
+      <target dev='vdb'/></disk>
+    <interface type='ethernet'><mac address='52:54:00:AA:BB:01'/><target dev='tap1'/>
+      <model type='virtio'/></interface>
+    <interface type='vhostuser'><mac address='52:54:00:aa:bb:02'/>
+      <source type='unix' path='/run/vhu.sock' mode='client'/></interface>
+    <interface type='hostdev' managed='yes'><mac address='52:54:00:aa:bb:03'/>
+      <source><address type='pci' domain='0x0000' bus='0x3b' slot='0x00' function='0x1'/>
+      </source></interface>
+    <interface type='bridge'><source bridge='br0'/></interface>
+  </devices>
+</domain>"""
+
+
+def test_parse_identity_sizes_and_devices() -> None:
+    info = inventory.parse_domain_xml(XML)
+    assert info.uuid == "0f8f1a54-2b0c-4c4b-9d3c-0123456789ab"
+    assert (info.name, info.domid, info.vcpus) == ("vm-a", 7, 2)
+    assert info.memory_bytes == 2 * 1024**3
+    assert info.max_memory_bytes == 4 * 1024**3
+    assert [(d.target, d.device, d.source) for d in info.disks] == [
+        ("vda", "disk", "/img/a.qcow2"), ("sda", "cdrom", None), ("vdb", "disk", "pool/img")]
+    # NICs keyed by lowercase MAC; one without a MAC cannot be keyed and is skipped
+    assert [(n.mac, n.kind, n.target) for n in info.nics] == [
+        ("52:54:00:aa:bb:01", "ethernet", "tap1"),
+        ("52:54:00:aa:bb:02", "vhostuser", None),
+        ("52:54:00:aa:bb:03", "hostdev", None),
+    ]
+    assert info.owner_hint is not None
+    assert (info.owner_hint.user_id, info.owner_hint.org_id) == ("alice", "acme")
+    assert info.metadata_xml is not None
+    assert "alice" in info.metadata_xml
+
+
+@pytest.mark.parametrize("bad", ["", "<domain", "<network/>", "<domain><name>x</name></domain>"])
+def test_bad_xml_is_a_source_error(bad: str) -> None:
+    with pytest.raises(SourceError):
+        inventory.parse_domain_xml(bad)
+
+
+U = "0f8f1a54-2b0c-4c4b-9d3c-0123456789ab"
+
+
+def _shape(domid: int = 7, taps: tuple[str, ...] = ("tap1",)) -> inventory.Shape:
+    return inventory.Shape(uuid=U, domid=domid, taps=taps, disks=("vda",))
+
+
+def test_xml_read_only_when_new_restarted_reshaped_or_due() -> None:
+    inv = inventory.Inventory(refresh_every_passes=3)
+    info = inventory.parse_domain_xml(XML)
+    assert inv.needs_xml([_shape()]) == [U]
+    inv.update([(info, _shape())], present=[U])
+    assert inv.needs_xml([_shape()]) == []                     # unchanged: no XML
+    assert inv.needs_xml([_shape(taps=("tap1", "tap9"))]) == [U]  # hot-plugged NIC
+    inv.update([(info, _shape())], present=[U])
+    assert inv.needs_xml([_shape(domid=8)]) == [U]           # new QEMU process
+    inv.update([(info, _shape())], present=[U])
+    assert inv.needs_xml([_shape()]) == []
+    assert inv.needs_xml([_shape()]) == []
+    assert inv.needs_xml([_shape()]) == []
+    assert inv.needs_xml([_shape()]) == [U]                  # periodic refresh
+
+
+def test_stopped_domains_are_forgotten() -> None:
+    inv = inventory.Inventory()
+    info = inventory.parse_domain_xml(XML)
+    inv.update([(info, _shape())], present=[info.uuid])
+    assert inv.get(info.uuid) is info
+    inv.update([], present=[])
+    assert inv.get(info.uuid) is None
+    assert len(inv) == 0
+
+
+def test_shape_from_stats_reads_names() -> None:
+    stats = {"net.count": 2, "net.0.name": "tap1", "net.1.name": "tap2",
+             "block.count": 1, "block.0.name": "vda"}
+    s = inventory.shape_from_stats("u", 3, stats)
+    assert s == inventory.Shape(uuid="u", domid=3, taps=("tap1", "tap2"), disks=("vda",))

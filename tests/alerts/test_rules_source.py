@@ -1,0 +1,109 @@
+"""Rules file loading (JSON and TOML, both formats) and reload that never installs a bad set."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import orjson
+import pytest
+import trio
+
+from hostagent.alerts.index import Settings
+from hostagent.alerts.rules_source import RulesSource, load_rules
+from hostagent.errors import ConfigError
+from tests.alerts.test_rules_index import FLAT, NESTED
+
+TOML = """
+[[rules]]
+id = "disk-big"
+resource_type = "Storage"
+threshold_type = { Absolute = { value = 500, unit = "GB" } }
+action = "Notify"
+user_id = "user_123456"
+notification_channels = ["email", "api_callback"]
+
+[[rules]]
+id = "cpu-high"
+resource_type = "cpu"
+threshold_type = "percentage"
+threshold_value = 80
+action = "alert"
+user_id = "*"
+"""
+
+
+def test_json_and_toml_load_the_same_rules(tmp_path: Path) -> None:
+    j = tmp_path / "rules.json"
+    j.write_bytes(orjson.dumps({"rules": [FLAT]}))
+    bare = tmp_path / "bare.json"
+    bare.write_bytes(orjson.dumps([NESTED]))
+    t = tmp_path / "rules.toml"
+    t.write_text(TOML)
+    assert load_rules(j) == load_rules(bare) == load_rules(t)[:1]
+    assert [r.id for r in load_rules(t)] == ["disk-big", "cpu-high"]
+
+
+def test_errors_name_file_index_and_key(tmp_path: Path) -> None:
+    p = tmp_path / "rules.json"
+    p.write_bytes(orjson.dumps([FLAT, {**FLAT, "id": "x", "units": "parsecs"}]))
+    with pytest.raises(ConfigError) as e:
+        load_rules(p)
+    assert e.value.file == str(p) and e.value.key == "rules[1].units"
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match="valid JSON"):
+        load_rules(p)
+    with pytest.raises(ConfigError, match="readable"):
+        load_rules(tmp_path / "absent.json")
+
+
+def test_reload_keeps_the_valid_set(tmp_path: Path) -> None:
+    p = tmp_path / "rules.json"
+    p.write_bytes(orjson.dumps([FLAT]))
+    src = RulesSource(p, Settings())
+    src.load_initial()
+    assert [r.id for r in src.index.rules] == ["disk-big"]
+    assert src.check() is None  # unchanged
+    p.write_bytes(orjson.dumps([FLAT, {**FLAT, "id": "bad", "action": "Page"}]))
+    os.utime(p, ns=(1, 1))
+    assert src.check() is False
+    assert [r.id for r in src.index.rules] == ["disk-big"] and "rules[1].action" in (
+        src.last_error or "")
+    p.write_bytes(orjson.dumps([{**FLAT, "id": "new"}]))
+    os.utime(p, ns=(2, 2))
+    assert src.check() is True and [r.id for r in src.index.rules] == ["new"]
+    assert src.last_error is None
+    p.unlink()
+    assert src.check() is False and [r.id for r in src.index.rules] == ["new"]
+
+
+async def test_sighup_reloads(tmp_path: Path) -> None:
+    p = tmp_path / "rules.json"
+    p.write_bytes(orjson.dumps([FLAT]))
+    src = RulesSource(p, Settings(), reload_check_s=3600)
+    src.load_initial()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        p.write_bytes(orjson.dumps([{**FLAT, "id": "after-hup"}]))
+        os.kill(os.getpid(), signal.SIGHUP)
+        with trio.fail_after(5):
+            while src.loads < 2:  # noqa: ASYNC110 -- polling a plain counter
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert [r.id for r in src.index.rules] == ["after-hup"]
+
+
+def test_from_config(tmp_path: Path) -> None:
+    from hostagent.alerts.rules_source import from_config, storm_from
+    from hostagent.config.load import from_mapping
+
+    p = tmp_path / "r.toml"
+    p.write_text(TOML)
+    cfg = from_mapping({"thresholds": {"rules_path": str(p), "cooldown_s": 60,
+                                              "approaching_fraction": 0.8}}).thresholds
+    src = from_config(cfg)
+    src.load_initial()
+    assert len(src.index.rules) == 2 and src.index.settings.cooldown_s == 60
+    assert src.index.levels["cpu-high"].approach == pytest.approx(64.0)
+    assert storm_from(cfg).per_minute == 60

@@ -1,0 +1,62 @@
+"""dump's pure parts: counters with rates and sources, and the text rendering (incl. GPUs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hostagent.cli.dump import counters, render_text
+from hostagent.model import BlockCounters, GpuReading, MemoryReading, NicCounters, Sample
+
+MAC = "52:54:00:4c:ab:01"
+
+
+def sample(t_s: int, cpu_s: int, tx: int, wr: int) -> Sample:
+    return Sample(
+        instance_id="i", uuid="u", name="vm", domid=3, incarnation="3:9", started_wall_ns=None,
+        t_wall_ns=t_s * 10**9, vcpus=2, memory_alloc_bytes=1 << 30, cpu_ns=cpu_s * 10**9,
+        memory=MemoryReading(used_bytes=256 << 20, source="balloon"),
+        nics=(NicCounters(mac=MAC, ifname="hatap1", ifindex=37, guest_rx_bytes=100,
+                          guest_tx_bytes=tx, source="netlink"),),
+        disks=(BlockCounters(target="vda", rd_bytes=0, wr_bytes=wr, allocation_bytes=5,
+                             capacity_bytes=64 << 20),),
+        gpus=(GpuReading(address="0000:3b:00.0", kind="pci", model="A100", util_percent=None,
+                         fb_used_bytes=None, util_unavailable_reason="passthrough"),),
+    )
+
+
+def test_counters_have_values_units_sources_and_rates() -> None:
+    got = {c.name: c for c in counters(sample(100, 10, 1000, 0), sample(102, 11, 3000, 4096))}
+    assert got["cpu_time"].value == 11 * 10**9
+    assert got["cpu_time"].rate_per_s == 0.5 * 10**9
+    egress = got[f"net[{MAC}].guest_tx (egress)"]
+    assert (egress.value, egress.rate_per_s, egress.unit) == (3000, 1000.0, "bytes")
+    assert "netlink tap hatap1 ifindex 37" in egress.source
+    assert got["disk[vda].write"].rate_per_s == 2048.0
+    assert got["memory_used"].source == "balloon"
+    assert got["gpu[0000:3b:00.0].util"].value is None
+    assert got["gpu[0000:3b:00.0].util"].source == "passthrough"
+
+
+def test_a_counter_that_went_down_has_no_rate() -> None:
+    got = {c.name: c for c in counters(sample(100, 10, 5000, 0), sample(102, 11, 10, 0))}
+    assert got[f"net[{MAC}].guest_tx (egress)"].rate_per_s is None
+
+
+def test_text_rendering_shows_gpus_and_unallocated_host_gpus() -> None:
+    row: dict[str, Any] = {"address": "0000:3b:00.0", "model": "A100", "billed": True,
+                           "allocation": "passthrough to vm (u)", "util_percent": None,
+                           "why_no_util": "passthrough: the host cannot read it"}
+    idle: dict[str, Any] = {"address": "0000:af:00.0", "model": "L4", "billed": False,
+                            "allocation": "unallocated", "util_percent": None,
+                            "why_no_util": "not allocated to any domain: not billed"}
+    doc = {"domain": {"name": "vm", "uuid": "u", "domid": 3, "instance_id": "i",
+                      "incarnation": "3:9"},
+           "counters": [{"name": "cpu_time", "value": 5, "unit": "ns", "source": "libvirt",
+                         "rate_per_s": None}],
+           "gpus": [row], "host_gpus": [idle], "missing": {"net:x": "no tap"},
+           "event": {"event_type": "resource_usage"}}
+    text = render_text([doc])
+    assert "gpu 0000:3b:00.0 A100 passthrough to vm (u), billed" in text
+    assert "host GPU 0000:af:00.0 L4: not allocated to any domain: not billed" in text
+    assert "missing net:x: no tap" in text
+    assert '"event_type": "resource_usage"' in text

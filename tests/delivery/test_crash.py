@@ -1,0 +1,120 @@
+"""kill -9 safety: a producer+delivery process (this file run as a program) is SIGKILLed at
+random moments, 20+ times, while it commits passes and delivers them to the stand-in queue.
+Afterwards every committed event is in the queue, duplicates carry the same event_id and the
+same bytes, and per instance the periods tile time with no gap and no overlap."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from hostagent.config.schema import OutboxConfig
+from hostagent.config.sinks import QueueSinkConfig
+from hostagent.delivery.engine import Delivery
+from hostagent.delivery.sinks.formation_queue import FormationQueueSink
+from hostagent.model import Baseline
+from hostagent.store.outbox import Store
+from tests.standins.queue import PERIOD_NS, T0_NS, TrioClock, decode, read_topic, serve_queue
+from tests.standins.queue import usage_event as make_event
+
+ROOT = Path(__file__).resolve().parents[2]
+INSTANCES = 6
+PASSES = 25
+
+
+async def child(state: str, url: str) -> None:
+    """The daemon in miniature: commit passes from the persisted baselines, deliver them."""
+    clock = TrioClock(wall0_ns=time.time_ns())
+    store = Store.open(state, clock=clock, node_id="host-a", sink_names=["q"])
+    sink = FormationQueueSink(QueueSinkConfig(name="q", url=url, max_in_flight=4,
+                                              timeout_s=2.0))
+    d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=0.5))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.run)
+        print("ready", flush=True)
+        while True:
+            bases = await trio.to_thread.run_sync(store.load_baselines)
+            ks = {f"i{i}": (bases[f"i{i}"].t_wall_ns - T0_NS) // PERIOD_NS
+                  if f"i{i}" in bases else 0 for i in range(INSTANCES)}
+            todo = {iid: k for iid, k in ks.items() if k < PASSES}
+            if not todo:
+                break
+            events = [make_event(iid, k) for iid, k in todo.items()]
+            new = [Baseline(iid, "inc-1", T0_NS + (k + 1) * PERIOD_NS, k + 1)
+                   for iid, k in todo.items()]
+            await trio.to_thread.run_sync(store.commit_pass, new, events)
+            d.wake()
+            await trio.sleep(0.01)
+        while True:
+            await d.drained()
+            await d.refresh_metrics()
+            if d.metrics().sinks["q"].depth == 0:
+                break
+            await trio.sleep(0.05)
+        print("done", flush=True)
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+def spawn(state: Path, url: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, __file__, "child", str(state), url], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
+    rng = random.Random(4242)
+    state = tmp_path / "state.db"
+    t0 = time.monotonic()
+    kills = 0
+    with serve_queue() as q:
+        while kills < 22:
+            q.faults.slow_s = rng.choice([0.0, 0.0, 0.005, 0.02])  # requests in flight at death
+            proc = spawn(state, q.url)
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        q.faults.clear()
+        proc = spawn(state, q.url)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert out.split() == ["ready", "done"]
+        messages = read_topic(q.url, "usage_events")
+    assert time.monotonic() - t0 < 60
+
+    expected = {make_event(f"i{i}", k).event_id: make_event(f"i{i}", k).payload
+                for i in range(INSTANCES) for k in range(PASSES)}
+    seen: dict[str, bytes] = {}
+    firsts: dict[str, list[tuple[int, int]]] = {}
+    for m in messages:
+        sub, ev = decode(m)
+        assert sub == 0
+        eid = ev["event_id"]
+        if eid in seen:
+            assert seen[eid] == m[1:], "a redelivered event differs"
+            continue
+        seen[eid] = m[1:]
+        firsts.setdefault(ev["instance_id"], []).append(
+            (ev["period_ns"]["start"], ev["period_ns"]["end"]))
+    assert seen == expected  # every committed event, byte for byte, nothing else
+    for periods in firsts.values():  # in order, tiling time
+        assert periods[0][0] == T0_NS
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(periods))
+        assert len(periods) == PASSES
+    print(f"{kills} kills, {len(messages)} messages for {len(expected)} events "
+          f"({len(messages) - len(expected)} redelivered duplicates)")
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "child":
+    trio.run(child, sys.argv[2], sys.argv[3])
