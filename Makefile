@@ -12,7 +12,7 @@ DEMO_DIR ?= demo-state
 DEMO_PASSES ?= 6
 DEMO_INTERVAL ?= 5
 
-.PHONY: demo test deps venv lab-up lab-down lint unit lab-tests deploy-check bench clean
+.PHONY: demo test dev deps venv lab-up lab-down lint unit lab-tests deploy-check bench clean
 
 deps:                      ## apt packages: libvirt, QEMU, build deps (idempotent)
 	$(LAB) install
@@ -26,6 +26,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: deps $(VENV)/.installed
+
+dev: $(VENV)/.installed    ## the venv only: no root, no apt, no lab (enough for lint and unit)
 
 lab-up: deps
 	$(LAB) up $(LAB_GUESTS)
@@ -44,11 +46,11 @@ demo: venv lab-up          ## lab + daemon: events appear in $(DEMO_DIR)/events.
 	@echo "== the last events:"
 	@tail -n $(LAB_GUESTS) $(DEMO_DIR)/events.jsonl | $(PY) -m json.tool --json-lines
 
-lint: venv
+lint: dev
 	$(VENV)/bin/ruff check hostagent tests bench deploy
 	$(VENV)/bin/mypy --strict hostagent
 
-unit: venv
+unit: dev
 	$(VENV)/bin/pytest -m "not lab" -q
 
 lab-tests: venv lab-up
@@ -57,9 +59,7 @@ lab-tests: venv lab-up
 deploy-check: venv
 	bash deploy/ci/check_deploy.sh
 
-test: venv lab-up          ## everything CI runs
-	$(VENV)/bin/ruff check hostagent tests bench deploy
-	$(VENV)/bin/mypy --strict hostagent
+test: venv lint lab-up     ## everything CI runs
 	HOSTAGENT_LAB=required $(VENV)/bin/pytest -q
 	bash deploy/ci/check_deploy.sh
 
