@@ -1,0 +1,280 @@
+"""What the host pays: the whole `hostagent run` process per pass, beside a raw bulk call and a
+per-domain collector, each in its own process, measured one after another in ONE run.
+
+For every collector the same window is measured: process CPU (utime+stime of all threads, from
+/proc/<pid>/stat in CLK_TCK), libvirtd's CPU over the same window, and the collector's RSS.
+Each collector polls every `--interval` seconds (hostagent: `collector.interval_s`, JSONL sink,
+delivery included). Passes are counted, not assumed: hostagent's from the events it wrote,
+the others' from the passes they report.
+
+Hosts:
+* `--live`: the lab's running guests (qemu:///system, `deploy/lab/lab.py up 8` for 8 guests);
+* `--domains 10,100,1000`: domains of libvirt's test driver inside libvirtd (test+unix://) and a
+  generated cgroup tree (bench/pass_cost.py's generator), `--cgroupfs` for real cgroups.
+
+    python bench/daemon_cost.py [--live] [--domains 10,100,1000,5000] [--window 20]
+
+Printed, not asserted (the machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+from pass_cost import RealCgroups, generate  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+STATS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+         | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_VCPU
+         | libvirt.VIR_DOMAIN_STATS_INTERFACE | libvirt.VIR_DOMAIN_STATS_BLOCK)
+
+
+# --- the two reference collectors, run as `daemon_cost.py --worker KIND URI INTERVAL` ---------
+
+
+def raw_bulk(conn: libvirt.virConnect) -> int:
+    """The bare bulk call hostagent is built on: same stats groups, NOWAIT, nothing else."""
+    flags = (libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+             | libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
+    return len(conn.getAllDomainStats(STATS, flags))
+
+
+def per_domain(conn: libvirt.virConnect) -> int:
+    """Ceilometer's compute-pollster style: several calls per domain and device, every pass."""
+    n = 0
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        dom.info()
+        tree = ET.fromstring(dom.XMLDesc(0))
+        for disk in tree.findall("devices/disk/target"):
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.blockStats(disk.get("dev"))
+        for tgt in tree.findall("devices/interface/target"):
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.interfaceStats(tgt.get("dev"))
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.memoryStats()
+        n += 1
+    return n
+
+
+def worker(kind: str, uri: str, interval_s: float, passes_file: Path) -> None:
+    """Poll until SIGTERM, aligned to the interval; count passes in `passes_file`."""
+    conn = libvirt.openReadOnly(uri)
+    fn = raw_bulk if kind == "raw" else per_domain
+    stop = False
+
+    def on_term(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    passes = 0
+    while not stop:
+        fn(conn)
+        passes += 1
+        passes_file.write_text(str(passes))
+        time.sleep(interval_s - time.time() % interval_s)
+
+
+# --- measuring a process -----------------------------------------------------------------------
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of every thread of `pid` (children not included), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def libvirtd_pid() -> int | None:
+    for p in ("/run/hostagent-lab/libvirtd.pid", "/run/libvirtd.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            return int(Path(p).read_text().split()[0])
+    out = subprocess.run(["pgrep", "-o", "-x", "libvirtd"], capture_output=True, text=True,
+                         check=False).stdout.split()
+    return int(out[0]) if out else None
+
+
+@dataclass
+class Result:
+    label: str
+    passes: int
+    cpu_ms_per_pass: float
+    libvirtd_ms_per_pass: float
+    rss_mb: float
+
+
+def measure(label: str, cmd: list[str], count: Callable[[], int], *, warmup_s: float,
+            window_s: float, env: dict[str, str] | None = None) -> Result:
+    """Start `cmd`, let it warm up, then measure one window of its and libvirtd's CPU."""
+    lv = libvirtd_pid()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(warmup_s)
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"{label} exited: {err[-2000:]}")
+        p0, c0 = count(), cpu_s(proc.pid)
+        l0 = cpu_s(lv) if lv else 0.0
+        time.sleep(window_s)
+        p1, c1 = count(), cpu_s(proc.pid)
+        l1 = cpu_s(lv) if lv else 0.0
+        rss = rss_mb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    n = max(p1 - p0, 1)
+    return Result(label, p1 - p0, (c1 - c0) * 1e3 / n, (l1 - l0) * 1e3 / n, rss)
+
+
+def events_counter(path: Path, domains: int) -> Callable[[], int]:
+    """Passes = events written / domains (one usage event per domain per pass)."""
+    def count() -> int:
+        try:
+            with path.open("rb") as f:
+                return sum(1 for _ in f) // max(domains, 1)
+        except FileNotFoundError:
+            return 0
+    return count
+
+
+def passes_counter(path: Path) -> Callable[[], int]:
+    def count() -> int:
+        try:
+            return int(path.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+    return count
+
+
+def hostagent_config(work: Path, uri: str, root: str, interval_s: float) -> Path:
+    cfg = work / "hostagent.toml"
+    cfg.write_text(f"""
+[host]
+node_id = "bench"
+[libvirt]
+uri = "{uri}"
+readonly = {str(not uri.startswith("test")).lower()}
+[paths]
+root = "{root}"
+[collector]
+interval_s = {interval_s}
+state_path = "{work}/state.db"
+pass_timeout_s = 60
+[log]
+level = "warning"
+[[sinks]]
+type = "jsonl"
+path = "{work}/events.jsonl"
+""")
+    return cfg
+
+
+def run_host(label: str, uri: str, root: str, domains: int, args: argparse.Namespace,
+             work: Path) -> list[Result]:
+    """The three collectors on one host, one after another."""
+    results = []
+    py = sys.executable
+    for kind, name in (("raw", "raw getAllDomainStats"), ("per-domain", "per-domain calls")):
+        pf = work / f"{kind}.passes"
+        results.append(measure(f"{label}: {name}",
+                               [py, str(Path(__file__)), "--worker", kind, uri,
+                                str(args.interval), str(pf)],
+                               passes_counter(pf), warmup_s=args.warmup, window_s=args.window))
+    state = work / "hostagent"
+    state.mkdir()
+    cfg = hostagent_config(state, uri, root, args.interval)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    results.append(measure(f"{label}: hostagent run", [py, "-m", "hostagent.cli", "--config",
+                                                       str(cfg), "run"],
+                           events_counter(state / "events.jsonl", domains),
+                           warmup_s=args.warmup + 2, window_s=args.window, env=env))
+    return results
+
+
+def print_table(host: str, domains: int, results: list[Result]) -> None:
+    print(f"\n{host}: {domains} domains")
+    print("| collector | passes | its CPU per pass | per domain | libvirtd CPU per pass | RSS |")
+    print("|---|---|---|---|---|---|")
+    base = {r.label.split(": ")[1]: r for r in results}
+    for r in results:
+        print(f"| {r.label.split(': ')[1]} | {r.passes} | {r.cpu_ms_per_pass:.2f} ms | "
+              f"{r.cpu_ms_per_pass / max(domains, 1):.4f} ms | {r.libvirtd_ms_per_pass:.2f} ms | "
+              f"{r.rss_mb:.0f} MB |")
+    ours = base["hostagent run"].cpu_ms_per_pass
+    raw = base["raw getAllDomainStats"].cpu_ms_per_pass
+    per = base["per-domain calls"].cpu_ms_per_pass
+    print(f"ratios: hostagent/raw bulk = {ours / max(raw, 1e-9):.1f}x, "
+          f"per-domain/hostagent = {per / max(ours, 1e-9):.1f}x")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", nargs=4, metavar=("KIND", "URI", "INTERVAL", "PASSES_FILE"))
+    ap.add_argument("--live", action="store_true", help="the lab's running guests")
+    ap.add_argument("--domains", default="", help="comma-separated generated host sizes")
+    ap.add_argument("--cgroupfs", action="store_true", help="real cgroups for generated hosts")
+    ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--warmup", type=float, default=4.0)
+    ap.add_argument("--window", type=float, default=20.0)
+    args = ap.parse_args()
+    if args.worker:
+        kind, uri, interval, pf = args.worker
+        worker(kind, uri, float(interval), Path(pf))
+        return 0
+    print(f"whole-process CPU per pass (utime+stime, all threads), interval {args.interval} s, "
+          f"{args.window} s windows after {args.warmup} s warm-up")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.live:
+            conn = libvirt.openReadOnly("qemu:///system")
+            n = len(conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+            conn.close()
+            (work / "live").mkdir()
+            print_table("live lab guests (qemu:///system)", n,
+                        run_host("live", "qemu:///system", "/", n, args, work / "live"))
+        for size in [int(s) for s in args.domains.split(",") if s]:
+            real = RealCgroups() if args.cgroupfs else None
+            try:
+                gen = work / f"gen{size}"
+                node_xml, root = generate(size, gen, real)
+                uri = f"test+unix://{node_xml}" if shutil.which("libvirtd") else f"test://{node_xml}"
+                print_table(f"generated ({uri.split(':', 1)[0]})", size,
+                            run_host(f"gen{size}", uri, str(root), size, args, gen))
+            finally:
+                if real is not None:
+                    real.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
