@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -22,6 +22,7 @@ import trio
 from hostagent.clock import Clock
 from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceTimeout, SourceUnavailable
+from hostagent.model import DomainStats
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,6 @@ def stats_mask() -> int:
         | libvirt.VIR_DOMAIN_STATS_INTERFACE
         | libvirt.VIR_DOMAIN_STATS_BLOCK
     )
-
-
-@dataclass(frozen=True, slots=True)
-class DomainStats:
-    """One active domain's bulk stats (libvirt's flat `group.N.field` dict) and its handle."""
-
-    uuid: str
-    name: str
-    domid: int
-    stats: Mapping[str, Any]
-    handle: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

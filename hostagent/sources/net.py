@@ -17,10 +17,9 @@ import socket
 import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from hostagent.errors import SourceError, SourceTimeout
-from hostagent.model import Nic, NicCounters
+from hostagent.model import LinkStats, Nic, NicCounters
 from hostagent.sources.files import HostRoot
 
 log = logging.getLogger(__name__)
@@ -41,19 +40,6 @@ _ERRNO = struct.Struct("=i")
 _HDR_BYTES = _NLMSGHDR.size + _IFINFOMSG.size
 _RECV_BYTES = 65536  # the kernel fills at most 32 KiB per dump message batch
 _MAX_INTERRUPTED_RETRIES = 2
-
-
-@dataclass(frozen=True, slots=True)
-class LinkStats:
-    """Host-side counters of one link (a tap's rx is what the guest sent)."""
-
-    ifindex: int
-    ifname: str
-    mac: str | None
-    rx_bytes: int | None
-    tx_bytes: int | None
-    kind: str | None = None
-    source: str = "netlink"
 
 
 def _align(n: int) -> int:
