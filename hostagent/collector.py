@@ -29,6 +29,7 @@ from hostagent.accounting.readings import (
     HostReading,
     PassReport,
     ReadError,
+    brief,
 )
 from hostagent.alerts import state as threshold_state
 from hostagent.alerts.rules_source import RulesSource
@@ -144,7 +145,7 @@ class Collector:
             try:
                 iid = self._instance_id(info)
             except (SourceError, ValueError) as err:
-                errors.append(ReadError(d.uuid, d.name, "identity", str(err)))
+                errors.append(ReadError(d.uuid, brief(d.name), "identity", brief(str(err))))
                 continue
             running.append((d, info, iid))
         files = await self._read_files([(d, info) for d, info, _ in running])
@@ -156,7 +157,7 @@ class Collector:
             if gpu_error is not None and info.hostdevs:
                 # GPU seconds count time, not a counter: billing this period without them
                 # would lose them. Withheld, the domain keeps its baseline until GPUs read again.
-                errors.append(ReadError(d.uuid, d.name, "gpu", gpu_error))
+                errors.append(ReadError(d.uuid, brief(d.name), "gpu", brief(gpu_error)))
                 continue
             out.append(self._reading(d, info, iid, t_wall_ns, files, gpus.get(info.uuid, ()),
                                      timed_out=d.name in bulk.timed_out))
@@ -180,7 +181,7 @@ class Collector:
                         continue
                     except SourceError as err:
                         got = err
-                errors.append(ReadError(d.uuid, d.name, "xml", str(got)))
+                errors.append(ReadError(d.uuid, brief(d.name), "xml", brief(str(got))))
                 self.inventory.forget(d.uuid)
         self.inventory.update(parsed, present=shapes)
         live = {(d.uuid, d.domid) for d in domains}

@@ -7,7 +7,10 @@ pid files and tap counters all move together as they did on the recorded host.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -233,3 +236,133 @@ def store_payloads(store: Store) -> list[bytes]:
         return [row[0] for row in db.execute("SELECT payload FROM events ORDER BY created_ns")]
     finally:
         db.close()
+
+
+# --- one bad domain never stops the others (issue 13 §1) ----------------------------------------
+
+# How each broken domain fails, the read step it is counted under (None: not an error, the
+# process is just gone), and whether it is still billed (from libvirt's counters).
+BROKEN = {
+    "eacces": ("pid_file", True),   # pid file unreadable: EACCES (even for root)
+    "eio": ("pid_file", True),      # pid file read fails: EIO
+    "x" * 10_000: ("pid_file", True),  # the pid file's name is too long: ENAMETOOLONG
+    "vanished": (None, True),       # pid file names a process whose /proc entry is gone
+    "proc-eio": ("proc", True),     # /proc/<pid>/stat read fails: EIO
+    "cgroup-eacces": ("cgroup", True),  # /proc/<pid>/cgroup unreadable: EACCES
+    "badxml": ("xml", False),       # the domain XML does not parse
+    "badnum": ("xml", False),       # the domain XML has a vCPU count that is not a number
+}
+WRITE_ONLY = "/sys/bus/pci/rescan"  # a write-only sysfs file: open for reading gives EACCES
+EIO_FILE = "/proc/self/mem"  # reading offset 0 (unmapped) gives EIO
+
+
+def broken_host(tmp: Path) -> Host:
+    """The lab-hybrid recording plus eight clones of halab-2, each broken one way."""
+    host = Host(tmp, "lab-hybrid")
+    src = tmp / "src"
+    shutil.copytree(host.src, src, symlinks=True)
+    host.src = src
+    host.root.unlink()
+    host.root.symlink_to(src / "t0")
+    model = next(g for g in host.meta["guests"] if g["name"] == "halab-2")
+    for t in ("t0", "t1"):
+        tree = src / t
+        bulk_path = tree / "libvirt" / "bulk_stats.json"
+        entries = json.loads(bulk_path.read_text())
+        template = next(e for e in entries if e["name"] == "halab-2")
+        xml0 = (tree / "libvirt" / "halab-2.xml").read_text()
+        stat = (tree / "proc" / str(model["qemu_pid"]) / "stat").read_text()
+        for i, name in enumerate(BROKEN, start=1):
+            uuid = f"0badd0ma-0000-4000-8000-{i:012d}".replace("m", "0")
+            domid, tap, mac = 100 + i, f"bad{i}", f"52:54:00:bb:00:{i:02x}"
+            xml = (xml0.replace("halab-2", name).replace(model["uuid"], uuid)
+                   .replace(f"id='{model['domid']}'", f"id='{domid}'")
+                   .replace(model["guest_mac"], mac).replace(f"'{model['tap']}'", f"'{tap}'"))
+            if name == "badxml":
+                xml = xml[: len(xml) // 2]
+            elif name == "badnum":
+                xml = xml.replace("<vcpu placement='static'>1</vcpu>", "<vcpu>many</vcpu>")
+                assert "<vcpu>many</vcpu>" in xml
+            stats = {**template["stats"], "net.0.name": tap}
+            entries.append({"uuid": uuid, "name": name, "id": domid, "stats": stats, "xml": xml})
+            pid = 40_000 + i
+            pid_file = tree / "run/libvirt/qemu" / f"{name}.pid"
+            if name == "eacces":
+                pid_file.symlink_to(WRITE_ONLY)
+            elif name == "eio":
+                pid_file.symlink_to(EIO_FILE)
+            elif name == "vanished":
+                pid_file.write_text("999999")
+            elif len(name) < 255:
+                pid_file.write_text(str(pid))
+                proc = tree / "proc" / str(pid)
+                proc.mkdir()
+                if name == "proc-eio":
+                    (proc / "stat").symlink_to(EIO_FILE)
+                else:
+                    (proc / "stat").write_text(stat.replace(str(model["qemu_pid"]), str(pid), 1))
+                if name == "cgroup-eacces":
+                    (proc / "cgroup").symlink_to(WRITE_ONLY)
+                else:
+                    (proc / "cgroup").write_text("0::/\n")
+        bulk_path.write_text(json.dumps(entries))
+    return host
+
+
+async def test_broken_domains_cost_only_their_own_readings(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    host = broken_host(tmp_path)
+    coll, store = make_collector(host, tmp_path)
+    first = await coll.run_pass()
+    assert first.committed, first.error
+    host.move_to_t1()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hostagent.collector"):
+        second = await coll.run_pass()
+    assert second.committed, second.error
+    t0, t1 = host.bulk("t0"), host.bulk("t1")
+    by_name = {u.name: u for u in second.usages}
+    missing = {s.name: s.missing for s in second.samples}
+    billed = {"halab-1", "halab-2"} | {n for n, (_, ok) in BROKEN.items() if ok}
+    assert set(by_name) == billed
+    for u in second.usages:  # the healthy and the half-read domains, exactly
+        assert u.cpu_ns == t1[u.uuid]["cpu.time"] - t0[u.uuid]["cpu.time"]
+        assert u.period_end_ns - u.period_start_ns == int(host.meta["interval_s"] * 1e9)
+    for name in ("halab-1", "halab-2"):
+        assert not any(k in missing[name] for k in ("process", "cgroup")), name
+    assert "pid_file" in missing["eacces"]["process"]
+    assert "Permission denied" in missing["eacces"]["process"]
+    assert "Input/output error" in missing["eio"]["process"]
+    assert "name too long" in missing["x" * 10_000]["process"]
+    assert "Input/output error" in missing["proc-eio"]["process"]
+    assert "Permission denied" in missing["cgroup-eacces"]["cgroup"]
+    assert missing["vanished"]["cgroup"] == "cgroup of the QEMU process not found"
+    # the XML-broken ones are withheld: no usage, no baseline, counted
+    assert {s.name for s in second.samples} == billed
+    steps = Counter(e.step for e in second.read_errors)
+    expected = Counter(step for step, _ in BROKEN.values() if step is not None)
+    assert steps == expected
+    # counted every pass (the XML is re-read for a domain that failed), logged once
+    assert second.read_errors_total == dict(first.read_errors_total) | {
+        k: first.read_errors_total[k] + v for k, v in expected.items()}
+    warned = [r for r in caplog.records if r.getMessage().startswith("domain read failed")]
+    assert warned == []  # all were logged at the first pass already
+    store.close()
+
+
+async def test_each_broken_domain_is_logged_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    host = broken_host(tmp_path)
+    coll, store = make_collector(host, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hostagent.collector"):
+        for _ in range(3):
+            report = await coll.run_pass()
+            assert report.committed, report.error
+            host.clock.advance(1.0)
+    warned = Counter((r.__dict__["domain"], r.__dict__["step"]) for r in caplog.records
+                     if r.getMessage().startswith("domain read failed"))
+    assert set(warned.values()) == {1}
+    assert len(warned) == sum(1 for step, _ in BROKEN.values() if step is not None)
+    assert report.read_errors_total == {
+        step: 3 * n for step, n in Counter(s for s, _ in BROKEN.values() if s).items()}
+    store.close()

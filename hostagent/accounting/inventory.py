@@ -33,11 +33,22 @@ def _memory_bytes(el: ET.Element | None) -> int:
 
 
 def parse_domain_xml(xml_text: str) -> DomainInfo:
-    """Parse a live domain XML; raises SourceError if it is not a domain document."""
+    """Parse a live domain XML; SourceError if it is not a domain document or is malformed.
+
+    Every failure is a SourceError (a number that is not one, too: `<vcpu>x</vcpu>`), so the
+    collector can set that one domain aside instead of failing the pass.
+    """
     try:
         root = ET.fromstring(xml_text)  # noqa: S314 - libvirt's own XML, not untrusted input
     except ET.ParseError as err:
         raise SourceError(f"domain XML does not parse: {err}") from err
+    try:
+        return _domain_info(root)
+    except (ValueError, TypeError) as err:
+        raise SourceError(f"malformed domain XML: {err}") from err
+
+
+def _domain_info(root: ET.Element) -> DomainInfo:
     if root.tag != "domain":
         raise SourceError(f"expected <domain>, found <{root.tag}>")
     uuid = (root.findtext("uuid") or "").strip().lower()

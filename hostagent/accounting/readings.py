@@ -32,11 +32,21 @@ from hostagent.model import (
 )
 
 __all__ = ["Accounting", "DomainReading", "HostFacts", "HostReading", "PassReport", "ReadError",
-           "ReadStep"]
+           "ReadStep", "brief"]
 
 # The per-domain read steps that can fail on their own (the `reason` label of
 # hostagent_domain_read_errors_total; a bounded set, never free text).
 ReadStep = Literal["stats", "xml", "identity", "pid_file", "proc", "cgroup", "gpu"]
+# An error text kept in a reading or a log line: a 10 KB domain name must not make 10 KB events.
+MAX_DETAIL_CHARS = 240
+
+
+def brief(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """`text`, its middle elided when longer than `limit` (the head and the errno stay)."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}…{text[-half:]}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from hostagent.accounting.readings import NO_FACTS, HostFacts, ReadError, ReadStep
+from hostagent.accounting.readings import NO_FACTS, HostFacts, ReadError, ReadStep, brief
 from hostagent.errors import SourceError
 from hostagent.model import CgroupReading, DomainInfo, LinkStats
 from hostagent.sources import cgroup as cgroup_src
@@ -92,7 +92,7 @@ class DomainFiles:
             try:
                 out.links = self.links.read()
             except DOMAIN_READ_ERRORS as err:
-                out.links_error = f"netlink link dump failed: {err}"
+                out.links_error = brief(f"netlink link dump failed: {err}")
             for w in wants:
                 self._one(w, out)
             self.cgroups.sweep()  # closes the files of domains gone since the last pass
@@ -104,7 +104,8 @@ class DomainFiles:
         key = (w.info.uuid, w.info.domid)
         missing: dict[str, str] = {}
         facts = w.known
-        if facts is None or facts.cgroup is None:
+        if facts is None or facts.cgroup is None or facts.start_ticks is None:
+            # Found once per incarnation, tried again each pass until complete.
             facts = self._facts(w.info, missing, out.errors)
         out.facts[key] = facts
         want_cpu = "cpu.time" not in w.stats
@@ -117,7 +118,7 @@ class DomainFiles:
                     out.cgroups[key] = self.cgroups.read(facts.cgroup, cpu=want_cpu,
                                                          memory=want_memory)
                 except DOMAIN_READ_ERRORS as err:
-                    out.cgroups[key] = str(err)
+                    out.cgroups[key] = brief(str(err))
                     out.errors.append(_error(w.info, "cgroup", err))
         missing.pop("cgroup", None)  # reported through out.cgroups
         if missing:
@@ -131,7 +132,7 @@ class DomainFiles:
                 return fn(*args)
             except DOMAIN_READ_ERRORS as err:
                 errors.append(_error(info, name, err))
-                missing[key] = f"{name}: {err}"
+                missing[key] = brief(f"{name}: {err}")
                 return None
 
         pid = step("pid_file", "process", proc.pid_of, self.root, info.name)
@@ -147,4 +148,4 @@ class DomainFiles:
 
 
 def _error(info: DomainInfo, step: ReadStep, err: BaseException) -> ReadError:
-    return ReadError(uuid=info.uuid, name=info.name, step=step, detail=str(err))
+    return ReadError(uuid=info.uuid, name=brief(info.name), step=step, detail=brief(str(err)))
