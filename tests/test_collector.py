@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -365,4 +366,45 @@ async def test_each_broken_domain_is_logged_once(
     assert len(warned) == sum(1 for step, _ in BROKEN.values() if step is not None)
     assert report.read_errors_total == {
         step: 3 * n for step, n in Counter(s for s, _ in BROKEN.values() if s).items()}
+    store.close()
+
+
+class HangingLinks:
+    """A link reader stuck in the kernel (think of a hung cgroupfs or netlink read)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def read(self) -> dict[str, Any]:
+        self.calls += 1
+        self.release.wait(30)
+        return {}
+
+
+async def test_hung_host_file_reads_are_abandoned_at_the_deadline(tmp_path: Path) -> None:
+    """The blocking reads of a pass run in ONE worker call with a deadline; past it the pass
+    commits without them, and no second call piles up behind the stuck one."""
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    stuck = HangingLinks()
+    coll.files.links = stuck
+    try:
+        t0 = time.monotonic()
+        report = await coll.run_pass()
+        assert time.monotonic() - t0 < 5  # call_timeout_s = 1
+        assert report.committed, report.error
+        assert report.events == report.domains > 0  # CPU still from libvirt
+        for s in report.samples:
+            assert s.missing["cgroup"] == "host file reads exceeded 1.0 s"
+        host.clock.advance(2.0)
+        again = await coll.run_pass()
+        assert again.committed, again.error
+        assert stuck.calls == 1  # the abandoned call still holds the files: not called again
+        for s in again.samples:
+            assert s.missing["cgroup"] == "host file reads of an earlier pass still blocked"
+    finally:
+        stuck.release.set()
     store.close()
