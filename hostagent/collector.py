@@ -44,7 +44,7 @@ from hostagent.sources import net as net_src
 from hostagent.sources.domain_files import DomainFiles, FilesResult, LinkReader, Want
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
-from hostagent.sources.gpu import GpuSource
+from hostagent.sources.gpu import GpuReadings, GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,9 @@ class Collector:
         Raises SourceError only for host-wide failures (no libvirt connection).
         """
         bulk = await self.libvirt.bulk_stats()
-        errors: list[ReadError] = []
+        errors = [ReadError(uuid, brief(name), "stats", brief(why))
+                  for uuid, name, why in bulk.failed
+                  if only is None or uuid in only]
         await self._refresh_inventory(bulk.domains, errors)
         running: list[tuple[DomainStats, DomainInfo, str]] = []
         for d in bulk.domains:
@@ -159,7 +161,8 @@ class Collector:
                 # would lose them. Withheld, the domain keeps its baseline until GPUs read again.
                 errors.append(ReadError(d.uuid, brief(d.name), "gpu", brief(gpu_error)))
                 continue
-            out.append(self._reading(d, info, iid, t_wall_ns, files, gpus.get(info.uuid, ()),
+            out.append(self._reading(d, info, iid, t_wall_ns, files,
+                                     gpus.of(info.uuid) if gpus is not None else (),
                                      timed_out=d.name in bulk.timed_out))
         return HostReading(t_wall_ns=t_wall_ns, domains=tuple(out), errors=tuple(errors),
                            path=bulk.path, timed_out=bulk.timed_out,
@@ -214,14 +217,14 @@ class Collector:
         return result
 
     async def _read_gpus(self, infos: Sequence[DomainInfo]
-                         ) -> tuple[Mapping[str, tuple[GpuReading, ...]], str | None]:
-        """GPU readings by domain UUID, or why none could be taken this pass."""
+                         ) -> tuple[GpuReadings | None, str | None]:
+        """This pass's GPU readings (None: no domain holds a hostdev), or why none were taken."""
         if self.gpu is None or not any(i.hostdevs for i in infos):
-            return {}, None
+            return None, None
         try:
-            return (await self.gpu.read(infos, self.limiter)).by_uuid, None
+            return await self.gpu.read(infos, self.limiter), None
         except SourceError as err:
-            return {}, str(err)
+            return None, str(err)
 
     def _reading(self, d: DomainStats, info: DomainInfo, iid: str, t_wall_ns: int,
                  files: FilesResult, gpus: tuple[GpuReading, ...], *,

@@ -408,3 +408,77 @@ async def test_hung_host_file_reads_are_abandoned_at_the_deadline(tmp_path: Path
     finally:
         stuck.release.set()
     store.close()
+
+
+async def test_one_domain_whose_stats_call_fails_is_counted_and_the_others_billed(
+        tmp_path: Path) -> None:
+    """On the per-domain path (the bulk call hung), one domain's stats error costs that
+    domain alone: counted under `stats`, its baseline kept; the others are billed exactly."""
+    import libvirt
+
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    real = host.conn.domainListGetStats
+
+    def one_fails(doms: list[FakeDomain], stats: int, flags: int) -> Any:
+        if doms[0].name() == "halab-1":
+            raise libvirt.libvirtError("Requested operation is not valid: domain is not running")
+        return real(doms, stats, flags)
+
+    host.conn.domainListGetStats = one_fails  # type: ignore[method-assign]
+    host.conn.hang_bulk.set()
+    before = dict(coll.baselines)
+    try:
+        report = await coll.run_pass()
+    finally:
+        host.conn.release.set()
+    assert report.committed, report.error
+    assert report.libvirt_path == "per-domain"
+    assert [(e.name, e.step) for e in report.read_errors] == [("halab-1", "stats")]
+    assert report.read_errors_total == {"stats": 1}
+    assert [u.name for u in report.usages] == ["halab-2"]
+    t0, t1 = host.bulk("t0"), host.bulk("t1")
+    u = report.usages[0]
+    assert u.cpu_ns == t1[u.uuid]["cpu.time"] - t0[u.uuid]["cpu.time"]
+    halab1 = next(iid for iid, b in before.items() if iid != u.instance_id)
+    assert coll.baselines[halab1] == before[halab1]  # kept: the next pass covers the gap
+    store.close()
+
+
+class HungSysfs:
+    """A GPU source whose sysfs scan hangs with hostdevs it has never identified."""
+
+    async def read(self, infos: Any, limiter: Any) -> Any:
+        from hostagent.errors import SourceTimeout
+
+        raise SourceTimeout("sysfs scan under '/' took over 5.0 s")
+
+
+async def test_a_domain_whose_gpus_cannot_be_read_is_withheld_alone(tmp_path: Path) -> None:
+    """GPU seconds count time: a pass without the GPU reading must not advance that domain's
+    baseline. The GPU domain is withheld (counted under `gpu`); the others are billed."""
+    host = Host(tmp_path, "lab-hybrid")
+    src = tmp_path / "src"
+    shutil.copytree(host.src, src, symlinks=True)
+    hostdev = ("<hostdev mode='subsystem' type='pci' managed='yes'><source><address "
+               "domain='0x0000' bus='0x3b' slot='0x00' function='0x0'/></source></hostdev>")
+    for t in ("t0", "t1"):
+        xml = src / t / "libvirt" / "halab-1.xml"
+        xml.write_text(xml.read_text().replace("</devices>", hostdev + "</devices>", 1))
+    host.src = src
+    host.root.unlink()
+    host.root.symlink_to(src / "t0")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    before = dict(coll.baselines)
+    host.move_to_t1()
+    coll.gpu = HungSysfs()  # type: ignore[assignment]
+    report = await coll.run_pass()
+    assert report.committed, report.error
+    assert [(e.name, e.step) for e in report.read_errors] == [("halab-1", "gpu")]
+    assert [u.name for u in report.usages] == ["halab-2"]
+    gpu_iid = next(iid for iid in before if iid not in {u.instance_id for u in report.usages})
+    assert coll.baselines[gpu_iid] == before[gpu_iid]
+    store.close()

@@ -211,20 +211,31 @@ class SysfsLinkReader:
         for name in names:
             if "/" in name or name in (".", ".."):
                 continue
-            d = f"{base}/{name}"
-            ifindex = self._root.read_int(f"{d}/ifindex")
-            if ifindex is None:
+            try:
+                link = self._link(name)
+            except SourceError as err:
+                # One unreadable link costs only that link (its NIC falls back to libvirt's
+                # counters), never the whole dump.
+                log.debug("link unreadable", extra={"link": name, "error": str(err)})
                 continue
-            address = self._root.read_text(f"{d}/address")
-            out[name] = LinkStats(
-                ifindex=ifindex,
-                ifname=name,
-                mac=(address.strip() or None) if address is not None else None,
-                rx_bytes=self._root.read_int(f"{d}/statistics/rx_bytes"),
-                tx_bytes=self._root.read_int(f"{d}/statistics/tx_bytes"),
-                source="sysfs",
-            )
+            if link is not None:
+                out[name] = link
         return out
+
+    def _link(self, name: str) -> LinkStats | None:
+        d = f"/sys/class/net/{name}"
+        ifindex = self._root.read_int(f"{d}/ifindex")
+        if ifindex is None:
+            return None
+        address = self._root.read_text(f"{d}/address")
+        return LinkStats(
+            ifindex=ifindex,
+            ifname=name,
+            mac=(address.strip() or None) if address is not None else None,
+            rx_bytes=self._root.read_int(f"{d}/statistics/rx_bytes"),
+            tx_bytes=self._root.read_int(f"{d}/statistics/tx_bytes"),
+            source="sysfs",
+        )
 
 
 # --- matching NICs to links (pure) ---------------------------------------------------------------
