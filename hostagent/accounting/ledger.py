@@ -50,7 +50,7 @@ class Settings:
     time_format: TimeFormat
     store_created_ns: int
     count_preexisting: bool = False
-    baseline_retention_ns: int = 7 * 24 * 3600 * 1_000_000_000
+    baseline_retention_ns: int = 30 * 86_400 * 1_000_000_000  # collector.baseline_retention_s
     unassigned: str = "unassigned"
     # Formation hosts: the VM name is the build id the account service knows.
     name_is_build_id: bool = False
