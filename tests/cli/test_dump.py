@@ -114,3 +114,11 @@ path = "{tmp_path / 'events.jsonl'}"
     assert "pid_file" in bad["missing"]["process"]
     assert "name too long" in bad["missing"]["process"]
     assert bad["event"] is not None  # still billed from libvirt's counters
+
+
+def test_text_rendering_names_an_unreadable_domain() -> None:
+    doc = {"domain": {"name": "vm-bad", "uuid": "u-1"},
+           "unreadable": {"step": "xml", "error": "domain XML does not parse"},
+           "counters": [], "gpus": [], "host_gpus": [], "missing": {}, "event": None}
+    text = render_text([doc])
+    assert "domain vm-bad  uuid u-1  unreadable (xml): domain XML does not parse" in text
