@@ -1,50 +1,80 @@
-"""One pass: sources (in threads, with deadlines) → samples → usage → events → ONE commit.
+"""One pass: read the host (one `DomainReading` per domain) → account (pure) → ONE commit.
 
 The pass commits the new baselines and the events they produced in one SQLite transaction. A
 crash before the commit repeats the pass from the old baselines; a crash after it resends from
 the outbox. A failed commit (disk full) leaves the in-memory baselines untouched too, so the next
 successful pass covers the whole gap.
+
+One domain's failed read (its XML, pid file, /proc entry, cgroup, stats or GPU) costs only that
+domain's readings: they are marked missing (or the domain is withheld and keeps its baseline),
+counted by step in `read_errors_total`, and logged once per (domain, step) until it recovers.
+Only host-wide failures (the libvirt connection, the pass deadline, the commit) fail a pass.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Protocol
 
 import trio
 
-from hostagent.accounting import events, identity, inventory, sampling
-from hostagent.accounting.assemble import build_sample
-from hostagent.accounting.readings import Accounting, HostFacts, PassReport, Readings
+from hostagent.accounting import identity, inventory, ledger
+from hostagent.accounting.readings import (
+    Accounting,
+    DomainReading,
+    HostFacts,
+    HostReading,
+    PassReport,
+    ReadError,
+    brief,
+)
 from hostagent.alerts import state as threshold_state
-from hostagent.alerts import violations as alerts
 from hostagent.alerts.rules_source import RulesSource
 from hostagent.alerts.violations import StormControl
 from hostagent.clock import Clock
 from hostagent.config.load import Config
 from hostagent.errors import SourceError, StateError
-from hostagent.model import Baseline, DomainInfo, GpuReading, OutEvent, Owner, Sample, Usage
+from hostagent.model import Baseline, DomainInfo, DomainStats, GpuReading, OutEvent
 from hostagent.owners.resolver import Owners
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import net as net_src
-from hostagent.sources import proc
+from hostagent.sources.domain_files import DomainFiles, FilesResult, LinkReader, Want
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
-from hostagent.sources.gpu import GpuSource
-from hostagent.sources.libvirt import DomainStats, LibvirtSource
+from hostagent.sources.gpu import GpuReadings, GpuSource
+from hostagent.sources.libvirt import LibvirtSource
 
 log = logging.getLogger(__name__)
 
-
-def _has_guest_memory(stats: Mapping[str, Any]) -> bool:
-    """Balloon stats give the guest's own memory figure: no cgroup fallback needed."""
-    return "balloon.available" in stats and (
-        "balloon.usable" in stats or "balloon.unused" in stats)
+# Owner-cache entries of instances no longer running are dropped every this many passes.
+OWNER_RETAIN_EVERY_PASSES = 20
+HUNG_STATS = "stats call hung past the deadline"
 
 
-def link_reader_for(cfg: Config) -> net_src.LinkStatsReader | net_src.SysfsLinkReader:
+class PassStore(Protocol):
+    """The state store as the pass uses it (store.outbox.Store)."""
+
+    created_ns: int
+
+    def load_baselines(self) -> dict[str, Baseline]:
+        """Every instance's persisted baseline."""
+        ...
+
+    def load_alert_state(self) -> dict[str, bytes]:
+        """Alert state by fingerprint."""
+        ...
+
+    def commit_pass(self, baselines: Sequence[Baseline], events: Sequence[OutEvent], *,
+                    removed_instances: Sequence[str] = (),
+                    alert_state: Mapping[str, bytes | None] | None = None) -> None:
+        """ONE transaction: baselines, events, removed baselines, alert state."""
+        ...
+
+
+def link_reader_for(cfg: Config) -> LinkReader:
     """Netlink on a real host; /sys/class/net under the root when it points at a recorded tree."""
     if cfg.paths.root in ("/", ""):
         return net_src.LinkStatsReader(timeout_s=cfg.libvirt.call_timeout_s)
@@ -59,10 +89,10 @@ class Collector:
         cfg: Config,
         *,
         clock: Clock,
-        store: Any,
+        store: PassStore | None,
         owners: Owners,
         libvirt_source: LibvirtSource,
-        link_reader: Any,
+        link_reader: LinkReader,
         gpu_source: GpuSource | None,
         limiter: trio.CapacityLimiter,
         rules: RulesSource | None = None,
@@ -73,14 +103,15 @@ class Collector:
         self.store = store
         self.owners = owners
         self.libvirt = libvirt_source
-        self.links = link_reader
         self.gpu = gpu_source
         self.limiter = limiter
-        self.root = HostRoot(cfg.paths.root)
         # Disk bytes come from libvirt (v1 blkio stays 0 on kernel 6.x): never read cgroup io.
         # Kept-open cgroup files, across passes; whoever owns the collector calls close().
-        self.cgroups = cgroup_src.CgroupReader(self.root, io=False,
+        self.cgroups = cgroup_src.CgroupReader(HostRoot(cfg.paths.root), io=False,
                                                pressure=cfg.collector.pressure, fds=FdCache())
+        self.files = DomainFiles(HostRoot(cfg.paths.root), cgroup_root=cfg.paths.cgroup_root,
+                                 pressure=cfg.collector.pressure, cgroups=self.cgroups,
+                                 links=link_reader)
         self.inventory = inventory.Inventory()
         self.baselines: dict[str, Baseline] = store.load_baselines() if store is not None else {}
         self.rules = rules
@@ -90,49 +121,55 @@ class Collector:
             if store is not None and rules is not None else {})
         self._facts: dict[tuple[str, int], HostFacts] = {}
         self._instance_ids: dict[tuple[str, int], str] = {}
+        self.read_errors_total: Counter[str] = Counter()
+        self._failing: set[tuple[str, str]] = set()
         self.last: PassReport | None = None
         self._passes = 0
-        self._boot_ns: int | None = None
         self.last_ok_wall_ns: int | None = None
 
-    # --- reading --------------------------------------------------------------------------
+    # --- reading ----------------------------------------------------------------------------
 
-    async def read(self) -> Readings:
-        """Bulk stats and the link dump, concurrently; each already bounded by its own deadline."""
-        links: Mapping[str, net_src.LinkStats] | None = None
-        links_error: str | None = None
-        bulk: Any = None
+    async def read_host(self, only: set[str] | None = None) -> HostReading:
+        """One `DomainReading` per running domain (or the `only` UUIDs) and per-domain errors.
 
-        async def read_links() -> None:
-            nonlocal links, links_error
+        Raises SourceError only for host-wide failures (no libvirt connection).
+        """
+        bulk = await self.libvirt.bulk_stats()
+        errors = [ReadError(uuid, brief(name), "stats", brief(why))
+                  for uuid, name, why in bulk.failed
+                  if only is None or uuid in only]
+        await self._refresh_inventory(bulk.domains, errors)
+        running: list[tuple[DomainStats, DomainInfo, str]] = []
+        for d in bulk.domains:
+            info = self.inventory.get(d.uuid)
+            if info is None or (only is not None and d.uuid not in only):
+                continue
             try:
-                with trio.fail_after(self.cfg.libvirt.call_timeout_s):
-                    links = await trio.to_thread.run_sync(
-                        self.links.read, limiter=self.limiter, abandon_on_cancel=True)
-            except trio.TooSlowError:
-                links_error = "netlink link dump timed out"
-            except (SourceError, OSError) as err:
-                links_error = f"netlink link dump failed: {err}"
-
-        bulk_error: SourceError | None = None
-
-        async def read_bulk() -> None:
-            nonlocal bulk, bulk_error
-            try:
-                bulk = await self.libvirt.bulk_stats()
-            except SourceError as err:  # re-raised below, outside the nursery's group
-                bulk_error = err
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_links)
-            nursery.start_soon(read_bulk)
-        if bulk_error is not None:
-            raise bulk_error
+                iid = self._instance_id(info)
+            except (SourceError, ValueError) as err:
+                errors.append(ReadError(d.uuid, brief(d.name), "identity", brief(str(err))))
+                continue
+            running.append((d, info, iid))
+        files = await self._read_files([(d, info) for d, info, _ in running])
+        errors.extend(files.errors)
         t_wall_ns = self.clock.now().wall_ns
-        return Readings(t_wall_ns=t_wall_ns, domains=bulk.domains, path=bulk.path,
-                        timed_out=bulk.timed_out, links=links, links_error=links_error)
+        gpus, gpu_error = await self._read_gpus([info for _, info, _ in running])
+        out: list[DomainReading] = []
+        for d, info, iid in running:
+            if gpu_error is not None and info.hostdevs:
+                # GPU seconds count time, not a counter: billing this period without them
+                # would lose them. Withheld, the domain keeps its baseline until GPUs read again.
+                errors.append(ReadError(d.uuid, brief(d.name), "gpu", brief(gpu_error)))
+                continue
+            out.append(self._reading(d, info, iid, t_wall_ns, files,
+                                     gpus.of(info.uuid) if gpus is not None else (),
+                                     timed_out=d.name in bulk.timed_out))
+        return HostReading(t_wall_ns=t_wall_ns, domains=tuple(out), errors=tuple(errors),
+                           path=bulk.path, timed_out=bulk.timed_out,
+                           listed={d.uuid: d.name for d in bulk.domains})
 
-    async def _refresh_inventory(self, domains: Sequence[DomainStats]) -> None:
+    async def _refresh_inventory(self, domains: Sequence[DomainStats],
+                                 errors: list[ReadError]) -> None:
         shapes = {d.uuid: inventory.shape_from_stats(d.uuid, d.domid, d.stats) for d in domains}
         want = set(self.inventory.needs_xml(shapes.values()))
         todo = [d for d in domains if d.uuid in want]
@@ -147,7 +184,7 @@ class Collector:
                         continue
                     except SourceError as err:
                         got = err
-                log.warning("domain XML unavailable", extra={"domain": d.name, "error": str(got)})
+                errors.append(ReadError(d.uuid, brief(d.name), "xml", brief(str(got))))
                 self.inventory.forget(d.uuid)
         self.inventory.update(parsed, present=shapes)
         live = {(d.uuid, d.domid) for d in domains}
@@ -156,50 +193,87 @@ class Collector:
         for key in [k for k in self._instance_ids if k not in live]:
             del self._instance_ids[key]
 
-    def _host_facts(self, infos: Sequence[DomainInfo]) -> dict[tuple[str, int], HostFacts]:
-        """Runs in a worker thread: pid, start time and cgroup paths of new incarnations."""
-        out = {}
-        for info in infos:
-            key = (info.uuid, info.domid)
-            facts = self._facts.get(key)
-            if facts is None or facts.cgroup is None:
-                pid = proc.pid_of(self.root, info.name)
-                ticks = proc.process_start_ticks(self.root, pid) if pid else None
-                if self._boot_ns is None:  # fixed until reboot: read /proc/stat once
-                    self._boot_ns = proc.boot_time_ns(self.root)
-                boot_ns = self._boot_ns
-                started = (proc.ticks_to_wall_ns(ticks, boot_ns)
-                           if ticks is not None and boot_ns is not None else None)
-                paths = (cgroup_src.locate(self.root, self.cfg.paths.cgroup_root, pid)
-                         if pid else None)
-                facts = HostFacts(pid=pid, start_ticks=ticks, started_wall_ns=started,
-                                  cgroup=paths)
-            out[key] = facts
-        return out
+    async def _read_files(self, running: Sequence[tuple[DomainStats, DomainInfo]]) -> FilesResult:
+        """Links, host facts and cgroup files in ONE worker call, bounded by a deadline.
 
-    def _read_cgroups(
-        self,
-        facts: Mapping[tuple[str, int], HostFacts],
-        stats: Mapping[tuple[str, int], Mapping[str, Any]],
-    ) -> dict[tuple[str, int], cgroup_src.CgroupReading | str]:
-        """Runs in a worker thread: per domain, the cgroup files libvirt could not stand in for."""
-        out: dict[tuple[str, int], cgroup_src.CgroupReading | str] = {}
-        pressure = self.cfg.collector.pressure
-        for key, f in facts.items():
-            s = stats.get(key, {})
-            want_cpu = "cpu.time" not in s
-            want_memory = not _has_guest_memory(s)
-            if not (want_cpu or want_memory or pressure):
-                continue
-            if f.cgroup is None:
-                out[key] = "cgroup of the QEMU process not found"
-                continue
-            try:
-                out[key] = self.cgroups.read(f.cgroup, cpu=want_cpu, memory=want_memory)
-            except SourceError as err:
-                out[key] = str(err)
-        self.cgroups.sweep()  # closes the files of domains gone since the last pass
-        return out
+        Past `libvirt.call_timeout_s` the call is abandoned (a hung cgroupfs or /proc read):
+        the pass goes on with those readings missing, and `DomainFiles.busy` keeps later passes
+        from starting a second call until the abandoned one returns.
+        """
+        wants = [Want(info, d.stats, self._facts.get((info.uuid, info.domid)))
+                 for d, info in running]
+        timeout_s = self.cfg.libvirt.call_timeout_s
+        result: FilesResult | None = None
+        why = f"host file reads exceeded {timeout_s} s"
+        with trio.move_on_after(timeout_s):
+            result = await trio.to_thread.run_sync(self.files.read, wants, limiter=self.limiter,
+                                                   abandon_on_cancel=True)
+            why = "host file reads of an earlier pass still blocked"
+        if result is None:
+            log.warning("host file reads skipped", extra={"reason": why})
+            return FilesResult(links_error=why, cgroups={
+                (info.uuid, info.domid): why for _, info in running})
+        self._facts.update(result.facts)
+        return result
+
+    async def _read_gpus(self, infos: Sequence[DomainInfo]
+                         ) -> tuple[GpuReadings | None, str | None]:
+        """This pass's GPU readings (None: no domain holds a hostdev), or why none were taken."""
+        if self.gpu is None or not any(i.hostdevs for i in infos):
+            return None, None
+        try:
+            return await self.gpu.read(infos, self.limiter), None
+        except SourceError as err:
+            return None, str(err)
+
+    def _reading(self, d: DomainStats, info: DomainInfo, iid: str, t_wall_ns: int,
+                 files: FilesResult, gpus: tuple[GpuReading, ...], *,
+                 timed_out: bool) -> DomainReading:
+        key = (info.uuid, info.domid)
+        missing = dict(files.missing.get(key, {}))
+        cg = files.cgroups.get(key)
+        if isinstance(cg, str):
+            missing["cgroup"] = cg
+            cg = None
+        if timed_out:
+            missing["libvirt"] = HUNG_STATS
+        netlink_nics = None
+        netlink_missing: dict[str, str] = {}
+        if files.links is not None:
+            found, netlink_missing = net_src.nic_counters(info.nics, files.links)
+            netlink_nics = {n.mac: n for n in found}
+        elif files.links_error:
+            netlink_missing = {f"net:{n.mac}": files.links_error for n in info.nics}
+        facts = files.facts.get(key) or self._facts.get(key)
+        return DomainReading(info=info, instance_id=iid, t_wall_ns=t_wall_ns, stats=d.stats,
+                             facts=facts or HostFacts(None, None, None, None), cgroup=cg,
+                             netlink_nics=netlink_nics, netlink_missing=netlink_missing,
+                             gpus=gpus, missing=missing)
+
+    def _instance_id(self, info: DomainInfo) -> str:
+        key = (info.uuid, info.domid)
+        iid = self._instance_ids.get(key)
+        if iid is None:
+            iid = identity.instance_id(info, scheme=self.cfg.collector.instance_id,
+                                       node_id=self.cfg.host.node_id,
+                                       xpath=self.cfg.collector.instance_id_xpath)
+            self._instance_ids[key] = iid
+        return iid
+
+    def note_errors(self, errors: Sequence[ReadError], live: set[str]) -> None:
+        """Count per-domain read errors by step; log each (domain, step) once until it clears."""
+        now: set[tuple[str, str]] = set()
+        for e in errors:
+            self.read_errors_total[e.step] += 1
+            now.add((e.uuid, e.step))
+            if (e.uuid, e.step) not in self._failing:
+                log.warning("domain read failed; its readings are missing until it recovers",
+                            extra={"domain": e.name, "uuid": e.uuid, "step": e.step,
+                                   "error": e.detail})
+        for uuid, step in self._failing - now:
+            if uuid in live:
+                log.info("domain read recovered", extra={"uuid": uuid, "step": step})
+        self._failing = now
 
     # --- the pass ---------------------------------------------------------------------------
 
@@ -222,45 +296,41 @@ class Collector:
             log.error("pass not committed; baselines kept", extra={"error": str(err)})
         report.duration_s = (self.clock.now().monotonic_ns - start.monotonic_ns) / 1e9
         report.cpu_s = time.process_time() - cpu0
+        report.read_errors_total = dict(self.read_errors_total)
         if report.committed:
             self.last_ok_wall_ns = start.wall_ns
         self.last = report
         return report
 
-    async def collect(
-        self, only: set[str] | None = None
-    ) -> tuple[Readings, list[Sample], list[DomainInfo]]:
-        """Read every source and build one Sample per running domain (or the `only` UUIDs)."""
-        readings = await self.read()
-        await self._refresh_inventory(readings.domains)
-        running = [(d, info) for d in readings.domains
-                   if (only is None or d.uuid in only)
-                   and (info := self.inventory.get(d.uuid)) is not None]
-        infos = [info for _, info in running]
-        facts = await trio.to_thread.run_sync(self._host_facts, infos, limiter=self.limiter)
-        self._facts.update(facts)
-        stats = {(d.uuid, d.domid): d.stats for d, _ in running}
-        cgroups = await trio.to_thread.run_sync(self._read_cgroups, facts, stats,
-                                                limiter=self.limiter)
-        gpus: Mapping[str, tuple[GpuReading, ...]] = {}
-        if self.gpu is not None and any(i.hostdevs for i in infos):
-            gpus = (await self.gpu.read(infos, self.limiter)).by_uuid
-        samples = [self._sample(d, info, readings, facts, cgroups, gpus) for d, info in running]
-        return readings, samples, infos
+    def settings(self) -> ledger.Settings:
+        """The accounting settings of this collector's configuration and store."""
+        c = self.cfg.collector
+        return ledger.Settings(
+            node_id=self.cfg.host.node_id, time_format=c.time_format,
+            store_created_ns=self.store.created_ns if self.store is not None else 0,
+            count_preexisting=c.count_preexisting,
+            baseline_retention_ns=int(c.baseline_retention_s * 1e9),
+            unassigned=self.cfg.owners.unassigned, name_is_build_id=c.instance_id == "formation")
 
     async def _pass(self, report: PassReport) -> None:
-        readings, samples, infos = await self.collect()
-        report.libvirt_path, report.timed_out = readings.path, readings.timed_out
-        gone = self._expired_baselines({s.instance_id for s in samples}, readings.t_wall_ns)
-        acc = self.account(samples, infos, now_ns=readings.t_wall_ns, gone=gone)
+        host = await self.read_host()
+        self.note_errors(host.errors, {r.uuid for r in host.domains})
+        report.libvirt_path, report.timed_out = host.path, host.timed_out
+        report.read_errors = host.errors
+        acc, samples = ledger.account(
+            self.baselines, host.domains, owners=self.owners, settings=self.settings(),
+            now_ns=host.t_wall_ns, rules=self.rules.index if self.rules is not None else None,
+            alert_states=self.alert_states, gate=self.storm)
+        store = self.store
+        if store is None:
+            raise StateError("no state store: a pass cannot commit")
         # Shielded: once the commit starts, the pass deadline must not cancel it, or the store
         # would hold new baselines while memory keeps the old ones and re-bills the period.
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._commit, acc.baselines, acc.events, gone,
-                                          acc.alert_changes, limiter=self.limiter)
+            await trio.to_thread.run_sync(self._commit, store, acc, limiter=self.limiter)
             for b in acc.baselines:
                 self.baselines[b.instance_id] = b
-            for iid in gone:
+            for iid in acc.removed:
                 self.baselines.pop(iid, None)
             self.alert_states = dict(acc.alert_states)
         report.committed = True
@@ -270,115 +340,10 @@ class Collector:
         report.usages, report.samples = tuple(acc.usages), tuple(samples)
         report.owners = acc.owners
         self._passes += 1
-        if self._passes % 20 == 0:
+        if self._passes % OWNER_RETAIN_EVERY_PASSES == 0:
             self.owners.retain({s.instance_id for s in samples})
 
-    def _commit(self, bases: Sequence[Baseline], new_events: Sequence[OutEvent],
-                gone: Sequence[str] = (),
-                alert_changes: Mapping[str, bytes | None] | None = None) -> None:
-        self.store.commit_pass(bases, new_events, removed_instances=gone,
-                               alert_state=alert_changes or None)
-
-    def _expired_baselines(self, present: set[str], now_wall_ns: int) -> list[str]:
-        """Instances not running for longer than baseline_retention_s: their baselines go.
-
-        A domain that comes back later is a first sight again; its process started after the
-        store existed, so it is billed from its own start and nothing is lost.
-        """
-        keep_ns = int(self.cfg.collector.baseline_retention_s * 1e9)
-        return [iid for iid, b in self.baselines.items()
-                if iid not in present and now_wall_ns - b.t_wall_ns > keep_ns]
-
-    def _instance_id(self, info: DomainInfo) -> str:
-        key = (info.uuid, info.domid)
-        iid = self._instance_ids.get(key)
-        if iid is None:
-            iid = identity.instance_id(info, scheme=self.cfg.collector.instance_id,
-                                       node_id=self.cfg.host.node_id,
-                                       xpath=self.cfg.collector.instance_id_xpath)
-            self._instance_ids[key] = iid
-        return iid
-
-    def _sample(
-        self,
-        d: DomainStats,
-        info: DomainInfo,
-        readings: Readings,
-        facts: Mapping[tuple[str, int], HostFacts],
-        cgroups: Mapping[tuple[str, int], cgroup_src.CgroupReading | str],
-        gpus: Mapping[str, tuple[GpuReading, ...]],
-    ) -> Sample:
-        key = (info.uuid, info.domid)
-        f = facts.get(key)
-        cg = cgroups.get(key)
-        extra: dict[str, str] = {}
-        if isinstance(cg, str):
-            extra["cgroup"] = cg
-            cg = None
-        elif cg is not None:
-            extra.update({f"cgroup:{k}": v for k, v in cg.missing.items()})
-        if d.name in readings.timed_out:
-            extra["libvirt"] = "stats call hung past the deadline"
-        netlink_nics = None
-        netlink_missing: dict[str, str] = {}
-        if readings.links is not None:
-            found, netlink_missing = net_src.nic_counters(info.nics, readings.links)
-            netlink_nics = {n.mac: n for n in found}
-        elif readings.links_error:
-            netlink_missing = {f"net:{n.mac}": readings.links_error for n in info.nics}
-        return build_sample(
-            info=info,
-            instance_id=self._instance_id(info),
-            stats=d.stats,
-            t_wall_ns=readings.t_wall_ns,
-            start_ticks=f.start_ticks if f else None,
-            started_wall_ns=f.started_wall_ns if f else None,
-            cgroup_cpu_ns=cg.cpu_ns if cg else None,
-            cgroup_working_set_bytes=cg.memory_working_set_bytes if cg else None,
-            pressure=cg.pressure if cg else None,
-            netlink_nics=netlink_nics,
-            netlink_missing=netlink_missing,
-            gpus=gpus.get(info.uuid, ()),
-            extra_missing=extra,
-        )
-
-    def account(
-        self, samples: Sequence[Sample], infos: Sequence[DomainInfo], *, now_ns: int,
-        gone: Sequence[str] = (),
-    ) -> Accounting:
-        """Pure part of the pass: samples + baselines → usage, new baselines, events, alerts."""
-        hints = {i.uuid: i.owner_hint for i in infos}
-        usages: list[Usage] = []
-        bases: list[Baseline] = []
-        out: list[OutEvent] = []
-        owners: dict[str, Owner] = {}
-        for s in samples:
-            u, base = sampling.usage(
-                self.baselines.get(s.instance_id), s,
-                store_created_ns=self.store.created_ns,
-                count_preexisting=self.cfg.collector.count_preexisting,
-            )
-            bases.append(base)
-            owner = self.owners.resolve(
-                s.instance_id, hints.get(s.uuid),
-                build_id=s.name if self.cfg.collector.instance_id == "formation" else None)
-            owners[s.instance_id] = owner
-            if u is None:
-                continue
-            usages.append(u)
-            out.append(events.build_usage_event(u, owner, self.cfg.host.node_id,
-                                                time_format=self.cfg.collector.time_format))
-        changes: Mapping[str, bytes | None] = {}
-        states: Mapping[str, threshold_state.AlertState] = self.alert_states
-        if self.rules is not None:
-            unassigned = self.cfg.owners.unassigned
-            users = {iid: (None if o.user_id == unassigned else o.user_id)
-                     for iid, o in owners.items()}
-            ev = threshold_state.evaluate(self.rules.index, usages, users, self.alert_states,
-                                          now_ns, gate=self.storm, removed_instances=gone)
-            out.extend(alerts.route(ev.transitions, owners, self.cfg.host.node_id,
-                                    time_format=self.cfg.collector.time_format,
-                                    unassigned=unassigned))
-            changes, states = ev.changes, ev.states
-        return Accounting(usages=usages, baselines=bases, events=out, owners=owners,
-                          alert_changes=changes, alert_states=states)
+    @staticmethod
+    def _commit(store: PassStore, acc: Accounting) -> None:
+        store.commit_pass(acc.baselines, acc.events, removed_instances=acc.removed,
+                          alert_state=acc.alert_changes or None)

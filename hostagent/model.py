@@ -8,12 +8,17 @@ rx), `guest_rx_bytes` entered it (ingress, the host tap's tx).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 MemorySource = Literal["balloon", "cgroup", "rss"]
+InstanceIdScheme = Literal["uuid", "name", "metadata", "formation"]
 HostdevKind = Literal["pci", "mdev", "usb", "other"]
+CgroupVersion = Literal[1, 2]
+IoSource = Literal["v2:io.stat", "v1:blkio.throttle"]
 
 
 # --- inventory (parsed from the domain XML) -------------------------------------------------
@@ -71,6 +76,71 @@ class DomainInfo:
     hostdevs: tuple[Hostdev, ...] = ()
     owner_hint: OwnerHint | None = None
     metadata_xml: str | None = None
+
+
+# --- raw source records (what the host readers return; plain data) ----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DomainStats:
+    """One active domain's bulk stats (libvirt's flat `group.N.field` dict) and its handle."""
+
+    uuid: str
+    name: str
+    domid: int
+    stats: Mapping[str, Any]
+    handle: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStats:
+    """Host-side counters of one link (a tap's rx is what the guest sent)."""
+
+    ifindex: int
+    ifname: str
+    mac: str | None
+    rx_bytes: int | None
+    tx_bytes: int | None
+    kind: str | None = None
+    source: str = "netlink"
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerDir:
+    """One controller's per-VM directory (host path, without the HostRoot prefix)."""
+
+    path: str
+    version: CgroupVersion
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupPaths:
+    """Where a domain's counters live; `missing` says why a controller has no per-VM dir."""
+
+    cpu: ControllerDir | None
+    memory: ControllerDir | None
+    io: ControllerDir | None
+    unified: str | None
+    missing: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupReading:
+    """One read of a domain's cgroups; None = could not be read (`missing` says why).
+
+    `memory_limit_bytes` is None without a `missing` entry when the cgroup is unlimited.
+    `io_source` "v1:blkio.throttle" stays 0 without throttle rules: prefer libvirt block stats.
+    """
+
+    cpu_ns: int | None
+    memory_current_bytes: int | None
+    memory_working_set_bytes: int | None
+    memory_limit_bytes: int | None
+    io_read_bytes: int | None
+    io_write_bytes: int | None
+    io_source: IoSource | None
+    pressure: Pressure | None
+    missing: Mapping[str, str] = field(default_factory=dict)
 
 
 # --- readings (one domain, one pass) ----------------------------------------------------------

@@ -47,7 +47,8 @@ class ReplayConnection:
         entries = json.loads((self.tree / "libvirt" / "bulk_stats.json").read_text())
         out = []
         for e in entries:
-            xml = (self.tree / "libvirt" / f"{e['name']}.xml").read_text()
+            # An entry may carry its XML inline (a name too long for a file name).
+            xml = e.get("xml") or (self.tree / "libvirt" / f"{e['name']}.xml").read_text()
             out.append((self._count_xml(FakeDomain(e, xml)), e["stats"]))
         return out
 

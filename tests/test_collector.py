@@ -7,7 +7,11 @@ pid files and tap counters all move together as they did on the recorded host.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -233,3 +237,248 @@ def store_payloads(store: Store) -> list[bytes]:
         return [row[0] for row in db.execute("SELECT payload FROM events ORDER BY created_ns")]
     finally:
         db.close()
+
+
+# --- one bad domain never stops the others (issue 13 §1) ----------------------------------------
+
+# How each broken domain fails, the read step it is counted under (None: not an error, the
+# process is just gone), and whether it is still billed (from libvirt's counters).
+BROKEN = {
+    "eacces": ("pid_file", True),   # pid file unreadable: EACCES (even for root)
+    "eio": ("pid_file", True),      # pid file read fails: EIO
+    "x" * 10_000: ("pid_file", True),  # the pid file's name is too long: ENAMETOOLONG
+    "vanished": (None, True),       # pid file names a process whose /proc entry is gone
+    "proc-eio": ("proc", True),     # /proc/<pid>/stat read fails: EIO
+    "cgroup-eacces": ("cgroup", True),  # /proc/<pid>/cgroup unreadable: EACCES
+    "badxml": ("xml", False),       # the domain XML does not parse
+    "badnum": ("xml", False),       # the domain XML has a vCPU count that is not a number
+}
+WRITE_ONLY = "/sys/bus/pci/rescan"  # a write-only sysfs file: open for reading gives EACCES
+EIO_FILE = "/proc/self/mem"  # reading offset 0 (unmapped) gives EIO
+
+
+def broken_host(tmp: Path) -> Host:
+    """The lab-hybrid recording plus eight clones of halab-2, each broken one way."""
+    host = Host(tmp, "lab-hybrid")
+    src = tmp / "src"
+    shutil.copytree(host.src, src, symlinks=True)
+    host.src = src
+    host.root.unlink()
+    host.root.symlink_to(src / "t0")
+    model = next(g for g in host.meta["guests"] if g["name"] == "halab-2")
+    for t in ("t0", "t1"):
+        tree = src / t
+        bulk_path = tree / "libvirt" / "bulk_stats.json"
+        entries = json.loads(bulk_path.read_text())
+        template = next(e for e in entries if e["name"] == "halab-2")
+        xml0 = (tree / "libvirt" / "halab-2.xml").read_text()
+        stat = (tree / "proc" / str(model["qemu_pid"]) / "stat").read_text()
+        for i, name in enumerate(BROKEN, start=1):
+            uuid = f"0badd0ma-0000-4000-8000-{i:012d}".replace("m", "0")
+            domid, tap, mac = 100 + i, f"bad{i}", f"52:54:00:bb:00:{i:02x}"
+            xml = (xml0.replace("halab-2", name).replace(model["uuid"], uuid)
+                   .replace(f"id='{model['domid']}'", f"id='{domid}'")
+                   .replace(model["guest_mac"], mac).replace(f"'{model['tap']}'", f"'{tap}'"))
+            if name == "badxml":
+                xml = xml[: len(xml) // 2]
+            elif name == "badnum":
+                xml = xml.replace("<vcpu placement='static'>1</vcpu>", "<vcpu>many</vcpu>")
+                assert "<vcpu>many</vcpu>" in xml
+            stats = {**template["stats"], "net.0.name": tap}
+            entries.append({"uuid": uuid, "name": name, "id": domid, "stats": stats, "xml": xml})
+            pid = 40_000 + i
+            pid_file = tree / "run/libvirt/qemu" / f"{name}.pid"
+            if name == "eacces":
+                pid_file.symlink_to(WRITE_ONLY)
+            elif name == "eio":
+                pid_file.symlink_to(EIO_FILE)
+            elif name == "vanished":
+                pid_file.write_text("999999")
+            elif len(name) < 255:
+                pid_file.write_text(str(pid))
+                proc = tree / "proc" / str(pid)
+                proc.mkdir()
+                if name == "proc-eio":
+                    (proc / "stat").symlink_to(EIO_FILE)
+                else:
+                    (proc / "stat").write_text(stat.replace(str(model["qemu_pid"]), str(pid), 1))
+                if name == "cgroup-eacces":
+                    (proc / "cgroup").symlink_to(WRITE_ONLY)
+                else:
+                    (proc / "cgroup").write_text("0::/\n")
+        bulk_path.write_text(json.dumps(entries))
+    return host
+
+
+async def test_broken_domains_cost_only_their_own_readings(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    host = broken_host(tmp_path)
+    coll, store = make_collector(host, tmp_path)
+    first = await coll.run_pass()
+    assert first.committed, first.error
+    host.move_to_t1()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hostagent.collector"):
+        second = await coll.run_pass()
+    assert second.committed, second.error
+    t0, t1 = host.bulk("t0"), host.bulk("t1")
+    by_name = {u.name: u for u in second.usages}
+    missing = {s.name: s.missing for s in second.samples}
+    billed = {"halab-1", "halab-2"} | {n for n, (_, ok) in BROKEN.items() if ok}
+    assert set(by_name) == billed
+    for u in second.usages:  # the healthy and the half-read domains, exactly
+        assert u.cpu_ns == t1[u.uuid]["cpu.time"] - t0[u.uuid]["cpu.time"]
+        assert u.period_end_ns - u.period_start_ns == int(host.meta["interval_s"] * 1e9)
+    for name in ("halab-1", "halab-2"):
+        assert not any(k in missing[name] for k in ("process", "cgroup")), name
+    assert "pid_file" in missing["eacces"]["process"]
+    assert "Permission denied" in missing["eacces"]["process"]
+    assert "Input/output error" in missing["eio"]["process"]
+    assert "name too long" in missing["x" * 10_000]["process"]
+    assert "Input/output error" in missing["proc-eio"]["process"]
+    assert "Permission denied" in missing["cgroup-eacces"]["cgroup"]
+    assert missing["vanished"]["cgroup"] == "cgroup of the QEMU process not found"
+    # the XML-broken ones are withheld: no usage, no baseline, counted
+    assert {s.name for s in second.samples} == billed
+    steps = Counter(e.step for e in second.read_errors)
+    expected = Counter(step for step, _ in BROKEN.values() if step is not None)
+    assert steps == expected
+    # counted every pass (the XML is re-read for a domain that failed), logged once
+    assert second.read_errors_total == dict(first.read_errors_total) | {
+        k: first.read_errors_total[k] + v for k, v in expected.items()}
+    warned = [r for r in caplog.records if r.getMessage().startswith("domain read failed")]
+    assert warned == []  # all were logged at the first pass already
+    store.close()
+
+
+async def test_each_broken_domain_is_logged_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    host = broken_host(tmp_path)
+    coll, store = make_collector(host, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hostagent.collector"):
+        for _ in range(3):
+            report = await coll.run_pass()
+            assert report.committed, report.error
+            host.clock.advance(1.0)
+    warned = Counter((r.__dict__["domain"], r.__dict__["step"]) for r in caplog.records
+                     if r.getMessage().startswith("domain read failed"))
+    assert set(warned.values()) == {1}
+    assert len(warned) == sum(1 for step, _ in BROKEN.values() if step is not None)
+    assert report.read_errors_total == {
+        step: 3 * n for step, n in Counter(s for s, _ in BROKEN.values() if s).items()}
+    store.close()
+
+
+class HangingLinks:
+    """A link reader stuck in the kernel (think of a hung cgroupfs or netlink read)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def read(self) -> dict[str, Any]:
+        self.calls += 1
+        self.release.wait(30)
+        return {}
+
+
+async def test_hung_host_file_reads_are_abandoned_at_the_deadline(tmp_path: Path) -> None:
+    """The blocking reads of a pass run in ONE worker call with a deadline; past it the pass
+    commits without them, and no second call piles up behind the stuck one."""
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    stuck = HangingLinks()
+    coll.files.links = stuck
+    try:
+        t0 = time.monotonic()
+        report = await coll.run_pass()
+        assert time.monotonic() - t0 < 5  # call_timeout_s = 1
+        assert report.committed, report.error
+        assert report.events == report.domains > 0  # CPU still from libvirt
+        for s in report.samples:
+            assert s.missing["cgroup"] == "host file reads exceeded 1.0 s"
+        host.clock.advance(2.0)
+        again = await coll.run_pass()
+        assert again.committed, again.error
+        assert stuck.calls == 1  # the abandoned call still holds the files: not called again
+        for s in again.samples:
+            assert s.missing["cgroup"] == "host file reads of an earlier pass still blocked"
+    finally:
+        stuck.release.set()
+    store.close()
+
+
+async def test_one_domain_whose_stats_call_fails_is_counted_and_the_others_billed(
+        tmp_path: Path) -> None:
+    """On the per-domain path (the bulk call hung), one domain's stats error costs that
+    domain alone: counted under `stats`, its baseline kept; the others are billed exactly."""
+    import libvirt
+
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    real = host.conn.domainListGetStats
+
+    def one_fails(doms: list[FakeDomain], stats: int, flags: int) -> Any:
+        if doms[0].name() == "halab-1":
+            raise libvirt.libvirtError("Requested operation is not valid: domain is not running")
+        return real(doms, stats, flags)
+
+    host.conn.domainListGetStats = one_fails  # type: ignore[method-assign]
+    host.conn.hang_bulk.set()
+    before = dict(coll.baselines)
+    try:
+        report = await coll.run_pass()
+    finally:
+        host.conn.release.set()
+    assert report.committed, report.error
+    assert report.libvirt_path == "per-domain"
+    assert [(e.name, e.step) for e in report.read_errors] == [("halab-1", "stats")]
+    assert report.read_errors_total == {"stats": 1}
+    assert [u.name for u in report.usages] == ["halab-2"]
+    t0, t1 = host.bulk("t0"), host.bulk("t1")
+    u = report.usages[0]
+    assert u.cpu_ns == t1[u.uuid]["cpu.time"] - t0[u.uuid]["cpu.time"]
+    halab1 = next(iid for iid, b in before.items() if iid != u.instance_id)
+    assert coll.baselines[halab1] == before[halab1]  # kept: the next pass covers the gap
+    store.close()
+
+
+class HungSysfs:
+    """A GPU source whose sysfs scan hangs with hostdevs it has never identified."""
+
+    async def read(self, infos: Any, limiter: Any) -> Any:
+        from hostagent.errors import SourceTimeout
+
+        raise SourceTimeout("sysfs scan under '/' took over 5.0 s")
+
+
+async def test_a_domain_whose_gpus_cannot_be_read_is_withheld_alone(tmp_path: Path) -> None:
+    """GPU seconds count time: a pass without the GPU reading must not advance that domain's
+    baseline. The GPU domain is withheld (counted under `gpu`); the others are billed."""
+    host = Host(tmp_path, "lab-hybrid")
+    src = tmp_path / "src"
+    shutil.copytree(host.src, src, symlinks=True)
+    hostdev = ("<hostdev mode='subsystem' type='pci' managed='yes'><source><address "
+               "domain='0x0000' bus='0x3b' slot='0x00' function='0x0'/></source></hostdev>")
+    for t in ("t0", "t1"):
+        xml = src / t / "libvirt" / "halab-1.xml"
+        xml.write_text(xml.read_text().replace("</devices>", hostdev + "</devices>", 1))
+    host.src = src
+    host.root.unlink()
+    host.root.symlink_to(src / "t0")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    before = dict(coll.baselines)
+    host.move_to_t1()
+    coll.gpu = HungSysfs()  # type: ignore[assignment]
+    report = await coll.run_pass()
+    assert report.committed, report.error
+    assert [(e.name, e.step) for e in report.read_errors] == [("halab-1", "gpu")]
+    assert [u.name for u in report.usages] == ["halab-2"]
+    gpu_iid = next(iid for iid in before if iid not in {u.instance_id for u in report.usages})
+    assert coll.baselines[gpu_iid] == before[gpu_iid]
+    store.close()

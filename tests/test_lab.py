@@ -18,6 +18,7 @@ import jsonschema
 import pytest
 
 from hostagent.accounting import events
+from hostagent.event_schema import load_schema
 from tests import lab_support
 
 pytestmark = pytest.mark.lab
@@ -71,7 +72,7 @@ class DaemonProc:
         return rc
 
 
-VALIDATOR = jsonschema.Draft202012Validator(events.load_schema())
+VALIDATOR = jsonschema.Draft202012Validator(load_schema())
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from hostagent.accounting.readings import DomainReading
 from hostagent.accounting.sampling import incarnation_of
 from hostagent.model import (
     BlockCounters,
@@ -157,4 +158,27 @@ def build_sample(
         gpus=gpus,
         pressure=pressure,
         missing=missing,
+    )
+
+
+def sample_of(r: DomainReading) -> Sample:
+    """The `Sample` of one domain reading: pure, from the reading alone."""
+    extra = dict(r.missing)
+    cg = r.cgroup
+    if cg is not None:
+        extra.update({f"cgroup:{k}": v for k, v in cg.missing.items()})
+    return build_sample(
+        info=r.info,
+        instance_id=r.instance_id,
+        stats=r.stats,
+        t_wall_ns=r.t_wall_ns,
+        start_ticks=r.facts.start_ticks,
+        started_wall_ns=r.facts.started_wall_ns,
+        cgroup_cpu_ns=cg.cpu_ns if cg else None,
+        cgroup_working_set_bytes=cg.memory_working_set_bytes if cg else None,
+        pressure=cg.pressure if cg else None,
+        netlink_nics=r.netlink_nics,
+        netlink_missing=r.netlink_missing,
+        gpus=r.gpus,
+        extra_missing=extra,
     )

@@ -17,8 +17,6 @@ bytes back. Percentages are rounded to 6 decimals. Integer billing counters stay
 
 from __future__ import annotations
 
-import functools
-import importlib.resources
 import math
 import re
 import uuid
@@ -167,19 +165,6 @@ def _pressure(u: Usage) -> dict[str, float]:
         return {}
     known = {"cpu": p.cpu_some_avg10, "memory": p.memory_some_avg10, "io": p.io_some_avg10}
     return {k: r for k, v in known.items() if (r := _rounded(v)) is not None}
-
-
-@functools.cache
-def _schema_bytes() -> bytes:
-    """The packaged schema file, read once."""
-    ref = importlib.resources.files("hostagent").joinpath("schemas/resource_usage.v1.json")
-    return ref.read_bytes()
-
-
-def load_schema() -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of the event, a fresh dict per call."""
-    schema: dict[str, Any] = orjson.loads(_schema_bytes())
-    return schema
 
 
 def semantic_errors(event: Mapping[str, Any]) -> list[str]:

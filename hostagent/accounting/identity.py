@@ -23,9 +23,8 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from hostagent.config.schema import InstanceIdScheme
 from hostagent.errors import ConfigError
-from hostagent.model import DomainInfo, OwnerHint
+from hostagent.model import DomainInfo, InstanceIdScheme, OwnerHint
 
 NOVA_NS = "http://openstack.org/xmlns/libvirt/nova/1.1"
 HOSTAGENT_OWNER_NS = "urn:hostagent:owner:1"

@@ -5,14 +5,16 @@ Pure: the XML text comes from the libvirt source; this module never talks to lib
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from hostagent.accounting.identity import owner_hint_from_metadata
 from hostagent.errors import SourceError
-from hostagent.model import Disk, DomainInfo, Nic
-from hostagent.sources.gpu import parse_hostdevs
+from hostagent.model import UUID_RE, Disk, DomainInfo, Hostdev, Nic
+
+log = logging.getLogger(__name__)
 
 _UNIT_BYTES = {
     "b": 1, "bytes": 1,
@@ -31,11 +33,22 @@ def _memory_bytes(el: ET.Element | None) -> int:
 
 
 def parse_domain_xml(xml_text: str) -> DomainInfo:
-    """Parse a live domain XML; raises SourceError if it is not a domain document."""
+    """Parse a live domain XML; SourceError if it is not a domain document or is malformed.
+
+    Every failure is a SourceError (a number that is not one, too: `<vcpu>x</vcpu>`), so the
+    collector can set that one domain aside instead of failing the pass.
+    """
     try:
         root = ET.fromstring(xml_text)  # noqa: S314 - libvirt's own XML, not untrusted input
     except ET.ParseError as err:
         raise SourceError(f"domain XML does not parse: {err}") from err
+    try:
+        return _domain_info(root)
+    except (ValueError, TypeError) as err:
+        raise SourceError(f"malformed domain XML: {err}") from err
+
+
+def _domain_info(root: ET.Element) -> DomainInfo:
     if root.tag != "domain":
         raise SourceError(f"expected <domain>, found <{root.tag}>")
     uuid = (root.findtext("uuid") or "").strip().lower()
@@ -88,6 +101,65 @@ def parse_domain_xml(xml_text: str) -> DomainInfo:
         owner_hint=owner_hint_from_metadata(metadata_xml),
         metadata_xml=metadata_xml,
     )
+
+
+# --- hostdevs in the domain XML ---------------------------------------------------------------
+
+
+def _c_int(text: str | None, default: int | None = None) -> int:
+    """An integer the way libvirt reads one (strtol base 0): `0x3b`, `017`, `59`."""
+    s = (text or "").strip().lower()
+    if not s:
+        if default is None:
+            raise ValueError("missing value")
+        return default
+    if s.startswith("0x"):
+        return int(s, 16)
+    return int(s, 8) if len(s) > 1 and s.startswith("0") else int(s, 10)
+
+
+def _pci_from_xml(el: ET.Element) -> str:
+    domain, bus = _c_int(el.get("domain"), 0), _c_int(el.get("bus"))
+    slot, fn = _c_int(el.get("slot")), _c_int(el.get("function"), 0)
+    if not (domain <= 0xFFFFFFFF and bus <= 0xFF and slot <= 0x1F and fn <= 7):
+        raise ValueError(f"PCI address out of range: {ET.tostring(el, encoding='unicode')}")
+    return f"{domain:04x}:{bus:02x}:{slot:02x}.{fn}"
+
+
+def _mdev_uuid(el: ET.Element) -> str:
+    uuid = (el.get("uuid") or "").strip().lower()
+    if not UUID_RE.match(uuid):
+        raise ValueError(f"mdev without a valid uuid: {uuid!r}")
+    return uuid
+
+
+def parse_hostdevs(domain_xml_root: ET.Element) -> tuple[Hostdev, ...]:
+    """`<hostdev mode='subsystem'>` of a `<domain>`: PCI by address, mdev by UUID, USB by ids."""
+    out: dict[tuple[str, str], Hostdev] = {}
+    for hd in domain_xml_root.findall("./devices/hostdev"):
+        if hd.get("mode", "subsystem") != "subsystem":
+            continue  # mode='capabilities' hands over block/char devices, not PCI functions
+        kind, src = hd.get("type"), hd.find("source")
+        addr = src.find("address") if src is not None else None
+        dev: Hostdev | None = None
+        try:
+            if kind == "pci" and addr is not None:
+                dev = Hostdev("pci", _pci_from_xml(addr))
+            elif kind == "mdev" and addr is not None:
+                dev = Hostdev("mdev", _mdev_uuid(addr), hd.get("model"))
+            elif kind == "usb" and src is not None:
+                vendor, product = src.find("vendor"), src.find("product")
+                if vendor is not None and product is not None:
+                    ids = f"{_c_int(vendor.get('id')):04x}:{_c_int(product.get('id')):04x}"
+                    dev = Hostdev("usb", ids)
+                elif addr is not None:
+                    dev = Hostdev("usb", f"{_c_int(addr.get('bus')):03d}:"
+                                         f"{_c_int(addr.get('device')):03d}")
+        except ValueError as err:
+            log.warning("hostdev ignored", extra={"error": str(err), "type": kind})
+        if dev is not None:
+            out.setdefault((dev.kind, dev.address), dev)
+    return tuple(out.values())
 
 
 @dataclass(frozen=True, slots=True)

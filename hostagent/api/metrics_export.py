@@ -121,6 +121,13 @@ class ViewCollector(Collector):
         yield CounterMetricFamily("hostagent_passes", "collection passes", value=p.passes)
         yield CounterMetricFamily("hostagent_pass_failures", "passes that did not commit",
                                   value=p.failed_passes)
+        errors = CounterMetricFamily(
+            "hostagent_domain_read_errors",
+            "per-domain read errors (that domain's readings missing), by read step",
+            labels=["reason"])
+        for reason, n in sorted(p.read_errors_total.items()):
+            errors.add_metric([reason], n)
+        yield errors
         if p.duration_s is not None:
             yield GaugeMetricFamily("hostagent_pass_duration_seconds", "last pass duration",
                                     value=p.duration_s)

@@ -33,6 +33,7 @@ class PassLike(Protocol):
     usages: tuple[Usage, ...]
     samples: tuple[Sample, ...]
     owners: Mapping[str, Owner]
+    read_errors_total: Mapping[str, int]
 
 
 def norm_principal(pid: str) -> str:
@@ -75,6 +76,8 @@ class PassInfo:
     last_ok_duration_s: float | None = None
     passes: int = 0
     failed_passes: int = 0
+    # Per-domain read errors since start, by read step (collector.Collector.note_errors).
+    read_errors_total: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +114,8 @@ def build_snapshot(
     if not report.committed:
         info = PassInfo(report.started_wall_ns, report.duration_s, False, report.error,
                         report.domains, report.events, prev.last_ok_wall_ns,
-                        prev.last_ok_duration_s, prev.passes + 1, prev.failed_passes + 1)
+                        prev.last_ok_duration_s, prev.passes + 1, prev.failed_passes + 1,
+                        dict(report.read_errors_total))
         return Snapshot(previous.instances, previous.by_user, info)
     usages = {u.instance_id: u for u in report.usages}
     instances: dict[str, InstanceView] = {}
@@ -135,7 +139,7 @@ def build_snapshot(
             by_user.setdefault(w, []).append(iid)
     info = PassInfo(report.started_wall_ns, report.duration_s, True, None, report.domains,
                     report.events, report.started_wall_ns, report.duration_s, prev.passes + 1,
-                    prev.failed_passes)
+                    prev.failed_passes, dict(report.read_errors_total))
     return Snapshot(MappingProxyType(instances),
                     MappingProxyType({k: tuple(v) for k, v in by_user.items()}), info)
 

@@ -12,6 +12,7 @@ import orjson
 import trio
 
 from hostagent.accounting import events, sampling
+from hostagent.accounting.assemble import sample_of
 from hostagent.clock import Clock, SystemClock
 from hostagent.collector import Collector, link_reader_for
 from hostagent.config.load import Config
@@ -89,31 +90,35 @@ async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
                      libvirt_source=lv, link_reader=link_reader_for(cfg), gpu_source=gpu,
                      limiter=limiter)
     try:
-        readings, _, _ = await coll.collect(only=set())
-        by_key = {}
-        for d in readings.domains:
-            by_key[d.name] = d.uuid
-            by_key[d.uuid] = d.uuid
+        listing = await coll.read_host(only=set())
+        by_key: dict[str, str] = {}
+        for uuid, name in listing.listed.items():
+            by_key[name] = uuid
+            by_key[uuid] = uuid
         if targets:
             wanted = set()
             for t in targets:
-                uuid = by_key.get(t) or by_key.get(t.lower())
-                if uuid is None:
-                    running = sorted(d.name for d in readings.domains)
+                found = by_key.get(t) or by_key.get(t.lower())
+                if found is None:
+                    running = sorted(listing.listed.values())
                     raise DomainNotFound(
                         f"no running domain named or with UUID {t!r}; running: "
                         + (", ".join(running) if running else "none"))
-                wanted.add(uuid)
+                wanted.add(found)
         else:
-            wanted = {d.uuid for d in readings.domains}
-        _, first, _ = await coll.collect(only=wanted)
+            wanted = set(listing.listed)
+        first_read = await coll.read_host(only=wanted)
         await trio.sleep(interval_s)
-        _, second, infos = await coll.collect(only=wanted)
+        second_read = await coll.read_host(only=wanted)
+        infos = [r.info for r in second_read.domains]
         # Always scanned (cheap sysfs reads): operators also want the GPUs no VM holds.
         gpu_view = describe(await gpu.read(infos, limiter))
     finally:
         lv.close()
         coll.cgroups.close()
+    first = [sample_of(r) for r in first_read.domains]
+    second = [sample_of(r) for r in second_read.domains]
+    unreadable = {e.uuid: e for e in (*first_read.errors, *second_read.errors)}
     docs = []
     before = {s.uuid: s for s in first}
     info_by_uuid = {i.uuid: i for i in infos}
@@ -145,6 +150,11 @@ async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
             "missing": dict(s.missing),
             "event": event,
         })
+    for uuid, e in sorted(unreadable.items()):
+        if uuid not in info_by_uuid:
+            docs.append({"domain": {"name": e.name, "uuid": uuid}, "unreadable":
+                         {"step": e.step, "error": e.detail}, "counters": [], "gpus": [],
+                         "host_gpus": [], "missing": {e.step: e.detail}, "event": None})
     return docs
 
 
@@ -158,6 +168,12 @@ def render_text(docs: Sequence[dict[str, Any]]) -> str:
     lines: list[str] = []
     for doc in docs:
         d = doc["domain"]
+        if "unreadable" in doc:
+            bad = doc["unreadable"]
+            lines.append(f"domain {d['name']}  uuid {d['uuid']}  unreadable ({bad['step']}): "
+                         f"{bad['error']}")
+            lines.append("")
+            continue
         lines.append(f"domain {d['name']}  uuid {d['uuid']}  id {d['domid']}  "
                      f"instance {d['instance_id']}  incarnation {d['incarnation']}")
         lines.append(f"  {'counter':<44} {'value':>16} {'unit':<6} {'rate/s':>12}  source")

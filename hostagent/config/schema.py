@@ -12,8 +12,9 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hostagent.model import InstanceIdScheme
+
 TimeFormat = Literal["unix", "rfc3339"]
-InstanceIdScheme = Literal["uuid", "name", "metadata", "formation"]
 
 
 def _meta(doc: str, *, minimum: float | None = None, maximum: float | None = None) -> Any:

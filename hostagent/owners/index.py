@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Final
 
 from hostagent.model import Owner
-from hostagent.owners.account_client import Account, parse_account_list
+from hostagent.owners.accounts import Account, parse_account_list
 
 SERVICE_SOURCE: Final = "account-service"
 

@@ -12,61 +12,17 @@ kept descriptor never answers for a removed cgroup).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from hostagent.errors import SourceError
-from hostagent.model import Pressure
+from hostagent.model import CgroupPaths, CgroupReading, ControllerDir, IoSource, Pressure
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot, cat, kv_value
-
-CgroupVersion = Literal[1, 2]
-IoSource = Literal["v2:io.stat", "v1:blkio.throttle"]
-
 
 # libvirt's per-thread children of a VM cgroup; the VM's own cgroup is their parent.
 _THREAD_CHILD = re.compile(r"^(emulator|vcpu\d+|iothread\d+)$")
 # v1 reports "no limit" as PAGE_COUNTER_MAX pages (9223372036854771712 with 4 KiB pages).
 _V1_UNLIMITED_BYTES = 1 << 62
-
-
-@dataclass(frozen=True, slots=True)
-class ControllerDir:
-    """One controller's per-VM directory (host path, without the HostRoot prefix)."""
-
-    path: str
-    version: CgroupVersion
-
-
-@dataclass(frozen=True, slots=True)
-class CgroupPaths:
-    """Where a domain's counters live; `missing` says why a controller has no per-VM dir."""
-
-    cpu: ControllerDir | None
-    memory: ControllerDir | None
-    io: ControllerDir | None
-    unified: str | None
-    missing: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class CgroupReading:
-    """One read of a domain's cgroups; None = could not be read (`missing` says why).
-
-    `memory_limit_bytes` is None without a `missing` entry when the cgroup is unlimited.
-    `io_source` "v1:blkio.throttle" stays 0 without throttle rules: prefer libvirt block stats.
-    """
-
-    cpu_ns: int | None
-    memory_current_bytes: int | None
-    memory_working_set_bytes: int | None
-    memory_limit_bytes: int | None
-    io_read_bytes: int | None
-    io_write_bytes: int | None
-    io_source: IoSource | None
-    pressure: Pressure | None
-    missing: Mapping[str, str] = field(default_factory=dict)
 
 
 # --- locating -----------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 from hostagent.errors import SourceError
@@ -109,10 +108,6 @@ class HostRoot:
     def abspath(self, rel: str) -> str:
         """The real path of a host path (`/proc/1/stat` or `proc/1/stat`) under this root."""
         return f"{self._prefix}/{rel.lstrip('/')}"
-
-    def path(self, *parts: str) -> Path:
-        """Like `abspath` for path parts, as a Path (not for the hot path)."""
-        return Path(self.root, *(p.lstrip("/") for p in parts))
 
     def exists(self, rel: str) -> bool:
         """Whether a host path exists under this root."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,7 +30,6 @@ from hostagent.errors import SourceError, SourceTimeout, SourceUnavailable
 from hostagent.model import DomainInfo, GpuReading, Hostdev
 from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu_sysfs import (
-    UUID_RE,
     PciInfo,
     SysfsSnapshot,
     scan_sysfs,
@@ -51,65 +49,6 @@ log = logging.getLogger(__name__)
 PASSTHROUGH_REASON = "passthrough: the host cannot read a passed-through GPU"
 _BACKOFF_INITIAL_S = 15.0
 _BACKOFF_MAX_S = 300.0
-
-
-# --- domain XML --------------------------------------------------------------------------------
-
-
-def _c_int(text: str | None, default: int | None = None) -> int:
-    """An integer the way libvirt reads one (strtol base 0): `0x3b`, `017`, `59`."""
-    s = (text or "").strip().lower()
-    if not s:
-        if default is None:
-            raise ValueError("missing value")
-        return default
-    if s.startswith("0x"):
-        return int(s, 16)
-    return int(s, 8) if len(s) > 1 and s.startswith("0") else int(s, 10)
-
-
-def _pci_from_xml(el: ET.Element) -> str:
-    domain, bus = _c_int(el.get("domain"), 0), _c_int(el.get("bus"))
-    slot, fn = _c_int(el.get("slot")), _c_int(el.get("function"), 0)
-    if not (domain <= 0xFFFFFFFF and bus <= 0xFF and slot <= 0x1F and fn <= 7):
-        raise ValueError(f"PCI address out of range: {ET.tostring(el, encoding='unicode')}")
-    return f"{domain:04x}:{bus:02x}:{slot:02x}.{fn}"
-
-
-def _mdev_uuid(el: ET.Element) -> str:
-    uuid = (el.get("uuid") or "").strip().lower()
-    if not UUID_RE.match(uuid):
-        raise ValueError(f"mdev without a valid uuid: {uuid!r}")
-    return uuid
-
-
-def parse_hostdevs(domain_xml_root: ET.Element) -> tuple[Hostdev, ...]:
-    """`<hostdev mode='subsystem'>` of a `<domain>`: PCI by address, mdev by UUID, USB by ids."""
-    out: dict[tuple[str, str], Hostdev] = {}
-    for hd in domain_xml_root.findall("./devices/hostdev"):
-        if hd.get("mode", "subsystem") != "subsystem":
-            continue  # mode='capabilities' hands over block/char devices, not PCI functions
-        kind, src = hd.get("type"), hd.find("source")
-        addr = src.find("address") if src is not None else None
-        dev: Hostdev | None = None
-        try:
-            if kind == "pci" and addr is not None:
-                dev = Hostdev("pci", _pci_from_xml(addr))
-            elif kind == "mdev" and addr is not None:
-                dev = Hostdev("mdev", _mdev_uuid(addr), hd.get("model"))
-            elif kind == "usb" and src is not None:
-                vendor, product = src.find("vendor"), src.find("product")
-                if vendor is not None and product is not None:
-                    ids = f"{_c_int(vendor.get('id')):04x}:{_c_int(product.get('id')):04x}"
-                    dev = Hostdev("usb", ids)
-                elif addr is not None:
-                    dev = Hostdev("usb", f"{_c_int(addr.get('bus')):03d}:"
-                                         f"{_c_int(addr.get('device')):03d}")
-        except ValueError as err:
-            log.warning("hostdev ignored", extra={"error": str(err), "type": kind})
-        if dev is not None:
-            out.setdefault((dev.kind, dev.address), dev)
-    return tuple(out.values())
 
 
 # --- readings ----------------------------------------------------------------------------------

@@ -12,13 +12,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from hostagent.model import UUID_RE
 from hostagent.sources.files import HostRoot
 
 __all__ = [
     "AMD",
     "INTEL",
     "NVIDIA",
-    "UUID_RE",
     "MdevInfo",
     "PciInfo",
     "SysfsSnapshot",
@@ -45,7 +45,6 @@ _MODELS = {
     (INTEL, 0x56C0): "Data Center GPU Flex 170", (INTEL, 0x56C1): "Data Center GPU Flex 140",
 }
 _PCI_ADDR = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -22,6 +22,7 @@ import trio
 from hostagent.clock import Clock
 from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceTimeout, SourceUnavailable
+from hostagent.model import DomainStats
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +51,14 @@ def stats_mask() -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class DomainStats:
-    """One active domain's bulk stats (libvirt's flat `group.N.field` dict) and its handle."""
-
-    uuid: str
-    name: str
-    domid: int
-    stats: Mapping[str, Any]
-    handle: Any = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
 class BulkResult:
     """What one pass got from libvirt; `path` says how ("bulk", "per-domain")."""
 
     domains: tuple[DomainStats, ...]
     path: str
     timed_out: tuple[str, ...] = ()
+    # Domains whose own stats call failed on the per-domain path: (uuid, name, error).
+    failed: tuple[tuple[str, str, str], ...] = ()
 
 
 Connector = Callable[[str, bool], Any]
@@ -203,22 +195,25 @@ class LibvirtSource:
         flags = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT if self._nowait else 0
         got: list[DomainStats] = []
         hung: list[str] = []
+        failed: list[tuple[str, str, str]] = []
 
         async def one(dom: Any) -> None:
             try:
                 raw = await self._call(conn.domainListGetStats, [dom], stats_mask(), flags)
             except SourceTimeout:
                 hung.append(dom.name())
+                failed.append((dom.UUIDString().lower(), dom.name(), "stats call hung"))
                 return
-            except libvirt.libvirtError as err:
-                log.info("domain stats failed", extra={"domain": dom.name(), "error": str(err)})
+            except libvirt.libvirtError as err:  # counted and logged once by the collector
+                failed.append((dom.UUIDString().lower(), dom.name(), str(err)))
                 return
             got.extend(_convert(raw))
 
         async with trio.open_nursery() as nursery:
             for dom in doms:
                 nursery.start_soon(one, dom)
-        return BulkResult(domains=tuple(got), path="per-domain", timed_out=tuple(hung))
+        return BulkResult(domains=tuple(got), path="per-domain", timed_out=tuple(hung),
+                          failed=tuple(failed))
 
     async def domain_xml(self, handles: Sequence[DomainStats]) -> dict[str, str | Exception]:
         """Live XML of the given domains, fetched concurrently; failures returned, not raised."""
@@ -234,20 +229,6 @@ class LibvirtSource:
             for d in handles:
                 nursery.start_soon(one, d)
         return out
-
-    async def lookup(self, name_or_uuid: str) -> Any:
-        """A domain handle by name or UUID (for `hostagent dump`); None when unknown."""
-        conn = await self._connection()
-
-        def find() -> Any:
-            for fn in (conn.lookupByName, conn.lookupByUUIDString):
-                try:
-                    return fn(name_or_uuid)
-                except libvirt.libvirtError:
-                    continue
-            return None
-
-        return await self._call(find)
 
     def close(self) -> None:
         """Close the connection if one is open."""

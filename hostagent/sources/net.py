@@ -17,10 +17,9 @@ import socket
 import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from hostagent.errors import SourceError, SourceTimeout
-from hostagent.model import Nic, NicCounters
+from hostagent.model import LinkStats, Nic, NicCounters
 from hostagent.sources.files import HostRoot
 
 log = logging.getLogger(__name__)
@@ -41,19 +40,6 @@ _ERRNO = struct.Struct("=i")
 _HDR_BYTES = _NLMSGHDR.size + _IFINFOMSG.size
 _RECV_BYTES = 65536  # the kernel fills at most 32 KiB per dump message batch
 _MAX_INTERRUPTED_RETRIES = 2
-
-
-@dataclass(frozen=True, slots=True)
-class LinkStats:
-    """Host-side counters of one link (a tap's rx is what the guest sent)."""
-
-    ifindex: int
-    ifname: str
-    mac: str | None
-    rx_bytes: int | None
-    tx_bytes: int | None
-    kind: str | None = None
-    source: str = "netlink"
 
 
 def _align(n: int) -> int:
@@ -225,20 +211,31 @@ class SysfsLinkReader:
         for name in names:
             if "/" in name or name in (".", ".."):
                 continue
-            d = f"{base}/{name}"
-            ifindex = self._root.read_int(f"{d}/ifindex")
-            if ifindex is None:
+            try:
+                link = self._link(name)
+            except SourceError as err:
+                # One unreadable link costs only that link (its NIC falls back to libvirt's
+                # counters), never the whole dump.
+                log.debug("link unreadable", extra={"link": name, "error": str(err)})
                 continue
-            address = self._root.read_text(f"{d}/address")
-            out[name] = LinkStats(
-                ifindex=ifindex,
-                ifname=name,
-                mac=(address.strip() or None) if address is not None else None,
-                rx_bytes=self._root.read_int(f"{d}/statistics/rx_bytes"),
-                tx_bytes=self._root.read_int(f"{d}/statistics/tx_bytes"),
-                source="sysfs",
-            )
+            if link is not None:
+                out[name] = link
         return out
+
+    def _link(self, name: str) -> LinkStats | None:
+        d = f"/sys/class/net/{name}"
+        ifindex = self._root.read_int(f"{d}/ifindex")
+        if ifindex is None:
+            return None
+        address = self._root.read_text(f"{d}/address")
+        return LinkStats(
+            ifindex=ifindex,
+            ifname=name,
+            mac=(address.strip() or None) if address is not None else None,
+            rx_bytes=self._root.read_int(f"{d}/statistics/rx_bytes"),
+            tx_bytes=self._root.read_int(f"{d}/statistics/tx_bytes"),
+            source="sysfs",
+        )
 
 
 # --- matching NICs to links (pure) ---------------------------------------------------------------

@@ -16,11 +16,11 @@ from hostagent.accounting.events import (
     EVENT_ID_NAMESPACE,
     build_usage_event,
     event_id,
-    load_schema,
     parse_time,
     render_time,
     semantic_errors,
 )
+from hostagent.event_schema import load_schema
 from hostagent.model import Owner, Pressure, Usage
 
 S = 1_000_000_000

@@ -41,6 +41,7 @@ class Report:
     usages: tuple[Usage, ...] = ()
     samples: tuple[Sample, ...] = ()
     owners: Mapping[str, Owner] = field(default_factory=dict)
+    read_errors_total: Mapping[str, int] = field(default_factory=dict)
 
 
 def usage(iid: str, *, cpu_s: int = 30, mem: int = 2 << 30, egress: int = 10 << 20) -> Usage:

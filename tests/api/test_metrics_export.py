@@ -30,7 +30,9 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     view = ApiView(emission_metrics=emission)
-    view.update(report({"i-a1": "0xalice", "i-b1": "0xbob"}))
+    rep = report({"i-a1": "0xalice", "i-b1": "0xbob"})
+    rep.read_errors_total = {"pid_file": 3, "xml": 1}
+    view.update(rep)
     srv = await start_server(nursery, api_config(keys), view)
     async with httpx.AsyncClient(base_url=srv.url) as c:
         assert (await c.get("/metrics")).status_code == 401
@@ -47,6 +49,8 @@ async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     assert s[("hostagent_instance_memory_used_bytes", a1)] == 2 << 30
     assert s[("hostagent_instances", ())] == 2
     assert s[("hostagent_passes_total", ())] == 1
+    assert s[("hostagent_domain_read_errors_total", (("reason", "pid_file"),))] == 3
+    assert s[("hostagent_domain_read_errors_total", (("reason", "xml"),))] == 1
     assert s[("hostagent_events_published_total", (("sink", "queue"),))] == 7
     assert s[("hostagent_outbox_depth", (("sink", "queue"),))] == 3
     assert s[("hostagent_sink_breaker_state", (("sink", "queue"), ("state", "open")))] == 1
@@ -55,7 +59,7 @@ async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
               (("code", "2xx"), ("route", "/api/v1/metrics")))] == 1
     # bounded labels: only these label names anywhere
     names = {k for (_n, labels) in s for k, _v in labels}
-    assert names <= {"instance", "owner", "sink", "state", "route", "code", "le"}
+    assert names <= {"instance", "owner", "sink", "state", "route", "code", "le", "reason"}
     routes = {dict(labels).get("route") for (n, labels) in s if n.startswith("hostagent_api")}
     assert "/api/v1/metrics/instances/i-a1" not in routes
 

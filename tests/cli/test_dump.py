@@ -1,10 +1,16 @@
-"""dump's pure parts: counters with rates and sources, and the text rendering (incl. GPUs)."""
+"""dump: counters with rates and sources, the text rendering (incl. GPUs), and `dump --all`
+on libvirt's test driver with a domain that cannot be read whole."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import orjson
+import pytest
+
 from hostagent.cli.dump import counters, render_text
+from hostagent.cli.main import main
 from hostagent.model import BlockCounters, GpuReading, MemoryReading, NicCounters, Sample
 
 MAC = "52:54:00:4c:ab:01"
@@ -60,3 +66,59 @@ def test_text_rendering_shows_gpus_and_unallocated_host_gpus() -> None:
     assert "host GPU 0000:af:00.0 L4: not allocated to any domain: not billed" in text
     assert "missing net:x: no tap" in text
     assert '"event_type": "resource_usage"' in text
+
+
+# --- one bad domain (issue 13 §1), on libvirt's test driver ----------------------------------
+
+LONG_NAME = "x" * 10_000  # /run/libvirt/qemu/<name>.pid gives ENAMETOOLONG
+
+
+def driver_node(tmp: Path) -> Path:
+    """A test-driver node: a healthy domain and one whose pid file cannot be opened."""
+    doms = "".join(f"""
+  <domain type='test'>
+    <name>{name}</name><uuid>{uuid}</uuid>
+    <memory>1048576</memory><vcpu>1</vcpu><os><type>hvm</type></os>
+  </domain>""" for name, uuid in (("healthy", "11111111-1111-4111-8111-111111111111"),
+                                  (LONG_NAME, "22222222-2222-4222-8222-222222222222")))
+    node = tmp / "node.xml"
+    node.write_text(f"<node>{doms}\n</node>\n")
+    return node
+
+
+def test_dump_all_reports_a_domain_whose_pid_file_cannot_be_opened(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    node = driver_node(tmp_path)
+    (tmp_path / "root").mkdir()
+    config = tmp_path / "hostagent.toml"
+    config.write_text(f"""
+[libvirt]
+uri = "test://{node}"
+[paths]
+root = "{tmp_path / 'root'}"
+[collector]
+state_path = "{tmp_path / 'state.db'}"
+[[sinks]]
+type = "jsonl"
+path = "{tmp_path / 'events.jsonl'}"
+""")
+    rc = main(["dump", "--all", "--json", "--interval", "0.05", "--config", str(config)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    docs = {d["domain"]["uuid"]: d for d in orjson.loads(out)}
+    healthy = docs["11111111-1111-4111-8111-111111111111"]
+    assert healthy["event"] is not None
+    assert {c["name"] for c in healthy["counters"]} >= {"cpu_time", "vcpus"}
+    bad = docs["22222222-2222-4222-8222-222222222222"]
+    assert bad["domain"]["name"] == LONG_NAME
+    assert "pid_file" in bad["missing"]["process"]
+    assert "name too long" in bad["missing"]["process"]
+    assert bad["event"] is not None  # still billed from libvirt's counters
+
+
+def test_text_rendering_names_an_unreadable_domain() -> None:
+    doc = {"domain": {"name": "vm-bad", "uuid": "u-1"},
+           "unreadable": {"step": "xml", "error": "domain XML does not parse"},
+           "counters": [], "gpus": [], "host_gpus": [], "missing": {}, "event": None}
+    text = render_text([doc])
+    assert "domain vm-bad  uuid u-1  unreadable (xml): domain XML does not parse" in text

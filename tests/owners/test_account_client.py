@@ -12,8 +12,8 @@ import pytest
 from hostagent.clock import FakeClock
 from hostagent.config.schema import OwnersConfig
 from hostagent.errors import OwnerLookupError
-from hostagent.owners.account_client import (
-    AccountClient,
+from hostagent.owners.account_client import AccountClient
+from hostagent.owners.accounts import (
     normalize_address,
     parse_account_list,
     parse_by_build_id,

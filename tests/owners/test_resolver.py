@@ -14,7 +14,8 @@ from hostagent.clock import FakeClock
 from hostagent.config.schema import OwnersConfig
 from hostagent.errors import ConfigError
 from hostagent.model import Owner, OwnerHint
-from hostagent.owners.account_client import Account, AccountClient
+from hostagent.owners.account_client import AccountClient
+from hostagent.owners.accounts import Account
 from hostagent.owners.index import build_index
 from hostagent.owners.resolver import Owners, make_client
 from tests.standins.accounts import AccountService, account, serve_accounts

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hostagent.accounting.inventory import parse_domain_xml
+from hostagent.accounting.inventory import parse_domain_xml, parse_hostdevs
 from hostagent.model import DomainInfo, Hostdev
 from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu import (
@@ -16,7 +16,6 @@ from hostagent.sources.gpu import (
     GpuReadings,
     build_readings,
     describe,
-    parse_hostdevs,
 )
 from hostagent.sources.gpu_sysfs import (
     list_display_devices,

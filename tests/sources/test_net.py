@@ -49,6 +49,19 @@ def test_sysfs_reader_by_name_and_on_an_empty_root(tmp_path: Path) -> None:
     assert SysfsLinkReader(HostRoot(tmp_path)).read() == {}
 
 
+def test_one_unreadable_link_costs_only_that_link(tmp_path: Path) -> None:
+    """EACCES on one link's counter leaves that link out; the others are still read."""
+    import shutil
+
+    shutil.copytree(HOSTS / "lab-hybrid" / "t0", tmp_path / "t0", symlinks=True)
+    rx = tmp_path / "t0/sys/class/net/hatap1/statistics/rx_bytes"
+    rx.unlink()
+    rx.symlink_to("/sys/bus/pci/rescan")  # write-only sysfs file: EACCES even for root
+    got = SysfsLinkReader(HostRoot(tmp_path / "t0")).read()
+    assert "hatap1" not in got
+    assert got["hatap2"].rx_bytes is not None
+
+
 def test_sysfs_reader_on_this_host_agrees_with_netlink() -> None:
     netlink = LinkStatsReader()
     try:

@@ -1,0 +1,121 @@
+"""The pure accounting step of a pass: (baselines, readings, owners, rules, alert states,
+settings) → (new baselines, removed baselines, events, alert changes).
+
+Nothing here reads the host, the store or a clock: the collector hands in what it read and
+commits what comes out in ONE transaction. Hypothesis drives this function directly
+(tests/accounting/test_ledger.py): periods tile, and over any run of passes Σ usage equals the
+counter growth, across resets, new incarnations and missing readings.
+
+Three kinds of instance per call:
+- read this pass (`readings`): usage since its baseline, new baseline (sampling.usage);
+- gone (`closing`: the last reading of a domain that disappeared, e.g. from a lifecycle read or
+  a light sample): usage up to that reading, then its baseline is removed — the close-out;
+- neither: its baseline is kept (a domain whose reading failed this pass keeps its old
+  baseline, so the next good reading covers the gap), unless it is older than
+  `baseline_retention_ns`, then it is removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from hostagent.accounting import events, sampling
+from hostagent.accounting.assemble import sample_of
+from hostagent.accounting.events import TimeFormat
+from hostagent.accounting.readings import Accounting, DomainReading
+from hostagent.alerts import state as threshold_state
+from hostagent.alerts import violations as alerts
+from hostagent.alerts.index import RuleIndex
+from hostagent.model import Baseline, OutEvent, Owner, OwnerHint, Sample, Usage
+
+__all__ = ["OwnerLookup", "Settings", "account", "expired"]
+
+
+class OwnerLookup(Protocol):
+    """Who an instance is billed to right now (owners.resolver.Owners; a dict in tests)."""
+
+    def resolve(self, instance_id: str, hint: OwnerHint | None, *,
+                build_id: str | None = None) -> Owner:
+        """The owner to bill now; never blocks."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The configuration the accounting step depends on (fixed for a daemon's life)."""
+
+    node_id: str
+    time_format: TimeFormat
+    store_created_ns: int
+    count_preexisting: bool = False
+    baseline_retention_ns: int = 30 * 86_400 * 1_000_000_000  # collector.baseline_retention_s
+    unassigned: str = "unassigned"
+    # Formation hosts: the VM name is the build id the account service knows.
+    name_is_build_id: bool = False
+
+
+def expired(baselines: Mapping[str, Baseline], present: set[str], now_ns: int,
+            retention_ns: int) -> list[str]:
+    """Instances not read for longer than the retention: their baselines go.
+
+    A domain that comes back later is a first sight again; its process started after the
+    store existed, so it is billed from its own start and nothing is lost.
+    """
+    return [iid for iid, b in baselines.items()
+            if iid not in present and now_ns - b.t_wall_ns > retention_ns]
+
+
+def account(
+    baselines: Mapping[str, Baseline],
+    readings: Sequence[DomainReading],
+    *,
+    owners: OwnerLookup,
+    settings: Settings,
+    now_ns: int,
+    rules: RuleIndex | None = None,
+    alert_states: Mapping[str, threshold_state.AlertState] | None = None,
+    gate: threshold_state.Gate | None = None,
+    closing: Sequence[DomainReading] = (),
+) -> tuple[Accounting, list[Sample]]:
+    """One pass's accounting; also returns the samples it billed (for the report and the API)."""
+    samples = [sample_of(r) for r in readings]
+    finals = [sample_of(r) for r in closing]
+    hints = {r.uuid: r.info.owner_hint for r in (*readings, *closing)}
+    present = {s.instance_id for s in samples}
+    closed = tuple(s.instance_id for s in finals if s.instance_id not in present)
+    removed = (*closed, *(iid for iid in expired(baselines, present | set(closed), now_ns,
+                                                 settings.baseline_retention_ns)))
+    usages: list[Usage] = []
+    bases: list[Baseline] = []
+    out: list[OutEvent] = []
+    who: dict[str, Owner] = {}
+    for s, final in [*((s, False) for s in samples), *((s, True) for s in finals
+                                                      if s.instance_id in closed)]:
+        u, base = sampling.usage(baselines.get(s.instance_id), s,
+                                 store_created_ns=settings.store_created_ns,
+                                 count_preexisting=settings.count_preexisting)
+        if not final:
+            bases.append(base)
+        owner = owners.resolve(s.instance_id, hints.get(s.uuid),
+                               build_id=s.name if settings.name_is_build_id else None)
+        who[s.instance_id] = owner
+        if u is None:
+            continue
+        usages.append(u)
+        out.append(events.build_usage_event(u, owner, settings.node_id,
+                                            time_format=settings.time_format))
+    changes: Mapping[str, bytes | None] = {}
+    states: Mapping[str, threshold_state.AlertState] = alert_states or {}
+    if rules is not None:
+        users = {iid: (None if o.user_id == settings.unassigned else o.user_id)
+                 for iid, o in who.items()}
+        ev = threshold_state.evaluate(rules, usages, users, states, now_ns, gate=gate,
+                                      removed_instances=removed)
+        out.extend(alerts.route(ev.transitions, who, settings.node_id,
+                                time_format=settings.time_format, unassigned=settings.unassigned))
+        changes, states = ev.changes, ev.states
+    acc = Accounting(usages=usages, baselines=bases, events=out, owners=who,
+                     alert_changes=changes, alert_states=states, removed=removed)
+    return acc, samples

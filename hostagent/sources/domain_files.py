@@ -1,0 +1,151 @@
+"""The blocking host reads of one pass, done in ONE worker-thread call: the tap link dump, each
+new QEMU process's pid file, /proc entry and cgroup location, and the cgroup files libvirt could
+not stand in for.
+
+One domain's failure is that domain's alone: an unreadable pid file (EACCES, EIO, a name so
+long that the path gives ENAMETOOLONG), a /proc or cgroup file that cannot be read, becomes a
+`ReadError` for that domain and a `missing` entry in its reading; the other domains are read
+as usual. A file that is gone (the process exited) is not an error (files.GONE_ERRNOS).
+
+The caller bounds the whole call with a deadline and abandons it past that (trio's
+`abandon_on_cancel`); an abandoned call may still be running when the next pass comes, so
+every call takes `busy` without waiting and reports "still blocked" instead of running two
+at once over the same kept-open files.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from hostagent.accounting.readings import NO_FACTS, HostFacts, ReadError, ReadStep, brief
+from hostagent.errors import SourceError
+from hostagent.model import CgroupReading, DomainInfo, LinkStats
+from hostagent.sources import cgroup as cgroup_src
+from hostagent.sources import proc
+from hostagent.sources.files import HostRoot
+
+# The failures a per-domain read can raise: the source's own error (a file that is there but
+# cannot be read or parsed), and OS or value errors from paths no file helper saw.
+DOMAIN_READ_ERRORS = (SourceError, OSError, ValueError)
+NO_CGROUP = "cgroup of the QEMU process not found"
+
+Key = tuple[str, int]  # (uuid, domid): one incarnation's key for host facts
+
+
+class LinkReader(Protocol):
+    """The host's links by name (net.LinkStatsReader, net.SysfsLinkReader); blocking."""
+
+    def read(self) -> Mapping[str, LinkStats]:
+        """One dump of every link's counters."""
+        ...
+
+
+def has_guest_memory(stats: Mapping[str, Any]) -> bool:
+    """Balloon stats give the guest's own memory figure: no cgroup fallback needed."""
+    return "balloon.available" in stats and (
+        "balloon.usable" in stats or "balloon.unused" in stats)
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """One domain to read host files for: its identity, its libvirt stats, known facts."""
+
+    info: DomainInfo
+    stats: Mapping[str, Any]
+    known: HostFacts | None = None
+
+
+@dataclass(slots=True)
+class FilesResult:
+    """What the worker call read; per domain by (uuid, domid)."""
+
+    links: Mapping[str, LinkStats] | None = None
+    links_error: str | None = None
+    facts: dict[Key, HostFacts] = field(default_factory=dict)
+    cgroups: dict[Key, CgroupReading | str] = field(default_factory=dict)
+    missing: dict[Key, dict[str, str]] = field(default_factory=dict)
+    errors: list[ReadError] = field(default_factory=list)
+
+
+class DomainFiles:
+    """The pass's blocking reads; `read()` runs in a worker thread, one call per pass."""
+
+    def __init__(self, root: HostRoot, *, cgroup_root: str, pressure: bool,
+                 cgroups: cgroup_src.CgroupReader, links: LinkReader) -> None:
+        self.root = root
+        self.cgroup_root = cgroup_root
+        self.pressure = pressure
+        self.cgroups = cgroups
+        self.links = links
+        self.busy = threading.Lock()
+        self._boot_ns: int | None = None
+
+    def read(self, wants: Sequence[Want]) -> FilesResult | None:
+        """Everything for `wants`; None when an abandoned earlier call still holds the files."""
+        if not self.busy.acquire(blocking=False):
+            return None
+        try:
+            out = FilesResult()
+            try:
+                out.links = self.links.read()
+            except DOMAIN_READ_ERRORS as err:
+                out.links_error = brief(f"netlink link dump failed: {err}")
+            for w in wants:
+                self._one(w, out)
+            self.cgroups.sweep()  # closes the files of domains gone since the last pass
+            return out
+        finally:
+            self.busy.release()
+
+    def _one(self, w: Want, out: FilesResult) -> None:
+        key = (w.info.uuid, w.info.domid)
+        missing: dict[str, str] = {}
+        facts = w.known
+        if facts is None or facts.cgroup is None or facts.start_ticks is None:
+            # Found once per incarnation, tried again each pass until complete.
+            facts = self._facts(w.info, missing, out.errors)
+        out.facts[key] = facts
+        want_cpu = "cpu.time" not in w.stats
+        want_memory = not has_guest_memory(w.stats)
+        if want_cpu or want_memory or self.pressure:
+            if facts.cgroup is None:
+                out.cgroups[key] = missing.get("cgroup", NO_CGROUP)
+            else:
+                try:
+                    out.cgroups[key] = self.cgroups.read(facts.cgroup, cpu=want_cpu,
+                                                         memory=want_memory)
+                except DOMAIN_READ_ERRORS as err:
+                    out.cgroups[key] = brief(str(err))
+                    out.errors.append(_error(w.info, "cgroup", err))
+        missing.pop("cgroup", None)  # reported through out.cgroups
+        if missing:
+            out.missing[key] = missing
+
+    def _facts(self, info: DomainInfo, missing: dict[str, str],
+               errors: list[ReadError]) -> HostFacts:
+        """Pid, start time and cgroup dirs of a new incarnation; each step fails on its own."""
+        def step(name: ReadStep, key: str, fn: Any, *args: Any) -> Any:
+            try:
+                return fn(*args)
+            except DOMAIN_READ_ERRORS as err:
+                errors.append(_error(info, name, err))
+                missing[key] = brief(f"{name}: {err}")
+                return None
+
+        pid = step("pid_file", "process", proc.pid_of, self.root, info.name)
+        if pid is None:
+            return NO_FACTS
+        ticks = step("proc", "process", proc.process_start_ticks, self.root, pid)
+        if self._boot_ns is None:  # fixed until reboot: read /proc/stat once
+            self._boot_ns = step("proc", "process", proc.boot_time_ns, self.root)
+        started = (proc.ticks_to_wall_ns(ticks, self._boot_ns)
+                   if ticks is not None and self._boot_ns is not None else None)
+        paths = step("cgroup", "cgroup", cgroup_src.locate, self.root, self.cgroup_root, pid)
+        return HostFacts(pid=pid, start_ticks=ticks, started_wall_ns=started, cgroup=paths)
+
+
+def _error(info: DomainInfo, step: ReadStep, err: BaseException) -> ReadError:
+    return ReadError(uuid=info.uuid, name=brief(info.name), step=step, detail=brief(str(err)))
