@@ -26,7 +26,7 @@ import trio
 from hostagent import logs
 from hostagent.accounting import identity
 from hostagent.accounting.readings import PassReport
-from hostagent.alerts import rules_source
+from hostagent.alerts import channels, rules_source
 from hostagent.alerts.rules_source import RulesSource
 from hostagent.api.pass_gate import PassGate
 from hostagent.clock import Clock, SystemClock
@@ -94,7 +94,8 @@ class Daemon:
         """Open the store and construct every component from the config."""
         clock = clock or SystemClock()
         limiter = trio.CapacityLimiter(cfg.collector.max_threads)
-        rules = rules_source.from_config(cfg.thresholds)
+        rules = rules_source.from_config(cfg.thresholds, state_path=cfg.collector.state_path,
+                                         routes=channels.config_routes(cfg.sinks))
         rules.load_initial()  # an invalid rules file at start is a config error: refuse to run
         store = Store.open(cfg.collector.state_path, clock=clock, node_id=cfg.host.node_id,
                            sink_names=[s.name for s in cfg.sinks])
@@ -117,8 +118,9 @@ class Daemon:
                      webhooks=hooks, sinks=sinks)
         if cfg.api.enabled:
             # Imported only when enabled: the web stack costs ~120 ms of start-up otherwise.
+            from hostagent.alerts.rule_store import LayeredRuleStore
             from hostagent.api.auth import Authenticator
-            from hostagent.api.backends import FileRuleStore, StoreWebhooks
+            from hostagent.api.backends import StoreWebhooks
             from hostagent.api.server import make_app
             from hostagent.api.view import ApiView
 
@@ -133,7 +135,7 @@ class Daemon:
                         if hooks is not None else None)
             daemon.api_auth = Authenticator(cfg.api)
             daemon.api_app = make_app(cfg.api, daemon.api_view, clock=clock, webhooks=registry,
-                                      rules=FileRuleStore(rules), authenticator=daemon.api_auth,
+                                      rules=LayeredRuleStore(rules), authenticator=daemon.api_auth,
                                       gate=daemon.pass_gate)
             daemon.on_pass.append(daemon.api_view.update)
         return daemon

@@ -185,6 +185,10 @@ class ThresholdsConfig:
     rules_path: str = field(
         default="", metadata=_meta("rules file (JSON or TOML, both seed formats); reloaded on "
                                    "SIGHUP and when it changes; empty: no rules"))
+    api_rules_path: str = field(
+        default="", metadata=_meta("where rules written through /api/v1/thresholds are kept "
+                                   "(a layer over rules_path); empty: api-rules.json next to "
+                                   "collector.state_path"))
     reload_check_s: float = field(
         default=5.0, metadata=_meta("how often the rules file's mtime is checked",
                                     minimum=0.1, maximum=3600))
