@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.lowlevel
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -122,7 +123,7 @@ async def test_concurrent_writes_all_land_and_the_file_is_always_whole(tmp_path:
                     load_rules(p)
                 except ConfigError as err:
                     seen_bad.append(str(err))
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     async with trio.open_nursery() as n:
         n.start_soon(reader)

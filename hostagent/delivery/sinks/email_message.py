@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import html
 from collections.abc import Sequence
+from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
@@ -26,6 +27,7 @@ import orjson
 from hostagent.alerts.routing import family
 from hostagent.config.sinks import EmailSinkConfig
 
+_POLICY = policy.default.clone(max_line_length=998)  # a subject stays one line for filters
 _SIGN = {"exceeded": ">=", "repeat": ">=", "approaching": "near", "resolved": "<"}
 
 
@@ -102,7 +104,7 @@ def build(cfg: EmailSinkConfig, payloads: Sequence[bytes], recipient: str,
           now_s: float) -> EmailMessage:
     """One mail to `recipient`: one event, or a digest of several."""
     docs = [orjson.loads(p) for p in payloads]
-    msg = EmailMessage()
+    msg = EmailMessage(policy=_POLICY)
     msg["From"] = cfg.sender
     msg["To"] = recipient
     msg["Date"] = formatdate(now_s, usegmt=True)
