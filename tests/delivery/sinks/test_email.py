@@ -8,8 +8,8 @@ mailing anyone twice.
 
 from __future__ import annotations
 
-import socket
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from email import message_from_bytes, policy
