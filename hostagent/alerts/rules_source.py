@@ -235,6 +235,12 @@ class RulesSource:
         return (None if self.path is None else _stamp(self.path),
                 None if self.api_path is None else _stamp(self.api_path))
 
+    def health(self) -> dict[str, Any]:
+        """For /api/v1/health/status and /metrics: counts per layer, loads, the last error."""
+        return {"rules": len(self.index.rules), "loads": self.loads, "failures": self.failures,
+                "last_error": self.last_error,
+                "by_source": {k: sum(1 for v in self.origin.values() if v == k) for k in LAYERS}}
+
     # --- loading -----------------------------------------------------------------------
 
     def load_initial(self) -> None:
