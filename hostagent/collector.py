@@ -85,9 +85,11 @@ class Collector:
         self.baselines: dict[str, Baseline] = store.load_baselines() if store is not None else {}
         self.rules = rules
         self.storm = storm
-        self.alert_states: dict[str, threshold_state.AlertState] = (
-            threshold_state.load_states(store.load_alert_state())
-            if store is not None and rules is not None else {})
+        raw_states = store.load_alert_state() if store is not None and rules is not None else {}
+        self.alert_states: dict[str, threshold_state.AlertState] = threshold_state.load_states(
+            {k: v for k, v in raw_states.items() if k != alerts.STORM_KEY})
+        if storm is not None:  # the buckets survive a restart
+            storm.restore(raw_states.get(alerts.STORM_KEY))
         self._facts: dict[tuple[str, int], HostFacts] = {}
         self._instance_ids: dict[tuple[str, int], str] = {}
         self.last: PassReport | None = None
@@ -263,6 +265,8 @@ class Collector:
             for iid in gone:
                 self.baselines.pop(iid, None)
             self.alert_states = dict(acc.alert_states)
+            if self.rules is not None:  # their resolved notices are committed now
+                self.rules.forget_retired(acc.retired)
         report.committed = True
         report.domains = len(samples)
         report.events = len(acc.events)
@@ -375,10 +379,14 @@ class Collector:
             users = {iid: (None if o.user_id == unassigned else o.user_id)
                      for iid, o in owners.items()}
             ev = threshold_state.evaluate(self.rules.index, usages, users, self.alert_states,
-                                          now_ns, gate=self.storm, removed_instances=gone)
+                                          now_ns, gate=self.storm, removed_instances=gone,
+                                          retired=dict(self.rules.retired))
             out.extend(alerts.route(ev.transitions, owners, self.cfg.host.node_id,
                                     time_format=self.cfg.collector.time_format,
                                     unassigned=unassigned))
             changes, states = ev.changes, ev.states
+            if self.storm is not None and self.storm.dirty:
+                changes = {**changes, alerts.STORM_KEY: self.storm.to_bytes()}
         return Accounting(usages=usages, baselines=bases, events=out, owners=owners,
-                          alert_changes=changes, alert_states=states)
+                          alert_changes=changes, alert_states=states,
+                          retired=dict(self.rules.retired) if self.rules is not None else {})

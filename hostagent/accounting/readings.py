@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from hostagent.alerts import state as threshold_state
+from hostagent.alerts.rules import Rule
 from hostagent.model import Baseline, OutEvent, Owner, Sample, Usage
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import net as net_src
@@ -57,6 +58,7 @@ class Accounting:
     owners: dict[str, Owner]
     alert_changes: Mapping[str, bytes | None]
     alert_states: Mapping[str, threshold_state.AlertState]
+    retired: Mapping[str, Rule] = field(default_factory=dict)  # resolved in this pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,6 +181,7 @@ class RulesSource:
         self.index: RuleIndex = build_index((), settings)
         self.layers: dict[str, tuple[Rule, ...]] = dict.fromkeys(LAYERS, ())
         self.origin: dict[str, str] = {}  # rule id → the layer it comes from
+        self.retired: dict[str, Rule] = {}  # deleted/changed since the last pass: old rules
         self.last_error: str | None = None
         self.loads = 0
         self.failures = 0
@@ -210,7 +211,13 @@ class RulesSource:
     def install(self, layers: Mapping[str, tuple[Rule, ...]]) -> None:
         """Put checked layers (`candidate`) in force."""
         self.layers = dict(layers)
+        old = self.index.by_id
         merged, self.origin = self.merge(self.layers)
+        now = {r.id: r for r in merged}
+        for rid, rule in old.items():
+            if now.get(rid) != rule:
+                self.retired.setdefault(rid, rule)
+        self.retired = {k: v for k, v in self.retired.items() if now.get(k) != v}
         self.index = build_index(merged, self.settings)
         self.loads += 1
         self.last_error = None
@@ -234,6 +241,10 @@ class RulesSource:
     def _stamp_now(self) -> tuple[_Stamp | None, _Stamp | None]:
         return (None if self.path is None else _stamp(self.path),
                 None if self.api_path is None else _stamp(self.api_path))
+
+    def forget_retired(self, done: Mapping[str, Rule]) -> None:
+        """A pass committed the resolved notices of `done` (a copy of `retired` it used)."""
+        self.retired = {k: v for k, v in self.retired.items() if done.get(k) is not v}
 
     def health(self) -> dict[str, Any]:
         """For /api/v1/health/status and /metrics: counts per layer, loads, the last error."""
