@@ -86,14 +86,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                          else f"; {cfg.thresholds.rules_path}: {n_rules} rule(s)"))
             return 0
         if args.command == "check-rules":
-            routes = channels.config_routes(_load(getattr(args, "config", None)).sinks)
+            # Channels are checked against the sinks of an explicit --config (check-config always
+            # checks them): ansible validates the rules before it writes the config naming them.
+            config = getattr(args, "config", None)
+            routes = channels.config_routes(load(config).sinks) if config else None
             found = rules_source.load_rules(args.file)
             channels.check(found, routes, source=args.file)
             if not args.quiet:
                 print(f"{args.file}: OK ({len(found)} rule(s))")
-                print("channels served by the configured sinks:")
-                for ch, names in channels.served(routes).items():
-                    print(f"  {ch:<24} {', '.join(names)}")
+                if routes is None:
+                    print("channels not checked: pass --config to check them against its sinks")
+                else:
+                    print("channels served by the configured sinks:")
+                    for ch, names in channels.served(routes).items():
+                        print(f"  {ch:<24} {', '.join(names)}")
             return 0
         cfg = _load(args.config)
         logs.setup(cfg.log.level, cfg.log.format, stream=sys.stderr

@@ -66,6 +66,12 @@ def test_check_rules_and_check_config_validate_the_rules(
     bare.write_text('[[sinks]]\ntype = "jsonl"\n')
     assert main(["check-rules", str(good), "--config", str(bare)]) == 2
     assert "'queue'" in capsys.readouterr().err
+    assert main(["check-rules", str(good)]) == 0  # no --config: channels are not checked
+    assert "not checked" in capsys.readouterr().out
+    cfg_bare = tmp_path / "bare-rules.toml"
+    cfg_bare.write_text(f'[thresholds]\nrules_path = "{good}"\n[[sinks]]\ntype = "jsonl"\n')
+    assert main(["check-config", str(cfg_bare)]) == 2  # check-config always checks them
+    assert "'queue'" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text('[{"resource_type": "storage", "threshold_type": "absolute", '
                    '"threshold_value": 500, "units": "percent", "action": "notify", '
