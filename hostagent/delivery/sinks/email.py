@@ -104,6 +104,12 @@ def _password(path: str) -> str:
 
 
 def _classify(err: BaseException) -> type[Exception]:
+    """_Refused: the server refuses this message or recipient for good (5xx); _Transient:
+    anything else, including AUTH, HELO and TLS failures (the server or our config, not the
+    event: retried, and counted by the breaker)."""
+    if isinstance(err, (smtplib.SMTPAuthenticationError, smtplib.SMTPHeloError,
+                        smtplib.SMTPNotSupportedError)):
+        return _Transient
     code = getattr(err, "smtp_code", None)
     if isinstance(err, smtplib.SMTPRecipientsRefused):
         codes = [c for c, _ in err.recipients.values()]

@@ -8,6 +8,7 @@ mailing anyone twice.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,13 @@ from hostagent.delivery.sinks.base import Undeliverable, build_sink
 from hostagent.delivery.sinks.email import EmailSink
 from hostagent.errors import ConfigError, SinkUnavailable
 from hostagent.model import OutEvent
-from tests.standins.smtp_server import Handler, free_port, smtp_server
+from tests.standins.smtp_server import (
+    Handler,
+    free_port,
+    self_signed,
+    smtp_server,
+    tls_smtp_server,
+)
 
 
 @pytest.fixture
@@ -159,3 +166,31 @@ async def test_password_file_must_be_private(tmp_path: Path,
     with pytest.raises(SinkUnavailable, match="chmod 600"):
         await s.send(event(1))
     await s.aclose()
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+async def test_tls_and_auth_with_a_private_password_file(tmp_path: Path, implicit: bool) -> None:
+    ctx, ca = self_signed(tmp_path)
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    pw.chmod(0o600)
+    with tls_smtp_server(ctx, implicit=implicit, users={"ha": "s3cret"}) as (h, port):
+        cfg = EmailSinkConfig(host="127.0.0.1", port=port,
+                              tls="implicit" if implicit else "starttls", ca_file=str(ca),
+                              sender="ha@host-a", to=("ops@example.test",), username="ha",
+                              password_file=str(pw), journal_path=str(tmp_path / "j.db"),
+                              timeout_s=2.0)
+        s = EmailSink(cfg)
+        await s.send(event(1))
+        assert len(h.to("ops@example.test")) == 1
+        # an untrusted certificate is a transient failure, never a plain-text fallback
+        bad = EmailSink(dataclasses.replace(cfg, ca_file="", journal_path=str(tmp_path / "k")))
+        with pytest.raises(SinkUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
+            await bad.send(event(2))
+        # a wrong password is retried (the breaker sees it), never dead-lettered
+        pw.write_text("wrong")
+        with pytest.raises(SinkUnavailable):
+            await s.send(event(3))
+        assert s.journal.done("ev-3") == {}
+        await s.aclose()
+        await bad.aclose()
