@@ -65,4 +65,11 @@ async def test_transitions_are_mailed_once_per_recipient_after_an_outage(
         assert all("cpu-high" in s for s in subjects)
     ids = [m["X-Hostagent-Events"] for m in h.to("ops@example.test")]
     assert len(set(ids)) == len(ids)  # each transition once
+    # the storm-control buckets were committed with the passes: a restart finds them
+    assert down.collector.storm is not None and again.collector.storm is not None
+    spent = {k: b.tokens for k, b in again.collector.storm.buckets.items()}
+    assert set(spent) == {"email", "email:owner@example.test"}
+    third = build(tmp_path, host, port)
+    assert third.collector.storm is not None
+    assert {k: b.tokens for k, b in third.collector.storm.buckets.items()} == spent
 

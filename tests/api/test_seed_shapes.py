@@ -14,7 +14,7 @@ from tests.api.support import Keys, api_config, report, start_server
 
 async def test_health_status_has_the_upstream_fields(nursery: trio.Nursery, keys: Keys) -> None:
     now_ns = SystemClock().now().wall_ns
-    rules = {"rules": 2, "last_error": None, "by_source": {"file": 2}}
+    rules = {"rules": 2, "last_error": None, "by_source": {"file": 2}, "central_age_s": 12.5}
     view = ApiView(rules_health=lambda: rules)
     rep = report({"i-x": "u"})
     rep.started_wall_ns = now_ns  # a fresh pass: healthy
@@ -32,6 +32,7 @@ async def test_health_status_has_the_upstream_fields(nursery: trio.Nursery, keys
         assert any("threshold rules" in x for x in r.json()["reasons"])
         metrics = (await c.get("/metrics")).text
         assert "hostagent_threshold_rules_load_error 1.0" in metrics
+        assert "hostagent_threshold_rules_central_age_seconds 12.5" in metrics  # stale-while-error
     srv.stop.set()
 
 
