@@ -31,6 +31,7 @@ class Handler:
         self.data_faults: list[str] = []  # "451", "554", "slow", "drop"
         self.rcpt_refuse: dict[str, str] = {}  # address → reply
         self.lock = threading.Lock()
+        self.delay_s = 0.0  # before every reply to DATA
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
@@ -40,6 +41,8 @@ class Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         fault = self.data_faults.pop(0) if self.data_faults else None
         if fault == "451":
             return "451 try again later"
