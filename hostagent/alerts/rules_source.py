@@ -80,7 +80,9 @@ def from_config(cfg: ThresholdsConfig, *, state_path: str | Path | None = None,
     return RulesSource(cfg.rules_path or None, settings_from(cfg),
                        reload_check_s=cfg.reload_check_s,
                        api_path=None if state_path is None else api_rules_path(cfg, state_path),
-                       routes=routes)
+                       routes=routes,
+                       in_force_path=None if state_path is None
+                       else Path(state_path).parent / "rules-in-force.json")
 
 
 def load_rules(path: str | Path) -> tuple[Rule, ...]:
@@ -172,8 +174,12 @@ class RulesSource:
 
     def __init__(self, path: str | Path | None, settings: Settings, *,
                  reload_check_s: float = 5.0, api_path: str | Path | None = None,
-                 routes: Mapping[str, Route] | None = None) -> None:
+                 routes: Mapping[str, Route] | None = None,
+                 in_force_path: str | Path | None = None) -> None:
         self.path = Path(path) if path else None
+        # The merged set, remembered across restarts: a rule deleted or changed while the
+        # daemon was down still resolves its open alerts ("rule deleted"/"rule changed").
+        self.in_force_path = Path(in_force_path) if in_force_path else None
         self.api_path = Path(api_path) if api_path else None
         self.routes = routes  # the sinks' channels (None: channels not checked)
         self.reload_check_s = max(reload_check_s, 0.1)
@@ -218,6 +224,12 @@ class RulesSource:
             if now.get(rid) != rule:
                 self.retired.setdefault(rid, rule)
         self.retired = {k: v for k, v in self.retired.items() if now.get(k) != v}
+        if self.in_force_path is not None and now != dict(old):
+            try:
+                atomic_write(self.in_force_path, orjson.dumps([rule_dict(r) for r in merged]))
+            except OSError as err:
+                log.warning("could not remember the rules in force", extra={
+                    "path": str(self.in_force_path), "error": str(err)})
         self.index = build_index(merged, self.settings)
         self.loads += 1
         self.last_error = None
@@ -257,7 +269,14 @@ class RulesSource:
     def load_initial(self) -> None:
         """First load at start-up: an invalid file is fatal here (ConfigError)."""
         self._stamps = self._stamp_now()
+        if self.in_force_path is not None and self.in_force_path.exists():
+            try:  # what was in force before the restart: its changes retire rules
+                self.index = build_index(load_rules(self.in_force_path), self.settings)
+            except ConfigError as err:
+                log.warning("remembered rules unreadable", extra={"error": str(err)})
         if self.path is None and self.api_path is None:
+            if self.index.rules:
+                self.install(dict.fromkeys(LAYERS, ()))
             return
         self.install(self._read())
 

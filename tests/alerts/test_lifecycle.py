@@ -140,3 +140,23 @@ def test_a_rule_naming_an_unserved_channel_is_refused_at_load(tmp_path: Path) ->
         source(tmp_path, [{**RAW, "action": "Notify",
                            "notification_channels": ["webhook_0badc0de"]}])
 
+
+
+def test_a_rule_deleted_while_the_daemon_was_down_resolves_after_the_restart(
+        tmp_path: Path) -> None:
+    def start() -> RulesSource:
+        src = RulesSource(tmp_path / "rules.json", Settings(repeat_interval_s=0),
+                          routes=ROUTES, in_force_path=tmp_path / "rules-in-force.json")
+        src.load_initial()
+        return src
+
+    (tmp_path / "rules.json").write_text(json.dumps([RAW, {**RAW, "id": "kept"}]))
+    src = start()
+    states: dict[str, AlertState] = {}  # the store's alert_state, across the restart
+    assert len(run_passes(src, [95.0], states)) == 2
+    (tmp_path / "rules.json").write_text(json.dumps([{**RAW, "id": "kept"}]))  # while down
+    again = start()
+    assert set(again.retired) == {"cpu"}
+    (t,) = run_passes(again, [95.0], states, t0=30)
+    assert (t.rule.id, t.kind, t.reason) == ("cpu", "resolved", "rule deleted")
+    assert start().retired == {}  # an unchanged restart retires nothing
