@@ -13,6 +13,7 @@ Only host-wide failures (the libvirt connection, the pass deadline, the commit) 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -32,6 +33,7 @@ from hostagent.accounting.readings import (
     brief,
 )
 from hostagent.alerts import state as threshold_state
+from hostagent.alerts import violations as alerts
 from hostagent.alerts.rules_source import RulesSource
 from hostagent.alerts.violations import StormControl
 from hostagent.clock import Clock
@@ -116,9 +118,11 @@ class Collector:
         self.baselines: dict[str, Baseline] = store.load_baselines() if store is not None else {}
         self.rules = rules
         self.storm = storm
-        self.alert_states: dict[str, threshold_state.AlertState] = (
-            threshold_state.load_states(store.load_alert_state())
-            if store is not None and rules is not None else {})
+        raw_states = store.load_alert_state() if store is not None and rules is not None else {}
+        self.alert_states: dict[str, threshold_state.AlertState] = threshold_state.load_states(
+            {k: v for k, v in raw_states.items() if k != alerts.STORM_KEY})
+        if storm is not None:  # the buckets survive a restart
+            storm.restore(raw_states.get(alerts.STORM_KEY))
         self._facts: dict[tuple[str, int], HostFacts] = {}
         self._instance_ids: dict[tuple[str, int], str] = {}
         self.read_errors_total: Counter[str] = Counter()
@@ -320,7 +324,11 @@ class Collector:
         acc, samples = ledger.account(
             self.baselines, host.domains, owners=self.owners, settings=self.settings(),
             now_ns=host.t_wall_ns, rules=self.rules.index if self.rules is not None else None,
-            alert_states=self.alert_states, gate=self.storm)
+            alert_states=self.alert_states, gate=self.storm,
+            retired=self.rules.retired if self.rules is not None else None)
+        if self.storm is not None and self.storm.dirty:  # buckets go in the same transaction
+            acc = dataclasses.replace(acc, alert_changes={
+                **acc.alert_changes, alerts.STORM_KEY: self.storm.to_bytes()})
         store = self.store
         if store is None:
             raise StateError("no state store: a pass cannot commit")
@@ -333,6 +341,8 @@ class Collector:
             for iid in acc.removed:
                 self.baselines.pop(iid, None)
             self.alert_states = dict(acc.alert_states)
+            if self.rules is not None:  # their resolved notices are committed now
+                self.rules.forget_retired(acc.retired)
         report.committed = True
         report.domains = len(samples)
         report.events = len(acc.events)

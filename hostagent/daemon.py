@@ -26,7 +26,7 @@ import trio
 from hostagent import logs
 from hostagent.accounting import identity
 from hostagent.accounting.readings import PassReport
-from hostagent.alerts import rules_source
+from hostagent.alerts import central, channels, rules_source
 from hostagent.alerts.rules_source import RulesSource
 from hostagent.api.pass_gate import PassGate
 from hostagent.clock import Clock, SystemClock
@@ -78,6 +78,7 @@ class Daemon:
     drain_grace_s: float = 5.0
     on_pass: list[Callable[[PassReport], None]] = field(default_factory=list)
     rules: RulesSource | None = None
+    central_rules: central.CentralRules | None = None
     webhooks: WebhookStore | None = None
     sinks: list[Any] = field(default_factory=list)
     api_view: Any = None  # hostagent.api.view.ApiView when [api] is enabled
@@ -94,8 +95,12 @@ class Daemon:
         """Open the store and construct every component from the config."""
         clock = clock or SystemClock()
         limiter = trio.CapacityLimiter(cfg.collector.max_threads)
-        rules = rules_source.from_config(cfg.thresholds)
+        rules = rules_source.from_config(cfg.thresholds, state_path=cfg.collector.state_path,
+                                         routes=channels.config_routes(cfg.sinks))
         rules.load_initial()  # an invalid rules file at start is a config error: refuse to run
+        central_rules = central.from_config(cfg.thresholds, rules, clock,
+                                            state_path=cfg.collector.state_path,
+                                            key_file=cfg.owners.key_file, config_source=cfg.source)
         store = Store.open(cfg.collector.state_path, clock=clock, node_id=cfg.host.node_id,
                            sink_names=[s.name for s in cfg.sinks])
         hooks = (WebhookStore(cfg.collector.state_path, clock)
@@ -114,11 +119,12 @@ class Daemon:
         delivery = Delivery(store, sinks, clock, cfg)
         daemon = cls(cfg=cfg, clock=clock, store=store, collector=collector, delivery=delivery,
                      owners=owners, libvirt=lv, config_path=config_path, rules=rules,
-                     webhooks=hooks, sinks=sinks)
+                     webhooks=hooks, sinks=sinks, central_rules=central_rules)
         if cfg.api.enabled:
             # Imported only when enabled: the web stack costs ~120 ms of start-up otherwise.
+            from hostagent.alerts.rule_store import LayeredRuleStore
             from hostagent.api.auth import Authenticator
-            from hostagent.api.backends import FileRuleStore, StoreWebhooks
+            from hostagent.api.backends import StoreWebhooks
             from hostagent.api.server import make_app
             from hostagent.api.view import ApiView
 
@@ -126,17 +132,24 @@ class Daemon:
                 authorized=owners.authorized, delivery_health=delivery.health,
                 owners_health=owners.health,
                 libvirt_health=lambda: {"state": lv.state, "last_error": lv.last_error},
-                emission_metrics=delivery.metrics)
+                emission_metrics=delivery.metrics, rules_health=daemon.rules_health)
             dispatcher = next((getattr(s, "dispatcher", None) for s in sinks
                                if getattr(s, "dispatcher", None) is not None), None)
             registry = (StoreWebhooks(hooks, wake=dispatcher.wake if dispatcher else _noop)
                         if hooks is not None else None)
             daemon.api_auth = Authenticator(cfg.api)
             daemon.api_app = make_app(cfg.api, daemon.api_view, clock=clock, webhooks=registry,
-                                      rules=FileRuleStore(rules), authenticator=daemon.api_auth,
+                                      rules=LayeredRuleStore(rules), authenticator=daemon.api_auth,
                                       gate=daemon.pass_gate)
             daemon.on_pass.append(daemon.api_view.update)
         return daemon
+
+    def rules_health(self) -> dict[str, Any]:
+        """The rule set's layers, loads and errors, and the central source's age."""
+        out = self.rules.health() if self.rules is not None else {}
+        if self.central_rules is not None:
+            out.update(self.central_rules.health())
+        return out
 
     async def run(self, *, passes: int | None = None,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -151,6 +164,8 @@ class Daemon:
                 if self.rules is not None:
                     # the daemon owns SIGHUP and calls rules.reload() from reload()
                     await nursery.start(functools.partial(self.rules.run, sighup=False))
+                if self.central_rules is not None:
+                    await nursery.start(self.central_rules.run)
                 if self.cfg.owners.enabled:
                     await nursery.start(self.owners.run)
                 if self.api_app is not None:

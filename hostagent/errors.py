@@ -15,7 +15,8 @@
      │    └── SinkRejected      permanent: the sink says the event is unprocessable (dead letter)
      ├── OwnerLookupError       the account service could not answer
      ├── AuthError              an API credential is missing or invalid
-     └── DomainNotFound         `hostagent dump` was asked for a domain that is not running
+     ├── DomainNotFound         `hostagent dump` was asked for a domain that is not running
+     └── RuleNotWritable        the API was asked to delete a rule of the file/central layer
 
 Callers catch the narrowest class they can handle; the daemon counts and logs the rest.
 """
@@ -95,3 +96,7 @@ class AuthError(HostAgentError):
 
 class DomainNotFound(HostAgentError):
     """No running domain matches the given name or UUID."""
+
+
+class RuleNotWritable(HostAgentError):
+    """A threshold rule comes from the rules file or the central source, not from the API."""

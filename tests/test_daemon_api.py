@@ -58,13 +58,18 @@ api_keys_file = "{keys.keys_file}"
             stored = [r.id for r in daemon.webhooks.registrations()]
             assert reg.json()["id"] in stored
             assert reg.json()["secret"] is None
-            # a rule written through the API lands in the rules file and is in force
+            # a rule written through the API lands in the state directory (the operator's
+            # rules file is never written) and is in force
             rule = {"id": "mem-high", "resource_type": "Memory",
                     "threshold_type": {"Percentage": {"value": 90.0}}, "action": "Alert",
                     "user_id": "*", "notification_channels": []}
             put = await http.post("/api/v1/thresholds", headers=admin, json=rule)
             assert put.status_code in (200, 201), put.text
-            assert [r["id"] for r in json.loads(rules.read_text())] == ["mem-high"]
+            assert json.loads(rules.read_text()) == []
+            api_rules = Path(daemon.cfg.collector.state_path).parent / "api-rules.json"
+            assert [r["id"] for r in json.loads(api_rules.read_text())] == ["mem-high"]
+            listed = (await http.get("/api/v1/thresholds", headers=admin)).json()
+            assert [(r["id"], r["source"]) for r in listed] == [("mem-high", "api")]
             assert daemon.rules is not None
             assert [r.id for r in daemon.rules.index.rules] == ["mem-high"]
             bad = await http.post("/api/v1/thresholds", headers=admin,
@@ -75,6 +80,7 @@ api_keys_file = "{keys.keys_file}"
             metrics = await http.get("/metrics", headers=admin)
             assert metrics.status_code == 200
             assert "hostagent_" in metrics.text
+            assert 'hostagent_threshold_rules{source="api"} 1.0' in metrics.text
         daemon.stop.set()
     assert daemon.api_done.is_set()
 

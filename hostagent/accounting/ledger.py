@@ -28,6 +28,7 @@ from hostagent.accounting.readings import Accounting, DomainReading
 from hostagent.alerts import state as threshold_state
 from hostagent.alerts import violations as alerts
 from hostagent.alerts.index import RuleIndex
+from hostagent.alerts.rules import Rule
 from hostagent.model import Baseline, OutEvent, Owner, OwnerHint, Sample, Usage
 
 __all__ = ["OwnerLookup", "Settings", "account", "expired"]
@@ -78,6 +79,7 @@ def account(
     alert_states: Mapping[str, threshold_state.AlertState] | None = None,
     gate: threshold_state.Gate | None = None,
     closing: Sequence[DomainReading] = (),
+    retired: Mapping[str, Rule] | None = None,
 ) -> tuple[Accounting, list[Sample]]:
     """One pass's accounting; also returns the samples it billed (for the report and the API)."""
     samples = [sample_of(r) for r in readings]
@@ -112,10 +114,11 @@ def account(
         users = {iid: (None if o.user_id == settings.unassigned else o.user_id)
                  for iid, o in who.items()}
         ev = threshold_state.evaluate(rules, usages, users, states, now_ns, gate=gate,
-                                      removed_instances=removed)
+                                      removed_instances=removed, retired=dict(retired or {}))
         out.extend(alerts.route(ev.transitions, who, settings.node_id,
                                 time_format=settings.time_format, unassigned=settings.unassigned))
         changes, states = ev.changes, ev.states
     acc = Accounting(usages=usages, baselines=bases, events=out, owners=who,
-                     alert_changes=changes, alert_states=states, removed=removed)
+                     alert_changes=changes, alert_states=states, removed=removed,
+                     retired=dict(retired or {}))
     return acc, samples

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hostagent.alerts import state as threshold_state
+from hostagent.alerts.rules import Rule
 from hostagent.model import (
     Baseline,
     CgroupPaths,
@@ -154,3 +155,4 @@ class Accounting:
     alert_changes: Mapping[str, bytes | None]
     alert_states: Mapping[str, threshold_state.AlertState]
     removed: tuple[str, ...] = ()
+    retired: Mapping[str, Rule] = field(default_factory=dict)  # resolved in this pass

@@ -14,7 +14,8 @@ The rule, for an event of kind K with routing channels C (`OutEvent.channels`):
 
   - the sink's channels are None: an audit sink (the JSONL file) keeps every event; or
   - C meets the sink's channels ("queue" for the Formation queue; "webhook", "webhooks" and
-    "api_callback" for the webhook sink); or
+    "api_callback" for the webhook sink; "email" for an email sink), a channel counting by its
+    family (`family`: ``email:ops@example.com`` is ``email``); or
   - the sink's channels hold UNCLAIMED and some channel in C is named by no configured sink.
     That is the webhook sink: registration ids (`webhook_<hex>`) are made at run time, so it
     takes every channel no other sink answers to, and its fan-out picks the registrations
@@ -34,6 +35,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 UNCLAIMED = "*"  # in a sink's channels: also every channel that no configured sink names
+
+
+def family(channel: str) -> str:
+    """A channel's family: the part before the first ":" (``email:ops@x`` → ``email``)."""
+    return channel.split(":", 1)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +66,12 @@ def takes(route: Route, kind: str, channels: frozenset[str] | None,
     """Does a sink with `route` get this event? `named`: `claimed()` of every sink."""
     if route.kinds is not None and kind not in route.kinds:
         return False
-    if channels is None or route.channels is None or channels & route.channels:
+    if channels is None or route.channels is None:
         return True
-    return UNCLAIMED in route.channels and not channels <= named
+    fams = frozenset(family(c) for c in channels)
+    if fams & route.channels:
+        return True
+    return UNCLAIMED in route.channels and not fams <= named
 
 
 def sinks_for(routes: Mapping[str, Route], kind: str,

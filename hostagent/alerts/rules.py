@@ -131,8 +131,8 @@ def _str(raw: Mapping[str, Any], key: str, source: str, i: int, *,
 
 
 def _number(v: Any, source: str, i: int, key: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
-        raise _err(source, i, key, "a non-negative number", v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise _err(source, i, key, "a finite non-negative number (not NaN or infinity)", v)
     return float(v)
 
 

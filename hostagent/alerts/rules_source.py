@@ -1,4 +1,17 @@
-"""The rules file: JSON or TOML, reloaded on SIGHUP and when it changes; a bad file never wins.
+"""The rule set in force: three layers (central source, rules file, API), a bad one never wins.
+
+Layers, lowest precedence first; a rule id in a higher layer replaces the same id below it:
+
+1. ``central``: the set pulled from ``[thresholds] source_url`` (hostagent.alerts.central),
+   persisted in the state directory;
+2. ``file``: the operator's ``rules_path`` (ansible-managed), never written by the daemon;
+3. ``api``: rules written through ``/api/v1/thresholds``, kept in the state directory
+   (``api_rules_path``, default ``<state dir>/api-rules.json``), so the API works with the
+   default config and a read-only /etc, and an ansible run that rewrites the file keeps them.
+
+Every layer is validated like the file (both seed formats, NaN/±inf refused) and the merged
+set must name only channels a configured sink serves (hostagent.alerts.channels); a load that
+fails keeps the previous set in force, logged and counted (`failures`, `last_error`).
 
 Formats (by suffix; `.toml` is TOML, anything else JSON)::
 
@@ -21,7 +34,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +44,9 @@ from typing import Any
 import orjson
 import trio
 
+from hostagent.alerts import channels
 from hostagent.alerts.index import RuleIndex, Settings, build_index
+from hostagent.alerts.routing import Route
 from hostagent.alerts.rules import Rule, parse_rules
 from hostagent.alerts.violations import StormControl
 from hostagent.config.schema import ThresholdsConfig
@@ -51,10 +68,21 @@ def storm_from(cfg: ThresholdsConfig) -> StormControl:
     return StormControl(per_minute=cfg.channel_per_minute, burst=cfg.channel_burst)
 
 
-def from_config(cfg: ThresholdsConfig) -> RulesSource:
+def api_rules_path(cfg: ThresholdsConfig, state_path: str | Path) -> Path:
+    """Where API-written rules live: `api_rules_path`, or next to the state store."""
+    return Path(cfg.api_rules_path) if cfg.api_rules_path else (
+        Path(state_path).parent / "api-rules.json")
+
+
+def from_config(cfg: ThresholdsConfig, *, state_path: str | Path | None = None,
+                routes: Mapping[str, Route] | None = None) -> RulesSource:
     """A RulesSource for the [thresholds] section (call `load_initial()` at start-up)."""
     return RulesSource(cfg.rules_path or None, settings_from(cfg),
-                       reload_check_s=cfg.reload_check_s)
+                       reload_check_s=cfg.reload_check_s,
+                       api_path=None if state_path is None else api_rules_path(cfg, state_path),
+                       routes=routes,
+                       in_force_path=None if state_path is None
+                       else Path(state_path).parent / "rules-in-force.json")
 
 
 def load_rules(path: str | Path) -> tuple[Rule, ...]:
@@ -65,23 +93,65 @@ def load_rules(path: str | Path) -> tuple[Rule, ...]:
     except OSError as err:
         raise ConfigError(str(p), "-", "a readable rules file", err.strerror or str(err),
                           "fix thresholds.rules_path") from err
+    return parse_document(data, source=str(p), toml=p.suffix.lower() == ".toml")
+
+
+def parse_document(data: bytes, *, source: str, toml: bool = False) -> tuple[Rule, ...]:
+    """A rules document (JSON or TOML bytes) → rules; ConfigError when any rule is invalid."""
+    p = source
     doc: Any
-    if p.suffix.lower() == ".toml":
+    if toml:
         try:
             doc = tomllib.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(str(p), "-", "valid TOML", str(err), "fix the syntax") from err
+            raise ConfigError(p, "-", "valid TOML", str(err), "fix the syntax") from err
     else:
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError as err:
-            raise ConfigError(str(p), "-", "valid JSON", str(err), "fix the syntax") from err
+            raise ConfigError(p, "-", "valid JSON", str(err), "fix the syntax") from err
     if isinstance(doc, dict):
         unknown = sorted(set(doc) - {"rules"})
         if unknown:
-            raise ConfigError(str(p), unknown[0], "only a `rules` array", unknown[0])
+            raise ConfigError(p, unknown[0], "only a `rules` array", unknown[0])
         doc = doc.get("rules", [])
-    return parse_rules(doc, source=str(p))
+    return parse_rules(doc, source=p)
+
+
+def rule_dict(rule: Rule) -> dict[str, Any]:
+    """A rule as the rules files and the API hold it (seed 000 form plus our optional keys)."""
+    out = rule.config_dict()
+    if out.get("instance_id") is None:
+        out.pop("instance_id", None)
+    if rule.for_passes is not None:
+        out["for_passes"] = rule.for_passes
+    if rule.repeat_interval_s is not None:
+        out["repeat_interval_s"] = rule.repeat_interval_s
+    return out
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
+    """Write `data` to `path` by temp file, fsync and rename: readers see old or new, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+LAYERS = ("central", "file", "api")  # lowest precedence first
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,39 +170,121 @@ def _stamp(p: Path) -> _Stamp | None:
 
 
 class RulesSource:
-    """The current valid rule set and its index; `check()` reloads when the file changed."""
+    """The layered rule set in force and its index; `check()` reloads when a file changed."""
 
     def __init__(self, path: str | Path | None, settings: Settings, *,
-                 reload_check_s: float = 5.0) -> None:
+                 reload_check_s: float = 5.0, api_path: str | Path | None = None,
+                 routes: Mapping[str, Route] | None = None,
+                 in_force_path: str | Path | None = None) -> None:
         self.path = Path(path) if path else None
+        # The merged set, remembered across restarts: a rule deleted or changed while the
+        # daemon was down still resolves its open alerts ("rule deleted"/"rule changed").
+        self.in_force_path = Path(in_force_path) if in_force_path else None
+        self.api_path = Path(api_path) if api_path else None
+        self.routes = routes  # the sinks' channels (None: channels not checked)
         self.reload_check_s = max(reload_check_s, 0.1)
         self.settings = settings
         self.index: RuleIndex = build_index((), settings)
+        self.layers: dict[str, tuple[Rule, ...]] = dict.fromkeys(LAYERS, ())
+        self.origin: dict[str, str] = {}  # rule id → the layer it comes from
+        self.retired: dict[str, Rule] = {}  # deleted/changed since the last pass: old rules
         self.last_error: str | None = None
         self.loads = 0
         self.failures = 0
-        self._stamp: _Stamp | None = None
+        self._stamps: tuple[_Stamp | None, _Stamp | None] = (None, None)
+
+    # --- merging -----------------------------------------------------------------------
+
+    @staticmethod
+    def merge(layers: Mapping[str, Sequence[Rule]]) -> tuple[tuple[Rule, ...], dict[str, str]]:
+        """Rules in force and where each comes from: a higher layer's id replaces a lower's."""
+        by_id: dict[str, Rule] = {}
+        origin: dict[str, str] = {}
+        for name in LAYERS:
+            for r in layers.get(name, ()):
+                by_id.pop(r.id, None)  # the overriding rule takes the later position
+                by_id[r.id] = r
+                origin[r.id] = name
+        return tuple(by_id.values()), origin
+
+    def candidate(self, name: str, rules: Sequence[Rule]) -> dict[str, tuple[Rule, ...]]:
+        """The layers with `name` replaced, checked (channels); ConfigError when refused."""
+        layers = {**self.layers, name: tuple(rules)}
+        merged, _ = self.merge(layers)
+        channels.check(merged, self.routes, source=f"<{name} rules>")
+        return layers
+
+    def install(self, layers: Mapping[str, tuple[Rule, ...]]) -> None:
+        """Put checked layers (`candidate`) in force."""
+        self.layers = dict(layers)
+        old = self.index.by_id
+        merged, self.origin = self.merge(self.layers)
+        now = {r.id: r for r in merged}
+        for rid, rule in old.items():
+            if now.get(rid) != rule:
+                self.retired.setdefault(rid, rule)
+        self.retired = {k: v for k, v in self.retired.items() if now.get(k) != v}
+        if self.in_force_path is not None and now != dict(old):
+            try:
+                atomic_write(self.in_force_path, orjson.dumps([rule_dict(r) for r in merged]))
+            except OSError as err:
+                log.warning("could not remember the rules in force", extra={
+                    "path": str(self.in_force_path), "error": str(err)})
+        self.index = build_index(merged, self.settings)
+        self.loads += 1
+        self.last_error = None
+        log.info("threshold rules loaded", extra={
+            "path": str(self.path), "rules": len(merged),
+            **{f"{k}_rules": len(v) for k, v in self.layers.items()}})
+
+    def set_layer(self, name: str, rules: Sequence[Rule]) -> None:
+        """Replace one layer (the central source's); ConfigError keeps the previous set."""
+        self.install(self.candidate(name, rules))
+
+    def _read(self) -> dict[str, tuple[Rule, ...]]:
+        file_rules = load_rules(self.path) if self.path is not None else ()
+        api_rules = (load_rules(self.api_path) if self.api_path is not None
+                     and self.api_path.exists() else ())
+        layers = {**self.layers, "file": file_rules, "api": api_rules}
+        channels.check(self.merge(layers)[0], self.routes,
+                       source=str(self.path or self.api_path or "<rules>"))
+        return layers
+
+    def _stamp_now(self) -> tuple[_Stamp | None, _Stamp | None]:
+        return (None if self.path is None else _stamp(self.path),
+                None if self.api_path is None else _stamp(self.api_path))
+
+    def forget_retired(self, done: Mapping[str, Rule]) -> None:
+        """A pass committed the resolved notices of `done` (a copy of `retired` it used)."""
+        self.retired = {k: v for k, v in self.retired.items() if done.get(k) is not v}
+
+    def health(self) -> dict[str, Any]:
+        """For /api/v1/health/status and /metrics: counts per layer, loads, the last error."""
+        return {"rules": len(self.index.rules), "loads": self.loads, "failures": self.failures,
+                "last_error": self.last_error,
+                "by_source": {k: sum(1 for v in self.origin.values() if v == k) for k in LAYERS}}
+
+    # --- loading -----------------------------------------------------------------------
 
     def load_initial(self) -> None:
         """First load at start-up: an invalid file is fatal here (ConfigError)."""
-        if self.path is None:
+        self._stamps = self._stamp_now()
+        if self.in_force_path is not None and self.in_force_path.exists():
+            try:  # what was in force before the restart: its changes retire rules
+                self.index = build_index(load_rules(self.in_force_path), self.settings)
+            except ConfigError as err:
+                log.warning("remembered rules unreadable", extra={"error": str(err)})
+        if self.path is None and self.api_path is None:
+            if self.index.rules:
+                self.install(dict.fromkeys(LAYERS, ()))
             return
-        self._stamp = _stamp(self.path)
-        self._install(load_rules(self.path))
-
-    def _install(self, rules: tuple[Rule, ...]) -> None:
-        self.index = build_index(rules, self.settings)
-        self.loads += 1
-        self.last_error = None
-        log.info("threshold rules loaded", extra={"path": str(self.path), "rules": len(rules)})
+        self.install(self._read())
 
     def reload(self) -> bool:
-        """Load the file again; on error keep the valid set, log and return False."""
-        if self.path is None:
-            return True
-        self._stamp = _stamp(self.path)
+        """Load the files again; on error keep the valid set, log and return False."""
+        self._stamps = self._stamp_now()
         try:
-            rules = load_rules(self.path)
+            layers = self._read()
         except ConfigError as err:
             self.failures += 1
             self.last_error = str(err)
@@ -140,14 +292,29 @@ class RulesSource:
                       extra={"path": str(self.path), "error": str(err),
                              "rules_kept": len(self.index.rules)})
             return False
-        self._install(rules)
+        self.install(layers)
         return True
 
     def check(self) -> bool | None:
-        """Reload if the file's inode, size or mtime changed; None when unchanged."""
-        if self.path is None or _stamp(self.path) == self._stamp:
+        """Reload if a file's inode, size or mtime changed; None when unchanged."""
+        if self._stamp_now() == self._stamps:
             return None
         return self.reload()
+
+    def write_api(self, rules: Sequence[Rule]) -> None:
+        """Replace the API layer: check the merged set, write the file atomically, install.
+
+        ConfigError (nothing written) when the set is refused; OSError when it cannot be
+        written (nothing changed).
+        """
+        if self.api_path is None:
+            raise ConfigError("<config>", "thresholds.api_rules_path", "a writable path", "",
+                              "the daemon sets it next to collector.state_path")
+        layers = self.candidate("api", rules)
+        body = orjson.dumps([rule_dict(r) for r in rules], option=orjson.OPT_INDENT_2) + b"\n"
+        atomic_write(self.api_path, body)
+        self.install(layers)
+        self._stamps = self._stamp_now()
 
     async def run(self, *, sighup: bool = True,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

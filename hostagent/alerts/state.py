@@ -14,7 +14,14 @@ from typing import Literal
 
 import orjson
 
-from hostagent.alerts.index import NS_PER_S, Levels, MeasureKey, RuleIndex, measure_value
+from hostagent.alerts.index import (
+    NS_PER_S,
+    Levels,
+    MeasureKey,
+    RuleIndex,
+    levels_of,
+    measure_value,
+)
 from hostagent.alerts.rules import WILDCARD, Rule
 from hostagent.model import Usage
 
@@ -85,6 +92,7 @@ class Transition:
     value: float
     levels: Levels
     suppressed_before: int  # notifications of this fingerprint held back before this one
+    reason: str | None = None  # why, when not the value: "rule deleted" / "rule changed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,13 +168,17 @@ def step(rule: Rule, lv: Levels, prev: AlertState | None, instance_id: str,
 
 def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str | None],
              states: Mapping[str, AlertState], now_ns: int, *, gate: Gate | None = None,
-             removed_instances: Iterable[str] = ()) -> Evaluation:
+             removed_instances: Iterable[str] = (),
+             retired: Mapping[str, Rule] | None = None) -> Evaluation:
     """One pass: the rules that apply to each usage → notifications + state changes.
 
     `owners` maps instance → user_id (None or absent: unknown; then only instance and wildcard
     rules apply). Per instance and measure, only rules whose level the value reaches are
     visited (bisect), plus the rules with an open alert for that instance (so it can resolve).
-    States of rules no longer in the index, and of removed instances, are dropped silently.
+    `retired`: rules deleted or changed since the last pass (their old definitions): an alert
+    of one that consumers were told about resolves now, with the reason, and its state starts
+    over (a changed rule fires again under its new definition). Other states of rules no
+    longer in the index, and of removed instances, are dropped silently.
     """
     cooldown_ns = int(index.settings.cooldown_s * NS_PER_S)
     levels, by_id = index.levels, index.by_id
@@ -200,6 +212,19 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
         iid = u.instance_id
         user = owners.get(iid)
         opened = open_by_inst.get(iid, {})
+        for rid, old in (retired or {}).items():
+            prev = opened.pop(rid, None)
+            if prev is None:
+                continue
+            fp = fingerprint(rid, iid)
+            changes[fp] = None
+            out_states.pop(fp, None)
+            if prev.notified != "ok":
+                reason = "rule changed" if rid in by_id else "rule deleted"
+                transitions.append(Transition(
+                    fp, old, u, "resolved", prev.notified,
+                    AlertState(rid, iid, "ok", 0, now_ns, "ok", now_ns, 0, prev.value),
+                    prev.value, levels_of(old, index.settings), prev.suppressed, reason))
         done: set[str] = set()
         cache: dict[MeasureKey, float | None] = {}
         buckets = [index.by_instance.get(iid), index.wildcard,

@@ -7,7 +7,10 @@ The event keeps seed 000's ThresholdViolation fields (`config`, `current_value`,
      "instance_id", "user_id", "org_id", "owner_source", "fingerprint", "transition":
      approaching|exceeded|repeat|resolved, "state": ok|approaching|exceeded, "previous_state",
      "since", "period": {"start", "end"}, "config", "current_value", "threshold_value", "unit",
-     "percentage", "suppressed_before", "channels"}
+     "percentage", "suppressed_before", "channels", "action", "reason"}
+
+`reason` says why: "value" (the measured value crossed a level), or "rule deleted" / "rule
+changed" for the `resolved` notice of an alert whose rule went away or was redefined.
 
 `current_value` and `threshold_value` are in the rule's own unit (`unit`); `percentage` is
 current_value as a percentage of threshold_value (100 = at the threshold). `event_id` is a
@@ -112,7 +115,7 @@ def build_alert_event(t: Transition, owner: Owner | None, host: str, *,
         "threshold_value": rule.value, "unit": rule.unit,
         "percentage": None if pct is None else round(pct, 6),
         "suppressed_before": t.suppressed_before, "channels": list(rule.channels),
-        "action": rule.action,
+        "action": rule.action, "reason": t.reason or "value",
     }
     return OutEvent(str(payload["event_id"]), KIND, u.instance_id, u.period_start_ns, at_ns,
                     orjson.dumps(payload), routing_channels(rule.action, rule.channels))
@@ -142,14 +145,44 @@ class _Bucket:
     at_ns: int
 
 
+STORM_KEY = "~storm"  # its row in the store's alert_state (a fingerprint always holds "|")
+
+
 @dataclass
 class StormControl:
-    """Token bucket per channel: `per_minute` notifications, bursts of `burst`; a Gate."""
+    """Token bucket per channel: `per_minute` notifications, bursts of `burst`; a Gate.
+
+    Its buckets and counts are persisted with the alert state, in the pass's transaction
+    (`to_bytes` under STORM_KEY when `dirty`), and restored at start (`restore`): a restart
+    neither refills the buckets nor forgets what was held back.
+    """
 
     per_minute: float
     burst: int
     buckets: dict[str, _Bucket] = field(default_factory=dict)
     suppressed: dict[str, int] = field(default_factory=dict)
+    dirty: bool = False
+
+    def to_bytes(self) -> bytes:
+        """The store's form; clears `dirty`."""
+        self.dirty = False
+        return orjson.dumps({"v": 1, "buckets": {k: [b.tokens, b.at_ns]
+                                                 for k, b in self.buckets.items()},
+                             "suppressed": self.suppressed})
+
+    def restore(self, raw: bytes | None) -> None:
+        """Load what `to_bytes` wrote; an unreadable row starts with full buckets."""
+        if raw is None:
+            return
+        try:
+            d = orjson.loads(raw)
+            buckets = {str(k): _Bucket(min(float(t), float(self.burst)), int(at))
+                       for k, (t, at) in d["buckets"].items()}
+            suppressed = {str(k): int(v) for k, v in d["suppressed"].items()}
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            log.warning("storm-control state unreadable; starting with full buckets")
+            return
+        self.buckets, self.suppressed = buckets, suppressed
 
     @property
     def suppressed_total(self) -> int:
@@ -162,6 +195,7 @@ class StormControl:
         if self.per_minute <= 0:
             return True
         chans = channels_of(rule)
+        self.dirty = True
         buckets = []
         for ch in chans:
             b = self.buckets.get(ch)

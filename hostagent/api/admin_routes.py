@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from hostagent.api.auth import Principal
 from hostagent.api.problems import Problem, json_response
-from hostagent.errors import ConfigError
+from hostagent.errors import ConfigError, RuleNotWritable, StateError
 
 if TYPE_CHECKING:
     from hostagent.api.app import Api
@@ -88,8 +88,20 @@ class AdminRoutes:
                           extra={"key": err.key, "expected": err.expected}) from err
         return out
 
+    async def _write(self, op: Any) -> Any:
+        """Run a rule-store write: refused set → 400, file/central rule → 409, I/O → 503."""
+        try:
+            return await op
+        except ConfigError as err:
+            raise Problem(400, str(err), kind="invalid-rule",
+                          extra={"key": err.key, "expected": err.expected}) from err
+        except RuleNotWritable as err:
+            raise Problem(409, str(err), kind="rule-not-writable") from err
+        except StateError as err:
+            raise Problem(503, str(err), kind="rules-unavailable") from err
+
     async def thresholds(self, request: Request, _p: Principal) -> Response:
-        """GET: every rule; POST: create (409 when the id exists)."""
+        """GET: every rule (with its `source`); POST: create (409 when the id exists)."""
         rules = self._need("threshold rules", self.api.rules)
         if request.method == "GET":
             return json_response(list(await rules.list()))
@@ -97,7 +109,7 @@ class AdminRoutes:
         if await rules.get(rule["id"]) is not None:
             raise Problem(409, f"rule {rule['id']!r} exists; PUT /api/v1/thresholds/{{id}} "
                                "replaces it", kind="rule-exists")
-        await rules.put(rule)
+        await self._write(rules.put(rule))
         return json_response(rule, 201)
 
     async def threshold_one(self, request: Request, _p: Principal) -> Response:
@@ -110,7 +122,7 @@ class AdminRoutes:
                 raise Problem(404, "no such rule", kind="rule-not-found")
             return json_response(rule)
         if request.method == "DELETE":
-            if not await rules.delete(rid):
+            if not await self._write(rules.delete(rid)):
                 raise Problem(404, "no such rule", kind="rule-not-found")
             return Response(status_code=204)
         raw = await read_json(request, self.api.cfg.max_body_bytes)
@@ -119,5 +131,5 @@ class AdminRoutes:
         if raw.get("id", rid) != rid:
             raise Problem(400, "the body's id differs from the path's")
         rule = self._validate(rules, {**raw, "id": rid})
-        created = await rules.put(rule)
+        created = await self._write(rules.put(rule))
         return json_response(rule, 201 if created else 200)

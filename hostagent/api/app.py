@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from hostagent import __version__
 from hostagent.api import admin_routes, metrics_export, usage_routes
 from hostagent.api.auth import Authenticator, Principal
 from hostagent.api.openapi import openapi_document
@@ -52,6 +53,7 @@ class Api:
         self.by_principal = RateLimiter(self.clock, cfg.rate_per_principal_s,
                                         cfg.burst_per_principal)
         self.requests: Counter[tuple[str, str]] = Counter()
+        self.started_monotonic_ns = self.clock.now().monotonic_ns  # uptime_seconds in health
 
     def _limit(self, limiter: RateLimiter, key: str, what: str) -> None:
         wait_s = limiter.take(key)
@@ -145,9 +147,18 @@ class Api:
             components["owners"] = oh
             if oh.get("state") not in ("fresh", "disabled"):
                 reasons.append(f"owner cache {oh.get('state')}")
-        status = "degraded" if reasons else "healthy"
-        return json_response({"status": status, "checked_at": iso(now_ns), "reasons": reasons,
-                              "components": components}, 503 if reasons else 200)
+        if self.view.rules_health is not None:
+            rh = dict(self.view.rules_health())
+            components["thresholds"] = rh
+            if rh.get("last_error"):
+                reasons.append("threshold rules: the last load was refused (previous set kept)")
+        # Upstream's shape (form-vm-metrics): "ok", uptime_seconds, version; plus ours.
+        status = "degraded" if reasons else "ok"
+        uptime_s = (self.clock.now().monotonic_ns - self.started_monotonic_ns) / 1e9
+        return json_response({"status": status, "uptime_seconds": round(uptime_s, 3),
+                              "version": __version__, "checked_at": iso(now_ns),
+                              "reasons": reasons, "components": components},
+                             503 if reasons else 200)
 
 
 def _check_scope(p: Principal, need: str) -> None:

@@ -40,6 +40,7 @@ class ViewCollector(Collector):
         yield from self._instances()
         yield from self._passes()
         yield from self._emission()
+        yield from self._rules()
         req = CounterMetricFamily("hostagent_api_requests", "API requests by route and class",
                                   labels=["route", "code"])
         for (route, code), n in sorted(self.api_counters.items()):
@@ -113,6 +114,26 @@ class ViewCollector(Collector):
                     g["gpu_util_percent"].add_metric(labels, u.gpu_util_avg)
         yield from g.values()
         yield from c.values()
+
+    def _rules(self) -> Iterator[Metric]:
+        if self.view.rules_health is None:
+            return
+        h = self.view.rules_health()
+        by = GaugeMetricFamily("hostagent_threshold_rules", "threshold rules in force by layer",
+                               labels=["source"])
+        for src, n in sorted(h.get("by_source", {}).items()):
+            by.add_metric([src], n)
+        yield by
+        yield CounterMetricFamily("hostagent_threshold_rule_loads_refused",
+                                  "rule loads refused (the previous set stayed in force)",
+                                  value=h.get("failures", 0))
+        yield GaugeMetricFamily("hostagent_threshold_rules_load_error",
+                                "1 while the last rules load was refused", value=int(
+                                    bool(h.get("last_error"))))
+        if h.get("central_age_s") is not None:
+            yield GaugeMetricFamily("hostagent_threshold_rules_central_age_seconds",
+                                    "age of the central rule set in force (stale-while-error)",
+                                    value=h["central_age_s"])
 
     def _passes(self) -> Iterator[Metric]:
         p = self.view.snapshot.pass_info

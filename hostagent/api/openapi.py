@@ -75,12 +75,25 @@ SCHEMAS: dict[str, Any] = {
                        "additionalProperties": {"type": "number"}},
             "instances": {"type": "array",
                           "items": {"$ref": "#/components/schemas/Instance"}}}}]},
-    "HealthStatus": {"type": "object", "required": ["status", "reasons", "components"],
-                     "properties": {"status": {"type": "string",
-                                               "enum": ["healthy", "degraded"]},
+    "HealthStatus": {"type": "object", "required": ["status", "uptime_seconds", "version",
+                                                    "reasons", "components"],
+                     "properties": {"status": {"type": "string", "enum": ["ok", "degraded"]},
+                                    "uptime_seconds": {"type": "number"},
+                                    "version": {"type": "string"},
                                     "checked_at": NULL_STR,
                                     "reasons": {"type": "array", "items": {"type": "string"}},
                                     "components": {"type": "object"}}},
+    "SystemMetrics": {"type": "object", "description": "form-vm-metrics' SystemMetrics",
+                      "required": ["timestamp", "instance_id", "account_id", "cpu", "memory",
+                                   "disks", "network", "gpus", "load"],
+                      "properties": {"timestamp": {"type": "integer"},
+                                     "instance_id": {"type": "string"},
+                                     "account_id": NULL_STR,
+                                     "cpu": {"type": "object"}, "memory": {"type": "object"},
+                                     "disks": {"type": "array", "items": {"type": "object"}},
+                                     "network": {"type": "object"},
+                                     "gpus": {"type": "array", "items": {"type": "object"}},
+                                     "load": {"type": "object"}}},
     "WebhookRequest": {"type": "object", "required": ["url", "event_types"],
                        "additionalProperties": False,
                        "properties": {"url": {"type": "string", "format": "uri"},
@@ -101,7 +114,10 @@ SCHEMAS: dict[str, Any] = {
                             "threshold_type": {}, "action": {"type": "string"},
                             "user_id": {"type": "string"}, "instance_id": NULL_STR,
                             "notification_channels": {"type": "array",
-                                                      "items": {"type": "string"}}}},
+                                                      "items": {"type": "string"}},
+                            "source": {"type": "string", "enum": ["central", "file", "api"],
+                                       "readOnly": True,
+                                       "description": "the layer the rule comes from"}}},
 }
 
 
@@ -136,8 +152,9 @@ def openapi_document() -> dict[str, Any]:
             "200": {"description": "text exposition",
                     "content": {"text/plain": {"schema": {"type": "string"}}}},
             **_errors(403)})},
-        "/get": {"get": _op("legacy: latest readings of every visible instance",
-                            {"200": _json(_ref("InstanceList")), **_errors(400, 403)},
+        "/get": {"get": _op("upstream's SystemMetrics of the instance named by instance_id, or "
+                            "of the only visible one (400 when several)",
+                            {"200": _json(_ref("SystemMetrics")), **_errors(400, 403, 404)},
                             params=FILTERS)},
         "/api/v1/health/status": {"get": _op("component health", {
             "200": _json(_ref("HealthStatus")), "503": _json(_ref("HealthStatus"), "degraded"),
@@ -178,8 +195,8 @@ def openapi_document() -> dict[str, Any]:
             "put": _op("create or replace (admin)", {
                 "200": _json(_ref("Rule")), "201": _json(_ref("Rule"), "created"),
                 **_errors(400, 403, 413, 415, 503)}, params=[_path("rule_id")], body="Rule"),
-            "delete": _op("remove (admin)", {"204": {"description": "removed"},
-                                             **_errors(403, 404, 503)},
+            "delete": _op("remove an API-written rule (admin; 409 for a file/central rule)",
+                          {"204": {"description": "removed"}, **_errors(403, 404, 409, 503)},
                           params=[_path("rule_id")])},
     }
     return {

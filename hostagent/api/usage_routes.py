@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from hostagent.api import seed_shapes
 from hostagent.api.auth import Principal
 from hostagent.api.problems import Problem, json_response
 from hostagent.api.view import RESOURCES, InstanceView, norm_principal, render_instance, sum_usage
@@ -160,10 +161,22 @@ class UsageRoutes:
         return json_response(self._page(self._visible(p, q), q, with_readings=True))
 
     async def legacy_get(self, request: Request, p: Principal) -> Response:
-        """GET /get: upstream's endpoint; the same list as /api/v1/metrics."""
+        """GET /get: upstream's single SystemMetrics (hostagent.api.seed_shapes) of the instance
+        named by `instance_id`, or of the only instance the caller sees (400 when several:
+        the list is /api/v1/metrics)."""
         if p.kind == "anonymous":  # configured open: the operator accepted host-wide exposure
             p = Principal("anonymous", frozenset({"read", "admin"}), "anonymous")
-        return await self.metrics_list(request, p)
+        q = self._q(request)
+        if q.instance_ids is not None and len(q.instance_ids) != 1:
+            raise Problem(400, "`instance_id` takes one value on /get")
+        visible = self._visible(p, q)
+        if not visible:
+            raise Problem(404, "no such instance on this host", kind="instance-not-found")
+        if len(visible) > 1:
+            raise Problem(400, f"{len(visible)} instances are visible: name one with "
+                               "?instance_id= (the list is /api/v1/metrics)",
+                          kind="instance-ambiguous")
+        return json_response(seed_shapes.system_metrics(visible[0]))
 
     async def metrics_instance(self, request: Request, p: Principal) -> Response:
         """GET /api/v1/metrics/instances/{id}: latest readings of one instance."""

@@ -155,6 +155,7 @@ class ApiView:
         owners_health: Callable[[], Mapping[str, Any]] | None = None,
         libvirt_health: Callable[[], Mapping[str, Any]] | None = None,
         emission_metrics: Callable[[], Any] | None = None,
+        rules_health: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.snapshot = Snapshot()
         self.authorized = authorized
@@ -162,6 +163,7 @@ class ApiView:
         self.owners_health = owners_health
         self.libvirt_health = libvirt_health
         self.emission_metrics = emission_metrics
+        self.rules_health = rules_health  # hostagent.alerts.rules_source.RulesSource.health
 
     def update(self, report: PassLike) -> None:
         """Daemon.on_pass callback: swap in the snapshot of this pass."""

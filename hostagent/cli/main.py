@@ -10,7 +10,7 @@ import orjson
 import trio
 
 from hostagent import __version__, logs
-from hostagent.alerts import rules_source
+from hostagent.alerts import channels, rules_source
 from hostagent.config.load import Config, load
 from hostagent.errors import ConfigError, DomainNotFound, HostAgentError
 
@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.add_argument("--quiet", "-q", action="store_true")
 
-    rules = sub.add_parser("check-rules", help="validate a threshold rules file and exit")
+    rules = sub.add_parser("check-rules", parents=[common],
+                           help="validate a threshold rules file against the configured sinks' "
+                                "channels, list those channels, and exit")
     rules.add_argument("file")
     rules.add_argument("--quiet", "-q", action="store_true")
 
@@ -71,8 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             cfg = load(args.file)
-            n_rules = (len(rules_source.load_rules(cfg.thresholds.rules_path))
-                       if cfg.thresholds.rules_path else None)
+            n_rules = None
+            if cfg.thresholds.rules_path:
+                found = rules_source.load_rules(cfg.thresholds.rules_path)
+                channels.check(found, channels.config_routes(cfg.sinks),
+                               source=cfg.thresholds.rules_path)
+                n_rules = len(found)
             if not args.quiet:
                 print(f"{args.file}: OK ({len(cfg.sinks)} sink(s): "
                       + ", ".join(f"{s.name} ({s.type})" for s in cfg.sinks) + ")"
@@ -80,9 +86,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                          else f"; {cfg.thresholds.rules_path}: {n_rules} rule(s)"))
             return 0
         if args.command == "check-rules":
-            n = len(rules_source.load_rules(args.file))
+            # Channels are checked against the sinks of an explicit --config (check-config always
+            # checks them): ansible validates the rules before it writes the config naming them.
+            config = getattr(args, "config", None)
+            routes = channels.config_routes(load(config).sinks) if config else None
+            found = rules_source.load_rules(args.file)
+            channels.check(found, routes, source=args.file)
             if not args.quiet:
-                print(f"{args.file}: OK ({n} rule(s))")
+                print(f"{args.file}: OK ({len(found)} rule(s))")
+                if routes is None:
+                    print("channels not checked: pass --config to check them against its sinks")
+                else:
+                    print("channels served by the configured sinks:")
+                    for ch, names in channels.served(routes).items():
+                        print(f"  {ch:<24} {', '.join(names)}")
             return 0
         cfg = _load(args.config)
         logs.setup(cfg.log.level, cfg.log.format, stream=sys.stderr

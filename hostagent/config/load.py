@@ -36,6 +36,7 @@ from hostagent.config.schema import (
     ThresholdsConfig,
 )
 from hostagent.config.sinks import (
+    EmailSinkConfig,
     JsonlSinkConfig,
     QueueSinkConfig,
     SinkConfig,
@@ -123,6 +124,7 @@ def reference() -> list[tuple[str, str, str]]:
     walk(JsonlSinkConfig, "sinks[jsonl]")
     walk(QueueSinkConfig, "sinks[formation-queue]")
     walk(WebhookSinkConfig, "sinks[webhook]")
+    walk(EmailSinkConfig, "sinks[email]")
     return rows
 
 

@@ -186,6 +186,21 @@ class ThresholdsConfig:
     rules_path: str = field(
         default="", metadata=_meta("rules file (JSON or TOML, both seed formats); reloaded on "
                                    "SIGHUP and when it changes; empty: no rules"))
+    api_rules_path: str = field(
+        default="", metadata=_meta("where rules written through /api/v1/thresholds are kept "
+                                   "(a layer over rules_path); empty: api-rules.json next to "
+                                   "collector.state_path"))
+    source_url: str = field(
+        default="", metadata=_meta("central rule set (http/https, JSON like the rules file), "
+                                   "pulled with ETag; the lowest layer (see README)"))
+    refresh_s: float = field(default=60.0, metadata=_meta("how often source_url is pulled",
+                                                          minimum=1, maximum=86400))
+    source_timeout_s: float = field(default=10.0, metadata=_meta("timeout of one pull",
+                                                                 minimum=0.1, maximum=300))
+    source_max_bytes: int = field(default=1 << 20, metadata=_meta(
+        "largest rule set accepted from source_url", minimum=1024, maximum=64 << 20))
+    source_signed: bool = field(default=False, metadata=_meta(
+        "sign pulls the Formation way with the node's key (owners.key_file)"))
     reload_check_s: float = field(
         default=5.0, metadata=_meta("how often the rules file's mtime is checked",
                                     minimum=0.1, maximum=3600))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hostagent.config.schema import _meta
+from hostagent.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,57 @@ class WebhookSinkConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
-SinkConfig = JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True, slots=True)
+class EmailSinkConfig:
+    """[[sinks]] type = "email": one mail per alert transition and recipient, over SMTP."""
+
+    type: Literal["email"] = "email"
+    name: str = field(default="email", metadata=_meta("sink name (unique)"))
+    channel: str = field(
+        default="email", metadata=_meta("the notification channel this sink answers to; a rule "
+                                        "naming `<channel>:<address>` mails that address"))
+    host: str = field(default="127.0.0.1", metadata=_meta("SMTP server"))
+    port: int = field(default=25, metadata=_meta("SMTP port (587 STARTTLS, 465 implicit TLS)",
+                                                 minimum=1, maximum=65535))
+    tls: Literal["starttls", "implicit", "none"] = field(
+        default="starttls", metadata=_meta("\"starttls\", \"implicit\" or \"none\" (loopback "
+                                           "servers only)"))
+    ca_file: str = field(default="", metadata=_meta("CA bundle for the server's certificate "
+                                                    "(empty: the system's)"))
+    sender: str = field(default="hostagent@localhost", metadata=_meta("From address"))
+    to: tuple[str, ...] = field(default=(), metadata=_meta(
+        "recipients of every alert this sink gets (a rule may add its own)"))
+    username: str = field(default="", metadata=_meta("SMTP AUTH user (empty: no AUTH)"))
+    password_file: str = field(default="", metadata=_meta(
+        "file holding the SMTP password (mode 0600 or stricter)"))
+    subject_prefix: str = field(default="[hostagent]", metadata=_meta(
+        "start of every subject, for mail filters"))
+    api_url: str = field(default="", metadata=_meta(
+        "this host's API base URL, for the link in each mail (empty: no link)"))
+    digest_after: int = field(default=5, metadata=_meta(
+        "more alerts than this for one recipient in one delivery batch go out as one digest",
+        minimum=1, maximum=10000))
+    journal_path: str = field(default="/var/lib/hostagent/email-sent.db", metadata=_meta(
+        "which (event, recipient) pairs were sent or refused: a retry never mails twice"))
+    timeout_s: float = field(default=30.0, metadata=_meta("SMTP timeout per command",
+                                                          minimum=0.1, maximum=600))
+    kinds: tuple[str, ...] = field(default=("threshold_violation",),
+                                   metadata=_meta("event kinds this sink receives"))
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+    def __post_init__(self) -> None:
+        if self.tls == "none" and self.host not in LOOPBACK_HOSTS:
+            raise ConfigError("[[sinks]] email", "tls", '"starttls" or "implicit" for a '
+                              "non-loopback server", self.tls,
+                              'tls = "none" is for a server on 127.0.0.1/::1 only')
+        if not self.channel or ":" in self.channel:
+            raise ConfigError("[[sinks]] email", "channel", "a name without ':'", self.channel)
+
+
+SinkConfig = JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | EmailSinkConfig
 SINK_TYPES: dict[str, type[Any]] = {"jsonl": JsonlSinkConfig, "formation-queue": QueueSinkConfig,
-                                    "webhook": WebhookSinkConfig}
+                                    "webhook": WebhookSinkConfig, "email": EmailSinkConfig}

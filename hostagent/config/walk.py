@@ -31,7 +31,7 @@ def build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
         kind = item.get("type")
         if kind not in SINK_TYPES:
             raise ConfigError(source, f"{key}.type", f"one of {sorted(SINK_TYPES)}", kind,
-                              'set type = "jsonl", "formation-queue" or "webhook"')
+                              'set type = "jsonl", "formation-queue", "webhook" or "email"')
         sink = build_table(SINK_TYPES[kind], item, source, key)
         if "name" not in item and sink.name in names:
             sink = dataclasses.replace(sink, name=f"{sink.name}-{i}")  # only to avoid a clash

@@ -59,7 +59,8 @@ def test_notify_alerts_carry_their_channels_for_routing() -> None:
     body = orjson.loads(ev.payload)
     # the payload is as it was: the channels and the action stay in it, the id is the same
     assert (body["action"], body["channels"]) == ("notify", ["queue", "webhook_0badc0de"])
-    assert list(body)[-2:] == ["channels", "action"]
+    assert list(body)[-3:] == ["channels", "action", "reason"]
+    assert body["reason"] == "value"
     (plain,) = transitions(CPU, [90.0])
     assert ev.event_id == alerts.build_alert_event(plain, OWNER, "host-a",
                                                    time_format="unix").event_id

@@ -65,7 +65,8 @@ def test_every_operation_documents_its_errors() -> None:
 @pytest.mark.parametrize(("path", "doc_path", "status"), [
     ("/api/v1/metrics", "/api/v1/metrics", 200),
     ("/api/v1/metrics?fields=instance_id,period", "/api/v1/metrics", 200),
-    ("/get", "/get", 200),
+    ("/get?instance_id=i-a1", "/get", 200),
+    ("/get", "/get", 400),
     ("/api/v1/metrics/instances/i-a1", "/api/v1/metrics/instances/{instance_id}", 200),
     ("/api/v1/usage/instances/i-a1/current",
      "/api/v1/usage/instances/{instance_id}/current", 200),

@@ -54,8 +54,24 @@ def test_check_rules_and_check_config_validate_the_rules(
     good.write_text('[{"resource_type": "storage", "threshold_type": "absolute", '
                     '"threshold_value": 500, "units": "GB", "action": "notify", '
                     '"user_id": "*", "notification_channels": ["queue"]}]')
-    assert main(["check-rules", str(good)]) == 0
-    assert "1 rule(s)" in capsys.readouterr().out
+    sinks = tmp_path / "sinks.toml"
+    sinks.write_text('[[sinks]]\ntype = "formation-queue"\n[[sinks]]\ntype = "email"\n'
+                     'to = ["ops@example.test"]\n')
+    assert main(["check-rules", str(good), "--config", str(sinks)]) == 0
+    out = capsys.readouterr().out
+    assert "1 rule(s)" in out
+    assert "queue" in out and "email" in out  # the channels and the sinks serving them
+    # no silent channel: without a queue sink the same rule is refused, naming the channel
+    bare = tmp_path / "bare.toml"
+    bare.write_text('[[sinks]]\ntype = "jsonl"\n')
+    assert main(["check-rules", str(good), "--config", str(bare)]) == 2
+    assert "'queue'" in capsys.readouterr().err
+    assert main(["check-rules", str(good)]) == 0  # no --config: channels are not checked
+    assert "not checked" in capsys.readouterr().out
+    cfg_bare = tmp_path / "bare-rules.toml"
+    cfg_bare.write_text(f'[thresholds]\nrules_path = "{good}"\n[[sinks]]\ntype = "jsonl"\n')
+    assert main(["check-config", str(cfg_bare)]) == 2  # check-config always checks them
+    assert "'queue'" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text('[{"resource_type": "storage", "threshold_type": "absolute", '
                    '"threshold_value": 500, "units": "percent", "action": "notify", '

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 from hostagent.clock import Clock
 from hostagent.config.sinks import (
     BreakerConfig,
+    EmailSinkConfig,
     JsonlSinkConfig,
     QueueSinkConfig,
     RetryConfig,
@@ -126,7 +127,7 @@ class Sink(Protocol):
         ...
 
 
-def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig, *,
+def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | EmailSinkConfig, *,
                clock: Clock | None = None, webhook_store: WebhookStore | None = None) -> Sink:
     """The sink a `[[sinks]]` entry describes (nothing is opened until the first send).
 
@@ -144,6 +145,10 @@ def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig, *,
         from hostagent.delivery.sinks.jsonl import JsonlSink
 
         return JsonlSink(cfg)
+    if isinstance(cfg, EmailSinkConfig):
+        from hostagent.delivery.sinks.email import EmailSink
+
+        return EmailSink(cfg)
     from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 
     return FormationQueueSink(cfg)
