@@ -5,9 +5,9 @@ Per sample, for every domain of the last pass (or of a STARTED lifecycle read):
 * CPU: the VM cgroup's v2 `cpu.stat` `usage_usec` (v1: `cpuacct.usage`) through the pass's
   kept-open descriptors (sources/fdcache.py: one pread, and a removed cgroup fails the read
   instead of answering for another process);
-* tap bytes: ONE netlink link dump for all domains (sources/net.py), matched by tap name and
-  keyed by MAC like the pass (`nic_counters`), with the ifindex kept so a re-created tap is
-  never compared with the old one;
+* tap bytes: ONE netlink RTM_GETSTATS dump for all domains (sources/netstats.py: only the
+  64-bit counters, by ifindex), for the NICs the last full reading matched to a tap: the
+  ifindex is the key, so a re-created tap is reported missing, never compared with the old;
 * disk bytes: the cgroup v2 `io.stat` Σ rbytes/wbytes, only when the io controller is on for
   the VM cgroups (`LightTarget.io_stat`); libvirt's per-disk bytes stay on the full pass.
 
@@ -19,7 +19,7 @@ pass's FdCache (one descriptor per file; the pass's `sweep()` closes those of go
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,15 +30,31 @@ from hostagent.model import Nic, NicCounters
 from hostagent.sources.cgroup import CgroupPaths, _sum_io_stat
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot, kv_value
-from hostagent.sources.net import LinkStats, nic_counters
 
 
 class LinkReader(Protocol):
-    """LinkStatsReader (netlink) or SysfsLinkReader: links by name."""
+    """sources/netstats.LinkStats64Reader: (rx_bytes, tx_bytes) by ifindex."""
 
-    def read(self) -> dict[str, LinkStats]:
-        """All links by name."""
+    def read(self) -> dict[int, tuple[int, int]]:
+        """Host-side counters of every link by ifindex."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class LightNic:
+    """A NIC the last full reading matched to a host link; `shares_view`: macvtap (no swap)."""
+
+    mac: str
+    ifname: str | None
+    ifindex: int
+    shares_view: bool = False
+
+
+def light_nics(nics: Sequence[Nic], counters: Sequence[NicCounters]) -> tuple[LightNic, ...]:
+    """The NICs of a full reading that a light sample can follow (those read, with an ifindex)."""
+    kinds = {n.mac.lower(): n.kind for n in nics}
+    return tuple(LightNic(c.mac, c.ifname, c.ifindex, kinds.get(c.mac.lower()) == "direct")
+                 for c in counters if c.ifindex is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +65,11 @@ class LightTarget:
     domid: int
     cpu_file: str | None  # <vm cgroup>/cpu.stat (v2) or <vm cgroup>/cpuacct.usage (v1)
     io_stat: str | None  # <vm cgroup>/io.stat when the v2 io controller is on, else None
-    nics: tuple[Nic, ...] = ()
+    nics: tuple[LightNic, ...] = ()
 
 
-def target_for(uuid: str, domid: int, paths: CgroupPaths, nics: Sequence[Nic]) -> LightTarget:
+def target_for(uuid: str, domid: int, paths: CgroupPaths,
+               nics: Sequence[LightNic]) -> LightTarget:
     """The light target of a domain whose cgroups the pass located (`cgroup.locate`)."""
     cpu_file: str | None = None
     if paths.cpu is not None:
@@ -90,27 +107,35 @@ class LightSampler:
     def sample(self, targets: Sequence[LightTarget]) -> dict[str, LightReading]:
         """One LightReading per target, by uuid; a counter that cannot be read is None."""
         t_wall_ns = self._clock.now().wall_ns
-        links: Mapping[str, LinkStats] = {}
+        links: dict[int, tuple[int, int]] = {}
         links_error: str | None = None
-        if self._links is not None and any(t.nics for t in targets):
-            try:
-                links = self._links.read()
-            except SourceError as err:
-                links_error = f"link dump failed: {err}"
+        if any(t.nics for t in targets):
+            if self._links is None:
+                links_error = "no link reader"
+            else:
+                try:
+                    links = self._links.read()
+                except SourceError as err:
+                    links_error = f"link stats dump failed: {err}"
         out: dict[str, LightReading] = {}
         for t in targets:
             missing: dict[str, str] = {}
-            nics: tuple[NicCounters, ...] = ()
             cpu_ns = self._cpu(t, missing)
             io = self._io(t, missing) if t.io_stat is not None else None
-            if links_error is not None or self._links is None:
-                why = links_error or "no link reader"
-                missing.update({f"net:{n.mac}": why for n in t.nics})
-            else:
-                nics, nic_missing = nic_counters(t.nics, links)
-                missing.update(nic_missing)
+            nics: list[NicCounters] = []
+            for n in t.nics:
+                counters = links.get(n.ifindex)
+                if counters is None:
+                    missing[f"net:{n.mac}"] = links_error or f"ifindex {n.ifindex} gone"
+                    continue
+                rx, tx = counters
+                # A tap mirrors the guest (host rx = guest tx); a macvtap shares its view.
+                nics.append(NicCounters(n.mac, n.ifname, n.ifindex,
+                                        guest_rx_bytes=rx if n.shares_view else tx,
+                                        guest_tx_bytes=tx if n.shares_view else rx,
+                                        source="netlink-stats64"))
             out[t.uuid] = LightReading(uuid=t.uuid, domid=t.domid, t_wall_ns=t_wall_ns,
-                                       cpu_ns=cpu_ns, nics=nics, io=io, missing=missing)
+                                       cpu_ns=cpu_ns, nics=tuple(nics), io=io, missing=missing)
         return out
 
     def _read(self, rel: str, key: str, missing: dict[str, str]) -> str | None:

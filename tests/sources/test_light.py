@@ -6,14 +6,22 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import socket
 from pathlib import Path
 
 from hostagent.clock import FakeClock
-from hostagent.model import Nic
+from hostagent.model import Nic, NicCounters
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
-from hostagent.sources.light import LightSampler, LightTarget, cpu_ns_of
-from hostagent.sources.net import LinkStatsReader, SysfsLinkReader
+from hostagent.sources.light import (
+    LightNic,
+    LightSampler,
+    LightTarget,
+    cpu_ns_of,
+    light_nics,
+)
+from hostagent.sources.net import LinkStatsReader
+from hostagent.sources.netstats import LinkStats64Reader
 from tests.sources.conftest import RealCgroups
 
 MAC = "52:54:00:00:00:01"
@@ -92,25 +100,55 @@ def test_real_cgroup_cpu_through_kept_descriptors(real_cgroups: RealCgroups) -> 
         fds.close()
 
 
-def test_tree_io_stat_and_one_netlink_dump(tmp_path: Path) -> None:
+def test_stats64_dump_agrees_with_the_link_dump() -> None:
+    full, light = LinkStatsReader(), LinkStats64Reader()
+    try:
+        for _ in range(20):  # counters move between the two dumps; retry for a quiet moment
+            by_name, by_index = full.read(), light.read()
+            if {v.ifindex: (v.rx_bytes, v.tx_bytes) for v in by_name.values()} == by_index:
+                break
+        assert {v.ifindex: (v.rx_bytes, v.tx_bytes) for v in by_name.values()} == by_index
+    finally:
+        full.close()
+        light.close()
+
+
+def test_light_nics_follow_what_the_full_reading_matched() -> None:
+    nics = (Nic(MAC, "ethernet", "tap0"), Nic("52:54:00:00:00:09", "direct", "macvtap0"),
+            Nic("52:54:00:00:00:0a", "ethernet", "tap9"))
+    counters = (NicCounters(MAC, "tap0", 5, 1, 2, "netlink"),
+                NicCounters("52:54:00:00:00:09", "macvtap0", 6, 1, 2, "netlink"))
+    assert light_nics(nics, counters) == (LightNic(MAC, "tap0", 5, False),
+                                          LightNic("52:54:00:00:00:09", "macvtap0", 6, True))
+
+
+def test_tree_io_stat_and_one_stats_dump(tmp_path: Path) -> None:
     vm = tmp_path / "sys/fs/cgroup/machine.slice/vm.scope/libvirt"
     vm.mkdir(parents=True)
     (vm / "cpu.stat").write_text("usage_usec 5000\nuser_usec 1\nsystem_usec 1\n")
     (vm / "io.stat").write_text("253:0 rbytes=100 wbytes=200 rios=1 wios=1\n"
                                 "253:1 rbytes=1 wbytes=2 rios=1 wios=1\n")
     rel = "/sys/fs/cgroup/machine.slice/vm.scope/libvirt"
-    nics = (Nic(MAC, "ethernet", "lo"), Nic("52:54:00:00:00:02", "ethernet", "nope0"))
-    links = LinkStatsReader()
+    lo_index = socket.if_nametoindex("lo")
+    nics = (LightNic(MAC, "lo", lo_index), LightNic("52:54:00:00:00:02", "gone0", 99999))
+    links = LinkStats64Reader()
     sampler = LightSampler(HostRoot(tmp_path), fds=FdCache(), links=links, clock=FakeClock())
     try:
         got = sampler.sample([LightTarget("u-1", 3, f"{rel}/cpu.stat", f"{rel}/io.stat",
                                           nics)])["u-1"]
+        after = links.read()[lo_index]
     finally:
         links.close()
     assert got.cpu_ns == 5_000_000 and got.io is not None
     assert (got.io.read_bytes, got.io.write_bytes) == (101, 202)
-    lo = SysfsLinkReader(HostRoot("/")).read(["lo"])["lo"]
-    assert [n.mac for n in got.nics] == [MAC] and got.nics[0].ifindex == lo.ifindex
-    assert got.nics[0].guest_tx_bytes <= (lo.rx_bytes or 0)  # read before sysfs
-    assert "not found" in got.missing["net:52:54:00:00:00:02"]
+    assert [n.mac for n in got.nics] == [MAC] and got.nics[0].ifindex == lo_index
+    assert got.nics[0].guest_tx_bytes <= after[0]  # host rx = guest tx, read before `after`
+    assert "ifindex 99999 gone" in got.missing["net:52:54:00:00:00:02"]
     assert got.t_wall_ns == FakeClock().now().wall_ns and got.domid == 3
+
+
+def test_without_a_link_reader_nics_are_missing_not_zero(tmp_path: Path) -> None:
+    sampler = LightSampler(HostRoot(tmp_path), fds=FdCache(), links=None, clock=FakeClock())
+    got = sampler.sample([LightTarget("u-1", 3, None, None, (LightNic(MAC, "t", 4),))])["u-1"]
+    assert got.nics == () and got.cpu_ns is None
+    assert got.missing == {"cpu": "no per-VM cpu cgroup", f"net:{MAC}": "no link reader"}
