@@ -268,3 +268,28 @@ def test_migration_bills_source_to_the_pause_and_destination_from_its_own_zero(
     assert {u.instance_id for u, _ in src.events + dst.events} == {"i-1"}
     # Two processes, two hosts: event ids never collide, so no sink dedupes one away.
     assert not {e for _, e in src.events} & {e for _, e in dst.events}
+
+
+def test_a_daemon_killed_between_a_lifecycle_read_and_the_next_pass_bills_nothing_twice() -> None:
+    """kill -9 loses the in-memory tail: the stored baseline is unchanged, so the restarted
+    daemon bills a still-running domain from it (no loss) and a gone one not at all (the loss
+    of polling alone); replaying the lost close-out could never bill more than once."""
+    start = CREATED - 600 * S
+    host = Host("h1", CREATED)
+    host.full_read(sample(T0, 10 * S, started=start), committed=True)
+    host.full_read(sample(T0 + 30 * S, 40 * S, started=start), committed=True)
+    stored = host.baseline
+    host.light_read(light(T0 + 45 * S, 55 * S))  # SUSPENDED: read before gone ... then kill -9
+    restarted = Host("h1", CREATED, baseline=stored, events=list(host.events))
+    restarted.full_read(sample(T0 + 60 * S, 70 * S, started=start), committed=True)
+    assert sum(u.cpu_ns for u, _ in restarted.events) == 60 * S  # T0..T0+60: all, once
+    gone = Host("h1", CREATED, baseline=stored, events=list(host.events))
+    gone.gone("DESTROYED")  # the domain died meanwhile: no tail survived, nothing new billed
+    assert sum(u.cpu_ns for u, _ in gone.events) == 30 * S
+    # The close-out the first daemon would have committed is the same event every time.
+    host.gone("DESTROYED")
+    again = Host("h1", CREATED, baseline=stored,
+                 anchor=sample(T0 + 30 * S, 40 * S, started=start),
+                 latest=light(T0 + 45 * S, 55 * S))
+    again.gone("DESTROYED")
+    assert again.events[-1][1] == host.events[-1][1]  # same event_id: a sink dedupes it
