@@ -123,14 +123,16 @@ class LifecycleWatcher:
         started = False
         while True:
             closed = trio.Event()
+            gave_up = threading.Event()  # an abandoned attempt closes what it opens late
             conn: Any = None
             with trio.move_on_after(self._connect_timeout_s):
                 try:
                     conn = await trio.to_thread.run_sync(
-                        self._subscribe, token, send, closed, abandon_on_cancel=True)
+                        self._subscribe, token, send, closed, gave_up, abandon_on_cancel=True)
                 except Exception as err:  # libvirtError, or anything a connector raises
                     self.last_error = f"{type(err).__name__}: {err}"
             if conn is None:
+                gave_up.set()
                 failures += 1
                 self.state = "down"
                 log.warning("lifecycle events: cannot subscribe",
@@ -169,8 +171,11 @@ class LifecycleWatcher:
     # --- libvirt's side (worker thread, then the event-loop thread) ---------------------------
 
     def _subscribe(self, token: trio.lowlevel.TrioToken, send: trio.MemorySendChannel[Message],
-                   closed: trio.Event) -> Any:
+                   closed: trio.Event, gave_up: threading.Event) -> Any:
         conn = self._connector(self.uri)
+        if gave_up.is_set():  # trio stopped waiting (timeout, cancel): nobody would close it
+            _close_quietly(conn)
+            return None
         try:
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                         self._callback(token, send), None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 
@@ -152,3 +153,44 @@ async def test_resubscribes_after_the_connection_dies(proxy: SocketProxy, how: s
         actor.close()
         proxy.close()
     assert watcher.connects == 2
+
+
+async def test_failed_and_late_connections_neither_stall_nor_duplicate() -> None:
+    """The first attempt answers after the connect timeout (abandoned: it must close what it
+    opened, or its callback would deliver every event twice), the second fails, the third
+    subscribes; `run` reports started after the first failure, not after the subscription."""
+    attempts: list[float] = []
+
+    def connector(uri: str) -> libvirt.virConnect:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            time.sleep(0.6)
+        elif len(attempts) == 2:
+            raise libvirt.libvirtError("refused")
+        return libvirt.open(uri)
+
+    watcher = LifecycleWatcher("test:///default", clock=SystemClock(), connector=connector,
+                               connect_timeout_s=0.3, reconnect_max_s=0.5)
+    send, recv = trio.open_memory_channel[Message](100)
+    name = f"lc-{uuid.uuid4().hex[:8]}"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run, send)
+            assert watcher.state == "down"
+            first = await recv.receive()
+            assert isinstance(first, Reconnected) and len(attempts) == 3
+            conn = libvirt.open("test:///default")
+            await trio.to_thread.run_sync(_life(conn, name))
+            events = await _collect(recv, name, 4)
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+    conn.close()
+    assert _kinds(events) == LIFE
+    leftovers = []
+    while True:
+        try:
+            leftovers.append(recv.receive_nowait())
+        except trio.WouldBlock:
+            break
+    assert not [m for m in leftovers if isinstance(m, LifecycleEvent) and m.name == name]
+    assert watcher.connects == 1

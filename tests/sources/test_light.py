@@ -19,6 +19,7 @@ from hostagent.sources.light import (
     LightTarget,
     cpu_ns_of,
     light_nics,
+    target_for,
 )
 from hostagent.sources.net import LinkStatsReader
 from hostagent.sources.netstats import LinkStats64Reader
@@ -152,3 +153,16 @@ def test_without_a_link_reader_nics_are_missing_not_zero(tmp_path: Path) -> None
     got = sampler.sample([LightTarget("u-1", 3, None, None, (LightNic(MAC, "t", 4),))])["u-1"]
     assert got.nics == () and got.cpu_ns is None
     assert got.missing == {"cpu": "no per-VM cpu cgroup", f"net:{MAC}": "no link reader"}
+
+
+def test_targets_from_located_cgroups() -> None:
+    from hostagent.sources.cgroup import CgroupPaths, ControllerDir
+
+    v2 = CgroupPaths(cpu=ControllerDir("/cg/vm", 2), memory=None, io=ControllerDir("/cg/vm", 2),
+                     unified="/cg/vm")
+    t = target_for("u", 4, v2, (LightNic(MAC, "tap0", 5),))
+    assert (t.cpu_file, t.io_stat) == ("/cg/vm/cpu.stat", "/cg/vm/io.stat")
+    v1 = CgroupPaths(cpu=ControllerDir("/cpuacct/vm", 1), memory=None,
+                     io=ControllerDir("/blkio/vm", 1), unified=None)
+    t1 = target_for("u", 4, v1, ())
+    assert (t1.cpu_file, t1.io_stat) == ("/cpuacct/vm/cpuacct.usage", None)  # v1 blkio: no
