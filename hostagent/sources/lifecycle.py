@@ -123,20 +123,12 @@ class LifecycleWatcher:
         started = False
         while True:
             closed = trio.Event()
-            gave_up = threading.Event()  # an abandoned attempt closes what it opens late
-            conn: Any = None
-            with trio.move_on_after(self._connect_timeout_s):
-                try:
-                    conn = await trio.to_thread.run_sync(
-                        self._subscribe, token, send, closed, gave_up, abandon_on_cancel=True)
-                except Exception as err:  # libvirtError, or anything a connector raises
-                    self.last_error = f"{type(err).__name__}: {err}"
+            conn = await self._connect_once(token, send, closed)
             if conn is None:
-                gave_up.set()
                 failures += 1
                 self.state = "down"
                 log.warning("lifecycle events: cannot subscribe",
-                            extra={"uri": self.uri, "error": self.last_error or "timeout"})
+                            extra={"uri": self.uri, "error": self.last_error})
                 if not started:
                     task_status.started()
                     started = True
@@ -158,6 +150,26 @@ class LifecycleWatcher:
             self.state = "down"
             log.warning("lifecycle events: connection lost, resubscribing",
                         extra={"uri": self.uri})
+
+    async def _connect_once(self, token: trio.lowlevel.TrioToken,
+                            send: trio.MemorySendChannel[Message], closed: trio.Event) -> Any:
+        """A subscribed connection, or None (`last_error` says why)."""
+        gave_up = threading.Event()  # an abandoned attempt closes what it opens late
+        conn: Any = None
+        try:
+            with trio.move_on_after(self._connect_timeout_s):
+                try:
+                    conn = await trio.to_thread.run_sync(
+                        self._subscribe, token, send, closed, gave_up, abandon_on_cancel=True)
+                except Exception as err:  # libvirtError, or anything a connector raises
+                    self.last_error = f"{type(err).__name__}: {err}"
+                    return None
+            if conn is None:
+                self.last_error = f"no answer within {self._connect_timeout_s} s"
+            return conn
+        finally:
+            if conn is None:  # timed out, failed or cancelled
+                gave_up.set()
 
     async def _until_lost(self, conn: Any, closed: trio.Event) -> None:
         """Return when the close callback fired or the connection is no longer alive."""
