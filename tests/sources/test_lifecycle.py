@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import libvirt
 import pytest
@@ -112,15 +112,19 @@ async def test_events_of_the_in_process_test_driver() -> None:
 
 
 @pytest.fixture
-def proxy() -> SocketProxy:
+def proxy() -> Iterator[SocketProxy]:
     if not os.path.exists(LIBVIRTD_SOCK) or not os.access(LIBVIRTD_SOCK, os.W_OK):
         unavailable(f"no writable libvirtd socket at {LIBVIRTD_SOCK}")
     try:
         libvirt.open("test+unix:///default").close()
     except libvirt.libvirtError as err:
         unavailable(f"libvirtd has no test driver: {err}")
-    path = os.path.join(tempfile.mkdtemp(prefix="hostagent-lc-"), "sock")
-    return SocketProxy(path, LIBVIRTD_SOCK)
+    with tempfile.TemporaryDirectory(prefix="hostagent-lc-") as tmp:
+        proxy = SocketProxy(os.path.join(tmp, "sock"), LIBVIRTD_SOCK)
+        try:
+            yield proxy
+        finally:
+            proxy.close()
 
 
 @pytest.mark.parametrize("how", ["cut", "freeze"])
