@@ -1,0 +1,121 @@
+"""Tap byte counters for light samples: ONE RTM_GETSTATS dump, 64-bit link stats by ifindex.
+
+The pass's RTM_GETLINK dump (sources/net.py) carries ~40 attributes per link (name, MAC, kind,
+...), and decoding them costs ~11 µs per link; a light sample only needs the byte counters of
+links the pass already matched to NICs, by ifindex. RTM_GETSTATS with the
+IFLA_STATS_LINK_64 filter answers exactly that: per link an `if_stats_msg` and one
+`rtnl_link_stats64`, nothing else (kernel >= 4.7). Keying by ifindex is also the safe key:
+a tap deleted and re-created gets a new ifindex, so it is reported missing, never compared
+with the old tap's counters. Blocking: call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+
+from hostagent.errors import SourceError, SourceTimeout
+
+_NETLINK_ROUTE = 0
+_RTM_NEWSTATS, _RTM_GETSTATS = 92, 94
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_IFLA_STATS_LINK_64 = 1
+_FILTER_LINK_64 = 1 << (_IFLA_STATS_LINK_64 - 1)
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IF_STATS_MSG = struct.Struct("=BBHII")  # family, pad1, pad2, ifindex, filter_mask
+# Header, if_stats_msg (ifindex at 20, filter_mask), nlattr (type at 30), stats64 from 32.
+_STATS_MSG = struct.Struct("=16x4xI4x2xH16xQQ")
+_ERRNO = struct.Struct("=i")
+_RECV_BYTES = 65536
+
+
+def dump_stats64(sock: socket.socket, seq: int) -> dict[int, tuple[int, int]]:
+    """(rx_bytes, tx_bytes) of every link by ifindex, from one RTM_GETSTATS dump on `sock`."""
+    req = _IF_STATS_MSG.pack(socket.AF_UNSPEC, 0, 0, 0, _FILTER_LINK_64)
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), _RTM_GETSTATS,
+                             _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + req)
+    out: dict[int, tuple[int, int]] = {}
+    unpack_hdr = _NLMSGHDR.unpack_from
+    unpack_stats = _STATS_MSG.unpack_from
+    need = _STATS_MSG.size
+    while True:
+        data = sock.recv(_RECV_BYTES)
+        if not data:
+            raise SourceError("netlink stats dump: socket closed")
+        off, end = 0, len(data)
+        while off + 16 <= end:
+            mlen, mtype, _, mseq, _ = unpack_hdr(data, off)
+            if mlen < 16 or off + mlen > end:
+                raise SourceError("netlink stats dump: malformed message header")
+            if mseq == seq:
+                if mtype == _RTM_NEWSTATS and mlen >= need:
+                    ifindex, atype, rx, tx = unpack_stats(data, off)
+                    if atype == _IFLA_STATS_LINK_64:
+                        out[ifindex] = (rx, tx)
+                elif mtype == _NLMSG_DONE:
+                    return out
+                elif mtype == _NLMSG_ERROR:
+                    code = -_ERRNO.unpack_from(data, off + 16)[0]
+                    raise SourceError(f"netlink stats dump refused: {os.strerror(code)}")
+            off += (mlen + 3) & ~3
+
+
+class LinkStats64Reader:
+    """`read()`: (rx_bytes, tx_bytes) by ifindex, one dump per call on a kept-open socket."""
+
+    def __init__(self, netns: str | None = None, timeout_s: float = 5.0) -> None:
+        self._netns = netns
+        self._timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            if self._netns is None:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                     _NETLINK_ROUTE)
+            else:
+                from pyroute2 import netns as pr_netns  # heavy; only to enter a named netns
+
+                sock = pr_netns.create_socket(self._netns, family=socket.AF_NETLINK,
+                                              socket_type=socket.SOCK_RAW,
+                                              proto=_NETLINK_ROUTE, flags=0)
+            sock.settimeout(self._timeout_s)
+            sock.bind((0, 0))
+            self._sock = sock
+        return self._sock
+
+    def read(self) -> dict[int, tuple[int, int]]:
+        """Counters by ifindex; SourceTimeout past `timeout_s`, SourceError on failure."""
+        if not self._lock.acquire(blocking=False):
+            raise SourceError("a previous stats dump is still running")
+        try:
+            for attempt in (1, 2):
+                self._seq = self._seq % 0x7FFFFFFF + 1
+                try:
+                    return dump_stats64(self._socket(), self._seq)
+                except TimeoutError as err:
+                    self._drop()
+                    raise SourceTimeout(f"stats dump: no answer in {self._timeout_s} s") from err
+                except (OSError, SourceError) as err:
+                    self._drop()  # a fresh socket fixes one left mid-dump; retry once
+                    if attempt == 2:
+                        raise SourceError(f"stats dump failed: {err}") from err
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self._lock.release()
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        """Close the socket (a later read() opens a new one)."""
+        with self._lock:
+            self._drop()
