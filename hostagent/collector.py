@@ -22,7 +22,7 @@ from typing import Protocol
 
 import trio
 
-from hostagent.accounting import identity, inventory, ledger
+from hostagent.accounting import identity, inventory, ledger, tails, unattributed
 from hostagent.accounting.readings import (
     Accounting,
     DomainReading,
@@ -48,6 +48,7 @@ from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu import GpuReadings, GpuSource
 from hostagent.sources.libvirt import LibvirtSource
+from hostagent.sources.unattributed import parent_cpu_stat, read_parent_cpu_ns
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ class Collector:
         self.limiter = limiter
         # Disk bytes come from libvirt (v1 blkio stays 0 on kernel 6.x): never read cgroup io.
         # Kept-open cgroup files, across passes; whoever owns the collector calls close().
+        self.fds = FdCache()  # shared with the light sampler (hostagent/tailing.py)
         self.cgroups = cgroup_src.CgroupReader(HostRoot(cfg.paths.root), io=False,
-                                               pressure=cfg.collector.pressure, fds=FdCache())
+                                               pressure=cfg.collector.pressure, fds=self.fds)
         self.files = DomainFiles(HostRoot(cfg.paths.root), cgroup_root=cfg.paths.cgroup_root,
                                  pressure=cfg.collector.pressure, cgroups=self.cgroups,
                                  links=link_reader)
@@ -130,6 +132,14 @@ class Collector:
         self.last: PassReport | None = None
         self._passes = 0
         self.last_ok_wall_ns: int | None = None
+        # The billing tail (docs/billing-tail.md): one reader at a time (pass, lifecycle read,
+        # light sample); per incarnation the last readings since the pass, closed out by it.
+        self.reading = trio.Lock()
+        self.tails: dict[tails.Key, tails.Tail] = {}
+        self.closeouts_total: Counter[str] = Counter()
+        self.unattributed: unattributed.UnattributedCpu | None = None
+        self._parent_cpu: str | None = parent_cpu_stat(HostRoot(cfg.paths.root),
+                                                       cfg.paths.cgroup_root)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -317,7 +327,13 @@ class Collector:
             unassigned=self.cfg.owners.unassigned, name_is_build_id=c.instance_id == "formation")
 
     async def _pass(self, report: PassReport) -> None:
+        async with self.reading:
+            await self._pass_locked(report)
+
+    async def _pass_locked(self, report: PassReport) -> None:
         host = await self.read_host()
+        parent_ns = await self._read_parent_cpu()
+        closing = tails.ended(self.tails, host)
         self.note_errors(host.errors, {r.uuid for r in host.domains})
         report.libvirt_path, report.timed_out = host.path, host.timed_out
         report.read_errors = host.errors
@@ -325,7 +341,7 @@ class Collector:
             self.baselines, host.domains, owners=self.owners, settings=self.settings(),
             now_ns=host.t_wall_ns, rules=self.rules.index if self.rules is not None else None,
             alert_states=self.alert_states, gate=self.storm,
-            retired=self.rules.retired if self.rules is not None else None)
+            retired=self.rules.retired if self.rules is not None else None, closing=closing)
         if self.storm is not None and self.storm.dirty:  # buckets go in the same transaction
             acc = dataclasses.replace(acc, alert_changes={
                 **acc.alert_changes, alerts.STORM_KEY: self.storm.to_bytes()})
@@ -343,6 +359,13 @@ class Collector:
             self.alert_states = dict(acc.alert_states)
             if self.rules is not None:  # their resolved notices are committed now
                 self.rules.forget_retired(acc.retired)
+            self.tails = tails.after_pass(self.tails, host, [c.key for c in closing])
+        for c in closing:
+            self.closeouts_total[c.reason] += 1
+        self.unattributed = unattributed.advance(
+            self.unattributed, parent_ns, host.t_wall_ns, acc.usages,
+            settled=unattributed.settled(acc.usages, host.errors))
+        report.unattributed = self.unattributed
         report.committed = True
         report.domains = len(samples)
         report.events = len(acc.events)
@@ -352,6 +375,17 @@ class Collector:
         self._passes += 1
         if self._passes % OWNER_RETAIN_EVERY_PASSES == 0:
             self.owners.retain({s.instance_id for s in samples})
+
+    async def _read_parent_cpu(self) -> int | None:
+        """The VMs' parent cgroup's CPU (v2), None without one or when unreadable."""
+        if self._parent_cpu is None:
+            return None
+        try:
+            return await trio.to_thread.run_sync(
+                read_parent_cpu_ns, HostRoot(self.cfg.paths.root), self._parent_cpu, self.fds,
+                limiter=self.limiter)
+        except SourceError:
+            return None
 
     @staticmethod
     def _commit(store: PassStore, acc: Accounting) -> None:

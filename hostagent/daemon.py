@@ -42,6 +42,7 @@ from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.store.outbox import Store
 from hostagent.store.webhooks import WebhookStore
+from hostagent.tailing import TailTasks
 
 log = logging.getLogger(__name__)
 # Longest a pass waits for API requests in flight before it starts reading counters.
@@ -88,6 +89,7 @@ class Daemon:
     api_stop: trio.Event = field(default_factory=trio.Event)
     api_done: trio.Event = field(default_factory=trio.Event)
     api_urls: list[str] = field(default_factory=list)
+    tail: TailTasks | None = None  # lifecycle events and light samples (the billing tail)
 
     @classmethod
     def build(cls, cfg: Config, *, clock: Clock | None = None,
@@ -119,7 +121,8 @@ class Daemon:
         delivery = Delivery(store, sinks, clock, cfg)
         daemon = cls(cfg=cfg, clock=clock, store=store, collector=collector, delivery=delivery,
                      owners=owners, libvirt=lv, config_path=config_path, rules=rules,
-                     webhooks=hooks, sinks=sinks, central_rules=central_rules)
+                     webhooks=hooks, sinks=sinks, central_rules=central_rules,
+                     tail=TailTasks(collector, clock=clock))
         if cfg.api.enabled:
             # Imported only when enabled: the web stack costs ~120 ms of start-up otherwise.
             from hostagent.alerts.rule_store import LayeredRuleStore
@@ -170,6 +173,8 @@ class Daemon:
                     await nursery.start(self.owners.run)
                 if self.api_app is not None:
                     self.api_urls = await nursery.start(self._api)
+                if self.tail is not None:
+                    await nursery.start(self.tail.run)
                 nursery.start_soon(self._signals)
                 task_status.started()
                 await self._collect_loop(passes)

@@ -30,6 +30,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from hostagent.accounting.readings import DomainReading
 from hostagent.accounting.sampling import usage
 from hostagent.model import Baseline, NicCounters, Sample, Usage
 
@@ -63,6 +64,27 @@ class CloseOut:
     usage: Usage | None
     baseline: Baseline
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Closing:
+    """An ended incarnation handed to the pass (`ledger.account(closing=...)`): its anchor (the
+    last full reading), the latest light reading after it, `io.stat` at the anchor, and why."""
+
+    reading: DomainReading
+    light: LightReading | None = None
+    anchor_io: IoBytes | None = None
+    reason: str = "GONE"
+
+    @property
+    def instance_id(self) -> str:
+        """The instance whose incarnation ended."""
+        return self.reading.instance_id
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(uuid, domid) of the incarnation that ended."""
+        return self.reading.uuid, self.reading.info.domid
 
 
 def overlay(anchor: Sample, light: LightReading | None) -> Sample:

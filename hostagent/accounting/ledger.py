@@ -8,8 +8,10 @@ counter growth, across resets, new incarnations and missing readings.
 
 Three kinds of instance per call:
 - read this pass (`readings`): usage since its baseline, new baseline (sampling.usage);
-- gone (`closing`: the last reading of a domain that disappeared, e.g. from a lifecycle read or
-  a light sample): usage up to that reading, then its baseline is removed — the close-out;
+- gone (`closing`: the anchor and latest light reading of an incarnation that ended, from the
+  tails the daemon keeps between passes, accounting/tails.py): usage up to its last reading
+  (accounting/closeout.close_out), then its baseline is removed unless a new incarnation of
+  the instance was read this pass, which tiles on from it — the close-out;
 - neither: its baseline is kept (a domain whose reading failed this pass keeps its old
   baseline, so the next good reading covers the gap), unless it is older than
   `baseline_retention_ns`, then it is removed.
@@ -23,6 +25,7 @@ from typing import Protocol
 
 from hostagent.accounting import events, sampling
 from hostagent.accounting.assemble import sample_of
+from hostagent.accounting.closeout import Closing, close_out
 from hostagent.accounting.events import TimeFormat
 from hostagent.accounting.readings import Accounting, DomainReading
 from hostagent.alerts import state as threshold_state
@@ -78,36 +81,57 @@ def account(
     rules: RuleIndex | None = None,
     alert_states: Mapping[str, threshold_state.AlertState] | None = None,
     gate: threshold_state.Gate | None = None,
-    closing: Sequence[DomainReading] = (),
+    closing: Sequence[Closing | DomainReading] = (),
     retired: Mapping[str, Rule] | None = None,
 ) -> tuple[Accounting, list[Sample]]:
-    """One pass's accounting; also returns the samples it billed (for the report and the API)."""
+    """One pass's accounting; also returns the samples it billed (for the report and the API).
+
+    `closing`: ended incarnations (`Closing`, or a bare last reading), closed out oldest first
+    before the present readings, so a domain restarted between two passes gets its old
+    incarnation's final event and its new one tiles on from that. A closing of the
+    incarnation a present reading still shows is no end and is ignored.
+    """
     samples = [sample_of(r) for r in readings]
-    finals = [sample_of(r) for r in closing]
-    hints = {r.uuid: r.info.owner_hint for r in (*readings, *closing)}
-    present = {s.instance_id for s in samples}
-    closed = tuple(s.instance_id for s in finals if s.instance_id not in present)
-    removed = (*closed, *(iid for iid in expired(baselines, present | set(closed), now_ns,
-                                                 settings.baseline_retention_ns)))
+    ends = sorted((c if isinstance(c, Closing) else Closing(c) for c in closing),
+                  key=lambda c: c.reading.t_wall_ns)
+    hints = {r.uuid: r.info.owner_hint for r in (*readings, *(c.reading for c in ends))}
+    now = {s.instance_id: s for s in samples}
+    prevs = dict(baselines)
     usages: list[Usage] = []
     bases: list[Baseline] = []
     out: list[OutEvent] = []
     who: dict[str, Owner] = {}
-    for s, final in [*((s, False) for s in samples), *((s, True) for s in finals
-                                                      if s.instance_id in closed)]:
-        u, base = sampling.usage(baselines.get(s.instance_id), s,
-                                 store_created_ns=settings.store_created_ns,
-                                 count_preexisting=settings.count_preexisting)
-        if not final:
-            bases.append(base)
+    closed: list[str] = []
+
+    def bill(u: Usage | None, s: Sample) -> None:
         owner = owners.resolve(s.instance_id, hints.get(s.uuid),
                                build_id=s.name if settings.name_is_build_id else None)
         who[s.instance_id] = owner
-        if u is None:
+        if u is not None:
+            usages.append(u)
+            out.append(events.build_usage_event(u, owner, settings.node_id,
+                                                time_format=settings.time_format))
+
+    for c in ends:
+        final = sample_of(c.reading)
+        iid, cur = final.instance_id, now.get(final.instance_id)
+        if cur is not None and sampling.same_incarnation(cur.incarnation, final.incarnation):
             continue
-        usages.append(u)
-        out.append(events.build_usage_event(u, owner, settings.node_id,
-                                            time_format=settings.time_format))
+        co = close_out(prevs.get(iid), final, c.light, reason=c.reason,
+                       store_created_ns=settings.store_created_ns, anchor_io=c.anchor_io,
+                       count_preexisting=settings.count_preexisting)
+        prevs[iid] = co.baseline
+        if cur is None and iid not in closed:
+            closed.append(iid)
+        bill(co.usage, final)
+    for s in samples:
+        u, base = sampling.usage(prevs.get(s.instance_id), s,
+                                 store_created_ns=settings.store_created_ns,
+                                 count_preexisting=settings.count_preexisting)
+        bases.append(base)
+        bill(u, s)
+    removed = (*closed, *expired(baselines, set(now) | set(closed), now_ns,
+                                 settings.baseline_retention_ns))
     changes: Mapping[str, bytes | None] = {}
     states: Mapping[str, threshold_state.AlertState] = alert_states or {}
     if rules is not None:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hostagent.accounting.unattributed import UnattributedCpu
 from hostagent.alerts import state as threshold_state
 from hostagent.alerts.rules import Rule
 from hostagent.model import (
@@ -138,6 +139,8 @@ class PassReport:
     read_errors: tuple[ReadError, ...] = ()
     # Per-domain read errors since the daemon started, by step (a Prometheus counter).
     read_errors_total: Mapping[str, int] = field(default_factory=dict)
+    # The parent cgroup's CPU no event billed (accounting/unattributed.py); None: no v2 parent.
+    unattributed: UnattributedCpu | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,10 @@ the parent (hostagent/sources/unattributed.py) and calls `advance` once per pass
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from hostagent.accounting.sampling import ESTABLISHED
 from hostagent.model import Usage
 
 
@@ -70,3 +71,9 @@ def advance(state: UnattributedCpu | None, parent_cpu_ns: int | None, wall_ns: i
         else state.total_ns
     return replace(state, parent_last_ns=parent, accounted_ns=accounted, total_ns=total,
                    raw_ns=raw)
+
+
+def settled(usages: Iterable[Usage], errors: Sequence[object]) -> bool:
+    """No domain's CPU is deferred after this pass: no usage misses its CPU (other than a first
+    baseline) and no domain's reading failed (it keeps its baseline for the next pass)."""
+    return not errors and all(u.missing.get("cpu", ESTABLISHED) == ESTABLISHED for u in usages)

@@ -111,6 +111,27 @@ class CollectorConfig:
         metadata=_meta("bill usage a domain accrued before this store first saw it "
                        "(only right when no other collector billed it)"),
     )
+    sample_interval_s: float = field(
+        default=2.0,
+        metadata=_meta("seconds between light samples (cgroup cpu.stat, tap bytes, v2 io.stat; "
+                       "no libvirt call) that bound what a destroyed VM leaves unbilled; 0 = off",
+                       minimum=0, maximum=3600),
+    )
+    lifecycle_events: bool = field(
+        default=True,
+        metadata=_meta("subscribe to libvirt lifecycle events: read a domain at start and "
+                       "before it goes, close it out at the next pass"),
+    )
+    lifecycle_keepalive_interval_s: int = field(
+        default=5,
+        metadata=_meta("libvirt keepalive interval of the event connection", minimum=1,
+                       maximum=600),
+    )
+    lifecycle_keepalive_count: int = field(
+        default=3,
+        metadata=_meta("unanswered keepalives before the event connection counts as dead",
+                       minimum=1, maximum=100),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,100 @@
+"""Pure: the in-memory *tails* the daemon keeps per running QEMU process between two passes.
+
+A tail is the last full reading of one incarnation (the *anchor*: the pass's reading, or the one a
+STARTED/RESUMED lifecycle read took), the latest light reading after it (cgroup `cpu.stat`, tap
+bytes, v2 `io.stat`: hostagent/sources/light.py), the `io.stat` bytes the first light reading
+saw (`anchor_io`) and the close reason a STOPPED/CRASHED/UNDEFINED event gave. Tails are keyed by
+(uuid, domid): a domain destroyed and started again between two passes has two, and both
+incarnations are billed.
+
+Polling stays the source of truth: `ended()` closes a tail only when the pass no longer lists
+the domain (nor failed to read it), or reads it with another domid. Nothing here is persisted:
+a daemon crash loses the tails, which costs exactly what polling alone loses
+(docs/billing-tail.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from hostagent.accounting.closeout import Closing, IoBytes, LightReading
+from hostagent.accounting.readings import DomainReading, HostReading
+
+Key = tuple[str, int]  # (uuid, domid)
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """One incarnation's last readings since the last pass."""
+
+    anchor: DomainReading
+    latest: LightReading | None = None
+    anchor_io: IoBytes | None = None
+    reason: str | None = None
+
+    @property
+    def key(self) -> Key:
+        """(uuid, domid) of the incarnation."""
+        return self.anchor.uuid, self.anchor.info.domid
+
+    def closing(self) -> Closing:
+        """The close-out this tail asks for (`ledger.account(closing=...)`)."""
+        return Closing(self.anchor, self.latest, self.anchor_io, self.reason or "GONE")
+
+
+def with_light(tail: Tail, light: LightReading) -> Tail:
+    """`tail` with a light reading of its process merged in (others and stale ones ignored).
+
+    A reading without CPU (the cgroup is gone: the process ended, or unreadable) is ignored as
+    a whole, so a sample taken after the destroy never replaces the last good one. NICs and
+    `io.stat` missing from a reading keep their previous light value.
+    """
+    if (light.domid != tail.anchor.info.domid or light.cpu_ns is None
+            or light.t_wall_ns <= tail.anchor.t_wall_ns
+            or (tail.latest is not None and light.t_wall_ns <= tail.latest.t_wall_ns)):
+        return tail
+    old = tail.latest
+    nics = {n.mac.lower(): n for n in (old.nics if old is not None else ())}
+    nics.update({n.mac.lower(): n for n in light.nics})
+    io = light.io if light.io is not None else (old.io if old is not None else None)
+    merged = dataclasses.replace(light, nics=tuple(nics.values()), io=io)
+    anchor_io = tail.anchor_io if tail.anchor_io is not None else light.io
+    return dataclasses.replace(tail, latest=merged, anchor_io=anchor_io)
+
+
+def gone_keys(tails: Iterable[Key], host: HostReading) -> list[Key]:
+    """Tails whose incarnation ended: the domain is neither listed nor failing to read, or a
+    reading shows another process (domid) in its place."""
+    unreadable = {e.uuid for e in host.errors}
+    read = {r.uuid: r.info.domid for r in host.domains}
+    out = []
+    for uuid, domid in tails:
+        if uuid in read:
+            if read[uuid] != domid:
+                out.append((uuid, domid))
+        elif uuid not in host.listed and uuid not in unreadable:
+            out.append((uuid, domid))
+    return out
+
+
+def ended(tails: Mapping[Key, Tail], host: HostReading) -> list[Closing]:
+    """The close-outs a pass with reading `host` commits, oldest anchor first."""
+    keys = gone_keys(tails, host)
+    return sorted((tails[k].closing() for k in keys), key=lambda c: c.reading.t_wall_ns)
+
+
+def after_pass(tails: Mapping[Key, Tail], host: HostReading,
+               closed: Iterable[Key]) -> dict[Key, Tail]:
+    """The tails after a committed pass: closed ones dropped, every reading a fresh anchor."""
+    out = {k: t for k, t in tails.items() if k not in set(closed)}
+    for r in host.domains:
+        out[(r.uuid, r.info.domid)] = Tail(anchor=r)
+    return out
+
+
+def with_reason(tails: Mapping[Key, Tail], uuid: str, reason: str) -> dict[Key, Tail]:
+    """A CLOSE event's reason on the uuid's tails that have none yet (logs and metrics only)."""
+    return {k: (dataclasses.replace(t, reason=reason) if k[0] == uuid and t.reason is None
+                else t) for k, t in tails.items()}

@@ -1,0 +1,183 @@
+"""The billing tail's tasks in the daemon's nursery: lifecycle events and light samples.
+
+::
+
+    LifecycleWatcher ──► channel ──► action_for(event)
+                          ├ READ_NOW:         read_host(only={uuid}) → a new tail's anchor
+                          ├ READ_BEFORE_GONE: light sample of that domain → tail.latest
+                          ├ CLOSE:            the close reason on its tails
+                          └ Reconnected:      nothing (events may be lost: polling finds
+                                              every domain anyway)
+    every collector.sample_interval_s ──► LightSampler.sample(targets) ──► tail.latest
+
+Everything lands in `Collector.tails` (accounting/tails.py), in memory only; the next pass
+closes out the tails whose domain is gone in its one transaction. Every read here holds
+`Collector.reading`, so it never interleaves with a pass's read → commit, and a light tick
+that finds a pass running is skipped. Events are hints: a lost one costs what polling costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+
+import trio
+
+from hostagent.accounting import tails
+from hostagent.accounting.lifecycle import Action, LifecycleEvent, action_for, close_reason
+from hostagent.accounting.readings import DomainReading
+from hostagent.clock import Clock
+from hostagent.collector import Collector
+from hostagent.errors import SourceError
+from hostagent.sources.files import HostRoot
+from hostagent.sources.lifecycle import LifecycleWatcher, Message
+from hostagent.sources.light import LightSampler, LightTarget, light_nics, target_for
+from hostagent.sources.netstats import LinkStats64Reader
+
+log = logging.getLogger(__name__)
+CHANNEL_SIZE = 1000
+# With light samples off, how often the loop looks whether the config turned them on.
+IDLE_CHECK_S = 5.0
+
+
+def target_of(anchor: DomainReading) -> LightTarget | None:
+    """What a light sample reads for the process of `anchor` (None: its cgroup is unknown)."""
+    cg = anchor.facts.cgroup
+    if cg is None:
+        return None
+    found = anchor.netlink_nics.values() if anchor.netlink_nics is not None else ()
+    return target_for(anchor.uuid, anchor.info.domid, cg,
+                      light_nics(anchor.info.nics, tuple(found)))
+
+
+class TailTasks:
+    """Lifecycle consumer and light-sample loop feeding a collector's tails."""
+
+    def __init__(self, collector: Collector, *, clock: Clock) -> None:
+        self.collector = collector
+        self.clock = clock
+        cfg = collector.cfg
+        # Tap bytes by one RTM_GETSTATS dump on a real host; a recorded tree has no netlink.
+        self.links = LinkStats64Reader() if cfg.paths.root in ("/", "") else None
+        self.sampler = LightSampler(HostRoot(cfg.paths.root), fds=collector.fds,
+                                    links=self.links, clock=clock)
+        self.watcher: LifecycleWatcher | None = None
+        self.events_total: Counter[str] = Counter()
+        self.samples_total = 0
+        self._targets: dict[tails.Key, tuple[DomainReading, LightTarget | None]] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Until cancelled; started once the first subscription attempt finished."""
+        c = self.collector.cfg.collector
+        try:
+            async with trio.open_nursery() as nursery:
+                if c.lifecycle_events:
+                    send, recv = trio.open_memory_channel[Message](CHANNEL_SIZE)
+                    self.watcher = LifecycleWatcher(
+                        self.collector.cfg.libvirt.uri, clock=self.clock,
+                        keepalive_interval_s=c.lifecycle_keepalive_interval_s,
+                        keepalive_count=c.lifecycle_keepalive_count,
+                        reconnect_max_s=self.collector.cfg.libvirt.reconnect_max_s,
+                        connect_timeout_s=self.collector.cfg.libvirt.call_timeout_s)
+                    await nursery.start(self.watcher.run, send)
+                    nursery.start_soon(self._consume, recv)
+                nursery.start_soon(self._light_loop)
+                task_status.started()
+        finally:
+            if self.links is not None:
+                self.links.close()
+
+    # --- lifecycle events -------------------------------------------------------------------
+
+    async def _consume(self, recv: trio.MemoryReceiveChannel[Message]) -> None:
+        async for msg in recv:
+            if not isinstance(msg, LifecycleEvent):
+                log.info("lifecycle events subscribed", extra={"reconnects": msg.reconnects})
+                continue
+            await self.on_event(msg)
+
+    async def on_event(self, ev: LifecycleEvent) -> None:
+        """Apply one lifecycle event to the tails (accounting/lifecycle.action_for)."""
+        act = action_for(ev)
+        self.events_total[ev.kind.name] += 1
+        log.debug("lifecycle event", extra={"domain": ev.name, "uuid": ev.uuid,
+                                            "kind": ev.kind.name, "detail": ev.detail,
+                                            "action": act.value})
+        if act is Action.READ_NOW:
+            await self._read_now(ev)
+        elif act is Action.READ_BEFORE_GONE:
+            await self.sample({ev.uuid})
+        elif act is Action.CLOSE:
+            coll = self.collector
+            coll.tails = tails.with_reason(coll.tails, ev.uuid, close_reason(ev))
+
+    async def _read_now(self, ev: LifecycleEvent) -> None:
+        """A full read of one (new) domain: the anchor of its tail, unless it has one."""
+        coll = self.collector
+        async with coll.reading:
+            try:
+                host = await coll.read_host(only={ev.uuid})
+            except SourceError as err:
+                log.info("lifecycle read failed; the next pass reads it",
+                         extra={"uuid": ev.uuid, "error": str(err)})
+                return
+            for got in host.domains:
+                r = got
+                if r.facts.started_wall_ns is None:
+                    # The process started no later than the event: a VM that lives less than
+                    # a pass must not look pre-existing (it would not be billed).
+                    r = dataclasses.replace(r, facts=dataclasses.replace(
+                        r.facts, started_wall_ns=ev.t_wall_ns))
+                key = (r.uuid, r.info.domid)
+                if key not in coll.tails:
+                    coll.tails[key] = tails.Tail(anchor=r)
+
+    # --- light samples ----------------------------------------------------------------------
+
+    async def _light_loop(self) -> None:
+        while True:
+            interval_s = self.collector.cfg.collector.sample_interval_s  # live-changeable
+            await trio.sleep(interval_s if interval_s > 0 else IDLE_CHECK_S)
+            if interval_s <= 0 or self.collector.reading.locked():
+                continue  # off, or a pass (or an event's read) is reading right now
+            await self.sample(None)
+
+    def _targets_now(self, only: set[str] | None) -> list[LightTarget]:
+        """One target per domain: its newest incarnation's (an older one's cgroup is gone)."""
+        newest: dict[str, tails.Tail] = {}
+        for t in self.collector.tails.values():
+            if only is not None and t.anchor.uuid not in only:
+                continue
+            best = newest.get(t.anchor.uuid)
+            if best is None or t.anchor.t_wall_ns > best.anchor.t_wall_ns:
+                newest[t.anchor.uuid] = t
+        cache: dict[tails.Key, tuple[DomainReading, LightTarget | None]] = {}
+        out = []
+        for t in newest.values():
+            hit = self._targets.get(t.key)
+            if hit is None or hit[0] is not t.anchor:
+                hit = (t.anchor, target_of(t.anchor))
+            cache[t.key] = hit
+            if hit[1] is not None:
+                out.append(hit[1])
+        if only is None:
+            self._targets = cache
+        return out
+
+    async def sample(self, only: set[str] | None) -> int:
+        """One light sample of the domains with a tail (or `only` those); how many were read."""
+        coll = self.collector
+        async with coll.reading:
+            targets = self._targets_now(only)
+            if not targets:
+                return 0
+            got = await trio.to_thread.run_sync(self.sampler.sample, targets,
+                                                limiter=coll.limiter)
+            self.samples_total += 1
+            for key, tail in list(coll.tails.items()):
+                light = got.get(key[0])
+                if light is not None and light.domid == key[1]:
+                    coll.tails[key] = tails.with_light(tail, light)
+            return len(got)
