@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostagent.accounting import ledger
+from hostagent.accounting.closeout import Closing, LightReading
 from hostagent.accounting.readings import DomainReading, HostFacts
 from hostagent.model import Baseline, DomainInfo, Nic, NicCounters, Owner, OwnerHint
 
@@ -202,3 +203,44 @@ def test_baselines_of_instances_unseen_past_the_retention_are_removed() -> None:
     acc, _ = ledger.account({"old": old, "fresh": fresh}, [], owners=Everyone(),
                             settings=short, now_ns=STORE_NS + 65 * NS)
     assert acc.removed == ("old",)
+
+
+def test_a_domain_restarted_between_passes_closes_its_old_incarnation_then_tiles_on() -> None:
+    """Destroyed after its light sample and started again before the pass: the old process is
+    billed to its last light reading, the new one from its own zero, the periods tile."""
+    vm = Vm(n=1, domid=10, ticks=500, started_ns=STORE_NS + NS)
+    t0 = STORE_NS + 10 * NS
+    acc, _ = ledger.account({}, [vm.reading(t0)], owners=Everyone(), settings=SETTINGS,
+                            now_ns=t0)
+    baselines = {b.instance_id: b for b in acc.baselines}
+    vm.cpu_ns += 3 * NS
+    anchor = vm.reading(t0)  # the tail's anchor is the pass's reading
+    light = LightReading(uuid=vm.uuid, domid=vm.domid, t_wall_ns=t0 + 20 * NS,
+                         cpu_ns=vm.cpu_ns)
+    # destroyed at t0 + 21 s, started again at t0 + 25 s; the pass reads it at t0 + 30 s
+    vm.domid, vm.ticks, vm.started_ns, vm.cpu_ns = 11, 900, t0 + 25 * NS, 2 * NS
+    t1 = t0 + 30 * NS
+    acc, _ = ledger.account(baselines, [vm.reading(t1)], owners=Everyone(), settings=SETTINGS,
+                            now_ns=t1, closing=[Closing(anchor, light, reason="DESTROYED")])
+    old, new = acc.usages
+    assert (old.incarnation, new.incarnation) == ("10:500", "11:900")
+    assert (old.period_start_ns, old.period_end_ns) == (t0, t0 + 20 * NS)
+    assert old.cpu_ns == 3 * NS
+    assert (new.period_start_ns, new.period_end_ns) == (t0 + 20 * NS, t1)
+    assert new.cpu_ns == 2 * NS and new.new_incarnation
+    assert acc.removed == () and [b.incarnation for b in acc.baselines] == ["11:900"]
+
+
+def test_a_closing_of_the_incarnation_still_running_bills_nothing_twice() -> None:
+    vm = Vm(n=2, domid=10, ticks=500, started_ns=STORE_NS + NS)
+    t0 = STORE_NS + 10 * NS
+    acc, _ = ledger.account({}, [vm.reading(t0)], owners=Everyone(), settings=SETTINGS,
+                            now_ns=t0)
+    baselines = {b.instance_id: b for b in acc.baselines}
+    stale = vm.reading(t0)
+    vm.cpu_ns += 5 * NS
+    t1 = t0 + 30 * NS
+    light = LightReading(uuid=vm.uuid, domid=10, t_wall_ns=t0 + 10 * NS, cpu_ns=NS)
+    acc, _ = ledger.account(baselines, [vm.reading(t1)], owners=Everyone(), settings=SETTINGS,
+                            now_ns=t1, closing=[Closing(stale, light)])
+    assert [(u.period_start_ns, u.cpu_ns) for u in acc.usages] == [(t0, 5 * NS)]

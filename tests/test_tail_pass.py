@@ -1,0 +1,80 @@
+"""The billing tail in the pass, on recorded host trees (libvirt replayed): light samples of the
+real recorded cgroup files fill the tails, and a domain that disappears is closed out by the
+next pass in its one transaction, billed to its last light reading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from hostagent.accounting.lifecycle import LifecycleEvent, LifecycleKind
+from hostagent.tailing import TailTasks
+from tests.replay import FakeDomain, Host
+from tests.test_collector import make_collector, store_payloads
+
+
+@pytest.fixture(params=["lab-hybrid", "systemd-v2"])
+def host(request: pytest.FixtureRequest, tmp_path: Path) -> Host:
+    return Host(tmp_path, request.param)
+
+
+def drop_first(host: Host) -> str:
+    """The replayed libvirt stops listing its first domain; its uuid."""
+    real = host.conn._domains
+    gone = real()[0][0].UUIDString()
+
+    def without() -> list[tuple[FakeDomain, dict[str, Any]]]:
+        return [(d, s) for d, s in real() if d.UUIDString() != gone]
+
+    host.conn._domains = without  # type: ignore[method-assign]
+    return gone
+
+
+async def test_a_domain_gone_between_passes_is_billed_to_its_last_light_sample(
+        host: Host, tmp_path: Path) -> None:
+    coll, store = make_collector(host, tmp_path)
+    tail = TailTasks(coll, clock=host.clock)
+    first = await coll.run_pass()
+    assert first.committed
+    t0 = host.bulk("t0")
+    host.move_to_t1()  # the cgroup files move on; the light sample reads them
+    assert await tail.sample(None) == len(t0)
+    gone = drop_first(host)
+    last = next(t.latest for k, t in coll.tails.items() if k[0] == gone)
+    assert last is not None and last.cpu_ns is not None
+    await tail.on_event(LifecycleEvent(gone, "x", -1, LifecycleKind.STOPPED, "DESTROYED",
+                                       host.clock.now().wall_ns, 0))
+    host.clock.advance(5.0)
+    report = await coll.run_pass()
+    assert report.committed, report.error
+    closed = [u for u in report.usages if u.uuid == gone]
+    assert len(closed) == 1
+    u = closed[0]
+    assert u.period_start_ns == next(s.t_wall_ns for s in first.samples if s.uuid == gone)
+    assert u.period_end_ns == last.t_wall_ns  # to the last light reading, not the pass
+    assert u.cpu_ns == last.cpu_ns - t0[gone]["cpu.time"]
+    assert gone not in store.load_baselines() and coll.closeouts_total == {"DESTROYED": 1}
+    assert all(k[0] != gone for k in coll.tails)  # closed tails are dropped
+    events = [orjson.loads(p) for p in store_payloads(store)]
+    assert sum(1 for e in events if e.get("instance_id") == gone) == 1
+    # the next pass bills nothing more for it
+    host.clock.advance(2.0)
+    again = await coll.run_pass()
+    assert again.committed and all(u.uuid != gone for u in again.usages)
+    store.close()
+
+
+async def test_a_domain_gone_with_no_light_sample_costs_what_polling_costs(
+        host: Host, tmp_path: Path) -> None:
+    coll, store = make_collector(host, tmp_path, sample_interval_s=0)
+    assert (await coll.run_pass()).committed
+    host.move_to_t1()
+    gone = drop_first(host)
+    report = await coll.run_pass()
+    assert report.committed, report.error
+    assert all(u.uuid != gone for u in report.usages)  # nothing after the last pass was seen
+    assert gone not in store.load_baselines()
+    store.close()
