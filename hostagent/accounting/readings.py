@@ -142,6 +142,11 @@ class PassReport:
     # The parent cgroup's CPU no event billed (accounting/unattributed.py); None: no v2 parent.
     unattributed: UnattributedCpu | None = None
 
+    @property
+    def unattributed_cpu_s(self) -> float | None:
+        """`hostagent_unattributed_cpu_seconds_total`; None without a v2 parent cgroup."""
+        return None if self.unattributed is None else self.unattributed.total_s
+
 
 @dataclass(frozen=True, slots=True)
 class Accounting:

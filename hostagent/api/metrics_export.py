@@ -152,6 +152,12 @@ class ViewCollector(Collector):
         if p.duration_s is not None:
             yield GaugeMetricFamily("hostagent_pass_duration_seconds", "last pass duration",
                                     value=p.duration_s)
+        if p.unattributed_cpu_s is not None:
+            yield CounterMetricFamily(
+                "hostagent_unattributed_cpu_seconds",
+                "CPU of the VMs' parent cgroup (v2) that no usage event billed: billing "
+                "completeness of the whole host, near zero when complete",
+                value=p.unattributed_cpu_s)
         if p.last_ok_wall_ns is not None:
             yield GaugeMetricFamily("hostagent_last_committed_pass_timestamp_seconds",
                                     "start of the last committed pass",

@@ -35,6 +35,11 @@ class PassLike(Protocol):
     owners: Mapping[str, Owner]
     read_errors_total: Mapping[str, int]
 
+    @property
+    def unattributed_cpu_s(self) -> float | None:
+        """The VMs' parent cgroup's CPU no event billed (None: no v2 parent)."""
+        ...
+
 
 def norm_principal(pid: str) -> str:
     """Principals compare case-insensitively when they are hex addresses (0x…)."""
@@ -78,6 +83,8 @@ class PassInfo:
     failed_passes: int = 0
     # Per-domain read errors since start, by read step (collector.Collector.note_errors).
     read_errors_total: Mapping[str, int] = field(default_factory=dict)
+    # hostagent_unattributed_cpu_seconds_total (accounting/unattributed.py); None: no figure.
+    unattributed_cpu_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +122,7 @@ def build_snapshot(
         info = PassInfo(report.started_wall_ns, report.duration_s, False, report.error,
                         report.domains, report.events, prev.last_ok_wall_ns,
                         prev.last_ok_duration_s, prev.passes + 1, prev.failed_passes + 1,
-                        dict(report.read_errors_total))
+                        dict(report.read_errors_total), prev.unattributed_cpu_s)
         return Snapshot(previous.instances, previous.by_user, info)
     usages = {u.instance_id: u for u in report.usages}
     instances: dict[str, InstanceView] = {}
@@ -139,7 +146,8 @@ def build_snapshot(
             by_user.setdefault(w, []).append(iid)
     info = PassInfo(report.started_wall_ns, report.duration_s, True, None, report.domains,
                     report.events, report.started_wall_ns, report.duration_s, prev.passes + 1,
-                    prev.failed_passes, dict(report.read_errors_total))
+                    prev.failed_passes, dict(report.read_errors_total),
+                    report.unattributed_cpu_s)
     return Snapshot(MappingProxyType(instances),
                     MappingProxyType({k: tuple(v) for k, v in by_user.items()}), info)
 

@@ -1,5 +1,7 @@
 """`hostagent dump`: two samples of one domain (or all) `--interval` apart, every counter with its
-source and rate, and the event the daemon would emit for that interval."""
+source and rate, and the event the daemon would emit for that interval. With `--host`, also the
+host's billing completeness over the interval: the CPU growth of the VMs' parent cgroup (v2)
+against the sum of the domains' (hostagent_unattributed_cpu_seconds_total's figure)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ from hostagent.config.load import Config
 from hostagent.errors import DomainNotFound
 from hostagent.model import Sample
 from hostagent.owners.resolver import Owners
+from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu import GpuSource, describe
 from hostagent.sources.libvirt import LibvirtSource
+from hostagent.sources.unattributed import parent_cpu_stat, read_parent_cpu_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +83,30 @@ def counters(first: Sample, second: Sample) -> list[Counter]:
     return out
 
 
+def host_doc(parent: str | None, parent_ns: tuple[int | None, int | None],
+             first: Sequence[Sample], second: Sequence[Sample]) -> dict[str, Any]:
+    """The `--host` document: the parent cgroup's CPU growth no domain's growth explains."""
+    before = {s.uuid: s for s in first}
+    growth = 0
+    for s in second:
+        p = before.get(s.uuid)
+        if p is not None and p.incarnation == s.incarnation and None not in (p.cpu_ns, s.cpu_ns):
+            growth += (s.cpu_ns or 0) - (p.cpu_ns or 0)
+    p0, p1 = parent_ns
+    parent_growth = None if p0 is None or p1 is None else p1 - p0
+    return {"host": {
+        "parent_cgroup": parent, "domains": len(second),
+        "interval_s": ((second[0].t_wall_ns - first[0].t_wall_ns) / 1e9
+                       if first and second else None),
+        "parent_cpu_growth_ns": parent_growth, "domains_cpu_growth_ns": growth,
+        "unattributed_cpu_ns": None if parent_growth is None else parent_growth - growth}}
+
+
 async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
-                       *, clock: Clock | None = None) -> list[dict[str, Any]]:
-    """Take two samples `interval_s` apart and build the dump documents."""
+                       *, clock: Clock | None = None, host: bool = False
+                       ) -> list[dict[str, Any]]:
+    """Take two samples `interval_s` apart and build the dump documents (`host`: every domain
+    is read, the `--host` document comes last)."""
     clock = clock or SystemClock()
     limiter = trio.CapacityLimiter(cfg.collector.max_threads)
     lv = LibvirtSource(cfg.libvirt, clock=clock, limiter=limiter)
@@ -107,17 +132,24 @@ async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
                 wanted.add(found)
         else:
             wanted = set(listing.listed)
-        first_read = await coll.read_host(only=wanted)
+        root = HostRoot(cfg.paths.root)
+        parent = parent_cpu_stat(root, cfg.paths.cgroup_root) if host else None
+        read = wanted if not host else set(listing.listed)
+        p0 = read_parent_cpu_ns(root, parent) if parent else None
+        first_read = await coll.read_host(only=read)
         await trio.sleep(interval_s)
-        second_read = await coll.read_host(only=wanted)
+        second_read = await coll.read_host(only=read)
+        p1 = read_parent_cpu_ns(root, parent) if parent else None
         infos = [r.info for r in second_read.domains]
         # Always scanned (cheap sysfs reads): operators also want the GPUs no VM holds.
         gpu_view = describe(await gpu.read(infos, limiter))
     finally:
         lv.close()
         coll.cgroups.close()
-    first = [sample_of(r) for r in first_read.domains]
-    second = [sample_of(r) for r in second_read.domains]
+    first_all = [sample_of(r) for r in first_read.domains]
+    second_all = [sample_of(r) for r in second_read.domains]
+    first = [s for s in first_all if s.uuid in wanted]
+    second = [s for s in second_all if s.uuid in wanted]
     unreadable = {e.uuid: e for e in (*first_read.errors, *second_read.errors)}
     docs = []
     before = {s.uuid: s for s in first}
@@ -155,6 +187,8 @@ async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
             docs.append({"domain": {"name": e.name, "uuid": uuid}, "unreadable":
                          {"step": e.step, "error": e.detail}, "counters": [], "gpus": [],
                          "host_gpus": [], "missing": {e.step: e.detail}, "event": None})
+    if host:
+        docs.append(host_doc(parent, (p0, p1), first_all, second_all))
     return docs
 
 
@@ -167,6 +201,9 @@ def render_text(docs: Sequence[dict[str, Any]]) -> str:
     """Human-readable dump."""
     lines: list[str] = []
     for doc in docs:
+        if "host" in doc:
+            lines.extend(_host_lines(doc["host"]))
+            continue
         d = doc["domain"]
         if "unreadable" in doc:
             bad = doc["unreadable"]
@@ -200,7 +237,21 @@ def render_text(docs: Sequence[dict[str, Any]]) -> str:
         lines.append("  " + orjson.dumps(doc["event"], option=orjson.OPT_INDENT_2)
                      .decode().replace("\n", "\n  "))
         lines.append("")
-    host = docs[0]["host_gpus"] if docs else []
+    host = docs[0].get("host_gpus", []) if docs else []
     for g in host:
         lines.append(f"host GPU {g['address']} {g['model'] or ''}: {g['why_no_util']}")
     return "\n".join(lines)
+
+
+def _host_lines(h: dict[str, Any]) -> list[str]:
+    if h["parent_cgroup"] is None:
+        return ["host: no cgroup v2 parent of the VMs (machine.slice / machine): no "
+                "unattributed-CPU figure", ""]
+    def ms(ns: int | None) -> str:
+        return "unreadable" if ns is None else f"{ns / 1e6:,.1f} ms"
+    return [f"host: {h['domains']} domains over {h['interval_s'] or 0:.2f} s, "
+            f"parent {h['parent_cgroup']}",
+            f"  parent cgroup CPU growth   {ms(h['parent_cpu_growth_ns']):>16}",
+            f"  domains' CPU growth        {ms(h['domains_cpu_growth_ns']):>16}",
+            f"  unattributed CPU           {ms(h['unattributed_cpu_ns']):>16}  (billing "
+            "completeness: near zero when every VM's CPU is billed)", ""]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("--all", action="store_true", help="every running domain")
     dump.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     dump.add_argument("--json", action="store_true", help="machine-readable output")
+    dump.add_argument("--host", action="store_true",
+                      help="also the host's unattributed CPU (VM parent cgroup vs domains)")
 
     check = sub.add_parser("check-config",
                            help="validate a config file (and the rules file it names) and exit")
@@ -130,10 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dump(cfg: Config, args: argparse.Namespace) -> int:
     from hostagent.cli.dump import collect_dump, render_text
 
-    if not args.domains and not args.all:
-        print("hostagent dump: name a DOMAIN (name or UUID) or pass --all", file=sys.stderr)
+    if not args.domains and not args.all and not args.host:
+        print("hostagent dump: name a DOMAIN (name or UUID) or pass --all or --host",
+              file=sys.stderr)
         return EXIT_USAGE
-    docs = trio.run(collect_dump, cfg, [] if args.all else args.domains, args.interval)
+    docs = trio.run(functools.partial(collect_dump, host=args.host), cfg,
+                    [] if args.all else args.domains, args.interval)
+    if args.host and not args.domains and not args.all:
+        docs = docs[-1:]  # only the host document
     if args.json:
         sys.stdout.write(orjson.dumps(docs if args.all or len(args.domains) > 1 else docs[0]
                                       if docs else None, option=orjson.OPT_INDENT_2).decode()

@@ -42,6 +42,7 @@ class Report:
     samples: tuple[Sample, ...] = ()
     owners: Mapping[str, Owner] = field(default_factory=dict)
     read_errors_total: Mapping[str, int] = field(default_factory=dict)
+    unattributed_cpu_s: float | None = None
 
 
 def usage(iid: str, *, cpu_s: int = 30, mem: int = 2 << 30, egress: int = 10 << 20) -> Usage:

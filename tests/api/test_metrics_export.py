@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from hostagent.accounting import unattributed
 from hostagent.api.view import ApiView
 from hostagent.delivery import metrics as em
 from tests.api.support import Keys, api_config, report, start_server
@@ -72,3 +75,24 @@ async def test_metrics_can_be_opened(nursery: trio.Nursery, keys: Keys) -> None:
     srv.stop.set()
     assert r.status_code == 200
     assert "hostagent_passes_total 0.0" in r.text
+
+
+async def test_unattributed_cpu_is_exported_only_where_a_v2_parent_gives_it(
+        nursery: trio.Nursery, keys: Keys) -> None:
+    view = ApiView()
+    srv = await start_server(nursery, api_config(keys, metrics_unauthenticated=True), view)
+    async with httpx.AsyncClient(base_url=srv.url) as c:
+        view.update(report({"i-a1": "0xalice"}))
+        without = samples((await c.get("/metrics")).text)
+        rep = report({"i-a1": "0xalice"})
+        state = unattributed.advance(unattributed.start(10**9, 0), 4 * 10**9, 10**9, [])
+        assert state is not None
+        rep.unattributed_cpu_s = state.total_s
+        view.update(rep)
+        with_v2 = samples((await c.get("/metrics")).text)
+        view.update(dataclasses.replace(rep, committed=False))  # a failed pass keeps it
+        failed = samples((await c.get("/metrics")).text)
+    srv.stop.set()
+    assert ("hostagent_unattributed_cpu_seconds_total", ()) not in without
+    assert with_v2[("hostagent_unattributed_cpu_seconds_total", ())] == 3.0
+    assert failed[("hostagent_unattributed_cpu_seconds_total", ())] == 3.0

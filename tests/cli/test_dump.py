@@ -3,13 +3,14 @@ on libvirt's test driver with a domain that cannot be read whole."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from hostagent.cli.dump import counters, render_text
+from hostagent.cli.dump import counters, host_doc, render_text
 from hostagent.cli.main import main
 from hostagent.model import BlockCounters, GpuReading, MemoryReading, NicCounters, Sample
 
@@ -122,3 +123,18 @@ def test_text_rendering_names_an_unreadable_domain() -> None:
            "counters": [], "gpus": [], "host_gpus": [], "missing": {}, "event": None}
     text = render_text([doc])
     assert "domain vm-bad  uuid u-1  unreadable (xml): domain XML does not parse" in text
+
+
+def test_dump_host_shows_the_parent_cgroups_cpu_no_domain_explains() -> None:
+    a0, a1 = sample(10, 5, 0, 0), sample(12, 9, 0, 0)
+    b0 = dataclasses.replace(a0, uuid="b", incarnation="4:1", cpu_ns=10**9)
+    b1 = dataclasses.replace(a1, uuid="b", incarnation="7:2", cpu_ns=3 * 10**9)  # restarted
+    doc = host_doc("/sys/fs/cgroup/machine.slice/cpu.stat", (10**10, 10**10 + 5 * 10**9),
+                   [a0, b0], [a1, b1])
+    h = doc["host"]
+    assert (h["parent_cpu_growth_ns"], h["domains_cpu_growth_ns"]) == (5 * 10**9, 4 * 10**9)
+    assert h["unattributed_cpu_ns"] == 10**9 and h["interval_s"] == 2.0
+    text = render_text([doc])
+    assert "unattributed CPU" in text and "1,000.0 ms" in text
+    none = render_text([host_doc(None, (None, None), [a0], [a1])])
+    assert "no cgroup v2 parent" in none
