@@ -135,8 +135,9 @@ async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
         root = HostRoot(cfg.paths.root)
         parent = parent_cpu_stat(root, cfg.paths.cgroup_root) if host else None
         read = wanted if not host else set(listing.listed)
-        p0 = read_parent_cpu_ns(root, parent) if parent else None
+        # The parent right after each read: both windows shifted alike, no bias.
         first_read = await coll.read_host(only=read)
+        p0 = read_parent_cpu_ns(root, parent) if parent else None
         await trio.sleep(interval_s)
         second_read = await coll.read_host(only=read)
         p1 = read_parent_cpu_ns(root, parent) if parent else None
