@@ -229,7 +229,8 @@ class Daemon:
     def _after_pass(self, report: PassReport) -> None:
         fields = {"domains": report.domains, "events": report.events,
                   "duration_s": round(report.duration_s, 4), "cpu_s": round(report.cpu_s, 4),
-                  "libvirt_path": report.libvirt_path, "missing": report.missing}
+                  "libvirt_path": report.libvirt_path, "missing": report.missing,
+                  "unattributed_cpu_s": report.unattributed_cpu_s}
         if report.committed:
             log.info("pass committed", extra=fields)
             self.delivery.wake()

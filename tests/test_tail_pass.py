@@ -56,7 +56,9 @@ async def test_a_domain_gone_between_passes_is_billed_to_its_last_light_sample(
     assert u.period_start_ns == next(s.t_wall_ns for s in first.samples if s.uuid == gone)
     assert u.period_end_ns == last.t_wall_ns  # to the last light reading, not the pass
     assert u.cpu_ns == last.cpu_ns - t0[gone]["cpu.time"]
-    assert gone not in store.load_baselines() and coll.closeouts_total == {"DESTROYED": 1}
+    # the baseline moves to the last reading (a next incarnation tiles on from it)
+    assert store.load_baselines()[gone].t_wall_ns == last.t_wall_ns
+    assert coll.closeouts_total == {"DESTROYED": 1}
     assert all(k[0] != gone for k in coll.tails)  # closed tails are dropped
     events = [orjson.loads(p) for p in store_payloads(store)]
     assert sum(1 for e in events if e.get("instance_id") == gone) == 1
@@ -70,11 +72,13 @@ async def test_a_domain_gone_between_passes_is_billed_to_its_last_light_sample(
 async def test_a_domain_gone_with_no_light_sample_costs_what_polling_costs(
         host: Host, tmp_path: Path) -> None:
     coll, store = make_collector(host, tmp_path, sample_interval_s=0)
-    assert (await coll.run_pass()).committed
+    first = await coll.run_pass()
+    assert first.committed
     host.move_to_t1()
     gone = drop_first(host)
     report = await coll.run_pass()
     assert report.committed, report.error
     assert all(u.uuid != gone for u in report.usages)  # nothing after the last pass was seen
-    assert gone not in store.load_baselines()
+    assert store.load_baselines()[gone].t_wall_ns == next(
+        s.t_wall_ns for s in first.samples if s.uuid == gone)
     store.close()

@@ -10,8 +10,9 @@ Three kinds of instance per call:
 - read this pass (`readings`): usage since its baseline, new baseline (sampling.usage);
 - gone (`closing`: the anchor and latest light reading of an incarnation that ended, from the
   tails the daemon keeps between passes, accounting/tails.py): usage up to its last reading
-  (accounting/closeout.close_out), then its baseline is removed unless a new incarnation of
-  the instance was read this pass, which tiles on from it — the close-out;
+  (accounting/closeout.close_out), and the baseline moves to that reading — the close-out.
+  It is kept (until `baseline_retention_ns`), so the instance's next incarnation tiles on from
+  the close-out, and the same process listed again later continues from it, never from zero;
 - neither: its baseline is kept (a domain whose reading failed this pass keeps its old
   baseline, so the next good reading covers the gap), unless it is older than
   `baseline_retention_ns`, then it is removed.
@@ -101,7 +102,7 @@ def account(
     bases: list[Baseline] = []
     out: list[OutEvent] = []
     who: dict[str, Owner] = {}
-    closed: list[str] = []
+    closed: dict[str, Baseline] = {}  # instances closed out and not read: their new baseline
 
     def bill(u: Usage | None, s: Sample) -> None:
         owner = owners.resolve(s.instance_id, hints.get(s.uuid),
@@ -121,17 +122,18 @@ def account(
                        store_created_ns=settings.store_created_ns, anchor_io=c.anchor_io,
                        count_preexisting=settings.count_preexisting)
         prevs[iid] = co.baseline
-        if cur is None and iid not in closed:
-            closed.append(iid)
+        if cur is None:
+            closed[iid] = co.baseline
         bill(co.usage, final)
+    bases.extend(closed.values())
     for s in samples:
         u, base = sampling.usage(prevs.get(s.instance_id), s,
                                  store_created_ns=settings.store_created_ns,
                                  count_preexisting=settings.count_preexisting)
         bases.append(base)
         bill(u, s)
-    removed = (*closed, *expired(baselines, set(now) | set(closed), now_ns,
-                                 settings.baseline_retention_ns))
+    removed = tuple(expired(baselines, set(now) | set(closed), now_ns,
+                           settings.baseline_retention_ns))
     changes: Mapping[str, bytes | None] = {}
     states: Mapping[str, threshold_state.AlertState] = alert_states or {}
     if rules is not None:

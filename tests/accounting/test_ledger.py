@@ -7,7 +7,7 @@ last reading (closed out). Whatever the mix:
 - per instance, the periods of its usages tile time, from its start to its last reading;
 - per incarnation, Σ cpu_ns is the last CPU counter read and Σ cpu_seconds its floor in s;
 - per tap lifetime, Σ bytes are the last counters read, in both directions;
-- a withheld domain keeps its baseline, a closed-out one loses it.
+- a withheld domain keeps its baseline, a closed-out one's moves to its last reading.
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def run(history: list[list[tuple[str, int, int, int]]]) -> tuple[list[Vm], list,
             baselines[b.instance_id] = b
         for iid in acc.removed:
             baselines.pop(iid, None)
-        for r in closing:
-            assert r.instance_id not in baselines  # closed out
+        for r in closing:  # closed out: the baseline is the last reading
+            assert baselines[r.instance_id].t_wall_ns == r.t_wall_ns
         usages.extend(acc.usages)
     return vms, usages, baselines
 
@@ -184,14 +184,14 @@ def test_a_domain_that_disappears_is_closed_out_at_its_last_reading() -> None:
     history = [[("read", 10, 3 * NS, 1000)], [("gone", 10, 2 * NS, 500)]]
     _, usages, baselines = run(history)
     assert [u.cpu_ns for u in usages] == [3 * NS, 2 * NS]
-    assert baselines == {}
+    assert [b.t_wall_ns for b in baselines.values()] == [usages[-1].period_end_ns]
 
 
 def test_a_short_lived_domain_is_billed_from_its_own_zero_at_close_out() -> None:
     _, usages, baselines = run([[("gone", 10, 3 * NS, 1000)]])
     assert [u.cpu_ns for u in usages] == [3 * NS]
     assert usages[0].net_egress_bytes == 1000
-    assert baselines == {}
+    assert [b.cpu_ns for b in baselines.values()] == [3 * NS]
 
 
 def test_baselines_of_instances_unseen_past_the_retention_are_removed() -> None:
