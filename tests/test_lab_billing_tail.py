@@ -1,0 +1,187 @@
+"""The billing tail end to end: the real daemon (a subprocess, so kill -9 is real) on the lab's
+libvirt with a throwaway guest of this module (slot 93, never halab-*, which are only read).
+
+Each test compares what the daemon billed for the guest with libvirt's `cpu.time` and the tap's
+host-side counters read just before a `virsh destroy`: the close-out bills up to the last light
+sample, so the difference is at most one sample interval of the guest's rate (plus the few ms
+between that read and the destroy). The unattributed CPU the daemon logs per pass stays near
+zero throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import lab_support
+from tests.test_lab import DaemonProc, assert_tiles, events_for, wait_for, write_config
+
+pytestmark = pytest.mark.lab
+
+SLOT = 93  # tap hatap93; no other test uses it
+SAMPLE_S = 1.0
+
+
+@pytest.fixture
+def guest(lab_guests: list[str]) -> Iterator[str]:
+    name = f"habill-{os.getpid() % 1000}"
+    lab_support.define_extra_guest(name, SLOT)
+    try:
+        yield name
+    finally:
+        lab_support.remove_guest(name)
+
+
+def config(tmp: Path, interval_s: float) -> Path:
+    path = write_config(tmp, interval_s=interval_s)
+    text = path.read_text().replace(
+        "align = false\n", f"align = false\nsample_interval_s = {SAMPLE_S}\n")
+    path.write_text(text)
+    return path
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def passes(path: Path) -> list[dict[str, Any]]:
+    return [d for d in log_lines(path) if d.get("msg") == "pass committed"]
+
+
+def wait_pass(path: Path, after: int, timeout_s: float = 60) -> dict[str, Any]:
+    """Wait for the pass after the `after`-th committed one; returns its log line."""
+    wait_for(lambda: len(passes(path)) > after, timeout_s, f"pass {after + 1}")
+    return passes(path)[after]
+
+
+def destroy_now(name: str) -> tuple[int, int, int, float]:
+    """(cpu.time ns, host tap rx, host tap tx, wall s) read just before `virsh destroy`."""
+    cpu = int(lab_support.virsh_domstats_raw(name)["cpu.time"])
+    rx, tx = lab_support.tap_stats(f"{lab_support.TAP_PREFIX}{SLOT}")
+    t = time.time()
+    subprocess.run(["virsh", "-c", lab_support.URI, "destroy", name], check=True,
+                   capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    return cpu, rx, tx, t
+
+
+def check_close_out(evs: list[dict[str, Any]], cpu_ns: int, host_rx: int, host_tx: int,
+                    started_s: float, destroyed_s: float) -> None:
+    """Σ of the guest's events against the counters read just before the destroy."""
+    assert evs, "the guest was never billed"
+    assert_tiles(evs)
+    assert len({e["event_id"] for e in evs}) == len(evs)
+    billed_cpu = sum(e["metrics"]["cpu_ns"] for e in evs)
+    egress = sum(e["metrics"]["net_egress_bytes"] for e in evs)
+    ingress = sum(e["metrics"]["net_ingress_bytes"] for e in evs)
+    life_s = max(destroyed_s - started_s, 1.0)
+    cpu_rate = cpu_ns / life_s
+    # One sample interval of the guest's rate, plus the read→destroy gap and the
+    # usec rounding of cpu.stat.
+    slack_s = SAMPLE_S + 0.5
+    print(f"cpu billed {billed_cpu / 1e6:.1f} ms of {cpu_ns / 1e6:.1f} ms (rate "
+          f"{cpu_rate / 1e9:.2f} cpu/s); egress {egress} of {host_rx}; ingress {ingress} of "
+          f"{host_tx}; events {len(evs)}")
+    assert abs(cpu_ns - billed_cpu) <= cpu_rate * slack_s + 10**6
+    for billed, seen in ((egress, host_rx), (ingress, host_tx)):
+        rate = seen / life_s
+        assert abs(seen - billed) <= rate * slack_s + 1500, (billed, seen)
+
+
+def unattributed_s(log: Path) -> float:
+    vals = [p.get("unattributed_cpu_s") for p in passes(log)]
+    got = [v for v in vals if v is not None]
+    assert got, "no unattributed figure (no cgroup v2 parent?)"
+    return float(got[-1])
+
+
+def test_destroy_at_a_random_moment_between_passes_is_billed_to_the_last_sample(
+        tmp_path: Path, guest: str) -> None:
+    interval_s = 12.0
+    log = tmp_path / "daemon.log"
+    d = DaemonProc(config(tmp_path, interval_s), log)
+    try:
+        wait_pass(log, 0)
+        started = time.time()
+        lab_support.start_guest(guest)
+        n = len(passes(log))
+        wait_pass(log, n)  # a pass sees the running guest
+        time.sleep(random.uniform(SAMPLE_S, interval_s - 1.0))
+        cpu, rx, tx, destroyed = destroy_now(guest)
+        n = len(passes(log))
+        wait_pass(log, n)  # the next pass commits the close-out
+        wait_pass(log, n + 1)  # and one more: nothing else is billed
+    finally:
+        assert d.stop() == 0
+    check_close_out(events_for(tmp_path / "events.jsonl", guest), cpu, rx, tx,
+                    started, destroyed)
+    # The destroyed guest's tail after its last sample, at most: near zero.
+    assert unattributed_s(log) <= SAMPLE_S * 2 + 0.5
+
+
+def test_a_guest_started_after_a_pass_and_destroyed_before_the_next_is_billed(
+        tmp_path: Path, guest: str) -> None:
+    interval_s = 25.0
+    log = tmp_path / "daemon.log"
+    d = DaemonProc(config(tmp_path, interval_s), log)
+    try:
+        wait_pass(log, 0)
+        first = passes(log)[0]
+        t_pass = time.time()
+        time.sleep(5)
+        started = time.time()
+        lab_support.start_guest(guest, wait=False)
+        time.sleep(max(0.0, started + 10 - time.time()))
+        cpu, rx, tx, destroyed = destroy_now(guest)
+        assert len(passes(log)) == 1, "a pass ran while the guest lived: timing"
+        assert destroyed - t_pass < interval_s
+        wait_pass(log, 1)
+    finally:
+        assert d.stop() == 0
+    evs = events_for(tmp_path / "events.jsonl", guest)
+    assert len(evs) == 1  # never seen by a pass: one close-out from its own zero
+    assert evs[0]["period_ns"]["start"] >= int(started * 1e9) - 10**9
+    assert first["domains"] >= 0
+    check_close_out(evs, cpu, rx, tx, started, destroyed)
+    assert unattributed_s(log) <= SAMPLE_S * 2 + 0.5
+
+
+def test_kill_9_between_a_lifecycle_read_and_the_next_pass_bills_nothing_twice(
+        tmp_path: Path, guest: str) -> None:
+    interval_s = 12.0
+    log = tmp_path / "daemon.log"
+    cfg = config(tmp_path, interval_s)
+    d = DaemonProc(cfg, log)
+    wait_pass(log, 0)
+    started = time.time()
+    lab_support.start_guest(guest)  # READ_NOW and light samples, in memory only
+    d.stop(signal.SIGKILL)
+    d = DaemonProc(cfg, log)
+    try:
+        n = len(passes(log))
+        wait_pass(log, n)
+        wait_pass(log, n + 1)  # billed by two passes of the new daemon
+        cpu, rx, tx, destroyed = destroy_now(guest)
+        n = len(passes(log))
+        wait_pass(log, n)
+    finally:
+        assert d.stop() == 0
+    # Nothing of the killed daemon's tails was committed; the guest is billed once, from its
+    # own zero (it started after the store existed), to the last light sample.
+    check_close_out(events_for(tmp_path / "events.jsonl", guest), cpu, rx, tx,
+                    started, destroyed)
