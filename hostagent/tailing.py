@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Sequence
 
 import trio
 
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 CHANNEL_SIZE = 1000
 # With light samples off, how often the loop looks whether the config turned them on.
 IDLE_CHECK_S = 5.0
+# A STARTED/RESUMED read that fails (libvirt reconnecting) is tried this often, 1 s, 2 s apart.
+READ_NOW_TRIES = 3
+READ_NOW_RETRY_S = 1.0
 
 
 def target_of(anchor: DomainReading) -> LightTarget | None:
@@ -116,23 +120,33 @@ class TailTasks:
     async def _read_now(self, ev: LifecycleEvent) -> None:
         """A full read of one (new) domain: the anchor of its tail, unless it has one."""
         coll = self.collector
-        async with coll.reading:
-            try:
-                host = await coll.read_host(only={ev.uuid})
-            except SourceError as err:
-                log.info("lifecycle read failed; the next pass reads it",
-                         extra={"uuid": ev.uuid, "error": str(err)})
+        for attempt in range(READ_NOW_TRIES):
+            if attempt:
+                # The pass's connection may be the one a libvirtd restart just broke: it
+                # reconnects with backoff (the first retry is due after about 1 s).
+                await trio.sleep(READ_NOW_RETRY_S * attempt)
+            async with coll.reading:
+                try:
+                    host = await coll.read_host(only={ev.uuid})
+                except SourceError as err:
+                    log.info("lifecycle read failed", extra={
+                        "uuid": ev.uuid, "error": str(err), "attempt": attempt + 1})
+                    continue
+                self._anchor(ev, host.domains)
                 return
-            for got in host.domains:
-                r = got
-                if r.facts.started_wall_ns is None:
-                    # The process started no later than the event: a VM that lives less than
-                    # a pass must not look pre-existing (it would not be billed).
-                    r = dataclasses.replace(r, facts=dataclasses.replace(
-                        r.facts, started_wall_ns=ev.t_wall_ns))
-                key = (r.uuid, r.info.domid)
-                if key not in coll.tails:
-                    coll.tails[key] = tails.Tail(anchor=r)
+
+    def _anchor(self, ev: LifecycleEvent, readings: Sequence[DomainReading]) -> None:
+        """Each reading the anchor of a new tail, unless its (uuid, domid) has one."""
+        for got in readings:
+            r = got
+            if r.facts.started_wall_ns is None:
+                # The process started no later than the event: a VM that lives less than a
+                # pass must not look pre-existing (it would not be billed).
+                r = dataclasses.replace(r, facts=dataclasses.replace(
+                    r.facts, started_wall_ns=ev.t_wall_ns))
+            key = (r.uuid, r.info.domid)
+            if key not in self.collector.tails:
+                self.collector.tails[key] = tails.Tail(anchor=r)
 
     # --- light samples ----------------------------------------------------------------------
 
