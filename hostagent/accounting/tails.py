@@ -56,12 +56,16 @@ def with_light(tail: Tail, light: LightReading) -> Tail:
             or (tail.latest is not None and light.t_wall_ns <= tail.latest.t_wall_ns)):
         return tail
     old = tail.latest
-    nics = {n.mac.lower(): n for n in (old.nics if old is not None else ())}
-    nics.update({n.mac.lower(): n for n in light.nics})
-    io = light.io if light.io is not None else (old.io if old is not None else None)
-    merged = dataclasses.replace(light, nics=tuple(nics.values()), io=io)
+    merged = light
+    # Per sample and domain (budget 0.015 ms with the read): merge only what the new reading
+    # lacks, which is rare (a NIC missing from the dump, io.stat unreadable).
+    if old is not None and (len(light.nics) < len(old.nics) or (light.io is None and old.io)):
+        nics = {n.mac.lower(): n for n in old.nics}
+        nics.update({n.mac.lower(): n for n in light.nics})
+        merged = dataclasses.replace(light, nics=tuple(nics.values()),
+                                     io=light.io if light.io is not None else old.io)
     anchor_io = tail.anchor_io if tail.anchor_io is not None else light.io
-    return dataclasses.replace(tail, latest=merged, anchor_io=anchor_io)
+    return Tail(tail.anchor, merged, anchor_io, tail.reason)
 
 
 def gone_keys(tails: Iterable[Key], host: HostReading) -> list[Key]:
