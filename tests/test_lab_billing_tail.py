@@ -193,3 +193,4 @@ def test_kill_9_between_a_lifecycle_read_and_the_next_pass_bills_nothing_twice(
     # own zero (it started after the store existed), to the last light sample.
     check_close_out(events_for(tmp_path / "events.jsonl", guest), cpu, rx, tx,
                     started, destroyed)
+    assert unattributed_s(log) <= SAMPLE_S * 2 + 0.5
