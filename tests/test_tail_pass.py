@@ -23,8 +23,12 @@ def host(request: pytest.FixtureRequest, tmp_path: Path) -> Host:
 
 def drop_first(host: Host) -> str:
     """The replayed libvirt stops listing its first domain; its uuid."""
+    return drop_first_uuid(host, host.conn._domains()[0][0].UUIDString())
+
+
+def drop_first_uuid(host: Host, gone: str) -> str:
+    """The replayed libvirt stops listing domain `gone`."""
     real = host.conn._domains
-    gone = real()[0][0].UUIDString()
 
     def without() -> list[tuple[FakeDomain, dict[str, Any]]]:
         return [(d, s) for d, s in real() if d.UUIDString() != gone]
@@ -81,4 +85,36 @@ async def test_a_domain_gone_with_no_light_sample_costs_what_polling_costs(
     assert all(u.uuid != gone for u in report.usages)  # nothing after the last pass was seen
     assert store.load_baselines()[gone].t_wall_ns == next(
         s.t_wall_ns for s in first.samples if s.uuid == gone)
+    store.close()
+
+
+async def test_a_migration_away_closes_the_source_at_its_paused_sample(
+        host: Host, tmp_path: Path) -> None:
+    """Recorded event sequence of a migration's source side (the lab has one host): SUSPENDED
+    (MIGRATED) samples the paused domain, STOPPED (MIGRATED) names the reason, and the next pass
+    bills up to that sample and closes the incarnation with reason MIGRATED."""
+    coll, store = make_collector(host, tmp_path)
+    tail = TailTasks(coll, clock=host.clock)
+    first = await coll.run_pass()
+    assert first.committed
+    t0 = host.bulk("t0")
+    host.move_to_t1()
+    gone = next(iter(t0))
+    domid = next(s.domid for s in first.samples if s.uuid == gone)
+    now = host.clock.now().wall_ns
+    await tail.on_event(LifecycleEvent(gone, "x", domid, LifecycleKind.SUSPENDED, "MIGRATED",
+                                       now, 0))
+    paused = next(t.latest for k, t in coll.tails.items() if k[0] == gone)
+    assert paused is not None and paused.cpu_ns is not None
+    drop_first_uuid(host, gone)
+    host.clock.advance(1.0)
+    await tail.on_event(LifecycleEvent(gone, "x", -1, LifecycleKind.STOPPED, "MIGRATED",
+                                       host.clock.now().wall_ns, 0))
+    host.clock.advance(1.0)
+    report = await coll.run_pass()
+    assert report.committed, report.error
+    (u,) = [u for u in report.usages if u.uuid == gone]
+    assert u.period_end_ns == paused.t_wall_ns
+    assert u.cpu_ns == paused.cpu_ns - t0[gone]["cpu.time"]
+    assert coll.closeouts_total == {"MIGRATED": 1}
     store.close()
