@@ -90,7 +90,10 @@ async def test_events_resume_after_a_cut_and_no_domain_is_billed_twice(
         dom = await trio.to_thread.run_sync(actor.createXML, domain_xml(name), 0)
         uuids.append(dom.UUIDString())
         await until(lambda: any(k[0] == uuids[-1] for k in coll.tails), f"{name} read")
+        stopped = tail.events_total["STOPPED"]
         await trio.to_thread.run_sync(dom.destroy)
+        # the reason is only for logs and metrics; wait so the count below is exact
+        await until(lambda: tail.events_total["STOPPED"] > stopped, f"{name} STOPPED")
 
     try:
         with trio.fail_after(60):
