@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import trio
 
@@ -97,28 +97,49 @@ class TailTasks:
 
     async def _consume(self, recv: trio.MemoryReceiveChannel[Message]) -> None:
         async for msg in recv:
-            if not isinstance(msg, LifecycleEvent):
-                log.info("lifecycle events subscribed", extra={"reconnects": msg.reconnects})
-                continue
-            await self.on_event(msg)
+            batch = [msg]
+            while len(batch) < CHANNEL_SIZE:  # whatever else is already queued
+                try:
+                    batch.append(recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self.on_events(batch)
 
     async def on_event(self, ev: LifecycleEvent) -> None:
         """Apply one lifecycle event to the tails (accounting/lifecycle.action_for)."""
-        act = action_for(ev)
-        self.events_total[ev.kind.name] += 1
-        log.debug("lifecycle event", extra={"domain": ev.name, "uuid": ev.uuid,
-                                            "kind": ev.kind.name, "detail": ev.detail,
-                                            "action": act.value})
-        if act is Action.READ_NOW:
-            await self._read_now(ev)
-        elif act is Action.READ_BEFORE_GONE:
-            await self.sample({ev.uuid})
-        elif act is Action.CLOSE:
-            coll = self.collector
-            coll.tails = tails.with_reason(coll.tails, ev.uuid, close_reason(ev))
+        await self.on_events([ev])
 
-    async def _read_now(self, ev: LifecycleEvent) -> None:
-        """A full read of one (new) domain: the anchor of its tail, unless it has one."""
+    async def on_events(self, msgs: Sequence[Message]) -> None:
+        """Apply queued events together: close reasons first (no I/O), then ONE light sample of
+        the domains about to go (urgent: QEMU may exit any moment), then ONE read of the
+        domains that started (a burst of starts costs one libvirt bulk call, not one each)."""
+        starts: dict[str, LifecycleEvent] = {}
+        going: set[str] = set()
+        coll = self.collector
+        for msg in msgs:
+            if not isinstance(msg, LifecycleEvent):
+                log.info("lifecycle events subscribed", extra={"reconnects": msg.reconnects})
+                continue
+            act = action_for(msg)
+            self.events_total[msg.kind.name] += 1
+            log.debug("lifecycle event", extra={"domain": msg.name, "uuid": msg.uuid,
+                                                "kind": msg.kind.name, "detail": msg.detail,
+                                                "action": act.value})
+            if act is Action.READ_NOW:
+                starts.setdefault(msg.uuid, msg)
+            elif act is Action.READ_BEFORE_GONE:
+                going.add(msg.uuid)
+            elif act is Action.CLOSE:
+                # Before the reads: a domain restarted within the batch keeps the reason on
+                # its old tail only.
+                coll.tails = tails.with_reason(coll.tails, msg.uuid, close_reason(msg))
+        if going:
+            await self.sample(going)
+        if starts:
+            await self._read_now(starts)
+
+    async def _read_now(self, starts: Mapping[str, LifecycleEvent]) -> None:
+        """A full read of the (new) domains: each the anchor of its tail, unless it has one."""
         coll = self.collector
         for attempt in range(READ_NOW_TRIES):
             if attempt:
@@ -127,19 +148,21 @@ class TailTasks:
                 await trio.sleep(READ_NOW_RETRY_S * attempt)
             async with coll.reading:
                 try:
-                    host = await coll.read_host(only={ev.uuid})
+                    host = await coll.read_host(only=set(starts))
                 except SourceError as err:
                     log.info("lifecycle read failed", extra={
-                        "uuid": ev.uuid, "error": str(err), "attempt": attempt + 1})
+                        "domains": len(starts), "error": str(err), "attempt": attempt + 1})
                     continue
-                self._anchor(ev, host.domains)
+                self._anchor(starts, host.domains)
                 return
 
-    def _anchor(self, ev: LifecycleEvent, readings: Sequence[DomainReading]) -> None:
+    def _anchor(self, starts: Mapping[str, LifecycleEvent],
+                readings: Sequence[DomainReading]) -> None:
         """Each reading the anchor of a new tail, unless its (uuid, domid) has one."""
         for got in readings:
             r = got
-            if r.facts.started_wall_ns is None:
+            ev = starts.get(r.uuid)
+            if ev is not None and r.facts.started_wall_ns is None:
                 # The process started no later than the event: a VM that lives less than a
                 # pass must not look pre-existing (it would not be billed).
                 r = dataclasses.replace(r, facts=dataclasses.replace(

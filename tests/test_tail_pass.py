@@ -118,3 +118,28 @@ async def test_a_migration_away_closes_the_source_at_its_paused_sample(
     assert u.cpu_ns == paused.cpu_ns - t0[gone]["cpu.time"]
     assert coll.closeouts_total == {"MIGRATED": 1}
     store.close()
+
+
+async def test_a_burst_of_starts_costs_one_libvirt_call_and_a_restart_keeps_reasons_apart(
+        host: Host, tmp_path: Path) -> None:
+    coll, store = make_collector(host, tmp_path)
+    tail = TailTasks(coll, clock=host.clock)
+    t0 = host.bulk("t0")
+    a, b = list(t0)[:2]
+    now = host.clock.now().wall_ns
+    old = LifecycleEvent(a, "a", 3, LifecycleKind.STARTED, "BOOTED", now - 10**9, 0)
+    await tail.on_events([old])
+    (key_a,) = [k for k in coll.tails if k[0] == a]
+    coll.tails[(a, 999)] = coll.tails.pop(key_a)  # an older process of `a`, still in memory
+    calls = host.conn.bulk_calls
+    await tail.on_events([
+        LifecycleEvent(a, "a", -1, LifecycleKind.STOPPED, "DESTROYED", now, 0),
+        LifecycleEvent(a, "a", 3, LifecycleKind.STARTED, "BOOTED", now, 0),
+        LifecycleEvent(b, "b", 4, LifecycleKind.STARTED, "BOOTED", now, 0),
+    ])
+    assert host.conn.bulk_calls == calls + 1  # both starts in one read
+    reasons = {k: t.reason for k, t in coll.tails.items()}
+    assert reasons[(a, 999)] == "DESTROYED"  # the old process
+    assert [r for k, r in reasons.items() if k[0] == a and k != (a, 999)] == [None]
+    assert any(k[0] == b for k in coll.tails)
+    store.close()
