@@ -151,6 +151,7 @@ class ApiView:
         owners_health: Callable[[], Mapping[str, Any]] | None = None,
         libvirt_health: Callable[[], Mapping[str, Any]] | None = None,
         emission_metrics: Callable[[], Any] | None = None,
+        pass_settings: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         self.snapshot = Snapshot()
         self.authorized = authorized
@@ -158,6 +159,7 @@ class ApiView:
         self.owners_health = owners_health
         self.libvirt_health = libvirt_health
         self.emission_metrics = emission_metrics
+        self.pass_settings = pass_settings  # {"interval_s", "timeout_s"}: for alert rules
 
     def update(self, report: PassLike) -> None:
         """Daemon.on_pass callback: swap in the snapshot of this pass."""
