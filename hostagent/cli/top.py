@@ -224,24 +224,30 @@ async def live(reader: Reader, state: State, interval_s: float, console: Console
         lv.update(top_view.render(state.screen, state.key, state.text, prompt=state.prompt),
                   refresh=True)
 
-    with _cbreak(fd), Live(console=console, screen=True, auto_refresh=False) as lv:
-        draw()
-        async with trio.open_nursery() as nursery:
+    # Log lines would tear the full-screen view: only errors get through while it is up
+    # (host-wide read errors show in the header instead).
+    logging.disable(logging.WARNING)
+    try:
+        with _cbreak(fd), Live(console=console, screen=True, auto_refresh=False) as lv:
+            draw()
+            async with trio.open_nursery() as nursery:
 
-            async def ticker() -> None:
+                async def ticker() -> None:
+                    while True:
+                        await trio.sleep(interval_s)
+                        state.screen = await refresh(reader, prev, interval_s)
+                        draw()
+
+                nursery.start_soon(ticker)
                 while True:
-                    await trio.sleep(interval_s)
-                    state.screen = await refresh(reader, prev, interval_s)
+                    await trio.lowlevel.wait_readable(fd)
+                    data = os.read(fd, 64).decode(errors="replace")
+                    if not data or not all(on_key(state, ch) for ch in data):
+                        nursery.cancel_scope.cancel()
+                        return
                     draw()
-
-            nursery.start_soon(ticker)
-            while True:
-                await trio.lowlevel.wait_readable(fd)
-                data = os.read(fd, 64).decode(errors="replace")
-                if not data or not all(on_key(state, ch) for ch in data):
-                    nursery.cancel_scope.cancel()
-                    return
-                draw()
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
