@@ -42,7 +42,7 @@ from hostagent.sources.libvirt import LibvirtSource
 from hostagent.store.inspect import SinkStats
 
 log = logging.getLogger(__name__)
-UNATTRIBUTED = "hostagent_unattributed_cpu_seconds"  # the parser drops `_total`
+UNATTRIBUTED = "hostagent_unattributed_cpu_seconds_total"
 
 
 # --- the daemon's state, read-only ------------------------------------------------------------
@@ -104,12 +104,13 @@ def unattributed_cpu_s(cfg: Config) -> float | None:
         return None
     try:
         text = httpx.get(f"http://{host}:{api.port}/metrics", timeout=0.5).text
-        for fam in text_string_to_metric_families(text):
-            if fam.name == UNATTRIBUTED:
-                return sum(s.value for s in fam.samples if s.name.endswith("_total"))
+        # Match samples, not families: how the text parser names a counter's family depends
+        # on its TYPE line.
+        values = [s.value for fam in text_string_to_metric_families(text)
+                  for s in fam.samples if s.name == UNATTRIBUTED]
+        return sum(values) if values else None
     except (httpx.HTTPError, ValueError):
         return None
-    return None
 
 
 # --- the host, read the way dump reads it -----------------------------------------------------
@@ -253,6 +254,7 @@ async def live(reader: Reader, state: State, interval_s: float, console: Console
 def run(cfg: Config, args: argparse.Namespace) -> int:
     """Entry point of `hostagent top`."""
     interval_s = max(float(args.interval), 0.2)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one /metrics GET per refresh
     reader = Reader(cfg, SystemClock())
     state = State(args.sort, args.filter)
     try:

@@ -6,14 +6,20 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from hostagent.cli import top_view
 from hostagent.cli.main import main
-from hostagent.cli.top import daemon_state
+from hostagent.cli.top import daemon_state, unattributed_cpu_s
 from hostagent.clock import FakeClock
 from hostagent.config.load import load
 from hostagent.store.outbox import Outcome, Store
@@ -132,3 +138,51 @@ def test_top_json_and_dump_json_on_the_test_driver(tmp_path: Path) -> None:
     text = run_cli("--config", cfg, "--log-format", "text", "top", "--once", "--interval", "0.2")
     assert "NAME" in text.stdout and "test" in text.stdout
     assert " info    libvirt connected uri=test:///default" in text.stderr
+
+
+class Metrics(BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/metrics" else 404)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def exposition(**counters: float) -> bytes:
+    """What the daemon's prometheus_client writes for these counters."""
+    reg = CollectorRegistry()
+
+    class Fixed(Collector):
+        def collect(self) -> Iterator[Metric]:
+            for name, value in counters.items():
+                yield CounterMetricFamily(name, "doc", value=value)
+
+    reg.register(Fixed())
+    return generate_latest(reg)
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (exposition(hostagent_unattributed_cpu_seconds=12.5, hostagent_passes=3), 12.5),
+    (b"# TYPE hostagent_unattributed_cpu_seconds counter\n"
+     b"hostagent_unattributed_cpu_seconds_total 2.5\n", 2.5),
+    (exposition(hostagent_passes=3), None),     # a daemon without the metric: not shown
+])
+def test_top_shows_unattributed_cpu_only_when_the_daemon_exports_it(
+        tmp_path: Path, body: bytes, expected: float | None) -> None:
+    handler = type("H", (Metrics,), {"body": body})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = srv.server_address[1]
+        cfg = load(config(tmp_path, f"[api]\nenabled = true\nbind = \"127.0.0.1\"\n"
+                                    f"port = {port}\nmetrics_unauthenticated = true\n"))
+        assert unattributed_cpu_s(cfg) == expected
+        assert unattributed_cpu_s(load(config(tmp_path))) is None   # API off: not asked
+    finally:
+        srv.shutdown()
+        srv.server_close()
