@@ -118,6 +118,23 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     pinned: Literal["json", "text"] | None = None
 
 
+class _StderrHandler(_Handler):
+    """Writes to whatever `sys.stderr` is at each record (like logging's last resort), so a
+    replaced and closed stderr (test capture, a daemonising wrapper) never breaks logging."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> IO[str]:
+        """The current sys.stderr."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: IO[str]) -> None:
+        pass  # StreamHandler.__init__ sets it; the property always answers sys.stderr
+
+
 def _is_terminal(stream: IO[str]) -> bool:
     try:
         return stream.isatty()
@@ -145,12 +162,11 @@ def setup(level: str, fmt: Format, stream: IO[str] | None = None, *, pin: bool =
         raise ConfigError("<log>", "log.format", "'auto', 'json' or 'text'", fmt)
     root = logging.getLogger()
     olds = [h for h in root.handlers if isinstance(h, _Handler)]
-    out = sys.stderr if stream is None else stream
-    chosen = resolve_format(fmt, out)
+    chosen = resolve_format(fmt, sys.stderr if stream is None else stream)
     pinned = next((h.pinned for h in olds if h.pinned is not None), None)
     if pin:
         pinned = chosen
-    handler = _Handler(out)
+    handler = _StderrHandler() if stream is None else _Handler(stream)
     handler.pinned = pinned
     handler.setFormatter(JsonFormatter() if (pinned or chosen) == "json" else TextFormatter())
     for old in olds:

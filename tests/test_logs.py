@@ -171,3 +171,14 @@ def test_text_format_exception() -> None:
 def test_bad_arguments(level: str, fmt: str) -> None:
     with pytest.raises(ConfigError):
         logs.setup(level, fmt, stream=io.StringIO())  # type: ignore[arg-type]
+
+
+def test_the_default_handler_follows_a_replaced_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    logs.setup("info", "json")
+    first.close()                      # e.g. a test's capture, closed after the test
+    second = io.StringIO()
+    monkeypatch.setattr("sys.stderr", second)
+    logging.getLogger("hostagent").info("still logged")
+    assert lines(second)[0]["msg"] == "still logged"

@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # running them (text on a terminal) unless --log-format says otherwise.
         flag = getattr(args, "log_format", None)
         fmt = flag or (cfg.log.format if args.command == "run" else "auto")
-        logs.setup(cfg.log.level, fmt, stream=sys.stderr, pin=bool(flag))
+        logs.setup(cfg.log.level, fmt, pin=bool(flag))  # stderr
         if args.command == "run":
             from hostagent import daemon
 
