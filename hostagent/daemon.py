@@ -132,7 +132,9 @@ class Daemon:
                 authorized=owners.authorized, delivery_health=delivery.health,
                 owners_health=owners.health,
                 libvirt_health=lambda: {"state": lv.state, "last_error": lv.last_error},
-                emission_metrics=delivery.metrics, rules_health=daemon.rules_health)
+                emission_metrics=delivery.metrics, rules_health=daemon.rules_health,
+                pass_settings=lambda: {"interval_s": daemon.cfg.collector.interval_s,
+                                       "timeout_s": daemon.cfg.collector.pass_timeout_s})
             dispatcher = next((getattr(s, "dispatcher", None) for s in sinks
                                if getattr(s, "dispatcher", None) is not None), None)
             registry = (StoreWebhooks(hooks, wake=dispatcher.wake if dispatcher else _noop)

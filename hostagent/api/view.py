@@ -156,6 +156,7 @@ class ApiView:
         libvirt_health: Callable[[], Mapping[str, Any]] | None = None,
         emission_metrics: Callable[[], Any] | None = None,
         rules_health: Callable[[], Mapping[str, Any]] | None = None,
+        pass_settings: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         self.snapshot = Snapshot()
         self.authorized = authorized
@@ -164,6 +165,7 @@ class ApiView:
         self.libvirt_health = libvirt_health
         self.emission_metrics = emission_metrics
         self.rules_health = rules_health  # hostagent.alerts.rules_source.RulesSource.health
+        self.pass_settings = pass_settings  # {"interval_s", "timeout_s"}: for alert rules
 
     def update(self, report: PassLike) -> None:
         """Daemon.on_pass callback: swap in the snapshot of this pass."""

@@ -1,4 +1,4 @@
-"""`hostagent`: run | dump | check-config | outbox | --version."""
+"""`hostagent`: run | dump | top | check-config | check-rules | outbox | --version."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from hostagent.errors import ConfigError, DomainNotFound, HostAgentError
 
 DEFAULT_CONFIG = "/etc/hostagent/hostagent.toml"
 EXIT_USAGE = 2
+LOG_FORMAT_HELP = ("logs (always on stderr): auto = text on a terminal, json otherwise; "
+                   "default: auto (`run`: the config's log.format)")
 
 
 def _load(path: str | None) -> Config:
@@ -35,10 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hostagent", description=__doc__)
     p.add_argument("--version", action="version", version=f"hostagent {__version__}")
     p.add_argument("--config", "-c", help=f"TOML config (default {DEFAULT_CONFIG} if present)")
-    # `--config` is accepted after the subcommand too (`hostagent run --config F`).
+    p.add_argument("--log-format", choices=logs.FORMATS, help=LOG_FORMAT_HELP)
+    # `--config` and `--log-format` are accepted after the subcommand too.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", default=argparse.SUPPRESS,
                         help=f"TOML config (default {DEFAULT_CONFIG} if present)")
+    common.add_argument("--log-format", choices=logs.FORMATS, default=argparse.SUPPRESS,
+                        help=LOG_FORMAT_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", parents=[common], help="run the collector daemon")
@@ -52,19 +57,78 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     dump.add_argument("--json", action="store_true", help="machine-readable output")
 
+    top = sub.add_parser("top", parents=[common],
+                         help="live per-domain view of this host (q quits; c m d n sort; / filter)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--filter", default="", help="only domains whose name or owner contains this")
+    top.add_argument("--sort", choices=("c", "m", "d", "n"), default="c",
+                     help="c: CPU, m: memory, d: disk, n: network (default c)")
+    top.add_argument("--once", action="store_true", help="print one refresh and exit")
+    top.add_argument("--json", action="store_true", help="one refresh as JSON (implies --once)")
+
     check = sub.add_parser("check-config",
                            help="validate a config file (and the rules file it names) and exit")
     check.add_argument("file")
     check.add_argument("--quiet", "-q", action="store_true")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
 
     rules = sub.add_parser("check-rules", parents=[common],
                            help="validate a threshold rules file against the configured sinks' "
                                 "channels, list those channels, and exit")
     rules.add_argument("file")
     rules.add_argument("--quiet", "-q", action="store_true")
+    rules.add_argument("--json", action="store_true", help="machine-readable output")
 
     cli_outbox.add_parser(sub, parents=[common])
     return p
+
+
+def _print_json(doc: object) -> None:
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    cfg = load(args.file)
+    n_rules = None
+    if cfg.thresholds.rules_path:
+        found = rules_source.load_rules(cfg.thresholds.rules_path)
+        channels.check(found, channels.config_routes(cfg.sinks),
+                       source=cfg.thresholds.rules_path)
+        n_rules = len(found)
+    if args.json:
+        _print_json({"file": args.file, "ok": True,
+                     "sinks": [{"name": s.name, "type": s.type} for s in cfg.sinks],
+                     "rules_path": cfg.thresholds.rules_path or None, "rules": n_rules})
+    elif not args.quiet:
+        print(f"{args.file}: OK ({len(cfg.sinks)} sink(s): "
+              + ", ".join(f"{s.name} ({s.type})" for s in cfg.sinks) + ")"
+              + ("" if n_rules is None
+                 else f"; {cfg.thresholds.rules_path}: {n_rules} rule(s)"))
+    return 0
+
+
+def _check_rules(args: argparse.Namespace) -> int:
+    # Channels are checked against the sinks of an explicit --config (check-config always
+    # checks them): ansible validates the rules before it writes the config naming them.
+    config = getattr(args, "config", None)
+    routes = channels.config_routes(load(config).sinks) if config else None
+    found = rules_source.load_rules(args.file)
+    channels.check(found, routes, source=args.file)
+    n = len(found)
+    served = channels.served(routes) if routes is not None else None
+    if args.json:
+        _print_json({"file": args.file, "ok": True, "rules": n,
+                     "channels": ({ch: list(names) for ch, names in served.items()}
+                                  if served is not None else None)})
+    elif not args.quiet:
+        print(f"{args.file}: OK ({n} rule(s))")
+        if served is None:
+            print("channels not checked: pass --config to check them against its sinks")
+        else:
+            print("channels served by the configured sinks:")
+            for ch, names in served.items():
+                print(f"  {ch:<24} {', '.join(names)}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,38 +136,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            cfg = load(args.file)
-            n_rules = None
-            if cfg.thresholds.rules_path:
-                found = rules_source.load_rules(cfg.thresholds.rules_path)
-                channels.check(found, channels.config_routes(cfg.sinks),
-                               source=cfg.thresholds.rules_path)
-                n_rules = len(found)
-            if not args.quiet:
-                print(f"{args.file}: OK ({len(cfg.sinks)} sink(s): "
-                      + ", ".join(f"{s.name} ({s.type})" for s in cfg.sinks) + ")"
-                      + ("" if n_rules is None
-                         else f"; {cfg.thresholds.rules_path}: {n_rules} rule(s)"))
-            return 0
+            return _check_config(args)
         if args.command == "check-rules":
-            # Channels are checked against the sinks of an explicit --config (check-config always
-            # checks them): ansible validates the rules before it writes the config naming them.
-            config = getattr(args, "config", None)
-            routes = channels.config_routes(load(config).sinks) if config else None
-            found = rules_source.load_rules(args.file)
-            channels.check(found, routes, source=args.file)
-            if not args.quiet:
-                print(f"{args.file}: OK ({len(found)} rule(s))")
-                if routes is None:
-                    print("channels not checked: pass --config to check them against its sinks")
-                else:
-                    print("channels served by the configured sinks:")
-                    for ch, names in channels.served(routes).items():
-                        print(f"  {ch:<24} {', '.join(names)}")
-            return 0
+            return _check_rules(args)
         cfg = _load(args.config)
-        logs.setup(cfg.log.level, cfg.log.format, stream=sys.stderr
-                   if args.command != "run" else sys.stdout)
+        # The config's log.format is the daemon's; the other commands log for the person
+        # running them (text on a terminal) unless --log-format says otherwise.
+        flag = getattr(args, "log_format", None)
+        fmt = flag or (cfg.log.format if args.command == "run" else "auto")
+        logs.setup(cfg.log.level, fmt, pin=bool(flag))  # stderr
         if args.command == "run":
             from hostagent import daemon
 
@@ -111,20 +152,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             return daemon.run(cfg, config_path=args.config, passes=passes)
         if args.command == "dump":
             return _dump(cfg, args)
+        if args.command == "top":
+            from hostagent.cli import top
+
+            return top.run(cfg, args)
         if args.command == "outbox":
             from hostagent.cli import outbox as cli_outbox
 
             return cli_outbox.run(args, cfg)
     except ConfigError as err:
+        _json_failure(args, err)
         print(f"hostagent: config error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except DomainNotFound as err:
         print(f"hostagent: {err}", file=sys.stderr)
         return EXIT_USAGE
     except HostAgentError as err:
+        _json_failure(args, err)
         print(f"hostagent: {err}", file=sys.stderr)
         return 1
     return EXIT_USAGE  # pragma: no cover - argparse enforces a command
+
+
+def _json_failure(args: argparse.Namespace, err: HostAgentError) -> None:
+    """`check-* --json` also answers on stdout when the file is bad: `{"ok": false, ...}`."""
+    if args.command in ("check-config", "check-rules") and args.json:
+        _print_json({"file": args.file, "ok": False, "error": str(err)})
 
 
 def _dump(cfg: Config, args: argparse.Namespace) -> int:

@@ -26,8 +26,8 @@ from typing import Protocol
 from hostagent.accounting.closeout import IoBytes, LightReading
 from hostagent.clock import Clock
 from hostagent.errors import SourceError
-from hostagent.model import Nic, NicCounters
-from hostagent.sources.cgroup import CgroupPaths, _sum_io_stat
+from hostagent.model import CgroupPaths, Nic, NicCounters
+from hostagent.sources.cgroup import _sum_io_stat
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot, kv_value
 

@@ -29,7 +29,9 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
-    view = ApiView(emission_metrics=emission)
+    view = ApiView(emission_metrics=emission,
+                   owners_health=lambda: {"lookup_ok": 5, "lookup_failed": 2, "refresh_ok": 1},
+                   pass_settings=lambda: {"interval_s": 30.0, "timeout_s": 20.0})
     rep = report({"i-a1": "0xalice", "i-b1": "0xbob"})
     rep.read_errors_total = {"pid_file": 3, "xml": 1}
     view.update(rep)
@@ -55,11 +57,20 @@ async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     assert s[("hostagent_outbox_depth", (("sink", "queue"),))] == 3
     assert s[("hostagent_sink_breaker_state", (("sink", "queue"), ("state", "open")))] == 1
     assert s[("hostagent_sink_latency_seconds_count", (("sink", "queue"),))] == 1
+    # what the shipped alert rules (deploy/prometheus/) need besides the above
+    assert s[("hostagent_outbox_dead_letters", (("sink", "queue"),))] == 1
+    assert s[("hostagent_outbox_max_bytes", ())] == 10**9
+    assert s[("hostagent_owner_lookups_total", (("result", "failed"),))] == 2
+    assert s[("hostagent_owner_lookups_total", (("result", "not_found"),))] == 0
+    assert s[("hostagent_owner_refreshes_total", (("result", "ok"),))] == 1
+    assert s[("hostagent_pass_interval_seconds", ())] == 30.0
+    assert s[("hostagent_pass_timeout_seconds", ())] == 20.0
     assert s[("hostagent_api_requests_total",
               (("code", "2xx"), ("route", "/api/v1/metrics")))] == 1
     # bounded labels: only these label names anywhere
     names = {k for (_n, labels) in s for k, _v in labels}
-    assert names <= {"instance", "owner", "sink", "state", "route", "code", "le", "reason"}
+    assert names <= {"instance", "owner", "sink", "state", "route", "code", "le", "reason",
+                     "result"}
     routes = {dict(labels).get("route") for (n, labels) in s if n.startswith("hostagent_api")}
     assert "/api/v1/metrics/instances/i-a1" not in routes
 
