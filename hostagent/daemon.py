@@ -34,7 +34,7 @@ from hostagent.collector import Collector, link_reader_for
 from hostagent.config.load import Config, load
 from hostagent.config.sinks import WebhookSinkConfig
 from hostagent.delivery.engine import Delivery
-from hostagent.delivery.sinks.base import build_sink
+from hostagent.delivery.sinks.base import Sink, build_sink, dispatchers
 from hostagent.errors import ConfigError
 from hostagent.notify import Notifier
 from hostagent.owners.resolver import Owners, make_client
@@ -79,7 +79,7 @@ class Daemon:
     on_pass: list[Callable[[PassReport], None]] = field(default_factory=list)
     rules: RulesSource | None = None
     webhooks: WebhookStore | None = None
-    sinks: list[Any] = field(default_factory=list)
+    sinks: list[Sink] = field(default_factory=list)
     api_view: Any = None  # hostagent.api.view.ApiView when [api] is enabled
     api_app: Any = None
     api_auth: Any = None  # hostagent.api.auth.Authenticator: re-reads key files on SIGHUP
@@ -127,8 +127,7 @@ class Daemon:
                 owners_health=owners.health,
                 libvirt_health=lambda: {"state": lv.state, "last_error": lv.last_error},
                 emission_metrics=delivery.metrics)
-            dispatcher = next((getattr(s, "dispatcher", None) for s in sinks
-                               if getattr(s, "dispatcher", None) is not None), None)
+            dispatcher = next(iter(dispatchers(sinks)), None)
             registry = (StoreWebhooks(hooks, wake=dispatcher.wake if dispatcher else _noop)
                         if hooks is not None else None)
             daemon.api_auth = Authenticator(cfg.api)
@@ -144,10 +143,8 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.delivery.run)
-                for sink in self.sinks:
-                    dispatcher = getattr(sink, "dispatcher", None)
-                    if dispatcher is not None:  # webhooks: per-endpoint delivery tasks
-                        await nursery.start(dispatcher.run)
+                for dispatcher in dispatchers(self.sinks):  # webhooks: one drain per endpoint
+                    await nursery.start(dispatcher.run)
                 if self.rules is not None:
                     # the daemon owns SIGHUP and calls rules.reload() from reload()
                     await nursery.start(functools.partial(self.rules.run, sighup=False))

@@ -18,7 +18,8 @@ after it returns.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 from hostagent.clock import Clock
 from hostagent.config.sinks import (
@@ -32,6 +33,8 @@ from hostagent.errors import SinkRejected, StateError
 from hostagent.model import OutEvent
 
 if TYPE_CHECKING:
+    import trio
+
     from hostagent.store.webhooks import WebhookStore
 
 
@@ -124,6 +127,35 @@ class Sink(Protocol):
     async def aclose(self) -> None:
         """Release connections and files."""
         ...
+
+
+class Dispatcher(Protocol):
+    """Delivery a sink runs on its own, after the outbox handed it an event (webhooks: one
+    drain per endpoint); the daemon runs it in its nursery."""
+
+    def wake(self) -> None:
+        """New work was handed over (or its configuration changed): look now."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Deliver until cancelled."""
+        ...
+
+
+@runtime_checkable
+class DispatchingSink(Sink, Protocol):
+    """A sink with a `Dispatcher` of its own (the Sink protocol itself is unchanged)."""
+
+    @property
+    def dispatcher(self) -> Dispatcher | None:
+        """Its dispatcher (None: nothing to run, e.g. a sink built without one in a test)."""
+        ...
+
+
+def dispatchers(sinks: Sequence[Sink]) -> list[Dispatcher]:
+    """The dispatchers the daemon must run beside the delivery."""
+    return [s.dispatcher for s in sinks
+            if isinstance(s, DispatchingSink) and s.dispatcher is not None]
 
 
 def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig, *,

@@ -227,6 +227,7 @@ async def test_notify_alerts_reach_only_the_registrations_they_name(rig: Rig) ->
     sink = build_sink(rig.cfg, clock=clock, webhook_store=rig.hooks)
     assert isinstance(sink, WebhookSink) and sink.dispatcher is not None
     delivery = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=0.5))
+    delivery.prepare()  # routing by channel (construction writes nothing)
     try:
         store.commit_pass([], list(evs.values()))
         # the webhook sink gets no row for alerts that name no webhook
