@@ -3,11 +3,13 @@
 with the mean send latency (the delivery's latency histogram). Run from the repo root:
 
     .venv/bin/python bench/delivery.py [--passes 10] [--instances 1000] [--in-flight 8]
-                                       [--sinks jsonl,h11,httpx] [--rounds 1]
+                                       [--sinks jsonl,h11,httpx] [--rounds 1] [--steady 8]
 
-`--rounds N` repeats each drain N times on a fresh store and prints the median (the machine
-is shared: medians are steadier). CPU is this process's user+system time during the drain,
-the stand-in queue runs in its own process and is not counted.
+`--steady N` first measures a daemon's steady state: 300 rounds of N events (a pass of N
+domains) to the JSONL sink, CPU and wall time per round (0: skip). `--rounds N` repeats each
+drain N times on a fresh store and prints the median (the machine is shared: medians are
+steadier). CPU is this process's user+system time during the drain; the stand-in queue runs
+in its own process and is not counted.
 """
 
 from __future__ import annotations
@@ -76,6 +78,29 @@ async def drain(path: Path, sink: Sink, total: int) -> tuple[float, float, float
     return total / dt, cpu / total * 1e6, m.latency_sum_s / max(m.latency_count, 1) * 1e3
 
 
+async def steady(path: Path, sink: Sink, rounds: int, per_round: int) -> tuple[float, float]:
+    """A daemon's steady state: a pass commits `per_round` events, delivery drains them.
+    Returns (CPU ms, wall ms) per round, from the wake-up to idle (the commit not counted)."""
+    clock = SystemClock()
+    store = Store.open(path, clock=clock, node_id="bench", sink_names=["s"])
+    d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=3600))
+    cpu = wall = 0.0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.run)
+        await d.drained()
+        for k in range(rounds):
+            evs = [usage_event(f"vm-{i}", k) for i in range(per_round)]
+            await trio.to_thread.run_sync(store.commit_pass, [], evs)
+            c0, t0 = time.process_time(), time.perf_counter()
+            d.wake()
+            await d.drained()
+            cpu, wall = cpu + time.process_time() - c0, wall + time.perf_counter() - t0
+        nursery.cancel_scope.cancel()
+    assert d.metrics().sinks["s"].published == rounds * per_round
+    store.close()
+    return cpu / rounds * 1e3, wall / rounds * 1e3
+
+
 def one(kind: str, args: argparse.Namespace, tmp: Path,
         url: str) -> tuple[float, float, float, float]:
     path = tmp / "state.db"
@@ -99,13 +124,21 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, default=8)
     ap.add_argument("--sinks", default="jsonl,h11,httpx")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--steady", type=int, default=8, metavar="N",
+                    help="also: 300 rounds of N events each (a pass of N domains), to JSONL")
     args = ap.parse_args()
+    if args.steady:
+        with tempfile.TemporaryDirectory() as tmp:
+            sink = JsonlSink(JsonlSinkConfig(name="s", path=str(Path(tmp) / "events.jsonl")))
+            cpu_ms, wall_ms = trio.run(steady, Path(tmp) / "state.db", sink, 300, args.steady)
+        print(f"[jsonl steady] {args.steady} events per round: CPU {cpu_ms:.2f} ms/round, "
+              f"wall {wall_ms:.2f} ms/round (wake-up to idle; the pass's commit not counted)")
     total = args.passes * args.instances
     proc = subprocess.Popen([sys.executable, "-c", STANDIN % str(ROOT)],
                             stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())  # type: ignore[union-attr]
-        for kind in args.sinks.split(","):
+        for kind in filter(None, args.sinks.split(",")):
             runs = []
             for _ in range(args.rounds):
                 with tempfile.TemporaryDirectory() as tmp:

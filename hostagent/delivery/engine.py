@@ -49,7 +49,8 @@ class Delivery:
         self.cfg = cfg.outbox if isinstance(cfg, Config) else cfg
         rng = rng or random.Random()
         self._sinks = list(sinks)
-        self._queues = [SinkQueue(s, store, self.cfg, clock, rng) for s in sinks]
+        self._queues = [SinkQueue(s, store, self.cfg, clock, rng, self._saw_used_bytes)
+                        for s in sinks]
         self._drains: list[Drain[Pending]] = [Drain(q, clock) for q in self._queues]
         self._maint_wake = trio.Event()
         self._stats: dict[str, SinkStats] = {}
@@ -93,10 +94,18 @@ class Delivery:
                     await s.aclose()
 
     def wake(self) -> None:
-        """New events were committed: every sink looks for work now."""
+        """New events were committed: every sink looks for work now. An idle sink whose
+        breaker is closed takes at once and its take reads the store's size: maintenance then
+        only runs if the cap is near (`_saw_used_bytes`); otherwise it checks the size now."""
+        if not any(d.idle and q.breaker.state == "closed"
+                   for d, q in zip(self._drains, self._queues, strict=True)):
+            self._maint_wake.set()
         for d in self._drains:
             d.wake()
-        self._maint_wake.set()
+
+    def _saw_used_bytes(self, used_bytes: int) -> None:
+        if used_bytes >= MERGE_AT * self.cfg.max_bytes:
+            self._maint_wake.set()
 
     async def drained(self) -> None:
         """Return once every sink has found nothing it can send right now."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -55,6 +55,7 @@ class SinkQueue:
     cfg: OutboxConfig
     clock: Clock
     rng: random.Random
+    on_used_bytes: Callable[[int], None] = lambda used_bytes: None  # the store's size
     breaker: Breaker = field(init=False)
     counters: em.SinkCounters = field(default_factory=em.SinkCounters)
     _unrecorded: list[Outcome] = field(default_factory=list)
@@ -80,6 +81,7 @@ class SinkQueue:
             lambda: self.store.record_and_take(self.name, outcomes, self.cfg.batch_size, now_ns,
                                                dead_letter_after=self.cfg.dead_letter_after))
         self._recorded(outcomes, got.dead_lettered)
+        self.on_used_bytes(got.used_bytes)
         return Taken(got.batch, got.next_due_ns)
 
     async def deliver(self, rows: Sequence[Pending]) -> None:

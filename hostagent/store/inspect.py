@@ -197,9 +197,15 @@ class StoreReader(ABC):
         with self.reading("size") as c:
             page = c.execute("PRAGMA page_size").fetchone()[0]
             count = c.execute("PRAGMA page_count").fetchone()[0]
-            free = c.execute("PRAGMA freelist_count").fetchone()[0]
+            used = self._used_bytes(c)
         try:
             wal = os.stat(f"{self.path}-wal").st_size
         except FileNotFoundError:
             wal = 0
-        return StoreSize(file_bytes=page * count, wal_bytes=wal, used_bytes=page * (count - free))
+        return StoreSize(file_bytes=page * count, wal_bytes=wal, used_bytes=used)
+
+    def _used_bytes(self, c: sqlite3.Connection) -> int:
+        page = c.execute("PRAGMA page_size").fetchone()[0]
+        count = c.execute("PRAGMA page_count").fetchone()[0]
+        free = c.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(page * (count - free))

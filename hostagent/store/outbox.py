@@ -106,6 +106,7 @@ class Taken:
     batch: list[Pending]
     dead_lettered: int
     next_due_ns: int | None
+    used_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +314,7 @@ class Store(StoreReader):
             dead = self._record(c, sink, outcomes, dead_letter_after)
             batch = self._claim(c, sink, limit, now_ns)
             due = None if batch else self._next_due(c, sink, now_ns)
-        return Taken(batch, dead, due)
+            return Taken(batch, dead, due, self._used_bytes(c))
 
     def _claim(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[Pending]:
         ids = self._due_ids(c, sink, limit, now_ns)

@@ -19,6 +19,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hostagent.clock import FakeClock
 from hostagent.config.schema import OutboxConfig
 from hostagent.config.sinks import BreakerConfig, JsonlSinkConfig, QueueSinkConfig, RetryConfig
 from hostagent.delivery.breaker import Breaker
@@ -191,5 +192,17 @@ async def test_constructing_delivery_writes_nothing_prepare_does(tmp_path: Path)
         assert alert_rows(path) == {"file": ["a-1"], "q": ["a-1"]}
         d.prepare()  # the queue does not answer to "email": its row goes
         assert alert_rows(path) == {"file": ["a-1"]}
+    finally:
+        store.close()
+
+
+def test_the_take_reads_the_store_size_in_its_transaction(tmp_path: Path) -> None:
+    # Delivery wakes maintenance from it instead of a size check after every commit
+    store = Store.open(tmp_path / "state.db", clock=FakeClock(), node_id="h", sink_names=["q"])
+    try:
+        store.commit_pass([], [usage_event(f"i{i}", 0, pad=3000) for i in range(20)])
+        got = store.record_and_take("q", [], 5, 2**62, dead_letter_after=3)
+        assert len(got.batch) == 5 and got.next_due_ns is None
+        assert got.used_bytes == store.size().used_bytes > 20 * 3000
     finally:
         store.close()
