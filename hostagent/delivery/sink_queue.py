@@ -76,10 +76,14 @@ class SinkQueue:
     async def take(self, now_ns: int) -> Taken[Pending]:
         """Record the last round and claim the next batch, in one transaction."""
         await self._persist_breaker()
-        outcomes = self._unrecorded
-        got = await trio.to_thread.run_sync(
-            lambda: self.store.record_and_take(self.name, outcomes, self.cfg.batch_size, now_ns,
-                                               dead_letter_after=self.cfg.dead_letter_after))
+        outcomes, self._unrecorded = self._unrecorded, []
+        try:
+            got = await trio.to_thread.run_sync(lambda: self.store.record_and_take(
+                self.name, outcomes, self.cfg.batch_size, now_ns,
+                dead_letter_after=self.cfg.dead_letter_after))
+        except StateError:
+            self._unrecorded = outcomes  # rolled back: recorded by the next try
+            raise
         self._recorded(outcomes, got.dead_lettered)
         self.on_used_bytes(got.used_bytes)
         return Taken(got.batch, got.next_due_ns)
@@ -91,10 +95,14 @@ class SinkQueue:
     async def settle(self) -> None:
         """Record the last round's outcomes now."""
         await self._persist_breaker()
-        if outcomes := self._unrecorded:
-            dead = await trio.to_thread.run_sync(
-                lambda: self.store.record(self.name, outcomes,
-                                          dead_letter_after=self.cfg.dead_letter_after))
+        outcomes, self._unrecorded = self._unrecorded, []
+        if outcomes:
+            try:
+                dead = await trio.to_thread.run_sync(lambda: self.store.record(
+                    self.name, outcomes, dead_letter_after=self.cfg.dead_letter_after))
+            except StateError:
+                self._unrecorded = outcomes
+                raise
             self._recorded(outcomes, dead)
 
     def store_failed(self, err: StateError) -> None:
@@ -103,7 +111,6 @@ class SinkQueue:
         log.error("outbox unavailable to delivery", extra={"sink": self.name, "error": str(err)})
 
     def _recorded(self, outcomes: Sequence[Outcome], dead: int) -> None:
-        self._unrecorded = []
         self.counters.dead_lettered += dead
         self.counters.published += sum(o.result == "acked" for o in outcomes)
 

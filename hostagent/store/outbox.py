@@ -100,7 +100,7 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
-class Taken:
+class Claimed:
     """`record_and_take`'s answer (`next_due_ns` only when the batch is empty)."""
 
     batch: list[Pending]
@@ -308,13 +308,13 @@ class Store(StoreReader):
             return self._record(c, sink, outcomes, dead_letter_after)
 
     def record_and_take(self, sink: str, outcomes: Sequence[Outcome], limit: int, now_ns: int,
-                        *, dead_letter_after: int) -> Taken:
+                        *, dead_letter_after: int) -> Claimed:
         """ONE transaction: record a round's outcomes, claim the next batch (else: next due)."""
         with self.transaction("record and claim") as c:
             dead = self._record(c, sink, outcomes, dead_letter_after)
             batch = self._claim(c, sink, limit, now_ns)
             due = None if batch else self._next_due(c, sink, now_ns)
-            return Taken(batch, dead, due, self._used_bytes(c))
+            return Claimed(batch, dead, due, self._used_bytes(c))
 
     def _claim(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[Pending]:
         ids = self._due_ids(c, sink, limit, now_ns)

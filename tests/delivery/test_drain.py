@@ -34,7 +34,7 @@ from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 from hostagent.delivery.sinks.jsonl import JsonlSink
 from hostagent.errors import StateError
-from hostagent.store.outbox import Store
+from hostagent.store.outbox import Claimed, Outcome, Store
 from tests.delivery.sinks.test_queue_channels import alert, alert_rows
 from tests.standins.queue import TrioClock, usage_event
 
@@ -206,3 +206,47 @@ def test_the_take_reads_the_store_size_in_its_transaction(tmp_path: Path) -> Non
         assert got.used_bytes == store.size().used_bytes > 20 * 3000
     finally:
         store.close()
+
+
+class FlakyStore(Store):
+    """The real store; after `ok` more record-and-claim transactions, `fail` of them fail like
+    a locked file."""
+
+    ok = 0
+    fail = 0
+
+    def record_and_take(self, sink: str, outcomes: Sequence[Outcome], limit: int, now_ns: int,
+                        *, dead_letter_after: int) -> Claimed:
+        if self.ok:
+            self.ok -= 1
+        elif self.fail:
+            assert outcomes  # the batch's outcomes are what this transaction would record
+            self.fail -= 1
+            raise StateError("database is locked")
+        return super().record_and_take(sink, outcomes, limit, now_ns,
+                                       dead_letter_after=dead_letter_after)
+
+
+async def test_outcomes_survive_a_store_error_and_nothing_is_sent_twice(
+        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = 0.01
+    clock = TrioClock()
+    store = FlakyStore.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
+    sink = JsonlSink(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
+    d = Delivery(store, [sink], clock, OutboxConfig(batch_size=5, maintenance_interval_s=3600))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(d.run)
+            store.ok, store.fail = 1, 3  # the claim works; recording the batch fails 3 times
+            await trio.to_thread.run_sync(store.commit_pass, [],
+                                          [usage_event(f"i{i}", 0) for i in range(5)])
+            d.wake()
+            with trio.fail_after(60):
+                await d.drained()
+            nursery.cancel_scope.cancel()
+        m = d.metrics().sinks["file"]
+        assert (m.store_errors, m.published) == (3, 5)
+        assert store.stats()["file"].acked == 5
+    finally:
+        store.close()
+    assert len((tmp_path / "events.jsonl").read_bytes().splitlines()) == 5
