@@ -17,9 +17,9 @@ from hostagent.alerts.index import Settings, build_index
 from hostagent.alerts.state import AlertState, evaluate
 from hostagent.clock import SystemClock
 from hostagent.config.schema import OutboxConfig
-from hostagent.config.sinks import BreakerConfig, RetryConfig, WebhookSinkConfig
+from hostagent.config.sinks import BreakerConfig, JsonlSinkConfig, RetryConfig, WebhookSinkConfig
 from hostagent.delivery.engine import Delivery
-from hostagent.delivery.sinks.base import build_sink
+from hostagent.delivery.sinks.base import build_sink, dispatchers
 from hostagent.delivery.sinks.webhook import WebhookDispatcher, WebhookSink, signature_headers
 from hostagent.errors import ConfigError
 from hostagent.model import OutEvent, Owner
@@ -286,3 +286,12 @@ async def test_a_failed_row_waits_the_one_backoff_formula(rig: Rig) -> None:
     assert 0.55 <= t[1] - t[0] <= 1.0  # max_backoff_s × 2^0
     assert 1.15 <= t[2] - t[1] <= 1.6  # max_backoff_s × 2^1
     assert rig.hooks.counts()[hook.id] == {"delivered": 1}
+
+
+def test_the_daemon_finds_the_webhook_dispatcher_by_protocol(rig: Rig, tmp_path: Path) -> None:
+    clock = SystemClock()
+    hook_sink = build_sink(rig.cfg, clock=clock, webhook_store=rig.hooks)
+    file_sink = build_sink(JsonlSinkConfig(path=str(tmp_path / "e.jsonl")))
+    assert isinstance(hook_sink, WebhookSink) and hook_sink.dispatcher is not None
+    assert dispatchers([file_sink, hook_sink]) == [hook_sink.dispatcher]
+    assert dispatchers([file_sink, WebhookSink(rig.cfg, rig.hooks)]) == []  # none to run
