@@ -34,6 +34,7 @@ from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 from hostagent.delivery.sinks.jsonl import JsonlSink
 from hostagent.errors import StateError
+from hostagent.store.inspect import StoreSize
 from hostagent.store.outbox import Claimed, Outcome, Store
 from tests.delivery.sinks.test_queue_channels import alert, alert_rows
 from tests.standins.queue import TrioClock, usage_event
@@ -250,3 +251,38 @@ async def test_outcomes_survive_a_store_error_and_nothing_is_sent_twice(
     finally:
         store.close()
     assert len((tmp_path / "events.jsonl").read_bytes().splitlines()) == 5
+
+
+class SizeCountingStore(Store):
+    """The real store, counting the maintenance task's size checks."""
+
+    sizes = 0
+
+    def size(self) -> StoreSize:
+        self.sizes += 1
+        return super().size()
+
+
+async def test_a_commit_costs_no_size_check_while_a_healthy_sink_takes(tmp_path: Path) -> None:
+    # the take after the commit reads the size in its own transaction (fewer wake-ups)
+    clock = TrioClock()
+    store = SizeCountingStore.open(tmp_path / "state.db", clock=clock, node_id="h",
+                                   sink_names=["file"])
+    sink = JsonlSink(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
+    d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=3600))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(d.run)
+            with trio.fail_after(20):
+                await d.drained()
+                await trio.sleep(0.05)  # the first maintenance run is over
+                before = store.sizes
+                for k in range(10):
+                    await trio.to_thread.run_sync(store.commit_pass, [], [usage_event("i", k)])
+                    d.wake()
+                    await d.drained()
+            nursery.cancel_scope.cancel()
+        assert store.sizes == before
+        assert store.stats()["file"].acked == 10
+    finally:
+        store.close()
