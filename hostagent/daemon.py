@@ -26,7 +26,7 @@ import trio
 from hostagent import logs
 from hostagent.accounting import identity
 from hostagent.accounting.readings import PassReport
-from hostagent.alerts import central, channels, rules_source
+from hostagent.alerts import central, rules_source
 from hostagent.alerts.rules_source import RulesSource
 from hostagent.api.pass_gate import PassGate
 from hostagent.clock import Clock, SystemClock
@@ -34,7 +34,7 @@ from hostagent.collector import Collector, link_reader_for
 from hostagent.config.load import Config, load
 from hostagent.config.sinks import WebhookSinkConfig
 from hostagent.delivery.engine import Delivery
-from hostagent.delivery.sinks.base import build_sink
+from hostagent.delivery.sinks.base import Sink, build_sink, config_routes, dispatchers
 from hostagent.errors import ConfigError
 from hostagent.notify import Notifier
 from hostagent.owners.resolver import Owners, make_client
@@ -80,7 +80,7 @@ class Daemon:
     rules: RulesSource | None = None
     central_rules: central.CentralRules | None = None
     webhooks: WebhookStore | None = None
-    sinks: list[Any] = field(default_factory=list)
+    sinks: list[Sink] = field(default_factory=list)
     api_view: Any = None  # hostagent.api.view.ApiView when [api] is enabled
     api_app: Any = None
     api_auth: Any = None  # hostagent.api.auth.Authenticator: re-reads key files on SIGHUP
@@ -96,7 +96,7 @@ class Daemon:
         clock = clock or SystemClock()
         limiter = trio.CapacityLimiter(cfg.collector.max_threads)
         rules = rules_source.from_config(cfg.thresholds, state_path=cfg.collector.state_path,
-                                         routes=channels.config_routes(cfg.sinks))
+                                         routes=config_routes(cfg.sinks))
         rules.load_initial()  # an invalid rules file at start is a config error: refuse to run
         central_rules = central.from_config(cfg.thresholds, rules, clock,
                                             state_path=cfg.collector.state_path,
@@ -135,8 +135,7 @@ class Daemon:
                 emission_metrics=delivery.metrics, rules_health=daemon.rules_health,
                 pass_settings=lambda: {"interval_s": daemon.cfg.collector.interval_s,
                                        "timeout_s": daemon.cfg.collector.pass_timeout_s})
-            dispatcher = next((getattr(s, "dispatcher", None) for s in sinks
-                               if getattr(s, "dispatcher", None) is not None), None)
+            dispatcher = next(iter(dispatchers(sinks)), None)
             registry = (StoreWebhooks(hooks, wake=dispatcher.wake if dispatcher else _noop)
                         if hooks is not None else None)
             daemon.api_auth = Authenticator(cfg.api)
@@ -159,10 +158,8 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.delivery.run)
-                for sink in self.sinks:
-                    dispatcher = getattr(sink, "dispatcher", None)
-                    if dispatcher is not None:  # webhooks: per-endpoint delivery tasks
-                        await nursery.start(dispatcher.run)
+                for dispatcher in dispatchers(self.sinks):  # webhooks: one drain per endpoint
+                    await nursery.start(dispatcher.run)
                 if self.rules is not None:
                     # the daemon owns SIGHUP and calls rules.reload() from reload()
                     await nursery.start(functools.partial(self.rules.run, sighup=False))

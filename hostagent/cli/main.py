@@ -12,6 +12,7 @@ import trio
 from hostagent import __version__, logs
 from hostagent.alerts import channels, rules_source
 from hostagent.config.load import Config, load
+from hostagent.delivery.sinks.base import config_routes
 from hostagent.errors import ConfigError, DomainNotFound, HostAgentError
 
 DEFAULT_CONFIG = "/etc/hostagent/hostagent.toml"
@@ -92,7 +93,7 @@ def _check_config(args: argparse.Namespace) -> int:
     n_rules = None
     if cfg.thresholds.rules_path:
         found = rules_source.load_rules(cfg.thresholds.rules_path)
-        channels.check(found, channels.config_routes(cfg.sinks),
+        channels.check(found, config_routes(cfg.sinks),
                        source=cfg.thresholds.rules_path)
         n_rules = len(found)
     if args.json:
@@ -111,7 +112,7 @@ def _check_rules(args: argparse.Namespace) -> int:
     # Channels are checked against the sinks of an explicit --config (check-config always
     # checks them): ansible validates the rules before it writes the config naming them.
     config = getattr(args, "config", None)
-    routes = channels.config_routes(load(config).sinks) if config else None
+    routes = config_routes(load(config).sinks) if config else None
     found = rules_source.load_rules(args.file)
     channels.check(found, routes, source=args.file)
     n = len(found)

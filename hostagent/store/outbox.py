@@ -100,6 +100,16 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Claimed:
+    """`record_and_take`'s answer (`next_due_ns` only when the batch is empty)."""
+
+    batch: list[Pending]
+    dead_lettered: int
+    next_due_ns: int | None
+    used_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class Maintenance:
     """What one maintenance run did."""
 
@@ -137,7 +147,7 @@ class Store(StoreReader):
         p.parent.mkdir(parents=True, exist_ok=True)
         existed = p.exists() and p.stat().st_size > 0
         try:
-            conn = sqlite3.connect(p, isolation_level=None, check_same_thread=False, timeout=30.0)
+            conn = sqlite_tx.connect(p)
         except sqlite3.Error as err:
             raise StateError(f"{p}: cannot open the state store: {err}") from err
         store = cls(conn, p, clock)
@@ -290,42 +300,58 @@ class Store(StoreReader):
     def take(self, sink: str, limit: int, now_ns: int) -> list[Pending]:
         """Like `pending`, and mark them claimed (maybe sent) so they are never merged."""
         with self.transaction("claim batch") as c:
-            ids = self._due_ids(c, sink, limit, now_ns)
-            c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND event_id = ?",
-                          [(sink, i) for i in ids])
-            return self._load(c, sink, ids)
+            return self._claim(c, sink, limit, now_ns)
 
     def record(self, sink: str, outcomes: Sequence[Outcome], *, dead_letter_after: int) -> int:
         """Apply a round's outcomes in one transaction; returns how many were dead-lettered."""
+        with self.transaction("record outcomes") as c:
+            return self._record(c, sink, outcomes, dead_letter_after)
+
+    def record_and_take(self, sink: str, outcomes: Sequence[Outcome], limit: int, now_ns: int,
+                        *, dead_letter_after: int) -> Claimed:
+        """ONE transaction: record a round's outcomes, claim the next batch (else: next due)."""
+        with self.transaction("record and claim") as c:
+            dead = self._record(c, sink, outcomes, dead_letter_after)
+            batch = self._claim(c, sink, limit, now_ns)
+            due = None if batch else self._next_due(c, sink, now_ns)
+            return Claimed(batch, dead, due, self._used_bytes(c))
+
+    def _claim(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[Pending]:
+        ids = self._due_ids(c, sink, limit, now_ns)
+        c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND event_id = ?",
+                      [(sink, i) for i in ids])
+        return self._load(c, sink, ids)
+
+    def _record(self, c: sqlite3.Connection, sink: str, outcomes: Sequence[Outcome],
+                dead_letter_after: int) -> int:
         now = self.clock.now().wall_ns
         dead = 0
-        with self.transaction("record outcomes") as c:
-            for o in outcomes:
-                key = (sink, o.event_id)
-                if o.result == "acked":
-                    c.execute("UPDATE deliveries SET status = 'acked', attempts = attempts + 1, "
-                              "done_ns = ?, last_error = NULL WHERE sink = ? AND event_id = ? "
-                              "AND status = 'pending'", (now, *key))
-                elif o.result == "failed":
-                    c.execute("UPDATE deliveries SET attempts = attempts + 1, next_attempt_ns = ?,"
-                              " last_error = ? WHERE sink = ? AND event_id = ? AND "
-                              "status = 'pending'", (o.next_attempt_ns, o.error, *key))
-                elif o.result == "skipped":
-                    c.execute("UPDATE deliveries SET claimed = (attempts > 0) WHERE sink = ? AND "
-                              "event_id = ? AND status = 'pending'", key)
-                else:
-                    row = c.execute(
-                        "UPDATE deliveries SET attempts = attempts + 1, rejections = rejections "
-                        "+ 1, next_attempt_ns = ?, last_error = ? WHERE sink = ? AND event_id = ?"
-                        " AND status = 'pending' RETURNING rejections, attempts",
-                        (o.next_attempt_ns, o.error, *key)).fetchone()
-                    if row and (o.result == "dead" or row[0] >= dead_letter_after):
-                        dead += 1
-                        c.execute("UPDATE deliveries SET status = 'dead', done_ns = ? "
-                                  "WHERE sink = ? AND event_id = ?", (now, *key))
-                        c.execute("INSERT OR REPLACE INTO dead_letters(sink, event_id, reason, "
-                                  "attempts, dead_ns) VALUES(?, ?, ?, ?, ?)",
-                                  (*key, o.error or "rejected", row[1], now))
+        c.executemany("UPDATE deliveries SET status = 'acked', attempts = attempts + 1, "
+                      "done_ns = ?, last_error = NULL WHERE sink = ? AND event_id = ? "
+                      "AND status = 'pending'", [(now, sink, o.event_id) for o in outcomes
+                                                   if o.result == "acked"])
+        for o in outcomes:
+            key = (sink, o.event_id)
+            if o.result == "failed":
+                c.execute("UPDATE deliveries SET attempts = attempts + 1, next_attempt_ns = ?,"
+                          " last_error = ? WHERE sink = ? AND event_id = ? AND "
+                          "status = 'pending'", (o.next_attempt_ns, o.error, *key))
+            elif o.result == "skipped":
+                c.execute("UPDATE deliveries SET claimed = (attempts > 0) WHERE sink = ? AND "
+                          "event_id = ? AND status = 'pending'", key)
+            elif o.result != "acked":  # rejected or dead
+                row = c.execute(
+                    "UPDATE deliveries SET attempts = attempts + 1, rejections = rejections "
+                    "+ 1, next_attempt_ns = ?, last_error = ? WHERE sink = ? AND event_id = ?"
+                    " AND status = 'pending' RETURNING rejections, attempts",
+                    (o.next_attempt_ns, o.error, *key)).fetchone()
+                if row and (o.result == "dead" or row[0] >= dead_letter_after):
+                    dead += 1
+                    c.execute("UPDATE deliveries SET status = 'dead', done_ns = ? "
+                              "WHERE sink = ? AND event_id = ?", (now, *key))
+                    c.execute("INSERT OR REPLACE INTO dead_letters(sink, event_id, reason, "
+                              "attempts, dead_ns) VALUES(?, ?, ?, ?, ?)",
+                              (*key, o.error or "rejected", row[1], now))
         return dead
 
     def release_backoff(self, sink: str, now_ns: int) -> int:

@@ -12,9 +12,9 @@ that a row waiting out a backoff lets later rows pass (events carry their own ti
 alert state, so a consumer can order them).
 
 Own connection to the same SQLite file (WAL lets it write alongside the outbox's connection;
-busy_timeout serialises writers). `fan_out` commits every delivery row of one event in ONE
-transaction before the outbox acknowledges the event: a crash in between repeats the fan-out,
-which `INSERT OR IGNORE` makes idempotent.
+the busy timeout, sqlite_tx.BUSY_TIMEOUT_S, serialises writers). `fan_out` commits every
+delivery row of one event in ONE transaction before the outbox acknowledges the event: a crash
+in between repeats the fan-out, which `INSERT OR IGNORE` makes idempotent.
 
 Event types follow upstream: a registration for `metrics` gets `resource_usage` events, one for
 `threshold_violation` the alerts (Notify alerts only when the registration's id, "webhook" or
@@ -111,15 +111,13 @@ class WebhookStore:
         self.clock = clock
         self._lock = threading.Lock()
         try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None,
-                                         check_same_thread=False, timeout=30.0)
+            self._conn = sqlite_tx.connect(self.path)
             tables = {r[0] for r in self._conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
             if "meta" not in tables:
                 self._conn.close()
                 raise StateError(f"{self.path}: no hostagent state store here; open the outbox "
                                  "Store first (it creates the file)")
-            self._conn.execute("PRAGMA busy_timeout=30000")
             self._conn.execute("PRAGMA synchronous=FULL")
             with self._tx("create webhook tables") as c:
                 for stmt in _SCHEMA.split(";"):

@@ -17,9 +17,9 @@ from hostagent.alerts.index import Settings, build_index
 from hostagent.alerts.state import AlertState, evaluate
 from hostagent.clock import SystemClock
 from hostagent.config.schema import OutboxConfig
-from hostagent.config.sinks import BreakerConfig, RetryConfig, WebhookSinkConfig
+from hostagent.config.sinks import BreakerConfig, JsonlSinkConfig, RetryConfig, WebhookSinkConfig
 from hostagent.delivery.engine import Delivery
-from hostagent.delivery.sinks.base import build_sink
+from hostagent.delivery.sinks.base import build_sink, dispatchers
 from hostagent.delivery.sinks.webhook import WebhookDispatcher, WebhookSink, signature_headers
 from hostagent.errors import ConfigError
 from hostagent.model import OutEvent, Owner
@@ -227,6 +227,7 @@ async def test_notify_alerts_reach_only_the_registrations_they_name(rig: Rig) ->
     sink = build_sink(rig.cfg, clock=clock, webhook_store=rig.hooks)
     assert isinstance(sink, WebhookSink) and sink.dispatcher is not None
     delivery = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=0.5))
+    delivery.prepare()  # routing by channel (construction writes nothing)
     try:
         store.commit_pass([], list(evs.values()))
         # the webhook sink gets no row for alerts that name no webhook
@@ -265,3 +266,32 @@ def test_registrations_persist_and_validate(rig: Rig, tmp_path: Path) -> None:
 
 def test_dispatcher_type_is_exported() -> None:
     assert WebhookDispatcher.__name__ == "WebhookDispatcher"
+
+
+async def test_a_failed_row_waits_the_one_backoff_formula(rig: Rig) -> None:
+    # the drain engine's round_backoff_s: the first wait is max_backoff_s, not initial_backoff_s
+    rig.receiver.script = [503, 503]
+    hook = rig.hooks.register(rig.receiver.url, ["threshold_violation"], "s3cret")
+    rig.store.commit_pass([], alert_event([90.0]))
+    retry = RetryConfig(max_retries=0, initial_backoff_s=0.01, max_backoff_s=0.6,
+                        multiplier=2.0, jitter=0.0, round_backoff_max_s=60)
+    t: list[float] = []
+    async for _sink, delivery in running(rig, retry=retry):
+        delivery.wake()
+        with trio.fail_after(15):
+            while len(t) < 3:  # the receiver is a thread: note when each request arrived
+                if len(rig.receiver.received) > len(t):
+                    t.append(trio.current_time())
+                await trio.sleep(0.005)
+    assert 0.55 <= t[1] - t[0] <= 1.0  # max_backoff_s × 2^0
+    assert 1.15 <= t[2] - t[1] <= 1.6  # max_backoff_s × 2^1
+    assert rig.hooks.counts()[hook.id] == {"delivered": 1}
+
+
+def test_the_daemon_finds_the_webhook_dispatcher_by_protocol(rig: Rig, tmp_path: Path) -> None:
+    clock = SystemClock()
+    hook_sink = build_sink(rig.cfg, clock=clock, webhook_store=rig.hooks)
+    file_sink = build_sink(JsonlSinkConfig(path=str(tmp_path / "e.jsonl")))
+    assert isinstance(hook_sink, WebhookSink) and hook_sink.dispatcher is not None
+    assert dispatchers([file_sink, hook_sink]) == [hook_sink.dispatcher]
+    assert dispatchers([file_sink, WebhookSink(rig.cfg, rig.hooks)]) == []  # none to run
