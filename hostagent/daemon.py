@@ -48,10 +48,6 @@ log = logging.getLogger(__name__)
 PASS_DRAIN_MAX_S = 1.0
 
 
-def _noop() -> None:
-    pass
-
-
 def next_tick_s(now_wall_s: float, interval_s: float, align: bool) -> float:
     """Seconds to wait until the next pass: the next multiple of interval_s when aligned."""
     if not align:
@@ -93,6 +89,9 @@ class Daemon:
               config_path: str | None = None, owner_client: Any = None) -> Daemon:
         """Open the store and construct every component from the config."""
         clock = clock or SystemClock()
+        from hostagent.api.startup import validate_startup
+
+        validate_startup(cfg)  # webhook guard and API credentials: ConfigError before any I/O
         limiter = trio.CapacityLimiter(cfg.collector.max_threads)
         rules = rules_source.from_config(cfg.thresholds)
         rules.load_initial()  # an invalid rules file at start is a config error: refuse to run
@@ -117,7 +116,7 @@ class Daemon:
                      webhooks=hooks, sinks=sinks)
         if cfg.api.enabled:
             # Imported only when enabled: the web stack costs ~120 ms of start-up otherwise.
-            from hostagent.api.auth import Authenticator
+            from hostagent.api.auth import Authenticator, reserved_principals
             from hostagent.api.backends import FileRuleStore, StoreWebhooks
             from hostagent.api.server import make_app
             from hostagent.api.view import ApiView
@@ -129,9 +128,10 @@ class Daemon:
                 emission_metrics=delivery.metrics)
             dispatcher = next((getattr(s, "dispatcher", None) for s in sinks
                                if getattr(s, "dispatcher", None) is not None), None)
-            registry = (StoreWebhooks(hooks, wake=dispatcher.wake if dispatcher else _noop)
-                        if hooks is not None else None)
-            daemon.api_auth = Authenticator(cfg.api)
+            registry = (StoreWebhooks(hooks, dispatcher.guard, wake=dispatcher.wake)
+                        if hooks is not None and dispatcher is not None else None)
+            daemon.api_auth = Authenticator(
+                cfg.api, reserved=reserved_principals(cfg.owners.unassigned))
             daemon.api_app = make_app(cfg.api, daemon.api_view, clock=clock, webhooks=registry,
                                       rules=FileRuleStore(rules), authenticator=daemon.api_auth,
                                       gate=daemon.pass_gate)

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from hostagent.api.auth import Principal
 from hostagent.api.problems import Problem, json_response
+from hostagent.delivery.ssrf import UrlRefused
 from hostagent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -69,8 +70,11 @@ class AdminRoutes:
                                "secret a string or absent")
         try:
             item = await reg.register(url, types, secret)
-        except ValueError as err:
-            raise Problem(400, str(err), kind="invalid-webhook") from err
+        except UrlRefused as err:
+            raise Problem(400, str(err), kind="invalid-webhook", extra={"key": "url"}) from err
+        except ConfigError as err:
+            raise Problem(400, str(err), kind="invalid-webhook",
+                          extra={"key": err.key, "expected": err.expected}) from err
         return json_response({**item, "secret": None, "status": "registered"}, 201)
 
     async def webhook_delete(self, request: Request, _p: Principal) -> Response:

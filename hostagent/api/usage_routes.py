@@ -15,7 +15,8 @@ from starlette.responses import Response
 
 from hostagent.api.auth import Principal
 from hostagent.api.problems import Problem, json_response
-from hostagent.api.view import RESOURCES, InstanceView, norm_principal, render_instance, sum_usage
+from hostagent.api.view import RESOURCES, InstanceView, render_instance, sum_usage
+from hostagent.owners.account_client import normalize_address
 
 if TYPE_CHECKING:
     from hostagent.api.app import Api
@@ -180,7 +181,7 @@ class UsageRoutes:
     async def user_current(self, request: Request, p: Principal) -> Response:
         """GET /api/v1/usage/users/{id}/current: totals over the user's instances + the list."""
         user_id = request.path_params["user_id"]
-        if not p.is_admin and norm_principal(user_id) != norm_principal(p.subject):
+        if not p.is_admin and normalize_address(user_id) != normalize_address(p.subject):
             raise Problem(403, "a non-admin may read only its own usage", kind="not-your-user")
         q = self._q(request)
         items = self.api.view.snapshot.for_user(user_id)
@@ -188,7 +189,7 @@ class UsageRoutes:
             items = [iv for iv in items if iv.instance_id in q.instance_ids]
         body = self._page(items, q, with_readings=False)
         snap = self.api.view.snapshot
-        totals = snap.memo(("totals", norm_principal(user_id), q.instance_ids),
+        totals = snap.memo(("totals", normalize_address(user_id), q.instance_ids),
                            lambda: sum_usage(items))
         return json_response({"user_id": user_id, "totals": totals,
                               "instances": body.pop("items"), **body})

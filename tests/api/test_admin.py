@@ -1,4 +1,4 @@
-"""Webhook and threshold routes (admin only) over the in-memory seams; body limits."""
+"""Webhook and threshold routes (admin only) over the real stores; body limits."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ async def test_webhooks_round_trip(server: Server, client: httpx.AsyncClient,
     assert isinstance(r.json(), list)
     assert [w["id"] for w in r.json()] == [body["id"]]
     assert all(w["secret"] is None for w in r.json())
-    assert server.webhooks._secrets[body["id"]] == "s3cret"  # stored, never shown
+    stored = {r.id: r.secret for r in server.webhook_store.registrations()}
+    assert stored[body["id"]] == "s3cret"  # stored, never shown
     assert (await client.delete(f"/api/v1/webhooks/{body['id']}", headers=h)).status_code == 204
     r = await client.delete(f"/api/v1/webhooks/{body['id']}", headers=h)
     assert r.status_code == 404

@@ -17,7 +17,7 @@ from hostagent.api.auth import Authenticator
 from hostagent.api.problems import Problem
 from hostagent.api.view import ApiView
 from hostagent.errors import ConfigError
-from tests.api.support import AUD, ISS, Keys, api_config, report, start_server, token
+from tests.api.support import ALICE, AUD, ISS, Keys, api_config, report, start_server, token
 
 ROUTE = "/api/v1/usage/instances/i-a1/current"
 
@@ -28,7 +28,7 @@ def b64(d: dict[str, object]) -> str:
 
 def claims(**over: object) -> dict[str, object]:
     now = int(time.time())
-    return {"sub": "0xalice", "aud": AUD, "iss": ISS, "exp": now + 300, **over}
+    return {"sub": ALICE, "aud": AUD, "iss": ISS, "exp": now + 300, **over}
 
 
 def corpus(keys: Keys) -> dict[str, str]:
@@ -47,7 +47,7 @@ def corpus(keys: Keys) -> dict[str, str]:
                                          keys.rsa, algorithm="RS256"),
         "wrong audience": f"Bearer {token(keys, aud='someone-else')}",
         "wrong issuer": f"Bearer {token(keys, iss='https://evil.test')}",
-        "tampered payload": f"Bearer {h}.{b64({**claims(), 'sub': '0xbob'})}.{s}",
+        "tampered payload": f"Bearer {h}.{b64({**claims(), 'sub': '{BOB}'})}.{s}",
         "alg not allowed (RS512)": f"Bearer {token(keys, alg='RS512')}",
         "unknown key": "Bearer " + jwt.encode(claims(), stranger, algorithm="RS256"),
         "garbage": "Bearer not.a.jwt",
@@ -88,7 +88,7 @@ async def test_hs_rs_confusion_refused_even_with_hs256_allowed(
     # HS256 on the allow-list but no HMAC secret: the RSA PEM must never become one.
     cfg = api_config(keys, jwt_algorithms=("RS256", "HS256"))
     view = ApiView()
-    view.update(report({"i-a1": "0xalice"}))
+    view.update(report({"i-a1": ALICE}))
     srv = await start_server(nursery, cfg, view)
     async with httpx.AsyncClient(base_url=srv.url) as c:
         r = await c.get(ROUTE, headers={"Authorization": f"Bearer {_confusion_token(keys)}"})
@@ -115,12 +115,12 @@ async def test_oversized_header_refused(client: httpx.AsyncClient, keys: Keys) -
 
 async def test_other_users_instance_is_not_revealed(client: httpx.AsyncClient,
                                                     keys: Keys) -> None:
-    bob = {"Authorization": f"Bearer {token(keys, '0xbob')}"}
+    bob = {"Authorization": f"Bearer {token(keys, '{BOB}')}"}
     r = await client.get(ROUTE, headers=bob)
     assert r.status_code == 404
-    r = await client.get("/api/v1/usage/users/0xalice/current", headers=bob)
+    r = await client.get(f"/api/v1/usage/users/{ALICE}/current", headers=bob)
     assert r.status_code == 403
-    r = await client.get("/api/v1/metrics", headers=bob, params={"user_id": "0xalice"})
+    r = await client.get("/api/v1/metrics", headers=bob, params={"user_id": ALICE})
     assert r.json()["items"] == []
 
 
@@ -159,6 +159,6 @@ def test_hmac_secret_works_when_configured(keys: Keys, tmp_path) -> None:  # typ
     auth = Authenticator(replace(api_config(keys), jwt_algorithms=("HS256",),
                                  jwt_hmac_secret_file=str(secret)))
     t = jwt.encode(claims(), "k" * 40, algorithm="HS256")
-    assert auth.authenticate(f"Bearer {t}", None).subject == "0xalice"
+    assert auth.authenticate(f"Bearer {t}", None).subject == ALICE[2:]  # normalised
     with pytest.raises(Problem):  # RS256 is not on this allow-list
         auth.authenticate(f"Bearer {token(keys)}", None)

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hostagent.api.view import ApiView
 from hostagent.delivery import metrics as em
-from tests.api.support import Keys, api_config, report, start_server
+from tests.api.support import ALICE, BOB, Keys, api_config, report, start_server
 
 
 def emission() -> em.EmissionMetrics:
@@ -30,7 +30,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     view = ApiView(emission_metrics=emission)
-    view.update(report({"i-a1": "0xalice", "i-b1": "0xbob"}))
+    view.update(report({"i-a1": ALICE, "i-b1": BOB}))
     srv = await start_server(nursery, api_config(keys), view)
     async with httpx.AsyncClient(base_url=srv.url) as c:
         assert (await c.get("/metrics")).status_code == 401
@@ -41,7 +41,7 @@ async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     s = samples(r.text)
-    a1 = (("instance", "i-a1"), ("owner", "0xalice"))
+    a1 = (("instance", "i-a1"), ("owner", ALICE))
     assert s[("hostagent_instance_cpu_seconds_total", a1)] == 3600.0
     assert s[("hostagent_instance_network_egress_bytes_total", a1)] == 200
     assert s[("hostagent_instance_memory_used_bytes", a1)] == 2 << 30

@@ -13,7 +13,7 @@ import trio
 
 from hostagent.api.view import ApiView
 from hostagent.clock import SystemClock
-from tests.api.support import Keys, api_config, report, start_server
+from tests.api.support import ALICE, BOB, Keys, api_config, report, start_server
 
 ST = shutil.which("st") or str(Path(sys.executable).with_name("st"))
 EXAMPLES = os.environ.get("HOSTAGENT_ST_EXAMPLES", "30")
@@ -24,7 +24,7 @@ EXAMPLES = os.environ.get("HOSTAGENT_ST_EXAMPLES", "30")
 async def test_schemathesis_finds_nothing(nursery: trio.Nursery, keys: Keys,
                                           tmp_path: Path, who: str) -> None:
     view = ApiView()
-    rep = report({f"i-{n}": ("0xalice" if n % 2 else "0xbob") for n in range(6)})
+    rep = report({f"i-{n}": (ALICE if n % 2 else BOB) for n in range(6)})
     rep.started_wall_ns = SystemClock().now().wall_ns  # fresh: health answers 200, not 503
     view.update(rep)
     cfg = api_config(keys, rate_per_address_s=100000.0, burst_per_address=100000,
