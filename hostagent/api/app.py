@@ -101,7 +101,7 @@ class Api:
 
     async def openapi(self, _r: Request, _p: Principal) -> Response:
         """The OpenAPI document."""
-        return json_response(openapi_document())
+        return json_response(openapi_document(self.cfg.max_page_size))
 
     async def prometheus(self, _r: Request, _p: Principal) -> Response:
         """Prometheus text exposition."""

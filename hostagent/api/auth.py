@@ -41,7 +41,8 @@ CREDENTIAL_KEYS = ("jwt_algorithms", "jwt_keys_file", "jwks_file", "jwt_hmac_sec
 def reserved_principals(unassigned: str = "unassigned") -> frozenset[str]:
     """The normalised principals no credential may carry: the owner of instances whose owner is
     unknown (`unassigned` and the configured owners.unassigned), whose holder would read them."""
-    return frozenset(normalize_address(p) for p in keys_mod.RESERVED_PRINCIPALS | {unassigned})
+    return frozenset(normalize_address(p).lower()
+                     for p in keys_mod.RESERVED_PRINCIPALS | {unassigned})
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,13 +185,14 @@ def load_credentials(cfg: ApiConfig, verify_keys: Sequence[VerifyKey] = (),
     fix = ("`unassigned` and owners.unassigned name the owner of unowned instances; give the "
            "caller its own principal")
     for k in keys.values():
-        if normalize_address(k.principal) in reserved:
+        if normalize_address(k.principal).lower() in reserved:
             raise ConfigError(cfg.api_keys_file or "<api keys>", f"keys[id={k.key_id}].principal",
                               "a principal that is not reserved", k.principal, fix)
     admins = frozenset(normalize_address(a) for a in cfg.admin_principals)
-    if admins & reserved:
+    clash = sorted(a for a in admins if a.lower() in reserved)
+    if clash:
         raise ConfigError("<config>", "api.admin_principals", "principals that are not reserved",
-                          sorted(admins & reserved), fix)
+                          clash, fix)
     return Credentials(cfg, tuple(vk), keys, admins, reserved)
 
 
@@ -291,7 +293,7 @@ class Authenticator:
         if not isinstance(sub, str) or not sub.strip():
             raise _unauthorized("`sub` must be a non-empty string")
         sub = normalize_address(sub)
-        if sub in creds.reserved:
+        if sub.lower() in creds.reserved:
             raise _unauthorized(f"`sub` {sub!r} is reserved")
         scopes = {"read"}
         granted = claims.get(cfg.jwt_admin_claim)

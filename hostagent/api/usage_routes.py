@@ -7,6 +7,7 @@ user id other than its own answers 403 whatever that user has: nothing leaks eit
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from hostagent.api.auth import Principal
+from hostagent.api.openapi import (
+    ITEM_FIELDS,
+    MAX_LIST_ITEMS,
+    MAX_PARAM_CHARS,
+    csv_pattern,
+)
 from hostagent.api.problems import Problem, json_response
 from hostagent.api.view import RESOURCES, InstanceView, render_instance, sum_usage
 from hostagent.owners.account_client import normalize_address
@@ -21,10 +28,8 @@ from hostagent.owners.account_client import normalize_address
 if TYPE_CHECKING:
     from hostagent.api.app import Api
 
-ITEM_FIELDS = ("instance_id", "name", "uuid", "user_id", "org_id", "updated_at", "period",
-               "metrics", "missing", "readings")
-MAX_LIST_ITEMS = 100
-MAX_PARAM_CHARS = 4096
+_CSV = re.compile(csv_pattern(None))
+_INT = re.compile(r"-?[0-9]{1,12}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,20 +50,19 @@ def _csv(request: Request, name: str) -> list[str] | None:
         return None
     if len(raw) > MAX_PARAM_CHARS:
         raise Problem(400, f"`{name}` is longer than {MAX_PARAM_CHARS} characters")
-    items = [v.strip() for v in raw.split(",") if v.strip()]
-    if not items or len(items) > MAX_LIST_ITEMS:
-        raise Problem(400, f"`{name}` must list 1 to {MAX_LIST_ITEMS} comma-separated values")
-    return items
+    if not _CSV.fullmatch(raw):
+        raise Problem(400, f"`{name}` must list 1 to {MAX_LIST_ITEMS} comma-separated values "
+                           "(no empty values, no blanks around them)")
+    return raw.split(",")
 
 
 def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise Problem(400, f"`{name}` must be an integer") from None
+    if not _INT.fullmatch(raw):
+        raise Problem(400, f"`{name}` must be a decimal integer")
+    v = int(raw)
     if not lo <= v <= hi:
         raise Problem(400, f"`{name}` must be between {lo} and {hi}")
     return v

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import httpx
+import base64
+from typing import Any
 
-from tests.api.support import Keys, Server
+import httpx
+import pytest
+import trio
+
+from hostagent.api.view import ApiView
+from hostagent.config.sinks import WebhookSinkConfig
+from tests.api.support import Keys, Server, api_config, start_server
 
 RULE = {"resource_type": "storage", "threshold_type": "absolute", "threshold_value": 500,
         "units": "GB", "action": "notify", "user_id": "user_123456",
@@ -101,3 +108,83 @@ async def test_body_size_cap(client: httpx.AsyncClient, keys: Keys) -> None:
 
     r = await client.post("/api/v1/webhooks", headers=h, content=chunks())
     assert r.status_code == 413
+
+
+# Issue 13 §2/§3: every one of these answered 500 or 201 before; each is a 400 problem+json
+# whose detail says why (the same guard refuses them at delivery).
+BAD_WEBHOOKS = [
+    ({"url": "https://public.test/h", "event_types": ["bogus"]}, "event_types"),
+    ({"url": "https://public.test/h", "event_types": []}, "event_types"),
+    ({"url": "", "event_types": ["metrics"]}, "scheme"),
+    ({"url": "ftp://public.test/", "event_types": ["metrics"]}, "scheme"),
+    ({"url": "file:///etc/passwd", "event_types": ["metrics"]}, "scheme"),
+    ({"url": "http://127.0.0.1/", "event_types": ["metrics"]}, "loopback"),
+    ({"url": "http://10.1.2.3/", "event_types": ["metrics"]}, "private-use"),
+    ({"url": "http://169.254.169.254/latest", "event_types": ["metrics"]}, "metadata"),
+    ({"url": "http://[fe80::1]/", "event_types": ["metrics"]}, "link-local"),
+    ({"url": "http://192.0.0.8/", "event_types": ["metrics"]}, "192.0.0.0/24"),
+    ({"url": "http://[fec0::1]/", "event_types": ["metrics"]}, "site-local"),
+    ({"url": "http://[::ffff:10.0.0.1]/", "event_types": ["metrics"]}, "IPv6 form"),
+    ({"url": "http://2130706433/", "event_types": ["metrics"]}, "ambiguous"),
+    ({"url": "http://0x7f.1/", "event_types": ["metrics"]}, "ambiguous"),
+    ({"url": "http://", "event_types": ["metrics"]}, "no host"),
+    ({"url": "http:///x", "event_types": ["metrics"]}, "no host"),
+    ({"url": "https://public.test/a\r\nX-Evil: 1", "event_types": ["metrics"]}, "'\\r'"),
+    ({"url": "https://public.test/" + "a" * 3000, "event_types": ["metrics"]}, "longer"),
+    ({"url": "https://public.test:0/", "event_types": ["metrics"]}, "port 0"),
+    ({"url": "https://public.test:6379/", "event_types": ["metrics"]}, "internal service"),
+    ({"url": "https://public.test:22/", "event_types": ["metrics"]}, "allowed_ports"),
+    ({"url": "https://private.test/", "event_types": ["metrics"]}, "resolves to"),
+    ({"url": "https://mixed.test/", "event_types": ["metrics"]}, "resolves to"),
+    ({"url": "https://public.test/", "event_types": ["metrics"], "secret": "whsec_!!"},
+     "whsec_"),
+    ({"url": "https://public.test/", "event_types": ["metrics"], "secret": "whsec_c2hvcnQ="},
+     "whsec_"),
+    ({"url": "https://public.test/", "event_types": ["metrics"], "secret": "has space"},
+     "secret"),
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), BAD_WEBHOOKS,
+                         ids=[f"{i}" for i in range(len(BAD_WEBHOOKS))])
+async def test_bad_webhooks_are_400_with_the_reason(client: httpx.AsyncClient, keys: Keys,
+                                                     server: Server, body: dict[str, Any],
+                                                     reason: str) -> None:
+    r = await client.post("/api/v1/webhooks", headers={"X-API-Key": keys.admin_key}, json=body)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"].endswith("invalid-webhook")
+    assert reason in r.json()["detail"]
+    assert server.webhook_store.registrations() == []  # nothing stored
+
+
+async def test_good_webhooks_are_registered(client: httpx.AsyncClient, keys: Keys) -> None:
+    h = {"X-API-Key": keys.admin_key}
+    secret = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+    for url in ("HTTPS://e.test/", "https://public.test:8443/h?x=1", "https://nx.test/",
+                "http://93.184.215.14/"):
+        r = await client.post("/api/v1/webhooks", headers=h,
+                              json={"url": url, "event_types": ["metrics"], "secret": secret})
+        assert r.status_code == 201, (url, r.text)
+
+
+async def test_allow_listed_internal_hosts_register(nursery: trio.Nursery, keys: Keys) -> None:
+    srv = await start_server(nursery, api_config(keys), ApiView(),
+                             webhook_sink=WebhookSinkConfig(allow_list=("10.0.0.0/8",)))
+    async with httpx.AsyncClient(base_url=srv.url) as c:
+        r = await c.post("/api/v1/webhooks", headers={"X-API-Key": keys.admin_key},
+                         json={"url": "http://private.test:8080/", "event_types": ["metrics"]})
+    assert r.status_code == 201, r.text
+    srv.stop.set()
+
+
+async def test_rules_with_non_finite_numbers_are_400(client: httpx.AsyncClient,
+                                                     keys: Keys) -> None:
+    h = {"X-API-Key": keys.admin_key, "Content-Type": "application/json"}
+    for raw in (b'{"resource_type": "storage", "threshold_type": "absolute", "threshold_value":'
+                b' 1e999, "units": "GB", "action": "notify", "user_id": "u"}',
+                b'{"resource_type": "storage", "threshold_type": "absolute", "threshold_value":'
+                b' NaN, "units": "GB", "action": "notify", "user_id": "u"}'):
+        r = await client.post("/api/v1/thresholds", headers=h, content=raw)
+        assert r.status_code == 400, r.text
+        assert "JSON" in r.json()["detail"]
