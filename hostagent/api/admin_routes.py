@@ -84,6 +84,15 @@ class AdminRoutes:
             raise Problem(404, "no such webhook", kind="webhook-not-found")
         return Response(status_code=204)
 
+    @staticmethod
+    async def _write(op: Any, *args: Any) -> bool:
+        """A rule-store write; a store that cannot be written is 503, never 500."""
+        try:
+            return bool(await op(*args))
+        except (ConfigError, OSError) as err:
+            raise Problem(503, f"threshold rules cannot be written on this host: {err}",
+                          kind="rules-not-writable") from err
+
     def _validate(self, rules: Any, raw: Any) -> dict[str, Any]:
         try:
             out: dict[str, Any] = rules.validate(raw)
@@ -101,7 +110,7 @@ class AdminRoutes:
         if await rules.get(rule["id"]) is not None:
             raise Problem(409, f"rule {rule['id']!r} exists; PUT /api/v1/thresholds/{{id}} "
                                "replaces it", kind="rule-exists")
-        await rules.put(rule)
+        await self._write(rules.put, rule)
         return json_response(rule, 201)
 
     async def threshold_one(self, request: Request, _p: Principal) -> Response:
@@ -114,7 +123,7 @@ class AdminRoutes:
                 raise Problem(404, "no such rule", kind="rule-not-found")
             return json_response(rule)
         if request.method == "DELETE":
-            if not await rules.delete(rid):
+            if not await self._write(rules.delete, rid):
                 raise Problem(404, "no such rule", kind="rule-not-found")
             return Response(status_code=204)
         raw = await read_json(request, self.api.cfg.max_body_bytes)
@@ -123,5 +132,5 @@ class AdminRoutes:
         if raw.get("id", rid) != rid:
             raise Problem(400, "the body's id differs from the path's")
         rule = self._validate(rules, {**raw, "id": rid})
-        created = await rules.put(rule)
+        created = await self._write(rules.put, rule)
         return json_response(rule, 201 if created else 200)

@@ -11,8 +11,8 @@ from hostagent.delivery.ssrf import MAX_URL_BYTES
 ITEM_FIELDS = ("instance_id", "name", "uuid", "user_id", "org_id", "updated_at", "period",
                "metrics", "missing", "readings")
 MAX_LIST_ITEMS = 100
-MAX_PARAM_CHARS = 4096
-_VALUE = r"[^,\s](?:[^,]*[^,\s])?"  # one value: no comma, no blanks around it
+MAX_PARAM_CHARS = 1024
+_VALUE = r"[!-+\--~](?:[ !-+\--~]*[!-+\--~])?"  # printable ASCII but `,`; no blanks around
 
 
 def csv_pattern(values: tuple[str, ...] | None) -> str:
@@ -40,7 +40,8 @@ def _q(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, 
 
 
 def _path(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    return {"name": name, "in": "path", "required": True,
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_PARAM_CHARS}}
 
 
 def _csv_q(name: str, desc: str, values: tuple[str, ...] | None) -> dict[str, Any]:
@@ -60,6 +61,49 @@ def filters(max_page_size: int) -> list[dict[str, Any]]:
                                   "maximum": max_page_size}),
         _q("offset", "items to skip", {"type": "integer", "minimum": 0, "maximum": 10**9}),
     ]
+
+def _ci(*words: str) -> str:
+    """A case-insensitive pattern of `words` (ECMA regexes have no (?i))."""
+    alts = ["".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in w)
+            for w in words]
+    return f"^(?:{'|'.join(alts)})$"
+
+
+_NONEMPTY = {"type": "string", "minLength": 1}
+_THRESHOLD = {"type": "object", "required": ["value"], "additionalProperties": False,
+              "properties": {"value": {"type": "number", "minimum": 0},
+                             "unit": {"type": "string"}}}
+
+
+def _rule_request(*, with_id: bool) -> dict[str, Any]:
+    """A rule as a client sends it (seed 000 nested form or seed 001 flat form)."""
+    props: dict[str, Any] = {
+        "resource_type": {"type": "string", "pattern": _ci(
+            "cpu", "memory", "storage", "networkegress", "network_egress", "networkingress",
+            "network_ingress", "gpu")},
+        "threshold_type": {"oneOf": [
+            {"type": "string", "pattern": _ci("absolute", "percentage", "percent")},
+            {"type": "object", "minProperties": 1, "maxProperties": 1,
+             "additionalProperties": False,
+             "properties": {"Percentage": _THRESHOLD, "Absolute": _THRESHOLD}}]},
+        "threshold_value": {"type": "number", "minimum": 0},
+        "units": {"type": "string"}, "unit": {"type": "string"},
+        "action": {"type": "string", "pattern": _ci("notify", "log", "alert")},
+        "user_id": _NONEMPTY, "instance_id": {**_NONEMPTY, "nullable": True},
+        "notification_channels": {"type": "array", "items": _NONEMPTY},
+        "for_passes": {"type": "integer", "minimum": 1},
+        "repeat_interval_s": {"type": "number", "minimum": 0},
+    }
+    if with_id:
+        props["id"] = _NONEMPTY
+    return {"type": "object", "additionalProperties": False, "properties": props,
+            "required": ["resource_type", "threshold_type", "action", "user_id"],
+            "description": "400 `invalid-rule` also when the parts do not fit together: the "
+                           "flat form (threshold_type a string) needs threshold_value and a unit "
+                           "the resource takes (units/unit); the nested form takes neither key; "
+                           "a percentage of a resource that has none" +
+                           ("" if with_id else "; an `id` in the body must equal the path's")}
+
 
 SCHEMAS: dict[str, Any] = {
     "Problem": {"type": "object", "required": ["type", "title", "status", "detail", "instance"],
@@ -127,6 +171,8 @@ SCHEMAS: dict[str, Any] = {
                                           "enum": [None]},
                                "status": {"type": "string"},
                                "created_at": {"type": "string"}}},
+    "RuleRequest": _rule_request(with_id=True),
+    "RuleReplacement": _rule_request(with_id=False),
     "Rule": {"type": "object", "description": "a threshold rule in either seed format",
              "required": ["resource_type", "threshold_type", "action", "user_id"],
              "properties": {"id": {"type": "string"}, "resource_type": {"type": "string"},
@@ -222,23 +268,24 @@ def openapi_document(max_page_size: int = 1000) -> dict[str, Any]:
                                              **_errors(400, 403, 413, 415, 503)},
                         body="WebhookRequest")},
         "/api/v1/webhooks/{webhook_id}": {"delete": _op(
-            "remove (admin)", {"204": {"description": "removed"}, **_errors(403, 404, 503)},
+            "remove (admin)", {"204": {"description": "removed"}, **_errors(400, 403, 404, 503)},
             params=[_path("webhook_id")])},
         "/api/v1/thresholds": {
             "get": _op("rules (admin)", {"200": _json({"type": "array", "items": _ref("Rule")}),
                                          **_errors(403, 503)}),
             "post": _op("create a rule (admin)", {"201": _json(_ref("Rule"), "created"),
                                                   **_errors(400, 403, 409, 413, 415, 503)},
-                        body="Rule")},
+                        body="RuleRequest")},
         "/api/v1/thresholds/{rule_id}": {
             "get": _op("one rule (admin)", {"200": _json(_ref("Rule")),
-                                            **_errors(403, 404, 503)},
+                                            **_errors(400, 403, 404, 503)},
                        params=[_path("rule_id")]),
             "put": _op("create or replace (admin)", {
                 "200": _json(_ref("Rule")), "201": _json(_ref("Rule"), "created"),
-                **_errors(400, 403, 413, 415, 503)}, params=[_path("rule_id")], body="Rule"),
+                **_errors(400, 403, 413, 415, 503)}, params=[_path("rule_id")],
+                body="RuleReplacement"),
             "delete": _op("remove (admin)", {"204": {"description": "removed"},
-                                             **_errors(403, 404, 503)},
+                                             **_errors(400, 403, 404, 503)},
                           params=[_path("rule_id")])},
     }
     _link_admin_operations(paths)
