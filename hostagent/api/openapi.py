@@ -160,7 +160,7 @@ SCHEMAS: dict[str, Any] = {
                             "items": {"type": "string",
                                       "enum": ["metrics", "threshold_violation"]}},
             "secret": {"type": "string", "nullable": True,
-                       "pattern": r"^(?:whsec_(?:[A-Za-z0-9+/]{4}){6,}(?:[A-Za-z0-9+/]{2}=="
+                       "pattern": r"^(?:whsec_(?:[A-Za-z0-9+/]{4}){8,21}(?:[A-Za-z0-9+/]{2}=="
                                   r"|[A-Za-z0-9+/]{3}=)?|(?!whsec_)[!-~]{1,256})$",
                        "description": "whsec_<base64 of 24-64 bytes> (Standard Webhooks) or "
                                       "1-256 printable ASCII characters"}}},
