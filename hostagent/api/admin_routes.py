@@ -27,7 +27,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if ctype != "application/json":
         raise Problem(415, "send the body as application/json")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    if declared is not None and declared.isascii() and declared.isdigit() \
+            and int(declared) > max_bytes:
         raise Problem(413, f"body larger than {max_bytes} bytes")
     buf = bytearray()
     async for chunk in request.stream():

@@ -83,6 +83,9 @@ def load_keys(path: str) -> dict[str, StoredKey]:
             raise ConfigError(path, f"{where}.principal", "a non-empty principal", k.principal)
         if not k.scopes <= set(SCOPES) or not k.scopes:
             raise ConfigError(path, f"{where}.scopes", f"a subset of {SCOPES}", sorted(k.scopes))
+        if k.key_id in out:
+            raise ConfigError(path, f"{where}.id", "a key id used once", k.key_id,
+                              "remove the duplicate entry (only one can match a key)")
         out[k.key_id] = k
     return out
 
@@ -110,7 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ls.add_argument("--file", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "list":
-        for k in load_keys(args.file).values():
+        try:
+            listed = load_keys(args.file)
+        except ConfigError as err:
+            print(f"hostagent: {err}", file=sys.stderr)
+            return 2
+        for k in listed.values():
             print(f"{k.key_id}\t{k.principal}\t{','.join(sorted(k.scopes))}")
         return 0
     try:
