@@ -188,3 +188,32 @@ async def test_rules_with_non_finite_numbers_are_400(client: httpx.AsyncClient,
         r = await client.post("/api/v1/thresholds", headers=h, content=raw)
         assert r.status_code == 400, r.text
         assert "JSON" in r.json()["detail"]
+
+
+async def test_a_rules_store_that_cannot_be_written_is_503(server: Server,
+                                                           client: httpx.AsyncClient,
+                                                           keys: Keys) -> None:
+    server.rules_path.unlink()
+    server.rules_path.mkdir()  # os.replace onto a directory fails: an OSError, not a 500
+    h = {"X-API-Key": keys.admin_key}
+    for r in (await client.post("/api/v1/thresholds", headers=h, json=RULE),
+              await client.put("/api/v1/thresholds/r1", headers=h, json=RULE)):
+        assert r.status_code == 503, r.text
+        assert r.json()["type"].endswith("rules-not-writable")
+
+
+async def test_path_parameters_are_bounded(client: httpx.AsyncClient, keys: Keys) -> None:
+    h = {"X-API-Key": keys.admin_key}
+    r = await client.get("/api/v1/thresholds/" + "x" * 1025, headers=h)
+    assert r.status_code == 400
+    assert (await client.get("/api/v1/thresholds/" + "x" * 1024, headers=h)).status_code == 404
+
+
+@pytest.mark.parametrize("query", ["limit=1_0", "limit=%EF%BC%95", "limit=+5", "offset=%205",
+                                   "resource=cpu,,memory", "resource=%20cpu", "fields=",
+                                   "instance_id=" + "a" * 1025])
+async def test_query_parameters_are_exact(client: httpx.AsyncClient, keys: Keys,
+                                          query: str) -> None:
+    r = await client.get(f"/api/v1/metrics?{query}", headers={"X-API-Key": keys.admin_key})
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/problem+json"
