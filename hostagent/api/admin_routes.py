@@ -6,6 +6,7 @@ rule changes what alerts fire for everyone. Bodies are JSON, size-capped by api.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -39,6 +40,23 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         return orjson.loads(buf)
     except orjson.JSONDecodeError as err:
         raise Problem(400, f"body is not valid JSON: {err}") from err
+
+
+MAX_NUMBER = 1e15  # larger numbers in a rule overflow when scaled (GB → bytes, s → ns)
+
+
+def out_of_range(value: Any, where: str = "") -> str | None:
+    """The first number in a JSON value that is not finite or past ±MAX_NUMBER, by path."""
+    if isinstance(value, dict):
+        return next((p for k, v in value.items() if (p := out_of_range(v, f"{where}.{k}"))),
+                    None)
+    if isinstance(value, list):
+        return next((p for i, v in enumerate(value) if (p := out_of_range(v, f"{where}[{i}]"))),
+                    None)
+    if isinstance(value, int | float) and not isinstance(value, bool) \
+            and not (math.isfinite(value) and abs(value) <= MAX_NUMBER):
+        return where.lstrip(".") or "body"
+    return None
 
 
 class AdminRoutes:
@@ -95,6 +113,10 @@ class AdminRoutes:
                           kind="rules-not-writable") from err
 
     def _validate(self, rules: Any, raw: Any) -> dict[str, Any]:
+        bad = out_of_range(raw)
+        if bad is not None:
+            raise Problem(400, f"`{bad}` must be a finite number within ±{MAX_NUMBER:g}",
+                          kind="invalid-rule", extra={"key": bad})
         try:
             out: dict[str, Any] = rules.validate(raw)
         except ConfigError as err:

@@ -70,8 +70,9 @@ def _ci(*words: str) -> str:
 
 
 _NONEMPTY = {"type": "string", "minLength": 1}
+_AMOUNT = {"type": "number", "minimum": 0, "maximum": 1e15}  # admin_routes.MAX_NUMBER
 _THRESHOLD = {"type": "object", "required": ["value"], "additionalProperties": False,
-              "properties": {"value": {"type": "number", "minimum": 0},
+              "properties": {"value": _AMOUNT,
                              "unit": {"type": "string"}}}
 
 
@@ -86,13 +87,13 @@ def _rule_request(*, with_id: bool) -> dict[str, Any]:
             {"type": "object", "minProperties": 1, "maxProperties": 1,
              "additionalProperties": False,
              "properties": {"Percentage": _THRESHOLD, "Absolute": _THRESHOLD}}]},
-        "threshold_value": {"type": "number", "minimum": 0},
+        "threshold_value": _AMOUNT,
         "units": {"type": "string"}, "unit": {"type": "string"},
         "action": {"type": "string", "pattern": _ci("notify", "log", "alert")},
         "user_id": _NONEMPTY, "instance_id": {**_NONEMPTY, "nullable": True},
         "notification_channels": {"type": "array", "items": _NONEMPTY},
-        "for_passes": {"type": "integer", "minimum": 1},
-        "repeat_interval_s": {"type": "number", "minimum": 0},
+        "for_passes": {"type": "integer", "minimum": 1, "maximum": 1e15},
+        "repeat_interval_s": _AMOUNT,
     }
     if with_id:
         props["id"] = _NONEMPTY

@@ -217,3 +217,17 @@ async def test_query_parameters_are_exact(client: httpx.AsyncClient, keys: Keys,
     r = await client.get(f"/api/v1/metrics?{query}", headers={"X-API-Key": keys.admin_key})
     assert r.status_code == 400, r.text
     assert r.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("over", [{"repeat_interval_s": 1.29e308}, {"threshold_value": 1e300},
+                                  {"for_passes": 10**18}])
+async def test_rule_numbers_that_would_overflow_are_400(server: Server,
+                                                        client: httpx.AsyncClient, keys: Keys,
+                                                        over: dict[str, Any]) -> None:
+    """Found by schemathesis: repeat_interval_s = 1.29e308 was a 500 and left the file bad."""
+    h = {"X-API-Key": keys.admin_key}
+    for r in (await client.post("/api/v1/thresholds", headers=h, json={**RULE, **over}),
+              await client.put("/api/v1/thresholds/r1", headers=h, json={**RULE, **over})):
+        assert r.status_code == 400, r.text
+        assert r.json()["key"] == next(iter(over))
+    assert server.rules_path.read_text() == "[]"  # nothing written
