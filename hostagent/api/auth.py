@@ -80,6 +80,19 @@ def _family_of(key: Any) -> str:
     raise ValueError(f"unsupported key type {type(key).__name__}")
 
 
+MIN_RSA_BITS = 2048
+MIN_HMAC_BYTES = 32
+
+
+def key_weakness(family: str, key: Any) -> str | None:
+    """Why a verification key is too weak to trust, or None."""
+    if family == "rsa" and key.key_size < MIN_RSA_BITS:
+        return f"an RSA key of {key.key_size} bits (at least {MIN_RSA_BITS})"
+    if family == "hmac" and len(key) < MIN_HMAC_BYTES:
+        return f"an HMAC secret of {len(key)} bytes (at least {MIN_HMAC_BYTES})"
+    return None
+
+
 def load_pem_keys(path: str) -> list[VerifyKey]:
     """Every `-----BEGIN PUBLIC KEY-----` block in a PEM file."""
     try:
@@ -92,6 +105,11 @@ def load_pem_keys(path: str) -> list[VerifyKey]:
             out.append(VerifyKey(_family_of(k), k, None))
     except (OSError, ValueError) as err:
         raise ConfigError(path, "api.jwt_keys_file", "PEM public keys", str(err)) from err
+    for i, vk in enumerate(out):
+        weak = key_weakness(vk.family, vk.key)
+        if weak is not None:
+            raise ConfigError(path, f"api.jwt_keys_file[{i}]", "a key strong enough to trust",
+                              weak, "publish a longer key")
     return out
 
 
@@ -128,7 +146,12 @@ def load_jwks(path: str) -> list[VerifyKey]:
             k = jwt.PyJWK.from_dict(raw)
         except (jwt.PyJWTError, ValueError, TypeError, KeyError) as err:
             raise ConfigError(path, where, f"a valid {raw['kty']} key", str(err), fix) from err
-        out.append(VerifyKey(JWK_FAMILIES[str(k.key_type)], k.key, k.key_id))
+        fam = JWK_FAMILIES[str(k.key_type)]
+        weak = key_weakness(fam, k.key)
+        if weak is not None:
+            raise ConfigError(path, where, "a key strong enough to trust", weak,
+                              "publish a longer key")
+        out.append(VerifyKey(fam, k.key, k.key_id))
     return out
 
 
@@ -175,9 +198,10 @@ def load_credentials(cfg: ApiConfig, verify_keys: Sequence[VerifyKey] = (),
         except OSError as err:
             raise ConfigError(cfg.jwt_hmac_secret_file, "api.jwt_hmac_secret_file",
                               "a readable secret file", str(err)) from err
-        if len(secret) < 32:
+        if len(secret) < MIN_HMAC_BYTES:
             raise ConfigError(cfg.jwt_hmac_secret_file, "api.jwt_hmac_secret_file",
-                              "a secret of at least 32 bytes", f"{len(secret)} bytes")
+                              f"a secret of at least {MIN_HMAC_BYTES} bytes",
+                              f"{len(secret)} bytes")
         vk.append(VerifyKey("hmac", secret, None))
     keys = dict(api_keys or {})
     if cfg.api_keys_file:

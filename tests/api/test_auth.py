@@ -12,6 +12,7 @@ import httpx
 import jwt
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hostagent.api import keys as keys_mod
@@ -254,3 +255,20 @@ def test_validate_startup_raises_config_errors(keys: Keys, tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="jwks"):
         validate_startup(from_mapping({**base, "api": {**base["api"],
                                                        "jwks_file": str(jwks)}}))
+
+
+def test_weak_keys_are_config_errors(keys: Keys, tmp_path: Path) -> None:
+    """An RSA key under 2048 bits or a JWKS `oct` secret under 32 bytes was trusted."""
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    pem = tmp_path / "small.pem"
+    pem.write_bytes(small.public_bytes(serialization.Encoding.PEM,
+                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    with pytest.raises(ConfigError, match="1024 bits"):
+        Authenticator(api_config(keys, jwt_keys_file=str(pem)))
+    jwks = tmp_path / "jwks.json"
+    for jwk in (json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(small)),
+                {"kty": "oct", "k": base64.urlsafe_b64encode(b"short").rstrip(b"=").decode()}):
+        jwks.write_text(json.dumps({"keys": [jwk]}))
+        with pytest.raises(ConfigError) as err:
+            Authenticator(api_config(keys, jwks_file=str(jwks)))
+        assert err.value.key == "api.jwks_file.keys[0]" and "at least" in str(err.value)
