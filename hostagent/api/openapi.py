@@ -171,7 +171,7 @@ SCHEMAS: dict[str, Any] = {
                                "secret": {"type": "string", "nullable": True,
                                           "enum": [None]},
                                "status": {"type": "string"},
-                               "created_at": {"type": "string"}}},
+                               "created_ns": {"type": "integer"}}},
     "RuleRequest": _rule_request(with_id=True),
     "RuleReplacement": _rule_request(with_id=False),
     "Rule": {"type": "object", "description": "a threshold rule in either seed format",
