@@ -3,6 +3,7 @@ the special-purpose table entry by entry, ports, URL syntax, and config errors."
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Sequence
 
@@ -256,3 +257,24 @@ def test_loose_ipv4_reads_like_inet_aton(text: str, ip: str) -> None:
 def test_loose_ipv4_rejects_names() -> None:
     assert ssrf.loose_ipv4("example.com") is None and ssrf.loose_ipv4("1.2.3.4.5") is None
     assert ssrf.loose_ipv4("09.1.1.1") is None
+
+
+@given(st.text(max_size=300))
+def test_any_text_is_checked_or_refused_never_an_exception(url: str) -> None:
+    with contextlib.suppress(ssrf.UrlRefused):
+        NO_ALLOW.check_static(url)
+
+
+@given(st.sampled_from(["http", "https", "HTTP", "ftp", ""]),
+       st.text(alphabet="0123456789abcdefx.:[]%@-_ ", max_size=60),
+       st.one_of(st.none(), st.integers(-5, 70000).map(str), st.text(max_size=6)),
+       st.text(max_size=30))
+def test_url_shaped_text_is_checked_or_refused(scheme: str, host: str, port: str | None,
+                                               path: str) -> None:
+    url = f"{scheme}://{host}" + ("" if port is None else f":{port}") + "/" + path
+    try:
+        _s, h, p, _path, literal = NO_ALLOW.check_static(url)
+    except ssrf.UrlRefused:
+        return
+    assert 1 <= p <= 65535 and h
+    assert literal is None or refusal(literal) is None
