@@ -48,10 +48,6 @@ log = logging.getLogger(__name__)
 PASS_DRAIN_MAX_S = 1.0
 
 
-def _noop() -> None:
-    pass
-
-
 def next_tick_s(now_wall_s: float, interval_s: float, align: bool) -> float:
     """Seconds to wait until the next pass: the next multiple of interval_s when aligned."""
     if not align:
@@ -94,6 +90,9 @@ class Daemon:
               config_path: str | None = None, owner_client: Any = None) -> Daemon:
         """Open the store and construct every component from the config."""
         clock = clock or SystemClock()
+        from hostagent.api.startup import validate_startup
+
+        validate_startup(cfg)  # webhook guard and API credentials: ConfigError before any I/O
         limiter = trio.CapacityLimiter(cfg.collector.max_threads)
         rules = rules_source.from_config(cfg.thresholds, state_path=cfg.collector.state_path,
                                          routes=config_routes(cfg.sinks))
@@ -123,10 +122,11 @@ class Daemon:
         if cfg.api.enabled:
             # Imported only when enabled: the web stack costs ~120 ms of start-up otherwise.
             from hostagent.alerts.rule_store import LayeredRuleStore
-            from hostagent.api.auth import Authenticator
+            from hostagent.api.auth import Authenticator, reserved_principals
             from hostagent.api.backends import StoreWebhooks
             from hostagent.api.server import make_app
             from hostagent.api.view import ApiView
+            from hostagent.delivery.sinks.webhook import WebhookDispatcher
 
             daemon.api_view = ApiView(
                 authorized=owners.authorized, delivery_health=delivery.health,
@@ -135,10 +135,12 @@ class Daemon:
                 emission_metrics=delivery.metrics, rules_health=daemon.rules_health,
                 pass_settings=lambda: {"interval_s": daemon.cfg.collector.interval_s,
                                        "timeout_s": daemon.cfg.collector.pass_timeout_s})
-            dispatcher = next(iter(dispatchers(sinks)), None)
-            registry = (StoreWebhooks(hooks, wake=dispatcher.wake if dispatcher else _noop)
-                        if hooks is not None else None)
-            daemon.api_auth = Authenticator(cfg.api)
+            dispatcher = next((d for d in dispatchers(sinks)
+                               if isinstance(d, WebhookDispatcher)), None)
+            registry = (StoreWebhooks(hooks, dispatcher.guard, wake=dispatcher.wake)
+                        if hooks is not None and dispatcher is not None else None)
+            daemon.api_auth = Authenticator(
+                cfg.api, reserved=reserved_principals(cfg.owners.unassigned))
             daemon.api_app = make_app(cfg.api, daemon.api_view, clock=clock, webhooks=registry,
                                       rules=LayeredRuleStore(rules), authenticator=daemon.api_auth,
                                       gate=daemon.pass_gate)

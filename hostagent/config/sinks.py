@@ -12,6 +12,12 @@ from typing import Any, Literal
 from hostagent.config.schema import _meta
 from hostagent.errors import ConfigError
 
+# Internal services a KVM host or its neighbours run (README "HTTP API" → Webhooks):
+# docker, etcd, mysql, postgres, VNC/SPICE consoles, redis, kubernetes API, prometheus and
+# node exporter, kubelet, memcached, libvirtd (tcp/tls), mongodb, the Formation queue.
+WEBHOOK_DENIED_PORTS = ("2375-2376", "2379-2380", "3306", "5432", "5900-5999", "6379", "6443",
+                        "9090", "9100", "10250", "11211", "16509", "16514", "27017", "53333")
+
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
@@ -103,6 +109,16 @@ class WebhookSinkConfig:
         default=(),
         metadata=_meta("host names, IPs or CIDRs a webhook URL may reach even when they are "
                        "loopback/private/link-local (the SSRF guard refuses those otherwise)"),
+    )
+    allowed_ports: tuple[str, ...] = field(
+        default=("80", "443", "1024-65535"),
+        metadata=_meta("ports (\"N\") and ranges (\"N-M\") a webhook URL may use; port 0 "
+                       "never"),
+    )
+    denied_ports: tuple[str, ...] = field(
+        default=WEBHOOK_DENIED_PORTS,
+        metadata=_meta("internal service ports a webhook URL may never use, even when "
+                       "allowed_ports covers them"),
     )
     timeout_s: float = field(default=5.0, metadata=_meta("HTTP timeout per delivery attempt",
                                                          minimum=0.1, maximum=120))

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hostagent.api.view import ApiView
 from hostagent.delivery import metrics as em
-from tests.api.support import Keys, api_config, report, start_server
+from tests.api.support import ALICE, BOB, Keys, api_config, report, start_server
 
 
 def emission() -> em.EmissionMetrics:
@@ -32,7 +32,7 @@ async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     view = ApiView(emission_metrics=emission,
                    owners_health=lambda: {"lookup_ok": 5, "lookup_failed": 2, "refresh_ok": 1},
                    pass_settings=lambda: {"interval_s": 30.0, "timeout_s": 20.0})
-    rep = report({"i-a1": "0xalice", "i-b1": "0xbob"})
+    rep = report({"i-a1": ALICE, "i-b1": BOB})
     rep.read_errors_total = {"pid_file": 3, "xml": 1}
     view.update(rep)
     srv = await start_server(nursery, api_config(keys), view)
@@ -45,7 +45,7 @@ async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     s = samples(r.text)
-    a1 = (("instance", "i-a1"), ("owner", "0xalice"))
+    a1 = (("instance", "i-a1"), ("owner", ALICE))
     assert s[("hostagent_instance_cpu_seconds_total", a1)] == 3600.0
     assert s[("hostagent_instance_network_egress_bytes_total", a1)] == 200
     assert s[("hostagent_instance_memory_used_bytes", a1)] == 2 << 30

@@ -48,10 +48,16 @@ from hostagent.config.sinks import WebhookSinkConfig
 from hostagent.delivery.breaker import Breaker
 from hostagent.delivery.drain import Drain, Taken, round_backoff_s
 from hostagent.delivery.sinks.base import ConfiguredSink
-from hostagent.delivery.ssrf import AllowList, Resolver, UrlRefused, resolve, system_resolver
-from hostagent.errors import SinkUnavailable, StateError
+from hostagent.delivery.ssrf import Guard, Resolver, UrlRefused, system_resolver
+from hostagent.errors import ConfigError, SinkUnavailable, StateError
 from hostagent.model import OutEvent
-from hostagent.store.webhooks import ALL_WEBHOOKS_CHANNELS, Delivery, Registration, WebhookStore
+from hostagent.store.webhooks import (
+    ALL_WEBHOOKS_CHANNELS,
+    Delivery,
+    Registration,
+    WebhookStore,
+    signing_key,
+)
 
 log = logging.getLogger(__name__)
 USER_AGENT = "hostagent-webhooks/1"
@@ -64,21 +70,16 @@ ROWS_PER_SLOT = 4  # rows an endpoint takes per round, per concurrent POST
 ATTEMPT_SLACK_S = 1.0
 
 
-def _key(secret: str) -> bytes:
-    if secret.startswith("whsec_"):
-        try:
-            return base64.b64decode(secret[6:], validate=True)
-        except ValueError:
-            pass
-    return secret.encode()
-
-
 def signature_headers(secret: str | None, msg_id: str, ts: int, body: bytes) -> dict[str, str]:
-    """Standard Webhooks and legacy signature headers (none without a secret)."""
+    """Standard Webhooks and legacy signature headers (none without a secret).
+
+    ConfigError for a malformed `whsec_` secret (registration refuses those; a row written
+    before that check is refused at delivery, never signed with the raw text)."""
     if not secret:
         return {}
     signed = f"{msg_id}.{ts}.".encode() + body
-    std = base64.b64encode(hmac.new(_key(secret), signed, hashlib.sha256).digest()).decode()
+    mac = hmac.new(signing_key(secret), signed, hashlib.sha256).digest()
+    std = base64.b64encode(mac).decode()
     legacy = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return {"webhook-signature": f"v1,{std}", "X-Webhook-Signature": legacy}
 
@@ -187,7 +188,7 @@ class WebhookDispatcher:
         self.cfg = cfg
         self.store = store
         self.clock = clock
-        self.allow = AllowList.parse(cfg.allow_list)
+        self.guard = Guard.from_config(cfg)
         self.resolver = resolver
         self._rng = rng or random.Random()
         self._check_s = registrations_check_s
@@ -297,12 +298,12 @@ class WebhookDispatcher:
         """One attempt → (error or None, attempts it counts for, transient?)."""
         with trio.move_on_after(self.cfg.timeout_s * 2 + ATTEMPT_SLACK_S) as scope:
             try:
-                target = await resolve(reg.url, self.allow, self.resolver)
-            except UrlRefused as err:
+                target = await self.guard.resolve(reg.url, self.resolver)
+                ts = self.clock.now().wall_ns // 1_000_000_000
+                headers = {**request_headers(reg, d, ts), "Host": target.host_header}
+            except (UrlRefused, ConfigError) as err:
                 self.stats.setdefault(reg.id, EndpointStats()).refused += 1
                 return str(err), HARD_FAILURE_WEIGHT, False
-            ts = self.clock.now().wall_ns // 1_000_000_000
-            headers = {**request_headers(reg, d, ts), "Host": target.host_header}
             ext: Mapping[str, Any] = ({"sni_hostname": target.host}
                                       if target.scheme == "https" else {})
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -295,3 +296,36 @@ def test_the_daemon_finds_the_webhook_dispatcher_by_protocol(rig: Rig, tmp_path:
     assert isinstance(hook_sink, WebhookSink) and hook_sink.dispatcher is not None
     assert dispatchers([file_sink, hook_sink]) == [hook_sink.dispatcher]
     assert dispatchers([file_sink, WebhookSink(rig.cfg, rig.hooks)]) == []  # none to run
+
+
+@pytest.mark.parametrize("secret", ["whsec_", "whsec_!!!!", "whsec_c2hvcnQ=",
+                                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw=",
+                                    "whsec_" + "A" * 33 + "B=="])  # non-canonical bits
+def test_malformed_whsec_secrets_are_refused_never_used_raw(rig: Rig, secret: str) -> None:
+    """Issue 13 §2: a bad whsec_ secret was silently used as its raw bytes."""
+    with pytest.raises(ConfigError, match="whsec_"):
+        signature_headers(secret, "id1", 5, b"{}")
+    with pytest.raises(ConfigError, match="whsec_"):
+        rig.hooks.register("https://hooks.example/x", ["metrics"], secret)
+    assert rig.hooks.registrations() == []
+
+
+async def test_a_stored_malformed_secret_is_refused_at_delivery(rig: Rig,
+                                                                tmp_path: Path) -> None:
+    hook = rig.hooks.register(rig.receiver.url, ["threshold_violation"], "s3cret")
+    with sqlite3.connect(tmp_path / "state.db") as db:  # written before registration checked
+        db.execute("UPDATE webhooks SET secret = 'whsec_!!' WHERE id = ?", (hook.id,))
+    rig.store.commit_pass([], alert_event([90.0]))
+    async for sink, delivery in running(rig, dead_after_attempts=5):
+        delivery.wake()
+        await until(lambda: rig.hooks.counts().get(hook.id) == {"dead": 1})
+        assert sink.dispatcher is not None
+        assert sink.dispatcher.stats[hook.id].refused == 1
+    assert rig.receiver.received == []
+
+
+def test_a_malformed_allow_list_is_a_config_error(rig: Rig) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_sink(dataclasses.replace(rig.cfg, allow_list=("10.0.0.0/99",)),
+                   clock=SystemClock(), webhook_store=rig.hooks)
+    assert err.value.key == "sinks.allow_list[0]"
