@@ -37,6 +37,7 @@ from hostagent.config.schema import (
 )
 from hostagent.config.sinks import (
     JsonlSinkConfig,
+    NatsSinkConfig,
     QueueSinkConfig,
     SinkConfig,
     WebhookSinkConfig,
@@ -123,6 +124,7 @@ def reference() -> list[tuple[str, str, str]]:
     walk(JsonlSinkConfig, "sinks[jsonl]")
     walk(QueueSinkConfig, "sinks[formation-queue]")
     walk(WebhookSinkConfig, "sinks[webhook]")
+    walk(NatsSinkConfig, "sinks[nats]")
     return rows
 
 

@@ -24,6 +24,7 @@ from hostagent.clock import Clock
 from hostagent.config.sinks import (
     BreakerConfig,
     JsonlSinkConfig,
+    NatsSinkConfig,
     QueueSinkConfig,
     RetryConfig,
     WebhookSinkConfig,
@@ -126,11 +127,13 @@ class Sink(Protocol):
         ...
 
 
-def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig, *,
-               clock: Clock | None = None, webhook_store: WebhookStore | None = None) -> Sink:
+def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | NatsSinkConfig, *,
+               clock: Clock | None = None, webhook_store: WebhookStore | None = None,
+               node_id: str = "") -> Sink:
     """The sink a `[[sinks]]` entry describes (nothing is opened until the first send).
 
     A webhook sink needs `webhook_store` and `clock`; run its `dispatcher.run` in a nursery.
+    A NATS sink fills `node_id` ([host] node_id) into its subjects.
     """
     if isinstance(cfg, WebhookSinkConfig):
         from hostagent.delivery.sinks.webhook import WebhookDispatcher, WebhookSink
@@ -144,6 +147,10 @@ def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig, *,
         from hostagent.delivery.sinks.jsonl import JsonlSink
 
         return JsonlSink(cfg)
+    if isinstance(cfg, NatsSinkConfig):
+        from hostagent.delivery.sinks.nats_jetstream import NatsSink
+
+        return NatsSink(cfg, node_id=node_id)
     from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 
     return FormationQueueSink(cfg)
