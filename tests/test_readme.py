@@ -33,5 +33,5 @@ def test_readme_documents_every_subcommand() -> None:
     text = README.read_text()
     for cmd in ("hostagent dump", "hostagent run", "hostagent check-config",
                 "hostagent outbox status", "hostagent outbox dead-letters",
-                "hostagent outbox replay"):
+                "hostagent outbox replay", "hostagent sink check"):
         assert cmd in text, cmd

@@ -42,9 +42,11 @@ from typing import Any
 import nats
 import nats.errors
 import nats.js.errors
+import trio
+import trio.lowlevel
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig, StreamInfo
+from nats.js.api import PubAck, StorageType, StreamConfig, StreamInfo
 
 from hostagent.config.nats_check import covered, render_subject
 from hostagent.config.sinks import NatsSinkConfig
@@ -69,6 +71,18 @@ _PROBE_STREAM = "hostagent-sink-check-probe"  # a name no real stream has: the p
 
 class SetupError(Exception):
     """The connection or the stream is not usable as configured (one line, no traceback)."""
+
+
+@dataclass(eq=False)
+class _Pub:
+    """One publish of a batch and its outcome."""
+
+    subject: str
+    event_id: str
+    payload: bytes
+    done: trio.Event = field(default_factory=trio.Event)
+    duplicate: bool = False
+    error: BaseException | None = None
 
 
 @dataclass
@@ -142,6 +156,7 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         self._conn: _Conn | None = None  # touched only in the asyncio thread
         self._lock: asyncio.Lock | None = None
         self._last_setup_error = ""
+        self._pending: list[_Pub] = []  # the batch the next leader sends
         self.duplicates = 0  # PubAcks with duplicate: true (re-sent events the stream had)
 
     @property
@@ -215,15 +230,42 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
                                "round_backoff_max_s": cfg.retry.round_backoff_max_s})
         return info
 
-    async def _publish(self, subject: str, event_id: str, payload: bytes) -> bool:
-        conn = await self._connection()
-        if len(payload) > conn.nc.max_payload:
-            raise Undeliverable(f"event is {len(payload)} bytes, over the server's "
-                                f"max_payload {conn.nc.max_payload}")
-        headers = {MSG_ID: event_id}
-        ack = await conn.js.publish(subject, payload, timeout=self.cfg.timeout_s,
-                                    stream=self.cfg.stream, headers=headers)
-        return bool(ack.duplicate)
+    async def _publish_batch(self, batch: list[_Pub]) -> None:
+        """Publish every message, then await their PubAcks together (asyncio side)."""
+        try:
+            conn = await self._connection()
+        except SetupError as err:
+            for p in batch:
+                p.error = err
+            return
+        js, limit = conn.js, conn.nc.max_payload
+        futures: dict[asyncio.Future[PubAck], _Pub] = {}
+        for p in batch:
+            if len(p.payload) > limit:
+                p.error = Undeliverable(f"event is {len(p.payload)} bytes, over the server's "
+                                        f"max_payload {limit}")
+                continue
+            try:
+                fut = await js.publish_async(p.subject, p.payload, stream=self.cfg.stream,
+                                             headers={MSG_ID: p.event_id},
+                                             wait_stall=self.cfg.timeout_s)
+            except (nats.errors.Error, OSError) as err:
+                p.error = err
+                continue
+            futures[fut] = p
+        if not futures:
+            return
+        done, pending = await asyncio.wait(futures, timeout=self.cfg.timeout_s)
+        for fut in pending:
+            fut.cancel()
+            futures[fut].error = TimeoutError(f"no PubAck within {self.cfg.timeout_s}s")
+        for fut in done:
+            if fut.cancelled():
+                futures[fut].error = TimeoutError("publish cancelled")
+            elif (exc := fut.exception()) is not None:
+                futures[fut].error = exc
+            else:
+                futures[fut].duplicate = bool(fut.result().duplicate)
 
     async def _report(self) -> list[str]:
         conn = await self._connection()
@@ -276,29 +318,54 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
     # --- trio side -----------------------------------------------------------------------
 
     async def send(self, event: OutEvent) -> None:
-        """Publish one event; return once its PubAck (new or duplicate) came back."""
-        subject = self.subject_for(event.kind)
+        """Publish one event; return once its PubAck (new or duplicate) came back.
+
+        Sends that are ready in the same scheduler tick go out as ONE batch (one hop to the
+        asyncio thread, acks awaited together): the first sender of a batch leads it, shielded
+        from cancellation for at most the bridge's timeout; the others wait for its outcome."""
+        p = _Pub(self.subject_for(event.kind), event.event_id, event.payload)
+        self._pending.append(p)
+        if len(self._pending) == 1:
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.checkpoint()  # the other senders of this tick join the batch
+                batch, self._pending = self._pending, []
+                await self._run_batch(batch)
+        else:
+            await p.done.wait()
+        self._outcome(p)
+
+    async def _run_batch(self, batch: list[_Pub]) -> None:
         try:
-            duplicate = await self._bridge.call(
-                lambda: self._publish(subject, event.event_id, event.payload),
-                self.cfg.timeout_s * 2 + connect_budget_s(self.cfg))
-        except SetupError as err:
+            await self._bridge.call(lambda: self._publish_batch(batch),
+                                    self.cfg.timeout_s * 2 + connect_budget_s(self.cfg))
+        except Exception as err:
+            for p in batch:
+                p.error = p.error or err
+        for p in batch:
+            p.done.set()
+
+    def _outcome(self, p: _Pub) -> None:
+        err = p.error
+        if err is None:
+            self._last_setup_error = ""
+            if p.duplicate:
+                self.duplicates += 1
+            return
+        if isinstance(err, SetupError):
             if str(err) != self._last_setup_error:
                 self._last_setup_error = str(err)
                 log.error("nats sink not usable", extra={"sink": self.name, "error": str(err)})
-            raise SinkUnavailable(str(err)) from None
-        except nats.js.errors.APIError as err:
+            raise SinkUnavailable(str(err))
+        if isinstance(err, (Undeliverable, SinkUnavailable)):
+            raise err
+        if isinstance(err, nats.js.errors.APIError):
             if err.err_code == ERR_MSG_TOO_LARGE:
-                raise Undeliverable(f"JetStream refused the event: {err.description}") from None
+                raise Undeliverable(f"JetStream refused the event: {err.description}")
             raise SinkUnavailable(f"JetStream error {err.code}/{err.err_code}: "
-                                  f"{err.description}") from None
-        except nats.js.errors.NoStreamResponseError:
-            raise SinkUnavailable(f"no stream answered on {subject!r}") from None
-        except (TimeoutError, nats.errors.Error, OSError) as err:
-            raise SinkUnavailable(f"{type(err).__name__}: {err}") from None
-        self._last_setup_error = ""
-        if duplicate:
-            self.duplicates += 1
+                                  f"{err.description}")
+        if isinstance(err, nats.js.errors.NoStreamResponseError):
+            raise SinkUnavailable(f"no stream answered on {p.subject!r}")
+        raise SinkUnavailable(f"{type(err).__name__}: {err}")
 
     async def flush(self) -> None:
         """Nothing to flush: a PubAck means the stream stored the event."""
