@@ -67,24 +67,43 @@ def ingest(path: Path, name: str, passes: int, instances: int) -> None:
     store.close()
 
 
-async def drain(path: Path, sink: Timed, total: int, batch: int) -> float:
+async def drain(path: Path, sink: Timed, total: int, batch: int) -> tuple[float, float]:
+    """(events/s, process CPU µs per event: all threads of this process) of one drain."""
     clock = SystemClock()
     store = Store.open(path, clock=clock, node_id="bench", sink_names=[sink.name])
     d = Delivery(store, [sink], clock, OutboxConfig(batch_size=batch))  # type: ignore[list-item]
     async with trio.open_nursery() as nursery:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         await nursery.start(d.run)
         await d.drained()
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         nursery.cancel_scope.cancel()
     assert d.metrics().sinks[sink.name].published == total
     store.close()
-    return total / dt
+    return total / dt, cpu / total * 1e6
 
 
-def report(label: str, rate: float, lat: list[float], total: int, in_flight: int) -> None:
+async def direct(sink: Sink, total: int, concurrency: int) -> tuple[float, float]:
+    """The sink alone, without the delivery engine: `concurrency` tasks sending in turn."""
+    events = [usage_event(f"vm-{i % 1000}", 1000 + i // 1000) for i in range(total)]
+    t0, c0 = time.perf_counter(), time.process_time()
+    async with trio.open_nursery() as nursery:
+        for c in range(concurrency):
+            async def worker(mine: list[OutEvent]) -> None:
+                for e in mine:
+                    await sink.send(e)
+            nursery.start_soon(worker, events[c::concurrency])
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    await sink.aclose()
+    return total / dt, cpu / total * 1e6
+
+
+def report(label: str, rate_cpu: tuple[float, float], lat: list[float], total: int,
+           in_flight: int) -> None:
+    rate, cpu_us = rate_cpu
     q = statistics.quantiles(lat, n=100)
-    print(f"[{label}] drain {rate:,.0f} events/s ({total} events, {in_flight} in flight) | "
+    print(f"[{label}] drain {rate:,.0f} events/s ({total} events, {in_flight} in flight, "
+          f"{cpu_us:.0f} µs CPU/event in hostagent) | "
           f"publish latency p50 {q[49] * 1e3:.2f} ms p99 {q[98] * 1e3:.2f} ms", flush=True)
 
 
@@ -110,6 +129,10 @@ def main() -> None:
             stored = len(read_stream(srv.url, "HOSTAGENT"))
             assert stored == total, (stored, total)
             report("nats jetstream", rate, sink.latencies, total, args.in_flight)
+            alone = trio.run(direct, NatsSink(NatsSinkConfig(servers=(srv.url,)),
+                                              node_id="bench"), total, args.in_flight)
+            print(f"[nats jetstream, sink alone] {alone[0]:,.0f} events/s, {alone[1]:.0f} µs "
+                  f"CPU/event", flush=True)
         finally:
             srv.kill()
         ingest(root / "queue.db", "q", args.passes, args.instances)
