@@ -94,6 +94,7 @@ def test_sink_check_reports_the_stream_and_subjects(
         assert main(["sink", "check", "nats", "--config", str(bad)]) == 1
         err = capsys.readouterr().err
     assert out.startswith("nats (nats): OK\n")
+    assert f"connected: {srv.url} (nats-server 2." in out
     assert "stream HOSTAGENT: subjects ['hostagent.>'], storage file" in out
     assert "subject hostagent.usage.node-7 (resource_usage): covered by HOSTAGENT" in out
     assert "subject hostagent.alerts.node-7 (threshold_violation): covered" in out

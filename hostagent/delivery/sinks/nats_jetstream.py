@@ -271,8 +271,9 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         conn = await self._connection()
         nc, info, cfg = conn.nc, conn.info, self.cfg
         url = nc.connected_url
+        v = nc.connected_server_version
         lines = [f"connected: {url.geturl() if url else '?'} (nats-server "
-                 f"{nc.connected_server_version})"]
+                 f"{v.major}.{v.minor}.{v.patch})"]
         c = info.config
         lines.append(f"stream {cfg.stream}: subjects {c.subjects}, storage "
                      f"{getattr(c.storage, 'value', c.storage)}, replicas {c.num_replicas}, "
