@@ -193,7 +193,10 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
             reason = errors[-1] if errors else f"{type(err).__name__}: {err}"
             raise SetupError(f"cannot connect to {', '.join(cfg.servers)}: {reason}") from None
         try:
-            js = nc.jetstream(timeout=cfg.timeout_s)
+            # Enough async-publish permits that a batch never stalls on them (the engine keeps
+            # at most max_in_flight sends), so publish_async needs no wait_stall timer.
+            js = nc.jetstream(timeout=cfg.timeout_s,
+                              publish_async_max_pending=max(4000, 2 * cfg.max_in_flight))
             info = await self._ensure_stream(js)
         except BaseException:
             await nc.close()
@@ -213,8 +216,8 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError,
                 nats.errors.TimeoutError) as err:
             raise SetupError(f"no JetStream answer for stream {cfg.stream!r} "
-                             f"({type(err).__name__}); is JetStream enabled for this "
-                             "account?") from None
+                             f"({type(err).__name__}): JetStream disabled for this account, "
+                             "or the cluster is still electing a leader") from None
         except nats.js.errors.APIError as err:
             raise SetupError(f"stream {cfg.stream!r}: {err.description}") from None
         patterns = info.config.subjects or []
@@ -247,8 +250,7 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
                 continue
             try:
                 fut = await js.publish_async(p.subject, p.payload, stream=self.cfg.stream,
-                                             headers={MSG_ID: p.event_id},
-                                             wait_stall=self.cfg.timeout_s)
+                                             headers={MSG_ID: p.event_id})
             except (nats.errors.Error, OSError) as err:
                 p.error = err
                 continue
