@@ -205,8 +205,8 @@ class Delivery:
         eid, retry = p.event.event_id, r.sink.retry
         sent: list[bool] = []  # an attempt went out: it may have reached the sink
 
-        def wait(state: RetryCallState) -> float:
-            return backoff_s(retry, state.attempt_number, self._rng)
+        def wait(state: RetryCallState) -> float:  # the fast path below made attempt 1
+            return backoff_s(retry, state.attempt_number + 1, self._rng)
 
         def before_sleep(state: RetryCallState) -> None:
             r.counters.retried += 1
@@ -216,8 +216,18 @@ class Delivery:
                 round_backoff_s(retry, p.attempts + 1, self._rng) * 1e9)
 
         try:
+            # Fast path: most events go through at the first attempt, and entering tenacity
+            # costs ~60 µs of CPU per event (half the engine's cost on a JetStream drain).
+            try:
+                await self._attempt(r, p, sent)
+                return Outcome(eid, "acked")
+            except SinkUnavailable as err:
+                if not _retryable(err) or retry.max_retries == 0:
+                    raise
+                r.counters.retried += 1
+                await trio.sleep(backoff_s(retry, 1, self._rng))
             async for attempt in AsyncRetrying(
-                    stop=stop_after_attempt(retry.max_retries + 1), wait=wait,
+                    stop=stop_after_attempt(retry.max_retries), wait=wait,
                     retry=retry_if_exception(_retryable), before_sleep=before_sleep,
                     reraise=True, sleep=trio.sleep):
                 with attempt:
