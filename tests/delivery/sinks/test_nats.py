@@ -259,3 +259,26 @@ async def test_event_over_max_payload_is_undeliverable(tmp_path: Path) -> None:
 async def test_aclose_of_an_unused_sink_is_a_no_op() -> None:
     sink = NatsSink(nats_cfg("nats://127.0.0.1:1"), node_id=NODE)
     await sink.aclose()
+
+
+async def test_the_daemon_on_a_replayed_host_publishes_its_jsonl_lines(tmp_path: Path) -> None:
+    from tests.replay import Host, build_daemon, daemon_config
+
+    host = Host(tmp_path, "lab-hybrid")
+    with nats_server(tmp_path) as srv:
+        cfg = daemon_config(tmp_path, host, sinks=f"""
+[[sinks]]
+type = "nats"
+servers = ["{srv.url}"]
+create_stream = true
+""")
+        daemon = build_daemon(cfg, host)
+        await daemon.run(passes=2)
+        stored = await trio.to_thread.run_sync(read_stream, srv.url, "HOSTAGENT")
+    lines = (tmp_path / "events.jsonl").read_bytes().splitlines()
+    assert len(lines) == 2 * len(host.meta["guests"])
+    # The same bytes under the same ids (instances publish concurrently: any order).
+    assert {m.headers["Nats-Msg-Id"]: m.data for m in stored} == {
+        orjson.loads(line)["event_id"]: line for line in lines}
+    assert len(stored) == len(lines)
+    assert {m.subject for m in stored} == {"hostagent.usage.replay-test"}  # [host] node_id
