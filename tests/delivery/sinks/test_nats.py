@@ -282,3 +282,37 @@ create_stream = true
         orjson.loads(line)["event_id"]: line for line in lines}
     assert len(stored) == len(lines)
     assert {m.subject for m in stored} == {"hostagent.usage.replay-test"}  # [host] node_id
+
+
+def user_nkey_seed() -> tuple[str, str]:
+    """A fresh user nkey: (seed, public key)."""
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    return seed.decode(), nkeys.from_seed(bytearray(seed)).public_key.decode()
+
+
+@pytest.mark.parametrize("kind", ["token", "nkey"])
+async def test_token_and_nkey_credentials_from_0600_files(tmp_path: Path, kind: str) -> None:
+    right, wrong = tmp_path / "right", tmp_path / "wrong"
+    if kind == "token":
+        right.write_text("t0ken-right\n")
+        wrong.write_text("t0ken-wrong\n")
+        extra, key = 'authorization { token: "t0ken-right" }', "token_file"
+    else:
+        seed, public = user_nkey_seed()
+        right.write_text(seed + "\n")
+        wrong.write_text(user_nkey_seed()[0] + "\n")
+        extra, key = f"authorization {{ users: [ {{ nkey: {public} }} ] }}", "nkey_seed_file"
+    for f in (right, wrong):
+        f.chmod(0o600)
+    with nats_server(tmp_path, extra=extra) as srv:
+        good = NatsSink(nats_cfg(srv.url, **{key: str(right)}), node_id=NODE)
+        await good.send(usage_event("i0", 0))
+        await good.aclose()
+        bad = NatsSink(nats_cfg(srv.url, **{key: str(wrong)}), node_id=NODE)
+        with pytest.raises(SinkUnavailable, match="cannot connect") as err:
+            await bad.send(usage_event("i0", 1))
+        await bad.aclose()
+    assert "uthorization" in str(err.value)
+    assert "\n" not in str(err.value)
