@@ -258,9 +258,11 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         if not futures:
             return
         done, pending = await asyncio.wait(futures, timeout=self.cfg.timeout_s)
+        denied = next((e for e in reversed(conn.errors) if "ermission" in e), "")
         for fut in pending:
             fut.cancel()
-            futures[fut].error = TimeoutError(f"no PubAck within {self.cfg.timeout_s}s")
+            futures[fut].error = TimeoutError(f"no PubAck within {self.cfg.timeout_s}s"
+                                              + (f" (server said: {denied})" if denied else ""))
         for fut in done:
             if fut.cancelled():
                 futures[fut].error = TimeoutError("publish cancelled")

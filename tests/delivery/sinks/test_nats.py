@@ -316,3 +316,23 @@ async def test_token_and_nkey_credentials_from_0600_files(tmp_path: Path, kind: 
         await bad.aclose()
     assert "uthorization" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+async def test_publish_permission_denied_is_named(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("p\n")
+    pw.chmod(0o600)
+    extra = ('authorization { users: [ { user: h, password: p, permissions: '
+             '{ publish: { deny: ["hostagent.alerts.>"] } } } ] }')
+    with nats_server(tmp_path, extra=extra) as srv:
+        sink = NatsSink(nats_cfg(srv.url, user="h", password_file=str(pw), timeout_s=1.0),
+                        node_id=NODE)
+        await sink.send(usage_event("i0", 0))  # usage subject: allowed
+        with pytest.raises(SinkUnavailable) as err:
+            await sink.send(alert_event("i0", 0))
+        with pytest.raises(SetupError) as report:
+            await sink.report()
+        await sink.aclose()
+    assert "permissions violation for publish" in str(err.value)
+    assert "hostagent.alerts.host-a" in str(report.value)
+    assert "publish permissions" in str(report.value)
