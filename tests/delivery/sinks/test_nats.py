@@ -336,3 +336,22 @@ async def test_publish_permission_denied_is_named(tmp_path: Path) -> None:
     assert "permissions violation for publish" in str(err.value)
     assert "hostagent.alerts.host-a" in str(report.value)
     assert "publish permissions" in str(report.value)
+
+
+async def test_mutual_tls_client_certificate(tmp_path: Path) -> None:
+    srv_cert, srv_key = self_signed(tmp_path, "server")
+    cli_cert, cli_key = self_signed(tmp_path, "client")
+    cli_key.chmod(0o600)
+    extra = (f'tls {{ cert_file: "{srv_cert}", key_file: "{srv_key}", '
+             f'ca_file: "{cli_cert}", verify: true }}')
+    with nats_server(tmp_path, extra=extra) as srv:
+        url = f"tls://127.0.0.1:{srv.port}"
+        good = NatsSink(nats_cfg(url, tls_ca_file=str(srv_cert), tls_cert_file=str(cli_cert),
+                                 tls_key_file=str(cli_key)), node_id=NODE)
+        await good.send(usage_event("i0", 0))
+        await good.aclose()
+        anonymous = NatsSink(nats_cfg(url, tls_ca_file=str(srv_cert)), node_id=NODE)
+        with pytest.raises(SinkUnavailable, match="cannot connect") as err:
+            await anonymous.send(usage_event("i0", 1))
+        await anonymous.aclose()
+    assert "\n" not in str(err.value)
