@@ -71,6 +71,7 @@ bench: venv lab-up         ## every benchmark; each prints its ratios (nothing a
 	$(PY) bench/pass_cost.py
 	$(PY) bench/owner_lookup.py
 	$(PY) bench/delivery.py
+	$(PY) bench/nats.py
 	$(PY) bench/thresholds.py
 	$(PY) bench/api.py
 	$(PY) bench/api.py --skip-latency --pin

@@ -104,7 +104,8 @@ class Daemon:
                            sink_names=[s.name for s in cfg.sinks])
         hooks = (WebhookStore(cfg.collector.state_path, clock)
                  if any(isinstance(s, WebhookSinkConfig) for s in cfg.sinks) else None)
-        sinks = [build_sink(s, clock=clock, webhook_store=hooks) for s in cfg.sinks]
+        sinks = [build_sink(s, clock=clock, webhook_store=hooks, node_id=cfg.host.node_id)
+                 for s in cfg.sinks]
         identity.check_scheme(cfg.collector.instance_id, cfg.host.node_id,
                               cfg.collector.instance_id_xpath, cfg.source)
         if owner_client is None and cfg.owners.enabled:

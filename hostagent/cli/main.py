@@ -1,4 +1,4 @@
-"""`hostagent`: run | dump | top | check-config | check-rules | outbox | --version."""
+"""`hostagent`: run | dump | top | check-config | check-rules | outbox | sink check | --version."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def _load(path: str | None) -> Config:
 
 def _parser() -> argparse.ArgumentParser:
     from hostagent.cli import outbox as cli_outbox
+    from hostagent.cli import sink_check as cli_sink_check
 
     p = argparse.ArgumentParser(prog="hostagent", description=__doc__)
     p.add_argument("--version", action="version", version=f"hostagent {__version__}")
@@ -81,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     rules.add_argument("--json", action="store_true", help="machine-readable output")
 
     cli_outbox.add_parser(sub, parents=[common])
+    cli_sink_check.add_parser(sub, parents=[common])
     return p
 
 
@@ -161,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hostagent.cli import outbox as cli_outbox
 
             return cli_outbox.run(args, cfg)
+        if args.command == "sink":
+            from hostagent.cli import sink_check as cli_sink_check
+
+            return cli_sink_check.run(args, cfg)
     except ConfigError as err:
         _json_failure(args, err)
         print(f"hostagent: config error: {err}", file=sys.stderr)

@@ -38,6 +38,7 @@ from hostagent.config.schema import (
 from hostagent.config.sinks import (
     EmailSinkConfig,
     JsonlSinkConfig,
+    NatsSinkConfig,
     QueueSinkConfig,
     SinkConfig,
     WebhookSinkConfig,
@@ -125,6 +126,7 @@ def reference() -> list[tuple[str, str, str]]:
     walk(QueueSinkConfig, "sinks[formation-queue]")
     walk(WebhookSinkConfig, "sinks[webhook]")
     walk(EmailSinkConfig, "sinks[email]")
+    walk(NatsSinkConfig, "sinks[nats]")
     return rows
 
 

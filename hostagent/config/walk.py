@@ -14,7 +14,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from hostagent.config.sinks import SINK_TYPES, SinkConfig
+from hostagent.config import nats_check
+from hostagent.config.sinks import SINK_TYPES, NatsSinkConfig, SinkConfig
 from hostagent.errors import ConfigError
 
 
@@ -31,8 +32,11 @@ def build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
         kind = item.get("type")
         if kind not in SINK_TYPES:
             raise ConfigError(source, f"{key}.type", f"one of {sorted(SINK_TYPES)}", kind,
-                              'set type = "jsonl", "formation-queue", "webhook" or "email"')
+                              'set type = "jsonl", "formation-queue", "webhook", "email" or '
+                              '"nats"')
         sink = build_table(SINK_TYPES[kind], item, source, key)
+        if isinstance(sink, NatsSinkConfig):
+            nats_check.check(sink, source, key)
         if "name" not in item and sink.name in names:
             sink = dataclasses.replace(sink, name=f"{sink.name}-{i}")  # only to avoid a clash
         if sink.name in names:

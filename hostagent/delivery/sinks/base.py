@@ -27,8 +27,10 @@ from hostagent.config.sinks import (
     BreakerConfig,
     EmailSinkConfig,
     JsonlSinkConfig,
+    NatsSinkConfig,
     QueueSinkConfig,
     RetryConfig,
+    SinkConfig,
     WebhookSinkConfig,
 )
 from hostagent.errors import SinkRejected, StateError
@@ -160,11 +162,12 @@ def dispatchers(sinks: Sequence[Sink]) -> list[Dispatcher]:
             if isinstance(s, DispatchingSink) and s.dispatcher is not None]
 
 
-def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | EmailSinkConfig, *,
-               clock: Clock | None = None, webhook_store: WebhookStore | None = None) -> Sink:
+def build_sink(cfg: SinkConfig, *, clock: Clock | None = None,
+               webhook_store: WebhookStore | None = None, node_id: str = "") -> Sink:
     """The sink a `[[sinks]]` entry describes (nothing is opened until the first send).
 
     A webhook sink needs `webhook_store` and `clock`; run its `dispatcher.run` in a nursery.
+    A NATS sink fills `node_id` ([host] node_id) into its subjects.
     """
     if isinstance(cfg, WebhookSinkConfig):
         from hostagent.delivery.sinks.webhook import WebhookDispatcher, WebhookSink
@@ -182,17 +185,20 @@ def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | Emai
         from hostagent.delivery.sinks.email import EmailSink
 
         return EmailSink(cfg)
+    if isinstance(cfg, NatsSinkConfig):
+        from hostagent.delivery.sinks.nats_jetstream import NatsSink
+
+        return NatsSink(cfg, node_id=node_id)
     from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 
     return FormationQueueSink(cfg)
 
 
-def config_routes(
-    sinks: Sequence[JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | EmailSinkConfig],
-) -> dict[str, Route]:
+def config_routes(sinks: Sequence[SinkConfig]) -> dict[str, Route]:
     """Each configured sink's route, from its `[[sinks]]` entry (no sink is built)."""
     from hostagent.delivery.sinks.formation_queue import FormationQueueSink
     from hostagent.delivery.sinks.jsonl import JsonlSink
+    from hostagent.delivery.sinks.nats_jetstream import NatsSink
     from hostagent.delivery.sinks.webhook import WebhookSink
 
     out: dict[str, Route] = {}
@@ -204,6 +210,8 @@ def config_routes(
             chans = JsonlSink.channels
         elif isinstance(cfg, QueueSinkConfig):
             chans = FormationQueueSink.channels
+        elif isinstance(cfg, NatsSinkConfig):
+            chans = NatsSink.channels
         else:
             chans = WebhookSink.channels
         out[cfg.name] = Route(frozenset(cfg.kinds), chans)
