@@ -262,10 +262,12 @@ class Daemon:
                          extra={"signal": signal.Signals(signum).name})
                 self.stop.set()
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the config; apply the live keys, name the rest as needing a restart."""
+    def reload(self) -> list[str] | None:
+        """SIGHUP: re-read the config; apply the live keys, name the rest as needing a restart.
+
+        Returns the changed keys that need a restart; None when the file was refused."""
         if self.config_path is None:
-            return
+            return None
         self.notifier.reloading()
         if self.rules is not None:
             self.rules.reload()  # an invalid rules file keeps the valid set (logged)
@@ -275,7 +277,7 @@ class Daemon:
             log.error("reload refused: config invalid, keeping the running one",
                       extra={"error": str(err)})
             self.notifier.ready()
-            return
+            return None
         needs_restart = live.restart_keys(self.cfg, new)
         applied = live.apply(self.cfg, new)
         self._reload_api(applied)
@@ -288,6 +290,7 @@ class Daemon:
         else:
             log.info("config reloaded", extra={"needs_restart": needs_restart})
         self.notifier.ready()
+        return needs_restart
 
     def _reload_api(self, applied: Config) -> None:
         """Re-read the API's key files named by the (live) credential keys of `applied`."""

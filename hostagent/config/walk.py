@@ -30,7 +30,7 @@ def build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
         if not isinstance(item, dict):
             raise ConfigError(source, key, "a table", item)
         kind = item.get("type")
-        if kind not in SINK_TYPES:
+        if not isinstance(kind, str) or kind not in SINK_TYPES:
             raise ConfigError(source, f"{key}.type", f"one of {sorted(SINK_TYPES)}", kind,
                               'set type = "jsonl", "formation-queue" or "webhook"')
         sink = build_table(SINK_TYPES[kind], item, source, key)
