@@ -1,4 +1,8 @@
-"""`hostagent`: run | dump | check-config | outbox | --version."""
+"""`hostagent`: run | dump | check-config | check-rules | outbox | store | --version.
+
+Exit status: 0 done; 1 a runtime failure; 2 a usage error, a config error (one line, never a
+traceback, whether found by `check-config` or at the start of `run`) or a state store that
+start-up refuses (`hostagent store reset` is the way out)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """`hostagent store check | reset`: the explicit way out of a broken state store.
 
+Run them as the service user (`runuser -u hostagent --`): they open the store like the daemon
+does, and SQLite's -wal/-shm files must not end up owned by root.
+
 The daemon refuses to start on a store that is empty, truncated, foreign, from a newer schema,
 damaged, or gone while its marker remains (`hostagent.store.guard`): it never starts billing
 from nothing on its own. `store reset` is the operator's decision to do so: it moves the store,
@@ -19,7 +22,7 @@ from hostagent.clock import SystemClock
 from hostagent.config.load import Config
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.store import guard
-from hostagent.store.outbox import Store
+from hostagent.store.outbox import APP, SCHEMA_VERSION, Store
 
 # A delivery heartbeat younger than this says a daemon is using the store right now.
 LIVE_HEARTBEAT_S = 60.0
@@ -45,25 +48,30 @@ def _open_existing(path: Path, node_id: str) -> Store:
 
 
 def check_store(cfg: Config) -> str:
-    """The start-up checks of the store, without creating or changing it; StateCorrupt when
-    start-up would refuse it. Returns a short note for `check-config`."""
+    """`check-config`'s look at the store: what start-up would refuse, read without a lock
+    and without creating any file (`guard.peek`); StateCorrupt when start-up would refuse it.
+    Returns a short note."""
     path = Path(cfg.collector.state_path)
     if not guard.before_open(path):
         return "no state store yet (created at the first start)"
     try:
-        store = _open_existing(path, cfg.host.node_id)
+        guard.peek(path, APP, SCHEMA_VERSION)
     except StateCorrupt:
         raise
     except StateError as err:  # e.g. no permission to read it as this user
         return f"state store not checked ({err})"
-    store.close()
     return "state store OK"
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """Run one `store` subcommand."""
-    if args.store_command == "check":
-        print(f"{cfg.collector.state_path}: {check_store(cfg)}")
+    if args.store_command == "check":  # every start-up check, the integrity check included
+        path = Path(cfg.collector.state_path)
+        if not guard.before_open(path):
+            print(f"{path}: no state store yet (created at the first start)")
+            return 0
+        _open_existing(path, cfg.host.node_id).close()
+        print(f"{path}: state store OK")
         return 0
     return reset(Path(cfg.collector.state_path), cfg.host.node_id, force=args.force)
 

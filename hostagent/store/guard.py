@@ -101,6 +101,40 @@ def after_open(path: Path, created_ns: int) -> None:
         raise StateError(f"{marker}: cannot write the store marker: {err}") from err
 
 
+def peek(path: Path, app: str, schema_version: int) -> None:
+    """The checks start-up makes of an existing store, read through SQLite's `immutable`
+    mode: no lock taken, no -wal/-shm file created (so `check-config` run as root never
+    leaves root-owned side files). StateCorrupt for what start-up would refuse. The full
+    ``PRAGMA quick_check`` is left to start-up and `hostagent store check`."""
+    if not before_open(path):
+        return
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+    except (sqlite3.Error, OSError, ValueError) as err:
+        raise StateError(f"{path}: cannot read the state store: {err}") from err
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) \
+            if "meta" in tables else {}
+    except sqlite3.Error as err:
+        raise StateCorrupt(f"{path}: not a usable hostagent state store ({err}); "
+                           f"{WAY_OUT}") from err
+    finally:
+        conn.close()
+    if meta.get("app") != app:
+        raise StateCorrupt(f"{path}: not a hostagent state store; {WAY_OUT}")
+    if meta.get("schema_version") != str(schema_version):
+        raise StateCorrupt(f"{path}: schema version {meta.get('schema_version')} is not "
+                           f"{schema_version}: this hostagent cannot use it (upgrade hostagent, "
+                           "or `hostagent store reset` to start afresh)")
+    created_ns = int(meta.get("created_ns", "0"))
+    marked = read_marker(path)
+    if marked is not None and marked != created_ns:
+        raise StateCorrupt(f"{path}: this store was created at {_iso(created_ns)}, but the "
+                           f"store kept here was created at {_iso(marked)}: the file was "
+                           f"replaced; {WAY_OUT}")
+
+
 @dataclass(frozen=True, slots=True)
 class Salvage:
     """What a store held, as far as it could be read (None: unreadable)."""

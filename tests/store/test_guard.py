@@ -3,6 +3,7 @@ refused, left as it is, and `hostagent store reset` is the one way out."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -206,3 +207,20 @@ def test_check_config_refuses_a_broken_store(tmp_path: Path, clock: FakeClock,
     path.write_bytes(b"")
     assert main(["check-config", str(config(tmp_path))]) == 2
     assert "store reset" in capsys.readouterr().err
+
+
+def test_check_config_reads_the_store_without_creating_files(
+        tmp_path: Path, clock: FakeClock, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "state.db"
+    used_store(path, clock)
+    cfg = config(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert "state.db-shm" not in before  # closed cleanly
+    assert main(["check-config", str(cfg)]) == 0
+    assert "state store OK" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no root-owned -wal/-shm
+    with contextlib.closing(sqlite3.connect(path)) as c:  # closed: checkpointed
+        c.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+        c.commit()
+    assert main(["check-config", str(cfg)]) == 2
+    assert "schema version 99" in capsys.readouterr().err
