@@ -3,9 +3,11 @@
 `run` would refuse).
 
 `check(cfg)` looks at what a config names outside itself: the rules file, the instance-id
-scheme against the node id, where the state store and the JSONL sinks would be written, the
-owners signing key, and, with the API enabled, the bind address, the TLS files and the key
-files (through the API's own start-up validation, `hostagent.api.auth.load_credentials`).
+scheme against the node id, the queue sinks' and the account service's URLs, where the state
+store and the JSONL sinks would be written, the webhook sinks' allow-lists (parsed by the SSRF
+guard's own parser), the owners signing key, and, with the API enabled, the bind address, the
+TLS files and the key files (through the API's own start-up validation,
+`hostagent.api.auth.load_credentials`).
 Each defect is a `ConfigError` naming the config file and the key. What only running can
 tell (the API port being taken) is reported by the daemon the same way.
 
@@ -17,11 +19,12 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from hostagent.accounting import identity
 from hostagent.alerts import rules_source
 from hostagent.config.load import Config
-from hostagent.config.sinks import JsonlSinkConfig
+from hostagent.config.sinks import JsonlSinkConfig, QueueSinkConfig, WebhookSinkConfig
 from hostagent.errors import ConfigError
 
 
@@ -32,6 +35,12 @@ def check(cfg: Config) -> None:
     for i, sink in enumerate(cfg.sinks):
         if isinstance(sink, JsonlSinkConfig):
             check_writable_path(src, f"sinks[{i}].path", sink.path)
+        if isinstance(sink, WebhookSinkConfig):
+            _check_allow_list(src, f"sinks[{i}].allow_list", sink.allow_list)
+        if isinstance(sink, QueueSinkConfig):
+            check_http_url(src, f"sinks[{i}].url", sink.url)
+    if cfg.owners.enabled:
+        check_http_url(src, "owners.url", cfg.owners.url)
     if cfg.thresholds.rules_path:
         rules_source.load_rules(cfg.thresholds.rules_path)
     _as_ours(src, lambda: identity.check_scheme(
@@ -62,6 +71,28 @@ def check_writable_path(source: str, key: str, path: str) -> None:
     except OSError as err:  # ENAMETOOLONG, ELOOP, EACCES on the way
         raise ConfigError(source, key, "a usable file path", path,
                           err.strerror or str(err)) from err
+
+
+def check_http_url(source: str, key: str, url: str) -> None:
+    """`url` is an http(s) URL with a host and a valid port (the clients refuse others)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when out of range or not a number
+    except ValueError as err:
+        raise ConfigError(source, key, "an http:// or https:// URL", url, str(err)) from err
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise ConfigError(source, key, "an http:// or https:// URL with a host", url)
+
+
+def _check_allow_list(source: str, key: str, entries: tuple[str, ...]) -> None:
+    """The webhook sink's allow-list parses as the SSRF guard will parse it at start."""
+    from hostagent.delivery.ssrf import AllowList
+
+    try:
+        AllowList.parse(entries)
+    except ValueError as err:
+        raise ConfigError(source, key, "host names, IP addresses or CIDRs", list(entries),
+                          str(err)) from err
 
 
 def _check_api(cfg: Config) -> None:

@@ -120,7 +120,23 @@ def sink_type_not_a_string(tmp: Path) -> Path:  # found by the generated documen
     return write(tmp, base(tmp).replace('type = "jsonl"', "type = []"))
 
 
+def bad_allow_list(tmp: Path) -> Path:
+    return write(tmp, base(tmp) + '[[sinks]]\ntype = "webhook"\n'
+                                  'allow_list = ["10.0.0.0/8", "10.0.0.0/33"]\n')
+
+
+def queue_url(url: str) -> Maker:
+    def make(tmp: Path) -> Path:
+        return write(tmp, base(tmp) + f'[[sinks]]\ntype = "formation-queue"\nurl = "{url}"\n')
+    return make
+
+
 CASES: dict[str, tuple[Maker, str]] = {
+    "queue url [::1": (queue_url("http://[::1"), "sinks[1].url"),
+    "queue url ftp": (queue_url("ftp://x/"), "sinks[1].url"),
+    "queue url empty": (queue_url(""), "sinks[1].url"),
+    "queue url port": (queue_url("http://127.0.0.1:99999"), "sinks[1].url"),
+    "allow_list not a CIDR": (bad_allow_list, "sinks[1].allow_list"),
     "sink type []": (sink_type_not_a_string, "sinks[0].type"),
     "nan": (nan_interval, "collector.interval_s"),
     "inf": (inf_timeout, "libvirt.call_timeout_s"),
