@@ -44,6 +44,7 @@ from hostagent.alerts import routing
 from hostagent.clock import Clock
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.model import Baseline, OutEvent
+from hostagent.store import guard as store_guard
 from hostagent.store import sqlite_tx
 from hostagent.store import upkeep as outbox_upkeep
 from hostagent.store.inspect import Pending, StoreReader
@@ -142,10 +143,13 @@ class Store(StoreReader):
              register_sinks: bool = True) -> Store:
         """Open (or create) the store; StateCorrupt if the file is foreign or damaged."""
         p = Path(path)
-        if not create and not p.exists():
+        existed = store_guard.before_open(p)  # empty, vanished behind our back: refused
+        if not create and not existed:
             raise StateError(f"{p}: no state store here (the daemon creates it on first run)")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        existed = p.exists() and p.stat().st_size > 0
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StateError(f"{p}: cannot create the state directory: {err}") from err
         try:
             conn = sqlite_tx.connect(p)
         except sqlite3.Error as err:
@@ -164,6 +168,14 @@ class Store(StoreReader):
         except StateError:
             conn.close()
             raise
+        try:
+            if create:
+                store_guard.after_open(p, store.created_ns)
+            elif store_guard.read_marker(p) not in (None, store.created_ns):
+                store_guard.after_open(p, store.created_ns)  # raises: the file was replaced
+        except StateError:
+            conn.close()
+            raise
         if register_sinks:
             store._register(sink_names)
         store.configure(sink_kinds=sink_kinds, sink_channels=sink_channels, max_bytes=max_bytes)
@@ -174,10 +186,11 @@ class Store(StoreReader):
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables and "meta" not in tables:
             raise StateCorrupt(f"{self.path}: not a hostagent state store (no meta table); "
-                               "refusing to touch it: point collector.state_path elsewhere")
-        if existed and not tables:  # e.g. a crash while it was being created: nothing to lose
-            log.warning("state store file has no tables; initialising it",
-                        extra={"path": str(self.path)})
+                               "refusing to touch it: point collector.state_path elsewhere, "
+                               "or `hostagent store reset` moves it aside")
+        if existed and not tables:
+            raise StateCorrupt(f"{self.path}: the state store has no tables (truncated?); "
+                               f"{store_guard.WAY_OUT}")
         if tables:  # check it is ours before changing anything (journal mode included)
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("app") != APP:
@@ -200,11 +213,13 @@ class Store(StoreReader):
             c.execute("COMMIT")
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise StateError(f"{self.path}: schema version {meta.get('schema_version')} is not "
-                             f"{SCHEMA_VERSION}: this hostagent cannot use it (upgrade hostagent)")
+            raise StateCorrupt(f"{self.path}: schema version {meta.get('schema_version')} is "
+                               f"not {SCHEMA_VERSION}: this hostagent cannot use it (upgrade "
+                               "hostagent, or `hostagent store reset` to start afresh)")
         check = c.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
-            raise StateCorrupt(f"{self.path}: integrity check failed: {check}")
+            raise StateCorrupt(f"{self.path}: integrity check failed: {check}; "
+                               f"{store_guard.WAY_OUT}")
         self.created_ns = int(meta["created_ns"])
         self.host = meta.get("host", "")
         if self.host != node_id:
