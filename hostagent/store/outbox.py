@@ -19,7 +19,7 @@ it was added; an event that no sink takes is not stored. Rows of a sink removed 
 stay (never dropped) and are shown by ``hostagent outbox status``. Pending alert rows written
 by an older hostagent, which gave every sink of the kind a row and let the queue sink skip
 Notify alerts at send time, are re-routed when the daemon configures the channels
-(``outbox_upkeep.drop_unrouted``), before any of them can be sent.
+(``upkeep.drop_unrouted``), before any of them can be sent.
 
 Modules: this one holds the schema, opening and every write (commit, claim, record, replay);
 the read-only queries (loads, due events, stats, dead letters, size) are StoreReader's in
@@ -45,15 +45,14 @@ from hostagent.clock import Clock
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.model import Baseline, OutEvent
 from hostagent.store import guard as store_guard
-from hostagent.store import sqlite_tx
-from hostagent.store import upkeep as outbox_upkeep
+from hostagent.store import sqlite_tx, upkeep
 from hostagent.store.inspect import Pending, StoreReader
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 APP = "hostagent-state"
-MERGE_AT = outbox_upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pending
+MERGE_AT = upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pending
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -240,7 +239,7 @@ class Store(StoreReader):
                   max_bytes: int | None = None) -> None:
         """Set which kinds and channels each sink takes (hostagent.alerts.routing; not given: all)
         and the size cap (SQLite max_page_count). Setting channels re-routes pending alert
-        rows an older hostagent wrote for every sink (`outbox_upkeep.drop_unrouted`)."""
+        rows an older hostagent wrote for every sink (`upkeep.drop_unrouted`)."""
         for n, k in (sink_kinds or {}).items():
             if n in self._routes:
                 self._routes[n] = dataclasses.replace(self._routes[n], kinds=frozenset(k))
@@ -249,7 +248,7 @@ class Store(StoreReader):
                 self._routes[n] = dataclasses.replace(
                     self._routes[n], channels=None if ch is None else frozenset(ch))
         if sink_channels is not None:
-            outbox_upkeep.drop_unrouted(self, self._routes)
+            upkeep.drop_unrouted(self, self._routes)
         if max_bytes is not None:
             self.max_bytes = max_bytes
             with self._lock:
@@ -412,4 +411,4 @@ class Store(StoreReader):
 
     def maintain(self, retention_s: float) -> Maintenance:
         """Prune acked events past retention; near the size cap prune early, then merge."""
-        return outbox_upkeep.maintain(self, retention_s)
+        return upkeep.maintain(self, retention_s)

@@ -146,7 +146,9 @@ def test_run_refuses_a_broken_store_with_exit_2(tmp_path: Path, clock: FakeClock
     used_store(path, clock)
     path.write_bytes(b"")
     assert main(["run", "--once", "--config", str(config(tmp_path))]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    err = [line for line in stderr.splitlines() if line.startswith("hostagent:")]  # not logs
     assert len(err) == 1
     assert str(path) in err[0] and "hostagent store reset" in err[0]
     assert path.read_bytes() == b""
