@@ -17,10 +17,10 @@ from hostagent.alerts.routing import Route
 from hostagent.alerts.rules_source import RulesSource
 from hostagent.alerts.state import AlertState, Transition, evaluate
 from hostagent.alerts.violations import STORM_KEY, StormControl
-from hostagent.clock import FakeClock
 from hostagent.errors import ConfigError
 from hostagent.store.outbox import Store
 from tests.alerts.test_rules_index import CPU, T0, S, usage
+from tests.clocks import FakeClock
 
 ROUTES = {"jsonl": Route(None, None), "queue": Route(None, frozenset({"queue"}))}
 RAW = {"id": "cpu", "resource_type": "Cpu", "action": "Alert", "user_id": "*",

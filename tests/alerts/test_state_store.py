@@ -7,9 +7,9 @@ from pathlib import Path
 from hostagent.alerts import violations
 from hostagent.alerts.index import Settings, build_index
 from hostagent.alerts.state import evaluate, load_states
-from hostagent.clock import FakeClock
 from hostagent.store.outbox import Store
 from tests.alerts.test_rules_index import CPU, usage
+from tests.clocks import FakeClock
 
 
 def test_alert_state_round_trips_through_the_store(tmp_path: Path) -> None:

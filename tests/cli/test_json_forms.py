@@ -20,9 +20,9 @@ from prometheus_client.registry import Collector
 from hostagent.cli import top_view
 from hostagent.cli.main import main
 from hostagent.cli.top import daemon_state, unattributed_cpu_s
-from hostagent.clock import FakeClock
 from hostagent.config.load import load
 from hostagent.store.outbox import Outcome, Store
+from tests.clocks import FakeClock
 from tests.standins.queue import usage_event
 
 REPO = Path(__file__).resolve().parents[2]

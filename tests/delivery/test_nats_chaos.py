@@ -25,8 +25,9 @@ from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.nats_jetstream import NatsSink
 from hostagent.model import Baseline
 from hostagent.store.outbox import Store
+from tests.clocks import TrioClock
 from tests.nats_support import nats_server, read_stream
-from tests.standins.queue import PERIOD_NS, T0_NS, TrioClock
+from tests.standins.queue import PERIOD_NS, T0_NS
 from tests.standins.queue import usage_event as make_event
 
 ROOT = Path(__file__).resolve().parents[2]

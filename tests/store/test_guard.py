@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from hostagent.cli.main import main
-from hostagent.clock import FakeClock
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.model import Baseline
 from hostagent.store import guard
 from hostagent.store.outbox import Store
+from tests.clocks import FakeClock
 from tests.standins.queue import T0_NS, usage_event
 
 HOST = "host-a"
