@@ -1,10 +1,15 @@
 """The trio daemon: collector loop, delivery, owner refresh and signals in one nursery.
 
 SIGTERM/SIGINT: the pass in progress finishes and commits, delivery gets `drain_grace_s` to
-flush, then everything is cancelled. SIGHUP: reload the config file; options that can change
-live (interval, log level) take effect at the next pass, the others are reported as needing a
-restart; the API's key files (API keys, JWT keys) are re-read, so a new or revoked key
-takes effect at once.
+flush, then everything is cancelled. SIGHUP: reload the config file; only the live keys
+(`hostagent.config.live`: interval, alignment, pass timeout, baseline retention, log level and
+format, the API's credentials) take effect, at the next pass; every other changed key is named
+in one log line as needing a restart and has no effect until then. The rules file and the
+API's key files (API keys, JWT keys) are re-read, so a new or revoked key takes effect at once.
+
+Start-up checks the config first (`hostagent.config.preflight`, the same checks as
+`hostagent check-config`), then opens the store (`hostagent.store.guard`: never an empty one
+in place of a lost one).
 
 Collection comes first: while a pass runs, API requests wait for it (`PassGate`), so API
 load cannot slow a pass.
@@ -12,7 +17,7 @@ load cannot slow a pass.
 
 from __future__ import annotations
 
-import dataclasses
+import errno
 import functools
 import logging
 import math
@@ -24,17 +29,17 @@ from typing import Any
 import trio
 
 from hostagent import logs
-from hostagent.accounting import identity
 from hostagent.accounting.readings import PassReport
-from hostagent.alerts import central, channels, rules_source
+from hostagent.alerts import central, rules_source
 from hostagent.alerts.rules_source import RulesSource
 from hostagent.api.pass_gate import PassGate
 from hostagent.clock import Clock, SystemClock
 from hostagent.collector import Collector, link_reader_for
+from hostagent.config import live, preflight
 from hostagent.config.load import Config, load
 from hostagent.config.sinks import WebhookSinkConfig
 from hostagent.delivery.engine import Delivery
-from hostagent.delivery.sinks.base import build_sink
+from hostagent.delivery.sinks.base import Sink, build_sink, config_routes, dispatchers
 from hostagent.errors import ConfigError
 from hostagent.notify import Notifier
 from hostagent.owners.resolver import Owners, make_client
@@ -47,10 +52,16 @@ from hostagent.tailing import TailTasks
 log = logging.getLogger(__name__)
 # Longest a pass waits for API requests in flight before it starts reading counters.
 PASS_DRAIN_MAX_S = 1.0
+BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 
-def _noop() -> None:
-    pass
+def _bind_error(err: BaseException) -> OSError | None:
+    """The address-in-use (or not available, or not permitted) error in `err`, if any."""
+    if isinstance(err, BaseExceptionGroup):
+        return next((c for e in err.exceptions if (c := _bind_error(e)) is not None), None)
+    if isinstance(err, OSError) and err.errno in BIND_ERRNOS:
+        return err
+    return None
 
 
 def next_tick_s(now_wall_s: float, interval_s: float, align: bool) -> float:
@@ -81,7 +92,7 @@ class Daemon:
     rules: RulesSource | None = None
     central_rules: central.CentralRules | None = None
     webhooks: WebhookStore | None = None
-    sinks: list[Any] = field(default_factory=list)
+    sinks: list[Sink] = field(default_factory=list)
     api_view: Any = None  # hostagent.api.view.ApiView when [api] is enabled
     api_app: Any = None
     api_auth: Any = None  # hostagent.api.auth.Authenticator: re-reads key files on SIGHUP
@@ -96,9 +107,10 @@ class Daemon:
               config_path: str | None = None, owner_client: Any = None) -> Daemon:
         """Open the store and construct every component from the config."""
         clock = clock or SystemClock()
+        preflight.check(cfg)  # the checks `hostagent check-config` makes, before any write
         limiter = trio.CapacityLimiter(cfg.collector.max_threads)
         rules = rules_source.from_config(cfg.thresholds, state_path=cfg.collector.state_path,
-                                         routes=channels.config_routes(cfg.sinks))
+                                         routes=config_routes(cfg.sinks))
         rules.load_initial()  # an invalid rules file at start is a config error: refuse to run
         central_rules = central.from_config(cfg.thresholds, rules, clock,
                                             state_path=cfg.collector.state_path,
@@ -107,9 +119,8 @@ class Daemon:
                            sink_names=[s.name for s in cfg.sinks])
         hooks = (WebhookStore(cfg.collector.state_path, clock)
                  if any(isinstance(s, WebhookSinkConfig) for s in cfg.sinks) else None)
-        sinks = [build_sink(s, clock=clock, webhook_store=hooks) for s in cfg.sinks]
-        identity.check_scheme(cfg.collector.instance_id, cfg.host.node_id,
-                              cfg.collector.instance_id_xpath, cfg.source)
+        sinks = [build_sink(s, clock=clock, webhook_store=hooks, node_id=cfg.host.node_id)
+                 for s in cfg.sinks]
         if owner_client is None and cfg.owners.enabled:
             owner_client = make_client(cfg.owners, clock, cfg.source)
         owners = Owners(cfg.owners, clock, owner_client)
@@ -126,21 +137,25 @@ class Daemon:
         if cfg.api.enabled:
             # Imported only when enabled: the web stack costs ~120 ms of start-up otherwise.
             from hostagent.alerts.rule_store import LayeredRuleStore
-            from hostagent.api.auth import Authenticator
+            from hostagent.api.auth import Authenticator, reserved_principals
             from hostagent.api.backends import StoreWebhooks
             from hostagent.api.server import make_app
             from hostagent.api.view import ApiView
+            from hostagent.delivery.sinks.webhook import WebhookDispatcher
 
             daemon.api_view = ApiView(
                 authorized=owners.authorized, delivery_health=delivery.health,
                 owners_health=owners.health,
                 libvirt_health=lambda: {"state": lv.state, "last_error": lv.last_error},
-                emission_metrics=delivery.metrics, rules_health=daemon.rules_health)
-            dispatcher = next((getattr(s, "dispatcher", None) for s in sinks
-                               if getattr(s, "dispatcher", None) is not None), None)
-            registry = (StoreWebhooks(hooks, wake=dispatcher.wake if dispatcher else _noop)
-                        if hooks is not None else None)
-            daemon.api_auth = Authenticator(cfg.api)
+                emission_metrics=delivery.metrics, rules_health=daemon.rules_health,
+                pass_settings=lambda: {"interval_s": daemon.cfg.collector.interval_s,
+                                       "timeout_s": daemon.cfg.collector.pass_timeout_s})
+            dispatcher = next((d for d in dispatchers(sinks)
+                               if isinstance(d, WebhookDispatcher)), None)
+            registry = (StoreWebhooks(hooks, dispatcher.guard, wake=dispatcher.wake)
+                        if hooks is not None and dispatcher is not None else None)
+            daemon.api_auth = Authenticator(
+                cfg.api, reserved=reserved_principals(cfg.owners.unassigned))
             daemon.api_app = make_app(cfg.api, daemon.api_view, clock=clock, webhooks=registry,
                                       rules=LayeredRuleStore(rules), authenticator=daemon.api_auth,
                                       gate=daemon.pass_gate)
@@ -160,10 +175,8 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.delivery.run)
-                for sink in self.sinks:
-                    dispatcher = getattr(sink, "dispatcher", None)
-                    if dispatcher is not None:  # webhooks: per-endpoint delivery tasks
-                        await nursery.start(dispatcher.run)
+                for dispatcher in dispatchers(self.sinks):  # webhooks: one drain per endpoint
+                    await nursery.start(dispatcher.run)
                 if self.rules is not None:
                     # the daemon owns SIGHUP and calls rules.reload() from reload()
                     await nursery.start(functools.partial(self.rules.run, sighup=False))
@@ -199,8 +212,16 @@ class Daemon:
                    ) -> None:
         from hostagent.api.server import serve_api
 
+        api = self.cfg.api
         try:
-            await serve_api(self.cfg.api, self.api_app, self.api_stop, task_status=task_status)
+            await serve_api(api, self.api_app, self.api_stop, task_status=task_status)
+        except (OSError, BaseExceptionGroup) as err:  # hypercorn's nursery wraps bind errors
+            cause = _bind_error(err)
+            if cause is None:
+                raise
+            raise ConfigError(self.cfg.source, "api.port", "an address and port to listen on",
+                              f"{api.bind}:{api.port}: {cause.strerror or cause}",
+                              "stop what listens there, or change api.bind/api.port") from err
         finally:
             self.api_done.set()
 
@@ -261,10 +282,12 @@ class Daemon:
                          extra={"signal": signal.Signals(signum).name})
                 self.stop.set()
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the config; apply what can change live, report the rest."""
+    def reload(self) -> list[str] | None:
+        """SIGHUP: re-read the config; apply the live keys, name the rest as needing a restart.
+
+        Returns the changed keys that need a restart; None when the file was refused."""
         if self.config_path is None:
-            return
+            return None
         self.notifier.reloading()
         if self.rules is not None:
             self.rules.reload()  # an invalid rules file keeps the valid set (logged)
@@ -274,37 +297,33 @@ class Daemon:
             log.error("reload refused: config invalid, keeping the running one",
                       extra={"error": str(err)})
             self.notifier.ready()
-            return
-        needs_restart = [name for name in ("libvirt", "paths", "sinks", "owners", "outbox", "gpu",
-                                                 "thresholds")
-                         if getattr(new, name) != getattr(self.cfg, name)]
-        needs_restart += self._reload_api(new)
-        if new.collector.state_path != self.cfg.collector.state_path:
-            needs_restart.append("collector.state_path")
-        logs.setup(new.log.level, new.log.format)
-        self.cfg = new
-        self.collector.cfg = new
-        log.info("config reloaded", extra={"needs_restart": needs_restart})
+            return None
+        needs_restart = live.restart_keys(self.cfg, new)
+        applied = live.apply(self.cfg, new)
+        self._reload_api(applied)
+        logs.setup(applied.log.level, applied.log.format)
+        self.cfg = applied
+        self.collector.cfg = applied
+        if needs_restart:
+            log.warning("config reloaded; these keys need a restart to take effect",
+                        extra={"needs_restart": needs_restart})
+        else:
+            log.info("config reloaded", extra={"needs_restart": needs_restart})
         self.notifier.ready()
+        return needs_restart
 
-    def _reload_api(self, new: Config) -> list[str]:
-        """Re-read the API's key files; the [api] keys that need a restart to apply."""
-        old = self.cfg.api
+    def _reload_api(self, applied: Config) -> None:
+        """Re-read the API's key files named by the (live) credential keys of `applied`."""
         if self.api_auth is None:
-            return ["api"] if new.api != old else []
-        from hostagent.api.auth import CREDENTIAL_KEYS
-
+            return
         try:
-            creds = self.api_auth.reload(new.api)
+            creds = self.api_auth.reload(applied.api)
         except ConfigError as err:
             log.error("API credentials reload refused, keeping the keys in force",
                       extra={"error": str(err)})
         else:
             log.info("API credentials reloaded", extra={
                 "api_keys": len(creds.api_keys), "jwt_keys": len(creds.verify_keys)})
-        return sorted(f"api.{f.name}" for f in dataclasses.fields(old)
-                      if f.name not in CREDENTIAL_KEYS
-                      and getattr(new.api, f.name) != getattr(old, f.name))
 
 
 def run(cfg: Config, *, config_path: str | None, passes: int | None) -> int:

@@ -1,5 +1,9 @@
 """Logging setup: one JSON object per line (for journald and log shippers) or text for humans.
 
+Logs always go to stderr (stdout is for what a command prints). Format ``auto`` picks short
+human lines when stderr is a terminal and JSON otherwise (journald, pipes, files); the CLI's
+``--log-format`` pins a format for the life of the process (a SIGHUP reload keeps it).
+
 Callers log key-value events with the stdlib::
 
     log.warning("sink down", extra={"sink": name, "error": str(err)})
@@ -85,12 +89,12 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """Formats a record for a terminal: `ts LEVEL logger: msg key=value ...`."""
+    """Formats a record for a terminal: `HH:MM:SS level   msg key=value ...` (local time)."""
 
     def format(self, record: logging.LogRecord) -> str:
         """Render the record on one line, then the traceback if any."""
-        parts = [_ts(record.created), f"{record.levelname:<7}", f"{record.name}:",
-                 record.getMessage()]
+        clock = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        parts = [clock, f"{record.levelname.lower():<7}", record.getMessage()]
         for key, value in extra_fields(record).items():
             text = value if isinstance(value, str) else repr(value)
             if not text or any(c.isspace() or c in "\"=" for c in text):
@@ -104,22 +108,68 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+Format = Literal["auto", "json", "text"]
+FORMATS: tuple[str, ...] = ("auto", "json", "text")
+
+
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler setup() installed, so a second setup() (SIGHUP) replaces it."""
 
+    pinned: Literal["json", "text"] | None = None
 
-def setup(level: str, fmt: Literal["json", "text"], stream: IO[str] | None = None) -> None:
-    """Route all logging to `stream` (default: stdout) at `level` in `fmt`; safe to call again."""
+
+class _StderrHandler(_Handler):
+    """Writes to whatever `sys.stderr` is at each record (like logging's last resort), so a
+    replaced and closed stderr (test capture, a daemonising wrapper) never breaks logging."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> IO[str]:
+        """The current sys.stderr."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: IO[str]) -> None:
+        pass  # StreamHandler.__init__ sets it; the property always answers sys.stderr
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed or exotic streams
+        return False
+
+
+def resolve_format(fmt: Format, stream: IO[str]) -> Literal["json", "text"]:
+    """`auto` becomes `text` on a terminal and `json` anywhere else."""
+    if fmt == "auto":
+        return "text" if _is_terminal(stream) else "json"
+    return fmt
+
+
+def setup(level: str, fmt: Format, stream: IO[str] | None = None, *, pin: bool = False) -> None:
+    """Route all logging to `stream` (default: stderr) at `level` in `fmt`; safe to call again.
+
+    `pin`: this format wins over later calls (the CLI's `--log-format` over a config reload).
+    """
     try:
         numeric = LEVELS[level.lower()]
     except KeyError:
         raise ConfigError("<log>", "log.level", "one of " + ", ".join(LEVELS), level) from None
-    if fmt not in ("json", "text"):
-        raise ConfigError("<log>", "log.format", "'json' or 'text'", fmt)
-    handler = _Handler(sys.stdout if stream is None else stream)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if fmt not in FORMATS:
+        raise ConfigError("<log>", "log.format", "'auto', 'json' or 'text'", fmt)
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+    olds = [h for h in root.handlers if isinstance(h, _Handler)]
+    chosen = resolve_format(fmt, sys.stderr if stream is None else stream)
+    pinned = next((h.pinned for h in olds if h.pinned is not None), None)
+    if pin:
+        pinned = chosen
+    handler = _StderrHandler() if stream is None else _Handler(stream)
+    handler.pinned = pinned
+    handler.setFormatter(JsonFormatter() if (pinned or chosen) == "json" else TextFormatter())
+    for old in olds:
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)

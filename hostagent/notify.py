@@ -115,10 +115,6 @@ class Notifier:
         usec = self._clock.now().monotonic_ns // 1000
         return self.send(RELOADING=1, MONOTONIC_USEC=usec)
 
-    def extend_timeout(self, seconds: float) -> bool:
-        """EXTEND_TIMEOUT_USEC=: ask for more time to start or stop (a slow first pass)."""
-        return self.send(EXTEND_TIMEOUT_USEC=max(0, round(seconds * 1e6)))
-
     def close(self) -> None:
         """Close the socket; a later send opens a new one."""
         if self._sock is not None:

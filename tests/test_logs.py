@@ -118,9 +118,42 @@ def test_text_format() -> None:
         "listening", extra={"port": 9464, "addr": "127.0.0.1", "note": "two words"}
     )
     line = buf.getvalue().rstrip("\n")
-    ts, rest = line.split(" ", 1)
-    assert TS.match(ts)
-    assert rest == 'INFO    hostagent.api: listening port=9464 addr=127.0.0.1 note="two words"'
+    clock, rest = line.split(" ", 1)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", clock)
+    assert rest == 'info    listening port=9464 addr=127.0.0.1 note="two words"'
+
+
+class Tty(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_auto_is_text_on_a_terminal_and_json_elsewhere() -> None:
+    term, pipe = Tty(), io.StringIO()
+    logs.setup("info", "auto", stream=term)
+    logging.getLogger("hostagent").warning("sink down", extra={"sink": "queue"})
+    assert term.getvalue().split(" ", 1)[1] == "warning sink down sink=queue\n"
+    logs.setup("info", "auto", stream=pipe)
+    logging.getLogger("hostagent").warning("sink down", extra={"sink": "queue"})
+    assert lines(pipe)[0]["sink"] == "queue"
+
+
+def test_default_stream_is_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.setup("info", "json")
+    logging.getLogger("hostagent").info("hello")
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert orjson.loads(out.err)["msg"] == "hello"
+
+
+def test_a_pinned_format_survives_a_reload() -> None:
+    buf = Tty()
+    logs.setup("info", "json", stream=buf, pin=True)      # --log-format json
+    logs.setup("debug", "text", stream=buf)                # SIGHUP with [log] format = "text"
+    logging.getLogger("hostagent").debug("after reload")
+    assert lines(buf)[0]["msg"] == "after reload"
 
 
 def test_text_format_exception() -> None:
@@ -134,7 +167,18 @@ def test_text_format_exception() -> None:
     assert "ZeroDivisionError" in buf.getvalue()
 
 
-@pytest.mark.parametrize(("level", "fmt"), [("verbose", "json"), ("info", "xml")])
+@pytest.mark.parametrize(("level", "fmt"), [("verbose", "json"), ("info", "xml"), ("info", "")])
 def test_bad_arguments(level: str, fmt: str) -> None:
     with pytest.raises(ConfigError):
         logs.setup(level, fmt, stream=io.StringIO())  # type: ignore[arg-type]
+
+
+def test_the_default_handler_follows_a_replaced_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    logs.setup("info", "json")
+    first.close()                      # e.g. a test's capture, closed after the test
+    second = io.StringIO()
+    monkeypatch.setattr("sys.stderr", second)
+    logging.getLogger("hostagent").info("still logged")
+    assert lines(second)[0]["msg"] == "still logged"

@@ -33,12 +33,12 @@ PATH_METHODS = frozenset({"read_text", "read_bytes", "write_text", "write_bytes"
 
 
 def pure_modules() -> list[str]:
-    """accounting/*, alerts/* but the rules source, the owner index and account parsers, and
-    the shared value types, errors and clock."""
+    """accounting/*, alerts/* but the rule sources (file, API store, central), the owner index
+    and account parsers, and the shared value types, errors and clock."""
     mods = [f"hostagent.accounting.{p.stem}" for p in sorted((PKG / "accounting").glob("*.py"))
             if p.stem != "__init__"]
     mods += [f"hostagent.alerts.{p.stem}" for p in sorted((PKG / "alerts").glob("*.py"))
-             if p.stem not in ("__init__", "rules_source")]
+             if p.stem not in ("__init__", "rules_source", "rule_store", "central")]
     return [*mods, "hostagent.owners.index", "hostagent.owners.accounts", "hostagent.model",
             "hostagent.errors", "hostagent.clock"]
 

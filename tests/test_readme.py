@@ -31,7 +31,8 @@ def test_readme_names_the_two_commands_and_ci_runs_the_test_one() -> None:
 
 def test_readme_documents_every_subcommand() -> None:
     text = README.read_text()
-    for cmd in ("hostagent dump", "hostagent run", "hostagent check-config",
+    for cmd in ("hostagent dump", "hostagent top", "hostagent run", "hostagent check-config",
+                "hostagent check-rules",
                 "hostagent outbox status", "hostagent outbox dead-letters",
-                "hostagent outbox replay"):
+                "hostagent outbox replay", "hostagent sink check"):
         assert cmd in text, cmd

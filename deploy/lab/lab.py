@@ -61,6 +61,13 @@ PACKAGES = (
     # Not needed by the lab itself: lets deploy/lab/record_fixture.py record the real value
     # types of getAllDomainStats through the distribution's /usr/bin/python3.
     "python3-libvirt",
+    # tests/test_prometheus.py (promtool) and tests/test_lab_prometheus.py (a real Prometheus
+    # scraping the daemon); tests/test_lab_top.py drives `hostagent top` in tmux.
+    "prometheus",
+    "tmux",
+    # Not needed by the lab either: the NATS JetStream sink's tests and bench/nats.py start
+    # their own nats-server processes (JetStream built in) on random 127.0.0.1 ports.
+    "nats-server",
 )
 
 # Dependency order matters: insmod does not resolve dependencies.

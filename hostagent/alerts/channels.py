@@ -12,7 +12,6 @@ and every rules load (the previous set stays in force).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 from hostagent.alerts.routing import UNCLAIMED, Route, family
 from hostagent.alerts.rules import Rule
@@ -56,25 +55,3 @@ def check(rules: Sequence[Rule], routes: Mapping[str, Route] | None, *,
             raise ConfigError(source, f"rules[{i}].notification_channels",
                               f"channels a configured sink serves: {known or 'none'}",
                               bad[0], "configure a sink for it ([[sinks]]) or fix the name")
-
-
-def config_routes(sinks: Sequence[Any]) -> dict[str, Route]:
-    """Each configured sink's route, from its `[[sinks]]` entry (no sink is built)."""
-    from hostagent.config.sinks import EmailSinkConfig, JsonlSinkConfig, QueueSinkConfig
-    from hostagent.delivery.sinks.formation_queue import FormationQueueSink
-    from hostagent.delivery.sinks.jsonl import JsonlSink
-    from hostagent.delivery.sinks.webhook import WebhookSink
-
-    out: dict[str, Route] = {}
-    for cfg in sinks:
-        chans: frozenset[str] | None
-        if isinstance(cfg, EmailSinkConfig):
-            chans = frozenset({cfg.channel})
-        elif isinstance(cfg, JsonlSinkConfig):
-            chans = JsonlSink.channels
-        elif isinstance(cfg, QueueSinkConfig):
-            chans = FormationQueueSink.channels
-        else:
-            chans = WebhookSink.channels
-        out[cfg.name] = Route(frozenset(cfg.kinds), chans)
-    return out

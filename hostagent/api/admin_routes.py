@@ -6,6 +6,7 @@ rule changes what alerts fire for everyone. Bodies are JSON, size-capped by api.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -14,6 +15,7 @@ from starlette.responses import Response
 
 from hostagent.api.auth import Principal
 from hostagent.api.problems import Problem, json_response
+from hostagent.delivery.ssrf import UrlRefused
 from hostagent.errors import ConfigError, RuleNotWritable, StateError
 
 if TYPE_CHECKING:
@@ -26,7 +28,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if ctype != "application/json":
         raise Problem(415, "send the body as application/json")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    if declared is not None and declared.isascii() and declared.isdigit() \
+            and int(declared) > max_bytes:
         raise Problem(413, f"body larger than {max_bytes} bytes")
     buf = bytearray()
     async for chunk in request.stream():
@@ -37,6 +40,23 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         return orjson.loads(buf)
     except orjson.JSONDecodeError as err:
         raise Problem(400, f"body is not valid JSON: {err}") from err
+
+
+MAX_NUMBER = 1e15  # larger numbers in a rule overflow when scaled (GB → bytes, s → ns)
+
+
+def out_of_range(value: Any, where: str = "") -> str | None:
+    """The first number in a JSON value that is not finite or past ±MAX_NUMBER, by path."""
+    if isinstance(value, dict):
+        return next((p for k, v in value.items() if (p := out_of_range(v, f"{where}.{k}"))),
+                    None)
+    if isinstance(value, list):
+        return next((p for i, v in enumerate(value) if (p := out_of_range(v, f"{where}[{i}]"))),
+                    None)
+    if isinstance(value, int | float) and not isinstance(value, bool) \
+            and not (math.isfinite(value) and abs(value) <= MAX_NUMBER):
+        return where.lstrip(".") or "body"
+    return None
 
 
 class AdminRoutes:
@@ -69,8 +89,11 @@ class AdminRoutes:
                                "secret a string or absent")
         try:
             item = await reg.register(url, types, secret)
-        except ValueError as err:
-            raise Problem(400, str(err), kind="invalid-webhook") from err
+        except UrlRefused as err:
+            raise Problem(400, str(err), kind="invalid-webhook", extra={"key": "url"}) from err
+        except ConfigError as err:
+            raise Problem(400, str(err), kind="invalid-webhook",
+                          extra={"key": err.key, "expected": err.expected}) from err
         return json_response({**item, "secret": None, "status": "registered"}, 201)
 
     async def webhook_delete(self, request: Request, _p: Principal) -> Response:
@@ -81,6 +104,10 @@ class AdminRoutes:
         return Response(status_code=204)
 
     def _validate(self, rules: Any, raw: Any) -> dict[str, Any]:
+        bad = out_of_range(raw)
+        if bad is not None:
+            raise Problem(400, f"`{bad}` must be a finite number within ±{MAX_NUMBER:g}",
+                          kind="invalid-rule", extra={"key": bad})
         try:
             out: dict[str, Any] = rules.validate(raw)
         except ConfigError as err:
@@ -97,8 +124,9 @@ class AdminRoutes:
                           extra={"key": err.key, "expected": err.expected}) from err
         except RuleNotWritable as err:
             raise Problem(409, str(err), kind="rule-not-writable") from err
-        except StateError as err:
-            raise Problem(503, str(err), kind="rules-unavailable") from err
+        except (StateError, OSError) as err:
+            raise Problem(503, f"threshold rules cannot be written on this host: {err}",
+                          kind="rules-not-writable") from err
 
     async def thresholds(self, request: Request, _p: Principal) -> Response:
         """GET: every rule (with its `source`); POST: create (409 when the id exists)."""
@@ -110,7 +138,7 @@ class AdminRoutes:
             raise Problem(409, f"rule {rule['id']!r} exists; PUT /api/v1/thresholds/{{id}} "
                                "replaces it", kind="rule-exists")
         await self._write(rules.put(rule))
-        return json_response(rule, 201)
+        return json_response(await rules.get(rule["id"]) or rule, 201)  # as in force: + source
 
     async def threshold_one(self, request: Request, _p: Principal) -> Response:
         """GET / PUT (create or replace) / DELETE one rule by id."""
@@ -132,4 +160,4 @@ class AdminRoutes:
             raise Problem(400, "the body's id differs from the path's")
         rule = self._validate(rules, {**raw, "id": rid})
         created = await self._write(rules.put(rule))
-        return json_response(rule, 201 if created else 200)
+        return json_response(await rules.get(rid) or rule, 201 if created else 200)

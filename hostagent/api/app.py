@@ -22,7 +22,7 @@ from starlette.routing import Route
 from hostagent import __version__
 from hostagent.api import admin_routes, metrics_export, usage_routes
 from hostagent.api.auth import Authenticator, Principal
-from hostagent.api.openapi import openapi_document
+from hostagent.api.openapi import MAX_PARAM_CHARS, openapi_document
 from hostagent.api.pass_gate import PassGate
 from hostagent.api.problems import Problem, json_response, problem_response
 from hostagent.api.ratelimit import RateLimiter
@@ -84,6 +84,7 @@ class Api:
                                                        request.headers.get("x-api-key"))
                     self._limit(self.by_principal, principal.subject, "principal")
                     _check_scope(principal, need)
+                _check_path_params(request)
                 resp = await handler(request, principal)
                 status = resp.status_code
                 return resp
@@ -103,7 +104,7 @@ class Api:
 
     async def openapi(self, _r: Request, _p: Principal) -> Response:
         """The OpenAPI document."""
-        return json_response(openapi_document())
+        return json_response(openapi_document(self.cfg.max_page_size))
 
     async def prometheus(self, _r: Request, _p: Principal) -> Response:
         """Prometheus text exposition."""
@@ -159,6 +160,12 @@ class Api:
                               "version": __version__, "checked_at": iso(now_ns),
                               "reasons": reasons, "components": components},
                              503 if reasons else 200)
+
+
+def _check_path_params(request: Request) -> None:
+    for name, value in request.path_params.items():
+        if not 1 <= len(value) <= MAX_PARAM_CHARS:
+            raise Problem(400, f"`{name}` must be 1 to {MAX_PARAM_CHARS} characters")
 
 
 def _check_scope(p: Principal, need: str) -> None:

@@ -19,8 +19,10 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from hostagent.api import keys as keys_mod
 from hostagent.api.problems import Problem
+from hostagent.api.token_shape import shape_error
 from hostagent.config.schema import ApiConfig
 from hostagent.errors import ConfigError
+from hostagent.owners.accounts import normalize_address
 
 FAMILIES = {
     "HS256": "hmac", "HS384": "hmac", "HS512": "hmac",
@@ -36,9 +38,18 @@ CREDENTIAL_KEYS = ("jwt_algorithms", "jwt_keys_file", "jwks_file", "jwt_hmac_sec
                    "api_keys_file", "admin_principals")
 
 
+def reserved_principals(unassigned: str = "unassigned") -> frozenset[str]:
+    """The normalised principals no credential may carry: the owner of instances whose owner is
+    unknown (`unassigned` and the configured owners.unassigned), whose holder would read them."""
+    return frozenset(normalize_address(p).lower()
+                     for p in keys_mod.RESERVED_PRINCIPALS | {unassigned})
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated caller: `subject` is compared with instance owners/authorized users."""
+    """An authenticated caller: `subject` is compared with instance owners/authorized users.
+
+    `subject` is normalised like owners (`normalize_address`: 40 lowercase hex, no 0x)."""
 
     subject: str
     scopes: frozenset[str]
@@ -69,6 +80,19 @@ def _family_of(key: Any) -> str:
     raise ValueError(f"unsupported key type {type(key).__name__}")
 
 
+MIN_RSA_BITS = 2048
+MIN_HMAC_BYTES = 32
+
+
+def key_weakness(family: str, key: Any) -> str | None:
+    """Why a verification key is too weak to trust, or None."""
+    if family == "rsa" and key.key_size < MIN_RSA_BITS:
+        return f"an RSA key of {key.key_size} bits (at least {MIN_RSA_BITS})"
+    if family == "hmac" and len(key) < MIN_HMAC_BYTES:
+        return f"an HMAC secret of {len(key)} bytes (at least {MIN_HMAC_BYTES})"
+    return None
+
+
 def load_pem_keys(path: str) -> list[VerifyKey]:
     """Every `-----BEGIN PUBLIC KEY-----` block in a PEM file."""
     try:
@@ -81,23 +105,58 @@ def load_pem_keys(path: str) -> list[VerifyKey]:
             out.append(VerifyKey(_family_of(k), k, None))
     except (OSError, ValueError) as err:
         raise ConfigError(path, "api.jwt_keys_file", "PEM public keys", str(err)) from err
+    for i, vk in enumerate(out):
+        weak = key_weakness(vk.family, vk.key)
+        if weak is not None:
+            raise ConfigError(path, f"api.jwt_keys_file[{i}]", "a key strong enough to trust",
+                              weak, "publish a longer key")
     return out
+
+
+JWK_FAMILIES = {"RSA": "rsa", "EC": "ec", "OKP": "okp", "oct": "hmac"}
 
 
 def load_jwks(path: str) -> list[VerifyKey]:
-    """Every usable key of a JWKS document (keys with `use` other than `sig` are skipped)."""
+    """Every usable key of a JWKS document (keys with `use` other than `sig` are skipped).
+
+    ConfigError (naming the entry) when the document is not `{"keys": [...]}`, an entry's `kty`
+    is not one of RSA/EC/OKP/oct, or its parameters do not make a key (a bad `n`, `crv`, ...).
+    """
+    fix = "publish the issuer's JWKS as {\"keys\": [{\"kty\": ..., ...}]}"
     try:
-        doc = json.loads(Path(path).read_text())
-        out = []
-        for raw in doc["keys"]:
-            if raw.get("use", "sig") != "sig":
-                continue
+        doc = json.loads(Path(path).read_text(), parse_constant=_no_constant)
+    except (OSError, ValueError) as err:
+        raise ConfigError(path, "api.jwks_file", "a readable JSON JWKS document", str(err),
+                          fix) from err
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list):
+        raise ConfigError(path, "api.jwks_file.keys", "a list of JWKs",
+                          type(keys).__name__, fix)
+    out = []
+    for i, raw in enumerate(keys):
+        where = f"api.jwks_file.keys[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(path, where, "a JWK object", type(raw).__name__, fix)
+        if raw.get("kty") not in JWK_FAMILIES:
+            raise ConfigError(path, f"{where}.kty", f"one of {sorted(JWK_FAMILIES)}",
+                              raw.get("kty"), fix)
+        if raw.get("use", "sig") != "sig":
+            continue
+        try:
             k = jwt.PyJWK.from_dict(raw)
-            fam = {"RSA": "rsa", "EC": "ec", "OKP": "okp", "oct": "hmac"}[str(k.key_type)]
-            out.append(VerifyKey(fam, k.key, k.key_id))
-    except (OSError, ValueError, KeyError, TypeError, jwt.PyJWKError) as err:
-        raise ConfigError(path, "api.jwks_file", "a JWKS document", str(err)) from err
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError) as err:
+            raise ConfigError(path, where, f"a valid {raw['kty']} key", str(err), fix) from err
+        fam = JWK_FAMILIES[str(k.key_type)]
+        weak = key_weakness(fam, k.key)
+        if weak is not None:
+            raise ConfigError(path, where, "a key strong enough to trust", weak,
+                              "publish a longer key")
+        out.append(VerifyKey(fam, k.key, k.key_id))
     return out
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _unauthorized(detail: str, error: str | None = "invalid_token") -> Problem:
@@ -114,11 +173,15 @@ class Credentials:
     verify_keys: tuple[VerifyKey, ...]
     api_keys: Mapping[str, keys_mod.StoredKey]
     admins: frozenset[str]
+    reserved: frozenset[str]
 
 
 def load_credentials(cfg: ApiConfig, verify_keys: Sequence[VerifyKey] = (),
-                     api_keys: Mapping[str, keys_mod.StoredKey] | None = None) -> Credentials:
-    """Read every key file `cfg` names (plus the given keys); defects are ConfigErrors."""
+                     api_keys: Mapping[str, keys_mod.StoredKey] | None = None,
+                     reserved: frozenset[str] = reserved_principals()) -> Credentials:
+    """Read every key file `cfg` names (plus the given keys); defects are ConfigErrors.
+
+    A key or admin principal that is reserved (`reserved_principals`) is a ConfigError."""
     unknown = [a for a in cfg.jwt_algorithms if a not in FAMILIES]
     if unknown:
         raise ConfigError(cfg.__class__.__name__, "api.jwt_algorithms",
@@ -135,14 +198,26 @@ def load_credentials(cfg: ApiConfig, verify_keys: Sequence[VerifyKey] = (),
         except OSError as err:
             raise ConfigError(cfg.jwt_hmac_secret_file, "api.jwt_hmac_secret_file",
                               "a readable secret file", str(err)) from err
-        if len(secret) < 32:
+        if len(secret) < MIN_HMAC_BYTES:
             raise ConfigError(cfg.jwt_hmac_secret_file, "api.jwt_hmac_secret_file",
-                              "a secret of at least 32 bytes", f"{len(secret)} bytes")
+                              f"a secret of at least {MIN_HMAC_BYTES} bytes",
+                              f"{len(secret)} bytes")
         vk.append(VerifyKey("hmac", secret, None))
     keys = dict(api_keys or {})
     if cfg.api_keys_file:
         keys.update(keys_mod.load_keys(cfg.api_keys_file))
-    return Credentials(cfg, tuple(vk), keys, frozenset(cfg.admin_principals))
+    fix = ("`unassigned` and owners.unassigned name the owner of unowned instances; give the "
+           "caller its own principal")
+    for k in keys.values():
+        if normalize_address(k.principal).lower() in reserved:
+            raise ConfigError(cfg.api_keys_file or "<api keys>", f"keys[id={k.key_id}].principal",
+                              "a principal that is not reserved", k.principal, fix)
+    admins = frozenset(normalize_address(a) for a in cfg.admin_principals)
+    clash = sorted(a for a in admins if a.lower() in reserved)
+    if clash:
+        raise ConfigError("<config>", "api.admin_principals", "principals that are not reserved",
+                          clash, fix)
+    return Credentials(cfg, tuple(vk), keys, admins, reserved)
 
 
 class Authenticator:
@@ -154,8 +229,9 @@ class Authenticator:
     """
 
     def __init__(self, cfg: ApiConfig, *, verify_keys: Sequence[VerifyKey] = (),
-                 api_keys: Mapping[str, keys_mod.StoredKey] | None = None) -> None:
-        self._extra = (tuple(verify_keys), dict(api_keys or {}))
+                 api_keys: Mapping[str, keys_mod.StoredKey] | None = None,
+                 reserved: frozenset[str] = reserved_principals()) -> None:
+        self._extra = (tuple(verify_keys), dict(api_keys or {}), reserved)
         self.creds = load_credentials(cfg, *self._extra)
 
     @property
@@ -192,16 +268,20 @@ class Authenticator:
         k = keys_mod.verify(presented, creds.api_keys)
         if k is None:
             raise _unauthorized("unknown or revoked API key")
+        subject = normalize_address(k.principal)
         scopes = set(k.scopes)
-        if k.principal in creds.admins:
+        if subject in creds.admins:
             scopes.add("admin")
         if "admin" in scopes:
             scopes.add("read")
-        return Principal(k.principal, frozenset(scopes), "api_key")
+        return Principal(subject, frozenset(scopes), "api_key")
 
     @staticmethod
     def _jwt(creds: Credentials, token: str) -> Principal:
         cfg = creds.cfg
+        bad_shape = shape_error(token)
+        if bad_shape is not None:
+            raise _unauthorized(f"malformed token: {bad_shape}")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as err:
@@ -234,8 +314,11 @@ class Authenticator:
         if claims is None:
             raise _unauthorized("signature verification failed")
         sub = claims["sub"]
-        if not isinstance(sub, str) or not sub:
+        if not isinstance(sub, str) or not sub.strip():
             raise _unauthorized("`sub` must be a non-empty string")
+        sub = normalize_address(sub)
+        if sub.lower() in creds.reserved:
+            raise _unauthorized(f"`sub` {sub!r} is reserved")
         scopes = {"read"}
         granted = claims.get(cfg.jwt_admin_claim)
         values = granted.split() if isinstance(granted, str) else (

@@ -8,19 +8,28 @@ from typing import Any
 
 import trio
 
+from hostagent.delivery.ssrf import Guard, Resolver, system_resolver
 from hostagent.store.webhooks import WebhookStore
 
 
 class StoreWebhooks:
-    """WebhookRegistry over the persistent WebhookStore; wakes the dispatcher on changes."""
+    """WebhookRegistry over the persistent WebhookStore; wakes the dispatcher on changes.
 
-    def __init__(self, store: WebhookStore, wake: Callable[[], None] = lambda: None) -> None:
+    `guard` is the webhook sink's SSRF guard (the dispatcher's), so registration refuses what
+    delivery would refuse."""
+
+    def __init__(self, store: WebhookStore, guard: Guard, *,
+                 wake: Callable[[], None] = lambda: None,
+                 resolver: Resolver = system_resolver) -> None:
         self._store = store
+        self._guard = guard
         self._wake = wake
+        self._resolver = resolver
 
     async def register(self, url: str, event_types: Sequence[str],
                        secret: str | None) -> Mapping[str, Any]:
-        """Persist a registration; the secret is stored, never shown."""
+        """Persist a registration; UrlRefused or ConfigError when invalid (both are 400)."""
+        await self._guard.check_registration(url, self._resolver)
         reg = await trio.to_thread.run_sync(self._store.register, url, event_types, secret)
         self._wake()
         return reg.public()

@@ -24,6 +24,8 @@ from hostagent.errors import ConfigError
 
 PREFIX = "hak_"
 SCOPES = ("read", "admin")
+# No key may carry these (the owner of unowned instances); auth adds owners.unassigned.
+RESERVED_PRINCIPALS = frozenset({"unassigned"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,8 @@ def _digest(salt: bytes, secret: str) -> bytes:
 
 def new_key(principal: str, scopes: Sequence[str]) -> tuple[str, StoredKey]:
     """A fresh key: (the clear key to hand out once, the entry to store)."""
+    if not principal.strip() or principal.strip().lower() in RESERVED_PRINCIPALS:
+        raise ValueError(f"principal {principal!r} is empty or reserved")
     bad = [s for s in scopes if s not in SCOPES]
     if bad or not scopes:
         raise ValueError(f"scopes must be a non-empty subset of {SCOPES}, got {list(scopes)}")
@@ -75,8 +79,13 @@ def load_keys(path: str) -> dict[str, StoredKey]:
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(path, where, "id, principal, scopes, salt, sha256", e,
                               "create entries with `python -m hostagent.api.keys new`") from err
+        if not k.principal.strip():
+            raise ConfigError(path, f"{where}.principal", "a non-empty principal", k.principal)
         if not k.scopes <= set(SCOPES) or not k.scopes:
             raise ConfigError(path, f"{where}.scopes", f"a subset of {SCOPES}", sorted(k.scopes))
+        if k.key_id in out:
+            raise ConfigError(path, f"{where}.id", "a key id used once", k.key_id,
+                              "remove the duplicate entry (only one can match a key)")
         out[k.key_id] = k
     return out
 
@@ -104,10 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ls.add_argument("--file", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "list":
-        for k in load_keys(args.file).values():
+        try:
+            listed = load_keys(args.file)
+        except ConfigError as err:
+            print(f"hostagent: {err}", file=sys.stderr)
+            return 2
+        for k in listed.values():
             print(f"{k.key_id}\t{k.principal}\t{','.join(sorted(k.scopes))}")
         return 0
-    clear, stored = new_key(args.principal, args.scope)
+    try:
+        clear, stored = new_key(args.principal, args.scope)
+    except ValueError as err:
+        ap.error(str(err))
     if args.file:
         fd = os.open(args.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a") as f:

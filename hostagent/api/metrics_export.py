@@ -41,6 +41,7 @@ class ViewCollector(Collector):
         yield from self._passes()
         yield from self._emission()
         yield from self._rules()
+        yield from self._owners()
         req = CounterMetricFamily("hostagent_api_requests", "API requests by route and class",
                                   labels=["route", "code"])
         for (route, code), n in sorted(self.api_counters.items()):
@@ -163,6 +164,31 @@ class ViewCollector(Collector):
                                     "start of the last committed pass",
                                     value=p.last_ok_wall_ns / 1e9)
 
+        if self.view.pass_settings is not None:
+            settings = self.view.pass_settings()
+            yield GaugeMetricFamily("hostagent_pass_interval_seconds",
+                                    "collector.interval_s: seconds between passes",
+                                    value=settings["interval_s"])
+            yield GaugeMetricFamily("hostagent_pass_timeout_seconds",
+                                    "collector.pass_timeout_s: a pass's deadline",
+                                    value=settings["timeout_s"])
+
+    def _owners(self) -> Iterator[Metric]:
+        if self.view.owners_health is None:
+            return
+        h = self.view.owners_health()
+        lookups = CounterMetricFamily("hostagent_owner_lookups",
+                                      "owner lookups at the account service by result",
+                                      labels=["result"])
+        for result in ("ok", "not_found", "failed"):
+            lookups.add_metric([result], float(h.get(f"lookup_{result}", 0)))
+        refreshes = CounterMetricFamily("hostagent_owner_refreshes",
+                                        "owner index refreshes by result", labels=["result"])
+        for result in ("ok", "failed"):
+            refreshes.add_metric([result], float(h.get(f"refresh_{result}", 0)))
+        yield lookups
+        yield refreshes
+
     def _emission(self) -> Iterator[Metric]:
         if self.view.emission_metrics is None:
             return
@@ -174,6 +200,8 @@ class ViewCollector(Collector):
         depth = GaugeMetricFamily("hostagent_outbox_depth", "events pending per sink", labels=lab)
         age = GaugeMetricFamily("hostagent_outbox_oldest_pending_age_seconds",
                                 "age of the oldest pending event", labels=lab)
+        dead = GaugeMetricFamily("hostagent_outbox_dead_letters",
+                                 "dead letters kept per sink (replay re-queues them)", labels=lab)
         breaker = GaugeMetricFamily("hostagent_sink_breaker_state",
                                     "1 for the breaker's current state", labels=["sink", "state"])
         lat = HistogramMetricFamily("hostagent_sink_latency_seconds", "delivery latency",
@@ -182,6 +210,7 @@ class ViewCollector(Collector):
             for n, fam in fams.items():
                 fam.add_metric([name], getattr(s, n))
             depth.add_metric([name], s.depth)
+            dead.add_metric([name], s.dead_letters)
             if s.oldest_pending_age_s is not None:
                 age.add_metric([name], s.oldest_pending_age_s)
             for st in BREAKER_STATES:
@@ -190,9 +219,12 @@ class ViewCollector(Collector):
                        for le, n in s.latency_buckets]
             lat.add_metric([name], buckets, s.latency_sum_s)
         yield from fams.values()
-        yield from (depth, age, breaker, lat)
+        yield from (depth, age, dead, breaker, lat)
         yield GaugeMetricFamily("hostagent_outbox_used_bytes", "outbox bytes in use",
                                 value=m.store_used_bytes)
+        if m.store_max_bytes is not None:
+            yield GaugeMetricFamily("hostagent_outbox_max_bytes", "outbox.max_bytes: the cap",
+                                    value=m.store_max_bytes)
 
 
 def exposition(view: ApiView, api_counters: Mapping[tuple[str, str], int],

@@ -62,7 +62,10 @@ def hypercorn_config(cfg: ApiConfig) -> HyperConfig:
     hc.include_server_header = False
     hc.accesslog = None
     # Headers past this size are refused by the protocol layer before the app sees them.
-    hc.h11_max_incomplete_size = max(16 * 1024, cfg.max_header_bytes * 2)
+    # Request line + headers: room for every query parameter at its documented maximum
+    # (openapi.MAX_PARAM_CHARS, percent-encoded), so the app answers 400 problem+json rather
+    # than hypercorn an empty 431.
+    hc.h11_max_incomplete_size = 64 * 1024 + cfg.max_header_bytes * 2
     hc.keep_alive_timeout = 30
     return hc
 

@@ -7,6 +7,7 @@ user id other than its own answers 403 whatever that user has: nothing leaks eit
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,16 +16,21 @@ from starlette.responses import Response
 
 from hostagent.api import seed_shapes
 from hostagent.api.auth import Principal
+from hostagent.api.openapi import (
+    ITEM_FIELDS,
+    MAX_LIST_ITEMS,
+    MAX_PARAM_CHARS,
+    csv_pattern,
+)
 from hostagent.api.problems import Problem, json_response
-from hostagent.api.view import RESOURCES, InstanceView, norm_principal, render_instance, sum_usage
+from hostagent.api.view import RESOURCES, InstanceView, render_instance, sum_usage
+from hostagent.owners.accounts import normalize_address
 
 if TYPE_CHECKING:
     from hostagent.api.app import Api
 
-ITEM_FIELDS = ("instance_id", "name", "uuid", "user_id", "org_id", "updated_at", "period",
-               "metrics", "missing", "readings")
-MAX_LIST_ITEMS = 100
-MAX_PARAM_CHARS = 4096
+_CSV = re.compile(csv_pattern(None))
+_INT = re.compile(r"-?[0-9]{1,12}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,20 +51,19 @@ def _csv(request: Request, name: str) -> list[str] | None:
         return None
     if len(raw) > MAX_PARAM_CHARS:
         raise Problem(400, f"`{name}` is longer than {MAX_PARAM_CHARS} characters")
-    items = [v.strip() for v in raw.split(",") if v.strip()]
-    if not items or len(items) > MAX_LIST_ITEMS:
-        raise Problem(400, f"`{name}` must list 1 to {MAX_LIST_ITEMS} comma-separated values")
-    return items
+    if not _CSV.fullmatch(raw):
+        raise Problem(400, f"`{name}` must list 1 to {MAX_LIST_ITEMS} comma-separated values "
+                           "(no empty values, no blanks around them)")
+    return raw.split(",")
 
 
 def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise Problem(400, f"`{name}` must be an integer") from None
+    if not _INT.fullmatch(raw):
+        raise Problem(400, f"`{name}` must be a decimal integer")
+    v = int(raw)
     if not lo <= v <= hi:
         raise Problem(400, f"`{name}` must be between {lo} and {hi}")
     return v
@@ -193,7 +198,7 @@ class UsageRoutes:
     async def user_current(self, request: Request, p: Principal) -> Response:
         """GET /api/v1/usage/users/{id}/current: totals over the user's instances + the list."""
         user_id = request.path_params["user_id"]
-        if not p.is_admin and norm_principal(user_id) != norm_principal(p.subject):
+        if not p.is_admin and normalize_address(user_id) != normalize_address(p.subject):
             raise Problem(403, "a non-admin may read only its own usage", kind="not-your-user")
         q = self._q(request)
         items = self.api.view.snapshot.for_user(user_id)
@@ -201,7 +206,7 @@ class UsageRoutes:
             items = [iv for iv in items if iv.instance_id in q.instance_ids]
         body = self._page(items, q, with_readings=False)
         snap = self.api.view.snapshot
-        totals = snap.memo(("totals", norm_principal(user_id), q.instance_ids),
+        totals = snap.memo(("totals", normalize_address(user_id), q.instance_ids),
                            lambda: sum_usage(items))
         return json_response({"user_id": user_id, "totals": totals,
                               "instances": body.pop("items"), **body})

@@ -14,6 +14,8 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from hostagent.model import Owner, Sample, Usage
+from hostagent.owners.accounts import normalize_address
+from hostagent.owners.resolver import UNASSIGNED_SOURCE
 
 GIB = 1024**3
 MIB = 1024**2
@@ -41,11 +43,6 @@ class PassLike(Protocol):
         ...
 
 
-def norm_principal(pid: str) -> str:
-    """Principals compare case-insensitively when they are hex addresses (0x…)."""
-    return pid.lower() if pid[:2].lower() == "0x" else pid
-
-
 @dataclass(frozen=True, slots=True)
 class InstanceView:
     """The latest we know about one running instance."""
@@ -59,12 +56,17 @@ class InstanceView:
     sample: Sample | None
     updated_wall_ns: int
 
+    @property
+    def owner_id(self) -> str | None:
+        """The normalised owner; None when unknown (an `unassigned` owner is nobody's)."""
+        if self.owner is None or self.owner.source == UNASSIGNED_SOURCE:
+            return None
+        return normalize_address(self.owner.user_id)
+
     def visible_to(self, principal: str) -> bool:
         """Owner or any authorized address (any role) may read this instance."""
-        p = norm_principal(principal)
-        if self.owner is not None and norm_principal(self.owner.user_id) == p:
-            return True
-        return any(norm_principal(a) == p for a in self.authorized)
+        p = normalize_address(principal)
+        return self.owner_id == p or any(normalize_address(a) == p for a in self.authorized)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +110,7 @@ class Snapshot:
 
     def for_user(self, user_id: str) -> list[InstanceView]:
         """Instances the user owns or is authorized for, sorted by instance id."""
-        return [self.instances[i] for i in self.by_user.get(norm_principal(user_id), ())]
+        return [self.instances[i] for i in self.by_user.get(normalize_address(user_id), ())]
 
 
 def build_snapshot(
@@ -139,9 +141,9 @@ def build_snapshot(
             usage=usage, sample=s, updated_wall_ns=s.t_wall_ns)
     by_user: dict[str, list[str]] = {}
     for iid, iv in instances.items():
-        who = {norm_principal(a) for a in iv.authorized}
-        if iv.owner is not None:
-            who.add(norm_principal(iv.owner.user_id))
+        who = {normalize_address(a) for a in iv.authorized}
+        if iv.owner_id is not None:
+            who.add(iv.owner_id)
         for w in who:
             by_user.setdefault(w, []).append(iid)
     info = PassInfo(report.started_wall_ns, report.duration_s, True, None, report.domains,
@@ -164,6 +166,7 @@ class ApiView:
         libvirt_health: Callable[[], Mapping[str, Any]] | None = None,
         emission_metrics: Callable[[], Any] | None = None,
         rules_health: Callable[[], Mapping[str, Any]] | None = None,
+        pass_settings: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         self.snapshot = Snapshot()
         self.authorized = authorized
@@ -172,6 +175,7 @@ class ApiView:
         self.libvirt_health = libvirt_health
         self.emission_metrics = emission_metrics
         self.rules_health = rules_health  # hostagent.alerts.rules_source.RulesSource.health
+        self.pass_settings = pass_settings  # {"interval_s", "timeout_s"}: for alert rules
 
     def update(self, report: PassLike) -> None:
         """Daemon.on_pass callback: swap in the snapshot of this pass."""

@@ -265,8 +265,9 @@ class LogConfig:
 
     level: Literal["debug", "info", "warning", "error"] = field(
         default="info", metadata=_meta("debug, info, warning or error"))
-    format: Literal["json", "text"] = field(
-        default="json", metadata=_meta("json: one object per line (journald); text: for humans"))
+    format: Literal["auto", "json", "text"] = field(
+        default="auto", metadata=_meta("auto: text on a terminal, else json; json: one object "
+                                       "per line (journald); text: for humans"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,17 +1,12 @@
-"""Delivery: one task per sink drains the outbox; retries, circuit breaker, dead letters, metrics.
+"""Delivery: the outbox drained to every sink by the drain engine, plus upkeep and metrics.
 
-Per sink, in a loop (sinks never wait on each other, and the collector never waits on them):
+One `drain.Drain` per sink runs the engine's loop over that sink's rows of the outbox
+(`sink_queue.SinkQueue`: take, send, record; retries, circuit breaker, dead letters): sinks
+never wait on each other, and the collector never waits on them.
 
-1. `take` a batch of due events (oldest period first; an instance whose earliest failed event
-   waits out its backoff holds back its later events) and mark them claimed, in one
-   transaction;
-2. send them, up to `max_in_flight` at a time, one instance's events strictly in period order;
-   each event gets one round of attempts (tenacity `AsyncRetrying`, which sleeps with
-   `trio.sleep` under trio: the seed's RetryConfig, 3 retries from 100 ms ×2 up to 10 s, ±10 %
-   jitter), each attempt asking the circuit breaker first;
-3. `flush` the sink, then record every outcome in one transaction: acked; failed (transient:
-   waits `min(round_backoff_max_s, max_backoff_s × multiplier^(rounds−1))`, never dropped);
-   rejected (same wait; dead-lettered after `dead_letter_after` rejections); skipped (not sent).
+Construction writes nothing. `prepare()` (called by `run()` if nobody did earlier) tells the
+store which kinds and channels each sink takes and the size cap: that may re-route rows an
+older hostagent wrote (hostagent.store.upkeep.drop_unrouted), so it is an explicit step.
 
 A maintenance task prunes acknowledged events past `retention_s`, merges pending events near
 `max_bytes` (see hostagent.store.upkeep), refreshes the depth gauges and writes a heartbeat
@@ -24,58 +19,24 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from hostagent.clock import Clock
 from hostagent.config.load import Config
 from hostagent.config.schema import OutboxConfig
-from hostagent.config.sinks import RetryConfig
 from hostagent.delivery import metrics as em
-from hostagent.delivery.breaker import Breaker, CircuitOpen
-from hostagent.delivery.sinks.base import Sink, Undeliverable
-from hostagent.errors import SinkRejected, SinkUnavailable, StateError
+from hostagent.delivery.drain import Drain
+from hostagent.delivery.sink_queue import SinkQueue
+from hostagent.delivery.sinks.base import Sink
+from hostagent.errors import StateError
 from hostagent.store.inspect import Pending, SinkStats, StoreSize
-from hostagent.store.outbox import MERGE_AT, Outcome, Store
+from hostagent.store.outbox import MERGE_AT, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def backoff_s(retry: RetryConfig, attempt: int, rng: random.Random) -> float:
-    """Wait before retry number `attempt` (1-based) inside a round, with ± jitter."""
-    base = min(retry.max_backoff_s, retry.initial_backoff_s * retry.multiplier ** (attempt - 1))
-    return max(base * (1 + rng.uniform(-retry.jitter, retry.jitter)), 0.0)
-
-
-def round_backoff_s(retry: RetryConfig, rounds: int, rng: random.Random) -> float:
-    """Wait in the outbox after `rounds` failed rounds, with ± jitter."""
-    first = max(retry.max_backoff_s, retry.initial_backoff_s)
-    base = min(retry.round_backoff_max_s, first * retry.multiplier ** max(rounds - 1, 0))
-    return max(base * (1 + rng.uniform(-retry.jitter, retry.jitter)), 0.0)
-
-
-def _error(msg: str, **fields: Any) -> None:
-    # An expected failure, counted and reported without a traceback.
-    log.error(msg, extra=fields)
-
-
-def _retryable(err: BaseException) -> bool:
-    return isinstance(err, SinkUnavailable) and not isinstance(err, CircuitOpen)
-
-
-@dataclass(eq=False)
-class _Runner:
-    sink: Sink
-    breaker: Breaker
-    limiter: trio.CapacityLimiter
-    counters: em.SinkCounters = field(default_factory=em.SinkCounters)
-    wake: trio.Event = field(default_factory=trio.Event)
-    idle: bool = False
-    persisted_version: int = -1
+SINK_CLOSE_GRACE_S = 5.0  # at shutdown: recording the last outcomes and closing the sinks
 
 
 class Delivery:
@@ -86,194 +47,71 @@ class Delivery:
         self.store = store
         self.clock = clock
         self.cfg = cfg.outbox if isinstance(cfg, Config) else cfg
-        self._rng = rng or random.Random()
-        self._runners = [_Runner(s, Breaker(s.breaker, clock), trio.CapacityLimiter(
-            s.max_in_flight)) for s in sinks]
+        rng = rng or random.Random()
+        self._sinks = list(sinks)
+        self._queues = [SinkQueue(s, store, self.cfg, clock, rng, self._saw_used_bytes)
+                        for s in sinks]
+        self._drains: list[Drain[Pending]] = [Drain(q, clock) for q in self._queues]
         self._maint_wake = trio.Event()
-        self._idle_changed = trio.Event()
         self._stats: dict[str, SinkStats] = {}
         self._size = StoreSize(0, 0, 0)
         self._merges = 0
-        store.configure(sink_kinds={s.name: s.kinds for s in sinks},
-                        sink_channels={s.name: s.channels for s in sinks},
-                        max_bytes=self.cfg.max_bytes)
+        self._prepared = False
 
-    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def prepare(self) -> None:
+        """Configure the store for these sinks (routing, size cap); writes. Synchronous."""
+        self.store.configure(sink_kinds={s.name: s.kinds for s in self._sinks},
+                             sink_channels={s.name: s.channels for s in self._sinks},
+                             max_bytes=self.cfg.max_bytes)
+        self._prepared = True
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         # Not abandoned on cancel: the caller must know whether a transaction committed.
-        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+        return await trio.to_thread.run_sync(fn, *args)
 
     # --- the tasks ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run every sink's loop and the maintenance loop until cancelled."""
+        """Run every sink's drain and the maintenance loop until cancelled."""
         try:
+            if not self._prepared:
+                await self._db(self.prepare)
             await self._refresh()
             async with trio.open_nursery() as nursery:
-                for r in self._runners:
-                    nursery.start_soon(self._sink_loop, r)
+                for d in self._drains:
+                    nursery.start_soon(d.run)
                 nursery.start_soon(self._maintenance_loop)
                 task_status.started()
         finally:
-            with trio.move_on_after(5) as scope:
+            with trio.move_on_after(SINK_CLOSE_GRACE_S) as scope:
                 scope.shield = True
-                for r in self._runners:
-                    await r.sink.aclose()
+                for q in self._queues:
+                    try:
+                        await q.settle()
+                    except StateError as err:
+                        q.store_failed(err)
+                for s in self._sinks:
+                    await s.aclose()
 
     def wake(self) -> None:
-        """New events were committed: every sink looks for work now."""
-        for r in self._runners:
-            r.idle = False
-            r.wake.set()
-        self._maint_wake.set()
+        """New events were committed: every sink looks for work now. An idle sink whose
+        breaker is closed takes at once and its take reads the store's size: maintenance then
+        only runs if the cap is near (`_saw_used_bytes`); otherwise it checks the size now."""
+        if not any(d.idle and q.breaker.state == "closed"
+                   for d, q in zip(self._drains, self._queues, strict=True)):
+            self._maint_wake.set()
+        for d in self._drains:
+            d.wake()
+
+    def _saw_used_bytes(self, used_bytes: int) -> None:
+        if used_bytes >= MERGE_AT * self.cfg.max_bytes:
+            self._maint_wake.set()
 
     async def drained(self) -> None:
         """Return once every sink has found nothing it can send right now."""
-        while not all(r.idle for r in self._runners):
-            await self._idle_changed.wait()
-
-    def _set_idle(self, r: _Runner, idle: bool) -> None:
-        r.idle = idle
-        if idle:
-            self._idle_changed.set()
-            self._idle_changed = trio.Event()
-
-    async def _wait(self, r: _Runner, timeout_s: float | None) -> None:
-        with trio.move_on_after(math.inf if timeout_s is None else timeout_s):
-            await r.wake.wait()
-        r.wake = trio.Event()
-
-    async def _sink_loop(self, r: _Runner) -> None:
-        name = r.sink.name
-        while True:
-            await self._persist_breaker(r)
-            if not r.breaker.would_allow():
-                await self._wait(r, r.breaker.seconds_until_trial())
-                continue
-            now = self.clock.now().wall_ns
-            try:
-                batch = await self._db(self.store.take, name, self.cfg.batch_size, now)
-                if not batch:
-                    due = await self._db(self.store.next_due_ns, name, now)
-                    self._set_idle(r, True)
-                    await self._wait(r, None if due is None else max(due - now, 0) / 1e9)
-                    continue
-                self._set_idle(r, False)
-                outcomes = await self._send_batch(r, batch)
-                r.counters.dead_lettered += await self._db(
-                    self.store.record, name, outcomes,
-                    dead_letter_after=self.cfg.dead_letter_after)
-                r.counters.published += sum(o.result == "acked" for o in outcomes)
-            except StateError as err:
-                r.counters.store_errors += 1
-                _error("outbox unavailable to delivery", sink=name, error=str(err))
-                await self._wait(r, 1.0)
-
-    async def _send_batch(self, r: _Runner, batch: Sequence[Pending]) -> list[Outcome]:
-        by_instance: dict[str, list[Pending]] = {}
-        for p in batch:
-            by_instance.setdefault(p.event.instance_id, []).append(p)
-        done: dict[str, Outcome] = {}
-        async with trio.open_nursery() as nursery:
-            for events in by_instance.values():
-                nursery.start_soon(self._send_instance, r, events, done)
-        outcomes = [done[p.event.event_id] for p in batch]
-        if any(o.result == "acked" for o in outcomes):
-            try:
-                await r.sink.flush()
-            except SinkUnavailable as err:
-                # Written but maybe not durable: send again later (consumers dedupe).
-                wait_ns = int(round_backoff_s(r.sink.retry, 1, self._rng) * 1e9)
-                at = self.clock.now().wall_ns + wait_ns
-                outcomes = [Outcome(o.event_id, "failed", str(err), at)
-                            if o.result == "acked" else o for o in outcomes]
-        return outcomes
-
-    async def _send_instance(self, r: _Runner, events: Sequence[Pending],
-                             done: dict[str, Outcome]) -> None:
-        async with r.limiter:
-            for i, p in enumerate(events):
-                o = await self._deliver(r, p)
-                done[p.event.event_id] = o
-                if o.result not in ("acked", "dead"):
-                    # Per instance in period order: the rest wait for this one.
-                    for q in events[i + 1:]:
-                        done[q.event.event_id] = Outcome(q.event.event_id, "skipped")
-                    return
-
-    async def _deliver(self, r: _Runner, p: Pending) -> Outcome:
-        """One round of attempts for one event."""
-        eid, retry = p.event.event_id, r.sink.retry
-        sent: list[bool] = []  # an attempt went out: it may have reached the sink
-
-        def wait(state: RetryCallState) -> float:
-            return backoff_s(retry, state.attempt_number, self._rng)
-
-        def before_sleep(state: RetryCallState) -> None:
-            r.counters.retried += 1
-
-        def later() -> int:
-            return self.clock.now().wall_ns + int(
-                round_backoff_s(retry, p.attempts + 1, self._rng) * 1e9)
-
-        try:
-            async for attempt in AsyncRetrying(
-                    stop=stop_after_attempt(retry.max_retries + 1), wait=wait,
-                    retry=retry_if_exception(_retryable), before_sleep=before_sleep,
-                    reraise=True, sleep=trio.sleep):
-                with attempt:
-                    await self._attempt(r, p, sent)
-        except CircuitOpen as err:
-            return Outcome(eid, "failed", str(err), later()) if sent else Outcome(eid, "skipped")
-        except Undeliverable as err:
-            _error("event can never be delivered", sink=r.sink.name, event_id=eid,
-                   error=str(err))
-            return Outcome(eid, "dead", str(err))
-        except SinkRejected as err:
-            log.warning("event rejected", extra={"sink": r.sink.name, "event_id": eid,
-                                                 "error": str(err)})
-            return Outcome(eid, "rejected", str(err), later())
-        except SinkUnavailable as err:
-            log.warning("delivery round failed", extra={"sink": r.sink.name, "event_id": eid,
-                                                        "error": str(err)})
-            return Outcome(eid, "failed", str(err), later())
-        return Outcome(eid, "acked")
-
-    async def _attempt(self, r: _Runner, p: Pending, sent: list[bool]) -> None:
-        if not r.breaker.allow():
-            r.counters.refused_by_breaker += 1
-            raise CircuitOpen(f"circuit open for sink {r.sink.name}")
-        sent.append(True)
-        t0 = self.clock.now().monotonic_ns
-        try:
-            await r.sink.send(p.event)
-        except SinkUnavailable:
-            r.counters.failed += 1
-            r.breaker.record_failure()
-            raise
-        except SinkRejected:
-            r.counters.rejected += 1
-            r.breaker.record_success()
-            raise
-        r.breaker.record_success()
-        r.counters.observe_latency((self.clock.now().monotonic_ns - t0) / 1e9)
-
-    async def _persist_breaker(self, r: _Runner) -> None:
-        b = r.breaker
-        state = b.state
-        if b.version == r.persisted_version:
-            return
-        reopened = r.persisted_version >= 0 and state == "closed"
-        r.persisted_version = b.version
-        log.log(logging.INFO if state == "closed" else logging.WARNING, "sink breaker",
-                extra={"sink": r.sink.name, "state": state})
-        try:
-            await self._db(self.store.set_breaker, r.sink.name, state, b.since_wall_ns)
-            if reopened:  # the sink is back: what waits out a transient backoff goes now
-                await self._db(self.store.release_backoff, r.sink.name,
-                               self.clock.now().wall_ns)
-        except StateError as err:
-            r.counters.store_errors += 1
-            _error("cannot record breaker state", sink=r.sink.name, error=str(err))
+        while not all(d.idle for d in self._drains):
+            busy = next(d for d in self._drains if not d.idle)
+            await busy.idle_changed.wait()
 
     async def _maintenance_loop(self) -> None:
         interval_s = self.cfg.maintenance_interval_s
@@ -287,7 +125,7 @@ class Delivery:
                     last_s = now_s
                     await self._maintain()
             except StateError as err:
-                _error("outbox maintenance failed", error=str(err))
+                log.error("outbox maintenance failed", extra={"error": str(err)})
             with trio.move_on_after(interval_s):
                 await self._maint_wake.wait()
             self._maint_wake = trio.Event()
@@ -295,8 +133,8 @@ class Delivery:
     async def _maintain(self) -> None:
         rep = await self._db(self.store.maintain, self.cfg.retention_s)
         self._merges += rep.merges
-        for r in self._runners:
-            r.counters.merged += rep.merged.get(r.sink.name, 0)
+        for q in self._queues:
+            q.counters.merged += rep.merged.get(q.name, 0)
         await self._db(self.store.heartbeat)
         await self._refresh()
         if rep.merges:
@@ -316,14 +154,14 @@ class Delivery:
         """A snapshot of counters and gauges (gauges as of the last maintenance run)."""
         now = self.clock.now().wall_ns
         sinks = {}
-        for r in self._runners:
-            st = self._stats.get(r.sink.name)
+        for q in self._queues:
+            st = self._stats.get(q.name)
             oldest = st.oldest_pending_ns if st else None
-            sinks[r.sink.name] = em.snapshot(
-                r.sink.name, r.counters, depth=st.pending if st else 0,
+            sinks[q.name] = em.snapshot(
+                q.name, q.counters, depth=st.pending if st else 0,
                 oldest_pending_age_s=None if oldest is None else max(now - oldest, 0) / 1e9,
-                dead_letters=st.dead if st else 0, breaker_state=r.breaker.state,
-                breaker_opened=r.breaker.opened_count)
+                dead_letters=st.dead if st else 0, breaker_state=q.breaker.state,
+                breaker_opened=q.breaker.opened_count)
         return em.EmissionMetrics(sinks=sinks, store_used_bytes=self._size.used_bytes,
                                   store_file_bytes=self._size.file_bytes,
                                   store_max_bytes=self.cfg.max_bytes, merges=self._merges)

@@ -58,15 +58,6 @@ class SinkMetrics:
     latency_sum_s: float
     latency_count: int
 
-    def latency_quantile_s(self, q: float) -> float | None:
-        """Upper bound of the bucket holding quantile `q` (None without samples)."""
-        if not self.latency_count:
-            return None
-        rank = q * self.latency_count
-        for le, cumulative in self.latency_buckets:
-            if cumulative >= rank:
-                return le
-        return float("inf")  # pragma: no cover - the +inf bucket holds everything
 
 
 @dataclass(frozen=True, slots=True)

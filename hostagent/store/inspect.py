@@ -140,9 +140,12 @@ class StoreReader(ABC):
     def next_due_ns(self, sink: str, now_ns: int) -> int | None:
         """When the earliest backed-off event of `sink` becomes due (None: none waits)."""
         with self.reading("next due") as c:
-            row = c.execute("SELECT MIN(next_attempt_ns) FROM deliveries WHERE sink = ? AND "
-                            "status = 'pending' AND claimed = 1 AND next_attempt_ns > ?",
-                            (sink, now_ns)).fetchone()
+            return self._next_due(c, sink, now_ns)
+
+    def _next_due(self, c: sqlite3.Connection, sink: str, now_ns: int) -> int | None:
+        row = c.execute("SELECT MIN(next_attempt_ns) FROM deliveries WHERE sink = ? AND "
+                        "status = 'pending' AND claimed = 1 AND next_attempt_ns > ?",
+                        (sink, now_ns)).fetchone()
         return None if row[0] is None else int(row[0])
 
     def meta(self) -> dict[str, str]:
@@ -194,9 +197,15 @@ class StoreReader(ABC):
         with self.reading("size") as c:
             page = c.execute("PRAGMA page_size").fetchone()[0]
             count = c.execute("PRAGMA page_count").fetchone()[0]
-            free = c.execute("PRAGMA freelist_count").fetchone()[0]
+            used = self._used_bytes(c)
         try:
             wal = os.stat(f"{self.path}-wal").st_size
         except FileNotFoundError:
             wal = 0
-        return StoreSize(file_bytes=page * count, wal_bytes=wal, used_bytes=page * (count - free))
+        return StoreSize(file_bytes=page * count, wal_bytes=wal, used_bytes=used)
+
+    def _used_bytes(self, c: sqlite3.Connection) -> int:
+        page = c.execute("PRAGMA page_size").fetchone()[0]
+        count = c.execute("PRAGMA page_count").fetchone()[0]
+        free = c.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(page * (count - free))

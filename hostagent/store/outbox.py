@@ -19,7 +19,7 @@ it was added; an event that no sink takes is not stored. Rows of a sink removed 
 stay (never dropped) and are shown by ``hostagent outbox status``. Pending alert rows written
 by an older hostagent, which gave every sink of the kind a row and let the queue sink skip
 Notify alerts at send time, are re-routed when the daemon configures the channels
-(``outbox_upkeep.drop_unrouted``), before any of them can be sent.
+(``upkeep.drop_unrouted``), before any of them can be sent.
 
 Modules: this one holds the schema, opening and every write (commit, claim, record, replay);
 the read-only queries (loads, due events, stats, dead letters, size) are StoreReader's in
@@ -44,15 +44,15 @@ from hostagent.alerts import routing
 from hostagent.clock import Clock
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.model import Baseline, OutEvent
-from hostagent.store import sqlite_tx
-from hostagent.store import upkeep as outbox_upkeep
+from hostagent.store import guard as store_guard
+from hostagent.store import sqlite_tx, upkeep
 from hostagent.store.inspect import Pending, StoreReader
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 APP = "hostagent-state"
-MERGE_AT = outbox_upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pending
+MERGE_AT = upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pending
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -100,6 +100,16 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Claimed:
+    """`record_and_take`'s answer (`next_due_ns` only when the batch is empty)."""
+
+    batch: list[Pending]
+    dead_lettered: int
+    next_due_ns: int | None
+    used_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class Maintenance:
     """What one maintenance run did."""
 
@@ -132,12 +142,15 @@ class Store(StoreReader):
              register_sinks: bool = True) -> Store:
         """Open (or create) the store; StateCorrupt if the file is foreign or damaged."""
         p = Path(path)
-        if not create and not p.exists():
+        existed = store_guard.before_open(p)  # empty, vanished behind our back: refused
+        if not create and not existed:
             raise StateError(f"{p}: no state store here (the daemon creates it on first run)")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        existed = p.exists() and p.stat().st_size > 0
         try:
-            conn = sqlite3.connect(p, isolation_level=None, check_same_thread=False, timeout=30.0)
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StateError(f"{p}: cannot create the state directory: {err}") from err
+        try:
+            conn = sqlite_tx.connect(p)
         except sqlite3.Error as err:
             raise StateError(f"{p}: cannot open the state store: {err}") from err
         store = cls(conn, p, clock)
@@ -154,6 +167,14 @@ class Store(StoreReader):
         except StateError:
             conn.close()
             raise
+        try:
+            if create:
+                store_guard.after_open(p, store.created_ns)
+            elif store_guard.read_marker(p) not in (None, store.created_ns):
+                store_guard.after_open(p, store.created_ns)  # raises: the file was replaced
+        except StateError:
+            conn.close()
+            raise
         if register_sinks:
             store._register(sink_names)
         store.configure(sink_kinds=sink_kinds, sink_channels=sink_channels, max_bytes=max_bytes)
@@ -164,10 +185,11 @@ class Store(StoreReader):
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables and "meta" not in tables:
             raise StateCorrupt(f"{self.path}: not a hostagent state store (no meta table); "
-                               "refusing to touch it: point collector.state_path elsewhere")
-        if existed and not tables:  # e.g. a crash while it was being created: nothing to lose
-            log.warning("state store file has no tables; initialising it",
-                        extra={"path": str(self.path)})
+                               "refusing to touch it: point collector.state_path elsewhere, "
+                               "or `hostagent store reset` moves it aside")
+        if existed and not tables:
+            raise StateCorrupt(f"{self.path}: the state store has no tables (truncated?); "
+                               f"{store_guard.WAY_OUT}")
         if tables:  # check it is ours before changing anything (journal mode included)
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("app") != APP:
@@ -190,11 +212,13 @@ class Store(StoreReader):
             c.execute("COMMIT")
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise StateError(f"{self.path}: schema version {meta.get('schema_version')} is not "
-                             f"{SCHEMA_VERSION}: this hostagent cannot use it (upgrade hostagent)")
+            raise StateCorrupt(f"{self.path}: schema version {meta.get('schema_version')} is "
+                               f"not {SCHEMA_VERSION}: this hostagent cannot use it (upgrade "
+                               "hostagent, or `hostagent store reset` to start afresh)")
         check = c.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
-            raise StateCorrupt(f"{self.path}: integrity check failed: {check}")
+            raise StateCorrupt(f"{self.path}: integrity check failed: {check}; "
+                               f"{store_guard.WAY_OUT}")
         self.created_ns = int(meta["created_ns"])
         self.host = meta.get("host", "")
         if self.host != node_id:
@@ -215,7 +239,7 @@ class Store(StoreReader):
                   max_bytes: int | None = None) -> None:
         """Set which kinds and channels each sink takes (hostagent.alerts.routing; not given: all)
         and the size cap (SQLite max_page_count). Setting channels re-routes pending alert
-        rows an older hostagent wrote for every sink (`outbox_upkeep.drop_unrouted`)."""
+        rows an older hostagent wrote for every sink (`upkeep.drop_unrouted`)."""
         for n, k in (sink_kinds or {}).items():
             if n in self._routes:
                 self._routes[n] = dataclasses.replace(self._routes[n], kinds=frozenset(k))
@@ -224,7 +248,7 @@ class Store(StoreReader):
                 self._routes[n] = dataclasses.replace(
                     self._routes[n], channels=None if ch is None else frozenset(ch))
         if sink_channels is not None:
-            outbox_upkeep.drop_unrouted(self, self._routes)
+            upkeep.drop_unrouted(self, self._routes)
         if max_bytes is not None:
             self.max_bytes = max_bytes
             with self._lock:
@@ -290,42 +314,58 @@ class Store(StoreReader):
     def take(self, sink: str, limit: int, now_ns: int) -> list[Pending]:
         """Like `pending`, and mark them claimed (maybe sent) so they are never merged."""
         with self.transaction("claim batch") as c:
-            ids = self._due_ids(c, sink, limit, now_ns)
-            c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND event_id = ?",
-                          [(sink, i) for i in ids])
-            return self._load(c, sink, ids)
+            return self._claim(c, sink, limit, now_ns)
 
     def record(self, sink: str, outcomes: Sequence[Outcome], *, dead_letter_after: int) -> int:
         """Apply a round's outcomes in one transaction; returns how many were dead-lettered."""
+        with self.transaction("record outcomes") as c:
+            return self._record(c, sink, outcomes, dead_letter_after)
+
+    def record_and_take(self, sink: str, outcomes: Sequence[Outcome], limit: int, now_ns: int,
+                        *, dead_letter_after: int) -> Claimed:
+        """ONE transaction: record a round's outcomes, claim the next batch (else: next due)."""
+        with self.transaction("record and claim") as c:
+            dead = self._record(c, sink, outcomes, dead_letter_after)
+            batch = self._claim(c, sink, limit, now_ns)
+            due = None if batch else self._next_due(c, sink, now_ns)
+            return Claimed(batch, dead, due, self._used_bytes(c))
+
+    def _claim(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[Pending]:
+        ids = self._due_ids(c, sink, limit, now_ns)
+        c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND event_id = ?",
+                      [(sink, i) for i in ids])
+        return self._load(c, sink, ids)
+
+    def _record(self, c: sqlite3.Connection, sink: str, outcomes: Sequence[Outcome],
+                dead_letter_after: int) -> int:
         now = self.clock.now().wall_ns
         dead = 0
-        with self.transaction("record outcomes") as c:
-            for o in outcomes:
-                key = (sink, o.event_id)
-                if o.result == "acked":
-                    c.execute("UPDATE deliveries SET status = 'acked', attempts = attempts + 1, "
-                              "done_ns = ?, last_error = NULL WHERE sink = ? AND event_id = ? "
-                              "AND status = 'pending'", (now, *key))
-                elif o.result == "failed":
-                    c.execute("UPDATE deliveries SET attempts = attempts + 1, next_attempt_ns = ?,"
-                              " last_error = ? WHERE sink = ? AND event_id = ? AND "
-                              "status = 'pending'", (o.next_attempt_ns, o.error, *key))
-                elif o.result == "skipped":
-                    c.execute("UPDATE deliveries SET claimed = (attempts > 0) WHERE sink = ? AND "
-                              "event_id = ? AND status = 'pending'", key)
-                else:
-                    row = c.execute(
-                        "UPDATE deliveries SET attempts = attempts + 1, rejections = rejections "
-                        "+ 1, next_attempt_ns = ?, last_error = ? WHERE sink = ? AND event_id = ?"
-                        " AND status = 'pending' RETURNING rejections, attempts",
-                        (o.next_attempt_ns, o.error, *key)).fetchone()
-                    if row and (o.result == "dead" or row[0] >= dead_letter_after):
-                        dead += 1
-                        c.execute("UPDATE deliveries SET status = 'dead', done_ns = ? "
-                                  "WHERE sink = ? AND event_id = ?", (now, *key))
-                        c.execute("INSERT OR REPLACE INTO dead_letters(sink, event_id, reason, "
-                                  "attempts, dead_ns) VALUES(?, ?, ?, ?, ?)",
-                                  (*key, o.error or "rejected", row[1], now))
+        c.executemany("UPDATE deliveries SET status = 'acked', attempts = attempts + 1, "
+                      "done_ns = ?, last_error = NULL WHERE sink = ? AND event_id = ? "
+                      "AND status = 'pending'", [(now, sink, o.event_id) for o in outcomes
+                                                   if o.result == "acked"])
+        for o in outcomes:
+            key = (sink, o.event_id)
+            if o.result == "failed":
+                c.execute("UPDATE deliveries SET attempts = attempts + 1, next_attempt_ns = ?,"
+                          " last_error = ? WHERE sink = ? AND event_id = ? AND "
+                          "status = 'pending'", (o.next_attempt_ns, o.error, *key))
+            elif o.result == "skipped":
+                c.execute("UPDATE deliveries SET claimed = (attempts > 0) WHERE sink = ? AND "
+                          "event_id = ? AND status = 'pending'", key)
+            elif o.result != "acked":  # rejected or dead
+                row = c.execute(
+                    "UPDATE deliveries SET attempts = attempts + 1, rejections = rejections "
+                    "+ 1, next_attempt_ns = ?, last_error = ? WHERE sink = ? AND event_id = ?"
+                    " AND status = 'pending' RETURNING rejections, attempts",
+                    (o.next_attempt_ns, o.error, *key)).fetchone()
+                if row and (o.result == "dead" or row[0] >= dead_letter_after):
+                    dead += 1
+                    c.execute("UPDATE deliveries SET status = 'dead', done_ns = ? "
+                              "WHERE sink = ? AND event_id = ?", (now, *key))
+                    c.execute("INSERT OR REPLACE INTO dead_letters(sink, event_id, reason, "
+                              "attempts, dead_ns) VALUES(?, ?, ?, ?, ?)",
+                              (*key, o.error or "rejected", row[1], now))
         return dead
 
     def release_backoff(self, sink: str, now_ns: int) -> int:
@@ -371,4 +411,4 @@ class Store(StoreReader):
 
     def maintain(self, retention_s: float) -> Maintenance:
         """Prune acked events past retention; near the size cap prune early, then merge."""
-        return outbox_upkeep.maintain(self, retention_s)
+        return upkeep.maintain(self, retention_s)

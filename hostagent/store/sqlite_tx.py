@@ -1,5 +1,6 @@
-"""The state file's transactions, shared by the outbox and the webhook store: one connection
-behind a lock, BEGIN IMMEDIATE … COMMIT, and SQLite errors mapped onto the error tree."""
+"""The state file's connections and transactions, shared by the outbox and the webhook store:
+one connection behind a lock, BEGIN IMMEDIATE … COMMIT, and SQLite errors mapped onto the
+error tree."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ log = logging.getLogger(__name__)
 SQLITE_CORRUPT = 11
 SQLITE_FULL = 13
 SQLITE_NOTADB = 26
+# How long a connection waits for another writer of the state file (the collector's commit,
+# a delivery batch, the webhook store, `hostagent outbox`) before SQLITE_BUSY.
+BUSY_TIMEOUT_S = 30.0
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to the state file as every part of the daemon opens it: autocommit (we
+    write BEGIN IMMEDIATE ourselves), usable from worker threads, BUSY_TIMEOUT_S."""
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                           timeout=BUSY_TIMEOUT_S)
 
 
 def translate(err: sqlite3.Error, path: Path, what: str) -> StateError:

@@ -12,9 +12,9 @@ that a row waiting out a backoff lets later rows pass (events carry their own ti
 alert state, so a consumer can order them).
 
 Own connection to the same SQLite file (WAL lets it write alongside the outbox's connection;
-busy_timeout serialises writers). `fan_out` commits every delivery row of one event in ONE
-transaction before the outbox acknowledges the event: a crash in between repeats the fan-out,
-which `INSERT OR IGNORE` makes idempotent.
+the busy timeout, sqlite_tx.BUSY_TIMEOUT_S, serialises writers). `fan_out` commits every
+delivery row of one event in ONE transaction before the outbox acknowledges the event: a crash
+in between repeats the fan-out, which `INSERT OR IGNORE` makes idempotent.
 
 Event types follow upstream: a registration for `metrics` gets `resource_usage` events, one for
 `threshold_violation` the alerts (Notify alerts only when the registration's id, "webhook" or
@@ -23,6 +23,9 @@ Event types follow upstream: a registration for `metrics` gets `resource_usage` 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import secrets
 import sqlite3
 import threading
@@ -42,6 +45,32 @@ from hostagent.store import sqlite_tx
 EVENT_TYPES = {"metrics": "resource_usage", "threshold_violation": "threshold_violation"}
 KIND_TO_TYPE = {v: k for k, v in EVENT_TYPES.items()}
 ALL_WEBHOOKS_CHANNELS = frozenset({"webhook", "webhooks", "api_callback"})
+WHSEC_PREFIX = "whsec_"
+_RAW_SECRET = re.compile(r"[\x21-\x7e]{1,256}")
+_WHERE = "<webhook registration>"
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a secret: `whsec_<base64>` decoded (24-64 bytes), else its bytes.
+
+    ConfigError when a `whsec_` secret is not canonical base64 of 24-64 bytes, or a raw secret
+    is not 1-256 printable ASCII characters: a malformed secret is never used as raw bytes.
+    """
+    if secret.startswith(WHSEC_PREFIX):
+        b64 = secret[len(WHSEC_PREFIX):]
+        try:
+            key = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not 24 <= len(key) <= 64 or base64.b64encode(key).decode() != b64:
+            raise ConfigError(_WHERE, "secret", "whsec_ followed by the standard base64 of "
+                              "24-64 random bytes", f"{secret[:10]}… ({len(secret)} chars)",
+                              "generate one with: echo whsec_$(head -c 32 /dev/urandom | base64)")
+        return key
+    if not _RAW_SECRET.fullmatch(secret):
+        raise ConfigError(_WHERE, "secret", "1-256 printable ASCII characters without spaces, "
+                          "or whsec_<base64>", f"{len(secret)} chars")
+    return secret.encode()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS webhooks(
@@ -111,15 +140,13 @@ class WebhookStore:
         self.clock = clock
         self._lock = threading.Lock()
         try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None,
-                                         check_same_thread=False, timeout=30.0)
+            self._conn = sqlite_tx.connect(self.path)
             tables = {r[0] for r in self._conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
             if "meta" not in tables:
                 self._conn.close()
                 raise StateError(f"{self.path}: no hostagent state store here; open the outbox "
                                  "Store first (it creates the file)")
-            self._conn.execute("PRAGMA busy_timeout=30000")
             self._conn.execute("PRAGMA synchronous=FULL")
             with self._tx("create webhook tables") as c:
                 for stmt in _SCHEMA.split(";"):
@@ -138,14 +165,19 @@ class WebhookStore:
 
     def register(self, url: str, event_types: Sequence[str], secret: str | None = None,
                  ) -> Registration:
-        """Add a registration (id `webhook_<8 hex>`); ConfigError for a bad type list."""
+        """Add a registration (id `webhook_<8 hex>`); ConfigError for a bad type list or secret.
+
+        The URL's SSRF check (hostagent.delivery.ssrf.Guard) is the caller's: it needs the
+        webhook sink's allow-list and, for names, DNS."""
         types = tuple(dict.fromkeys(event_types))
         bad = [t for t in types if t not in EVENT_TYPES]
         if not types or bad:
-            raise ConfigError("<webhook registration>", "event_types",
+            raise ConfigError(_WHERE, "event_types",
                               f"a non-empty subset of {sorted(EVENT_TYPES)}", list(event_types))
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError("<webhook registration>", "url", "an http(s) URL", url)
+        if not url.lower().startswith(("http://", "https://")):
+            raise ConfigError(_WHERE, "url", "an http(s) URL", url[:200])
+        if secret:
+            signing_key(secret)
         reg = Registration(f"webhook_{secrets.token_hex(4)}", url, types, secret or None,
                            self.clock.now().wall_ns)
         with self._tx("register webhook") as c:

@@ -10,9 +10,19 @@ import pytest
 import trio
 
 from hostagent.api.view import ApiView
-from tests.api.support import Keys, Server, api_config, make_keys, report, start_server
+from tests.api.support import (
+    ALICE,
+    BOB,
+    DAVE,
+    Keys,
+    Server,
+    api_config,
+    make_keys,
+    report,
+    start_server,
+)
 
-OWNED = {"i-a1": "0xalice", "i-a2": "0xalice", "i-b1": "0xbob", "i-c1": "carol"}
+OWNED = {"i-a1": ALICE, "i-a2": ALICE, "i-b1": BOB, "i-c1": "carol"}
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +33,8 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 @pytest.fixture
 async def server(nursery: trio.Nursery, keys: Keys) -> AsyncIterator[Server]:
-    """A live server on 127.0.0.1 serving four instances (two are 0xalice's)."""
-    view = ApiView(authorized=lambda iid: {"0xdave": "ReadOnly"} if iid == "i-c1" else {})
+    """A live server on 127.0.0.1 serving four instances (two are ALICE's)."""
+    view = ApiView(authorized=lambda iid: {DAVE: "ReadOnly"} if iid == "i-c1" else {})
     view.update(report(OWNED))
     srv = await start_server(nursery, api_config(keys), view)
     yield srv

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -14,18 +16,30 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from hostagent.alerts.index import Settings
+from hostagent.alerts.rule_store import LayeredRuleStore
+from hostagent.alerts.rules_source import RulesSource
 from hostagent.api import keys as keys_mod
 from hostagent.api.auth import Authenticator
+from hostagent.api.backends import StoreWebhooks
 from hostagent.api.pass_gate import PassGate
-from hostagent.api.seams import MemoryRules, MemoryWebhooks
 from hostagent.api.server import make_app, serve_api
 from hostagent.api.view import ApiView
+from hostagent.clock import SystemClock
 from hostagent.config.schema import ApiConfig
+from hostagent.config.sinks import WebhookSinkConfig
+from hostagent.delivery.ssrf import Guard
 from hostagent.model import MemoryReading, NicCounters, Owner, Sample, Usage
+from hostagent.store.outbox import Store
+from hostagent.store.webhooks import WebhookStore
 
 T0_NS = 1_763_000_000 * 10**9
 AUD = "hostagent-test"
 ISS = "https://issuer.test"
+ALICE = "0xa11ce00000000000000000000000000000000000"
+ALICE_UPPER = "0xA11CE00000000000000000000000000000000000"  # ALICE as a key file may spell it
+BOB = "0xb0b0000000000000000000000000000000000000"
+DAVE = "0xda7e000000000000000000000000000000000000"
 
 
 @dataclass
@@ -103,15 +117,15 @@ def make_keys(tmp: Path) -> Keys:
     jwks_file = tmp / "jwks.json"
     jwks_file.write_text(json.dumps({"keys": [jwk]}))
     keys_file = tmp / "api_keys.toml"
-    read_clear, read_k = keys_mod.new_key("0xAlice", ["read"])
+    read_clear, read_k = keys_mod.new_key(ALICE_UPPER, ["read"])
     admin_clear, admin_k = keys_mod.new_key("ops", ["admin"])
-    other_clear, other_k = keys_mod.new_key("0xbob", ["read"])
+    other_clear, other_k = keys_mod.new_key(BOB, ["read"])
     keys_file.write_text("\n".join(keys_mod.to_toml(k) for k in (read_k, admin_k, other_k)))
     return Keys(rk, ek, pub, pem_file, jwks_file, keys_file, read_clear, admin_clear,
                 other_clear)
 
 
-def token(keys: Keys, sub: str = "0xalice", *, alg: str = "RS256", exp_s: float = 300,
+def token(keys: Keys, sub: str = ALICE, *, alg: str = "RS256", exp_s: float = 300,
           **claims: Any) -> str:
     """A real JWT signed with the test RSA (RS*) or EC (ES*) key."""
     now = int(time.time())
@@ -131,24 +145,61 @@ def api_config(keys: Keys, **over: Any) -> ApiConfig:
     return replace(cfg, **over)
 
 
+# What the tests' DNS answers (registration checks names that resolve); other names do not
+# resolve, which registration accepts (delivery checks again). No test query leaves the host.
+DNS = {"public.test": ["93.184.215.14"], "private.test": ["10.1.2.3"],
+       "mixed.test": ["93.184.215.14", "192.0.0.8"], "metadata.test": ["169.254.169.254"]}
+
+
+async def resolver_for_tests(host: str, port: int) -> list[str]:
+    """The tests' resolver: `DNS`, else "no such name"."""
+    del port
+    if host in DNS:
+        return DNS[host]
+    raise OSError(f"{host}: name does not resolve")
+
+
 @dataclass
 class Server:
-    """A running API server."""
+    """A running API server over the REAL stores (state file and rules file in a temp dir)."""
 
     url: str
     view: ApiView
     stop: trio.Event
-    webhooks: MemoryWebhooks
-    rules: MemoryRules
+    webhooks: StoreWebhooks
+    webhook_store: WebhookStore
+    rules: LayeredRuleStore
+    rules_path: Path
 
 
 async def start_server(nursery: trio.Nursery, cfg: ApiConfig, view: ApiView, *,
                        gate: PassGate | None = None,
-                       authenticator: Authenticator | None = None) -> Server:
+                       authenticator: Authenticator | None = None,
+                       webhook_sink: WebhookSinkConfig | None = None) -> Server:
     """Serve `view` on 127.0.0.1:<ephemeral> in `nursery` (held back by `gate` if given)."""
     stop = trio.Event()
-    webhooks, rules = MemoryWebhooks(), MemoryRules()
+    tmp = Path(tempfile.mkdtemp(prefix="hostagent-api-"))
+    clock = SystemClock()
+    outbox = Store.open(tmp / "state.db", clock=clock, node_id="host-t", sink_names=["webhooks"])
+    hooks = WebhookStore(tmp / "state.db", clock)
+    rules_path = tmp / "rules.json"
+    rules_path.write_text("[]")
+    source = RulesSource(rules_path, Settings(), api_path=tmp / "api-rules.json")
+    source.load_initial()
+    webhooks = StoreWebhooks(hooks, Guard.from_config(webhook_sink or WebhookSinkConfig()),
+                             resolver=resolver_for_tests)
+    rules = LayeredRuleStore(source)
     app = make_app(cfg, view, webhooks=webhooks, rules=rules,
                    authenticator=authenticator or Authenticator(cfg), gate=gate)
+
+    async def cleanup() -> None:
+        try:
+            await stop.wait()
+        finally:
+            hooks.close()
+            outbox.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    nursery.start_soon(cleanup)
     binds = await nursery.start(serve_api, cfg, app, stop)
-    return Server(binds[0], view, stop, webhooks, rules)
+    return Server(binds[0], view, stop, webhooks, hooks, rules, rules_path)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from hostagent.api.backends import StoreWebhooks
-from hostagent.clock import FakeClock
+from hostagent.config.sinks import WebhookSinkConfig
+from hostagent.delivery.ssrf import Guard
 from hostagent.store.outbox import Store
 from hostagent.store.webhooks import WebhookStore
+from tests.api.support import resolver_for_tests
+from tests.clocks import FakeClock
 
 
 async def test_webhook_registrations_persist_and_never_show_the_secret(tmp_path: Path) -> None:
@@ -15,12 +18,14 @@ async def test_webhook_registrations_persist_and_never_show_the_secret(tmp_path:
     db = tmp_path / "state.db"
     Store.open(db, clock=clock, node_id="h", sink_names=["webhooks"]).close()
     woken = []
-    hooks = StoreWebhooks(WebhookStore(db, clock), wake=lambda: woken.append(1))
+    guard = Guard.from_config(WebhookSinkConfig())
+    hooks = StoreWebhooks(WebhookStore(db, clock), guard, wake=lambda: woken.append(1),
+                          resolver=resolver_for_tests)
     reg = await hooks.register("https://example.invalid/hook", ["threshold_violation"], "s")
     assert reg["id"].startswith("webhook_")
     assert reg["secret"] is None
     assert woken == [1]
-    again = StoreWebhooks(WebhookStore(db, clock))   # a restart: still there
+    again = StoreWebhooks(WebhookStore(db, clock), guard)   # a restart: still there
     assert [r["id"] for r in await again.list()] == [reg["id"]]
     assert await again.delete(reg["id"]) is True
     assert await again.delete(reg["id"]) is False

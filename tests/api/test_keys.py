@@ -54,3 +54,27 @@ def test_bad_files(tmp_path: Path) -> None:
         keys.load_keys(str(f))
     with pytest.raises(ValueError, match="scopes"):
         keys.new_key("p", ["write"])
+
+
+def test_cli_refuses_reserved_principals_and_reports_bad_files(tmp_path: Path) -> None:
+    f = tmp_path / "keys.toml"
+    out = subprocess.run([sys.executable, "-m", "hostagent.api.keys", "new", "--principal",
+                          "unassigned", "--scope", "read", "--file", str(f)],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and "reserved" in out.stderr and "Traceback" not in out.stderr
+    assert not f.exists()
+    f.write_text("[[keys]]\nid = 1\n")
+    out = subprocess.run([sys.executable, "-m", "hostagent.api.keys", "list", "--file", str(f)],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_duplicate_key_ids_and_empty_principals_are_config_errors(tmp_path: Path) -> None:
+    _c, k = keys.new_key("portal", ["read"])
+    f = tmp_path / "keys.toml"
+    f.write_text(keys.to_toml(k) + "\n" + keys.to_toml(k))
+    with pytest.raises(ConfigError, match="used once"):
+        keys.load_keys(str(f))
+    f.write_text(keys.to_toml(k).replace('principal = "portal"', 'principal = " "'))
+    with pytest.raises(ConfigError, match="non-empty principal"):
+        keys.load_keys(str(f))

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hostagent.accounting import unattributed
 from hostagent.api.view import ApiView
 from hostagent.delivery import metrics as em
-from tests.api.support import Keys, api_config, report, start_server
+from tests.api.support import ALICE, BOB, Keys, api_config, report, start_server
 
 
 def emission() -> em.EmissionMetrics:
@@ -32,8 +32,10 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
-    view = ApiView(emission_metrics=emission)
-    rep = report({"i-a1": "0xalice", "i-b1": "0xbob"})
+    view = ApiView(emission_metrics=emission,
+                   owners_health=lambda: {"lookup_ok": 5, "lookup_failed": 2, "refresh_ok": 1},
+                   pass_settings=lambda: {"interval_s": 30.0, "timeout_s": 20.0})
+    rep = report({"i-a1": ALICE, "i-b1": BOB})
     rep.read_errors_total = {"pid_file": 3, "xml": 1}
     view.update(rep)
     srv = await start_server(nursery, api_config(keys), view)
@@ -46,7 +48,7 @@ async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     s = samples(r.text)
-    a1 = (("instance", "i-a1"), ("owner", "0xalice"))
+    a1 = (("instance", "i-a1"), ("owner", ALICE))
     assert s[("hostagent_instance_cpu_seconds_total", a1)] == 3600.0
     assert s[("hostagent_instance_network_egress_bytes_total", a1)] == 200
     assert s[("hostagent_instance_memory_used_bytes", a1)] == 2 << 30
@@ -58,11 +60,20 @@ async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     assert s[("hostagent_outbox_depth", (("sink", "queue"),))] == 3
     assert s[("hostagent_sink_breaker_state", (("sink", "queue"), ("state", "open")))] == 1
     assert s[("hostagent_sink_latency_seconds_count", (("sink", "queue"),))] == 1
+    # what the shipped alert rules (deploy/prometheus/) need besides the above
+    assert s[("hostagent_outbox_dead_letters", (("sink", "queue"),))] == 1
+    assert s[("hostagent_outbox_max_bytes", ())] == 10**9
+    assert s[("hostagent_owner_lookups_total", (("result", "failed"),))] == 2
+    assert s[("hostagent_owner_lookups_total", (("result", "not_found"),))] == 0
+    assert s[("hostagent_owner_refreshes_total", (("result", "ok"),))] == 1
+    assert s[("hostagent_pass_interval_seconds", ())] == 30.0
+    assert s[("hostagent_pass_timeout_seconds", ())] == 20.0
     assert s[("hostagent_api_requests_total",
               (("code", "2xx"), ("route", "/api/v1/metrics")))] == 1
     # bounded labels: only these label names anywhere
     names = {k for (_n, labels) in s for k, _v in labels}
-    assert names <= {"instance", "owner", "sink", "state", "route", "code", "le", "reason"}
+    assert names <= {"instance", "owner", "sink", "state", "route", "code", "le", "reason",
+                     "result"}
     routes = {dict(labels).get("route") for (n, labels) in s if n.startswith("hostagent_api")}
     assert "/api/v1/metrics/instances/i-a1" not in routes
 

@@ -12,7 +12,7 @@ import pytest
 from hostagent.api.openapi import openapi_document
 from hostagent.api.server import make_app
 from hostagent.api.view import ApiView
-from tests.api.support import Keys, api_config
+from tests.api.support import ALICE, Keys, api_config
 
 
 def nullable_to_jsonschema(node: Any) -> Any:
@@ -72,7 +72,7 @@ def test_every_operation_documents_its_errors() -> None:
      "/api/v1/usage/instances/{instance_id}/current", 200),
     ("/api/v1/usage/instances/i-zz/current",
      "/api/v1/usage/instances/{instance_id}/current", 404),
-    ("/api/v1/usage/users/0xalice/current", "/api/v1/usage/users/{user_id}/current", 200),
+    (f"/api/v1/usage/users/{ALICE}/current", "/api/v1/usage/users/{user_id}/current", 200),
     ("/api/v1/metrics?limit=0", "/api/v1/metrics", 400),
     ("/api/v1/webhooks", "/api/v1/webhooks", 200),
     ("/api/v1/thresholds", "/api/v1/thresholds", 200),

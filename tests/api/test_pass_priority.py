@@ -10,7 +10,7 @@ import trio
 
 from hostagent.api.pass_gate import PassGate
 from hostagent.api.view import ApiView
-from tests.api.support import Keys, Server, api_config, report, start_server
+from tests.api.support import ALICE, Keys, Server, api_config, report, start_server
 
 
 async def _hold(gate: PassGate, until: trio.Event, *,
@@ -23,9 +23,9 @@ async def _hold(gate: PassGate, until: trio.Event, *,
 
 async def gated_server(nursery: trio.Nursery, keys: Keys, max_wait_s: float
                        ) -> tuple[ApiView, PassGate, Server]:
-    """A server over one instance of 0xalice, held back by a fresh gate."""
+    """A server over one instance of ALICE, held back by a fresh gate."""
     view = ApiView()
-    view.update(report({"i-1": "0xalice"}))
+    view.update(report({"i-1": ALICE}))
     gate = PassGate()
     srv = await start_server(nursery, api_config(keys, yield_to_pass_max_s=max_wait_s), view,
                              gate=gate)
@@ -45,15 +45,15 @@ async def test_requests_wait_for_the_pass_and_health_does_not(nursery: trio.Nurs
         async with trio.open_nursery() as n:
             await n.start(_hold, gate, pass_ends)
             n.start_soon(get, "/api/v1/metrics")
-            n.start_soon(get, "/api/v1/usage/users/0xalice/current")
+            n.start_soon(get, f"/api/v1/usage/users/{ALICE}/current")
             with trio.fail_after(5):
                 assert (await http.get("/health")).status_code == 200  # liveness at once
             await trio.sleep(0.5)
             assert got == {}  # both parked while the pass runs
-            view.update(report({"i-1": "0xalice", "i-2": "0xalice"}))  # the pass's snapshot
+            view.update(report({"i-1": ALICE, "i-2": ALICE}))  # the pass's snapshot
             pass_ends.set()
         assert {p: r.status_code for p, r in got.items()} == {
-            "/api/v1/metrics": 200, "/api/v1/usage/users/0xalice/current": 200}
+            "/api/v1/metrics": 200, f"/api/v1/usage/users/{ALICE}/current": 200}
         # served after the pass: they see its snapshot, never a half-updated one
         assert "i-2" in got["/api/v1/metrics"].text
         metrics = (await http.get("/metrics")).text

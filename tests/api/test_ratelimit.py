@@ -7,8 +7,8 @@ import trio
 
 from hostagent.api.ratelimit import RateLimiter
 from hostagent.api.view import ApiView
-from hostagent.clock import FakeClock
-from tests.api.support import Keys, api_config, report, start_server
+from tests.api.support import ALICE, Keys, api_config, report, start_server
+from tests.clocks import FakeClock
 
 
 def test_bucket_refills_at_rate() -> None:
@@ -36,7 +36,7 @@ def test_table_is_bounded() -> None:
 
 async def test_429_per_principal_and_per_address(nursery: trio.Nursery, keys: Keys) -> None:
     view = ApiView()
-    view.update(report({"i-a1": "0xalice"}))
+    view.update(report({"i-a1": ALICE}))
     cfg = api_config(keys, rate_per_principal_s=0.01, burst_per_principal=3,
                      rate_per_address_s=0.01, burst_per_address=6)
     srv = await start_server(nursery, cfg, view)

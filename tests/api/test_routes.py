@@ -8,7 +8,18 @@ import trio
 
 from hostagent.api.view import ApiView
 from hostagent.clock import SystemClock
-from tests.api.support import Keys, Server, api_config, report, start_server, token
+from tests.api.support import (
+    ALICE,
+    ALICE_UPPER,
+    BOB,
+    DAVE,
+    Keys,
+    Server,
+    api_config,
+    report,
+    start_server,
+    token,
+)
 
 
 def bearer(t: str) -> dict[str, str]:
@@ -22,7 +33,7 @@ async def test_health_is_open_and_plain(client: httpx.AsyncClient) -> None:
 
 
 async def test_alice_sees_only_her_instances(client: httpx.AsyncClient, keys: Keys) -> None:
-    r = await client.get("/api/v1/metrics", headers=bearer(token(keys, "0xAlice")))
+    r = await client.get("/api/v1/metrics", headers=bearer(token(keys, ALICE_UPPER)))
     assert r.status_code == 200
     body = r.json()
     assert [i["instance_id"] for i in body["items"]] == ["i-a1", "i-a2"]
@@ -39,7 +50,7 @@ async def test_admin_sees_all_and_filters(client: httpx.AsyncClient, keys: Keys)
     h = {"X-API-Key": keys.admin_key}
     r = await client.get("/api/v1/metrics", headers=h)
     assert [i["instance_id"] for i in r.json()["items"]] == ["i-a1", "i-a2", "i-b1", "i-c1"]
-    r = await client.get("/api/v1/metrics", headers=h, params={"user_id": "0xbob"})
+    r = await client.get("/api/v1/metrics", headers=h, params={"user_id": BOB})
     assert [i["instance_id"] for i in r.json()["items"]] == ["i-b1"]
     r = await client.get("/api/v1/metrics", headers=h,
                          params={"instance_id": "i-b1,i-c1,nope", "fields": "instance_id,metrics",
@@ -80,10 +91,10 @@ async def test_bad_query_is_a_problem(client: httpx.AsyncClient, keys: Keys,
 
 
 async def test_instance_routes_and_ownership(client: httpx.AsyncClient, keys: Keys) -> None:
-    alice = bearer(token(keys, "0xalice"))
+    alice = bearer(token(keys, ALICE))
     r = await client.get("/api/v1/usage/instances/i-a1/current", headers=alice)
     assert r.status_code == 200
-    assert r.json()["user_id"] == "0xalice"
+    assert r.json()["user_id"] == ALICE
     assert "readings" not in r.json()
     r = await client.get("/api/v1/metrics/instances/i-a2", headers=alice)
     assert r.json()["readings"]["nics"][0]["guest_tx_bytes"] == 200
@@ -94,28 +105,42 @@ async def test_instance_routes_and_ownership(client: httpx.AsyncClient, keys: Ke
     assert theirs.json()["detail"] == missing.json()["detail"]
     # an authorized (non-owner) address can read; owner-less access via the index works
     r = await client.get("/api/v1/usage/instances/i-c1/current",
-                         headers=bearer(token(keys, "0xDAVE")))
+                         headers=bearer(token(keys, "0X" + DAVE[2:].upper())))
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize("spelled", [ALICE, ALICE[2:], ALICE.upper().replace("0X", "0x"),
+                                     "0X" + ALICE[2:].upper(), ALICE[2:].upper()])
+async def test_a_principal_sees_its_instances_however_its_address_is_spelled(
+        client: httpx.AsyncClient, keys: Keys, spelled: str) -> None:
+    """Issue 13 §6: owners and principals are normalised by the same function."""
+    h = bearer(token(keys, spelled))
+    r = await client.get("/api/v1/metrics", headers=h)
+    assert r.status_code == 200
+    assert sorted(i["instance_id"] for i in r.json()["items"]) == ["i-a1", "i-a2"]
+    r = await client.get(f"/api/v1/usage/users/{spelled}/current", headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["totals"]["instances"] == 2
 
 
 async def test_user_current_sums_and_refuses_others(client: httpx.AsyncClient,
                                                     keys: Keys) -> None:
-    alice = {"X-API-Key": keys.read_key}  # principal 0xAlice (case differs from owner)
-    r = await client.get("/api/v1/usage/users/0xalice/current", headers=alice)
+    alice = {"X-API-Key": keys.read_key}  # principal ALICE_UPPER
+    r = await client.get(f"/api/v1/usage/users/{ALICE}/current", headers=alice)
     assert r.status_code == 200
     body = r.json()
     assert body["totals"]["instances"] == 2
     assert body["totals"]["cpu_seconds"] == 60
     assert body["totals"]["egress_bytes"] == 2 * (10 << 20)
     assert [i["instance_id"] for i in body["instances"]] == ["i-a1", "i-a2"]
-    r = await client.get("/api/v1/usage/users/0xalice/current", headers=alice,
+    r = await client.get(f"/api/v1/usage/users/{ALICE}/current", headers=alice,
                          params={"limit": 1})
     assert r.json()["next_offset"] == 1
     assert r.json()["totals"]["instances"] == 2
-    for other in ("0xbob", "nobody"):
+    for other in (BOB, "nobody"):
         r = await client.get(f"/api/v1/usage/users/{other}/current", headers=alice)
         assert r.status_code == 403
-    r = await client.get("/api/v1/usage/users/0xbob/current",
+    r = await client.get(f"/api/v1/usage/users/{BOB}/current",
                          headers={"X-API-Key": keys.admin_key})
     assert r.json()["totals"]["instances"] == 1
 

@@ -5,18 +5,35 @@ from __future__ import annotations
 from dataclasses import replace
 
 from hostagent.api.view import ApiView, Snapshot, build_snapshot, render_instance, sum_usage
+from hostagent.model import Owner
+from hostagent.owners.resolver import UNASSIGNED_SOURCE
 from tests.api.support import Report, report, sample
+
+ABC = "abc" + "0" * 37
+DEF = "def" + "0" * 37
 
 
 def test_index_and_visibility() -> None:
-    snap = build_snapshot(report({"i-1": "0xABC", "i-2": "u2"}), Snapshot(),
-                          lambda iid: {"0xdef": "Manager"} if iid == "i-2" else {})
-    assert [iv.instance_id for iv in snap.for_user("0xabc")] == ["i-1"]
-    assert [iv.instance_id for iv in snap.for_user("0xDEF")] == ["i-2"]
+    rep = report({"i-1": ABC.upper(), "i-2": "u2", "i-3": "unassigned"})
+    rep.owners = {**rep.owners, "i-3": Owner("unassigned", "org-1", UNASSIGNED_SOURCE)}
+    snap = build_snapshot(rep, Snapshot(),
+                          lambda iid: {"0x" + DEF: "Manager"} if iid == "i-2" else {})
+    for abc in (ABC, "0x" + ABC, "0X" + ABC.upper(), ABC.upper()):
+        assert [iv.instance_id for iv in snap.for_user(abc)] == ["i-1"], abc
+        assert snap.instances["i-1"].visible_to(abc)
+    assert [iv.instance_id for iv in snap.for_user(DEF.upper())] == ["i-2"]
     assert snap.for_user("nobody") == []
-    assert snap.instances["i-2"].visible_to("0xDeF")
+    assert snap.instances["i-2"].visible_to("0x" + DEF.upper())
     assert not snap.instances["i-1"].visible_to("u2")
-    assert snap.instances["i-1"].visible_to("0xabc")
+
+
+def test_an_unknown_owner_is_nobody() -> None:
+    """Issue 13 §6: a principal named `unassigned` must not read the unowned instances."""
+    rep = report({"i-1": "unassigned"})
+    rep.owners = {"i-1": Owner("unassigned", "org-1", UNASSIGNED_SOURCE)}
+    snap = build_snapshot(rep, Snapshot(), lambda _: {})
+    assert snap.for_user("unassigned") == []
+    assert not snap.instances["i-1"].visible_to("unassigned")
 
 
 def test_usage_carried_until_next_period_and_dropped_on_new_incarnation() -> None:

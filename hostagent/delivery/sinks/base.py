@@ -18,21 +18,27 @@ after it returns.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
+from hostagent.alerts.routing import Route
 from hostagent.clock import Clock
 from hostagent.config.sinks import (
     BreakerConfig,
     EmailSinkConfig,
     JsonlSinkConfig,
+    NatsSinkConfig,
     QueueSinkConfig,
     RetryConfig,
+    SinkConfig,
     WebhookSinkConfig,
 )
 from hostagent.errors import SinkRejected, StateError
 from hostagent.model import OutEvent
 
 if TYPE_CHECKING:
+    import trio
+
     from hostagent.store.webhooks import WebhookStore
 
 
@@ -127,11 +133,41 @@ class Sink(Protocol):
         ...
 
 
-def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | EmailSinkConfig, *,
-               clock: Clock | None = None, webhook_store: WebhookStore | None = None) -> Sink:
+class Dispatcher(Protocol):
+    """Delivery a sink runs on its own, after the outbox handed it an event (webhooks: one
+    drain per endpoint); the daemon runs it in its nursery."""
+
+    def wake(self) -> None:
+        """New work was handed over (or its configuration changed): look now."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Deliver until cancelled."""
+        ...
+
+
+@runtime_checkable
+class DispatchingSink(Sink, Protocol):
+    """A sink with a `Dispatcher` of its own (the Sink protocol itself is unchanged)."""
+
+    @property
+    def dispatcher(self) -> Dispatcher | None:
+        """Its dispatcher (None: nothing to run, e.g. a sink built without one in a test)."""
+        ...
+
+
+def dispatchers(sinks: Sequence[Sink]) -> list[Dispatcher]:
+    """The dispatchers the daemon must run beside the delivery."""
+    return [s.dispatcher for s in sinks
+            if isinstance(s, DispatchingSink) and s.dispatcher is not None]
+
+
+def build_sink(cfg: SinkConfig, *, clock: Clock | None = None,
+               webhook_store: WebhookStore | None = None, node_id: str = "") -> Sink:
     """The sink a `[[sinks]]` entry describes (nothing is opened until the first send).
 
     A webhook sink needs `webhook_store` and `clock`; run its `dispatcher.run` in a nursery.
+    A NATS sink fills `node_id` ([host] node_id) into its subjects.
     """
     if isinstance(cfg, WebhookSinkConfig):
         from hostagent.delivery.sinks.webhook import WebhookDispatcher, WebhookSink
@@ -149,6 +185,34 @@ def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | Emai
         from hostagent.delivery.sinks.email import EmailSink
 
         return EmailSink(cfg)
+    if isinstance(cfg, NatsSinkConfig):
+        from hostagent.delivery.sinks.nats_jetstream import NatsSink
+
+        return NatsSink(cfg, node_id=node_id)
     from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 
     return FormationQueueSink(cfg)
+
+
+def config_routes(sinks: Sequence[SinkConfig]) -> dict[str, Route]:
+    """Each configured sink's route, from its `[[sinks]]` entry (no sink is built)."""
+    from hostagent.delivery.sinks.formation_queue import FormationQueueSink
+    from hostagent.delivery.sinks.jsonl import JsonlSink
+    from hostagent.delivery.sinks.nats_jetstream import NatsSink
+    from hostagent.delivery.sinks.webhook import WebhookSink
+
+    out: dict[str, Route] = {}
+    for cfg in sinks:
+        chans: frozenset[str] | None
+        if isinstance(cfg, EmailSinkConfig):
+            chans = frozenset({cfg.channel})
+        elif isinstance(cfg, JsonlSinkConfig):
+            chans = JsonlSink.channels
+        elif isinstance(cfg, QueueSinkConfig):
+            chans = FormationQueueSink.channels
+        elif isinstance(cfg, NatsSinkConfig):
+            chans = NatsSink.channels
+        else:
+            chans = WebhookSink.channels
+        out[cfg.name] = Route(frozenset(cfg.kinds), chans)
+    return out

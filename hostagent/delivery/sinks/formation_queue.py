@@ -162,21 +162,20 @@ class FormationQueueSink(ConfiguredSink[QueueSinkConfig]):
 
     channels: frozenset[str] | None = frozenset({CHANNEL})
 
-    def __init__(self, cfg: QueueSinkConfig, *,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, cfg: QueueSinkConfig) -> None:
         self.cfg = cfg
         self._topics = {"default": topic_hash(cfg.topic), ALERT_KIND: topic_hash(cfg.alert_topic)}
         url = httpx.URL(cfg.url)
         self._target = url.path.rstrip("/") + WRITE_PATH
         self._pool: H11Pool | None = None
         self._client: httpx.AsyncClient | None = None
-        if cfg.http_client == "h11" and url.scheme == "http" and transport is None:
+        if cfg.http_client == "h11" and url.scheme == "http":
             self._pool = H11Pool(url.host, url.port or 80, cfg.max_in_flight)
         else:
             limits = httpx.Limits(max_connections=cfg.max_in_flight,
                                   max_keepalive_connections=cfg.max_in_flight)
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), limits=limits,
-                                             transport=transport, trust_env=False)
+                                             trust_env=False)
             self._url = str(url.copy_with(path=self._target))
 
     @property

@@ -1,6 +1,9 @@
-"""JSONL file sink: one compact JSON event per line, appended; fsynced once per delivery batch.
+"""JSONL file sink: one compact JSON event per line, appended; written and fsynced once per batch.
 
-Each line is written with ONE `os.write` on an O_APPEND descriptor, so lines never interleave.
+`send` only queues the line in memory; `flush` appends the whole batch with ONE `os.write` on
+an O_APPEND descriptor (so lines never interleave) and fsyncs it, in one worker-thread call.
+The delivery records acknowledgements only after `flush` returned, so nothing is acked before
+it is on disk; a failed write or fsync fails the whole batch (sent again later).
 A crash can leave a torn last line; before appending again the sink makes sure the file ends
 with a newline, so the torn fragment stays a line of its own and later lines are intact.
 Readers skip lines that are not valid JSON. Redelivery after a crash (an event written but its
@@ -37,6 +40,7 @@ class JsonlSink(ConfiguredSink[JsonlSinkConfig]):
         self.path = Path(cfg.path)
         self._fd: int | None = None
         self._needs_newline = False
+        self._batch: list[bytes] = []
         self._limiter = trio.CapacityLimiter(1)
 
     def _open(self) -> int:
@@ -49,36 +53,46 @@ class JsonlSink(ConfiguredSink[JsonlSinkConfig]):
             self._fd = fd
         return self._fd
 
-    def _write(self, line: bytes) -> None:
+    def _write_and_sync(self, data: bytes) -> None:
         fd = self._open()
-        data = (b"\n" + line) if self._needs_newline else line
-        self._needs_newline = True  # until the whole line is known to be written
-        written = os.write(fd, data)
-        if written != len(data):
-            raise OSError(f"short write ({written} of {len(data)} bytes)")
-        self._needs_newline = False
-
-    async def send(self, event: OutEvent) -> None:
-        """Append the event's payload as one line (not yet fsynced)."""
+        if self._needs_newline:
+            data = b"\n" + data
+        self._needs_newline = True  # until the whole batch is known to be written
+        view = memoryview(data)
         try:
-            await trio.to_thread.run_sync(self._write, event.payload + b"\n",
-                                          limiter=self._limiter)
+            while view:  # a short write is continued; an error leaves a torn last line
+                view = view[os.write(fd, view):]
         except OSError as err:
             raise SinkUnavailable(f"{self.path}: write failed: {err}") from err
-
-    def _fsync(self) -> None:
-        if self._fd is not None:
-            os.fsync(self._fd)
-
-    async def flush(self) -> None:
-        """fsync the file."""
+        self._needs_newline = False
         try:
-            await trio.to_thread.run_sync(self._fsync, limiter=self._limiter)
+            os.fsync(fd)
         except OSError as err:
             raise SinkUnavailable(f"{self.path}: fsync failed: {err}") from err
 
+    async def send(self, event: OutEvent) -> None:
+        """Queue the event's payload as one line (written and fsynced by `flush`)."""
+        self._batch.append(event.payload)
+
+    async def flush(self) -> None:
+        """Append every queued line with one write, then fsync the file; SinkUnavailable if
+        either failed (the delivery then sends the whole batch again later)."""
+        if not self._batch:
+            return
+        data = b"\n".join(self._batch) + b"\n"
+        self._batch = []
+        try:
+            await trio.to_thread.run_sync(self._write_and_sync, data, limiter=self._limiter)
+        except OSError as err:  # opening the file
+            raise SinkUnavailable(f"{self.path}: write failed: {err}") from err
+
     async def aclose(self) -> None:
-        """Close the file."""
+        """Write what is still queued (best effort: it was not acknowledged), close the file."""
+        try:
+            await self.flush()
+        except SinkUnavailable as err:
+            log.warning("jsonl sink: unflushed lines lost at close (they are sent again)",
+                        extra={"path": str(self.path), "error": str(err)})
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)

@@ -16,9 +16,12 @@ signatures:
   (key: the secret's bytes, or base64-decoded when it is written ``whsec_<base64>``);
 * legacy upstream ``X-Webhook-Signature: <hex HMAC-SHA256(secret, body)>``.
 
-Outcomes: 2xx delivered. Transport errors, timeouts, 408, 429 and 5xx are transient: they
-count against the endpoint's circuit breaker and the row waits ``initial_backoff_s ×
-multiplier^(attempts−1)`` (capped at ``round_backoff_max_s``, ± jitter). 3xx (redirects are
+Each endpoint is one drain of hostagent.delivery.drain (the engine the outbox uses too):
+breaker gate, due rows, wake-ups, store-error pause. Outcomes: 2xx delivered. Transport
+errors, timeouts, 408, 429 and 5xx are transient: they count against the endpoint's circuit
+breaker and the row waits the engine's one formula, ``drain.round_backoff_s`` with rounds =
+attempts (``max_backoff_s × multiplier^(attempts−1)``, capped at ``round_backoff_max_s``,
+± jitter). 3xx (redirects are
 never followed), other 4xx and a URL the SSRF guard refuses count 5 attempts each; 410 Gone is
 dead at once; a row is dead after ``dead_after_attempts``. Nothing is dropped silently: dead
 rows stay in ``webhook_deliveries`` with their last error until ``retention_s``.
@@ -32,7 +35,7 @@ import hmac
 import logging
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,33 +46,40 @@ from hostagent.alerts.routing import UNCLAIMED
 from hostagent.clock import Clock
 from hostagent.config.sinks import WebhookSinkConfig
 from hostagent.delivery.breaker import Breaker
+from hostagent.delivery.drain import Drain, Taken, round_backoff_s
 from hostagent.delivery.sinks.base import ConfiguredSink
-from hostagent.delivery.ssrf import AllowList, Resolver, UrlRefused, resolve, system_resolver
-from hostagent.errors import SinkUnavailable, StateError
+from hostagent.delivery.ssrf import Guard, Resolver, UrlRefused, system_resolver
+from hostagent.errors import ConfigError, SinkUnavailable, StateError
 from hostagent.model import OutEvent
-from hostagent.store.webhooks import ALL_WEBHOOKS_CHANNELS, Delivery, Registration, WebhookStore
+from hostagent.store.webhooks import (
+    ALL_WEBHOOKS_CHANNELS,
+    Delivery,
+    Registration,
+    WebhookStore,
+    signing_key,
+)
 
 log = logging.getLogger(__name__)
 USER_AGENT = "hostagent-webhooks/1"
 HARD_FAILURE_WEIGHT = 5
 PRUNE_EVERY_S = 600.0  # delivered/dead rows older than retention_s go
-
-
-def _key(secret: str) -> bytes:
-    if secret.startswith("whsec_"):
-        try:
-            return base64.b64decode(secret[6:], validate=True)
-        except ValueError:
-            pass
-    return secret.encode()
+REGISTRATIONS_CHECK_S = 5.0  # re-read the registrations at least this often
+ROWS_PER_SLOT = 4  # rows an endpoint takes per round, per concurrent POST
+# One attempt's deadline (resolve + connect + send + read) beyond the HTTP client's own
+# per-operation timeout: twice it, plus this much.
+ATTEMPT_SLACK_S = 1.0
 
 
 def signature_headers(secret: str | None, msg_id: str, ts: int, body: bytes) -> dict[str, str]:
-    """Standard Webhooks and legacy signature headers (none without a secret)."""
+    """Standard Webhooks and legacy signature headers (none without a secret).
+
+    ConfigError for a malformed `whsec_` secret (registration refuses those; a row written
+    before that check is refused at delivery, never signed with the raw text)."""
     if not secret:
         return {}
     signed = f"{msg_id}.{ts}.".encode() + body
-    std = base64.b64encode(hmac.new(_key(secret), signed, hashlib.sha256).digest()).decode()
+    mac = hmac.new(signing_key(secret), signed, hashlib.sha256).digest()
+    std = base64.b64encode(mac).decode()
     legacy = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return {"webhook-signature": f"v1,{std}", "X-Webhook-Signature": legacy}
 
@@ -131,37 +141,67 @@ class EndpointStats:
 
 @dataclass(eq=False)
 class _Endpoint:
+    """One registration's rows of the webhook table (a `drain.Queue[Delivery]`)."""
+
     reg: Registration
     breaker: Breaker
-    wake: trio.Event = field(default_factory=trio.Event)
+    dispatcher: WebhookDispatcher
+    client: httpx.AsyncClient
+    stats: EndpointStats
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    stats: EndpointStats = field(default_factory=EndpointStats)
+
+    @property
+    def name(self) -> str:
+        """The registration id."""
+        return self.reg.id
+
+    async def take(self, now_ns: int) -> Taken[Delivery]:
+        """Due rows, oldest first, else when the next one is due (one worker-thread call)."""
+        store, limit = self.dispatcher.store, self.dispatcher.batch_rows
+
+        def read() -> Taken[Delivery]:
+            rows = store.due(self.reg.id, limit, now_ns)
+            return Taken(rows, None if rows else store.next_due_ns(self.reg.id))
+
+        return await trio.to_thread.run_sync(read)
+
+    async def deliver(self, rows: Sequence[Delivery]) -> None:
+        """POST the rows (each outcome is recorded as it comes)."""
+        await self.dispatcher.deliver_batch(self, rows)
+
+    async def settle(self) -> None:
+        """Nothing waits: every outcome was recorded by `deliver`."""
+
+    def store_failed(self, err: StateError) -> None:
+        """Say so; the engine pauses."""
+        log.error("webhook deliveries unreadable",
+                  extra={"webhook_id": self.reg.id, "error": str(err)})
 
 
 class WebhookDispatcher:
-    """One delivery task per registration, with its own breaker; `wake()` after a fan-out."""
+    """One drain (hostagent.delivery.drain) per registration, with its own breaker; `wake()`
+    after a fan-out."""
 
     def __init__(self, cfg: WebhookSinkConfig, store: WebhookStore, clock: Clock, *,
                  resolver: Resolver = system_resolver, rng: random.Random | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None,
-                 registrations_check_s: float = 5.0) -> None:
+                 registrations_check_s: float = REGISTRATIONS_CHECK_S) -> None:
         self.cfg = cfg
         self.store = store
         self.clock = clock
-        self.allow = AllowList.parse(cfg.allow_list)
+        self.guard = Guard.from_config(cfg)
         self.resolver = resolver
         self._rng = rng or random.Random()
-        self._transport = transport
         self._check_s = registrations_check_s
-        self._endpoints: dict[str, _Endpoint] = {}
+        self._live: dict[str, tuple[_Endpoint, Drain[Delivery]]] = {}
         self._changed = trio.Event()
         self.stats: dict[str, EndpointStats] = {}
+        self.batch_rows = cfg.endpoint_concurrency * ROWS_PER_SLOT
 
     def wake(self) -> None:
         """New rows were fanned out (or registrations changed): look now."""
         self._changed.set()
-        for ep in self._endpoints.values():
-            ep.wake.set()
+        for _, drain in self._live.values():
+            drain.wake()
 
     async def _db(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args)
@@ -169,7 +209,7 @@ class WebhookDispatcher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver until cancelled; picks up new and deleted registrations."""
         async with httpx.AsyncClient(follow_redirects=False, trust_env=False,
-                                     timeout=self.cfg.timeout_s, transport=self._transport,
+                                     timeout=self.cfg.timeout_s,
                                      ) as client, trio.open_nursery() as nursery:
             task_status.started()
             last_prune_s = -math.inf
@@ -178,17 +218,17 @@ class WebhookDispatcher:
                     regs = {r.id: r for r in await self._db(self.store.registrations)}
                 except StateError as err:
                     log.error("webhook registrations unreadable", extra={"error": str(err)})
-                    regs = {wid: ep.reg for wid, ep in self._endpoints.items()}
-                for wid in set(self._endpoints) - set(regs):
-                    self._endpoints.pop(wid).scope.cancel()
+                    regs = {wid: ep.reg for wid, (ep, _) in self._live.items()}
+                for wid in set(self._live) - set(regs):
+                    self._live.pop(wid)[0].scope.cancel()
                 for wid, reg in regs.items():
-                    if wid not in self._endpoints or self._endpoints[wid].reg != reg:
-                        if wid in self._endpoints:
-                            self._endpoints[wid].scope.cancel()
-                        ep = _Endpoint(reg, Breaker(self.cfg.breaker, self.clock))
-                        ep.stats = self.stats.setdefault(wid, EndpointStats())
-                        self._endpoints[wid] = ep
-                        nursery.start_soon(self._endpoint_loop, client, ep)
+                    if wid not in self._live or self._live[wid][0].reg != reg:
+                        if wid in self._live:
+                            self._live[wid][0].scope.cancel()
+                        ep = _Endpoint(reg, Breaker(self.cfg.breaker, self.clock), self, client,
+                                       self.stats.setdefault(wid, EndpointStats()))
+                        self._live[wid] = (ep, drain := Drain(ep, self.clock))
+                        nursery.start_soon(self._endpoint_loop, ep, drain)
                 now_s = self.clock.now().monotonic_ns / 1e9
                 if now_s - last_prune_s >= PRUNE_EVERY_S:
                     last_prune_s = now_s
@@ -200,53 +240,33 @@ class WebhookDispatcher:
                     await self._changed.wait()
                 self._changed = trio.Event()
 
-    async def _endpoint_loop(self, client: httpx.AsyncClient, ep: _Endpoint) -> None:
-        limiter = trio.CapacityLimiter(self.cfg.endpoint_concurrency)
+    @staticmethod
+    async def _endpoint_loop(ep: _Endpoint, drain: Drain[Delivery]) -> None:
         with ep.scope:
-            while True:
-                if not ep.breaker.would_allow():
-                    await self._wait(ep, ep.breaker.seconds_until_trial())
-                    continue
-                now = self.clock.now().wall_ns
-                try:
-                    batch = await self._db(self.store.due, ep.reg.id,
-                                           self.cfg.endpoint_concurrency * 4, now)
-                    if not batch:
-                        due = await self._db(self.store.next_due_ns, ep.reg.id)
-                        await self._wait(ep, None if due is None else max(due - now, 0) / 1e9)
-                        continue
-                except StateError as err:
-                    log.error("webhook deliveries unreadable", extra={"error": str(err)})
-                    await self._wait(ep, 1.0)
-                    continue
-                if self.cfg.endpoint_concurrency == 1:
-                    # one at a time, oldest first: trio may start a nursery's tasks in any
-                    # order, so only a plain loop keeps the promised per-endpoint order
-                    for d in batch:
-                        await self._deliver(client, ep, d, limiter)
-                    continue
-                async with trio.open_nursery() as nursery:
-                    for d in batch:
-                        nursery.start_soon(self._deliver, client, ep, d, limiter)
+            await drain.run()
 
-    async def _wait(self, ep: _Endpoint, timeout_s: float | None) -> None:
-        with trio.move_on_after(math.inf if timeout_s is None else timeout_s):
-            await ep.wake.wait()
-        ep.wake = trio.Event()
+    async def deliver_batch(self, ep: _Endpoint, batch: Sequence[Delivery]) -> None:
+        """POST a batch of one endpoint's rows, `endpoint_concurrency` at a time."""
+        limiter = trio.CapacityLimiter(self.cfg.endpoint_concurrency)
+        if self.cfg.endpoint_concurrency == 1:
+            # one at a time, oldest first: trio may start a nursery's tasks in any
+            # order, so only a plain loop keeps the promised per-endpoint order
+            for d in batch:
+                await self._deliver(ep, d, limiter)
+            return
+        async with trio.open_nursery() as nursery:
+            for d in batch:
+                nursery.start_soon(self._deliver, ep, d, limiter)
 
-    def _later_ns(self, attempts: int) -> int:
-        r = self.cfg.retry
-        base = min(r.round_backoff_max_s, r.initial_backoff_s * r.multiplier ** max(attempts - 1,
-                                                                                  0))
-        wait_s = max(base * (1 + self._rng.uniform(-r.jitter, r.jitter)), 0.0)
+    def _later_ns(self, rounds: int) -> int:
+        wait_s = round_backoff_s(self.cfg.retry, rounds, self._rng)
         return self.clock.now().wall_ns + int(wait_s * 1e9)
 
-    async def _deliver(self, client: httpx.AsyncClient, ep: _Endpoint, d: Delivery,
-                       limiter: trio.CapacityLimiter) -> None:
+    async def _deliver(self, ep: _Endpoint, d: Delivery, limiter: trio.CapacityLimiter) -> None:
         async with limiter:
             if not ep.breaker.allow():
                 return  # stays pending; the loop waits for the breaker
-            error, weight, transient = await self._post(client, ep.reg, d)
+            error, weight, transient = await self._post(ep.client, ep.reg, d)
         try:
             if error is None:
                 ep.breaker.record_success()
@@ -276,14 +296,14 @@ class WebhookDispatcher:
     async def _post(self, client: httpx.AsyncClient, reg: Registration, d: Delivery,
                     ) -> tuple[str | None, int, bool]:
         """One attempt → (error or None, attempts it counts for, transient?)."""
-        with trio.move_on_after(self.cfg.timeout_s * 2 + 1) as scope:
+        with trio.move_on_after(self.cfg.timeout_s * 2 + ATTEMPT_SLACK_S) as scope:
             try:
-                target = await resolve(reg.url, self.allow, self.resolver)
-            except UrlRefused as err:
+                target = await self.guard.resolve(reg.url, self.resolver)
+                ts = self.clock.now().wall_ns // 1_000_000_000
+                headers = {**request_headers(reg, d, ts), "Host": target.host_header}
+            except (UrlRefused, ConfigError) as err:
                 self.stats.setdefault(reg.id, EndpointStats()).refused += 1
                 return str(err), HARD_FAILURE_WEIGHT, False
-            ts = self.clock.now().wall_ns // 1_000_000_000
-            headers = {**request_headers(reg, d, ts), "Host": target.host_header}
             ext: Mapping[str, Any] = ({"sni_hostname": target.host}
                                       if target.scheme == "https" else {})
             try:

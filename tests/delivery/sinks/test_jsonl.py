@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,9 +68,10 @@ async def test_full_disk_is_transient_and_lines_stay_whole(tiny_fs: Path) -> Non
     sent = []
     k = 0
     with pytest.raises(SinkUnavailable, match="write failed"):  # noqa: PT012
-        while True:
+        while True:  # lines are written by flush (one write per batch): a batch of one here
             ev = usage_event("i0", k, pad=3000)
             await sink.send(ev)
+            await sink.flush()
             sent.append(ev.event_id)
             k += 1
     assert sent  # some lines fitted before the disk filled up
@@ -79,3 +81,31 @@ async def test_full_disk_is_transient_and_lines_stay_whole(tiny_fs: Path) -> Non
     await sink.flush()
     await sink.aclose()
     assert [e["event_id"] for e in parsed(path)] == [*sent, again.event_id]
+
+
+async def test_a_batch_is_one_write_and_one_fsync(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(JsonlSinkConfig(path=str(path)))
+    calls: list[str] = []
+    real_write, real_fsync = os.write, os.fsync
+
+    def write(fd: int, data: bytes) -> int:
+        calls.append("write")
+        return real_write(fd, data)
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
+    events = [usage_event(f"i{i}", 0) for i in range(50)]
+    for e in events:
+        await sink.send(e)
+    assert not path.exists() or path.read_bytes() == b""  # nothing before flush
+    await sink.flush()
+    await sink.flush()  # nothing queued: no syscalls
+    await sink.aclose()
+    assert calls == ["write", "fsync"]
+    assert path.read_bytes() == b"".join(e.payload + b"\n" for e in events)

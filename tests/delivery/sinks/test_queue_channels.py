@@ -20,7 +20,8 @@ from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 from hostagent.delivery.sinks.jsonl import JsonlSink
 from hostagent.model import OutEvent
 from hostagent.store.outbox import Store
-from tests.standins.queue import QueueStandIn, TrioClock, read_topic, serve_queue, usage_event
+from tests.clocks import TrioClock
+from tests.standins.queue import QueueStandIn, read_topic, serve_queue, usage_event
 
 
 def alert(action: str, channels: list[str], n: int, *, routed: bool = True) -> OutEvent:
@@ -106,6 +107,7 @@ async def test_only_the_queue_bound_alerts_reach_the_queue(queue: QueueStandIn,
     store = Store.open(path, clock=clock, node_id="h", sink_names=[s.name for s in ss])
     try:
         d = Delivery(store, ss, clock, OutboxConfig(), rng=random.Random(1))
+        d.prepare()  # routing by channel: construction writes nothing, this does
         store.commit_pass([], events())
         # no delivery row for the queue where it is not among a Notify alert's channels
         assert alert_rows(path) == {"file": ["a-1", "a-2", "a-3", "a-4"], "q": FOR_THE_QUEUE}
@@ -140,7 +142,8 @@ async def test_rows_of_an_older_hostagent_are_rerouted_not_sent(queue: QueueStan
     ss = sinks(queue, tmp_path)
     store = Store.open(path, clock=clock, node_id="h", sink_names=[s.name for s in ss])
     try:
-        d = Delivery(store, ss, clock, OutboxConfig(), rng=random.Random(1))  # wires channels
+        d = Delivery(store, ss, clock, OutboxConfig(), rng=random.Random(1))
+        d.prepare()  # wires channels
         assert alert_rows(path) == {"file": ["a-1", "a-2", "a-3", "a-4"], "q": FOR_THE_QUEUE}
         with sqlite3.connect(path) as c:
             gone = c.execute("SELECT COUNT(*) FROM events WHERE event_id = 'a-9'").fetchone()

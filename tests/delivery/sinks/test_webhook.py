@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,14 @@ import pytest
 import trio
 
 from hostagent.accounting import events
-from hostagent.alerts import violations as alerts
+from hostagent.alerts import violations
 from hostagent.alerts.index import Settings, build_index
 from hostagent.alerts.state import AlertState, evaluate
 from hostagent.clock import SystemClock
 from hostagent.config.schema import OutboxConfig
-from hostagent.config.sinks import BreakerConfig, RetryConfig, WebhookSinkConfig
+from hostagent.config.sinks import BreakerConfig, JsonlSinkConfig, RetryConfig, WebhookSinkConfig
 from hostagent.delivery.engine import Delivery
-from hostagent.delivery.sinks.base import build_sink
+from hostagent.delivery.sinks.base import build_sink, dispatchers
 from hostagent.delivery.sinks.webhook import WebhookDispatcher, WebhookSink, signature_headers
 from hostagent.errors import ConfigError
 from hostagent.model import OutEvent, Owner
@@ -84,7 +85,7 @@ def alert_event(values: list[float]) -> list[OutEvent]:
         u = usage(t=i * 30, cpu_percent_avg=v)
         ev = evaluate(idx, [u], {}, states, u.period_end_ns)
         states = dict(ev.states)
-        out += alerts.route(ev.transitions, {"vm-1": OWNER}, "host-a", time_format="unix")
+        out += violations.route(ev.transitions, {"vm-1": OWNER}, "host-a", time_format="unix")
     return out
 
 
@@ -196,7 +197,7 @@ def test_fan_out_is_idempotent_and_filters_notify(rig: Rig) -> None:
     idx = build_index([notify], Settings())
     u = usage(cpu_percent_avg=95.0)
     ev = evaluate(idx, [u], {}, {}, u.period_end_ns)
-    (alert,) = alerts.route(ev.transitions, {}, "h", time_format="unix")
+    (alert,) = violations.route(ev.transitions, {}, "h", time_format="unix")
     assert rig.hooks.fan_out(alert) == 1  # only the registration named in the channels
     assert rig.hooks.fan_out(alert) == 1  # a resend after a crash: still one row
     assert rig.hooks.counts() == {named.id: {"pending": 1}}
@@ -208,7 +209,7 @@ def notify_alert(rule_id: str, channels: list[str]) -> OutEvent:
     rule = dataclasses.replace(CPU, id=rule_id, action="notify", channels=tuple(channels))
     u = usage(cpu_percent_avg=95.0)
     ev = evaluate(build_index([rule], Settings()), [u], {}, {}, u.period_end_ns)
-    (alert,) = alerts.route(ev.transitions, {"vm-1": OWNER}, "host-a", time_format="unix")
+    (alert,) = violations.route(ev.transitions, {"vm-1": OWNER}, "host-a", time_format="unix")
     return alert
 
 
@@ -227,6 +228,7 @@ async def test_notify_alerts_reach_only_the_registrations_they_name(rig: Rig) ->
     sink = build_sink(rig.cfg, clock=clock, webhook_store=rig.hooks)
     assert isinstance(sink, WebhookSink) and sink.dispatcher is not None
     delivery = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=0.5))
+    delivery.prepare()  # routing by channel (construction writes nothing)
     try:
         store.commit_pass([], list(evs.values()))
         # the webhook sink gets no row for alerts that name no webhook
@@ -265,3 +267,65 @@ def test_registrations_persist_and_validate(rig: Rig, tmp_path: Path) -> None:
 
 def test_dispatcher_type_is_exported() -> None:
     assert WebhookDispatcher.__name__ == "WebhookDispatcher"
+
+
+async def test_a_failed_row_waits_the_one_backoff_formula(rig: Rig) -> None:
+    # the drain engine's round_backoff_s: the first wait is max_backoff_s, not initial_backoff_s
+    rig.receiver.script = [503, 503]
+    hook = rig.hooks.register(rig.receiver.url, ["threshold_violation"], "s3cret")
+    rig.store.commit_pass([], alert_event([90.0]))
+    retry = RetryConfig(max_retries=0, initial_backoff_s=0.01, max_backoff_s=0.6,
+                        multiplier=2.0, jitter=0.0, round_backoff_max_s=60)
+    t: list[float] = []
+    async for _sink, delivery in running(rig, retry=retry):
+        delivery.wake()
+        with trio.fail_after(15):
+            while len(t) < 3:  # the receiver is a thread: note when each request arrived
+                if len(rig.receiver.received) > len(t):
+                    t.append(trio.current_time())
+                await trio.sleep(0.005)
+    assert 0.55 <= t[1] - t[0] <= 1.0  # max_backoff_s × 2^0
+    assert 1.15 <= t[2] - t[1] <= 1.6  # max_backoff_s × 2^1
+    assert rig.hooks.counts()[hook.id] == {"delivered": 1}
+
+
+def test_the_daemon_finds_the_webhook_dispatcher_by_protocol(rig: Rig, tmp_path: Path) -> None:
+    clock = SystemClock()
+    hook_sink = build_sink(rig.cfg, clock=clock, webhook_store=rig.hooks)
+    file_sink = build_sink(JsonlSinkConfig(path=str(tmp_path / "e.jsonl")))
+    assert isinstance(hook_sink, WebhookSink) and hook_sink.dispatcher is not None
+    assert dispatchers([file_sink, hook_sink]) == [hook_sink.dispatcher]
+    assert dispatchers([file_sink, WebhookSink(rig.cfg, rig.hooks)]) == []  # none to run
+
+
+@pytest.mark.parametrize("secret", ["whsec_", "whsec_!!!!", "whsec_c2hvcnQ=",
+                                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw=",
+                                    "whsec_" + "A" * 33 + "B=="])  # non-canonical bits
+def test_malformed_whsec_secrets_are_refused_never_used_raw(rig: Rig, secret: str) -> None:
+    """Issue 13 §2: a bad whsec_ secret was silently used as its raw bytes."""
+    with pytest.raises(ConfigError, match="whsec_"):
+        signature_headers(secret, "id1", 5, b"{}")
+    with pytest.raises(ConfigError, match="whsec_"):
+        rig.hooks.register("https://hooks.example/x", ["metrics"], secret)
+    assert rig.hooks.registrations() == []
+
+
+async def test_a_stored_malformed_secret_is_refused_at_delivery(rig: Rig,
+                                                                tmp_path: Path) -> None:
+    hook = rig.hooks.register(rig.receiver.url, ["threshold_violation"], "s3cret")
+    with sqlite3.connect(tmp_path / "state.db") as db:  # written before registration checked
+        db.execute("UPDATE webhooks SET secret = 'whsec_!!' WHERE id = ?", (hook.id,))
+    rig.store.commit_pass([], alert_event([90.0]))
+    async for sink, delivery in running(rig, dead_after_attempts=5):
+        delivery.wake()
+        await until(lambda: rig.hooks.counts().get(hook.id) == {"dead": 1})
+        assert sink.dispatcher is not None
+        assert sink.dispatcher.stats[hook.id].refused == 1
+    assert rig.receiver.received == []
+
+
+def test_a_malformed_allow_list_is_a_config_error(rig: Rig) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_sink(dataclasses.replace(rig.cfg, allow_list=("10.0.0.0/99",)),
+                   clock=SystemClock(), webhook_store=rig.hooks)
+    assert err.value.key == "sinks.allow_list[0]"

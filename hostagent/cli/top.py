@@ -1,0 +1,278 @@
+"""`hostagent top`: a live per-domain view of this host, read the way `hostagent dump` reads it.
+
+Every refresh reads every source once (libvirt bulk stats, cgroups, taps, GPUs) and compares
+with the previous refresh. The daemon's state comes from the state store, opened read-only
+(`mode=ro`: top never writes), and, when the daemon serves `/metrics` on loopback without
+credentials, the unattributed-CPU counter from there. No daemon is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sqlite3
+import sys
+import termios
+import tty
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.live import Live
+
+from hostagent.accounting.assemble import sample_of
+from hostagent.cli import top_view
+from hostagent.cli.outbox import breaker_text
+from hostagent.cli.top_view import DaemonState, Screen, SinkState, SortKey
+from hostagent.clock import Clock, SystemClock
+from hostagent.collector import Collector, link_reader_for
+from hostagent.config.load import Config
+from hostagent.errors import HostAgentError
+from hostagent.model import Sample
+from hostagent.owners.resolver import Owners
+from hostagent.sources.gpu import GpuSource
+from hostagent.sources.libvirt import LibvirtSource
+from hostagent.store.inspect import SinkStats
+
+log = logging.getLogger(__name__)
+UNATTRIBUTED = "hostagent_unattributed_cpu_seconds_total"
+
+
+# --- the daemon's state, read-only ------------------------------------------------------------
+
+
+def daemon_state(cfg: Config, now_ns: int) -> DaemonState:
+    """Last pass, backlog, breakers from the state store opened read-only; never raises."""
+    path = Path(cfg.collector.state_path)
+    if not path.exists():
+        return DaemonState(str(path), False, "no state store: the daemon has not run here")
+    # With no daemon (no -wal file), even a read-only open would create -wal and -shm files:
+    # `immutable=1` reads the file as it is. A running daemon keeps them: plain `mode=ro`.
+    mode = "mode=ro" if Path(f"{path}-wal").exists() else "mode=ro&immutable=1"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=2.0)
+    except sqlite3.Error as err:
+        return DaemonState(str(path), False, f"cannot open the state store: {err}")
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        last = conn.execute("SELECT MAX(json_extract(state, '$.t_wall_ns')) FROM baselines"
+                            ).fetchone()[0]
+        last_event = conn.execute("SELECT MAX(created_ns) FROM events").fetchone()[0]
+        counts = conn.execute("SELECT sink, status, COUNT(*), MIN(created_ns) FROM deliveries "
+                              "GROUP BY sink, status").fetchall()
+        sinks = conn.execute("SELECT name, active, breaker_state, breaker_since_ns, "
+                             "breaker_updated_ns FROM sinks WHERE active ORDER BY name"
+                             ).fetchall()
+    except sqlite3.Error as err:
+        return DaemonState(str(path), False, f"cannot read the state store: {err}")
+    finally:
+        conn.close()
+    by = {(s, st): (n, oldest) for s, st, n, oldest in counts}
+    hb = int(meta["delivery_heartbeat_ns"]) if "delivery_heartbeat_ns" in meta else None
+    stale_s = 3 * cfg.outbox.maintenance_interval_s + 5
+    out = []
+    for name, active, state, since, updated in sinks:
+        pending, oldest = by.get((name, "pending"), (0, None))
+        st = SinkStats(name, bool(active), pending, oldest, by.get((name, "acked"), (0, 0))[0],
+                       by.get((name, "dead"), (0, 0))[0], state, since, updated)
+        out.append(SinkState(name, pending, None if oldest is None
+                             else max(now_ns - oldest, 0) / 1e9, st.dead,
+                             breaker_text(st, hb, now_ns, stale_s)))
+    passes = [x for x in (last, last_event) if x is not None]
+    return DaemonState(str(path), True, None, max(passes) if passes else None,
+                       None if hb is None else (now_ns - hb) / 1e9, tuple(out),
+                       unattributed_cpu_s(cfg))
+
+
+def unattributed_cpu_s(cfg: Config) -> float | None:
+    """The daemon's unattributed-CPU counter, when it serves /metrics openly on loopback."""
+    api = cfg.api
+    if not api.enabled or not api.metrics_unauthenticated or api.tls_cert_file:
+        return None
+    try:
+        host = "127.0.0.1" if ipaddress.ip_address(api.bind).is_unspecified else api.bind
+        if not ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        return None
+    try:
+        text = httpx.get(f"http://{host}:{api.port}/metrics", timeout=0.5).text
+        # Match samples, not families: how the text parser names a counter's family depends
+        # on its TYPE line.
+        values = [s.value for fam in text_string_to_metric_families(text)
+                  for s in fam.samples if s.name == UNATTRIBUTED]
+        return sum(values) if values else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+# --- the host, read the way dump reads it -----------------------------------------------------
+
+
+@dataclass
+class Reader:
+    """One collector kept across refreshes; each `read()` is one sample of every domain."""
+
+    cfg: Config
+    clock: Clock
+
+    def __post_init__(self) -> None:
+        limiter = trio.CapacityLimiter(self.cfg.collector.max_threads)
+        self.lv = LibvirtSource(self.cfg.libvirt, clock=self.clock, limiter=limiter)
+        gpu = GpuSource(self.cfg.gpu, root=self.cfg.paths.root, clock=self.clock)
+        self.coll = Collector(self.cfg, clock=self.clock, store=None,
+                              owners=Owners(self.cfg.owners, self.clock, None),
+                              libvirt_source=self.lv, link_reader=link_reader_for(self.cfg),
+                              gpu_source=gpu, limiter=limiter)
+
+    async def read(self) -> tuple[list[Sample], dict[str, str]]:
+        """Samples of every running domain and their owners (user id) by UUID."""
+        host = await self.coll.read_host()
+        samples = [sample_of(r) for r in host.domains]
+        hints = {r.uuid: r.info.owner_hint for r in host.domains}
+        owners = {s.uuid: self.coll.owners.resolve(s.instance_id, hints.get(s.uuid)).user_id
+                  for s in samples}
+        return samples, owners
+
+    def close(self) -> None:
+        """Release libvirt and cgroup handles."""
+        self.lv.close()
+        self.coll.cgroups.close()
+
+
+@dataclass
+class State:
+    """What the screen shows and what the keys changed."""
+
+    key: SortKey
+    text: str
+    screen: Screen | None = None
+    prompt: str | None = None  # the filter being typed, None when not typing
+
+
+async def refresh(reader: Reader, prev: dict[str, Sample], interval_s: float) -> Screen:
+    """One sample, compared with `prev` (updated in place); errors go on the screen."""
+    now = reader.clock.now().wall_ns
+    errors: list[str] = []
+    try:
+        samples, owners = await reader.read()
+    except HostAgentError as err:
+        log.debug("top: read failed", extra={"error": str(err)})
+        samples, owners, errors = [], {}, [str(err)]
+    rs = top_view.rows(prev, samples, owners)
+    prev.clear()
+    prev.update({s.uuid: s for s in samples})
+    cpus = os.cpu_count() or 1
+    return Screen(samples[0].t_wall_ns if samples else now, interval_s, cpus, rs,
+                  top_view.totals(rs, cpus), daemon_state(reader.cfg, now), tuple(errors))
+
+
+async def once(reader: Reader, interval_s: float) -> Screen:
+    """Two samples `interval_s` apart (like dump)."""
+    prev: dict[str, Sample] = {}
+    await refresh(reader, prev, interval_s)
+    await trio.sleep(interval_s)
+    return await refresh(reader, prev, interval_s)
+
+
+def on_key(state: State, ch: str) -> bool:
+    """Apply one key press; False means quit."""
+    if state.prompt is not None:
+        if ch in ("\r", "\n"):
+            state.text, state.prompt = state.prompt, None
+        elif ch == "\x1b":
+            state.text, state.prompt = "", None
+        elif ch in ("\x7f", "\b"):
+            state.prompt = state.prompt[:-1]
+        elif ch.isprintable():
+            state.prompt += ch
+        return True
+    if ch in ("q", "Q", "\x03"):
+        return False
+    if ch in top_view.SORT_KEYS:
+        state.key = ch  # type: ignore[assignment]
+    elif ch == "/":
+        state.prompt = ""
+    elif ch == "\x1b":
+        state.text = ""
+    return True
+
+
+@contextmanager
+def _cbreak(fd: int) -> Iterator[None]:
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+async def live(reader: Reader, state: State, interval_s: float, console: Console) -> None:
+    """Refresh every `interval_s` and react to keys until `q`."""
+    prev: dict[str, Sample] = {}
+    fd = sys.stdin.fileno()
+    state.screen = await refresh(reader, prev, interval_s)
+
+    def draw() -> None:
+        assert state.screen is not None
+        lv.update(top_view.render(state.screen, state.key, state.text, prompt=state.prompt),
+                  refresh=True)
+
+    # Log lines would tear the full-screen view: only errors get through while it is up
+    # (host-wide read errors show in the header instead).
+    logging.disable(logging.WARNING)
+    try:
+        with _cbreak(fd), Live(console=console, screen=True, auto_refresh=False) as lv:
+            draw()
+            async with trio.open_nursery() as nursery:
+
+                async def ticker() -> None:
+                    while True:
+                        await trio.sleep(interval_s)
+                        state.screen = await refresh(reader, prev, interval_s)
+                        draw()
+
+                nursery.start_soon(ticker)
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    data = os.read(fd, 64).decode(errors="replace")
+                    if not data or not all(on_key(state, ch) for ch in data):
+                        nursery.cancel_scope.cancel()
+                        return
+                    draw()
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def run(cfg: Config, args: argparse.Namespace) -> int:
+    """Entry point of `hostagent top`."""
+    interval_s = max(float(args.interval), 0.2)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one /metrics GET per refresh
+    reader = Reader(cfg, SystemClock())
+    state = State(args.sort, args.filter)
+    try:
+        if args.json or args.once:
+            screen = trio.run(once, reader, interval_s)
+            if args.json:
+                sys.stdout.write(orjson.dumps(top_view.as_json(screen, state.key, state.text),
+                                              option=orjson.OPT_INDENT_2).decode() + "\n")
+            else:
+                Console(width=max(Console().width, 140)).print(
+                    top_view.render(screen, state.key, state.text, interactive=False))
+            return 0
+        if not sys.stdin.isatty() or not sys.stdout.isatty():
+            print("hostagent top: needs a terminal; use --once or --json", file=sys.stderr)
+            return 2
+        trio.run(live, reader, state, interval_s, Console())
+        return 0
+    finally:
+        reader.close()

@@ -1,0 +1,141 @@
+"""The drain engine: ONE loop that empties a durable queue, whatever the queue holds.
+
+Two queues use it: the outbox (rows per sink, hostagent.delivery.engine) and the webhook
+delivery table (rows per endpoint, hostagent.delivery.sinks.webhook). Each gives a small
+adapter (`Queue`); the loop is the same for both::
+
+    ┌► breaker gate ── open ──► settle what is unrecorded, wait for the trial time (or a wake-up)
+    │   take due rows ── none ──► idle; wait for a wake-up or the next due time
+    │   deliver them (the adapter sends and records the outcome)
+    └── a store error ──► count it, pause STORE_ERROR_PAUSE_S (or until woken), try again
+
+and there is ONE backoff formula for a row that failed a round (`round_backoff_s`):
+``min(round_backoff_max_s, max(max_backoff_s, initial_backoff_s) × multiplier^(rounds−1))``
+± jitter. `attempt_backoff_s` is the wait between attempts inside a round (the outbox's
+retries): ``min(max_backoff_s, initial_backoff_s × multiplier^(attempt−1))`` ± jitter; a round
+ends where that schedule is capped, so the first wait between rounds is ``max_backoff_s``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import trio
+
+from hostagent.clock import Clock
+from hostagent.config.sinks import RetryConfig
+from hostagent.delivery.breaker import Breaker
+from hostagent.errors import StateError
+
+STORE_ERROR_PAUSE_S = 1.0  # after a store error, before the loop tries the queue again
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+def _jittered(base_s: float, jitter: float, rng: random.Random) -> float:
+    return max(base_s * (1 + rng.uniform(-jitter, jitter)), 0.0)
+
+
+def attempt_backoff_s(retry: RetryConfig, attempt: int, rng: random.Random) -> float:
+    """Wait before retry number `attempt` (1-based) inside a round, with ± jitter."""
+    base = min(retry.max_backoff_s, retry.initial_backoff_s * retry.multiplier ** (attempt - 1))
+    return _jittered(base, retry.jitter, rng)
+
+
+def round_backoff_s(retry: RetryConfig, rounds: int, rng: random.Random) -> float:
+    """Wait in the queue after `rounds` failed rounds (1-based), with ± jitter."""
+    first = max(retry.max_backoff_s, retry.initial_backoff_s)
+    base = min(retry.round_backoff_max_s, first * retry.multiplier ** max(rounds - 1, 0))
+    return _jittered(base, retry.jitter, rng)
+
+
+@dataclass(frozen=True, slots=True)
+class Taken(Generic[R]):
+    """What one `take` found: rows due now, else when the next one is due (None: never)."""
+
+    rows: Sequence[R]
+    next_due_ns: int | None = None
+
+
+class Queue(Protocol[R]):
+    """One durable queue's adapter: the store calls and the sending; the loop is the engine's."""
+
+    @property
+    def name(self) -> str:
+        """For logs and metrics."""
+        ...
+
+    @property
+    def breaker(self) -> Breaker:
+        """The breaker gating this queue's destination."""
+        ...
+
+    async def take(self, now_ns: int) -> Taken[R]:
+        """Claim the rows due at `now_ns` (may also record what `deliver` left unrecorded)."""
+        ...
+
+    async def deliver(self, rows: Sequence[R]) -> None:
+        """Send the rows and record (or keep for the next `take`) how each went."""
+        ...
+
+    async def settle(self) -> None:
+        """Record now whatever `deliver` left for the next `take` (before a long wait)."""
+        ...
+
+    def store_failed(self, err: StateError) -> None:
+        """Count and report a store error (the engine then pauses)."""
+        ...
+
+
+class Drain(Generic[R]):
+    """Runs one queue's loop; `wake()` when new rows may be due; `idle` once it found none."""
+
+    def __init__(self, queue: Queue[R], clock: Clock) -> None:
+        self.queue = queue
+        self.clock = clock
+        self.idle = False
+        self.idle_changed = trio.Event()
+        self._wake = trio.Event()
+
+    def wake(self) -> None:
+        """Look for due rows now."""
+        self.idle = False
+        self._wake.set()
+
+    def _set_idle(self, idle: bool) -> None:
+        self.idle = idle
+        if idle:
+            self.idle_changed.set()
+            self.idle_changed = trio.Event()
+
+    async def _wait(self, timeout_s: float | None) -> None:
+        with trio.move_on_after(math.inf if timeout_s is None else timeout_s):
+            await self._wake.wait()
+        self._wake = trio.Event()
+
+    async def run(self) -> None:
+        """Drain until cancelled."""
+        q = self.queue
+        while True:
+            try:
+                if not q.breaker.would_allow():
+                    await q.settle()
+                    await self._wait(q.breaker.seconds_until_trial())
+                    continue
+                now_ns = self.clock.now().wall_ns
+                taken = await q.take(now_ns)
+                if not taken.rows:
+                    self._set_idle(True)
+                    due = taken.next_due_ns
+                    await self._wait(None if due is None else max(due - now_ns, 0) / 1e9)
+                    continue
+                self._set_idle(False)
+                await q.deliver(taken.rows)
+            except StateError as err:
+                q.store_failed(err)
+                await self._wait(STORE_ERROR_PAUSE_S)

@@ -1,0 +1,241 @@
+"""The outbox's adapter to the drain engine: one sink's rows of the outbox, sent to that sink.
+
+A round (hostagent.delivery.drain runs the loop):
+
+1. `take`: in ONE transaction, record the previous round's outcomes and claim the next batch
+   of due events (oldest period first; an instance whose earliest failed event waits out its
+   backoff holds back its later events); when none is due, say when the next one will be;
+2. `deliver`: send the batch, up to `max_in_flight` at a time (a plain loop when that is 1),
+   one instance's events strictly in period order; each event gets one round of attempts (the
+   first try directly; on a transient failure tenacity's `AsyncRetrying`, sleeping with
+   `trio.sleep`: the seed's RetryConfig, 3 retries from 100 ms ×2 up to 10 s, ±10 % jitter),
+   each attempt asking the circuit breaker first; then `flush` the sink. Outcomes: acked;
+   failed (transient: waits `drain.round_backoff_s`, never dropped); rejected (same wait;
+   dead-lettered after `dead_letter_after` rejections); skipped (not sent).
+
+The outcomes are kept until the next `take` (or `settle`, before the engine waits on the
+breaker, and at shutdown): acknowledgement and the next claim share one commit, and the sink
+has flushed before either. An outcome not recorded by a crash only means the event is sent
+again (consumers dedupe on `event_id`, which never changes).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from hostagent.clock import Clock
+from hostagent.config.schema import OutboxConfig
+from hostagent.delivery import metrics as em
+from hostagent.delivery.breaker import Breaker, CircuitOpen
+from hostagent.delivery.drain import Taken, attempt_backoff_s, round_backoff_s
+from hostagent.delivery.sinks.base import Sink, Undeliverable
+from hostagent.errors import SinkRejected, SinkUnavailable, StateError
+from hostagent.store.inspect import Pending
+from hostagent.store.outbox import Outcome, Store
+
+log = logging.getLogger(__name__)
+
+
+def _retryable(err: BaseException) -> bool:
+    return isinstance(err, SinkUnavailable) and not isinstance(err, CircuitOpen)
+
+
+@dataclass(eq=False)
+class SinkQueue:
+    """One sink's outbox rows (a `drain.Queue[Pending]`)."""
+
+    sink: Sink
+    store: Store
+    cfg: OutboxConfig
+    clock: Clock
+    rng: random.Random
+    on_used_bytes: Callable[[int], None] = lambda used_bytes: None  # the store's size
+    breaker: Breaker = field(init=False)
+    counters: em.SinkCounters = field(default_factory=em.SinkCounters)
+    _unrecorded: list[Outcome] = field(default_factory=list)
+    _persisted_version: int = -1
+    _limiter: trio.CapacityLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.breaker = Breaker(self.sink.breaker, self.clock)
+        self._limiter = trio.CapacityLimiter(self.sink.max_in_flight)
+
+    @property
+    def name(self) -> str:
+        """The sink's name."""
+        return self.sink.name
+
+    # --- drain.Queue --------------------------------------------------------------------
+
+    async def take(self, now_ns: int) -> Taken[Pending]:
+        """Record the last round and claim the next batch, in one transaction."""
+        await self._persist_breaker()
+        outcomes, self._unrecorded = self._unrecorded, []
+        try:
+            got = await trio.to_thread.run_sync(lambda: self.store.record_and_take(
+                self.name, outcomes, self.cfg.batch_size, now_ns,
+                dead_letter_after=self.cfg.dead_letter_after))
+        except StateError:
+            self._unrecorded = outcomes  # rolled back: recorded by the next try
+            raise
+        self._recorded(outcomes, got.dead_lettered)
+        self.on_used_bytes(got.used_bytes)
+        return Taken(got.batch, got.next_due_ns)
+
+    async def deliver(self, rows: Sequence[Pending]) -> None:
+        """Send a batch; its outcomes are recorded by the next `take` or `settle`."""
+        self._unrecorded = await self._send_batch(rows)
+
+    async def settle(self) -> None:
+        """Record the last round's outcomes now."""
+        await self._persist_breaker()
+        outcomes, self._unrecorded = self._unrecorded, []
+        if outcomes:
+            try:
+                dead = await trio.to_thread.run_sync(lambda: self.store.record(
+                    self.name, outcomes, dead_letter_after=self.cfg.dead_letter_after))
+            except StateError:
+                self._unrecorded = outcomes
+                raise
+            self._recorded(outcomes, dead)
+
+    def store_failed(self, err: StateError) -> None:
+        """Count a store error and say so (no traceback: it is expected)."""
+        self.counters.store_errors += 1
+        log.error("outbox unavailable to delivery", extra={"sink": self.name, "error": str(err)})
+
+    def _recorded(self, outcomes: Sequence[Outcome], dead: int) -> None:
+        self.counters.dead_lettered += dead
+        self.counters.published += sum(o.result == "acked" for o in outcomes)
+
+    # --- one round ----------------------------------------------------------------------
+
+    async def _send_batch(self, batch: Sequence[Pending]) -> list[Outcome]:
+        by_instance: dict[str, list[Pending]] = {}
+        for p in batch:
+            by_instance.setdefault(p.event.instance_id, []).append(p)
+        done: dict[str, Outcome] = {}
+        if self.sink.max_in_flight == 1:
+            for events in by_instance.values():
+                await self._send_instance(events, done)
+        else:
+            async with trio.open_nursery() as nursery:
+                for events in by_instance.values():
+                    nursery.start_soon(self._send_instance, events, done)
+        outcomes = [done[p.event.event_id] for p in batch]
+        if any(o.result == "acked" for o in outcomes):
+            try:
+                await self.sink.flush()
+            except SinkUnavailable as err:
+                # Written but maybe not durable: send again later (consumers dedupe).
+                wait_ns = int(round_backoff_s(self.sink.retry, 1, self.rng) * 1e9)
+                at = self.clock.now().wall_ns + wait_ns
+                outcomes = [Outcome(o.event_id, "failed", str(err), at)
+                            if o.result == "acked" else o for o in outcomes]
+        return outcomes
+
+    async def _send_instance(self, events: Sequence[Pending], done: dict[str, Outcome]) -> None:
+        async with self._limiter:
+            for i, p in enumerate(events):
+                o = await self._deliver(p)
+                done[p.event.event_id] = o
+                if o.result not in ("acked", "dead"):
+                    # Per instance in period order: the rest wait for this one.
+                    for q in events[i + 1:]:
+                        done[q.event.event_id] = Outcome(q.event.event_id, "skipped")
+                    return
+
+    async def _deliver(self, p: Pending) -> Outcome:
+        """One round of attempts for one event."""
+        eid, retry = p.event.event_id, self.sink.retry
+        sent: list[bool] = []  # an attempt went out: it may have reached the sink
+
+        def later() -> int:
+            return self.clock.now().wall_ns + int(
+                round_backoff_s(retry, p.attempts + 1, self.rng) * 1e9)
+
+        try:
+            try:
+                await self._attempt(p, sent)  # the common case, without the retry machinery
+            except SinkUnavailable as err:
+                if not _retryable(err) or retry.max_retries == 0:
+                    raise
+                await self._retry(p, sent)
+        except CircuitOpen as err:
+            return Outcome(eid, "failed", str(err), later()) if sent else Outcome(eid, "skipped")
+        except Undeliverable as err:
+            log.error("event can never be delivered",
+                      extra={"sink": self.name, "event_id": eid, "error": str(err)})
+            return Outcome(eid, "dead", str(err))
+        except SinkRejected as err:
+            log.warning("event rejected", extra={"sink": self.name, "event_id": eid,
+                                                 "error": str(err)})
+            return Outcome(eid, "rejected", str(err), later())
+        except SinkUnavailable as err:
+            log.warning("delivery round failed", extra={"sink": self.name, "event_id": eid,
+                                                        "error": str(err)})
+            return Outcome(eid, "failed", str(err), later())
+        return Outcome(eid, "acked")
+
+    async def _retry(self, p: Pending, sent: list[bool]) -> None:
+        """The retries of a round after its first try failed transiently."""
+        retry = self.sink.retry
+
+        def wait(state: RetryCallState) -> float:  # attempt_number 1 is the round's 2nd try
+            return attempt_backoff_s(retry, state.attempt_number + 1, self.rng)
+
+        def before_sleep(state: RetryCallState) -> None:
+            self.counters.retried += 1
+
+        self.counters.retried += 1
+        await trio.sleep(attempt_backoff_s(retry, 1, self.rng))
+        async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(retry.max_retries), wait=wait,
+                retry=retry_if_exception(_retryable), before_sleep=before_sleep,
+                reraise=True, sleep=trio.sleep):
+            with attempt:
+                await self._attempt(p, sent)
+
+    async def _attempt(self, p: Pending, sent: list[bool]) -> None:
+        if not self.breaker.allow():
+            self.counters.refused_by_breaker += 1
+            raise CircuitOpen(f"circuit open for sink {self.name}")
+        sent.append(True)
+        t0 = self.clock.now().monotonic_ns
+        try:
+            await self.sink.send(p.event)
+        except SinkUnavailable:
+            self.counters.failed += 1
+            self.breaker.record_failure()
+            raise
+        except SinkRejected:
+            self.counters.rejected += 1
+            self.breaker.record_success()
+            raise
+        self.breaker.record_success()
+        self.counters.observe_latency((self.clock.now().monotonic_ns - t0) / 1e9)
+
+    async def _persist_breaker(self) -> None:
+        b = self.breaker
+        state = b.state  # first: reading it turns an expired open breaker half-open
+        if b.version == self._persisted_version:
+            return
+        reopened = self._persisted_version >= 0 and state == "closed"
+        self._persisted_version = b.version
+        log.log(logging.INFO if state == "closed" else logging.WARNING, "sink breaker",
+                extra={"sink": self.name, "state": state})
+        try:
+            await trio.to_thread.run_sync(self.store.set_breaker, self.name, state,
+                                          b.since_wall_ns)
+            if reopened:  # the sink is back: what waits out a transient backoff goes now
+                await trio.to_thread.run_sync(self.store.release_backoff, self.name,
+                                              self.clock.now().wall_ns)
+        except StateError as err:
+            self.counters.store_errors += 1
+            log.error("cannot record breaker state", extra={"sink": self.name, "error": str(err)})
