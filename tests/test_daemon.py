@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,20 @@ async def test_passes_commit_and_delivery_drains_before_exit(tmp_path: Path) -> 
     for evs in by_instance.values():
         evs.sort(key=lambda e: e["period_ns"]["start"])
         assert evs[1]["period_ns"]["start"] == evs[0]["period_ns"]["end"]
+
+
+async def test_the_heap_alive_after_the_first_pass_is_frozen(tmp_path: Path) -> None:
+    # full collections then walk only what later passes allocate, not start-up's objects
+    host = Host(tmp_path, "lab-hybrid")
+    daemon, _ = build(tmp_path, host)
+    frozen: list[int] = []
+    daemon.on_pass.append(lambda _report: frozen.append(gc.get_freeze_count()))
+    try:
+        await daemon.run(passes=2)
+    finally:
+        gc.unfreeze()
+    assert frozen[0] > 10_000  # the modules, config and connections
+    assert frozen[1] <= frozen[0]  # once, after the first pass (freed ones leave it)
 
 
 async def test_stop_request_finishes_the_pass_and_exits(tmp_path: Path) -> None:
