@@ -113,7 +113,8 @@ class Collector:
                                                pressure=cfg.collector.pressure, fds=FdCache())
         self.files = DomainFiles(HostRoot(cfg.paths.root), cgroup_root=cfg.paths.cgroup_root,
                                  pressure=cfg.collector.pressure, cgroups=self.cgroups,
-                                 links=link_reader)
+                                 links=link_reader,
+                                 monotonic_s=lambda: clock.now().monotonic_ns / 1e9)
         self.inventory = inventory.Inventory()
         self.baselines: dict[str, Baseline] = store.load_baselines() if store is not None else {}
         self.rules = rules

@@ -24,6 +24,7 @@ from hostagent.collector import Collector
 from hostagent.config.load import from_mapping
 from hostagent.model import Baseline
 from hostagent.owners.resolver import Owners
+from hostagent.sources.domain_files import PSI_EVERY_S
 from hostagent.sources.files import HostRoot
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import SysfsLinkReader
@@ -101,6 +102,7 @@ async def test_cgroup_files_are_read_afresh_when_the_root_moves(tmp_path: Path) 
     coll, store = make_collector(host, tmp_path)
     await coll.run_pass()
     host.move_to_t1()
+    host.clock.advance(PSI_EVERY_S)  # PSI files are re-read only every PSI_EVERY_S
     report = await coll.run_pass()
     assert report.samples
     for s in report.samples:
