@@ -412,6 +412,33 @@ async def test_hung_host_file_reads_are_abandoned_at_the_deadline(tmp_path: Path
     store.close()
 
 
+async def test_a_steady_pass_reads_libvirt_and_host_files_in_one_worker_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each thread hand-off costs a wake-up of the event loop: a steady pass makes two, the
+    bulk call with the host file reads, then the commit; a first sight needs the XML first."""
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    calls: list[str] = []
+    real = trio.to_thread.run_sync
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(fn, "__qualname__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    first = await coll.run_pass()
+    n = first.domains
+    # the connection, bulk, each domain's XML, host files, commit
+    assert len(calls) == 1 + 1 + n + 2, calls
+    calls.clear()
+    host.move_to_t1()
+    report = await coll.run_pass()
+    assert report.committed and report.events == report.domains == n > 0
+    assert len(calls) == 2, calls
+    assert all(s.pressure is not None for s in report.samples)  # the files were read
+    store.close()
+
+
 async def test_one_domain_whose_stats_call_fails_is_counted_and_the_others_billed(
         tmp_path: Path) -> None:
     """On the per-domain path (the bulk call hung), one domain's stats error costs that
