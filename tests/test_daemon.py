@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,8 @@ import trio
 
 from hostagent.daemon import Daemon, next_tick_s
 from tests.replay import Host, build_daemon, daemon_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -91,3 +96,29 @@ def test_reload_keeps_the_running_config_when_the_file_is_invalid(tmp_path: Path
     assert daemon.cfg.collector.interval_s == 7.0
     assert daemon.collector.cfg is daemon.cfg
     daemon.store.close()
+
+
+def test_a_daemon_without_http_sinks_or_owners_imports_no_http_stack(tmp_path: Path) -> None:
+    # httpx costs ~18 MB of RSS and coincurve ~5 MB: a host with a JSONL sink needs neither
+    cfg = tmp_path / "hostagent.toml"
+    cfg.write_text(f"""
+[host]
+node_id = "h"
+[libvirt]
+uri = "test:///default"
+[collector]
+state_path = "{tmp_path}/state.db"
+[[sinks]]
+type = "jsonl"
+path = "{tmp_path}/events.jsonl"
+""")
+    script = ("import sys\n"
+              "from hostagent.config.load import load\n"
+              "from hostagent.daemon import Daemon\n"
+              "import hostagent.cli.main\n"
+              f"Daemon.build(load({str(cfg)!r}), config_path=None).store.close()\n"
+              "print(sorted(m for m in ('httpx', 'coincurve', 'Crypto', 'rich', 'click')"
+              " if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -190,21 +190,26 @@ def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | Emai
 def config_routes(
     sinks: Sequence[JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | EmailSinkConfig],
 ) -> dict[str, Route]:
-    """Each configured sink's route, from its `[[sinks]]` entry (no sink is built)."""
-    from hostagent.delivery.sinks.formation_queue import FormationQueueSink
-    from hostagent.delivery.sinks.jsonl import JsonlSink
-    from hostagent.delivery.sinks.webhook import WebhookSink
+    """Each configured sink's route, from its `[[sinks]]` entry (no sink is built).
 
+    Only the configured kinds' modules are imported: the HTTP sinks pull in httpx (~18 MB of
+    RSS), which a host with a JSONL sink alone never needs."""
     out: dict[str, Route] = {}
     for cfg in sinks:
         chans: frozenset[str] | None
         if isinstance(cfg, EmailSinkConfig):
             chans = frozenset({cfg.channel})
         elif isinstance(cfg, JsonlSinkConfig):
+            from hostagent.delivery.sinks.jsonl import JsonlSink
+
             chans = JsonlSink.channels
         elif isinstance(cfg, QueueSinkConfig):
+            from hostagent.delivery.sinks.formation_queue import FormationQueueSink
+
             chans = FormationQueueSink.channels
         else:
+            from hostagent.delivery.sinks.webhook import WebhookSink
+
             chans = WebhookSink.channels
         out[cfg.name] = Route(frozenset(cfg.kinds), chans)
     return out
