@@ -42,11 +42,11 @@ demo: venv lab-up          ## lab + daemon: events appear in $(DEMO_DIR)/events.
 	@echo "== 1. check the config"
 	@$(VENV)/bin/hostagent check-config $(DEMO_DIR)/hostagent.toml
 	@echo; echo "== 2. one guest's counters, where each comes from, and the event it would yield"
-	@$(VENV)/bin/hostagent --config $(DEMO_DIR)/hostagent.toml dump halab-1
+	@$(VENV)/bin/hostagent --config $(DEMO_DIR)/hostagent.toml --log-format text dump halab-1
 	@echo; echo "== 3. the daemon: $(if $(filter 0,$(DEMO_PASSES)),until Ctrl-C,$(DEMO_PASSES) passes) every $(DEMO_INTERVAL)s; events -> $(DEMO_DIR)/events.jsonl"
 	@-$(VENV)/bin/hostagent --config $(DEMO_DIR)/hostagent.toml run $(if $(filter 0,$(DEMO_PASSES)),,--passes $(DEMO_PASSES))
 	@echo; echo "== 4. the host as \`hostagent top\` sees it (live view: $(VENV)/bin/hostagent --config $(DEMO_DIR)/hostagent.toml top)"
-	@$(VENV)/bin/hostagent --config $(DEMO_DIR)/hostagent.toml top --once
+	@$(VENV)/bin/hostagent --config $(DEMO_DIR)/hostagent.toml --log-format text top --once
 	@echo; echo "== 5. the last events:"
 	@tail -n $(LAB_GUESTS) $(DEMO_DIR)/events.jsonl | $(PY) -m json.tool --json-lines
 
@@ -69,8 +69,11 @@ test: venv lint lab-up     ## everything CI runs
 
 bench: venv lab-up         ## every benchmark; each prints its ratios (nothing asserted)
 	$(PY) bench/pass_cost.py
+	$(PY) bench/daemon_cost.py --live --domains 10,100,1000
+	$(PY) bench/light_sample.py
 	$(PY) bench/owner_lookup.py
 	$(PY) bench/delivery.py
+	$(PY) bench/nats.py
 	$(PY) bench/thresholds.py
 	$(PY) bench/api.py
 	$(PY) bench/api.py --skip-latency --pin

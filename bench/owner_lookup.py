@@ -18,12 +18,12 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hostagent.clock import FakeClock
 from hostagent.config.schema import OwnersConfig
 from hostagent.model import OwnerHint
 from hostagent.owners.accounts import Account, parse_account_list
 from hostagent.owners.index import build_index, index_from_body
 from hostagent.owners.resolver import Owners
+from tests.clocks import FakeClock
 
 
 def account_doc(n: int, owned: int) -> dict[str, object]:

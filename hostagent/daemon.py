@@ -1,10 +1,15 @@
 """The trio daemon: collector loop, delivery, owner refresh and signals in one nursery.
 
 SIGTERM/SIGINT: the pass in progress finishes and commits, delivery gets `drain_grace_s` to
-flush, then everything is cancelled. SIGHUP: reload the config file; options that can change
-live (interval, log level) take effect at the next pass, the others are reported as needing a
-restart; the API's key files (API keys, JWT keys) are re-read, so a new or revoked key
-takes effect at once.
+flush, then everything is cancelled. SIGHUP: reload the config file; only the live keys
+(`hostagent.config.live`: interval, alignment, pass timeout, baseline retention, log level and
+format, the API's credentials) take effect, at the next pass; every other changed key is named
+in one log line as needing a restart and has no effect until then. The rules file and the
+API's key files (API keys, JWT keys) are re-read, so a new or revoked key takes effect at once.
+
+Start-up checks the config first (`hostagent.config.preflight`, the same checks as
+`hostagent check-config`), then opens the store (`hostagent.store.guard`: never an empty one
+in place of a lost one).
 
 Collection comes first: while a pass runs, API requests wait for it (`PassGate`), so API
 load cannot slow a pass.
@@ -12,7 +17,7 @@ load cannot slow a pass.
 
 from __future__ import annotations
 
-import dataclasses
+import errno
 import functools
 import logging
 import math
@@ -24,13 +29,13 @@ from typing import Any
 import trio
 
 from hostagent import heap, logs
-from hostagent.accounting import identity
 from hostagent.accounting.readings import PassReport
 from hostagent.alerts import central, rules_source
 from hostagent.alerts.rules_source import RulesSource
 from hostagent.api.pass_gate import PassGate
 from hostagent.clock import Clock, SystemClock
 from hostagent.collector import Collector, link_reader_for
+from hostagent.config import live, preflight
 from hostagent.config.load import Config, load
 from hostagent.config.sinks import WebhookSinkConfig
 from hostagent.delivery.engine import Delivery
@@ -46,6 +51,16 @@ from hostagent.store.webhooks import WebhookStore
 log = logging.getLogger(__name__)
 # Longest a pass waits for API requests in flight before it starts reading counters.
 PASS_DRAIN_MAX_S = 1.0
+BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+
+
+def _bind_error(err: BaseException) -> OSError | None:
+    """The address-in-use (or not available, or not permitted) error in `err`, if any."""
+    if isinstance(err, BaseExceptionGroup):
+        return next((c for e in err.exceptions if (c := _bind_error(e)) is not None), None)
+    if isinstance(err, OSError) and err.errno in BIND_ERRNOS:
+        return err
+    return None
 
 
 def next_tick_s(now_wall_s: float, interval_s: float, align: bool) -> float:
@@ -90,9 +105,7 @@ class Daemon:
               config_path: str | None = None, owner_client: Any = None) -> Daemon:
         """Open the store and construct every component from the config."""
         clock = clock or SystemClock()
-        from hostagent.api.startup import validate_startup
-
-        validate_startup(cfg)  # webhook guard and API credentials: ConfigError before any I/O
+        preflight.check(cfg)  # the checks `hostagent check-config` makes, before any write
         limiter = trio.CapacityLimiter(cfg.collector.max_threads)
         rules = rules_source.from_config(cfg.thresholds, state_path=cfg.collector.state_path,
                                          routes=config_routes(cfg.sinks))
@@ -104,9 +117,8 @@ class Daemon:
                            sink_names=[s.name for s in cfg.sinks])
         hooks = (WebhookStore(cfg.collector.state_path, clock)
                  if any(isinstance(s, WebhookSinkConfig) for s in cfg.sinks) else None)
-        sinks = [build_sink(s, clock=clock, webhook_store=hooks) for s in cfg.sinks]
-        identity.check_scheme(cfg.collector.instance_id, cfg.host.node_id,
-                              cfg.collector.instance_id_xpath, cfg.source)
+        sinks = [build_sink(s, clock=clock, webhook_store=hooks, node_id=cfg.host.node_id)
+                 for s in cfg.sinks]
         if owner_client is None and cfg.owners.enabled:
             owner_client = make_client(cfg.owners, clock, cfg.source)
         owners = Owners(cfg.owners, clock, owner_client)
@@ -195,8 +207,16 @@ class Daemon:
                    ) -> None:
         from hostagent.api.server import serve_api
 
+        api = self.cfg.api
         try:
-            await serve_api(self.cfg.api, self.api_app, self.api_stop, task_status=task_status)
+            await serve_api(api, self.api_app, self.api_stop, task_status=task_status)
+        except (OSError, BaseExceptionGroup) as err:  # hypercorn's nursery wraps bind errors
+            cause = _bind_error(err)
+            if cause is None:
+                raise
+            raise ConfigError(self.cfg.source, "api.port", "an address and port to listen on",
+                              f"{api.bind}:{api.port}: {cause.strerror or cause}",
+                              "stop what listens there, or change api.bind/api.port") from err
         finally:
             self.api_done.set()
 
@@ -259,10 +279,12 @@ class Daemon:
                          extra={"signal": signal.Signals(signum).name})
                 self.stop.set()
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the config; apply what can change live, report the rest."""
+    def reload(self) -> list[str] | None:
+        """SIGHUP: re-read the config; apply the live keys, name the rest as needing a restart.
+
+        Returns the changed keys that need a restart; None when the file was refused."""
         if self.config_path is None:
-            return
+            return None
         self.notifier.reloading()
         if self.rules is not None:
             self.rules.reload()  # an invalid rules file keeps the valid set (logged)
@@ -272,37 +294,33 @@ class Daemon:
             log.error("reload refused: config invalid, keeping the running one",
                       extra={"error": str(err)})
             self.notifier.ready()
-            return
-        needs_restart = [name for name in ("libvirt", "paths", "sinks", "owners", "outbox", "gpu",
-                                                 "thresholds")
-                         if getattr(new, name) != getattr(self.cfg, name)]
-        needs_restart += self._reload_api(new)
-        if new.collector.state_path != self.cfg.collector.state_path:
-            needs_restart.append("collector.state_path")
-        logs.setup(new.log.level, new.log.format)
-        self.cfg = new
-        self.collector.cfg = new
-        log.info("config reloaded", extra={"needs_restart": needs_restart})
+            return None
+        needs_restart = live.restart_keys(self.cfg, new)
+        applied = live.apply(self.cfg, new)
+        self._reload_api(applied)
+        logs.setup(applied.log.level, applied.log.format)
+        self.cfg = applied
+        self.collector.cfg = applied
+        if needs_restart:
+            log.warning("config reloaded; these keys need a restart to take effect",
+                        extra={"needs_restart": needs_restart})
+        else:
+            log.info("config reloaded", extra={"needs_restart": needs_restart})
         self.notifier.ready()
+        return needs_restart
 
-    def _reload_api(self, new: Config) -> list[str]:
-        """Re-read the API's key files; the [api] keys that need a restart to apply."""
-        old = self.cfg.api
+    def _reload_api(self, applied: Config) -> None:
+        """Re-read the API's key files named by the (live) credential keys of `applied`."""
         if self.api_auth is None:
-            return ["api"] if new.api != old else []
-        from hostagent.api.auth import CREDENTIAL_KEYS
-
+            return
         try:
-            creds = self.api_auth.reload(new.api)
+            creds = self.api_auth.reload(applied.api)
         except ConfigError as err:
             log.error("API credentials reload refused, keeping the keys in force",
                       extra={"error": str(err)})
         else:
             log.info("API credentials reloaded", extra={
                 "api_keys": len(creds.api_keys), "jwt_keys": len(creds.verify_keys)})
-        return sorted(f"api.{f.name}" for f in dataclasses.fields(old)
-                      if f.name not in CREDENTIAL_KEYS
-                      and getattr(new.api, f.name) != getattr(old, f.name))
 
 
 def run(cfg: Config, *, config_path: str | None, passes: int | None) -> int:

@@ -23,6 +23,12 @@ Callers catch the narrowest class they can handle; the daemon counts and logs th
 
 from __future__ import annotations
 
+import reprlib
+
+# A config value quoted in a message: one short line however large or deep the value is.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 3, 120, 120
+
 
 class HostAgentError(Exception):
     """Root of every error hostagent raises on purpose."""
@@ -44,7 +50,7 @@ class ConfigError(HostAgentError):
         self.expected = expected
         self.found = found
         self.fix = fix
-        msg = f"{file}: [{key}] expected {expected}, found {found!r}"
+        msg = f"{file}: [{key}] expected {expected}, found {_QUOTE.repr(found)}"
         if fix:
             msg += f"; fix: {fix}"
         super().__init__(msg)

@@ -8,9 +8,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from hostagent.clock import FakeClock
 from hostagent.config.load import load
 from hostagent.daemon import Daemon
+from tests.clocks import FakeClock
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hosts"
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import tomli_w
 import trio
 
+from hostagent.config import live
+from hostagent.config.load import Config
 from hostagent.daemon import Daemon, next_tick_s
 from tests.replay import Host, build_daemon, daemon_config
 
@@ -96,6 +101,114 @@ def test_reload_keeps_the_running_config_when_the_file_is_invalid(tmp_path: Path
     assert daemon.cfg.collector.interval_s == 7.0
     assert daemon.collector.cfg is daemon.cfg
     daemon.store.close()
+
+
+# --- reload: what changes live and what waits for a restart (issue 14 §4) --------------------
+
+
+def _doc(cfg: Config) -> dict[str, Any]:
+    """The TOML document of a config (every key spelled out)."""
+    def table(obj: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            out[f.name] = table(v) if dataclasses.is_dataclass(v) else \
+                list(v) if isinstance(v, tuple) else v
+        return out
+    doc = {f.name: table(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+           if f.name not in ("sinks", "source")}
+    doc["sinks"] = [table(s) for s in cfg.sinks]
+    return doc
+
+
+def _other(cls: type[Any], name: str, value: Any) -> Any:
+    """A valid value of `cls.name` other than `value`."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    tp = typing.get_type_hints(cls)[name]
+    if typing.get_origin(tp) is typing.Literal:
+        return next(c for c in typing.get_args(tp) if c != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        candidates = [value + 1, value - 1] + ([] if isinstance(value, int) else [value / 2 + 0.01])
+        new = next(c for c in candidates
+                   if (lo is None or c >= lo) and (hi is None or c <= hi) and c != value)
+        return new if isinstance(value, int) else float(new)
+    if isinstance(value, tuple):
+        return ["RS256"] if name == "jwt_algorithms" else [*value, "changed"]
+    return f"{value}-changed" if value else "changed"
+
+
+def _every_key(cfg: Config) -> list[tuple[str, Any]]:
+    """(dotted key, changed value) for every [section] key, and the sinks array."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        for g in dataclasses.fields(section):
+            keys.append((f"{f.name}.{g.name}",
+                         _other(type(section), g.name, getattr(section, g.name))))
+    return keys
+
+
+def test_reload_applies_the_live_keys_and_names_every_other_one(tmp_path: Path) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    daemon, _ = build(tmp_path, host)
+    assert daemon.config_path is not None
+    path = Path(daemon.config_path)
+    start = daemon.cfg
+    base = _doc(start)
+    keys = _every_key(start)
+    assert len(keys) > 75 and set(live.LIVE_KEYS) <= {k for k, _ in keys}
+    took_effect = set()
+    for key, value in [*keys, ("sinks", None)]:
+        doc = _doc(start)
+        if key == "sinks":
+            doc["sinks"][0]["path"] = str(tmp_path / "other.jsonl")
+        else:
+            section, name = key.split(".")
+            doc[section][name] = value
+        path.write_text(tomli_w.dumps(doc))
+        needs_restart = daemon.reload()
+        assert needs_restart is not None, key
+        if _doc(daemon.cfg) != base:
+            took_effect.add(key)
+            assert needs_restart == [], key
+            assert daemon.collector.cfg is daemon.cfg
+        else:
+            assert needs_restart == [key], key
+        path.write_text(tomli_w.dumps(base))  # back to the start for the next key
+        assert daemon.reload() == []
+        assert _doc(daemon.cfg) == base
+    assert took_effect == set(live.LIVE_KEYS)
+    daemon.store.close()
+
+
+def _change_identity_and_interval(daemon: Daemon) -> list[str] | None:
+    assert daemon.config_path is not None
+    path = Path(daemon.config_path)
+    path.write_text(path.read_text().replace('node_id = "replay-test"', 'node_id = "other"')
+                    .replace("[collector]", '[collector]\ntime_format = "rfc3339"\n'
+                                            'instance_id = "name"')
+                    .replace("interval_s = 1", "interval_s = 2"))
+    return daemon.reload()
+
+
+async def test_identity_keys_changed_live_have_no_effect_until_restart(tmp_path: Path) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    daemon, events = build(tmp_path, host)
+    assert _change_identity_and_interval(daemon) == [
+        "collector.instance_id", "collector.time_format", "host.node_id"]
+    assert daemon.cfg.collector.interval_s == 2.0  # the live key did change
+    await daemon.run(passes=1)
+    got = read(events)
+    assert got
+    for event in got:
+        assert event["host"] == "replay-test"
+        assert event["instance_id"] in {g["uuid"] for g in host.meta["guests"]}
+        assert isinstance(event["timestamp"], int)  # still unix seconds, not RFC 3339
 
 
 def test_a_daemon_without_http_sinks_or_owners_imports_no_http_stack(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hostagent.clock import FakeClock
 from hostagent.notify import Notifier, watchdog_interval_s
+from tests.clocks import FakeClock
 
 
 @pytest.fixture

@@ -34,5 +34,5 @@ def test_readme_documents_every_subcommand() -> None:
     for cmd in ("hostagent dump", "hostagent top", "hostagent run", "hostagent check-config",
                 "hostagent check-rules",
                 "hostagent outbox status", "hostagent outbox dead-letters",
-                "hostagent outbox replay"):
+                "hostagent outbox replay", "hostagent sink check"):
         assert cmd in text, cmd

@@ -65,6 +65,9 @@ PACKAGES = (
     # scraping the daemon); tests/test_lab_top.py drives `hostagent top` in tmux.
     "prometheus",
     "tmux",
+    # Not needed by the lab either: the NATS JetStream sink's tests and bench/nats.py start
+    # their own nats-server processes (JetStream built in) on random 127.0.0.1 ports.
+    "nats-server",
 )
 
 # Dependency order matters: insmod does not resolve dependencies.

@@ -110,7 +110,7 @@ def _from_metadata(info: DomainInfo, xpath: str) -> tuple[str | None, str]:
         path, attr = m.group("path") or ".", m.group("attr")
     try:
         el = root.find(path, NAMESPACES)
-    except (SyntaxError, KeyError) as err:
+    except (SyntaxError, KeyError, TypeError, ValueError) as err:
         return None, f"bad path {xpath!r}: {err}"
     if el is None:
         return None, f"{xpath!r} matches nothing"
@@ -137,12 +137,12 @@ def check_scheme(scheme: InstanceIdScheme, node_id: str, xpath: str,
         except ValueError as err:
             raise ConfigError(source, "host.node_id", "the node's address as hex (40 digits)",
                               node_id, f"instance_id = \"formation\" needs it: {err}") from err
-    if scheme == "metadata" and xpath:
+    if xpath:  # checked whatever the scheme: a broken path is a broken config either way
         m = _ATTR_SUFFIX.match(xpath)
         path = (m.group("path") or ".") if m else xpath
         try:
             ET.Element("metadata").find(path, NAMESPACES)
-        except (SyntaxError, KeyError) as err:
+        except (SyntaxError, KeyError, TypeError, ValueError) as err:  # "[[[": TypeError
             raise ConfigError(source, "collector.instance_id_xpath",
                               "an ElementTree path ({namespace}tag or nova:/hostagent: prefix)",
                               xpath, str(err)) from err

@@ -26,7 +26,7 @@ from hostagent.accounting.assemble import sample_of
 from hostagent.accounting.events import TimeFormat
 from hostagent.accounting.readings import Accounting, DomainReading
 from hostagent.alerts import state as threshold_state
-from hostagent.alerts import violations as alerts
+from hostagent.alerts import violations
 from hostagent.alerts.index import RuleIndex
 from hostagent.alerts.rules import Rule
 from hostagent.model import Baseline, OutEvent, Owner, OwnerHint, Sample, Usage
@@ -115,7 +115,7 @@ def account(
                  for iid, o in who.items()}
         ev = threshold_state.evaluate(rules, usages, users, states, now_ns, gate=gate,
                                       removed_instances=removed, retired=dict(retired or {}))
-        out.extend(alerts.route(ev.transitions, who, settings.node_id,
+        out.extend(violations.route(ev.transitions, who, settings.node_id,
                                 time_format=settings.time_format, unassigned=settings.unassigned))
         changes, states = ev.changes, ev.states
     acc = Accounting(usages=usages, baselines=bases, events=out, owners=who,

@@ -126,7 +126,7 @@ class AdminRoutes:
             raise Problem(409, str(err), kind="rule-not-writable") from err
         except (StateError, OSError) as err:
             raise Problem(503, f"threshold rules cannot be written on this host: {err}",
-                          kind="rules-unavailable") from err
+                          kind="rules-not-writable") from err
 
     async def thresholds(self, request: Request, _p: Principal) -> Response:
         """GET: every rule (with its `source`); POST: create (409 when the id exists)."""
@@ -138,7 +138,7 @@ class AdminRoutes:
             raise Problem(409, f"rule {rule['id']!r} exists; PUT /api/v1/thresholds/{{id}} "
                                "replaces it", kind="rule-exists")
         await self._write(rules.put(rule))
-        return json_response(rule, 201)
+        return json_response(await rules.get(rule["id"]) or rule, 201)  # as in force: + source
 
     async def threshold_one(self, request: Request, _p: Principal) -> Response:
         """GET / PUT (create or replace) / DELETE one rule by id."""
@@ -160,4 +160,4 @@ class AdminRoutes:
             raise Problem(400, "the body's id differs from the path's")
         rule = self._validate(rules, {**raw, "id": rid})
         created = await self._write(rules.put(rule))
-        return json_response(rule, 201 if created else 200)
+        return json_response(await rules.get(rid) or rule, 201 if created else 200)

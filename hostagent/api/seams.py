@@ -1,9 +1,10 @@
 """Seams to the webhook store and the rule store: the Protocols the routes are written against.
 
 There is ONE implementation of each, the real one (hostagent.api.backends: StoreWebhooks over
-the state file, FileRuleStore over the rules), which the daemon and the tests both use, so the
-tests see exactly the errors the daemon raises. Invalid input is reported by raising
-`ConfigError` (event types, secret, rules) or `UrlRefused` (the SSRF guard): both become 400.
+the state file; hostagent.alerts.rule_store: LayeredRuleStore over the rules), which the daemon
+and the tests both use, so the tests see exactly the errors the daemon raises. Invalid input is
+reported by raising `ConfigError` (event types, secret, rules) or `UrlRefused` (the SSRF
+guard): both become 400.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""The `hostagent` command line: run, dump, check-config, check-rules, outbox."""
+"""The `hostagent` command line: run, dump, check-config, check-rules, outbox, sink check."""

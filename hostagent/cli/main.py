@@ -1,8 +1,14 @@
-"""`hostagent`: run | dump | top | check-config | check-rules | outbox | --version."""
+"""`hostagent`: run | dump | top | check-config | check-rules | outbox | store | sink check
+| --version.
+
+Exit status: 0 done; 1 a runtime failure; 2 a usage error, a config error (one line, never a
+traceback, whether found by `check-config` or at the start of `run`) or a state store that
+start-up refuses (`hostagent store reset` is the way out)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -13,12 +19,35 @@ from hostagent import __version__, logs
 from hostagent.alerts import channels, rules_source
 from hostagent.config.load import Config, load
 from hostagent.delivery.sinks.base import config_routes
-from hostagent.errors import ConfigError, DomainNotFound, HostAgentError
+from hostagent.errors import ConfigError, DomainNotFound, HostAgentError, StateCorrupt
 
 DEFAULT_CONFIG = "/etc/hostagent/hostagent.toml"
 EXIT_USAGE = 2
 LOG_FORMAT_HELP = ("logs (always on stderr): auto = text on a terminal, json otherwise; "
                    "default: auto (`run`: the config's log.format)")
+MAX_DUMP_INTERVAL_S = 3600.0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def dump_interval_s(text: str) -> float:
+    """`dump --interval`: seconds in (0, 3600]; anything else is a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_DUMP_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not in (0, {MAX_DUMP_INTERVAL_S:g}] seconds")
+    return value
 
 
 def _load(path: str | None) -> Config:
@@ -34,6 +63,8 @@ def _load(path: str | None) -> Config:
 
 def _parser() -> argparse.ArgumentParser:
     from hostagent.cli import outbox as cli_outbox
+    from hostagent.cli import sink_check as cli_sink_check
+    from hostagent.cli import store as cli_store
 
     p = argparse.ArgumentParser(prog="hostagent", description=__doc__)
     p.add_argument("--version", action="version", version=f"hostagent {__version__}")
@@ -49,13 +80,14 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="run the collector daemon")
     run.add_argument("--once", action="store_true", help="one pass, deliver, exit")
-    run.add_argument("--passes", type=int, help="this many passes, then exit")
+    run.add_argument("--passes", type=_positive_int, help="this many passes, then exit")
 
     dump = sub.add_parser("dump", parents=[common],
                           help="print one domain's counters, sources, rates and event")
     dump.add_argument("domains", nargs="*", metavar="DOMAIN", help="name or UUID")
     dump.add_argument("--all", action="store_true", help="every running domain")
-    dump.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    dump.add_argument("--interval", type=dump_interval_s, default=1.0,
+                      help=f"seconds between samples, in (0, {MAX_DUMP_INTERVAL_S:g}]")
     dump.add_argument("--json", action="store_true", help="machine-readable output")
 
     top = sub.add_parser("top", parents=[common],
@@ -81,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     rules.add_argument("--json", action="store_true", help="machine-readable output")
 
     cli_outbox.add_parser(sub, parents=[common])
+    cli_sink_check.add_parser(sub, parents=[common])
+    cli_store.add_parser(sub, parents=[common])
     return p
 
 
@@ -89,7 +123,12 @@ def _print_json(doc: object) -> None:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from hostagent.cli.store import check_store
+    from hostagent.config import preflight
+
     cfg = load(args.file)
+    preflight.check(cfg)
+    store_note = check_store(cfg)
     n_rules = None
     if cfg.thresholds.rules_path:
         found = rules_source.load_rules(cfg.thresholds.rules_path)
@@ -99,12 +138,14 @@ def _check_config(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"file": args.file, "ok": True,
                      "sinks": [{"name": s.name, "type": s.type} for s in cfg.sinks],
-                     "rules_path": cfg.thresholds.rules_path or None, "rules": n_rules})
+                     "rules_path": cfg.thresholds.rules_path or None, "rules": n_rules,
+                     "store": store_note})
     elif not args.quiet:
         print(f"{args.file}: OK ({len(cfg.sinks)} sink(s): "
               + ", ".join(f"{s.name} ({s.type})" for s in cfg.sinks) + ")"
               + ("" if n_rules is None
-                 else f"; {cfg.thresholds.rules_path}: {n_rules} rule(s)"))
+                 else f"; {cfg.thresholds.rules_path}: {n_rules} rule(s)")
+              + f"; {store_note}")
     return 0
 
 
@@ -133,45 +174,79 @@ def _check_rules(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point."""
+    """Console entry point: 0 done, 1 a runtime failure, 2 a usage, config or store error."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == "check-config":
-            return _check_config(args)
-        if args.command == "check-rules":
-            return _check_rules(args)
-        cfg = _load(args.config)
-        # The config's log.format is the daemon's; the other commands log for the person
-        # running them (text on a terminal) unless --log-format says otherwise.
-        flag = getattr(args, "log_format", None)
-        fmt = flag or (cfg.log.format if args.command == "run" else "auto")
-        logs.setup(cfg.log.level, fmt, pin=bool(flag))  # stderr
-        if args.command == "run":
-            from hostagent import daemon
-
-            passes = 1 if args.once else args.passes
-            return daemon.run(cfg, config_path=args.config, passes=passes)
-        if args.command == "dump":
-            return _dump(cfg, args)
-        if args.command == "top":
-            from hostagent.cli import top
-
-            return top.run(cfg, args)
-        if args.command == "outbox":
-            from hostagent.cli import outbox as cli_outbox
-
-            return cli_outbox.run(args, cfg)
+        try:
+            return _command(args)
+        except BaseExceptionGroup as group:  # from a nursery: report the cause, not the tree
+            raise _cause(group) from group
     except ConfigError as err:
         _json_failure(args, err)
         print(f"hostagent: config error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except DomainNotFound as err:
+    except (DomainNotFound, StateCorrupt) as err:
         print(f"hostagent: {err}", file=sys.stderr)
         return EXIT_USAGE
     except HostAgentError as err:
         _json_failure(args, err)
         print(f"hostagent: {err}", file=sys.stderr)
         return 1
+
+
+def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error to report for a group: its first hostagent error (a ConfigError first),
+    or the group itself when it holds anything else (a bug: the traceback is wanted)."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    ours = [e for e in leaves if isinstance(e, HostAgentError)]
+    if not ours or len(ours) != len(leaves):
+        return group
+    return next((e for e in ours if isinstance(e, ConfigError)), ours[0])
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "check-config":
+        return _check_config(args)
+    if args.command == "check-rules":
+        return _check_rules(args)
+    cfg = _load(args.config)
+    # The config's log.format is the daemon's; the other commands log for the person
+    # running them (text on a terminal) unless --log-format says otherwise.
+    flag = getattr(args, "log_format", None)
+    fmt = flag or (cfg.log.format if args.command == "run" else "auto")
+    logs.setup(cfg.log.level, fmt, pin=bool(flag))  # stderr
+    if args.command == "run":
+        from hostagent import daemon
+
+        passes = 1 if args.once else args.passes
+        return daemon.run(cfg, config_path=args.config, passes=passes)
+    if args.command == "dump":
+        return _dump(cfg, args)
+    if args.command == "top":
+        from hostagent.cli import top
+
+        return top.run(cfg, args)
+    if args.command == "outbox":
+        from hostagent.cli import outbox as cli_outbox
+
+        return cli_outbox.run(args, cfg)
+    if args.command == "store":
+        from hostagent.cli import store as cli_store
+
+        return cli_store.run(args, cfg)
+    if args.command == "sink":
+        from hostagent.cli import sink_check as cli_sink_check
+
+        return cli_sink_check.run(args, cfg)
     return EXIT_USAGE  # pragma: no cover - argparse enforces a command
 
 

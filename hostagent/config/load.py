@@ -38,12 +38,16 @@ from hostagent.config.schema import (
 from hostagent.config.sinks import (
     EmailSinkConfig,
     JsonlSinkConfig,
+    NatsSinkConfig,
     QueueSinkConfig,
     SinkConfig,
     WebhookSinkConfig,
 )
 from hostagent.config.walk import build_sinks, build_table
 from hostagent.errors import ConfigError
+
+# A config file is a few KiB; anything past this is not one (and is not read whole).
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +75,27 @@ def load(path: str | Path) -> Config:
     """Read and validate a TOML config file."""
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        with p.open("rb") as f:  # ELOOP, EACCES, EISDIR (on read) … arrive as OSError
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError as err:
         raise ConfigError(str(p), "-", "a readable TOML file", "no such file",
                           "create it or pass --config") from err
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
+        reason = (err.strerror if isinstance(err, OSError) else None) or str(err)
+        raise ConfigError(str(p), "-", "a readable TOML file", reason,
+                          "pass the path of a regular, readable file") from err
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(p), "-", f"a file of at most {MAX_CONFIG_BYTES} bytes",
+                          "a larger file")
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(str(p), "-", "UTF-8 text", "undecodable bytes") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(str(p), "-", "valid TOML", str(err), "fix the syntax") from err
+    except RecursionError as err:  # tomllib recurses once per nesting level
+        raise ConfigError(str(p), "-", "TOML nested at most a few hundred levels deep",
+                          "deeper nesting", "flatten the arrays or tables") from err
     return from_mapping(raw, str(p))
 
 
@@ -125,6 +142,7 @@ def reference() -> list[tuple[str, str, str]]:
     walk(QueueSinkConfig, "sinks[formation-queue]")
     walk(WebhookSinkConfig, "sinks[webhook]")
     walk(EmailSinkConfig, "sinks[email]")
+    walk(NatsSinkConfig, "sinks[nats]")
     return rows
 
 

@@ -190,6 +190,62 @@ class EmailSinkConfig:
             raise ConfigError("[[sinks]] email", "channel", "a name without ':'", self.channel)
 
 
-SinkConfig = JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | EmailSinkConfig
+@dataclass(frozen=True, slots=True)
+class NatsSinkConfig:
+    """[[sinks]] type = "nats": NATS JetStream (publish with `Nats-Msg-Id: <event_id>`)."""
+
+    type: Literal["nats"] = "nats"
+    name: str = field(default="nats", metadata=_meta("sink name (unique)"))
+    servers: tuple[str, ...] = field(
+        default=("nats://127.0.0.1:4222",),
+        metadata=_meta("server URLs (nats:// or tls://), tried in turn: failover"))
+    subject: str = field(
+        default="hostagent.usage.{node_id}",
+        metadata=_meta("subject of usage events; {node_id} and {kind} are filled in"))
+    alert_subject: str = field(
+        default="hostagent.alerts.{node_id}",
+        metadata=_meta("subject of threshold_violation events; {node_id} and {kind} filled in"))
+    stream: str = field(default="HOSTAGENT",
+                        metadata=_meta("the stream that must own both subjects"))
+    create_stream: bool = field(
+        default=False,
+        metadata=_meta("create the stream at start if it is missing (file storage, the "
+                       "stream_* settings below); false: a missing stream is an error"))
+    stream_subjects: tuple[str, ...] = field(
+        default=("hostagent.>",), metadata=_meta("subjects of a stream created by the sink"))
+    stream_replicas: int = field(default=1, metadata=_meta(
+        "replicas of a created stream (3 on a 3-node cluster)", minimum=1, maximum=5))
+    stream_max_age_s: float = field(default=30 * 86400.0, metadata=_meta(
+        "a created stream keeps messages this long (0: forever)", minimum=0))
+    stream_max_bytes: int = field(default=0, metadata=_meta(
+        "size limit of a created stream (0: unlimited)", minimum=0))
+    duplicate_window_s: float = field(default=86400.0, metadata=_meta(
+        "a created stream drops a re-sent event_id within this window; keep it >= the longest "
+        "outage you retry through and >= retry.round_backoff_max_s", minimum=1))
+    user: str = field(default="", metadata=_meta("user name (with password_file)"))
+    password_file: str = field(default="", metadata=_meta("file holding the password (0600)"))
+    token_file: str = field(default="", metadata=_meta("file holding a token (0600)"))
+    nkey_seed_file: str = field(default="", metadata=_meta("file holding an nkey seed (0600)"))
+    creds_file: str = field(default="", metadata=_meta("a .creds file: JWT + nkey seed (0600)"))
+    tls_ca_file: str = field(default="", metadata=_meta("CA bundle that signs the servers"))
+    tls_cert_file: str = field(default="", metadata=_meta("client certificate (mutual TLS)"))
+    tls_key_file: str = field(default="", metadata=_meta("client key (0600, with tls_cert_file)"))
+    max_in_flight: int = field(default=256, metadata=_meta(
+        "publishes awaiting their PubAck at once", minimum=1, maximum=4096))
+    timeout_s: float = field(default=5.0, metadata=_meta("wait for one PubAck", minimum=0.1,
+                                                         maximum=120))
+    connect_timeout_s: float = field(default=2.0, metadata=_meta(
+        "connect timeout per server", minimum=0.1, maximum=60))
+    kinds: tuple[str, ...] = field(
+        default=("resource_usage", "threshold_violation"),
+        metadata=_meta("event kinds this sink receives"),
+    )
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+SinkConfig = (JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | EmailSinkConfig
+              | NatsSinkConfig)
 SINK_TYPES: dict[str, type[Any]] = {"jsonl": JsonlSinkConfig, "formation-queue": QueueSinkConfig,
-                                    "webhook": WebhookSinkConfig, "email": EmailSinkConfig}
+                                    "webhook": WebhookSinkConfig, "email": EmailSinkConfig,
+                                    "nats": NatsSinkConfig}

@@ -9,12 +9,14 @@ found and, where there is one, the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from hostagent.config.sinks import SINK_TYPES, SinkConfig
+from hostagent.config import nats_check
+from hostagent.config.sinks import SINK_TYPES, NatsSinkConfig, SinkConfig
 from hostagent.errors import ConfigError
 
 
@@ -29,10 +31,13 @@ def build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
         if not isinstance(item, dict):
             raise ConfigError(source, key, "a table", item)
         kind = item.get("type")
-        if kind not in SINK_TYPES:
+        if not isinstance(kind, str) or kind not in SINK_TYPES:
             raise ConfigError(source, f"{key}.type", f"one of {sorted(SINK_TYPES)}", kind,
-                              'set type = "jsonl", "formation-queue", "webhook" or "email"')
+                              'set type = "jsonl", "formation-queue", "webhook", "email" or '
+                              '"nats"')
         sink = build_table(SINK_TYPES[kind], item, source, key)
+        if isinstance(sink, NatsSinkConfig):
+            nats_check.check(sink, source, key)
         if "name" not in item and sink.name in names:
             sink = dataclasses.replace(sink, name=f"{sink.name}-{i}")  # only to avoid a clash
         if sink.name in names:
@@ -78,8 +83,9 @@ def _coerce(tp: Any, value: Any, source: str, key: str, meta: Mapping[str, Any])
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _coerce(args[0], value, source, key, meta)
     if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(source, key, "an array of strings", value)
+        if (not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+                or any("\x00" in v for v in value)):
+            raise ConfigError(source, key, "an array of strings (no NUL characters)", value)
         return tuple(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -93,11 +99,15 @@ def _coerce(tp: Any, value: Any, source: str, key: str, meta: Mapping[str, Any])
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(source, key, "a number", value)
+        if not math.isfinite(value):
+            raise ConfigError(source, key, "a finite number", value, "nan and inf are not values")
         _check_range(float(value), source, key, meta)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(source, key, "a string", value)
+        if "\x00" in value:
+            raise ConfigError(source, key, "a string without NUL characters", value)
         return value
     raise ConfigError(source, key, f"a value of type {tp}", value)  # pragma: no cover
 

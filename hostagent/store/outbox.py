@@ -19,7 +19,7 @@ it was added; an event that no sink takes is not stored. Rows of a sink removed 
 stay (never dropped) and are shown by ``hostagent outbox status``. Pending alert rows written
 by an older hostagent, which gave every sink of the kind a row and let the queue sink skip
 Notify alerts at send time, are re-routed when the daemon configures the channels
-(``outbox_upkeep.drop_unrouted``), before any of them can be sent.
+(``upkeep.drop_unrouted``), before any of them can be sent.
 
 Modules: this one holds the schema, opening and every write (commit, claim, record, replay);
 the read-only queries (loads, due events, stats, dead letters, size) are StoreReader's in
@@ -44,15 +44,15 @@ from hostagent.alerts import routing
 from hostagent.clock import Clock
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.model import Baseline, OutEvent
-from hostagent.store import sqlite_tx
-from hostagent.store import upkeep as outbox_upkeep
+from hostagent.store import guard as store_guard
+from hostagent.store import sqlite_tx, upkeep
 from hostagent.store.inspect import Pending, StoreReader
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 APP = "hostagent-state"
-MERGE_AT = outbox_upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pending
+MERGE_AT = upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pending
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -142,10 +142,13 @@ class Store(StoreReader):
              register_sinks: bool = True) -> Store:
         """Open (or create) the store; StateCorrupt if the file is foreign or damaged."""
         p = Path(path)
-        if not create and not p.exists():
+        existed = store_guard.before_open(p)  # empty, vanished behind our back: refused
+        if not create and not existed:
             raise StateError(f"{p}: no state store here (the daemon creates it on first run)")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        existed = p.exists() and p.stat().st_size > 0
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StateError(f"{p}: cannot create the state directory: {err}") from err
         try:
             conn = sqlite_tx.connect(p)
         except sqlite3.Error as err:
@@ -164,6 +167,14 @@ class Store(StoreReader):
         except StateError:
             conn.close()
             raise
+        try:
+            if create:
+                store_guard.after_open(p, store.created_ns)
+            elif store_guard.read_marker(p) not in (None, store.created_ns):
+                store_guard.after_open(p, store.created_ns)  # raises: the file was replaced
+        except StateError:
+            conn.close()
+            raise
         if register_sinks:
             store._register(sink_names)
         store.configure(sink_kinds=sink_kinds, sink_channels=sink_channels, max_bytes=max_bytes)
@@ -174,10 +185,11 @@ class Store(StoreReader):
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables and "meta" not in tables:
             raise StateCorrupt(f"{self.path}: not a hostagent state store (no meta table); "
-                               "refusing to touch it: point collector.state_path elsewhere")
-        if existed and not tables:  # e.g. a crash while it was being created: nothing to lose
-            log.warning("state store file has no tables; initialising it",
-                        extra={"path": str(self.path)})
+                               "refusing to touch it: point collector.state_path elsewhere, "
+                               "or `hostagent store reset` moves it aside")
+        if existed and not tables:
+            raise StateCorrupt(f"{self.path}: the state store has no tables (truncated?); "
+                               f"{store_guard.WAY_OUT}")
         if tables:  # check it is ours before changing anything (journal mode included)
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("app") != APP:
@@ -200,11 +212,13 @@ class Store(StoreReader):
             c.execute("COMMIT")
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise StateError(f"{self.path}: schema version {meta.get('schema_version')} is not "
-                             f"{SCHEMA_VERSION}: this hostagent cannot use it (upgrade hostagent)")
+            raise StateCorrupt(f"{self.path}: schema version {meta.get('schema_version')} is "
+                               f"not {SCHEMA_VERSION}: this hostagent cannot use it (upgrade "
+                               "hostagent, or `hostagent store reset` to start afresh)")
         check = c.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
-            raise StateCorrupt(f"{self.path}: integrity check failed: {check}")
+            raise StateCorrupt(f"{self.path}: integrity check failed: {check}; "
+                               f"{store_guard.WAY_OUT}")
         self.created_ns = int(meta["created_ns"])
         self.host = meta.get("host", "")
         if self.host != node_id:
@@ -225,7 +239,7 @@ class Store(StoreReader):
                   max_bytes: int | None = None) -> None:
         """Set which kinds and channels each sink takes (hostagent.alerts.routing; not given: all)
         and the size cap (SQLite max_page_count). Setting channels re-routes pending alert
-        rows an older hostagent wrote for every sink (`outbox_upkeep.drop_unrouted`)."""
+        rows an older hostagent wrote for every sink (`upkeep.drop_unrouted`)."""
         for n, k in (sink_kinds or {}).items():
             if n in self._routes:
                 self._routes[n] = dataclasses.replace(self._routes[n], kinds=frozenset(k))
@@ -234,7 +248,7 @@ class Store(StoreReader):
                 self._routes[n] = dataclasses.replace(
                     self._routes[n], channels=None if ch is None else frozenset(ch))
         if sink_channels is not None:
-            outbox_upkeep.drop_unrouted(self, self._routes)
+            upkeep.drop_unrouted(self, self._routes)
         if max_bytes is not None:
             self.max_bytes = max_bytes
             with self._lock:
@@ -397,4 +411,4 @@ class Store(StoreReader):
 
     def maintain(self, retention_s: float) -> Maintenance:
         """Prune acked events past retention; near the size cap prune early, then merge."""
-        return outbox_upkeep.maintain(self, retention_s)
+        return upkeep.maintain(self, retention_s)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import trio
 
 from hostagent.accounting import sampling
-from hostagent.clock import FakeClock
 from hostagent.config.schema import GpuConfig
 from hostagent.model import Baseline, DomainInfo, Sample, Usage
 from hostagent.sources.gpu import GpuSource
+from tests.clocks import FakeClock
 from tests.fakes.fake_nvml import FakeNvml
 from tests.sources.test_gpu import GPU, domain
 

@@ -13,10 +13,10 @@ from hostagent.alerts.central import CentralRules, from_config
 from hostagent.alerts.index import Settings
 from hostagent.alerts.routing import Route
 from hostagent.alerts.rules_source import RulesSource
-from hostagent.clock import FakeClock
 from hostagent.config.schema import ThresholdsConfig
 from hostagent.errors import ConfigError
 from hostagent.owners.signing import verify
+from tests.clocks import FakeClock
 from tests.standins.rules_server import RulesServer
 
 ROUTES = {"jsonl": Route(None, None), "queue": Route(None, frozenset({"queue"}))}

@@ -11,16 +11,16 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hostagent.alerts import violations as alerts
+from hostagent.alerts import violations
 from hostagent.alerts.index import Settings
 from hostagent.alerts.routing import Route
 from hostagent.alerts.rules_source import RulesSource
 from hostagent.alerts.state import AlertState, Transition, evaluate
 from hostagent.alerts.violations import STORM_KEY, StormControl
-from hostagent.clock import FakeClock
 from hostagent.errors import ConfigError
 from hostagent.store.outbox import Store
 from tests.alerts.test_rules_index import CPU, T0, S, usage
+from tests.clocks import FakeClock
 
 ROUTES = {"jsonl": Route(None, None), "queue": Route(None, frozenset({"queue"}))}
 RAW = {"id": "cpu", "resource_type": "Cpu", "action": "Alert", "user_id": "*",
@@ -58,7 +58,7 @@ def test_a_deleted_rule_resolves_its_open_alert_with_the_reason(tmp_path: Path) 
     (t,) = run_passes(src, [95.0], states, t0=30)
     assert (t.kind, t.reason, t.previous, t.rule.id) == ("resolved", "rule deleted",
                                                           "exceeded", "cpu")
-    body = orjson.loads(alerts.build_alert_event(t, None, "h", time_format="unix").payload)
+    body = orjson.loads(violations.build_alert_event(t, None, "h", time_format="unix").payload)
     assert (body["transition"], body["reason"], body["state"]) == ("resolved", "rule deleted",
                                                                    "ok")
     assert states == {}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hostagent.alerts import violations as alerts
+from hostagent.alerts import violations
 from hostagent.alerts.index import Settings, build_index
 from hostagent.alerts.state import evaluate, load_states
-from hostagent.clock import FakeClock
 from hostagent.store.outbox import Store
 from tests.alerts.test_rules_index import CPU, usage
+from tests.clocks import FakeClock
 
 
 def test_alert_state_round_trips_through_the_store(tmp_path: Path) -> None:
@@ -21,7 +21,7 @@ def test_alert_state_round_trips_through_the_store(tmp_path: Path) -> None:
     for i, v in enumerate([75.0, 90.0]):
         u = usage(t=i * 30, cpu_percent_avg=v)
         ev = evaluate(idx, [u], {}, states, u.period_end_ns)
-        out = alerts.route(ev.transitions, {}, "h", time_format="unix")
+        out = violations.route(ev.transitions, {}, "h", time_format="unix")
         store.commit_pass([], out, alert_state=ev.changes)  # ONE transaction
         states = dict(ev.states)
         kinds += [t.kind for t in ev.transitions]

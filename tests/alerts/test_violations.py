@@ -8,7 +8,7 @@ import logging
 import orjson
 import pytest
 
-from hostagent.alerts import violations as alerts
+from hostagent.alerts import violations
 from hostagent.alerts.index import Settings, build_index
 from hostagent.alerts.rules import Rule, parse_rule
 from hostagent.alerts.state import AlertState, Gate, Transition, evaluate
@@ -33,7 +33,7 @@ def transitions(rule: Rule, values: list[float], s: Settings | None = None,
 
 def test_event_has_seed_fields_and_state() -> None:
     (t,) = transitions(CPU, [90.0])
-    ev = alerts.build_alert_event(t, OWNER, "host-a", time_format="unix")
+    ev = violations.build_alert_event(t, OWNER, "host-a", time_format="unix")
     body = orjson.loads(ev.payload)
     assert ev.kind == "threshold_violation" and body["event_type"] == "threshold_violation"
     assert body["config"] == CPU.config_dict()
@@ -46,15 +46,16 @@ def test_event_has_seed_fields_and_state() -> None:
     assert body["timestamp"] == T0 // S and body["period"] == {"start": T0 // S - 30,
                                                                "end": T0 // S}
     # deterministic: the same transition renders the same id and bytes
-    again = alerts.build_alert_event(t, OWNER, "host-a", time_format="unix")
+    again = violations.build_alert_event(t, OWNER, "host-a", time_format="unix")
     assert again == ev and body["event_id"] == ev.event_id
-    assert alerts.build_alert_event(t, OWNER, "host-b", time_format="unix").event_id != ev.event_id
+    other_host = violations.build_alert_event(t, OWNER, "host-b", time_format="unix")
+    assert other_host.event_id != ev.event_id
 
 
 def test_notify_alerts_carry_their_channels_for_routing() -> None:
     notify = dataclasses.replace(CPU, action="notify", channels=("queue", "webhook_0badc0de"))
     (t,) = transitions(notify, [90.0])
-    ev = alerts.build_alert_event(t, OWNER, "host-a", time_format="unix")
+    ev = violations.build_alert_event(t, OWNER, "host-a", time_format="unix")
     assert ev.channels == {"queue", "webhook_0badc0de"}
     body = orjson.loads(ev.payload)
     # the payload is as it was: the channels and the action stay in it, the id is the same
@@ -62,27 +63,28 @@ def test_notify_alerts_carry_their_channels_for_routing() -> None:
     assert list(body)[-3:] == ["channels", "action", "reason"]
     assert body["reason"] == "value"
     (plain,) = transitions(CPU, [90.0])
-    assert ev.event_id == alerts.build_alert_event(plain, OWNER, "host-a",
+    assert ev.event_id == violations.build_alert_event(plain, OWNER, "host-a",
                                                    time_format="unix").event_id
-    assert alerts.payload_channels(ev.kind, ev.payload) == ev.channels  # legacy rows: the same
+    assert violations.payload_channels(ev.kind, ev.payload) == ev.channels  # legacy rows: the same
     # a Notify rule without channels reaches no channel (but the audit log), not every one
     (quiet,) = transitions(dataclasses.replace(CPU, action="notify", channels=()), [90.0])
-    assert alerts.build_alert_event(quiet, None, "h", time_format="unix").channels == frozenset()
+    quiet_event = violations.build_alert_event(quiet, None, "h", time_format="unix")
+    assert quiet_event.channels == frozenset()
 
 
 def test_alert_rules_and_usage_route_everywhere() -> None:
     rule = dataclasses.replace(CPU, channels=("queue",))  # an Alert rule's channels do not route
-    (ev,) = alerts.route(transitions(rule, [90.0]), {"vm-1": OWNER}, "h", time_format="unix")
+    (ev,) = violations.route(transitions(rule, [90.0]), {"vm-1": OWNER}, "h", time_format="unix")
     assert ev.channels is None and orjson.loads(ev.payload)["channels"] == ["queue"]
-    assert alerts.payload_channels(ev.kind, ev.payload) is None
-    assert alerts.payload_channels("resource_usage", b'{"action": "notify"}') is None
-    assert alerts.payload_channels(ev.kind, b"not json") is None  # unreadable: everywhere
+    assert violations.payload_channels(ev.kind, ev.payload) is None
+    assert violations.payload_channels("resource_usage", b'{"action": "notify"}') is None
+    assert violations.payload_channels(ev.kind, b"not json") is None  # unreadable: everywhere
 
 
 def test_absolute_values_are_in_the_rule_unit() -> None:
     rule = parse_rule({**FLAT, "threshold_value": 100, "user_id": "*"})  # 100 GB storage
     (t,) = transitions(rule, [150.0])
-    body = orjson.loads(alerts.build_alert_event(t, None, "h", time_format="rfc3339").payload)
+    body = orjson.loads(violations.build_alert_event(t, None, "h", time_format="rfc3339").payload)
     assert body["current_value"] == 150.0 and body["unit"] == "GB"
     assert body["percentage"] == 150.0 and body["user_id"] == "unassigned"
 
@@ -91,15 +93,15 @@ def test_log_rules_log_and_emit_nothing(caplog: pytest.LogCaptureFixture) -> Non
     rule = dataclasses.replace(CPU, action="log")
     ts = transitions(rule, [90.0, 10.0])
     with caplog.at_level(logging.WARNING, logger="hostagent.alerts.violations"):
-        evs = alerts.route(ts, {"vm-1": OWNER}, "h", time_format="unix")
+        evs = violations.route(ts, {"vm-1": OWNER}, "h", time_format="unix")
     assert evs == []
     assert [r.__dict__["transition"] for r in caplog.records] == ["exceeded", "resolved"]
-    assert len(alerts.route(transitions(CPU, [90.0, 10.0]), {}, "h",
+    assert len(violations.route(transitions(CPU, [90.0, 10.0]), {}, "h",
                             time_format="unix")) == 2
 
 
 def test_channel_rate_limit_counts_and_catches_up() -> None:
-    gate = alerts.StormControl(per_minute=1, burst=1)
+    gate = violations.StormControl(per_minute=1, burst=1)
     # flapping 90/10 every 30 s: one token per minute lets every other notice through; the
     # held-back ones are counted and the next event says how many were held back.
     ts = transitions(CPU, [90.0, 10.0, 90.0, 10.0, 90.0, 10.0], gate=gate)
@@ -107,5 +109,5 @@ def test_channel_rate_limit_counts_and_catches_up() -> None:
         ("exceeded", 0), ("resolved", 1)]  # the last flap (exceeded, back to ok) was held
     # back whole: consumers' view (ok) is right, and both held-back notices are counted
     assert gate.suppressed == {"alert": 2} and gate.suppressed_total == 2
-    unlimited = alerts.StormControl(per_minute=0, burst=1)
+    unlimited = violations.StormControl(per_minute=0, burst=1)
     assert len(transitions(CPU, [90.0, 10.0, 90.0, 10.0], gate=unlimited)) == 4

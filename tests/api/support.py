@@ -17,10 +17,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hostagent.alerts.index import Settings
+from hostagent.alerts.rule_store import LayeredRuleStore
 from hostagent.alerts.rules_source import RulesSource
 from hostagent.api import keys as keys_mod
 from hostagent.api.auth import Authenticator
-from hostagent.api.backends import FileRuleStore, StoreWebhooks
+from hostagent.api.backends import StoreWebhooks
 from hostagent.api.pass_gate import PassGate
 from hostagent.api.server import make_app, serve_api
 from hostagent.api.view import ApiView
@@ -166,7 +167,7 @@ class Server:
     stop: trio.Event
     webhooks: StoreWebhooks
     webhook_store: WebhookStore
-    rules: FileRuleStore
+    rules: LayeredRuleStore
     rules_path: Path
 
 
@@ -182,11 +183,11 @@ async def start_server(nursery: trio.Nursery, cfg: ApiConfig, view: ApiView, *,
     hooks = WebhookStore(tmp / "state.db", clock)
     rules_path = tmp / "rules.json"
     rules_path.write_text("[]")
-    source = RulesSource(rules_path, Settings())
+    source = RulesSource(rules_path, Settings(), api_path=tmp / "api-rules.json")
     source.load_initial()
     webhooks = StoreWebhooks(hooks, Guard.from_config(webhook_sink or WebhookSinkConfig()),
                              resolver=resolver_for_tests)
-    rules = FileRuleStore(source)
+    rules = LayeredRuleStore(source)
     app = make_app(cfg, view, webhooks=webhooks, rules=rules,
                    authenticator=authenticator or Authenticator(cfg), gate=gate)
 

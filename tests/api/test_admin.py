@@ -193,8 +193,9 @@ async def test_rules_with_non_finite_numbers_are_400(client: httpx.AsyncClient,
 async def test_a_rules_store_that_cannot_be_written_is_503(server: Server,
                                                            client: httpx.AsyncClient,
                                                            keys: Keys) -> None:
-    server.rules_path.unlink()
-    server.rules_path.mkdir()  # os.replace onto a directory fails: an OSError, not a 500
+    api_rules = server.rules_path.parent / "api-rules.json"  # the API layer, in the state dir
+    api_rules.unlink(missing_ok=True)
+    api_rules.mkdir()  # os.replace onto a directory fails: an OSError, not a 500
     h = {"X-API-Key": keys.admin_key}
     for r in (await client.post("/api/v1/thresholds", headers=h, json=RULE),
               await client.put("/api/v1/thresholds/r1", headers=h, json=RULE)):

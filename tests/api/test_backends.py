@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from hostagent.api.backends import StoreWebhooks
-from hostagent.clock import FakeClock
 from hostagent.config.sinks import WebhookSinkConfig
 from hostagent.delivery.ssrf import Guard
 from hostagent.store.outbox import Store
 from hostagent.store.webhooks import WebhookStore
 from tests.api.support import resolver_for_tests
+from tests.clocks import FakeClock
 
 
 async def test_webhook_registrations_persist_and_never_show_the_secret(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ import trio
 
 from hostagent.api.ratelimit import RateLimiter
 from hostagent.api.view import ApiView
-from hostagent.clock import FakeClock
 from tests.api.support import ALICE, Keys, api_config, report, start_server
+from tests.clocks import FakeClock
 
 
 def test_bucket_refills_at_rate() -> None:

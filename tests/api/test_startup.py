@@ -20,6 +20,6 @@ def test_run_refuses_a_bad_webhook_guard_before_any_io(tmp_path: Path, table: st
                    f'[[sinks]]\ntype = "webhook"\n{table}\n')
     assert main(["run", "--once", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"hostagent: config error: {cfg}: [sinks.")
+    assert len(err) == 1 and err[0].startswith(f"hostagent: config error: {cfg}: [sinks[0].")
     assert "fix:" in err[0] or "expected" in err[0]
     assert not (tmp_path / "state.db").exists()

@@ -20,9 +20,9 @@ from prometheus_client.registry import Collector
 from hostagent.cli import top_view
 from hostagent.cli.main import main
 from hostagent.cli.top import daemon_state, unattributed_cpu_s
-from hostagent.clock import FakeClock
 from hostagent.config.load import load
 from hostagent.store.outbox import Outcome, Store
+from tests.clocks import FakeClock
 from tests.standins.queue import usage_event
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,16 +49,24 @@ def test_check_config_and_check_rules_json(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     rules = tmp_path / "rules.json"
     rules.write_text(RULE)
-    cfg = config(tmp_path, f'[thresholds]\nrules_path = "{rules}"\n')
+    # The rule notifies the "queue" channel: a queue sink must serve it (no silent channel).
+    cfg = config(tmp_path, f'[thresholds]\nrules_path = "{rules}"\n'
+                 '[[sinks]]\ntype = "formation-queue"\nurl = "http://127.0.0.1:9"\n')
     assert main(["check-config", str(cfg), "--json"]) == 0
     doc = orjson.loads(capsys.readouterr().out)
     assert set(doc) == documented_keys("check-config")
-    assert doc == {"file": str(cfg), "ok": True, "sinks": [{"name": "file", "type": "jsonl"}],
+    assert isinstance(doc.pop("store"), str)
+    assert doc == {"file": str(cfg), "ok": True,
+                   "sinks": [{"name": "formation-queue", "type": "formation-queue"},
+                             {"name": "file", "type": "jsonl"}],
                    "rules_path": str(rules), "rules": 1}
     assert main(["check-rules", str(rules), "--json"]) == 0
     doc = orjson.loads(capsys.readouterr().out)
     assert set(doc) == documented_keys("check-rules")
-    assert doc == {"file": str(rules), "ok": True, "rules": 1}
+    assert doc == {"file": str(rules), "ok": True, "rules": 1, "channels": None}
+    assert main(["check-rules", str(rules), "--config", str(cfg), "--json"]) == 0
+    doc = orjson.loads(capsys.readouterr().out)
+    assert doc["channels"]["queue"] == ["formation-queue"]
 
 
 def test_check_json_on_a_bad_file_answers_ok_false(tmp_path: Path,

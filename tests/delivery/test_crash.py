@@ -22,7 +22,8 @@ from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 from hostagent.model import Baseline
 from hostagent.store.outbox import Store
-from tests.standins.queue import PERIOD_NS, T0_NS, TrioClock, decode, read_topic, serve_queue
+from tests.clocks import TrioClock
+from tests.standins.queue import PERIOD_NS, T0_NS, decode, read_topic, serve_queue
 from tests.standins.queue import usage_event as make_event
 
 ROOT = Path(__file__).resolve().parents[2]

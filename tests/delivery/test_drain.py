@@ -19,7 +19,6 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hostagent.clock import FakeClock
 from hostagent.config.schema import OutboxConfig
 from hostagent.config.sinks import BreakerConfig, JsonlSinkConfig, QueueSinkConfig, RetryConfig
 from hostagent.delivery.breaker import Breaker
@@ -36,8 +35,9 @@ from hostagent.delivery.sinks.jsonl import JsonlSink
 from hostagent.errors import StateError
 from hostagent.store.inspect import StoreSize
 from hostagent.store.outbox import Claimed, Outcome, Store
+from tests.clocks import FakeClock, TrioClock
 from tests.delivery.sinks.test_queue_channels import alert, alert_rows
-from tests.standins.queue import TrioClock, usage_event
+from tests.standins.queue import usage_event
 
 retries = st.builds(
     RetryConfig, max_retries=st.integers(0, 5),

@@ -28,10 +28,10 @@ from hostagent.delivery.sinks.jsonl import JsonlSink
 from hostagent.errors import SinkUnavailable, StoreFull
 from hostagent.model import OutEvent
 from hostagent.store.outbox import Store
+from tests.clocks import TrioClock
 from tests.standins.queue import (
     PERIOD_NS,
     QueueStandIn,
-    TrioClock,
     decode,
     read_topic,
     serve_queue,

@@ -9,7 +9,6 @@ import httpx
 import orjson
 import pytest
 
-from hostagent.clock import FakeClock
 from hostagent.config.schema import OwnersConfig
 from hostagent.errors import OwnerLookupError
 from hostagent.owners.account_client import AccountClient
@@ -20,6 +19,7 @@ from hostagent.owners.accounts import (
     parse_instance_get,
 )
 from hostagent.owners.signing import Signer
+from tests.clocks import FakeClock
 from tests.standins.accounts import AccountService, account, instance, serve_accounts
 
 NODE_KEY = Signer(bytes.fromhex("11" * 32))

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hostagent.clock import FakeClock
 from hostagent.config.schema import OwnersConfig
 from hostagent.errors import ConfigError
 from hostagent.model import Owner, OwnerHint
@@ -18,6 +17,7 @@ from hostagent.owners.account_client import AccountClient
 from hostagent.owners.accounts import Account
 from hostagent.owners.index import build_index
 from hostagent.owners.resolver import Owners, make_client
+from tests.clocks import FakeClock
 from tests.standins.accounts import AccountService, account, serve_accounts
 
 ALICE, BOB, CAROL = "a1" * 20, "b0" * 20, "c2" * 20

@@ -11,12 +11,13 @@ import pytest
 import trio
 
 from hostagent.accounting.identity import formation_instance_id
-from hostagent.clock import Clock, FakeClock, SystemClock
+from hostagent.clock import Clock, SystemClock
 from hostagent.config.schema import OwnersConfig
 from hostagent.model import Owner
 from hostagent.owners.account_client import AccountClient
 from hostagent.owners.resolver import Owners
 from hostagent.owners.signing import Signer
+from tests.clocks import FakeClock
 from tests.standins.accounts import AccountService, account, instance, serve_accounts
 
 ALICE, BOB = "a1" * 20, "b0" * 20

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from hostagent.clock import FakeClock
 from hostagent.config.schema import GpuConfig
 from hostagent.errors import SourceTimeout
 from hostagent.model import DomainInfo
 from hostagent.sources.gpu import PASSTHROUGH_REASON, GpuReadings, GpuSource
+from tests.clocks import FakeClock
 from tests.fakes.fake_nvml import FakeNvml
 from tests.sources.test_gpu import A10_1, A10_2, GPU, T4_3, T4_4, all_domains, domain
 

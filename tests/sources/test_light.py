@@ -9,7 +9,6 @@ import os
 import socket
 from pathlib import Path
 
-from hostagent.clock import FakeClock
 from hostagent.model import Nic, NicCounters
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
@@ -23,6 +22,7 @@ from hostagent.sources.light import (
 )
 from hostagent.sources.net import LinkStatsReader
 from hostagent.sources.netstats import LinkStats64Reader
+from tests.clocks import FakeClock
 from tests.sources.conftest import RealCgroups
 
 MAC = "52:54:00:00:00:01"

@@ -10,11 +10,11 @@ import pynvml
 import pytest
 import trio
 
-from hostagent.clock import FakeClock
 from hostagent.config.schema import GpuConfig
 from hostagent.errors import SourceError, SourceUnavailable
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.nvml_boundary import PynvmlBoundary, collect, normalize_bus_id, translate
+from tests.clocks import FakeClock
 from tests.fakes.fake_nvml import FakeNvml
 from tests.sources.test_gpu import A10_1, A10_2, GPU, all_domains
 

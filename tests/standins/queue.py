@@ -20,8 +20,8 @@ events). A faulted write is not stored.
 `max_in_flight` is the most write requests it was serving at once.
 
 `read_topic()` reads a topic back like a consumer (get_after with an index cursor) and
-`decode()` turns a stored message into (sub_topic, event dict). `usage_event()` and
-`TrioClock` are the producer-side helpers the delivery tests share.
+`decode()` turns a stored message into (sub_topic, event dict). `usage_event()` is the
+producer-side helper the delivery tests share (their clock is `tests.clocks.TrioClock`).
 """
 
 from __future__ import annotations
@@ -39,10 +39,8 @@ from typing import Any
 from urllib.parse import unquote
 
 import httpx
-import trio
 
 from hostagent.accounting.events import build_usage_event
-from hostagent.clock import Reading
 from hostagent.model import OutEvent, Owner, Usage
 
 
@@ -325,16 +323,3 @@ def usage_event(instance: str, k: int, *, host: str = "host-a", incarnation: str
         gpu_count=0, gpu_seconds=0, gpu_util_avg=None,
         missing={"pad": "x" * pad} if pad else {})
     return build_usage_event(u, Owner(user, "org-1", "metadata"), host, time_format="unix")
-
-
-class TrioClock:
-    """hostagent's Clock driven by trio's clock (MockClock in tests); usable from threads."""
-
-    def __init__(self, wall0_ns: int = T0_NS + 10**12) -> None:
-        self._trio_clock = trio.lowlevel.current_clock()
-        self.wall0_ns = wall0_ns
-
-    def now(self) -> Reading:
-        """Wall = wall0 + trio time; monotonic = trio time."""
-        t_ns = int(self._trio_clock.current_time() * 1e9)
-        return Reading(wall_ns=self.wall0_ns + t_ns, monotonic_ns=t_ns)

@@ -13,10 +13,10 @@ import pytest
 
 from hostagent.alerts.routing import UNCLAIMED
 from hostagent.cli import main as cli
-from hostagent.clock import FakeClock
 from hostagent.errors import StateCorrupt, StateError, StoreFull
 from hostagent.model import Baseline, OutEvent
 from hostagent.store.outbox import Outcome, Store
+from tests.clocks import FakeClock
 from tests.standins.queue import PERIOD_NS, T0_NS, usage_event
 
 HOST = "host-a"

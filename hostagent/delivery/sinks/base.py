@@ -27,8 +27,10 @@ from hostagent.config.sinks import (
     BreakerConfig,
     EmailSinkConfig,
     JsonlSinkConfig,
+    NatsSinkConfig,
     QueueSinkConfig,
     RetryConfig,
+    SinkConfig,
     WebhookSinkConfig,
 )
 from hostagent.errors import SinkRejected, StateError
@@ -160,11 +162,12 @@ def dispatchers(sinks: Sequence[Sink]) -> list[Dispatcher]:
             if isinstance(s, DispatchingSink) and s.dispatcher is not None]
 
 
-def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | EmailSinkConfig, *,
-               clock: Clock | None = None, webhook_store: WebhookStore | None = None) -> Sink:
+def build_sink(cfg: SinkConfig, *, clock: Clock | None = None,
+               webhook_store: WebhookStore | None = None, node_id: str = "") -> Sink:
     """The sink a `[[sinks]]` entry describes (nothing is opened until the first send).
 
     A webhook sink needs `webhook_store` and `clock`; run its `dispatcher.run` in a nursery.
+    A NATS sink fills `node_id` ([host] node_id) into its subjects.
     """
     if isinstance(cfg, WebhookSinkConfig):
         from hostagent.delivery.sinks.webhook import WebhookDispatcher, WebhookSink
@@ -182,18 +185,20 @@ def build_sink(cfg: JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | Emai
         from hostagent.delivery.sinks.email import EmailSink
 
         return EmailSink(cfg)
+    if isinstance(cfg, NatsSinkConfig):
+        from hostagent.delivery.sinks.nats_jetstream import NatsSink
+
+        return NatsSink(cfg, node_id=node_id)
     from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 
     return FormationQueueSink(cfg)
 
 
-def config_routes(
-    sinks: Sequence[JsonlSinkConfig | QueueSinkConfig | WebhookSinkConfig | EmailSinkConfig],
-) -> dict[str, Route]:
+def config_routes(sinks: Sequence[SinkConfig]) -> dict[str, Route]:
     """Each configured sink's route, from its `[[sinks]]` entry (no sink is built).
 
-    Only the configured kinds' modules are imported: the HTTP sinks pull in httpx (~18 MB of
-    RSS), which a host with a JSONL sink alone never needs."""
+    Only the configured kinds' modules are imported: the HTTP and NATS sinks pull in their
+    client stacks (httpx alone ~18 MB of RSS), which a host with a JSONL sink never needs."""
     out: dict[str, Route] = {}
     for cfg in sinks:
         chans: frozenset[str] | None
@@ -207,6 +212,10 @@ def config_routes(
             from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 
             chans = FormationQueueSink.channels
+        elif isinstance(cfg, NatsSinkConfig):
+            from hostagent.delivery.sinks.nats_jetstream import NatsSink
+
+            chans = NatsSink.channels
         else:
             from hostagent.delivery.sinks.webhook import WebhookSink
 

@@ -17,14 +17,13 @@ from pathlib import Path
 import orjson
 import trio
 
-from hostagent.clock import FakeClock
 from hostagent.config.schema import OutboxConfig
 from hostagent.config.sinks import EmailSinkConfig
 from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.email import EmailSink
 from hostagent.model import OutEvent
 from hostagent.store.outbox import Store
-from tests.standins.queue import TrioClock
+from tests.clocks import FakeClock, TrioClock
 from tests.standins.smtp_server import smtp_server
 
 ROOT = Path(__file__).resolve().parents[3]

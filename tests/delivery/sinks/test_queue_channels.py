@@ -20,7 +20,8 @@ from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 from hostagent.delivery.sinks.jsonl import JsonlSink
 from hostagent.model import OutEvent
 from hostagent.store.outbox import Store
-from tests.standins.queue import QueueStandIn, TrioClock, read_topic, serve_queue, usage_event
+from tests.clocks import TrioClock
+from tests.standins.queue import QueueStandIn, read_topic, serve_queue, usage_event
 
 
 def alert(action: str, channels: list[str], n: int, *, routed: bool = True) -> OutEvent:

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from hostagent.accounting import events
-from hostagent.alerts import violations as alerts
+from hostagent.alerts import violations
 from hostagent.alerts.index import Settings, build_index
 from hostagent.alerts.state import AlertState, evaluate
 from hostagent.clock import SystemClock
@@ -85,7 +85,7 @@ def alert_event(values: list[float]) -> list[OutEvent]:
         u = usage(t=i * 30, cpu_percent_avg=v)
         ev = evaluate(idx, [u], {}, states, u.period_end_ns)
         states = dict(ev.states)
-        out += alerts.route(ev.transitions, {"vm-1": OWNER}, "host-a", time_format="unix")
+        out += violations.route(ev.transitions, {"vm-1": OWNER}, "host-a", time_format="unix")
     return out
 
 
@@ -197,7 +197,7 @@ def test_fan_out_is_idempotent_and_filters_notify(rig: Rig) -> None:
     idx = build_index([notify], Settings())
     u = usage(cpu_percent_avg=95.0)
     ev = evaluate(idx, [u], {}, {}, u.period_end_ns)
-    (alert,) = alerts.route(ev.transitions, {}, "h", time_format="unix")
+    (alert,) = violations.route(ev.transitions, {}, "h", time_format="unix")
     assert rig.hooks.fan_out(alert) == 1  # only the registration named in the channels
     assert rig.hooks.fan_out(alert) == 1  # a resend after a crash: still one row
     assert rig.hooks.counts() == {named.id: {"pending": 1}}
@@ -209,7 +209,7 @@ def notify_alert(rule_id: str, channels: list[str]) -> OutEvent:
     rule = dataclasses.replace(CPU, id=rule_id, action="notify", channels=tuple(channels))
     u = usage(cpu_percent_avg=95.0)
     ev = evaluate(build_index([rule], Settings()), [u], {}, {}, u.period_end_ns)
-    (alert,) = alerts.route(ev.transitions, {"vm-1": OWNER}, "host-a", time_format="unix")
+    (alert,) = violations.route(ev.transitions, {"vm-1": OWNER}, "host-a", time_format="unix")
     return alert
 
 

@@ -1,0 +1,122 @@
+"""`hostagent store check | reset`: the explicit way out of a broken state store.
+
+Run them as the service user (`runuser -u hostagent --`): they open the store like the daemon
+does, and SQLite's -wal/-shm files must not end up owned by root.
+
+The daemon refuses to start on a store that is empty, truncated, foreign, from a newer schema,
+damaged, or gone while its marker remains (`hostagent.store.guard`): it never starts billing
+from nothing on its own. `store reset` is the operator's decision to do so: it moves the store,
+its WAL and its marker aside (``state.db.broken-<UTC time>``), says what was lost as far as
+the old file can still be read (pending events, baselines), and the next start creates a fresh
+store. A healthy store, or one a running daemon still writes to, is reset only with --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hostagent.clock import SystemClock
+from hostagent.config.load import Config
+from hostagent.errors import StateCorrupt, StateError
+from hostagent.store import guard
+from hostagent.store.outbox import APP, SCHEMA_VERSION, Store
+
+# A delivery heartbeat younger than this says a daemon is using the store right now.
+LIVE_HEARTBEAT_S = 60.0
+EXIT_REFUSED = 2
+
+
+def add_parser(subparsers: Any, parents: Sequence[Any] = ()) -> None:
+    """Add `store` and its subcommands to the main parser's subparsers."""
+    p = subparsers.add_parser("store", parents=list(parents),
+                              help="check the state store, or move a broken one aside")
+    sub = p.add_subparsers(dest="store_command", required=True)
+    sub.add_parser("check", parents=list(parents),
+                   help="open the state store read-only and run the start-up checks")
+    rs = sub.add_parser("reset", parents=list(parents),
+                        help="move a broken state store aside so the next start begins afresh")
+    rs.add_argument("--force", action="store_true",
+                    help="also reset a healthy store, or one a running daemon uses")
+
+
+def _open_existing(path: Path, node_id: str) -> Store:
+    return Store.open(path, clock=SystemClock(), node_id=node_id, sink_names=(), create=False,
+                      register_sinks=False)
+
+
+def check_store(cfg: Config) -> str:
+    """`check-config`'s look at the store: what start-up would refuse, read without a lock
+    and without creating any file (`guard.peek`); StateCorrupt when start-up would refuse it.
+    Returns a short note."""
+    path = Path(cfg.collector.state_path)
+    if not guard.before_open(path):
+        return "no state store yet (created at the first start)"
+    try:
+        guard.peek(path, APP, SCHEMA_VERSION)
+    except StateCorrupt:
+        raise
+    except StateError as err:  # e.g. no permission to read it as this user
+        return f"state store not checked ({err})"
+    return "state store OK"
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    """Run one `store` subcommand."""
+    if args.store_command == "check":  # every start-up check, the integrity check included
+        path = Path(cfg.collector.state_path)
+        if not guard.before_open(path):
+            print(f"{path}: no state store yet (created at the first start)")
+            return 0
+        _open_existing(path, cfg.host.node_id).close()
+        print(f"{path}: state store OK")
+        return 0
+    return reset(Path(cfg.collector.state_path), cfg.host.node_id, force=args.force)
+
+
+def reset(path: Path, node_id: str, *, force: bool) -> int:
+    """Move the store at `path` aside (see the module doc); the exit status."""
+    marker = guard.marker_path(path)
+    if not path.exists() and not marker.exists():
+        print(f"{path}: no state store here; nothing to reset")
+        return 0
+    problem: str | None = None
+    heartbeat_ns: int | None = None
+    try:
+        store = _open_existing(path, node_id)
+    except StateCorrupt as err:
+        problem = str(err)
+    except StateError as err:
+        print(f"hostagent: {err}; not resetting a store that cannot be inspected")
+        return 1
+    else:
+        meta = store.meta()
+        store.close()
+        heartbeat_ns = int(meta["delivery_heartbeat_ns"]) if "delivery_heartbeat_ns" in meta \
+            else None
+    now_ns = SystemClock().now().wall_ns
+    if problem is None and not force:
+        live = heartbeat_ns is not None and now_ns - heartbeat_ns < LIVE_HEARTBEAT_S * 1e9
+        why = "a daemon is using it (delivery heartbeat is recent)" if live else "it is healthy"
+        print(f"hostagent: {path}: refusing to reset: {why}; pass --force to reset it anyway "
+              "(its baselines and pending events are then lost)")
+        return EXIT_REFUSED
+    lost = guard.inspect(path) if path.exists() and path.stat().st_size > 0 else None
+    moved = guard.move_aside(path, now_ns)
+    print(f"{path}: moved aside: " + ", ".join(str(m) for m in moved))
+    if problem:
+        print(f"reason: {problem}")
+    if lost is None:
+        print("lost: the store file was gone or empty; what it held is unknown")
+    else:
+        def n(v: int | None) -> str:
+            return "unknown" if v is None else str(v)
+
+        print(f"lost: {n(lost.pending_events)} pending event(s) "
+              f"({n(lost.pending_deliveries)} pending deliveries), {n(lost.baselines)} "
+              "baseline(s)" + (f"; partly unreadable: {lost.error}" if lost.error else ""))
+    print("the next start creates a fresh store; instances seen before are billed from then on "
+          "(or from their start with collector.count_preexisting)")
+    return 0

@@ -1,0 +1,115 @@
+"""Every check start-up makes of a loaded config, in one function both `run` and
+`check-config` call (the ansible role validates with `check-config`, so it must refuse what
+`run` would refuse).
+
+`check(cfg)` looks at what a config names outside itself: the rules file, the instance-id
+scheme against the node id, the queue sinks' and the account service's URLs, where the state
+store and the JSONL sinks would be written, the owners signing key, with the API enabled the
+bind address and the TLS files, and then the API's own start-up validation
+(`hostagent.api.startup.validate_startup`: every webhook sink's SSRF guard — allow-list and
+ports — and the key files, JWKS and reserved principals).
+Each defect is a `ConfigError` naming the config file and the key. What only running can
+tell (the API port being taken) is reported by the daemon the same way.
+
+It reads, never writes: nothing is created, opened for writing or bound.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from hostagent.accounting import identity
+from hostagent.alerts import rules_source
+from hostagent.config.load import Config
+from hostagent.config.sinks import JsonlSinkConfig, QueueSinkConfig
+from hostagent.errors import ConfigError
+
+
+def check(cfg: Config) -> None:
+    """Raise ConfigError for the first defect start-up would hit; return when it would start."""
+    src = cfg.source
+    check_writable_path(src, "collector.state_path", cfg.collector.state_path)
+    for i, sink in enumerate(cfg.sinks):
+        if isinstance(sink, JsonlSinkConfig):
+            check_writable_path(src, f"sinks[{i}].path", sink.path)
+        if isinstance(sink, QueueSinkConfig):
+            check_http_url(src, f"sinks[{i}].url", sink.url)
+    if cfg.owners.enabled:
+        check_http_url(src, "owners.url", cfg.owners.url)
+    if cfg.thresholds.rules_path:
+        rules_source.load_rules(cfg.thresholds.rules_path)
+    _as_ours(src, lambda: identity.check_scheme(
+        cfg.collector.instance_id, cfg.host.node_id, cfg.collector.instance_id_xpath, src))
+    if cfg.owners.enabled and cfg.owners.key_file:
+        from hostagent.owners.signing import load_key_file
+
+        load_key_file(cfg.owners.key_file, config_source=src)
+    if cfg.api.enabled:
+        _check_api(cfg)
+    # Webhook guards (allow_list, ports) and the API's key files, JWKS and reserved principals.
+    from hostagent.api.startup import validate_startup
+
+    validate_startup(cfg)
+
+
+def check_writable_path(source: str, key: str, path: str) -> None:
+    """`path` names a file start-up can create or open: not a directory, not under a file."""
+    p = Path(path)
+    if not path or p.name in ("", ".", ".."):
+        raise ConfigError(source, key, "a file path", path)
+    try:
+        if p.exists() and not p.is_file():
+            raise ConfigError(source, key, "a regular file (or none yet)", path,
+                              "it is a directory or a special file: name a file")
+        for parent in p.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(source, key, "a path under directories", path,
+                                      f"{parent} is a regular file, not a directory")
+                return
+    except OSError as err:  # ENAMETOOLONG, ELOOP, EACCES on the way
+        raise ConfigError(source, key, "a usable file path", path,
+                          err.strerror or str(err)) from err
+
+
+def check_http_url(source: str, key: str, url: str) -> None:
+    """`url` is an http(s) URL with a host and a valid port (the clients refuse others)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when out of range or not a number
+    except ValueError as err:
+        raise ConfigError(source, key, "an http:// or https:// URL", url, str(err)) from err
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise ConfigError(source, key, "an http:// or https:// URL with a host", url)
+
+
+
+def _check_api(cfg: Config) -> None:
+    # Imported only when enabled: the web stack costs ~120 ms of start-up otherwise.
+    from hostagent.api.server import check_bind
+
+    api, src = cfg.api, cfg.source
+    _as_ours(src, lambda: check_bind(api))
+    if api.tls_cert_file:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                api.tls_cert_file, api.tls_key_file)
+        except (OSError, ssl.SSLError, ValueError) as err:
+            reason = getattr(err, "strerror", None) or str(err)
+            raise ConfigError(src, "api.tls_cert_file", "a readable PEM certificate chain and "
+                              "its private key (api.tls_key_file)",
+                              f"{api.tls_cert_file}: {reason}",
+                              "fix the paths or the files' permissions") from err
+
+
+def _as_ours(source: str, call: Callable[[], object]) -> None:
+    """Run `call`; a ConfigError it raises with a placeholder file names the config file."""
+    try:
+        call()
+    except ConfigError as err:
+        if err.file.startswith("<") or err.file == "ApiConfig":
+            raise ConfigError(source, err.key, err.expected, err.found, err.fix) from err
+        raise
