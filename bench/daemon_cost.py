@@ -12,7 +12,7 @@ Hosts:
 * `--domains 10,100,1000`: domains of libvirt's test driver inside libvirtd (test+unix://) and a
   generated cgroup tree (bench/pass_cost.py's generator), `--cgroupfs` for real cgroups.
 
-    python bench/daemon_cost.py [--live] [--domains 10,100,1000,5000] [--window 20]
+    python bench/daemon_cost.py [--live] [--domains 10,100,1000,5000] [--window 20] [--repeat 3]
 
 Printed, not asserted (the machines are noisy).
 """
@@ -24,6 +24,7 @@ import contextlib
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -201,40 +202,55 @@ path = "{work}/events.jsonl"
 
 def run_host(label: str, uri: str, root: str, domains: int, args: argparse.Namespace,
              work: Path) -> list[Result]:
-    """The three collectors on one host, one after another."""
+    """The three collectors on one host, one after another (`--repeat` rounds of the three)."""
     results = []
     py = sys.executable
-    for kind, name in (("raw", "raw getAllDomainStats"), ("per-domain", "per-domain calls")):
-        pf = work / f"{kind}.passes"
-        results.append(measure(f"{label}: {name}",
-                               [py, str(Path(__file__)), "--worker", kind, uri,
-                                str(args.interval), str(pf)],
-                               passes_counter(pf), warmup_s=args.warmup, window_s=args.window))
-    state = work / "hostagent"
-    state.mkdir()
-    cfg = hostagent_config(state, uri, root, args.interval)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    results.append(measure(f"{label}: hostagent run", [py, "-m", "hostagent.cli", "--config",
-                                                       str(cfg), "run"],
-                           events_counter(state / "events.jsonl", domains),
-                           warmup_s=args.warmup + 2, window_s=args.window, env=env))
+    for n in range(args.repeat):
+        for kind, name in (("raw", "raw getAllDomainStats"), ("per-domain", "per-domain calls")):
+            pf = work / f"{kind}.{n}.passes"
+            results.append(measure(f"{label}: {name}",
+                                   [py, str(Path(__file__)), "--worker", kind, uri,
+                                    str(args.interval), str(pf)],
+                                   passes_counter(pf), warmup_s=args.warmup,
+                                   window_s=args.window))
+        state = work / f"hostagent.{n}"
+        state.mkdir()
+        cfg = hostagent_config(state, uri, root, args.interval)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        results.append(measure(f"{label}: hostagent run",
+                               [py, "-m", "hostagent.cli", "--config", str(cfg), "run"],
+                               events_counter(state / "events.jsonl", domains),
+                               warmup_s=args.warmup + 2, window_s=args.window, env=env))
     return results
 
 
+def _span(values: list[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else \
+        f"{format(lo, fmt)}–{format(hi, fmt)}"
+
+
 def print_table(host: str, domains: int, results: list[Result]) -> None:
-    print(f"\n{host}: {domains} domains")
+    """One row per collector; with --repeat, each cell is the range over the repeats."""
+    runs = len([r for r in results if r.label.endswith("hostagent run")])
+    print(f"\n{host}: {domains} domains" + (f", {runs} runs (ranges)" if runs > 1 else ""))
     print("| collector | passes | its CPU per pass | per domain | libvirtd CPU per pass | RSS |")
     print("|---|---|---|---|---|---|")
-    base = {r.label.split(": ")[1]: r for r in results}
+    by: dict[str, list[Result]] = {}
     for r in results:
-        print(f"| {r.label.split(': ')[1]} | {r.passes} | {r.cpu_ms_per_pass:.2f} ms | "
-              f"{r.cpu_ms_per_pass / max(domains, 1):.4f} ms | {r.libvirtd_ms_per_pass:.2f} ms | "
-              f"{r.rss_mb:.0f} MB |")
-    ours = base["hostagent run"].cpu_ms_per_pass
-    raw = base["raw getAllDomainStats"].cpu_ms_per_pass
-    per = base["per-domain calls"].cpu_ms_per_pass
-    print(f"ratios: hostagent/raw bulk = {ours / max(raw, 1e-9):.1f}x, "
-          f"per-domain/hostagent = {per / max(ours, 1e-9):.1f}x")
+        by.setdefault(r.label.split(": ")[1], []).append(r)
+    for name, rs in by.items():
+        print(f"| {name} | {sum(r.passes for r in rs)} | "
+              f"{_span([r.cpu_ms_per_pass for r in rs], '.2f')} ms | "
+              f"{_span([r.cpu_ms_per_pass / max(domains, 1) for r in rs], '.4f')} ms | "
+              f"{_span([r.libvirtd_ms_per_pass for r in rs], '.2f')} ms | "
+              f"{_span([r.rss_mb for r in rs], '.0f')} MB |")
+    ours = [r.cpu_ms_per_pass for r in by["hostagent run"]]
+    raw = [r.cpu_ms_per_pass for r in by["raw getAllDomainStats"]]
+    per = [r.cpu_ms_per_pass for r in by["per-domain calls"]]
+    mid = statistics.median(ours)
+    print(f"ratios (medians): hostagent/raw bulk = {mid / max(statistics.median(raw), 1e-9):.1f}x,"
+          f" per-domain/hostagent = {statistics.median(per) / max(mid, 1e-9):.1f}x")
 
 
 def main() -> int:
@@ -246,6 +262,7 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--warmup", type=float, default=4.0)
     ap.add_argument("--window", type=float, default=20.0)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds; cells show the range")
     args = ap.parse_args()
     if args.worker:
         kind, uri, interval, pf = args.worker

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import trio
@@ -115,7 +115,8 @@ class Collector:
                                                pressure=cfg.collector.pressure, fds=self.fds)
         self.files = DomainFiles(HostRoot(cfg.paths.root), cgroup_root=cfg.paths.cgroup_root,
                                  pressure=cfg.collector.pressure, cgroups=self.cgroups,
-                                 links=link_reader)
+                                 links=link_reader,
+                                 monotonic_s=lambda: clock.now().monotonic_ns / 1e9)
         self.inventory = inventory.Inventory()
         self.baselines: dict[str, Baseline] = store.load_baselines() if store is not None else {}
         self.rules = rules
@@ -148,7 +149,8 @@ class Collector:
 
         Raises SourceError only for host-wide failures (no libvirt connection).
         """
-        bulk = await self.libvirt.bulk_stats()
+        got = await self.libvirt.bulk_stats_then(self._early_reads() if only is None else None)
+        bulk = got.bulk
         errors = [ReadError(uuid, brief(name), "stats", brief(why))
                   for uuid, name, why in bulk.failed
                   if only is None or uuid in only]
@@ -164,7 +166,8 @@ class Collector:
                 errors.append(ReadError(d.uuid, brief(d.name), "identity", brief(str(err))))
                 continue
             running.append((d, info, iid))
-        files = await self._read_files([(d, info) for d, info, _ in running])
+        files = await self._read_files([(d, info) for d, info, _ in running],
+                                       early=got.after, ran_out=got.then_ran_out)
         errors.extend(files.errors)
         t_wall_ns = self.clock.now().wall_ns
         gpus, gpu_error = await self._read_gpus([info for _, info, _ in running])
@@ -207,22 +210,50 @@ class Collector:
         for key in [k for k in self._instance_ids if k not in live]:
             del self._instance_ids[key]
 
-    async def _read_files(self, running: Sequence[tuple[DomainStats, DomainInfo]]) -> FilesResult:
+    def _early_reads(self) -> Callable[[tuple[DomainStats, ...]], FilesResult | None]:
+        """The host file reads to run in the bulk call's worker call, right after it answers.
+
+        They need each domain's DomainInfo, known before the call only in steady state: when
+        every listed domain is a known incarnation (same domid and name), its files are read
+        there; otherwise (a new or restarted domain) nothing is, and `_read_files` reads them
+        in a call of its own after the XML. The inventory is snapshotted here, in trio.
+        """
+        known = {uuid: (info, self._facts.get((uuid, info.domid)))
+                 for uuid, info in self.inventory.items()}
+
+        def read(domains: tuple[DomainStats, ...]) -> FilesResult | None:
+            wants = []
+            for d in domains:
+                info, facts = known.get(d.uuid, (None, None))
+                if info is None or info.domid != d.domid or info.name != d.name:
+                    return None
+                wants.append(Want(info, d.stats, facts))
+            return self.files.read(wants)
+
+        return read
+
+    async def _read_files(self, running: Sequence[tuple[DomainStats, DomainInfo]], *,
+                          early: FilesResult | None = None, ran_out: bool = False
+                          ) -> FilesResult:
         """Links, host facts and cgroup files in ONE worker call, bounded by a deadline.
 
-        Past `libvirt.call_timeout_s` the call is abandoned (a hung cgroupfs or /proc read):
+        `early`: they were read in the bulk call's worker call (`_early_reads`); `ran_out`:
+        that call ran past its deadline after the bulk call answered. Past
+        `libvirt.call_timeout_s` the call is abandoned (a hung cgroupfs or /proc read):
         the pass goes on with those readings missing, and `DomainFiles.busy` keeps later passes
         from starting a second call until the abandoned one returns.
         """
-        wants = [Want(info, d.stats, self._facts.get((info.uuid, info.domid)))
-                 for d, info in running]
         timeout_s = self.cfg.libvirt.call_timeout_s
-        result: FilesResult | None = None
+        result: FilesResult | None = early
         why = f"host file reads exceeded {timeout_s} s"
-        with trio.move_on_after(timeout_s):
-            result = await trio.to_thread.run_sync(self.files.read, wants, limiter=self.limiter,
-                                                   abandon_on_cancel=True)
-            why = "host file reads of an earlier pass still blocked"
+        if result is None and not ran_out:
+            wants = [Want(info, d.stats, self._facts.get((info.uuid, info.domid)))
+                     for d, info in running]
+            with trio.move_on_after(timeout_s):
+                result = await trio.to_thread.run_sync(self.files.read, wants,
+                                                       limiter=self.limiter,
+                                                       abandon_on_cancel=True)
+                why = "host file reads of an earlier pass still blocked"
         if result is None:
             log.warning("host file reads skipped", extra={"reason": why})
             return FilesResult(links_error=why, cgroups={

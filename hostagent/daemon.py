@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from hostagent import logs
+from hostagent import heap, logs
 from hostagent.accounting.readings import PassReport
 from hostagent.alerts import central, rules_source
 from hostagent.alerts.rules_source import RulesSource
@@ -248,6 +248,9 @@ class Daemon:
                 return
 
     def _after_pass(self, report: PassReport) -> None:
+        if self.passes_done == 1:
+            heap.settle_heap()
+        heap.release_freed(report.domains)
         fields = {"domains": report.domains, "events": report.events,
                   "duration_s": round(report.duration_s, 4), "cpu_s": round(report.cpu_s, 4),
                   "libvirt_path": report.libvirt_path, "missing": report.missing,

@@ -24,6 +24,7 @@ from hostagent.collector import Collector
 from hostagent.config.load import from_mapping
 from hostagent.model import Baseline
 from hostagent.owners.resolver import Owners
+from hostagent.sources.domain_files import PSI_EVERY_S
 from hostagent.sources.files import HostRoot
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import SysfsLinkReader
@@ -101,6 +102,7 @@ async def test_cgroup_files_are_read_afresh_when_the_root_moves(tmp_path: Path) 
     coll, store = make_collector(host, tmp_path)
     await coll.run_pass()
     host.move_to_t1()
+    host.clock.advance(PSI_EVERY_S)  # PSI files are re-read only every PSI_EVERY_S
     report = await coll.run_pass()
     assert report.samples
     for s in report.samples:
@@ -407,6 +409,33 @@ async def test_hung_host_file_reads_are_abandoned_at_the_deadline(tmp_path: Path
             assert s.missing["cgroup"] == "host file reads of an earlier pass still blocked"
     finally:
         stuck.release.set()
+    store.close()
+
+
+async def test_a_steady_pass_reads_libvirt_and_host_files_in_one_worker_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each thread hand-off costs a wake-up of the event loop: a steady pass makes two, the
+    bulk call with the host file reads, then the commit; a first sight needs the XML first."""
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    calls: list[str] = []
+    real = trio.to_thread.run_sync
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(fn, "__qualname__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    first = await coll.run_pass()
+    n = first.domains
+    # the connection, bulk, each domain's XML, host files, commit
+    assert len(calls) == 1 + 1 + n + 2, calls
+    calls.clear()
+    host.move_to_t1()
+    report = await coll.run_pass()
+    assert report.committed and report.events == report.domains == n > 0
+    assert len(calls) == 2, calls
+    assert all(s.pressure is not None for s in report.samples)  # the files were read
     store.close()
 
 

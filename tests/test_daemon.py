@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
+import os
+import subprocess
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,8 @@ from hostagent.config import live
 from hostagent.config.load import Config
 from hostagent.daemon import Daemon, next_tick_s
 from tests.replay import Host, build_daemon, daemon_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -50,6 +56,20 @@ async def test_passes_commit_and_delivery_drains_before_exit(tmp_path: Path) -> 
     for evs in by_instance.values():
         evs.sort(key=lambda e: e["period_ns"]["start"])
         assert evs[1]["period_ns"]["start"] == evs[0]["period_ns"]["end"]
+
+
+async def test_the_heap_alive_after_the_first_pass_is_frozen(tmp_path: Path) -> None:
+    # full collections then walk only what later passes allocate, not start-up's objects
+    host = Host(tmp_path, "lab-hybrid")
+    daemon, _ = build(tmp_path, host)
+    frozen: list[int] = []
+    daemon.on_pass.append(lambda _report: frozen.append(gc.get_freeze_count()))
+    try:
+        await daemon.run(passes=2)
+    finally:
+        gc.unfreeze()
+    assert frozen[0] > 10_000  # the modules, config and connections
+    assert frozen[1] <= frozen[0]  # once, after the first pass (freed ones leave it)
 
 
 async def test_stop_request_finishes_the_pass_and_exits(tmp_path: Path) -> None:
@@ -189,3 +209,29 @@ async def test_identity_keys_changed_live_have_no_effect_until_restart(tmp_path:
         assert event["host"] == "replay-test"
         assert event["instance_id"] in {g["uuid"] for g in host.meta["guests"]}
         assert isinstance(event["timestamp"], int)  # still unix seconds, not RFC 3339
+
+
+def test_a_daemon_without_http_sinks_or_owners_imports_no_http_stack(tmp_path: Path) -> None:
+    # httpx costs ~18 MB of RSS and coincurve ~5 MB: a host with a JSONL sink needs neither
+    cfg = tmp_path / "hostagent.toml"
+    cfg.write_text(f"""
+[host]
+node_id = "h"
+[libvirt]
+uri = "test:///default"
+[collector]
+state_path = "{tmp_path}/state.db"
+[[sinks]]
+type = "jsonl"
+path = "{tmp_path}/events.jsonl"
+""")
+    script = ("import sys\n"
+              "from hostagent.config.load import load\n"
+              "from hostagent.daemon import Daemon\n"
+              "import hostagent.cli.main\n"
+              f"Daemon.build(load({str(cfg)!r}), config_path=None).store.close()\n"
+              "print(sorted(m for m in ('httpx', 'coincurve', 'Crypto', 'rich', 'click')"
+              " if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

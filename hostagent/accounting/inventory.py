@@ -227,6 +227,10 @@ class Inventory:
         self._shape.pop(uuid, None)
         self._age.pop(uuid, None)
 
+    def items(self) -> list[tuple[str, DomainInfo]]:
+        """Every known domain by UUID (a copy)."""
+        return list(self._by_uuid.items())
+
     def get(self, uuid: str) -> DomainInfo | None:
         """The known DomainInfo, if any."""
         return self._by_uuid.get(uuid)

@@ -40,6 +40,8 @@ from hostagent.store.inspect import Pending
 from hostagent.store.outbox import Outcome, Store
 
 log = logging.getLogger(__name__)
+# A sequential round lets other tasks run after this many instances (~2 ms of sending).
+YIELD_EVERY = 256
 
 
 def _retryable(err: BaseException) -> bool:
@@ -122,8 +124,12 @@ class SinkQueue:
             by_instance.setdefault(p.event.instance_id, []).append(p)
         done: dict[str, Outcome] = {}
         if self.sink.max_in_flight == 1:
-            for events in by_instance.values():
-                await self._send_instance(events, done)
+            # No limiter here: its checkpoint per instance cost one scheduler round (an
+            # epoll_wait) per event. The loop still yields every YIELD_EVERY instances.
+            for n, events in enumerate(by_instance.values(), 1):
+                await self._send_events(events, done)
+                if n % YIELD_EVERY == 0:
+                    await trio.lowlevel.checkpoint()
         else:
             async with trio.open_nursery() as nursery:
                 for events in by_instance.values():
@@ -142,14 +148,17 @@ class SinkQueue:
 
     async def _send_instance(self, events: Sequence[Pending], done: dict[str, Outcome]) -> None:
         async with self._limiter:
-            for i, p in enumerate(events):
-                o = await self._deliver(p)
-                done[p.event.event_id] = o
-                if o.result not in ("acked", "dead"):
-                    # Per instance in period order: the rest wait for this one.
-                    for q in events[i + 1:]:
-                        done[q.event.event_id] = Outcome(q.event.event_id, "skipped")
-                    return
+            await self._send_events(events, done)
+
+    async def _send_events(self, events: Sequence[Pending], done: dict[str, Outcome]) -> None:
+        for i, p in enumerate(events):
+            o = await self._deliver(p)
+            done[p.event.event_id] = o
+            if o.result not in ("acked", "dead"):
+                # Per instance in period order: the rest wait for this one.
+                for q in events[i + 1:]:
+                    done[q.event.event_id] = Outcome(q.event.event_id, "skipped")
+                return
 
     async def _deliver(self, p: Pending) -> Outcome:
         """One round of attempts for one event."""

@@ -13,9 +13,9 @@ Responses are parsed by the pure, type-checked parsers of `hostagent.owners.acco
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-import httpx
 import orjson
 import trio
 
@@ -38,6 +38,9 @@ from hostagent.owners.accounts import (
 )
 from hostagent.owners.signing import Signer
 
+if TYPE_CHECKING:  # imported when used: httpx costs ~18 MB of RSS in a daemon without it
+    import httpx
+
 # --- the client -----------------------------------------------------------------------------
 
 
@@ -50,6 +53,8 @@ class AccountClient:
         self._clock = clock
         self._signer = signer
         self._prefix = "/" + cfg.prefix.strip("/") if cfg.prefix.strip("/") else ""
+        import httpx
+
         self._http = httpx.AsyncClient(
             base_url=cfg.url.rstrip("/"), timeout=httpx.Timeout(cfg.timeout_s),
             transport=transport, follow_redirects=False, trust_env=False,
@@ -76,6 +81,8 @@ class AccountClient:
             if self._signer is None:
                 raise OwnerLookupError(f"{path} needs a signature and no owners.key_file is set")
             headers = self._signer.header_for("GET", path, self._clock.now().wall_ns // 10**9)
+        import httpx
+
         # One deadline for the whole exchange: httpx's per-read timeout alone lets a server
         # that drips a byte every few seconds hold the request forever.
         with trio.move_on_after(self._cfg.timeout_s):

@@ -19,9 +19,6 @@ import re
 import stat
 from dataclasses import dataclass
 
-import coincurve
-from Crypto.Hash import keccak
-
 from hostagent.errors import AuthError, ConfigError
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -38,6 +35,9 @@ def digest_of(message: bytes) -> bytes:
 
 def address_of(public_key: bytes) -> str:
     """Ethereum-style address (lowercase hex, no 0x) of an uncompressed or compressed pubkey."""
+    import coincurve
+    from Crypto.Hash import keccak
+
     point = coincurve.PublicKey(public_key).format(compressed=False)
     h = keccak.new(digest_bits=256)
     h.update(point[1:])
@@ -57,6 +57,8 @@ class Signer:
     def __init__(self, private_key: bytes) -> None:
         if len(private_key) != 32:
             raise ValueError("a secp256k1 private key is 32 bytes")
+        import coincurve  # imported when used (~5 MB of RSS): most hosts sign nothing
+
         try:
             self._key = coincurve.PrivateKey(private_key)
         except ValueError as err:  # zero or >= group order
@@ -102,6 +104,8 @@ def verify(header_value: str) -> Verified:
     if not 0 < s <= _N // 2:
         raise AuthError("signature is not low-S")
     message = bytes.fromhex(msg_hex)
+    import coincurve
+
     try:
         pub = coincurve.PublicKey.from_signature_and_message(
             sig + bytes([int(recid_text)]), digest_of(message), hasher=None

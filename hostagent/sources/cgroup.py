@@ -167,22 +167,24 @@ class CgroupReader:
         if self._fds is not None:
             self._fds.close()
 
-    def read(self, paths: CgroupPaths, *, cpu: bool = True, memory: bool = True) -> CgroupReading:
+    def read(self, paths: CgroupPaths, *, cpu: bool = True, memory: bool = True,
+             pressure: bool = True) -> CgroupReading:
         """Every counter that can be read now; the rest None, with the reason in `missing`.
 
         `cpu=False` / `memory=False` skip those files when the caller already has the figure
-        from libvirt (skipped fields are None with no `missing` entry).
+        from libvirt, `pressure=False` the PSI files when it has recent figures (skipped fields
+        are None with no `missing` entry).
         """
         missing: dict[str, str] = {}
         cpu_ns = self._cpu(paths, missing) if cpu else None
         current, working_set, limit = (self._memory(paths, missing) if memory
                                        else (None, None, None))
         rd, wr, io_source = self._read_io(paths, missing) if self._io else (None, None, None)
-        pressure = self._read_pressure(paths, missing) if self._pressure else None
+        psi = self._read_pressure(paths, missing) if self._pressure and pressure else None
         return CgroupReading(
             cpu_ns=cpu_ns, memory_current_bytes=current, memory_working_set_bytes=working_set,
             memory_limit_bytes=limit, io_read_bytes=rd, io_write_bytes=wr, io_source=io_source,
-            pressure=pressure, missing=missing,
+            pressure=psi, missing=missing,
         )
 
     def _cat(self, host_path: str, key: str, missing: dict[str, str]) -> str | None:

@@ -7,6 +7,11 @@ long that the path gives ENAMETOOLONG), a /proc or cgroup file that cannot be re
 `ReadError` for that domain and a `missing` entry in its reading; the other domains are read
 as usual. A file that is gone (the process exited) is not an error (files.GONE_ERRNOS).
 
+PSI `some avg10` is a 10-second moving average: it is read every PSI_EVERY_S (and on a
+domain's first pass), and the passes between reuse the last figures (at a 1 s interval that
+skips 4 of 5 PSI reads, which on a host where libvirt gives CPU and balloon memory are the
+only cgroup files a pass reads).
+
 The caller bounds the whole call with a deadline and abandons it past that (trio's
 `abandon_on_cancel`); an abandoned call may still be running when the next pass comes, so
 every call takes `busy` without waiting and reports "still blocked" instead of running two
@@ -15,14 +20,17 @@ at once over the same kept-open files.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hostagent.accounting.readings import NO_FACTS, HostFacts, ReadError, ReadStep, brief
 from hostagent.errors import SourceError
-from hostagent.model import CgroupReading, DomainInfo, LinkStats
+from hostagent.model import CgroupPaths, CgroupReading, DomainInfo, LinkStats, Pressure
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import proc
 from hostagent.sources.files import HostRoot
@@ -31,6 +39,9 @@ from hostagent.sources.files import HostRoot
 # cannot be read or parsed), and OS or value errors from paths no file helper saw.
 DOMAIN_READ_ERRORS = (SourceError, OSError, ValueError)
 NO_CGROUP = "cgroup of the QEMU process not found"
+# Seconds between two reads of a domain's PSI files (half the window of the avg10 they give).
+PSI_EVERY_S = 5.0
+PSI_KEY = "cgroup:pressure"  # the `missing` keys of PSI files start with this
 
 Key = tuple[str, int]  # (uuid, domid): one incarnation's key for host facts
 
@@ -74,7 +85,8 @@ class DomainFiles:
     """The pass's blocking reads; `read()` runs in a worker thread, one call per pass."""
 
     def __init__(self, root: HostRoot, *, cgroup_root: str, pressure: bool,
-                 cgroups: cgroup_src.CgroupReader, links: LinkReader) -> None:
+                 cgroups: cgroup_src.CgroupReader, links: LinkReader,
+                 monotonic_s: Callable[[], float] = time.monotonic) -> None:
         self.root = root
         self.cgroup_root = cgroup_root
         self.pressure = pressure
@@ -82,6 +94,10 @@ class DomainFiles:
         self.links = links
         self.busy = threading.Lock()
         self._boot_ns: int | None = None
+        self._now_s = monotonic_s
+        self._psi_read_s = -math.inf
+        # The last PSI figures (and why some are missing) per incarnation, between reads.
+        self._psi: dict[Key, tuple[Pressure | None, dict[str, str]]] = {}
 
     def read(self, wants: Sequence[Want]) -> FilesResult | None:
         """Everything for `wants`; None when an abandoned earlier call still holds the files."""
@@ -93,14 +109,23 @@ class DomainFiles:
                 out.links = self.links.read()
             except DOMAIN_READ_ERRORS as err:
                 out.links_error = brief(f"netlink link dump failed: {err}")
+            now_s = self._now_s()
+            psi_due = now_s - self._psi_read_s >= PSI_EVERY_S
+            if psi_due:
+                self._psi_read_s = now_s
+            last_psi, self._psi = self._psi, {}
             for w in wants:
-                self._one(w, out)
-            self.cgroups.sweep()  # closes the files of domains gone since the last pass
+                self._one(w, out, psi_due, last_psi)
+            if psi_due or not self.pressure:
+                # Closes the files of domains gone since the last sweep (the PSI files are
+                # read only on these passes: sweeping between would close them).
+                self.cgroups.sweep()
             return out
         finally:
             self.busy.release()
 
-    def _one(self, w: Want, out: FilesResult) -> None:
+    def _one(self, w: Want, out: FilesResult, psi_due: bool,
+             last_psi: Mapping[Key, tuple[Pressure | None, dict[str, str]]]) -> None:
         key = (w.info.uuid, w.info.domid)
         missing: dict[str, str] = {}
         facts = w.known
@@ -110,19 +135,40 @@ class DomainFiles:
         out.facts[key] = facts
         want_cpu = "cpu.time" not in w.stats
         want_memory = not has_guest_memory(w.stats)
+        kept = None if psi_due or not self.pressure else last_psi.get(key)
         if want_cpu or want_memory or self.pressure:
             if facts.cgroup is None:
                 out.cgroups[key] = missing.get("cgroup", NO_CGROUP)
             else:
                 try:
-                    out.cgroups[key] = self.cgroups.read(facts.cgroup, cpu=want_cpu,
-                                                         memory=want_memory)
+                    out.cgroups[key] = self._cgroup(key, facts.cgroup, want_cpu, want_memory,
+                                                    kept)
                 except DOMAIN_READ_ERRORS as err:
                     out.cgroups[key] = brief(str(err))
                     out.errors.append(_error(w.info, "cgroup", err))
         missing.pop("cgroup", None)  # reported through out.cgroups
         if missing:
             out.missing[key] = missing
+
+    def _cgroup(self, key: Key, paths: CgroupPaths, cpu: bool, memory: bool,
+                kept: tuple[Pressure | None, dict[str, str]] | None) -> CgroupReading:
+        """The cgroup files wanted now; PSI from `kept` (the last read) when given."""
+        if kept is None:
+            got = self.cgroups.read(paths, cpu=cpu, memory=memory)
+            if self.pressure:
+                self._psi[key] = (got.pressure, {k: v for k, v in got.missing.items()
+                                                 if k.startswith(PSI_KEY)})
+            return got
+        self._psi[key] = kept
+        pressure, psi_missing = kept
+        if cpu or memory:
+            got = self.cgroups.read(paths, cpu=cpu, memory=memory, pressure=False)
+            return dataclasses.replace(got, pressure=pressure,
+                                       missing={**got.missing, **psi_missing})
+        return CgroupReading(cpu_ns=None, memory_current_bytes=None,
+                             memory_working_set_bytes=None, memory_limit_bytes=None,
+                             io_read_bytes=None, io_write_bytes=None, io_source=None,
+                             pressure=pressure, missing=dict(psi_missing))
 
     def _facts(self, info: DomainInfo, missing: dict[str, str],
                errors: list[ReadError]) -> HostFacts:

@@ -235,6 +235,19 @@ def test_event_id_is_deterministic_uuid5_and_sensitive_to_every_part() -> None:
     assert len({eid, *changed}) == 5
 
 
+@given(st.text(), st.text(), st.text(), st.integers(min_value=0, max_value=2**63))
+def test_event_id_is_exactly_the_standard_uuid5(host: str, instance: str, incarnation: str,
+                                                start_ns: int) -> None:
+    # the hand-rolled form (no UUID object) must give the library's bytes for every input
+    assume_encodable = f"{host}|{instance}|{incarnation}|{start_ns}"
+    try:
+        assume_encodable.encode()
+    except UnicodeEncodeError:  # lone surrogates: uuid5 refuses them too
+        return
+    assert event_id(host, instance, incarnation, start_ns) == str(
+        uuid.uuid5(EVENT_ID_NAMESPACE, assume_encodable))
+
+
 def test_event_id_ignores_everything_but_its_key() -> None:
     a = build_usage_event(make_usage(), OWNER, "hv-01", time_format="unix")
     b = build_usage_event(

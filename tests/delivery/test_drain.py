@@ -286,3 +286,38 @@ async def test_a_commit_costs_no_size_check_while_a_healthy_sink_takes(tmp_path:
         assert store.stats()["file"].acked == 10
     finally:
         store.close()
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts the scheduler steps of every task (each step is one pass of trio's run loop)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_a_sequential_round_costs_no_scheduler_step_per_event(tmp_path: Path) -> None:
+    # 600 instances in one batch to a jsonl sink (max_in_flight 1): the round used to take a
+    # limiter checkpoint per instance, one trip through the run loop (and epoll) per event
+    clock = TrioClock()
+    store = Store.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
+    sink = JsonlSink(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
+    d = Delivery(store, [sink], clock, OutboxConfig(batch_size=1000, maintenance_interval_s=3600))
+    d.prepare()
+    store.commit_pass([], [usage_event(f"i{i}", 0) for i in range(600)])
+    steps = TaskSteps()
+    try:
+        async with trio.open_nursery() as nursery:
+            trio.lowlevel.add_instrument(steps)
+            await nursery.start(d.run)
+            with trio.fail_after(20):
+                await d.drained()
+            trio.lowlevel.remove_instrument(steps)
+            nursery.cancel_scope.cancel()
+        assert store.stats()["file"].acked == 600
+    finally:
+        store.close()
+    assert len((tmp_path / "events.jsonl").read_bytes().splitlines()) == 600
+    assert steps.steps < 100, steps.steps  # thread hand-offs and a yield every 256 instances

@@ -195,24 +195,30 @@ def build_sink(cfg: SinkConfig, *, clock: Clock | None = None,
 
 
 def config_routes(sinks: Sequence[SinkConfig]) -> dict[str, Route]:
-    """Each configured sink's route, from its `[[sinks]]` entry (no sink is built)."""
-    from hostagent.delivery.sinks.formation_queue import FormationQueueSink
-    from hostagent.delivery.sinks.jsonl import JsonlSink
-    from hostagent.delivery.sinks.nats_jetstream import NatsSink
-    from hostagent.delivery.sinks.webhook import WebhookSink
+    """Each configured sink's route, from its `[[sinks]]` entry (no sink is built).
 
+    Only the configured kinds' modules are imported: the HTTP and NATS sinks pull in their
+    client stacks (httpx alone ~18 MB of RSS), which a host with a JSONL sink never needs."""
     out: dict[str, Route] = {}
     for cfg in sinks:
         chans: frozenset[str] | None
         if isinstance(cfg, EmailSinkConfig):
             chans = frozenset({cfg.channel})
         elif isinstance(cfg, JsonlSinkConfig):
+            from hostagent.delivery.sinks.jsonl import JsonlSink
+
             chans = JsonlSink.channels
         elif isinstance(cfg, QueueSinkConfig):
+            from hostagent.delivery.sinks.formation_queue import FormationQueueSink
+
             chans = FormationQueueSink.channels
         elif isinstance(cfg, NatsSinkConfig):
+            from hostagent.delivery.sinks.nats_jetstream import NatsSink
+
             chans = NatsSink.channels
         else:
+            from hostagent.delivery.sinks.webhook import WebhookSink
+
             chans = WebhookSink.channels
         out[cfg.name] = Route(frozenset(cfg.kinds), chans)
     return out

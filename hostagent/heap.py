@@ -1,0 +1,54 @@
+"""The daemon's heap between passes: what start-up left is frozen once, and the memory a large
+pass freed goes back to the kernel.
+
+* `settle_heap()` (after the first pass): `gc.freeze()` moves every object alive then
+  (modules, config, connections, caches) out of the collector's sight, so the periodic full
+  collections walk only what later passes allocate (a 48,000-object start-up heap cost
+  ~14 ms per full collection, about every 20 passes).
+* `release_freed(domains)` (after each pass of `TRIM_AT_DOMAINS` domains or more): glibc keeps
+  the memory a pass freed (its readings, samples, events, the bulk stats) for reuse, so RSS
+  stays at the largest pass's high-water mark; `malloc_trim(0)` returns it. At 5,000 domains
+  RSS goes from ~133 MB to ~106 MB for ~0.8 ms of CPU per pass (0.1 % of that pass); below
+  `TRIM_AT_DOMAINS` the gain is a few hundred KB and is not worth the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+from collections.abc import Callable
+
+TRIM_AT_DOMAINS = 100
+
+
+def settle_heap() -> None:
+    """Collect, then freeze what is alive now (once, after start-up and the first pass)."""
+    gc.collect()
+    gc.freeze()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None (another libc, or none found)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed(domains: int) -> bool:
+    """After a pass over `domains` domains: give freed heap back to the kernel when it is
+    worth it; True when it did."""
+    if _TRIM is None or domains < TRIM_AT_DOMAINS:
+        return False
+    _TRIM(0)
+    return True
