@@ -5,10 +5,8 @@ crash before the commit repeats the pass from the old baselines; a crash after i
 the outbox. A failed commit (disk full) leaves the in-memory baselines untouched too, so the next
 successful pass covers the whole gap.
 
-One domain's failed read (its XML, pid file, /proc entry, cgroup, stats or GPU) costs only that
-domain's readings: they are marked missing (or the domain is withheld and keeps its baseline),
-counted by step in `read_errors_total`, and logged once per (domain, step) until it recovers.
-Only host-wide failures (the libvirt connection, the pass deadline, the commit) fail a pass.
+One domain's failed read costs only its readings (marked missing, or the domain withheld with
+its baseline kept; see `read_errors`); only host-wide failures fail a pass.
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ from hostagent.config.load import Config
 from hostagent.errors import SourceError, StateError
 from hostagent.model import Baseline, DomainInfo, DomainStats, GpuReading, OutEvent
 from hostagent.owners.resolver import Owners
+from hostagent.read_errors import ReadErrorLog
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import net as net_src
 from hostagent.sources.domain_files import DomainFiles, FilesResult, LinkReader, Want
@@ -76,12 +75,6 @@ class PassStore(Protocol):
         """ONE transaction: baselines, events, removed baselines, alert state."""
         ...
 
-
-def link_reader_for(cfg: Config) -> LinkReader:
-    """Netlink on a real host; /sys/class/net under the root when it points at a recorded tree."""
-    if cfg.paths.root in ("/", ""):
-        return net_src.LinkStatsReader(timeout_s=cfg.libvirt.call_timeout_s)
-    return net_src.SysfsLinkReader(HostRoot(cfg.paths.root))
 
 
 class Collector:
@@ -128,8 +121,7 @@ class Collector:
             storm.restore(raw_states.get(alerts.STORM_KEY))
         self._facts: dict[tuple[str, int], HostFacts] = {}
         self._instance_ids: dict[tuple[str, int], str] = {}
-        self.read_errors_total: Counter[str] = Counter()
-        self._failing: set[tuple[str, str]] = set()
+        self.read_errors = ReadErrorLog()
         self.last: PassReport | None = None
         self._passes = 0
         self.last_ok_wall_ns: int | None = None
@@ -305,21 +297,6 @@ class Collector:
             self._instance_ids[key] = iid
         return iid
 
-    def note_errors(self, errors: Sequence[ReadError], live: set[str]) -> None:
-        """Count per-domain read errors by step; log each (domain, step) once until it clears."""
-        now: set[tuple[str, str]] = set()
-        for e in errors:
-            self.read_errors_total[e.step] += 1
-            now.add((e.uuid, e.step))
-            if (e.uuid, e.step) not in self._failing:
-                log.warning("domain read failed; its readings are missing until it recovers",
-                            extra={"domain": e.name, "uuid": e.uuid, "step": e.step,
-                                   "error": e.detail})
-        for uuid, step in self._failing - now:
-            if uuid in live:
-                log.info("domain read recovered", extra={"uuid": uuid, "step": step})
-        self._failing = now
-
     # --- the pass ---------------------------------------------------------------------------
 
     async def run_pass(self) -> PassReport:
@@ -341,7 +318,7 @@ class Collector:
             log.error("pass not committed; baselines kept", extra={"error": str(err)})
         report.duration_s = (self.clock.now().monotonic_ns - start.monotonic_ns) / 1e9
         report.cpu_s = time.process_time() - cpu0
-        report.read_errors_total = dict(self.read_errors_total)
+        report.read_errors_total = dict(self.read_errors.total)
         if report.committed:
             self.last_ok_wall_ns = start.wall_ns
         self.last = report
@@ -365,7 +342,7 @@ class Collector:
         host = await self.read_host()
         parent_ns = await self._read_parent_cpu()
         closing = tails.ended(self.tails, host)
-        self.note_errors(host.errors, {r.uuid for r in host.domains})
+        self.read_errors.note(host.errors, {r.uuid for r in host.domains})
         report.libvirt_path, report.timed_out = host.path, host.timed_out
         report.read_errors = host.errors
         acc, samples = ledger.account(

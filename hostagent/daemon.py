@@ -34,7 +34,7 @@ from hostagent.alerts import central, rules_source
 from hostagent.alerts.rules_source import RulesSource
 from hostagent.api.pass_gate import PassGate
 from hostagent.clock import Clock, SystemClock
-from hostagent.collector import Collector, link_reader_for
+from hostagent.collector import Collector
 from hostagent.config import live, preflight
 from hostagent.config.load import Config, load
 from hostagent.config.sinks import WebhookSinkConfig
@@ -45,6 +45,7 @@ from hostagent.notify import Notifier
 from hostagent.owners.resolver import Owners, make_client
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
+from hostagent.sources.net import link_reader_for
 from hostagent.store.outbox import Store
 from hostagent.store.webhooks import WebhookStore
 from hostagent.tailing import TailTasks

@@ -17,10 +17,11 @@ import pytest
 import trio
 
 from hostagent.clock import SystemClock
-from hostagent.collector import Collector, link_reader_for
+from hostagent.collector import Collector
 from hostagent.config.load import from_mapping
 from hostagent.owners.resolver import Owners
 from hostagent.sources.libvirt import LibvirtSource
+from hostagent.sources.net import link_reader_for
 from hostagent.store.outbox import Store
 from hostagent.tailing import TailTasks
 from tests.conftest import unavailable

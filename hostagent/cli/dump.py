@@ -16,7 +16,7 @@ import trio
 from hostagent.accounting import events, sampling
 from hostagent.accounting.assemble import sample_of
 from hostagent.clock import Clock, SystemClock
-from hostagent.collector import Collector, link_reader_for
+from hostagent.collector import Collector
 from hostagent.config.load import Config
 from hostagent.errors import DomainNotFound
 from hostagent.model import Sample
@@ -24,6 +24,7 @@ from hostagent.owners.resolver import Owners
 from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu import GpuSource, describe
 from hostagent.sources.libvirt import LibvirtSource
+from hostagent.sources.net import link_reader_for
 from hostagent.sources.unattributed import parent_cpu_stat, read_parent_cpu_ns
 
 

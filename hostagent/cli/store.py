@@ -22,7 +22,8 @@ from hostagent.clock import SystemClock
 from hostagent.config.load import Config
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.store import guard
-from hostagent.store.outbox import APP, SCHEMA_VERSION, Store
+from hostagent.store.outbox import Store
+from hostagent.store.schema import APP, SCHEMA_VERSION
 
 # A delivery heartbeat younger than this says a daemon is using the store right now.
 LIVE_HEARTBEAT_S = 60.0

@@ -33,13 +33,14 @@ from hostagent.cli import top_view
 from hostagent.cli.outbox import breaker_text
 from hostagent.cli.top_view import DaemonState, Screen, SinkState, SortKey
 from hostagent.clock import Clock, SystemClock
-from hostagent.collector import Collector, link_reader_for
+from hostagent.collector import Collector
 from hostagent.config.load import Config
 from hostagent.errors import HostAgentError
 from hostagent.model import Sample
 from hostagent.owners.resolver import Owners
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
+from hostagent.sources.net import link_reader_for
 from hostagent.store.inspect import SinkStats
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,14 @@ import socket
 import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from hostagent.errors import SourceError, SourceTimeout
 from hostagent.model import LinkStats, Nic, NicCounters
 from hostagent.sources.files import HostRoot
+
+if TYPE_CHECKING:
+    from hostagent.config.load import Config
 
 log = logging.getLogger(__name__)
 
@@ -284,3 +288,10 @@ def nic_counters(
             source=link.source,
         ))
     return tuple(counters), missing
+
+
+def link_reader_for(cfg: Config) -> LinkStatsReader | SysfsLinkReader:
+    """Netlink on a real host; /sys/class/net under the root when it points at a recorded tree."""
+    if cfg.paths.root in ("/", ""):
+        return LinkStatsReader(timeout_s=cfg.libvirt.call_timeout_s)
+    return SysfsLinkReader(HostRoot(cfg.paths.root))
