@@ -76,7 +76,6 @@ class PassStore(Protocol):
         ...
 
 
-
 class Collector:
     """Owns the sources, the inventory and the in-memory baselines; `run_pass()` does one pass."""
 
