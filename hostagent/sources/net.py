@@ -122,12 +122,9 @@ def dump_links(sock: socket.socket, seq: int) -> tuple[dict[str, LinkStats], boo
             off += _align(mlen)
 
 
-class LinkStatsReader:
-    """Host link counters from one netlink dump per call, on a socket kept open across calls.
-
-    Not re-entrant: a second call while one is still running (an abandoned, timed-out worker
-    thread) fails fast with SourceError instead of interleaving on the socket.
-    """
+class NetlinkSocket:
+    """A NETLINK_ROUTE socket kept open across dumps (in `netns` if named), guarded by a lock:
+    one dump at a time; a second caller (an abandoned, timed-out worker thread) fails fast."""
 
     def __init__(self, netns: str | None = None, timeout_s: float = 5.0) -> None:
         self._netns = netns
@@ -135,6 +132,10 @@ class LinkStatsReader:
         self._sock: socket.socket | None = None
         self._seq = 0
         self._lock = threading.Lock()
+
+    def _next_seq(self) -> int:
+        self._seq = self._seq % 0x7FFFFFFF + 1
+        return self._seq
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
@@ -158,6 +159,19 @@ class LinkStatsReader:
             self._sock.close()
             self._sock = None
 
+    def close(self) -> None:
+        """Close the netlink socket (a later read() opens a new one)."""
+        with self._lock:
+            self._drop_socket()
+
+
+class LinkStatsReader(NetlinkSocket):
+    """Host link counters from one netlink dump per call, on a socket kept open across calls.
+
+    Not re-entrant: a second call while one is still running (an abandoned, timed-out worker
+    thread) fails fast with SourceError instead of interleaving on the socket.
+    """
+
     def read(self) -> dict[str, LinkStats]:
         """All links by name; SourceTimeout past `timeout_s`, SourceError when netlink fails."""
         if not self._lock.acquire(blocking=False):
@@ -170,9 +184,8 @@ class LinkStatsReader:
     def _read_locked(self) -> dict[str, LinkStats]:
         failures = interruptions = 0
         while True:
-            self._seq = self._seq % 0x7FFFFFFF + 1
             try:
-                links, interrupted = dump_links(self._socket(), self._seq)
+                links, interrupted = dump_links(self._socket(), self._next_seq())
             except TimeoutError as err:
                 self._drop_socket()
                 raise SourceTimeout(f"link dump: no answer within {self._timeout_s} s") from err
@@ -188,11 +201,6 @@ class LinkStatsReader:
                 interruptions += 1
                 continue
             return links
-
-    def close(self) -> None:
-        """Close the netlink socket (a later read() opens a new one)."""
-        with self._lock:
-            self._drop_socket()
 
 
 class SysfsLinkReader:

@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import threading
 
 from hostagent.errors import SourceError, SourceTimeout
+from hostagent.sources.net import NetlinkSocket
 
-_NETLINK_ROUTE = 0
 _RTM_NEWSTATS, _RTM_GETSTATS = 92, 94
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
@@ -64,31 +63,8 @@ def dump_stats64(sock: socket.socket, seq: int) -> dict[int, tuple[int, int]]:
             off += (mlen + 3) & ~3
 
 
-class LinkStats64Reader:
+class LinkStats64Reader(NetlinkSocket):
     """`read()`: (rx_bytes, tx_bytes) by ifindex, one dump per call on a kept-open socket."""
-
-    def __init__(self, netns: str | None = None, timeout_s: float = 5.0) -> None:
-        self._netns = netns
-        self._timeout_s = timeout_s
-        self._sock: socket.socket | None = None
-        self._seq = 0
-        self._lock = threading.Lock()
-
-    def _socket(self) -> socket.socket:
-        if self._sock is None:
-            if self._netns is None:
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                     _NETLINK_ROUTE)
-            else:
-                from pyroute2 import netns as pr_netns  # heavy; only to enter a named netns
-
-                sock = pr_netns.create_socket(self._netns, family=socket.AF_NETLINK,
-                                              socket_type=socket.SOCK_RAW,
-                                              proto=_NETLINK_ROUTE, flags=0)
-            sock.settimeout(self._timeout_s)
-            sock.bind((0, 0))
-            self._sock = sock
-        return self._sock
 
     def read(self) -> dict[int, tuple[int, int]]:
         """Counters by ifindex; SourceTimeout past `timeout_s`, SourceError on failure."""
@@ -96,26 +72,15 @@ class LinkStats64Reader:
             raise SourceError("a previous stats dump is still running")
         try:
             for attempt in (1, 2):
-                self._seq = self._seq % 0x7FFFFFFF + 1
                 try:
-                    return dump_stats64(self._socket(), self._seq)
+                    return dump_stats64(self._socket(), self._next_seq())
                 except TimeoutError as err:
-                    self._drop()
+                    self._drop_socket()
                     raise SourceTimeout(f"stats dump: no answer in {self._timeout_s} s") from err
                 except (OSError, SourceError) as err:
-                    self._drop()  # a fresh socket fixes one left mid-dump; retry once
+                    self._drop_socket()  # a fresh socket fixes one left mid-dump; retry once
                     if attempt == 2:
                         raise SourceError(f"stats dump failed: {err}") from err
             raise AssertionError("unreachable")  # pragma: no cover
         finally:
             self._lock.release()
-
-    def _drop(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def close(self) -> None:
-        """Close the socket (a later read() opens a new one)."""
-        with self._lock:
-            self._drop()
