@@ -9,6 +9,7 @@ import datetime as dt
 import ipaddress
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -204,26 +205,39 @@ async def test_bad_stream_settings_fail_at_start_in_one_line(
     assert "\n" not in str(err.value)
 
 
+async def assert_refused_for_authorization(make: Callable[[], NatsSink]) -> None:
+    """A refused login is "cannot connect" in one line, naming the authorization failure.
+
+    nats-server sends `-ERR 'Authorization Violation'` and closes; under load the client can
+    see the reset before that line, so the reason must show within three tries."""
+    messages: list[str] = []
+    for _ in range(3):
+        bad = make()
+        with pytest.raises(SinkUnavailable, match="cannot connect") as err:
+            await bad.send(usage_event("i0", 1))
+        await bad.aclose()
+        messages.append(str(err.value))
+        if "uthorization" in messages[-1]:
+            break
+    assert any("uthorization" in m for m in messages), messages
+    assert all("\n" not in m for m in messages)
+
+
 async def test_wrong_credentials_fail_in_one_line(tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text("wrong\n")
     pw.chmod(0o600)
     extra = "authorization { user: hostagent, password: right }"
     with nats_server(tmp_path, extra=extra) as srv:
-        sink = NatsSink(nats_cfg(srv.url, user="hostagent", password_file=str(pw)),
-                        node_id=NODE)
-        with pytest.raises(SinkUnavailable) as err:
-            await sink.send(usage_event("i0", 0))
-        await sink.aclose()
+        await assert_refused_for_authorization(
+            lambda: NatsSink(nats_cfg(srv.url, user="hostagent", password_file=str(pw)),
+                             node_id=NODE))
         pw.write_text("right\n")
         good = NatsSink(nats_cfg(srv.url, user="hostagent", password_file=str(pw)),
                         node_id=NODE)
         await good.send(usage_event("i0", 0))
         lines = await good.report()
         await good.aclose()
-    assert "cannot connect" in str(err.value)
-    assert "uthorization" in str(err.value)
-    assert "\n" not in str(err.value)
     assert any("publish permitted" in line for line in lines)
 
 
@@ -310,12 +324,8 @@ async def test_token_and_nkey_credentials_from_0600_files(tmp_path: Path, kind: 
         good = NatsSink(nats_cfg(srv.url, **{key: str(right)}), node_id=NODE)
         await good.send(usage_event("i0", 0))
         await good.aclose()
-        bad = NatsSink(nats_cfg(srv.url, **{key: str(wrong)}), node_id=NODE)
-        with pytest.raises(SinkUnavailable, match="cannot connect") as err:
-            await bad.send(usage_event("i0", 1))
-        await bad.aclose()
-    assert "uthorization" in str(err.value)
-    assert "\n" not in str(err.value)
+        await assert_refused_for_authorization(
+            lambda: NatsSink(nats_cfg(srv.url, **{key: str(wrong)}), node_id=NODE))
 
 
 async def test_publish_permission_denied_is_named(tmp_path: Path) -> None:
