@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-from pass_cost import RealCgroups, generate  # noqa: E402
+from pass_cost import RealCgroups, generate, per_domain_pass  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STATS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
@@ -59,28 +58,10 @@ def raw_bulk(conn: libvirt.virConnect) -> int:
     return len(conn.getAllDomainStats(STATS, flags))
 
 
-def per_domain(conn: libvirt.virConnect) -> int:
-    """Ceilometer's compute-pollster style: several calls per domain and device, every pass."""
-    n = 0
-    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-        dom.info()
-        tree = ET.fromstring(dom.XMLDesc(0))
-        for disk in tree.findall("devices/disk/target"):
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.blockStats(disk.get("dev"))
-        for tgt in tree.findall("devices/interface/target"):
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.interfaceStats(tgt.get("dev"))
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.memoryStats()
-        n += 1
-    return n
-
-
 def worker(kind: str, uri: str, interval_s: float, passes_file: Path) -> None:
     """Poll until SIGTERM, aligned to the interval; count passes in `passes_file`."""
     conn = libvirt.openReadOnly(uri)
-    fn = raw_bulk if kind == "raw" else per_domain
+    fn = raw_bulk if kind == "raw" else per_domain_pass
     stop = False
 
     def on_term(*_: object) -> None:

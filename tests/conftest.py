@@ -14,6 +14,7 @@ from typing import NoReturn
 import pytest
 
 from tests import lab_support
+from tests.sources.libvirt_proxy import LIBVIRTD_SOCK, SocketProxy
 
 LAB_REQUIRED = os.environ.get("HOSTAGENT_LAB") == "required"
 
@@ -57,3 +58,23 @@ def tmpfs() -> Iterator[Callable[[str], Path]]:
     for mnt in mounts:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
         mnt.rmdir()
+
+
+@pytest.fixture
+def proxy() -> Iterator[SocketProxy]:
+    """A socket proxy in front of libvirtd (test driver): cut or freeze OUR connections the
+    way a libvirtd restart or hang looks to us, without touching the shared libvirtd."""
+    import libvirt
+
+    if not os.path.exists(LIBVIRTD_SOCK) or not os.access(LIBVIRTD_SOCK, os.W_OK):
+        unavailable(f"no writable libvirtd socket at {LIBVIRTD_SOCK}")
+    try:
+        libvirt.open("test+unix:///default").close()
+    except libvirt.libvirtError as err:
+        unavailable(f"libvirtd has no test driver: {err}")
+    with tempfile.TemporaryDirectory(prefix="hostagent-proxy-") as tmp:
+        p = SocketProxy(os.path.join(tmp, "sock"), LIBVIRTD_SOCK)
+        try:
+            yield p
+        finally:
+            p.close()

@@ -6,14 +6,11 @@ short-lived domain is read on its STARTED event, closed out by the next pass, an
 from __future__ import annotations
 
 import os
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
 import orjson
-import pytest
 import trio
 
 from hostagent.clock import SystemClock
@@ -24,26 +21,9 @@ from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import link_reader_for
 from hostagent.store.outbox import Store
 from hostagent.tailing import TailTasks
-from tests.conftest import unavailable
 from tests.sources.libvirt_proxy import SocketProxy
-from tests.sources.test_lifecycle import LIBVIRTD_SOCK, domain_xml
+from tests.sources.test_lifecycle import domain_xml
 from tests.test_collector import store_payloads
-
-
-@pytest.fixture
-def proxy() -> Iterator[SocketProxy]:
-    if not os.path.exists(LIBVIRTD_SOCK) or not os.access(LIBVIRTD_SOCK, os.W_OK):
-        unavailable(f"no writable libvirtd socket at {LIBVIRTD_SOCK}")
-    try:
-        libvirt.open("test+unix:///default").close()
-    except libvirt.libvirtError as err:
-        unavailable(f"libvirtd has no test driver: {err}")
-    with tempfile.TemporaryDirectory(prefix="hostagent-tr-") as tmp:
-        proxy = SocketProxy(os.path.join(tmp, "sock"), LIBVIRTD_SOCK)
-        try:
-            yield proxy
-        finally:
-            proxy.close()
 
 
 async def until(pred: object, what: str, timeout_s: float = 15) -> None:

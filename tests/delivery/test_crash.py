@@ -20,10 +20,10 @@ from hostagent.config.schema import OutboxConfig
 from hostagent.config.sinks import QueueSinkConfig
 from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.formation_queue import FormationQueueSink
-from hostagent.model import Baseline
 from hostagent.store.outbox import Store
 from tests.clocks import TrioClock
-from tests.standins.queue import PERIOD_NS, T0_NS, decode, read_topic, serve_queue
+from tests.delivery.miniature import commit_then_drain
+from tests.standins.queue import T0_NS, decode, read_topic, serve_queue
 from tests.standins.queue import usage_event as make_event
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,26 +41,7 @@ async def child(state: str, url: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(d.run)
         print("ready", flush=True)
-        while True:
-            bases = await trio.to_thread.run_sync(store.load_baselines)
-            ks = {f"i{i}": (bases[f"i{i}"].t_wall_ns - T0_NS) // PERIOD_NS
-                  if f"i{i}" in bases else 0 for i in range(INSTANCES)}
-            todo = {iid: k for iid, k in ks.items() if k < PASSES}
-            if not todo:
-                break
-            events = [make_event(iid, k) for iid, k in todo.items()]
-            new = [Baseline(iid, "inc-1", T0_NS + (k + 1) * PERIOD_NS, k + 1)
-                   for iid, k in todo.items()]
-            await trio.to_thread.run_sync(store.commit_pass, new, events)
-            d.wake()
-            await trio.sleep(0.01)
-        while True:
-            await d.drained()
-            await d.refresh_metrics()
-            if d.metrics().sinks["q"].depth == 0:
-                break
-            await trio.sleep(0.05)
-        print("done", flush=True)
+        await commit_then_drain(store, d, "q", instances=INSTANCES, passes=PASSES)
         nursery.cancel_scope.cancel()
     store.close()
 

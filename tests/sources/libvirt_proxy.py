@@ -9,6 +9,8 @@ import selectors
 import socket
 import threading
 
+LIBVIRTD_SOCK = "/run/libvirt/libvirt-sock"
+
 
 class SocketProxy:
     """Listens on `path`, forwards every connection to `target`; `cut()` closes the current

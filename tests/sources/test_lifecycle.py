@@ -4,11 +4,9 @@ a hung daemon looks like to the client) without disturbing the shared daemon."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import libvirt
 import pytest
@@ -24,10 +22,7 @@ from hostagent.accounting.lifecycle import (
 )
 from hostagent.clock import SystemClock
 from hostagent.sources.lifecycle import LifecycleWatcher, Message, to_event
-from tests.conftest import unavailable
 from tests.sources.libvirt_proxy import SocketProxy
-
-LIBVIRTD_SOCK = "/run/libvirt/libvirt-sock"
 
 
 def domain_xml(name: str) -> str:
@@ -110,21 +105,6 @@ async def test_events_of_the_in_process_test_driver() -> None:
                                                Action.READ_NOW, Action.CLOSE]
     assert watcher.dropped == 0 and watcher.callback_errors == 0
 
-
-@pytest.fixture
-def proxy() -> Iterator[SocketProxy]:
-    if not os.path.exists(LIBVIRTD_SOCK) or not os.access(LIBVIRTD_SOCK, os.W_OK):
-        unavailable(f"no writable libvirtd socket at {LIBVIRTD_SOCK}")
-    try:
-        libvirt.open("test+unix:///default").close()
-    except libvirt.libvirtError as err:
-        unavailable(f"libvirtd has no test driver: {err}")
-    with tempfile.TemporaryDirectory(prefix="hostagent-lc-") as tmp:
-        proxy = SocketProxy(os.path.join(tmp, "sock"), LIBVIRTD_SOCK)
-        try:
-            yield proxy
-        finally:
-            proxy.close()
 
 
 @pytest.mark.parametrize("how", ["cut", "freeze"])

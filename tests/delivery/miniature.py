@@ -1,0 +1,40 @@
+"""The daemon in miniature, shared by the kill -9 chaos tests (queue and NATS): commit passes
+from the persisted baselines, let the delivery drain them, print `done` once the sink's backlog
+is empty. A SIGKILL at any moment leaves what a real daemon would leave."""
+
+from __future__ import annotations
+
+import trio
+
+from hostagent.delivery.engine import Delivery
+from hostagent.model import Baseline
+from hostagent.store.outbox import Store
+from tests.standins.queue import PERIOD_NS, T0_NS
+from tests.standins.queue import usage_event as make_event
+
+
+async def commit_then_drain(store: Store, d: Delivery, sink: str, *, instances: int,
+                            passes: int) -> None:
+    """Commit `passes` periods of `instances` instances (resuming from the baselines), then
+    wait until `sink` has nothing pending; waking the delivery while it waits."""
+    while True:
+        bases = await trio.to_thread.run_sync(store.load_baselines)
+        ks = {f"i{i}": (bases[f"i{i}"].t_wall_ns - T0_NS) // PERIOD_NS
+              if f"i{i}" in bases else 0 for i in range(instances)}
+        todo = {iid: k for iid, k in ks.items() if k < passes}
+        if not todo:
+            break
+        events = [make_event(iid, k) for iid, k in todo.items()]
+        new = [Baseline(iid, "inc-1", T0_NS + (k + 1) * PERIOD_NS, k + 1)
+               for iid, k in todo.items()]
+        await trio.to_thread.run_sync(store.commit_pass, new, events)
+        d.wake()
+        await trio.sleep(0.01)
+    while True:
+        await d.drained()
+        await d.refresh_metrics()
+        if d.metrics().sinks[sink].depth == 0:
+            break
+        d.wake()
+        await trio.sleep(0.05)
+    print("done", flush=True)
