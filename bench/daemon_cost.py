@@ -1,8 +1,9 @@
 """What the host pays: the whole `hostagent run` process per pass, beside a raw bulk call and a
 per-domain collector, each in its own process, measured one after another in ONE run.
 
-For every collector the same window is measured: process CPU (utime+stime of all threads, from
-/proc/<pid>/stat in CLK_TCK), libvirtd's CPU over the same window, and the collector's RSS.
+For every collector the same window is measured: process CPU (run time of all its threads, from
+/proc/<pid>/task/*/schedstat in ns; /proc/<pid>/stat's 10 ms ticks when a thread exited in the
+window), libvirtd's CPU over the same window, and the collector's RSS.
 Each collector polls every `--interval` seconds (hostagent: `collector.interval_s`, JSONL sink,
 delivery included). Passes are counted, not assumed: hostagent's from the events it wrote,
 the others' from the passes they report.
@@ -86,6 +87,35 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def threads_cpu_ns(pid: int) -> tuple[int, frozenset[str]]:
+    """Run time (ns, from /proc/<pid>/task/*/schedstat) of the live threads, and which they are.
+
+    Precise where /proc/<pid>/stat counts 10 ms ticks; a thread that exits in a window takes its
+    time with it, so `window_cpu_s` falls back to the ticks when the thread set shrank."""
+    total, tids = 0, []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            tids.append(tid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return total, frozenset(tids)
+
+
+class CpuMark:
+    """A process's CPU at one moment: the threads' ns and the whole process's ticks."""
+
+    def __init__(self, pid: int) -> None:
+        self.ns, self.tids = threads_cpu_ns(pid)
+        self.ticks_s = cpu_s(pid)
+
+    def until(self, later: CpuMark) -> float:
+        """CPU seconds from this mark to `later` (ns precision unless a thread exited)."""
+        if later.tids >= self.tids:
+            return (later.ns - self.ns) / 1e9
+        return later.ticks_s - self.ticks_s
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -121,11 +151,11 @@ def measure(label: str, cmd: list[str], count: Callable[[], int], *, warmup_s: f
         if proc.poll() is not None:
             err = proc.stderr.read().decode() if proc.stderr else ""
             raise RuntimeError(f"{label} exited: {err[-2000:]}")
-        p0, c0 = count(), cpu_s(proc.pid)
-        l0 = cpu_s(lv) if lv else 0.0
+        p0, c0 = count(), CpuMark(proc.pid)
+        l0 = CpuMark(lv) if lv else None
         time.sleep(window_s)
-        p1, c1 = count(), cpu_s(proc.pid)
-        l1 = cpu_s(lv) if lv else 0.0
+        p1, c1 = count(), CpuMark(proc.pid)
+        l1 = CpuMark(lv) if lv else None
         rss = rss_mb(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -135,7 +165,8 @@ def measure(label: str, cmd: list[str], count: Callable[[], int], *, warmup_s: f
             proc.kill()
             proc.wait()
     n = max(p1 - p0, 1)
-    return Result(label, p1 - p0, (c1 - c0) * 1e3 / n, (l1 - l0) * 1e3 / n, rss)
+    lv_s = l0.until(l1) if l0 is not None and l1 is not None else 0.0
+    return Result(label, p1 - p0, c0.until(c1) * 1e3 / n, lv_s * 1e3 / n, rss)
 
 
 def events_counter(path: Path, domains: int) -> Callable[[], int]:
