@@ -32,6 +32,10 @@ _ERRNO = struct.Struct("=i")
 _RECV_BYTES = 65536
 
 
+class StatsRefused(SourceError):
+    """The kernel answered RTM_GETSTATS with an error (e.g. EOPNOTSUPP before Linux 4.7)."""
+
+
 _REQUEST = _NLMSGHDR.pack(_NLMSGHDR.size + _IF_STATS_MSG.size, _RTM_GETSTATS,
                           _NLM_F_REQUEST | _NLM_F_DUMP, 0, 0) + _IF_STATS_MSG.pack(
     socket.AF_UNSPEC, 0, 0, 0, _FILTER_LINK_64)
@@ -71,7 +75,7 @@ def dump_stats64(sock: socket.socket, seq: int,
                     return out
                 elif mtype == _NLMSG_ERROR:
                     code = -_ERRNO.unpack_from(data, off + 16)[0]
-                    raise SourceError(f"netlink stats dump refused: {os.strerror(code)}")
+                    raise StatsRefused(f"netlink stats dump refused: {os.strerror(code)}")
             off += (mlen + 3) & ~3
 
 
