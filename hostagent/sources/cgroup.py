@@ -12,17 +12,23 @@ kept descriptor never answers for a removed cgroup).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from hostagent.errors import SourceError
 from hostagent.model import CgroupPaths, CgroupReading, ControllerDir, IoSource, Pressure
 from hostagent.sources.fdcache import FdCache
-from hostagent.sources.files import HostRoot, cat, kv_value
+from hostagent.sources.files import HostRoot, cat_bytes, kv_bytes
 
 # libvirt's per-thread children of a VM cgroup; the VM's own cgroup is their parent.
 _THREAD_CHILD = re.compile(r"^(emulator|vcpu\d+|iothread\d+)$")
 # v1 reports "no limit" as PAGE_COUNTER_MAX pages (9223372036854771712 with 4 KiB pages).
 _V1_UNLIMITED_BYTES = 1 << 62
+_MEMORY_KEYS = ("cgroup:memory_current_bytes", "cgroup:memory_working_set_bytes",
+                "cgroup:memory_limit_bytes")
+_PSI_FILES = tuple((r, f"cgroup:pressure.{r}") for r in ("cpu", "memory", "io"))
+# PSI figures of an earlier read and why some were missing (`CgroupReader.read(kept=...)`).
+KeptPressure = tuple[Pressure | None, Mapping[str, str]]
 
 
 # --- locating -----------------------------------------------------------------------------------
@@ -168,35 +174,41 @@ class CgroupReader:
             self._fds.close()
 
     def read(self, paths: CgroupPaths, *, cpu: bool = True, memory: bool = True,
-             pressure: bool = True) -> CgroupReading:
+             pressure: bool = True, kept: KeptPressure | None = None) -> CgroupReading:
         """Every counter that can be read now; the rest None, with the reason in `missing`.
 
         `cpu=False` / `memory=False` skip those files when the caller already has the figure
-        from libvirt, `pressure=False` the PSI files when it has recent figures (skipped fields
-        are None with no `missing` entry).
+        from libvirt, `pressure=False` the PSI files (skipped fields are None with no `missing`
+        entry); `kept`: PSI figures (and why some are missing) from an earlier read, used
+        instead of reading the PSI files.
         """
         missing: dict[str, str] = {}
         cpu_ns = self._cpu(paths, missing) if cpu else None
         current, working_set, limit = (self._memory(paths, missing) if memory
                                        else (None, None, None))
         rd, wr, io_source = self._read_io(paths, missing) if self._io else (None, None, None)
-        psi = self._read_pressure(paths, missing) if self._pressure and pressure else None
+        if kept is not None:
+            psi, kept_missing = kept
+            missing.update(kept_missing)
+        else:
+            psi = self._read_pressure(paths, missing) if self._pressure and pressure else None
         return CgroupReading(
             cpu_ns=cpu_ns, memory_current_bytes=current, memory_working_set_bytes=working_set,
             memory_limit_bytes=limit, io_read_bytes=rd, io_write_bytes=wr, io_source=io_source,
             pressure=psi, missing=missing,
         )
 
-    def _cat(self, host_path: str, key: str, missing: dict[str, str]) -> str | None:
+    def _cat(self, host_path: str, key: str, missing: dict[str, str]) -> bytes | None:
+        """The file's bytes (parsed without decoding: int() and float() take bytes)."""
         path = self._prefix + host_path
         try:
-            text = cat(path) if self._fds is None else self._fds.read(path)
+            data = cat_bytes(path) if self._fds is None else self._fds.read_bytes(path)
         except SourceError as err:
             missing[key] = f"unreadable: {err}"
             return None
-        if text is None:
+        if data is None:
             missing[key] = f"absent: {host_path}"
-        return text
+        return data
 
     def _cpu(self, paths: CgroupPaths, missing: dict[str, str]) -> int | None:
         d = paths.cpu
@@ -204,33 +216,35 @@ class CgroupReader:
             missing["cgroup:cpu_ns"] = paths.missing.get("cpu", "no cpu cgroup")
             return None
         if d.version == 2:
-            text = self._cat(f"{d.path}/cpu.stat", "cgroup:cpu_ns", missing)
-            usage_usec = None if text is None else kv_value(text, "usage_usec")
-            if text is not None and usage_usec is None:
+            data = self._cat(d.path + "/cpu.stat", "cgroup:cpu_ns", missing)
+            if data is None:
+                return None
+            usage_usec = kv_bytes(data, b"usage_usec ")
+            if usage_usec is None:
                 missing["cgroup:cpu_ns"] = f"no usage_usec in {d.path}/cpu.stat"
-            return None if usage_usec is None else usage_usec * 1000
-        text = self._cat(f"{d.path}/cpuacct.usage", "cgroup:cpu_ns", missing)
-        return None if text is None else self._int(text, d.path, "cpuacct.usage",
+                return None
+            return usage_usec * 1000
+        data = self._cat(d.path + "/cpuacct.usage", "cgroup:cpu_ns", missing)
+        return None if data is None else self._int(data, d.path, "cpuacct.usage",
                                                    "cgroup:cpu_ns", missing)
 
     def _memory(
         self, paths: CgroupPaths, missing: dict[str, str]
     ) -> tuple[int | None, int | None, int | None]:
         d = paths.memory
-        keys = ("cgroup:memory_current_bytes", "cgroup:memory_working_set_bytes",
-                "cgroup:memory_limit_bytes")
+        keys = _MEMORY_KEYS
         if d is None:
             why = paths.missing.get("memory", "no memory cgroup")
             missing.update(dict.fromkeys(keys, why))
             return None, None, None
         v2 = d.version == 2
         cur_file = "memory.current" if v2 else "memory.usage_in_bytes"
-        text = self._cat(f"{d.path}/{cur_file}", keys[0], missing)
-        current = None if text is None else self._int(text, d.path, cur_file, keys[0], missing)
-        stat = self._cat(f"{d.path}/memory.stat", keys[1], missing)
+        data = self._cat(f"{d.path}/{cur_file}", keys[0], missing)
+        current = None if data is None else self._int(data, d.path, cur_file, keys[0], missing)
+        stat = self._cat(d.path + "/memory.stat", keys[1], missing)
         # cAdvisor's working set: usage minus inactive file cache (v1: hierarchical total_*).
-        inactive = None if stat is None else kv_value(stat, "inactive_file" if v2
-                                                      else "total_inactive_file")
+        inactive = None if stat is None else kv_bytes(stat, b"inactive_file " if v2
+                                                      else b"total_inactive_file ")
         working_set: int | None = None
         if current is not None and inactive is not None:
             working_set = max(current - inactive, 0)
@@ -239,17 +253,17 @@ class CgroupReader:
                                 else f"no inactive_file in {d.path}/memory.stat")
         limit: int | None = None
         if v2:
-            text = self._cat(f"{d.path}/memory.max", keys[2], missing)
-            if text is not None and text.strip() != "max":
-                limit = self._int(text, d.path, "memory.max", keys[2], missing)
+            data = self._cat(d.path + "/memory.max", keys[2], missing)
+            if data is not None and data.strip() != b"max":
+                limit = self._int(data, d.path, "memory.max", keys[2], missing)
         else:
             # hierarchical_memory_limit is the effective limit (parents included) and saves
             # opening memory.limit_in_bytes; the file is the fallback for odd kernels.
-            limit = None if stat is None else kv_value(stat, "hierarchical_memory_limit")
+            limit = None if stat is None else kv_bytes(stat, b"hierarchical_memory_limit ")
             if limit is None:
-                text = self._cat(f"{d.path}/memory.limit_in_bytes", keys[2], missing)
-                if text is not None:
-                    limit = self._int(text, d.path, "memory.limit_in_bytes", keys[2], missing)
+                data = self._cat(d.path + "/memory.limit_in_bytes", keys[2], missing)
+                if data is not None:
+                    limit = self._int(data, d.path, "memory.limit_in_bytes", keys[2], missing)
             if limit is not None and limit >= _V1_UNLIMITED_BYTES:
                 limit = None
         return current, working_set, limit
@@ -263,10 +277,11 @@ class CgroupReader:
             missing.update(dict.fromkeys(keys, paths.missing.get("io", "no io cgroup")))
             return None, None, None
         name = "io.stat" if d.version == 2 else "blkio.throttle.io_service_bytes"
-        text = self._cat(f"{d.path}/{name}", keys[0], missing)
-        if text is None:
+        data = self._cat(f"{d.path}/{name}", keys[0], missing)
+        if data is None:
             missing[keys[1]] = missing[keys[0]]
             return None, None, None
+        text = data.decode("utf-8", "replace")
         try:
             if d.version == 2:
                 rd, wr = _sum_io_stat(text)
@@ -283,23 +298,23 @@ class CgroupReader:
             missing["cgroup:pressure"] = paths.missing.get("pressure", "no cgroup v2 directory")
             return None
         values: list[float | None] = []
-        for resource in ("cpu", "memory", "io"):
-            key = f"cgroup:pressure.{resource}"
-            text = self._cat(f"{d}/{resource}.pressure", key, missing)
-            value = None if text is None else _some_avg10(text)
-            if text is not None and value is None:
+        for resource, key in _PSI_FILES:
+            data = self._cat(f"{d}/{resource}.pressure", key, missing)
+            value = None if data is None else _some_avg10(data)
+            if data is not None and value is None:
                 missing[key] = f"malformed {d}/{resource}.pressure"
             values.append(value)
-        if all(v is None for v in values):
+        if values[0] is None and values[1] is None and values[2] is None:
             return None
         return Pressure(cpu_some_avg10=values[0], memory_some_avg10=values[1],
                         io_some_avg10=values[2])
 
     @staticmethod
-    def _int(text: str, d: str, name: str, key: str, missing: dict[str, str]) -> int | None:
+    def _int(data: bytes, d: str, name: str, key: str, missing: dict[str, str]) -> int | None:
         try:
-            return int(text)
+            return int(data)
         except ValueError:
+            text = data.decode("utf-8", "replace")
             missing[key] = f"malformed {d}/{name}: {text.strip()[:40]!r}"
             return None
 
@@ -326,12 +341,12 @@ def _sum_blkio(text: str) -> tuple[int, int]:
     return sums["Read"], sums["Write"]
 
 
-def _some_avg10(text: str) -> float | None:
+def _some_avg10(data: bytes) -> float | None:
     """`some avg10=` of a PSI file, in percent."""
-    if not text.startswith("some avg10="):
+    if not data.startswith(b"some avg10="):
         return None
-    end = text.find(" ", 11)
+    end = data.find(b" ", 11)
     try:
-        return float(text[11:end] if end > 0 else text[11:].strip())
+        return float(data[11:end] if end > 0 else data[11:].strip())
     except ValueError:
         return None

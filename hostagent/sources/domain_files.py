@@ -20,7 +20,6 @@ at once over the same kept-open files.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any, Protocol
 
 from hostagent.accounting.readings import NO_FACTS, HostFacts, ReadError, ReadStep, brief
 from hostagent.errors import SourceError
-from hostagent.model import CgroupPaths, CgroupReading, DomainInfo, LinkStats, Pressure
+from hostagent.model import CgroupPaths, CgroupReading, DomainInfo, LinkStats
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import proc
 from hostagent.sources.files import HostRoot
@@ -81,6 +80,14 @@ class FilesResult:
     errors: list[ReadError] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Kept:
+    """A domain's last PSI figures and why some were missing, kept between PSI reads."""
+
+    psi: cgroup_src.KeptPressure
+    alone: CgroupReading | None = None  # the PSI-only reading, made once per PSI read
+
+
 class DomainFiles:
     """The pass's blocking reads; `read()` runs in a worker thread, one call per pass."""
 
@@ -97,7 +104,7 @@ class DomainFiles:
         self._now_s = monotonic_s
         self._psi_read_s = -math.inf
         # The last PSI figures (and why some are missing) per incarnation, between reads.
-        self._psi: dict[Key, tuple[Pressure | None, dict[str, str]]] = {}
+        self._psi: dict[Key, _Kept] = {}
 
     def read(self, wants: Sequence[Want]) -> FilesResult | None:
         """Everything for `wants`; None when an abandoned earlier call still holds the files."""
@@ -125,7 +132,7 @@ class DomainFiles:
             self.busy.release()
 
     def _one(self, w: Want, out: FilesResult, psi_due: bool,
-             last_psi: Mapping[Key, tuple[Pressure | None, dict[str, str]]]) -> None:
+             last_psi: Mapping[Key, _Kept]) -> None:
         key = (w.info.uuid, w.info.domid)
         missing: dict[str, str] = {}
         facts = w.known
@@ -151,24 +158,26 @@ class DomainFiles:
             out.missing[key] = missing
 
     def _cgroup(self, key: Key, paths: CgroupPaths, cpu: bool, memory: bool,
-                kept: tuple[Pressure | None, dict[str, str]] | None) -> CgroupReading:
+                kept: _Kept | None) -> CgroupReading:
         """The cgroup files wanted now; PSI from `kept` (the last read) when given."""
         if kept is None:
             got = self.cgroups.read(paths, cpu=cpu, memory=memory)
             if self.pressure:
-                self._psi[key] = (got.pressure, {k: v for k, v in got.missing.items()
-                                                 if k.startswith(PSI_KEY)})
+                self._psi[key] = _Kept((got.pressure, {k: v for k, v in got.missing.items()
+                                                       if k.startswith(PSI_KEY)}))
             return got
         self._psi[key] = kept
-        pressure, psi_missing = kept
         if cpu or memory:
-            got = self.cgroups.read(paths, cpu=cpu, memory=memory, pressure=False)
-            return dataclasses.replace(got, pressure=pressure,
-                                       missing={**got.missing, **psi_missing})
-        return CgroupReading(cpu_ns=None, memory_current_bytes=None,
-                             memory_working_set_bytes=None, memory_limit_bytes=None,
-                             io_read_bytes=None, io_write_bytes=None, io_source=None,
-                             pressure=pressure, missing=dict(psi_missing))
+            return self.cgroups.read(paths, cpu=cpu, memory=memory, kept=kept.psi)
+        # Only PSI wanted (libvirt gave CPU and memory: a real host's usual pass): the same
+        # reading as last pass, made once per PSI read (nothing mutates a reading's missing).
+        if kept.alone is None:
+            pressure, missing = kept.psi
+            kept.alone = CgroupReading(
+                cpu_ns=None, memory_current_bytes=None, memory_working_set_bytes=None,
+                memory_limit_bytes=None, io_read_bytes=None, io_write_bytes=None,
+                io_source=None, pressure=pressure, missing=dict(missing))
+        return kept.alone
 
     def _facts(self, info: DomainInfo, missing: dict[str, str],
                errors: list[ReadError]) -> HostFacts:

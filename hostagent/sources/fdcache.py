@@ -46,7 +46,7 @@ import weakref
 from dataclasses import dataclass
 
 from hostagent.errors import SourceError
-from hostagent.sources.files import CHUNK_BYTES, cat, gone_or_error, parse_mountinfo
+from hostagent.sources.files import CHUNK_BYTES, cat, cat_bytes, gone_or_error, parse_mountinfo
 
 __all__ = ["FdCache", "FdCacheStats", "cgroup_devices", "default_max_fds"]
 
@@ -137,25 +137,43 @@ class FdCache:
 
     def read(self, path: str) -> str | None:
         """Whole text of the file at `path`; None when gone; SourceError when unreadable."""
+        data = self.read_bytes(path)
+        return None if data is None else data.decode("utf-8", "replace")
+
+    def read_bytes(self, path: str) -> bytes | None:
+        """`read` without the decoding (the callers parse bytes: one object less per file).
+
+        The hit path is one method: take the entry out under the lock, pread, put it back.
+        """
+        entries = self._entries
         with self._lock:
-            entry = self._entries.get(path)
+            entry = entries.get(path)
             if entry is not None:
                 if entry.fd < 0:  # not on cgroupfs: read like cat, every time
                     entry.used = self._gen
                     self._counts["uncached"] += 1
                 else:
-                    del self._entries[path]  # this thread's alone while it reads
+                    del entries[path]  # this thread's alone while it reads
         if entry is None:
             return self._read_new(path)
-        if entry.fd < 0:
-            return cat(path)
+        fd = entry.fd
+        if fd < 0:
+            return cat_bytes(path)
         try:
-            data = self._pread_all(entry.fd)
+            data = os.pread(fd, self._chunk_bytes, 0)
+            if len(data) == self._chunk_bytes:  # the rare long file: read on to EOF
+                data = self._read_on(fd, data)
         except OSError:  # ENODEV: the cgroup was removed; anything else: cat's rules judge
             self._discard(entry, stale=True)
             return self._read_new(path)
-        self._put_back(path, entry, "hits")
-        return data.decode("utf-8", "replace")
+        with self._lock:
+            self._counts["hits"] += 1
+            if not self._closed and path not in entries:
+                entry.used = self._gen
+                entries[path] = entry
+                return data
+        self._discard(entry, stale=False)  # closed meanwhile, or a second reader put one back
+        return data
 
     def sweep(self) -> int:
         """Close the descriptors not read since the previous sweep; how many were closed."""
@@ -183,7 +201,7 @@ class FdCache:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _read_new(self, path: str) -> str | None:
+    def _read_new(self, path: str) -> bytes | None:
         with self._lock:
             keep = not self._closed and self._open < self.max_fds
             if keep:
@@ -191,7 +209,7 @@ class FdCache:
             else:
                 self._counts["uncached"] += 1
         if not keep:
-            return cat(path)
+            return cat_bytes(path)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
@@ -213,19 +231,21 @@ class FdCache:
                 self._release()
         self._put_back(path, _Entry(fd if kept else -1, self._gen),
                        "opened" if kept else "uncached")
-        return data.decode("utf-8", "replace")
+        return data
 
     def _pread_all(self, fd: int) -> bytes:
+        data = os.pread(fd, self._chunk_bytes, 0)
+        return self._read_on(fd, data) if len(data) == self._chunk_bytes else data
+
+    def _read_on(self, fd: int, first: bytes) -> bytes:
+        """The rest of a file whose first chunk came back full: read on to EOF, as cat does."""
         chunk = self._chunk_bytes
-        data = os.pread(fd, chunk, 0)
-        if len(data) == chunk:  # the rare long file: read on to EOF, as cat does
-            parts = [data]
-            offset = chunk
-            while part := os.pread(fd, chunk, offset):
-                parts.append(part)
-                offset += len(part)
-            data = b"".join(parts)
-        return data
+        parts = [first]
+        offset = len(first)
+        while part := os.pread(fd, chunk, offset):
+            parts.append(part)
+            offset += len(part)
+        return b"".join(parts)
 
     def _cgroupfs(self) -> frozenset[int]:
         devs = self._cgroup_devs

@@ -32,6 +32,12 @@ def gone_or_error(err: OSError, verb: str, path: str) -> SourceError | None:
 
 def cat(path: str) -> str | None:
     """Whole text of the file at `path` (already rooted); None when it is gone."""
+    data = cat_bytes(path)
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+def cat_bytes(path: str) -> bytes | None:
+    """`cat` without the decoding: the file's bytes; None when it is gone."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
@@ -51,7 +57,7 @@ def cat(path: str) -> str | None:
         raise error from err
     finally:
         os.close(fd)
-    return data.decode("utf-8", "replace")
+    return data
 
 
 def parse_int(text: str, path: str) -> int:
@@ -77,6 +83,22 @@ def kv_value(text: str, key: str) -> int | None:
     end = text.find("\n", start)
     try:
         return int(text[start:] if end < 0 else text[start:end])
+    except ValueError:
+        return None
+
+
+def kv_bytes(data: bytes, key: bytes) -> int | None:
+    """`kv_value` on undecoded file bytes; `key` ends with the separating space (b"btime ")."""
+    if data.startswith(key):
+        start = len(key)
+    else:
+        at = data.find(b"\n" + key)
+        if at < 0:
+            return None
+        start = at + len(key) + 1
+    end = data.find(b"\n", start)
+    try:
+        return int(data[start:] if end < 0 else data[start:end])
     except ValueError:
         return None
 

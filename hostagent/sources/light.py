@@ -29,7 +29,7 @@ from hostagent.errors import SourceError
 from hostagent.model import CgroupPaths, Nic, NicCounters
 from hostagent.sources.cgroup import _sum_io_stat
 from hostagent.sources.fdcache import FdCache
-from hostagent.sources.files import HostRoot, kv_value
+from hostagent.sources.files import HostRoot, kv_bytes, kv_value
 
 
 class LinkReader(Protocol):
@@ -81,10 +81,11 @@ def target_for(uuid: str, domid: int, paths: CgroupPaths,
                        nics=tuple(nics))
 
 
-def cpu_ns_of(text: str, path: str) -> int | None:
+def cpu_ns_of(text: str | bytes, path: str) -> int | None:
     """CPU ns from a v2 `cpu.stat` (usage_usec) or a v1 `cpuacct.usage` (ns)."""
     if path.endswith("cpu.stat"):
-        usec = kv_value(text, "usage_usec")
+        usec = (kv_value(text, "usage_usec") if isinstance(text, str)
+                else kv_bytes(text, b"usage_usec "))
         return None if usec is None else usec * 1000
     try:
         return int(text)
@@ -120,54 +121,61 @@ class LightSampler:
         out: dict[str, LightReading] = {}
         for t in targets:
             missing: dict[str, str] = {}
-            cpu_ns = self._cpu(t, missing)
-            io = self._io(t, missing) if t.io_stat is not None else None
-            nics: list[NicCounters] = []
-            for n in t.nics:
-                counters = links.get(n.ifindex)
-                if counters is None:
-                    missing[f"net:{n.mac}"] = links_error or f"ifindex {n.ifindex} gone"
-                    continue
-                rx, tx = counters
-                # A tap mirrors the guest (host rx = guest tx); a macvtap shares its view.
-                nics.append(NicCounters(n.mac, n.ifname, n.ifindex,
-                                        guest_rx_bytes=rx if n.shares_view else tx,
-                                        guest_tx_bytes=tx if n.shares_view else rx,
-                                        source="netlink-stats64"))
+            cpu_ns = self._cpu(t.cpu_file, missing)
+            io = self._io(t.io_stat, missing) if t.io_stat is not None else None
+            nics: tuple[NicCounters, ...] = ()
+            if t.nics:
+                nics = self._nics(t.nics, links, links_error, missing)
             out[t.uuid] = LightReading(uuid=t.uuid, domid=t.domid, t_wall_ns=t_wall_ns,
-                                       cpu_ns=cpu_ns, nics=tuple(nics), io=io, missing=missing)
+                                       cpu_ns=cpu_ns, nics=nics, io=io, missing=missing)
         return out
 
-    def _read(self, rel: str, key: str, missing: dict[str, str]) -> str | None:
+    @staticmethod
+    def _nics(want: Sequence[LightNic], links: dict[int, tuple[int, int]],
+              links_error: str | None, missing: dict[str, str]) -> tuple[NicCounters, ...]:
+        nics: list[NicCounters] = []
+        for n in want:
+            counters = links.get(n.ifindex)
+            if counters is None:
+                missing[f"net:{n.mac}"] = links_error or f"ifindex {n.ifindex} gone"
+                continue
+            rx, tx = counters
+            # A tap mirrors the guest (host rx = guest tx); a macvtap shares its view.
+            nics.append(NicCounters(n.mac, n.ifname, n.ifindex,
+                                    guest_rx_bytes=rx if n.shares_view else tx,
+                                    guest_tx_bytes=tx if n.shares_view else rx,
+                                    source="netlink-stats64"))
+        return tuple(nics)
+
+    def _read(self, rel: str, key: str, missing: dict[str, str]) -> bytes | None:
         try:
-            text = self._fds.read(self._prefix + rel)
+            data = self._fds.read_bytes(self._prefix + rel)
         except SourceError as err:
             missing[key] = f"unreadable: {err}"
             return None
-        if text is None:
+        if data is None:
             missing[key] = f"absent: {rel} (cgroup gone: the process ended)"
-        return text
+        return data
 
-    def _cpu(self, t: LightTarget, missing: dict[str, str]) -> int | None:
-        if t.cpu_file is None:
+    def _cpu(self, cpu_file: str | None, missing: dict[str, str]) -> int | None:
+        if cpu_file is None:
             missing["cpu"] = "no per-VM cpu cgroup"
             return None
-        text = self._read(t.cpu_file, "cpu", missing)
-        if text is None:
+        data = self._read(cpu_file, "cpu", missing)
+        if data is None:
             return None
-        cpu_ns = cpu_ns_of(text, t.cpu_file)
+        cpu_ns = cpu_ns_of(data, cpu_file)
         if cpu_ns is None:
-            missing["cpu"] = f"malformed {t.cpu_file}"
+            missing["cpu"] = f"malformed {cpu_file}"
         return cpu_ns
 
-    def _io(self, t: LightTarget, missing: dict[str, str]) -> IoBytes | None:
-        assert t.io_stat is not None
-        text = self._read(t.io_stat, "io", missing)
-        if text is None:
+    def _io(self, io_stat: str, missing: dict[str, str]) -> IoBytes | None:
+        data = self._read(io_stat, "io", missing)
+        if data is None:
             return None
         try:
-            rd, wr = _sum_io_stat(text)
+            rd, wr = _sum_io_stat(data.decode("utf-8", "replace"))
         except ValueError as err:
-            missing["io"] = f"malformed {t.io_stat}: {err}"
+            missing["io"] = f"malformed {io_stat}: {err}"
             return None
         return IoBytes(rd, wr)

@@ -1,9 +1,12 @@
 """Host-side byte counters of network links, matched to guest NICs by tap name, keyed by MAC.
 
-`LinkStatsReader` does ONE RTM_GETLINK dump per pass on a kept-open NETLINK_ROUTE socket and
-decodes only what we need (ifindex, IFLA_IFNAME, IFLA_ADDRESS, IFLA_STATS64, the link kind).
-Decoding every attribute with pyroute2's `IPRoute().get_links()` measured ~16x more CPU per
-link (docs/sources.md); pyroute2 is used to open the socket inside a named
+`LinkStatsReader` reads on a kept-open NETLINK_ROUTE socket: an RTM_GETLINK dump decoding only
+what we need (ifindex, IFLA_IFNAME, IFLA_ADDRESS, IFLA_STATS64, the link kind), and between
+those only the counters: ONE RTM_GETSTATS dump (sources/netstats.py) laid over the last link
+dump's names (see `LinkStatsReader`). Decoding every attribute with pyroute2's
+`IPRoute().get_links()` measured ~16x more CPU per link than our RTM_GETLINK decoding
+(docs/sources.md), which itself costs ~10 µs per link, RTM_GETSTATS ~0.4 µs; pyroute2 is used
+to open the socket inside a named
 network namespace and, in the tests, as the reference decoder. `SysfsLinkReader` reads the
 same counters from /sys/class/net through a `HostRoot` (fixture trees, or a host without
 netlink access). Both are blocking: call them from a worker thread.
@@ -16,8 +19,9 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from hostagent.errors import SourceError, SourceTimeout
 from hostagent.model import LinkStats, Nic, NicCounters
@@ -44,6 +48,8 @@ _ERRNO = struct.Struct("=i")
 _HDR_BYTES = _NLMSGHDR.size + _IFINFOMSG.size
 _RECV_BYTES = 65536  # the kernel fills at most 32 KiB per dump message batch
 _MAX_INTERRUPTED_RETRIES = 2
+# Seconds between two full link dumps when no link came or went (renames, MAC changes).
+NAMES_EVERY_S = 60.0
 
 
 def _align(n: int) -> int:
@@ -166,20 +172,68 @@ class NetlinkSocket:
 
 
 class LinkStatsReader(NetlinkSocket):
-    """Host link counters from one netlink dump per call, on a socket kept open across calls.
+    """Host link counters by name, on a socket kept open across calls.
+
+    Names, MACs and kinds change only when links do: a full RTM_GETLINK dump is made on the
+    first read, every `names_every_s`, and whenever the ifindexes of an RTM_GETSTATS dump are
+    not exactly those of the last link dump (a tap added, deleted, or deleted and made again
+    under the same name: a new ifindex). Between, a read is one RTM_GETSTATS dump (only the
+    64-bit counters, by ifindex: the same `rtnl_link_stats64` as IFLA_STATS64) over the last
+    names. What a kept name map can miss is a rename or a MAC change of a link that stays:
+    its counters are still that link's, under the old name, until the next full dump.
+    A kernel without RTM_GETSTATS (< 4.7) gets a full dump every read.
 
     Not re-entrant: a second call while one is still running (an abandoned, timed-out worker
     thread) fails fast with SourceError instead of interleaving on the socket.
     """
 
-    def read(self) -> dict[str, LinkStats]:
+    def __init__(self, netns: str | None = None, timeout_s: float = 5.0, *,
+                 names_every_s: float = NAMES_EVERY_S,
+                 monotonic_s: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(netns, timeout_s)
+        self._names_every_s = names_every_s
+        self._now_s = monotonic_s
+        self._names: dict[str, LinkStats] = {}  # the last link dump
+        self._ifindexes: frozenset[int] | None = None  # its ifindexes; None: dump again
+        self._names_at = 0.0
+        self._stats_ok = True  # False once the kernel refused RTM_GETSTATS
+        self._buf = bytearray(_RECV_BYTES)
+        self.link_dumps = 0  # full RTM_GETLINK dumps made (tests count them)
+
+    def read(self) -> Mapping[str, LinkStats]:
         """All links by name; SourceTimeout past `timeout_s`, SourceError when netlink fails."""
         if not self._lock.acquire(blocking=False):
             raise SourceError("a previous link dump is still running")
         try:
-            return self._read_locked()
+            if (self._ifindexes is not None and self._stats_ok
+                    and self._now_s() - self._names_at < self._names_every_s):
+                stats = self._stats_locked()
+                if stats is not None and stats.keys() == self._ifindexes:
+                    return _Links(self._names, stats)
+            now_s = self._now_s()
+            links = self._read_locked()
+            self._names, self._names_at = links, now_s
+            self._ifindexes = frozenset(link.ifindex for link in links.values())
+            self.link_dumps += 1
+            return links
         finally:
             self._lock.release()
+
+    def _stats_locked(self) -> dict[int, tuple[int, int]] | None:
+        """One RTM_GETSTATS dump; None when it failed (the full dump then judges netlink)."""
+        from hostagent.sources.netstats import StatsRefused, dump_stats64  # it imports us
+
+        try:
+            return dump_stats64(self._socket(), self._next_seq(), self._buf)
+        except TimeoutError as err:  # netlink hangs: no second wait on a full dump
+            self._drop_socket()
+            raise SourceTimeout(f"stats dump: no answer within {self._timeout_s} s") from err
+        except StatsRefused:
+            self._stats_ok = False  # an old kernel: stop asking
+        except (OSError, SourceError):
+            pass
+        self._drop_socket()  # a fresh socket fixes one left mid-dump
+        return None
 
     def _read_locked(self) -> dict[str, LinkStats]:
         failures = interruptions = 0
@@ -202,6 +256,42 @@ class LinkStatsReader(NetlinkSocket):
                 continue
             return links
 
+
+class _Links(Mapping[str, LinkStats]):
+    """The last link dump's names with this read's counters; a LinkStats made when asked."""
+
+    __slots__ = ("_names", "_stats")
+
+    def __init__(self, names: dict[str, LinkStats], stats: dict[int, tuple[int, int]]) -> None:
+        self._names = names
+        self._stats = stats
+
+    def __getitem__(self, name: str) -> LinkStats:
+        link = self._names[name]
+        rx, tx = self._stats[link.ifindex]  # the same ifindexes: checked before
+        return LinkStats(ifindex=link.ifindex, ifname=link.ifname, mac=link.mac, rx_bytes=rx,
+                         tx_bytes=tx, kind=link.kind)
+
+    def parts(self, name: str) -> tuple[LinkStats | None, int | None, int | None]:
+        """The link dump's entry for `name` (its counters stale) and this read's counters."""
+        link = self._names.get(name)
+        if link is None:
+            return None, None, None
+        rx, tx = self._stats[link.ifindex]
+        return link, rx, tx
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def get(self, name: str, default: Any = None) -> Any:  # nic_counters: one per NIC
+        """The link called `name`, or `default`."""
+        return self[name] if name in self._names else default
 
 class SysfsLinkReader:
     """The same counters from <root>/sys/class/net/<if>/{ifindex,address,statistics/*_bytes}."""
@@ -277,11 +367,15 @@ def nic_counters(
         if not nic.target:
             missing[key] = f"{nic.kind} NIC without a target dev: no host tap to count"
             continue
-        link = links.get(nic.target)
+        if isinstance(links, _Links):  # no LinkStats made for a NIC's link: ~1 µs each
+            link, rx, tx = links.parts(nic.target)
+        else:
+            link = links.get(nic.target)
+            rx, tx = (None, None) if link is None else (link.rx_bytes, link.tx_bytes)
         if link is None:
             missing[key] = f"tap {nic.target} not found on the host (unplugged or renamed?)"
             continue
-        if link.rx_bytes is None or link.tx_bytes is None:
+        if rx is None or tx is None:
             missing[key] = f"{nic.target} has no 64-bit byte counters"
             continue
         # A tap sees the guest's traffic mirrored (host rx = guest tx); a macvtap shares the
@@ -291,8 +385,8 @@ def nic_counters(
             mac=nic.mac,
             ifname=link.ifname,
             ifindex=link.ifindex,
-            guest_rx_bytes=link.rx_bytes if shares_view else link.tx_bytes,
-            guest_tx_bytes=link.tx_bytes if shares_view else link.rx_bytes,
+            guest_rx_bytes=rx if shares_view else tx,
+            guest_tx_bytes=tx if shares_view else rx,
             source=link.source,
         ))
     return tuple(counters), missing

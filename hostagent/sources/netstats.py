@@ -32,20 +32,36 @@ _ERRNO = struct.Struct("=i")
 _RECV_BYTES = 65536
 
 
-def dump_stats64(sock: socket.socket, seq: int) -> dict[int, tuple[int, int]]:
-    """(rx_bytes, tx_bytes) of every link by ifindex, from one RTM_GETSTATS dump on `sock`."""
-    req = _IF_STATS_MSG.pack(socket.AF_UNSPEC, 0, 0, 0, _FILTER_LINK_64)
-    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), _RTM_GETSTATS,
-                             _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + req)
+class StatsRefused(SourceError):
+    """The kernel answered RTM_GETSTATS with an error (e.g. EOPNOTSUPP before Linux 4.7)."""
+
+
+_REQUEST = _NLMSGHDR.pack(_NLMSGHDR.size + _IF_STATS_MSG.size, _RTM_GETSTATS,
+                          _NLM_F_REQUEST | _NLM_F_DUMP, 0, 0) + _IF_STATS_MSG.pack(
+    socket.AF_UNSPEC, 0, 0, 0, _FILTER_LINK_64)
+_SEQ = struct.Struct("=I")  # nlmsghdr.seq at offset 8
+
+
+def dump_stats64(sock: socket.socket, seq: int,
+                 buf: bytearray | None = None) -> dict[int, tuple[int, int]]:
+    """(rx_bytes, tx_bytes) of every link by ifindex, from one RTM_GETSTATS dump on `sock`.
+
+    `buf`: a receive buffer of at least _RECV_BYTES to reuse across dumps (its owner must not
+    share it between threads); without it one is made for this dump.
+    """
+    req = bytearray(_REQUEST)
+    _SEQ.pack_into(req, 8, seq)
+    sock.send(req)
     out: dict[int, tuple[int, int]] = {}
     unpack_hdr = _NLMSGHDR.unpack_from
     unpack_stats = _STATS_MSG.unpack_from
     need = _STATS_MSG.size
+    data = bytearray(_RECV_BYTES) if buf is None else buf
     while True:
-        data = sock.recv(_RECV_BYTES)
-        if not data:
+        end = sock.recv_into(data, _RECV_BYTES)
+        if not end:
             raise SourceError("netlink stats dump: socket closed")
-        off, end = 0, len(data)
+        off = 0
         while off + 16 <= end:
             mlen, mtype, _, mseq, _ = unpack_hdr(data, off)
             if mlen < 16 or off + mlen > end:
@@ -59,12 +75,15 @@ def dump_stats64(sock: socket.socket, seq: int) -> dict[int, tuple[int, int]]:
                     return out
                 elif mtype == _NLMSG_ERROR:
                     code = -_ERRNO.unpack_from(data, off + 16)[0]
-                    raise SourceError(f"netlink stats dump refused: {os.strerror(code)}")
+                    raise StatsRefused(f"netlink stats dump refused: {os.strerror(code)}")
             off += (mlen + 3) & ~3
 
 
 class LinkStats64Reader(NetlinkSocket):
-    """`read()`: (rx_bytes, tx_bytes) by ifindex, one dump per call on a kept-open socket."""
+    """`read()`: (rx_bytes, tx_bytes) by ifindex, one dump per call on a kept-open socket
+    into a kept receive buffer (the lock makes it one dump at a time)."""
+
+    _buf: bytearray | None = None
 
     def read(self) -> dict[int, tuple[int, int]]:
         """Counters by ifindex; SourceTimeout past `timeout_s`, SourceError on failure."""
@@ -73,7 +92,9 @@ class LinkStats64Reader(NetlinkSocket):
         try:
             for attempt in (1, 2):
                 try:
-                    return dump_stats64(self._socket(), self._next_seq())
+                    if self._buf is None:
+                        self._buf = bytearray(_RECV_BYTES)
+                    return dump_stats64(self._socket(), self._next_seq(), self._buf)
                 except TimeoutError as err:
                     self._drop_socket()
                     raise SourceTimeout(f"stats dump: no answer in {self._timeout_s} s") from err

@@ -87,3 +87,30 @@ def test_a_new_incarnation_reads_psi_at_once(tmp_path: Path) -> None:
     got = result.cgroups[("u-beta", 8)]
     assert isinstance(got, CgroupReading) and got.pressure is not None
     assert got.pressure.cpu_some_avg10 == 7.25
+
+
+def test_between_psi_reads_no_file_is_read_and_the_reading_is_the_last(tmp_path: Path) -> None:
+    files, want, _, clock, fds = setup(tmp_path)
+    first = files.read([want])
+    assert first is not None
+    reads = fds.stats().hits + fds.stats().opened + fds.stats().uncached
+    clock.now_s += 1
+    second, third = files.read([want]), files.read([want])
+    assert second is not None and third is not None
+    assert fds.stats().hits + fds.stats().opened + fds.stats().uncached == reads
+    # libvirt gave CPU and memory: the PSI-only reading is made once per PSI read
+    assert second.cgroups[("u-beta", 7)] is third.cgroups[("u-beta", 7)]
+    assert second.cgroups[("u-beta", 7)] == first.cgroups[("u-beta", 7)]
+
+
+def test_kept_psi_joins_the_cpu_and_memory_read_between_psi_reads(tmp_path: Path) -> None:
+    files, want, _, clock, _ = setup(tmp_path)
+    bare = Want(want.info, {}, want.known)  # no libvirt figures: cgroup CPU and memory too
+    first = files.read([bare])
+    clock.now_s += 1
+    second = files.read([bare])
+    assert first is not None and second is not None
+    a, b = first.cgroups[("u-beta", 7)], second.cgroups[("u-beta", 7)]
+    assert isinstance(a, CgroupReading) and isinstance(b, CgroupReading)
+    assert a == b and a.cpu_ns is not None and a.memory_current_bytes is not None
+    assert list(a.missing) == list(b.missing)  # the same keys in the same order

@@ -14,7 +14,9 @@ from hostagent.errors import SourceError
 from hostagent.sources.files import (
     HostRoot,
     cat,
+    cat_bytes,
     cgroup_mounts,
+    kv_bytes,
     kv_value,
     parse_kv,
     parse_mountinfo,
@@ -122,6 +124,22 @@ def test_kv_value_finds_whole_keys_only() -> None:
     assert kv_value(text, "bad") is None
     assert kv_value("usage_usec 12", "usage_usec") == 12  # no trailing newline
     assert kv_value("", "usage_usec") is None
+
+
+def test_kv_bytes_agrees_with_kv_value() -> None:
+    texts = ["total_inactive_file 5\ninactive_file 3\nhierarchical_memory_limit 9\nbad x\n",
+             "usage_usec 12", "", "usage_usec\n", "x 1\nusage_usec  7 \n", "usage_usec -3\n"]
+    for text in texts:
+        for key in ("inactive_file", "total_inactive_file", "hierarchical_memory_limit", "file",
+                    "bad", "usage_usec", "x"):
+            assert kv_bytes(text.encode(), f"{key} ".encode()) == kv_value(text, key), (text, key)
+
+
+def test_cat_bytes_is_cat_undecoded(tmp_path: Path) -> None:
+    text = "".join(f"key{i} {i}\n" for i in range(5000))
+    (tmp_path / "big").write_text(text)
+    assert cat_bytes(str(tmp_path / "big")) == text.encode()
+    assert cat_bytes(str(tmp_path / "absent")) is None
 
 
 def test_parse_kv_skips_malformed_lines() -> None:
