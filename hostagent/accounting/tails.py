@@ -25,7 +25,7 @@ from hostagent.accounting.readings import DomainReading, HostReading
 Key = tuple[str, int]  # (uuid, domid)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Tail:
     """One incarnation's last readings since the last pass."""
 
