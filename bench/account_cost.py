@@ -113,7 +113,7 @@ def host(doms: list[DomainInfo], k: int, shape: str) -> HostReading:
     return HostReading(t_wall_ns=t_ns, domains=rs, listed={d.uuid: d.name for d in doms})
 
 
-def run(n: int, passes: int, shape: str) -> None:
+def run(n: int, passes: int, shape: str, gc_off: bool = False) -> None:
     doms = infos(n)
     owners = Unassigned()
     baselines: dict[str, Baseline] = {}
@@ -124,6 +124,8 @@ def run(n: int, passes: int, shape: str) -> None:
     for k in range(passes + 1):
         h = host(doms, k, shape)
         gc.collect()
+        if gc_off:
+            gc.disable()
         c0 = time.process_time()
         closing = tails.ended(tl, h)
         acc, samples = ledger.account(baselines, h.domains, owners=owners, settings=SETTINGS,
@@ -132,6 +134,7 @@ def run(n: int, passes: int, shape: str) -> None:
             baselines[b.instance_id] = b
         tl = tails.after_pass(tl, h, [c.key for c in closing])
         cpus.append(time.process_time() - c0)
+        gc.enable()
         events += len(acc.events)
         kept = (tuple(acc.usages), tuple(samples))
     cpu_us = statistics.median(cpus[1:]) * 1e6 / n
@@ -152,7 +155,7 @@ def run(n: int, passes: int, shape: str) -> None:
     retained = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     del new_baselines, new_tails, kept
-    print(f"{shape:<10} {n:>6} domains | account+after_pass {cpu_us:7.2f} us/domain "
+    print(f"{shape:<10} {n:>6} domains{' gc off' if gc_off else ''} | account+after_pass {cpu_us:7.2f} us/domain "
           f"(median of {passes}) | retained {retained / n:7.0f} B/domain "
           f"(baselines, tails, usages, samples) | {events} events")
 
@@ -162,9 +165,12 @@ def main() -> int:
     ap.add_argument("--domains", type=int, default=1000)
     ap.add_argument("--passes", type=int, default=20)
     ap.add_argument("--shape", choices=["testdriver", "live", "both"], default="both")
+    ap.add_argument("--gc-off", action="store_true", help="also measure with gc disabled")
     args = ap.parse_args()
     for shape in (["testdriver", "live"] if args.shape == "both" else [args.shape]):
         run(args.domains, args.passes, shape)
+        if args.gc_off:
+            run(args.domains, args.passes, shape, gc_off=True)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ from typing import Any, Literal
 
 import orjson
 
-from hostagent.model import OutEvent, Owner, Pressure, Usage
+from hostagent.model import OutEvent, Owner, Usage
 
 EVENT_TYPE = "resource_usage"
 SCHEMA_VERSION = "1.0"
@@ -149,8 +148,19 @@ def build_usage_event(u: Usage, owner: Owner, host: str, *, time_format: TimeFor
     gpu_util = u.gpu_util_avg
     if gpu_util is not None and gpu_util - gpu_util == 0.0:
         metrics["gpu_util_avg"] = round(gpu_util, 6)
-    if u.pressure is not None:
-        pressure = _pressure(u.pressure)
+    p = u.pressure
+    if p is not None:
+        # PSI some-avg10 percentages that are known (mostly 0.0, which rounds to itself).
+        pressure: dict[str, float] = {}
+        v = p.cpu_some_avg10
+        if v is not None and v - v == 0.0:
+            pressure["cpu"] = v if v == 0.0 else round(v, 6)
+        v = p.memory_some_avg10
+        if v is not None and v - v == 0.0:
+            pressure["memory"] = v if v == 0.0 else round(v, 6)
+        v = p.io_some_avg10
+        if v is not None and v - v == 0.0:
+            pressure["io"] = v if v == 0.0 else round(v, 6)
         if pressure:
             metrics["pressure"] = pressure
 
@@ -177,23 +187,6 @@ def build_usage_event(u: Usage, owner: Owner, host: str, *, time_format: TimeFor
     if missing:
         event["missing"] = missing
     return OutEvent(eid, EVENT_TYPE, iid, start_ns, end_ns, orjson.dumps(event))
-
-
-def _rounded(value: float | None) -> float | None:
-    """A ratio rounded to 6 decimals; NaN/inf (never valid JSON numbers) count as unknown."""
-    if value is None or not math.isfinite(value):
-        return None
-    return round(value, 6)
-
-
-def _pressure(p: Pressure) -> dict[str, float]:
-    """PSI some-avg10 percentages that are known, by resource."""
-    out: dict[str, float] = {}
-    for key, v in (("cpu", p.cpu_some_avg10), ("memory", p.memory_some_avg10),
-                   ("io", p.io_some_avg10)):
-        if v is not None and v - v == 0.0:
-            out[key] = round(v, 6)
-    return out
 
 
 def semantic_errors(event: Mapping[str, Any]) -> list[str]:

@@ -118,45 +118,45 @@ def usage(
     storage_bytes, capacity_bytes = _storage(cur, missing, disk_flagged)
     utils = [g.util_percent for g in cur.gpus if g.util_percent is not None] if gpu_count else ()
 
+    # Positional, in the field order (keyword binding of 26 arguments costs ~1 µs a call).
     result = Usage(
-        instance_id=cur.instance_id,
-        uuid=cur.uuid,
-        name=cur.name,
-        incarnation=cur.incarnation,
-        new_incarnation=new_incarnation,
-        period_start_ns=base.t_wall_ns,
-        period_end_ns=cur.t_wall_ns,
-        vcpus=cur.vcpus,
-        memory_alloc_bytes=cur.memory_alloc_bytes,
-        cpu_ns=cpu_delta_ns,
-        cpu_seconds=cpu_seconds,
-        cpu_percent_avg=cpu_percent,
-        memory_bytes=None if memory is None else memory.used_bytes,
-        memory_source=None if memory is None else memory.source,
-        memory_percent=memory_percent,
-        storage_bytes=storage_bytes,
-        storage_capacity_bytes=capacity_bytes,
-        net_egress_bytes=egress_bytes,
-        net_ingress_bytes=ingress_bytes,
-        disk_read_bytes=read_bytes,
-        disk_write_bytes=write_bytes,
-        gpu_count=gpu_count,
-        gpu_seconds=gpu_seconds,
-        gpu_util_avg=sum(utils) / len(utils) if utils else None,
-        pressure=cur.pressure,
-        missing=missing,
+        cur.instance_id,  # instance_id
+        cur.uuid,  # uuid
+        cur.name,  # name
+        cur.incarnation,  # incarnation
+        new_incarnation,  # new_incarnation
+        base.t_wall_ns,  # period_start_ns
+        cur.t_wall_ns,  # period_end_ns
+        cur.vcpus,  # vcpus
+        cur.memory_alloc_bytes,  # memory_alloc_bytes
+        cpu_delta_ns,  # cpu_ns
+        cpu_seconds,  # cpu_seconds
+        cpu_percent,  # cpu_percent_avg
+        None if memory is None else memory.used_bytes,  # memory_bytes
+        None if memory is None else memory.source,  # memory_source
+        memory_percent,  # memory_percent
+        storage_bytes,  # storage_bytes
+        capacity_bytes,  # storage_capacity_bytes
+        egress_bytes,  # net_egress_bytes
+        ingress_bytes,  # net_ingress_bytes
+        read_bytes,  # disk_read_bytes
+        write_bytes,  # disk_write_bytes
+        gpu_count,  # gpu_count
+        gpu_seconds,  # gpu_seconds
+        sum(utils) / len(utils) if utils else None,  # gpu_util_avg
+        cur.pressure,  # pressure
+        missing,  # missing
     )
     new_base = Baseline(
-        instance_id=cur.instance_id,
-        incarnation=(cur.incarnation if new_incarnation or ":" in cur.incarnation
-                     else base.incarnation),
-        t_wall_ns=cur.t_wall_ns,
-        cpu_ns=cpu_base,
-        cpu_carry_ns=cpu_carry_ns,
-        gpu_carry_ns=gpu_carry_ns,
-        cpu_t_wall_ns=cpu_t_wall_ns,
-        nics=nics,
-        disks=disks,
+        cur.instance_id,
+        cur.incarnation if new_incarnation or ":" in cur.incarnation else base.incarnation,
+        cur.t_wall_ns,
+        cpu_base,
+        cpu_carry_ns,
+        gpu_carry_ns,
+        nics,
+        disks,
+        cpu_t_wall_ns,
     )
     return result, new_base
 

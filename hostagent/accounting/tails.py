@@ -92,9 +92,10 @@ def ended(tails: Mapping[Key, Tail], host: HostReading) -> list[Closing]:
 def after_pass(tails: Mapping[Key, Tail], host: HostReading,
                closed: Iterable[Key]) -> dict[Key, Tail]:
     """The tails after a committed pass: closed ones dropped, every reading a fresh anchor."""
-    out = {k: t for k, t in tails.items() if k not in set(closed)}
-    for r in host.domains:
-        out[(r.uuid, r.info.domid)] = Tail(anchor=r)
+    out = dict(tails)  # a copy: the pass may still fail before it commits
+    for k in closed:
+        out.pop(k, None)
+    out.update({(r.info.uuid, r.info.domid): Tail(r) for r in host.domains})
     return out
 
 
