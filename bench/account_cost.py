@@ -155,7 +155,8 @@ def run(n: int, passes: int, shape: str, gc_off: bool = False) -> None:
     retained = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     del new_baselines, new_tails, kept
-    print(f"{shape:<10} {n:>6} domains{' gc off' if gc_off else ''} | account+after_pass {cpu_us:7.2f} us/domain "
+    label = f"{shape}{' gc off' if gc_off else ''}"
+    print(f"{label:<17} {n:>6} domains | account+after_pass {cpu_us:7.2f} us/domain "
           f"(median of {passes}) | retained {retained / n:7.0f} B/domain "
           f"(baselines, tails, usages, samples) | {events} events")
 

@@ -61,17 +61,16 @@ def memory_reading(
     if available is not None:
         usable = _int(stats, "balloon.usable")
         if usable is not None and 0 <= usable <= available:
-            return MemoryReading(used_bytes=(available - usable) * KIB, source="balloon")
+            return MemoryReading((available - usable) * KIB, "balloon")
         unused = _int(stats, "balloon.unused")
         if unused is not None and 0 <= unused <= available:
             caches = _int(stats, "balloon.disk_caches") or 0
-            return MemoryReading(used_bytes=max(available - unused - caches, 0) * KIB,
-                                 source="balloon")
+            return MemoryReading(max(available - unused - caches, 0) * KIB, "balloon")
     if cgroup_working_set_bytes is not None:
-        return MemoryReading(used_bytes=cgroup_working_set_bytes, source="cgroup")
+        return MemoryReading(cgroup_working_set_bytes, "cgroup")
     rss = _int(stats, "balloon.rss")
     if rss is not None:
-        return MemoryReading(used_bytes=rss * KIB, source="rss")
+        return MemoryReading(rss * KIB, "rss")
     return None
 
 
@@ -91,8 +90,7 @@ def libvirt_nics(info: DomainInfo, stats: Mapping[str, Any]) -> dict[str, NicCou
         tx = _int(stats, tx_key)
         if mac is None or rx is None or tx is None:
             continue
-        out[mac] = NicCounters(mac=mac, ifname=str(name), ifindex=None, guest_rx_bytes=rx,
-                               guest_tx_bytes=tx, source="libvirt")
+        out[mac] = NicCounters(mac, str(name), None, rx, tx, "libvirt")
     return out
 
 
@@ -154,10 +152,13 @@ def _sample(info: DomainInfo, instance_id: str, stats: Mapping[str, Any], t_wall
 
     nics: list[NicCounters] = []
     if info.nics:
-        from_libvirt = libvirt_nics(info, stats)
+        from_libvirt: dict[str, NicCounters] | None = None  # only when netlink lacks a NIC
         for nic in info.nics:
-            got = (netlink_nics.get(nic.mac) if netlink_nics else None) \
-                or from_libvirt.get(nic.mac)
+            got = netlink_nics.get(nic.mac) if netlink_nics else None
+            if got is None:
+                if from_libvirt is None:
+                    from_libvirt = libvirt_nics(info, stats)
+                got = from_libvirt.get(nic.mac)
             if got is not None:
                 nics.append(got)
             else:

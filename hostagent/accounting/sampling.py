@@ -87,7 +87,7 @@ def usage(
 
     missing: dict[str, str] = {}
     # Whole devices flagged missing, found in one walk over `cur.missing` (mostly empty).
-    net_flagged, disk_flagged = _flagged(cur.missing) if cur.missing else ((), ())
+    net_flagged, disk_flagged = _flagged(cur.missing) if cur.missing else (_NONE, _NONE)
     cpu_delta_ns, cpu_base, cpu_known = _cpu(base, cur, missing)
     nics, egress_bytes, ingress_bytes = _nics(base, cur, missing, net_flagged)
     disks, read_bytes, write_bytes = _disks(base, cur, missing, disk_flagged)
@@ -210,18 +210,27 @@ def _missing_keys(missing: Mapping[str, str], prefix: str) -> list[str]:
     return list(net if prefix == "net:" else disk)
 
 
-def _flagged(missing: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(MACs, disk targets) flagged missing as whole devices, in `missing`'s order, once each.
+# Shared empty results (never mutated: Baseline's device maps are read-only Mappings).
+_NONE: Mapping[str, str] = {}
+_NO_NICS: Mapping[str, NicBase] = {}
+_NO_DISKS: Mapping[str, DiskBase] = {}
 
-    A MAC is lowercased; `disk:<target>:<counter>` is a sub-counter, not a whole disk."""
-    net: dict[str, None] = {}
-    disk: dict[str, None] = {}
+
+def _flagged(missing: Mapping[str, str]) -> tuple[Mapping[str, str], Mapping[str, str]]:
+    """(MAC → key, disk target → key) of whole devices flagged missing, in `missing`'s order.
+
+    A MAC is lowercased (its key `net:<mac>` then reuses `missing`'s string where it is the
+    same); `disk:<target>:<counter>` is a sub-counter, not a whole disk."""
+    net: dict[str, str] = {}
+    disk: dict[str, str] = {}
     for key in missing:
         if key.startswith("net:"):
-            net[key[4:].lower()] = None
+            rest = key[4:]
+            mac = rest.lower()
+            net[mac] = key if rest == mac else "net:" + mac
         elif key.startswith("disk:") and ":" not in key[5:]:
-            disk[key[5:]] = None
-    return tuple(net), tuple(disk)
+            disk[key[5:]] = key
+    return net, disk
 
 
 def _counter(
@@ -254,14 +263,16 @@ _ZERO_DISK = DiskBase(0, 0)  # a hot-plugged disk (or a new process): counters f
 
 
 def _nics(
-    base: Baseline, cur: Sample, missing: dict[str, str], flagged: tuple[str, ...] = ()
-) -> tuple[dict[str, NicBase], int, int]:
+    base: Baseline, cur: Sample, missing: dict[str, str], flagged: Mapping[str, str] = _NONE
+) -> tuple[Mapping[str, NicBase], int, int]:
     """New NIC baselines by MAC and the (egress, ingress) bytes of the period."""
+    if not cur.nics and not flagged:
+        return _NO_NICS, 0, 0
     out: dict[str, NicBase] = {}
     egress = ingress = 0
     had = base.nics
-    for mac in flagged:
-        missing[f"net:{mac}"] = cur.missing.get(f"net:{mac}", "not reported")
+    for mac, key in flagged.items():
+        missing[key] = cur.missing.get(key, "not reported")
         if mac in had:
             out[mac] = had[mac]
     for n in cur.nics:
@@ -286,19 +297,21 @@ def _nics(
         ingress += _counter(old_rx, rx_now, restarted)[0]
         out[mac] = NicBase(ifindex if ifindex is not None else old.ifindex, rx_now, tx_now)
     # NICs in the baseline but neither read nor flagged were unplugged: dropped, no delta.
-    return out, egress, ingress
+    return out or _NO_NICS, egress, ingress
 
 
 def _disks(
-    base: Baseline, cur: Sample, missing: dict[str, str], flagged: tuple[str, ...] = ()
-) -> tuple[dict[str, DiskBase], int, int]:
+    base: Baseline, cur: Sample, missing: dict[str, str], flagged: Mapping[str, str] = _NONE
+) -> tuple[Mapping[str, DiskBase], int, int]:
     """New disk baselines by target and the (read, written) bytes of the period."""
+    if not cur.disks and not flagged:
+        return _NO_DISKS, 0, 0
     out: dict[str, DiskBase] = {}
     read = written = 0
     had = base.disks
     flags = cur.missing
-    for target in flagged:
-        missing[f"disk:{target}"] = flags.get(f"disk:{target}", "not reported")
+    for target, key in flagged.items():
+        missing[key] = flags.get(key, "not reported")
         if target in had:
             out[target] = had[target]
     for d in cur.disks:
@@ -319,7 +332,7 @@ def _disks(
         read += rd
         written += wr
         out[target] = DiskBase(rd_base, wr_base)
-    return out, read, written
+    return out or _NO_DISKS, read, written
 
 
 def _sub_reading(value: int | None, name: str, cur: Sample, missing: dict[str, str]) -> int | None:
@@ -331,7 +344,7 @@ def _sub_reading(value: int | None, name: str, cur: Sample, missing: dict[str, s
 
 
 def _storage(cur: Sample, missing: dict[str, str],
-             disk_flagged: tuple[str, ...] = ()) -> tuple[int | None, int | None]:
+             disk_flagged: Mapping[str, str] = _NONE) -> tuple[int | None, int | None]:
     """Σ allocation and Σ capacity of the disks whose sizes are known (None if none is)."""
     if not cur.disks and not disk_flagged:
         return 0, 0  # a diskless guest uses no storage: a fact, not an unknown
