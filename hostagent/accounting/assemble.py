@@ -57,7 +57,9 @@ def memory_reading(
     stats: Mapping[str, Any], cgroup_working_set_bytes: int | None
 ) -> MemoryReading | None:
     """Guest memory in use, from the best source available."""
-    available = _int(stats, "balloon.available")
+    available = stats.get("balloon.available")
+    if type(available) is not int:
+        available = _as_int(available)
     if available is not None:
         usable = _int(stats, "balloon.usable")
         if usable is not None and 0 <= usable <= available:
@@ -100,14 +102,21 @@ def block_counters(stats: Mapping[str, Any]) -> tuple[BlockCounters, ...]:
     if not count:
         return ()
     out = []
+    get = stats.get
     for i in range(count):
         name_key, rd, wr, alloc, cap, phys = _BLOCK_KEYS[i] if i < 16 else _keys(
             "block", i, "name", "rd.bytes", "wr.bytes", "allocation", "capacity", "physical")
-        name = stats.get(name_key)
+        name = get(name_key)
         if not isinstance(name, str):
             continue
-        out.append(BlockCounters(name, _int(stats, rd), _int(stats, wr), _int(stats, alloc),
-                                 _int(stats, cap), _int(stats, phys)))
+        # Inline int check: ~5 values per disk and pass; _as_int for the odd non-int.
+        rd_v, wr_v, alloc_v, cap_v, phys_v = get(rd), get(wr), get(alloc), get(cap), get(phys)
+        out.append(BlockCounters(
+            name, rd_v if type(rd_v) is int else _as_int(rd_v),
+            wr_v if type(wr_v) is int else _as_int(wr_v),
+            alloc_v if type(alloc_v) is int else _as_int(alloc_v),
+            cap_v if type(cap_v) is int else _as_int(cap_v),
+            phys_v if type(phys_v) is int else _as_int(phys_v)))
     return tuple(out)
 
 
@@ -140,7 +149,9 @@ def _sample(info: DomainInfo, instance_id: str, stats: Mapping[str, Any], t_wall
             netlink_missing: Mapping[str, str] | None, gpus: tuple[GpuReading, ...],
             missing: dict[str, str]) -> Sample:
     """`build_sample`, positional and filling `missing` in place (once per domain and pass)."""
-    cpu_ns = _int(stats, "cpu.time")
+    cpu_ns = stats.get("cpu.time")
+    if type(cpu_ns) is not int:
+        cpu_ns = _as_int(cpu_ns)
     if cpu_ns is None:
         cpu_ns = cgroup_cpu_ns
     if cpu_ns is None:
