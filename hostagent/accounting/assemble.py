@@ -43,6 +43,9 @@ def _as_int(value: Any) -> int | None:
         return None
 
 
+_NOTHING_MISSING: Mapping[str, str] = {}  # shared by the samples that miss nothing (read-only)
+
+
 def _keys(prefix: str, i: int, *fields: str) -> tuple[str, ...]:
     return tuple(f"{prefix}.{i}.{f}" for f in fields)
 
@@ -189,7 +192,7 @@ def _sample(info: DomainInfo, instance_id: str, stats: Mapping[str, Any], t_wall
     return Sample(instance_id, info.uuid, info.name,
                   info.domid, incarnation_of(info.domid, start_ticks), started_wall_ns,
                   t_wall_ns, vcpus, alloc_bytes, cpu_ns, memory, tuple(nics), disks, gpus,
-                  pressure, missing)
+                  pressure, missing or _NOTHING_MISSING)
 
 
 def sample_of(r: DomainReading) -> Sample:

@@ -145,7 +145,7 @@ def usage(
         gpu_seconds,  # gpu_seconds
         sum(utils) / len(utils) if utils else None,  # gpu_util_avg
         cur.pressure,  # pressure
-        missing,  # missing
+        missing or _NONE,  # missing (one shared empty map: most usages miss nothing)
     )
     new_base = Baseline(
         cur.instance_id,
@@ -277,6 +277,8 @@ def _nics(
             out[mac] = had[mac]
     for n in cur.nics:
         mac = n.mac.lower()
+        if mac == n.mac:
+            mac = n.mac  # the reading's string, not a copy kept in the baseline
         if flagged and mac in flagged:
             continue
         old = had.get(mac)
