@@ -106,7 +106,7 @@ def account(
     prevs: Mapping[str, Baseline] = baselines
     ends = sorted((c if isinstance(c, Closing) else Closing(c) for c in closing),
                   key=lambda c: c.reading.t_wall_ns)
-    hints = {r.uuid: r.info.owner_hint for r in readings}
+    hints = {r.info.uuid: r.info.owner_hint for r in readings}
     if ends:
         hints.update({c.reading.uuid: c.reading.info.owner_hint for c in ends})
         ended = dict(baselines)

@@ -72,7 +72,7 @@ def gone_keys(tails: Iterable[Key], host: HostReading) -> list[Key]:
     """Tails whose incarnation ended: the domain is neither listed nor failing to read, or a
     reading shows another process (domid) in its place."""
     unreadable = {e.uuid for e in host.errors}
-    read = {r.uuid: r.info.domid for r in host.domains}
+    read = {r.info.uuid: r.info.domid for r in host.domains}
     out = []
     for uuid, domid in tails:
         if uuid in read:
