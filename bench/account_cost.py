@@ -8,9 +8,10 @@ passes like the collector does (the baselines and tails of one pass feed the nex
 - `live`: what a real guest gives (bulk stats with cpu.time, balloon, net.0, block.0, the tap
   found by netlink, cgroup PSI).
 
-CPU: process time per domain of account() + after_pass() (median over passes after a
-warm-up). Memory: tracemalloc bytes per domain the daemon keeps between passes from the
-accounting step (baselines, tails, the report's usages and samples), readings excluded.
+CPU: process time per domain of tails.ended() + account() + after_pass() (median over passes
+after a warm-up). Memory: tracemalloc bytes per domain the daemon keeps between passes from the
+accounting step (baselines, tails, the report's usages and samples), readings excluded, and the
+peak while it runs (with the events, until the commit would free them).
 Printed, not asserted.
 
     python bench/account_cost.py [--domains 1000] [--passes 20] [--shape testdriver|live|both]
@@ -152,13 +153,15 @@ def run(n: int, passes: int, shape: str, gc_off: bool = False) -> None:
     kept = (tuple(acc.usages), tuple(samples))
     del acc, samples, closing
     gc.collect()
-    retained = tracemalloc.get_traced_memory()[0] - before
+    now, peak = tracemalloc.get_traced_memory()
+    retained, peak = now - before, peak - before
     tracemalloc.stop()
     del new_baselines, new_tails, kept
     label = f"{shape}{' gc off' if gc_off else ''}"
     print(f"{label:<17} {n:>6} domains | account+after_pass {cpu_us:7.2f} us/domain "
           f"(median of {passes}) | retained {retained / n:7.0f} B/domain "
-          f"(baselines, tails, usages, samples) | {events} events")
+          f"(baselines, tails, usages, samples), peak {peak / n:6.0f} B/domain | "
+          f"{events} events")
 
 
 def main() -> int:
