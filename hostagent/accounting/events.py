@@ -54,7 +54,7 @@ def event_id(host: str, instance_id: str, incarnation: str, period_start_ns: int
     h = hashlib.sha1(_NAMESPACE_BYTES + f"{host}|{instance_id}|{incarnation}|{period_start_ns}"
                      .encode(), usedforsecurity=False).hexdigest()
     # version nibble 5; variant bits 10 on the high bits of byte 8
-    return (f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}")
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}

@@ -92,7 +92,7 @@ def ended(tails: Mapping[Key, Tail], host: HostReading) -> list[Closing]:
 def after_pass(tails: Mapping[Key, Tail], host: HostReading,
                closed: Iterable[Key]) -> dict[Key, Tail]:
     """The tails after a committed pass: closed ones dropped, every reading a fresh anchor."""
-    out = dict(tails)  # a copy: the pass may still fail before it commits
+    out = dict(tails)  # a new dict: the caller's is left as it was
     for k in closed:
         out.pop(k, None)
     out.update({(r.info.uuid, r.info.domid): Tail(r) for r in host.domains})
