@@ -1,4 +1,11 @@
-"""Frozen value types shared by every module: inventory, readings, baselines, usage, events.
+"""Value types shared by every module: inventory, readings, baselines, usage, events.
+
+All are immutable by contract: nothing assigns to a field after construction (build a new one,
+or `dataclasses.replace`). The types made per domain and pass (readings, samples, baselines,
+usage, events) are plain slots dataclasses with `unsafe_hash=True` (hashing and equality as if
+frozen) instead of `frozen=True`: on CPython 3.11 a frozen `__init__` sets each field through
+`object.__setattr__`, ~8x the cost of a plain one, which was ~10 % of a 1,000-domain pass
+(issue 16). The rest stay frozen (`Owner` and `OwnerHint` are dict keys and compared by `is`).
 
 Units live in names (`_ns`, `_bytes`, `_s`). A reading that could not be taken is `None`
 (typed "missing"), never a made-up zero; `Sample.missing` says why.
@@ -92,7 +99,7 @@ class DomainStats:
     handle: Any = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class LinkStats:
     """Host-side counters of one link (a tap's rx is what the guest sent)."""
 
@@ -124,7 +131,7 @@ class CgroupPaths:
     missing: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CgroupReading:
     """One read of a domain's cgroups; None = could not be read (`missing` says why).
 
@@ -146,7 +153,7 @@ class CgroupReading:
 # --- readings (one domain, one pass) ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class NicCounters:
     """Cumulative byte counters of one NIC, keyed by MAC; `ifindex` changes when a tap is new."""
 
@@ -158,7 +165,7 @@ class NicCounters:
     source: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class BlockCounters:
     """Cumulative I/O bytes and current sizes of one disk."""
 
@@ -170,7 +177,7 @@ class BlockCounters:
     physical_bytes: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class MemoryReading:
     """Guest memory in use and where the figure came from."""
 
@@ -178,7 +185,7 @@ class MemoryReading:
     source: MemorySource
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Pressure:
     """PSI `some avg10` percentages from the domain's cgroup, where the kernel has them."""
 
@@ -187,7 +194,7 @@ class Pressure:
     io_some_avg10: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class GpuReading:
     """One GPU allocated to a domain; utilisation is None when the host cannot see it."""
 
@@ -199,7 +206,7 @@ class GpuReading:
     util_unavailable_reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Sample:
     """Everything read for one domain in one pass, at wall time `t_wall_ns`."""
 
@@ -224,7 +231,7 @@ class Sample:
 # --- baselines (persisted per instance) -------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class NicBase:
     """Last good counters of one NIC; None counters: seen but never read (baseline unknown)."""
 
@@ -233,7 +240,7 @@ class NicBase:
     guest_tx_bytes: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class DiskBase:
     """Last good I/O counters of one disk."""
 
@@ -241,7 +248,7 @@ class DiskBase:
     wr_bytes: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Baseline:
     """Where the next period of an instance starts: its end time and last good counters."""
 
@@ -312,7 +319,7 @@ def _opt_counter(value: Any) -> int | None:
 # --- usage and events -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Usage:
     """What one instance used in one period [period_start_ns, period_end_ns)."""
 
@@ -353,7 +360,7 @@ class Owner:
     source: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class OutEvent:
     """An event ready for the outbox: its id, kind, subject and the exact JSON bytes sinks send.
 

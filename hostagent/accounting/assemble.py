@@ -31,6 +31,10 @@ KIB = 1024
 
 def _int(stats: Mapping[str, Any], key: str) -> int | None:
     value = stats.get(key)
+    return value if type(value) is int else _as_int(value)
+
+
+def _as_int(value: Any) -> int | None:
     if isinstance(value, bool) or value is None:
         return None
     try:
@@ -39,58 +43,83 @@ def _int(stats: Mapping[str, Any], key: str) -> int | None:
         return None
 
 
+_NOTHING_MISSING: Mapping[str, str] = {}  # shared by the samples that miss nothing (read-only)
+
+
+def _keys(prefix: str, i: int, *fields: str) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{i}.{f}" for f in fields)
+
+
+# The bulk-stats keys of device i, made once (a domain rarely has more than a few devices).
+_NET_KEYS = [_keys("net", i, "name", "rx.bytes", "tx.bytes") for i in range(16)]
+_BLOCK_KEYS = [_keys("block", i, "name", "rd.bytes", "wr.bytes", "allocation", "capacity",
+                     "physical") for i in range(16)]
+
+
 def memory_reading(
     stats: Mapping[str, Any], cgroup_working_set_bytes: int | None
 ) -> MemoryReading | None:
     """Guest memory in use, from the best source available."""
-    available = _int(stats, "balloon.available")
-    usable = _int(stats, "balloon.usable")
-    if available is not None and usable is not None and 0 <= usable <= available:
-        return MemoryReading(used_bytes=(available - usable) * KIB, source="balloon")
-    unused = _int(stats, "balloon.unused")
-    if available is not None and unused is not None and 0 <= unused <= available:
-        caches = _int(stats, "balloon.disk_caches") or 0
-        return MemoryReading(used_bytes=max(available - unused - caches, 0) * KIB,
-                             source="balloon")
+    available = stats.get("balloon.available")
+    if type(available) is not int:
+        available = _as_int(available)
+    if available is not None:
+        usable = _int(stats, "balloon.usable")
+        if usable is not None and 0 <= usable <= available:
+            return MemoryReading((available - usable) * KIB, "balloon")
+        unused = _int(stats, "balloon.unused")
+        if unused is not None and 0 <= unused <= available:
+            caches = _int(stats, "balloon.disk_caches") or 0
+            return MemoryReading(max(available - unused - caches, 0) * KIB, "balloon")
     if cgroup_working_set_bytes is not None:
-        return MemoryReading(used_bytes=cgroup_working_set_bytes, source="cgroup")
+        return MemoryReading(cgroup_working_set_bytes, "cgroup")
     rss = _int(stats, "balloon.rss")
     if rss is not None:
-        return MemoryReading(used_bytes=rss * KIB, source="rss")
+        return MemoryReading(rss * KIB, "rss")
     return None
 
 
 def libvirt_nics(info: DomainInfo, stats: Mapping[str, Any]) -> dict[str, NicCounters]:
     """NIC counters from bulk stats, keyed by MAC via the tap name in the domain XML."""
+    count = _int(stats, "net.count")
+    if not count:
+        return {}
     mac_by_tap = {n.target: n.mac for n in info.nics if n.target}
     out: dict[str, NicCounters] = {}
-    for i in range(_int(stats, "net.count") or 0):
-        name = stats.get(f"net.{i}.name")
+    for i in range(count):
+        name_key, rx_key, tx_key = _NET_KEYS[i] if i < 16 else _keys(
+            "net", i, "name", "rx.bytes", "tx.bytes")
+        name = stats.get(name_key)
         mac = mac_by_tap.get(name) if isinstance(name, str) else None
-        rx = _int(stats, f"net.{i}.rx.bytes")
-        tx = _int(stats, f"net.{i}.tx.bytes")
+        rx = _int(stats, rx_key)
+        tx = _int(stats, tx_key)
         if mac is None or rx is None or tx is None:
             continue
-        out[mac] = NicCounters(mac=mac, ifname=str(name), ifindex=None, guest_rx_bytes=rx,
-                               guest_tx_bytes=tx, source="libvirt")
+        out[mac] = NicCounters(mac, str(name), None, rx, tx, "libvirt")
     return out
 
 
 def block_counters(stats: Mapping[str, Any]) -> tuple[BlockCounters, ...]:
     """Per-disk I/O bytes and sizes from bulk stats (top of each backing chain only)."""
+    count = _int(stats, "block.count")
+    if not count:
+        return ()
     out = []
-    for i in range(_int(stats, "block.count") or 0):
-        name = stats.get(f"block.{i}.name")
+    get = stats.get
+    for i in range(count):
+        name_key, rd, wr, alloc, cap, phys = _BLOCK_KEYS[i] if i < 16 else _keys(
+            "block", i, "name", "rd.bytes", "wr.bytes", "allocation", "capacity", "physical")
+        name = get(name_key)
         if not isinstance(name, str):
             continue
+        # Inline int check: ~5 values per disk and pass; _as_int for the odd non-int.
+        rd_v, wr_v, alloc_v, cap_v, phys_v = get(rd), get(wr), get(alloc), get(cap), get(phys)
         out.append(BlockCounters(
-            target=name,
-            rd_bytes=_int(stats, f"block.{i}.rd.bytes"),
-            wr_bytes=_int(stats, f"block.{i}.wr.bytes"),
-            allocation_bytes=_int(stats, f"block.{i}.allocation"),
-            capacity_bytes=_int(stats, f"block.{i}.capacity"),
-            physical_bytes=_int(stats, f"block.{i}.physical"),
-        ))
+            name, rd_v if type(rd_v) is int else _as_int(rd_v),
+            wr_v if type(wr_v) is int else _as_int(wr_v),
+            alloc_v if type(alloc_v) is int else _as_int(alloc_v),
+            cap_v if type(cap_v) is int else _as_int(cap_v),
+            phys_v if type(phys_v) is int else _as_int(phys_v)))
     return tuple(out)
 
 
@@ -111,8 +140,21 @@ def build_sample(
     extra_missing: Mapping[str, str] | None = None,
 ) -> Sample:
     """Combine one domain's readings; every figure no source had is listed in `missing`."""
-    missing: dict[str, str] = dict(extra_missing or {})
-    cpu_ns = _int(stats, "cpu.time")
+    return _sample(info, instance_id, stats, t_wall_ns, start_ticks, started_wall_ns,
+                   cgroup_cpu_ns, cgroup_working_set_bytes, pressure, netlink_nics,
+                   netlink_missing, gpus, dict(extra_missing or {}))
+
+
+def _sample(info: DomainInfo, instance_id: str, stats: Mapping[str, Any], t_wall_ns: int,
+            start_ticks: int | None, started_wall_ns: int | None, cgroup_cpu_ns: int | None,
+            cgroup_working_set_bytes: int | None, pressure: Pressure | None,
+            netlink_nics: Mapping[str, NicCounters] | None,
+            netlink_missing: Mapping[str, str] | None, gpus: tuple[GpuReading, ...],
+            missing: dict[str, str]) -> Sample:
+    """`build_sample`, positional and filling `missing` in place (once per domain and pass)."""
+    cpu_ns = stats.get("cpu.time")
+    if type(cpu_ns) is not int:
+        cpu_ns = _as_int(cpu_ns)
     if cpu_ns is None:
         cpu_ns = cgroup_cpu_ns
     if cpu_ns is None:
@@ -122,63 +164,48 @@ def build_sample(
     if memory is None:
         missing["memory"] = "no balloon stats, cgroup memory or QEMU RSS"
 
-    from_libvirt = libvirt_nics(info, stats)
     nics: list[NicCounters] = []
-    for nic in info.nics:
-        got = (netlink_nics or {}).get(nic.mac) or from_libvirt.get(nic.mac)
-        if got is not None:
-            nics.append(got)
-        else:
-            key = f"net:{nic.mac}"
-            missing[key] = (netlink_missing or {}).get(key, "no counters for this NIC")
+    if info.nics:
+        from_libvirt: dict[str, NicCounters] | None = None  # only when netlink lacks a NIC
+        for nic in info.nics:
+            got = netlink_nics.get(nic.mac) if netlink_nics else None
+            if got is None:
+                if from_libvirt is None:
+                    from_libvirt = libvirt_nics(info, stats)
+                got = from_libvirt.get(nic.mac)
+            if got is not None:
+                nics.append(got)
+            else:
+                key = f"net:{nic.mac}"
+                missing[key] = (netlink_missing or {}).get(key, "no counters for this NIC")
 
     disks = block_counters(stats)
-    known_targets = {d.target for d in disks}
-    for disk in info.disks:
-        if disk.device == "disk" and disk.target not in known_targets:
-            missing[f"disk:{disk.target}"] = "libvirt reported no block stats for this disk"
+    if info.disks:
+        known_targets = {d.target for d in disks}
+        for disk in info.disks:
+            if disk.device == "disk" and disk.target not in known_targets:
+                missing[f"disk:{disk.target}"] = "libvirt reported no block stats for this disk"
 
     vcpus = _int(stats, "vcpu.current") or info.vcpus
     balloon_kib = _int(stats, "balloon.current")
     alloc_bytes = balloon_kib * KIB if balloon_kib else info.memory_bytes
-    return Sample(
-        instance_id=instance_id,
-        uuid=info.uuid,
-        name=info.name,
-        domid=info.domid,
-        incarnation=incarnation_of(info.domid, start_ticks),
-        started_wall_ns=started_wall_ns,
-        t_wall_ns=t_wall_ns,
-        vcpus=vcpus,
-        memory_alloc_bytes=alloc_bytes,
-        cpu_ns=cpu_ns,
-        memory=memory,
-        nics=tuple(nics),
-        disks=disks,
-        gpus=gpus,
-        pressure=pressure,
-        missing=missing,
-    )
+    return Sample(instance_id, info.uuid, info.name,
+                  info.domid, incarnation_of(info.domid, start_ticks), started_wall_ns,
+                  t_wall_ns, vcpus, alloc_bytes, cpu_ns, memory, tuple(nics), disks, gpus,
+                  pressure, missing or _NOTHING_MISSING)
 
 
 def sample_of(r: DomainReading) -> Sample:
     """The `Sample` of one domain reading: pure, from the reading alone."""
-    extra = dict(r.missing)
+    missing = dict(r.missing) if r.missing else {}
     cg = r.cgroup
-    if cg is not None:
-        extra.update({f"cgroup:{k}": v for k, v in cg.missing.items()})
-    return build_sample(
-        info=r.info,
-        instance_id=r.instance_id,
-        stats=r.stats,
-        t_wall_ns=r.t_wall_ns,
-        start_ticks=r.facts.start_ticks,
-        started_wall_ns=r.facts.started_wall_ns,
-        cgroup_cpu_ns=cg.cpu_ns if cg else None,
-        cgroup_working_set_bytes=cg.memory_working_set_bytes if cg else None,
-        pressure=cg.pressure if cg else None,
-        netlink_nics=r.netlink_nics,
-        netlink_missing=r.netlink_missing,
-        gpus=r.gpus,
-        extra_missing=extra,
-    )
+    facts = r.facts
+    if cg is None:
+        return _sample(r.info, r.instance_id, r.stats, r.t_wall_ns, facts.start_ticks,
+                       facts.started_wall_ns, None, None, None, r.netlink_nics,
+                       r.netlink_missing, r.gpus, missing)
+    if cg.missing:
+        missing.update({f"cgroup:{k}": v for k, v in cg.missing.items()})
+    return _sample(r.info, r.instance_id, r.stats, r.t_wall_ns, facts.start_ticks,
+                   facts.started_wall_ns, cg.cpu_ns, cg.memory_working_set_bytes, cg.pressure,
+                   r.netlink_nics, r.netlink_missing, r.gpus, missing)

@@ -35,7 +35,7 @@ from hostagent.accounting.sampling import usage
 from hostagent.model import Baseline, NicCounters, Sample, Usage
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class IoBytes:
     """Σ rbytes / Σ wbytes of a cgroup v2 `io.stat` (all devices of the domain's cgroup)."""
 
@@ -43,7 +43,7 @@ class IoBytes:
     write_bytes: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class LightReading:
     """One light sample of one domain at `t_wall_ns`; None: not read (`missing` says why)."""
 
@@ -56,7 +56,7 @@ class LightReading:
     missing: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CloseOut:
     """The final Usage of an incarnation (None: nothing since the last commit) and the baseline
     to persist, so the next incarnation of the instance tiles on from the last reading."""
@@ -66,7 +66,7 @@ class CloseOut:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Closing:
     """An ended incarnation handed to the pass (`ledger.account(closing=...)`): its anchor (the
     last full reading), the latest light reading after it, `io.stat` at the anchor, and why."""

@@ -93,45 +93,53 @@ def account(
     incarnation a present reading still shows is no end and is ignored.
     """
     samples = [sample_of(r) for r in readings]
-    ends = sorted((c if isinstance(c, Closing) else Closing(c) for c in closing),
-                  key=lambda c: c.reading.t_wall_ns)
-    hints = {r.uuid: r.info.owner_hint for r in (*readings, *(c.reading for c in ends))}
     now = {s.instance_id: s for s in samples}
-    prevs = dict(baselines)
     usages: list[Usage] = []
     bases: list[Baseline] = []
     out: list[OutEvent] = []
     who: dict[str, Owner] = {}
     closed: dict[str, Baseline] = {}  # instances closed out and not read: their new baseline
-
-    def bill(u: Usage | None, s: Sample) -> None:
-        owner = owners.resolve(s.instance_id, hints.get(s.uuid),
-                               build_id=s.name if settings.name_is_build_id else None)
-        who[s.instance_id] = owner
+    node, time_format = settings.node_id, settings.time_format
+    resolve = owners.resolve
+    by_name = settings.name_is_build_id
+    build = events.build_usage_event
+    prevs: Mapping[str, Baseline] = baselines
+    ends = sorted((c if isinstance(c, Closing) else Closing(c) for c in closing),
+                  key=lambda c: c.reading.t_wall_ns)
+    hints = {r.info.uuid: r.info.owner_hint for r in readings}
+    if ends:
+        hints.update({c.reading.uuid: c.reading.info.owner_hint for c in ends})
+        ended = dict(baselines)
+        prevs = ended
+        for c in ends:
+            final = sample_of(c.reading)
+            iid, cur = final.instance_id, now.get(final.instance_id)
+            if cur is not None and sampling.same_incarnation(cur.incarnation, final.incarnation):
+                continue
+            co = close_out(ended.get(iid), final, c.light, reason=c.reason,
+                           store_created_ns=settings.store_created_ns, anchor_io=c.anchor_io,
+                           count_preexisting=settings.count_preexisting)
+            ended[iid] = co.baseline
+            if cur is None:
+                closed[iid] = co.baseline
+            owner = resolve(iid, hints.get(final.uuid), build_id=final.name if by_name else None)
+            who[iid] = owner
+            if co.usage is not None:
+                usages.append(co.usage)
+                out.append(build(co.usage, owner, node, time_format=time_format))
+        bases.extend(closed.values())
+    usage_of = sampling.usage
+    store_created_ns, count_preexisting = settings.store_created_ns, settings.count_preexisting
+    for s in samples:
+        iid = s.instance_id
+        u, base = usage_of(prevs.get(iid), s, store_created_ns=store_created_ns,
+                           count_preexisting=count_preexisting)
+        bases.append(base)
+        owner = resolve(iid, hints.get(s.uuid), build_id=s.name if by_name else None)
+        who[iid] = owner
         if u is not None:
             usages.append(u)
-            out.append(events.build_usage_event(u, owner, settings.node_id,
-                                                time_format=settings.time_format))
-
-    for c in ends:
-        final = sample_of(c.reading)
-        iid, cur = final.instance_id, now.get(final.instance_id)
-        if cur is not None and sampling.same_incarnation(cur.incarnation, final.incarnation):
-            continue
-        co = close_out(prevs.get(iid), final, c.light, reason=c.reason,
-                       store_created_ns=settings.store_created_ns, anchor_io=c.anchor_io,
-                       count_preexisting=settings.count_preexisting)
-        prevs[iid] = co.baseline
-        if cur is None:
-            closed[iid] = co.baseline
-        bill(co.usage, final)
-    bases.extend(closed.values())
-    for s in samples:
-        u, base = sampling.usage(prevs.get(s.instance_id), s,
-                                 store_created_ns=settings.store_created_ns,
-                                 count_preexisting=settings.count_preexisting)
-        bases.append(base)
-        bill(u, s)
+            out.append(build(u, owner, node, time_format=time_format))
     removed = tuple(expired(baselines, set(now) | set(closed), now_ns,
                            settings.baseline_retention_ns))
     changes: Mapping[str, bytes | None] = {}

@@ -51,7 +51,7 @@ def brief(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
     return f"{text[:half]}…{text[-half:]}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class HostFacts:
     """What the host side knows about one QEMU process (found once per incarnation)."""
 
@@ -74,7 +74,7 @@ class ReadError:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class DomainReading:
     """Everything read about one domain at `t_wall_ns`: identity, counters, what is missing.
 

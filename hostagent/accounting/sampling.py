@@ -86,9 +86,11 @@ def usage(
     running_ns = cur.t_wall_ns - running_from_ns
 
     missing: dict[str, str] = {}
+    # Whole devices flagged missing, found in one walk over `cur.missing` (mostly empty).
+    net_flagged, disk_flagged = _flagged(cur.missing) if cur.missing else (_NONE, _NONE)
     cpu_delta_ns, cpu_base, cpu_known = _cpu(base, cur, missing)
-    nics, egress_bytes, ingress_bytes = _nics(base, cur, missing)
-    disks, read_bytes, write_bytes = _disks(base, cur, missing)
+    nics, egress_bytes, ingress_bytes = _nics(base, cur, missing, net_flagged)
+    disks, read_bytes, write_bytes = _disks(base, cur, missing, disk_flagged)
 
     cpu_seconds, cpu_carry_ns = divmod(cpu_delta_ns + base.cpu_carry_ns, NS_PER_S)
     gpu_count = len(cur.gpus)
@@ -101,60 +103,60 @@ def usage(
     cpu_percent: float | None = None
     if cpu_known and cpu_span_ns > 0 and cur.vcpus > 0:
         cpu_percent = cpu_delta_ns / (cpu_span_ns * cur.vcpus) * 100.0
-    cpu_read = cur.cpu_ns is not None and "cpu" not in cur.missing
+    cpu_read = cur.cpu_ns is not None and not (cur.missing and "cpu" in cur.missing)
     cpu_t_wall_ns = cur.t_wall_ns if cpu_read else (
         base.cpu_t_wall_ns if base.cpu_t_wall_ns is not None else base.t_wall_ns)
 
     memory = cur.memory
-    if memory is None or "memory" in cur.missing:
+    if memory is None or (cur.missing and "memory" in cur.missing):
         missing["memory"] = cur.missing.get("memory", "not reported")
         memory = None
     memory_percent: float | None = None
     if memory is not None and cur.memory_alloc_bytes > 0:
         memory_percent = memory.used_bytes / cur.memory_alloc_bytes * 100.0
 
-    storage_bytes, capacity_bytes = _storage(cur, missing)
-    utils = [g.util_percent for g in cur.gpus if g.util_percent is not None]
+    storage_bytes, capacity_bytes = _storage(cur, missing, disk_flagged)
+    utils = [g.util_percent for g in cur.gpus if g.util_percent is not None] if gpu_count else ()
 
+    # Positional, in the field order (keyword binding of 26 arguments costs ~1 µs a call).
     result = Usage(
-        instance_id=cur.instance_id,
-        uuid=cur.uuid,
-        name=cur.name,
-        incarnation=cur.incarnation,
-        new_incarnation=new_incarnation,
-        period_start_ns=base.t_wall_ns,
-        period_end_ns=cur.t_wall_ns,
-        vcpus=cur.vcpus,
-        memory_alloc_bytes=cur.memory_alloc_bytes,
-        cpu_ns=cpu_delta_ns,
-        cpu_seconds=cpu_seconds,
-        cpu_percent_avg=cpu_percent,
-        memory_bytes=None if memory is None else memory.used_bytes,
-        memory_source=None if memory is None else memory.source,
-        memory_percent=memory_percent,
-        storage_bytes=storage_bytes,
-        storage_capacity_bytes=capacity_bytes,
-        net_egress_bytes=egress_bytes,
-        net_ingress_bytes=ingress_bytes,
-        disk_read_bytes=read_bytes,
-        disk_write_bytes=write_bytes,
-        gpu_count=gpu_count,
-        gpu_seconds=gpu_seconds,
-        gpu_util_avg=sum(utils) / len(utils) if utils else None,
-        pressure=cur.pressure,
-        missing=missing,
+        cur.instance_id,  # instance_id
+        cur.uuid,  # uuid
+        cur.name,  # name
+        cur.incarnation,  # incarnation
+        new_incarnation,  # new_incarnation
+        base.t_wall_ns,  # period_start_ns
+        cur.t_wall_ns,  # period_end_ns
+        cur.vcpus,  # vcpus
+        cur.memory_alloc_bytes,  # memory_alloc_bytes
+        cpu_delta_ns,  # cpu_ns
+        cpu_seconds,  # cpu_seconds
+        cpu_percent,  # cpu_percent_avg
+        None if memory is None else memory.used_bytes,  # memory_bytes
+        None if memory is None else memory.source,  # memory_source
+        memory_percent,  # memory_percent
+        storage_bytes,  # storage_bytes
+        capacity_bytes,  # storage_capacity_bytes
+        egress_bytes,  # net_egress_bytes
+        ingress_bytes,  # net_ingress_bytes
+        read_bytes,  # disk_read_bytes
+        write_bytes,  # disk_write_bytes
+        gpu_count,  # gpu_count
+        gpu_seconds,  # gpu_seconds
+        sum(utils) / len(utils) if utils else None,  # gpu_util_avg
+        cur.pressure,  # pressure
+        missing or _NONE,  # missing (one shared empty map: most usages miss nothing)
     )
     new_base = Baseline(
-        instance_id=cur.instance_id,
-        incarnation=(cur.incarnation if new_incarnation or ":" in cur.incarnation
-                     else base.incarnation),
-        t_wall_ns=cur.t_wall_ns,
-        cpu_ns=cpu_base,
-        cpu_carry_ns=cpu_carry_ns,
-        gpu_carry_ns=gpu_carry_ns,
-        cpu_t_wall_ns=cpu_t_wall_ns,
-        nics=nics,
-        disks=disks,
+        cur.instance_id,
+        cur.incarnation if new_incarnation or ":" in cur.incarnation else base.incarnation,
+        cur.t_wall_ns,
+        cpu_base,
+        cpu_carry_ns,
+        gpu_carry_ns,
+        nics,
+        disks,
+        cpu_t_wall_ns,
     )
     return result, new_base
 
@@ -204,15 +206,31 @@ def _observed_baseline(cur: Sample) -> Baseline:
 
 def _missing_keys(missing: Mapping[str, str], prefix: str) -> list[str]:
     """Names of whole devices flagged missing (`net:<mac>`, `disk:<target>`), not sub-counters."""
-    out = []
+    net, disk = _flagged(missing)
+    return list(net if prefix == "net:" else disk)
+
+
+# Shared empty results (never mutated: Baseline's device maps are read-only Mappings).
+_NONE: Mapping[str, str] = {}
+_NO_NICS: Mapping[str, NicBase] = {}
+_NO_DISKS: Mapping[str, DiskBase] = {}
+
+
+def _flagged(missing: Mapping[str, str]) -> tuple[Mapping[str, str], Mapping[str, str]]:
+    """(MAC → key, disk target → key) of whole devices flagged missing, in `missing`'s order.
+
+    A MAC is lowercased (its key `net:<mac>` then reuses `missing`'s string where it is the
+    same); `disk:<target>:<counter>` is a sub-counter, not a whole disk."""
+    net: dict[str, str] = {}
+    disk: dict[str, str] = {}
     for key in missing:
-        if key.startswith(prefix):
-            rest = key[len(prefix) :]
-            if prefix == "net:":
-                out.append(rest.lower())
-            elif ":" not in rest:
-                out.append(rest)
-    return out
+        if key.startswith("net:"):
+            rest = key[4:]
+            mac = rest.lower()
+            net[mac] = key if rest == mac else "net:" + mac
+        elif key.startswith("disk:") and ":" not in key[5:]:
+            disk[key[5:]] = key
+    return net, disk
 
 
 def _counter(
@@ -230,79 +248,93 @@ def _counter(
 
 def _cpu(base: Baseline, cur: Sample, missing: dict[str, str]) -> tuple[int, int | None, bool]:
     """(delta ns, new base, whether the delta is a measurement) for the CPU counter."""
-    if cur.cpu_ns is None or "cpu" in cur.missing:
+    value = cur.cpu_ns
+    if value is None or (cur.missing and "cpu" in cur.missing):
         missing["cpu"] = cur.missing.get("cpu", "not reported")
         return 0, base.cpu_ns, False
-    if base.cpu_ns is None:
+    old = base.cpu_ns
+    if old is None:
         missing["cpu"] = ESTABLISHED
-        return 0, cur.cpu_ns, False
-    delta, new = _counter(base.cpu_ns, cur.cpu_ns)
-    return delta, new, True
+        return 0, value, False
+    return (value if value < old else value - old), value, True
+
+
+_ZERO_DISK = DiskBase(0, 0)  # a hot-plugged disk (or a new process): counters from zero
 
 
 def _nics(
-    base: Baseline, cur: Sample, missing: dict[str, str]
-) -> tuple[dict[str, NicBase], int, int]:
+    base: Baseline, cur: Sample, missing: dict[str, str], flagged: Mapping[str, str] = _NONE
+) -> tuple[Mapping[str, NicBase], int, int]:
     """New NIC baselines by MAC and the (egress, ingress) bytes of the period."""
+    if not cur.nics and not flagged:
+        return _NO_NICS, 0, 0
     out: dict[str, NicBase] = {}
     egress = ingress = 0
-    flagged = set(_missing_keys(cur.missing, "net:"))
-    for mac in flagged:
-        missing[f"net:{mac}"] = cur.missing.get(f"net:{mac}", "not reported")
-        if mac in base.nics:
-            out[mac] = base.nics[mac]
+    had = base.nics
+    for mac, key in flagged.items():
+        missing[key] = cur.missing.get(key, "not reported")
+        if mac in had:
+            out[mac] = had[mac]
     for n in cur.nics:
         mac = n.mac.lower()
-        if mac in flagged:
+        if mac == n.mac:
+            mac = n.mac  # the reading's string, not a copy kept in the baseline
+        if flagged and mac in flagged:
             continue
-        old = base.nics.get(mac)
+        old = had.get(mac)
         if old is None:
             # Hot-plugged (or the process is new): its counters started at zero.
             old = NicBase(n.ifindex, 0, 0)
-        if old.guest_rx_bytes is None or old.guest_tx_bytes is None:
+        old_rx, old_tx, rx_now, tx_now = (old.guest_rx_bytes, old.guest_tx_bytes,
+                                          n.guest_rx_bytes, n.guest_tx_bytes)
+        if old_rx is None or old_tx is None:
             missing[f"net:{mac}"] = ESTABLISHED
-            out[mac] = NicBase(n.ifindex, n.guest_rx_bytes, n.guest_tx_bytes)
+            out[mac] = NicBase(n.ifindex, rx_now, tx_now)
             continue
         # A new ifindex is a new tap that counts from zero; unknown ifindex falls back to the
         # "counter went down" rule.
-        restarted = old.ifindex is not None and n.ifindex is not None and old.ifindex != n.ifindex
-        tx, _ = _counter(old.guest_tx_bytes, n.guest_tx_bytes, restarted)
-        rx, _ = _counter(old.guest_rx_bytes, n.guest_rx_bytes, restarted)
-        egress += tx
-        ingress += rx
-        ifindex = n.ifindex if n.ifindex is not None else old.ifindex
-        out[mac] = NicBase(ifindex, n.guest_rx_bytes, n.guest_tx_bytes)
+        ifindex = n.ifindex
+        restarted = old.ifindex is not None and ifindex is not None and old.ifindex != ifindex
+        egress += _counter(old_tx, tx_now, restarted)[0]
+        ingress += _counter(old_rx, rx_now, restarted)[0]
+        out[mac] = NicBase(ifindex if ifindex is not None else old.ifindex, rx_now, tx_now)
     # NICs in the baseline but neither read nor flagged were unplugged: dropped, no delta.
-    return out, egress, ingress
+    return out or _NO_NICS, egress, ingress
 
 
 def _disks(
-    base: Baseline, cur: Sample, missing: dict[str, str]
-) -> tuple[dict[str, DiskBase], int, int]:
+    base: Baseline, cur: Sample, missing: dict[str, str], flagged: Mapping[str, str] = _NONE
+) -> tuple[Mapping[str, DiskBase], int, int]:
     """New disk baselines by target and the (read, written) bytes of the period."""
+    if not cur.disks and not flagged:
+        return _NO_DISKS, 0, 0
     out: dict[str, DiskBase] = {}
     read = written = 0
-    flagged = set(_missing_keys(cur.missing, "disk:"))
-    for target in flagged:
-        missing[f"disk:{target}"] = cur.missing.get(f"disk:{target}", "not reported")
-        if target in base.disks:
-            out[target] = base.disks[target]
+    had = base.disks
+    flags = cur.missing
+    for target, key in flagged.items():
+        missing[key] = flags.get(key, "not reported")
+        if target in had:
+            out[target] = had[target]
     for d in cur.disks:
-        if d.target in flagged:
+        target = d.target
+        if flagged and target in flagged:
             continue
-        old = base.disks.get(d.target, DiskBase(0, 0))  # hot-plugged: from zero
-        rd_value = _sub_reading(d.rd_bytes, f"disk:{d.target}:rd_bytes", cur, missing)
-        wr_value = _sub_reading(d.wr_bytes, f"disk:{d.target}:wr_bytes", cur, missing)
+        old = had.get(target, _ZERO_DISK)
+        rd_value, wr_value = d.rd_bytes, d.wr_bytes
+        if flags or rd_value is None or wr_value is None:
+            rd_value = _sub_reading(rd_value, f"disk:{target}:rd_bytes", cur, missing)
+            wr_value = _sub_reading(wr_value, f"disk:{target}:wr_bytes", cur, missing)
         rd, rd_base = _counter(old.rd_bytes, rd_value)
         wr, wr_base = _counter(old.wr_bytes, wr_value)
         if rd_value is not None and old.rd_bytes is None:
-            missing[f"disk:{d.target}:rd_bytes"] = ESTABLISHED
+            missing[f"disk:{target}:rd_bytes"] = ESTABLISHED
         if wr_value is not None and old.wr_bytes is None:
-            missing[f"disk:{d.target}:wr_bytes"] = ESTABLISHED
+            missing[f"disk:{target}:wr_bytes"] = ESTABLISHED
         read += rd
         written += wr
-        out[d.target] = DiskBase(rd_base, wr_base)
-    return out, read, written
+        out[target] = DiskBase(rd_base, wr_base)
+    return out or _NO_DISKS, read, written
 
 
 def _sub_reading(value: int | None, name: str, cur: Sample, missing: dict[str, str]) -> int | None:
@@ -313,8 +345,11 @@ def _sub_reading(value: int | None, name: str, cur: Sample, missing: dict[str, s
     return value
 
 
-def _storage(cur: Sample, missing: dict[str, str]) -> tuple[int | None, int | None]:
+def _storage(cur: Sample, missing: dict[str, str],
+             disk_flagged: Mapping[str, str] = _NONE) -> tuple[int | None, int | None]:
     """Σ allocation and Σ capacity of the disks whose sizes are known (None if none is)."""
+    if not cur.disks and not disk_flagged:
+        return 0, 0  # a diskless guest uses no storage: a fact, not an unknown
     alloc: int | None = None
     capacity: int | None = None
     for d in cur.disks:
@@ -324,6 +359,4 @@ def _storage(cur: Sample, missing: dict[str, str]) -> tuple[int | None, int | No
             alloc = (alloc or 0) + d.allocation_bytes
         if d.capacity_bytes is not None:
             capacity = (capacity or 0) + d.capacity_bytes
-    if not cur.disks and not _missing_keys(cur.missing, "disk:"):
-        return 0, 0  # a diskless guest uses no storage: a fact, not an unknown
     return alloc, capacity

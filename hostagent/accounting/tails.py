@@ -25,7 +25,7 @@ from hostagent.accounting.readings import DomainReading, HostReading
 Key = tuple[str, int]  # (uuid, domid)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Tail:
     """One incarnation's last readings since the last pass."""
 
@@ -72,7 +72,7 @@ def gone_keys(tails: Iterable[Key], host: HostReading) -> list[Key]:
     """Tails whose incarnation ended: the domain is neither listed nor failing to read, or a
     reading shows another process (domid) in its place."""
     unreadable = {e.uuid for e in host.errors}
-    read = {r.uuid: r.info.domid for r in host.domains}
+    read = {r.info.uuid: r.info.domid for r in host.domains}
     out = []
     for uuid, domid in tails:
         if uuid in read:
@@ -92,9 +92,10 @@ def ended(tails: Mapping[Key, Tail], host: HostReading) -> list[Closing]:
 def after_pass(tails: Mapping[Key, Tail], host: HostReading,
                closed: Iterable[Key]) -> dict[Key, Tail]:
     """The tails after a committed pass: closed ones dropped, every reading a fresh anchor."""
-    out = {k: t for k, t in tails.items() if k not in set(closed)}
-    for r in host.domains:
-        out[(r.uuid, r.info.domid)] = Tail(anchor=r)
+    out = dict(tails)  # a new dict: the caller's is left as it was
+    for k in closed:
+        out.pop(k, None)
+    out.update({(r.info.uuid, r.info.domid): Tail(r) for r in host.domains})
     return out
 
 

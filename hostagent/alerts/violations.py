@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from hostagent.accounting.events import TimeFormat, render_time
+from hostagent.accounting.events import TimeFormat, exact, render_time
 from hostagent.alerts.rules import Rule
 from hostagent.alerts.state import Transition
 from hostagent.model import OutEvent, Owner
@@ -118,7 +118,7 @@ def build_alert_event(t: Transition, owner: Owner | None, host: str, *,
         "action": rule.action, "reason": t.reason or "value",
     }
     return OutEvent(str(payload["event_id"]), KIND, u.instance_id, u.period_start_ns, at_ns,
-                    orjson.dumps(payload), routing_channels(rule.action, rule.channels))
+                    exact(orjson.dumps(payload)), routing_channels(rule.action, rule.channels))
 
 
 def route(transitions: Iterable[Transition], owners: Mapping[str, Owner], host: str, *,
