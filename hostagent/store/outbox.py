@@ -254,21 +254,25 @@ class Store(StoreReader):
                           base_rows)
             c.executemany("DELETE FROM baselines WHERE instance_id = ?",
                           [(i,) for i in removed_instances])
-            for ev in events:
-                sinks = routing.sinks_for(self._routes, ev.kind, ev.channels)
-                if not sinks:
-                    continue
-                cur = c.execute(
-                    "INSERT OR IGNORE INTO events(event_id, kind, instance_id, period_start_ns, "
-                    "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?)",
-                    (ev.event_id, ev.kind, ev.instance_id, ev.period_start_ns,
-                     ev.period_end_ns, ev.payload, now))
-                if cur.rowcount != 1:
-                    continue  # already committed by an earlier try of this pass
-                c.executemany(
-                    "INSERT OR IGNORE INTO deliveries(sink, event_id, instance_id, "
-                    "period_start_ns, created_ns, status) VALUES(?, ?, ?, ?, ?, 'pending')",
-                    [(s, ev.event_id, ev.instance_id, ev.period_start_ns, now) for s in sinks])
+            routed = [(ev, sinks) for ev in events
+                      if (sinks := routing.sinks_for(self._routes, ev.kind, ev.channels))]
+            # One look-up, then one INSERT statement per table (not two per event). An event
+            # already here was committed by an earlier try of this pass: its rows are left alone.
+            old = {r[0] for r in c.execute(
+                "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))",
+                (orjson.dumps([ev.event_id for ev, _ in routed]).decode(),))} if routed else set()
+            new = list({ev.event_id: (ev, sinks) for ev, sinks in reversed(routed)  # the
+                        if ev.event_id not in old}.values())[::-1]  # first of an id wins
+            c.executemany(
+                "INSERT OR IGNORE INTO events(event_id, kind, instance_id, period_start_ns, "
+                "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                [(ev.event_id, ev.kind, ev.instance_id, ev.period_start_ns, ev.period_end_ns,
+                  ev.payload, now) for ev, _ in new])
+            c.executemany(
+                "INSERT OR IGNORE INTO deliveries(sink, event_id, instance_id, "
+                "period_start_ns, created_ns, status) VALUES(?, ?, ?, ?, ?, 'pending')",
+                [(s, ev.event_id, ev.instance_id, ev.period_start_ns, now)
+                 for ev, sinks in new for s in sinks])
             for fp, state in (alert_state or {}).items():
                 if state is None:
                     c.execute("DELETE FROM alert_state WHERE fingerprint = ?", (fp,))
@@ -291,7 +295,12 @@ class Store(StoreReader):
 
     def record_and_take(self, sink: str, outcomes: Sequence[Outcome], limit: int, now_ns: int,
                         *, dead_letter_after: int) -> Claimed:
-        """ONE transaction: record a round's outcomes, claim the next batch (else: next due)."""
+        """ONE transaction: record a round's outcomes, claim the next batch (else: next due).
+        With no outcomes to record and nothing due it only reads: no write lock, no commit."""
+        if not outcomes:
+            with self.reading("find due events") as c:
+                if not self._due_ids(c, sink, min(limit, 1), now_ns):
+                    return Claimed([], 0, self._next_due(c, sink, now_ns), self._used_bytes(c))
         with self.transaction("record and claim") as c:
             dead = self._record(c, sink, outcomes, dead_letter_after)
             batch = self._claim(c, sink, limit, now_ns)
@@ -300,7 +309,8 @@ class Store(StoreReader):
 
     def _claim(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[Pending]:
         ids = self._due_ids(c, sink, limit, now_ns)
-        c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND event_id = ?",
+        c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND event_id = ? "
+                      "AND claimed = 0",  # a row claimed already is not written again
                       [(sink, i) for i in ids])
         return self._load(c, sink, ids)
 
