@@ -298,7 +298,7 @@ class Store(StoreReader):
         """ONE transaction: record a round's outcomes, claim the next batch (else: next due).
         With no outcomes to record and nothing due it only reads: no write lock, no commit."""
         if not outcomes:
-            with self.reading("find due events") as c:
+            with self.reading("find due events") as conn, sqlite_tx.snapshot(conn) as c:
                 if not self._due_ids(c, sink, min(limit, 1), now_ns):
                     return Claimed([], 0, self._next_due(c, sink, now_ns), self._used_bytes(c))
         with self.transaction("record and claim") as c:
