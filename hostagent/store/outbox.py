@@ -296,11 +296,8 @@ class Store(StoreReader):
     def record_and_take(self, sink: str, outcomes: Sequence[Outcome], limit: int, now_ns: int,
                         *, dead_letter_after: int) -> Claimed:
         """ONE transaction: record a round's outcomes, claim the next batch (else: next due).
-        With no outcomes to record and nothing due it only reads: no write lock, no commit."""
-        if not outcomes:
-            with self.reading("find due events") as conn, sqlite_tx.snapshot(conn) as c:
-                if not self._due_ids(c, sink, min(limit, 1), now_ns):
-                    return Claimed([], 0, self._next_due(c, sink, now_ns), self._used_bytes(c))
+        With nothing to record or claim it changes no page: SQLite then writes and syncs
+        nothing at COMMIT (reading first would cost more locking on the common busy path)."""
         with self.transaction("record and claim") as c:
             dead = self._record(c, sink, outcomes, dead_letter_after)
             batch = self._claim(c, sink, limit, now_ns)

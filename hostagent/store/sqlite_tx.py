@@ -65,15 +65,3 @@ def transaction(conn: sqlite3.Connection, lock: threading.Lock, path: Path,
             rollback(conn)
             raise
 
-
-@contextmanager
-def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """Several reads in ONE read transaction (BEGIN … COMMIT: one read lock, not one per
-    statement); writes nothing. The caller holds the connection's lock."""
-    conn.execute("BEGIN")
-    try:
-        yield conn
-    except BaseException:
-        rollback(conn)
-        raise
-    conn.execute("COMMIT")
