@@ -22,8 +22,12 @@ A local sink that writes a whole batch in one blocking call (sinks.base.BatchWri
 file) gets the round in ONE worker-thread call while its breaker is closed (`_local_rounds`):
 record the last outcomes and claim a batch (commit: claimed, so never merged, before it can
 reach the sink), write and fsync it, record the acknowledgements and claim the next batch
-(commit); up to LOCAL_BATCHES_PER_CALL batches. The take then hands the engine no rows, only
-"more may be due" or the next due time: one hand-off per round instead of three.
+(commit); up to LOCAL_BATCHES_PER_CALL batches. The acknowledgements of the last, short batch
+are committed without syncing the WAL (synchronous=NORMAL for that one commit): the claim and
+the pass commit stay synced; a power cut can only lose acknowledgements (the events are sent
+again with the same event_id, as after a crash between the write and the commit). The take
+then hands the engine no rows, only "more may be due" or the next due time: one hand-off per
+round instead of three.
 """
 
 from __future__ import annotations
@@ -166,9 +170,10 @@ class SinkQueue:
     def _local_rounds(self, writer: BatchWriter, outcomes: list[Outcome],
                       now_ns: int) -> _LocalRounds:
         """In a worker thread: record and claim (commit), write and fsync, record and claim."""
-        def record_and_take(done: list[Outcome]) -> Claimed:
-            return self.store.record_and_take(self.name, done, self.cfg.batch_size, now_ns,
-                                              dead_letter_after=self.cfg.dead_letter_after)
+        def record_and_take(done: list[Outcome], *, acks_only: bool = False) -> Claimed:
+            return self.store.record_and_take(
+                self.name, done, 0 if acks_only else self.cfg.batch_size, now_ns,
+                dead_letter_after=self.cfg.dead_letter_after, durable=not acks_only)
 
         got = record_and_take(outcomes)
         r = _LocalRounds(got, [(outcomes, got.dead_lettered)])
@@ -176,8 +181,13 @@ class SinkQueue:
             if not r.claimed.batch:
                 break
             done = self._write(writer, r.claimed.batch, r)
+            # A short batch took every due row: only acknowledgements to record, and they may
+            # go unsynced (a power cut loses at most them: sent again, same event_id). A full
+            # batch claims the next one with them: that claim must be durable before its write.
+            last = len(r.claimed.batch) < self.cfg.batch_size
             try:
-                got = record_and_take(done)
+                got = record_and_take(done, acks_only=last and all(
+                    o.result == "acked" for o in done))
             except StateError as err:
                 r.unrecorded, r.error = done, err
                 break

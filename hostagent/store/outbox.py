@@ -294,13 +294,18 @@ class Store(StoreReader):
             return self._record(c, sink, outcomes, dead_letter_after)
 
     def record_and_take(self, sink: str, outcomes: Sequence[Outcome], limit: int, now_ns: int,
-                        *, dead_letter_after: int) -> Claimed:
+                        *, dead_letter_after: int, durable: bool = True) -> Claimed:
         """ONE transaction: record a round's outcomes, claim the next batch (else: next due).
         With nothing to record or claim it changes no page: SQLite then writes and syncs
-        nothing at COMMIT (reading first would cost more locking on the common busy path)."""
-        with self.transaction("record and claim") as c:
+        nothing at COMMIT (reading first would cost more locking on the common busy path).
+        `durable=False` (only acknowledgements, `limit` 0): committed without syncing the WAL
+        (sqlite_tx.transaction); losing it to a power cut only means sending them again."""
+        if not durable and (limit or any(o.result != "acked" for o in outcomes)):
+            raise ValueError("only acknowledgements may be recorded without a sync")
+        with sqlite_tx.transaction(self._conn, self._lock, self.path, "record and claim",
+                                   durable=durable) as c:
             dead = self._record(c, sink, outcomes, dead_letter_after)
-            batch = self._claim(c, sink, limit, now_ns)
+            batch = self._claim(c, sink, limit, now_ns) if limit > 0 else []
             due = None if batch else self._next_due(c, sink, now_ns)
             return Claimed(batch, dead, due, self._used_bytes(c))
 

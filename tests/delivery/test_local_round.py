@@ -83,10 +83,18 @@ async def test_a_jsonl_round_is_one_hand_off_two_commits_one_fsync(
                     # the take claimed (commit), wrote and fsynced, recorded the acks (commit)
                     assert counts.threads == 1 and counts.fsyncs == 1, vars(counts)
                     assert counts.commits() == ["BEGIN IMMEDIATE", "COMMIT"] * 2
+                    # the claim synced; only the acknowledgements' commit is not
+                    st = counts.statements
+                    acks = st[st.index("PRAGMA synchronous=NORMAL"):]
+                    assert "SET claimed = 1" in " ".join(st[:st.index("PRAGMA synchronous=NORMAL")])
+                    assert acks[1] == "BEGIN IMMEDIATE" and acks[-1] == "PRAGMA synchronous=FULL"
+                    assert not [x for x in acks if "SET claimed = 1" in x], acks
                     counts.threads = counts.fsyncs = 0
                     counts.statements.clear()
             nursery.cancel_scope.cancel()
         assert store.stats()["file"].acked == 40
+        with store.reading("setting") as c:
+            assert c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
         assert d.metrics().sinks["file"].published == d.metrics().sinks["file"].latency_count == 40
     finally:
         store.close()

@@ -4,11 +4,13 @@ is not written again, and the pass commit keeps its "committed by an earlier try
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from hostagent.errors import StateError
 from hostagent.store.outbox import Outcome, Store
 from tests.clocks import FakeClock
 from tests.standins.queue import usage_event
@@ -64,3 +66,43 @@ def test_an_event_of_an_earlier_try_keeps_its_rows(store: Store) -> None:
         rows = sorted(c.execute("SELECT sink, event_id FROM deliveries").fetchall())
     assert rows == sorted([("f", ev.event_id), ("q", other.event_id), ("f", other.event_id)])
     assert store.stats()["q"].pending == 1 and store.stats()["f"].pending == 2
+
+
+def synchronous(store: Store) -> int:
+    with store.reading("setting") as c:
+        return int(c.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def test_only_acknowledgements_may_skip_the_sync(store: Store) -> None:
+    store.commit_pass([], [usage_event("i", 0), usage_event("j", 0)])
+    a, _ = store.take("q", 10, 2**62)
+    with pytest.raises(ValueError, match="only acknowledgements"):
+        store.record_and_take("q", [Outcome(a.event.event_id, "acked")], 10, 2**62,
+                              dead_letter_after=3, durable=False)  # it would claim
+    with pytest.raises(ValueError, match="only acknowledgements"):
+        store.record_and_take("q", [Outcome(a.event.event_id, "failed", "x", 2**62)], 0, 2**62,
+                              dead_letter_after=3, durable=False)
+    seen = traced(store)
+    got = store.record_and_take("q", [Outcome(a.event.event_id, "acked")], 0, 2**62,
+                                dead_letter_after=3, durable=False)
+    assert seen[0] == "PRAGMA synchronous=NORMAL" and seen[-1] == "PRAGMA synchronous=FULL"
+    assert not [x for x in seen if "SET claimed = 1" in x]
+    assert got.batch == [] and store.stats()["q"].acked == 1
+    assert synchronous(store) == 2  # FULL for every other commit
+
+
+def test_the_sync_setting_comes_back_after_a_failed_commit(store: Store) -> None:
+    store.commit_pass([], [usage_event("i", 0)])
+    (a,) = store.take("q", 10, 2**62)
+    other = sqlite3.connect(store.path, timeout=0)  # another process holds the write lock
+    other.execute("BEGIN IMMEDIATE")
+    store._conn.execute("PRAGMA busy_timeout=0")
+    try:
+        with pytest.raises(StateError, match="locked"):
+            store.record_and_take("q", [Outcome(a.event.event_id, "acked")], 0, 2**62,
+                                  dead_letter_after=3, durable=False)
+    finally:
+        other.rollback()
+        other.close()
+    assert synchronous(store) == 2
+    assert store.stats()["q"].acked == 0
