@@ -302,8 +302,8 @@ class Store(StoreReader):
         (sqlite_tx.transaction); losing it to a power cut only means sending them again."""
         if not durable and (limit or any(o.result != "acked" for o in outcomes)):
             raise ValueError("only acknowledgements may be recorded without a sync")
-        with sqlite_tx.transaction(self._conn, self._lock, self.path, "record and claim",
-                                   durable=durable) as c:
+        with (self.transaction("record and claim") if durable else sqlite_tx.transaction(
+                self._conn, self._lock, self.path, "record acknowledgements", durable=False)) as c:
             dead = self._record(c, sink, outcomes, dead_letter_after)
             batch = self._claim(c, sink, limit, now_ns) if limit > 0 else []
             due = None if batch else self._next_due(c, sink, now_ns)

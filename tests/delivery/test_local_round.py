@@ -46,9 +46,13 @@ class Counts:
             self.fsyncs += self.on
             fsync(fd)
 
+        def trace(statement: str) -> None:
+            if self.on:
+                self.statements.append(statement)
+
         monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
         monkeypatch.setattr(os, "fsync", counting_fsync)
-        store._conn.set_trace_callback(lambda s: self.on and self.statements.append(s))
+        store._conn.set_trace_callback(trace)
 
     def commits(self) -> list[str]:
         return [s for s in self.statements if s in ("BEGIN IMMEDIATE", "COMMIT")]
