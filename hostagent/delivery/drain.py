@@ -6,6 +6,7 @@ adapter (`Queue`); the loop is the same for both::
 
     ┌► breaker gate ── open ──► settle what is unrecorded, wait for the trial time (or a wake-up)
     │   take due rows ── none ──► idle; wait for a wake-up or the next due time
+    │    (a local sink's take may deliver them itself: then only "more may be due" comes back)
     │   deliver them (the adapter sends and records the outcome)
     └── a store error ──► count it, pause STORE_ERROR_PAUSE_S (or until woken), try again
 
@@ -56,10 +57,13 @@ def round_backoff_s(retry: RetryConfig, rounds: int, rng: random.Random) -> floa
 
 @dataclass(frozen=True, slots=True)
 class Taken(Generic[R]):
-    """What one `take` found: rows due now, else when the next one is due (None: never)."""
+    """What one `take` found: rows due now, else when the next one is due (None: never).
+    `more`: the take delivered what it claimed itself (no rows for `deliver`) and more rows may
+    be due now: take again at once."""
 
     rows: Sequence[R]
     next_due_ns: int | None = None
+    more: bool = False
 
 
 class Queue(Protocol[R]):
@@ -129,6 +133,9 @@ class Drain(Generic[R]):
                     continue
                 now_ns = self.clock.now().wall_ns
                 taken = await q.take(now_ns)
+                if taken.more:
+                    self._set_idle(False)
+                    continue
                 if not taken.rows:
                     self._set_idle(True)
                     due = taken.next_due_ns

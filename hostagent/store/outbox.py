@@ -254,21 +254,25 @@ class Store(StoreReader):
                           base_rows)
             c.executemany("DELETE FROM baselines WHERE instance_id = ?",
                           [(i,) for i in removed_instances])
-            for ev in events:
-                sinks = routing.sinks_for(self._routes, ev.kind, ev.channels)
-                if not sinks:
-                    continue
-                cur = c.execute(
-                    "INSERT OR IGNORE INTO events(event_id, kind, instance_id, period_start_ns, "
-                    "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?)",
-                    (ev.event_id, ev.kind, ev.instance_id, ev.period_start_ns,
-                     ev.period_end_ns, ev.payload, now))
-                if cur.rowcount != 1:
-                    continue  # already committed by an earlier try of this pass
-                c.executemany(
-                    "INSERT OR IGNORE INTO deliveries(sink, event_id, instance_id, "
-                    "period_start_ns, created_ns, status) VALUES(?, ?, ?, ?, ?, 'pending')",
-                    [(s, ev.event_id, ev.instance_id, ev.period_start_ns, now) for s in sinks])
+            routed = [(ev, sinks) for ev in events
+                      if (sinks := routing.sinks_for(self._routes, ev.kind, ev.channels))]
+            # One look-up, then one INSERT statement per table (not two per event). An event
+            # already here was committed by an earlier try of this pass: its rows are left alone.
+            old = {r[0] for r in c.execute(
+                "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))",
+                (orjson.dumps([ev.event_id for ev, _ in routed]).decode(),))} if routed else set()
+            new = list({ev.event_id: (ev, sinks) for ev, sinks in reversed(routed)  # the
+                        if ev.event_id not in old}.values())[::-1]  # first of an id wins
+            c.executemany(
+                "INSERT OR IGNORE INTO events(event_id, kind, instance_id, period_start_ns, "
+                "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                [(ev.event_id, ev.kind, ev.instance_id, ev.period_start_ns, ev.period_end_ns,
+                  ev.payload, now) for ev, _ in new])
+            c.executemany(
+                "INSERT OR IGNORE INTO deliveries(sink, event_id, instance_id, "
+                "period_start_ns, created_ns, status) VALUES(?, ?, ?, ?, ?, 'pending')",
+                [(s, ev.event_id, ev.instance_id, ev.period_start_ns, now)
+                 for ev, sinks in new for s in sinks])
             for fp, state in (alert_state or {}).items():
                 if state is None:
                     c.execute("DELETE FROM alert_state WHERE fingerprint = ?", (fp,))
@@ -290,17 +294,25 @@ class Store(StoreReader):
             return self._record(c, sink, outcomes, dead_letter_after)
 
     def record_and_take(self, sink: str, outcomes: Sequence[Outcome], limit: int, now_ns: int,
-                        *, dead_letter_after: int) -> Claimed:
-        """ONE transaction: record a round's outcomes, claim the next batch (else: next due)."""
-        with self.transaction("record and claim") as c:
+                        *, dead_letter_after: int, durable: bool = True) -> Claimed:
+        """ONE transaction: record a round's outcomes, claim the next batch (else: next due).
+        With nothing to record or claim it changes no page: SQLite then writes and syncs
+        nothing at COMMIT (reading first would cost more locking on the common busy path).
+        `durable=False` (only acknowledgements, `limit` 0): committed without syncing the WAL
+        (sqlite_tx.transaction); losing it to a power cut only means sending them again."""
+        if not durable and (limit or any(o.result != "acked" for o in outcomes)):
+            raise ValueError("only acknowledgements may be recorded without a sync")
+        with (self.transaction("record and claim") if durable else sqlite_tx.transaction(
+                self._conn, self._lock, self.path, "record acknowledgements", durable=False)) as c:
             dead = self._record(c, sink, outcomes, dead_letter_after)
-            batch = self._claim(c, sink, limit, now_ns)
+            batch = self._claim(c, sink, limit, now_ns) if limit > 0 else []
             due = None if batch else self._next_due(c, sink, now_ns)
             return Claimed(batch, dead, due, self._used_bytes(c))
 
     def _claim(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[Pending]:
         ids = self._due_ids(c, sink, limit, now_ns)
-        c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND event_id = ?",
+        c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND event_id = ? "
+                      "AND claimed = 0",  # a row claimed already is not written again
                       [(sink, i) for i in ids])
         return self._load(c, sink, ids)
 

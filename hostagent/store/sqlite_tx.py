@@ -50,17 +50,29 @@ def rollback(conn: sqlite3.Connection) -> None:
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection, lock: threading.Lock, path: Path,
-                what: str) -> Iterator[sqlite3.Connection]:
-    """One write transaction under `lock`; SQLite errors are raised as StateError subclasses."""
+def transaction(conn: sqlite3.Connection, lock: threading.Lock, path: Path, what: str, *,
+                durable: bool = True) -> Iterator[sqlite3.Connection]:
+    """One write transaction under `lock`; SQLite errors are raised as StateError subclasses.
+
+    `durable=False`: this one commit under synchronous=NORMAL (the WAL is not synced; a crash
+    of the process loses nothing, a power loss may lose this commit, never corrupts the file,
+    and the next synchronous=FULL commit makes it durable too). Only for what may be lost."""
     with lock:
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            yield conn
-            conn.execute("COMMIT")
+            if not durable:
+                conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            finally:
+                if not durable:
+                    rollback(conn)  # (only if still open) before the setting can change
+                    conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as err:
             rollback(conn)
             raise translate(err, path, what) from err
         except BaseException:
             rollback(conn)
             raise
+

@@ -217,7 +217,7 @@ class FlakyStore(Store):
     fail = 0
 
     def record_and_take(self, sink: str, outcomes: Sequence[Outcome], limit: int, now_ns: int,
-                        *, dead_letter_after: int) -> Claimed:
+                        *, dead_letter_after: int, durable: bool = True) -> Claimed:
         if self.ok:
             self.ok -= 1
         elif self.fail:
@@ -225,7 +225,7 @@ class FlakyStore(Store):
             self.fail -= 1
             raise StateError("database is locked")
         return super().record_and_take(sink, outcomes, limit, now_ns,
-                                       dead_letter_after=dead_letter_after)
+                                       dead_letter_after=dead_letter_after, durable=durable)
 
 
 async def test_outcomes_survive_a_store_error_and_nothing_is_sent_twice(

@@ -401,11 +401,11 @@ async def test_jsonl_fsync_failure_is_retried(tmp_path: Path) -> None:
     class FailingOnce(JsonlSink):
         fails = 1
 
-        async def flush(self) -> None:
+        def _write_and_sync(self, data: bytes) -> None:
+            super()._write_and_sync(data)  # written, then the fsync fails
             if self.fails:
                 self.fails -= 1
                 raise SinkUnavailable("fsync failed: EIO")
-            await super().flush()
 
     sink = FailingOnce(JsonlSinkConfig(name="file", path=str(tmp_path / "e.jsonl"),
                                        retry=replace(RetryConfig(), max_backoff_s=0.01)))

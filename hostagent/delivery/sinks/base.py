@@ -133,6 +133,19 @@ class Sink(Protocol):
         ...
 
 
+@runtime_checkable
+class BatchWriter(Protocol):
+    """A local sink that can take a whole batch in ONE blocking call (the JSONL file): the
+    delivery then claims the batch, writes it and records the acknowledgements in one
+    worker-thread call instead of `send` per event and `flush`. Only used while the sink's
+    breaker is closed; retries, backoff and dead letters are the same as with `flush`."""
+
+    def write_batch(self, payloads: Sequence[bytes]) -> None:
+        """Write every payload and make them durable (blocking; called from a worker thread,
+        never while a `flush` runs); SinkUnavailable if that failed (all are sent again)."""
+        ...
+
+
 class Dispatcher(Protocol):
     """Delivery a sink runs on its own, after the outbox handed it an event (webhooks: one
     drain per endpoint); the daemon runs it in its nursery."""

@@ -2,6 +2,8 @@
 
 `send` only queues the line in memory; `flush` appends the whole batch with ONE `os.write` on
 an O_APPEND descriptor (so lines never interleave) and fsyncs it, in one worker-thread call.
+The delivery rather calls `write_batch` (base.BatchWriter), which does the same from the
+worker thread that also claims the batch and records its acknowledgements.
 The delivery records acknowledgements only after `flush` returned, so nothing is acked before
 it is on disk; a failed write or fsync fails the whole batch (sent again later).
 A crash can leave a torn last line; before appending again the sink makes sure the file ends
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
@@ -69,6 +72,16 @@ class JsonlSink(ConfiguredSink[JsonlSinkConfig]):
             os.fsync(fd)
         except OSError as err:
             raise SinkUnavailable(f"{self.path}: fsync failed: {err}") from err
+
+    def write_batch(self, payloads: Sequence[bytes]) -> None:
+        """Append the payloads as lines with one write, then fsync (blocking: a worker thread's
+        call); SinkUnavailable if either failed."""
+        if not payloads:
+            return
+        try:
+            self._write_and_sync(b"\n".join(payloads) + b"\n")
+        except OSError as err:  # opening the file
+            raise SinkUnavailable(f"{self.path}: write failed: {err}") from err
 
     async def send(self, event: OutEvent) -> None:
         """Queue the event's payload as one line (written and fsynced by `flush`)."""

@@ -1,0 +1,167 @@
+"""A local sink's round (the JSONL file, sinks.base.BatchWriter): ONE worker-thread call per
+round, two commits (the claim before the write, the acknowledgements after it), one fsync of
+the file; a backlog in full batches; a failed write is retried like a failed flush."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+
+from hostagent.config.schema import OutboxConfig
+from hostagent.config.sinks import JsonlSinkConfig
+from hostagent.delivery import sink_queue
+from hostagent.delivery.engine import Delivery
+from hostagent.delivery.sinks.base import BatchWriter
+from hostagent.delivery.sinks.jsonl import JsonlSink
+from hostagent.errors import SinkUnavailable
+from hostagent.store.outbox import Store
+from tests.clocks import TrioClock
+from tests.delivery.test_engine import eventually
+from tests.standins.queue import usage_event
+
+T = TypeVar("T")
+
+
+class Counts:
+    """Worker-thread hand-offs, SQLite statements and fsyncs while `on`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, store: Store) -> None:
+        self.on = False
+        self.threads = self.fsyncs = 0
+        self.calls: list[str] = []
+        self.statements: list[str] = []
+        run_sync, fsync = trio.to_thread.run_sync, os.fsync
+
+        async def counting_run_sync(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+            self.threads += self.on
+            self.calls.append(getattr(fn, "__name__", ""))
+            return await run_sync(fn, *args, **kw)
+
+        def counting_fsync(fd: int) -> None:
+            self.fsyncs += self.on
+            fsync(fd)
+
+        def trace(statement: str) -> None:
+            if self.on:
+                self.statements.append(statement)
+
+        monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+        monkeypatch.setattr(os, "fsync", counting_fsync)
+        store._conn.set_trace_callback(trace)
+
+    def commits(self) -> list[str]:
+        return [s for s in self.statements if s in ("BEGIN IMMEDIATE", "COMMIT")]
+
+
+def test_the_jsonl_sink_writes_whole_batches() -> None:
+    assert isinstance(JsonlSink(JsonlSinkConfig(path="/nonexistent")), BatchWriter)
+
+
+async def test_a_jsonl_round_is_one_hand_off_two_commits_one_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = TrioClock()
+    store = Store.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
+    sink = JsonlSink(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
+    d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=3600))
+    counts = Counts(monkeypatch, store)
+    events = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(d.run)
+            with trio.fail_after(20):
+                await d.drained()
+                await trio.sleep(0.05)  # the first maintenance run is over
+                for k in range(5):
+                    evs = [usage_event(f"i{i}", k) for i in range(8)]
+                    events += evs
+                    await trio.to_thread.run_sync(store.commit_pass, [], evs)
+                    counts.on = True
+                    d.wake()
+                    await d.drained()
+                    counts.on = False
+                    # the take claimed (commit), wrote and fsynced, recorded the acks (commit)
+                    assert counts.threads == 1 and counts.fsyncs == 1, vars(counts)
+                    assert counts.commits() == ["BEGIN IMMEDIATE", "COMMIT"] * 2
+                    # the claim synced; only the acknowledgements' commit is not
+                    st = counts.statements
+                    acks = st[st.index("PRAGMA synchronous=NORMAL"):]
+                    assert "SET claimed = 1" in " ".join(st[:st.index("PRAGMA synchronous=NORMAL")])
+                    assert acks[1] == "BEGIN IMMEDIATE" and acks[-1] == "PRAGMA synchronous=FULL"
+                    assert not [x for x in acks if "SET claimed = 1" in x], acks
+                    counts.threads = counts.fsyncs = 0
+                    counts.statements.clear()
+            nursery.cancel_scope.cancel()
+        assert store.stats()["file"].acked == 40
+        with store.reading("setting") as c:
+            assert c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+        assert d.metrics().sinks["file"].published == d.metrics().sinks["file"].latency_count == 40
+    finally:
+        store.close()
+    lines = (tmp_path / "events.jsonl").read_bytes().splitlines()
+    assert lines == [e.payload for e in events]  # byte for byte, in period order
+
+
+async def test_a_backlog_goes_in_full_batches_each_event_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = TrioClock()
+    store = Store.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
+    store.commit_pass([], [usage_event(f"i{i}", k) for k in range(3) for i in range(15)])
+    sink = JsonlSink(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
+    d = Delivery(store, [sink], clock, OutboxConfig(batch_size=5, maintenance_interval_s=3600))
+    counts = Counts(monkeypatch, store)
+    try:
+        async with trio.open_nursery() as nursery:
+            counts.on = True
+            await nursery.start(d.run)
+            with trio.fail_after(20):
+                await d.drained()
+            nursery.cancel_scope.cancel()
+        assert store.stats()["file"].acked == 45
+    finally:
+        store.close()
+    lines = (tmp_path / "events.jsonl").read_bytes().splitlines()
+    assert len(lines) == len(set(lines)) == 45
+    assert counts.fsyncs == 9  # one per batch of 5
+    # a round writes up to LOCAL_BATCHES_PER_CALL batches per hand-off: 4 + 4 + 1
+    assert sink_queue.LOCAL_BATCHES_PER_CALL == 4
+    assert counts.calls.count("_local_rounds") == 3, counts.calls
+
+
+async def test_a_failed_write_is_sent_again_after_the_round_backoff(
+        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = 0.01
+
+    class FullDisk(JsonlSink):
+        fails = 2
+
+        def write_batch(self, payloads: Any) -> None:
+            if self.fails:
+                self.fails -= 1
+                raise SinkUnavailable("write failed: ENOSPC")
+            super().write_batch(payloads)
+
+    clock = TrioClock()
+    store = Store.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
+    sink = FullDisk(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
+    d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=3600))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(d.run)
+            await trio.to_thread.run_sync(store.commit_pass, [],
+                                          [usage_event("i", k) for k in range(3)])
+            t0 = trio.current_time()
+            d.wake()
+            await eventually(lambda: d.metrics().sinks["file"].published == 3, 600)
+            # two failed rounds, each waiting the round backoff (max_backoff_s 10 s ±10 %)
+            assert trio.current_time() - t0 >= 2 * 9
+            nursery.cancel_scope.cancel()
+        assert store.stats()["file"].acked == 3 and store.stats()["file"].pending == 0
+        assert d.metrics().sinks["file"].breaker_state == "closed"  # a write is not a send
+    finally:
+        store.close()
+    assert len((tmp_path / "events.jsonl").read_bytes().splitlines()) == 3
