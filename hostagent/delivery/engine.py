@@ -141,7 +141,7 @@ class Delivery:
             self.wake()
 
     async def _refresh(self) -> None:
-        self._stats = await self._db(self.store.stats)
+        self._stats = await self._db(lambda: self.store.stats(acked=False))
         self._size = await self._db(self.store.size)
 
     async def refresh_metrics(self) -> None:

@@ -155,15 +155,39 @@ class StoreReader(ABC):
 
     # --- inspection -------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, SinkStats]:
-        """Per sink: pending depth and oldest pending commit time, acked, dead, breaker."""
+    def stats(self, *, acked: bool = True) -> dict[str, SinkStats]:
+        """Per sink: pending depth and oldest pending commit time, acked, dead, breaker.
+
+        `acked=False` (the daemon's gauges, every maintenance run): the acked count is left 0
+        and each count is a range of the `deliveries_queue` index per sink and status, so the
+        cost follows what is pending or dead, not the day of acknowledged rows that
+        retention keeps (a full GROUP BY over them grew with the store: ~17 ms at 21,000)."""
+        if acked:
+            return self._stats_scan()
+        with self.reading("stats") as c:
+            sinks = c.execute("SELECT name, active, breaker_state, breaker_since_ns, "
+                              "breaker_updated_ns FROM sinks ORDER BY name").fetchall()
+            by: dict[tuple[str, str], tuple[int, int | None]] = {}
+            for r in sinks:
+                for status in ("pending", "dead"):
+                    n, oldest = c.execute(
+                        "SELECT COUNT(*), MIN(created_ns) FROM deliveries INDEXED BY "
+                        "deliveries_queue WHERE sink = ? AND status = ?",
+                        (r[0], status)).fetchone()
+                    by[(r[0], status)] = (n, oldest)
+        return self._sink_stats(sinks, by)
+
+    def _stats_scan(self) -> dict[str, SinkStats]:
         with self.reading("stats") as c:
             counts = c.execute("SELECT sink, status, COUNT(*), MIN(created_ns) FROM deliveries "
                                "GROUP BY sink, status").fetchall()
             sinks = c.execute("SELECT name, active, breaker_state, breaker_since_ns, "
                               "breaker_updated_ns FROM sinks ORDER BY name").fetchall()
-        by: dict[tuple[str, str], tuple[int, int | None]] = {
-            (s, st): (n, oldest) for s, st, n, oldest in counts}
+        return self._sink_stats(sinks, {(s, st): (n, oldest) for s, st, n, oldest in counts})
+
+    @staticmethod
+    def _sink_stats(sinks: list[tuple[str, int, str | None, int | None, int | None]],
+                    by: dict[tuple[str, str], tuple[int, int | None]]) -> dict[str, SinkStats]:
         names = [r[0] for r in sinks] + sorted({s for s, _ in by} - {r[0] for r in sinks})
         info = {r[0]: r for r in sinks}
         out = {}

@@ -106,3 +106,34 @@ def test_the_sync_setting_comes_back_after_a_failed_commit(store: Store) -> None
         other.close()
     assert synchronous(store) == 2
     assert store.stats()["q"].acked == 0
+
+
+def test_the_gauge_stats_read_only_what_is_pending_or_dead(store: Store) -> None:
+    # Acked rows (a day of them, with retention) must not be walked by the daemon's gauges.
+    events = [usage_event(f"i{n}", 0) for n in range(6)]
+    store.commit_pass([], events)
+    got = store.record_and_take("q", [], 10, 2**62, dead_letter_after=1)
+    outcomes = [Outcome(p.event.event_id, "acked") for p in got.batch[:3]]
+    outcomes.append(Outcome(got.batch[3].event.event_id, "rejected", "no", 0))
+    store.record("q", outcomes, dead_letter_after=1)
+    full, gauges = store.stats(), store.stats(acked=False)
+    assert (full["q"].pending, full["q"].dead, full["q"].acked) == (2, 1, 3)
+    assert full["f"].pending == 6
+    for name in ("q", "f"):
+        a, b = full[name], gauges[name]
+        assert (b.pending, b.oldest_pending_ns, b.dead, b.breaker_state, b.acked) == \
+            (a.pending, a.oldest_pending_ns, a.dead, a.breaker_state, 0)
+    seen = traced(store)
+    store.stats(acked=False)
+    plans = [store._conn.execute(f"EXPLAIN QUERY PLAN {s}").fetchall()
+             for s in seen if s.startswith("SELECT COUNT")]
+    assert plans and all("USING INDEX deliveries_queue (sink=? AND status=?)" in str(p)
+                         for p in plans), plans
+
+
+def test_the_heartbeat_is_not_synced_and_the_next_commit_is(store: Store) -> None:
+    seen = traced(store)
+    store.heartbeat()
+    assert seen[0] == "PRAGMA synchronous=NORMAL" and seen[-1] == "PRAGMA synchronous=FULL", seen
+    assert store.meta()["delivery_heartbeat_ns"] == str(store.clock.now().wall_ns)
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
