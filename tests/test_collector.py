@@ -415,8 +415,11 @@ async def test_hung_host_file_reads_are_abandoned_at_the_deadline(tmp_path: Path
 async def test_a_steady_pass_reads_libvirt_and_host_files_in_one_worker_call(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each thread hand-off costs a wake-up of the event loop: a steady pass makes two, the
-    bulk call with the host file reads, then the commit; a first sight needs the XML first."""
-    host = Host(tmp_path, "lab-hybrid")
+    bulk call with the host file reads and the VM partition's CPU, then the commit; a first
+    sight needs the XML first (all of a pass's XML in one call)."""
+    host = Host(tmp_path, "systemd-v2")
+    partition = host.root / "sys/fs/cgroup/machine.slice/cpu.stat"
+    partition.write_text("usage_usec 1000\nuser_usec 600\nsystem_usec 400\n")
     coll, store = make_collector(host, tmp_path)
     calls: list[str] = []
     real = trio.to_thread.run_sync
@@ -428,14 +431,38 @@ async def test_a_steady_pass_reads_libvirt_and_host_files_in_one_worker_call(
     monkeypatch.setattr(trio.to_thread, "run_sync", counted)
     first = await coll.run_pass()
     n = first.domains
-    # the connection, bulk, each domain's XML, host files, commit
-    assert len(calls) == 1 + 1 + n + 2, calls
+    assert n > 0
+    # the connection, bulk (+ partition CPU), every domain's XML, host files, commit
+    assert len(calls) == 1 + 1 + 1 + 1 + 1, calls
     calls.clear()
     host.move_to_t1()
+    partition.write_text("usage_usec 3000\nuser_usec 1600\nsystem_usec 1400\n")
     report = await coll.run_pass()
     assert report.committed and report.events == report.domains == n > 0
     assert len(calls) == 2, calls
     assert all(s.pressure is not None for s in report.samples)  # the files were read
+    assert coll.unattributed is not None and coll.unattributed.parent_last_ns == 3_000_000
+    store.close()
+
+
+async def test_the_partition_cpu_is_read_in_a_call_of_its_own_without_early_reads(
+        tmp_path: Path) -> None:
+    """On the per-domain path (the bulk call hung) nothing runs after the bulk call: the VM
+    partition's CPU is read in a call of its own, as before."""
+    host = Host(tmp_path, "systemd-v2")
+    partition = host.root / "sys/fs/cgroup/machine.slice/cpu.stat"
+    partition.write_text("usage_usec 1000\n")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    partition.write_text("usage_usec 5000\n")
+    host.conn.hang_bulk.set()
+    try:
+        report = await coll.run_pass()
+    finally:
+        host.conn.release.set()
+    assert report.committed and report.libvirt_path == "per-domain"
+    assert coll.unattributed is not None and coll.unattributed.parent_last_ns == 5_000_000
     store.close()
 
 
