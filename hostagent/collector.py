@@ -198,11 +198,14 @@ class Collector:
                 errors.append(ReadError(d.uuid, brief(d.name), "xml", brief(str(got))))
                 self.inventory.forget(d.uuid)
         self.inventory.update(parsed, present=shapes)
-        live = {(d.uuid, d.domid) for d in domains}
-        for key in [k for k in self._facts if k not in live]:
-            del self._facts[key]
-        for key in [k for k in self._instance_ids if k not in live]:
-            del self._instance_ids[key]
+        # Keyed by incarnation: more entries than running domains means some are gone (a
+        # restart or a stop), and only then is the sweep worth its set.
+        if len(self._facts) > len(domains) or len(self._instance_ids) > len(domains):
+            live = {(d.uuid, d.domid) for d in domains}
+            for key in [k for k in self._facts if k not in live]:
+                del self._facts[key]
+            for key in [k for k in self._instance_ids if k not in live]:
+                del self._instance_ids[key]
 
     def _early_reads(self) -> pass_reads.EarlyReads:
         """The host reads for the bulk call's worker call (pass_reads.EarlyReads)."""
