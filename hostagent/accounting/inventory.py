@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hostagent.accounting.identity import owner_hint_from_metadata
 from hostagent.errors import SourceError
@@ -162,9 +162,11 @@ def parse_hostdevs(domain_xml_root: ET.Element) -> tuple[Hostdev, ...]:
     return tuple(out.values())
 
 
-@dataclass(frozen=True, slots=True)
-class Shape:
-    """The cheap fingerprint of a domain seen in bulk stats: changes force an XML re-read."""
+class Shape(NamedTuple):
+    """The cheap fingerprint of a domain seen in bulk stats: changes force an XML re-read.
+
+    A named tuple: built for every domain every pass, it must cost a tuple, not a frozen
+    dataclass's `__init__`."""
 
     uuid: str
     domid: int
@@ -185,16 +187,14 @@ def _names(cache: list[str], prefix: str, n: int) -> list[str]:
 
 def shape_from_stats(uuid: str, domid: int, stats: Mapping[str, object]) -> Shape:
     """Fingerprint from bulk stats: domain id plus the tap and disk names libvirt reports."""
-    n_net, n_block = _count(stats, "net.count"), _count(stats, "block.count")
     get = stats.get
-    taps = tuple([str(get(k, "")) for k in _names(_NET_NAMES, "net", n_net)[:n_net]])
-    disks = tuple([str(get(k, "")) for k in _names(_BLOCK_NAMES, "block", n_block)[:n_block]])
-    return Shape(uuid=uuid, domid=domid, taps=taps, disks=disks)
-
-
-def _count(stats: Mapping[str, object], key: str) -> int:
-    value = stats.get(key, 0)
-    return value if isinstance(value, int) else 0
+    n = get("net.count", 0)
+    taps = (tuple([str(get(k, "")) for k in _names(_NET_NAMES, "net", n)[:n]])
+            if isinstance(n, int) and n > 0 else ())
+    n = get("block.count", 0)
+    disks = (tuple([str(get(k, "")) for k in _names(_BLOCK_NAMES, "block", n)[:n]])
+             if isinstance(n, int) and n > 0 else ())
+    return Shape(uuid, domid, taps, disks)
 
 
 class Inventory:
