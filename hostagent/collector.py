@@ -301,7 +301,7 @@ class Collector:
             unassigned=self.cfg.owners.unassigned, name_is_build_id=c.instance_id == "formation")
 
     async def _pass(self, report: PassReport) -> None:
-        async with self.reading:
+        async with pass_reads.held(self.reading):
             await self._pass_locked(report)
 
     async def _pass_locked(self, report: PassReport) -> None:

@@ -538,3 +538,31 @@ async def test_a_domain_whose_gpus_cannot_be_read_is_withheld_alone(tmp_path: Pa
     gpu_iid = next(iid for iid in before if iid not in {u.instance_id for u in report.usages})
     assert coll.baselines[gpu_iid] == before[gpu_iid]
     store.close()
+
+
+async def test_a_steady_pass_wakes_the_event_loop_only_for_its_two_worker_calls(
+        tmp_path: Path) -> None:
+    """Task steps of the pass's own task: each of the two worker calls costs two (the
+    limiter's checkpoint, the result); taking the free reading lock costs none."""
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    me = trio.lowlevel.current_task()
+
+    class Steps(trio.abc.Instrument):
+        n = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task is me:
+                self.n += 1
+
+    steps = Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        report = await coll.run_pass()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert report.committed and report.events == report.domains > 0
+    assert steps.n == 4
+    store.close()
