@@ -412,14 +412,25 @@ async def test_hung_host_file_reads_are_abandoned_at_the_deadline(tmp_path: Path
     store.close()
 
 
+def v2_host_with_partition(tmp: Path, usec_t0: int, usec_t1: int) -> Host:
+    """The systemd-v2 host, copied, with the VM partition's cpu.stat at t0 and t1."""
+    host = Host(tmp, "systemd-v2")
+    src = tmp / "host-copy"
+    shutil.copytree(host.src, src, symlinks=True)
+    for t, usec in (("t0", usec_t0), ("t1", usec_t1)):
+        (src / t / "sys/fs/cgroup/machine.slice/cpu.stat").write_text(f"usage_usec {usec}\n")
+    host.src = src
+    host.root.unlink()
+    host.root.symlink_to(src / "t0")
+    return host
+
+
 async def test_a_steady_pass_reads_libvirt_and_host_files_in_one_worker_call(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each thread hand-off costs a wake-up of the event loop: a steady pass makes two, the
     bulk call with the host file reads and the VM partition's CPU, then the commit; a first
     sight needs the XML first (all of a pass's XML in one call)."""
-    host = Host(tmp_path, "systemd-v2")
-    partition = host.root / "sys/fs/cgroup/machine.slice/cpu.stat"
-    partition.write_text("usage_usec 1000\nuser_usec 600\nsystem_usec 400\n")
+    host = v2_host_with_partition(tmp_path, 1000, 3000)
     coll, store = make_collector(host, tmp_path)
     calls: list[str] = []
     real = trio.to_thread.run_sync
@@ -436,7 +447,6 @@ async def test_a_steady_pass_reads_libvirt_and_host_files_in_one_worker_call(
     assert len(calls) == 1 + 1 + 1 + 1 + 1, calls
     calls.clear()
     host.move_to_t1()
-    partition.write_text("usage_usec 3000\nuser_usec 1600\nsystem_usec 1400\n")
     report = await coll.run_pass()
     assert report.committed and report.events == report.domains == n > 0
     assert len(calls) == 2, calls
@@ -449,13 +459,10 @@ async def test_the_partition_cpu_is_read_in_a_call_of_its_own_without_early_read
         tmp_path: Path) -> None:
     """On the per-domain path (the bulk call hung) nothing runs after the bulk call: the VM
     partition's CPU is read in a call of its own, as before."""
-    host = Host(tmp_path, "systemd-v2")
-    partition = host.root / "sys/fs/cgroup/machine.slice/cpu.stat"
-    partition.write_text("usage_usec 1000\n")
+    host = v2_host_with_partition(tmp_path, 1000, 5000)
     coll, store = make_collector(host, tmp_path)
     await coll.run_pass()
     host.move_to_t1()
-    partition.write_text("usage_usec 5000\n")
     host.conn.hang_bulk.set()
     try:
         report = await coll.run_pass()
