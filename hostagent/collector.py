@@ -15,11 +15,12 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import trio
 
+from hostagent import pass_reads
 from hostagent.accounting import identity, inventory, ledger, tails, unattributed
 from hostagent.accounting.readings import (
     Accounting,
@@ -37,23 +38,22 @@ from hostagent.alerts.violations import StormControl
 from hostagent.clock import Clock
 from hostagent.config.load import Config
 from hostagent.errors import SourceError, StateError
-from hostagent.model import Baseline, DomainInfo, DomainStats, GpuReading, OutEvent
+from hostagent.model import Baseline, DomainInfo, DomainStats, OutEvent
 from hostagent.owners.resolver import Owners
 from hostagent.read_errors import ReadErrorLog
 from hostagent.sources import cgroup as cgroup_src
-from hostagent.sources import net as net_src
 from hostagent.sources.domain_files import DomainFiles, FilesResult, LinkReader, Want
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu import GpuReadings, GpuSource
 from hostagent.sources.libvirt import LibvirtSource
-from hostagent.sources.unattributed import parent_cpu_stat, read_parent_cpu_ns
+from hostagent.sources.unattributed import parent_cpu_stat
 
 log = logging.getLogger(__name__)
 
 # Owner-cache entries of instances no longer running are dropped every this many passes.
 OWNER_RETAIN_EVERY_PASSES = 20
-HUNG_STATS = "stats call hung past the deadline"
+HUNG_STATS = pass_reads.HUNG_STATS
 
 
 class PassStore(Protocol):
@@ -130,8 +130,9 @@ class Collector:
         self.tails: dict[tails.Key, tails.Tail] = {}
         self.closeouts_total: Counter[str] = Counter()
         self.unattributed: unattributed.UnattributedCpu | None = None
-        self._parent_cpu: str | None = parent_cpu_stat(HostRoot(cfg.paths.root),
-                                                       cfg.paths.cgroup_root)
+        self._root = HostRoot(cfg.paths.root)
+        self._parent_cpu: str | None = parent_cpu_stat(self._root, cfg.paths.cgroup_root)
+        self._early: pass_reads.EarlyReads | None = None
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -140,7 +141,9 @@ class Collector:
 
         Raises SourceError only for host-wide failures (no libvirt connection).
         """
-        got = await self.libvirt.bulk_stats_then(self._early_reads() if only is None else None)
+        early = self._early_reads() if only is None else None
+        self._early = early
+        got = await self.libvirt.bulk_stats_then(early)
         bulk = got.bulk
         errors = [ReadError(uuid, brief(name), "stats", brief(why))
                   for uuid, name, why in bulk.failed
@@ -169,9 +172,9 @@ class Collector:
                 # would lose them. Withheld, the domain keeps its baseline until GPUs read again.
                 errors.append(ReadError(d.uuid, brief(d.name), "gpu", brief(gpu_error)))
                 continue
-            out.append(self._reading(d, info, iid, t_wall_ns, files,
-                                     gpus.of(info.uuid) if gpus is not None else (),
-                                     timed_out=d.name in bulk.timed_out))
+            out.append(pass_reads.domain_reading(
+                d, info, iid, t_wall_ns, files, gpus.of(info.uuid) if gpus is not None else (),
+                self._facts, timed_out=d.name in bulk.timed_out))
         return HostReading(t_wall_ns=t_wall_ns, domains=tuple(out), errors=tuple(errors),
                            path=bulk.path, timed_out=bulk.timed_out,
                            listed={d.uuid: d.name for d in bulk.domains})
@@ -195,33 +198,21 @@ class Collector:
                 errors.append(ReadError(d.uuid, brief(d.name), "xml", brief(str(got))))
                 self.inventory.forget(d.uuid)
         self.inventory.update(parsed, present=shapes)
-        live = {(d.uuid, d.domid) for d in domains}
-        for key in [k for k in self._facts if k not in live]:
-            del self._facts[key]
-        for key in [k for k in self._instance_ids if k not in live]:
-            del self._instance_ids[key]
+        # Keyed by incarnation: more entries than running domains means some are gone (a
+        # restart or a stop), and only then is the sweep worth its set.
+        if len(self._facts) > len(domains) or len(self._instance_ids) > len(domains):
+            live = {(d.uuid, d.domid) for d in domains}
+            for key in [k for k in self._facts if k not in live]:
+                del self._facts[key]
+            for key in [k for k in self._instance_ids if k not in live]:
+                del self._instance_ids[key]
 
-    def _early_reads(self) -> Callable[[tuple[DomainStats, ...]], FilesResult | None]:
-        """The host file reads to run in the bulk call's worker call, right after it answers.
-
-        They need each domain's DomainInfo, known before the call only in steady state: when
-        every listed domain is a known incarnation (same domid and name), its files are read
-        there; otherwise (a new or restarted domain) nothing is, and `_read_files` reads them
-        in a call of its own after the XML. The inventory is snapshotted here, in trio.
-        """
-        known = {uuid: (info, self._facts.get((uuid, info.domid)))
+    def _early_reads(self) -> pass_reads.EarlyReads:
+        """The host reads for the bulk call's worker call (pass_reads.EarlyReads)."""
+        facts = self._facts
+        known = {uuid: (info, facts.get((uuid, info.domid)))
                  for uuid, info in self.inventory.items()}
-
-        def read(domains: tuple[DomainStats, ...]) -> FilesResult | None:
-            wants = []
-            for d in domains:
-                info, facts = known.get(d.uuid, (None, None))
-                if info is None or info.domid != d.domid or info.name != d.name:
-                    return None
-                wants.append(Want(info, d.stats, facts))
-            return self.files.read(wants)
-
-        return read
+        return pass_reads.EarlyReads(known, self.files, self._root, self._parent_cpu, self.fds)
 
     async def _read_files(self, running: Sequence[tuple[DomainStats, DomainInfo]], *,
                           early: FilesResult | None = None, ran_out: bool = False
@@ -261,30 +252,6 @@ class Collector:
             return await self.gpu.read(infos, self.limiter), None
         except SourceError as err:
             return None, str(err)
-
-    def _reading(self, d: DomainStats, info: DomainInfo, iid: str, t_wall_ns: int,
-                 files: FilesResult, gpus: tuple[GpuReading, ...], *,
-                 timed_out: bool) -> DomainReading:
-        key = (info.uuid, info.domid)
-        missing = dict(files.missing.get(key, {}))
-        cg = files.cgroups.get(key)
-        if isinstance(cg, str):
-            missing["cgroup"] = cg
-            cg = None
-        if timed_out:
-            missing["libvirt"] = HUNG_STATS
-        netlink_nics = None
-        netlink_missing: dict[str, str] = {}
-        if files.links is not None:
-            found, netlink_missing = net_src.nic_counters(info.nics, files.links)
-            netlink_nics = {n.mac: n for n in found}
-        elif files.links_error:
-            netlink_missing = {f"net:{n.mac}": files.links_error for n in info.nics}
-        facts = files.facts.get(key) or self._facts.get(key)
-        return DomainReading(info=info, instance_id=iid, t_wall_ns=t_wall_ns, stats=d.stats,
-                             facts=facts or HostFacts(None, None, None, None), cgroup=cg,
-                             netlink_nics=netlink_nics, netlink_missing=netlink_missing,
-                             gpus=gpus, missing=missing)
 
     def _instance_id(self, info: DomainInfo) -> str:
         key = (info.uuid, info.domid)
@@ -334,7 +301,7 @@ class Collector:
             unassigned=self.cfg.owners.unassigned, name_is_build_id=c.instance_id == "formation")
 
     async def _pass(self, report: PassReport) -> None:
-        async with self.reading:
+        async with pass_reads.held(self.reading):
             await self._pass_locked(report)
 
     async def _pass_locked(self, report: PassReport) -> None:
@@ -384,15 +351,15 @@ class Collector:
             self.owners.retain({s.instance_id for s in samples})
 
     async def _read_parent_cpu(self) -> int | None:
-        """The VMs' parent cgroup's CPU (v2), None without one or when unreadable."""
+        """The VMs' parent cgroup's CPU (v2), None without one or when unreadable: read in the
+        bulk call's worker call, or (that did not run) in a call of its own."""
+        early, self._early = self._early, None
+        if early is not None and early.parent_read:  # read in the bulk call's worker call
+            return early.parent_ns
         if self._parent_cpu is None:
             return None
-        try:
-            return await trio.to_thread.run_sync(
-                read_parent_cpu_ns, HostRoot(self.cfg.paths.root), self._parent_cpu, self.fds,
-                limiter=self.limiter)
-        except SourceError:
-            return None
+        return await trio.to_thread.run_sync(pass_reads.parent_cpu_ns, self._root,
+                                             self._parent_cpu, self.fds, limiter=self.limiter)
 
     @staticmethod
     def _commit(store: PassStore, acc: Accounting) -> None:

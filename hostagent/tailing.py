@@ -31,6 +31,7 @@ from hostagent.accounting.readings import DomainReading
 from hostagent.clock import Clock
 from hostagent.collector import Collector
 from hostagent.errors import SourceError
+from hostagent.pass_reads import held
 from hostagent.sources.files import HostRoot
 from hostagent.sources.lifecycle import LifecycleWatcher, Message
 from hostagent.sources.light import LightSampler, LightTarget, light_nics, target_for
@@ -206,7 +207,7 @@ class TailTasks:
     async def sample(self, only: set[str] | None) -> int:
         """One light sample of the domains with a tail (or `only` those); how many were read."""
         coll = self.collector
-        async with coll.reading:
+        async with held(coll.reading):
             targets = self._targets_now(only)
             if not targets:
                 return 0

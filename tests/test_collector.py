@@ -412,11 +412,25 @@ async def test_hung_host_file_reads_are_abandoned_at_the_deadline(tmp_path: Path
     store.close()
 
 
+def v2_host_with_partition(tmp: Path, usec_t0: int, usec_t1: int) -> Host:
+    """The systemd-v2 host, copied, with the VM partition's cpu.stat at t0 and t1."""
+    host = Host(tmp, "systemd-v2")
+    src = tmp / "host-copy"
+    shutil.copytree(host.src, src, symlinks=True)
+    for t, usec in (("t0", usec_t0), ("t1", usec_t1)):
+        (src / t / "sys/fs/cgroup/machine.slice/cpu.stat").write_text(f"usage_usec {usec}\n")
+    host.src = src
+    host.root.unlink()
+    host.root.symlink_to(src / "t0")
+    return host
+
+
 async def test_a_steady_pass_reads_libvirt_and_host_files_in_one_worker_call(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each thread hand-off costs a wake-up of the event loop: a steady pass makes two, the
-    bulk call with the host file reads, then the commit; a first sight needs the XML first."""
-    host = Host(tmp_path, "lab-hybrid")
+    bulk call with the host file reads and the VM partition's CPU, then the commit; a first
+    sight needs the XML first (all of a pass's XML in one call)."""
+    host = v2_host_with_partition(tmp_path, 1000, 3000)
     coll, store = make_collector(host, tmp_path)
     calls: list[str] = []
     real = trio.to_thread.run_sync
@@ -428,14 +442,34 @@ async def test_a_steady_pass_reads_libvirt_and_host_files_in_one_worker_call(
     monkeypatch.setattr(trio.to_thread, "run_sync", counted)
     first = await coll.run_pass()
     n = first.domains
-    # the connection, bulk, each domain's XML, host files, commit
-    assert len(calls) == 1 + 1 + n + 2, calls
+    assert n > 0
+    # the connection, bulk (+ partition CPU), every domain's XML, host files, commit
+    assert len(calls) == 1 + 1 + 1 + 1 + 1, calls
     calls.clear()
     host.move_to_t1()
     report = await coll.run_pass()
     assert report.committed and report.events == report.domains == n > 0
     assert len(calls) == 2, calls
     assert all(s.pressure is not None for s in report.samples)  # the files were read
+    assert coll.unattributed is not None and coll.unattributed.parent_last_ns == 3_000_000
+    store.close()
+
+
+async def test_the_partition_cpu_is_read_in_a_call_of_its_own_without_early_reads(
+        tmp_path: Path) -> None:
+    """On the per-domain path (the bulk call hung) nothing runs after the bulk call: the VM
+    partition's CPU is read in a call of its own, as before."""
+    host = v2_host_with_partition(tmp_path, 1000, 5000)
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    host.conn.hang_bulk.set()
+    try:
+        report = await coll.run_pass()
+    finally:
+        host.conn.release.set()
+    assert report.committed and report.libvirt_path == "per-domain"
+    assert coll.unattributed is not None and coll.unattributed.parent_last_ns == 5_000_000
     store.close()
 
 
@@ -510,4 +544,32 @@ async def test_a_domain_whose_gpus_cannot_be_read_is_withheld_alone(tmp_path: Pa
     assert [u.name for u in report.usages] == ["halab-2"]
     gpu_iid = next(iid for iid in before if iid not in {u.instance_id for u in report.usages})
     assert coll.baselines[gpu_iid] == before[gpu_iid]
+    store.close()
+
+
+async def test_a_steady_pass_wakes_the_event_loop_only_for_its_two_worker_calls(
+        tmp_path: Path) -> None:
+    """Task steps of the pass's own task: each of the two worker calls costs two (the
+    limiter's checkpoint, the result); taking the free reading lock costs none."""
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    me = trio.lowlevel.current_task()
+
+    class Steps(trio.abc.Instrument):
+        n = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task is me:
+                self.n += 1
+
+    steps = Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        report = await coll.run_pass()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert report.committed and report.events == report.domains > 0
+    assert steps.n == 4
     store.close()

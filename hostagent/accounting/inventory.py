@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hostagent.accounting.identity import owner_hint_from_metadata
 from hostagent.errors import SourceError
@@ -162,9 +162,11 @@ def parse_hostdevs(domain_xml_root: ET.Element) -> tuple[Hostdev, ...]:
     return tuple(out.values())
 
 
-@dataclass(frozen=True, slots=True)
-class Shape:
-    """The cheap fingerprint of a domain seen in bulk stats: changes force an XML re-read."""
+class Shape(NamedTuple):
+    """The cheap fingerprint of a domain seen in bulk stats: changes force an XML re-read.
+
+    A named tuple: built for every domain every pass, it must cost a tuple, not a frozen
+    dataclass's `__init__`."""
 
     uuid: str
     domid: int
@@ -172,18 +174,27 @@ class Shape:
     disks: tuple[str, ...]
 
 
+_NET_NAMES: list[str] = []
+_BLOCK_NAMES: list[str] = []
+
+
+def _names(cache: list[str], prefix: str, n: int) -> list[str]:
+    """`prefix.0.name` ... `prefix.{n-1}.name`, built once per index, not once per pass."""
+    while len(cache) < n:
+        cache.append(f"{prefix}.{len(cache)}.name")
+    return cache
+
+
 def shape_from_stats(uuid: str, domid: int, stats: Mapping[str, object]) -> Shape:
     """Fingerprint from bulk stats: domain id plus the tap and disk names libvirt reports."""
-    taps = tuple(str(stats.get(f"net.{i}.name", "")) for i in range(_count(stats, "net.count")))
-    disks = tuple(
-        str(stats.get(f"block.{i}.name", "")) for i in range(_count(stats, "block.count"))
-    )
-    return Shape(uuid=uuid, domid=domid, taps=taps, disks=disks)
-
-
-def _count(stats: Mapping[str, object], key: str) -> int:
-    value = stats.get(key, 0)
-    return value if isinstance(value, int) else 0
+    get = stats.get
+    n = get("net.count", 0)
+    taps = (tuple([str(get(k, "")) for k in _names(_NET_NAMES, "net", n)[:n]])
+            if isinstance(n, int) and n > 0 else ())
+    n = get("block.count", 0)
+    disks = (tuple([str(get(k, "")) for k in _names(_BLOCK_NAMES, "block", n)[:n]])
+             if isinstance(n, int) and n > 0 else ())
+    return Shape(uuid, domid, taps, disks)
 
 
 class Inventory:
@@ -191,41 +202,58 @@ class Inventory:
 
     A domain's XML is read when it is new, when its domain id changed (a new QEMU process), when
     the tap/disk names in bulk stats differ from those seen when its XML was last read (hot-plug),
-    and every `refresh_every_passes` passes (metadata edits change nothing in bulk stats).
+    and once every `refresh_every_passes` passes (metadata edits change nothing in bulk stats).
+    The periodic refreshes are staggered: each domain gets a phase when first seen, round robin
+    over the `refresh_every_passes` phases, and is refreshed on the passes of its phase, so a
+    pass re-reads about 1/`refresh_every_passes` of the domains instead of all of them at once.
     """
 
     def __init__(self, refresh_every_passes: int = 20) -> None:
         self._by_uuid: dict[str, DomainInfo] = {}
         self._shape: dict[str, Shape] = {}
-        self._age: dict[str, int] = {}
-        self._refresh = refresh_every_passes
+        self._phase: dict[str, int] = {}
+        self._refresh = max(refresh_every_passes, 1)
+        self._pass = 0
+        self._next_phase = 0
 
     def needs_xml(self, shapes: Iterable[Shape]) -> list[str]:
         """UUIDs whose XML must be fetched this pass."""
+        self._pass += 1
+        due = self._pass % self._refresh
+        known, phases = self._shape, self._phase
         want = []
         for s in shapes:
-            age = self._age.get(s.uuid, 0)
-            if self._shape.get(s.uuid) != s or age >= self._refresh:
+            phase = phases.get(s.uuid)
+            if phase is None:
+                # Round robin backwards from this pass's phase: the first domains seen
+                # together are due again in N passes, N - 1, ..., 1 (the last of N).
+                phase = phases[s.uuid] = (due - self._next_phase) % self._refresh
+                self._next_phase = (self._next_phase + 1) % self._refresh
                 want.append(s.uuid)
-            self._age[s.uuid] = age + 1
+            elif phase == due or known.get(s.uuid) != s:
+                want.append(s.uuid)
         return want
 
-    def update(self, infos: Iterable[tuple[DomainInfo, Shape]], present: Iterable[str]) -> None:
-        """Record freshly parsed domains (with the stats shape seen then); forget stopped ones."""
+    def update(self, infos: Iterable[tuple[DomainInfo, Shape]],
+               present: Mapping[str, object] | Iterable[str]) -> None:
+        """Record freshly parsed domains (with the stats shape seen then); forget the ones not
+        `present` (stopped): the UUIDs, or a mapping keyed by them."""
+        if not isinstance(present, Mapping):
+            present = dict.fromkeys(present)
         for info, shape in infos:
             self._by_uuid[info.uuid] = info
             self._shape[info.uuid] = shape
-            self._age[info.uuid] = 0
-        keep = set(present)
-        for uuid in list(self._by_uuid):
-            if uuid not in keep:
+        if not present.keys() >= self._by_uuid.keys():  # a set comparison in C: cheap
+            for uuid in [u for u in self._by_uuid if u not in present]:
                 self.forget(uuid)
+        if len(self._phase) > len(present):
+            for uuid in [u for u in self._phase if u not in present]:
+                del self._phase[uuid]
 
     def forget(self, uuid: str) -> None:
         """Drop a domain (it stopped, or its XML could not be read)."""
         self._by_uuid.pop(uuid, None)
         self._shape.pop(uuid, None)
-        self._age.pop(uuid, None)
 
     def items(self) -> list[tuple[str, DomainInfo]]:
         """Every known domain by UUID (a copy)."""

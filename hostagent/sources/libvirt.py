@@ -1,4 +1,5 @@
-"""libvirt: ONE bulk `getAllDomainStats` per pass, domain XML on demand, reconnect with backoff.
+"""libvirt: ONE bulk `getAllDomainStats` per pass, domain XML on demand (one worker call for
+all of a pass), reconnect with backoff.
 
 Every libvirt call runs in a worker thread under the shared capacity limiter and a deadline; a
 call past its deadline is abandoned (`abandon_on_cancel`) and the pass goes on without it.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -245,19 +247,34 @@ class LibvirtSource:
                           failed=tuple(failed))
 
     async def domain_xml(self, handles: Sequence[DomainStats]) -> dict[str, str | Exception]:
-        """Live XML of the given domains, fetched concurrently; failures returned, not raised."""
+        """Live XML of the given domains, in ONE worker call (one thread hand-off per pass, not
+        one per domain); failures returned, not raised.
+
+        The XMLDesc calls run one after another in that call until `call_timeout_s`: the domains
+        not fetched by then get a SourceTimeout (the call is abandoned; it fetches no more).
+        """
+        limit = self._cfg.call_timeout_s
         out: dict[str, str | Exception] = {}
+        stop = threading.Event()
 
-        async def one(d: DomainStats) -> None:
-            try:
-                out[d.uuid] = await self._call(d.handle.XMLDesc, 0)
-            except Exception as err:  # a domain may vanish between the two calls
-                out[d.uuid] = err
-
-        async with trio.open_nursery() as nursery:
+        def fetch_all() -> None:
             for d in handles:
-                nursery.start_soon(one, d)
-        return out
+                if stop.is_set():
+                    return
+                try:
+                    out[d.uuid] = d.handle.XMLDesc(0)
+                except Exception as err:  # a domain may vanish between the two calls
+                    out[d.uuid] = err
+
+        with trio.move_on_after(limit):
+            await trio.to_thread.run_sync(fetch_all, limiter=self._limiter,
+                                          abandon_on_cancel=True)
+        stop.set()
+        got = dict(out)  # the abandoned call may still add the one it was fetching
+        for d in handles:
+            if d.uuid not in got:
+                got[d.uuid] = SourceTimeout(f"XMLDesc exceeded {limit}s")
+        return got
 
     def close(self) -> None:
         """Close the connection if one is open."""

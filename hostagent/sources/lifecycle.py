@@ -39,6 +39,8 @@ from hostagent.sources.libvirt import backoff_s
 log = logging.getLogger(__name__)
 
 Message = LifecycleEvent | Reconnected
+# Set on a connection whose close callback and keepalive are on (`_until_lost` needs no polling).
+_CLOSE_WATCHED = "_hostagent_close_watched"
 Connector = Callable[[str], Any]
 
 # libvirt's event-loop implementation is process-wide by libvirt's design (one per process).
@@ -172,7 +174,15 @@ class LifecycleWatcher:
                 gave_up.set()
 
     async def _until_lost(self, conn: Any, closed: trio.Event) -> None:
-        """Return when the close callback fired or the connection is no longer alive."""
+        """Return when the close callback fired or the connection is no longer alive.
+
+        With a close callback registered, libvirt calls it on EOF and on a keepalive timeout
+        alike: waiting for it costs no wake-up at all. Only a connection that refused the
+        callback (an in-process driver) is polled with `isAlive` every keepalive interval.
+        """
+        if getattr(conn, _CLOSE_WATCHED, False):
+            await closed.wait()
+            return
         check_s = float(self._keepalive[0])
         while not closed.is_set():
             with trio.move_on_after(check_s):
@@ -195,6 +205,8 @@ class LifecycleWatcher:
                 conn.registerCloseCallback(
                     lambda _c, _reason, _o: _from_thread(token, closed.set), None)
                 conn.setKeepAlive(*self._keepalive)
+                with contextlib.suppress(AttributeError):  # an object that takes no attributes
+                    setattr(conn, _CLOSE_WATCHED, True)
         except BaseException:
             _close_quietly(conn)
             raise

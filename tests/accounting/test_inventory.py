@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hostagent.accounting import inventory
@@ -69,17 +71,36 @@ def _shape(domid: int = 7, taps: tuple[str, ...] = ("tap1",)) -> inventory.Shape
 def test_xml_read_only_when_new_restarted_reshaped_or_due() -> None:
     inv = inventory.Inventory(refresh_every_passes=3)
     info = inventory.parse_domain_xml(XML)
-    assert inv.needs_xml([_shape()]) == [U]
+    assert inv.needs_xml([_shape()]) == [U]                    # new (pass 1, phase 1)
     inv.update([(info, _shape())], present=[U])
     assert inv.needs_xml([_shape()]) == []                     # unchanged: no XML
     assert inv.needs_xml([_shape(taps=("tap1", "tap9"))]) == [U]  # hot-plugged NIC
-    inv.update([(info, _shape())], present=[U])
+    inv.update([(info, _shape(taps=("tap1", "tap9")))], present=[U])
     assert inv.needs_xml([_shape(domid=8)]) == [U]           # new QEMU process
-    inv.update([(info, _shape())], present=[U])
-    assert inv.needs_xml([_shape()]) == []
-    assert inv.needs_xml([_shape()]) == []
-    assert inv.needs_xml([_shape()]) == []
-    assert inv.needs_xml([_shape()]) == [U]                  # periodic refresh
+    inv.update([(info, _shape(domid=8))], present=[U])
+    got = [inv.needs_xml([_shape(domid=8)]) for _ in range(6)]
+    # periodic refresh on its phase: once every 3 passes, whatever else read it meanwhile
+    assert got == [[], [], [U], [], [], [U]]
+
+
+def test_periodic_refresh_is_staggered_over_the_passes() -> None:
+    """At 1,000 domains and a refresh every 20 passes, each pass re-reads 50 XMLs, not all of
+    them every 20th pass; each domain once per 20 passes (a metadata edit seen within 20)."""
+    inv = inventory.Inventory(refresh_every_passes=20)
+    shapes = [inventory.Shape(uuid=f"{i:08d}-0000-0000-0000-000000000000", domid=i + 1,
+                              taps=(), disks=("vda",)) for i in range(1000)]
+    assert len(inv.needs_xml(shapes)) == 1000  # first sight: all of them, that pass
+    info = inventory.parse_domain_xml(XML)
+    inv.update([(dataclasses.replace(info, uuid=s.uuid), s) for s in shapes],
+               present={s.uuid: s for s in shapes})
+    seen: dict[str, list[int]] = {s.uuid: [] for s in shapes}
+    for n in range(60):
+        want = inv.needs_xml(shapes)
+        assert len(want) == 50, n
+        for u in want:
+            seen[u].append(n)
+    for passes in seen.values():
+        assert len(passes) == 3 and passes[1] - passes[0] == passes[2] - passes[1] == 20
 
 
 def test_stopped_domains_are_forgotten() -> None:

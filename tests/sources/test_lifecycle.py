@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import libvirt
 import pytest
@@ -178,3 +179,33 @@ async def test_failed_and_late_connections_neither_stall_nor_duplicate() -> None
             break
     assert not [m for m in leftovers if isinstance(m, LifecycleEvent) and m.name == name]
     assert watcher.connects == 1
+
+
+async def test_a_subscribed_connection_costs_no_wake_ups_while_idle(
+        proxy: SocketProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the close callback registered, the watcher sleeps until libvirt calls it (EOF or
+    keepalive timeout): no `isAlive` poll, no worker call per keepalive interval."""
+    uri = f"test+unix:///default?socket={proxy.path}"
+    watcher = LifecycleWatcher(uri, clock=SystemClock(), keepalive_interval_s=1,
+                               keepalive_count=1, reconnect_max_s=1.0)
+    send, recv = trio.open_memory_channel[Message](100)
+    calls: list[str] = []
+    real = trio.to_thread.run_sync
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run, send)
+            assert isinstance(await recv.receive(), Reconnected)
+            assert calls == ["_subscribe"]
+            await trio.sleep(2.5)  # 2 keepalive intervals
+            assert calls == ["_subscribe"]
+            proxy.cut()  # still noticed: the close callback ends the wait
+            while not isinstance(await recv.receive(), Reconnected):
+                pass
+            nursery.cancel_scope.cancel()
+    assert watcher.connects == 2

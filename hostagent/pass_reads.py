@@ -1,0 +1,116 @@
+"""The worker-side reads of a pass and the per-domain `DomainReading`, for hostagent/collector.py.
+
+A steady pass makes two thread hand-offs: the bulk stats call with everything else a pass
+reads from the host (`EarlyReads`: the links, cgroup files and host facts of every domain, and
+the VM partition's CPU), then the commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from hostagent.accounting.readings import NO_FACTS, DomainReading, HostFacts
+from hostagent.errors import SourceError
+from hostagent.model import DomainInfo, DomainStats, GpuReading
+from hostagent.sources import net as net_src
+from hostagent.sources.domain_files import DomainFiles, FilesResult, Want
+from hostagent.sources.fdcache import FdCache
+from hostagent.sources.files import HostRoot
+from hostagent.sources.unattributed import read_parent_cpu_ns
+
+HUNG_STATS = "stats call hung past the deadline"
+
+
+@asynccontextmanager
+async def held(lock: trio.Lock) -> AsyncIterator[None]:
+    """`async with lock`, without the scheduling round a free lock costs in trio (acquire's
+    checkpoint: one more task step and event-loop wake-up per pass and per light sample)."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def parent_cpu_ns(root: HostRoot, path: str | None, fds: FdCache) -> int | None:
+    """The VM partition's CPU (v2) in ns; None without one or when unreadable."""
+    if path is None:
+        return None
+    try:
+        return read_parent_cpu_ns(root, path, fds)
+    except SourceError:
+        return None
+
+
+@dataclass(slots=True)
+class EarlyReads:
+    """The host reads that run in the bulk call's worker call, right after it answers.
+
+    The files need each domain's DomainInfo, known before the call only in steady state: when
+    every listed domain is a known incarnation (same domid and name), its files are read there;
+    otherwise (a new or restarted domain) `files` stays None and the collector reads them in a
+    call of its own after the XML. `known` is the inventory snapshotted in trio. The parent
+    cgroup's CPU is read either way (`parent_read`: it ran).
+    """
+
+    known: Mapping[str, tuple[DomainInfo, HostFacts | None]]
+    files: DomainFiles
+    root: HostRoot
+    parent_path: str | None
+    fds: FdCache
+    parent_ns: int | None = None
+    parent_read: bool = field(default=False)
+
+    def __call__(self, domains: tuple[DomainStats, ...]) -> FilesResult | None:
+        result = self._files(domains)
+        self.parent_ns = parent_cpu_ns(self.root, self.parent_path, self.fds)
+        self.parent_read = True
+        return result
+
+    def _files(self, domains: tuple[DomainStats, ...]) -> FilesResult | None:
+        wants = []
+        known = self.known
+        for d in domains:
+            got = known.get(d.uuid)
+            if got is None:
+                return None
+            info, facts = got
+            if info.domid != d.domid or info.name != d.name:
+                return None
+            wants.append(Want(info, d.stats, facts))
+        return self.files.read(wants)
+
+
+def domain_reading(d: DomainStats, info: DomainInfo, iid: str, t_wall_ns: int,
+                   files: FilesResult, gpus: tuple[GpuReading, ...],
+                   known_facts: Mapping[tuple[str, int], HostFacts], *,
+                   timed_out: bool) -> DomainReading:
+    """One domain's reading from this pass's bulk stats, files and GPUs."""
+    key = (info.uuid, info.domid)
+    got = files.missing.get(key)
+    missing = dict(got) if got else {}
+    cg = files.cgroups.get(key)
+    if isinstance(cg, str):
+        missing["cgroup"] = cg
+        cg = None
+    if timed_out:
+        missing["libvirt"] = HUNG_STATS
+    netlink_nics = None
+    netlink_missing: dict[str, str] = {}
+    if files.links is not None:
+        found, netlink_missing = net_src.nic_counters(info.nics, files.links)
+        netlink_nics = {n.mac: n for n in found}
+    elif files.links_error:
+        netlink_missing = {f"net:{n.mac}": files.links_error for n in info.nics}
+    facts = files.facts.get(key) or known_facts.get(key)
+    return DomainReading(info=info, instance_id=iid, t_wall_ns=t_wall_ns, stats=d.stats,
+                         facts=facts or NO_FACTS, cgroup=cg,
+                         netlink_nics=netlink_nics, netlink_missing=netlink_missing,
+                         gpus=gpus, missing=missing)
