@@ -109,7 +109,7 @@ class Collector:
                                  pressure=cfg.collector.pressure, cgroups=self.cgroups,
                                  links=link_reader,
                                  monotonic_s=lambda: clock.now().monotonic_ns / 1e9)
-        self.inventory = inventory.Inventory()
+        self.inventory = inventory.Inventory(inventory.refresh_passes(cfg.collector.interval_s))
         self.baselines: dict[str, Baseline] = store.load_baselines() if store is not None else {}
         self.rules = rules
         self.storm = storm

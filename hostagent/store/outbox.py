@@ -254,8 +254,12 @@ class Store(StoreReader):
                           base_rows)
             c.executemany("DELETE FROM baselines WHERE instance_id = ?",
                           [(i,) for i in removed_instances])
-            routed = [(ev, sinks) for ev in events
-                      if (sinks := routing.sinks_for(self._routes, ev.kind, ev.channels))]
+            by_route: dict[tuple[str, frozenset[str] | None], list[str]] = {}
+            for ev in events:  # a pass's events share a handful of (kind, channels)
+                key = (ev.kind, ev.channels)
+                if key not in by_route:
+                    by_route[key] = routing.sinks_for(self._routes, ev.kind, ev.channels)
+            routed = [(ev, sinks) for ev in events if (sinks := by_route[(ev.kind, ev.channels)])]
             # One look-up, then one INSERT statement per table (not two per event). An event
             # already here was committed by an earlier try of this pass: its rows are left alone.
             old = {r[0] for r in c.execute(

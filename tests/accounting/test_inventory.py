@@ -118,3 +118,10 @@ def test_shape_from_stats_reads_names() -> None:
              "block.count": 1, "block.0.name": "vda"}
     s = inventory.shape_from_stats("u", 3, stats)
     assert s == inventory.Shape(uuid="u", domid=3, taps=("tap1", "tap2"), disks=("vda",))
+
+
+def test_the_periodic_refresh_is_a_time_not_a_pass_count() -> None:
+    assert inventory.refresh_passes(30) == 20  # every 10 minutes at the default interval
+    assert inventory.refresh_passes(1) == 600
+    assert inventory.refresh_passes(3600) == 1
+    assert inventory.refresh_passes(0.001) == 600_000
