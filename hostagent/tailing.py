@@ -46,6 +46,12 @@ READ_NOW_TRIES = 3
 READ_NOW_RETRY_S = 1.0
 
 
+# A light target with what it was made from: the anchor's DomainInfo and cgroup paths (compared
+# by identity) and its taps' (mac, ifname, ifindex).
+_Target = tuple[object, object, tuple[tuple[str, str | None, int | None], ...] | None,
+                LightTarget | None]
+
+
 def target_of(anchor: DomainReading) -> LightTarget | None:
     """What a light sample reads for the process of `anchor` (None: its cgroup is unknown)."""
     cg = anchor.facts.cgroup
@@ -70,7 +76,7 @@ class TailTasks:
         self.watcher: LifecycleWatcher | None = None
         self.events_total: Counter[str] = Counter()
         self.samples_total = 0
-        self._targets: dict[tails.Key, tuple[DomainReading, LightTarget | None]] = {}
+        self._targets: dict[tails.Key, _Target] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -191,15 +197,22 @@ class TailTasks:
             best = newest.get(t.anchor.uuid)
             if best is None or t.anchor.t_wall_ns > best.anchor.t_wall_ns:
                 newest[t.anchor.uuid] = t
-        cache: dict[tails.Key, tuple[DomainReading, LightTarget | None]] = {}
+        cache: dict[tails.Key, _Target] = {}
         out = []
         for t in newest.values():
+            # Every pass brings a new anchor, but its target only changes with the domain's
+            # XML (the inventory keeps the same DomainInfo until it re-reads it), its cgroup
+            # (the facts are kept per incarnation) or where its taps are: reused otherwise.
+            a = t.anchor
+            nics = None if a.netlink_nics is None else tuple(
+                (c.mac, c.ifname, c.ifindex) for c in a.netlink_nics.values())
             hit = self._targets.get(t.key)
-            if hit is None or hit[0] is not t.anchor:
-                hit = (t.anchor, target_of(t.anchor))
+            if hit is None or hit[0] is not a.info or hit[1] is not a.facts.cgroup \
+                    or hit[2] != nics:
+                hit = (a.info, a.facts.cgroup, nics, target_of(a))
             cache[t.key] = hit
-            if hit[1] is not None:
-                out.append(hit[1])
+            if hit[3] is not None:
+                out.append(hit[3])
         if only is None:
             self._targets = cache
         return out

@@ -4,6 +4,7 @@ next pass in its one transaction, billed to its last light reading."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -142,4 +143,40 @@ async def test_a_burst_of_starts_costs_one_libvirt_call_and_a_restart_keeps_reas
     assert reasons[(a, 999)] == "DESTROYED"  # the old process
     assert [r for k, r in reasons.items() if k[0] == a and k != (a, 999)] == [None]
     assert any(k[0] == b for k in coll.tails)
+    store.close()
+
+
+async def test_light_targets_are_made_once_per_incarnation_not_once_per_pass(
+        host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hostagent import tailing
+
+    made: list[str] = []
+    real = tailing.target_of
+
+    def counted(anchor: Any) -> Any:
+        made.append(anchor.uuid)
+        return real(anchor)
+
+    monkeypatch.setattr(tailing, "target_of", counted)
+    coll, store = make_collector(host, tmp_path)
+    tail = TailTasks(coll, clock=host.clock)
+    assert (await coll.run_pass()).committed
+    n = await tail.sample(None)
+    assert n and sorted(made) == sorted({k[0] for k in coll.tails})
+    first = list(tail._targets.values())
+    host.clock.advance(5.0)
+    assert (await coll.run_pass()).committed  # new anchors, same domains
+    assert await tail.sample(None) == n
+    assert len(made) == len(first)  # nothing made again
+    assert [h[3] for h in tail._targets.values()] == [h[3] for h in first]
+    # a domain's taps moved (say a re-plugged NIC got a new ifindex): its target is made again
+    key, t = next((k, t) for k, t in coll.tails.items() if t.anchor.netlink_nics)
+    mac, nic = next(iter(t.anchor.netlink_nics.items()))
+    replugged = dataclasses.replace(nic, ifindex=(nic.ifindex or 0) + 99)
+    moved = {**t.anchor.netlink_nics, mac: replugged}
+    coll.tails[key] = dataclasses.replace(t, anchor=dataclasses.replace(t.anchor,
+                                                                          netlink_nics=moved))
+    await tail.sample(None)
+    assert made[len(first):] == [key[0]]
+    assert tail._targets[key][3].nics[0].ifindex == (nic.ifindex or 0) + 99
     store.close()
