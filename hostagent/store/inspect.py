@@ -143,9 +143,11 @@ class StoreReader(ABC):
             return self._next_due(c, sink, now_ns)
 
     def _next_due(self, c: sqlite3.Connection, sink: str, now_ns: int) -> int | None:
-        row = c.execute("SELECT MIN(next_attempt_ns) FROM deliveries WHERE sink = ? AND "
-                        "status = 'pending' AND claimed = 1 AND next_attempt_ns > ?",
-                        (sink, now_ns)).fetchone()
+        # INDEXED BY: without it SQLite walks the sink's whole primary key, every acked row
+        # that retention keeps (1.7 ms at 21,000 rows, at the end of every delivery round).
+        row = c.execute("SELECT MIN(next_attempt_ns) FROM deliveries INDEXED BY deliveries_retry "
+                        "WHERE sink = ? AND status = 'pending' AND claimed = 1 AND "
+                        "next_attempt_ns > ?", (sink, now_ns)).fetchone()
         return None if row[0] is None else int(row[0])
 
     def meta(self) -> dict[str, str]:

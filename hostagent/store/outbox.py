@@ -356,8 +356,9 @@ class Store(StoreReader):
         """The sink is back: events waiting out a transient backoff become due now."""
         with self.transaction("release backoff") as c:
             return c.execute(
-                "UPDATE deliveries SET next_attempt_ns = 0 WHERE sink = ? AND status = 'pending' "
-                "AND claimed = 1 AND next_attempt_ns > ? AND rejections = 0",
+                "UPDATE deliveries INDEXED BY deliveries_retry SET next_attempt_ns = 0 WHERE "
+                "sink = ? AND status = 'pending' AND claimed = 1 AND next_attempt_ns > ? AND "
+                "rejections = 0",
                 (sink, now_ns)).rowcount
 
     def set_breaker(self, sink: str, state: str, since_ns: int) -> None:
