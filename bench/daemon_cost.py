@@ -280,8 +280,9 @@ def main() -> int:
         kind, uri, interval, pf = args.worker
         worker(kind, uri, float(interval), Path(pf))
         return 0
-    print(f"whole-process CPU per pass (utime+stime, all threads), interval {args.interval} s, "
-          f"{args.window} s windows after {args.warmup} s warm-up")
+    print(f"whole-process CPU per pass (all threads: schedstat ns, or 10 ms ticks when a thread "
+          f"exited), interval {args.interval} s, {args.window} s windows after {args.warmup} s "
+          "warm-up")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.live:
