@@ -116,6 +116,16 @@ class CpuMark:
         return later.ticks_s - self.ticks_s
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the daemon finishes its pass), SIGKILL after 20 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -158,12 +168,7 @@ def measure(label: str, cmd: list[str], count: Callable[[], int], *, warmup_s: f
         l1 = CpuMark(lv) if lv else None
         rss = rss_mb(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     n = max(p1 - p0, 1)
     lv_s = l0.until(l1) if l0 is not None and l1 is not None else 0.0
     return Result(label, p1 - p0, c0.until(c1) * 1e3 / n, lv_s * 1e3 / n, rss)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-from daemon_cost import CpuMark, events_counter, hostagent_config, rss_mb  # noqa: E402
+from daemon_cost import CpuMark, events_counter, hostagent_config, rss_mb, stop  # noqa: E402
 from pass_cost import generate  # noqa: E402
 
 
@@ -62,12 +61,7 @@ def soak(cmd: list[str], passes_so_far: Callable[[], int], args: argparse.Namesp
             print(f"| {t:.0f} | {passes} | {rows[-1][2]:.2f} | {rows[-1][3]:.2f} |", flush=True)
             prev, prev_passes = mark, passes
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     after = [r for r in rows if r[0] >= args.warmup_min * 60]
     if len(after) >= 2:
         rss = [r[2] for r in after]

@@ -4,6 +4,12 @@ is empty. A SIGKILL at any moment leaves what a real daemon would leave."""
 
 from __future__ import annotations
 
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
 import trio
 
 from hostagent.delivery.engine import Delivery
@@ -38,3 +44,25 @@ async def commit_then_drain(store: Store, d: Delivery, sink: str, *, instances: 
         d.wake()
         await trio.sleep(0.05)
     print("done", flush=True)
+
+
+def kill_while_running(spawn: Callable[[], subprocess.Popen[str]], rng: random.Random, *,
+                       max_wait_s: float, between: Callable[[], None] | None = None) -> None:
+    """Start the miniature, wait for its `ready`, let it run up to `max_wait_s` (then
+    `between()`, e.g. kill the server under it), and SIGKILL it."""
+    proc = spawn()
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    time.sleep(rng.uniform(0.0, max_wait_s))
+    if between is not None:
+        between()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def run_to_done(spawn: Callable[[], subprocess.Popen[str]], timeout_s: float = 60) -> None:
+    """Start the miniature once more and let it finish: it must print `ready` and `done`."""
+    proc = spawn()
+    out, err = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, err
+    assert out.split() == ["ready", "done"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 from hostagent.store.outbox import Store
 from tests.clocks import TrioClock
-from tests.delivery.miniature import commit_then_drain
+from tests.delivery.miniature import commit_then_drain, kill_while_running, run_to_done
 from tests.standins.queue import T0_NS, decode, read_topic, serve_queue
 from tests.standins.queue import usage_event as make_event
 
@@ -60,18 +59,10 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     with serve_queue() as q:
         while kills < 22:
             q.faults.slow_s = rng.choice([0.0, 0.0, 0.005, 0.02])  # requests in flight at death
-            proc = spawn(state, q.url)
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-            time.sleep(rng.uniform(0.0, 0.3))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            kill_while_running(lambda: spawn(state, q.url), rng, max_wait_s=0.3)
             kills += 1
         q.faults.clear()
-        proc = spawn(state, q.url)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        assert out.split() == ["ready", "done"]
+        run_to_done(lambda: spawn(state, q.url))
         messages = read_topic(q.url, "usage_events")
     assert time.monotonic() - t0 < 60
 

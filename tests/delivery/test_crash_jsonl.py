@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.jsonl import JsonlSink
 from hostagent.store.outbox import Store
 from tests.clocks import FakeClock, TrioClock
-from tests.delivery.miniature import commit_then_drain
+from tests.delivery.miniature import commit_then_drain, kill_while_running, run_to_done
 from tests.standins.queue import T0_NS
 from tests.standins.queue import usage_event as make_event
 
@@ -59,16 +58,8 @@ def test_sigkill_during_jsonl_rounds_loses_nothing(tmp_path: Path) -> None:
     rng = random.Random(2424)
     state, path = tmp_path / "state.db", tmp_path / "events.jsonl"
     for _ in range(20):
-        proc = spawn(state, path)
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        time.sleep(rng.uniform(0.0, 0.25))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    proc = spawn(state, path)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert out.split() == ["ready", "done"]
+        kill_while_running(lambda: spawn(state, path), rng, max_wait_s=0.25)
+    run_to_done(lambda: spawn(state, path))
     store = Store.open(state, clock=FakeClock(), node_id="host-a", sink_names=["file"],
                        create=False)
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from hostagent.delivery.sinks.email import EmailSink
 from hostagent.model import OutEvent
 from hostagent.store.outbox import Store
 from tests.clocks import FakeClock, TrioClock
+from tests.delivery.miniature import kill_while_running, run_to_done
 from tests.standins.smtp_server import smtp_server
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -84,16 +84,8 @@ def test_sigkill_while_mailing_loses_nothing(tmp_path: Path) -> None:
     with smtp_server() as (h, port):
         h.delay_s = 0.03  # ~2 s of mailing: the kills land mid-delivery
         for _ in range(8):
-            proc = spawn(tmp_path, port)
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-            time.sleep(rng.uniform(0.0, 0.5))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        proc = spawn(tmp_path, port)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        assert out.split() == ["ready", "done"]
+            kill_while_running(lambda: spawn(tmp_path, port), rng, max_wait_s=0.5)
+        run_to_done(lambda: spawn(tmp_path, port))
         mails = list(h.mails)
     for rcpt in RCPTS:
         got = [m for r, m in mails if rcpt in r]
