@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import random
 import sqlite3
+import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -236,14 +237,24 @@ async def test_outcomes_survive_a_store_error_and_nothing_is_sent_twice(
     sink = JsonlSink(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
     d = Delivery(store, [sink], clock, OutboxConfig(batch_size=5, maintenance_interval_s=3600))
     try:
+        # Committed and armed before delivery starts: its first take is the claim of this
+        # batch (armed after the start, an empty first take could use up the `ok`).
+        store.commit_pass([], [usage_event(f"i{i}", 0) for i in range(5)])
+        store.ok, store.fail = 1, 3  # the claim works; recording the batch fails 3 times
         async with trio.open_nursery() as nursery:
             await nursery.start(d.run)
-            store.ok, store.fail = 1, 3  # the claim works; recording the batch fails 3 times
-            await trio.to_thread.run_sync(store.commit_pass, [],
-                                          [usage_event(f"i{i}", 0) for i in range(5)])
             d.wake()
-            with trio.fail_after(60):
-                await d.drained()
+            # A real-time guard, not trio.fail_after: with the mock clock autojumping, a worker
+            # thread slowed by a loaded machine let the clock jump to a mock deadline.
+            token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as guard:
+                timer = threading.Timer(60, lambda: token.run_sync_soon(guard.cancel))
+                timer.start()
+                try:
+                    await d.drained()
+                finally:
+                    timer.cancel()
+            assert not guard.cancelled_caught, "delivery did not drain within 60 s"
             nursery.cancel_scope.cancel()
         m = d.metrics().sinks["file"]
         assert (m.store_errors, m.published) == (3, 5)

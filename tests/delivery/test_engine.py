@@ -221,7 +221,10 @@ async def test_refusals_dead_letter_after_n_and_replay(
     events = [usage_event(i, k) for k in range(2) for i in ("x", "y")]
     async with delivering(tmp_path, [qsink(queue)], dead_letter_after=3) as (store, d):
         await commit(store, d, events)
-        await eventually(lambda: len(store.dead_letters()) == 2, 600, 1)
+        # The store commits the dead letters in a worker thread; the counters follow in trio
+        # once that call returns: wait for both.
+        await eventually(lambda: len(store.dead_letters()) == 2
+                         and d.metrics().sinks["q"].dead_lettered == 2, 600, 1)
         letters = store.dead_letters()
         assert {x.event_id for x in letters} == {e.event_id for e in events
                                                  if e.instance_id == "x"}
