@@ -254,11 +254,9 @@ class Store(StoreReader):
                           base_rows)
             c.executemany("DELETE FROM baselines WHERE instance_id = ?",
                           [(i,) for i in removed_instances])
-            by_route: dict[tuple[str, frozenset[str] | None], list[str]] = {}
-            for ev in events:  # a pass's events share a handful of (kind, channels)
-                key = (ev.kind, ev.channels)
-                if key not in by_route:
-                    by_route[key] = routing.sinks_for(self._routes, ev.kind, ev.channels)
+            by_route = {(ev.kind, ev.channels): routing.sinks_for(self._routes, ev.kind,
+                                                                  ev.channels)
+                        for ev in {(e.kind, e.channels): e for e in events}.values()}
             routed = [(ev, sinks) for ev in events if (sinks := by_route[(ev.kind, ev.channels)])]
             # One look-up, then one INSERT statement per table (not two per event). An event
             # already here was committed by an earlier try of this pass: its rows are left alone.
@@ -369,9 +367,8 @@ class Store(StoreReader):
                       "breaker_updated_ns = ? WHERE name = ?", (state, since_ns, now, sink))
 
     def heartbeat(self) -> None:
-        """Say the daemon's delivery is alive (read by `outbox status`). A liveness stamp, not
-        billing data: committed without syncing the WAL (one fsync less every maintenance run;
-        a power loss may lose the stamp, the next synced commit keeps it)."""
+        """Say the daemon's delivery is alive (read by `outbox status`); a liveness stamp, not
+        billing data: its commit does not sync the WAL."""
         now = self.clock.now().wall_ns
         with sqlite_tx.transaction(self._conn, self._lock, self.path, "heartbeat",
                                    durable=False) as c:
