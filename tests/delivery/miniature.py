@@ -4,11 +4,14 @@ is empty. A SIGKILL at any moment leaves what a real daemon would leave."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
@@ -66,3 +69,23 @@ def run_to_done(spawn: Callable[[], subprocess.Popen[str]], timeout_s: float = 6
     out, err = proc.communicate(timeout=timeout_s)
     assert proc.returncode == 0, err
     assert out.split() == ["ready", "done"]
+
+
+async def deliver_until_done(store: Store, d: Delivery, sink: str, *, instances: int,
+                             passes: int) -> None:
+    """The child's whole life: start delivery, say `ready`, commit and drain, close."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.run)
+        print("ready", flush=True)
+        await commit_then_drain(store, d, sink, instances=instances, passes=passes)
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+def spawn_child(test_file: str, *args: str, stderr: int = subprocess.PIPE
+                ) -> subprocess.Popen[str]:
+    """Run `test_file` as a program (`child ARGS...`) from the repository root."""
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.Popen([sys.executable, test_file, "child", *args], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)

@@ -6,7 +6,6 @@ same bytes, and per instance the periods tile time with no gap and no overlap.""
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import subprocess
 import sys
@@ -21,11 +20,15 @@ from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.formation_queue import FormationQueueSink
 from hostagent.store.outbox import Store
 from tests.clocks import TrioClock
-from tests.delivery.miniature import commit_then_drain, kill_while_running, run_to_done
+from tests.delivery.miniature import (
+    deliver_until_done,
+    kill_while_running,
+    run_to_done,
+    spawn_child,
+)
 from tests.standins.queue import T0_NS, decode, read_topic, serve_queue
 from tests.standins.queue import usage_event as make_event
 
-ROOT = Path(__file__).resolve().parents[2]
 INSTANCES = 6
 PASSES = 25
 
@@ -37,18 +40,11 @@ async def child(state: str, url: str) -> None:
     sink = FormationQueueSink(QueueSinkConfig(name="q", url=url, max_in_flight=4,
                                               timeout_s=2.0))
     d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=0.5))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(d.run)
-        print("ready", flush=True)
-        await commit_then_drain(store, d, "q", instances=INSTANCES, passes=PASSES)
-        nursery.cancel_scope.cancel()
-    store.close()
+    await deliver_until_done(store, d, "q", instances=INSTANCES, passes=PASSES)
 
 
 def spawn(state: Path, url: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, __file__, "child", str(state), url], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return spawn_child(__file__, str(state), url)
 
 
 def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:

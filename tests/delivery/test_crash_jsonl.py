@@ -7,7 +7,6 @@ sightings tile time in period order."""
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import subprocess
 import sys
@@ -23,11 +22,15 @@ from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.jsonl import JsonlSink
 from hostagent.store.outbox import Store
 from tests.clocks import FakeClock, TrioClock
-from tests.delivery.miniature import commit_then_drain, kill_while_running, run_to_done
+from tests.delivery.miniature import (
+    deliver_until_done,
+    kill_while_running,
+    run_to_done,
+    spawn_child,
+)
 from tests.standins.queue import T0_NS
 from tests.standins.queue import usage_event as make_event
 
-ROOT = Path(__file__).resolve().parents[2]
 INSTANCES = 6
 PASSES = 25
 
@@ -40,18 +43,11 @@ async def child(state: str, path: str) -> None:
     # retention: TrioClock follows trio's clock, whose offset differs from run to run
     d = Delivery(store, [sink], clock, OutboxConfig(batch_size=4, maintenance_interval_s=0.5,
                                                     retention_s=1e9))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(d.run)
-        print("ready", flush=True)
-        await commit_then_drain(store, d, "file", instances=INSTANCES, passes=PASSES)
-        nursery.cancel_scope.cancel()
-    store.close()
+    await deliver_until_done(store, d, "file", instances=INSTANCES, passes=PASSES)
 
 
 def spawn(state: Path, path: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, __file__, "child", str(state), str(path)],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return spawn_child(__file__, str(state), str(path))
 
 
 def test_sigkill_during_jsonl_rounds_loses_nothing(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ instance the periods tile time with no gap."""
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import subprocess
 import sys
@@ -24,12 +23,16 @@ from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.nats_jetstream import NatsSink
 from hostagent.store.outbox import Store
 from tests.clocks import TrioClock
-from tests.delivery.miniature import commit_then_drain, kill_while_running, run_to_done
+from tests.delivery.miniature import (
+    deliver_until_done,
+    kill_while_running,
+    run_to_done,
+    spawn_child,
+)
 from tests.nats_support import nats_server, read_stream
 from tests.standins.queue import T0_NS
 from tests.standins.queue import usage_event as make_event
 
-ROOT = Path(__file__).resolve().parents[2]
 INSTANCES = 6
 PASSES = 25
 KILLS = 22
@@ -45,18 +48,11 @@ async def child(state: str, url: str) -> None:
                                            max_backoff_s=0.2, round_backoff_max_s=0.3),
         breaker=BreakerConfig(reset_timeout_s=0.3)), node_id="host-a")
     d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=0.5))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(d.run)
-        print("ready", flush=True)
-        await commit_then_drain(store, d, "nats", instances=INSTANCES, passes=PASSES)
-        nursery.cancel_scope.cancel()
-    store.close()
+    await deliver_until_done(store, d, "nats", instances=INSTANCES, passes=PASSES)
 
 
 def spawn(state: Path, url: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, __file__, "child", str(state), url], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return spawn_child(__file__, str(state), url, stderr=subprocess.DEVNULL)
 
 
 def test_sigkill_daemon_and_server_repeatedly_stores_each_event_once(tmp_path: Path) -> None:
