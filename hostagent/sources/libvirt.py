@@ -8,6 +8,11 @@ A hung bulk call (a QEMU whose monitor does not answer, e.g. SIGSTOPped) is aban
 `call_timeout_s`; the same pass then asks each domain separately with the NOWAIT flag, so the
 healthy domains still get their stats and the stuck one reports what libvirt has without its job
 lock. While the abandoned call is still blocked, later passes use the per-domain path too.
+
+A connection is never closed under a call still inside it (`_Calls`): libvirt frees a
+connection on its last close, and an abandoned call that returns afterwards would run on freed
+memory (seen as a SIGSEGV at shutdown right after a SIGSTOPped QEMU answered). Whoever leaves
+it last closes it: `close()` at once when no call is inside, else the last call on its way out.
 """
 
 from __future__ import annotations
@@ -76,6 +81,54 @@ class Then(Generic[T]):
     then_ran_out: bool = False
 
 
+class _Calls:
+    """One libvirt connection and the worker calls inside it; closed by whoever leaves last."""
+
+    __slots__ = ("_closing", "_inside", "_lock", "conn")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._closing = False
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the connection (in a worker thread); a closed one raises."""
+        self._enter()
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._inside -= 1
+                last = self._closing and self._inside == 0
+            if last:
+                _close_quietly(self.conn)
+
+    def _enter(self) -> None:
+        with self._lock:
+            if self._closing:
+                raise SourceUnavailable("the libvirt connection was closed")
+            self._inside += 1
+
+    def close(self) -> bool:
+        """Close now (True), or leave it to the last call still inside (False)."""
+        with self._lock:
+            if self._closing:
+                return False
+            self._closing = True
+            now = self._inside == 0
+        if now:
+            _close_quietly(self.conn)
+        return now
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception as err:  # closing a dead connection is not worth a crash
+        log.debug("libvirt close failed", extra={"error": str(err)})
+
+
 def _default_connector(uri: str, readonly: bool) -> Any:
     if libvirt is None:  # pragma: no cover
         raise SourceUnavailable(f"libvirt-python is not importable: {_IMPORT_ERROR}")
@@ -97,7 +150,7 @@ class LibvirtSource:
         self._clock = clock
         self._limiter = limiter
         self._connector = connector
-        self._conn: Any = None
+        self._conn: _Calls | None = None
         self._nowait = cfg.nowait
         self._failures = 0
         self._next_try_ns = 0
@@ -108,7 +161,7 @@ class LibvirtSource:
 
     # --- connection ---------------------------------------------------------------------------
 
-    async def _connection(self) -> Any:
+    async def _connection(self) -> _Calls:
         if self._conn is not None:
             return self._conn
         now = self._clock.now().monotonic_ns
@@ -123,7 +176,7 @@ class LibvirtSource:
         except Exception as err:  # libvirt.libvirtError and anything the connector raises
             self._mark_down(f"connect failed: {err}")
             raise SourceUnavailable(f"cannot connect to {self._cfg.uri}: {err}") from err
-        self._conn = conn
+        self._conn = calls = _Calls(conn)
         if self.state != "connected":
             log.info("libvirt connected", extra={"uri": self._cfg.uri,
                                                  "after_failures": self._failures})
@@ -131,10 +184,12 @@ class LibvirtSource:
         self._failures = 0
         self.down_since_ns = None
         self.last_error = None
-        return conn
+        return calls
 
     def _mark_down(self, reason: str) -> None:
-        self._conn = None
+        calls, self._conn = self._conn, None
+        if calls is not None:
+            calls.close()
         self._failures += 1
         now = self._clock.now()
         delay_s = backoff_s(self._failures, self._cfg.reconnect_max_s)
@@ -150,13 +205,17 @@ class LibvirtSource:
         self._mark_down(reason)
 
     async def _call(
-        self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None
+        self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None,
+        on: _Calls | None = None,
     ) -> Any:
+        """`fn(*args)` in a worker under the deadline; `on`: a call inside that connection."""
         limit = self._cfg.call_timeout_s if timeout_s is None else timeout_s
         with trio.move_on_after(limit) as scope:
+            if on is None:
+                return await trio.to_thread.run_sync(
+                    fn, *args, limiter=self._limiter, abandon_on_cancel=True)
             return await trio.to_thread.run_sync(
-                fn, *args, limiter=self._limiter, abandon_on_cancel=True
-            )
+                on.run, fn, *args, limiter=self._limiter, abandon_on_cancel=True)
         if scope.cancelled_caught:
             raise SourceTimeout(f"{getattr(fn, '__name__', fn)} exceeded {limit}s")
         raise AssertionError("unreachable")  # pragma: no cover
@@ -175,17 +234,17 @@ class LibvirtSource:
         `then` is not run on the per-domain path. Past the deadline, a bulk call that had
         answered still counts: only `then` is reported as having run out (`then_ran_out`).
         """
-        conn = await self._connection()
+        calls = await self._connection()
         if self._bulk_in_flight:
             # An abandoned bulk call still blocks in a worker; don't queue another behind it.
-            return Then(await self._per_domain(conn))
+            return Then(await self._per_domain(calls))
         flags = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
         if self._nowait:
             flags |= libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
         answered: list[tuple[DomainStats, ...]] = []
 
         def work() -> T | None:
-            domains = tuple(_convert(self._tracked_bulk(conn, flags)))
+            domains = tuple(_convert(calls.run(self._tracked_bulk, calls.conn, flags)))
             answered.append(domains)
             return None if then is None else then(domains)
 
@@ -196,7 +255,7 @@ class LibvirtSource:
                 return Then(BulkResult(domains=answered[0], path="bulk"), then_ran_out=True)
             log.warning("libvirt bulk stats call hung; falling back to per-domain calls",
                         extra={"timeout_s": self._cfg.call_timeout_s})
-            return Then(await self._per_domain(conn))
+            return Then(await self._per_domain(calls))
         except libvirt.libvirtError as err:
             if self._nowait and err.get_error_code() in (libvirt.VIR_ERR_INVALID_ARG,
                                                          libvirt.VIR_ERR_NO_SUPPORT):
@@ -214,10 +273,10 @@ class LibvirtSource:
         finally:
             self._bulk_in_flight -= 1
 
-    async def _per_domain(self, conn: Any) -> BulkResult:
+    async def _per_domain(self, calls: _Calls) -> BulkResult:
         try:
-            doms = await self._call(conn.listAllDomains,
-                                    libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            doms = await self._call(calls.conn.listAllDomains,
+                                    libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE, on=calls)
         except SourceTimeout as err:
             raise SourceUnavailable(f"listAllDomains hung: {err}") from err
         except libvirt.libvirtError as err:
@@ -230,12 +289,13 @@ class LibvirtSource:
 
         async def one(dom: Any) -> None:
             try:
-                raw = await self._call(conn.domainListGetStats, [dom], stats_mask(), flags)
+                raw = await self._call(calls.conn.domainListGetStats, [dom], stats_mask(),
+                                       flags, on=calls)
             except SourceTimeout:
                 hung.append(dom.name())
                 failed.append((dom.UUIDString().lower(), dom.name(), "stats call hung"))
                 return
-            except libvirt.libvirtError as err:  # counted and logged once by the collector
+            except (libvirt.libvirtError, SourceUnavailable) as err:  # counted, logged once
                 failed.append((dom.UUIDString().lower(), dom.name(), str(err)))
                 return
             got.extend(_convert(raw))
@@ -277,13 +337,11 @@ class LibvirtSource:
         return got
 
     def close(self) -> None:
-        """Close the connection if one is open."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception as err:  # closing a dead connection is not worth a crash
-                log.debug("libvirt close failed", extra={"error": str(err)})
+        """Close the connection if one is open: now, or when the last call inside it (an
+        abandoned, hung one) returns; the process may exit first, which closes it too."""
+        calls, self._conn = self._conn, None
+        if calls is not None and not calls.close():
+            log.info("libvirt connection left to the call still inside it")
 
 
 SHUTOFF = 5  # VIR_DOMAIN_SHUTOFF
