@@ -96,7 +96,9 @@ async def consume(servers: list[str], stream: str, subject: str, durable: str, o
             try:
                 msgs = await sub.fetch(500, timeout=1.0)
             except nats.errors.TimeoutError:
-                if once:
+                # --once: drained when the server has nothing left for us (a slow server's
+                # first fetch may time out with the whole stream still waiting).
+                if once and not (await sub.consumer_info()).num_pending:
                     return totals
                 msgs = []
             for m in msgs:
