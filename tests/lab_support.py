@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -208,3 +209,32 @@ def virsh_domstats_raw(name: str) -> dict[str, str]:
         if m:
             out[m.group(1)] = m.group(2)
     return out
+
+
+def _libvirtd_pids() -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "comm").read_text().strip() == "libvirtd":
+                    out.append(int(p.name))
+            except OSError:
+                continue
+    return out
+
+
+def stop_libvirtd(timeout_s: float = 30) -> None:
+    """SIGTERM every libvirtd and wait until none runs (running guests keep running)."""
+    pids = _libvirtd_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _libvirtd_pids():
+        if time.monotonic() > deadline:
+            raise LabUnavailable(f"libvirtd {pids} still runs {timeout_s} s after SIGTERM")
+        time.sleep(0.1)
+
+
+def start_libvirtd() -> None:
+    """Start the lab's libvirtd (when none runs) and wait until it answers."""
+    _lab("start-libvirtd")
