@@ -121,6 +121,8 @@ async def test_routing_signatures_and_body(rig: Rig) -> None:
         delivery.wake()
         await until(lambda: len(rig.receiver.received) == 3)
         await trio.sleep(0.2)  # nothing more arrives
+        # a request is noted before its answer is back: wait for the outbox's acks
+        await until(lambda: rig.store.stats()["webhooks"].acked == 3)
     got = rig.receiver.received
     assert len(got) == 3
     alerts_got = [r for r in got if r.path.endswith("alerts")]
@@ -149,6 +151,7 @@ async def test_retries_with_the_same_id_and_fresh_signatures(rig: Rig) -> None:
         delivery.wake()
         await until(lambda: len(rig.receiver.received) == 3)
         await trio.sleep(0.2)
+        await until(lambda: list(rig.hooks.counts().values()) == [{"delivered": 1}])
     got = rig.receiver.received
     assert len(got) == 3 and len({r.headers["webhook-id"] for r in got}) == 1
     assert all(r.std_ok and r.legacy_ok for r in got)
@@ -239,6 +242,7 @@ async def test_notify_alerts_reach_only_the_registrations_they_name(rig: Rig) ->
             await nursery.start(delivery.run)
             await until(lambda: len(rig.receiver.received) == 3)
             await trio.sleep(0.2)  # nothing more arrives
+            await until(lambda: store.stats()["webhooks"].acked == 2)
             nursery.cancel_scope.cancel()
         st = store.stats()
         assert (st["webhooks"].acked, st["webhooks"].pending) == (2, 0)
@@ -284,6 +288,9 @@ async def test_a_failed_row_waits_the_one_backoff_formula(rig: Rig) -> None:
                 if len(rig.receiver.received) > len(t):
                     t.append(trio.current_time())
                 await trio.sleep(0.005)
+            # The receiver notes a request before its answer reaches the dispatcher: wait for
+            # the dispatcher to record the 200 before delivery stops.
+            await until(lambda: rig.hooks.counts()[hook.id] == {"delivered": 1})
     assert 0.55 <= t[1] - t[0] <= 1.0  # max_backoff_s × 2^0
     assert 1.15 <= t[2] - t[1] <= 1.6  # max_backoff_s × 2^1
     assert rig.hooks.counts()[hook.id] == {"delivered": 1}
