@@ -38,6 +38,7 @@ from hostagent.alerts.violations import StormControl
 from hostagent.clock import Clock
 from hostagent.config.load import Config
 from hostagent.errors import SourceError, StateError
+from hostagent.light_inbox import LightInbox, merge_into
 from hostagent.model import Baseline, DomainInfo, DomainStats, OutEvent
 from hostagent.owners.resolver import Owners
 from hostagent.read_errors import ReadErrorLog
@@ -128,6 +129,8 @@ class Collector:
         # light sample); per incarnation the last readings since the pass, closed out by it.
         self.reading = trio.Lock()
         self.tails: dict[tails.Key, tails.Tail] = {}
+        # The periodic light samples' readings (taken in a thread), merged when tails are used.
+        self.light_inbox = LightInbox()
         self.closeouts_total: Counter[str] = Counter()
         self.unattributed: unattributed.UnattributedCpu | None = None
         self._root = HostRoot(cfg.paths.root)
@@ -290,6 +293,15 @@ class Collector:
         self.last = report
         return report
 
+    async def merge_light(self) -> None:
+        """Merge the periodic light samples into the tails; a sample in flight is waited for
+        (bounded by `libvirt.call_timeout_s`), so every sample taken before now is in."""
+        inbox = self.light_inbox
+        if inbox.busy:
+            await trio.to_thread.run_sync(inbox.wait_idle, self.cfg.libvirt.call_timeout_s,
+                                          limiter=self.limiter, abandon_on_cancel=True)
+        merge_into(self.tails, inbox.take())
+
     def settings(self) -> ledger.Settings:
         """The accounting settings of this collector's configuration and store."""
         c = self.cfg.collector
@@ -307,6 +319,7 @@ class Collector:
     async def _pass_locked(self, report: PassReport) -> None:
         host = await self.read_host()
         parent_ns = await self._read_parent_cpu()
+        await self.merge_light()
         closing = tails.ended(self.tails, host)
         self.read_errors.note(host.errors, {r.uuid for r in host.domains})
         report.libvirt_path, report.timed_out = host.path, host.timed_out

@@ -8,29 +8,37 @@
                           ├ CLOSE:            the close reason on its tails
                           └ Reconnected:      nothing (events may be lost: polling finds
                                               every domain anyway)
-    every collector.sample_interval_s ──► LightSampler.sample(targets) ──► tail.latest
+    light-samples thread, every collector.sample_interval_s:
+      LightSampler.sample(targets) ──► Collector.light_inbox ──► (merged by trio) tail.latest
 
 Everything lands in `Collector.tails` (accounting/tails.py), in memory only; the next pass
-closes out the tails whose domain is gone in its one transaction. Every read here holds
-`Collector.reading`, so it never interleaves with a pass's read → commit, and a light tick
-that finds a pass running is skipped. Events are hints: a lost one costs what polling costs.
+closes out the tails whose domain is gone in its one transaction. The lifecycle reads hold
+`Collector.reading`, so they never interleave with a pass's read → commit. The periodic light
+samples run in a thread of their own, without trio (a sample through trio cost a timer wake-up,
+a thread hand-off and a wake-up for its result, several times its reads): they read the tails'
+targets from a copy and leave their readings in the inbox (hostagent/light_inbox.py), which a
+pass merges before it closes anything out. Events are hints: a lost one costs what polling
+costs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import trio
 
 from hostagent.accounting import tails
+from hostagent.accounting.closeout import LightReading
 from hostagent.accounting.lifecycle import Action, LifecycleEvent, action_for, close_reason
 from hostagent.accounting.readings import DomainReading
 from hostagent.clock import Clock
 from hostagent.collector import Collector
 from hostagent.errors import SourceError
+from hostagent.light_inbox import merge_into
 from hostagent.pass_reads import held
 from hostagent.sources.files import HostRoot
 from hostagent.sources.lifecycle import LifecycleWatcher, Message
@@ -76,12 +84,17 @@ class TailTasks:
         self.watcher: LifecycleWatcher | None = None
         self.events_total: Counter[str] = Counter()
         self.samples_total = 0
+        self.sample_errors = 0
         self._targets: dict[tails.Key, _Target] = {}
+        # One sample at a time: the thread's and an event's share the sampler (its netlink
+        # socket) and the targets cache.
+        self._sampling = threading.Lock()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Until cancelled; started once the first subscription attempt finished."""
         c = self.collector.cfg.collector
+        thread: threading.Thread | None = None
         try:
             async with trio.open_nursery() as nursery:
                 if c.lifecycle_events:
@@ -94,10 +107,20 @@ class TailTasks:
                         connect_timeout_s=self.collector.cfg.libvirt.call_timeout_s)
                     await nursery.start(self.watcher.run, send)
                     nursery.start_soon(self._consume, recv)
-                nursery.start_soon(self._light_loop)
-                task_status.started()
+                stop = threading.Event()
+                thread = threading.Thread(target=self._light_thread, args=(stop,),
+                                          name="light-samples", daemon=True)
+                thread.start()
+                try:
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    stop.set()
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
         finally:
-            if self.links is not None:
+            # Not under a sample still blocked in the kernel (the process is ending anyway).
+            if self.links is not None and (thread is None or not thread.is_alive()):
                 self.links.close()
 
     # --- lifecycle events -------------------------------------------------------------------
@@ -180,18 +203,35 @@ class TailTasks:
 
     # --- light samples ----------------------------------------------------------------------
 
-    async def _light_loop(self) -> None:
+    def _light_thread(self, stop: threading.Event) -> None:
+        """The periodic light samples, until `stop`: in this thread, never in trio's."""
         while True:
             interval_s = self.collector.cfg.collector.sample_interval_s  # live-changeable
-            await trio.sleep(interval_s if interval_s > 0 else IDLE_CHECK_S)
-            if interval_s <= 0 or self.collector.reading.locked():
-                continue  # off, or a pass (or an event's read) is reading right now
-            await self.sample(None)
+            if stop.wait(interval_s if interval_s > 0 else IDLE_CHECK_S):
+                return
+            if interval_s <= 0:
+                continue
+            inbox = self.collector.light_inbox
+            inbox.begin()
+            got: dict[str, LightReading] = {}
+            try:
+                with self._sampling:
+                    # a copy: trio replaces and updates the dict (a dict copy holds the GIL)
+                    targets = self._targets_now(None, dict(self.collector.tails))
+                    if targets:
+                        got = self.sampler.sample(targets)
+                        self.samples_total += 1
+            except Exception as err:  # the next tick tries again; the pass is the truth
+                self.sample_errors += 1
+                log.warning("light sample failed", extra={"error": str(err)})
+            finally:
+                inbox.put(got)
 
-    def _targets_now(self, only: set[str] | None) -> list[LightTarget]:
+    def _targets_now(self, only: set[str] | None,
+                     current: dict[tails.Key, tails.Tail]) -> list[LightTarget]:
         """One target per domain: its newest incarnation's (an older one's cgroup is gone)."""
         newest: dict[str, tails.Tail] = {}
-        for t in self.collector.tails.values():
+        for t in current.values():
             if only is not None and t.anchor.uuid not in only:
                 continue
             best = newest.get(t.anchor.uuid)
@@ -218,17 +258,20 @@ class TailTasks:
         return out
 
     async def sample(self, only: set[str] | None) -> int:
-        """One light sample of the domains with a tail (or `only` those); how many were read."""
+        """One light sample of the domains with a tail (or `only` those), now; how many were
+        read. The periodic samples are merged first (they are older)."""
         coll = self.collector
         async with held(coll.reading):
-            targets = self._targets_now(only)
-            if not targets:
-                return 0
-            got = await trio.to_thread.run_sync(self.sampler.sample, targets,
-                                                limiter=coll.limiter)
-            self.samples_total += 1
-            for key, tail in list(coll.tails.items()):
-                light = got.get(key[0])
-                if light is not None and light.domid == key[1]:
-                    coll.tails[key] = tails.with_light(tail, light)
+            await coll.merge_light()
+            current = coll.tails
+
+            def take() -> dict[str, LightReading]:
+                with self._sampling:
+                    targets = self._targets_now(only, current)
+                    return self.sampler.sample(targets) if targets else {}
+
+            got = await trio.to_thread.run_sync(take, limiter=coll.limiter)
+            if got:
+                self.samples_total += 1
+            merge_into(coll.tails, got)
             return len(got)

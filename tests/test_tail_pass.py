@@ -5,11 +5,15 @@ next pass in its one transaction, billed to its last light reading."""
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
+import types
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import trio
 
 from hostagent.accounting.lifecycle import LifecycleEvent, LifecycleKind
 from hostagent.tailing import TailTasks
@@ -179,4 +183,108 @@ async def test_light_targets_are_made_once_per_incarnation_not_once_per_pass(
     await tail.sample(None)
     assert made[len(first):] == [key[0]]
     assert tail._targets[key][3].nics[0].ifindex == (nic.ifindex or 0) + 99
+    store.close()
+
+
+# --- the periodic samples' thread ---------------------------------------------------------------
+
+
+async def wait_real(pred: Any, timeout_s: float = 10) -> None:
+    """Poll state another thread changes, in real time."""
+    with trio.fail_after(timeout_s):
+        while not pred():  # noqa: ASYNC110 - the sampler is a thread, not a trio task
+            await trio.sleep(0.01)
+
+
+async def test_the_sampler_thread_bills_a_gone_domain_to_its_last_periodic_sample(
+        host: Host, tmp_path: Path) -> None:
+    coll, store = make_collector(host, tmp_path, sample_interval_s=0.02, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    first = await coll.run_pass()
+    assert first.committed
+    t0 = host.bulk("t0")
+    host.move_to_t1()  # the files move on and the clock with them: samples newer than anchors
+    taken: dict[str, Any] = {}
+    real_sample = tail.sampler.sample
+
+    def noted(targets: Any) -> Any:
+        got = real_sample(targets)
+        taken.update(got)
+        return got
+
+    tail.sampler = types.SimpleNamespace(sample=noted)  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        await wait_real(lambda: tail.samples_total >= 2)
+        gone = drop_first(host)
+        host.clock.advance(5.0)
+        report = await coll.run_pass()
+        nursery.cancel_scope.cancel()
+    assert report.committed, report.error
+    (u,) = [u for u in report.usages if u.uuid == gone]
+    assert u.period_end_ns == host.clock.now().wall_ns - 5 * 10**9  # the sample, not the pass
+    assert taken[gone].t_wall_ns == u.period_end_ns
+    assert u.cpu_ns == taken[gone].cpu_ns - t0[gone]["cpu.time"] > 0  # the t1 tree's counter
+    assert tail.sample_errors == 0
+    store.close()
+
+
+async def test_a_pass_waits_for_a_sample_in_flight_and_closes_out_at_it(
+        host: Host, tmp_path: Path) -> None:
+    """A domain sampled alive just before the pass found it gone: without waiting for that
+    sample, the pass would close the domain out at the previous pass (its usage since lost)."""
+    coll, store = make_collector(host, tmp_path, sample_interval_s=0.02, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    first = await coll.run_pass()
+    assert first.committed
+    t0 = host.bulk("t0")
+    host.move_to_t1()
+    real_sample = tail.sampler.sample
+    in_sample = threading.Event()
+    taken: dict[str, Any] = {}
+
+    def slow(targets: Any) -> Any:
+        got = real_sample(targets)  # read while the domain lives...
+        taken.update(got)
+        in_sample.set()
+        time.sleep(0.3)  # ...and handed over after the pass has read the host
+        return got
+
+    tail.sampler = types.SimpleNamespace(sample=slow)  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        assert await trio.to_thread.run_sync(in_sample.wait, 10)
+        assert coll.light_inbox.busy
+        gone = drop_first(host)
+        report = await coll.run_pass()
+        nursery.cancel_scope.cancel()
+    assert report.committed, report.error
+    (u,) = [u for u in report.usages if u.uuid == gone]
+    assert u.period_end_ns == taken[gone].t_wall_ns
+    assert u.cpu_ns == taken[gone].cpu_ns - t0[gone]["cpu.time"] > 0
+    store.close()
+
+
+async def test_periodic_samples_do_not_wake_trio(host: Host, tmp_path: Path) -> None:
+    coll, store = make_collector(host, tmp_path, sample_interval_s=0.01, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    assert (await coll.run_pass()).committed
+
+    class Wakes(trio.abc.Instrument):
+        n = 0
+
+        def after_io_wait(self, timeout: float) -> None:
+            Wakes.n += 1
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        await wait_real(lambda: tail.samples_total >= 1)
+        before = tail.samples_total
+        trio.lowlevel.add_instrument(Wakes())
+        await trio.sleep(0.5)
+        samples = tail.samples_total - before
+        wakes = Wakes.n
+        nursery.cancel_scope.cancel()
+    assert samples >= 5
+    assert wakes <= 2  # the test's own sleep (a sample through trio: two or more each)
     store.close()

@@ -32,7 +32,7 @@ from hostagent.delivery.sink_queue import SinkQueue
 from hostagent.delivery.sinks.base import Sink
 from hostagent.errors import StateError
 from hostagent.store.inspect import Pending, SinkStats, StoreSize
-from hostagent.store.outbox import MERGE_AT, Store
+from hostagent.store.outbox import MERGE_AT, Maintenance, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,30 +119,40 @@ class Delivery:
         while True:
             try:
                 now_s = self.clock.now().monotonic_ns / 1e9
-                size = await self._db(self.store.size)
-                # After a commit only the cheap size check runs, unless the cap is near.
-                if size.used_bytes >= MERGE_AT * self.cfg.max_bytes or now_s - last_s >= interval_s:
+                # After a commit only the cheap size check runs, unless the cap is near. One
+                # worker call either way (a thread hand-off and a wake-up per step cost more
+                # than the steps, every maintenance interval, on an idle host too).
+                done = await self._db(self._upkeep, now_s - last_s >= interval_s)
+                if done is not None:
                     last_s = now_s
-                    await self._maintain()
+                    self._after_upkeep(*done)
             except StateError as err:
                 log.error("outbox maintenance failed", extra={"error": str(err)})
             with trio.move_on_after(interval_s):
                 await self._maint_wake.wait()
             self._maint_wake = trio.Event()
 
-    async def _maintain(self) -> None:
-        rep = await self._db(self.store.maintain, self.cfg.retention_s)
+    def _upkeep(self, due: bool) -> tuple[Maintenance, dict[str, SinkStats], StoreSize] | None:
+        """In a worker: the size check; if `due` or the cap is near, prune/merge, heartbeat and
+        the gauges' figures (None: not run)."""
+        if not due and self.store.size().used_bytes < MERGE_AT * self.cfg.max_bytes:
+            return None
+        rep = self.store.maintain(self.cfg.retention_s)
+        self.store.heartbeat()
+        return rep, self.store.stats(acked=False), self.store.size()
+
+    def _after_upkeep(self, rep: Maintenance, stats: dict[str, SinkStats],
+                      size: StoreSize) -> None:
         self._merges += rep.merges
         for q in self._queues:
             q.counters.merged += rep.merged.get(q.name, 0)
-        await self._db(self.store.heartbeat)
-        await self._refresh()
+        self._stats, self._size = stats, size
         if rep.merges:
             self.wake()
 
     async def _refresh(self) -> None:
-        self._stats = await self._db(lambda: self.store.stats(acked=False))
-        self._size = await self._db(self.store.size)
+        self._stats, self._size = await self._db(
+            lambda: (self.store.stats(acked=False), self.store.size()))
 
     async def refresh_metrics(self) -> None:
         """Re-read the depth gauges now (tests and `hostagent outbox status`)."""
