@@ -288,3 +288,19 @@ async def test_periodic_samples_do_not_wake_trio(host: Host, tmp_path: Path) -> 
     assert samples >= 5
     assert wakes <= 2  # the test's own sleep (a sample through trio: two or more each)
     store.close()
+
+
+async def test_targets_are_made_again_only_when_a_pass_brings_new_anchors(
+        host: Host, tmp_path: Path) -> None:
+    coll, store = make_collector(host, tmp_path)
+    tail = TailTasks(coll, clock=host.clock)
+    assert (await coll.run_pass()).committed
+    first = tail._targets_now(None, dict(coll.tails))
+    assert len(first) == len(coll.tails) > 0
+    host.move_to_t1()
+    assert await tail.sample(None) == len(first)  # light readings replace Tails, not anchors
+    assert tail._targets_now(None, dict(coll.tails)) is first
+    assert (await coll.run_pass()).committed
+    again = tail._targets_now(None, dict(coll.tails))
+    assert again is not first and again == first  # same cgroups and taps: equal targets
+    store.close()
