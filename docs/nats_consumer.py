@@ -84,7 +84,6 @@ async def consume(servers: list[str], stream: str, subject: str, durable: str, o
                   every_s: float, totals: Totals) -> Totals:
     """Read the stream with a durable pull consumer into `totals`."""
     import nats
-    import nats.errors
 
     nc = await nats.connect(servers)
     try:
@@ -95,7 +94,8 @@ async def consume(servers: list[str], stream: str, subject: str, durable: str, o
         while True:
             try:
                 msgs = await sub.fetch(500, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError, or the bare one nats-py
+                # raises when a fetch's deadline ran out before its second request
                 # --once: drained when the server has nothing left for us (a slow server's
                 # first fetch may time out with the whole stream still waiting).
                 if once and not (await sub.consumer_info()).num_pending:
