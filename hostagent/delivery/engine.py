@@ -139,7 +139,11 @@ class Delivery:
             return None
         rep = self.store.maintain(self.cfg.retention_s)
         self.store.heartbeat()
-        return rep, self.store.stats(acked=False), self.store.size()
+        return rep, *self._gauge_figures()
+
+    def _gauge_figures(self) -> tuple[dict[str, SinkStats], StoreSize]:
+        """In a worker: the depth gauges' figures and the store's size."""
+        return self.store.stats(acked=False), self.store.size()
 
     def _after_upkeep(self, rep: Maintenance, stats: dict[str, SinkStats],
                       size: StoreSize) -> None:
@@ -151,8 +155,7 @@ class Delivery:
             self.wake()
 
     async def _refresh(self) -> None:
-        self._stats, self._size = await self._db(
-            lambda: (self.store.stats(acked=False), self.store.size()))
+        self._stats, self._size = await self._db(self._gauge_figures)
 
     async def refresh_metrics(self) -> None:
         """Re-read the depth gauges now (tests and `hostagent outbox status`)."""

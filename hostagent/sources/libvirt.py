@@ -102,7 +102,7 @@ class _Calls:
                 self._inside -= 1
                 last = self._closing and self._inside == 0
             if last:
-                _close_quietly(self.conn)
+                close_quietly(self.conn)
 
     def _enter(self) -> None:
         with self._lock:
@@ -118,11 +118,12 @@ class _Calls:
             self._closing = True
             now = self._inside == 0
         if now:
-            _close_quietly(self.conn)
+            close_quietly(self.conn)
         return now
 
 
-def _close_quietly(conn: Any) -> None:
+def close_quietly(conn: Any) -> None:
+    """Close a libvirt connection; a failure (a dead peer) is only logged at debug."""
     try:
         conn.close()
     except Exception as err:  # closing a dead connection is not worth a crash
@@ -210,12 +211,10 @@ class LibvirtSource:
     ) -> Any:
         """`fn(*args)` in a worker under the deadline; `on`: a call inside that connection."""
         limit = self._cfg.call_timeout_s if timeout_s is None else timeout_s
+        call, call_args = (fn, args) if on is None else (on.run, (fn, *args))
         with trio.move_on_after(limit) as scope:
-            if on is None:
-                return await trio.to_thread.run_sync(
-                    fn, *args, limiter=self._limiter, abandon_on_cancel=True)
             return await trio.to_thread.run_sync(
-                on.run, fn, *args, limiter=self._limiter, abandon_on_cancel=True)
+                call, *call_args, limiter=self._limiter, abandon_on_cancel=True)
         if scope.cancelled_caught:
             raise SourceTimeout(f"{getattr(fn, '__name__', fn)} exceeded {limit}s")
         raise AssertionError("unreachable")  # pragma: no cover

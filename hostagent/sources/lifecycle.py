@@ -34,7 +34,7 @@ import trio
 
 from hostagent.accounting.lifecycle import LifecycleEvent, LifecycleKind, Reconnected
 from hostagent.clock import Clock
-from hostagent.sources.libvirt import backoff_s
+from hostagent.sources.libvirt import backoff_s, close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class LifecycleWatcher:
                 await self._until_lost(conn, closed)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await trio.to_thread.run_sync(_close_quietly, conn, abandon_on_cancel=True)
+                    await trio.to_thread.run_sync(close_quietly, conn, abandon_on_cancel=True)
             self.state = "down"
             log.warning("lifecycle events: connection lost, resubscribing",
                         extra={"uri": self.uri})
@@ -196,7 +196,7 @@ class LifecycleWatcher:
                    closed: trio.Event, gave_up: threading.Event) -> Any:
         conn = self._connector(self.uri)
         if gave_up.is_set():  # trio stopped waiting (timeout, cancel): nobody would close it
-            _close_quietly(conn)
+            close_quietly(conn)
             return None
         try:
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
@@ -208,7 +208,7 @@ class LifecycleWatcher:
                 with contextlib.suppress(AttributeError):  # an object that takes no attributes
                     setattr(conn, _CLOSE_WATCHED, True)
         except BaseException:
-            _close_quietly(conn)
+            close_quietly(conn)
             raise
         return conn
 
@@ -247,8 +247,3 @@ def _alive(conn: Any) -> bool:
         return bool(conn.isAlive())
     except Exception:  # a connection that cannot answer is not alive
         return False
-
-
-def _close_quietly(conn: Any) -> None:
-    with contextlib.suppress(Exception):
-        conn.close()
