@@ -179,4 +179,8 @@ def test_unattributed_cpu_stays_near_zero_across_a_start_and_a_destroy(tail_gues
     # both cores of this host), the other guests' CPU between their reads and the parent's,
     # and the usec rounding.
     assert billed.total_ns <= int(SAMPLE_S * 2e9) + 20_000_000, billed
-    assert unbilled.total_ns >= last.cpu_ns  # a VM no event billed is visible in full
+    # A VM no event billed is visible in full, up to the usec rounding: each cgroup's
+    # usage_usec is floored on its own, so the partition's growth and the sum of its
+    # children's can differ by 1 us per cgroup and read (seen: 1 us short).
+    rounding_ns = 1_000 * (2 * len(running) + 1 + 2)
+    assert unbilled.total_ns >= last.cpu_ns - rounding_ns
