@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,20 +50,25 @@ class Tmux:
 
     def __init__(self, name: str, cfg: Path) -> None:
         self.name = name
+        # a tmux server of its own: on the default socket, the server a previous test's
+        # kill-session left exiting may take this new-session down with it ("server exited
+        # unexpectedly", seen in CI)
+        self.socket_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        self.server = ["tmux", "-S", str(self.socket_dir / "tmux.sock")]
         # COLUMNS/LINES from pytest's environment would override the pane's real size
         cmd = (f"cd {REPO} && unset COLUMNS LINES && PYTHONPATH={REPO} {sys.executable} "
                "-m hostagent.cli "
                f"--config {cfg} top --interval 1; echo TOP-EXIT=$?; sleep 60")
-        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "200", "-y", "50", cmd],
-                       check=True, timeout=30)
+        subprocess.run([*self.server, "new-session", "-d", "-s", name, "-x", "200", "-y", "50",
+                        cmd], check=True, timeout=30)
 
     def keys(self, *keys: str, literal: bool = False) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *(["-l"] if literal else []),
+        subprocess.run([*self.server, "send-keys", "-t", self.name, *(["-l"] if literal else []),
                         *keys], check=True, timeout=30)
         time.sleep(0.3)
 
     def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], check=True,
+        return subprocess.run([*self.server, "capture-pane", "-p", "-t", self.name], check=True,
                               capture_output=True, text=True, timeout=30).stdout
 
     def rows(self) -> dict[str, dict[str, str]]:
@@ -81,7 +87,9 @@ class Tmux:
         return out
 
     def kill(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], check=False, timeout=30)
+        subprocess.run([*self.server, "kill-server"], check=False, timeout=30,
+                       stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 @pytest.fixture
