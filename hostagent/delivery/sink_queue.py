@@ -22,7 +22,11 @@ A local sink that writes a whole batch in one blocking call (sinks.base.BatchWri
 file) gets the round in ONE worker-thread call while its breaker is closed (`_local_rounds`):
 record the last outcomes and claim a batch (commit: claimed, so never merged, before it can
 reach the sink), write and fsync it, record the acknowledgements and claim the next batch
-(commit); up to LOCAL_BATCHES_PER_CALL batches. The acknowledgements of the last, short batch
+(commit); up to LOCAL_BATCHES_PER_CALL batches. While its writes succeed, the pass commit
+inserts the sink's new rows claimed already (`Store.claim_at_commit`, durable in that synced
+commit), so the round's claim changes no page and syncs nothing: one synced commit per pass
+fewer. After a failed write it stops until a write succeeds: rows held back by the failed one
+stay unclaimed, so mergeable through a long outage. The acknowledgements of the last, short batch
 are committed without syncing the WAL (synchronous=NORMAL for that one commit): the claim and
 the pass commit stay synced; a power cut can only lose acknowledgements (the events are sent
 again with the same event_id, as after a crash between the write and the commit). The take
@@ -70,6 +74,7 @@ class _LocalRounds:
     written: list[tuple[int, float]] = field(default_factory=list)  # (events, seconds)
     unrecorded: list[Outcome] = field(default_factory=list)  # written, their record failed
     error: StateError | None = None
+    last_write_ok: bool | None = None  # None: nothing was written
 
 
 @dataclass(eq=False)
@@ -88,6 +93,7 @@ class SinkQueue:
     _persisted_version: int = -1
     _limiter: trio.CapacityLimiter = field(init=False)
     _writer: BatchWriter | None = field(init=False)
+    _write_failed: bool = False  # the local sink's last write failed
 
     def __post_init__(self) -> None:
         self.breaker = Breaker(self.sink.breaker, self.clock)
@@ -105,8 +111,9 @@ class SinkQueue:
         """Record the last round and claim the next batch, in one transaction."""
         await self._persist_breaker()
         outcomes, self._unrecorded = self._unrecorded, []
-        if self._writer is not None and self.breaker.state == "closed":
-            return await self._local_take(self._writer, outcomes, now_ns)
+        writer = self._local_writer()
+        if writer is not None:
+            return await self._local_take(writer, outcomes, now_ns)
         try:
             got = await trio.to_thread.run_sync(lambda: self.store.record_and_take(
                 self.name, outcomes, self.cfg.batch_size, now_ns,
@@ -125,6 +132,7 @@ class SinkQueue:
     async def settle(self) -> None:
         """Record the last round's outcomes now."""
         await self._persist_breaker()
+        self._local_writer()  # (a breaker that just opened: new rows stay unclaimed)
         outcomes, self._unrecorded = self._unrecorded, []
         if outcomes:
             try:
@@ -146,6 +154,14 @@ class SinkQueue:
 
     # --- a local sink's rounds, in one worker-thread call ------------------------------
 
+    def _local_writer(self) -> BatchWriter | None:
+        """The batch writer while a local sink's rounds run in one worker call (its breaker
+        closed), else None; the pass commit claims the sink's new rows then, unless its last
+        write failed (rows held back by a failed one stay unclaimed, so mergeable)."""
+        writer = self._writer if self.breaker.state == "closed" else None
+        self.store.claim_at_commit(self.name, writer is not None and not self._write_failed)
+        return writer
+
     async def _local_take(self, writer: BatchWriter, outcomes: list[Outcome],
                           now_ns: int) -> Taken[Pending]:
         try:
@@ -153,6 +169,9 @@ class SinkQueue:
         except StateError:
             self._unrecorded = outcomes  # rolled back: recorded by the next try
             raise
+        if r.last_write_ok is not None and r.last_write_ok == self._write_failed:
+            self._write_failed = not r.last_write_ok
+            self._local_writer()  # a failing file: the next pass's rows stay mergeable
         for recorded, dead in r.recorded:
             self._recorded(recorded, dead)
         for n, seconds in r.written:
@@ -207,7 +226,9 @@ class SinkQueue:
             # Maybe written, not known durable: send again later (consumers dedupe).
             wait_ns = int(round_backoff_s(self.sink.retry, 1, self.rng) * 1e9)
             at = self.clock.now().wall_ns + wait_ns
+            r.last_write_ok = False
             return [Outcome(p.event.event_id, "failed", str(err), at) for p in batch]
+        r.last_write_ok = True
         r.written.append((len(batch), (self.clock.now().monotonic_ns - t0) / 1e9))
         return [Outcome(p.event.event_id, "acked") for p in batch]
 

@@ -99,6 +99,9 @@ class Store(StoreReader):
         self.host = ""
         self.max_bytes: int | None = None
         self._routes: dict[str, routing.Route] = {}
+        # Sinks whose new rows the pass commit claims (`claim_at_commit`); replaced, never
+        # changed in place: the commit reads it in a worker thread.
+        self._claimed_at_commit: frozenset[str] = frozenset()
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -223,6 +226,23 @@ class Store(StoreReader):
                 page = self._conn.execute("PRAGMA page_size").fetchone()[0]
                 self._conn.execute(f"PRAGMA max_page_count={max(max_bytes // page, 16)}")
 
+    @property
+    def claimed_at_commit(self) -> frozenset[str]:
+        """The sinks whose new rows the pass commit claims (`claim_at_commit`)."""
+        return self._claimed_at_commit
+
+    def claim_at_commit(self, sink: str, on: bool) -> None:
+        """Have the pass commit insert `sink`'s new delivery rows already claimed (or stop).
+
+        For a local sink that writes each pass's events right after the commit (the JSONL
+        file, while its breaker is closed): its next claim then changes no page, and the
+        round skips a synced commit of its own. Claimed means "maybe sent", so these rows are
+        never merged, as if claimed a moment later; a sink in trouble turns it off, and its
+        new rows stay mergeable through the outage."""
+        now = self._claimed_at_commit
+        if (sink in now) != on:
+            self._claimed_at_commit = now | {sink} if on else now - {sink}
+
     def close(self) -> None:
         """Close the connection (checkpointing the WAL)."""
         with self._lock:
@@ -245,8 +265,11 @@ class Store(StoreReader):
     def commit_pass(self, baselines: Sequence[Baseline], events: Sequence[OutEvent], *,
                     removed_instances: Sequence[str] = (),
                     alert_state: Mapping[str, bytes | None] | None = None) -> None:
-        """ONE transaction: baselines, events (+ pending deliveries), alert state (None deletes)."""
+        """ONE transaction: baselines, events (+ pending deliveries), alert state (None deletes).
+
+        The deliveries of the sinks in `claim_at_commit` are inserted claimed."""
         now = self.clock.now().wall_ns
+        claimed_at_commit = self._claimed_at_commit
         base_rows = [(b.instance_id, orjson.dumps(b.to_dict()).decode()) for b in baselines]
         with self.transaction("commit pass") as c:
             c.executemany("INSERT INTO baselines(instance_id, state) VALUES(?, ?) "
@@ -272,9 +295,10 @@ class Store(StoreReader):
                   ev.payload, now) for ev, _ in new])
             c.executemany(
                 "INSERT OR IGNORE INTO deliveries(sink, event_id, instance_id, "
-                "period_start_ns, created_ns, status) VALUES(?, ?, ?, ?, ?, 'pending')",
-                [(s, ev.event_id, ev.instance_id, ev.period_start_ns, now)
-                 for ev, sinks in new for s in sinks])
+                "period_start_ns, created_ns, status, claimed) VALUES(?, ?, ?, ?, ?, "
+                "'pending', ?)",
+                [(s, ev.event_id, ev.instance_id, ev.period_start_ns, now,
+                  int(s in claimed_at_commit)) for ev, sinks in new for s in sinks])
             for fp, state in (alert_state or {}).items():
                 if state is None:
                     c.execute("DELETE FROM alert_state WHERE fingerprint = ?", (fp,))

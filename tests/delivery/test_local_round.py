@@ -1,6 +1,8 @@
 """A local sink's round (the JSONL file, sinks.base.BatchWriter): ONE worker-thread call per
-round, two commits (the claim before the write, the acknowledgements after it), one fsync of
-the file; a backlog in full batches; a failed write is retried like a failed flush."""
+round, two commits (the claim before the write, which changes nothing when the pass commit
+claimed the rows already, and the acknowledgements after it), one fsync of the file; a backlog
+in full batches; a failed write is retried like a failed flush, and a sink whose breaker opened
+gets its new rows unclaimed (mergeable)."""
 
 from __future__ import annotations
 
@@ -80,13 +82,20 @@ async def test_a_jsonl_round_is_one_hand_off_two_commits_one_fsync(
                     evs = [usage_event(f"i{i}", k) for i in range(8)]
                     events += evs
                     await trio.to_thread.run_sync(store.commit_pass, [], evs)
+                    # the sink's rows come claimed by the pass commit (its breaker is closed)
+                    with store.reading("claimed") as c:
+                        assert c.execute("SELECT COUNT(*) FROM deliveries WHERE claimed = 0"
+                                         ).fetchone() == (0,)
+                    changes = store._conn.total_changes
                     counts.on = True
                     d.wake()
                     await d.drained()
                     counts.on = False
-                    # the take claimed (commit), wrote and fsynced, recorded the acks (commit)
+                    # the take claimed (a commit that changed nothing: no page written, no
+                    # sync), wrote and fsynced, recorded the acks (commit)
                     assert counts.threads == 1 and counts.fsyncs == 1, vars(counts)
                     assert counts.commits() == ["BEGIN IMMEDIATE", "COMMIT"] * 2
+                    assert store._conn.total_changes - changes == len(evs)  # the acks only
                     # the claim synced; only the acknowledgements' commit is not
                     st = counts.statements
                     acks = st[st.index("PRAGMA synchronous=NORMAL"):]
@@ -165,3 +174,54 @@ async def test_a_failed_write_is_sent_again_after_the_round_backoff(
     finally:
         store.close()
     assert len((tmp_path / "events.jsonl").read_bytes().splitlines()) == 3
+
+
+async def test_a_failing_write_leaves_the_next_rows_unclaimed_until_a_write_succeeds(
+        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    """Rows held back behind a failed write must stay mergeable (a long outage of the file's
+    disk): the pass commit claims a local sink's rows only while its writes succeed."""
+    mock_clock.autojump_threshold = 0.01
+
+    class FullDisk(JsonlSink):
+        fails = 1
+
+        def write_batch(self, payloads: Any) -> None:
+            if self.fails:
+                self.fails -= 1
+                raise SinkUnavailable("write failed: ENOSPC")
+            super().write_batch(payloads)
+
+    clock = TrioClock()
+    store = Store.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
+    sink = FullDisk(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
+    d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=3600))
+
+    def claimed(k: int) -> int:
+        with store.reading("claimed") as c:
+            row = c.execute("SELECT claimed FROM deliveries WHERE event_id = ?",
+                            (usage_event("i", k).event_id,)).fetchone()
+        return int(row[0])
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(d.run)
+            await d.drained()
+            assert store.claimed_at_commit == {"file"}
+            await trio.to_thread.run_sync(store.commit_pass, [], [usage_event("i", 0)])
+            assert claimed(0) == 1
+            d.wake()
+            await eventually(lambda: sink.fails == 0 and not store.claimed_at_commit, 5)
+            await trio.to_thread.run_sync(store.commit_pass, [], [usage_event("i", 1)])
+            assert claimed(1) == 0  # held back behind the failed one: mergeable
+            d.wake()
+            await eventually(lambda: d.metrics().sinks["file"].published == 2, 600)
+            assert store.claimed_at_commit == {"file"}  # written again: claimed at commit
+            await trio.to_thread.run_sync(store.commit_pass, [], [usage_event("i", 2)])
+            assert claimed(2) == 1
+            d.wake()
+            await eventually(lambda: d.metrics().sinks["file"].published == 3, 600)
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    lines = (tmp_path / "events.jsonl").read_bytes().splitlines()
+    assert lines == [usage_event("i", k).payload for k in range(3)]

@@ -116,6 +116,39 @@ def test_commit_pass_is_one_idempotent_transaction(store: Store) -> None:
     assert store.stats()["q"].pending == 3
 
 
+def test_claim_at_commit_claims_one_sinks_new_rows_and_its_claim_changes_nothing(
+        tmp_path: Path, clock: FakeClock) -> None:
+    s = open_store(tmp_path / "s.db", clock, ("q", "file"))
+
+    def claimed() -> dict[str, list[int]]:
+        with s.reading("claimed") as c:
+            rows = c.execute("SELECT sink, claimed FROM deliveries ORDER BY sink, "
+                             "period_start_ns").fetchall()
+        return {sink: [f for n, f in rows if n == sink] for sink in ("file", "q")}
+
+    s.commit_pass([], [usage_event("i1", 0)])
+    s.claim_at_commit("file", True)
+    s.claim_at_commit("file", True)  # idempotent
+    assert s.claimed_at_commit == {"file"}
+    s.commit_pass([], [usage_event("i1", 1)])
+    assert claimed() == {"file": [0, 1], "q": [0, 0]}
+    # the file's next claim loads both in period order; only the older row changes
+    changes = s._conn.total_changes
+    got = s.record_and_take("file", [], 10, clock.wall_ns, dead_letter_after=5)
+    assert [p.event.event_id for p in got.batch] == [usage_event("i1", k).event_id
+                                                     for k in (0, 1)]
+    assert s._conn.total_changes - changes == 1
+    changes = s._conn.total_changes
+    s.commit_pass([], [usage_event("i1", 2)])
+    s.record_and_take("file", [], 10, clock.wall_ns, dead_letter_after=5)
+    assert s._conn.total_changes - changes == 1 + 2  # an event, two deliveries; no claim
+    s.claim_at_commit("file", False)
+    assert s.claimed_at_commit == frozenset()
+    s.commit_pass([], [usage_event("i1", 3)])  # unclaimed again: mergeable
+    assert claimed() == {"file": [1, 1, 1, 0], "q": [0, 0, 0, 0]}
+    s.close()
+
+
 def test_routing_by_kind_and_sinks_added_later(tmp_path: Path, clock: FakeClock) -> None:
     path = tmp_path / "s.db"
     s = open_store(path, clock, ("q", "file"), sink_kinds={"q": ["resource_usage"],
