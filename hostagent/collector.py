@@ -136,6 +136,9 @@ class Collector:
         self._root = HostRoot(cfg.paths.root)
         self._parent_cpu: str | None = parent_cpu_stat(self._root, cfg.paths.cgroup_root)
         self._early: pass_reads.EarlyReads | None = None
+        # When the last pass read the host (time.monotonic()): the light-samples thread
+        # counts its interval from the freshest reading, a pass's or its own.
+        self.read_monotonic_s: float | None = None
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -318,6 +321,7 @@ class Collector:
 
     async def _pass_locked(self, report: PassReport) -> None:
         host = await self.read_host()
+        self.read_monotonic_s = time.monotonic()
         parent_ns = await self._read_parent_cpu()
         await self.merge_light()
         closing = tails.ended(self.tails, host)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -205,13 +206,26 @@ class TailTasks:
     # --- light samples ----------------------------------------------------------------------
 
     def _light_thread(self, stop: threading.Event) -> None:
-        """The periodic light samples, until `stop`: in this thread, never in trio's."""
+        """The periodic light samples, until `stop`: in this thread, never in trio's.
+
+        A sample is due `sample_interval_s` after the freshest reading of every domain, this
+        thread's last sample or the last pass's read: with passes that often (interval_s at or
+        below it) no sample is taken at all, and the bound on what a destroyed VM leaves
+        unbilled is the same."""
+        sampled_s = time.monotonic()
         while True:
             interval_s = self.collector.cfg.collector.sample_interval_s  # live-changeable
-            if stop.wait(interval_s if interval_s > 0 else IDLE_CHECK_S):
-                return
             if interval_s <= 0:
+                if stop.wait(IDLE_CHECK_S):
+                    return
                 continue
+            pass_s = self.collector.read_monotonic_s
+            freshest_s = sampled_s if pass_s is None else max(sampled_s, pass_s)
+            if stop.wait(max(0.0, freshest_s + interval_s - time.monotonic())):
+                return
+            if self.collector.read_monotonic_s != pass_s:
+                continue  # a pass read every domain meanwhile: due interval_s after it
+            sampled_s = time.monotonic()
             inbox = self.collector.light_inbox
             inbox.begin()
             got: dict[str, LightReading] = {}

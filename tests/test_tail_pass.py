@@ -290,6 +290,28 @@ async def test_periodic_samples_do_not_wake_trio(host: Host, tmp_path: Path) -> 
     store.close()
 
 
+async def test_no_light_sample_while_passes_read_the_host_more_often_than_it(
+        host: Host, tmp_path: Path) -> None:
+    """A sample is due sample_interval_s after the freshest reading, a pass's included: with
+    passes that often (interval_s 1 s against the default 2 s) the thread never samples."""
+    coll, store = make_collector(host, tmp_path, sample_interval_s=0.5, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    assert (await coll.run_pass()).committed
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:  # four sample intervals of passes every 0.1 s
+            await trio.sleep(0.1)
+            assert (await coll.run_pass()).committed
+        assert tail.samples_total == 0
+        last_pass_s = time.monotonic()
+        await wait_real(lambda: tail.samples_total >= 2)  # no more passes: samples again
+        assert time.monotonic() - last_pass_s >= 2 * 0.5 - 0.05
+        nursery.cancel_scope.cancel()
+    assert tail.sample_errors == 0
+    store.close()
+
+
 async def test_targets_are_made_again_only_when_a_pass_brings_new_anchors(
         host: Host, tmp_path: Path) -> None:
     coll, store = make_collector(host, tmp_path)
