@@ -141,23 +141,30 @@ async def test_a_backlog_goes_in_full_batches_each_event_once(
     assert counts.calls.count("_local_rounds") == 3, counts.calls
 
 
-async def test_a_failed_write_is_sent_again_after_the_round_backoff(
-        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
-    mock_clock.autojump_threshold = 0.01
+class FullDisk(JsonlSink):
+    """The JSONL file on a disk that is full for its first `fails` writes."""
 
-    class FullDisk(JsonlSink):
-        fails = 2
+    fails = 0
 
-        def write_batch(self, payloads: Any) -> None:
-            if self.fails:
-                self.fails -= 1
-                raise SinkUnavailable("write failed: ENOSPC")
-            super().write_batch(payloads)
+    def write_batch(self, payloads: Any) -> None:
+        if self.fails:
+            self.fails -= 1
+            raise SinkUnavailable("write failed: ENOSPC")
+        super().write_batch(payloads)
 
+
+def full_disk(tmp_path: Path, *, fails: int) -> tuple[Store, FullDisk, Delivery]:
     clock = TrioClock()
     store = Store.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
     sink = FullDisk(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
-    d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=3600))
+    sink.fails = fails
+    return store, sink, Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=3600))
+
+
+async def test_a_failed_write_is_sent_again_after_the_round_backoff(
+        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = 0.01
+    store, _, d = full_disk(tmp_path, fails=2)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(d.run)
@@ -181,20 +188,7 @@ async def test_a_failing_write_leaves_the_next_rows_unclaimed_until_a_write_succ
     """Rows held back behind a failed write must stay mergeable (a long outage of the file's
     disk): the pass commit claims a local sink's rows only while its writes succeed."""
     mock_clock.autojump_threshold = 0.01
-
-    class FullDisk(JsonlSink):
-        fails = 1
-
-        def write_batch(self, payloads: Any) -> None:
-            if self.fails:
-                self.fails -= 1
-                raise SinkUnavailable("write failed: ENOSPC")
-            super().write_batch(payloads)
-
-    clock = TrioClock()
-    store = Store.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
-    sink = FullDisk(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
-    d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=3600))
+    store, sink, d = full_disk(tmp_path, fails=1)
 
     def claimed(k: int) -> int:
         with store.reading("claimed") as c:
