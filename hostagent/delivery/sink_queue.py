@@ -132,7 +132,7 @@ class SinkQueue:
     async def settle(self) -> None:
         """Record the last round's outcomes now."""
         await self._persist_breaker()
-        self._local_writer()  # (a breaker that just opened: new rows stay unclaimed)
+        self._set_claim_at_commit()  # (a breaker that just opened: new rows stay unclaimed)
         outcomes, self._unrecorded = self._unrecorded, []
         if outcomes:
             try:
@@ -156,11 +156,16 @@ class SinkQueue:
 
     def _local_writer(self) -> BatchWriter | None:
         """The batch writer while a local sink's rounds run in one worker call (its breaker
-        closed), else None; the pass commit claims the sink's new rows then, unless its last
-        write failed (rows held back by a failed one stay unclaimed, so mergeable)."""
-        writer = self._writer if self.breaker.state == "closed" else None
-        self.store.claim_at_commit(self.name, writer is not None and not self._write_failed)
-        return writer
+        closed), else None."""
+        self._set_claim_at_commit()
+        return self._writer if self.breaker.state == "closed" else None
+
+    def _set_claim_at_commit(self) -> None:
+        """The pass commit claims a local sink's new rows while its rounds run in one worker
+        call, unless its last write failed (rows held back by a failed one stay unclaimed,
+        so mergeable)."""
+        self.store.claim_at_commit(self.name, self._writer is not None and
+                                   self.breaker.state == "closed" and not self._write_failed)
 
     async def _local_take(self, writer: BatchWriter, outcomes: list[Outcome],
                           now_ns: int) -> Taken[Pending]:
@@ -169,9 +174,9 @@ class SinkQueue:
         except StateError:
             self._unrecorded = outcomes  # rolled back: recorded by the next try
             raise
-        if r.last_write_ok is not None and r.last_write_ok == self._write_failed:
+        if r.last_write_ok is not None:
             self._write_failed = not r.last_write_ok
-            self._local_writer()  # a failing file: the next pass's rows stay mergeable
+            self._set_claim_at_commit()  # a failing file: the next pass's rows stay mergeable
         for recorded, dead in r.recorded:
             self._recorded(recorded, dead)
         for n, seconds in r.written:

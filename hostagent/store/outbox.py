@@ -239,9 +239,9 @@ class Store(StoreReader):
         round skips a synced commit of its own. Claimed means "maybe sent", so these rows are
         never merged, as if claimed a moment later; a sink in trouble turns it off, and its
         new rows stay mergeable through the outage."""
-        now = self._claimed_at_commit
-        if (sink in now) != on:
-            self._claimed_at_commit = now | {sink} if on else now - {sink}
+        current = self._claimed_at_commit
+        if (sink in current) != on:
+            self._claimed_at_commit = current | {sink} if on else current - {sink}
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL)."""
