@@ -23,7 +23,7 @@ from hostagent.config.load import Config
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.store import guard
 from hostagent.store.outbox import Store
-from hostagent.store.schema import APP, SCHEMA_VERSION
+from hostagent.store.schema import APP, SCHEMA_VERSION, UPGRADABLE
 
 # A delivery heartbeat younger than this says a daemon is using the store right now.
 LIVE_HEARTBEAT_S = 60.0
@@ -56,7 +56,7 @@ def check_store(cfg: Config) -> str:
     if not guard.before_open(path):
         return "no state store yet (created at the first start)"
     try:
-        guard.peek(path, APP, SCHEMA_VERSION)
+        guard.peek(path, APP, SCHEMA_VERSION, UPGRADABLE)
     except StateCorrupt:
         raise
     except StateError as err:  # e.g. no permission to read it as this user

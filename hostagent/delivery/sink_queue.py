@@ -235,7 +235,7 @@ class SinkQueue:
             return [Outcome(p.event.event_id, "failed", str(err), at) for p in batch]
         r.last_write_ok = True
         r.written.append((len(batch), (self.clock.now().monotonic_ns - t0) / 1e9))
-        return [Outcome(p.event.event_id, "acked") for p in batch]
+        return [Outcome(p.event.event_id, "acked", seq=p.seq) for p in batch]
 
     # --- one round ----------------------------------------------------------------------
 
@@ -311,7 +311,7 @@ class SinkQueue:
             log.warning("delivery round failed", extra={"sink": self.name, "event_id": eid,
                                                         "error": str(err)})
             return Outcome(eid, "failed", str(err), later())
-        return Outcome(eid, "acked")
+        return Outcome(eid, "acked", seq=p.seq)
 
     async def _retry(self, p: Pending, sent: list[bool]) -> None:
         """The retries of a round after its first try failed transiently."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,10 +102,12 @@ def after_open(path: Path, created_ns: int) -> None:
         raise StateError(f"{marker}: cannot write the store marker: {err}") from err
 
 
-def peek(path: Path, app: str, schema_version: int) -> None:
+def peek(path: Path, app: str, schema_version: int,
+         upgradable: Collection[int] = frozenset()) -> None:
     """The checks start-up makes of an existing store, read through SQLite's `immutable`
     mode: no lock taken, no -wal/-shm file created (so `check-config` run as root never
-    leaves root-owned side files). StateCorrupt for what start-up would refuse. The full
+    leaves root-owned side files). StateCorrupt for what start-up would refuse; a store of an
+    `upgradable` version passes (start-up upgrades it). The full
     ``PRAGMA quick_check`` is left to start-up and `hostagent store check`."""
     if not before_open(path):
         return
@@ -123,7 +126,7 @@ def peek(path: Path, app: str, schema_version: int) -> None:
         conn.close()
     if meta.get("app") != app:
         raise StateCorrupt(f"{path}: not a hostagent state store; {WAY_OUT}")
-    if meta.get("schema_version") != str(schema_version):
+    if meta.get("schema_version") not in {str(v) for v in (schema_version, *upgradable)}:
         raise StateCorrupt(f"{path}: schema version {meta.get('schema_version')} is not "
                            f"{schema_version}: this hostagent cannot use it (upgrade hostagent, "
                            "or `hostagent store reset` to start afresh)")

@@ -25,11 +25,13 @@ from hostagent.model import Baseline, OutEvent
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """An event claimed for delivery to one sink, with its delivery history."""
+    """An event claimed for delivery to one sink, with its delivery history and its key in the
+    outbox (`seq`, hostagent.store.schema)."""
 
     event: OutEvent
     attempts: int
     rejections: int
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,41 +103,41 @@ class StoreReader(ABC):
 
     # --- the delivery side ------------------------------------------------------------------
 
-    def _due_ids(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[str]:
+    def _due_seqs(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[int]:
         # An instance whose earliest failed event waits for its backoff holds back its later
         # events: per instance, events reach the sink in period order.
         blocked = dict(c.execute(
             "SELECT instance_id, MIN(period_start_ns) FROM deliveries WHERE sink = ? AND "
             "status = 'pending' AND claimed = 1 AND next_attempt_ns > ? GROUP BY instance_id",
             (sink, now_ns)).fetchall())
-        cur = c.execute(
-            "SELECT event_id, instance_id, period_start_ns FROM deliveries "
+        cur = c.execute(  # covered by the index (seq is in the key of every index entry)
+            "SELECT seq, instance_id, period_start_ns FROM deliveries "
             "INDEXED BY deliveries_queue WHERE sink = ? AND status = 'pending' AND "
             "next_attempt_ns <= ? ORDER BY period_start_ns, instance_id", (sink, now_ns))
-        ids: list[str] = []
-        while len(ids) < limit and (rows := cur.fetchmany(1024)):
-            for eid, iid, start in rows:
+        seqs: list[int] = []
+        while len(seqs) < limit and (rows := cur.fetchmany(1024)):
+            for seq, iid, start in rows:
                 if iid in blocked and start > blocked[iid]:
                     continue
-                ids.append(eid)
-                if len(ids) >= limit:
+                seqs.append(seq)
+                if len(seqs) >= limit:
                     break
         cur.close()
-        return ids
+        return seqs
 
-    def _load(self, c: sqlite3.Connection, sink: str, ids: Sequence[str]) -> list[Pending]:
+    def _load(self, c: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> list[Pending]:
         rows = {r[0]: r for r in c.execute(
-            "SELECT e.event_id, e.kind, e.instance_id, e.period_start_ns, e.period_end_ns, "
-            "e.payload, d.attempts, d.rejections FROM deliveries d JOIN events e ON e.event_id = "
-            "d.event_id WHERE d.sink = ? AND d.event_id IN (SELECT value FROM json_each(?))",
-            (sink, orjson.dumps(list(ids)).decode()))}
-        return [Pending(OutEvent(r[0], r[1], r[2], r[3], r[4], bytes(r[5])), r[6], r[7])
-                for r in (rows[i] for i in ids if i in rows)]
+            "SELECT e.seq, e.event_id, e.kind, e.instance_id, e.period_start_ns, "
+            "e.period_end_ns, e.payload, d.attempts, d.rejections FROM deliveries d "
+            "JOIN events e ON e.seq = d.seq WHERE d.sink = ? AND d.seq IN (SELECT value FROM "
+            "json_each(?))", (sink, orjson.dumps(list(seqs)).decode()))}
+        return [Pending(OutEvent(r[1], r[2], r[3], r[4], r[5], bytes(r[6])), r[7], r[8], r[0])
+                for r in (rows[q] for q in seqs if q in rows)]
 
     def pending(self, sink: str, limit: int, now_ns: int) -> list[Pending]:
         """Due events of `sink`, oldest period first, in period order per instance (read only)."""
         with self.reading("list pending") as c:
-            return self._load(c, sink, self._due_ids(c, sink, limit, now_ns))
+            return self._load(c, sink, self._due_seqs(c, sink, limit, now_ns))
 
     def next_due_ns(self, sink: str, now_ns: int) -> int | None:
         """When the earliest backed-off event of `sink` becomes due (None: none waits)."""

@@ -45,9 +45,9 @@ from hostagent.clock import Clock
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.model import Baseline, OutEvent
 from hostagent.store import guard as store_guard
-from hostagent.store import sqlite_tx, upkeep
+from hostagent.store import schema, sqlite_tx, upkeep
 from hostagent.store.inspect import Pending, StoreReader
-from hostagent.store.schema import APP, OUTBOX_DDL, SCHEMA_VERSION
+from hostagent.store.schema import APP, OUTBOX_DDL, SCHEMA_VERSION, UPGRADABLE
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,21 @@ MERGE_AT = upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pendin
 
 Result = Literal["acked", "failed", "rejected", "dead", "skipped"]
 
+# A delivery row by (sink, event id) is found as "sink = ? AND seq = (SELECT seq FROM events
+# WHERE event_id = ?)": the id's seq through the events' unique index, then the row by its key.
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What one delivery round did to one event (`skipped`: never sent this round)."""
+    """What one delivery round did to one event (`skipped`: never sent this round).
+
+    `seq`: the Pending's, when known; an acknowledgement then finds its row by key alone."""
 
     event_id: str
     result: Result
     error: str | None = None
     next_attempt_ns: int = 0
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,27 +180,46 @@ class Store(StoreReader):
         if not tables:
             now = self.clock.now().wall_ns
             c.execute("BEGIN IMMEDIATE")
-            for statement in OUTBOX_DDL.split(";"):
-                if statement.strip():
-                    c.execute(statement)
+            for statement in schema.statements(OUTBOX_DDL):
+                c.execute(statement)
             c.executemany("INSERT INTO meta(key, value) VALUES(?, ?)",
                           [("app", APP), ("schema_version", str(SCHEMA_VERSION)),
                            ("created_ns", str(now)), ("host", node_id)])
             c.execute("COMMIT")
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise StateCorrupt(f"{self.path}: schema version {meta.get('schema_version')} is "
+        version = meta.get("schema_version", "")
+        upgrade = int(version) if version.isdigit() and int(version) in UPGRADABLE else None
+        if upgrade is None and version != str(SCHEMA_VERSION):
+            raise StateCorrupt(f"{self.path}: schema version {version or None} is "
                                f"not {SCHEMA_VERSION}: this hostagent cannot use it (upgrade "
                                "hostagent, or `hostagent store reset` to start afresh)")
         check = c.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise StateCorrupt(f"{self.path}: integrity check failed: {check}; "
                                f"{store_guard.WAY_OUT}")
+        if upgrade is not None:  # checked first: a damaged store is refused, not upgraded
+            self._upgrade(upgrade)
         self.created_ns = int(meta["created_ns"])
         self.host = meta.get("host", "")
         if self.host != node_id:
             log.warning("state store was created by another node_id",
                         extra={"path": str(self.path), "stored": self.host, "node_id": node_id})
+
+    def _upgrade(self, version: int) -> None:
+        """An older store brought to SCHEMA_VERSION in one transaction: all or nothing."""
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            schema.migrate(c, version)
+        except schema.MigrationError as err:
+            sqlite_tx.rollback(c)
+            raise StateCorrupt(f"{self.path}: cannot upgrade the state store from schema "
+                               f"version {version}: {err}; nothing was changed. "
+                               f"{store_guard.WAY_OUT}") from err
+        except BaseException:
+            sqlite_tx.rollback(c)
+            raise
+        c.execute("COMMIT")
 
     def _register(self, names: Sequence[str]) -> None:
         now = self.clock.now().wall_ns
@@ -288,17 +313,21 @@ class Store(StoreReader):
                 (orjson.dumps([ev.event_id for ev, _ in routed]).decode(),))} if routed else set()
             new = list({ev.event_id: (ev, sinks) for ev, sinks in reversed(routed)  # the
                         if ev.event_id not in old}.values())[::-1]  # first of an id wins
+            # seq: commit order (schema.py), so these rows go on the last pages of each key.
+            # Plain INSERT: `new` holds no id already stored, so nothing can be skipped.
+            first = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
             c.executemany(
-                "INSERT OR IGNORE INTO events(event_id, kind, instance_id, period_start_ns, "
-                "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?)",
-                [(ev.event_id, ev.kind, ev.instance_id, ev.period_start_ns, ev.period_end_ns,
-                  ev.payload, now) for ev, _ in new])
+                "INSERT INTO events(seq, event_id, kind, instance_id, period_start_ns, "
+                "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                [(seq, ev.event_id, ev.kind, ev.instance_id, ev.period_start_ns,
+                  ev.period_end_ns, ev.payload, now)
+                 for seq, (ev, _) in enumerate(new, first)])
             c.executemany(
-                "INSERT OR IGNORE INTO deliveries(sink, event_id, instance_id, "
-                "period_start_ns, created_ns, status, claimed) VALUES(?, ?, ?, ?, ?, "
-                "'pending', ?)",
-                [(s, ev.event_id, ev.instance_id, ev.period_start_ns, now,
-                  int(s in claimed_at_commit)) for ev, sinks in new for s in sinks])
+                "INSERT INTO deliveries(sink, seq, event_id, instance_id, period_start_ns, "
+                "created_ns, status, claimed) VALUES(?, ?, ?, ?, ?, ?, 'pending', ?)",
+                [(s, seq, ev.event_id, ev.instance_id, ev.period_start_ns, now,
+                  int(s in claimed_at_commit))
+                 for seq, (ev, sinks) in enumerate(new, first) for s in sinks])
             for fp, state in (alert_state or {}).items():
                 if state is None:
                     c.execute("DELETE FROM alert_state WHERE fingerprint = ?", (fp,))
@@ -336,39 +365,48 @@ class Store(StoreReader):
             return Claimed(batch, dead, due, self._used_bytes(c))
 
     def _claim(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[Pending]:
-        ids = self._due_ids(c, sink, limit, now_ns)
-        c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND event_id = ? "
+        seqs = self._due_seqs(c, sink, limit, now_ns)
+        c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND seq = ? "
                       "AND claimed = 0",  # a row claimed already is not written again
-                      [(sink, i) for i in ids])
-        return self._load(c, sink, ids)
+                      [(sink, q) for q in seqs])
+        return self._load(c, sink, seqs)
 
     def _record(self, c: sqlite3.Connection, sink: str, outcomes: Sequence[Outcome],
                 dead_letter_after: int) -> int:
         now = self.clock.now().wall_ns
         dead = 0
+        acked = [o for o in outcomes if o.result == "acked"]
         c.executemany("UPDATE deliveries SET status = 'acked', attempts = attempts + 1, "
-                      "done_ns = ?, last_error = NULL WHERE sink = ? AND event_id = ? "
-                      "AND status = 'pending'", [(now, sink, o.event_id) for o in outcomes
-                                                   if o.result == "acked"])
+                      "done_ns = ?, last_error = NULL WHERE sink = ? AND seq = ? AND "
+                      "event_id = ? AND status = 'pending'",
+                      [(now, sink, o.seq, o.event_id) for o in acked if o.seq])
+        c.executemany("UPDATE deliveries SET status = 'acked', attempts = attempts + 1, "
+                      "done_ns = ?, last_error = NULL WHERE sink = ? AND seq = (SELECT seq "
+                      "FROM events WHERE event_id = ?) AND status = 'pending'",
+                      [(now, sink, o.event_id) for o in acked if not o.seq])
         for o in outcomes:
             key = (sink, o.event_id)
             if o.result == "failed":
-                c.execute("UPDATE deliveries SET attempts = attempts + 1, next_attempt_ns = ?,"
-                          " last_error = ? WHERE sink = ? AND event_id = ? AND "
-                          "status = 'pending'", (o.next_attempt_ns, o.error, *key))
+                c.execute("UPDATE deliveries SET attempts = attempts + 1, next_attempt_ns = ?, "
+                          "last_error = ? WHERE sink = ? AND seq = (SELECT seq FROM events "
+                          "WHERE event_id = ?) AND status = 'pending'",
+                          (o.next_attempt_ns, o.error, *key))
             elif o.result == "skipped":
                 c.execute("UPDATE deliveries SET claimed = (attempts > 0) WHERE sink = ? AND "
-                          "event_id = ? AND status = 'pending'", key)
+                          "seq = (SELECT seq FROM events WHERE event_id = ?) AND "
+                          "status = 'pending'", key)
             elif o.result != "acked":  # rejected or dead
                 row = c.execute(
                     "UPDATE deliveries SET attempts = attempts + 1, rejections = rejections "
-                    "+ 1, next_attempt_ns = ?, last_error = ? WHERE sink = ? AND event_id = ?"
-                    " AND status = 'pending' RETURNING rejections, attempts",
+                    "+ 1, next_attempt_ns = ?, last_error = ? WHERE sink = ? AND seq = "
+                    "(SELECT seq FROM events WHERE event_id = ?) AND status = 'pending' "
+                    "RETURNING rejections, attempts",
                     (o.next_attempt_ns, o.error, *key)).fetchone()
                 if row and (o.result == "dead" or row[0] >= dead_letter_after):
                     dead += 1
-                    c.execute("UPDATE deliveries SET status = 'dead', done_ns = ? "
-                              "WHERE sink = ? AND event_id = ?", (now, *key))
+                    c.execute("UPDATE deliveries SET status = 'dead', done_ns = ? WHERE "
+                              "sink = ? AND seq = (SELECT seq FROM events WHERE event_id = ?)",
+                              (now, *key))
                     c.execute("INSERT OR REPLACE INTO dead_letters(sink, event_id, reason, "
                               "attempts, dead_ns) VALUES(?, ?, ?, ?, ?)",
                               (*key, o.error or "rejected", row[1], now))
@@ -410,7 +448,8 @@ class Store(StoreReader):
             for key in keys:
                 c.execute("UPDATE deliveries SET status = 'pending', rejections = 0, "
                           "next_attempt_ns = 0, done_ns = NULL, last_error = 'replayed' "
-                          "WHERE sink = ? AND event_id = ? AND status = 'dead'", key)
+                          "WHERE sink = ? AND seq = (SELECT seq FROM events WHERE "
+                          "event_id = ?) AND status = 'dead'", key)
                 c.execute("DELETE FROM dead_letters WHERE sink = ? AND event_id = ?", key)
         for s, eid in keys:
             log.info("dead letter replayed", extra={"sink": s, "event_id": eid})

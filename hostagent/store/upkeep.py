@@ -154,11 +154,11 @@ def _under(store: Store, fraction: float) -> bool:
     return store.max_bytes is None or store.size().used_bytes < fraction * store.max_bytes
 
 
-def delete_orphans(c: sqlite3.Connection, ids: Collection[str]) -> None:
-    """Delete these events where no sink has a delivery row for them any more."""
-    c.executemany("DELETE FROM events WHERE event_id = ? AND NOT EXISTS (SELECT 1 FROM "
+def delete_orphans(c: sqlite3.Connection, seqs: Collection[int]) -> None:
+    """Delete these events (by seq) where no sink has a delivery row for them any more."""
+    c.executemany("DELETE FROM events WHERE seq = ? AND NOT EXISTS (SELECT 1 FROM "
                   "deliveries WHERE sink IN (SELECT name FROM sinks) AND "
-                  "event_id = events.event_id)", [(i,) for i in ids])
+                  "seq = events.seq)", [(q,) for q in seqs])
 
 
 def drop_unrouted(store: Store, routes: Mapping[str, routing.Route]) -> dict[str, int]:
@@ -183,20 +183,21 @@ def drop_unrouted(store: Store, routes: Mapping[str, routing.Route]) -> dict[str
         rows = c.execute(
             # CROSS JOIN keeps this order: the alerts first, then their rows (6x faster than
             # walking every pending row and looking up its event's kind).
-            "SELECT d.sink, d.event_id, e.payload FROM events e CROSS JOIN deliveries d ON "
-            "d.event_id = e.event_id WHERE e.kind = ? AND d.sink IN (SELECT value FROM "
+            "SELECT d.sink, d.seq, d.event_id, e.payload FROM events e CROSS JOIN deliveries "
+            "d ON d.seq = e.seq WHERE e.kind = ? AND d.sink IN (SELECT value FROM "
             "json_each(?)) AND d.status = 'pending'",
             (ALERT_KIND, orjson.dumps(restricted).decode())).fetchall()
-        drop = [(sink, eid) for sink, eid, payload in rows
+        drop = [(sink, seq, eid) for sink, seq, eid, payload in rows
                 if not routing.takes(routing.Route(None, routes[sink].channels), ALERT_KIND,
                                      payload_channels(ALERT_KIND, bytes(payload)), named)]
-        c.executemany("DELETE FROM deliveries WHERE sink = ? AND event_id = ?", drop)
-        delete_orphans(c, {eid for _, eid in drop})
-    counts = Counter(sink for sink, _ in drop)
+        c.executemany("DELETE FROM deliveries WHERE sink = ? AND seq = ?",
+                      [(sink, seq) for sink, seq, _ in drop])
+        delete_orphans(c, {seq for _, seq, _ in drop})
+    counts = Counter(sink for sink, _, _ in drop)
     for sink, n in counts.items():
         log.info("pending alert rows of an older hostagent dropped: not meant for this sink",
                  extra={"sink": sink, "rows": n,
-                        "event_ids": [e for s, e in drop if s == sink][:100]})
+                        "event_ids": [e for s, _, e in drop if s == sink][:100]})
     return dict(counts)
 
 
@@ -213,9 +214,9 @@ def prune(store: Store, before_ns: int | None) -> int:
     while True:
         with store.transaction("prune") as c:
             gone = c.execute(
-                "DELETE FROM deliveries WHERE (sink, event_id) IN (SELECT sink, event_id "
+                "DELETE FROM deliveries WHERE (sink, seq) IN (SELECT sink, seq "
                 "FROM deliveries WHERE status = 'acked' AND done_ns < ? ORDER BY done_ns "
-                "LIMIT ?) RETURNING event_id",
+                "LIMIT ?) RETURNING seq",
                 (before_ns if before_ns is not None else 2**63 - 1, _CHUNK)).fetchall()
             delete_orphans(c, {g[0] for g in gone})
         total += len(gone)
@@ -257,7 +258,7 @@ def merge_pending(store: Store, sink: str) -> tuple[int, int]:
     with store.reading("scan for merge") as c:
         rows = c.execute(
             "SELECT d.event_id, d.instance_id, d.period_start_ns, e.period_end_ns, e.kind, "
-            "d.claimed FROM deliveries d JOIN events e ON e.event_id = d.event_id "
+            "d.claimed FROM deliveries d JOIN events e ON e.seq = d.seq "
             "WHERE d.sink = ? AND d.status = 'pending' "
             "ORDER BY d.instance_id, d.period_start_ns", (sink,)).fetchall()
     runs: list[list[str]] = []
@@ -291,10 +292,11 @@ def _merge_runs(store: Store, sink: str, runs: Sequence[Sequence[str]]) -> tuple
     with store.transaction("merge pending events") as c:
         for run in runs:
             got = {r[0]: r for r in c.execute(
+                # events first: by the ids' unique index, then each one's row by (sink, seq)
                 "SELECT e.event_id, e.kind, e.instance_id, e.period_start_ns, e.period_end_ns, "
-                "e.payload, d.created_ns FROM deliveries d JOIN events e ON e.event_id = "
-                "d.event_id WHERE d.sink = ? AND d.status = 'pending' AND d.claimed = 0 AND "
-                "d.event_id IN (SELECT value FROM json_each(?))",
+                "e.payload, d.created_ns, e.seq FROM events e CROSS JOIN deliveries d ON "
+                "d.sink = ? AND d.seq = e.seq WHERE e.event_id IN (SELECT value FROM "
+                "json_each(?)) AND d.status = 'pending' AND d.claimed = 0",
                 (sink, orjson.dumps(list(run)).decode()))}
             rows = [got[i] for i in run if i in got]  # claimed since the scan: left alone
             for part in _compatible_runs(rows):
@@ -309,18 +311,21 @@ def _merge_one(store: Store, c: sqlite3.Connection, sink: str, rows: Sequence[An
     merged = merge_payloads([orjson.loads(r[5]) for r in rows], [r[4] - r[3] for r in rows])
     ids = [r[0] for r in rows]
     # Delete first: the freed pages take the merged event even at the hard page cap.
-    c.executemany("DELETE FROM deliveries WHERE sink = ? AND event_id = ?",
-                  [(sink, i) for i in ids])
-    delete_orphans(c, ids)
+    c.executemany("DELETE FROM deliveries WHERE sink = ? AND seq = ?",
+                  [(sink, r[7]) for r in rows])
+    delete_orphans(c, [r[7] for r in rows])
     first, last = rows[0], rows[-1]
     created = min(r[6] for r in rows)
+    # Another sink may have made the same merge already: the event is shared, the row is not.
     c.execute("INSERT OR IGNORE INTO events(event_id, kind, instance_id, period_start_ns, "
               "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?)",
               (merged["event_id"], first[1], first[2], first[3], last[4], orjson.dumps(merged),
                created))
-    c.execute("INSERT OR IGNORE INTO deliveries(sink, event_id, instance_id, period_start_ns, "
-              "created_ns, status) VALUES(?, ?, ?, ?, ?, 'pending')",
-              (sink, merged["event_id"], first[2], first[3], created))
+    seq = c.execute("SELECT seq FROM events WHERE event_id = ?",
+                    (merged["event_id"],)).fetchone()[0]
+    c.execute("INSERT OR IGNORE INTO deliveries(sink, seq, event_id, instance_id, "
+              "period_start_ns, created_ns, status) VALUES(?, ?, ?, ?, ?, ?, 'pending')",
+              (sink, seq, merged["event_id"], first[2], first[3], created))
     c.execute("INSERT OR REPLACE INTO merges(merged_event_id, sink, source_ids, created_ns) "
               "VALUES(?, ?, ?, ?)", (merged["event_id"], sink, orjson.dumps(ids).decode(), now))
     log.info("merged pending events", extra={"sink": sink, "instance_id": first[2],

@@ -156,6 +156,10 @@ def test_no_hot_statement_walks_the_rows_retention_keeps(store: Store) -> None:
     later = store.record_and_take("q", [Outcome(got.batch[0].event.event_id, "failed", "down",
                                                 2**61)], 10, 2**60, dead_letter_after=3)
     assert later.batch == [] and later.next_due_ns == 2**61  # asked when the next is due
+    got = store.record_and_take("f", [], 10, 2**62, dead_letter_after=3)  # acks by key
+    store.record_and_take("f", [Outcome(p.event.event_id, "acked", seq=p.seq)
+                                for p in got.batch], 0, 2**62, dead_letter_after=3)
+    assert store.stats(acked=False)["f"].pending == 0
     store.release_backoff("q", 0)
     store.stats(acked=False)
     store.size()

@@ -149,6 +149,35 @@ def test_claim_at_commit_claims_one_sinks_new_rows_and_its_claim_changes_nothing
     s.close()
 
 
+def test_rows_are_keyed_in_commit_order_and_acked_by_their_key(
+        tmp_path: Path, clock: FakeClock) -> None:
+    s = open_store(tmp_path / "s.db", clock, ("q", "file"))
+    # instance names sort against commit order: keys must follow the commit, not the ids
+    for k in range(3):
+        s.commit_pass([], [usage_event(f"i{9 - j}", k) for j in range(4)])
+    with s.reading("keys") as c:
+        keys = c.execute("SELECT d.sink, d.seq, e.event_id, e.created_ns FROM deliveries d "
+                         "JOIN events e ON e.seq = d.seq ORDER BY d.sink, d.seq").fetchall()
+    assert [q for sink, q, _, _ in keys if sink == "q"] == list(range(1, 13))
+    assert [r[2] for r in keys if r[0] == "q"] == [
+        usage_event(f"i{9 - j}", k).event_id for k in range(3) for j in range(4)]
+    got = s.take("q", 100, clock.wall_ns)
+    assert sorted(p.seq for p in got) == list(range(1, 13))
+    by_id = {p.event.event_id: p for p in got}
+    a, b = (by_id[usage_event("i9", 0).event_id], by_id[usage_event("i8", 0).event_id])
+    # an acknowledgement by key touches its own row only; a key that is not the event's
+    # (never made by the daemon) acknowledges nothing: sent again, never lost
+    s.record("q", [Outcome(a.event.event_id, "acked", seq=a.seq),
+                   Outcome(b.event.event_id, "acked", seq=a.seq)], dead_letter_after=5)
+    with s.reading("acked") as c:
+        acked = c.execute("SELECT sink, event_id FROM deliveries WHERE status = 'acked'").fetchall()
+    assert acked == [("q", a.event.event_id)]
+    # without a key the row is found by its event id
+    s.record("q", [Outcome(b.event.event_id, "acked")], dead_letter_after=5)
+    assert s.stats()["q"].acked == 2 and s.stats()["file"].acked == 0
+    s.close()
+
+
 def test_routing_by_kind_and_sinks_added_later(tmp_path: Path, clock: FakeClock) -> None:
     path = tmp_path / "s.db"
     s = open_store(path, clock, ("q", "file"), sink_kinds={"q": ["resource_usage"],
