@@ -192,6 +192,11 @@ class OutboxConfig:
         metadata=_meta("events a sink claims per delivery batch (sent max_in_flight at a time, "
                        "in order per instance)", minimum=1, maximum=10000),
     )
+    local_batch_size: int = field(
+        default=4096,
+        metadata=_meta("events the JSONL sink claims, writes and fsyncs as one batch (a "
+                       "pass's events usually fit in one)", minimum=1, maximum=100000),
+    )
     maintenance_interval_s: float = field(
         default=10.0,
         metadata=_meta("how often delivery prunes, checks the size cap and refreshes depth "

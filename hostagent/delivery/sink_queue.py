@@ -22,7 +22,10 @@ A local sink that writes a whole batch in one blocking call (sinks.base.BatchWri
 file) gets the round in ONE worker-thread call while its breaker is closed (`_local_rounds`):
 record the last outcomes and claim a batch (commit: claimed, so never merged, before it can
 reach the sink), write and fsync it, record the acknowledgements and claim the next batch
-(commit); up to LOCAL_BATCHES_PER_CALL batches. While its writes succeed, the pass commit
+(commit); up to LOCAL_BATCHES_PER_CALL batches of `outbox.local_batch_size` (4,096: a pass's
+events are one batch, one write, one fsync, one claim and one acknowledgement, where
+`outbox.batch_size`, sized for network sinks, made 4 of each at 1,000 domains). While its
+writes succeed, the pass commit
 inserts the sink's new rows claimed already (`Store.claim_at_commit`, durable in that synced
 commit), so the round's claim changes no page and syncs nothing: one synced commit per pass
 fewer. After a failed write it stops until a write succeeds: rows held back by the failed one
@@ -194,9 +197,11 @@ class SinkQueue:
     def _local_rounds(self, writer: BatchWriter, outcomes: list[Outcome],
                       now_ns: int) -> _LocalRounds:
         """In a worker thread: record and claim (commit), write and fsync, record and claim."""
+        limit = self.cfg.local_batch_size
+
         def record_and_take(done: list[Outcome], *, acks_only: bool = False) -> Claimed:
             return self.store.record_and_take(
-                self.name, done, 0 if acks_only else self.cfg.batch_size, now_ns,
+                self.name, done, 0 if acks_only else limit, now_ns,
                 dead_letter_after=self.cfg.dead_letter_after, durable=not acks_only)
 
         got = record_and_take(outcomes)
@@ -208,7 +213,7 @@ class SinkQueue:
             # A short batch took every due row: only acknowledgements to record, and they may
             # go unsynced (a power cut loses at most them: sent again, same event_id). A full
             # batch claims the next one with them: that claim must be durable before its write.
-            last = len(r.claimed.batch) < self.cfg.batch_size
+            last = len(r.claimed.batch) < limit
             try:
                 got = record_and_take(done, acks_only=last and all(
                     o.result == "acked" for o in done))

@@ -41,7 +41,8 @@ async def child(state: str, path: str) -> None:
     store = Store.open(state, clock=clock, node_id="host-a", sink_names=["file"])
     sink = JsonlSink(JsonlSinkConfig(name="file", path=path))
     # retention: TrioClock follows trio's clock, whose offset differs from run to run
-    d = Delivery(store, [sink], clock, OutboxConfig(batch_size=4, maintenance_interval_s=0.5,
+    d = Delivery(store, [sink], clock, OutboxConfig(batch_size=4, local_batch_size=4,
+                                                    maintenance_interval_s=0.5,
                                                     retention_s=1e9))
     await deliver_until_done(store, d, "file", instances=INSTANCES, passes=PASSES)
 

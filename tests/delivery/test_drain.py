@@ -151,7 +151,8 @@ async def test_a_round_is_one_transaction_recording_and_claiming(tmp_path: Path)
     store = CountingStore.open(tmp_path / "state.db", clock=clock, node_id="h",
                                sink_names=["file"])
     sink = JsonlSink(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
-    d = Delivery(store, [sink], clock, OutboxConfig(batch_size=10, maintenance_interval_s=3600))
+    d = Delivery(store, [sink], clock, OutboxConfig(batch_size=10, local_batch_size=10,
+                                                    maintenance_interval_s=3600))
     d.prepare()
     store.commit_pass([], [usage_event(f"i{i}", k) for k in range(3) for i in range(10)])
     store.done.clear()
@@ -235,7 +236,8 @@ async def test_outcomes_survive_a_store_error_and_nothing_is_sent_twice(
     clock = TrioClock()
     store = FlakyStore.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
     sink = JsonlSink(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
-    d = Delivery(store, [sink], clock, OutboxConfig(batch_size=5, maintenance_interval_s=3600))
+    d = Delivery(store, [sink], clock, OutboxConfig(batch_size=5, local_batch_size=5,
+                                                    maintenance_interval_s=3600))
     try:
         # Committed and armed before delivery starts: its first take is the claim of this
         # batch (armed after the start, an empty first take could use up the `ok`).
