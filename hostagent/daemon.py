@@ -47,6 +47,7 @@ from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import link_reader_for
 from hostagent.store.outbox import Store
+from hostagent.store.schema import upgrade_budget_s
 from hostagent.store.webhooks import WebhookStore
 from hostagent.tailing import TailTasks
 
@@ -116,8 +117,14 @@ class Daemon:
         central_rules = central.from_config(cfg.thresholds, rules, clock,
                                             state_path=cfg.collector.state_path,
                                             key_file=cfg.owners.key_file, config_source=cfg.source)
+        notifier = Notifier()
+
+        def upgrading(version: int, file_bytes: int) -> None:  # may outlast TimeoutStartSec
+            notifier.extend_start(upgrade_budget_s(file_bytes),
+                                  f"upgrading the state store from schema version {version}")
+
         store = Store.open(cfg.collector.state_path, clock=clock, node_id=cfg.host.node_id,
-                           sink_names=[s.name for s in cfg.sinks])
+                           sink_names=[s.name for s in cfg.sinks], on_upgrade=upgrading)
         hooks = (WebhookStore(cfg.collector.state_path, clock)
                  if any(isinstance(s, WebhookSinkConfig) for s in cfg.sinks) else None)
         sinks = [build_sink(s, clock=clock, webhook_store=hooks, node_id=cfg.host.node_id)
@@ -134,7 +141,7 @@ class Daemon:
         daemon = cls(cfg=cfg, clock=clock, store=store, collector=collector, delivery=delivery,
                      owners=owners, libvirt=lv, config_path=config_path, rules=rules,
                      webhooks=hooks, sinks=sinks, central_rules=central_rules,
-                     tail=TailTasks(collector, clock=clock))
+                     tail=TailTasks(collector, clock=clock), notifier=notifier)
         if cfg.api.enabled:
             # Imported only when enabled: the web stack costs ~120 ms of start-up otherwise.
             from hostagent.alerts.rule_store import LayeredRuleStore

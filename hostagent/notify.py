@@ -106,6 +106,11 @@ class Notifier:
         """STATUS=: the one-line summary `systemctl status` shows."""
         return self.send(STATUS=text)
 
+    def extend_start(self, seconds: float, status: str) -> bool:
+        """EXTEND_TIMEOUT_USEC with a STATUS line: start-up needs `seconds` more than
+        TimeoutStartSec allows (upgrading a large state store)."""
+        return self.send(EXTEND_TIMEOUT_USEC=int(seconds * 1e6), STATUS=status)
+
     def stopping(self) -> bool:
         """STOPPING=1: shutdown has begun."""
         return self.send(STOPPING=1)

@@ -48,6 +48,9 @@ def test_each_message(manager: tuple[socket.socket, str]) -> None:
     assert recv_fields(sock) == {"STOPPING": "1"}
     assert n.reloading()
     assert recv_fields(sock) == {"RELOADING": "1", "MONOTONIC_USEC": "123456789"}
+    assert n.extend_start(90.5, "upgrading the state store")
+    assert recv_fields(sock) == {"EXTEND_TIMEOUT_USEC": "90500000",
+                                 "STATUS": "upgrading the state store"}
     n.close()
 
 

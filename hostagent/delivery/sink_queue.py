@@ -237,10 +237,10 @@ class SinkQueue:
             wait_ns = int(round_backoff_s(self.sink.retry, 1, self.rng) * 1e9)
             at = self.clock.now().wall_ns + wait_ns
             r.last_write_ok = False
-            return [Outcome(p.event.event_id, "failed", str(err), at) for p in batch]
+            return [Outcome.of(p, "failed", str(err), at) for p in batch]
         r.last_write_ok = True
         r.written.append((len(batch), (self.clock.now().monotonic_ns - t0) / 1e9))
-        return [Outcome(p.event.event_id, "acked", seq=p.seq) for p in batch]
+        return [Outcome.of(p, "acked") for p in batch]
 
     # --- one round ----------------------------------------------------------------------
 
@@ -268,7 +268,7 @@ class SinkQueue:
                 # Written but maybe not durable: send again later (consumers dedupe).
                 wait_ns = int(round_backoff_s(self.sink.retry, 1, self.rng) * 1e9)
                 at = self.clock.now().wall_ns + wait_ns
-                outcomes = [Outcome(o.event_id, "failed", str(err), at)
+                outcomes = [Outcome(o.seq, o.event_id, "failed", str(err), at)
                             if o.result == "acked" else o for o in outcomes]
         return outcomes
 
@@ -283,7 +283,7 @@ class SinkQueue:
             if o.result not in ("acked", "dead"):
                 # Per instance in period order: the rest wait for this one.
                 for q in events[i + 1:]:
-                    done[q.event.event_id] = Outcome(q.event.event_id, "skipped")
+                    done[q.event.event_id] = Outcome.of(q, "skipped")
                 return
 
     async def _deliver(self, p: Pending) -> Outcome:
@@ -303,20 +303,20 @@ class SinkQueue:
                     raise
                 await self._retry(p, sent)
         except CircuitOpen as err:
-            return Outcome(eid, "failed", str(err), later()) if sent else Outcome(eid, "skipped")
+            return Outcome.of(p, "failed", str(err), later()) if sent else Outcome.of(p, "skipped")
         except Undeliverable as err:
             log.error("event can never be delivered",
                       extra={"sink": self.name, "event_id": eid, "error": str(err)})
-            return Outcome(eid, "dead", str(err))
+            return Outcome.of(p, "dead", str(err))
         except SinkRejected as err:
             log.warning("event rejected", extra={"sink": self.name, "event_id": eid,
                                                  "error": str(err)})
-            return Outcome(eid, "rejected", str(err), later())
+            return Outcome.of(p, "rejected", str(err), later())
         except SinkUnavailable as err:
             log.warning("delivery round failed", extra={"sink": self.name, "event_id": eid,
                                                         "error": str(err)})
-            return Outcome(eid, "failed", str(err), later())
-        return Outcome(eid, "acked", seq=p.seq)
+            return Outcome.of(p, "failed", str(err), later())
+        return Outcome.of(p, "acked")
 
     async def _retry(self, p: Pending, sent: list[bool]) -> None:
         """The retries of a round after its first try failed transiently."""

@@ -31,7 +31,7 @@ class Pending:
     event: OutEvent
     attempts: int
     rejections: int
-    seq: int = 0
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +209,7 @@ class StoreReader(ABC):
             rows = c.execute(
                 "SELECT x.sink, x.event_id, e.kind, e.instance_id, e.period_start_ns, "
                 "e.period_end_ns, x.attempts, x.reason, x.dead_ns FROM dead_letters x "
-                "JOIN events e ON e.event_id = x.event_id WHERE ? IS NULL OR x.sink = ? "
+                "JOIN events e ON e.seq = x.seq WHERE ? IS NULL OR x.sink = ? "
                 "ORDER BY x.dead_ns, x.sink, x.event_id", (sink, sink)).fetchall()
         return [DeadLetter(*r) for r in rows]
 

@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import sqlite3
 import threading
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,21 +56,25 @@ MERGE_AT = upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pendin
 
 Result = Literal["acked", "failed", "rejected", "dead", "skipped"]
 
-# A delivery row by (sink, event id) is found as "sink = ? AND seq = (SELECT seq FROM events
-# WHERE event_id = ?)": the id's seq through the events' unique index, then the row by its key.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
-    """What one delivery round did to one event (`skipped`: never sent this round).
+    """What one delivery round did to one event (`skipped`: never sent this round), for the
+    delivery row `seq` (the Pending's key), checked against `event_id`. Made once per event
+    and round, never changed (not frozen: a frozen dataclass costs 3x to build)."""
 
-    `seq`: the Pending's, when known; an acknowledgement then finds its row by key alone."""
-
+    seq: int
     event_id: str
     result: Result
     error: str | None = None
     next_attempt_ns: int = 0
-    seq: int = 0
+
+    @classmethod
+    def of(cls, p: Pending, result: Result, error: str | None = None,
+           next_attempt_ns: int = 0) -> Outcome:
+        """The outcome for a claimed row."""
+        return cls(p.seq, p.event.event_id, result, error, next_attempt_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +120,12 @@ class Store(StoreReader):
              sink_kinds: Mapping[str, Collection[str]] | None = None,
              sink_channels: Mapping[str, Collection[str] | None] | None = None,
              max_bytes: int | None = None, create: bool = True,
-             register_sinks: bool = True) -> Store:
-        """Open (or create) the store; StateCorrupt if the file is foreign or damaged."""
+             register_sinks: bool = True,
+             on_upgrade: Callable[[int, int], None] | None = None) -> Store:
+        """Open (or create) the store; StateCorrupt if the file is foreign or damaged.
+
+        An older schema is upgraded (schema.migrate) after `on_upgrade(version, file_bytes)`
+        is told, e.g. to extend systemd's start timeout."""
         p = Path(path)
         existed = store_guard.before_open(p)  # empty, vanished behind our back: refused
         if not create and not existed:
@@ -132,7 +140,7 @@ class Store(StoreReader):
             raise StateError(f"{p}: cannot open the state store: {err}") from err
         store = cls(conn, p, clock)
         try:
-            store._setup(existed, node_id)
+            store._setup(existed, node_id, on_upgrade)
         except sqlite3.Error as err:
             conn.close()
             damaged = (sqlite_tx.SQLITE_CORRUPT, sqlite_tx.SQLITE_NOTADB)
@@ -157,7 +165,8 @@ class Store(StoreReader):
         store.configure(sink_kinds=sink_kinds, sink_channels=sink_channels, max_bytes=max_bytes)
         return store
 
-    def _setup(self, existed: bool, node_id: str) -> None:
+    def _setup(self, existed: bool, node_id: str,
+               on_upgrade: Callable[[int, int], None] | None = None) -> None:
         c = self._conn
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables and "meta" not in tables:
@@ -198,6 +207,12 @@ class Store(StoreReader):
             raise StateCorrupt(f"{self.path}: integrity check failed: {check}; "
                                f"{store_guard.WAY_OUT}")
         if upgrade is not None:  # checked first: a damaged store is refused, not upgraded
+            size = self.path.stat().st_size
+            log.warning("upgrading the state store: start-up waits for it",
+                        extra={"path": str(self.path), "from_version": upgrade,
+                               "to_version": SCHEMA_VERSION, "file_bytes": size})
+            if on_upgrade is not None:
+                on_upgrade(upgrade, size)
             self._upgrade(upgrade)
         self.created_ns = int(meta["created_ns"])
         self.host = meta.get("host", "")
@@ -308,9 +323,11 @@ class Store(StoreReader):
             routed = [(ev, sinks) for ev in events if (sinks := by_route[(ev.kind, ev.channels)])]
             # One look-up, then one INSERT statement per table (not two per event). An event
             # already here was committed by an earlier try of this pass: its rows are left alone.
-            old = {r[0] for r in c.execute(
-                "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))",
-                (orjson.dumps([ev.event_id for ev, _ in routed]).decode(),))} if routed else set()
+            old = {r[0] for r in c.execute(  # by the events' key: (period start, id)
+                "SELECT e.event_id FROM json_each(?) j JOIN events e ON "
+                "e.period_start_ns = j.value ->> 0 AND e.event_id = j.value ->> 1",
+                (orjson.dumps([(ev.period_start_ns, ev.event_id) for ev, _ in routed]).decode(),)
+            )} if routed else set()
             new = list({ev.event_id: (ev, sinks) for ev, sinks in reversed(routed)  # the
                         if ev.event_id not in old}.values())[::-1]  # first of an id wins
             # seq: commit order (schema.py), so these rows go on the last pages of each key.
@@ -375,41 +392,33 @@ class Store(StoreReader):
                 dead_letter_after: int) -> int:
         now = self.clock.now().wall_ns
         dead = 0
-        acked = [o for o in outcomes if o.result == "acked"]
+        # Each row by its key, (sink, seq); the event id checks it is that event's row.
         c.executemany("UPDATE deliveries SET status = 'acked', attempts = attempts + 1, "
                       "done_ns = ?, last_error = NULL WHERE sink = ? AND seq = ? AND "
                       "event_id = ? AND status = 'pending'",
-                      [(now, sink, o.seq, o.event_id) for o in acked if o.seq])
-        c.executemany("UPDATE deliveries SET status = 'acked', attempts = attempts + 1, "
-                      "done_ns = ?, last_error = NULL WHERE sink = ? AND seq = (SELECT seq "
-                      "FROM events WHERE event_id = ?) AND status = 'pending'",
-                      [(now, sink, o.event_id) for o in acked if not o.seq])
+                      [(now, sink, o.seq, o.event_id) for o in outcomes if o.result == "acked"])
         for o in outcomes:
-            key = (sink, o.event_id)
+            key = (sink, o.seq, o.event_id)
             if o.result == "failed":
                 c.execute("UPDATE deliveries SET attempts = attempts + 1, next_attempt_ns = ?, "
-                          "last_error = ? WHERE sink = ? AND seq = (SELECT seq FROM events "
-                          "WHERE event_id = ?) AND status = 'pending'",
-                          (o.next_attempt_ns, o.error, *key))
+                          "last_error = ? WHERE sink = ? AND seq = ? AND event_id = ? AND "
+                          "status = 'pending'", (o.next_attempt_ns, o.error, *key))
             elif o.result == "skipped":
                 c.execute("UPDATE deliveries SET claimed = (attempts > 0) WHERE sink = ? AND "
-                          "seq = (SELECT seq FROM events WHERE event_id = ?) AND "
-                          "status = 'pending'", key)
+                          "seq = ? AND event_id = ? AND status = 'pending'", key)
             elif o.result != "acked":  # rejected or dead
                 row = c.execute(
                     "UPDATE deliveries SET attempts = attempts + 1, rejections = rejections "
-                    "+ 1, next_attempt_ns = ?, last_error = ? WHERE sink = ? AND seq = "
-                    "(SELECT seq FROM events WHERE event_id = ?) AND status = 'pending' "
-                    "RETURNING rejections, attempts",
+                    "+ 1, next_attempt_ns = ?, last_error = ? WHERE sink = ? AND seq = ? AND "
+                    "event_id = ? AND status = 'pending' RETURNING rejections, attempts",
                     (o.next_attempt_ns, o.error, *key)).fetchone()
                 if row and (o.result == "dead" or row[0] >= dead_letter_after):
                     dead += 1
                     c.execute("UPDATE deliveries SET status = 'dead', done_ns = ? WHERE "
-                              "sink = ? AND seq = (SELECT seq FROM events WHERE event_id = ?)",
-                              (now, *key))
-                    c.execute("INSERT OR REPLACE INTO dead_letters(sink, event_id, reason, "
-                              "attempts, dead_ns) VALUES(?, ?, ?, ?, ?)",
-                              (*key, o.error or "rejected", row[1], now))
+                              "sink = ? AND seq = ? AND event_id = ?", (now, *key))
+                    c.execute("INSERT OR REPLACE INTO dead_letters(sink, event_id, seq, reason, "
+                              "attempts, dead_ns) VALUES(?, ?, ?, ?, ?, ?)",
+                              (sink, o.event_id, o.seq, o.error or "rejected", row[1], now))
         return dead
 
     def release_backoff(self, sink: str, now_ns: int) -> int:
@@ -442,16 +451,16 @@ class Store(StoreReader):
     def replay(self, sink: str | None = None, event_id: str | None = None) -> int:
         """Re-queue dead letters (optionally one sink / one event); returns how many."""
         with self.transaction("replay dead letters") as c:
-            keys = c.execute("SELECT sink, event_id FROM dead_letters WHERE (? IS NULL OR sink = ?)"
-                             " AND (? IS NULL OR event_id = ?)",
+            keys = c.execute("SELECT sink, seq, event_id FROM dead_letters WHERE (? IS NULL "
+                             "OR sink = ?) AND (? IS NULL OR event_id = ?)",
                              (sink, sink, event_id, event_id)).fetchall()
             for key in keys:
                 c.execute("UPDATE deliveries SET status = 'pending', rejections = 0, "
                           "next_attempt_ns = 0, done_ns = NULL, last_error = 'replayed' "
-                          "WHERE sink = ? AND seq = (SELECT seq FROM events WHERE "
-                          "event_id = ?) AND status = 'dead'", key)
-                c.execute("DELETE FROM dead_letters WHERE sink = ? AND event_id = ?", key)
-        for s, eid in keys:
+                          "WHERE sink = ? AND seq = ? AND event_id = ? AND status = 'dead'", key)
+                c.execute("DELETE FROM dead_letters WHERE sink = ? AND event_id = ?",
+                          (key[0], key[2]))
+        for s, _, eid in keys:
             log.info("dead letter replayed", extra={"sink": s, "event_id": eid})
         return len(keys)
 

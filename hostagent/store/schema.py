@@ -5,12 +5,14 @@ one transaction); `store.guard` refuses a file whose application id or schema ve
 these (a foreign or newer store).
 
 Version 2 keys the outbox by arrival: every event gets ``seq`` (its rowid, in commit order)
-and a delivery row is keyed ``(sink, seq)``. A pass's new rows, their claims and their
-acknowledgements then land on the last pages of each B-tree instead of one random page per
-event (version 1 keyed them by the event id, a hash): at 1,000 events a pass the commit and
-the acknowledgements write a few dozen pages instead of ~3,000. ``event_id`` stays unique (an
-index on ``events``, for redelivery under the same id and for look-ups) and is kept in each
-delivery row, so queries by event id still read one row.
+and a delivery row is keyed ``(sink, seq)``; the event id (a hash) is unique together with the
+period start (``events_key``: the id is derived from it, so it is as unique as before). A pass's
+new rows, their claims and their acknowledgements then land on the last pages of each B-tree
+instead of one random page per event and index (version 1 keyed both tables, and the events'
+unique index, by the event id alone): at 1,000 events a pass the commit and the
+acknowledgements write a few dozen pages instead of ~3,000. A delivery claimed for a sink
+carries its ``seq``, and so does each outcome, dead letter and merge record; the event id is
+kept in each delivery row and checked with the key.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ APP = "hostagent-state"
 
 EVENTS_DDL = """
 CREATE TABLE events(
-  seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
+  seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, kind TEXT NOT NULL,
   instance_id TEXT NOT NULL, period_start_ns INTEGER NOT NULL, period_end_ns INTEGER NOT NULL,
   payload BLOB NOT NULL, created_ns INTEGER NOT NULL);
+CREATE UNIQUE INDEX events_key ON events(period_start_ns, event_id);
 """
 
 DELIVERIES_DDL = """
@@ -47,20 +50,35 @@ CREATE INDEX deliveries_retry ON deliveries(sink, instance_id, period_start_ns, 
 CREATE INDEX deliveries_acked ON deliveries(done_ns) WHERE status = 'acked';
 """
 
+# seq: the dead event's; the merged event's (NULL once it is gone: the record outlives it).
+RECORDS_DDL = """
+CREATE TABLE dead_letters(
+  sink TEXT NOT NULL, event_id TEXT NOT NULL, seq INTEGER NOT NULL, reason TEXT NOT NULL,
+  attempts INTEGER NOT NULL, dead_ns INTEGER NOT NULL,
+  PRIMARY KEY (sink, event_id)) WITHOUT ROWID;
+CREATE TABLE merges(
+  merged_event_id TEXT NOT NULL, sink TEXT NOT NULL, seq INTEGER, source_ids TEXT NOT NULL,
+  created_ns INTEGER NOT NULL, PRIMARY KEY (merged_event_id, sink)) WITHOUT ROWID;
+"""
+
 OUTBOX_DDL = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE baselines(instance_id TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE sinks(
   name TEXT PRIMARY KEY, added_ns INTEGER NOT NULL, active INTEGER NOT NULL,
   breaker_state TEXT, breaker_since_ns INTEGER, breaker_updated_ns INTEGER) WITHOUT ROWID;
-CREATE TABLE dead_letters(
-  sink TEXT NOT NULL, event_id TEXT NOT NULL, reason TEXT NOT NULL, attempts INTEGER NOT NULL,
-  dead_ns INTEGER NOT NULL, PRIMARY KEY (sink, event_id)) WITHOUT ROWID;
-CREATE TABLE merges(
-  merged_event_id TEXT NOT NULL, sink TEXT NOT NULL, source_ids TEXT NOT NULL,
-  created_ns INTEGER NOT NULL, PRIMARY KEY (merged_event_id, sink)) WITHOUT ROWID;
 CREATE TABLE alert_state(fingerprint TEXT PRIMARY KEY, state BLOB NOT NULL) WITHOUT ROWID;
-""" + EVENTS_DDL + DELIVERIES_DDL
+""" + EVENTS_DDL + DELIVERIES_DDL + RECORDS_DDL
+
+
+# Seconds an upgrade may take: generous against the ~30 MB/s measured on a slow 2-core VM.
+UPGRADE_BASE_S = 60.0
+UPGRADE_BYTES_PER_S = 4 << 20
+
+
+def upgrade_budget_s(file_bytes: int) -> float:
+    """How long start-up may take while a store of `file_bytes` is upgraded."""
+    return UPGRADE_BASE_S + file_bytes / UPGRADE_BYTES_PER_S
 
 
 class MigrationError(Exception):
@@ -81,32 +99,45 @@ def migrate(c: sqlite3.Connection, version: int) -> None:
     c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
 
+_CARRIED = ("events", "deliveries", "dead_letters", "merges")
+
+
 def _v1_to_v2(c: sqlite3.Connection) -> None:
     counts = {t: c.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608
-              for t in ("events", "deliveries")}
+              for t in _CARRIED}
     for name in ("deliveries_queue", "deliveries_retry", "deliveries_acked"):
         c.execute(f"DROP INDEX IF EXISTS {name}")
-    c.execute("ALTER TABLE events RENAME TO events_v1")
-    c.execute("ALTER TABLE deliveries RENAME TO deliveries_v1")
-    for s in statements(EVENTS_DDL):
+    for table in _CARRIED:
+        c.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")
+    for s in statements(EVENTS_DDL + DELIVERIES_DDL + RECORDS_DDL):
         c.execute(s)
-    # seq in the order the events were committed (their v1 rowid).
+    # seq in the order the events were committed (their v1 rowid); each old row finds its
+    # event's seq through the old table's key (event_id) and the new one (period start, id).
     c.execute("INSERT INTO events(event_id, kind, instance_id, period_start_ns, period_end_ns, "
               "payload, created_ns) SELECT event_id, kind, instance_id, period_start_ns, "
               "period_end_ns, payload, created_ns FROM events_v1 ORDER BY rowid")
-    for s in statements(DELIVERIES_DDL):
-        c.execute(s)
     c.execute("INSERT INTO deliveries(sink, seq, event_id, instance_id, period_start_ns, "
               "created_ns, status, claimed, attempts, rejections, next_attempt_ns, last_error, "
               "done_ns) SELECT d.sink, e.seq, d.event_id, d.instance_id, d.period_start_ns, "
               "d.created_ns, d.status, d.claimed, d.attempts, d.rejections, d.next_attempt_ns, "
-              "d.last_error, d.done_ns FROM deliveries_v1 d JOIN events e "
-              "ON e.event_id = d.event_id")
+              "d.last_error, d.done_ns FROM deliveries_v1 d JOIN events_v1 o ON o.event_id = "
+              "d.event_id JOIN events e ON e.period_start_ns = o.period_start_ns AND "
+              "e.event_id = o.event_id")
+    c.execute("INSERT INTO dead_letters(sink, event_id, seq, reason, attempts, dead_ns) "
+              "SELECT x.sink, x.event_id, e.seq, x.reason, x.attempts, x.dead_ns "
+              "FROM dead_letters_v1 x JOIN events_v1 o ON o.event_id = x.event_id JOIN events e "
+              "ON e.period_start_ns = o.period_start_ns AND e.event_id = o.event_id")
+    # a merge record outlives its event (pruned): its seq is then NULL
+    c.execute("INSERT INTO merges(merged_event_id, sink, seq, source_ids, created_ns) "
+              "SELECT m.merged_event_id, m.sink, e.seq, m.source_ids, m.created_ns "
+              "FROM merges_v1 m LEFT JOIN events_v1 o ON o.event_id = m.merged_event_id "
+              "LEFT JOIN events e ON e.period_start_ns = o.period_start_ns "
+              "AND e.event_id = o.event_id")
     after = {t: c.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608
-             for t in ("events", "deliveries")}
+             for t in _CARRIED}
     if after != counts:
-        raise MigrationError(f"rows before {counts}, after {after} (a delivery row without "
-                             "its event?)")
-    c.execute("DROP TABLE deliveries_v1")
-    c.execute("DROP TABLE events_v1")
+        raise MigrationError(f"rows before {counts}, after {after} (a delivery row or a dead "
+                             "letter without its event?)")
+    for table in _CARRIED[::-1]:
+        c.execute(f"DROP TABLE {table}_v1")
     log.info("state store upgraded", extra={"from_version": 1, "to_version": 2, **after})

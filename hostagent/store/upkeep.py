@@ -234,7 +234,8 @@ def maintain(store: Store, retention_s: float) -> Maintenance:
     pruned = prune(store, cutoff)
     with store.transaction("prune merge records") as c:
         c.execute("DELETE FROM merges WHERE created_ns < ? AND NOT EXISTS (SELECT 1 FROM "
-                  "events WHERE event_id = merges.merged_event_id)", (cutoff,))
+                  "events WHERE seq = merges.seq AND event_id = merges.merged_event_id)",
+                  (cutoff,))
     merged: dict[str, int] = {}
     merges = 0
     if not _under(store, MERGE_AT):
@@ -257,27 +258,27 @@ def merge_pending(store: Store, sink: str) -> tuple[int, int]:
     """Merge runs of never-sent, tiling pending events per instance; (events merged, merges)."""
     with store.reading("scan for merge") as c:
         rows = c.execute(
-            "SELECT d.event_id, d.instance_id, d.period_start_ns, e.period_end_ns, e.kind, "
+            "SELECT d.seq, d.instance_id, d.period_start_ns, e.period_end_ns, e.kind, "
             "d.claimed FROM deliveries d JOIN events e ON e.seq = d.seq "
             "WHERE d.sink = ? AND d.status = 'pending' "
             "ORDER BY d.instance_id, d.period_start_ns", (sink,)).fetchall()
-    runs: list[list[str]] = []
-    run: list[str] = []
+    runs: list[list[int]] = []  # seqs
+    run: list[int] = []
     prev: tuple[str, int] | None = None
-    for eid, iid, start, end, kind, claimed in rows:
+    for seq, iid, start, end, kind, claimed in rows:
         # Claimed events may already be at the sink: merging them would bill twice.
         ok = kind == "resource_usage" and not claimed
         if ok and prev == (iid, start):
-            run.append(eid)
+            run.append(seq)
         else:
             if len(run) > 1:
                 runs.append(run)
-            run = [eid] if ok else []
+            run = [seq] if ok else []
         prev = (iid, end) if ok else None
     if len(run) > 1:
         runs.append(run)
     events = merges = 0
-    batch: list[list[str]] = []
+    batch: list[list[int]] = []
     for i, r in enumerate(runs):
         batch.append(r)
         if sum(map(len, batch)) >= _CHUNK or i == len(runs) - 1:
@@ -286,17 +287,16 @@ def merge_pending(store: Store, sink: str) -> tuple[int, int]:
     return events, merges
 
 
-def _merge_runs(store: Store, sink: str, runs: Sequence[Sequence[str]]) -> tuple[int, int]:
+def _merge_runs(store: Store, sink: str, runs: Sequence[Sequence[int]]) -> tuple[int, int]:
     now = store.clock.now().wall_ns
     events = merges = 0
     with store.transaction("merge pending events") as c:
         for run in runs:
             got = {r[0]: r for r in c.execute(
-                # events first: by the ids' unique index, then each one's row by (sink, seq)
-                "SELECT e.event_id, e.kind, e.instance_id, e.period_start_ns, e.period_end_ns, "
-                "e.payload, d.created_ns, e.seq FROM events e CROSS JOIN deliveries d ON "
-                "d.sink = ? AND d.seq = e.seq WHERE e.event_id IN (SELECT value FROM "
-                "json_each(?)) AND d.status = 'pending' AND d.claimed = 0",
+                "SELECT d.seq, e.kind, e.instance_id, e.period_start_ns, e.period_end_ns, "
+                "e.payload, d.created_ns, e.event_id FROM deliveries d JOIN events e ON "
+                "e.seq = d.seq WHERE d.sink = ? AND d.seq IN (SELECT value FROM json_each(?)) "
+                "AND d.status = 'pending' AND d.claimed = 0",
                 (sink, orjson.dumps(list(run)).decode()))}
             rows = [got[i] for i in run if i in got]  # claimed since the scan: left alone
             for part in _compatible_runs(rows):
@@ -309,11 +309,11 @@ def _merge_runs(store: Store, sink: str, runs: Sequence[Sequence[str]]) -> tuple
 def _merge_one(store: Store, c: sqlite3.Connection, sink: str, rows: Sequence[Any],
                now: int) -> None:
     merged = merge_payloads([orjson.loads(r[5]) for r in rows], [r[4] - r[3] for r in rows])
-    ids = [r[0] for r in rows]
+    ids = [r[7] for r in rows]
     # Delete first: the freed pages take the merged event even at the hard page cap.
     c.executemany("DELETE FROM deliveries WHERE sink = ? AND seq = ?",
-                  [(sink, r[7]) for r in rows])
-    delete_orphans(c, [r[7] for r in rows])
+                  [(sink, r[0]) for r in rows])
+    delete_orphans(c, [r[0] for r in rows])
     first, last = rows[0], rows[-1]
     created = min(r[6] for r in rows)
     # Another sink may have made the same merge already: the event is shared, the row is not.
@@ -321,13 +321,14 @@ def _merge_one(store: Store, c: sqlite3.Connection, sink: str, rows: Sequence[An
               "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?)",
               (merged["event_id"], first[1], first[2], first[3], last[4], orjson.dumps(merged),
                created))
-    seq = c.execute("SELECT seq FROM events WHERE event_id = ?",
-                    (merged["event_id"],)).fetchone()[0]
+    seq = c.execute("SELECT seq FROM events WHERE period_start_ns = ? AND event_id = ?",
+                    (first[3], merged["event_id"])).fetchone()[0]
     c.execute("INSERT OR IGNORE INTO deliveries(sink, seq, event_id, instance_id, "
               "period_start_ns, created_ns, status) VALUES(?, ?, ?, ?, ?, ?, 'pending')",
               (sink, seq, merged["event_id"], first[2], first[3], created))
-    c.execute("INSERT OR REPLACE INTO merges(merged_event_id, sink, source_ids, created_ns) "
-              "VALUES(?, ?, ?, ?)", (merged["event_id"], sink, orjson.dumps(ids).decode(), now))
+    c.execute("INSERT OR REPLACE INTO merges(merged_event_id, sink, seq, source_ids, "
+              "created_ns) VALUES(?, ?, ?, ?, ?)",
+              (merged["event_id"], sink, seq, orjson.dumps(ids).decode(), now))
     log.info("merged pending events", extra={"sink": sink, "instance_id": first[2],
                                              "merged_event_id": merged["event_id"],
                                              "events": len(ids)})

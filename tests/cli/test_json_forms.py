@@ -90,7 +90,7 @@ def make_store(tmp_path: Path) -> Path:
     s = Store.open(path, clock=clock, node_id="host-a", sink_names=("file",))
     s.commit_pass([], [usage_event("a", 0), usage_event("b", 0), usage_event("c", 0)])
     batch = s.take("file", 10, clock.wall_ns)
-    s.record("file", [Outcome(batch[0].event.event_id, "dead", "refused")], dead_letter_after=3)
+    s.record("file", [Outcome.of(batch[0], "dead", "refused")], dead_letter_after=3)
     s.set_breaker("file", "open", clock.wall_ns)
     s.close()
     return path

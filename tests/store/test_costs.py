@@ -37,7 +37,7 @@ def wal_bytes(store: Store) -> int:
 def test_an_empty_take_writes_nothing(store: Store) -> None:
     store.commit_pass([], [usage_event("i", 0)])
     got = store.record_and_take("q", [], 10, 2**62, dead_letter_after=3)
-    store.record_and_take("q", [Outcome(p.event.event_id, "acked") for p in got.batch], 10, 2**62,
+    store.record_and_take("q", [Outcome.of(p, "acked") for p in got.batch], 10, 2**62,
                           dead_letter_after=3)
     before, seen = wal_bytes(store), traced(store)
     empty = store.record_and_take("q", [], 10, 2**62, dead_letter_after=3)
@@ -77,13 +77,13 @@ def test_only_acknowledgements_may_skip_the_sync(store: Store) -> None:
     store.commit_pass([], [usage_event("i", 0), usage_event("j", 0)])
     a, _ = store.take("q", 10, 2**62)
     with pytest.raises(ValueError, match="only acknowledgements"):
-        store.record_and_take("q", [Outcome(a.event.event_id, "acked")], 10, 2**62,
+        store.record_and_take("q", [Outcome.of(a, "acked")], 10, 2**62,
                               dead_letter_after=3, durable=False)  # it would claim
     with pytest.raises(ValueError, match="only acknowledgements"):
-        store.record_and_take("q", [Outcome(a.event.event_id, "failed", "x", 2**62)], 0, 2**62,
+        store.record_and_take("q", [Outcome.of(a, "failed", "x", 2**62)], 0, 2**62,
                               dead_letter_after=3, durable=False)
     seen = traced(store)
-    got = store.record_and_take("q", [Outcome(a.event.event_id, "acked")], 0, 2**62,
+    got = store.record_and_take("q", [Outcome.of(a, "acked")], 0, 2**62,
                                 dead_letter_after=3, durable=False)
     assert seen[0] == "PRAGMA synchronous=NORMAL" and seen[-1] == "PRAGMA synchronous=FULL"
     assert not [x for x in seen if "SET claimed = 1" in x]
@@ -99,7 +99,7 @@ def test_the_sync_setting_comes_back_after_a_failed_commit(store: Store) -> None
     store._conn.execute("PRAGMA busy_timeout=0")
     try:
         with pytest.raises(StateError, match="locked"):
-            store.record_and_take("q", [Outcome(a.event.event_id, "acked")], 0, 2**62,
+            store.record_and_take("q", [Outcome.of(a, "acked")], 0, 2**62,
                                   dead_letter_after=3, durable=False)
     finally:
         other.rollback()
@@ -113,8 +113,8 @@ def test_the_gauge_stats_read_only_what_is_pending_or_dead(store: Store) -> None
     events = [usage_event(f"i{n}", 0) for n in range(6)]
     store.commit_pass([], events)
     got = store.record_and_take("q", [], 10, 2**62, dead_letter_after=1)
-    outcomes = [Outcome(p.event.event_id, "acked") for p in got.batch[:3]]
-    outcomes.append(Outcome(got.batch[3].event.event_id, "rejected", "no", 0))
+    outcomes = [Outcome.of(p, "acked") for p in got.batch[:3]]
+    outcomes.append(Outcome.of(got.batch[3], "rejected", "no", 0))
     store.record("q", outcomes, dead_letter_after=1)
     full, gauges = store.stats(), store.stats(acked=False)
     assert (full["q"].pending, full["q"].dead, full["q"].acked) == (2, 1, 3)
@@ -148,16 +148,16 @@ def test_no_hot_statement_walks_the_rows_retention_keeps(store: Store) -> None:
         store.commit_pass([], [usage_event(f"i{n}", k) for n in range(5)])
         for sink in ("q", "f"):
             got = store.record_and_take(sink, [], 100, 2**62, dead_letter_after=3)
-            store.record_and_take(sink, [Outcome(p.event.event_id, "acked") for p in got.batch],
+            store.record_and_take(sink, [Outcome.of(p, "acked") for p in got.batch],
                                   100, 2**62, dead_letter_after=3)
     seen = traced(store)
     store.commit_pass([], [usage_event("i0", 40)])
     got = store.record_and_take("q", [], 10, 2**62, dead_letter_after=3)
-    later = store.record_and_take("q", [Outcome(got.batch[0].event.event_id, "failed", "down",
+    later = store.record_and_take("q", [Outcome.of(got.batch[0], "failed", "down",
                                                 2**61)], 10, 2**60, dead_letter_after=3)
     assert later.batch == [] and later.next_due_ns == 2**61  # asked when the next is due
     got = store.record_and_take("f", [], 10, 2**62, dead_letter_after=3)  # acks by key
-    store.record_and_take("f", [Outcome(p.event.event_id, "acked", seq=p.seq)
+    store.record_and_take("f", [Outcome.of(p, "acked")
                                 for p in got.batch], 0, 2**62, dead_letter_after=3)
     assert store.stats(acked=False)["f"].pending == 0
     store.release_backoff("q", 0)

@@ -7,6 +7,7 @@ alert state. Every test works on a copy."""
 from __future__ import annotations
 
 import shutil
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,12 @@ from typing import Any
 import pytest
 
 from hostagent.cli import main as cli
+from hostagent.config.load import load
+from hostagent.daemon import Daemon
 from hostagent.errors import StateCorrupt
 from hostagent.store import guard
 from hostagent.store.outbox import Outcome, Store
-from hostagent.store.schema import APP, SCHEMA_VERSION, UPGRADABLE
+from hostagent.store.schema import APP, SCHEMA_VERSION, UPGRADABLE, upgrade_budget_s
 from tests.clocks import FakeClock
 from tests.standins.queue import PERIOD_NS, T0_NS, usage_event
 
@@ -35,8 +38,10 @@ def snapshot(path: Path) -> dict[str, Any]:
         return {
             "events": sorted(c.execute(f"SELECT {EVENT_COLS} FROM events").fetchall()),
             "deliveries": sorted(c.execute(f"SELECT {DELIVERY_COLS} FROM deliveries")),
-            "dead_letters": sorted(c.execute("SELECT * FROM dead_letters")),
-            "merges": sorted(c.execute("SELECT * FROM merges")),
+            "dead_letters": sorted(c.execute("SELECT sink, event_id, reason, attempts, dead_ns "
+                                             "FROM dead_letters")),
+            "merges": sorted(c.execute("SELECT merged_event_id, sink, source_ids, created_ns "
+                                       "FROM merges")),
             "baselines": sorted(c.execute("SELECT * FROM baselines")),
             "alert_state": sorted(c.execute("SELECT * FROM alert_state")),
             "sinks": sorted(c.execute("SELECT * FROM sinks")),
@@ -84,9 +89,12 @@ def test_opening_upgrades_and_keeps_every_row(v1: Path) -> None:
         old = [r[0] for r in sqlite3.connect(V1).execute("SELECT event_id FROM events "
                                                          "ORDER BY rowid")]
         assert [r[0] for r in c.execute("SELECT event_id FROM events ORDER BY seq")] == old
-        # every delivery row points at its own event
-        assert c.execute("SELECT COUNT(*) FROM deliveries d JOIN events e ON e.seq = d.seq "
-                         "AND e.event_id = d.event_id").fetchone()[0] == len(before["deliveries"])
+        # every delivery row, dead letter and merge record points at its own event
+        for table, n, id_col in (("deliveries", len(before["deliveries"]), "event_id"),
+                                 ("dead_letters", 1, "event_id"),
+                                 ("merges", 3, "merged_event_id")):
+            assert c.execute(f"SELECT COUNT(*) FROM {table} x JOIN events e ON e.seq = x.seq "
+                             f"AND e.event_id = x.{id_col}").fetchone()[0] == n, table
 
 
 def test_the_upgraded_store_delivers_as_the_old_one_would_have(v1: Path) -> None:
@@ -105,7 +113,7 @@ def test_the_upgraded_store_delivers_as_the_old_one_would_have(v1: Path) -> None
         assert all(p.event.instance_id != "vm-a" for p in s.pending("q", 100, T0_NS))
         got = s.record_and_take("q", [], 100, FAR_NS, dead_letter_after=3).batch
         assert [p.event.event_id for p in got] == q_ids
-        s.record("q", [Outcome(p.event.event_id, "acked") for p in got], dead_letter_after=3)
+        s.record("q", [Outcome.of(p, "acked") for p in got], dead_letter_after=3)
         assert s.pending("q", 100, FAR_NS) == []
         assert s.stats()["q"].pending == 0
         # the dead letter is listed with its event and can be replayed
@@ -164,3 +172,30 @@ def test_check_config_and_store_check_accept_a_version_1_store(
     assert cli.main(["--config", str(cfg), "store", "check"]) == 0
     assert "state store OK" in capsys.readouterr().out
     assert snapshot(v1)["meta"]["schema_version"] == "2"
+
+
+def test_the_daemon_asks_systemd_for_time_while_it_upgrades(
+        v1: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # TimeoutStartSec is 120 s; a day of a large host's events takes longer to carry over, and
+    # a start killed mid-upgrade would roll back and start over, forever
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(0.5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    cfg = tmp_path / "hostagent.toml"
+    cfg.write_text(f'[host]\nnode_id = "host-a"\n[libvirt]\nuri = "test:///default"\n'
+                   f'[collector]\nstate_path = "{v1}"\n[[sinks]]\ntype = "jsonl"\n'
+                   f'path = "{tmp_path}/events.jsonl"\n')
+    size = v1.stat().st_size
+    try:
+        Daemon.build(load(str(cfg))).store.close()
+        fields = dict(line.split("=", 1) for line in manager.recv(4096).decode().split("\n"))
+        assert fields == {"EXTEND_TIMEOUT_USEC": str(int(upgrade_budget_s(size) * 1e6)),
+                          "STATUS": "upgrading the state store from schema version 1"}
+        assert upgrade_budget_s(size) >= 60 and upgrade_budget_s(3 << 30) > 700
+        assert snapshot(v1)["meta"]["schema_version"] == "2"
+        Daemon.build(load(str(cfg))).store.close()  # upgraded: nothing to ask for
+        with pytest.raises(TimeoutError):
+            manager.recv(4096)
+    finally:
+        manager.close()

@@ -165,15 +165,17 @@ def test_rows_are_keyed_in_commit_order_and_acked_by_their_key(
     assert sorted(p.seq for p in got) == list(range(1, 13))
     by_id = {p.event.event_id: p for p in got}
     a, b = (by_id[usage_event("i9", 0).event_id], by_id[usage_event("i8", 0).event_id])
-    # an acknowledgement by key touches its own row only; a key that is not the event's
-    # (never made by the daemon) acknowledges nothing: sent again, never lost
-    s.record("q", [Outcome(a.event.event_id, "acked", seq=a.seq),
-                   Outcome(b.event.event_id, "acked", seq=a.seq)], dead_letter_after=5)
+    # an outcome touches its own row only (its key, checked against its event id); a key
+    # that is not the event's (never made by the daemon) changes nothing: sent again, never lost
+    changes = s._conn.total_changes
+    s.record("q", [Outcome.of(a, "acked"), Outcome(a.seq, b.event.event_id, "acked"),
+                   Outcome(b.seq, a.event.event_id, "dead", "x")], dead_letter_after=5)
+    assert s._conn.total_changes - changes == 1
     with s.reading("acked") as c:
         acked = c.execute("SELECT sink, event_id FROM deliveries WHERE status = 'acked'").fetchall()
     assert acked == [("q", a.event.event_id)]
-    # without a key the row is found by its event id
-    s.record("q", [Outcome(b.event.event_id, "acked")], dead_letter_after=5)
+    assert s.dead_letters() == []
+    s.record("q", [Outcome.of(b, "acked")], dead_letter_after=5)
     assert s.stats()["q"].acked == 2 and s.stats()["file"].acked == 0
     s.close()
 
@@ -246,7 +248,7 @@ def test_routing_by_channel_and_outbox_status(tmp_path: Path, clock: FakeClock,
         assert c.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
     only_q.close()
     batch = s.take("q", 10, clock.wall_ns)
-    s.record("q", [Outcome(p.event.event_id, "acked") for p in batch], dead_letter_after=3)
+    s.record("q", [Outcome.of(p, "acked") for p in batch], dead_letter_after=3)
     s.close()
 
     cfg = tmp_path / "hostagent.toml"
@@ -269,7 +271,7 @@ def test_channels_reroute_pending_rows_an_older_hostagent_wrote(tmp_path: Path,
                          alert("a4", [], routed=False)])
     # the old queue sink acknowledged a4 without sending it: an acked row stays as it was
     s_a4 = [p for p in old.take("q", 10, clock.wall_ns) if p.event.event_id == "a4"]
-    old.record("q", [Outcome(p.event.event_id, "acked") for p in s_a4], dead_letter_after=3)
+    old.record("q", [Outcome.of(p, "acked") for p in s_a4], dead_letter_after=3)
     old.close()
     # the queue now takes usage only (a kinds change): its alert rows are not judged by kind
     s = open_store(path, clock, ("q", "hooks", "file"), sink_channels=CHANNELS,
@@ -297,10 +299,9 @@ def test_take_orders_by_period_and_holds_back_a_failed_instance(store: Store,
     batch = store.take("q", 100, now)
     assert [(p.event.instance_id, p.event.period_start_ns) for p in batch] == [
         (i, T0_NS + k * PERIOD_NS) for k in range(3) for i in ("a", "b")]
-    first_a = batch[0].event.event_id
     later = now + 10 * 10**9
-    store.record("q", [Outcome(first_a, "failed", "down", later)]
-                 + [Outcome(p.event.event_id, "skipped") for p in batch[1:]],
+    store.record("q", [Outcome.of(batch[0], "failed", "down", later)]
+                 + [Outcome.of(p, "skipped") for p in batch[1:]],
                  dead_letter_after=3)
     # a's first event waits out its backoff, and a's later events wait behind it
     assert [p.event.instance_id for p in store.pending("q", 100, now)] == ["b"] * 3
@@ -311,12 +312,14 @@ def test_take_orders_by_period_and_holds_back_a_failed_instance(store: Store,
 
 def test_dead_letter_after_n_rejections_and_replay(store: Store, clock: FakeClock) -> None:
     store.commit_pass([], [usage_event("a", 0), usage_event("b", 0)])
-    ids = [p.event.event_id for p in store.take("q", 10, clock.wall_ns)]
+    taken = store.take("q", 10, clock.wall_ns)
+    ids = [p.event.event_id for p in taken]
     for _ in range(2):
-        assert store.record("q", [Outcome(ids[0], "rejected", "Failure: nope", 0)],
+        assert store.record("q", [Outcome.of(taken[0], "rejected", "Failure: nope", 0)],
                             dead_letter_after=3) == 0
-    assert store.record("q", [Outcome(ids[0], "rejected", "Failure: nope", 0),
-                              Outcome(ids[1], "dead", "too large")], dead_letter_after=3) == 2
+    assert store.record("q", [Outcome.of(taken[0], "rejected", "Failure: nope", 0),
+                              Outcome.of(taken[1], "dead", "too large")],
+                        dead_letter_after=3) == 2
     letters = store.dead_letters()
     assert sorted((d.event_id, d.reason, d.attempts) for d in letters) == sorted([
         (ids[0], "Failure: nope", 3), (ids[1], "too large", 1)])
@@ -331,8 +334,8 @@ def test_dead_letter_after_n_rejections_and_replay(store: Store, clock: FakeCloc
 def test_prune_keeps_unacked_and_removes_old_acked(store: Store, clock: FakeClock) -> None:
     store.commit_pass([], [usage_event("a", k) for k in range(4)])
     batch = store.take("q", 10, clock.wall_ns)
-    store.record("q", [Outcome(p.event.event_id, "acked") for p in batch[:2]]
-                 + [Outcome(p.event.event_id, "skipped") for p in batch[2:]],
+    store.record("q", [Outcome.of(p, "acked") for p in batch[:2]]
+                 + [Outcome.of(p, "skipped") for p in batch[2:]],
                  dead_letter_after=3)
     clock.advance(50)
     assert store.maintain(retention_s=100).pruned == 0
@@ -465,7 +468,7 @@ def test_outbox_cli_status_dead_letters_replay(tmp_path: Path, clock: FakeClock,
     s = open_store(path, clock)
     s.commit_pass([], [usage_event("a", 0), usage_event("b", 0)])
     batch = s.take("q", 10, clock.wall_ns)
-    s.record("q", [Outcome(batch[0].event.event_id, "dead", "queue Failure: bad")],
+    s.record("q", [Outcome.of(batch[0], "dead", "queue Failure: bad")],
              dead_letter_after=3)
     s.set_breaker("q", "open", clock.wall_ns)
     s.close()
