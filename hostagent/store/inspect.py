@@ -107,12 +107,13 @@ class StoreReader(ABC):
         # An instance whose earliest failed event waits for its backoff holds back its later
         # events: per instance, events reach the sink in period order.
         blocked = dict(c.execute(
-            "SELECT instance_id, MIN(period_start_ns) FROM deliveries WHERE sink = ? AND "
-            "status = 'pending' AND claimed = 1 AND next_attempt_ns > ? GROUP BY instance_id",
+            "SELECT instance_id, MIN(period_start_ns) FROM deliveries INDEXED BY "
+            "deliveries_retry WHERE sink = ? AND status = 'pending' AND claimed = 1 AND "
+            "next_attempt_ns > 0 AND next_attempt_ns > ? GROUP BY instance_id",
             (sink, now_ns)).fetchall())
         cur = c.execute(  # covered by the index (seq is in the key of every index entry)
             "SELECT seq, instance_id, period_start_ns FROM deliveries "
-            "INDEXED BY deliveries_queue WHERE sink = ? AND status = 'pending' AND "
+            "INDEXED BY deliveries_pending WHERE sink = ? AND status = 'pending' AND "
             "next_attempt_ns <= ? ORDER BY period_start_ns, instance_id", (sink, now_ns))
         seqs: list[int] = []
         while len(seqs) < limit and (rows := cur.fetchmany(1024)):
@@ -125,14 +126,19 @@ class StoreReader(ABC):
         cur.close()
         return seqs
 
-    def _load(self, c: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> list[Pending]:
+    def _load(self, c: sqlite3.Connection, sink: str, seqs: Sequence[int],
+              unclaimed: list[int] | None = None) -> list[Pending]:
+        """The rows `seqs` in that order; `unclaimed` gets those never claimed."""
         rows = {r[0]: r for r in c.execute(
             "SELECT e.seq, e.event_id, e.kind, e.instance_id, e.period_start_ns, "
-            "e.period_end_ns, e.payload, d.attempts, d.rejections FROM deliveries d "
+            "e.period_end_ns, e.payload, d.attempts, d.rejections, d.claimed FROM deliveries d "
             "JOIN events e ON e.seq = d.seq WHERE d.sink = ? AND d.seq IN (SELECT value FROM "
             "json_each(?))", (sink, orjson.dumps(list(seqs)).decode()))}
+        found = [rows[q] for q in seqs if q in rows]
+        if unclaimed is not None:
+            unclaimed.extend(r[0] for r in found if not r[9])
         return [Pending(OutEvent(r[1], r[2], r[3], r[4], r[5], bytes(r[6])), r[7], r[8], r[0])
-                for r in (rows[q] for q in seqs if q in rows)]
+                for r in found]
 
     def pending(self, sink: str, limit: int, now_ns: int) -> list[Pending]:
         """Due events of `sink`, oldest period first, in period order per instance (read only)."""
@@ -149,7 +155,7 @@ class StoreReader(ABC):
         # that retention keeps (1.7 ms at 21,000 rows, at the end of every delivery round).
         row = c.execute("SELECT MIN(next_attempt_ns) FROM deliveries INDEXED BY deliveries_retry "
                         "WHERE sink = ? AND status = 'pending' AND claimed = 1 AND "
-                        "next_attempt_ns > ?", (sink, now_ns)).fetchone()
+                        "next_attempt_ns > 0 AND next_attempt_ns > ?", (sink, now_ns)).fetchone()
         return None if row[0] is None else int(row[0])
 
     def meta(self) -> dict[str, str]:
@@ -163,9 +169,10 @@ class StoreReader(ABC):
         """Per sink: pending depth and oldest pending commit time, acked, dead, breaker.
 
         `acked=False` (the daemon's gauges, every maintenance run): the acked count is left 0
-        and each count is a range of the `deliveries_queue` index per sink and status, so the
-        cost follows what is pending or dead, not the day of acknowledged rows that
-        retention keeps (a full GROUP BY over them grew with the store: ~17 ms at 21,000)."""
+        and each count is a range of a partial index per sink (`deliveries_pending`,
+        `deliveries_dead`), so the cost follows what is pending or dead, not the day of
+        acknowledged rows that retention keeps (a full GROUP BY over them grew with the
+        store: ~17 ms at 21,000)."""
         if acked:
             return self._stats_scan()
         with self.reading("stats") as c:
@@ -173,12 +180,12 @@ class StoreReader(ABC):
                               "breaker_updated_ns FROM sinks ORDER BY name").fetchall()
             by: dict[tuple[str, str], tuple[int, int | None]] = {}
             for r in sinks:
-                for status in ("pending", "dead"):
-                    n, oldest = c.execute(
-                        "SELECT COUNT(*), MIN(created_ns) FROM deliveries INDEXED BY "
-                        "deliveries_queue WHERE sink = ? AND status = ?",
-                        (r[0], status)).fetchone()
-                    by[(r[0], status)] = (n, oldest)
+                by[(r[0], "pending")] = c.execute(
+                    "SELECT COUNT(*), MIN(created_ns) FROM deliveries INDEXED BY "
+                    "deliveries_pending WHERE sink = ? AND status = 'pending'", (r[0],)).fetchone()
+                by[(r[0], "dead")] = c.execute(
+                    "SELECT COUNT(*), MIN(created_ns) FROM deliveries INDEXED BY "
+                    "deliveries_dead WHERE sink = ? AND status = 'dead'", (r[0],)).fetchone()
         return self._sink_stats(sinks, by)
 
     def _stats_scan(self) -> dict[str, SinkStats]:

@@ -382,11 +382,11 @@ class Store(StoreReader):
             return Claimed(batch, dead, due, self._used_bytes(c))
 
     def _claim(self, c: sqlite3.Connection, sink: str, limit: int, now_ns: int) -> list[Pending]:
-        seqs = self._due_seqs(c, sink, limit, now_ns)
-        c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND seq = ? "
-                      "AND claimed = 0",  # a row claimed already is not written again
-                      [(sink, q) for q in seqs])
-        return self._load(c, sink, seqs)
+        unclaimed: list[int] = []  # a row claimed already (by the pass commit) is not touched
+        batch = self._load(c, sink, self._due_seqs(c, sink, limit, now_ns), unclaimed)
+        c.executemany("UPDATE deliveries SET claimed = 1 WHERE sink = ? AND seq = ?",
+                      [(sink, q) for q in unclaimed])
+        return batch
 
     def _record(self, c: sqlite3.Connection, sink: str, outcomes: Sequence[Outcome],
                 dead_letter_after: int) -> int:
@@ -426,8 +426,8 @@ class Store(StoreReader):
         with self.transaction("release backoff") as c:
             return c.execute(
                 "UPDATE deliveries INDEXED BY deliveries_retry SET next_attempt_ns = 0 WHERE "
-                "sink = ? AND status = 'pending' AND claimed = 1 AND next_attempt_ns > ? AND "
-                "rejections = 0",
+                "sink = ? AND status = 'pending' AND claimed = 1 AND next_attempt_ns > 0 AND "
+                "next_attempt_ns > ? AND rejections = 0",
                 (sink, now_ns)).rowcount
 
     def set_breaker(self, sink: str, state: str, since_ns: int) -> None:

@@ -91,17 +91,21 @@ async def test_a_jsonl_round_is_one_hand_off_two_commits_one_fsync(
                     d.wake()
                     await d.drained()
                     counts.on = False
-                    # the take claimed (a commit that changed nothing: no page written, no
-                    # sync), wrote and fsynced, recorded the acks (commit)
+                    # the take loaded the rows the pass commit claimed (a commit that changed
+                    # nothing: no statement to claim, no page written, no sync), wrote and
+                    # fsynced, recorded the acks (commit)
                     assert counts.threads == 1 and counts.fsyncs == 1, vars(counts)
                     assert counts.commits() == ["BEGIN IMMEDIATE", "COMMIT"] * 2
                     assert store._conn.total_changes - changes == len(evs)  # the acks only
-                    # the claim synced; only the acknowledgements' commit is not
+                    # the claim's commit is a synced one (it writes nothing here); only the
+                    # acknowledgements' commit is not
                     st = counts.statements
+                    claim = st[:st.index("PRAGMA synchronous=NORMAL")]
                     acks = st[st.index("PRAGMA synchronous=NORMAL"):]
-                    assert "SET claimed = 1" in " ".join(st[:st.index("PRAGMA synchronous=NORMAL")])
+                    assert claim[0] == "BEGIN IMMEDIATE" and claim[-1] == "COMMIT", claim
+                    assert any("JOIN events" in x for x in claim), claim  # loaded
+                    assert not [x for x in st if "SET claimed = 1" in x], st
                     assert acks[1] == "BEGIN IMMEDIATE" and acks[-1] == "PRAGMA synchronous=FULL"
-                    assert not [x for x in acks if "SET claimed = 1" in x], acks
                     counts.threads = counts.fsyncs = 0
                     counts.statements.clear()
             nursery.cancel_scope.cancel()

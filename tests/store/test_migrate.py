@@ -84,7 +84,8 @@ def test_opening_upgrades_and_keeps_every_row(v1: Path) -> None:
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         names = {r[0] for r in c.execute("SELECT name FROM sqlite_master")}
         assert not {n for n in names if n.endswith("_v1")}
-        assert {"deliveries_queue", "deliveries_retry", "deliveries_acked"} <= names
+        assert {"deliveries_pending", "deliveries_retry", "deliveries_dead",
+                "deliveries_acked", "events_key"} <= names and "deliveries_queue" not in names
         # seq follows the order the version-1 code committed the events in
         old = [r[0] for r in sqlite3.connect(V1).execute("SELECT event_id FROM events "
                                                          "ORDER BY rowid")]
