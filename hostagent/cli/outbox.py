@@ -17,8 +17,10 @@ import orjson
 
 from hostagent.clock import SystemClock
 from hostagent.config.load import Config
+from hostagent.errors import StateError
 from hostagent.store.inspect import SinkStats
 from hostagent.store.outbox import Store
+from hostagent.store.schema import SCHEMA_VERSION
 
 MIB = 1024 * 1024
 
@@ -136,8 +138,13 @@ def _replay(store: Store, sink: str | None, event_id: str | None) -> int:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """Run one `outbox` subcommand; StateError propagates (the CLI prints it, exit 1)."""
     store = Store.open(cfg.collector.state_path, clock=SystemClock(), node_id=cfg.host.node_id,
-                       sink_names=(), create=False, register_sinks=False)
+                       sink_names=(), create=False, register_sinks=False, upgrade=False)
     try:
+        if store.schema_version != SCHEMA_VERSION:
+            raise StateError(f"{store.path}: the state store is still schema version "
+                             f"{store.schema_version}: the daemon upgrades it to "
+                             f"{SCHEMA_VERSION} when it next starts (systemctl restart "
+                             "hostagent), then try again")
         if args.outbox_command == "status":
             return _status(store, cfg, args.json)
         if args.outbox_command == "dead-letters":

@@ -45,7 +45,7 @@ def add_parser(subparsers: Any, parents: Sequence[Any] = ()) -> None:
 
 def _open_existing(path: Path, node_id: str) -> Store:
     return Store.open(path, clock=SystemClock(), node_id=node_id, sink_names=(), create=False,
-                      register_sinks=False)
+                      register_sinks=False, upgrade=False)
 
 
 def check_store(cfg: Config) -> str:
@@ -71,8 +71,12 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         if not guard.before_open(path):
             print(f"{path}: no state store yet (created at the first start)")
             return 0
-        _open_existing(path, cfg.host.node_id).close()
-        print(f"{path}: state store OK")
+        store = _open_existing(path, cfg.host.node_id)
+        store.close()
+        older = ("" if store.schema_version == SCHEMA_VERSION else
+                 f" (schema version {store.schema_version}: the daemon upgrades it to "
+                 f"{SCHEMA_VERSION} when it next starts)")
+        print(f"{path}: state store OK{older}")
         return 0
     return reset(Path(cfg.collector.state_path), cfg.host.node_id, force=args.force)
 

@@ -107,6 +107,7 @@ class Store(StoreReader):
         self.clock = clock
         self.created_ns = 0
         self.host = ""
+        self.schema_version = SCHEMA_VERSION
         self.max_bytes: int | None = None
         self._routes: dict[str, routing.Route] = {}
         # Sinks whose new rows the pass commit claims (`claim_at_commit`); replaced, never
@@ -120,12 +121,14 @@ class Store(StoreReader):
              sink_kinds: Mapping[str, Collection[str]] | None = None,
              sink_channels: Mapping[str, Collection[str] | None] | None = None,
              max_bytes: int | None = None, create: bool = True,
-             register_sinks: bool = True,
+             register_sinks: bool = True, upgrade: bool = True,
              on_upgrade: Callable[[int, int], None] | None = None) -> Store:
         """Open (or create) the store; StateCorrupt if the file is foreign or damaged.
 
         An older schema is upgraded (schema.migrate) after `on_upgrade(version, file_bytes)`
-        is told, e.g. to extend systemd's start timeout."""
+        is told, e.g. to extend systemd's start timeout. `upgrade=False` (the commands next to
+        a daemon that may still run the older hostagent) leaves it as it is: checked only,
+        `schema_version` says which it is, and only `close` may follow."""
         p = Path(path)
         existed = store_guard.before_open(p)  # empty, vanished behind our back: refused
         if not create and not existed:
@@ -140,7 +143,7 @@ class Store(StoreReader):
             raise StateError(f"{p}: cannot open the state store: {err}") from err
         store = cls(conn, p, clock)
         try:
-            store._setup(existed, node_id, on_upgrade)
+            store._setup(existed, node_id, upgrade, on_upgrade)
         except sqlite3.Error as err:
             conn.close()
             damaged = (sqlite_tx.SQLITE_CORRUPT, sqlite_tx.SQLITE_NOTADB)
@@ -165,8 +168,9 @@ class Store(StoreReader):
         store.configure(sink_kinds=sink_kinds, sink_channels=sink_channels, max_bytes=max_bytes)
         return store
 
-    def _setup(self, existed: bool, node_id: str,
-               on_upgrade: Callable[[int, int], None] | None = None) -> None:
+    def _setup(self, existed: bool, node_id: str, upgrade_older: bool,
+               on_upgrade: Callable[[int, int], None] | None) -> None:
+        """Check the store, and create it, or upgrade an older one (if `upgrade_older`)."""
         c = self._conn
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables and "meta" not in tables:
@@ -206,7 +210,9 @@ class Store(StoreReader):
         if check != "ok":
             raise StateCorrupt(f"{self.path}: integrity check failed: {check}; "
                                f"{store_guard.WAY_OUT}")
-        if upgrade is not None:  # checked first: a damaged store is refused, not upgraded
+        self.schema_version = upgrade or SCHEMA_VERSION
+        if upgrade is not None and upgrade_older:
+            # checked first: a damaged store is refused, not upgraded
             size = self.path.stat().st_size
             log.warning("upgrading the state store: start-up waits for it",
                         extra={"path": str(self.path), "from_version": upgrade,
@@ -214,6 +220,7 @@ class Store(StoreReader):
             if on_upgrade is not None:
                 on_upgrade(upgrade, size)
             self._upgrade(upgrade)
+            self.schema_version = SCHEMA_VERSION
         self.created_ns = int(meta["created_ns"])
         self.host = meta.get("host", "")
         if self.host != node_id:

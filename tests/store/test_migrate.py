@@ -163,16 +163,27 @@ def test_a_damaged_store_is_refused_before_any_upgrade(v1: Path) -> None:
         assert dict(c.execute("SELECT key, value FROM meta"))["schema_version"] == "1"
 
 
-def test_check_config_and_store_check_accept_a_version_1_store(
+def test_the_commands_beside_the_daemon_check_a_version_1_store_but_leave_it_to_the_daemon(
         v1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Between installing the new package and restarting the daemon, the old daemon still
+    # writes version-1 rows: only the daemon's own start upgrades the store
     guard.peek(v1, APP, SCHEMA_VERSION, UPGRADABLE)  # what check-config does: no error
     with pytest.raises(StateCorrupt, match="schema version 1 is not 2"):
         guard.peek(v1, APP, SCHEMA_VERSION)
     cfg = tmp_path / "hostagent.toml"
     cfg.write_text(f'[host]\nnode_id = "host-a"\n[collector]\nstate_path = "{v1}"\n')
+    before = snapshot(v1)
     assert cli.main(["--config", str(cfg), "store", "check"]) == 0
-    assert "state store OK" in capsys.readouterr().out
-    assert snapshot(v1)["meta"]["schema_version"] == "2"
+    assert ("state store OK (schema version 1: the daemon upgrades it to 2 when it next "
+            "starts)") in capsys.readouterr().out
+    assert cli.main(["--config", str(cfg), "outbox", "status"]) == 1
+    err = capsys.readouterr().err
+    assert "still schema version 1: the daemon upgrades it to 2 when it next starts" in err
+    assert snapshot(v1) == before  # untouched
+    open_store(v1).close()  # the daemon's start
+    assert cli.main(["--config", str(cfg), "store", "check"]) == 0
+    assert capsys.readouterr().out.strip().endswith("state store OK")
+    assert cli.main(["--config", str(cfg), "outbox", "status"]) == 0
 
 
 def test_the_daemon_asks_systemd_for_time_while_it_upgrades(
