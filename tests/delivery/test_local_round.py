@@ -64,12 +64,17 @@ def test_the_jsonl_sink_writes_whole_batches() -> None:
     assert isinstance(JsonlSink(JsonlSinkConfig(path="/nonexistent")), BatchWriter)
 
 
+@pytest.mark.parametrize("domains", [8, 1000])
 async def test_a_jsonl_round_is_one_hand_off_two_commits_one_fsync(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, domains: int) -> None:
+    # 1,000 domains: more than outbox.batch_size (256, sized for network sinks), less than
+    # outbox.local_batch_size: still one claim, one write, one fsync, one acknowledgement
     clock = TrioClock()
     store = Store.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
     sink = JsonlSink(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
-    d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=3600))
+    cfg = OutboxConfig(maintenance_interval_s=3600)
+    assert cfg.batch_size == 256 and cfg.local_batch_size == 4096
+    d = Delivery(store, [sink], clock, cfg)
     counts = Counts(monkeypatch, store)
     events = []
     try:
@@ -79,7 +84,7 @@ async def test_a_jsonl_round_is_one_hand_off_two_commits_one_fsync(
                 await d.drained()
                 await trio.sleep(0.05)  # the first maintenance run is over
                 for k in range(5):
-                    evs = [usage_event(f"i{i}", k) for i in range(8)]
+                    evs = [usage_event(f"i{i:04}", k) for i in range(domains)]
                     events += evs
                     await trio.to_thread.run_sync(store.commit_pass, [], evs)
                     # the sink's rows come claimed by the pass commit (its breaker is closed)
@@ -109,47 +114,15 @@ async def test_a_jsonl_round_is_one_hand_off_two_commits_one_fsync(
                     counts.threads = counts.fsyncs = 0
                     counts.statements.clear()
             nursery.cancel_scope.cancel()
-        assert store.stats()["file"].acked == 40
+        assert store.stats()["file"].acked == 5 * domains
         with store.reading("setting") as c:
             assert c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
-        assert d.metrics().sinks["file"].published == d.metrics().sinks["file"].latency_count == 40
+        sent = d.metrics().sinks["file"]
+        assert sent.published == sent.latency_count == 5 * domains
     finally:
         store.close()
     lines = (tmp_path / "events.jsonl").read_bytes().splitlines()
     assert lines == [e.payload for e in events]  # byte for byte, in period order
-
-
-async def test_a_pass_larger_than_a_network_batch_is_one_jsonl_batch(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # 1,000 domains: more than outbox.batch_size (256, sized for network sinks), less than
-    # outbox.local_batch_size: one claim, one write, one fsync, one acknowledgement commit
-    clock = TrioClock()
-    store = Store.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
-    sink = JsonlSink(JsonlSinkConfig(name="file", path=str(tmp_path / "events.jsonl")))
-    cfg = OutboxConfig(maintenance_interval_s=3600)
-    assert cfg.batch_size == 256 and cfg.local_batch_size == 4096
-    d = Delivery(store, [sink], clock, cfg)
-    counts = Counts(monkeypatch, store)
-    evs = [usage_event(f"i{i}", 0) for i in range(1000)]
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(d.run)
-            with trio.fail_after(20):
-                await d.drained()
-                await trio.sleep(0.05)  # the first maintenance run is over
-                await trio.to_thread.run_sync(store.commit_pass, [], evs)
-                counts.on = True
-                d.wake()
-                await d.drained()
-                counts.on = False
-            nursery.cancel_scope.cancel()
-        assert counts.threads == 1 and counts.fsyncs == 1, vars(counts)
-        assert counts.commits() == ["BEGIN IMMEDIATE", "COMMIT"] * 2
-        assert store.stats()["file"].acked == 1000
-    finally:
-        store.close()
-    lines = (tmp_path / "events.jsonl").read_bytes().splitlines()
-    assert lines == [e.payload for e in sorted(evs, key=lambda e: e.instance_id)]
 
 
 async def test_a_backlog_goes_in_full_batches_each_event_once(
