@@ -57,7 +57,6 @@ MERGE_AT = upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pendin
 Result = Literal["acked", "failed", "rejected", "dead", "skipped"]
 
 
-
 @dataclass(slots=True)
 class Outcome:
     """What one delivery round did to one event (`skipped`: never sent this round), for the
