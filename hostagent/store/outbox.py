@@ -210,37 +210,14 @@ class Store(StoreReader):
             raise StateCorrupt(f"{self.path}: integrity check failed: {check}; "
                                f"{store_guard.WAY_OUT}")
         self.schema_version = upgrade or SCHEMA_VERSION
-        if upgrade is not None and upgrade_older:
-            # checked first: a damaged store is refused, not upgraded
-            size = self.path.stat().st_size
-            log.warning("upgrading the state store: start-up waits for it",
-                        extra={"path": str(self.path), "from_version": upgrade,
-                               "to_version": SCHEMA_VERSION, "file_bytes": size})
-            if on_upgrade is not None:
-                on_upgrade(upgrade, size)
-            self._upgrade(upgrade)
+        if upgrade is not None and upgrade_older:  # checked first: a damaged one is refused
+            schema.upgrade(c, self.path, upgrade, on_upgrade)
             self.schema_version = SCHEMA_VERSION
         self.created_ns = int(meta["created_ns"])
         self.host = meta.get("host", "")
         if self.host != node_id:
             log.warning("state store was created by another node_id",
                         extra={"path": str(self.path), "stored": self.host, "node_id": node_id})
-
-    def _upgrade(self, version: int) -> None:
-        """An older store brought to SCHEMA_VERSION in one transaction: all or nothing."""
-        c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            schema.migrate(c, version)
-        except schema.MigrationError as err:
-            sqlite_tx.rollback(c)
-            raise StateCorrupt(f"{self.path}: cannot upgrade the state store from schema "
-                               f"version {version}: {err}; nothing was changed. "
-                               f"{store_guard.WAY_OUT}") from err
-        except BaseException:
-            sqlite_tx.rollback(c)
-            raise
-        c.execute("COMMIT")
 
     def _register(self, names: Sequence[str]) -> None:
         now = self.clock.now().wall_ns

@@ -1,8 +1,8 @@
 """The state file's outbox tables: its application id, schema version, DDL and upgrades.
 
-`store.outbox` creates them in a new file and upgrades an older file (`migrate`, at open, in
-one transaction); `store.guard` refuses a file whose application id or schema version is not
-these (a foreign or newer store).
+`store.outbox` creates them in a new file, and has an older file upgraded here when the daemon
+opens it (`upgrade`: one transaction, `migrate` per version); `store.guard` refuses a file
+whose application id or schema version is not these (a foreign or newer store).
 
 Version 2 keys the outbox by arrival: every event gets ``seq`` (its rowid, in commit order)
 and a delivery row is keyed ``(sink, seq)``; the event id (a hash) is unique together with the
@@ -23,6 +23,12 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from hostagent.errors import StateCorrupt
+from hostagent.store import sqlite_tx
+from hostagent.store.guard import WAY_OUT
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +99,30 @@ class MigrationError(Exception):
 def statements(ddl: str) -> list[str]:
     """The DDL's statements, one per `execute`."""
     return [s for s in ddl.split(";") if s.strip()]
+
+
+def upgrade(c: sqlite3.Connection, path: Path, version: int,
+            on_upgrade: Callable[[int, int], None] | None) -> None:
+    """Bring the store at `path` from `version` to SCHEMA_VERSION in one transaction, all or
+    nothing (StateCorrupt, nothing changed, when rows cannot be carried over); logged first,
+    and `on_upgrade(version, file_bytes)` told (to extend systemd's start timeout)."""
+    size = path.stat().st_size
+    log.warning("upgrading the state store: start-up waits for it",
+                extra={"path": str(path), "from_version": version,
+                       "to_version": SCHEMA_VERSION, "file_bytes": size})
+    if on_upgrade is not None:
+        on_upgrade(version, size)
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        migrate(c, version)
+    except MigrationError as err:
+        sqlite_tx.rollback(c)
+        raise StateCorrupt(f"{path}: cannot upgrade the state store from schema version "
+                           f"{version}: {err}; nothing was changed. {WAY_OUT}") from err
+    except BaseException:
+        sqlite_tx.rollback(c)
+        raise
+    c.execute("COMMIT")
 
 
 def migrate(c: sqlite3.Connection, version: int) -> None:
