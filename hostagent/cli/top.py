@@ -45,6 +45,12 @@ from hostagent.store.inspect import SinkStats
 
 log = logging.getLogger(__name__)
 UNATTRIBUTED = "hostagent_unattributed_cpu_seconds_total"
+# What `top` reads each refresh: index ranges and the last row, never the day of rows that
+# retention keeps (version 2's partial indexes; version 1's queue index before the upgrade).
+LAST_EVENT_SQL = "SELECT created_ns FROM events WHERE rowid = (SELECT MAX(rowid) FROM events)"
+PENDING_SQL = ("SELECT COUNT(*), MIN(created_ns) FROM deliveries WHERE sink = ? AND "
+               "status = 'pending'")
+DEAD_SQL = "SELECT COUNT(*) FROM deliveries WHERE sink = ? AND status = 'dead'"
 
 
 # --- the daemon's state, read-only ------------------------------------------------------------
@@ -66,17 +72,19 @@ def daemon_state(cfg: Config, now_ns: int) -> DaemonState:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         last = conn.execute("SELECT MAX(json_extract(state, '$.t_wall_ns')) FROM baselines"
                             ).fetchone()[0]
-        last_event = conn.execute("SELECT MAX(created_ns) FROM events").fetchone()[0]
-        counts = conn.execute("SELECT sink, status, COUNT(*), MIN(created_ns) FROM deliveries "
-                              "GROUP BY sink, status").fetchall()
+        row = conn.execute(LAST_EVENT_SQL).fetchone()
+        last_event = row[0] if row else None
         sinks = conn.execute("SELECT name, active, breaker_state, breaker_since_ns, "
                              "breaker_updated_ns FROM sinks WHERE active ORDER BY name"
                              ).fetchall()
+        by = {}
+        for name, *_ in sinks:
+            by[(name, "pending")] = conn.execute(PENDING_SQL, (name,)).fetchone()
+            by[(name, "dead")] = (conn.execute(DEAD_SQL, (name,)).fetchone()[0], None)
     except sqlite3.Error as err:
         return DaemonState(str(path), False, f"cannot read the state store: {err}")
     finally:
         conn.close()
-    by = {(s, st): (n, oldest) for s, st, n, oldest in counts}
     hb = int(meta["delivery_heartbeat_ns"]) if "delivery_heartbeat_ns" in meta else None
     stale_s = 3 * cfg.outbox.maintenance_interval_s + 5
     out = []

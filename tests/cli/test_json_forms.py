@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,11 +20,18 @@ from prometheus_client.registry import Collector
 
 from hostagent.cli import top_view
 from hostagent.cli.main import main
-from hostagent.cli.top import daemon_state, unattributed_cpu_s
+from hostagent.cli.top import (
+    DEAD_SQL,
+    LAST_EVENT_SQL,
+    PENDING_SQL,
+    daemon_state,
+    unattributed_cpu_s,
+)
 from hostagent.config.load import load
 from hostagent.store.outbox import Outcome, Store
 from tests.clocks import FakeClock
 from tests.standins.queue import usage_event
+from tests.store.test_migrate import V1
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "cli-json.md"
@@ -103,6 +111,19 @@ def test_outbox_status_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert set(doc) == documented_keys("outbox status")
     assert set(doc["sinks"][0]) == {"sink", "configured", "pending", "oldest_pending_age_s",
                                     "acked", "dead_letters", "breaker"}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_top_reads_index_ranges_only(tmp_path: Path, version: int) -> None:
+    # `top` refreshes every second or two: never a walk of the day of rows retention keeps,
+    # on the store a running daemon left, version 1 (not upgraded yet) or 2
+    path = V1 if version == 1 else make_store(tmp_path)
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'"
+                         ).fetchone() == (str(version),)
+        for sql, args in ((LAST_EVENT_SQL, ()), (PENDING_SQL, ("q",)), (DEAD_SQL, ("q",))):
+            plan = " | ".join(r[3] for r in c.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+            assert "SCAN" not in plan, (sql, plan)
 
 
 def test_top_reads_the_store_without_writing_it(tmp_path: Path) -> None:
