@@ -41,16 +41,14 @@ from hostagent.owners.resolver import Owners
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import link_reader_for
-from hostagent.store.inspect import SinkStats
+from hostagent.store.inspect import SinkStats, sink_depth
+from hostagent.store.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 UNATTRIBUTED = "hostagent_unattributed_cpu_seconds_total"
-# What `top` reads each refresh: index ranges and the last row, never the day of rows that
-# retention keeps (version 2's partial indexes; version 1's queue index before the upgrade).
+# What `top` reads each refresh: index ranges (inspect.sink_depth) and the last row, never the
+# day of rows that retention keeps.
 LAST_EVENT_SQL = "SELECT created_ns FROM events WHERE rowid = (SELECT MAX(rowid) FROM events)"
-PENDING_SQL = ("SELECT COUNT(*), MIN(created_ns) FROM deliveries WHERE sink = ? AND "
-               "status = 'pending'")
-DEAD_SQL = "SELECT COUNT(*) FROM deliveries WHERE sink = ? AND status = 'dead'"
 
 
 # --- the daemon's state, read-only ------------------------------------------------------------
@@ -70,6 +68,10 @@ def daemon_state(cfg: Config, now_ns: int) -> DaemonState:
         return DaemonState(str(path), False, f"cannot open the state store: {err}")
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            return DaemonState(str(path), False, f"state store of schema version "
+                               f"{meta.get('schema_version')}: the daemon upgrades it to "
+                               f"{SCHEMA_VERSION} when it next starts")
         last = conn.execute("SELECT MAX(json_extract(state, '$.t_wall_ns')) FROM baselines"
                             ).fetchone()[0]
         row = conn.execute(LAST_EVENT_SQL).fetchone()
@@ -79,8 +81,7 @@ def daemon_state(cfg: Config, now_ns: int) -> DaemonState:
                              ).fetchall()
         by = {}
         for name, *_ in sinks:
-            by[(name, "pending")] = conn.execute(PENDING_SQL, (name,)).fetchone()
-            by[(name, "dead")] = (conn.execute(DEAD_SQL, (name,)).fetchone()[0], None)
+            by.update(sink_depth(conn, name))
     except sqlite3.Error as err:
         return DaemonState(str(path), False, f"cannot read the state store: {err}")
     finally:

@@ -22,6 +22,19 @@ import orjson
 from hostagent.errors import StateCorrupt
 from hostagent.model import Baseline, OutEvent
 
+# A sink's depth, each a range of one partial index. INDEXED BY: without it SQLite may walk the
+# sink's whole primary key, every acknowledged row retention keeps.
+PENDING_SQL = ("SELECT COUNT(*), MIN(created_ns) FROM deliveries INDEXED BY deliveries_pending "
+               "WHERE sink = ? AND status = 'pending'")
+DEAD_SQL = ("SELECT COUNT(*), MIN(created_ns) FROM deliveries INDEXED BY deliveries_dead "
+            "WHERE sink = ? AND status = 'dead'")
+
+
+def sink_depth(c: sqlite3.Connection, sink: str) -> dict[tuple[str, str], tuple[int, int | None]]:
+    """(sink, "pending") and (sink, "dead") → (rows, oldest created_ns)."""
+    return {(sink, "pending"): c.execute(PENDING_SQL, (sink,)).fetchone(),
+            (sink, "dead"): c.execute(DEAD_SQL, (sink,)).fetchone()}
+
 
 @dataclass(frozen=True, slots=True)
 class Pending:
@@ -180,12 +193,7 @@ class StoreReader(ABC):
                               "breaker_updated_ns FROM sinks ORDER BY name").fetchall()
             by: dict[tuple[str, str], tuple[int, int | None]] = {}
             for r in sinks:
-                by[(r[0], "pending")] = c.execute(
-                    "SELECT COUNT(*), MIN(created_ns) FROM deliveries INDEXED BY "
-                    "deliveries_pending WHERE sink = ? AND status = 'pending'", (r[0],)).fetchone()
-                by[(r[0], "dead")] = c.execute(
-                    "SELECT COUNT(*), MIN(created_ns) FROM deliveries INDEXED BY "
-                    "deliveries_dead WHERE sink = ? AND status = 'dead'", (r[0],)).fetchone()
+                by.update(sink_depth(c, r[0]))
         return self._sink_stats(sinks, by)
 
     def _stats_scan(self) -> dict[str, SinkStats]:
