@@ -259,8 +259,8 @@ def merge_pending(store: Store, sink: str) -> tuple[int, int]:
     with store.reading("scan for merge") as c:
         rows = c.execute(
             "SELECT d.seq, d.instance_id, d.period_start_ns, e.period_end_ns, e.kind, "
-            "d.claimed FROM deliveries d JOIN events e ON e.seq = d.seq "
-            "WHERE d.sink = ? AND d.status = 'pending' "
+            "d.claimed FROM deliveries d INDEXED BY deliveries_pending JOIN events e "
+            "ON e.seq = d.seq WHERE d.sink = ? AND d.status = 'pending' "
             "ORDER BY d.instance_id, d.period_start_ns", (sink,)).fetchall()
     runs: list[list[int]] = []  # seqs
     run: list[int] = []
