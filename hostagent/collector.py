@@ -15,8 +15,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -39,8 +38,9 @@ from hostagent.clock import Clock
 from hostagent.config.load import Config
 from hostagent.errors import SourceError, StateError
 from hostagent.light_inbox import LightInbox, merge_into
-from hostagent.model import Baseline, DomainInfo, DomainStats, OutEvent
+from hostagent.model import Baseline, DomainInfo, DomainStats
 from hostagent.owners.resolver import Owners
+from hostagent.pass_ports import AfterCommit, PassStore
 from hostagent.read_errors import ReadErrorLog
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources.domain_files import DomainFiles, FilesResult, LinkReader, Want
@@ -55,26 +55,6 @@ log = logging.getLogger(__name__)
 # Owner-cache entries of instances no longer running are dropped every this many passes.
 OWNER_RETAIN_EVERY_PASSES = 20
 HUNG_STATS = pass_reads.HUNG_STATS
-
-
-class PassStore(Protocol):
-    """The state store as the pass uses it (store.outbox.Store)."""
-
-    created_ns: int
-
-    def load_baselines(self) -> dict[str, Baseline]:
-        """Every instance's persisted baseline."""
-        ...
-
-    def load_alert_state(self) -> dict[str, bytes]:
-        """Alert state by fingerprint."""
-        ...
-
-    def commit_pass(self, baselines: Sequence[Baseline], events: Sequence[OutEvent], *,
-                    removed_instances: Sequence[str] = (),
-                    alert_state: Mapping[str, bytes | None] | None = None) -> None:
-        """ONE transaction: baselines, events, removed baselines, alert state."""
-        ...
 
 
 class Collector:
@@ -139,6 +119,8 @@ class Collector:
         # When the last pass read the host (time.monotonic()): the light-samples thread
         # counts its interval from the freshest reading, a pass's or its own.
         self.read_monotonic_s: float | None = None
+        # Delivery: a caught-up JSONL sink's rows written in the commit's worker call
+        self.after_commit: AfterCommit | None = None
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -342,7 +324,8 @@ class Collector:
         # Shielded: once the commit starts, the pass deadline must not cancel it, or the store
         # would hold new baselines while memory keeps the old ones and re-bills the period.
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._commit, store, acc, limiter=self.limiter)
+            written = await trio.to_thread.run_sync(self._commit, store, acc, self.after_commit,
+                                                    limiter=self.limiter)
             for b in acc.baselines:
                 self.baselines[b.instance_id] = b
             for iid in acc.removed:
@@ -351,6 +334,8 @@ class Collector:
             if self.rules is not None:  # their resolved notices are committed now
                 self.rules.forget_retired(acc.retired)
             self.tails = tails.after_pass(self.tails, host, [c.key for c in closing])
+            if written is not None:
+                written()
         for c in closing:
             self.closeouts_total[c.reason] += 1
         self.unattributed = unattributed.advance(
@@ -379,6 +364,16 @@ class Collector:
                                              self._parent_cpu, self.fds, limiter=self.limiter)
 
     @staticmethod
-    def _commit(store: PassStore, acc: Accounting) -> None:
-        store.commit_pass(acc.baselines, acc.events, removed_instances=acc.removed,
-                          alert_state=acc.alert_changes or None)
+    def _commit(store: PassStore, acc: Accounting,
+                after: AfterCommit | None) -> Callable[[], None] | None:
+        """In a worker: the commit, then (committed: nothing may fail the pass now) what
+        `after` writes at once."""
+        claimed = store.commit_pass(acc.baselines, acc.events, removed_instances=acc.removed,
+                                    alert_state=acc.alert_changes or None)
+        if after is None or not claimed:
+            return None
+        try:
+            return after.write_committed(claimed)
+        except Exception:  # a defect: the rows stay claimed and due, the drain sends them
+            log.exception("writing at the commit failed; left to the delivery")
+            return None

@@ -138,6 +138,7 @@ class Daemon:
                               link_reader=link_reader_for(cfg), gpu_source=gpu, limiter=limiter,
                               rules=rules, storm=rules_source.storm_from(cfg.thresholds))
         delivery = Delivery(store, sinks, clock, cfg)
+        collector.after_commit = delivery  # a caught-up JSONL sink is written at the commit
         daemon = cls(cfg=cfg, clock=clock, store=store, collector=collector, delivery=delivery,
                      owners=owners, libvirt=lv, config_path=config_path, rules=rules,
                      webhooks=hooks, sinks=sinks, central_rules=central_rules,
@@ -265,7 +266,7 @@ class Daemon:
                   "unattributed_cpu_s": report.unattributed_cpu_s}
         if report.committed:
             log.info("pass committed", extra=fields)
-            self.delivery.wake()
+            self.delivery.wake(after_commit=True)
         else:
             log.warning("pass failed", extra={**fields, "error": report.error})
         # The loop is alive either way: a libvirtd outage must not become a watchdog restart

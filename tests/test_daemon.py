@@ -58,6 +58,50 @@ async def test_passes_commit_and_delivery_drains_before_exit(tmp_path: Path) -> 
         assert evs[1]["period_ns"]["start"] == evs[0]["period_ns"]["end"]
 
 
+async def test_a_caught_up_jsonl_sink_is_written_by_the_pass_commits_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # after the drain's first round, each pass's events are written, fsynced and acknowledged
+    # in the commit's own worker call (hostagent.delivery.local_round), its drain left asleep
+    host = Host(tmp_path, "lab-hybrid")
+    daemon, events = build(tmp_path, host)
+    settled: list[bool] = []
+    queue = daemon.delivery._queues[0]
+    real = queue.written_at_commit
+
+    def written_at_commit(r: Any) -> bool:
+        settled.append(real(r))
+        return settled[-1]
+
+    monkeypatch.setattr(queue, "written_at_commit", written_at_commit)
+    await daemon.run(passes=4)
+    assert settled.count(True) >= 3, settled  # every pass after the drain's first round
+    got = read(events)
+    assert len(got) == 4 * len(host.meta["guests"])
+    assert len({e["event_id"] for e in got}) == len(got)
+
+
+async def test_a_defect_writing_at_the_commit_costs_no_pass_and_no_event(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    host = Host(tmp_path, "lab-hybrid")
+    daemon, events = build(tmp_path, host)
+
+    def broken(claimed: Any) -> Any:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(daemon.delivery, "write_committed", broken)
+    await daemon.run(passes=3)
+    assert daemon.collector.last is not None and daemon.collector.last.committed
+    got = read(events)  # the drain sent them: each once, the periods tiling
+    assert len(got) == len({e["event_id"] for e in got}) == 3 * len(host.meta["guests"])
+    by_instance: dict[str, list[dict[str, Any]]] = {}
+    for e in got:
+        by_instance.setdefault(e["instance_id"], []).append(e)
+    for evs in by_instance.values():
+        evs.sort(key=lambda e: e["period_ns"]["start"])
+        assert [a["period_ns"]["end"] for a in evs[:-1]] == [b["period_ns"]["start"]
+                                                              for b in evs[1:]]
+
+
 async def test_the_heap_alive_after_the_first_pass_is_frozen(tmp_path: Path) -> None:
     # full collections then walk only what later passes allocate, not start-up's objects
     host = Host(tmp_path, "lab-hybrid")

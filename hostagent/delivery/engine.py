@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -57,6 +57,8 @@ class Delivery:
         self._size = StoreSize(0, 0, 0)
         self._merges = 0
         self._prepared = False
+        # The sinks whose rows the last pass commit wrote and settled itself (write_committed)
+        self._settled_at_commit: frozenset[str] = frozenset()
 
     def prepare(self) -> None:
         """Configure the store for these sinks (routing, size cap); writes. Synchronous."""
@@ -93,15 +95,34 @@ class Delivery:
                 for s in self._sinks:
                     await s.aclose()
 
-    def wake(self) -> None:
-        """New events were committed: every sink looks for work now. An idle sink whose
-        breaker is closed takes at once and its take reads the store's size: maintenance then
-        only runs if the cap is near (`_saw_used_bytes`); otherwise it checks the size now."""
-        if not any(d.idle and q.breaker.state == "closed"
-                   for d, q in zip(self._drains, self._queues, strict=True)):
+    def wake(self, *, after_commit: bool = False) -> None:
+        """New events were committed (`after_commit`: by the pass) or may be due: every sink
+        looks for work now, except, after a pass, those whose rows that commit's worker call
+        wrote and settled (`write_committed`). An idle sink whose breaker is closed takes at
+        once and its take reads the store's size, as does a write at the commit: maintenance
+        then only runs if the cap is near (`_saw_used_bytes`); otherwise it checks the size
+        now."""
+        settled = self._settled_at_commit if after_commit else frozenset()
+        self._settled_at_commit = frozenset()
+        if not settled and not any(d.idle and q.breaker.state == "closed"
+                                   for d, q in zip(self._drains, self._queues, strict=True)):
             self._maint_wake.set()
-        for d in self._drains:
-            d.wake()
+        for d, q in zip(self._drains, self._queues, strict=True):
+            if q.name not in settled:
+                d.wake()
+
+    def write_committed(self, claimed: Mapping[str, Sequence[Pending]]) -> Callable[[], None]:
+        """In the pass commit's worker call, right after the commit: the local sinks that are
+        caught up write the rows it claimed for them (hostagent.delivery.local_round). Returns
+        what trio then applies (counters, breaker, the next `wake(after_commit=True)`)."""
+        now_ns = self.clock.now().wall_ns
+        done = [(q, r) for q in self._queues if (rows := claimed.get(q.name))
+                and (r := q.write_at_commit(rows, now_ns)) is not None]
+
+        def apply() -> None:
+            self._settled_at_commit = frozenset(q.name for q, r in done
+                                                if q.written_at_commit(r))
+        return apply
 
     def _saw_used_bytes(self, used_bytes: int) -> None:
         if used_bytes >= MERGE_AT * self.cfg.max_bytes:

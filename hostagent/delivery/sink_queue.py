@@ -34,7 +34,9 @@ are committed without syncing the WAL (synchronous=NORMAL for that one commit): 
 the pass commit stay synced; a power cut can only lose acknowledgements (the events are sent
 again with the same event_id, as after a crash between the write and the commit). The take
 then hands the engine no rows, only "more may be due" or the next due time: one hand-off per
-round instead of three.
+round instead of three. The worker-thread side is hostagent.delivery.local_round; there, once
+the sink is caught up, the pass commit's own worker call writes each pass's rows right after
+the commit (`write_at_commit`), and the drain is not even woken.
 """
 
 from __future__ import annotations
@@ -52,32 +54,19 @@ from hostagent.config.schema import OutboxConfig
 from hostagent.delivery import metrics as em
 from hostagent.delivery.breaker import Breaker, CircuitOpen
 from hostagent.delivery.drain import Taken, attempt_backoff_s, round_backoff_s
+from hostagent.delivery.local_round import LocalRound, LocalRounds
 from hostagent.delivery.sinks.base import BatchWriter, Sink, Undeliverable
 from hostagent.errors import SinkRejected, SinkUnavailable, StateError
 from hostagent.store.inspect import Pending
-from hostagent.store.outbox import Claimed, Outcome, Store
+from hostagent.store.outbox import Outcome, Store
 
 log = logging.getLogger(__name__)
 # A sequential round lets other tasks run after this many instances (~2 ms of sending).
 YIELD_EVERY = 256
-# Batches a local sink's round writes in one worker-thread call (a backlog: then trio again).
-LOCAL_BATCHES_PER_CALL = 4
 
 
 def _retryable(err: BaseException) -> bool:
     return isinstance(err, SinkUnavailable) and not isinstance(err, CircuitOpen)
-
-
-@dataclass(slots=True)
-class _LocalRounds:
-    """What one worker-thread call of a local sink did (applied on trio's side)."""
-
-    claimed: Claimed  # the last transaction's answer
-    recorded: list[tuple[list[Outcome], int]]  # outcomes recorded and how many dead-lettered
-    written: list[tuple[int, float]] = field(default_factory=list)  # (events, seconds)
-    unrecorded: list[Outcome] = field(default_factory=list)  # written, their record failed
-    error: StateError | None = None
-    last_write_ok: bool | None = None  # None: nothing was written
 
 
 @dataclass(eq=False)
@@ -95,13 +84,15 @@ class SinkQueue:
     _unrecorded: list[Outcome] = field(default_factory=list)
     _persisted_version: int = -1
     _limiter: trio.CapacityLimiter = field(init=False)
-    _writer: BatchWriter | None = field(init=False)
+    _local: LocalRound | None = field(init=False)  # a local sink's worker-thread side
     _write_failed: bool = False  # the local sink's last write failed
 
     def __post_init__(self) -> None:
         self.breaker = Breaker(self.sink.breaker, self.clock)
         self._limiter = trio.CapacityLimiter(self.sink.max_in_flight)
-        self._writer = self.sink if isinstance(self.sink, BatchWriter) else None
+        self._local = LocalRound(self.sink.name, self.sink, self.store, self.cfg, self.clock,
+                                 self.rng, self.sink.retry) \
+            if isinstance(self.sink, BatchWriter) else None
 
     @property
     def name(self) -> str:
@@ -114,9 +105,9 @@ class SinkQueue:
         """Record the last round and claim the next batch, in one transaction."""
         await self._persist_breaker()
         outcomes, self._unrecorded = self._unrecorded, []
-        writer = self._local_writer()
-        if writer is not None:
-            return await self._local_take(writer, outcomes, now_ns)
+        local = self._local_writer()
+        if local is not None:
+            return await self._local_take(local, outcomes, now_ns)
         try:
             got = await trio.to_thread.run_sync(lambda: self.store.record_and_take(
                 self.name, outcomes, self.cfg.batch_size, now_ns,
@@ -157,26 +148,41 @@ class SinkQueue:
 
     # --- a local sink's rounds, in one worker-thread call ------------------------------
 
-    def _local_writer(self) -> BatchWriter | None:
-        """The batch writer while a local sink's rounds run in one worker call (its breaker
-        closed), else None."""
+    def _local_writer(self) -> LocalRound | None:
+        """A local sink's worker-thread side while its rounds run in one worker call (its
+        breaker closed), else None."""
         self._set_claim_at_commit()
-        return self._writer if self.breaker.state == "closed" else None
+        if self.breaker.state == "closed":
+            return self._local
+        if self._local is not None:  # its rounds go through `send` and `flush` for now
+            self._local.caught_up = False
+        return None
 
     def _set_claim_at_commit(self) -> None:
         """The pass commit claims a local sink's new rows while its rounds run in one worker
         call, unless its last write failed (rows held back by a failed one stay unclaimed,
         so mergeable)."""
-        self.store.claim_at_commit(self.name, self._writer is not None and
+        self.store.claim_at_commit(self.name, self._local is not None and
                                    self.breaker.state == "closed" and not self._write_failed)
 
-    async def _local_take(self, writer: BatchWriter, outcomes: list[Outcome],
+    async def _local_take(self, local: LocalRound, outcomes: list[Outcome],
                           now_ns: int) -> Taken[Pending]:
         try:
-            r = await trio.to_thread.run_sync(self._local_rounds, writer, outcomes, now_ns)
+            r = await trio.to_thread.run_sync(self._local_rounds, local, outcomes, now_ns)
         except StateError:
             self._unrecorded = outcomes  # rolled back: recorded by the next try
             raise
+        try:
+            self._apply_local(r)
+        except StateError:
+            self._unrecorded = r.unrecorded  # written: recorded by the next take or settle
+            raise
+        if r.claimed.batch:  # claimed, not written yet: the next take claims them again
+            return Taken([], more=True)
+        return Taken([], r.claimed.next_due_ns)
+
+    def _apply_local(self, r: LocalRounds) -> None:
+        """In trio: what a worker call of the local sink did; its StateError, if any."""
         if r.last_write_ok is not None:
             self._write_failed = not r.last_write_ok
             self._set_claim_at_commit()  # a failing file: the next pass's rows stay mergeable
@@ -188,59 +194,28 @@ class SinkQueue:
                 self.counters.observe_latency(seconds)
         self.on_used_bytes(r.claimed.used_bytes)
         if r.error is not None:
-            self._unrecorded = r.unrecorded  # written: recorded by the next take or settle
             raise r.error
-        if r.claimed.batch:  # claimed, not written yet: the next take claims them again
-            return Taken([], more=True)
-        return Taken([], r.claimed.next_due_ns)
 
-    def _local_rounds(self, writer: BatchWriter, outcomes: list[Outcome],
-                      now_ns: int) -> _LocalRounds:
-        """In a worker thread: record and claim (commit), write and fsync, record and claim."""
-        limit = self.cfg.local_batch_size
+    def _local_rounds(self, local: LocalRound, outcomes: list[Outcome],
+                      now_ns: int) -> LocalRounds:
+        """In a worker thread: the drain's round of a local sink (local_round.LocalRound)."""
+        return local.rounds(outcomes, now_ns)
 
-        def record_and_take(done: list[Outcome], *, acks_only: bool = False) -> Claimed:
-            return self.store.record_and_take(
-                self.name, done, 0 if acks_only else limit, now_ns,
-                dead_letter_after=self.cfg.dead_letter_after, durable=not acks_only)
+    def write_at_commit(self, rows: Sequence[Pending], now_ns: int) -> LocalRounds | None:
+        """In the pass commit's worker call, right after it: write the rows it claimed for this
+        local sink (local_round.LocalRound.at_commit); None: left to the drain."""
+        return self._local.at_commit(rows, now_ns) if self._local is not None else None
 
-        got = record_and_take(outcomes)
-        r = _LocalRounds(got, [(outcomes, got.dead_lettered)])
-        for _ in range(LOCAL_BATCHES_PER_CALL):
-            if not r.claimed.batch:
-                break
-            done = self._write(writer, r.claimed.batch, r)
-            # A short batch took every due row: only acknowledgements to record, and they may
-            # go unsynced (a power cut loses at most them: sent again, same event_id). A full
-            # batch claims the next one with them: that claim must be durable before its write.
-            last = len(r.claimed.batch) < limit
-            try:
-                got = record_and_take(done, acks_only=last and all(
-                    o.result == "acked" for o in done))
-            except StateError as err:
-                r.unrecorded, r.error = done, err
-                break
-            r.claimed = got
-            r.recorded.append((done, got.dead_lettered))
-        return r
-
-    def _write(self, writer: BatchWriter, batch: Sequence[Pending],
-               r: _LocalRounds) -> list[Outcome]:
-        by_instance: dict[str, list[Pending]] = {}  # the order `send` would see them in
-        for p in batch:
-            by_instance.setdefault(p.event.instance_id, []).append(p)
-        t0 = self.clock.now().monotonic_ns
+    def written_at_commit(self, r: LocalRounds) -> bool:
+        """In trio, after `write_at_commit` did `r`: apply it; True when the drain has nothing
+        to do for these rows (it is then not woken)."""
         try:
-            writer.write_batch([p.event.payload for ps in by_instance.values() for p in ps])
-        except SinkUnavailable as err:
-            # Maybe written, not known durable: send again later (consumers dedupe).
-            wait_ns = int(round_backoff_s(self.sink.retry, 1, self.rng) * 1e9)
-            at = self.clock.now().wall_ns + wait_ns
-            r.last_write_ok = False
-            return [Outcome.of(p, "failed", str(err), at) for p in batch]
-        r.last_write_ok = True
-        r.written.append((len(batch), (self.clock.now().monotonic_ns - t0) / 1e9))
-        return [Outcome.of(p, "acked") for p in batch]
+            self._apply_local(r)
+        except StateError as err:  # the acknowledgements were not recorded: the drain will
+            self._unrecorded = [*self._unrecorded, *r.unrecorded]
+            self.store_failed(err)
+            return False
+        return r.settled
 
     # --- one round ----------------------------------------------------------------------
 

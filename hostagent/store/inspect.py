@@ -90,6 +90,14 @@ class StoreReader(ABC):
     """The read-only queries of store.outbox.Store, which supplies `path` and `reading`."""
 
     path: Path
+    _page_size: int | None = None
+
+    def _page_bytes(self, c: sqlite3.Connection) -> int:
+        """The page size: read once (a WAL database's page size never changes), where the
+        size checks after every commit and claim asked SQLite each time."""
+        if self._page_size is None:
+            self._page_size = int(c.execute("PRAGMA page_size").fetchone()[0])
+        return self._page_size
 
     @abstractmethod
     def reading(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
@@ -238,7 +246,7 @@ class StoreReader(ABC):
     def size(self) -> StoreSize:
         """File, WAL and in-use bytes."""
         with self.reading("size") as c:
-            page = c.execute("PRAGMA page_size").fetchone()[0]
+            page = self._page_bytes(c)
             count = c.execute("PRAGMA page_count").fetchone()[0]
             used = self._used_bytes(c)
         try:
@@ -248,7 +256,7 @@ class StoreReader(ABC):
         return StoreSize(file_bytes=page * count, wal_bytes=wal, used_bytes=used)
 
     def _used_bytes(self, c: sqlite3.Connection) -> int:
-        page = c.execute("PRAGMA page_size").fetchone()[0]
+        page = self._page_bytes(c)
         count = c.execute("PRAGMA page_count").fetchone()[0]
         free = c.execute("PRAGMA freelist_count").fetchone()[0]
         return int(page * (count - free))

@@ -287,10 +287,13 @@ class Store(StoreReader):
 
     def commit_pass(self, baselines: Sequence[Baseline], events: Sequence[OutEvent], *,
                     removed_instances: Sequence[str] = (),
-                    alert_state: Mapping[str, bytes | None] | None = None) -> None:
+                    alert_state: Mapping[str, bytes | None] | None = None
+                    ) -> dict[str, list[Pending]]:
         """ONE transaction: baselines, events (+ pending deliveries), alert state (None deletes).
 
-        The deliveries of the sinks in `claim_at_commit` are inserted claimed."""
+        The deliveries of the sinks in `claim_at_commit` are inserted claimed, and returned:
+        those sinks' new rows, in commit order (the pass may write them at once,
+        hostagent.delivery.local_round)."""
         now = self.clock.now().wall_ns
         claimed_at_commit = self._claimed_at_commit
         base_rows = [(b.instance_id, orjson.dumps(b.to_dict()).decode()) for b in baselines]
@@ -335,6 +338,13 @@ class Store(StoreReader):
                     c.execute("INSERT INTO alert_state(fingerprint, state) VALUES(?, ?) "
                               "ON CONFLICT(fingerprint) DO UPDATE SET state = excluded.state",
                               (fp, state))
+        claimed: dict[str, list[Pending]] = {}
+        if claimed_at_commit:
+            for seq, (ev, sinks) in enumerate(new, first):
+                for sink in sinks:
+                    if sink in claimed_at_commit:
+                        claimed.setdefault(sink, []).append(Pending(ev, 0, 0, seq))
+        return claimed
 
     # --- the delivery side ------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import trio
 
 from hostagent.config.schema import OutboxConfig
 from hostagent.config.sinks import JsonlSinkConfig
-from hostagent.delivery import sink_queue
+from hostagent.delivery import local_round
 from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.base import BatchWriter
 from hostagent.delivery.sinks.jsonl import JsonlSink
@@ -148,7 +148,7 @@ async def test_a_backlog_goes_in_full_batches_each_event_once(
     assert len(lines) == len(set(lines)) == 45
     assert counts.fsyncs == 9  # one per batch of 5
     # a round writes up to LOCAL_BATCHES_PER_CALL batches per hand-off: 4 + 4 + 1
-    assert sink_queue.LOCAL_BATCHES_PER_CALL == 4
+    assert local_round.LOCAL_BATCHES_PER_CALL == 4
     assert counts.calls.count("_local_rounds") == 3, counts.calls
 
 

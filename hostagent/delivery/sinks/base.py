@@ -145,6 +145,12 @@ class BatchWriter(Protocol):
         never while a `flush` runs); SinkUnavailable if that failed (all are sent again)."""
         ...
 
+    def device(self) -> int:
+        """The `st_dev` of the filesystem it writes to (OSError: not known yet). The pass
+        commit writes a pass's rows itself only to the store's own filesystem
+        (hostagent.delivery.local_round)."""
+        ...
+
 
 class Dispatcher(Protocol):
     """Delivery a sink runs on its own, after the outbox handed it an event (webhooks: one

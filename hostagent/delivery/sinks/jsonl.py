@@ -73,6 +73,10 @@ class JsonlSink(ConfiguredSink[JsonlSinkConfig]):
         except OSError as err:
             raise SinkUnavailable(f"{self.path}: fsync failed: {err}") from err
 
+    def device(self) -> int:
+        """The `st_dev` of the file's directory (OSError while it does not exist)."""
+        return os.stat(self.path.parent).st_dev
+
     def write_batch(self, payloads: Sequence[bytes]) -> None:
         """Append the payloads as lines with one write, then fsync (blocking: a worker thread's
         call); SinkUnavailable if either failed."""
