@@ -12,8 +12,10 @@ event written twice by them, nor out of order):
   *caught up* (its last round left nothing due and nothing backing off, and its last write
   succeeded: nothing older of an instance can be waiting, so per-instance period order holds),
   only when the lock is free (a drain round in progress keeps them: it or the next takes them),
-  only up to `local_batch_size` rows, and only when the file is on the store's filesystem: the
-  pass waits for that write, and a filesystem that hangs it would have hung the commit too.
+  only up to LOCAL_BATCHES_PER_CALL batches of `local_batch_size` rows (a write and an fsync
+  each; after a failed one the rest stay due, for the drain), and only when the file is on the
+  store's filesystem: the pass waits for that write, and a filesystem that hangs it would have
+  hung the commit too.
 
 Otherwise nothing is written here and the drain is woken as before. A failed write's
 outcomes (transient: the round backoff) and the acknowledgements are recorded in the same
@@ -87,7 +89,8 @@ class LocalRound:
     def at_commit(self, rows: Sequence[Pending], now_ns: int) -> LocalRounds | None:
         """The pass commit's call, right after it: write the rows it claimed for this sink and
         record the outcomes; None when the drain must do it (see the module's docstring)."""
-        if not rows or len(rows) > self.cfg.local_batch_size or not self._on_store_fs():
+        limit = self.cfg.local_batch_size
+        if not rows or len(rows) > LOCAL_BATCHES_PER_CALL * limit or not self._on_store_fs():
             return None
         if not self.lock.acquire(blocking=False):
             return None
@@ -96,7 +99,11 @@ class LocalRound:
                 return None
             self.caught_up = False
             r = LocalRounds(Claimed([], 0, None, 0), [])
-            done = self._write(rows, r)
+            done: list[Outcome] = []
+            for at in range(0, len(rows), limit):  # in batches, as a drain round would
+                done += self._write(rows[at:at + limit], r)
+                if not r.last_write_ok:  # the rest stay due: the drain's, after this one
+                    break
             try:
                 r.claimed = self._record_and_take(done, now_ns, claim=False, durable=not all(
                     o.result == "acked" for o in done))

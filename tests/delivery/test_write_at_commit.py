@@ -16,6 +16,7 @@ import trio
 
 from hostagent.config.schema import OutboxConfig
 from hostagent.config.sinks import JsonlSinkConfig
+from hostagent.delivery import local_round
 from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.jsonl import JsonlSink
 from hostagent.errors import SinkUnavailable, StateError
@@ -136,12 +137,13 @@ async def test_a_backlog_is_the_drains_and_stays_in_period_order(tmp_path: Path)
 
 
 @pytest.mark.parametrize("why", ["drain round in progress", "other filesystem",
-                                 "more than a batch"])
+                                 "more than a round's batches"])
 async def test_the_drain_sends_what_the_commit_may_not_write(tmp_path: Path, why: str) -> None:
     store, sink, d = setup(tmp_path, local_batch_size=8)
     local = d._queues[0]._local
     assert local is not None
-    evs = [usage_event(f"i{i}", 0) for i in range(9 if why == "more than a batch" else 8)]
+    # a round's batches: LOCAL_BATCHES_PER_CALL (4) of local_batch_size (8)
+    evs = [usage_event(f"i{i}", 0) for i in range(33 if why.startswith("more") else 8)]
     sink.other_fs = why == "other filesystem"
     try:
         async with trio.open_nursery() as nursery:
@@ -169,7 +171,8 @@ async def test_the_drain_sends_what_the_commit_may_not_write(tmp_path: Path, why
             nursery.cancel_scope.cancel()
     finally:
         store.close()
-    assert lines(tmp_path) == [e.payload for e in evs]
+    got = lines(tmp_path)  # (the drain's order within a period is its own)
+    assert len(got) == len(set(got)) and sorted(got) == sorted(e.payload for e in evs)
 
 
 async def test_a_failed_write_at_the_commit_is_sent_again_by_the_drain(
@@ -294,3 +297,51 @@ async def test_only_a_caught_up_sink_is_written_at_the_commit(tmp_path: Path) ->
     finally:
         store.close()
     assert lines(tmp_path) == [usage_event("i", k).payload for k in range(11)]
+
+
+async def test_a_pass_over_a_batch_is_written_in_batches_and_a_failed_one_waits(
+        tmp_path: Path, mock_clock: trio.testing.MockClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 rows, batches of 8: three writes and fsyncs in the commit's call; when the second
+    fails, its rows wait the round backoff and the third batch's rows go to the drain now."""
+    mock_clock.autojump_threshold = 0.01
+    assert local_round.LOCAL_BATCHES_PER_CALL * 8 >= 20
+    store, _, d = setup(tmp_path, local_batch_size=8)
+    counts = Counts(monkeypatch, store)
+    evs = [usage_event(f"i{i:02}", 0) for i in range(20)]
+    writes: list[int] = []
+    fail_second = [False]
+    real = File.write_batch
+
+    def write_batch(self: File, payloads: Any) -> None:
+        writes.append(len(payloads))
+        if fail_second[0] and len(writes) == 2:
+            raise SinkUnavailable("write failed: ENOSPC")
+        real(self, payloads)
+
+    monkeypatch.setattr(File, "write_batch", write_batch)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(d.run)
+            await d.drained()
+            counts.on = True
+            await commit(store, d, evs)
+            counts.on = False
+            assert writes == [8, 8, 4] and counts.fsyncs == 3
+            assert store.stats()["file"].acked == 20
+            writes.clear()
+            fail_second[0] = True  # the next pass's second batch
+            await commit(store, d, [usage_event(f"i{i:02}", 1) for i in range(20)])
+            assert writes == [8, 8]  # the third was not tried
+            assert store.stats()["file"].acked == 28
+            await eventually(lambda: store.stats()["file"].acked == 32, 5)  # the third: now
+            await eventually(lambda: store.stats()["file"].acked == 40, 600)  # after backoff
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    got = lines(tmp_path)
+    assert len(got) == len(set(got)) == 40
+    assert got[:28] == [e.payload for e in evs] + [usage_event(f"i{i:02}", 1).payload
+                                                   for i in range(8)]
+    assert got[28:] == [usage_event(f"i{i:02}", 1).payload for i in [*range(16, 20),
+                                                                     *range(8, 16)]]
