@@ -50,6 +50,7 @@ from hostagent.store.outbox import Store
 from hostagent.store.schema import upgrade_budget_s
 from hostagent.store.webhooks import WebhookStore
 from hostagent.tailing import TailTasks
+from hostagent.threads import thread_limiter
 
 log = logging.getLogger(__name__)
 # Longest a pass waits for API requests in flight before it starts reading counters.
@@ -110,7 +111,7 @@ class Daemon:
         """Open the store and construct every component from the config."""
         clock = clock or SystemClock()
         preflight.check(cfg)  # the checks `hostagent check-config` makes, before any write
-        limiter = trio.CapacityLimiter(cfg.collector.max_threads)
+        limiter = thread_limiter(cfg.collector.max_threads)
         rules = rules_source.from_config(cfg.thresholds, state_path=cfg.collector.state_path,
                                          routes=config_routes(cfg.sinks))
         rules.load_initial()  # an invalid rules file at start is a config error: refuse to run
