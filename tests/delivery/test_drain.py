@@ -38,6 +38,7 @@ from hostagent.store.inspect import StoreSize
 from hostagent.store.outbox import Claimed, Outcome, Store
 from tests.clocks import FakeClock, TrioClock
 from tests.delivery.sinks.test_queue_channels import alert, alert_rows
+from tests.delivery.test_engine import idle_after_start
 from tests.standins.queue import usage_event
 
 retries = st.builds(
@@ -287,8 +288,7 @@ async def test_a_commit_costs_no_size_check_while_a_healthy_sink_takes(tmp_path:
         async with trio.open_nursery() as nursery:
             await nursery.start(d.run)
             with trio.fail_after(20):
-                await d.drained()
-                await trio.sleep(0.05)  # the first maintenance run is over
+                await idle_after_start(d)
                 before = store.sizes
                 for k in range(10):
                     await trio.to_thread.run_sync(store.commit_pass, [], [usage_event("i", k)])

@@ -126,6 +126,12 @@ async def eventually(pred: Callable[[], bool], timeout_s: float, step_s: float =
             await trio.sleep(step_s)
 
 
+async def idle_after_start(d: Delivery) -> None:
+    """Every sink found nothing to send, and the first maintenance run is over."""
+    await d.drained()
+    await trio.sleep(0.05)
+
+
 def use_mock_time(clock: trio.testing.MockClock, *, rate: float = 1.0,
                   threshold_s: float = 0.05) -> None:
     """Time flows with real time, and jumps ahead whenever everything waits (backoffs)."""

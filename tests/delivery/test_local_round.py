@@ -23,7 +23,7 @@ from hostagent.delivery.sinks.jsonl import JsonlSink
 from hostagent.errors import SinkUnavailable
 from hostagent.store.outbox import Store
 from tests.clocks import TrioClock
-from tests.delivery.test_engine import eventually
+from tests.delivery.test_engine import eventually, idle_after_start
 from tests.standins.queue import usage_event
 
 T = TypeVar("T")
@@ -81,8 +81,7 @@ async def test_a_jsonl_round_is_one_hand_off_two_commits_one_fsync(
         async with trio.open_nursery() as nursery:
             await nursery.start(d.run)
             with trio.fail_after(20):
-                await d.drained()
-                await trio.sleep(0.05)  # the first maintenance run is over
+                await idle_after_start(d)
                 for k in range(5):
                     evs = [usage_event(f"i{i:04}", k) for i in range(domains)]
                     events += evs
