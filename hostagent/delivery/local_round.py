@@ -64,8 +64,10 @@ class LocalRounds:
 
 @dataclass(eq=False)
 class LocalRound:
-    """One local sink's worker-thread side: its writer, its lock and whether it is caught up
-    (`caught_up` and `lock` are only used in worker threads)."""
+    """One local sink's worker-thread side: its writer, its lock and whether it is caught up.
+    `lock` and `caught_up` belong to worker threads; trio only ever clears `caught_up` (a
+    breaker that opened: the sink's rounds go through `send` and `flush`), which at worst
+    leaves one pass's rows to the drain."""
 
     name: str
     writer: BatchWriter
