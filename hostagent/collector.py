@@ -82,10 +82,12 @@ class Collector:
         self.gpu = gpu_source
         self.limiter = limiter
         # Disk bytes come from libvirt (v1 blkio stays 0 on kernel 6.x): never read cgroup io.
+        # Nothing uses a cgroup's memory limit (events carry libvirt's allocation): not read.
         # Kept-open cgroup files, across passes; whoever owns the collector calls close().
         self.fds = FdCache()  # shared with the light sampler (hostagent/tailing.py)
         self.cgroups = cgroup_src.CgroupReader(HostRoot(cfg.paths.root), io=False,
-                                               pressure=cfg.collector.pressure, fds=self.fds)
+                                               limit=False, pressure=cfg.collector.pressure,
+                                               fds=self.fds)
         self.files = DomainFiles(HostRoot(cfg.paths.root), cgroup_root=cfg.paths.cgroup_root,
                                  pressure=cfg.collector.pressure, cgroups=self.cgroups,
                                  links=link_reader,

@@ -114,6 +114,44 @@ async def test_cgroup_files_are_read_afresh_when_the_root_moves(tmp_path: Path) 
     store.close()
 
 
+async def test_without_libvirt_figures_the_pass_reads_cgroup_usage_but_no_limit(
+        tmp_path: Path) -> None:
+    """Where libvirt gives neither cpu.time nor balloon stats, CPU and memory come from the
+    cgroup; the memory limit, which nothing uses, is never read (an unreadable memory.max is
+    not even noticed)."""
+    host = Host(tmp_path, "systemd-v2")
+    src = tmp_path / "src"
+    shutil.copytree(host.src, src, symlinks=True)
+    host.src = src
+    host.root.unlink()
+    host.root.symlink_to(src / "t0")
+    for t in ("t0", "t1"):
+        bulk_path = src / t / "libvirt" / "bulk_stats.json"
+        entries = json.loads(bulk_path.read_text())
+        for e in entries:
+            e["stats"] = {k: v for k, v in e["stats"].items()
+                          if not k.startswith(("cpu.", "balloon."))}
+        bulk_path.write_text(json.dumps(entries))
+        limits = list((src / t / "sys/fs/cgroup").rglob("memory.max"))
+        assert limits
+        for f in limits:
+            f.unlink()
+            f.mkdir()  # reading it would fail (EISDIR) and be reported
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    report = await coll.run_pass()
+    assert report.committed, report.error
+    assert report.samples
+    for s in report.samples:
+        assert s.cpu_ns is not None
+        assert s.memory is not None
+        assert s.memory.source == "cgroup"
+        assert not [k for k in s.missing if "limit" in k], s.missing
+    coll.cgroups.close()
+    store.close()
+
+
 async def test_restart_resumes_from_persisted_baselines(tmp_path: Path) -> None:
     host = Host(tmp_path, "lab-hybrid")
     coll, store = make_collector(host, tmp_path)

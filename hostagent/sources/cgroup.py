@@ -148,18 +148,21 @@ def locate(root: HostRoot, cgroup_root: str, pid: int) -> CgroupPaths | None:
 class CgroupReader:
     """Reads a domain's counters from the dirs `locate` found; one call per domain per pass.
 
-    `io=False` / `pressure=False` skip those files (each costs ~7 µs of kernel time per domain
-    on cgroupfs to open and read, ~2 µs to re-read through `fds`); skipped fields are None with
-    no `missing` entry. With `fds` the reader owns that cache: call `sweep()` once per pass,
-    after the reads, and `close()` when done.
+    `io=False` / `pressure=False` / `limit=False` skip those files (each costs ~7 µs of kernel
+    time per domain on cgroupfs to open and read, ~2 µs to re-read through `fds`); skipped
+    fields are None with no `missing` entry. The daemon reads neither io (disk bytes come from
+    libvirt) nor the memory limit (no event, alert or API field uses it). With `fds` the
+    reader owns that cache: call `sweep()` once per pass, after the reads, and `close()` when
+    done.
     """
 
-    __slots__ = ("_fds", "_io", "_prefix", "_pressure")
+    __slots__ = ("_fds", "_io", "_limit", "_prefix", "_pressure")
 
     def __init__(self, root: HostRoot, *, io: bool = True, pressure: bool = True,
-                 fds: FdCache | None = None) -> None:
+                 limit: bool = True, fds: FdCache | None = None) -> None:
         self._prefix = root.abspath("/").rstrip("/")
         self._io = io
+        self._limit = limit
         self._pressure = pressure
         self._fds = fds
 
@@ -235,7 +238,7 @@ class CgroupReader:
         keys = _MEMORY_KEYS
         if d is None:
             why = paths.missing.get("memory", "no memory cgroup")
-            missing.update(dict.fromkeys(keys, why))
+            missing.update(dict.fromkeys(keys if self._limit else keys[:2], why))
             return None, None, None
         v2 = d.version == 2
         cur_file = "memory.current" if v2 else "memory.usage_in_bytes"
@@ -251,22 +254,28 @@ class CgroupReader:
         elif keys[1] not in missing:
             missing[keys[1]] = (f"no memory usage in {d.path}" if current is None
                                 else f"no inactive_file in {d.path}/memory.stat")
-        limit: int | None = None
-        if v2:
-            data = self._cat(d.path + "/memory.max", keys[2], missing)
-            if data is not None and data.strip() != b"max":
-                limit = self._int(data, d.path, "memory.max", keys[2], missing)
-        else:
-            # hierarchical_memory_limit is the effective limit (parents included) and saves
-            # opening memory.limit_in_bytes; the file is the fallback for odd kernels.
-            limit = None if stat is None else kv_bytes(stat, b"hierarchical_memory_limit ")
-            if limit is None:
-                data = self._cat(d.path + "/memory.limit_in_bytes", keys[2], missing)
-                if data is not None:
-                    limit = self._int(data, d.path, "memory.limit_in_bytes", keys[2], missing)
-            if limit is not None and limit >= _V1_UNLIMITED_BYTES:
-                limit = None
+        limit = self._memory_limit(d, stat, missing) if self._limit else None
         return current, working_set, limit
+
+    def _memory_limit(self, d: ControllerDir, stat: bytes | None,
+                      missing: dict[str, str]) -> int | None:
+        """The memory limit in bytes; None when unlimited (no `missing` entry) or unreadable."""
+        key = _MEMORY_KEYS[2]
+        if d.version == 2:
+            data = self._cat(d.path + "/memory.max", key, missing)
+            if data is None or data.strip() == b"max":
+                return None
+            return self._int(data, d.path, "memory.max", key, missing)
+        # hierarchical_memory_limit is the effective limit (parents included) and saves
+        # opening memory.limit_in_bytes; the file is the fallback for odd kernels.
+        limit = None if stat is None else kv_bytes(stat, b"hierarchical_memory_limit ")
+        if limit is None:
+            data = self._cat(d.path + "/memory.limit_in_bytes", key, missing)
+            if data is not None:
+                limit = self._int(data, d.path, "memory.limit_in_bytes", key, missing)
+        if limit is not None and limit >= _V1_UNLIMITED_BYTES:
+            return None
+        return limit
 
     def _read_io(
         self, paths: CgroupPaths, missing: dict[str, str]

@@ -22,7 +22,11 @@ tests/sources/test_fdcache.py against real cgroups):
   files are read like `cat`, every time (checking the path with stat() before each pread
   measured 3.4 µs per file on ext4, more than `cat`'s 3.2 µs). A descriptor is on cgroupfs
   when its st_dev is the device of a cgroup/cgroup2 mount in /proc/self/mountinfo; when that
-  cannot be read, nothing is kept.
+  cannot be read, nothing is kept. Such a file's directory is remembered (one string per
+  directory, not an entry per file: ~10 MB less at 5,000 domains on a recorded tree), and the
+  other files there are read like `cat` without opening them to look: a cgroupfs file inside
+  a plain directory would need a bind mount over a single file, and would only be read
+  uncached.
 
 Bounded: at most `max_fds` kept descriptors (default: half the RLIMIT_NOFILE soft limit minus
 a reserve). A path read while the cache is full is read uncached, like `cat`: evicting instead
@@ -77,7 +81,7 @@ def cgroup_devices(mountinfo: str = "/proc/self/mountinfo") -> frozenset[int]:
 
 @dataclass(slots=True)
 class _Entry:
-    fd: int  # -1: the path is not on cgroupfs, read it like `cat` (counts for no bound)
+    fd: int
     used: int  # sweep generation of the last read
 
 
@@ -97,10 +101,9 @@ def _close_all(entries: dict[str, _Entry]) -> int:
     n = 0
     while entries:
         _, entry = entries.popitem()
-        if entry.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(entry.fd)
-            n += 1
+        with contextlib.suppress(OSError):
+            os.close(entry.fd)
+        n += 1
     return n
 
 
@@ -108,7 +111,8 @@ class FdCache:
     """Kept-open descriptors keyed by full (rooted) path; `read` answers like `files.cat`."""
 
     __slots__ = ("__weakref__", "_cgroup_devs", "_chunk_bytes", "_closed", "_counts",
-                 "_entries", "_finalizer", "_gen", "_lock", "_mountinfo", "_open", "max_fds")
+                 "_entries", "_finalizer", "_gen", "_lock", "_mountinfo", "_open", "_plain",
+                 "max_fds")
 
     def __init__(self, max_fds: int | None = None, *, chunk_bytes: int = CHUNK_BYTES,
                  mountinfo: str = "/proc/self/mountinfo") -> None:
@@ -117,6 +121,9 @@ class FdCache:
         self._mountinfo = mountinfo
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
+        # Directories not on cgroupfs (their files are read like `cat`) → the sweep period
+        # they were last read in.
+        self._plain: dict[str, int] = {}
         self._open = 0  # descriptors owned: in the dict or being read by a thread
         self._gen = 0
         self._closed = False
@@ -146,19 +153,21 @@ class FdCache:
         The hit path is one method: take the entry out under the lock, pread, put it back.
         """
         entries = self._entries
+        plain = False
         with self._lock:
             entry = entries.get(path)
             if entry is not None:
-                if entry.fd < 0:  # not on cgroupfs: read like cat, every time
-                    entry.used = self._gen
+                del entries[path]  # this thread's alone while it reads
+            else:
+                plain_dirs = self._plain
+                d = path[:path.rfind("/")]
+                if d in plain_dirs:  # not on cgroupfs: read like cat, every time
+                    plain_dirs[d] = self._gen
                     self._counts["uncached"] += 1
-                else:
-                    del entries[path]  # this thread's alone while it reads
+                    plain = True
         if entry is None:
-            return self._read_new(path)
+            return cat_bytes(path) if plain else self._read_new(path)
         fd = entry.fd
-        if fd < 0:
-            return cat_bytes(path)
         try:
             data = os.pread(fd, self._chunk_bytes, 0)
             if len(data) == self._chunk_bytes:  # the rare long file: read on to EOF
@@ -178,8 +187,11 @@ class FdCache:
     def sweep(self) -> int:
         """Close the descriptors not read since the previous sweep; how many were closed."""
         with self._lock:
-            gone = [p for p, e in self._entries.items() if e.used != self._gen]
+            gen = self._gen
+            gone = [p for p, e in self._entries.items() if e.used != gen]
             entries = {p: self._entries.pop(p) for p in gone}
+            for d in [d for d, used in self._plain.items() if used != gen]:
+                del self._plain[d]
             self._gen += 1
             self._cgroup_devs = None  # mounts may change: look again when next opening
         n = _close_all(entries)
@@ -194,6 +206,7 @@ class FdCache:
             self._closed = True
             entries = dict(self._entries)
             self._entries.clear()
+            self._plain.clear()
         n = _close_all(entries)
         with self._lock:
             self._open -= n
@@ -229,8 +242,13 @@ class FdCache:
             if not kept:
                 os.close(fd)
                 self._release()
-        self._put_back(path, _Entry(fd if kept else -1, self._gen),
-                       "opened" if kept else "uncached")
+        if kept:
+            self._put_back(path, _Entry(fd, self._gen))
+        else:
+            with self._lock:
+                self._counts["uncached"] += 1
+                if not self._closed:
+                    self._plain[path[:path.rfind("/")]] = self._gen
         return data
 
     def _pread_all(self, fd: int) -> bytes:
@@ -253,9 +271,9 @@ class FdCache:
             devs = self._cgroup_devs = cgroup_devices(self._mountinfo)
         return devs
 
-    def _put_back(self, path: str, entry: _Entry, counter: str) -> None:
+    def _put_back(self, path: str, entry: _Entry) -> None:
         with self._lock:
-            self._counts[counter] += 1
+            self._counts["opened"] += 1
             spare = self._closed or path in self._entries
             if not spare:
                 entry.used = self._gen
@@ -264,8 +282,6 @@ class FdCache:
             self._discard(entry, stale=False)
 
     def _discard(self, entry: _Entry, *, stale: bool) -> None:
-        if entry.fd < 0:
-            return
         with contextlib.suppress(OSError):
             os.close(entry.fd)
         with self._lock:

@@ -408,6 +408,42 @@ def test_io_and_pressure_can_be_skipped(v2_copy: tuple[HostRoot, CgroupPaths, Pa
     assert r.missing == {}
 
 
+def test_the_memory_limit_can_be_skipped(v2_copy: tuple[HostRoot, CgroupPaths, Path]) -> None:
+    """limit=False (the daemon's reader) never opens memory.max: an unreadable one costs
+    nothing, and usage and working set are read as before."""
+    root, paths, d = v2_copy
+    (d / "memory.max").unlink()
+    (d / "memory.max").mkdir()  # reading it fails (EISDIR)
+    with_limit = CgroupReader(root).read(paths)
+    assert "cgroup:memory_limit_bytes" in with_limit.missing
+    r = CgroupReader(root, limit=False).read(paths)
+    assert r.memory_limit_bytes is None
+    assert "cgroup:memory_limit_bytes" not in r.missing
+    assert (r.memory_current_bytes, r.memory_working_set_bytes) == (
+        with_limit.memory_current_bytes, with_limit.memory_working_set_bytes)
+    assert r.memory_working_set_bytes is not None
+    gone = CgroupReader(root, limit=False).read(CgroupPaths(
+        cpu=paths.cpu, memory=None, io=None, unified=None, missing={"memory": "no dir"}))
+    assert {k for k in gone.missing if k.startswith("cgroup:memory")} == {
+        "cgroup:memory_current_bytes", "cgroup:memory_working_set_bytes"}
+
+
+def test_the_v1_memory_limit_can_be_skipped(tmp_path: Path) -> None:
+    vm = "/machine/qemu-1-a.libvirt-qemu"
+    write(tmp_path, "/proc/5/cgroup", f"4:memory:{vm}\n")
+    write(tmp_path, f"{CG}/memory{vm}/memory.usage_in_bytes", "100\n")
+    write(tmp_path, f"{CG}/memory{vm}/memory.stat", "total_inactive_file 30\n")
+    (tmp_path / f"{CG}/memory{vm}/memory.limit_in_bytes".lstrip("/")).mkdir()
+    root = HostRoot(tmp_path)
+    paths = cgroup.locate(root, CG, 5)
+    assert paths is not None
+    assert "cgroup:memory_limit_bytes" in CgroupReader(root).read(paths).missing
+    r = CgroupReader(root, limit=False).read(paths)
+    assert (r.memory_current_bytes, r.memory_working_set_bytes, r.memory_limit_bytes) == (
+        100, 70, None)
+    assert not any(k.startswith("cgroup:memory") for k in r.missing)
+
+
 # --- kept-open files (FdCache) -------------------------------------------------------------------
 
 

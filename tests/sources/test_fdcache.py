@@ -64,6 +64,38 @@ def test_plain_files_answer_like_cat_and_are_not_kept(tmp_path: Path) -> None:
 # --- the cache's mechanics (tree declared cgroupfs) -----------------------------------------------
 
 
+def test_plain_files_cost_one_remembered_directory_not_an_entry_each(tmp_path: Path) -> None:
+    """The cache remembers which directories are plain (what a 5,000-domain recorded tree
+    would otherwise keep as 35,000 per-file entries), reads their files like cat, and forgets
+    a directory no pass read."""
+    dirs = [tmp_path / f"vm{i}" for i in range(50)]
+    names = ("cpu.stat", "memory.current", "memory.stat")
+    for d in dirs:
+        d.mkdir()
+        for n in names:
+            (d / n).write_text(f"{d.name} {n}\n")
+    cache = FdCache()
+    for _ in range(2):
+        for d in dirs:
+            for n in names:
+                assert cache.read(str(d / n)) == f"{d.name} {n}\n"
+        cache.sweep()
+    assert cache.stats().uncached == 2 * len(dirs) * len(names)
+    assert (cache.stats().opened, cache.open_fds) == (0, 0)
+    assert len(cache._entries) == 0  # no per-file state for plain files
+    assert len(cache._plain) == len(dirs)
+    (dirs[0] / "cpu.stat").write_text("changed\n")  # a remembered directory's files: fresh
+    (dirs[0] / "new").write_text("also read\n")
+    assert cache.read(str(dirs[0] / "cpu.stat")) == "changed\n"
+    assert cache.read(str(dirs[0] / "new")) == "also read\n"
+    assert cache.read(str(dirs[0] / "absent")) is None
+    cache.sweep()  # only vm0 was read in this period
+    assert set(cache._plain) == {str(dirs[0])}
+    cache.sweep()
+    assert cache._plain == {}
+    cache.close()
+
+
 def test_a_kept_descriptor_reads_each_new_value(tmp_path: Path) -> None:
     p = tmp_path / "cpu.stat"
     p.write_text("usage_usec 1\n")
