@@ -3,8 +3,8 @@
 `bench/daemon_cost.py` runs its collectors one after another; a small difference between two
 versions of hostagent drowns there in the machine's drift (another run of the same code moves
 by 10 %). Here both daemons run at once, each with its own store and JSONL file, over the same
-guests, so drift hits both alike; rounds alternate which one starts first. CPU is every
-thread's schedstat (ns), or the process's 10 ms ticks when a thread exited in the window.
+guests, so drift hits both alike; rounds alternate which one starts first. CPU is the
+process's CPU-time clock (ns, every thread, the exited ones included: bench/daemon_cost.py).
 
     python bench/side_by_side.py --against /path/to/other/checkout --live --window 90
     python bench/side_by_side.py --against DIR --domains 1000 --rounds 2

@@ -8,7 +8,7 @@ so far (counted from the events written), RSS, and the CPU per pass since the pr
 At the end: the curve as a markdown table and the growth after warm-up (the first
 `--warmup-min` minutes are excluded), which is what "flat" means here.
 
-CPU as bench/daemon_cost.py reads it (threads' schedstat in ns; ticks when a thread exited).
+CPU as bench/daemon_cost.py reads it (the process's CPU-time clock, ns, exited threads included).
 
     python bench/soak.py [--live | --domains 1000] [--minutes 60] [--every 60] [--interval 1]
 
