@@ -52,6 +52,17 @@ def make_collector(host: Host, tmp: Path, **collector: Any) -> tuple[Collector, 
     return coll, store
 
 
+def editable_host(tmp: Path, name: str) -> Host:
+    """A recorded host whose trees are a copy under `tmp/src`, for a test to change."""
+    host = Host(tmp, name)
+    src = tmp / "src"
+    shutil.copytree(host.src, src, symlinks=True)
+    host.src = src
+    host.root.unlink()
+    host.root.symlink_to(src / "t0")
+    return host
+
+
 @pytest.fixture(params=["lab-hybrid", "systemd-v2"])
 def host(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Host]:
     return Host(tmp_path, request.param)
@@ -119,12 +130,8 @@ async def test_without_libvirt_figures_the_pass_reads_cgroup_usage_but_no_limit(
     """Where libvirt gives neither cpu.time nor balloon stats, CPU and memory come from the
     cgroup; the memory limit, which nothing uses, is never read (an unreadable memory.max is
     not even noticed)."""
-    host = Host(tmp_path, "systemd-v2")
-    src = tmp_path / "src"
-    shutil.copytree(host.src, src, symlinks=True)
-    host.src = src
-    host.root.unlink()
-    host.root.symlink_to(src / "t0")
+    host = editable_host(tmp_path, "systemd-v2")
+    src = host.src
     for t in ("t0", "t1"):
         bulk_path = src / t / "libvirt" / "bulk_stats.json"
         entries = json.loads(bulk_path.read_text())
@@ -299,12 +306,8 @@ EIO_FILE = "/proc/self/mem"  # reading offset 0 (unmapped) gives EIO
 
 def broken_host(tmp: Path) -> Host:
     """The lab-hybrid recording plus eight clones of halab-2, each broken one way."""
-    host = Host(tmp, "lab-hybrid")
-    src = tmp / "src"
-    shutil.copytree(host.src, src, symlinks=True)
-    host.src = src
-    host.root.unlink()
-    host.root.symlink_to(src / "t0")
+    host = editable_host(tmp, "lab-hybrid")
+    src = host.src
     model = next(g for g in host.meta["guests"] if g["name"] == "halab-2")
     for t in ("t0", "t1"):
         tree = src / t
