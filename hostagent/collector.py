@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from hostagent import pass_reads
+from hostagent import handoff, pass_reads
 from hostagent.accounting import identity, inventory, ledger, tails, unattributed
 from hostagent.accounting.readings import (
     Accounting,
@@ -222,9 +222,9 @@ class Collector:
             wants = [Want(info, d.stats, self._facts.get((info.uuid, info.domid)))
                      for d, info in running]
             with trio.move_on_after(timeout_s):
-                result = await trio.to_thread.run_sync(self.files.read, wants,
-                                                       limiter=self.limiter,
-                                                       abandon_on_cancel=True)
+                result = await handoff.run_sync(self.files.read, wants,
+                                                limiter=self.limiter,
+                                                abandon_on_cancel=True)
                 why = "host file reads of an earlier pass still blocked"
         if result is None:
             log.warning("host file reads skipped", extra={"reason": why})
@@ -285,8 +285,8 @@ class Collector:
         (bounded by `libvirt.call_timeout_s`), so every sample taken before now is in."""
         inbox = self.light_inbox
         if inbox.busy:
-            await trio.to_thread.run_sync(inbox.wait_idle, self.cfg.libvirt.call_timeout_s,
-                                          limiter=self.limiter, abandon_on_cancel=True)
+            await handoff.run_sync(inbox.wait_idle, self.cfg.libvirt.call_timeout_s,
+                                   limiter=self.limiter, abandon_on_cancel=True)
         merge_into(self.tails, inbox.take())
 
     def settings(self) -> ledger.Settings:
@@ -326,8 +326,8 @@ class Collector:
         # Shielded: once the commit starts, the pass deadline must not cancel it, or the store
         # would hold new baselines while memory keeps the old ones and re-bills the period.
         with trio.CancelScope(shield=True):
-            written = await trio.to_thread.run_sync(self._commit, store, acc, self.after_commit,
-                                                    limiter=self.limiter)
+            written = await handoff.run_sync(self._commit, store, acc, self.after_commit,
+                                             limiter=self.limiter)
             for b in acc.baselines:
                 self.baselines[b.instance_id] = b
             for iid in acc.removed:
@@ -362,8 +362,8 @@ class Collector:
             return early.parent_ns
         if self._parent_cpu is None:
             return None
-        return await trio.to_thread.run_sync(pass_reads.parent_cpu_ns, self._root,
-                                             self._parent_cpu, self.fds, limiter=self.limiter)
+        return await handoff.run_sync(pass_reads.parent_cpu_ns, self._root,
+                                      self._parent_cpu, self.fds, limiter=self.limiter)
 
     @staticmethod
     def _commit(store: PassStore, acc: Accounting,

@@ -20,6 +20,7 @@ import orjson
 import pytest
 import trio
 
+from hostagent import handoff
 from hostagent.collector import Collector
 from hostagent.config.load import from_mapping
 from hostagent.model import Baseline
@@ -474,13 +475,16 @@ async def test_a_steady_pass_reads_libvirt_and_host_files_in_one_worker_call(
     host = v2_host_with_partition(tmp_path, 1000, 3000)
     coll, store = make_collector(host, tmp_path)
     calls: list[str] = []
-    real = trio.to_thread.run_sync
 
-    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(getattr(fn, "__qualname__", repr(fn)))
-        return await real(fn, *args, **kwargs)
+    def counting(real: Any) -> Any:
+        async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(getattr(fn, "__qualname__", repr(fn)))
+            return await real(fn, *args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    # the pass hands off through hostagent.handoff; trio's own hand-off would count too
+    monkeypatch.setattr(handoff, "run_sync", counting(handoff.run_sync))
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting(trio.to_thread.run_sync))
     first = await coll.run_pass()
     n = first.domains
     assert n > 0

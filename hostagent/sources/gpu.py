@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import trio
 
+from hostagent import handoff
 from hostagent.clock import Clock
 from hostagent.config.schema import GpuConfig
 from hostagent.errors import SourceError, SourceTimeout, SourceUnavailable
@@ -214,8 +215,8 @@ class GpuSource:
         or fails the pass, which the next pass then covers.
         """
         with trio.move_on_after(self._cfg.timeout_s):
-            fresh = await trio.to_thread.run_sync(scan_sysfs, self._root, pci, mdevs,
-                                                  limiter=limiter, abandon_on_cancel=True)
+            fresh = await handoff.run_sync(scan_sysfs, self._root, pci, mdevs,
+                                           limiter=limiter, abandon_on_cancel=True)
             self._sysfs = fresh
             return fresh
         old = self._sysfs
@@ -236,7 +237,7 @@ class GpuSource:
         snapshot: NvmlSnapshot | None = None
         with trio.move_on_after(self._cfg.timeout_s) as scope:
             try:
-                snapshot = await trio.to_thread.run_sync(
+                snapshot = await handoff.run_sync(
                     nvml_pass, self._nvml, self._busy, phase, dict(self._last_seen_us),
                     limiter=limiter, abandon_on_cancel=True)
             except SourceUnavailable:

@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
+from hostagent import handoff
 from hostagent.clock import Clock
 from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceTimeout, SourceUnavailable
@@ -213,7 +214,7 @@ class LibvirtSource:
         limit = self._cfg.call_timeout_s if timeout_s is None else timeout_s
         call, call_args = (fn, args) if on is None else (on.run, (fn, *args))
         with trio.move_on_after(limit) as scope:
-            return await trio.to_thread.run_sync(
+            return await handoff.run_sync(
                 call, *call_args, limiter=self._limiter, abandon_on_cancel=True)
         if scope.cancelled_caught:
             raise SourceTimeout(f"{getattr(fn, '__name__', fn)} exceeded {limit}s")
@@ -326,8 +327,7 @@ class LibvirtSource:
                     out[d.uuid] = err
 
         with trio.move_on_after(limit):
-            await trio.to_thread.run_sync(fetch_all, limiter=self._limiter,
-                                          abandon_on_cancel=True)
+            await handoff.run_sync(fetch_all, limiter=self._limiter, abandon_on_cancel=True)
         stop.set()
         got = dict(out)  # the abandoned call may still add the one it was fetching
         for d in handles:

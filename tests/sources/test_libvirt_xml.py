@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import trio
 
+from hostagent import handoff
 from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceTimeout
 from hostagent.model import DomainStats
@@ -41,13 +42,13 @@ def source() -> LibvirtSource:
 async def test_the_xml_of_a_pass_is_one_worker_call(monkeypatch: pytest.MonkeyPatch) -> None:
     doms = [Dom(f"vm{i}") for i in range(50)] + [Dom("gone", fail=True)]
     calls: list[Any] = []
-    real = trio.to_thread.run_sync
+    real = handoff.run_sync
 
     async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(fn)
         return await real(fn, *args, **kwargs)
 
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    monkeypatch.setattr(handoff, "run_sync", counted)
     got = await source().domain_xml([stats(d) for d in doms])
     assert len(calls) == 1
     assert got["uuid-vm7"] == "<domain><name>vm7</name></domain>"
