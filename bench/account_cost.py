@@ -9,9 +9,11 @@ passes like the collector does (the baselines and tails of one pass feed the nex
   found by netlink, cgroup PSI).
 
 CPU: process time per domain of tails.ended() + account() + after_pass() (median over passes
-after a warm-up). Memory: tracemalloc bytes per domain the daemon keeps between passes from the
-accounting step (baselines, tails, the report's usages and samples), readings excluded, and the
-peak while it runs (with the events, until the commit would free them).
+after a warm-up), and of `pass_reads.domain_reading` (the reading the collector builds on the
+trio thread from the bulk stats, the worker call's files and the tap counters).
+Memory: tracemalloc bytes per domain the daemon keeps between passes from the accounting step
+(baselines, tails, the report's usages and samples), readings excluded, and the peak while it
+runs (with the events, until the commit would free them).
 Printed, not asserted.
 
     python bench/account_cost.py [--domains 1000] [--passes 20] [--shape testdriver|live|both]
@@ -30,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hostagent import pass_reads
 from hostagent.accounting import ledger, tails
 from hostagent.accounting.readings import DomainReading, HostFacts, HostReading
 from hostagent.model import (
@@ -37,12 +40,16 @@ from hostagent.model import (
     CgroupReading,
     Disk,
     DomainInfo,
+    DomainStats,
+    LinkStats,
     Nic,
     NicCounters,
     Owner,
     OwnerHint,
     Pressure,
 )
+from hostagent.sources.domain_files import FilesResult
+from hostagent.sources.net import _Links
 
 NS = 10**9
 T0 = 1_796_433_433_533_207_925
@@ -114,6 +121,39 @@ def host(doms: list[DomainInfo], k: int, shape: str) -> HostReading:
     return HostReading(t_wall_ns=t_ns, domains=rs, listed={d.uuid: d.name for d in doms})
 
 
+def files(h: HostReading, k: int, shape: str) -> FilesResult:
+    """The worker call's result for `h`: cgroups, and a link dump over the last names (the
+    taps found for `live`, not for `testdriver`: pass_cost.py's taps do not exist)."""
+    names = {"lo": LinkStats(1, "lo", None, 0, 0)}
+    counters = {1: (0, 0)}
+    if shape == "live":
+        for r in h.domains:
+            nic = r.info.nics[0]
+            names[nic.target or ""] = LinkStats(1000 + r.info.domid, nic.target or "",
+                                                "fe" + nic.mac[2:], 0, 0, "tun")
+            counters[1000 + r.info.domid] = (9000 + k * 1500, 7000 + k * 900)
+    cgroups: dict[tuple[str, int], CgroupReading | str] = {
+        (r.info.uuid, r.info.domid): r.cgroup for r in h.domains if r.cgroup is not None}
+    return FilesResult(links=_Links(names, counters), cgroups=cgroups)
+
+
+def reading_cost_us(doms: list[DomainInfo], passes: int, shape: str) -> float:
+    """Median CPU per domain of `pass_reads.domain_reading` over `passes` passes."""
+    cpus = []
+    for k in range(passes + 1):
+        h = host(doms, k, shape)
+        got = files(h, k, shape)
+        facts = {(r.info.uuid, r.info.domid): r.facts for r in h.domains}
+        stats = [DomainStats(r.info.uuid, r.info.name, r.info.domid, r.stats) for r in h.domains]
+        gc.collect()
+        c0 = time.process_time()
+        for d, info in zip(stats, doms, strict=True):
+            pass_reads.domain_reading(d, info, info.uuid, h.t_wall_ns, got, (), facts,
+                                      timed_out=False)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(cpus[1:]) * 1e6 / len(doms)
+
+
 def run(n: int, passes: int, shape: str, gc_off: bool = False) -> None:
     doms = infos(n)
     owners = Unassigned()
@@ -157,9 +197,11 @@ def run(n: int, passes: int, shape: str, gc_off: bool = False) -> None:
     retained, peak = now - before, peak - before
     tracemalloc.stop()
     del new_baselines, new_tails, kept
+    reading_us = reading_cost_us(doms, passes, shape)
     label = f"{shape}{' gc off' if gc_off else ''}"
     print(f"{label:<17} {n:>6} domains | account+after_pass {cpu_us:7.2f} us/domain "
-          f"(median of {passes}) | retained {retained / n:7.0f} B/domain "
+          f"(median of {passes}) | domain_reading {reading_us:5.2f} us/domain | "
+          f"retained {retained / n:7.0f} B/domain "
           f"(baselines, tails, usages, samples), peak {peak / n:6.0f} B/domain | "
           f"{events} events")
 

@@ -15,7 +15,7 @@ import trio
 
 from hostagent.accounting.readings import NO_FACTS, DomainReading, HostFacts
 from hostagent.errors import SourceError
-from hostagent.model import DomainInfo, DomainStats, GpuReading
+from hostagent.model import DomainInfo, DomainStats, GpuReading, NicCounters
 from hostagent.sources import net as net_src
 from hostagent.sources.domain_files import DomainFiles, FilesResult, Want
 from hostagent.sources.fdcache import FdCache
@@ -93,6 +93,8 @@ def domain_reading(d: DomainStats, info: DomainInfo, iid: str, t_wall_ns: int,
                    known_facts: Mapping[tuple[str, int], HostFacts], *,
                    timed_out: bool) -> DomainReading:
     """One domain's reading from this pass's bulk stats, files and GPUs."""
+    # Once per domain and pass on the trio thread: positional constructors (keyword binding
+    # of DomainReading's 10 fields costs ~0.4 µs), no comprehension for one or two NICs.
     key = (info.uuid, info.domid)
     got = files.missing.get(key)
     missing = dict(got) if got else {}
@@ -102,15 +104,19 @@ def domain_reading(d: DomainStats, info: DomainInfo, iid: str, t_wall_ns: int,
         cg = None
     if timed_out:
         missing["libvirt"] = HUNG_STATS
-    netlink_nics = None
-    netlink_missing: dict[str, str] = {}
+    netlink_nics: dict[str, NicCounters] | None = None
+    netlink_missing: dict[str, str]
     if files.links is not None:
         found, netlink_missing = net_src.nic_counters(info.nics, files.links)
-        netlink_nics = {n.mac: n for n in found}
+        netlink_nics = {}
+        for n in found:
+            netlink_nics[n.mac] = n
     elif files.links_error:
         netlink_missing = {f"net:{n.mac}": files.links_error for n in info.nics}
-    facts = files.facts.get(key) or known_facts.get(key)
-    return DomainReading(info=info, instance_id=iid, t_wall_ns=t_wall_ns, stats=d.stats,
-                         facts=facts or NO_FACTS, cgroup=cg,
-                         netlink_nics=netlink_nics, netlink_missing=netlink_missing,
-                         gpus=gpus, missing=missing)
+    else:
+        netlink_missing = {}
+    facts = files.facts.get(key) or known_facts.get(key) or NO_FACTS
+    # DomainReading's field order: info, instance_id, t_wall_ns, stats, facts, cgroup,
+    # netlink_nics, netlink_missing, gpus, missing.
+    return DomainReading(info, iid, t_wall_ns, d.stats, facts, cg, netlink_nics,
+                         netlink_missing, gpus, missing)

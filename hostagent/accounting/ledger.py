@@ -21,6 +21,7 @@ Three kinds of instance per call:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,13 +62,15 @@ class Settings:
     name_is_build_id: bool = False
 
 
-def expired(baselines: Mapping[str, Baseline], present: set[str], now_ns: int,
+def expired(baselines: Mapping[str, Baseline], present: AbstractSet[str], now_ns: int,
             retention_ns: int) -> list[str]:
     """Instances not read for longer than the retention: their baselines go.
 
     A domain that comes back later is a first sight again; its process started after the
     store existed, so it is billed from its own start and nothing is lost.
     """
+    if baselines.keys() <= present:  # every baseline read (most passes): one check in C
+        return []
     return [iid for iid, b in baselines.items()
             if iid not in present and now_ns - b.t_wall_ns > retention_ns]
 
@@ -140,8 +143,8 @@ def account(
         if u is not None:
             usages.append(u)
             out.append(build(u, owner, node, time_format=time_format))
-    removed = tuple(expired(baselines, set(now) | set(closed), now_ns,
-                           settings.baseline_retention_ns))
+    removed = tuple(expired(baselines, now.keys() | closed.keys() if closed else now.keys(),
+                            now_ns, settings.baseline_retention_ns))
     changes: Mapping[str, bytes | None] = {}
     states: Mapping[str, threshold_state.AlertState] = alert_states or {}
     if rules is not None:

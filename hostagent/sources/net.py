@@ -358,37 +358,38 @@ def nic_counters(
     """Guest-oriented counters of each NIC from the host links, and why the others are missing."""
     counters: list[NicCounters] = []
     missing: dict[str, str] = {}
+    # Once per NIC and pass: the `missing` key is made only for a NIC that has no counters.
+    parts = links.parts if isinstance(links, _Links) else None  # no LinkStats made: ~1 µs
     for nic in nics:
-        key = f"net:{nic.mac}"
         reason = _NO_HOST_NETDEV.get(nic.kind)
         if reason is not None:
-            missing[key] = reason
+            missing[f"net:{nic.mac}"] = reason
             continue
-        if not nic.target:
-            missing[key] = f"{nic.kind} NIC without a target dev: no host tap to count"
+        target = nic.target
+        if not target:
+            missing[f"net:{nic.mac}"] = f"{nic.kind} NIC without a target dev: no host tap to count"
             continue
-        if isinstance(links, _Links):  # no LinkStats made for a NIC's link: ~1 µs each
-            link, rx, tx = links.parts(nic.target)
+        if parts is not None:
+            link, rx, tx = parts(target)
         else:
-            link = links.get(nic.target)
+            link = links.get(target)
             rx, tx = (None, None) if link is None else (link.rx_bytes, link.tx_bytes)
         if link is None:
-            missing[key] = f"tap {nic.target} not found on the host (unplugged or renamed?)"
+            missing[f"net:{nic.mac}"] = (f"tap {target} not found on the host "
+                                         "(unplugged or renamed?)")
             continue
         if rx is None or tx is None:
-            missing[key] = f"{nic.target} has no 64-bit byte counters"
+            missing[f"net:{nic.mac}"] = f"{target} has no 64-bit byte counters"
             continue
         # A tap sees the guest's traffic mirrored (host rx = guest tx); a macvtap shares the
         # guest's view (libvirt's virDomainNetTypeSharesHostView), so it is not swapped.
-        shares_view = nic.kind == "direct" or link.kind == "macvtap"
-        counters.append(NicCounters(
-            mac=nic.mac,
-            ifname=link.ifname,
-            ifindex=link.ifindex,
-            guest_rx_bytes=rx if shares_view else tx,
-            guest_tx_bytes=tx if shares_view else rx,
-            source=link.source,
-        ))
+        if nic.kind == "direct" or link.kind == "macvtap":
+            guest_rx, guest_tx = rx, tx
+        else:
+            guest_rx, guest_tx = tx, rx
+        # Positional, in NicCounters' field order (keyword binding costs ~0.2 µs a NIC).
+        counters.append(NicCounters(nic.mac, link.ifname, link.ifindex, guest_rx, guest_tx,
+                                    link.source))
     return tuple(counters), missing
 
 
