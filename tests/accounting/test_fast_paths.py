@@ -60,6 +60,12 @@ def test_int_reads_a_stats_value_as_before(stats: dict[str, Any], key: str) -> N
     assert got == before and type(got) is type(before)
 
 
+def test_an_infinite_or_nan_stats_value_reads_as_absent() -> None:
+    # a float from a broken stats source: that figure is missing, the pass goes on
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        assert assemble._int({"cpu.time": bad}, "cpu.time") is None
+
+
 def expired_before(baselines: Mapping[str, Baseline], present: set[str], now_ns: int,
                    retention_ns: int) -> list[str]:
     return [iid for iid, b in baselines.items()
