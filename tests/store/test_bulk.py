@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hostagent.errors import StateError
 from hostagent.store import bulk
 from hostagent.store.inspect import Pending
 from hostagent.store.outbox import Outcome, Store
@@ -174,3 +175,15 @@ def test_an_event_of_an_earlier_try_is_not_claimed_again(tmp_path: Path) -> None
         ("f", 1, ev.event_id), ("f", 3, other.event_id),
         ("q", 1, ev.event_id), ("q", 3, other.event_id)]
     s.close()
+
+
+def test_a_pass_commit_whose_delivery_rows_fall_short_is_rolled_back(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a defect (rows not found among the events just inserted) must not commit events that
+    # no sink owes: the whole pass is rolled back and tried again
+    monkeypatch.setattr(bulk, "_DELIVERIES_OF_RANGE", bulk._DELIVERIES_OF_RANGE + " AND 0")
+    with pytest.raises(StateError, match="2 events found"):
+        store.commit_pass([], [usage_event("i", 0), usage_event("j", 0)])
+    with store.reading("count") as c:
+        assert c.execute("SELECT (SELECT COUNT(*) FROM events) + "
+                         "(SELECT COUNT(*) FROM deliveries)").fetchone()[0] == 0
