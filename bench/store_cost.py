@@ -12,6 +12,9 @@ Cases are EVENTS:ROWS (events a pass, acknowledged rows in the store first). The
 rows are claimed by the pass commit (`Store.claim_at_commit`, as in the daemon while the sink
 is healthy); acknowledgements are committed unsynced, as the last batch of a round is.
 Payloads are 900 bytes, one instance per event, thread CPU time (`time.thread_time`), medians.
+`--at-commit`: the daemon's path for a caught-up sink (local_round.LocalRound.at_commit): the
+acknowledgements of the rows the commit returned, no claim (its column is then 0).
+`--rounds N`: each case N times per checkout, the two alternating; the median of the rounds.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAYLOAD = b'{"x":"' + b"y" * 900 + b'"}'
 
 
-def worker(events: int, rows: int, passes: int) -> dict[str, float]:
+def worker(events: int, rows: int, passes: int, at_commit: bool) -> dict[str, float]:
     """Run in the checkout on sys.path; medians in ms."""
     from hostagent.clock import SystemClock
     from hostagent.model import Baseline, OutEvent
@@ -61,11 +64,12 @@ def worker(events: int, rows: int, passes: int) -> dict[str, float]:
                                 "resource_usage", f"inst-{i}", t_ns, t_ns + 10**9, PAYLOAD))
         bases = [Baseline(f"inst-{i}", "inc", t_ns, n, 0, 0, {}, {}) for i in range(events)]
         t0 = time.thread_time()
-        store.commit_pass(bases, evs)
+        claimed = store.commit_pass(bases, evs)
         t1 = time.thread_time()
-        got = store.record_and_take("jsonl", [], 10**6, t_ns, dead_letter_after=3)
+        batch = claimed["jsonl"] if at_commit else store.record_and_take(
+            "jsonl", [], 10**6, t_ns, dead_letter_after=3).batch
         t2 = time.thread_time()
-        store.record_and_take("jsonl", [outcome(p) for p in got.batch], 0, t_ns,
+        store.record_and_take("jsonl", [outcome(p) for p in batch], 0, t_ns,
                               dead_letter_after=3, durable=False)
         t3 = time.thread_time()
         if keep:
@@ -83,11 +87,13 @@ def worker(events: int, rows: int, passes: int) -> dict[str, float]:
     return out
 
 
-def measure(checkout: Path, events: int, rows: int, passes: int) -> dict[str, float]:
+def measure(checkout: Path, events: int, rows: int, passes: int,
+            at_commit: bool) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(checkout))
     out = subprocess.run([sys.executable, str(Path(__file__)), "--worker", str(events),
-                          str(rows), str(passes)], env=env, cwd=checkout, check=True,
-                         capture_output=True, text=True).stdout
+                          str(rows), str(passes)] + (["--at-commit"] if at_commit else []),
+                         env=env, cwd=checkout, check=True, capture_output=True,
+                         text=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
@@ -98,18 +104,28 @@ def main() -> int:
                     help="EVENTS:ROWS, comma-separated")
     ap.add_argument("--passes", type=int, default=20, help="measured passes per case")
     ap.add_argument("--against", type=Path, help="another checkout, measured alternately")
+    ap.add_argument("--at-commit", action="store_true",
+                    help="acknowledge the rows the commit claimed, as a caught-up sink does")
+    ap.add_argument("--rounds", type=int, default=1, help="runs per case and checkout")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker)))
+        print(json.dumps(worker(*args.worker, args.at_commit)))
         return 0
     sides = [("this checkout", REPO)] + ([("against", args.against)] if args.against else [])
-    print("store work per pass (ms of thread CPU, medians): commit / claim / acks = total")
+    print("store work per pass (ms of thread CPU, medians): commit / claim / acks = total"
+          + (" (acknowledged at the commit)" if args.at_commit else "")
+          + (f", median of {args.rounds} alternating rounds" if args.rounds > 1 else ""))
     print("| events a pass | rows stored | " + " | ".join(s for s, _ in sides)
           + (" | this / against |" if args.against else " |"))
     print("|---|---|" + "---|" * len(sides) + ("---|" if args.against else ""))
     for case in args.cases.split(","):
         events, rows = (int(x) for x in case.split(":"))
-        got = {name: measure(path, events, rows, args.passes) for name, path in sides}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in sides}
+        for _ in range(args.rounds):
+            for name, path in sides:
+                runs[name].append(measure(path, events, rows, args.passes, args.at_commit))
+        got = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+               for name, rs in runs.items()}
         cells = [f"{r['commit']:.2f} / {r['claim']:.2f} / {r['acks']:.2f} = "
                  f"**{r['total']:.2f}**" for r in got.values()]
         ratio = ([f"{got['this checkout']['total'] / got['against']['total']:.2f}x"]

@@ -44,8 +44,8 @@ from hostagent.alerts import routing
 from hostagent.clock import Clock
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.model import Baseline, OutEvent
+from hostagent.store import bulk, schema, sqlite_tx, upkeep
 from hostagent.store import guard as store_guard
-from hostagent.store import schema, sqlite_tx, upkeep
 from hostagent.store.inspect import Pending, StoreReader
 from hostagent.store.schema import APP, OUTBOX_DDL, SCHEMA_VERSION, UPGRADABLE
 
@@ -301,36 +301,16 @@ class Store(StoreReader):
             c.executemany("INSERT INTO baselines(instance_id, state) VALUES(?, ?) "
                           "ON CONFLICT(instance_id) DO UPDATE SET state = excluded.state",
                           base_rows)
-            c.executemany("DELETE FROM baselines WHERE instance_id = ?",
-                          [(i,) for i in removed_instances])
+            if removed_instances:
+                c.executemany("DELETE FROM baselines WHERE instance_id = ?",
+                              [(i,) for i in removed_instances])
             by_route = {(ev.kind, ev.channels): routing.sinks_for(self._routes, ev.kind,
                                                                   ev.channels)
                         for ev in {(e.kind, e.channels): e for e in events}.values()}
             routed = [(ev, sinks) for ev in events if (sinks := by_route[(ev.kind, ev.channels)])]
-            # One look-up, then one INSERT statement per table (not two per event). An event
-            # already here was committed by an earlier try of this pass: its rows are left alone.
-            old = {r[0] for r in c.execute(  # by the events' key: (period start, id)
-                "SELECT e.event_id FROM json_each(?) j JOIN events e ON "
-                "e.period_start_ns = j.value ->> 0 AND e.event_id = j.value ->> 1",
-                (orjson.dumps([(ev.period_start_ns, ev.event_id) for ev, _ in routed]).decode(),)
-            )} if routed else set()
-            new = list({ev.event_id: (ev, sinks) for ev, sinks in reversed(routed)  # the
-                        if ev.event_id not in old}.values())[::-1]  # first of an id wins
-            # seq: commit order (schema.py), so these rows go on the last pages of each key.
-            # Plain INSERT: `new` holds no id already stored, so nothing can be skipped.
-            first = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
-            c.executemany(
-                "INSERT INTO events(seq, event_id, kind, instance_id, period_start_ns, "
-                "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
-                [(seq, ev.event_id, ev.kind, ev.instance_id, ev.period_start_ns,
-                  ev.period_end_ns, ev.payload, now)
-                 for seq, (ev, _) in enumerate(new, first)])
-            c.executemany(
-                "INSERT INTO deliveries(sink, seq, event_id, instance_id, period_start_ns, "
-                "created_ns, status, claimed) VALUES(?, ?, ?, ?, ?, ?, 'pending', ?)",
-                [(s, seq, ev.event_id, ev.instance_id, ev.period_start_ns, now,
-                  int(s in claimed_at_commit))
-                 for seq, (ev, sinks) in enumerate(new, first) for s in sinks])
+            new = list({ev.event_id: (ev, sinks) for ev, sinks in reversed(routed)}  # the
+                       .values())[::-1]  # first of an id wins
+            inserted = self._insert_events(c, new, now, claimed_at_commit) if new else []
             for fp, state in (alert_state or {}).items():
                 if state is None:
                     c.execute("DELETE FROM alert_state WHERE fingerprint = ?", (fp,))
@@ -340,11 +320,40 @@ class Store(StoreReader):
                               (fp, state))
         claimed: dict[str, list[Pending]] = {}
         if claimed_at_commit:
-            for seq, (ev, sinks) in enumerate(new, first):
-                for sink in sinks:
+            for seq, ev, to in inserted:
+                for sink in to:
                     if sink in claimed_at_commit:
                         claimed.setdefault(sink, []).append(Pending(ev, 0, 0, seq))
         return claimed
+
+    @staticmethod
+    def _insert_events(c: sqlite3.Connection, new: Sequence[tuple[OutEvent, Sequence[str]]],
+                       now: int, claimed_at_commit: frozenset[str]
+                       ) -> list[tuple[int, OutEvent, Sequence[str]]]:
+        """Insert the pass's events and their pending deliveries; (seq, event, sinks) of each
+        inserted. An event already here (by its key, period start and id) was committed by an
+        earlier try of this pass: it is not inserted and its rows are left alone."""
+        # seq: commit order (schema.py), so these rows go on the last pages of each key.
+        first = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
+        span = range(first, first + len(new))
+        cur = c.executemany(
+            "INSERT INTO events(seq, event_id, kind, instance_id, period_start_ns, "
+            "period_end_ns, payload, created_ns) VALUES(?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(period_start_ns, event_id) DO NOTHING",
+            [(seq, ev.event_id, ev.kind, ev.instance_id, ev.period_start_ns,
+              ev.period_end_ns, ev.payload, now) for seq, (ev, _) in zip(span, new, strict=True)])
+        inserted = [(seq, ev, sinks) for seq, (ev, sinks) in zip(span, new, strict=True)]
+        if cur.rowcount != len(new):  # some stored by an earlier try: which seqs are new
+            here = {r[0] for r in c.execute("SELECT seq FROM events WHERE seq BETWEEN ? AND ?",
+                                            (span.start, span.stop - 1))}
+            inserted = [row for row in inserted if row[0] in here]
+        by_sink: dict[str, list[int]] = {}
+        for seq, _, sinks in inserted:
+            for s in sinks:
+                by_sink.setdefault(s, []).append(seq)
+        for s, seqs in by_sink.items():
+            bulk.insert_deliveries(c, s, seqs, span, now, s in claimed_at_commit)
+        return inserted
 
     # --- the delivery side ------------------------------------------------------------------
 
@@ -385,11 +394,11 @@ class Store(StoreReader):
                 dead_letter_after: int) -> int:
         now = self.clock.now().wall_ns
         dead = 0
-        # Each row by its key, (sink, seq); the event id checks it is that event's row.
-        c.executemany("UPDATE deliveries SET status = 'acked', attempts = attempts + 1, "
-                      "done_ns = ?, last_error = NULL WHERE sink = ? AND seq = ? AND "
-                      "event_id = ? AND status = 'pending'",
-                      [(now, sink, o.seq, o.event_id) for o in outcomes if o.result == "acked"])
+        # Each row by its key, (sink, seq); the event id checks it is that event's row. Only
+        # acknowledgements (the common round): one range statement where its check allows.
+        acked = [(o.seq, o.event_id) for o in outcomes if o.result == "acked"]
+        if acked and not (len(acked) == len(outcomes) and bulk.ack_range(c, sink, acked, now)):
+            bulk.ack_rows(c, sink, acked, now)
         for o in outcomes:
             key = (sink, o.seq, o.event_id)
             if o.result == "failed":
