@@ -1,13 +1,14 @@
 """Lean hand-offs to worker threads for the pass's blocking calls (libvirt, the commit).
 
-`trio.to_thread.run_sync` costs about 0.17 ms of process CPU per call on the 2-core lab VM
-beside 8 TCG guests, most of it on the way back: the worker reports through
-`TrioToken.run_sync_soon` (a write to trio's wake-up socket, a step of trio's entry-queue task,
-then one more turn of the run loop before the waiting task runs), and it names the OS thread
-twice per job (ctypes and prctl). A pass makes two such calls, every pass. Measured with the
-daemon's skeleton (trio, one wake-up a second, the bulk stats call in one worker call, a
-SQLite commit, a JSONL write and fsync in a second one; docs/benchmarks.md, eighth session):
-1.97–2.13 ms a pass through `trio.to_thread.run_sync`, 1.61–1.78 ms through `run_sync` here.
+`trio.to_thread.run_sync` costs 0.12–0.14 ms of process CPU per call more than the hand-off
+here, on the 2-core lab VM beside 8 TCG guests; most of it on the way back: the worker reports
+through `TrioToken.run_sync_soon` (a write to trio's wake-up socket, a step of trio's
+entry-queue task, then one more turn of the run loop before the waiting task runs), and it
+names the OS thread twice per job (ctypes and prctl). A pass makes two such calls, every pass.
+`bench/handoff_cost.py` runs the daemon's skeleton (trio, one wake-up a second, the bulk stats
+call in one worker call, a SQLite commit, a JSONL write and fsync in a second one) both ways
+side by side: 2.26–2.31 ms a pass through `trio.to_thread.run_sync`, 1.99–2.06 ms through
+`run_sync` here (the same work without trio or threads: 1.17–1.20 ms).
 
 `run_sync` hands the call to a kept worker thread through a queue and waits on that worker's
 eventfd with `trio.lowlevel.wait_readable`: the worker's write wakes the waiting task itself,
