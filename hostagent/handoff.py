@@ -38,7 +38,7 @@ from typing import Any, TypeVar, TypeVarTuple
 
 import trio
 
-__all__ = ["MAX_IDLE", "run_sync", "workers_alive"]
+__all__ = ["MAX_IDLE", "run_sync", "workers_alive", "workers_idle"]
 
 R = TypeVar("R")
 Ts = TypeVarTuple("Ts")
@@ -197,3 +197,9 @@ def workers_alive() -> int:
     """How many worker threads exist now (idle or busy)."""
     with _POOL.lock:
         return _POOL.alive
+
+
+def workers_idle() -> int:
+    """How many of them wait for work."""
+    with _POOL.lock:
+        return len(_POOL.idle)

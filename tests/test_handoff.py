@@ -15,6 +15,7 @@ import trio
 
 from hostagent import handoff
 from hostagent.threads import thread_limiter
+from tests.concurrency import PeakCounter
 
 REQUEST = contextvars.ContextVar("REQUEST", default="none")
 
@@ -77,22 +78,11 @@ async def test_one_turn_of_the_run_loop_per_call_where_trio_takes_two() -> None:
 
 async def test_no_more_calls_at_once_than_tokens_and_every_token_comes_back() -> None:
     limiter = trio.CapacityLimiter(3)
-    running = peak = 0
-    lock = threading.Lock()
-
-    def work() -> None:
-        nonlocal running, peak
-        with lock:
-            running += 1
-            peak = max(peak, running)
-        time.sleep(0.03)
-        with lock:
-            running -= 1
-
+    calls = PeakCounter(0.03)
     async with trio.open_nursery() as nursery:
         for _ in range(10):
-            nursery.start_soon(lambda: handoff.run_sync(work, limiter=limiter))
-    assert peak == 3
+            nursery.start_soon(lambda: handoff.run_sync(calls.work, limiter=limiter))
+    assert calls.peak == 3
     assert limiter.borrowed_tokens == 0
 
 
@@ -159,11 +149,14 @@ async def test_already_cancelled_the_call_does_not_start() -> None:
 
 
 async def test_idle_workers_are_kept_up_to_a_cap_and_the_rest_exit() -> None:
+    # (workers still busy with another test's abandoned call are not this test's)
+    busy_before = handoff.workers_alive() - handoff.workers_idle()
     gate = threading.Barrier(handoff.MAX_IDLE + 4, timeout=10)
     async with trio.open_nursery() as nursery:
         for _ in range(handoff.MAX_IDLE + 4):
             nursery.start_soon(handoff.run_sync, gate.wait)
-    await eventually(lambda: handoff.workers_alive() <= handoff.MAX_IDLE)
+    await eventually(lambda: handoff.workers_alive() <= busy_before + handoff.MAX_IDLE)
+    assert handoff.workers_idle() == handoff.MAX_IDLE
     # and the kept ones serve again without new threads
     before = handoff.workers_alive()
     for _ in range(20):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import trio
 
 from hostagent.threads import EagerLimiter, thread_limiter
+from tests.concurrency import PeakCounter
 
 
 def eager(limiter: object) -> EagerLimiter:
@@ -48,22 +48,12 @@ async def test_a_free_thread_costs_one_scheduling_round_less() -> None:
 
 async def test_no_more_threads_than_tokens_and_the_rest_wait() -> None:
     limiter = thread_limiter(2)
-    running, peak = 0, 0
-    lock = threading.Lock()
-
-    def work() -> None:
-        nonlocal running, peak
-        with lock:
-            running += 1
-            peak = max(peak, running)
-        time.sleep(0.05)
-        with lock:
-            running -= 1
-
+    calls = PeakCounter(0.05)
     async with trio.open_nursery() as nursery:
         for _ in range(6):
-            nursery.start_soon(functools.partial(trio.to_thread.run_sync, work, limiter=limiter))
-    assert peak == 2
+            nursery.start_soon(functools.partial(trio.to_thread.run_sync, calls.work,
+                                                 limiter=limiter))
+    assert calls.peak == 2
     assert eager(limiter).borrowed_tokens == 0 and eager(limiter).total_tokens == 2
 
 
