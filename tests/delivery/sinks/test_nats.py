@@ -209,9 +209,12 @@ async def assert_refused_for_authorization(make: Callable[[], NatsSink]) -> None
     """A refused login is "cannot connect" in one line, naming the authorization failure.
 
     nats-server sends `-ERR 'Authorization Violation'` and closes; under load the client can
-    see the reset before that line, so the reason must show within three tries."""
+    see the reset before that line (three resets in a row were seen in CI), so the reason must
+    show within eight tries, a moment apart."""
     messages: list[str] = []
-    for _ in range(3):
+    for attempt in range(8):
+        if attempt:
+            await trio.sleep(0.2)
         bad = make()
         with pytest.raises(SinkUnavailable, match="cannot connect") as err:
             await bad.send(usage_event("i0", 1))
