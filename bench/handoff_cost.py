@@ -9,7 +9,10 @@ process CPU per pass (every thread):
   synchronous=FULL, one row per domain), a JSONL write + fsync and an unsynced
   acknowledgement in a second one, both through `trio.to_thread.run_sync` (what the daemon
   did before hostagent/handoff.py);
-- `handoff`: the same work through `hostagent.handoff.run_sync` (what it does now);
+- `handoff`: the same work through `hostagent.handoff.run_sync`, after a `trio.sleep` (what
+  it did before hostagent/tick.py);
+- `handoff, tick in the worker`: the same, the sleep done by the bulk call's worker before
+  the call (`threading.Event.wait`; what the daemon does now: one wake-up of trio fewer);
 - `no trio`: the same work in a plain loop on one thread (no event loop, no hand-off).
 
     python bench/handoff_cost.py [--uri qemu:///system] [--passes 30]
@@ -26,13 +29,14 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("trio idle", "trio.to_thread", "handoff", "no trio")
+VARIANTS = ("trio idle", "trio.to_thread", "handoff", "handoff, tick in the worker", "no trio")
 PAYLOAD = b"x" * 800
 
 
@@ -89,10 +93,20 @@ def child(variant: str, uri: str, passes: int, warmup: int) -> None:
 
     async def main() -> None:
         limiter = trio.CapacityLimiter(4)
-        hand: Any = handoff.run_sync if variant == "handoff" else trio.to_thread.run_sync
+        hand: Any = trio.to_thread.run_sync if variant == "trio.to_thread" else handoff.run_sync
+        tick = threading.Event()  # never set: the wait always runs to its tick
+
+        def wait_then_bulk() -> int:
+            tick.wait(1)
+            return work.bulk()
+
         for i in range(warmup + passes + 1):
             if i == warmup:
                 marks.append(cpu_ns())
+            if variant == "handoff, tick in the worker":
+                n = await hand(wait_then_bulk, limiter=limiter)
+                await hand(work.commit, n, limiter=limiter)
+                continue
             await trio.sleep(1)
             if variant != "trio idle":
                 n = await hand(work.bulk, limiter=limiter)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -49,12 +50,14 @@ from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu import GpuReadings, GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.unattributed import parent_cpu_stat
+from hostagent.tick import TickWait, WaitInterrupted
 
 log = logging.getLogger(__name__)
 
 # Owner-cache entries of instances no longer running are dropped every this many passes.
 OWNER_RETAIN_EVERY_PASSES = 20
 HUNG_STATS = pass_reads.HUNG_STATS
+OnRead = Callable[[], Awaitable[None]]  # awaited once a timed pass has read the host
 
 
 class Collector:
@@ -123,17 +126,21 @@ class Collector:
         self.read_monotonic_s: float | None = None
         # Delivery: a caught-up JSONL sink's rows written in the commit's worker call
         self.after_commit: AfterCommit | None = None
+        # What a pass waiting for its tick in a worker sleeps on (run_pass_at, interrupt_wait).
+        self._tick = threading.Event()
 
     # --- reading ----------------------------------------------------------------------------
 
-    async def read_host(self, only: set[str] | None = None) -> HostReading:
+    async def read_host(self, only: set[str] | None = None, *,
+                        wait: TickWait | None = None) -> HostReading:
         """One `DomainReading` per running domain (or the `only` UUIDs) and per-domain errors.
 
-        Raises SourceError only for host-wide failures (no libvirt connection).
+        Raises SourceError only for host-wide failures (no libvirt connection); `wait`: the
+        bulk call's worker first waits for the pass's tick (WaitInterrupted: cut short).
         """
         early = self._early_reads() if only is None else None
         self._early = early
-        got = await self.libvirt.bulk_stats_then(early)
+        got = await self.libvirt.bulk_stats_then(early, wait=wait)
         bulk = got.bulk
         errors = [ReadError(uuid, brief(name), "stats", brief(why))
                   for uuid, name, why in bulk.failed
@@ -256,27 +263,76 @@ class Collector:
     # --- the pass ---------------------------------------------------------------------------
 
     async def run_pass(self) -> PassReport:
-        """One pass; never raises for source or sink trouble (it is reported and counted)."""
+        """One pass, now; never raises for source or sink trouble (it is reported and counted)."""
+        report = await self._run(None)
+        assert report is not None  # only a wait for a tick is ever cut short
+        return report
+
+    async def run_pass_at(self, due_s: float, *, stop: Callable[[], bool],
+                          on_read: OnRead | None = None) -> PassReport | None:
+        """The daemon's pass: one pass at `due_s` (time.monotonic()), whose wait for that tick
+        is done by the worker that then reads the host (hostagent/tick.py); None when `stop()`
+        came first.
+
+        `on_read()` is awaited on trio's side once the host is read (the daemon shields the
+        rest of the pass there, closes the API's pass gate and lets requests in flight
+        finish). A wait cut short by a reader (`interrupt_wait`) lets the readers queued for
+        `reading` go first, then waits again for what is left of the interval.
+        """
+        try:
+            while not stop():
+                report = await self._run(TickWait(due_s, self._tick), on_read, stop)
+                if report is not None:
+                    return report
+            return None
+        except BaseException:
+            self.interrupt_wait()  # cancelled while waiting: that worker stops sleeping
+            raise
+
+    def interrupt_wait(self) -> None:
+        """Someone needs the collector now (a lifecycle read, a light sample, a stop): a pass
+        waiting for its tick stops waiting and gives way. Thread-safe; harmless otherwise."""
+        self._tick.set()
+
+    async def _run(self, wait: TickWait | None, on_read: OnRead | None = None,
+                   stop: Callable[[], bool] | None = None) -> PassReport | None:
+        """One pass (after `wait`, in its first worker call); None: the wait was cut short."""
         start = self.clock.now()
         cpu0 = time.process_time()
         report = PassReport(started_wall_ns=start.wall_ns)
+        timeout_s = self.cfg.collector.pass_timeout_s
         try:
-            with trio.fail_after(self.cfg.collector.pass_timeout_s):
-                await self._pass(report)
+            # The deadline counts from the tick: the wait is not the pass's time.
+            with trio.fail_after(timeout_s + (wait.remaining_s() if wait is not None else 0.0)):
+                async with pass_reads.held(self.reading):
+                    if wait is not None:
+                        if self.reading.statistics().tasks_waiting:
+                            return None  # readers queued behind this pass: theirs first
+                        self._tick.clear()  # any later reader or stop sets it again
+                        if stop is not None and stop():
+                            return None
+                    await self._pass_locked(report, wait, on_read)
+        except WaitInterrupted:
+            return None
         except SourceError as err:
             # Nothing is committed: baselines stay, and the next good pass covers this one.
             report.error = f"source unavailable: {err}"
         except trio.TooSlowError:
-            report.error = f"pass exceeded pass_timeout_s={self.cfg.collector.pass_timeout_s}"
-            log.warning("pass timed out", extra={"timeout_s": self.cfg.collector.pass_timeout_s})
+            report.error = f"pass exceeded pass_timeout_s={timeout_s}"
+            log.warning("pass timed out", extra={"timeout_s": timeout_s})
         except StateError as err:
             report.error = f"commit failed: {err}"
             log.error("pass not committed; baselines kept", extra={"error": str(err)})
-        report.duration_s = (self.clock.now().monotonic_ns - start.monotonic_ns) / 1e9
+        waited_ns = int(wait.waited_s * 1e9) if wait is not None else 0
+        report.started_wall_ns = start.wall_ns + waited_ns
+        report.duration_s = (self.clock.now().monotonic_ns - start.monotonic_ns
+                             - waited_ns) / 1e9
+        if wait is not None and wait.cpu_at_wake_s is not None:
+            cpu0 = wait.cpu_at_wake_s
         report.cpu_s = time.process_time() - cpu0
         report.read_errors_total = dict(self.read_errors.total)
         if report.committed:
-            self.last_ok_wall_ns = start.wall_ns
+            self.last_ok_wall_ns = report.started_wall_ns
         self.last = report
         return report
 
@@ -299,13 +355,12 @@ class Collector:
             baseline_retention_ns=int(c.baseline_retention_s * 1e9),
             unassigned=self.cfg.owners.unassigned, name_is_build_id=c.instance_id == "formation")
 
-    async def _pass(self, report: PassReport) -> None:
-        async with pass_reads.held(self.reading):
-            await self._pass_locked(report)
-
-    async def _pass_locked(self, report: PassReport) -> None:
-        host = await self.read_host()
+    async def _pass_locked(self, report: PassReport, wait: TickWait | None,
+                           on_read: OnRead | None) -> None:
+        host = await self.read_host(wait=wait)
         self.read_monotonic_s = time.monotonic()
+        if on_read is not None:
+            await on_read()
         parent_ns = await self._read_parent_cpu()
         await self.merge_light()
         closing = tails.ended(self.tails, host)

@@ -17,11 +17,13 @@ load cannot slow a pass.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import math
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +55,7 @@ from hostagent.tailing import TailTasks
 from hostagent.threads import thread_limiter
 
 log = logging.getLogger(__name__)
-# Longest a pass waits for API requests in flight before it starts reading counters.
+# Longest a pass waits for API requests in flight, once it has read the host, before it accounts.
 PASS_DRAIN_MAX_S = 1.0
 BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
@@ -199,6 +201,7 @@ class Daemon:
                 if self.tail is not None:
                     await nursery.start(self.tail.run)
                 nursery.start_soon(self._signals)
+                nursery.start_soon(self._interrupt_on_stop)
                 task_status.started()
                 await self._collect_loop(passes)
                 await self._drain()
@@ -238,24 +241,39 @@ class Daemon:
     async def _collect_loop(self, passes: int | None) -> None:
         first = True
         while passes is None or self.passes_done < passes:
+            due_s = time.monotonic()
             if not first:
-                wait_s = next_tick_s(self.clock.now().wall_s, self.cfg.collector.interval_s,
+                due_s += next_tick_s(self.clock.now().wall_s, self.cfg.collector.interval_s,
                                      self.cfg.collector.align)
-                with trio.move_on_after(wait_s):
-                    await self.stop.wait()
             if self.stop.is_set():
                 return
             first = False
-            # Shielded: a stop request never interrupts a pass between reading and committing.
-            # The gate holds API requests back while the pass runs; the pass starts once the
-            # requests already being served are done (at most PASS_DRAIN_MAX_S).
-            with trio.CancelScope(shield=True), self.pass_gate.busy():
-                await self.pass_gate.drain(PASS_DRAIN_MAX_S)
-                report = await self.collector.run_pass()
+            # The wait for the tick is the pass's first worker call (hostagent/tick.py): a stop
+            # request cuts it short (`_interrupt_on_stop`), a cancellation abandons it. From the
+            # moment the host is read the pass is shielded (a stop never interrupts it between
+            # reading and committing) and the API's gate is closed: new requests wait for the
+            # pass, and it lets the requests already being served finish (at most
+            # PASS_DRAIN_MAX_S) before it accounts.
+            with trio.CancelScope() as guard, contextlib.ExitStack() as gate:
+                async def on_read(guard: trio.CancelScope = guard,
+                                  gate: contextlib.ExitStack = gate) -> None:
+                    guard.shield = True
+                    gate.enter_context(self.pass_gate.busy())
+                    await self.pass_gate.drain(PASS_DRAIN_MAX_S)
+
+                report = await self.collector.run_pass_at(due_s, stop=self.stop.is_set,
+                                                          on_read=on_read)
+            if report is None:  # stopped while waiting for the tick
+                return
             self.passes_done += 1
             self._after_pass(report)
             if self.stop.is_set():
                 return
+
+    async def _interrupt_on_stop(self) -> None:
+        """A stop request cuts short the pass's wait for its tick (it sleeps in a worker)."""
+        await self.stop.wait()
+        self.collector.interrupt_wait()
 
     def _after_pass(self, report: PassReport) -> None:
         if self.passes_done == 1:

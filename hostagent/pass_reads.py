@@ -2,7 +2,8 @@
 
 A steady pass makes two thread hand-offs: the bulk stats call with everything else a pass
 reads from the host (`EarlyReads`: the links, cgroup files and host facts of every domain, and
-the VM partition's CPU), then the commit.
+the VM partition's CPU), then the commit. In the daemon the first one also waits for the pass's
+tick before it reads (hostagent/tick.py): the event loop wakes twice a pass.
 """
 
 from __future__ import annotations

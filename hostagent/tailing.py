@@ -13,12 +13,13 @@
 
 Everything lands in `Collector.tails` (accounting/tails.py), in memory only; the next pass
 closes out the tails whose domain is gone in its one transaction. The lifecycle reads hold
-`Collector.reading`, so they never interleave with a pass's read → commit. The periodic light
-samples run in a thread of their own, without trio (a sample through trio cost a timer wake-up,
-a thread hand-off and a wake-up for its result, several times its reads): they read the tails'
-targets from a copy and leave their readings in the inbox (hostagent/light_inbox.py), which a
-pass merges before it closes anything out. Events are hints: a lost one costs what polling
-costs.
+`Collector.reading`, so they never interleave with a pass's read → commit (a pass holds it
+from its wait for the tick on, and gives way when they ask: `Collector.interrupt_wait`). The
+periodic light samples run in a thread of their own, without trio (a sample through trio cost
+a timer wake-up, a thread hand-off and a wake-up for its result, several times its reads): they
+read the tails' targets from a copy and leave their readings in the inbox
+(hostagent/light_inbox.py), which a pass merges before it closes anything out. Events are
+hints: a lost one costs what polling costs.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class TailTasks:
                 # The pass's connection may be the one a libvirtd restart just broke: it
                 # reconnects with backoff (the first retry is due after about 1 s).
                 await trio.sleep(READ_NOW_RETRY_S * attempt)
+            coll.interrupt_wait()  # a pass waiting for its tick holds `reading`: it gives way
             async with coll.reading:
                 try:
                     host = await coll.read_host(only=set(starts))
@@ -286,6 +288,7 @@ class TailTasks:
         """One light sample of the domains with a tail (or `only` those), now; how many were
         read. The periodic samples are merged first (they are older)."""
         coll = self.collector
+        coll.interrupt_wait()  # a pass waiting for its tick holds `reading`: it gives way
         async with held(coll.reading):
             await coll.merge_light()
             current = coll.tails

@@ -131,6 +131,31 @@ async def test_stop_request_finishes_the_pass_and_exits(tmp_path: Path) -> None:
     assert daemon.collector.last.committed
 
 
+async def test_a_stop_between_passes_ends_the_wait_for_the_next_at_once(tmp_path: Path) -> None:
+    """The wait for the next pass sleeps in a worker thread (hostagent/tick.py): a stop
+    request cuts it short, an hour before the tick, and no second pass runs."""
+    host = Host(tmp_path, "lab-hybrid")
+    daemon, _ = build(tmp_path, host)
+    daemon.cfg = dataclasses.replace(daemon.cfg, collector=dataclasses.replace(
+        daemon.cfg.collector, interval_s=3600.0))
+    first, done = trio.Event(), trio.Event()
+    daemon.on_pass.append(lambda _report: first.set())
+
+    async def run() -> None:
+        await daemon.run(passes=None)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        with trio.fail_after(10):
+            await first.wait()
+        await trio.sleep(0.2)  # the loop waits for the next tick now
+        daemon.stop.set()
+        with trio.fail_after(5):
+            await done.wait()
+    assert daemon.passes_done == 1
+
+
 def test_reload_keeps_the_running_config_when_the_file_is_invalid(tmp_path: Path) -> None:
     host = Host(tmp_path, "lab-hybrid")
     daemon, _ = build(tmp_path, host)

@@ -95,13 +95,13 @@ def api_daemon(tmp_path: Path) -> tuple[Daemon, Keys]:
 async def test_api_requests_wait_while_the_daemon_runs_a_pass(tmp_path: Path) -> None:
     daemon, _ = api_daemon(tmp_path)
     seen_in_pass: list[bool] = []
-    run_pass = daemon.collector.run_pass
+    merge_light = daemon.collector.merge_light
 
-    async def observed_pass() -> Any:
+    async def observed() -> Any:  # each pass, once it has read the host, before it accounts
         seen_in_pass.append(daemon.pass_gate.pass_running)
-        return await run_pass()
+        return await merge_light()
 
-    daemon.collector.run_pass = observed_pass  # type: ignore[method-assign]
+    daemon.collector.merge_light = observed  # type: ignore[method-assign]
     two = trio.Event()
     daemon.on_pass.append(lambda _r: two.set() if daemon.passes_done >= 2 else None)
     async with trio.open_nursery() as nursery:

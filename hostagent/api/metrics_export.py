@@ -58,7 +58,7 @@ class ViewCollector(Collector):
                  "requests served before the pass ended (api.yield_to_pass_max_s reached)",
                  g.timed_out_waits),
                 ("hostagent_pass_drain_seconds",
-                 "time passes waited for API requests in flight before starting", g.drain_s)):
+                 "time passes waited for API requests in flight before accounting", g.drain_s)):
                 yield CounterMetricFamily(name, doc, value=value)
 
     def _instances(self) -> Iterator[Metric]:

@@ -4,17 +4,19 @@ The API shares the daemon's trio loop (and the GIL) with the collector. Under he
 pass would otherwise get a fraction of the CPU and run several times longer. The gate works
 like a reader-writer lock that prefers the writer:
 
-- the daemon closes it for each pass (`busy()`), then lets the requests already being served
-  finish (`drain()`, bounded) before it starts reading counters;
+- the daemon closes it for each pass (`busy()`) as soon as the pass has read the host (the
+  read itself runs in a worker thread at the pass's tick, hostagent/tick.py, without the
+  event loop), then lets the requests already being served finish (`drain()`, bounded)
+  before the pass accounts and commits;
 - every API request (but liveness) passes `request()`: while a pass runs it waits, so each
   client's next request is parked and the pass has the loop and the cores to itself.
 
 Both waits are bounded: a pass stuck on a slow libvirtd delays API answers by at most the
 request bound, and a slow request delays the start of a pass by at most the drain bound.
 
-    with gate.busy():
+    async def on_read():                     # Collector.run_pass_at calls it
+        stack.enter_context(gate.busy())
         await gate.drain(1.0)
-        report = await collector.run_pass()
 
     async with gate.request(cfg.api.yield_to_pass_max_s):   # in the API
         ...

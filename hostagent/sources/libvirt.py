@@ -31,6 +31,7 @@ from hostagent.clock import Clock
 from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceTimeout, SourceUnavailable
 from hostagent.model import DomainStats
+from hostagent.tick import TickWait
 
 log = logging.getLogger(__name__)
 
@@ -226,14 +227,20 @@ class LibvirtSource:
         """All active domains' stats: one bulk call, or per-domain NOWAIT calls if it hangs."""
         return (await self.bulk_stats_then(None)).bulk
 
-    async def bulk_stats_then(self, then: Callable[[tuple[DomainStats, ...]], T] | None
-                              ) -> Then[T]:
+    async def bulk_stats_then(self, then: Callable[[tuple[DomainStats, ...]], T] | None, *,
+                              wait: TickWait | None = None) -> Then[T]:
         """`bulk_stats()`, and `then(domains)` run in the SAME worker call right after a bulk
         call answered (one thread hand-off instead of two; the pass's host file reads).
 
         `then` is not run on the per-domain path. Past the deadline, a bulk call that had
         answered still counts: only `then` is reported as having run out (`then_ran_out`).
+        `wait`: the same worker call first sleeps until the pass's tick (hostagent/tick.py;
+        the deadline starts there); WaitInterrupted when it was cut short. Without a
+        connection (or behind a hung call) the wait is a call of its own, before connecting.
         """
+        if wait is not None and (self._conn is None or self._bulk_in_flight):
+            await handoff.run_sync(wait, abandon_on_cancel=True)
+            wait = None
         calls = await self._connection()
         if self._bulk_in_flight:
             # An abandoned bulk call still blocks in a worker; don't queue another behind it.
@@ -244,12 +251,15 @@ class LibvirtSource:
         answered: list[tuple[DomainStats, ...]] = []
 
         def work() -> T | None:
+            if wait is not None:
+                wait()
             domains = tuple(_convert(calls.run(self._tracked_bulk, calls.conn, flags)))
             answered.append(domains)
             return None if then is None else then(domains)
 
         try:
-            after = await self._call(work)
+            after = await self._call(work, timeout_s=None if wait is None else
+                                     self._cfg.call_timeout_s + wait.remaining_s())
         except SourceTimeout:
             if answered:
                 return Then(BulkResult(domains=answered[0], path="bulk"), then_ran_out=True)
