@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -301,9 +302,11 @@ class Collector:
         cpu0 = time.process_time()
         report = PassReport(started_wall_ns=start.wall_ns)
         timeout_s = self.cfg.collector.pass_timeout_s
+        drained_s = 0.0
         try:
             # The deadline counts from the tick: the wait is not the pass's time.
-            with trio.fail_after(timeout_s + (wait.remaining_s() if wait is not None else 0.0)):
+            with trio.fail_after(timeout_s + (wait.remaining_s() if wait is not None
+                                              else 0.0)) as deadline:
                 async with pass_reads.held(self.reading):
                     if wait is not None:
                         if self.reading.statistics().tasks_waiting:
@@ -311,7 +314,7 @@ class Collector:
                         self._tick.clear()  # any later reader or stop sets it again
                         if stop is not None and stop():
                             return None
-                    await self._pass_locked(report, wait, on_read)
+                    drained_s = await self._pass_locked(report, wait, on_read, deadline)
         except WaitInterrupted:
             return None
         except SourceError as err:
@@ -326,7 +329,7 @@ class Collector:
         waited_ns = int(wait.waited_s * 1e9) if wait is not None else 0
         report.started_wall_ns = start.wall_ns + waited_ns
         report.duration_s = (self.clock.now().monotonic_ns - start.monotonic_ns
-                             - waited_ns) / 1e9
+                             - waited_ns) / 1e9 - drained_s
         if wait is not None and wait.cpu_at_wake_s is not None:
             cpu0 = wait.cpu_at_wake_s
         report.cpu_s = time.process_time() - cpu0
@@ -356,11 +359,21 @@ class Collector:
             unassigned=self.cfg.owners.unassigned, name_is_build_id=c.instance_id == "formation")
 
     async def _pass_locked(self, report: PassReport, wait: TickWait | None,
-                           on_read: OnRead | None) -> None:
+                           on_read: OnRead | None, deadline: trio.CancelScope) -> float:
+        """The pass, its reading lock held; the seconds `on_read` took (not the pass's)."""
         host = await self.read_host(wait=wait)
         self.read_monotonic_s = time.monotonic()
+        drained_s = 0.0
         if on_read is not None:
-            await on_read()
+            # The API requests it lets finish (the daemon's drain, bounded) are not the pass's
+            # time: the deadline stands still meanwhile.
+            t0, due = trio.current_time(), deadline.deadline
+            deadline.deadline = math.inf
+            try:
+                await on_read()
+            finally:
+                drained_s = trio.current_time() - t0
+                deadline.deadline = due + drained_s
         parent_ns = await self._read_parent_cpu()
         await self.merge_light()
         closing = tails.ended(self.tails, host)
@@ -408,6 +421,7 @@ class Collector:
         self._passes += 1
         if self._passes % OWNER_RETAIN_EVERY_PASSES == 0:
             self.owners.retain({s.instance_id for s in samples})
+        return drained_s
 
     async def _read_parent_cpu(self) -> int | None:
         """The VMs' parent cgroup's CPU (v2), None without one or when unreadable: read in the

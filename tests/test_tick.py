@@ -185,3 +185,24 @@ async def test_a_pass_after_its_tick_does_not_wait(host: Host, tmp_path: Path) -
 @pytest.fixture(params=["lab-hybrid"])
 def host(request: pytest.FixtureRequest, tmp_path: Path) -> Host:
     return Host(tmp_path, request.param)
+
+
+async def test_on_read_runs_after_the_read_and_is_not_the_pass_s_time(tmp_path: Path) -> None:
+    """The daemon's `on_read` (close the API gate, let requests in flight finish, up to 1 s)
+    runs once the host is read; its time counts neither against `pass_timeout_s` nor in the
+    pass's duration."""
+    host = v2_host_with_partition(tmp_path, 1000, 3000)
+    coll, store = make_collector(host, tmp_path, pass_timeout_s=0.5)
+    assert (await coll.run_pass()).committed
+    host.move_to_t1()
+    seen: list[float | None] = []
+
+    async def on_read() -> None:
+        seen.append(coll.read_monotonic_s)  # the host is read by now
+        await trio.sleep(0.8)  # a slow request in flight, longer than the pass's deadline
+
+    report = await coll.run_pass_at(time.monotonic(), stop=lambda: False, on_read=on_read)
+    assert report is not None and report.committed, report and report.error
+    assert seen and seen[0] is not None
+    assert report.duration_s < 0.5
+    store.close()
