@@ -11,13 +11,14 @@ its baseline kept; see `read_errors`); only host-wide failures fail a pass.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 
@@ -277,7 +278,7 @@ class Collector:
 
         `on_read()` is awaited on trio's side once the host is read (the daemon shields the
         rest of the pass there, closes the API's pass gate and lets requests in flight
-        finish). A wait cut short by a reader (`interrupt_wait`) lets the readers queued for
+        finish). A wait cut short by a reader (`exclusive`) lets the readers queued for
         `reading` go first, then waits again for what is left of the interval.
         """
         try:
@@ -289,6 +290,14 @@ class Collector:
         except BaseException:
             self.interrupt_wait()  # cancelled while waiting: that worker stops sleeping
             raise
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """The collector to oneself, for a read outside the pass (a lifecycle read, a light
+        sample): a pass waiting for its tick holds `reading`, and gives way when asked."""
+        self.interrupt_wait()
+        async with pass_reads.held(self.reading):
+            yield
 
     def interrupt_wait(self) -> None:
         """Someone needs the collector now (a lifecycle read, a light sample, a stop): a pass

@@ -14,7 +14,7 @@
 Everything lands in `Collector.tails` (accounting/tails.py), in memory only; the next pass
 closes out the tails whose domain is gone in its one transaction. The lifecycle reads hold
 `Collector.reading`, so they never interleave with a pass's read → commit (a pass holds it
-from its wait for the tick on, and gives way when they ask: `Collector.interrupt_wait`). The
+from its wait for the tick on, and gives way when they ask: `Collector.exclusive`). The
 periodic light samples run in a thread of their own, without trio (a sample through trio cost
 a timer wake-up, a thread hand-off and a wake-up for its result, several times its reads): they
 read the tails' targets from a copy and leave their readings in the inbox
@@ -41,7 +41,6 @@ from hostagent.clock import Clock
 from hostagent.collector import Collector
 from hostagent.errors import SourceError
 from hostagent.light_inbox import merge_into
-from hostagent.pass_reads import held
 from hostagent.sources.files import HostRoot
 from hostagent.sources.lifecycle import LifecycleWatcher, Message
 from hostagent.sources.light import LightSampler, LightTarget, light_nics, target_for
@@ -179,8 +178,7 @@ class TailTasks:
                 # The pass's connection may be the one a libvirtd restart just broke: it
                 # reconnects with backoff (the first retry is due after about 1 s).
                 await trio.sleep(READ_NOW_RETRY_S * attempt)
-            coll.interrupt_wait()  # a pass waiting for its tick holds `reading`: it gives way
-            async with coll.reading:
+            async with coll.exclusive():
                 try:
                     host = await coll.read_host(only=set(starts))
                 except SourceError as err:
@@ -288,8 +286,7 @@ class TailTasks:
         """One light sample of the domains with a tail (or `only` those), now; how many were
         read. The periodic samples are merged first (they are older)."""
         coll = self.collector
-        coll.interrupt_wait()  # a pass waiting for its tick holds `reading`: it gives way
-        async with held(coll.reading):
+        async with coll.exclusive():
             await coll.merge_light()
             current = coll.tails
 

@@ -11,9 +11,10 @@ skeleton both ways side by side.
 The wait holds the collector's `reading` lock, as the pass always did, so it must give way to
 whoever else needs the collector before the tick: `Collector.interrupt_wait()` sets the event
 the wait sleeps on, and the wait raises `WaitInterrupted` instead of reading. The lifecycle
-reads and light samples (hostagent/tailing.py) interrupt before they queue on the lock; the
-daemon interrupts when it stops. The pass then lets them go first and waits again for what is
-left of the interval (`Collector.run_pass_at`).
+reads and light samples (hostagent/tailing.py) take the lock through `Collector.exclusive()`,
+which interrupts before it queues on the lock; the daemon interrupts when it stops. The pass
+then lets them go first and waits again for what is left of the interval
+(`Collector.run_pass_at`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class TickWait:
         or when someone asked for the collector by the time it came."""
         t0 = time.monotonic()
         remaining_s = self.due_s - t0
-        if remaining_s > 0 and self.event.wait(remaining_s):
-            raise WaitInterrupted
+        if remaining_s > 0:
+            self.event.wait(remaining_s)
         if self.event.is_set():
             raise WaitInterrupted
         self.waited_s = max(0.0, time.monotonic() - t0)

@@ -127,7 +127,7 @@ async def test_a_stop_cuts_the_wait_short_and_nothing_is_read(tmp_path: Path) ->
 
 async def test_a_reader_gets_the_collector_during_the_wait_and_the_pass_follows(
         tmp_path: Path) -> None:
-    """A lifecycle read or light sample asks (`interrupt_wait`) and queues for `reading`: it
+    """A lifecycle read or light sample asks (`exclusive`) and queues for `reading`: it
     gets it at once, not at the tick, and the pass still runs at its tick, after it."""
     host = v2_host_with_partition(tmp_path, 1000, 3000)
     coll, store = make_collector(host, tmp_path)
@@ -139,8 +139,7 @@ async def test_a_reader_gets_the_collector_during_the_wait_and_the_pass_follows(
     async def reader() -> None:
         await trio.sleep(0.1)
         t0 = time.monotonic()
-        coll.interrupt_wait()
-        async with coll.reading:
+        async with coll.exclusive():
             waited.append(time.monotonic() - t0)
             order.append("reader")
             await trio.sleep(0.05)
