@@ -278,6 +278,7 @@ class Daemon:
     def _after_pass(self, report: PassReport) -> None:
         if self.passes_done == 1:
             heap.settle_heap()
+        heap.fit_young_generation(report.domains)
         heap.release_freed(report.domains)
         fields = {"domains": report.domains, "events": report.events,
                   "duration_s": round(report.duration_s, 4), "cpu_s": round(report.cpu_s, 4),
@@ -289,10 +290,8 @@ class Daemon:
         else:
             log.warning("pass failed", extra={**fields, "error": report.error})
         # The loop is alive either way: a libvirtd outage must not become a watchdog restart
-        # loop. READY comes after the first pass attempt; STATUS says whether it committed.
-        self.notifier.ready()
-        self.notifier.watchdog()
-        self.notifier.status(
+        # loop. READY comes with the first pass attempt; STATUS says whether it committed.
+        self.notifier.pass_done(
             f"{report.domains} domains, {report.events} events, "
             f"pass {report.duration_s:.2f}s" + (f", error: {report.error}" if report.error else "")
         )

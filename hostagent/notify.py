@@ -67,6 +67,7 @@ class Notifier:
         self._address = _address(env.get("NOTIFY_SOCKET", ""))
         self._clock: Clock = clock or SystemClock()
         self._sock: socket.socket | None = None
+        self._ready_sent = False
 
     @property
     def enabled(self) -> bool:
@@ -94,9 +95,19 @@ class Notifier:
 
     def ready(self, status: str | None = None) -> bool:
         """READY=1: startup (or a reload) finished; optionally with a STATUS line."""
+        self._ready_sent = True
         if status is None:
             return self.send(READY=1)
         return self.send(READY=1, STATUS=status)
+
+    def pass_done(self, status: str) -> bool:
+        """After each pass, ONE message (one wake-up of the service manager, not three):
+        WATCHDOG=1 and the STATUS line, with READY=1 the first time (start-up is done once
+        the first pass was tried)."""
+        if self._ready_sent:
+            return self.send(WATCHDOG=1, STATUS=status)
+        self._ready_sent = True
+        return self.send(READY=1, WATCHDOG=1, STATUS=status)
 
     def watchdog(self) -> bool:
         """WATCHDOG=1: we are alive (send at least once per WatchdogSec)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
+import socket
 import subprocess
 import sys
 import typing
@@ -19,6 +21,7 @@ import trio
 from hostagent.config import live
 from hostagent.config.load import Config
 from hostagent.daemon import Daemon, next_tick_s
+from hostagent.notify import Notifier
 from tests.replay import Host, build_daemon, daemon_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +59,33 @@ async def test_passes_commit_and_delivery_drains_before_exit(tmp_path: Path) -> 
     for evs in by_instance.values():
         evs.sort(key=lambda e: e["period_ns"]["start"])
         assert evs[1]["period_ns"]["start"] == evs[0]["period_ns"]["end"]
+
+
+async def test_each_pass_tells_the_service_manager_once(tmp_path: Path) -> None:
+    # A real datagram socket stands in for systemd: per pass ONE message (watchdog and status,
+    # READY with the first), not one per field: each is a wake-up of PID 1.
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.setblocking(False)
+    host = Host(tmp_path, "lab-hybrid")
+    daemon, _ = build(tmp_path, host)
+    daemon.notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    try:
+        await daemon.run(passes=3)
+        got = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                got.append(dict(line.split("=", 1)
+                                for line in manager.recv(4096).decode().split("\n")))
+    finally:
+        manager.close()
+    guests = len(host.meta["guests"])
+    passes = [m for m in got if "WATCHDOG" in m]
+    assert len(passes) == 3
+    assert [m.get("READY") for m in passes] == ["1", None, None]
+    assert all(m["STATUS"].startswith(f"{guests} domains, {guests} events, pass ")
+               for m in passes)
+    assert [m for m in got if "WATCHDOG" not in m] == [{"STOPPING": "1"}]
 
 
 async def test_a_caught_up_jsonl_sink_is_written_by_the_pass_commits_call(

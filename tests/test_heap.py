@@ -32,3 +32,61 @@ def test_settling_freezes_the_start_up_heap_and_raises_the_young_threshold() -> 
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_the_young_threshold_follows_the_host_size_never_below_the_settled_one() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        heap.settle_heap()
+        assert heap.fit_young_generation(8) == heap.GEN0_THRESHOLD
+        assert gc.get_threshold() == (heap.GEN0_THRESHOLD, 10, 10)
+        big = 5000 * heap.YOUNG_PER_DOMAIN
+        assert heap.fit_young_generation(5000) == big
+        assert gc.get_threshold() == (big, 10, 10)
+        assert heap.fit_young_generation(0) == heap.GEN0_THRESHOLD  # the host shrank again
+        gc.set_threshold(heap.GEN0_THRESHOLD * 30, 10, 10)  # an operator's higher setting
+        heap.settle_heap()
+        assert heap.fit_young_generation(8) == heap.GEN0_THRESHOLD * 30
+    finally:
+        gc.set_threshold(*before)
+        heap.settle_heap()  # the module's floor back to what it was for later tests
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_a_pass_over_a_large_host_runs_no_young_collection() -> None:
+    # What the threshold is for: the containers a pass holds alive (~20 per domain: the
+    # collector's readings, samples and events) trigger no young collection at 5,000
+    # domains.
+    import gc
+
+    before = gc.get_threshold()
+    runs: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            runs.append(info["generation"])
+
+    try:
+        heap.settle_heap()
+        heap.fit_young_generation(5000)
+        gc.collect()
+        gc.callbacks.append(seen)
+        held = [[[n], {"k": n}, (n, [n])] for n in range(5000 * 5)]  # 25 containers/domain
+        gc.callbacks.remove(seen)
+        assert len(held) == 25_000
+        assert runs == []
+        heap.fit_young_generation(8)  # a small host's threshold: the same pass collects
+        gc.collect()
+        gc.callbacks.append(seen)
+        held = [[[n], {"k": n}, (n, [n])] for n in range(5000 * 5)]
+        gc.callbacks.remove(seen)
+        assert runs
+    finally:
+        if seen in gc.callbacks:
+            gc.callbacks.remove(seen)
+        gc.unfreeze()
+        gc.set_threshold(*before)

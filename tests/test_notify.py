@@ -54,6 +54,34 @@ def test_each_message(manager: tuple[socket.socket, str]) -> None:
     n.close()
 
 
+def test_a_pass_is_one_message_ready_only_with_the_first(
+        manager: tuple[socket.socket, str]) -> None:
+    sock, addr = manager
+    n = Notifier({"NOTIFY_SOCKET": addr})
+    assert n.pass_done("8 domains, 8 events, pass 0.01s")
+    assert recv_fields(sock) == {"READY": "1", "WATCHDOG": "1",
+                                 "STATUS": "8 domains, 8 events, pass 0.01s"}
+    assert n.pass_done("8 domains, 8 events, pass 0.02s")
+    assert recv_fields(sock) == {"WATCHDOG": "1", "STATUS": "8 domains, 8 events, pass 0.02s"}
+    sock.settimeout(0.05)
+    with pytest.raises(TimeoutError):  # nothing else was sent
+        sock.recv(4096)
+    n.close()
+
+
+def test_after_an_explicit_ready_a_pass_does_not_repeat_it(
+        manager: tuple[socket.socket, str]) -> None:
+    sock, addr = manager
+    n = Notifier({"NOTIFY_SOCKET": addr})
+    assert n.ready()
+    assert recv_fields(sock) == {"READY": "1"}
+    assert n.pass_done("0 domains, 0 events, pass 0.00s, error: source unavailable")
+    assert recv_fields(sock) == {"WATCHDOG": "1",
+                                 "STATUS": "0 domains, 0 events, pass 0.00s, error: source "
+                                           "unavailable"}
+    n.close()
+
+
 def test_abstract_namespace() -> None:
     name = f"hostagent-test-{os.getpid()}-{id(object())}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -30,10 +30,11 @@ class SinkCounters:
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     latency_sum_s: float = 0.0
 
-    def observe_latency(self, seconds: float) -> None:
-        """Count one successful send that took `seconds`."""
-        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
-        self.latency_sum_s += seconds
+    def observe_latency(self, seconds: float, events: int = 1) -> None:
+        """Count `events` successful sends that took `seconds` each (a batch written at once:
+        one call, not one per event)."""
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += events
+        self.latency_sum_s += seconds * events
 
 
 @dataclass(frozen=True, slots=True)

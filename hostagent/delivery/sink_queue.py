@@ -190,8 +190,7 @@ class SinkQueue:
             self._recorded(recorded, dead)
         for n, seconds in r.written:
             self.breaker.record_success()
-            for _ in range(n):
-                self.counters.observe_latency(seconds)
+            self.counters.observe_latency(seconds, n)
         self.on_used_bytes(r.claimed.used_bytes)
         if r.error is not None:
             raise r.error
