@@ -90,3 +90,38 @@ def test_a_pass_over_a_large_host_runs_no_young_collection() -> None:
             gc.callbacks.remove(seen)
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_garbage_piling_up_between_large_passes_is_collected_after_the_next() -> None:
+    # A large host's threshold lets no young collection run inside a pass; cyclic garbage made
+    # between passes (here 25,000 containers in cycles) must not wait for it: the next
+    # pass's end collects it.
+    import gc
+
+    before = gc.get_threshold()
+    runs: list[tuple[int, int]] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            runs.append((info["generation"], info["collected"]))
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    try:
+        heap.settle_heap()
+        heap.fit_young_generation(5000)  # the first pass: only remembers the count
+        gc.callbacks.append(seen)
+        heap.fit_young_generation(5000)  # a steady pass: nothing piled up, nothing run
+        assert runs == []
+        for _ in range(25_000):
+            Cycle()  # unreachable, in a cycle: freed by a collection only
+        assert runs == []  # under the large threshold: no collection ran by itself
+        heap.fit_young_generation(5000)
+        assert runs and runs[0][0] == 0 and runs[0][1] >= 25_000
+    finally:
+        if seen in gc.callbacks:
+            gc.callbacks.remove(seen)
+        gc.unfreeze()
+        gc.set_threshold(*before)
