@@ -43,6 +43,7 @@ _young_floor = [GEN0_THRESHOLD]
 # The young generation's count when the previous pass ended (None: no pass yet)
 _count_after_pass: list[int | None] = [None]
 
+
 def settle_heap() -> None:
     """Collect, then freeze what is alive now (once, after start-up and the first pass), and
     collect the young generation every `GEN0_THRESHOLD` allocations (not fewer)."""

@@ -95,19 +95,18 @@ class Notifier:
 
     def ready(self, status: str | None = None) -> bool:
         """READY=1: startup (or a reload) finished; optionally with a STATUS line."""
-        self._ready_sent = True
-        if status is None:
-            return self.send(READY=1)
-        return self.send(READY=1, STATUS=status)
+        sent = self.send(READY=1) if status is None else self.send(READY=1, STATUS=status)
+        self._ready_sent = self._ready_sent or sent
+        return sent
 
     def pass_done(self, status: str) -> bool:
         """After each pass, ONE message (one wake-up of the service manager, not three):
-        WATCHDOG=1 and the STATUS line, with READY=1 the first time (start-up is done once
-        the first pass was tried)."""
+        WATCHDOG=1 and the STATUS line, with READY=1 until the manager got it once (start-up
+        is done once the first pass was tried; a READY lost on the way is sent again)."""
         if self._ready_sent:
             return self.send(WATCHDOG=1, STATUS=status)
-        self._ready_sent = True
-        return self.send(READY=1, WATCHDOG=1, STATUS=status)
+        self._ready_sent = self.send(READY=1, WATCHDOG=1, STATUS=status)
+        return self._ready_sent
 
     def watchdog(self) -> bool:
         """WATCHDOG=1: we are alive (send at least once per WatchdogSec)."""

@@ -82,6 +82,24 @@ def test_after_an_explicit_ready_a_pass_does_not_repeat_it(
     n.close()
 
 
+def test_a_ready_the_manager_did_not_get_is_sent_again_with_the_next_pass(
+        tmp_path: Path) -> None:
+    path = tmp_path / "notify"
+    n = Notifier({"NOTIFY_SOCKET": str(path)})
+    assert not n.pass_done("first pass")  # nobody listens yet: lost
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(2.0)
+    try:
+        assert n.pass_done("second pass")
+        assert recv_fields(sock) == {"READY": "1", "WATCHDOG": "1", "STATUS": "second pass"}
+        assert n.pass_done("third pass")
+        assert recv_fields(sock) == {"WATCHDOG": "1", "STATUS": "third pass"}
+    finally:
+        sock.close()
+        n.close()
+
+
 def test_abstract_namespace() -> None:
     name = f"hostagent-test-{os.getpid()}-{id(object())}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
