@@ -38,10 +38,13 @@ from collections.abc import Callable
 TRIM_AT_DOMAINS = 100
 GEN0_THRESHOLD = 20_000
 YOUNG_PER_DOMAIN = 40
-# settle_heap's threshold (an operator's higher one is kept): the floor of the fitted ones
-_young_floor = [GEN0_THRESHOLD]
-# The young generation's count when the previous pass ended (None: no pass yet)
-_count_after_pass: list[int | None] = [None]
+
+
+class _Young:
+    """The young generation as the passes left it."""
+
+    floor = GEN0_THRESHOLD  # settle_heap's threshold (an operator's higher one is kept)
+    count_after_pass: int | None = None  # its count when the previous pass ended
 
 
 def settle_heap() -> None:
@@ -50,8 +53,8 @@ def settle_heap() -> None:
     gc.collect()
     gc.freeze()
     young, middle, old = gc.get_threshold()
-    _young_floor[0] = max(young, GEN0_THRESHOLD)
-    gc.set_threshold(_young_floor[0], middle, old)
+    _Young.floor = max(young, GEN0_THRESHOLD)
+    gc.set_threshold(_Young.floor, middle, old)
 
 
 def fit_young_generation(domains: int) -> int:
@@ -60,15 +63,15 @@ def fit_young_generation(domains: int) -> int:
     piled up since the previous pass (the young count grew by settle_heap's threshold) is
     collected now, between passes."""
     young, middle, old = gc.get_threshold()
-    want = max(_young_floor[0], YOUNG_PER_DOMAIN * domains)
+    want = max(_Young.floor, YOUNG_PER_DOMAIN * domains)
     if young != want:
         gc.set_threshold(want, middle, old)
     count = gc.get_count()[0]
-    last = _count_after_pass[0]
-    if last is not None and count - last >= _young_floor[0]:
+    last = _Young.count_after_pass
+    if last is not None and count - last >= _Young.floor:
         gc.collect(0)
         count = gc.get_count()[0]
-    _count_after_pass[0] = count
+    _Young.count_after_pass = count
     return want
 
 

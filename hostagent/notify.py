@@ -108,14 +108,6 @@ class Notifier:
         self._ready_sent = self.send(READY=1, WATCHDOG=1, STATUS=status)
         return self._ready_sent
 
-    def watchdog(self) -> bool:
-        """WATCHDOG=1: we are alive (send at least once per WatchdogSec)."""
-        return self.send(WATCHDOG=1)
-
-    def status(self, text: str) -> bool:
-        """STATUS=: the one-line summary `systemctl status` shows."""
-        return self.send(STATUS=text)
-
     def extend_start(self, seconds: float, status: str) -> bool:
         """EXTEND_TIMEOUT_USEC with a STATUS line: start-up needs `seconds` more than
         TimeoutStartSec allows (upgrading a large state store)."""

@@ -40,9 +40,9 @@ def test_each_message(manager: tuple[socket.socket, str]) -> None:
     assert recv_fields(sock) == {"READY": "1"}
     assert n.ready(status="first pass done")
     assert recv_fields(sock) == {"READY": "1", "STATUS": "first pass done"}
-    assert n.watchdog()
+    assert n.send(WATCHDOG=1)
     assert recv_fields(sock) == {"WATCHDOG": "1"}
-    assert n.status("12 domains, 0 pending\nsecond line")
+    assert n.send(STATUS="12 domains, 0 pending\nsecond line")
     assert recv_fields(sock) == {"STATUS": "12 domains, 0 pending second line"}
     assert n.stopping()
     assert recv_fields(sock) == {"STOPPING": "1"}
@@ -132,8 +132,7 @@ def test_without_socket_everything_is_a_noop() -> None:
     n = Notifier({})
     assert not n.enabled
     assert not n.ready()
-    assert not n.watchdog()
-    assert not n.status("x")
+    assert not n.pass_done("x")
     assert not n.stopping()
     assert not n.reloading()
 
@@ -147,12 +146,12 @@ def test_unsupported_address_disables() -> None:
 def test_vanished_manager_is_survived(tmp_path: Path) -> None:
     path = tmp_path / "gone"
     n = Notifier({"NOTIFY_SOCKET": str(path)})
-    assert not n.watchdog()  # nobody listens: logged, not raised
+    assert not n.send(WATCHDOG=1)  # nobody listens: logged, not raised
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(2.0)
     try:
-        assert n.watchdog()  # the manager came back: the next send reaches it
+        assert n.send(WATCHDOG=1)  # the manager came back: the next send reaches it
         assert recv_fields(sock) == {"WATCHDOG": "1"}
     finally:
         sock.close()
