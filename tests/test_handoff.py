@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -49,6 +50,21 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
 async def test_the_result_and_the_arguments() -> None:
     assert await handoff.run_sync(lambda a, b: a * b, 6, 7) == 42
     assert await handoff.run_sync(threading.get_ident) != threading.get_ident()
+
+
+async def test_a_parked_worker_keeps_nothing_of_its_last_call_alive() -> None:
+    """A worker waiting for its next call holds neither the last call's arguments nor its
+    result (the pass commit's arguments hold all its events: megabytes on a large host)."""
+
+    class Big:
+        pass
+
+    arg = Big()
+    arg_ref = weakref.ref(arg)
+    got = await handoff.run_sync(lambda _: Big(), arg)
+    got_ref = weakref.ref(got)
+    del arg, got
+    await eventually(lambda: arg_ref() is None and got_ref() is None, timeout_s=2)
 
 
 async def test_the_calls_exception_is_raised_in_the_caller() -> None:
