@@ -8,6 +8,10 @@ process's CPU-time clock (ns, every thread, the exited ones included: bench/daem
 
     python bench/side_by_side.py --against /path/to/other/checkout --live --window 90
     python bench/side_by_side.py --against DIR --domains 1000 --rounds 2
+    python bench/side_by_side.py --against DIR --domains 1000 --cgroupfs --interval 10
+
+`--cgroupfs`: the generated host's cgroups made for real (root, a hybrid host like the lab):
+its files are then kept open and re-read, as on a host, instead of read like `cat`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from daemon_cost import CpuMark, hostagent_config, rss_mb, stop  # noqa: E402
-from pass_cost import generate  # noqa: E402
+from pass_cost import RealCgroups, generate  # noqa: E402
 
 
 def run_pair(checkouts: list[Path], uri: str, root: str, work: Path, args: argparse.Namespace
@@ -60,6 +64,7 @@ def main() -> int:
     ap.add_argument("--against", required=True, type=Path, help="the other checkout")
     ap.add_argument("--live", action="store_true", help="the lab's running guests")
     ap.add_argument("--domains", type=int, default=0, help="a generated host of N domains")
+    ap.add_argument("--cgroupfs", action="store_true", help="real cgroups for a generated host")
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--warmup", type=float, default=12.0)
     ap.add_argument("--window", type=float, default=60.0)
@@ -68,24 +73,34 @@ def main() -> int:
     if args.live == bool(args.domains):
         ap.error("give --live or --domains N")
     this, other = REPO, args.against.resolve()
+    real = RealCgroups() if args.cgroupfs and args.domains else None
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        if args.live:
-            uri, root, label = "qemu:///system", "/", "live lab guests"
-        else:
-            node_xml, root_path = generate(args.domains, work / "gen")
-            uri, root = f"test+unix://{node_xml}", str(root_path)
-            label = f"{args.domains} generated domains"
-        print(f"{label}, interval {args.interval} s, {args.window} s windows, both at once")
-        print("| round | this checkout | other checkout | this / other |")
-        print("|---|---|---|---|")
-        for n in range(args.rounds):
-            order = [this, other] if n % 2 == 0 else [other, this]
-            got = dict(zip(order, run_pair(order, uri, root, work / f"r{n}", args),
-                           strict=True))
-            (a, _, ra), (b, _, rb) = got[this], got[other]
-            print(f"| {n + 1} | {a:.2f} ms, {ra:.0f} MB | {b:.2f} ms, {rb:.0f} MB | "
-                  f"{a / b:.2f} |")
+        try:
+            return compare(this, other, Path(tmp), real, args)
+        finally:
+            if real is not None:
+                real.remove()
+
+
+def compare(this: Path, other: Path, work: Path, real: RealCgroups | None,
+            args: argparse.Namespace) -> int:
+    """Print one row per round: both checkouts at once, rounds alternating who starts."""
+    if args.live:
+        uri, root, label = "qemu:///system", "/", "live lab guests"
+    else:
+        node_xml, root_path = generate(args.domains, work / "gen", real)
+        uri, root = f"test+unix://{node_xml}", str(root_path)
+        label = f"{args.domains} generated domains" + (" (real cgroups)" if real else "")
+    print(f"{label}, interval {args.interval} s, {args.window} s windows, both at once")
+    print("| round | this checkout | other checkout | this / other |")
+    print("|---|---|---|---|")
+    for n in range(args.rounds):
+        order = [this, other] if n % 2 == 0 else [other, this]
+        got = dict(zip(order, run_pair(order, uri, root, work / f"r{n}", args),
+                       strict=True))
+        (a, _, ra), (b, _, rb) = got[this], got[other]
+        print(f"| {n + 1} | {a:.2f} ms, {ra:.0f} MB | {b:.2f} ms, {rb:.0f} MB | "
+              f"{a / b:.2f} |")
     return 0
 
 

@@ -47,6 +47,7 @@ import os
 import resource
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hostagent.errors import SourceError
@@ -183,6 +184,52 @@ class FdCache:
                 return data
         self._discard(entry, stale=False)  # closed meanwhile, or a second reader put one back
         return data
+
+    def read_many(self, paths: Sequence[str | None]) -> list[bytes | SourceError | None]:
+        """`read_bytes` of each path, in order, for a batch (a light sample's `cpu.stat` of
+        every domain): the bytes; None when gone (or no path given); the SourceError an
+        unreadable file raises, in its place, not raised.
+
+        The kept descriptors of the whole batch are taken out under one lock and put back
+        under one (`read_bytes` takes it twice a file: ~0.7 µs a file over the pread)."""
+        entries = self._entries
+        with self._lock:
+            taken = [None if p is None else entries.pop(p, None) for p in paths]
+        out: list[bytes | SourceError | None] = []
+        back: list[tuple[str, _Entry]] = []
+        chunk = self._chunk_bytes
+        for path, entry in zip(paths, taken, strict=True):
+            if path is None:
+                out.append(None)
+                continue
+            if entry is not None:
+                try:
+                    data = os.pread(entry.fd, chunk, 0)
+                    if len(data) == chunk:
+                        data = self._read_on(entry.fd, data)
+                except OSError:
+                    self._discard(entry, stale=True)  # as read_bytes: cat's rules judge
+                else:
+                    out.append(data)
+                    back.append((path, entry))
+                    continue
+            try:
+                out.append(self.read_bytes(path) if entry is None else self._read_new(path))
+            except SourceError as err:
+                out.append(err)
+        spares: list[_Entry] = []
+        with self._lock:
+            self._counts["hits"] += len(back)
+            gen = self._gen
+            for path, entry in back:
+                if self._closed or path in entries:
+                    spares.append(entry)  # closed meanwhile, or a second reader put one back
+                else:
+                    entry.used = gen
+                    entries[path] = entry
+        for entry in spares:
+            self._discard(entry, stale=False)
+        return out
 
     def sweep(self) -> int:
         """Close the descriptors not read since the previous sweep; how many were closed."""

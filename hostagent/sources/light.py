@@ -19,8 +19,9 @@ pass's FdCache (one descriptor per file; the pass's `sweep()` closes those of go
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 from hostagent.accounting.closeout import IoBytes, LightReading
@@ -30,6 +31,12 @@ from hostagent.model import CgroupPaths, Nic, NicCounters
 from hostagent.sources.cgroup import _sum_io_stat
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot, kv_bytes, kv_value
+
+# v2 `cpu.stat` begins with its `usage_usec` line (kernel/sched/cgroup: cpu_stat_show).
+_USAGE_USEC = b"usage_usec "
+_USAGE_AT = len(_USAGE_USEC)
+# The `missing` of a reading that misses nothing: one shared, read-only empty map.
+_NOTHING_MISSING: Mapping[str, str] = MappingProxyType({})
 
 
 class LinkReader(Protocol):
@@ -106,7 +113,12 @@ class LightSampler:
         self._clock = clock
 
     def sample(self, targets: Sequence[LightTarget]) -> dict[str, LightReading]:
-        """One LightReading per target, by uuid; a counter that cannot be read is None."""
+        """One LightReading per target, by uuid; a counter that cannot be read is None.
+
+        The loop runs for every domain 15 times a pass (30 s interval, 2 s samples), so a
+        1,000-domain host pays it 15,000 times a pass: its common case, a v2 `cpu.stat` that
+        starts with `usage_usec` and nothing missing, is inline (no helper calls, one shared
+        empty `missing`, positional construction); everything else goes the general way."""
         t_wall_ns = self._clock.now().wall_ns
         links: dict[int, tuple[int, int]] = {}
         links_error: str | None = None
@@ -119,16 +131,44 @@ class LightSampler:
                 except SourceError as err:
                     links_error = f"link stats dump failed: {err}"
         out: dict[str, LightReading] = {}
-        for t in targets:
-            missing: dict[str, str] = {}
-            cpu_ns = self._cpu(t.cpu_file, missing)
-            io = self._io(t.io_stat, missing) if t.io_stat is not None else None
-            nics: tuple[NicCounters, ...] = ()
-            if t.nics:
-                nics = self._nics(t.nics, links, links_error, missing)
-            out[t.uuid] = LightReading(uuid=t.uuid, domid=t.domid, t_wall_ns=t_wall_ns,
-                                       cpu_ns=cpu_ns, nics=nics, io=io, missing=missing)
+        prefix = self._prefix
+        files = self._fds.read_many([None if t.cpu_file is None else prefix + t.cpu_file
+                                     for t in targets])
+        for t, data in zip(targets, files, strict=True):
+            cpu_file = t.cpu_file
+            if type(data) is bytes and data.startswith(_USAGE_USEC) \
+                    and cpu_file is not None and cpu_file.endswith("cpu.stat"):
+                end = data.find(b"\n", _USAGE_AT)
+                value = data[_USAGE_AT:end] if end > 0 else data[_USAGE_AT:]
+                if value.isdigit():
+                    missing: dict[str, str] | None = None
+                    nics: tuple[NicCounters, ...] = ()
+                    io: IoBytes | None = None
+                    if t.nics or t.io_stat is not None:
+                        missing = {}
+                        if t.io_stat is not None:
+                            io = self._io(t.io_stat, missing)
+                        if t.nics:
+                            nics = self._nics(t.nics, links, links_error, missing)
+                    out[t.uuid] = LightReading(t.uuid, t.domid, t_wall_ns, int(value) * 1000,
+                                               nics, io, missing or _NOTHING_MISSING)
+                    continue
+            # Anything else (a v1 cpuacct.usage, a cpu.stat gone, unreadable or malformed) is
+            # read again the general way, which keeps the reason in `missing`.
+            out[t.uuid] = self._general(t, t_wall_ns, links, links_error)
         return out
+
+    def _general(self, t: LightTarget, t_wall_ns: int, links: dict[int, tuple[int, int]],
+                 links_error: str | None) -> LightReading:
+        """`sample`'s reading of one target the general way: v1, io.stat, anything missing."""
+        missing: dict[str, str] = {}
+        cpu_ns = self._cpu(t.cpu_file, missing)
+        io = self._io(t.io_stat, missing) if t.io_stat is not None else None
+        nics: tuple[NicCounters, ...] = ()
+        if t.nics:
+            nics = self._nics(t.nics, links, links_error, missing)
+        return LightReading(uuid=t.uuid, domid=t.domid, t_wall_ns=t_wall_ns, cpu_ns=cpu_ns,
+                            nics=nics, io=io, missing=missing)
 
     @staticmethod
     def _nics(want: Sequence[LightNic], links: dict[int, tuple[int, int]],
@@ -141,10 +181,10 @@ class LightSampler:
                 continue
             rx, tx = counters
             # A tap mirrors the guest (host rx = guest tx); a macvtap shares its view.
-            nics.append(NicCounters(n.mac, n.ifname, n.ifindex,
-                                    guest_rx_bytes=rx if n.shares_view else tx,
-                                    guest_tx_bytes=tx if n.shares_view else rx,
-                                    source="netlink-stats64"))
+            # Positional, in NicCounters' field order: mac, ifname, ifindex, guest_rx_bytes,
+            # guest_tx_bytes, source.
+            nics.append(NicCounters(n.mac, n.ifname, n.ifindex, rx if n.shares_view else tx,
+                                    tx if n.shares_view else rx, "netlink-stats64"))
         return tuple(nics)
 
     def _read(self, rel: str, key: str, missing: dict[str, str]) -> bytes | None:

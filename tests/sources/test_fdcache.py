@@ -191,6 +191,38 @@ def test_an_io_error_is_judged_by_a_fresh_read_like_cat(
     cache.close()
 
 
+def test_read_many_answers_each_path_like_read_bytes_in_one_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, c = files(tmp_path, 3)
+    (tmp_path / "dir").mkdir()
+    cache = FdCache(mountinfo=trusting(tmp_path))
+    gone, bad = str(tmp_path / "gone"), str(tmp_path / "dir")
+    first = cache.read_many([a, b, None, gone, bad, a])
+    assert first[:4] == [b"usage_usec 0\n", b"usage_usec 1\n", None, None]
+    assert isinstance(first[4], SourceError)
+    assert str(first[4]) == f"cannot read {bad}: Is a directory"
+    assert first[5] == b"usage_usec 0\n"
+    assert (cache.open_fds, fds_on(Path(a)), fds_on(Path(b))) == (2, 1, 1)  # the spare closed
+    Path(b).write_text("usage_usec 7\n")  # in place, as a cgroup counter moves
+    assert cache.read_many([a, b, c]) == [b"usage_usec 0\n", b"usage_usec 7\n",
+                                          b"usage_usec 2\n"]
+    s = cache.stats()
+    assert (s.opened, s.hits, cache.open_fds) == (3, 3, 3)  # the first batch's second `a` hit
+    # A path twice in a batch of kept ones: the second reader opens its own, one is kept.
+    assert cache.read_many([c, c]) == [b"usage_usec 2\n"] * 2
+    assert (cache.open_fds, fds_on(Path(c))) == (3, 1)
+    # A kept descriptor that fails (the cgroup removed: ENODEV) is closed and the path read
+    # afresh, as `read_bytes` does; the others of the batch are answered from theirs.
+    Path(a).unlink()
+    failing_pread(monkeypatch, errno.ENODEV, times=1)
+    assert cache.read_many([a, b]) == [None, b"usage_usec 7\n"]
+    assert (cache.stats().stale, cache.open_fds, fds_on(Path(b))) == (1, 2, 1)
+    cache.close()
+    assert cache.read_many([b]) == [b"usage_usec 7\n"]  # after close: uncached, like cat
+    assert fds_on(Path(b)) == 0
+
+
 def test_sweep_closes_what_a_whole_pass_did_not_read(tmp_path: Path) -> None:
     a, b, c = files(tmp_path, 3)
     cache = FdCache(mountinfo=trusting(tmp_path))
@@ -323,6 +355,13 @@ def outcome(read: Callable[[str], str | None], path: str) -> str | type[SourceEr
         return SourceError
 
 
+def batched(got: bytes | SourceError | None) -> str | type[SourceError] | None:
+    """One answer of `read_many` as `outcome` gives it."""
+    if isinstance(got, SourceError):
+        return SourceError
+    return None if got is None else got.decode("utf-8", "replace")
+
+
 _OPS = st.lists(st.tuples(st.sampled_from(["write", "remake", "replace", "delete", "dir",
                                            "read", "sweep"]),
                           st.integers(0, 1), st.integers(0, 10**6)), min_size=3, max_size=30)
@@ -330,9 +369,10 @@ _OPS = st.lists(st.tuples(st.sampled_from(["write", "remake", "replace", "delete
 
 @settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=_OPS, kept=st.booleans(), max_fds=st.integers(0, 4))
+@given(ops=_OPS, kept=st.booleans(), max_fds=st.integers(0, 4), batch=st.booleans())
 def test_reads_always_agree_with_cat(tmp_path: Path, ops: list[tuple[str, int, int]],
-                                     kept: bool, max_fds: int) -> None:
+                                     kept: bool, max_fds: int, batch: bool) -> None:
+    """`read` and `read_many` (`batch`: a pass reads each path, one twice, and a None)."""
     tree = Path(tempfile.mkdtemp(dir=tmp_path))
     # On a tree declared cgroupfs only what cgroupfs can do happens: in-place writes, and
     # removal (which the kernel reports as ENODEV on kept descriptors: simulated here).
@@ -371,8 +411,13 @@ def test_reads_always_agree_with_cat(tmp_path: Path, ops: list[tuple[str, int, i
             elif op == "sweep":
                 cache.sweep()
             if op == "read" or n == len(ops) - 1:  # a pass: files may change many times between
-                for q in paths:
-                    assert outcome(cache.read, q) == outcome(cat, q), (n, q)
+                if batch:
+                    got = cache.read_many([*paths, None, paths[0]])
+                    want = [outcome(cat, q) for q in paths]
+                    assert [batched(g) for g in got] == [*want, None, want[0]], n
+                else:
+                    for q in paths:
+                        assert outcome(cache.read, q) == outcome(cat, q), (n, q)
             assert cache.open_fds <= max_fds
     cache.close()
     assert sum(fds_on(p) for p in paths) == 0

@@ -6,9 +6,15 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hostagent.errors import SourceError
 from hostagent.model import Nic, NicCounters
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
@@ -23,7 +29,7 @@ from hostagent.sources.light import (
 from hostagent.sources.net import LinkStatsReader
 from hostagent.sources.netstats import LinkStats64Reader
 from tests.clocks import FakeClock
-from tests.sources.conftest import RealCgroups
+from tests.sources.conftest import RealCgroups, trusting
 
 MAC = "52:54:00:00:00:01"
 
@@ -166,3 +172,56 @@ def test_targets_from_located_cgroups() -> None:
                      io=ControllerDir("/blkio/vm", 1), unified=None)
     t1 = target_for("u", 4, v1, ())
     assert (t1.cpu_file, t1.io_stat) == ("/cpuacct/vm/cpuacct.usage", None)  # v1 blkio: no
+
+
+_CPU_TEXTS = st.sampled_from([
+    "usage_usec 1234\nuser_usec 1\nsystem_usec 2\n", "usage_usec 0\n", "usage_usec 77",
+    "usage_usec -5\n", "usage_usec 12a\n", "usage_usec \n", "user_usec 1\nusage_usec 9\n", "",
+    "987\n", None,  # None: the file is gone (the VM's cgroup went away)
+])
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=st.lists(st.tuples(_CPU_TEXTS, st.sampled_from(["cpu.stat", "cpuacct.usage",
+                                                              None]),
+                                st.booleans(), st.sampled_from([(), (5,), (5, 99), (99,)])),
+                      min_size=1, max_size=6),
+       links_fail=st.booleans())
+def test_a_batch_sample_reads_each_domain_exactly_as_the_general_path(
+    tmp_path: Path, specs: list[tuple[str | None, str | None, bool, tuple[int, ...]]],
+    links_fail: bool,
+) -> None:
+    """The inline common case of `sample` (v2 cpu.stat, read in one batch) is only faster:
+    every reading equals the general path's, file by file (malformed, v1, gone, io.stat, NICs
+    found or gone, a failed link dump)."""
+    tree = Path(tempfile.mkdtemp(dir=tmp_path))
+
+    class Links:
+        def read(self) -> dict[int, tuple[int, int]]:
+            if links_fail:
+                raise SourceError("dump refused")
+            return {5: (100, 200)}
+
+    targets = []
+    for i, (text, name, io, ifindexes) in enumerate(specs):
+        d = tree / f"vm{i}"
+        d.mkdir()
+        cpu_file = None if name is None else f"/vm{i}/{name}"
+        if text is not None and name is not None:
+            (d / name).write_text(text)
+        if io:
+            (d / "io.stat").write_text(f"8:0 rbytes={i} wbytes=3 rios=1 wios=1\n")
+        nics = tuple(LightNic(f"52:54:00:00:00:{n:02x}", f"tap{n}", n, i % 2 == 0)
+                     for n in ifindexes)
+        targets.append(LightTarget(f"u{i}", i, cpu_file, f"/vm{i}/io.stat" if io else None,
+                                   nics))
+    fds = FdCache(mountinfo=trusting(tree))
+    sampler = LightSampler(HostRoot(str(tree)), fds=fds, links=Links(), clock=FakeClock())
+    got = sampler.sample(targets)
+    links: dict[int, tuple[int, int]] = {} if links_fail else {5: (100, 200)}
+    error = "link stats dump failed: dump refused" if links_fail else None
+    for t in targets:
+        assert got[t.uuid] == sampler._general(t, got[t.uuid].t_wall_ns, links, error)
+    fds.close()
+    shutil.rmtree(tree)
