@@ -11,11 +11,13 @@ import socket
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostagent.errors import SourceError
 from hostagent.model import Nic, NicCounters
+from hostagent.sources import light
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
 from hostagent.sources.light import (
@@ -187,10 +189,10 @@ _CPU_TEXTS = st.sampled_from([
                                                               None]),
                                 st.booleans(), st.sampled_from([(), (5,), (5, 99), (99,)])),
                       min_size=1, max_size=6),
-       links_fail=st.booleans())
+       links_fail=st.booleans(), batch=st.integers(1, 7))
 def test_a_batch_sample_reads_each_domain_exactly_as_the_general_path(
     tmp_path: Path, specs: list[tuple[str | None, str | None, bool, tuple[int, ...]]],
-    links_fail: bool,
+    links_fail: bool, batch: int,
 ) -> None:
     """The inline common case of `sample` (v2 cpu.stat, read in one batch) is only faster:
     every reading equals the general path's, file by file (malformed, v1, gone, io.stat, NICs
@@ -218,7 +220,10 @@ def test_a_batch_sample_reads_each_domain_exactly_as_the_general_path(
                                    nics))
     fds = FdCache(mountinfo=trusting(tree))
     sampler = LightSampler(HostRoot(str(tree)), fds=fds, links=Links(), clock=FakeClock())
-    got = sampler.sample(targets)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(light, "_BATCH", batch)  # batches of 1, 2, ..., as many as 256 domains are
+        got = sampler.sample(targets)
+    assert list(got) == [t.uuid for t in targets]
     links: dict[int, tuple[int, int]] = {} if links_fail else {5: (100, 200)}
     error = "link stats dump failed: dump refused" if links_fail else None
     for t in targets:
