@@ -24,6 +24,12 @@ Not supported: `trio.from_thread` inside the call (nothing called through here u
 
 Workers are process-wide (like trio's thread cache): at most `MAX_IDLE` wait for work; a worker
 that finds that many idle when it is done exits. Linux only (eventfd), as the daemon is.
+
+Every blocking call of the daemon goes through here, not through `trio.to_thread` (a test
+walks the package): trio's cached threads exit after 10 s idle (`IDLE_TIMEOUT`), so at the
+default 30 s interval each pass's store calls, each outbox upkeep (every 10 s) and each
+keepalive check started a fresh OS thread: ~0.50 ms of process CPU a call against ~0.16 ms on
+a parked worker here (`trio.sleep(0.05)` between calls, trio's idle timeout cut to 10 ms).
 """
 
 from __future__ import annotations

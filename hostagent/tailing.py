@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
+from hostagent import handoff
 from hostagent.accounting import tails
 from hostagent.accounting.closeout import LightReading
 from hostagent.accounting.lifecycle import Action, LifecycleEvent, action_for, close_reason
@@ -119,7 +120,7 @@ class TailTasks:
                 finally:
                     stop.set()
                     with trio.CancelScope(shield=True), trio.move_on_after(2):
-                        await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+                        await handoff.run_sync(thread.join, abandon_on_cancel=True)
         finally:
             # Not under a sample still blocked in the kernel (the process is ending anyway).
             if self.links is not None and (thread is None or not thread.is_alive()):
@@ -295,7 +296,7 @@ class TailTasks:
                     targets = self._targets_now(only, current)
                     return self.sampler.sample(targets) if targets else {}
 
-            got = await trio.to_thread.run_sync(take, limiter=coll.limiter)
+            got = await handoff.run_sync(take, limiter=coll.limiter)
             if got:
                 self.samples_total += 1
             merge_into(coll.tails, got)

@@ -4,11 +4,13 @@ cancellation, shielded waits), with one turn of trio's run loop per call instead
 
 from __future__ import annotations
 
+import ast
 import contextvars
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -205,3 +207,32 @@ def test_a_call_abandoned_by_a_run_that_ended_cleans_up_quietly(
 
     assert trio.run(again) == "still serving"
     assert errors == []
+
+
+async def test_a_call_after_an_idle_spell_longer_than_trios_runs_on_a_kept_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # trio's cached threads exit after IDLE_TIMEOUT (10 s; 50 ms here): at the daemon's 30 s
+    # interval every such call would start an OS thread. A parked worker here waits on.
+    import trio._core._thread_cache as thread_cache
+    monkeypatch.setattr(thread_cache, "IDLE_TIMEOUT", 0.05)
+    first = await handoff.run_sync(threading.current_thread)  # (idents are reused)
+    via_trio = await trio.to_thread.run_sync(threading.current_thread)
+    await trio.sleep(0.3)
+    assert await handoff.run_sync(threading.current_thread) is first
+    assert await trio.to_thread.run_sync(threading.current_thread) is not via_trio  # premise
+
+
+def _uses_to_thread(node: ast.AST) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return node.module == "trio" and any(a.name == "to_thread" for a in node.names)
+    return isinstance(node, ast.Attribute) and node.attr == "to_thread"
+
+
+def test_no_module_of_the_daemon_calls_trio_to_thread() -> None:
+    # Every blocking call goes through handoff.run_sync (its module docstring says why).
+    pkg = Path(handoff.__file__).parent
+    found = [f"{path.relative_to(pkg.parent)}:{node.lineno}"  # type: ignore[attr-defined]
+             for path in sorted(pkg.rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text(), str(path)))
+             if _uses_to_thread(node)]
+    assert found == []

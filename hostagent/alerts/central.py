@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import orjson
 import trio
 
+from hostagent import handoff
 from hostagent.alerts.rules import Rule, parse_rules
 from hostagent.alerts.rules_source import RulesSource, atomic_write, parse_document, rule_dict
 from hostagent.clock import Clock
@@ -132,7 +133,7 @@ class CentralRules:
         rules = parse_document(body, source=self.url)
         self.source.set_layer("central", rules)  # ConfigError: a channel nobody serves
         self.etag, self.fetched_wall_ns = etag, self.clock.now().wall_ns
-        await trio.to_thread.run_sync(self._persist, rules)
+        await handoff.run_sync(self._persist, rules)
         return len(rules)
 
     async def refresh(self) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from hostagent import handoff
 from hostagent.alerts import channels
 from hostagent.alerts.rules import Rule, parse_rule
 from hostagent.alerts.rules_source import RulesSource, rule_dict
@@ -74,7 +75,7 @@ class LayeredRuleStore:
 
     async def _write(self, api: Sequence[Rule]) -> None:
         try:
-            await trio.to_thread.run_sync(self._source.write_api, api)
+            await handoff.run_sync(self._source.write_api, api)
         except OSError as err:
             raise StateError(f"{self._source.api_path}: cannot write the API rules: "
                              f"{err.strerror or err}") from err

@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import trio
-
+from hostagent import handoff
 from hostagent.delivery.ssrf import Guard, Resolver, system_resolver
 from hostagent.store.webhooks import WebhookStore
 
@@ -30,15 +29,15 @@ class StoreWebhooks:
                        secret: str | None) -> Mapping[str, Any]:
         """Persist a registration; UrlRefused or ConfigError when invalid (both are 400)."""
         await self._guard.check_registration(url, self._resolver)
-        reg = await trio.to_thread.run_sync(self._store.register, url, event_types, secret)
+        reg = await handoff.run_sync(self._store.register, url, event_types, secret)
         self._wake()
         return reg.public()
 
     async def list(self) -> Sequence[Mapping[str, Any]]:
         """Every active registration, secrets shown as None."""
-        regs = await trio.to_thread.run_sync(self._store.registrations)
+        regs = await handoff.run_sync(self._store.registrations)
         return [r.public() for r in regs]
 
     async def delete(self, webhook_id: str) -> bool:
         """Remove one (and what it was still owed); False when unknown."""
-        return bool(await trio.to_thread.run_sync(self._store.delete, webhook_id))
+        return bool(await handoff.run_sync(self._store.delete, webhook_id))

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from hostagent import handoff
 from hostagent.clock import Clock
 from hostagent.config.load import Config
 from hostagent.config.schema import OutboxConfig
@@ -69,7 +70,7 @@ class Delivery:
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         # Not abandoned on cancel: the caller must know whether a transaction committed.
-        return await trio.to_thread.run_sync(fn, *args)
+        return await handoff.run_sync(fn, *args)
 
     # --- the tasks ----------------------------------------------------------------------
 

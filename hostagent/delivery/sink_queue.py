@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import trio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from hostagent import handoff
 from hostagent.clock import Clock
 from hostagent.config.schema import OutboxConfig
 from hostagent.delivery import metrics as em
@@ -109,7 +110,7 @@ class SinkQueue:
         if local is not None:
             return await self._local_take(local, outcomes, now_ns)
         try:
-            got = await trio.to_thread.run_sync(lambda: self.store.record_and_take(
+            got = await handoff.run_sync(lambda: self.store.record_and_take(
                 self.name, outcomes, self.cfg.batch_size, now_ns,
                 dead_letter_after=self.cfg.dead_letter_after))
         except StateError:
@@ -130,7 +131,7 @@ class SinkQueue:
         outcomes, self._unrecorded = self._unrecorded, []
         if outcomes:
             try:
-                dead = await trio.to_thread.run_sync(lambda: self.store.record(
+                dead = await handoff.run_sync(lambda: self.store.record(
                     self.name, outcomes, dead_letter_after=self.cfg.dead_letter_after))
             except StateError:
                 self._unrecorded = outcomes
@@ -168,7 +169,7 @@ class SinkQueue:
     async def _local_take(self, local: LocalRound, outcomes: list[Outcome],
                           now_ns: int) -> Taken[Pending]:
         try:
-            r = await trio.to_thread.run_sync(self._local_rounds, local, outcomes, now_ns)
+            r = await handoff.run_sync(self._local_rounds, local, outcomes, now_ns)
         except StateError:
             self._unrecorded = outcomes  # rolled back: recorded by the next try
             raise
@@ -340,10 +341,10 @@ class SinkQueue:
         log.log(logging.INFO if state == "closed" else logging.WARNING, "sink breaker",
                 extra={"sink": self.name, "state": state})
         try:
-            await trio.to_thread.run_sync(self.store.set_breaker, self.name, state,
+            await handoff.run_sync(self.store.set_breaker, self.name, state,
                                           b.since_wall_ns)
             if reopened:  # the sink is back: what waits out a transient backoff goes now
-                await trio.to_thread.run_sync(self.store.release_backoff, self.name,
+                await handoff.run_sync(self.store.release_backoff, self.name,
                                               self.clock.now().wall_ns)
         except StateError as err:
             self.counters.store_errors += 1

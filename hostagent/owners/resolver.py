@@ -27,6 +27,7 @@ from typing import Final
 
 import trio
 
+from hostagent import handoff
 from hostagent.clock import Clock
 from hostagent.config.schema import OwnersConfig
 from hostagent.errors import OwnerLookupError
@@ -223,7 +224,7 @@ class Owners:
         assert self._client is not None
         try:
             body = await self._client.fetch_account_list()
-            index = await trio.to_thread.run_sync(index_from_body, body, self._org,
+            index = await handoff.run_sync(index_from_body, body, self._org,
                                                   abandon_on_cancel=True)
         except OwnerLookupError as err:
             self._refresh_failed(str(err))

@@ -278,7 +278,7 @@ class GpuSource:
             log.warning("NVML call still blocked at close: not shutting NVML down")
             return
         with trio.move_on_after(self._cfg.timeout_s):
-            await trio.to_thread.run_sync(quiet_shutdown, self._nvml, abandon_on_cancel=True)
+            await handoff.run_sync(quiet_shutdown, self._nvml, abandon_on_cancel=True)
         self._phase = "down"
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import libvirt
 import trio
 
+from hostagent import handoff
 from hostagent.accounting.lifecycle import LifecycleEvent, LifecycleKind, Reconnected
 from hostagent.clock import Clock
 from hostagent.sources.libvirt import backoff_s, close_quietly
@@ -148,7 +149,7 @@ class LifecycleWatcher:
                 await self._until_lost(conn, closed)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await trio.to_thread.run_sync(close_quietly, conn, abandon_on_cancel=True)
+                    await handoff.run_sync(close_quietly, conn, abandon_on_cancel=True)
             self.state = "down"
             log.warning("lifecycle events: connection lost, resubscribing",
                         extra={"uri": self.uri})
@@ -161,7 +162,7 @@ class LifecycleWatcher:
         try:
             with trio.move_on_after(self._connect_timeout_s):
                 try:
-                    conn = await trio.to_thread.run_sync(
+                    conn = await handoff.run_sync(
                         self._subscribe, token, send, closed, gave_up, abandon_on_cancel=True)
                 except Exception as err:  # libvirtError, or anything a connector raises
                     self.last_error = f"{type(err).__name__}: {err}"
@@ -187,7 +188,7 @@ class LifecycleWatcher:
         while not closed.is_set():
             with trio.move_on_after(check_s):
                 await closed.wait()
-            if not closed.is_set() and not await trio.to_thread.run_sync(_alive, conn):
+            if not closed.is_set() and not await handoff.run_sync(_alive, conn):
                 return
 
     # --- libvirt's side (worker thread, then the event-loop thread) ---------------------------

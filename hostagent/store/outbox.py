@@ -6,7 +6,7 @@ breaker state the daemon last recorded), ``deliveries`` (one row per event and s
 acked or dead, attempts, rejections, ``next_attempt_ns``, last error), ``dead_letters`` (reason),
 ``merges`` (which events a merged event replaced) and ``alert_state``.
 
-Threads: the store is synchronous. Trio code calls it through ``trio.to_thread.run_sync`` (not
+Threads: the store is synchronous. Trio code calls it through ``hostagent.handoff.run_sync`` (not
 abandoned on cancel: a commit's outcome must be known). There is ONE connection, opened with
 ``check_same_thread=False`` and guarded by a lock, so calls from any worker thread are
 serialised; every call is short (one transaction of one pass or one delivery batch). Other

@@ -133,7 +133,7 @@ def body_of(event: OutEvent, payload: dict[str, Any]) -> bytes:
 
 
 class WebhookStore:
-    """Registrations and delivery rows; synchronous (call through trio.to_thread)."""
+    """Registrations and delivery rows; synchronous (call through hostagent.handoff.run_sync)."""
 
     def __init__(self, path: str | Path, clock: Clock) -> None:
         self.path = Path(path)

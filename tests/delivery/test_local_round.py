@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
+from hostagent import handoff
 from hostagent.config.schema import OutboxConfig
 from hostagent.config.sinks import JsonlSinkConfig
 from hostagent.delivery import local_round
@@ -37,7 +38,7 @@ class Counts:
         self.threads = self.fsyncs = 0
         self.calls: list[str] = []
         self.statements: list[str] = []
-        run_sync, fsync = trio.to_thread.run_sync, os.fsync
+        run_sync, fsync = handoff.run_sync, os.fsync
 
         async def counting_run_sync(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
             self.threads += self.on
@@ -52,7 +53,7 @@ class Counts:
             if self.on:
                 self.statements.append(statement)
 
-        monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+        monkeypatch.setattr(handoff, "run_sync", counting_run_sync)
         monkeypatch.setattr(os, "fsync", counting_fsync)
         store._conn.set_trace_callback(trace)
 

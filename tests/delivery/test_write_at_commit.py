@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 
+from hostagent import handoff
 from hostagent.config.schema import OutboxConfig
 from hostagent.config.sinks import JsonlSinkConfig
 from hostagent.delivery import local_round
@@ -64,7 +65,7 @@ async def commit(store: Store, d: Delivery, events: Sequence[OutEvent]) -> None:
     """What the collector does: commit and write in one worker call, apply in trio, wake."""
     def work() -> Callable[[], None]:
         return d.write_committed(store.commit_pass([], events))
-    (await trio.to_thread.run_sync(work))()
+    (await handoff.run_sync(work))()
     d.wake(after_commit=True)
 
 

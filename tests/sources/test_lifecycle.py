@@ -13,6 +13,7 @@ import libvirt
 import pytest
 import trio
 
+from hostagent import handoff
 from hostagent.accounting.lifecycle import (
     Action,
     LifecycleEvent,
@@ -190,13 +191,13 @@ async def test_a_subscribed_connection_costs_no_wake_ups_while_idle(
                                keepalive_count=1, reconnect_max_s=1.0)
     send, recv = trio.open_memory_channel[Message](100)
     calls: list[str] = []
-    real = trio.to_thread.run_sync
+    real = handoff.run_sync
 
     async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(getattr(fn, "__name__", repr(fn)))
         return await real(fn, *args, **kwargs)
 
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    monkeypatch.setattr(handoff, "run_sync", counted)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(watcher.run, send)

@@ -37,6 +37,7 @@ from typing import Any
 import orjson
 import trio
 
+from hostagent import handoff
 from hostagent.config.sinks import EmailSinkConfig
 from hostagent.delivery.sinks import email_message
 from hostagent.delivery.sinks.base import ConfiguredSink, Undeliverable
@@ -207,7 +208,7 @@ class EmailSink(ConfiguredSink[EmailSinkConfig]):
     async def send(self, event: OutEvent) -> None:
         """Mail one transition to each of its recipients not yet journaled for it."""
         try:
-            errors, refused, held = await trio.to_thread.run_sync(
+            errors, refused, held = await handoff.run_sync(
                 self._send_sync, event, limiter=self._limiter)
         except (sqlite3.Error, OSError, orjson.JSONDecodeError) as err:
             raise SinkUnavailable(f"email: {err}") from err
@@ -231,7 +232,7 @@ class EmailSink(ConfiguredSink[EmailSinkConfig]):
         """Send the digests of this batch; SinkUnavailable (everything resent, journaled
         recipients skipped) when one could not be sent."""
         try:
-            errors = await trio.to_thread.run_sync(self._flush_sync, limiter=self._limiter)
+            errors = await handoff.run_sync(self._flush_sync, limiter=self._limiter)
         except (sqlite3.Error, OSError) as err:
             raise SinkUnavailable(f"email digest: {err}") from err
         finally:
@@ -242,4 +243,4 @@ class EmailSink(ConfiguredSink[EmailSinkConfig]):
 
     async def aclose(self) -> None:
         """Close the journal."""
-        await trio.to_thread.run_sync(self.journal.close, limiter=self._limiter)
+        await handoff.run_sync(self.journal.close, limiter=self._limiter)

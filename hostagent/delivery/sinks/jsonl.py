@@ -24,6 +24,7 @@ from pathlib import Path
 
 import trio
 
+from hostagent import handoff
 from hostagent.config.sinks import JsonlSinkConfig
 from hostagent.delivery.sinks.base import ConfiguredSink
 from hostagent.errors import SinkUnavailable
@@ -99,7 +100,7 @@ class JsonlSink(ConfiguredSink[JsonlSinkConfig]):
         data = b"\n".join(self._batch) + b"\n"
         self._batch = []
         try:
-            await trio.to_thread.run_sync(self._write_and_sync, data, limiter=self._limiter)
+            await handoff.run_sync(self._write_and_sync, data, limiter=self._limiter)
         except OSError as err:  # opening the file
             raise SinkUnavailable(f"{self.path}: write failed: {err}") from err
 

@@ -31,6 +31,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
+from hostagent import handoff
 from hostagent.errors import SinkUnavailable
 
 T = TypeVar("T")
@@ -157,5 +158,5 @@ class AsyncioThread:
                     await self._call(loop, cleanup, timeout_s)
             self._loop = self._thread = None
             loop.call_soon_threadsafe(loop.stop)
-            await trio.to_thread.run_sync(thread.join, timeout_s)
+            await handoff.run_sync(thread.join, timeout_s)
         self._loop = self._thread = None

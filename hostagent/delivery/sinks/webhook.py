@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 import trio
 
+from hostagent import handoff
 from hostagent.alerts.routing import UNCLAIMED
 from hostagent.clock import Clock
 from hostagent.config.sinks import WebhookSinkConfig
@@ -116,7 +117,7 @@ class WebhookSink(ConfiguredSink[WebhookSinkConfig]):
     async def send(self, event: OutEvent) -> None:
         """Commit the event's fan-out rows; SinkUnavailable if the state file refused."""
         try:
-            self.fanned_out += await trio.to_thread.run_sync(self.store.fan_out, event)
+            self.fanned_out += await handoff.run_sync(self.store.fan_out, event)
         except StateError as err:
             raise SinkUnavailable(f"webhook fan-out: {err}") from err
         if self.dispatcher is not None:
@@ -163,7 +164,7 @@ class _Endpoint:
             rows = store.due(self.reg.id, limit, now_ns)
             return Taken(rows, None if rows else store.next_due_ns(self.reg.id))
 
-        return await trio.to_thread.run_sync(read)
+        return await handoff.run_sync(read)
 
     async def deliver(self, rows: Sequence[Delivery]) -> None:
         """POST the rows (each outcome is recorded as it comes)."""
@@ -204,7 +205,7 @@ class WebhookDispatcher:
             drain.wake()
 
     async def _db(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args)
+        return await handoff.run_sync(fn, *args)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver until cancelled; picks up new and deleted registrations."""
