@@ -450,7 +450,7 @@ class Collector:
         `after` writes at once."""
         claimed = store.commit_pass(acc.baselines, acc.events, removed_instances=acc.removed,
                                     alert_state=acc.alert_changes or None)
-        if after is None or not claimed:
+        if after is None:  # (nothing claimed: the outbox upkeep may still be due)
             return None
         try:
             return after.write_committed(claimed)

@@ -51,6 +51,7 @@ from hostagent.alerts.rules import Rule, parse_rules
 from hostagent.alerts.violations import StormControl
 from hostagent.config.schema import ThresholdsConfig
 from hostagent.errors import ConfigError
+from hostagent.file_watch import DirWatch
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,9 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
 
 
 LAYERS = ("central", "file", "api")  # lowest precedence first
+# With inotify watching the rules files, how often they are checked anyway (what inotify
+# cannot see); `reload_check_s` when that is longer.
+SAFETY_CHECK_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,22 +322,47 @@ class RulesSource:
 
     async def run(self, *, sighup: bool = True,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Poll the file every `reload_check_s` and reload on SIGHUP, until cancelled."""
-        interval_s = self.reload_check_s
+        """Reload when a rules file changes, and on SIGHUP (`sighup`), until cancelled.
+
+        Changes are seen through inotify on the files' directories (hostagent/file_watch.py):
+        at once, and without a wake-up while nothing changes; a check every
+        max(`reload_check_s`, SAFETY_CHECK_S) catches what inotify cannot see (a file on a
+        network filesystem changed from another host). Where inotify cannot watch them (a
+        directory that does not exist yet), the files are polled every `reload_check_s`.
+        """
         if not sighup:
             task_status.started()
-            while True:
-                await trio.sleep(interval_s)
-                self.check()
+            await self._follow()
+            return
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
             task_status.started()
             async with trio.open_nursery() as nursery:
-                async def poll() -> None:
-                    while True:
-                        await trio.sleep(interval_s)
-                        self.check()
-
-                nursery.start_soon(poll)
+                nursery.start_soon(self._follow)
                 async for _ in signals:
                     log.info("SIGHUP: reloading threshold rules", extra={"pid": os.getpid()})
                     self.reload()
+
+    async def _follow(self) -> None:
+        paths = [p for p in (self.path, self.api_path) if p is not None]
+        if not paths:
+            await trio.sleep_forever()
+        while True:
+            try:
+                watch = DirWatch(paths)
+            except OSError as err:
+                log.debug("rules files polled", extra={"error": str(err)})
+                await trio.sleep(self.reload_check_s)
+                self.check()
+                continue  # the watch again: a directory created meanwhile is watched
+            try:
+                self.check()  # a change before the watch began
+                while not watch.lost:
+                    changed = True
+                    with trio.move_on_after(max(self.reload_check_s, SAFETY_CHECK_S)):
+                        await trio.lowlevel.wait_readable(watch.fd)
+                        changed = watch.drain()
+                    if changed:
+                        self.check()
+            finally:
+                trio.lowlevel.notify_closing(watch.fd)
+                watch.close()

@@ -198,9 +198,10 @@ class OutboxConfig:
                        "pass's events usually fit in one)", minimum=1, maximum=100000),
     )
     maintenance_interval_s: float = field(
-        default=10.0,
+        default=30.0,
         metadata=_meta("how often delivery prunes, checks the size cap and refreshes depth "
-                       "gauges", minimum=0.1, maximum=3600),
+                       "gauges (with a pass's commit while passes come)", minimum=0.1,
+                       maximum=3600),
     )
 
 
@@ -228,8 +229,10 @@ class ThresholdsConfig:
     source_signed: bool = field(default=False, metadata=_meta(
         "sign pulls the Formation way with the node's key (owners.key_file)"))
     reload_check_s: float = field(
-        default=5.0, metadata=_meta("how often the rules file's mtime is checked",
-                                    minimum=0.1, maximum=3600))
+        default=5.0, metadata=_meta(
+            "how often the rules files are polled where inotify cannot watch their directory "
+            "(watched: a change is seen at once, and checked every 60 s anyway)",
+            minimum=0.1, maximum=3600))
     approaching_fraction: float = field(
         default=0.9, metadata=_meta("an alert is `approaching` at this fraction of its threshold "
                                     "(1 = no approaching state)", minimum=0, maximum=1))

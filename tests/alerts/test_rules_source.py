@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 from pathlib import Path
@@ -10,6 +11,7 @@ import orjson
 import pytest
 import trio
 
+from hostagent.alerts import rules_source
 from hostagent.alerts.index import Settings
 from hostagent.alerts.rules_source import RulesSource, load_rules
 from hostagent.errors import ConfigError
@@ -78,7 +80,8 @@ def test_reload_keeps_the_valid_set(tmp_path: Path) -> None:
     assert src.check() is False and [r.id for r in src.index.rules] == ["new"]
 
 
-async def test_sighup_reloads(tmp_path: Path) -> None:
+async def test_sighup_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rules_source, "DirWatch", no_inotify)  # only SIGHUP can reload it
     p = tmp_path / "rules.json"
     p.write_bytes(orjson.dumps([FLAT]))
     src = RulesSource(p, Settings(), reload_check_s=3600)
@@ -92,6 +95,93 @@ async def test_sighup_reloads(tmp_path: Path) -> None:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert [r.id for r in src.index.rules] == ["after-hup"]
+
+
+def no_inotify(paths: object) -> None:
+    raise OSError(38, "inotify is not available")
+
+
+class LoopTurns(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.turns = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.turns += 1
+
+
+async def reloads_after_change(src: RulesSource, p: Path, rule_id: str) -> float:
+    """Seconds from an atomic replace of `p` until `src` has loaded it."""
+    before = src.loads
+    tmp = p.with_name(".rules.tmp")
+    tmp.write_bytes(orjson.dumps([{**FLAT, "id": rule_id}]))
+    t0 = trio.current_time()
+    tmp.replace(p)
+    with trio.fail_after(5):
+        while src.loads == before:  # noqa: ASYNC110 -- polling a plain counter
+            await trio.sleep(0.005)
+    assert [r.id for r in src.index.rules] == [rule_id]
+    return trio.current_time() - t0
+
+
+async def test_a_changed_file_is_reloaded_at_once_and_an_unchanged_one_costs_no_wake_up(
+        tmp_path: Path) -> None:
+    p = tmp_path / "rules.json"
+    p.write_bytes(orjson.dumps([FLAT]))
+    api = tmp_path / "state" / "api-rules.json"
+    api.parent.mkdir()
+    src = RulesSource(p, Settings(), reload_check_s=0.02, api_path=api)
+    src.load_initial()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(src.run, sighup=False))
+        assert await reloads_after_change(src, p, "seen-at-once") < 0.5
+        turns = LoopTurns()
+        trio.lowlevel.add_instrument(turns)
+        await trio.sleep(0.5)  # polled, 25 checks: 25 turns of trio's loop and more
+        trio.lowlevel.remove_instrument(turns)
+        assert turns.turns <= 2, turns.turns  # the sleep's own
+        (api.parent / "state.db-wal").write_bytes(b"x")  # a neighbour: no reload
+        api.write_bytes(orjson.dumps([{**FLAT, "id": "from-the-api"}]))
+        with trio.fail_after(5):
+            while "from-the-api" not in src.index.by_id:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+        nursery.cancel_scope.cancel()
+
+
+async def test_where_inotify_cannot_watch_the_files_are_polled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rules_source, "DirWatch", no_inotify)
+    p = tmp_path / "rules.json"
+    p.write_bytes(orjson.dumps([FLAT]))
+    src = RulesSource(p, Settings(), reload_check_s=0.05)
+    src.load_initial()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(src.run, sighup=False))
+        turns = LoopTurns()
+        trio.lowlevel.add_instrument(turns)
+        await trio.sleep(0.5)
+        trio.lowlevel.remove_instrument(turns)
+        assert turns.turns >= 5  # what the watch saves
+        assert await reloads_after_change(src, p, "polled") < 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_rules_directory_created_after_the_start_is_watched_from_then_on(
+        tmp_path: Path) -> None:
+    p = tmp_path / "etc" / "rules.json"
+    src = RulesSource(p, Settings(), reload_check_s=0.05)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(src.run, sighup=False))
+        await trio.sleep(0.1)  # polled: no directory to watch
+        p.parent.mkdir()
+        assert await reloads_after_change(src, p, "first") < 2
+        await trio.sleep(0.2)
+        turns = LoopTurns()
+        trio.lowlevel.add_instrument(turns)
+        await trio.sleep(0.3)
+        trio.lowlevel.remove_instrument(turns)
+        assert turns.turns <= 2, turns.turns  # watched now, no longer polled
+        assert await reloads_after_change(src, p, "second") < 0.5
+        nursery.cancel_scope.cancel()
 
 
 def test_from_config(tmp_path: Path) -> None:

@@ -431,6 +431,53 @@ async def test_jsonl_fsync_failure_is_retried(tmp_path: Path) -> None:
 # --- the size cap during an outage: merged, and the totals still add up ---------------------
 
 
+async def test_while_passes_commit_the_upkeep_rides_on_their_worker_call(
+        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    """A pass every 30 s, upkeep every 30 s: each runs with a pass's commit, in its worker call
+    (heartbeat, gauges), and the maintenance task never wakes on its own; without passes it
+    does, 1.5 intervals after the last."""
+    use_mock_time(mock_clock)
+    calls: list[str] = []
+
+    class Counting(Delivery):
+        async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+            calls.append(getattr(fn, "__name__", "?"))
+            return await super()._db(fn, *args)
+
+    clock = TrioClock()
+    sink = FormationQueueSink(QueueSinkConfig(name="q", url="http://127.0.0.1:9/"))
+    store = Store.open(tmp_path / "state.db", clock=clock, node_id="host-a",
+                       sink_names=[sink.name])
+    d = Counting(store, [sink], clock, OutboxConfig(maintenance_interval_s=30))
+
+    async def a_pass(k: int) -> None:
+        def work() -> Callable[[], None]:  # the collector's commit call (nothing claimed)
+            return d.write_committed(store.commit_pass([], [usage_event("i1", k)]))
+        (await trio.to_thread.run_sync(work))()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(d.run)
+            await trio.sleep(1)
+            calls.clear()
+            beats = []
+            for k in range(8):  # 4 minutes of passes
+                await trio.sleep(30)
+                await a_pass(k)
+                beats.append(int(store.meta()["delivery_heartbeat_ns"]))
+            assert "_upkeep" not in calls, calls
+            assert all(b < a for b, a in itertools.pairwise(beats))  # one per pass
+            assert d.metrics().sinks["q"].depth == 8  # the gauges, from the last pass's
+            calls.clear()
+            await trio.sleep(44)
+            assert "_upkeep" not in calls
+            await trio.sleep(2)  # 45 s after the last pass's
+            assert calls.count("_upkeep") == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
 async def test_merge_near_the_cap_during_an_outage_keeps_totals(
         tmp_path: Path, queue: QueueStandIn, mock_clock: trio.testing.MockClock) -> None:
     use_mock_time(mock_clock, threshold_s=0.01)  # the queue is down: nothing to wait for
@@ -496,7 +543,9 @@ async def test_a_maintenance_run_is_one_worker_call(tmp_path: Path,
             calls.clear()
             # an event committed behind delivery's back shows in the gauges at the next run
             store.commit_pass([], [usage_event("i1", 0)])
-            await trio.sleep(10)
+            await trio.sleep(10)  # no pass rode: alone 1.5 intervals after the last
+            assert calls == []
+            await trio.sleep(5)
             assert calls == ["_upkeep"]
             assert int(store.meta()["delivery_heartbeat_ns"]) > int(first)
             assert d.metrics().sinks[sink.name].depth == 1
