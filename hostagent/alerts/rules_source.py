@@ -35,8 +35,9 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,7 @@ LAYERS = ("central", "file", "api")  # lowest precedence first
 # With inotify watching the rules files, how often they are checked anyway (what inotify
 # cannot see); `reload_check_s` when that is longer.
 SAFETY_CHECK_S = 60.0
+WRITE_RETRY_S = 0.02  # a check that found the API writing its file tries again after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +198,9 @@ class RulesSource:
         self.loads = 0
         self.failures = 0
         self._stamps: tuple[_Stamp | None, _Stamp | None] = (None, None)
+        # Held by `write_api` (a worker thread) while it writes and installs the API layer: the
+        # watch sees that write at once and must not reload beside it (`_check_when_free`).
+        self._writing = threading.Lock()
 
     # --- merging -----------------------------------------------------------------------
 
@@ -314,11 +319,14 @@ class RulesSource:
         if self.api_path is None:
             raise ConfigError("<config>", "thresholds.api_rules_path", "a writable path", "",
                               "the daemon sets it next to collector.state_path")
-        layers = self.candidate("api", rules)
-        body = orjson.dumps([rule_dict(r) for r in rules], option=orjson.OPT_INDENT_2) + b"\n"
-        atomic_write(self.api_path, body)
-        self.install(layers)
-        self._stamps = self._stamp_now()
+        with self._writing:
+            layers = self.candidate("api", rules)
+            body = orjson.dumps([rule_dict(r) for r in rules],
+                                option=orjson.OPT_INDENT_2) + b"\n"
+            atomic_write(self.api_path, body)
+            self.install(layers)
+            # Only the API file's stamp: a change of the rules file meanwhile is still seen.
+            self._stamps = (self._stamps[0], _stamp(self.api_path))
 
     async def run(self, *, sighup: bool = True,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -340,7 +348,16 @@ class RulesSource:
                 nursery.start_soon(self._follow)
                 async for _ in signals:
                     log.info("SIGHUP: reloading threshold rules", extra={"pid": os.getpid()})
-                    self.reload()
+                    await self._when_free(self.reload)
+
+    async def _when_free(self, fn: Callable[[], bool | None]) -> None:
+        """`fn` (check or reload) once no API write is in progress (it is short)."""
+        while not self._writing.acquire(blocking=False):  # noqa: ASYNC110 -- a worker holds it
+            await trio.sleep(WRITE_RETRY_S)
+        try:
+            fn()
+        finally:
+            self._writing.release()
 
     async def _follow(self) -> None:
         paths = [p for p in (self.path, self.api_path) if p is not None]
@@ -352,17 +369,17 @@ class RulesSource:
             except OSError as err:
                 log.debug("rules files polled", extra={"error": str(err)})
                 await trio.sleep(self.reload_check_s)
-                self.check()
+                await self._when_free(self.check)
                 continue  # the watch again: a directory created meanwhile is watched
             try:
-                self.check()  # a change before the watch began
+                await self._when_free(self.check)  # a change before the watch began
                 while not watch.lost:
                     changed = True
                     with trio.move_on_after(max(self.reload_check_s, SAFETY_CHECK_S)):
                         await trio.lowlevel.wait_readable(watch.fd)
                         changed = watch.drain()
                     if changed:
-                        self.check()
+                        await self._when_free(self.check)
             finally:
                 trio.lowlevel.notify_closing(watch.fd)
                 watch.close()

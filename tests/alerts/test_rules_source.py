@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -197,3 +198,32 @@ def test_from_config(tmp_path: Path) -> None:
     assert len(src.index.rules) == 2 and src.index.settings.cooldown_s == 60
     assert src.index.levels["cpu-high"].approach == pytest.approx(64.0)
     assert storm_from(cfg).per_minute == 60
+
+
+def test_an_api_write_does_not_hide_a_change_of_the_rules_file(tmp_path: Path) -> None:
+    p = tmp_path / "rules.json"
+    p.write_bytes(orjson.dumps([FLAT]))
+    src = RulesSource(p, Settings(), api_path=tmp_path / "api-rules.json")
+    src.load_initial()
+    p.write_bytes(orjson.dumps([{**FLAT, "id": "edited"}]))  # by the operator, meanwhile
+    os.utime(p, ns=(5, 5))
+    src.write_api([dataclasses.replace(src.index.rules[0], id="from-api")])
+    assert "edited" not in src.index.by_id  # the API write installed what it read before
+    assert src.check() is True and {"edited", "from-api"} <= set(src.index.by_id)
+
+
+async def test_a_watched_api_write_is_installed_once(tmp_path: Path) -> None:
+    p = tmp_path / "rules.json"
+    p.write_bytes(orjson.dumps([FLAT]))
+    src = RulesSource(p, Settings(), api_path=tmp_path / "api-rules.json")
+    src.load_initial()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(src.run, sighup=False))
+        before = src.loads
+        rule = src.index.rules[0]
+        for k in range(5):  # the watch sees each write at once: no second load beside it
+            new = dataclasses.replace(rule, id=f"api-{k}")
+            await trio.to_thread.run_sync(src.write_api, [new])
+            await trio.sleep(0.1)
+        assert src.loads == before + 5
+        nursery.cancel_scope.cancel()
