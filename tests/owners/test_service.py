@@ -230,3 +230,33 @@ async def test_formation_instance_found_by_build_id_without_a_key(svc: AccountSe
         await until(lambda: owners.resolve(iid, None).user_id == BOB)
     assert len(svc.seen("by_build_id")) == 1
     assert svc.seen("instance_get") == []
+
+
+class LoopTurns(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.turns = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.turns += 1
+
+
+async def test_the_lookup_task_wakes_when_an_entry_expires_not_every_second(
+        svc: AccountService) -> None:
+    # The real clock: an unknown instance is asked again once its negative entry expired
+    # (the task sleeps until then), and nothing wakes trio while nothing expires.
+    async with running(svc, signer=NODE_KEY, negative_ttl_s=1.0, refresh_s=3600.0) as owners:
+        await until(lambda: state(owners) == "fresh")
+        owners.resolve("i-ghost", None)
+        await until(lambda: owners.health()["lookup_not_found"] == 1)
+        svc.add_instance(instance("i-ghost", ALICE))
+        t0 = trio.current_time()
+        await until(lambda: owners.health()["lookup_cache"] == 0, timeout_s=3)  # swept
+        assert 0.5 < trio.current_time() - t0 < 1.5
+        owners.resolve("i-ghost", None)
+        await until(lambda: owners.resolve("i-ghost", None).user_id == ALICE)
+        await trio.sleep(0.2)  # the lookup's rate-limit spacing
+        turns = LoopTurns()
+        trio.lowlevel.add_instrument(turns)
+        await trio.sleep(2.5)  # swept every second: 3 turns and more
+        trio.lowlevel.remove_instrument(turns)
+        assert turns.turns <= 1, turns.turns  # the sleep's own
