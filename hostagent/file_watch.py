@@ -25,8 +25,8 @@ does not exist, the per-user watch limit reached); callers then poll as before. 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
+import functools
 import os
 import struct
 from collections.abc import Iterable
@@ -56,11 +56,11 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then `len` bytes of NUL
 _READ_BYTES = 64 * 1024
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        raise OSError(errno.ENOSYS, "no C library to call inotify through")
-    lib = ctypes.CDLL(name, use_errno=True)
+    # The process's own symbols (dlopen(NULL)): libc is there, and no `find_library`, which
+    # runs ldconfig or a compiler to find it.
+    lib = ctypes.CDLL(None, use_errno=True)
     if not hasattr(lib, "inotify_init1"):
         raise OSError(errno.ENOSYS, "inotify is not available")
     return lib
