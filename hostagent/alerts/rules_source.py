@@ -199,7 +199,7 @@ class RulesSource:
         self.failures = 0
         self._stamps: tuple[_Stamp | None, _Stamp | None] = (None, None)
         # Held by `write_api` (a worker thread) while it writes and installs the API layer: the
-        # watch sees that write at once and must not reload beside it (`_check_when_free`).
+        # watch sees that write at once and must not reload beside it (`_when_free`).
         self._writing = threading.Lock()
 
     # --- merging -----------------------------------------------------------------------
