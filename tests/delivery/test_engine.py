@@ -431,24 +431,30 @@ async def test_jsonl_fsync_failure_is_retried(tmp_path: Path) -> None:
 # --- the size cap during an outage: merged, and the totals still add up ---------------------
 
 
+class CountingDelivery(Delivery):
+    """Delivery that names each of its own worker calls in `calls`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[str] = []
+
+    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.calls.append(getattr(fn, "__name__", "?"))
+        return await super()._db(fn, *args)
+
+
 async def test_while_passes_commit_the_upkeep_rides_on_their_worker_call(
         tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
     """A pass every 30 s, upkeep every 30 s: each runs with a pass's commit, in its worker call
     (heartbeat, gauges), and the maintenance task never wakes on its own; without passes it
     does, 1.5 intervals after the last."""
     use_mock_time(mock_clock)
-    calls: list[str] = []
-
-    class Counting(Delivery):
-        async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
-            calls.append(getattr(fn, "__name__", "?"))
-            return await super()._db(fn, *args)
-
     clock = TrioClock()
     sink = FormationQueueSink(QueueSinkConfig(name="q", url="http://127.0.0.1:9/"))
     store = Store.open(tmp_path / "state.db", clock=clock, node_id="host-a",
                        sink_names=[sink.name])
-    d = Counting(store, [sink], clock, OutboxConfig(maintenance_interval_s=30))
+    d = CountingDelivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=30))
+    calls = d.calls
 
     async def a_pass(k: int) -> None:
         def work() -> Callable[[], None]:  # the collector's commit call (nothing claimed)
@@ -523,18 +529,12 @@ async def test_a_maintenance_run_is_one_worker_call(tmp_path: Path,
     """Every maintenance interval, on an idle host too: prune, heartbeat and the gauges' figures
     in ONE worker call (a hand-off and a wake-up per step cost more than the steps)."""
     use_mock_time(mock_clock)
-    calls: list[str] = []
-
-    class Counting(Delivery):
-        async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
-            calls.append(getattr(fn, "__name__", "?"))
-            return await super()._db(fn, *args)
-
     clock = TrioClock()
     sink = JsonlSink(JsonlSinkConfig(path=str(tmp_path / "e.jsonl")))
     store = Store.open(tmp_path / "state.db", clock=clock, node_id="host-a",
                        sink_names=[sink.name])
-    d = Counting(store, [sink], clock, OutboxConfig(maintenance_interval_s=10))
+    d = CountingDelivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=10))
+    calls = d.calls
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(d.run)
