@@ -9,7 +9,7 @@ import contextvars
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,29 +18,9 @@ import trio
 
 from hostagent import handoff
 from hostagent.threads import thread_limiter
-from tests.concurrency import PeakCounter
+from tests.concurrency import PeakCounter, turns_of
 
 REQUEST = contextvars.ContextVar("REQUEST", default="none")
-
-
-class LoopTurns(trio.abc.Instrument):
-    """How often trio's run loop waited for I/O (one turn each)."""
-
-    def __init__(self) -> None:
-        self.turns = 0
-
-    def before_io_wait(self, timeout: float) -> None:
-        self.turns += 1
-
-
-async def turns_of(call: Callable[[], Awaitable[object]]) -> int:
-    turns = LoopTurns()
-    trio.lowlevel.add_instrument(turns)
-    try:
-        await call()
-    finally:
-        trio.lowlevel.remove_instrument(turns)
-    return turns.turns
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:

@@ -17,6 +17,7 @@ from hostagent.alerts.index import Settings
 from hostagent.alerts.rules_source import RulesSource, load_rules
 from hostagent.errors import ConfigError
 from tests.alerts.test_rules_index import FLAT, NESTED
+from tests.concurrency import turns_of
 
 TOML = """
 [[rules]]
@@ -102,14 +103,6 @@ def no_inotify(paths: object) -> None:
     raise OSError(38, "inotify is not available")
 
 
-class LoopTurns(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.turns = 0
-
-    def before_io_wait(self, timeout: float) -> None:
-        self.turns += 1
-
-
 async def reloads_after_change(src: RulesSource, p: Path, rule_id: str) -> float:
     """Seconds from an atomic replace of `p` until `src` has loaded it."""
     before = src.loads
@@ -135,11 +128,8 @@ async def test_a_changed_file_is_reloaded_at_once_and_an_unchanged_one_costs_no_
     async with trio.open_nursery() as nursery:
         await nursery.start(functools.partial(src.run, sighup=False))
         assert await reloads_after_change(src, p, "seen-at-once") < 0.5
-        turns = LoopTurns()
-        trio.lowlevel.add_instrument(turns)
-        await trio.sleep(0.5)  # polled, 25 checks: 25 turns of trio's loop and more
-        trio.lowlevel.remove_instrument(turns)
-        assert turns.turns <= 2, turns.turns  # the sleep's own
+        turns = await turns_of(functools.partial(trio.sleep, 0.5))  # polled: 25 turns and more
+        assert turns <= 2, turns  # the sleep's own
         (api.parent / "state.db-wal").write_bytes(b"x")  # a neighbour: no reload
         api.write_bytes(orjson.dumps([{**FLAT, "id": "from-the-api"}]))
         with trio.fail_after(5):
@@ -157,11 +147,8 @@ async def test_where_inotify_cannot_watch_the_files_are_polled(
     src.load_initial()
     async with trio.open_nursery() as nursery:
         await nursery.start(functools.partial(src.run, sighup=False))
-        turns = LoopTurns()
-        trio.lowlevel.add_instrument(turns)
-        await trio.sleep(0.5)
-        trio.lowlevel.remove_instrument(turns)
-        assert turns.turns >= 5  # what the watch saves
+        turns = await turns_of(functools.partial(trio.sleep, 0.5))
+        assert turns >= 5  # what the watch saves
         assert await reloads_after_change(src, p, "polled") < 2
         nursery.cancel_scope.cancel()
 
@@ -176,11 +163,8 @@ async def test_a_rules_directory_created_after_the_start_is_watched_from_then_on
         p.parent.mkdir()
         assert await reloads_after_change(src, p, "first") < 2
         await trio.sleep(0.2)
-        turns = LoopTurns()
-        trio.lowlevel.add_instrument(turns)
-        await trio.sleep(0.3)
-        trio.lowlevel.remove_instrument(turns)
-        assert turns.turns <= 2, turns.turns  # watched now, no longer polled
+        turns = await turns_of(functools.partial(trio.sleep, 0.3))
+        assert turns <= 2, turns  # watched now, no longer polled
         assert await reloads_after_change(src, p, "second") < 0.5
         nursery.cancel_scope.cancel()
 

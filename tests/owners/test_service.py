@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,6 +19,7 @@ from hostagent.owners.account_client import AccountClient
 from hostagent.owners.resolver import Owners
 from hostagent.owners.signing import Signer
 from tests.clocks import FakeClock
+from tests.concurrency import turns_of
 from tests.standins.accounts import AccountService, account, instance, serve_accounts
 
 ALICE, BOB = "a1" * 20, "b0" * 20
@@ -232,14 +234,6 @@ async def test_formation_instance_found_by_build_id_without_a_key(svc: AccountSe
     assert svc.seen("instance_get") == []
 
 
-class LoopTurns(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.turns = 0
-
-    def before_io_wait(self, timeout: float) -> None:
-        self.turns += 1
-
-
 async def test_the_lookup_task_wakes_when_an_entry_expires_not_every_second(
         svc: AccountService) -> None:
     # The real clock: an unknown instance is asked again once its negative entry expired
@@ -255,8 +249,5 @@ async def test_the_lookup_task_wakes_when_an_entry_expires_not_every_second(
         owners.resolve("i-ghost", None)
         await until(lambda: owners.resolve("i-ghost", None).user_id == ALICE)
         await trio.sleep(0.2)  # the lookup's rate-limit spacing
-        turns = LoopTurns()
-        trio.lowlevel.add_instrument(turns)
-        await trio.sleep(2.5)  # swept every second: 3 turns and more
-        trio.lowlevel.remove_instrument(turns)
-        assert turns.turns <= 1, turns.turns  # the sleep's own
+        turns = await turns_of(functools.partial(trio.sleep, 2.5))  # swept each second: 3+
+        assert turns <= 1, turns  # the sleep's own
