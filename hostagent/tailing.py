@@ -299,5 +299,5 @@ class TailTasks:
             got = await handoff.run_sync(take, limiter=coll.limiter)
             if got:
                 self.samples_total += 1
-            merge_into(coll.tails, got)
+            merge_into(coll.tails, got.values())
             return len(got)

@@ -229,6 +229,50 @@ async def test_the_sampler_thread_bills_a_gone_domain_to_its_last_periodic_sampl
     store.close()
 
 
+async def test_samples_after_the_destroy_do_not_hide_the_last_good_one(
+        host: Host, tmp_path: Path) -> None:
+    """After a destroy the sampler thread goes on until the pass: its readings of the gone
+    domain have no CPU (the cgroup is gone). Kept by domain alone, each replaced the last good
+    reading in the inbox, and the pass closed the domain out at its previous pass instead."""
+    coll, store = make_collector(host, tmp_path, sample_interval_s=0.02, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    first = await coll.run_pass()
+    assert first.committed
+    t0 = host.bulk("t0")
+    host.move_to_t1()
+    real_sample = tail.sampler.sample
+    gone = host.conn._domains()[0][0].UUIDString()
+    destroyed = threading.Event()
+    good: dict[str, Any] = {}
+    after = [0]
+
+    def sample(targets: Any) -> Any:
+        got = dict(real_sample(targets))
+        if destroyed.is_set():  # what the real sampler reads once the cgroup is removed
+            got[gone] = dataclasses.replace(got[gone], cpu_ns=None, nics=(),
+                                            missing={"cpu": "absent: cgroup gone"})
+            after[0] += 1
+        else:
+            good.update(got)
+        return got
+
+    tail.sampler = types.SimpleNamespace(sample=sample)  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        await wait_real(lambda: gone in good)
+        destroyed.set()
+        await wait_real(lambda: after[0] >= 3)
+        drop_first_uuid(host, gone)
+        host.clock.advance(5.0)
+        report = await coll.run_pass()
+        nursery.cancel_scope.cancel()
+    assert report.committed, report.error
+    (u,) = [u for u in report.usages if u.uuid == gone]
+    assert u.period_end_ns == good[gone].t_wall_ns
+    assert u.cpu_ns == good[gone].cpu_ns - t0[gone]["cpu.time"] > 0
+    store.close()
+
+
 async def test_a_pass_waits_for_a_sample_in_flight_and_closes_out_at_it(
         host: Host, tmp_path: Path) -> None:
     """A domain sampled alive just before the pass found it gone: without waiting for that

@@ -44,26 +44,33 @@ class Tail:
         return Closing(self.anchor, self.latest, self.anchor_io, self.reason or "GONE")
 
 
-def with_light(tail: Tail, light: LightReading) -> Tail:
-    """`tail` with a light reading of its process merged in (others and stale ones ignored).
+def newer_light(old: LightReading | None, light: LightReading) -> LightReading | None:
+    """The latest light reading of one process once `light` (read after `old`) came in.
 
-    A reading without CPU (the cgroup is gone: the process ended, or unreadable) is ignored as
-    a whole, so a sample taken after the destroy never replaces the last good one. NICs and
-    `io.stat` missing from a reading keep their previous light value.
-    """
-    if (light.domid != tail.anchor.info.domid or light.cpu_ns is None
-            or light.t_wall_ns <= tail.anchor.t_wall_ns
-            or (tail.latest is not None and light.t_wall_ns <= tail.latest.t_wall_ns)):
-        return tail
-    old = tail.latest
-    merged = light
+    A reading without CPU (the cgroup is gone: the process ended, or unreadable) or not newer
+    than `old` is ignored as a whole, so a sample taken after the destroy never replaces the
+    last good one. NICs and `io.stat` missing from `light` keep `old`'s values (a tap deleted
+    while the cgroup still had the exiting QEMU in it)."""
+    if light.cpu_ns is None or (old is not None and light.t_wall_ns <= old.t_wall_ns):
+        return old
     # Per sample and domain (budget 0.015 ms with the read): merge only what the new reading
     # lacks, which is rare (a NIC missing from the dump, io.stat unreadable).
     if old is not None and (len(light.nics) < len(old.nics) or (light.io is None and old.io)):
         nics = {n.mac.lower(): n for n in old.nics}
         nics.update({n.mac.lower(): n for n in light.nics})
-        merged = dataclasses.replace(light, nics=tuple(nics.values()),
-                                     io=light.io if light.io is not None else old.io)
+        return dataclasses.replace(light, nics=tuple(nics.values()),
+                                   io=light.io if light.io is not None else old.io)
+    return light
+
+
+def with_light(tail: Tail, light: LightReading) -> Tail:
+    """`tail` with a light reading of its process merged in (others and stale ones ignored;
+    the rule of `newer_light`)."""
+    if light.domid != tail.anchor.info.domid or light.t_wall_ns <= tail.anchor.t_wall_ns:
+        return tail
+    merged = newer_light(tail.latest, light)
+    if merged is tail.latest or merged is None:
+        return tail
     anchor_io = tail.anchor_io if tail.anchor_io is not None else light.io
     return Tail(tail.anchor, merged, anchor_io, tail.reason)
 
