@@ -118,6 +118,9 @@ class Collector:
         self.tails: dict[tails.Key, tails.Tail] = {}
         # The periodic light samples' readings (taken in a thread), merged when tails are used.
         self.light_inbox = LightInbox()
+        # Called when a pass adds tails (new domains): the light-samples thread watches their
+        # end (hostagent/tailing.py). Thread-safe; called in trio.
+        self.on_new_tails: Callable[[], None] | None = None
         self.closeouts_total: Counter[str] = Counter()
         self.unattributed: unattributed.UnattributedCpu | None = None
         self._root = HostRoot(cfg.paths.root)
@@ -412,7 +415,10 @@ class Collector:
             self.alert_states = dict(acc.alert_states)
             if self.rules is not None:  # their resolved notices are committed now
                 self.rules.forget_retired(acc.retired)
+            before = self.tails
             self.tails = tails.after_pass(self.tails, host, [c.key for c in closing])
+            if self.on_new_tails is not None and not self.tails.keys() <= before.keys():
+                self.on_new_tails()
             if written is not None:
                 written()
         for c in closing:

@@ -46,6 +46,7 @@ from hostagent.sources.files import HostRoot
 from hostagent.sources.lifecycle import LifecycleWatcher, Message
 from hostagent.sources.light import LightSampler, LightTarget, light_nics, target_for
 from hostagent.sources.netstats import LinkStats64Reader
+from hostagent.sources.stop_watch import StopWatch, Woken
 
 log = logging.getLogger(__name__)
 CHANNEL_SIZE = 1000
@@ -75,14 +76,28 @@ def target_of(anchor: DomainReading) -> LightTarget | None:
 class TailTasks:
     """Lifecycle consumer and light-sample loop feeding a collector's tails."""
 
-    def __init__(self, collector: Collector, *, clock: Clock) -> None:
+    def __init__(self, collector: Collector, *, clock: Clock, watch_stops: bool = True
+                 ) -> None:
         self.collector = collector
         self.clock = clock
         cfg = collector.cfg
         # Tap bytes by one RTM_GETSTATS dump on a real host; a recorded tree has no netlink.
         self.links = LinkStats64Reader() if cfg.paths.root in ("/", "") else None
-        self.sampler = LightSampler(HostRoot(cfg.paths.root), fds=collector.fds,
-                                    links=self.links, clock=clock)
+        self._root = HostRoot(cfg.paths.root)
+        self.sampler = LightSampler(self._root, fds=collector.fds, links=self.links,
+                                    clock=clock)
+        # The end of each VM, seen by the kernel (a real host only; the timer alone elsewhere).
+        self.watch: StopWatch | None = None
+        if cfg.paths.root in ("/", "") and watch_stops:
+            try:
+                self.watch = StopWatch()
+            except OSError as err:
+                log.warning("VM ends not watched: light samples on the timer alone",
+                            extra={"error": str(err)})
+        self._synced: Sequence[LightTarget] | None = None
+        self._watched_all = False
+        self._resync = False
+        self.stops_seen = 0  # VM cgroups seen emptying (each sampled at once)
         self.watcher: LifecycleWatcher | None = None
         self.events_total: Counter[str] = Counter()
         self.samples_total = 0
@@ -114,17 +129,24 @@ class TailTasks:
                 thread = threading.Thread(target=self._light_thread, args=(stop,),
                                           name="light-samples", daemon=True)
                 thread.start()
+                self.collector.on_new_tails = self.new_tails
                 try:
                     task_status.started()
                     await trio.sleep_forever()
                 finally:
+                    self.collector.on_new_tails = None
                     stop.set()
+                    if self.watch is not None:
+                        self.watch.wake()
                     with trio.CancelScope(shield=True), trio.move_on_after(2):
                         await handoff.run_sync(thread.join, abandon_on_cancel=True)
         finally:
             # Not under a sample still blocked in the kernel (the process is ending anyway).
-            if self.links is not None and (thread is None or not thread.is_alive()):
-                self.links.close()
+            if thread is None or not thread.is_alive():
+                if self.links is not None:
+                    self.links.close()
+                if self.watch is not None:
+                    self.watch.close()
 
     # --- lifecycle events -------------------------------------------------------------------
 
@@ -203,6 +225,7 @@ class TailTasks:
             key = (r.uuid, r.info.domid)
             if key not in self.collector.tails:
                 self.collector.tails[key] = tails.Tail(anchor=r)
+                self.new_tails()
 
     # --- light samples ----------------------------------------------------------------------
 
@@ -212,36 +235,101 @@ class TailTasks:
         A sample is due `sample_interval_s` after the freshest reading of every domain, this
         thread's last sample or the last pass's read: with passes that often (interval_s at or
         below it) no sample is taken at all, and the bound on what a destroyed VM leaves
-        unbilled is the same."""
+        unbilled is the same. Where the stop watch sees the end of every domain
+        (sources/stop_watch.py), the thread sleeps on it, samples a domain the moment its
+        cgroup empties, and the periodic samples only back that up, every
+        `watched_sample_interval_s`."""
         sampled_s = time.monotonic()
+        watch = self.watch
         while True:
-            interval_s = self.collector.cfg.collector.sample_interval_s  # live-changeable
+            c = self.collector.cfg.collector  # live-changeable
+            interval_s = c.sample_interval_s
             if interval_s <= 0:
                 if stop.wait(IDLE_CHECK_S):
                     return
                 continue
+            if watch is not None and self._watched_all:
+                interval_s = max(interval_s, c.watched_sample_interval_s)
             pass_s = self.collector.read_monotonic_s
             freshest_s = sampled_s if pass_s is None else max(sampled_s, pass_s)
-            if stop.wait(max(0.0, freshest_s + interval_s - time.monotonic())):
-                return
+            wait_s = max(0.0, freshest_s + interval_s - time.monotonic())
+            if watch is None:
+                if stop.wait(wait_s):
+                    return
+            else:
+                woken = watch.wait(wait_s)
+                if stop.is_set():
+                    return
+                if woken is not None:
+                    self._light_sample(woken)
+                    continue
+                if self._resync:  # new tails: watch them before their domains can end
+                    self._resync = False
+                    self._light_sample(None, sync_only=True)
+                if time.monotonic() < freshest_s + interval_s:
+                    continue  # woken early: the wait starts again (the interval may differ)
             if self.collector.read_monotonic_s != pass_s:
                 continue  # a pass read every domain meanwhile: due interval_s after it
             sampled_s = time.monotonic()
-            inbox = self.collector.light_inbox
+            self._light_sample(None)
+
+    def _light_sample(self, woken: Woken | None, *, sync_only: bool = False) -> None:
+        """One sample of every domain (`woken` None), or of the domains whose cgroup emptied,
+        with the final counters of the taps deleted before; the readings go to the inbox."""
+        inbox = self.collector.light_inbox
+        if not sync_only:
             inbox.begin()
-            got: dict[str, LightReading] = {}
-            try:
-                with self._sampling:
-                    # a copy: trio replaces and updates the dict (a dict copy holds the GIL)
-                    targets = self._targets_now(None, dict(self.collector.tails))
-                    if targets:
-                        got = self.sampler.sample(targets)
-                        self.samples_total += 1
-            except Exception as err:  # the next tick tries again; the pass is the truth
-                self.sample_errors += 1
-                log.warning("light sample failed", extra={"error": str(err)})
-            finally:
+        got: dict[str, LightReading] = {}
+        try:
+            with self._sampling:
+                # a copy: trio replaces and updates the dict (a dict copy holds the GIL)
+                targets = self._targets_now(None, dict(self.collector.tails))
+                if self.watch is not None:
+                    self._sync_watch(self.watch, targets)
+                if sync_only:
+                    return
+                deleted = None
+                if woken is not None:
+                    assert self.watch is not None
+                    self.watch.collect_links()  # a tap deleted just before the cgroup emptied
+                    deleted = self.watch.deleted
+                    if not woken.overflow:
+                        targets = [t for t in targets if (t.uuid, t.domid) in woken.emptied]
+                    self.stops_seen += len(woken.emptied)
+                if targets:
+                    got = (self.sampler.sample(targets) if deleted is None
+                           else self.sampler.sample(targets, deleted_links=deleted))
+                    self.samples_total += 1
+        except Exception as err:  # the next tick tries again; the pass is the truth
+            self.sample_errors += 1
+            log.warning("light sample failed", extra={"error": str(err)})
+        finally:
+            if not sync_only:
                 inbox.put(got)
+
+    def _sync_watch(self, watch: StopWatch, targets: Sequence[LightTarget]) -> None:
+        """Watch the v2 cgroups of `targets` (only when they changed: the list is cached)."""
+        if targets is self._synced:
+            return
+        cgroups: dict[object, str] = {}
+        ifindexes: list[int] = []
+        watchable = True
+        for t in targets:
+            if t.cpu_file is not None and t.cpu_file.endswith("/cpu.stat"):
+                cgroups[(t.uuid, t.domid)] = self._root.abspath(t.cpu_file[:-len("/cpu.stat")])
+            else:
+                watchable = False  # v1 cpuacct: no cgroup.events, the timer alone
+            ifindexes.extend(n.ifindex for n in t.nics)
+        watch.sync(cgroups, ifindexes)
+        self._synced = targets
+        self._watched_all = watchable and not watch.failed
+
+    def new_tails(self) -> None:
+        """Tails were added (a pass, a lifecycle read): the thread watches their domains' end
+        now, not at its next sample. Thread-safe."""
+        if self.watch is not None:
+            self._resync = True
+            self.watch.wake()
 
     def _targets_now(self, only: set[str] | None,
                      current: dict[tails.Key, tails.Tail]) -> list[LightTarget]:

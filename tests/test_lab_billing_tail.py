@@ -2,10 +2,11 @@
 libvirt with a throwaway guest of this module (slot 93, never halab-*, which are only read).
 
 Each test compares what the daemon billed for the guest with libvirt's `cpu.time` and the tap's
-host-side counters read just before a `virsh destroy`: the close-out bills up to the last light
-sample, so the difference is at most one sample interval of the guest's rate (plus the few ms
-between that read and the destroy). The unattributed CPU the daemon logs per pass stays near
-zero throughout.
+host-side counters read just before a `virsh destroy`. The daemon watches the guest's end
+(sources/stop_watch.py): it reads the final counters when the VM cgroup empties (the cgroup
+stays ~1.5 s longer on the lab) and keeps the deleted tap's last counters, so the close-out bills
+at least what was read before the destroy, and at most that plus the destroy's own CPU and a
+ping. The unattributed CPU the daemon logs per pass stays near zero throughout.
 """
 
 from __future__ import annotations
@@ -98,16 +99,17 @@ def check_close_out(evs: list[dict[str, Any]], cpu_ns: int, host_rx: int, host_t
     ingress = sum(round(e["metrics"]["network_ingress_mb"] * 2**20) for e in evs)
     life_s = max(destroyed_s - started_s, 1.0)
     cpu_rate = cpu_ns / life_s
-    # One sample interval of the guest's rate, plus the read→destroy gap and the
-    # usec rounding of cpu.stat.
-    slack_s = SAMPLE_S + 0.5
     print(f"cpu billed {billed_cpu / 1e6:.1f} ms of {cpu_ns / 1e6:.1f} ms (rate "
           f"{cpu_rate / 1e9:.2f} cpu/s); egress {egress} of {host_rx}; ingress {ingress} of "
           f"{host_tx}; events {len(evs)}")
-    assert abs(cpu_ns - billed_cpu) <= cpu_rate * slack_s + 10**6
+    # The final counters, read when the cgroup emptied: at least what libvirt reported just
+    # before the destroy (a light sample before it would be below), at most that plus the
+    # read→destroy gap and QEMU's own CPU while it was killed (~10 ms seen) and the usec
+    # rounding of cpu.stat.
+    assert cpu_ns - 10**6 <= billed_cpu <= cpu_ns + cpu_rate * 0.5 + 100 * 10**6
     for billed, seen in ((egress, host_rx), (ingress, host_tx)):
-        rate = seen / life_s
-        assert abs(seen - billed) <= rate * slack_s + 1500, (billed, seen)
+        # The deleted tap's last counters: a ping (~100 bytes) may pass after the read.
+        assert seen <= billed <= seen + 1500, (billed, seen)
 
 
 def unattributed_s(log: Path) -> float:

@@ -6,7 +6,8 @@ whose change cannot shift what an event means:
 * ``collector.interval_s``, ``collector.align``: the wait before the next pass;
 * ``collector.pass_timeout_s``: the deadline of the next pass's reads;
 * ``collector.baseline_retention_s``: how long an unseen instance's baseline is kept;
-* ``collector.sample_interval_s``: the wait before the next light sample (hostagent/tailing.py);
+* ``collector.sample_interval_s``, ``collector.watched_sample_interval_s``: the wait before
+  the next light sample (hostagent/tailing.py);
 * ``log.level``, ``log.format``;
 * the API's credentials (``api.jwt_*``, ``api.jwks_file``, ``api.api_keys_file``,
   ``api.admin_principals``: `hostagent.api.auth.CREDENTIAL_KEYS`), re-read from their files;
@@ -36,7 +37,8 @@ API_CREDENTIAL_KEYS = ("jwt_algorithms", "jwt_keys_file", "jwks_file", "jwt_hmac
 
 LIVE_KEYS: frozenset[str] = frozenset({
     "collector.interval_s", "collector.align", "collector.pass_timeout_s",
-    "collector.baseline_retention_s", "collector.sample_interval_s", "log.level", "log.format",
+    "collector.baseline_retention_s", "collector.sample_interval_s",
+    "collector.watched_sample_interval_s", "log.level", "log.format",
     *(f"api.{k}" for k in API_CREDENTIAL_KEYS),
 })
 

@@ -117,6 +117,13 @@ class CollectorConfig:
                        "no libvirt call) that bound what a destroyed VM leaves unbilled; 0 = off",
                        minimum=0, maximum=3600),
     )
+    watched_sample_interval_s: float = field(
+        default=10.0,
+        metadata=_meta("seconds between light samples while the end of every VM is watched "
+                       "(its v2 cgroup emptying, its taps' deletion: the final counters are read "
+                       "then); sample_interval_s applies where it is not", minimum=0,
+                       maximum=3600),
+    )
     lifecycle_events: bool = field(
         default=True,
         metadata=_meta("subscribe to libvirt lifecycle events: read a domain at start and "

@@ -117,8 +117,13 @@ class LightSampler:
         self._links = links
         self._clock = clock
 
-    def sample(self, targets: Sequence[LightTarget]) -> dict[str, LightReading]:
+    def sample(self, targets: Sequence[LightTarget], *,
+               deleted_links: Mapping[int, tuple[int, int]] | None = None
+               ) -> dict[str, LightReading]:
         """One LightReading per target, by uuid; a counter that cannot be read is None.
+
+        `deleted_links`: the final (rx, tx) of taps deleted since (sources/stop_watch.py), for
+        the ifindexes the dump no longer lists.
 
         The loop runs for every domain 15 times a pass (30 s interval, 2 s samples), so a
         1,000-domain host pays it 15,000 times a pass: its common case, a v2 `cpu.stat` that
@@ -135,6 +140,8 @@ class LightSampler:
                     links = self._links.read()
                 except SourceError as err:
                     links_error = f"link stats dump failed: {err}"
+            if deleted_links:
+                links = {**deleted_links, **links}
         out: dict[str, LightReading] = {}
         prefix = self._prefix
         for at in range(0, len(targets), _BATCH):
