@@ -1,8 +1,8 @@
 """Light readings on their way from the sampler thread to the tails (hostagent/tailing.py).
 
-The periodic light samples run in a thread of their own (`TailTasks`), not in trio: a sample
-every `sample_interval_s` (2 s by default, 15 per 30 s pass) through trio cost a timer wake-up,
-a thread hand-off and a wake-up for its result, several times the sample's own reads. The
+The light samples run in a thread of their own (`TailTasks`), not in trio: a sample through
+trio (15 a 30 s pass before the stop watch) cost a timer wake-up, a thread hand-off and a
+wake-up for its result, several times the sample's own reads. The
 thread leaves its readings here; trio merges them into `Collector.tails` when it uses them: a
 pass before it closes out gone domains, a lifecycle event before its own sample.
 

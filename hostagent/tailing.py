@@ -8,8 +8,11 @@
                           ├ CLOSE:            the close reason on its tails
                           └ Reconnected:      nothing (events may be lost: polling finds
                                               every domain anyway)
-    light-samples thread, every collector.sample_interval_s:
-      LightSampler.sample(targets) ──► Collector.light_inbox ──► (merged by trio) tail.latest
+    light-samples thread, asleep on the stop watch (sources/stop_watch.py):
+      a VM cgroup empties ──► LightSampler.sample(that domain, deleted taps' final counters)
+      every watched_sample_interval_s (sample_interval_s where an end is not watched):
+      LightSampler.sample(targets)
+          ──► Collector.light_inbox ──► (merged by trio) tail.latest
 
 Everything lands in `Collector.tails` (accounting/tails.py), in memory only; the next pass
 closes out the tails whose domain is gone in its one transaction. The lifecycle reads hold

@@ -16,9 +16,10 @@ import pytest
 import trio
 
 from hostagent.accounting.lifecycle import LifecycleEvent, LifecycleKind
+from hostagent.sources.stop_watch import StopWatch
 from hostagent.tailing import TailTasks
 from tests.replay import FakeDomain, Host
-from tests.test_collector import make_collector, store_payloads
+from tests.test_collector import editable_host, make_collector, store_payloads
 
 
 @pytest.fixture(params=["lab-hybrid", "systemd-v2"])
@@ -369,4 +370,90 @@ async def test_targets_are_made_again_only_when_a_pass_brings_new_anchors(
     assert (await coll.run_pass()).committed
     again = tail._targets_now(None, dict(coll.tails))
     assert again is not first and again == first  # same cgroups and taps: equal targets
+    store.close()
+
+
+def _add_events_files(host: Host) -> None:
+    """A populated `cgroup.events` beside every `cpu.stat` of the recorded trees (they have
+    none)."""
+    for tree in ("t0", "t1"):
+        for cpu_stat in (host.src / tree).rglob("cpu.stat"):
+            (cpu_stat.parent / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+
+
+def _events_files(host: Host, coll: Any, tree: str) -> dict[str, Path]:
+    """The `cgroup.events` of each domain's VM cgroup in recorded tree `tree`, by uuid."""
+    return {uuid: host.src / tree / t.anchor.facts.cgroup.cpu.path.lstrip("/") / "cgroup.events"
+            for (uuid, _), t in coll.tails.items()}
+
+
+async def test_a_watched_end_is_sampled_at_once_and_periodic_samples_slow_down(
+        tmp_path: Path) -> None:
+    """With the stop watch on every domain, the thread samples every
+    watched_sample_interval_s (an hour here: never) instead of sample_interval_s, and a domain
+    whose cgroup empties is sampled at once, alone; the pass closes it out at that reading."""
+    host = editable_host(tmp_path, "systemd-v2")
+    _add_events_files(host)
+    coll, store = make_collector(host, tmp_path, sample_interval_s=0.02,
+                                 watched_sample_interval_s=3600, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    tail.watch = StopWatch(links=False)  # a recorded tree has no netlink: cgroups only
+    taken: list[dict[str, Any]] = []
+    real_sample = tail.sampler.sample
+
+    def noted(targets: Any, **kw: Any) -> Any:
+        got = real_sample(targets, **kw)
+        taken.append(got)
+        return got
+
+    tail.sampler = types.SimpleNamespace(sample=noted)  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        first = await coll.run_pass()  # the first tails: the thread is woken to watch them
+        assert first.committed
+        t0 = host.bulk("t0")
+        ends_t0 = _events_files(host, coll, "t0")
+        ends_t1 = _events_files(host, coll, "t1")
+        await wait_real(lambda: tail.watch is not None and tail._watched_all)
+        n = len(taken)
+        await trio.sleep(0.3)  # fifteen sample intervals: no periodic sample is due
+        assert len(taken) == n
+        host.move_to_t1()
+        gone = next(iter(ends_t0))
+        ends_t1[gone].write_text("populated 0\nfrozen 0\n")
+        ends_t0[gone].write_text("populated 0\nfrozen 0\n")  # the watched inode
+        await wait_real(lambda: tail.stops_seen == 1)
+        await wait_real(lambda: len(taken) == n + 1)
+        drop_first_uuid(host, gone)
+        host.clock.advance(5.0)
+        report = await coll.run_pass()
+        nursery.cancel_scope.cancel()
+    assert set(taken[-1]) == {gone}  # that domain alone
+    captured = taken[-1][gone]
+    assert report.committed, report.error
+    (u,) = [u for u in report.usages if u.uuid == gone]
+    assert u.period_end_ns == captured.t_wall_ns
+    assert u.cpu_ns == captured.cpu_ns - t0[gone]["cpu.time"] > 0  # the t1 tree's counter
+    assert tail.sample_errors == 0
+    store.close()
+
+
+async def test_a_pass_that_adds_domains_has_their_end_watched_at_once(tmp_path: Path) -> None:
+    """No sample is due for an hour: only the pass's wake-up makes the thread watch the new
+    domains (a VM destroyed right after its first pass is caught too)."""
+    host = editable_host(tmp_path, "lab-hybrid")
+    _add_events_files(host)
+    coll, store = make_collector(host, tmp_path, sample_interval_s=3600,
+                                 watched_sample_interval_s=3600, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    tail.watch = StopWatch(links=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        await trio.sleep(0.1)
+        assert tail.watch.watched == frozenset()
+        assert (await coll.run_pass()).committed
+        await wait_real(lambda: tail.watch is not None and len(tail.watch.watched) == len(
+            coll.tails) > 0)
+        assert tail.samples_total == 0
+        nursery.cancel_scope.cancel()
     store.close()
