@@ -99,7 +99,7 @@ class LifecycleWatcher:
     """Lifecycle events of one libvirt URI, delivered to a trio memory channel."""
 
     def __init__(self, uri: str, *, clock: Clock, connector: Connector = _open_readonly,
-                 keepalive_interval_s: int = 5, keepalive_count: int = 3,
+                 keepalive_interval_s: int = 10, keepalive_count: int = 3,
                  reconnect_max_s: float = 30.0, connect_timeout_s: float = 30.0) -> None:
         self.uri = uri
         self._clock = clock
