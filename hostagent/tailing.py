@@ -89,14 +89,11 @@ class TailTasks:
         self._root = HostRoot(cfg.paths.root)
         self.sampler = LightSampler(self._root, fds=collector.fds, links=self.links,
                                     clock=clock)
-        # The end of each VM, seen by the kernel (a real host only; the timer alone elsewhere).
+        # The end of each VM, seen by the kernel (sources/stop_watch.py), made by run(): the
+        # cgroups wherever they are read from, the taps' deletion on a real host only (the
+        # link reader's condition). Where neither can be watched, the timer alone.
+        self._watch_stops = watch_stops
         self.watch: StopWatch | None = None
-        if cfg.paths.root in ("/", "") and watch_stops:
-            try:
-                self.watch = StopWatch()
-            except OSError as err:
-                log.warning("VM ends not watched: light samples on the timer alone",
-                            extra={"error": str(err)})
         self._synced: Sequence[LightTarget] | None = None
         self._watched_all = False
         self._resync = False
@@ -128,6 +125,12 @@ class TailTasks:
                         connect_timeout_s=self.collector.cfg.libvirt.call_timeout_s)
                     await nursery.start(self.watcher.run, send)
                     nursery.start_soon(self._consume, recv)
+                if self._watch_stops and self.watch is None:
+                    try:
+                        self.watch = StopWatch(links=self.links is not None)
+                    except OSError as err:
+                        log.warning("VM ends not watched: light samples on the timer alone",
+                                    extra={"error": str(err)})
                 stop = threading.Event()
                 thread = threading.Thread(target=self._light_thread, args=(stop,),
                                           name="light-samples", daemon=True)
@@ -150,6 +153,7 @@ class TailTasks:
                     self.links.close()
                 if self.watch is not None:
                     self.watch.close()
+                    self.watch = None
 
     # --- lifecycle events -------------------------------------------------------------------
 
@@ -322,7 +326,10 @@ class TailTasks:
                 cgroups[(t.uuid, t.domid)] = self._root.abspath(t.cpu_file[:-len("/cpu.stat")])
             else:
                 watchable = False  # v1 cpuacct: no cgroup.events, the timer alone
-            ifindexes.extend(n.ifindex for n in t.nics)
+            if t.nics:
+                if not watch.follows_links:
+                    watchable = False  # taps whose deletion nobody hears of
+                ifindexes.extend(n.ifindex for n in t.nics)
         watch.sync(cgroups, ifindexes)
         self._synced = targets
         self._watched_all = watchable and not watch.failed

@@ -121,6 +121,11 @@ class StopWatch:
         self.failed: set[object] = set()  # keys whose cgroup could not be watched
 
     @property
+    def follows_links(self) -> bool:
+        """Deleted taps' final counters are collected (a netlink socket is open)."""
+        return self._sock is not None
+
+    @property
     def watched(self) -> frozenset[object]:
         """The keys whose cgroup's end is watched now."""
         return frozenset(self._by_key)
