@@ -264,23 +264,30 @@ class TailTasks:
                 if stop.wait(wait_s):
                     return
             else:
-                woken = watch.wait(wait_s)
+                try:
+                    woken = watch.wait(wait_s)
+                except Exception as err:  # a defect or a broken descriptor: never the samples
+                    log.warning("VM ends no longer watched: light samples on the timer alone",
+                                extra={"error": str(err)})
+                    watch, self._watched_all = None, False  # run() closes it at the end
+                    continue
                 if stop.is_set():
                     return
                 if woken is not None:
-                    self._light_sample(woken)
+                    self._light_sample(watch, woken)
                     continue
                 if self._resync:  # new tails: watch them before their domains can end
                     self._resync = False
-                    self._light_sample(None, sync_only=True)
+                    self._light_sample(watch, None, sync_only=True)
                 if time.monotonic() < freshest_s + interval_s:
                     continue  # woken early: the wait starts again (the interval may differ)
             if self.collector.read_monotonic_s != pass_s:
                 continue  # a pass read every domain meanwhile: due interval_s after it
             sampled_s = time.monotonic()
-            self._light_sample(None)
+            self._light_sample(watch, None)
 
-    def _light_sample(self, woken: Woken | None, *, sync_only: bool = False) -> None:
+    def _light_sample(self, watch: StopWatch | None, woken: Woken | None, *,
+                      sync_only: bool = False) -> None:
         """One sample of every domain (`woken` None), or of the domains whose cgroup emptied,
         with the final counters of the taps deleted before; the readings go to the inbox."""
         inbox = self.collector.light_inbox
@@ -291,15 +298,18 @@ class TailTasks:
             with self._sampling:
                 # a copy: trio replaces and updates the dict (a dict copy holds the GIL)
                 targets = self._targets_now(None, dict(self.collector.tails))
-                if self.watch is not None:
-                    self._sync_watch(self.watch, targets)
+                if watch is not None:
+                    try:
+                        self._sync_watch(watch, targets)
+                    except Exception as err:  # the samples go on, on the timer
+                        self._watched_all = False
+                        log.warning("VM ends not watched", extra={"error": str(err)})
                 if sync_only:
                     return
                 deleted = None
-                if woken is not None:
-                    assert self.watch is not None
-                    self.watch.collect_links()  # a tap deleted just before the cgroup emptied
-                    deleted = self.watch.deleted
+                if woken is not None and watch is not None:
+                    watch.collect_links()  # a tap deleted just before the cgroup emptied
+                    deleted = watch.deleted
                     if not woken.overflow:
                         targets = [t for t in targets if (t.uuid, t.domid) in woken.emptied]
                     self.stops_seen += len(woken.emptied)

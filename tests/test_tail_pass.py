@@ -230,17 +230,27 @@ async def test_the_sampler_thread_bills_a_gone_domain_to_its_last_periodic_sampl
     store.close()
 
 
-async def test_samples_after_the_destroy_do_not_hide_the_last_good_one(
-        host: Host, tmp_path: Path) -> None:
-    """After a destroy the sampler thread goes on until the pass: its readings of the gone
-    domain have no CPU (the cgroup is gone). Kept by domain alone, each replaced the last good
-    reading in the inbox, and the pass closed the domain out at its previous pass instead."""
-    coll, store = make_collector(host, tmp_path, sample_interval_s=0.02, lifecycle_events=False)
+async def after_a_pass(host: Host, tmp_path: Path, **collector: Any
+                       ) -> tuple[Any, Any, TailTasks, dict[str, dict[str, Any]]]:
+    """A collector sampling every 20 ms (no lifecycle events) and its tail tasks, after one
+    committed pass over the t0 tree, the files moved on to t1: (collector, store, tail tasks,
+    the t0 bulk stats by uuid)."""
+    coll, store = make_collector(host, tmp_path, **{"sample_interval_s": 0.02,
+                                                    "lifecycle_events": False, **collector})
     tail = TailTasks(coll, clock=host.clock)
     first = await coll.run_pass()
     assert first.committed
     t0 = host.bulk("t0")
     host.move_to_t1()
+    return coll, store, tail, t0
+
+
+async def test_samples_after_the_destroy_do_not_hide_the_last_good_one(
+        host: Host, tmp_path: Path) -> None:
+    """After a destroy the sampler thread goes on until the pass: its readings of the gone
+    domain have no CPU (the cgroup is gone). Kept by domain alone, each replaced the last good
+    reading in the inbox, and the pass closed the domain out at its previous pass instead."""
+    coll, store, tail, t0 = await after_a_pass(host, tmp_path)
     real_sample = tail.sampler.sample
     gone = host.conn._domains()[0][0].UUIDString()
     destroyed = threading.Event()
@@ -278,12 +288,7 @@ async def test_a_pass_waits_for_a_sample_in_flight_and_closes_out_at_it(
         host: Host, tmp_path: Path) -> None:
     """A domain sampled alive just before the pass found it gone: without waiting for that
     sample, the pass would close the domain out at the previous pass (its usage since lost)."""
-    coll, store = make_collector(host, tmp_path, sample_interval_s=0.02, lifecycle_events=False)
-    tail = TailTasks(coll, clock=host.clock)
-    first = await coll.run_pass()
-    assert first.committed
-    t0 = host.bulk("t0")
-    host.move_to_t1()
+    coll, store, tail, t0 = await after_a_pass(host, tmp_path)
     real_sample = tail.sampler.sample
     in_sample = threading.Event()
     taken: dict[str, Any] = {}
@@ -463,4 +468,23 @@ async def test_a_pass_that_adds_domains_has_their_end_watched_at_once(tmp_path: 
         assert any(t.nics for t in tail._targets_now(None, dict(coll.tails)))
         assert not tail._watched_all
         nursery.cancel_scope.cancel()
+    store.close()
+
+
+class _BrokenWatch(StopWatch):
+    """A watch whose wait fails the way a broken descriptor would."""
+
+    def wait(self, timeout_s: float | None) -> Any:
+        raise OSError(9, "Bad file descriptor")
+
+
+async def test_a_broken_stop_watch_leaves_the_samples_on_the_timer(
+        host: Host, tmp_path: Path) -> None:
+    _, store, tail, _ = await after_a_pass(host, tmp_path, watched_sample_interval_s=3600)
+    tail.watch = _BrokenWatch(links=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        await wait_real(lambda: tail.samples_total >= 3)  # every 0.02 s, not every hour
+        nursery.cancel_scope.cancel()
+    assert tail.sample_errors == 0
     store.close()

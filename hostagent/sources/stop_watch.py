@@ -141,8 +141,12 @@ class StopWatch:
         for key, directory in cgroups.items():
             path = f"{directory}/cgroup.events"
             had = self._by_key.get(key)
-            if had is not None and had[0] == path:
-                continue
+            if had is not None:
+                if had[0] == path:
+                    continue
+                self._by_wd.pop(had[1], None)  # the same process, its cgroup moved
+                self._lib.inotify_rm_watch(self._inotify, had[1])
+                del self._by_key[key]
             wd = self._lib.inotify_add_watch(self._inotify, os.fsencode(path), IN_MODIFY)
             if wd < 0:
                 self.failed.add(key)  # no such cgroup (v1), or the watch limit reached
@@ -179,9 +183,11 @@ class StopWatch:
         return Woken(frozenset(emptied), overflow)
 
     def collect_links(self) -> None:
-        """Take the link notifications queued now (before a sample that needs them)."""
+        """Take the link notifications queued now (before a sample that needs them); a
+        socket error leaves the sample to the dump and the counters collected before."""
         if self._sock is not None:
-            self._drain_links()
+            with contextlib.suppress(OSError):
+                self._drain_links()
 
     def wake(self) -> None:
         """Make a `wait()` in progress (or the next one) return at once. Thread-safe."""
