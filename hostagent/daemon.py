@@ -161,7 +161,8 @@ class Daemon:
                 libvirt_health=lambda: {"state": lv.state, "last_error": lv.last_error},
                 emission_metrics=delivery.metrics, rules_health=daemon.rules_health,
                 pass_settings=lambda: {"interval_s": daemon.cfg.collector.interval_s,
-                                       "timeout_s": daemon.cfg.collector.pass_timeout_s})
+                                       "timeout_s": daemon.cfg.collector.pass_timeout_s},
+                tail_health=daemon.tail.health if daemon.tail is not None else None)
             dispatcher = next((d for d in dispatchers(sinks)
                                if isinstance(d, WebhookDispatcher)), None)
             registry = (StoreWebhooks(hooks, dispatcher.guard, wake=dispatcher.wake)

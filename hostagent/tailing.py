@@ -33,6 +33,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import trio
 
@@ -154,6 +155,15 @@ class TailTasks:
                 if self.watch is not None:
                     self.watch.close()
                     self.watch = None
+
+    def health(self) -> dict[str, Any]:
+        """The billing tail's counters, for /metrics: samples, VM ends seen at once, whether
+        every VM's end is watched now, close-outs by reason, lifecycle events by kind."""
+        return {"light_samples": self.samples_total, "light_sample_errors": self.sample_errors,
+                "vm_ends_seen": self.stops_seen,
+                "vm_ends_watched": self.watch is not None and self._watched_all,
+                "closeouts": dict(self.collector.closeouts_total),
+                "lifecycle_events": dict(self.events_total)}
 
     # --- lifecycle events -------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ SERIES = [
     "hostagent_pass_interval_seconds", "hostagent_pass_timeout_seconds",
     "hostagent_outbox_depth", "hostagent_outbox_dead_letters", "hostagent_outbox_max_bytes",
     "hostagent_sink_breaker_state", "hostagent_owner_lookups_total",
+    "hostagent_light_samples_total", "hostagent_vm_ends_watched",
 ]
 # recorded by deploy/prometheus/recording.yml from the above (its groups run every 30 s)
 RECORDED = ["owner:hostagent_instance_cpu_seconds:rate5m", "hostagent:last_pass_age_seconds",

@@ -437,6 +437,9 @@ async def test_a_watched_end_is_sampled_at_once_and_periodic_samples_slow_down(
         report = await coll.run_pass()
         nursery.cancel_scope.cancel()
     assert set(taken[-1]) == {gone}  # that domain alone
+    health = tail.health()
+    assert health["vm_ends_seen"] == 1 and health["light_samples"] == len(taken)
+    assert health["closeouts"] == {"GONE": 1}
     captured = taken[-1][gone]
     assert report.committed, report.error
     (u,) = [u for u in report.usages if u.uuid == gone]
@@ -466,7 +469,7 @@ async def test_a_pass_that_adds_domains_has_their_end_watched_at_once(tmp_path: 
         # Its taps' ends are not heard here (no netlink on a recorded tree): the periodic
         # samples keep sample_interval_s.
         assert any(t.nics for t in tail._targets_now(None, dict(coll.tails)))
-        assert not tail._watched_all
+        assert not tail._watched_all and tail.health()["vm_ends_watched"] is False
         nursery.cancel_scope.cancel()
     store.close()
 

@@ -42,6 +42,7 @@ class ViewCollector(Collector):
         yield from self._emission()
         yield from self._rules()
         yield from self._owners()
+        yield from self._tail()
         req = CounterMetricFamily("hostagent_api_requests", "API requests by route and class",
                                   labels=["route", "code"])
         for (route, code), n in sorted(self.api_counters.items()):
@@ -188,6 +189,31 @@ class ViewCollector(Collector):
             refreshes.add_metric([result], float(h.get(f"refresh_{result}", 0)))
         yield lookups
         yield refreshes
+
+    def _tail(self) -> Iterator[Metric]:
+        if self.view.tail_health is None:
+            return
+        h = self.view.tail_health()
+        yield CounterMetricFamily("hostagent_light_samples",
+                                  "light samples taken (periodic, at a VM's end, lifecycle)",
+                                  value=float(h.get("light_samples", 0)))
+        yield CounterMetricFamily("hostagent_light_sample_errors", "light samples that failed",
+                                  value=float(h.get("light_sample_errors", 0)))
+        yield CounterMetricFamily(
+            "hostagent_vm_ends_seen",
+            "VM cgroups seen emptying (cgroup.events populated 0), each read at once",
+            value=float(h.get("vm_ends_seen", 0)))
+        yield GaugeMetricFamily(
+            "hostagent_vm_ends_watched",
+            "1 while the end of every VM is watched (light samples every "
+            "watched_sample_interval_s), 0 while some is not (every sample_interval_s)",
+            value=1.0 if h.get("vm_ends_watched") else 0.0)
+        closeouts = CounterMetricFamily(
+            "hostagent_closeouts", "ended QEMU processes closed out by a pass, by reason",
+            labels=["reason"])
+        for reason, n in sorted(h.get("closeouts", {}).items()):
+            closeouts.add_metric([reason], float(n))
+        yield closeouts
 
     def _emission(self) -> Iterator[Metric]:
         if self.view.emission_metrics is None:

@@ -167,6 +167,7 @@ class ApiView:
         emission_metrics: Callable[[], Any] | None = None,
         rules_health: Callable[[], Mapping[str, Any]] | None = None,
         pass_settings: Callable[[], Mapping[str, float]] | None = None,
+        tail_health: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.snapshot = Snapshot()
         self.authorized = authorized
@@ -176,6 +177,7 @@ class ApiView:
         self.emission_metrics = emission_metrics
         self.rules_health = rules_health  # hostagent.alerts.rules_source.RulesSource.health
         self.pass_settings = pass_settings  # {"interval_s", "timeout_s"}: for alert rules
+        self.tail_health = tail_health  # hostagent.tailing.TailTasks.health
 
     def update(self, report: PassLike) -> None:
         """Daemon.on_pass callback: swap in the snapshot of this pass."""

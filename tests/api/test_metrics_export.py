@@ -34,7 +34,10 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     view = ApiView(emission_metrics=emission,
                    owners_health=lambda: {"lookup_ok": 5, "lookup_failed": 2, "refresh_ok": 1},
-                   pass_settings=lambda: {"interval_s": 30.0, "timeout_s": 20.0})
+                   pass_settings=lambda: {"interval_s": 30.0, "timeout_s": 20.0},
+                   tail_health=lambda: {"light_samples": 12, "light_sample_errors": 1,
+                                        "vm_ends_seen": 2, "vm_ends_watched": True,
+                                        "closeouts": {"DESTROYED": 2, "GONE": 1}})
     rep = report({"i-a1": ALICE, "i-b1": BOB})
     rep.read_errors_total = {"pid_file": 3, "xml": 1}
     view.update(rep)
@@ -68,6 +71,13 @@ async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     assert s[("hostagent_owner_refreshes_total", (("result", "ok"),))] == 1
     assert s[("hostagent_pass_interval_seconds", ())] == 30.0
     assert s[("hostagent_pass_timeout_seconds", ())] == 20.0
+    # the billing tail (hostagent/tailing.py TailTasks.health)
+    assert s[("hostagent_light_samples_total", ())] == 12
+    assert s[("hostagent_light_sample_errors_total", ())] == 1
+    assert s[("hostagent_vm_ends_seen_total", ())] == 2
+    assert s[("hostagent_vm_ends_watched", ())] == 1
+    assert s[("hostagent_closeouts_total", (("reason", "DESTROYED"),))] == 2
+    assert s[("hostagent_closeouts_total", (("reason", "GONE"),))] == 1
     assert s[("hostagent_api_requests_total",
               (("code", "2xx"), ("route", "/api/v1/metrics")))] == 1
     # bounded labels: only these label names anywhere
