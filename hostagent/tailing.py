@@ -367,7 +367,7 @@ class TailTasks:
         anchors: list[DomainReading] = []
         if only is None:
             # Between two passes the anchors stay the same objects (a light reading replaces
-            # a Tail, not its anchor): the last answer holds (15 samples a pass at 30 s).
+            # a Tail, not its anchor): the last answer holds (3 to 15 samples a pass at 30 s).
             anchors = [t.anchor for t in current.values()]
             last_anchors, last_out = self._last
             if len(anchors) == len(last_anchors) and all(
