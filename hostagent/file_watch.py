@@ -29,10 +29,10 @@ import errno
 import functools
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["DirWatch"]
+__all__ = ["DirWatch", "add_watch", "inotify_init", "read_events", "rm_watch"]
 
 IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
@@ -66,17 +66,55 @@ def _libc() -> ctypes.CDLL:
     return lib
 
 
+# --- the inotify calls, shared with sources/stop_watch.py ------------------------------------
+
+def inotify_init() -> int:
+    """A new non-blocking, close-on-exec inotify descriptor; OSError where there is none."""
+    fd: int = _libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+    return fd
+
+
+def add_watch(fd: int, path: str | Path, mask: int) -> int:
+    """The watch descriptor of `path` on inotify `fd`; OSError naming the path on failure (no
+    such file, the per-user watch limit)."""
+    wd: int = _libc().inotify_add_watch(fd, os.fsencode(path), mask)
+    if wd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}", str(path))
+    return wd
+
+
+def rm_watch(fd: int, wd: int) -> None:
+    """Drop a watch (harmless when the kernel already dropped it)."""
+    _libc().inotify_rm_watch(fd, wd)
+
+
+def read_events(fd: int) -> Iterator[tuple[int, int, bytes]]:
+    """Every event queued on non-blocking inotify `fd` now: (wd, mask, name without NULs)."""
+    while True:
+        try:
+            data = os.read(fd, _READ_BYTES)
+        except BlockingIOError:
+            return
+        if not data:
+            return
+        off = 0
+        while off + _EVENT.size <= len(data):
+            wd, mask, _, length = _EVENT.unpack_from(data, off)
+            name = data[off + _EVENT.size:off + _EVENT.size + length].rstrip(b"\0")
+            off += _EVENT.size + length
+            yield wd, mask, name
+
+
 class DirWatch:
     """One inotify descriptor watching the directories of `paths`; `drain()` after it reads
     readable says whether a watched name changed. Not thread-safe; close it when done."""
 
     def __init__(self, paths: Iterable[Path]) -> None:
-        self._lib = _libc()
-        fd = self._lib.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        self.fd: int = fd
+        self.fd: int = inotify_init()
         self.lost = False  # a watched directory went away: reopen the watch (or poll)
         self._names: dict[int, frozenset[str] | None] = {}  # wd → names (None: every name)
         try:
@@ -103,34 +141,20 @@ class DirWatch:
             wanted[d] = {name}
 
     def _add(self, d: Path, names: set[str] | None) -> None:
-        wd = self._lib.inotify_add_watch(self.fd, os.fsencode(d), _MASK)
-        if wd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_add_watch {d}: {os.strerror(err)}", str(d))
-        self._names[wd] = None if names is None else frozenset(names)
+        self._names[add_watch(self.fd, d, _MASK)] = None if names is None else frozenset(names)
 
     def drain(self) -> bool:
         """Read every queued event; True when one concerns a watched name (or a watch was
         lost: then `lost` is set too)."""
         changed = False
-        while True:
-            try:
-                data = os.read(self.fd, _READ_BYTES)
-            except BlockingIOError:
-                return changed
-            if not data:
-                return changed
-            off = 0
-            while off + _EVENT.size <= len(data):
-                wd, mask, _, length = _EVENT.unpack_from(data, off)
-                name = data[off + _EVENT.size:off + _EVENT.size + length].rstrip(b"\0")
-                off += _EVENT.size + length
-                if mask & _LOST:
-                    self.lost = changed = True
-                    continue
-                names = self._names.get(wd)
-                if names is None or os.fsdecode(name) in names:
-                    changed = True
+        for wd, mask, name in read_events(self.fd):
+            if mask & _LOST:
+                self.lost = changed = True
+                continue
+            names = self._names.get(wd)
+            if names is None or os.fsdecode(name) in names:
+                changed = True
+        return changed
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -158,12 +158,11 @@ class TailTasks:
 
     def health(self) -> dict[str, Any]:
         """The billing tail's counters, for /metrics: samples, VM ends seen at once, whether
-        every VM's end is watched now, close-outs by reason, lifecycle events by kind."""
+        every VM's end is watched now, close-outs by reason."""
         return {"light_samples": self.samples_total, "light_sample_errors": self.sample_errors,
                 "vm_ends_seen": self.stops_seen,
                 "vm_ends_watched": self.watch is not None and self._watched_all,
-                "closeouts": dict(self.collector.closeouts_total),
-                "lifecycle_events": dict(self.events_total)}
+                "closeouts": dict(self.collector.closeouts_total)}
 
     # --- lifecycle events -------------------------------------------------------------------
 
@@ -288,7 +287,8 @@ class TailTasks:
                     continue
                 if self._resync:  # new tails: watch them before their domains can end
                     self._resync = False
-                    self._light_sample(watch, None, sync_only=True)
+                    with self._sampling:
+                        self._watch_targets(watch)
                 if time.monotonic() < freshest_s + interval_s:
                     continue  # woken early: the wait starts again (the interval may differ)
             if self.collector.read_monotonic_s != pass_s:
@@ -296,26 +296,27 @@ class TailTasks:
             sampled_s = time.monotonic()
             self._light_sample(watch, None)
 
-    def _light_sample(self, watch: StopWatch | None, woken: Woken | None, *,
-                      sync_only: bool = False) -> None:
+    def _watch_targets(self, watch: StopWatch | None) -> list[LightTarget]:
+        """The current targets (`_targets_now`), their ends watched; `_sampling` held."""
+        # a copy: trio replaces and updates the dict (a dict copy holds the GIL)
+        targets = self._targets_now(None, dict(self.collector.tails))
+        if watch is not None:
+            try:
+                self._sync_watch(watch, targets)
+            except Exception as err:  # the samples go on, on the timer
+                self._watched_all = False
+                log.warning("VM ends not watched", extra={"error": str(err)})
+        return targets
+
+    def _light_sample(self, watch: StopWatch | None, woken: Woken | None) -> None:
         """One sample of every domain (`woken` None), or of the domains whose cgroup emptied,
         with the final counters of the taps deleted before; the readings go to the inbox."""
         inbox = self.collector.light_inbox
-        if not sync_only:
-            inbox.begin()
+        inbox.begin()
         got: dict[str, LightReading] = {}
         try:
             with self._sampling:
-                # a copy: trio replaces and updates the dict (a dict copy holds the GIL)
-                targets = self._targets_now(None, dict(self.collector.tails))
-                if watch is not None:
-                    try:
-                        self._sync_watch(watch, targets)
-                    except Exception as err:  # the samples go on, on the timer
-                        self._watched_all = False
-                        log.warning("VM ends not watched", extra={"error": str(err)})
-                if sync_only:
-                    return
+                targets = self._watch_targets(watch)
                 deleted = None
                 if woken is not None and watch is not None:
                     watch.collect_links()  # a tap deleted just before the cgroup emptied
@@ -331,8 +332,7 @@ class TailTasks:
             self.sample_errors += 1
             log.warning("light sample failed", extra={"error": str(err)})
         finally:
-            if not sync_only:
-                inbox.put(got)
+            inbox.put(got)
 
     def _sync_watch(self, watch: StopWatch, targets: Sequence[LightTarget]) -> None:
         """Watch the v2 cgroups of `targets` (only when they changed: the list is cached)."""

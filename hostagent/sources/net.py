@@ -56,8 +56,9 @@ def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _parse_link(data: bytes, off: int, end: int) -> LinkStats | None:
-    """One RTM_NEWLINK message, reading only the attributes we use."""
+def parse_link(data: bytes, off: int, end: int) -> LinkStats | None:
+    """One RTM_NEWLINK (or RTM_DELLINK: the same layout) message, reading only the attributes
+    we use; SourceError on a malformed attribute, None without a name."""
     _, _, ifindex, _, _ = _IFINFOMSG.unpack_from(data, off + _NLMSGHDR.size)
     name: str | None = None
     mac: str | None = None
@@ -122,10 +123,24 @@ def dump_links(sock: socket.socket, seq: int) -> tuple[dict[str, LinkStats], boo
                     code = -_ERRNO.unpack_from(data, off + _NLMSGHDR.size)[0]
                     raise SourceError(f"netlink link dump refused: {os.strerror(code)}")
                 if mtype == _RTM_NEWLINK and mlen >= _HDR_BYTES:
-                    link = _parse_link(data, off, off + mlen)
+                    link = parse_link(data, off, off + mlen)
                     if link is not None:
                         links[link.ifname] = link
             off += _align(mlen)
+
+
+def route_socket(netns: str | None = None) -> socket.socket:
+    """A new, unbound NETLINK_ROUTE socket, in network namespace `netns` if named."""
+    if netns is None:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             _NETLINK_ROUTE)
+    # pyroute2 is heavy to import and only needed to enter a named netns.
+    from pyroute2 import netns as pr_netns
+
+    sock: socket.socket = pr_netns.create_socket(netns, family=socket.AF_NETLINK,
+                                                 socket_type=socket.SOCK_RAW,
+                                                 proto=_NETLINK_ROUTE, flags=0)
+    return sock
 
 
 class NetlinkSocket:
@@ -145,16 +160,7 @@ class NetlinkSocket:
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            if self._netns is None:
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                     _NETLINK_ROUTE)
-            else:
-                # pyroute2 is heavy to import and only needed to enter a named netns.
-                from pyroute2 import netns as pr_netns
-
-                sock = pr_netns.create_socket(self._netns, family=socket.AF_NETLINK,
-                                              socket_type=socket.SOCK_RAW, proto=_NETLINK_ROUTE,
-                                              flags=0)
+            sock = route_socket(self._netns)
             sock.settimeout(self._timeout_s)
             sock.bind((0, 0))
             self._sock = sock

@@ -16,14 +16,14 @@ itself, so the periodic samples only back them up:
 
 `StopWatch.wait()` blocks on both descriptors and a wake-up pipe (`wake()`), so the light-samples
 thread sleeps on it instead of a timer. Nothing here reads a counter: the caller samples the
-domains `wait()` names. Linux only (ctypes on libc's inotify calls, netlink); the constructor
-raises OSError where either is unavailable, and the caller samples on its timer alone.
+domains `wait()` names. Linux only (inotify through hostagent/file_watch.py, netlink); the
+constructor raises OSError where either is unavailable, and the caller samples on its timer
+alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import select
@@ -32,49 +32,52 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from hostagent.file_watch import IN_IGNORED, IN_Q_OVERFLOW, _libc
+from hostagent.errors import SourceError
+from hostagent.file_watch import (
+    IN_IGNORED,
+    IN_Q_OVERFLOW,
+    add_watch,
+    inotify_init,
+    read_events,
+    rm_watch,
+)
+from hostagent.sources.net import parse_link, route_socket
 
 __all__ = ["StopWatch", "Woken", "dellink_stats"]
 
 IN_MODIFY = 0x00000002
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then `len` bytes of name)
 _READ_BYTES = 64 * 1024
 _RTMGRP_LINK = 1
 _RTM_DELLINK = 17
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_IFINFOMSG_AT = 16  # struct ifinfomsg after the header: family, pad, type, index (at +4), ...
-_IFLA_STATS64 = 23
-_RTATTR = struct.Struct("=HH")
-# rtnl_link_stats64 starts rx_packets, tx_packets, rx_bytes, tx_bytes (u64 each).
-_STATS64_BYTES = struct.Struct("=16xQQ")
+_NLMSGHDR_BYTES = 16
+_LINK_MSG_MIN_BYTES = _NLMSGHDR_BYTES + 16  # and its struct ifinfomsg
+_LEN_TYPE = struct.Struct("=IH")  # nlmsghdr's len and type
 # A multicast socket that cannot keep up loses notifications (ENOBUFS), never blocks the kernel.
 _RCVBUF_BYTES = 1 << 20
 
 
-def dellink_stats(data: bytes | bytearray | memoryview, keep: Iterable[int] | None = None
+def dellink_stats(data: bytes, keep: Iterable[int] | None = None
                   ) -> dict[int, tuple[int, int]]:
-    """(rx_bytes, tx_bytes) by ifindex of the RTM_DELLINK messages in one netlink read.
+    """(rx_bytes, tx_bytes) by ifindex of the RTM_DELLINK messages in one netlink read, decoded
+    as the link dump decodes RTM_NEWLINK (sources/net.parse_link: the same layout).
 
-    `keep`: only these ifindexes (None: all). A message without IFLA_STATS64 is skipped."""
+    `keep`: only these ifindexes (None: all). A message without IFLA_STATS64 is skipped; a
+    malformed one ends the read (nothing after it can be trusted)."""
     wanted = None if keep is None else set(keep)
     out: dict[int, tuple[int, int]] = {}
     off, end = 0, len(data)
-    while off + _NLMSGHDR.size <= end:
-        mlen, mtype = _NLMSGHDR.unpack_from(data, off)[:2]
-        if mlen < _NLMSGHDR.size or off + mlen > end:
-            break  # malformed: nothing after it can be trusted
-        if mtype == _RTM_DELLINK and mlen >= _IFINFOMSG_AT + 16:
-            ifindex = struct.unpack_from("=i", data, off + _IFINFOMSG_AT + 4)[0]
-            if wanted is None or ifindex in wanted:
-                at, stop = off + _IFINFOMSG_AT + 16, off + mlen
-                while at + _RTATTR.size <= stop:
-                    alen, atype = _RTATTR.unpack_from(data, at)
-                    if alen < _RTATTR.size:
-                        break
-                    if atype == _IFLA_STATS64 and alen >= _RTATTR.size + _STATS64_BYTES.size:
-                        out[ifindex] = _STATS64_BYTES.unpack_from(data, at + _RTATTR.size)
-                        break
-                    at += (alen + 3) & ~3
+    while off + _NLMSGHDR_BYTES <= end:
+        mlen, mtype = _LEN_TYPE.unpack_from(data, off)
+        if mlen < _NLMSGHDR_BYTES or off + mlen > end:
+            break
+        if mtype == _RTM_DELLINK and mlen >= _LINK_MSG_MIN_BYTES:
+            try:
+                link = parse_link(data, off, off + mlen)
+            except SourceError:
+                break
+            if link is not None and (wanted is None or link.ifindex in wanted) \
+                    and link.rx_bytes is not None and link.tx_bytes is not None:
+                out[link.ifindex] = (link.rx_bytes, link.tx_bytes)
         off += (mlen + 3) & ~3
     return out
 
@@ -93,19 +96,14 @@ class StopWatch:
     counters of deleted taps; one thread uses it (not thread-safe), `wake()` from any."""
 
     def __init__(self, *, links: bool = True, netns: str | None = None) -> None:
-        lib = _libc()
-        self._lib = lib
-        fd = lib.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        self._inotify = fd
+        self._inotify = inotify_init()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sock: socket.socket | None = None
         try:
             if links:
-                sock = _netlink_socket(netns)
+                sock = route_socket(netns)
                 self._sock = sock
+                sock.setblocking(False)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF_BYTES)
                 sock.bind((0, _RTMGRP_LINK))
         except BaseException:
@@ -136,7 +134,7 @@ class StopWatch:
         for key in [k for k in self._by_key if k not in cgroups]:
             path, wd = self._by_key.pop(key)
             self._by_wd.pop(wd, None)
-            self._lib.inotify_rm_watch(self._inotify, wd)  # fails harmlessly once it is gone
+            rm_watch(self._inotify, wd)
         self.failed = {k for k in self.failed if k in cgroups}
         for key, directory in cgroups.items():
             path = f"{directory}/cgroup.events"
@@ -145,10 +143,11 @@ class StopWatch:
                 if had[0] == path:
                     continue
                 self._by_wd.pop(had[1], None)  # the same process, its cgroup moved
-                self._lib.inotify_rm_watch(self._inotify, had[1])
+                rm_watch(self._inotify, had[1])
                 del self._by_key[key]
-            wd = self._lib.inotify_add_watch(self._inotify, os.fsencode(path), IN_MODIFY)
-            if wd < 0:
+            try:
+                wd = add_watch(self._inotify, path, IN_MODIFY)
+            except OSError:
                 self.failed.add(key)  # no such cgroup (v1), or the watch limit reached
                 continue
             self.failed.discard(key)
@@ -205,28 +204,18 @@ class StopWatch:
     def _drain_inotify(self, emptied: set[object]) -> bool:
         overflow = False
         changed: set[object] = set()
-        while True:
-            try:
-                data = os.read(self._inotify, _READ_BYTES)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            off = 0
-            while off + _EVENT.size <= len(data):
-                wd, mask, _, length = _EVENT.unpack_from(data, off)
-                off += _EVENT.size + length
-                if mask & IN_Q_OVERFLOW:
-                    overflow = True
-                    continue
-                key = self._by_wd.get(wd)
-                if key is None:
-                    continue
-                if mask & IN_IGNORED:  # the cgroup was removed: its watch is gone
-                    self._by_wd.pop(wd, None)
-                    self._by_key.pop(key, None)
-                    continue
-                changed.add(key)
+        for wd, mask, _ in read_events(self._inotify):
+            if mask & IN_Q_OVERFLOW:
+                overflow = True
+                continue
+            key = self._by_wd.get(wd)
+            if key is None:
+                continue
+            if mask & IN_IGNORED:  # the watch is gone
+                self._by_wd.pop(wd, None)
+                self._by_key.pop(key, None)
+                continue
+            changed.add(key)
         for key in changed:  # `populated` or `frozen` changed: only an empty cgroup counts
             had = self._by_key.get(key)
             if had is None or _emptied(had[0]):
@@ -261,19 +250,6 @@ class StopWatch:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def _netlink_socket(netns: str | None) -> socket.socket:
-    """A non-blocking NETLINK_ROUTE socket, in `netns` if named (tests)."""
-    if netns is None:
-        return socket.socket(socket.AF_NETLINK,
-                             socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, 0)
-    from pyroute2 import netns as pr_netns  # heavy: only to enter a named netns
-
-    sock: socket.socket = pr_netns.create_socket(netns, family=socket.AF_NETLINK,
-                                                 socket_type=socket.SOCK_RAW, proto=0, flags=0)
-    sock.setblocking(False)
-    return sock
 
 
 def _emptied(events_path: str) -> bool:
