@@ -117,6 +117,7 @@ class StopWatch:
         self._ifindexes: frozenset[int] = frozenset()
         self.deleted: dict[int, tuple[int, int]] = {}  # final (rx, tx) of deleted taps
         self.failed: set[object] = set()  # keys whose cgroup could not be watched
+        self._ended: set[object] = set()  # keys already reported emptied (reported once)
 
     @property
     def follows_links(self) -> bool:
@@ -136,6 +137,7 @@ class StopWatch:
             self._by_wd.pop(wd, None)
             rm_watch(self._inotify, wd)
         self.failed = {k for k in self.failed if k in cgroups}
+        self._ended &= set(cgroups)
         for key, directory in cgroups.items():
             path = f"{directory}/cgroup.events"
             had = self._by_key.get(key)
@@ -145,6 +147,7 @@ class StopWatch:
                 self._by_wd.pop(had[1], None)  # the same process, its cgroup moved
                 rm_watch(self._inotify, had[1])
                 del self._by_key[key]
+                self._ended.discard(key)
             try:
                 wd = add_watch(self._inotify, path, IN_MODIFY)
             except OSError:
@@ -218,7 +221,10 @@ class StopWatch:
             changed.add(key)
         for key in changed:  # `populated` or `frozen` changed: only an empty cgroup counts
             had = self._by_key.get(key)
-            if had is None or _emptied(had[0]):
+            if had is not None and not _emptied(had[0]):
+                self._ended.discard(key)  # populated again: a later end counts anew
+            elif key not in self._ended:  # an end is reported once, whatever follows it
+                self._ended.add(key)
                 emptied.add(key)
         return overflow
 

@@ -76,6 +76,42 @@ def test_an_emptied_cgroup_wakes_the_watch_with_its_final_cpu_still_readable(
         fds.close()
 
 
+def _woken_within(watch: StopWatch, seconds: float) -> object:
+    deadline = time.monotonic() + seconds
+    woken = None
+    while woken is None and time.monotonic() < deadline:
+        woken = watch.wait(0.2)
+    return woken
+
+
+def test_an_end_is_reported_once_until_the_cgroup_fills_again(real_cgroups: RealCgroups) -> None:
+    """After `populated 0`, a later change of the same file (here the empty cgroup frozen and
+    thawed) is not a second end; a cgroup that holds a process again can end again."""
+    vm = real_cgroups.mkdir("qemu-9-vm.libvirt-qemu")
+    watch = StopWatch(links=False)
+    try:
+        watch.sync({("u", 9): vm}, [])
+        proc = _burner(vm, 0.01)
+        proc.stdin.write(b"x")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+        woken = _woken_within(watch, 30)
+        assert woken is not None and woken.emptied == {("u", 9)}  # type: ignore[attr-defined]
+        proc.wait(5)
+        Path(vm, "cgroup.freeze").write_text("1")
+        assert b"frozen 1" in Path(vm, "cgroup.events").read_bytes()  # the file changed
+        Path(vm, "cgroup.freeze").write_text("0")
+        assert _woken_within(watch, 0.5) is None  # still the one end
+        again = _burner(vm, 0.01)  # populated 1: the next end counts
+        assert _woken_within(watch, 0.3) is None
+        again.stdin.write(b"x")  # type: ignore[union-attr]
+        again.stdin.flush()  # type: ignore[union-attr]
+        woken = _woken_within(watch, 30)
+        assert woken is not None and woken.emptied == {("u", 9)}  # type: ignore[attr-defined]
+        again.wait(5)
+    finally:
+        watch.close()
+
+
 def test_a_cgroup_that_cannot_be_watched_is_named_in_failed(tmp_path: Path) -> None:
     watch = StopWatch(links=False)
     try:
