@@ -120,6 +120,7 @@ class TailTasks:
                     send, recv = trio.open_memory_channel[Message](CHANNEL_SIZE)
                     self.watcher = LifecycleWatcher(
                         self.collector.cfg.libvirt.uri, clock=self.clock,
+                        source=self.collector.libvirt,  # one connection: one to ping
                         keepalive_interval_s=c.lifecycle_keepalive_interval_s,
                         keepalive_count=c.lifecycle_keepalive_count,
                         reconnect_max_s=self.collector.cfg.libvirt.reconnect_max_s,

@@ -134,12 +134,12 @@ class CollectorConfig:
         # the connection, so this client never pings (it answers); measured: 10 client pings
         # and their answers fewer a minute on the lab (docs/benchmarks.md, thirteenth session).
         default=10,
-        metadata=_meta("libvirt keepalive interval of the event connection", minimum=1,
-                       maximum=600),
+        metadata=_meta("libvirt keepalive interval of the connection, once events are "
+                       "subscribed on it", minimum=1, maximum=600),
     )
     lifecycle_keepalive_count: int = field(
         default=3,
-        metadata=_meta("unanswered keepalives before the event connection counts as dead",
+        metadata=_meta("unanswered keepalives before the libvirt connection counts as dead",
                        minimum=1, maximum=100),
     )
 

@@ -9,10 +9,17 @@ A hung bulk call (a QEMU whose monitor does not answer, e.g. SIGSTOPped) is aban
 healthy domains still get their stats and the stuck one reports what libvirt has without its job
 lock. While the abandoned call is still blocked, later passes use the per-domain path too.
 
-A connection is never closed under a call still inside it (`_Calls`): libvirt frees a
+A connection is never closed under a call still inside it (`Calls`): libvirt frees a
 connection on its last close, and an abandoned call that returns afterwards would run on freed
 memory (seen as a SIGSEGV at shutdown right after a SIGSTOPped QEMU answered). Whoever leaves
 it last closes it: `close()` at once when no call is inside, else the last call on its way out.
+
+The daemon's lifecycle watcher subscribes on this same connection (`events_connection`): libvirtd
+pings every client connection that speaks keepalive every 5 s, and answering costs both sides a
+wake-up, so one connection instead of two halves that. Events and keepalive need libvirt's event
+loop registered before the connection opens (`ensure_event_loop`); a connection opened earlier
+is replaced once. Whoever finds the connection dead drops it (`drop_if_current`), and the
+others hear it through `Calls.on_close`.
 """
 
 from __future__ import annotations
@@ -45,6 +52,33 @@ else:
     # libvirt's C library prints every error to stderr by default; we raise and log them
     # ourselves, so keep the journal to our own JSON lines.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+# libvirt's event-loop implementation is process-wide by libvirt's design (one per process).
+_loop_lock = threading.Lock()
+_loop_threads: list[threading.Thread] = []
+
+
+def ensure_event_loop() -> None:
+    """Register libvirt's default event loop and run it in a daemon thread (once per process;
+    it cannot be stopped and idles in poll())."""
+    with _loop_lock:
+        if _loop_threads:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        thread.start()
+        _loop_threads.append(thread)
+
+
+def event_loop_running() -> bool:
+    """libvirt's event loop is registered: connections opened from now on carry events and
+    keepalive."""
+    return bool(_loop_threads)
 
 
 def stats_mask() -> int:
@@ -83,16 +117,42 @@ class Then(Generic[T]):
     then_ran_out: bool = False
 
 
-class _Calls:
+class Calls:
     """One libvirt connection and the worker calls inside it; closed by whoever leaves last."""
 
-    __slots__ = ("_closing", "_inside", "_lock", "conn")
+    __slots__ = ("_closing", "_holds", "_inside", "_lock", "conn", "events_ready")
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, *, events_ready: bool = False) -> None:
         self.conn = conn
+        self.events_ready = events_ready  # opened after libvirt's event loop was registered
         self._lock = threading.Lock()
         self._inside = 0
         self._closing = False
+        self._holds: dict[int, tuple[Callable[[], object], Callable[[], object]]] = {}
+
+    @property
+    def closing(self) -> bool:
+        """`close()` was called: no new call gets in."""
+        return self._closing
+
+    def hold(self, on_close: Callable[[], object],
+             release: Callable[[], object]) -> Callable[[], None]:
+        """Something registered on the connection (event callbacks). `on_close()` is called
+        when `close()` is (in its thread: the trio thread), `release()` right before the
+        connection closes (libvirt keeps a connection that has callbacks open, and its events
+        coming). Returns what forgets both, for a caller that released it itself. On a closing
+        connection `on_close()` runs at once and nothing is held."""
+        if self._closing:
+            on_close()
+            return lambda: None
+        key = id(release)
+        with self._lock:
+            self._holds[key] = (on_close, release)
+
+        def forget() -> None:
+            with self._lock:
+                self._holds.pop(key, None)
+        return forget
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on the connection (in a worker thread); a closed one raises."""
@@ -104,7 +164,7 @@ class _Calls:
                 self._inside -= 1
                 last = self._closing and self._inside == 0
             if last:
-                close_quietly(self.conn)
+                self._shut()
 
     def _enter(self) -> None:
         with self._lock:
@@ -113,15 +173,32 @@ class _Calls:
             self._inside += 1
 
     def close(self) -> bool:
-        """Close now (True), or leave it to the last call still inside (False)."""
+        """Close now (True), or leave it to the last call still inside (False). With
+        callbacks held the close runs in a thread of its own: taking them back is an RPC."""
         with self._lock:
             if self._closing:
                 return False
             self._closing = True
             now = self._inside == 0
+            holds = list(self._holds.values())
+        for on_close, _ in holds:
+            on_close()
         if now:
-            close_quietly(self.conn)
+            if holds:
+                threading.Thread(target=self._shut, name="libvirt-close", daemon=True).start()
+            else:
+                self._shut()
         return now
+
+    def _shut(self) -> None:
+        with self._lock:
+            holds, self._holds = list(self._holds.values()), {}
+        for _, release in holds:
+            try:
+                release()
+            except Exception as err:  # a dead peer: the close below frees it anyway
+                log.debug("libvirt release failed", extra={"error": str(err)})
+        close_quietly(self.conn)
 
 
 def close_quietly(conn: Any) -> None:
@@ -153,7 +230,7 @@ class LibvirtSource:
         self._clock = clock
         self._limiter = limiter
         self._connector = connector
-        self._conn: _Calls | None = None
+        self._conn: Calls | None = None
         self._nowait = cfg.nowait
         self._failures = 0
         self._next_try_ns = 0
@@ -164,7 +241,7 @@ class LibvirtSource:
 
     # --- connection ---------------------------------------------------------------------------
 
-    async def _connection(self) -> _Calls:
+    async def _connection(self) -> Calls:
         if self._conn is not None:
             return self._conn
         now = self._clock.now().monotonic_ns
@@ -179,7 +256,7 @@ class LibvirtSource:
         except Exception as err:  # libvirt.libvirtError and anything the connector raises
             self._mark_down(f"connect failed: {err}")
             raise SourceUnavailable(f"cannot connect to {self._cfg.uri}: {err}") from err
-        self._conn = calls = _Calls(conn)
+        self._conn = calls = Calls(conn, events_ready=event_loop_running())
         if self.state != "connected":
             log.info("libvirt connected", extra={"uri": self._cfg.uri,
                                                  "after_failures": self._failures})
@@ -207,9 +284,26 @@ class LibvirtSource:
         """Forget the connection (after an RPC error); the next pass reconnects with backoff."""
         self._mark_down(reason)
 
+    def drop_if_current(self, calls: Calls, reason: str) -> None:
+        """`calls` was found dead (its close callback, a hung event registration): forget it,
+        unless it was replaced already."""
+        if self._conn is calls:
+            self._mark_down(reason)
+
+    async def events_connection(self) -> Calls:
+        """The connection, for an event subscription on it: opened now if there is none (with
+        the reconnect backoff), replaced once if it was opened before libvirt's event loop was
+        registered (it could carry neither events nor keepalive). SourceUnavailable when down."""
+        calls = await self._connection()
+        if not calls.events_ready and event_loop_running():
+            self._conn = None
+            calls.close()
+            calls = await self._connection()
+        return calls
+
     async def _call(
         self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None,
-        on: _Calls | None = None,
+        on: Calls | None = None,
     ) -> Any:
         """`fn(*args)` in a worker under the deadline; `on`: a call inside that connection."""
         limit = self._cfg.call_timeout_s if timeout_s is None else timeout_s
@@ -283,7 +377,7 @@ class LibvirtSource:
         finally:
             self._bulk_in_flight -= 1
 
-    async def _per_domain(self, calls: _Calls) -> BulkResult:
+    async def _per_domain(self, calls: Calls) -> BulkResult:
         try:
             doms = await self._call(calls.conn.listAllDomains,
                                     libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE, on=calls)

@@ -9,12 +9,17 @@
 
 libvirt allows one event-loop implementation per process, registered before the connection
 that wants events is opened, so `ensure_event_loop()` registers the default one once and runs
-it in a daemon thread (it cannot be stopped; it idles in poll()). Each (re)connection opens a
-read-only connection (enough for events, LAB-NOTES), registers the lifecycle callback and a
-close callback, and turns libvirt keepalive on so a dead peer is noticed within
-`keepalive_interval_s * (keepalive_count + 1)`; every reconnect sends a `Reconnected` value,
-since events may have been missed meanwhile (the daemon then polls everything: events are
-hints, never the source of truth).
+it in a daemon thread (it cannot be stopped; it idles in poll()). Each (re)subscription
+registers the lifecycle callback and a close callback on a connection, and turns libvirt
+keepalive on so a dead peer is noticed within `keepalive_interval_s * (keepalive_count + 1)`;
+every one sends a `Reconnected` value, since events may have been missed meanwhile (the daemon
+then polls everything: events are hints, never the source of truth).
+
+The connection is the pass's own when a `LibvirtSource` is given (the daemon): libvirtd then
+serves one client connection and pings one, not two. A lost connection is dropped from the
+source, and a connection the source drops (an RPC error in a pass) ends the subscription, which
+resubscribes on the next one. Without a source (tests, tools) the watcher opens a read-only
+connection of its own (enough for events, LAB-NOTES) and closes it when it is lost.
 
 The channel is never waited on from libvirt's thread: an event that finds it full is dropped
 and counted (`dropped`), which costs what polling costs. Errors: connecting raises nothing out
@@ -24,9 +29,11 @@ of `run()`; failures are logged, counted and retried with `libvirt.backoff_s`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import libvirt
@@ -35,35 +42,21 @@ import trio
 from hostagent import handoff
 from hostagent.accounting.lifecycle import LifecycleEvent, LifecycleKind, Reconnected
 from hostagent.clock import Clock
-from hostagent.sources.libvirt import backoff_s, close_quietly
+from hostagent.errors import SourceError
+from hostagent.sources.libvirt import (
+    Calls,
+    LibvirtSource,
+    backoff_s,
+    close_quietly,
+    ensure_event_loop,
+)
 
 log = logging.getLogger(__name__)
 
+__all__ = ["LifecycleWatcher", "Message", "ensure_event_loop", "to_event"]
+
 Message = LifecycleEvent | Reconnected
-# Set on a connection whose close callback and keepalive are on (`_until_lost` needs no polling).
-_CLOSE_WATCHED = "_hostagent_close_watched"
 Connector = Callable[[str], Any]
-
-# libvirt's event-loop implementation is process-wide by libvirt's design (one per process).
-_loop_lock = threading.Lock()
-_loop_threads: list[threading.Thread] = []
-
-
-def ensure_event_loop() -> None:
-    """Register libvirt's default event loop and run it in a daemon thread (once per process)."""
-    with _loop_lock:
-        if _loop_threads:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
-        thread.start()
-        _loop_threads.append(thread)
-
 
 def _detail_names() -> dict[tuple[LifecycleKind, int], str]:
     """libvirt's detail constants by (kind, number): `VIR_DOMAIN_EVENT_STOPPED_DESTROYED`..."""
@@ -95,15 +88,28 @@ def _open_readonly(uri: str) -> Any:
     return libvirt.openReadOnly(uri)
 
 
+@dataclass(slots=True)
+class _Subscription:
+    """A subscribed connection: its own (`calls` None) or the pass's."""
+
+    conn: Any
+    callback_id: int
+    close_watched: bool  # the close callback and keepalive are on: no polling needed
+    calls: Calls | None = None
+    forget: Callable[[], None] | None = None  # the pass's connection no longer holds it
+
+
 class LifecycleWatcher:
     """Lifecycle events of one libvirt URI, delivered to a trio memory channel."""
 
     def __init__(self, uri: str, *, clock: Clock, connector: Connector = _open_readonly,
+                 source: LibvirtSource | None = None,
                  keepalive_interval_s: int = 10, keepalive_count: int = 3,
                  reconnect_max_s: float = 30.0, connect_timeout_s: float = 30.0) -> None:
         self.uri = uri
         self._clock = clock
         self._connector = connector
+        self._source = source
         self._keepalive = (keepalive_interval_s, keepalive_count)
         self._reconnect_max_s = reconnect_max_s
         self._connect_timeout_s = connect_timeout_s
@@ -126,8 +132,11 @@ class LifecycleWatcher:
         started = False
         while True:
             closed = trio.Event()
-            conn = await self._connect_once(token, send, closed)
-            if conn is None:
+            if self._source is None:
+                sub = await self._connect_once(token, send, closed)
+            else:
+                sub = await self._subscribe_shared(self._source, token, send, closed)
+            if sub is None:
                 failures += 1
                 self.state = "down"
                 log.warning("lifecycle events: cannot subscribe",
@@ -146,72 +155,143 @@ class LifecycleWatcher:
                 task_status.started()
                 started = True
             try:
-                await self._until_lost(conn, closed)
+                await self._until_lost(sub, closed)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await handoff.run_sync(close_quietly, conn, abandon_on_cancel=True)
+                    await self._release(sub, lost=closed.is_set())
             self.state = "down"
             log.warning("lifecycle events: connection lost, resubscribing",
                         extra={"uri": self.uri})
 
     async def _connect_once(self, token: trio.lowlevel.TrioToken,
-                            send: trio.MemorySendChannel[Message], closed: trio.Event) -> Any:
-        """A subscribed connection, or None (`last_error` says why)."""
+                            send: trio.MemorySendChannel[Message],
+                            closed: trio.Event) -> _Subscription | None:
+        """A subscribed connection of our own, or None (`last_error` says why)."""
         gave_up = threading.Event()  # an abandoned attempt closes what it opens late
-        conn: Any = None
+        sub: _Subscription | None = None
         try:
             with trio.move_on_after(self._connect_timeout_s):
                 try:
-                    conn = await handoff.run_sync(
+                    sub = await handoff.run_sync(
                         self._subscribe, token, send, closed, gave_up, abandon_on_cancel=True)
                 except Exception as err:  # libvirtError, or anything a connector raises
                     self.last_error = f"{type(err).__name__}: {err}"
                     return None
-            if conn is None:
+            if sub is None:
                 self.last_error = f"no answer within {self._connect_timeout_s} s"
-            return conn
+            return sub
         finally:
-            if conn is None:  # timed out, failed or cancelled
+            if sub is None:  # timed out, failed or cancelled
                 gave_up.set()
 
-    async def _until_lost(self, conn: Any, closed: trio.Event) -> None:
-        """Return when the close callback fired or the connection is no longer alive.
+    async def _subscribe_shared(self, source: LibvirtSource, token: trio.lowlevel.TrioToken,
+                                send: trio.MemorySendChannel[Message],
+                                closed: trio.Event) -> _Subscription | None:
+        """A subscription on the pass's connection, or None (`last_error` says why). A
+        registration that hangs, or fails on a connection no longer alive, drops the
+        connection: libvirt answers it at once on a live one."""
+        try:
+            calls = await source.events_connection()
+        except SourceError as err:
+            self.last_error = str(err)
+            return None
+        gave_up = threading.Event()  # a registration that answers late takes itself back
+        sub: _Subscription | None = None
+        try:
+            with trio.move_on_after(self._connect_timeout_s):
+                try:
+                    sub = await handoff.run_sync(
+                        calls.run, self._register, calls.conn, token, send, closed, gave_up,
+                        abandon_on_cancel=True)
+                except Exception as err:  # libvirtError; SourceUnavailable: dropped meanwhile
+                    self.last_error = f"{type(err).__name__}: {err}"
+                    # A live connection that refuses events keeps serving the passes; the
+                    # subscription is tried again after the backoff.
+                    if isinstance(err, libvirt.libvirtError) and not await handoff.run_sync(
+                            _alive_in, calls, calls.conn, abandon_on_cancel=True):
+                        source.drop_if_current(calls, f"event registration failed: {err}")
+                    return None
+            if sub is None:
+                self.last_error = f"no answer within {self._connect_timeout_s} s"
+                source.drop_if_current(calls, "event registration hung")
+                return None
+            sub.calls = calls
+            # The pass drops it: resubscribe on the next one; the callbacks go before it closes.
+            sub.forget = calls.hold(closed.set, functools.partial(_deregister, sub))
+            return sub
+        finally:
+            if sub is None:
+                gave_up.set()
+
+    async def _until_lost(self, sub: _Subscription, closed: trio.Event) -> None:
+        """Return when the close callback fired (or the pass dropped the shared connection)
+        or the connection is no longer alive.
 
         With a close callback registered, libvirt calls it on EOF and on a keepalive timeout
         alike: waiting for it costs no wake-up at all. Only a connection that refused the
         callback (an in-process driver) is polled with `isAlive` every keepalive interval.
         """
-        if getattr(conn, _CLOSE_WATCHED, False):
+        if sub.close_watched:
             await closed.wait()
             return
         check_s = float(self._keepalive[0])
         while not closed.is_set():
             with trio.move_on_after(check_s):
                 await closed.wait()
-            if not closed.is_set() and not await handoff.run_sync(_alive, conn):
+            if closed.is_set():
                 return
+            alive = (_alive if sub.calls is None else functools.partial(_alive_in, sub.calls))
+            if not await handoff.run_sync(alive, sub.conn):
+                closed.set()
+                return
+
+    async def _release(self, sub: _Subscription, *, lost: bool) -> None:
+        """Close our own connection; on the pass's, drop it when lost, else (cancelled) take
+        the callbacks back and leave it to the pass."""
+        if sub.calls is None:
+            await handoff.run_sync(_deregister_and_close, sub, abandon_on_cancel=True)
+        elif lost:
+            if self._source is not None:  # its close takes the callbacks back first
+                self._source.drop_if_current(sub.calls, "lifecycle: the connection was lost")
+        elif not sub.calls.closing:
+            with contextlib.suppress(Exception):
+                await handoff.run_sync(sub.calls.run, _deregister, sub, abandon_on_cancel=True)
+                if sub.forget is not None:
+                    sub.forget()
 
     # --- libvirt's side (worker thread, then the event-loop thread) ---------------------------
 
     def _subscribe(self, token: trio.lowlevel.TrioToken, send: trio.MemorySendChannel[Message],
-                   closed: trio.Event, gave_up: threading.Event) -> Any:
+                   closed: trio.Event, gave_up: threading.Event) -> _Subscription | None:
         conn = self._connector(self.uri)
         if gave_up.is_set():  # trio stopped waiting (timeout, cancel): nobody would close it
             close_quietly(conn)
             return None
         try:
-            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                        self._callback(token, send), None)
-            with contextlib.suppress(libvirt.libvirtError):  # in-process drivers have neither
-                conn.registerCloseCallback(
-                    lambda _c, _reason, _o: _from_thread(token, closed.set), None)
-                conn.setKeepAlive(*self._keepalive)
-                with contextlib.suppress(AttributeError):  # an object that takes no attributes
-                    setattr(conn, _CLOSE_WATCHED, True)
+            sub = self._register(conn, token, send, closed, gave_up)
         except BaseException:
             close_quietly(conn)
             raise
-        return conn
+        if sub is None:  # given up on while registering: taken back, closed here
+            close_quietly(conn)
+        return sub
+
+    def _register(self, conn: Any, token: trio.lowlevel.TrioToken,
+                  send: trio.MemorySendChannel[Message], closed: trio.Event,
+                  gave_up: threading.Event | None) -> _Subscription | None:
+        callback_id = conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._callback(token, send), None)
+        close_watched = False
+        with contextlib.suppress(libvirt.libvirtError):  # in-process drivers have neither
+            conn.registerCloseCallback(
+                lambda _c, _reason, _o: _from_thread(token, closed.set), None)
+            conn.setKeepAlive(*self._keepalive)
+            close_watched = True
+        sub = _Subscription(conn, callback_id, close_watched)
+        if gave_up is not None and gave_up.is_set():  # nobody waits for it: take it back
+            _deregister(sub)
+            return None
+        return sub
 
     def _callback(self, token: trio.lowlevel.TrioToken,
                   send: trio.MemorySendChannel[Message]) -> Callable[..., None]:
@@ -241,6 +321,30 @@ def _from_thread(token: trio.lowlevel.TrioToken, fn: Callable[..., object], *arg
     except trio.RunFinishedError:
         return False
     return True
+
+
+def _deregister(sub: _Subscription) -> None:
+    """Take the callbacks back (in a worker, or in the thread that closes the connection)."""
+    with contextlib.suppress(libvirt.libvirtError):
+        sub.conn.domainEventDeregisterAny(sub.callback_id)
+    if sub.close_watched:
+        with contextlib.suppress(libvirt.libvirtError):
+            sub.conn.unregisterCloseCallback()
+
+
+def _deregister_and_close(sub: _Subscription) -> None:
+    """Close our own connection: libvirt keeps one that has callbacks open (and their
+    events coming), so they go first."""
+    _deregister(sub)
+    close_quietly(sub.conn)
+
+
+def _alive_in(calls: Calls, conn: Any) -> bool:
+    """`_alive` through the pass's connection guard (a closed one is not alive)."""
+    try:
+        return calls.run(_alive, conn)
+    except SourceError:
+        return False
 
 
 def _alive(conn: Any) -> bool:

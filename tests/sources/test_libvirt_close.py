@@ -19,7 +19,7 @@ import trio
 
 from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceUnavailable
-from hostagent.sources.libvirt import LibvirtSource, _Calls
+from hostagent.sources.libvirt import Calls, LibvirtSource
 from tests.clocks import FakeClock
 
 
@@ -121,7 +121,7 @@ async def test_a_dropped_connection_waits_for_its_hung_call_and_the_next_pass_re
 
 def test_a_call_after_the_close_raises_and_never_reaches_the_connection() -> None:
     conn = Conn()
-    calls = _Calls(conn)
+    calls = Calls(conn)
     assert calls.close()
     with pytest.raises(SourceUnavailable):
         calls.run(conn.listAllDomains, 0)
@@ -132,10 +132,10 @@ def test_racing_calls_and_a_close_close_exactly_once_with_no_call_inside() -> No
     rng = random.Random(16)
     for _ in range(50):
         conn = Conn()
-        calls = _Calls(conn)
+        calls = Calls(conn)
         start = threading.Barrier(5)
 
-        def caller(c: _Calls = calls, b: threading.Barrier = start) -> None:
+        def caller(c: Calls = calls, b: threading.Barrier = start) -> None:
             b.wait()
             for _ in range(200):
                 try:
