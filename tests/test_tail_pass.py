@@ -207,17 +207,24 @@ async def test_the_sampler_thread_bills_a_gone_domain_to_its_last_periodic_sampl
     host.move_to_t1()  # the files move on and the clock with them: samples newer than anchors
     taken: dict[str, Any] = {}
     real_sample = tail.sampler.sample
+    gate = threading.Lock()
+    stopped = threading.Event()
 
     def noted(targets: Any) -> Any:
-        got = real_sample(targets)
-        taken.update(got)
-        return got
+        with gate:
+            if stopped.is_set():  # after the clock moved: the sampler reads nothing more
+                return {}
+            got = real_sample(targets)
+            taken.update(got)
+            return got
 
     tail.sampler = types.SimpleNamespace(sample=noted)  # type: ignore[assignment]
     async with trio.open_nursery() as nursery:
         await nursery.start(tail.run)
         await wait_real(lambda: tail.samples_total >= 2)
         gone = drop_first(host)
+        with gate:  # no sample in flight across the clock's move
+            stopped.set()
         host.clock.advance(5.0)
         report = await coll.run_pass()
         nursery.cancel_scope.cancel()
