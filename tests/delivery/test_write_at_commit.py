@@ -6,7 +6,9 @@ them, each event exactly once and per instance in period order."""
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -331,12 +333,19 @@ async def test_a_pass_over_a_batch_is_written_in_batches_and_a_failed_one_waits(
             assert store.stats()["file"].acked == 20
             writes.clear()
             fail_second[0] = True  # the next pass's second batch
+            # Virtual time stopped until the third batch's rows are written: autojump would
+            # move it past the round backoff while a worker thread works on a loaded machine.
+            mock_clock.autojump_threshold = math.inf
             await commit(store, d, [usage_event(f"i{i:02}", 1) for i in range(20)])
             assert writes == [8, 8]  # the third was not tried
             assert store.stats()["file"].acked == 28
-            # the third batch's rows now, the failed one's after its backoff (the file's
-            # order below); virtual time: generous, it jumps while a worker thread works
-            await eventually(lambda: store.stats()["file"].acked >= 32, 600)
+            # The third batch's rows now; the failed one's after its backoff, once time flows
+            # again (the file's order below).
+            deadline = time.monotonic() + 30
+            while store.stats()["file"].acked < 32 and time.monotonic() < deadline:
+                await trio.to_thread.run_sync(time.sleep, 0.01)
+            assert store.stats()["file"].acked == 32  # the failed batch still waits
+            mock_clock.autojump_threshold = 0.01
             await eventually(lambda: store.stats()["file"].acked == 40, 600)  # after backoff
             nursery.cancel_scope.cancel()
     finally:
