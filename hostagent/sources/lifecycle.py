@@ -167,22 +167,8 @@ class LifecycleWatcher:
                             send: trio.MemorySendChannel[Message],
                             closed: trio.Event) -> _Subscription | None:
         """A subscribed connection of our own, or None (`last_error` says why)."""
-        gave_up = threading.Event()  # an abandoned attempt closes what it opens late
-        sub: _Subscription | None = None
-        try:
-            with trio.move_on_after(self._connect_timeout_s):
-                try:
-                    sub = await handoff.run_sync(
-                        self._subscribe, token, send, closed, gave_up, abandon_on_cancel=True)
-                except Exception as err:  # libvirtError, or anything a connector raises
-                    self.last_error = f"{type(err).__name__}: {err}"
-                    return None
-            if sub is None:
-                self.last_error = f"no answer within {self._connect_timeout_s} s"
-            return sub
-        finally:
-            if sub is None:  # timed out, failed or cancelled
-                gave_up.set()
+        sub, _ = await self._attempt(self._subscribe, token, send, closed)
+        return sub
 
     async def _subscribe_shared(self, source: LibvirtSource, token: trio.lowlevel.TrioToken,
                                 send: trio.MemorySendChannel[Message],
@@ -192,35 +178,45 @@ class LifecycleWatcher:
         connection: libvirt answers it at once on a live one."""
         try:
             calls = await source.events_connection()
-        except SourceError as err:
-            self.last_error = str(err)
+        except SourceError as unavailable:
+            self.last_error = str(unavailable)
             return None
-        gave_up = threading.Event()  # a registration that answers late takes itself back
+        sub, failed = await self._attempt(calls.run, self._register, calls.conn, token, send,
+                                          closed)
+        if sub is None:
+            if failed is None:
+                source.drop_if_current(calls, "event registration hung")
+            # A live connection that refuses events keeps serving the passes; the
+            # subscription is tried again after the backoff. (SourceUnavailable: dropped.)
+            elif isinstance(failed, libvirt.libvirtError) and not await handoff.run_sync(
+                    _alive_in, calls, calls.conn, abandon_on_cancel=True):
+                source.drop_if_current(calls, f"event registration failed: {failed}")
+            return None
+        sub.calls = calls
+        # The pass drops it: resubscribe on the next one; the callbacks go before it closes.
+        sub.forget = calls.hold(closed.set, functools.partial(_deregister, sub))
+        return sub
+
+    async def _attempt(self, fn: Callable[..., _Subscription | None], *args: Any
+                       ) -> tuple[_Subscription | None, Exception | None]:
+        """`fn(*args, gave_up)` in a worker within the connect timeout: (subscription, None),
+        (None, the error), or (None, None) when it did not answer in time. `gave_up` is set
+        then (and on cancel), so an answer that comes late takes itself back."""
+        gave_up = threading.Event()
         sub: _Subscription | None = None
         try:
             with trio.move_on_after(self._connect_timeout_s):
                 try:
-                    sub = await handoff.run_sync(
-                        calls.run, self._register, calls.conn, token, send, closed, gave_up,
-                        abandon_on_cancel=True)
-                except Exception as err:  # libvirtError; SourceUnavailable: dropped meanwhile
+                    call: Any = fn  # the arguments and `gave_up` after them
+                    sub = await handoff.run_sync(call, *args, gave_up, abandon_on_cancel=True)
+                except Exception as err:  # libvirtError, or anything a connector raises
                     self.last_error = f"{type(err).__name__}: {err}"
-                    # A live connection that refuses events keeps serving the passes; the
-                    # subscription is tried again after the backoff.
-                    if isinstance(err, libvirt.libvirtError) and not await handoff.run_sync(
-                            _alive_in, calls, calls.conn, abandon_on_cancel=True):
-                        source.drop_if_current(calls, f"event registration failed: {err}")
-                    return None
+                    return None, err
             if sub is None:
                 self.last_error = f"no answer within {self._connect_timeout_s} s"
-                source.drop_if_current(calls, "event registration hung")
-                return None
-            sub.calls = calls
-            # The pass drops it: resubscribe on the next one; the callbacks go before it closes.
-            sub.forget = calls.hold(closed.set, functools.partial(_deregister, sub))
-            return sub
+            return sub, None
         finally:
-            if sub is None:
+            if sub is None:  # timed out, failed or cancelled
                 gave_up.set()
 
     async def _until_lost(self, sub: _Subscription, closed: trio.Event) -> None:
