@@ -1,7 +1,8 @@
 """The trio daemon: collector loop, delivery, owner refresh and signals in one nursery.
 
 SIGTERM/SIGINT: the pass in progress finishes and commits, delivery gets `drain_grace_s` to
-flush, then everything is cancelled. SIGHUP: reload the config file; only the live keys
+flush (the outbox's sinks, then the webhook endpoints: a POST in flight is answered and
+recorded, not resent after the restart), then everything is cancelled. SIGHUP: reload the config file; only the live keys
 (`hostagent.config.live`: interval, alignment, pass timeout, baseline retention, log level and
 format, the API's credentials) take effect, at the next pass; every other changed key is named
 in one log line as needing a restart and has no effect until then. The rules file and the
@@ -301,7 +302,9 @@ class Daemon:
 
     async def _drain(self) -> None:
         with trio.move_on_after(self.drain_grace_s):
-            await self.delivery.drained()
+            await self.delivery.drained()  # the outbox hands webhook rows over first
+            for dispatcher in dispatchers(self.sinks):
+                await dispatcher.drained()
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:

@@ -90,6 +90,26 @@ async def test_transitions_reach_the_webhook_signed_and_survive_a_restart(tmp_pa
         receiver.stop()
 
 
+async def test_a_stop_waits_for_the_webhook_answers_in_flight(tmp_path: Path) -> None:
+    """Stopped while a slow consumer holds a POST: the daemon waits for the answers (within
+    its drain grace) and records them, so the restarted daemon sends none of them again."""
+    host = Host(tmp_path, "lab-hybrid")
+    receiver = WebhookReceiver(secret=SECRET, answer_after_s=0.3).start()
+    try:
+        daemon = build(tmp_path, host)
+        assert daemon.webhooks is not None
+        daemon.webhooks.register(receiver.url, ["threshold_violation"], secret=SECRET)
+        await run_until(daemon, lambda: len(receiver.received) >= 1, 20)  # one in flight
+        first = [r.headers["webhook-id"] for r in receiver.received]
+        again = build(tmp_path, host)
+        await run_until(again, lambda: again.passes_done >= 2, 20)
+        ids = [r.headers["webhook-id"] for r in receiver.received]
+        assert len(ids) == len(set(ids)), "a webhook answered before the stop was sent again"
+        assert set(first) <= set(ids) and len(first) >= 1
+    finally:
+        receiver.stop()
+
+
 def alert_rows(state: Path) -> dict[str, list[str]]:
     """Rule ids of the alert delivery rows per outbox sink (what `outbox status` counts)."""
     with sqlite3.connect(state) as c:

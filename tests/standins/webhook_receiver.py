@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -60,6 +61,7 @@ class WebhookReceiver:
     secret: str = ""
     script: list[int] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
+    answer_after_s: float = 0.0  # a slow consumer: the answer comes this long after the body
     host: str = "127.0.0.1"
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,6 +96,8 @@ class WebhookReceiver:
                 with receiver._lock:
                     receiver.received.append(rec)
                     status = receiver.script.pop(0) if receiver.script else 200
+                if receiver.answer_after_s:
+                    time.sleep(receiver.answer_after_s)
                 self.send_response(status)
                 if 300 <= status < 400:
                     self.send_header("Location", "/elsewhere")

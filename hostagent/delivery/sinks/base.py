@@ -164,6 +164,10 @@ class Dispatcher(Protocol):
         """Deliver until cancelled."""
         ...
 
+    async def drained(self) -> None:
+        """Return once it found nothing it can send right now (a stop waits for this)."""
+        ...
+
 
 @runtime_checkable
 class DispatchingSink(Sink, Protocol):

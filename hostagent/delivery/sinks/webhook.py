@@ -210,6 +210,16 @@ class WebhookDispatcher:
     async def _db(self, fn: Any, *args: Any) -> Any:
         return await handoff.run_sync(fn, *args)
 
+    async def drained(self) -> None:
+        """Return once every endpoint found nothing it can send right now: a stop waits for
+        this (within the daemon's drain grace), so a POST in flight is answered and recorded,
+        not sent again after the restart. Rows waiting for a backoff do not count."""
+        while True:
+            busy = next((d for _, d in self._live.values() if not d.idle), None)
+            if busy is None:
+                return
+            await busy.idle_changed.wait()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver until cancelled; picks up new and deleted registrations."""
         async with httpx.AsyncClient(follow_redirects=False, trust_env=False,
