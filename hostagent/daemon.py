@@ -2,11 +2,12 @@
 
 SIGTERM/SIGINT: the pass in progress finishes and commits, delivery gets `drain_grace_s` to
 flush (the outbox's sinks, then the webhook endpoints: a POST in flight is answered and
-recorded, not resent after the restart), then everything is cancelled. SIGHUP: reload the config file; only the live keys
-(`hostagent.config.live`: interval, alignment, pass timeout, baseline retention, log level and
-format, the API's credentials) take effect, at the next pass; every other changed key is named
-in one log line as needing a restart and has no effect until then. The rules file and the
-API's key files (API keys, JWT keys) are re-read, so a new or revoked key takes effect at once.
+recorded, not resent after the restart), then everything is cancelled. SIGHUP: reload the
+config file; only the live keys (`hostagent.config.live`: interval, alignment, pass timeout,
+baseline retention, log level and format, the API's credentials) take effect, at the next
+pass; every other changed key is named in one log line as needing a restart and has no effect
+until then. The rules file and the API's key files (API keys, JWT keys) are re-read, so a new
+or revoked key takes effect at once.
 
 Start-up checks the config first (`hostagent.config.preflight`, the same checks as
 `hostagent check-config`), then opens the store (`hostagent.store.guard`: never an empty one
