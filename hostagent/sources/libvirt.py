@@ -19,7 +19,8 @@ pings every client connection that speaks keepalive every 5 s, and answering cos
 wake-up, so one connection instead of two halves that. Events and keepalive need libvirt's event
 loop registered before the connection opens (`ensure_event_loop`); a connection opened earlier
 is replaced once. Whoever finds the connection dead drops it (`drop_if_current`), and the
-others hear it through `Calls.on_close`.
+others hear it through `Calls.hold`, which also takes the event callbacks back
+before the connection closes.
 """
 
 from __future__ import annotations

@@ -247,8 +247,9 @@ class LifecycleWatcher:
         if sub.calls is None:
             await handoff.run_sync(_deregister_and_close, sub, abandon_on_cancel=True)
         elif lost:
-            if self._source is not None:  # its close takes the callbacks back first
-                self._source.drop_if_current(sub.calls, "lifecycle: the connection was lost")
+            assert self._source is not None  # a subscription on the pass's connection
+            # its close takes the callbacks back first
+            self._source.drop_if_current(sub.calls, "lifecycle: the connection was lost")
         elif not sub.calls.closing:
             with contextlib.suppress(Exception):
                 await handoff.run_sync(sub.calls.run, _deregister, sub, abandon_on_cancel=True)
@@ -274,7 +275,7 @@ class LifecycleWatcher:
 
     def _register(self, conn: Any, token: trio.lowlevel.TrioToken,
                   send: trio.MemorySendChannel[Message], closed: trio.Event,
-                  gave_up: threading.Event | None) -> _Subscription | None:
+                  gave_up: threading.Event) -> _Subscription | None:
         callback_id = conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._callback(token, send), None)
         close_watched = False
@@ -284,7 +285,7 @@ class LifecycleWatcher:
             conn.setKeepAlive(*self._keepalive)
             close_watched = True
         sub = _Subscription(conn, callback_id, close_watched)
-        if gave_up is not None and gave_up.is_set():  # nobody waits for it: take it back
+        if gave_up.is_set():  # nobody waits for it: take it back
             _deregister(sub)
             return None
         return sub
