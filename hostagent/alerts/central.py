@@ -176,6 +176,21 @@ class CentralRules:
             await trio.sleep(self.refresh_s if math.isfinite(self.refresh_s) else 60.0)
 
 
+def check_source(cfg: ThresholdsConfig, *, key_file: str,
+                 config_source: str = "<config>") -> Signer | None:
+    """`source_url` is an http(s) URL with a host, and a signed source has a readable key
+    (ConfigError otherwise: start-up and `check-config` alike); the signer, if signed."""
+    from hostagent.config.preflight import check_http_url
+
+    check_http_url(config_source, "thresholds.source_url", cfg.source_url)
+    if not cfg.source_signed:
+        return None
+    if not key_file:
+        raise ConfigError(config_source, "thresholds.source_signed", "owners.key_file set",
+                          "", "set owners.key_file (the node's key) or source_signed = false")
+    return load_key_file(key_file, config_source=config_source)
+
+
 def from_config(cfg: ThresholdsConfig, source: RulesSource, clock: Clock, *,
                 state_path: str | Path, key_file: str = "",
                 config_source: str = "<config>") -> CentralRules | None:
@@ -183,12 +198,7 @@ def from_config(cfg: ThresholdsConfig, source: RulesSource, clock: Clock, *,
     already in force."""
     if not cfg.source_url:
         return None
-    signer = None
-    if cfg.source_signed:
-        if not key_file:
-            raise ConfigError(config_source, "thresholds.source_signed", "owners.key_file set",
-                              "", "set owners.key_file (the node's key) or source_signed = false")
-        signer = load_key_file(key_file, config_source=config_source)
+    signer = check_source(cfg, key_file=key_file, config_source=config_source)
     central = CentralRules(cfg.source_url, source, Path(state_path).parent / "central-rules.json",
                            clock, refresh_s=cfg.refresh_s, timeout_s=cfg.source_timeout_s,
                            max_bytes=cfg.source_max_bytes, signer=signer)

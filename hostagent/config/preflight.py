@@ -41,6 +41,10 @@ def check(cfg: Config) -> None:
         check_http_url(src, "owners.url", cfg.owners.url)
     if cfg.thresholds.rules_path:
         rules_source.load_rules(cfg.thresholds.rules_path)
+    if cfg.thresholds.source_url:
+        from hostagent.alerts.central import check_source
+
+        check_source(cfg.thresholds, key_file=cfg.owners.key_file, config_source=src)
     _as_ours(src, lambda: identity.check_scheme(
         cfg.collector.instance_id, cfg.host.node_id, cfg.collector.instance_id_xpath, src))
     if cfg.owners.enabled and cfg.owners.key_file:

@@ -146,3 +146,18 @@ def test_arbitrary_text_is_checked_in_one_line(text: str) -> None:
         path.write_bytes(text.encode("utf-8", "surrogatepass"))
         rc, err = invoke(["check-config", str(path)])
         assert_clean(rc, err)
+
+
+def test_a_central_rules_source_run_would_refuse_is_refused_by_check_config(
+        tmp_path: Path) -> None:
+    """Found by the generated documents: `thresholds.source_url = "0"` passed check-config and
+    failed at start-up; so did a signed source without a key."""
+    for table, key in (({"source_url": "0"}, "thresholds.source_url"),
+                       ({"source_url": "http://127.0.0.1:9/rules", "source_signed": True},
+                        "thresholds.source_signed")):
+        path = tmp_path / "hostagent.toml"
+        path.write_text(tomli_w.dumps(pin({"thresholds": table}, tmp_path)))
+        for argv in (["check-config", str(path)], ["run", "--once", "--config", str(path)]):
+            rc, err = invoke(argv)
+            assert_clean(rc, err)
+            assert rc == 2 and f"[{key}]" in err, (argv, err)
