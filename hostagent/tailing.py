@@ -38,7 +38,7 @@ from typing import Any
 import trio
 
 from hostagent import handoff
-from hostagent.accounting import tails
+from hostagent.accounting import inventory, tails
 from hostagent.accounting.closeout import LightReading
 from hostagent.accounting.lifecycle import Action, LifecycleEvent, action_for, close_reason
 from hostagent.accounting.readings import DomainReading
@@ -124,7 +124,9 @@ class TailTasks:
                         keepalive_interval_s=c.lifecycle_keepalive_interval_s,
                         keepalive_count=c.lifecycle_keepalive_count,
                         reconnect_max_s=self.collector.cfg.libvirt.reconnect_max_s,
-                        connect_timeout_s=self.collector.cfg.libvirt.call_timeout_s)
+                        connect_timeout_s=self.collector.cfg.libvirt.call_timeout_s,
+                        on_xml_change=self.collector.inventory.xml_changed,
+                        on_xml_heard=self._xml_heard)
                     await nursery.start(self.watcher.run, send)
                     nursery.start_soon(self._consume, recv)
                 if self._watch_stops and self.watch is None:
@@ -159,13 +161,23 @@ class TailTasks:
 
     def health(self) -> dict[str, Any]:
         """The billing tail's counters, for /metrics: samples, VM ends seen at once, whether
-        every VM's end is watched now, close-outs by reason."""
+        every VM's end is watched now, close-outs by reason; whether libvirt's XML change
+        events are heard, and the domain XML reads by why."""
+        inv = self.collector.inventory
         return {"light_samples": self.samples_total, "light_sample_errors": self.sample_errors,
                 "vm_ends_seen": self.stops_seen,
                 "vm_ends_watched": self.watch is not None and self._watched_all,
-                "closeouts": dict(self.collector.closeouts_total)}
+                "closeouts": dict(self.collector.closeouts_total),
+                "xml_changes_heard": inv.heard, "domain_xml_reads": dict(inv.reads)}
 
     # --- lifecycle events -------------------------------------------------------------------
+
+    def _xml_heard(self, heard: bool) -> None:
+        """libvirt's XML change events are heard (or no longer): the inventory's periodic
+        re-reads are a backstop every hour (or every 10 minutes again)."""
+        interval_s = self.collector.cfg.collector.interval_s
+        self.collector.inventory.xml_events(heard, inventory.refresh_passes(
+            interval_s, inventory.XML_REFRESH_HEARD_S if heard else inventory.XML_REFRESH_S))
 
     async def _consume(self, recv: trio.MemoryReceiveChannel[Message]) -> None:
         async for msg in recv:

@@ -498,3 +498,36 @@ async def test_a_broken_stop_watch_leaves_the_samples_on_the_timer(
         nursery.cancel_scope.cancel()
     assert tail.sample_errors == 0
     store.close()
+
+
+async def test_a_changed_xml_is_read_at_the_next_pass_and_heard_changes_stretch_the_backstop(
+        tmp_path: Path) -> None:
+    """What the lifecycle watcher tells (tailing.TailTasks' hooks) reaches the pass: a domain
+    libvirt says changed has its XML read again by the next pass, the others not; while the
+    changes are heard the periodic re-read is hourly, and every domain is read once then."""
+    from hostagent.accounting import inventory
+
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    tail = TailTasks(coll, clock=host.clock)
+    assert (await coll.run_pass()).committed
+    n = len(host.bulk("t0"))
+    assert host.conn.xml_calls == n
+    changed = host.conn._domains()[0][0].UUIDString()
+    coll.inventory.xml_changed(changed)
+    assert (await coll.run_pass()).committed
+    assert host.conn.xml_calls == n + 1
+    assert (await coll.run_pass()).committed
+    assert host.conn.xml_calls == n + 1
+    interval_s = coll.cfg.collector.interval_s
+    tail._xml_heard(True)
+    assert coll.inventory.refresh_every_passes == inventory.refresh_passes(interval_s, 3600)
+    assert (await coll.run_pass()).committed
+    assert host.conn.xml_calls == 2 * n + 1
+    h = tail.health()
+    assert h["xml_changes_heard"] is True
+    assert h["domain_xml_reads"] == {"new": n, "changed": n + 1}
+    tail._xml_heard(False)
+    assert coll.inventory.refresh_every_passes == inventory.refresh_passes(interval_s, 600)
+    assert tail.health()["xml_changes_heard"] is False
+    store.close()

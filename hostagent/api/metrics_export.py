@@ -214,6 +214,18 @@ class ViewCollector(Collector):
         for reason, n in sorted(h.get("closeouts", {}).items()):
             closeouts.add_metric([reason], float(n))
         yield closeouts
+        yield GaugeMetricFamily(
+            "hostagent_domain_xml_changes_heard",
+            "1 while libvirt's XML change events are heard (domain XML re-read when it changed, "
+            "and hourly), 0 while not (re-read every 600 s)",
+            value=1.0 if h.get("xml_changes_heard") else 0.0)
+        reads = CounterMetricFamily(
+            "hostagent_domain_xml_reads",
+            "domain XML reads by why: new, reshaped (new process, hot-plug), changed, periodic",
+            labels=["reason"])
+        for reason, n in sorted(h.get("domain_xml_reads", {}).items()):
+            reads.add_metric([reason], float(n))
+        yield reads
 
     def _emission(self) -> Iterator[Metric]:
         if self.view.emission_metrics is None:

@@ -21,6 +21,11 @@ source, and a connection the source drops (an RPC error in a pass) ends the subs
 resubscribes on the next one. Without a source (tests, tools) the watcher opens a read-only
 connection of its own (enough for events, LAB-NOTES) and closes it when it is lost.
 
+With `on_xml_change`, the same subscription registers the XML change events: a metadata edit
+or a device added or removed calls it with the domain's UUID (in libvirt's thread, no trio
+hop), and `on_xml_heard(True/False)` says when they start and stop being heard, so the
+inventory re-reads a domain's XML when it changed instead of every 10 minutes.
+
 The channel is never waited on from libvirt's thread: an event that finds it full is dropped
 and counted (`dropped`), which costs what polling costs. Errors: connecting raises nothing out
 of `run()`; failures are logged, counted and retried with `libvirt.backoff_s`.
@@ -57,6 +62,11 @@ __all__ = ["LifecycleWatcher", "Message", "ensure_event_loop", "to_event"]
 
 Message = LifecycleEvent | Reconnected
 Connector = Callable[[str], Any]
+# What changes a domain's XML without changing its bulk stats' shape (accounting/inventory.py):
+# a metadata edit (the owner), a device added or removed (a NIC replaced between two passes).
+XML_CHANGE_EVENTS = (libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
+                     libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+                     libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED)
 
 def _detail_names() -> dict[tuple[LifecycleKind, int], str]:
     """libvirt's detail constants by (kind, number): `VIR_DOMAIN_EVENT_STOPPED_DESTROYED`..."""
@@ -97,6 +107,7 @@ class _Subscription:
     close_watched: bool  # the close callback and keepalive are on: no polling needed
     calls: Calls | None = None
     forget: Callable[[], None] | None = None  # the pass's connection no longer holds it
+    change_ids: tuple[int, ...] = ()  # the XML change callbacks (`on_xml_change`)
 
 
 class LifecycleWatcher:
@@ -105,8 +116,14 @@ class LifecycleWatcher:
     def __init__(self, uri: str, *, clock: Clock, connector: Connector = _open_readonly,
                  source: LibvirtSource | None = None,
                  keepalive_interval_s: int = 10, keepalive_count: int = 3,
-                 reconnect_max_s: float = 30.0, connect_timeout_s: float = 30.0) -> None:
+                 reconnect_max_s: float = 30.0, connect_timeout_s: float = 30.0,
+                 on_xml_change: Callable[[str], None] | None = None,
+                 on_xml_heard: Callable[[bool], None] | None = None) -> None:
         self.uri = uri
+        # A domain's XML changed (libvirt's thread: thread-safe, never blocking), and whether
+        # those changes are heard (trio): sources of Inventory.xml_changed / xml_events.
+        self._on_xml_change = on_xml_change
+        self._on_xml_heard = on_xml_heard
         self._clock = clock
         self._connector = connector
         self._source = source
@@ -149,6 +166,8 @@ class LifecycleWatcher:
             failures = 0
             self.connects += 1
             self.state = "subscribed"
+            if self._on_xml_heard is not None and sub.change_ids:
+                self._on_xml_heard(True)
             self._deliver(send, Reconnected(self.uri, self._clock.now().wall_ns,
                                             self.connects - 1))
             if not started:
@@ -157,6 +176,8 @@ class LifecycleWatcher:
             try:
                 await self._until_lost(sub, closed)
             finally:
+                if self._on_xml_heard is not None and sub.change_ids:
+                    self._on_xml_heard(False)
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await self._release(sub, lost=closed.is_set())
             self.state = "down"
@@ -285,10 +306,36 @@ class LifecycleWatcher:
             conn.setKeepAlive(*self._keepalive)
             close_watched = True
         sub = _Subscription(conn, callback_id, close_watched)
+        if self._on_xml_change is not None:
+            sub.change_ids = self._register_changes(conn, self._on_xml_change)
         if gave_up.is_set():  # nobody waits for it: take it back
             _deregister(sub)
             return None
         return sub
+
+    def _register_changes(self, conn: Any, on_change: Callable[[str], None]
+                          ) -> tuple[int, ...]:
+        """The XML change callbacks (metadata, device added or removed); () when libvirt
+        refuses one: then none, and the inventory keeps its 10-minute re-reads."""
+        def changed(_conn: Any, dom: Any, *_details: Any) -> None:
+            try:
+                on_change(dom.UUIDString())
+            except Exception as err:  # never into libvirt's loop
+                self.callback_errors += 1
+                log.warning("XML change callback failed", extra={"error": str(err)})
+
+        ids: list[int] = []
+        try:
+            for event_id in XML_CHANGE_EVENTS:
+                ids.append(conn.domainEventRegisterAny(None, event_id, changed, None))
+        except libvirt.libvirtError as err:
+            for cid in ids:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.domainEventDeregisterAny(cid)
+            log.info("no XML change events: domain XML re-read every 10 minutes",
+                     extra={"error": str(err)})
+            return ()
+        return tuple(ids)
 
     def _callback(self, token: trio.lowlevel.TrioToken,
                   send: trio.MemorySendChannel[Message]) -> Callable[..., None]:
@@ -322,8 +369,9 @@ def _from_thread(token: trio.lowlevel.TrioToken, fn: Callable[..., object], *arg
 
 def _deregister(sub: _Subscription) -> None:
     """Take the callbacks back (in a worker, or in the thread that closes the connection)."""
-    with contextlib.suppress(libvirt.libvirtError):
-        sub.conn.domainEventDeregisterAny(sub.callback_id)
+    for cid in (sub.callback_id, *sub.change_ids):
+        with contextlib.suppress(libvirt.libvirtError):
+            sub.conn.domainEventDeregisterAny(cid)
     if sub.close_watched:
         with contextlib.suppress(libvirt.libvirtError):
             sub.conn.unregisterCloseCallback()

@@ -37,7 +37,9 @@ async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
                    pass_settings=lambda: {"interval_s": 30.0, "timeout_s": 20.0},
                    tail_health=lambda: {"light_samples": 12, "light_sample_errors": 1,
                                         "vm_ends_seen": 2, "vm_ends_watched": True,
-                                        "closeouts": {"DESTROYED": 2, "GONE": 1}})
+                                        "closeouts": {"DESTROYED": 2, "GONE": 1},
+                                        "xml_changes_heard": True,
+                                        "domain_xml_reads": {"new": 8, "changed": 1}})
     rep = report({"i-a1": ALICE, "i-b1": BOB})
     rep.read_errors_total = {"pid_file": 3, "xml": 1}
     view.update(rep)
@@ -78,6 +80,9 @@ async def test_exposition(nursery: trio.Nursery, keys: Keys) -> None:
     assert s[("hostagent_vm_ends_watched", ())] == 1
     assert s[("hostagent_closeouts_total", (("reason", "DESTROYED"),))] == 2
     assert s[("hostagent_closeouts_total", (("reason", "GONE"),))] == 1
+    assert s[("hostagent_domain_xml_changes_heard", ())] == 1
+    assert s[("hostagent_domain_xml_reads_total", (("reason", "new"),))] == 8
+    assert s[("hostagent_domain_xml_reads_total", (("reason", "changed"),))] == 1
     assert s[("hostagent_api_requests_total",
               (("code", "2xx"), ("route", "/api/v1/metrics")))] == 1
     # bounded labels: only these label names anywhere

@@ -184,3 +184,38 @@ def test_unattributed_cpu_stays_near_zero_across_a_start_and_a_destroy(tail_gues
     # children's can differ by 1 us per cgroup and read (seen: 1 us short).
     rounding_ns = 1_000 * (2 * len(running) + 1 + 2)
     assert unbilled.total_ns >= last.cpu_ns - rounding_ns
+
+
+async def test_a_metadata_edit_is_told_to_the_inventory_by_libvirtd(tail_guest: str) -> None:
+    """libvirtd's METADATA_CHANGE reaches `on_xml_change` on a read-only subscription (the
+    throwaway guest, defined and not running: its persistent config is edited)."""
+    import libvirt
+
+    told: list[str] = []
+    heard: list[bool] = []
+    got = threading.Event()
+
+    def tell(uuid: str) -> None:  # libvirt's thread
+        told.append(uuid)
+        got.set()
+
+    watcher = LifecycleWatcher("qemu:///system", clock=SystemClock(),
+                               on_xml_change=tell, on_xml_heard=heard.append)
+    send, recv = trio.open_memory_channel[Message](100)
+    conn = libvirt.open("qemu:///system")
+    try:
+        dom = conn.lookupByName(tail_guest)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(watcher.run, send)
+                await recv.receive()
+                assert heard == [True]
+                await trio.to_thread.run_sync(
+                    lambda: dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "<o v='1'/>",
+                                            "t", "https://hostagent.example/t",
+                                            libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+                assert await trio.to_thread.run_sync(got.wait, 20)
+                nursery.cancel_scope.cancel()
+        assert heard == [True, False] and watcher.callback_errors == 0
+    finally:
+        conn.close()

@@ -4,6 +4,7 @@ a hung daemon looks like to the client) without disturbing the shared daemon."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -210,3 +211,89 @@ async def test_a_subscribed_connection_costs_no_wake_ups_while_idle(
                 pass
             nursery.cancel_scope.cancel()
     assert watcher.connects == 2
+
+
+async def test_xml_changes_are_told_while_heard_and_taken_back_with_the_subscription() -> None:
+    """A metadata edit and a device added or removed tell the inventory's hook (libvirt's
+    thread, the domain's UUID); `on_xml_heard` says when they are heard; after the watcher
+    stops, libvirt calls nothing more."""
+    told: list[str] = []
+    heard: list[bool] = []
+    got = threading.Event()
+
+    def tell(uuid: str) -> None:  # libvirt's thread
+        told.append(uuid)
+        got.set()
+
+    watcher = LifecycleWatcher("test:///default", clock=SystemClock(), connector=libvirt.open,
+                               on_xml_change=tell, on_xml_heard=heard.append)
+    send, recv = trio.open_memory_channel[Message](100)
+    conn = libvirt.open("test:///default")
+    dom = conn.createXML(domain_xml(f"lc-{uuid.uuid4().hex[:8]}"), 0)
+    ns = "https://hostagent.example/test"
+
+    def edit(value: str) -> None:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, f"<o v='{value}'/>", "t", ns,
+                        libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(watcher.run, send)
+                assert isinstance(await recv.receive(), Reconnected)
+                assert heard == [True]
+                await trio.to_thread.run_sync(edit, "a")
+                assert await trio.to_thread.run_sync(got.wait, 20)
+                nursery.cancel_scope.cancel()
+        assert heard == [True, False]
+        assert set(told) == {dom.UUIDString()}
+        before = len(told)
+        await trio.to_thread.run_sync(edit, "b")
+        await trio.sleep(0.3)  # libvirt's loop would have called by now
+        assert len(told) == before
+        assert watcher.callback_errors == 0
+    finally:
+        dom.destroy()
+        conn.close()
+
+
+async def test_a_libvirt_without_xml_change_events_keeps_the_short_cadence() -> None:
+    """A refused registration takes back what it registered, and the inventory is never told
+    the changes are heard (its 10-minute re-reads stay)."""
+    heard: list[bool] = []
+
+    class NoDeviceEvents:
+        def __init__(self, uri: str) -> None:
+            self.conn = libvirt.open(uri)
+            self.ids: list[int] = []
+
+        def domainEventRegisterAny(self, dom: Any, event_id: int, cb: Any, opaque: Any) -> int:
+            if event_id == libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED:
+                raise libvirt.libvirtError("unsupported event")
+            cid = self.conn.domainEventRegisterAny(dom, event_id, cb, opaque)
+            self.ids.append(cid)
+            return cid
+
+        def domainEventDeregisterAny(self, cid: int) -> None:
+            self.ids.remove(cid)
+            self.conn.domainEventDeregisterAny(cid)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.conn, name)
+
+    made: list[NoDeviceEvents] = []
+
+    def connect(uri: str) -> NoDeviceEvents:
+        made.append(NoDeviceEvents(uri))
+        return made[-1]
+
+    watcher = LifecycleWatcher("test:///default", clock=SystemClock(), connector=connect,
+                               on_xml_change=lambda _u: None, on_xml_heard=heard.append)
+    send, recv = trio.open_memory_channel[Message](100)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run, send)
+            assert isinstance(await recv.receive(), Reconnected)
+            assert len(made[0].ids) == 1  # the lifecycle callback alone
+            nursery.cancel_scope.cancel()
+    assert heard == [] and made[0].ids == []
