@@ -68,6 +68,7 @@ XML_CHANGE_EVENTS = (libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
                      libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
                      libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED)
 
+
 def _detail_names() -> dict[tuple[LifecycleKind, int], str]:
     """libvirt's detail constants by (kind, number): `VIR_DOMAIN_EVENT_STOPPED_DESTROYED`..."""
     out: dict[tuple[LifecycleKind, int], str] = {}
