@@ -53,6 +53,7 @@ from hostagent.sources.gpu import GpuReadings, GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.unattributed import parent_cpu_stat
 from hostagent.tick import TickWait, WaitInterrupted
+from hostagent.xml_changes import XmlChanges
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class Collector:
                                  links=link_reader,
                                  monotonic_s=lambda: clock.now().monotonic_ns / 1e9)
         self.inventory = inventory.Inventory(inventory.refresh_passes(cfg.collector.interval_s))
+        # What libvirt's XML change events told (the lifecycle watcher; hostagent/xml_changes.py)
+        self.xml_changes = XmlChanges()
         self.baselines: dict[str, Baseline] = store.load_baselines() if store is not None else {}
         self.rules = rules
         self.storm = storm
@@ -184,7 +187,10 @@ class Collector:
     async def _refresh_inventory(self, domains: Sequence[DomainStats],
                                  errors: list[ReadError]) -> None:
         shapes = {d.uuid: inventory.shape_from_stats(d.uuid, d.domid, d.stats) for d in domains}
-        want = set(self.inventory.needs_xml(shapes.values()))
+        self.inventory.retune(self.xml_refresh_passes())
+        changed, everything = self.xml_changes.take()
+        want = set(self.inventory.needs_xml(shapes.values(),
+                                            shapes.keys() if everything else changed))
         todo = [d for d in domains if d.uuid in want]
         parsed: list[tuple[DomainInfo, inventory.Shape]] = []
         if todo:
@@ -208,6 +214,13 @@ class Collector:
                 del self._facts[key]
             for key in [k for k in self._instance_ids if k not in live]:
                 del self._instance_ids[key]
+
+    def xml_refresh_passes(self) -> int:
+        """Passes between two periodic XML re-reads of a domain, for the interval in force
+        (reloadable) and whether libvirt's XML change events are heard."""
+        return inventory.refresh_passes(
+            self.cfg.collector.interval_s,
+            inventory.XML_REFRESH_HEARD_S if self.xml_changes.heard else inventory.XML_REFRESH_S)
 
     def _early_reads(self) -> pass_reads.EarlyReads:
         """The host reads for the bulk call's worker call (pass_reads.EarlyReads)."""

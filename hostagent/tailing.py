@@ -38,7 +38,7 @@ from typing import Any
 import trio
 
 from hostagent import handoff
-from hostagent.accounting import inventory, tails
+from hostagent.accounting import tails
 from hostagent.accounting.closeout import LightReading
 from hostagent.accounting.lifecycle import Action, LifecycleEvent, action_for, close_reason
 from hostagent.accounting.readings import DomainReading
@@ -125,7 +125,7 @@ class TailTasks:
                         keepalive_count=c.lifecycle_keepalive_count,
                         reconnect_max_s=self.collector.cfg.libvirt.reconnect_max_s,
                         connect_timeout_s=self.collector.cfg.libvirt.call_timeout_s,
-                        on_xml_change=self.collector.inventory.xml_changed,
+                        on_xml_change=self.collector.xml_changes.tell,
                         on_xml_heard=self._xml_heard)
                     await nursery.start(self.watcher.run, send)
                     nursery.start_soon(self._consume, recv)
@@ -163,21 +163,21 @@ class TailTasks:
         """The billing tail's counters, for /metrics: samples, VM ends seen at once, whether
         every VM's end is watched now, close-outs by reason; whether libvirt's XML change
         events are heard, and the domain XML reads by why."""
-        inv = self.collector.inventory
+        coll = self.collector
         return {"light_samples": self.samples_total, "light_sample_errors": self.sample_errors,
                 "vm_ends_seen": self.stops_seen,
                 "vm_ends_watched": self.watch is not None and self._watched_all,
                 "closeouts": dict(self.collector.closeouts_total),
-                "xml_changes_heard": inv.heard, "domain_xml_reads": dict(inv.reads)}
+                "xml_changes_heard": coll.xml_changes.heard,
+                "domain_xml_reads": dict(coll.inventory.reads)}
 
     # --- lifecycle events -------------------------------------------------------------------
 
     def _xml_heard(self, heard: bool) -> None:
-        """libvirt's XML change events are heard (or no longer): the inventory's periodic
-        re-reads are a backstop every hour (or every 10 minutes again)."""
-        interval_s = self.collector.cfg.collector.interval_s
-        self.collector.inventory.xml_events(heard, inventory.refresh_passes(
-            interval_s, inventory.XML_REFRESH_HEARD_S if heard else inventory.XML_REFRESH_S))
+        """libvirt's XML change events are heard (or no longer): the inventory re-reads every
+        domain once, and the next pass makes its periodic re-read hourly (or every 10 minutes
+        again: `Collector.xml_refresh_passes`)."""
+        self.collector.xml_changes.hear(heard)
 
     async def _consume(self, recv: trio.MemoryReceiveChannel[Message]) -> None:
         async for msg in recv:

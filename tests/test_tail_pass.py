@@ -514,20 +514,26 @@ async def test_a_changed_xml_is_read_at_the_next_pass_and_heard_changes_stretch_
     n = len(host.bulk("t0"))
     assert host.conn.xml_calls == n
     changed = host.conn._domains()[0][0].UUIDString()
-    coll.inventory.xml_changed(changed)
+    coll.xml_changes.tell(changed.upper())  # libvirt's UUIDString() case never matters
     assert (await coll.run_pass()).committed
     assert host.conn.xml_calls == n + 1
     assert (await coll.run_pass()).committed
     assert host.conn.xml_calls == n + 1
     interval_s = coll.cfg.collector.interval_s
     tail._xml_heard(True)
-    assert coll.inventory.refresh_every_passes == inventory.refresh_passes(interval_s, 3600)
     assert (await coll.run_pass()).committed
     assert host.conn.xml_calls == 2 * n + 1
+    assert coll.inventory.refresh_every_passes == inventory.refresh_passes(interval_s, 3600)
     h = tail.health()
     assert h["xml_changes_heard"] is True
     assert h["domain_xml_reads"] == {"new": n, "changed": n + 1}
     tail._xml_heard(False)
-    assert coll.inventory.refresh_every_passes == inventory.refresh_passes(interval_s, 600)
     assert tail.health()["xml_changes_heard"] is False
+    assert (await coll.run_pass()).committed
+    assert coll.inventory.refresh_every_passes == inventory.refresh_passes(interval_s, 600)
+    # a reloaded interval (SIGHUP: the daemon swaps collector.cfg) keeps it a time
+    coll.cfg = dataclasses.replace(coll.cfg, collector=dataclasses.replace(
+        coll.cfg.collector, interval_s=interval_s * 4))
+    assert (await coll.run_pass()).committed
+    assert coll.inventory.refresh_every_passes == inventory.refresh_passes(interval_s * 4, 600)
     store.close()

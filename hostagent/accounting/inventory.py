@@ -6,10 +6,10 @@ Pure: the XML text comes from the libvirt source; this module never talks to lib
 from __future__ import annotations
 
 import logging
-import threading
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import NamedTuple
 
 from hostagent.accounting.identity import owner_hint_from_metadata
@@ -204,7 +204,7 @@ def shape_from_stats(uuid: str, domid: int, stats: Mapping[str, object]) -> Shap
 # interval does not multiply the XMLDesc calls and parses.
 XML_REFRESH_S = 600.0
 # The same while libvirt's XML change events are heard (metadata edits, device hot-plug and
-# unplug: `Inventory.xml_changed`): the periodic re-read is then only a backstop.
+# unplug: hostagent/xml_changes.py): the periodic re-read is then only a backstop.
 XML_REFRESH_HEARD_S = 3600.0
 
 
@@ -218,9 +218,9 @@ class Inventory:
 
     A domain's XML is read when it is new, when its domain id changed (a new QEMU process), when
     the tap/disk names in bulk stats differ from those seen when its XML was last read (hot-plug),
-    when libvirt said it changed (`xml_changed`: a metadata edit, a device added or removed),
-    and once every `refresh_every_passes` passes (a backstop: every 10 minutes, every hour
-    while libvirt's change events are heard, `xml_events`).
+    when libvirt said it changed (`changed`: a metadata edit, a device added or removed), and
+    once every `refresh_every_passes` passes (a backstop: every 10 minutes, every hour while
+    libvirt's change events are heard; the collector `retune`s it).
     The periodic refreshes are staggered: each domain gets a phase when first seen, round robin
     over the `refresh_every_passes` phases, and is refreshed on the passes of its phase, so a
     pass re-reads about 1/`refresh_every_passes` of the domains instead of all of them at once.
@@ -233,10 +233,6 @@ class Inventory:
         self._refresh = max(refresh_every_passes, 1)
         self._pass = 0
         self._next_phase = 0
-        # Changes libvirt told of (from its event thread), taken by the next pass.
-        self._changed: set[str] = set()
-        self._changed_lock = threading.Lock()
-        self.heard = False  # libvirt's XML change events are heard (`xml_events`)
         # XML reads asked for, by why: new, reshaped (new process, hot-plug), changed
         # (libvirt said so), periodic (/metrics: hostagent_domain_xml_reads_total)
         self.reads: Counter[str] = Counter()
@@ -246,37 +242,25 @@ class Inventory:
         """The periodic re-read's cadence, in passes."""
         return self._refresh
 
-    def xml_changed(self, uuid: str) -> None:
-        """libvirt says this domain's XML changed: the next pass re-reads it. Thread-safe."""
-        with self._changed_lock:
-            self._changed.add(uuid.lower())
-
-    def xml_events(self, heard: bool, refresh_every_passes: int) -> None:
-        """libvirt's XML change events are heard from now on (`heard`), or no longer: the
-        periodic re-read's cadence becomes `refresh_every_passes` (re-staggered over its
-        phases). When they start being heard every known domain is re-read once by the next
-        pass: a change made while they were not heard was never told."""
-        self.heard = heard
-        if heard:
-            with self._changed_lock:
-                self._changed.update(self._by_uuid)
+    def retune(self, refresh_every_passes: int) -> None:
+        """The periodic re-read every `refresh_every_passes` passes from now on (an interval
+        reloaded, change events heard or no longer), re-staggered over its phases."""
         refresh = max(refresh_every_passes, 1)
-        if refresh != self._refresh:
-            self._refresh = refresh
-            due = self._pass % refresh
-            for i, uuid in enumerate(self._phase):  # the next pass's due phase first
-                self._phase[uuid] = (due + 1 + i) % refresh
-            self._next_phase = len(self._phase) % refresh
+        if refresh == self._refresh:
+            return
+        self._refresh = refresh
+        due = self._pass % refresh
+        for i, uuid in enumerate(self._phase):  # the next pass's due phase first
+            self._phase[uuid] = (due + 1 + i) % refresh
+        self._next_phase = len(self._phase) % refresh
 
-    def needs_xml(self, shapes: Iterable[Shape]) -> list[str]:
-        """UUIDs whose XML must be fetched this pass."""
+    def needs_xml(self, shapes: Iterable[Shape],
+                  changed: AbstractSet[str] = frozenset()) -> list[str]:
+        """UUIDs whose XML must be fetched this pass; `changed`: those libvirt said changed
+        (hostagent/xml_changes.py)."""
         self._pass += 1
         due = self._pass % self._refresh
         known, phases = self._shape, self._phase
-        changed: set[str] = set()
-        if self._changed:  # (a racing add is kept for the next pass)
-            with self._changed_lock:
-                changed, self._changed = self._changed, set()
         want = []
         for s in shapes:
             phase = phases.get(s.uuid)

@@ -122,7 +122,7 @@ class LifecycleWatcher:
                  on_xml_heard: Callable[[bool], None] | None = None) -> None:
         self.uri = uri
         # A domain's XML changed (libvirt's thread: thread-safe, never blocking), and whether
-        # those changes are heard (trio): sources of Inventory.xml_changed / xml_events.
+        # those changes are heard (trio): XmlChanges.tell / hear (hostagent/xml_changes.py).
         self._on_xml_change = on_xml_change
         self._on_xml_heard = on_xml_heard
         self._clock = clock

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import pytest
 
@@ -85,16 +84,22 @@ def test_xml_read_only_when_new_restarted_reshaped_or_due() -> None:
     assert inv.reads == {"new": 1, "reshaped": 2, "periodic": 2}
 
 
+def _known(inv: inventory.Inventory, n: int) -> list[inventory.Shape]:
+    """`n` domains, their XML read by one pass (all of them: new)."""
+    shapes = [inventory.Shape(uuid=f"{i:08d}-0000-0000-0000-000000000000", domid=i + 1,
+                              taps=(), disks=("vda",)) for i in range(n)]
+    assert len(inv.needs_xml(shapes)) == n
+    info = inventory.parse_domain_xml(XML)
+    inv.update([(dataclasses.replace(info, uuid=s.uuid), s) for s in shapes],
+               present={s.uuid: s for s in shapes})
+    return shapes
+
+
 def test_periodic_refresh_is_staggered_over_the_passes() -> None:
     """At 1,000 domains and a refresh every 20 passes, each pass re-reads 50 XMLs, not all of
     them every 20th pass; each domain once per 20 passes (a metadata edit seen within 20)."""
     inv = inventory.Inventory(refresh_every_passes=20)
-    shapes = [inventory.Shape(uuid=f"{i:08d}-0000-0000-0000-000000000000", domid=i + 1,
-                              taps=(), disks=("vda",)) for i in range(1000)]
-    assert len(inv.needs_xml(shapes)) == 1000  # first sight: all of them, that pass
-    info = inventory.parse_domain_xml(XML)
-    inv.update([(dataclasses.replace(info, uuid=s.uuid), s) for s in shapes],
-               present={s.uuid: s for s in shapes})
+    shapes = _known(inv, 1000)  # first sight: all of them, that pass
     seen: dict[str, list[int]] = {s.uuid: [] for s in shapes}
     for n in range(60):
         want = inv.needs_xml(shapes)
@@ -129,34 +134,26 @@ def test_the_periodic_refresh_is_a_time_not_a_pass_count() -> None:
     assert inventory.refresh_passes(0.001) == 600_000
 
 
-def _known(inv: inventory.Inventory, n: int) -> list[inventory.Shape]:
-    shapes = [inventory.Shape(uuid=f"{i:08d}-0000-0000-0000-000000000000", domid=i + 1,
-                              taps=(), disks=("vda",)) for i in range(n)]
-    assert len(inv.needs_xml(shapes)) == n
-    info = inventory.parse_domain_xml(XML)
-    inv.update([(dataclasses.replace(info, uuid=s.uuid), s) for s in shapes],
-               present={s.uuid: s for s in shapes})
-    return shapes
-
-
 def test_a_domain_libvirt_says_changed_is_read_at_the_next_pass_once() -> None:
     inv = inventory.Inventory(refresh_every_passes=1000)
     shapes = _known(inv, 3)
     assert inv.needs_xml(shapes) == []
-    inv.xml_changed(shapes[1].uuid.upper())  # libvirt's UUIDString() case never matters
-    inv.xml_changed("ffffffff-0000-0000-0000-000000000000")  # not running: nothing to read
-    assert inv.needs_xml(shapes) == [shapes[1].uuid]
+    # told changed: it, and a domain not running (nothing to read)
+    told = {shapes[1].uuid, "ffffffff-0000-0000-0000-000000000000"}
+    assert inv.needs_xml(shapes, told) == [shapes[1].uuid]
     assert inv.needs_xml(shapes) == []
+    assert inv.reads == {"new": 3, "changed": 1}
 
 
-def test_heard_changes_make_the_periodic_reread_a_backstop_and_reread_every_domain_once() -> None:
-    """Events heard: every known domain once (what changed unheard), then each one once per
-    `refresh_every_passes` as before, spread evenly; no longer heard: the short cadence."""
+def test_heard_changes_make_the_periodic_reread_a_backstop_still_staggered() -> None:
+    """Events heard: every domain once (what changed unheard, `XmlChanges.take`), then each
+    one once per `refresh_every_passes` as before, spread evenly; no longer heard: the short
+    cadence, nothing re-read for it."""
     inv = inventory.Inventory(refresh_every_passes=4)
     shapes = _known(inv, 120)
-    inv.xml_events(True, 12)
+    inv.retune(12)  # what the collector does before a pass once they are heard
     assert inv.refresh_every_passes == 12
-    assert len(inv.needs_xml(shapes)) == 120
+    assert len(inv.needs_xml(shapes, {s.uuid for s in shapes})) == 120
     seen: dict[str, list[int]] = {s.uuid: [] for s in shapes}
     for n in range(24):
         want = inv.needs_xml(shapes)
@@ -164,28 +161,7 @@ def test_heard_changes_make_the_periodic_reread_a_backstop_and_reread_every_doma
         for u in want:
             seen[u].append(n)
     assert all(len(p) == 2 and p[1] - p[0] == 12 for p in seen.values())
-    inv.xml_events(False, 4)  # nothing is re-read for it: the cadence alone changes
+    inv.retune(4)
     got = [inv.needs_xml(shapes) for _ in range(8)]
     assert [len(w) for w in got] == [30] * 8
     assert sorted(u for w in got[:4] for u in w) == sorted(s.uuid for s in shapes)
-
-
-def test_changes_told_from_other_threads_are_never_lost() -> None:
-    inv = inventory.Inventory(refresh_every_passes=10**6)
-    shapes = _known(inv, 200)
-    told = threading.Event()
-
-    def tell() -> None:
-        for s in shapes:
-            inv.xml_changed(s.uuid)
-        told.set()
-
-    thread = threading.Thread(target=tell)
-    thread.start()
-    read: set[str] = set()
-    while not told.is_set():
-        read.update(inv.needs_xml(shapes))
-    thread.join()
-    read.update(inv.needs_xml(shapes))
-    assert read == {s.uuid for s in shapes}
-    assert inv.needs_xml(shapes) == []

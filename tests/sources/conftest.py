@@ -12,6 +12,7 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,3 +125,22 @@ def real_cgroups() -> Iterator[RealCgroups]:
         yield cgroups
     finally:
         cgroups.cleanup()
+
+
+class XmlHooks:
+    """What a LifecycleWatcher's XML hooks were told: UUIDs (`tell`, from libvirt's thread;
+    `got` set at the first) and whether the changes were heard (`heard.append`)."""
+
+    def __init__(self) -> None:
+        self.told: list[str] = []
+        self.heard: list[bool] = []
+        self.got = threading.Event()
+
+    def tell(self, uuid: str) -> None:
+        self.told.append(uuid)
+        self.got.set()
+
+
+@pytest.fixture
+def xml_hooks() -> XmlHooks:
+    return XmlHooks()

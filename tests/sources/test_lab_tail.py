@@ -27,6 +27,7 @@ from hostagent.sources.light import LightNic, LightSampler, LightTarget
 from hostagent.sources.netstats import LinkStats64Reader
 from hostagent.sources.unattributed import parent_cpu_stat, read_parent_cpu_ns
 from tests import lab_support
+from tests.sources.conftest import XmlHooks
 
 pytestmark = pytest.mark.lab
 
@@ -186,21 +187,15 @@ def test_unattributed_cpu_stays_near_zero_across_a_start_and_a_destroy(tail_gues
     assert unbilled.total_ns >= last.cpu_ns - rounding_ns
 
 
-async def test_a_metadata_edit_is_told_to_the_inventory_by_libvirtd(tail_guest: str) -> None:
+async def test_a_metadata_edit_is_told_to_the_inventory_by_libvirtd(
+        tail_guest: str, xml_hooks: XmlHooks) -> None:
     """libvirtd's METADATA_CHANGE reaches `on_xml_change` on a read-only subscription (the
     throwaway guest, defined and not running: its persistent config is edited)."""
     import libvirt
 
-    told: list[str] = []
-    heard: list[bool] = []
-    got = threading.Event()
-
-    def tell(uuid: str) -> None:  # libvirt's thread
-        told.append(uuid)
-        got.set()
-
     watcher = LifecycleWatcher("qemu:///system", clock=SystemClock(),
-                               on_xml_change=tell, on_xml_heard=heard.append)
+                               on_xml_change=xml_hooks.tell,
+                               on_xml_heard=xml_hooks.heard.append)
     send, recv = trio.open_memory_channel[Message](100)
     conn = libvirt.open("qemu:///system")
     try:
@@ -209,13 +204,13 @@ async def test_a_metadata_edit_is_told_to_the_inventory_by_libvirtd(tail_guest: 
             async with trio.open_nursery() as nursery:
                 await nursery.start(watcher.run, send)
                 await recv.receive()
-                assert heard == [True]
+                assert xml_hooks.heard == [True]
                 await trio.to_thread.run_sync(
                     lambda: dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "<o v='1'/>",
                                             "t", "https://hostagent.example/t",
                                             libvirt.VIR_DOMAIN_AFFECT_CONFIG))
-                assert await trio.to_thread.run_sync(got.wait, 20)
+                assert await trio.to_thread.run_sync(xml_hooks.got.wait, 20)
                 nursery.cancel_scope.cancel()
-        assert heard == [True, False] and watcher.callback_errors == 0
+        assert xml_hooks.heard == [True, False] and watcher.callback_errors == 0
     finally:
         conn.close()

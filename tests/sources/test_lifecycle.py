@@ -4,7 +4,6 @@ a hung daemon looks like to the client) without disturbing the shared daemon."""
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from hostagent.accounting.lifecycle import (
 )
 from hostagent.clock import SystemClock
 from hostagent.sources.lifecycle import LifecycleWatcher, Message, to_event
+from tests.sources.conftest import XmlHooks
 from tests.sources.libvirt_proxy import SocketProxy
 
 
@@ -213,20 +213,14 @@ async def test_a_subscribed_connection_costs_no_wake_ups_while_idle(
     assert watcher.connects == 2
 
 
-async def test_xml_changes_are_told_while_heard_and_taken_back_with_the_subscription() -> None:
+async def test_xml_changes_are_told_while_heard_and_taken_back_with_the_subscription(
+        xml_hooks: XmlHooks) -> None:
     """A metadata edit and a device added or removed tell the inventory's hook (libvirt's
     thread, the domain's UUID); `on_xml_heard` says when they are heard; after the watcher
     stops, libvirt calls nothing more."""
-    told: list[str] = []
-    heard: list[bool] = []
-    got = threading.Event()
-
-    def tell(uuid: str) -> None:  # libvirt's thread
-        told.append(uuid)
-        got.set()
-
     watcher = LifecycleWatcher("test:///default", clock=SystemClock(), connector=libvirt.open,
-                               on_xml_change=tell, on_xml_heard=heard.append)
+                               on_xml_change=xml_hooks.tell,
+                               on_xml_heard=xml_hooks.heard.append)
     send, recv = trio.open_memory_channel[Message](100)
     conn = libvirt.open("test:///default")
     dom = conn.createXML(domain_xml(f"lc-{uuid.uuid4().hex[:8]}"), 0)
@@ -241,16 +235,16 @@ async def test_xml_changes_are_told_while_heard_and_taken_back_with_the_subscrip
             async with trio.open_nursery() as nursery:
                 await nursery.start(watcher.run, send)
                 assert isinstance(await recv.receive(), Reconnected)
-                assert heard == [True]
+                assert xml_hooks.heard == [True]
                 await trio.to_thread.run_sync(edit, "a")
-                assert await trio.to_thread.run_sync(got.wait, 20)
+                assert await trio.to_thread.run_sync(xml_hooks.got.wait, 20)
                 nursery.cancel_scope.cancel()
-        assert heard == [True, False]
-        assert set(told) == {dom.UUIDString()}
-        before = len(told)
+        assert xml_hooks.heard == [True, False]
+        assert set(xml_hooks.told) == {dom.UUIDString()}
+        before = len(xml_hooks.told)
         await trio.to_thread.run_sync(edit, "b")
         await trio.sleep(0.3)  # libvirt's loop would have called by now
-        assert len(told) == before
+        assert len(xml_hooks.told) == before
         assert watcher.callback_errors == 0
     finally:
         dom.destroy()
