@@ -95,18 +95,24 @@ def _known(inv: inventory.Inventory, n: int) -> list[inventory.Shape]:
     return shapes
 
 
+def _reread_at(inv: inventory.Inventory, shapes: list[inventory.Shape], passes: int, *,
+               per_pass: int) -> dict[str, list[int]]:
+    """The passes (0-based) at which each domain's XML was read again; `per_pass` each."""
+    seen: dict[str, list[int]] = {s.uuid: [] for s in shapes}
+    for n in range(passes):
+        want = inv.needs_xml(shapes)
+        assert len(want) == per_pass, n
+        for u in want:
+            seen[u].append(n)
+    return seen
+
+
 def test_periodic_refresh_is_staggered_over_the_passes() -> None:
     """At 1,000 domains and a refresh every 20 passes, each pass re-reads 50 XMLs, not all of
     them every 20th pass; each domain once per 20 passes (a metadata edit seen within 20)."""
     inv = inventory.Inventory(refresh_every_passes=20)
     shapes = _known(inv, 1000)  # first sight: all of them, that pass
-    seen: dict[str, list[int]] = {s.uuid: [] for s in shapes}
-    for n in range(60):
-        want = inv.needs_xml(shapes)
-        assert len(want) == 50, n
-        for u in want:
-            seen[u].append(n)
-    for passes in seen.values():
+    for passes in _reread_at(inv, shapes, 60, per_pass=50).values():
         assert len(passes) == 3 and passes[1] - passes[0] == passes[2] - passes[1] == 20
 
 
@@ -154,12 +160,7 @@ def test_heard_changes_make_the_periodic_reread_a_backstop_still_staggered() -> 
     inv.retune(12)  # what the collector does before a pass once they are heard
     assert inv.refresh_every_passes == 12
     assert len(inv.needs_xml(shapes, {s.uuid for s in shapes})) == 120
-    seen: dict[str, list[int]] = {s.uuid: [] for s in shapes}
-    for n in range(24):
-        want = inv.needs_xml(shapes)
-        assert len(want) == 10, n
-        for u in want:
-            seen[u].append(n)
+    seen = _reread_at(inv, shapes, 24, per_pass=10)
     assert all(len(p) == 2 and p[1] - p[0] == 12 for p in seen.values())
     inv.retune(4)
     got = [inv.needs_xml(shapes) for _ in range(8)]
