@@ -126,7 +126,7 @@ class TailTasks:
                         reconnect_max_s=self.collector.cfg.libvirt.reconnect_max_s,
                         connect_timeout_s=self.collector.cfg.libvirt.call_timeout_s,
                         on_xml_change=self.collector.xml_changes.tell,
-                        on_xml_heard=self._xml_heard)
+                        on_xml_heard=self.collector.xml_changes.hear)
                     await nursery.start(self.watcher.run, send)
                     nursery.start_soon(self._consume, recv)
                 if self._watch_stops and self.watch is None:
@@ -167,17 +167,11 @@ class TailTasks:
         return {"light_samples": self.samples_total, "light_sample_errors": self.sample_errors,
                 "vm_ends_seen": self.stops_seen,
                 "vm_ends_watched": self.watch is not None and self._watched_all,
-                "closeouts": dict(self.collector.closeouts_total),
+                "closeouts": dict(coll.closeouts_total),
                 "xml_changes_heard": coll.xml_changes.heard,
                 "domain_xml_reads": dict(coll.inventory.reads)}
 
     # --- lifecycle events -------------------------------------------------------------------
-
-    def _xml_heard(self, heard: bool) -> None:
-        """libvirt's XML change events are heard (or no longer): the inventory re-reads every
-        domain once, and the next pass makes its periodic re-read hourly (or every 10 minutes
-        again: `Collector.xml_refresh_passes`)."""
-        self.collector.xml_changes.hear(heard)
 
     async def _consume(self, recv: trio.MemoryReceiveChannel[Message]) -> None:
         async for msg in recv:

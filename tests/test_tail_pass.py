@@ -502,8 +502,8 @@ async def test_a_broken_stop_watch_leaves_the_samples_on_the_timer(
 
 async def test_a_changed_xml_is_read_at_the_next_pass_and_heard_changes_stretch_the_backstop(
         tmp_path: Path) -> None:
-    """What the lifecycle watcher tells (tailing.TailTasks' hooks) reaches the pass: a domain
-    libvirt says changed has its XML read again by the next pass, the others not; while the
+    """What the lifecycle watcher tells (Collector.xml_changes, its hooks) reaches the pass: a
+    domain libvirt says changed has its XML read again by the next pass, the others not; while the
     changes are heard the periodic re-read is hourly, and every domain is read once then."""
     from hostagent.accounting import inventory
 
@@ -520,14 +520,14 @@ async def test_a_changed_xml_is_read_at_the_next_pass_and_heard_changes_stretch_
     assert (await coll.run_pass()).committed
     assert host.conn.xml_calls == n + 1
     interval_s = coll.cfg.collector.interval_s
-    tail._xml_heard(True)
+    coll.xml_changes.hear(True)  # what the watcher calls when subscribed
     assert (await coll.run_pass()).committed
     assert host.conn.xml_calls == 2 * n + 1
     assert coll.inventory.refresh_every_passes == inventory.refresh_passes(interval_s, 3600)
     h = tail.health()
     assert h["xml_changes_heard"] is True
     assert h["domain_xml_reads"] == {"new": n, "changed": n + 1}
-    tail._xml_heard(False)
+    coll.xml_changes.hear(False)
     assert tail.health()["xml_changes_heard"] is False
     assert (await coll.run_pass()).committed
     assert coll.inventory.refresh_every_passes == inventory.refresh_passes(interval_s, 600)

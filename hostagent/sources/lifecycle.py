@@ -37,7 +37,7 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -330,9 +330,7 @@ class LifecycleWatcher:
             for event_id in XML_CHANGE_EVENTS:
                 ids.append(conn.domainEventRegisterAny(None, event_id, changed, None))
         except libvirt.libvirtError as err:
-            for cid in ids:
-                with contextlib.suppress(libvirt.libvirtError):
-                    conn.domainEventDeregisterAny(cid)
+            _take_back(conn, ids)
             log.info("no XML change events: domain XML re-read every 10 minutes",
                      extra={"error": str(err)})
             return ()
@@ -370,12 +368,17 @@ def _from_thread(token: trio.lowlevel.TrioToken, fn: Callable[..., object], *arg
 
 def _deregister(sub: _Subscription) -> None:
     """Take the callbacks back (in a worker, or in the thread that closes the connection)."""
-    for cid in (sub.callback_id, *sub.change_ids):
-        with contextlib.suppress(libvirt.libvirtError):
-            sub.conn.domainEventDeregisterAny(cid)
+    _take_back(sub.conn, (sub.callback_id, *sub.change_ids))
     if sub.close_watched:
         with contextlib.suppress(libvirt.libvirtError):
             sub.conn.unregisterCloseCallback()
+
+
+def _take_back(conn: Any, callback_ids: Iterable[int]) -> None:
+    """Deregister domain event callbacks; one libvirt no longer knows is skipped."""
+    for cid in callback_ids:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.domainEventDeregisterAny(cid)
 
 
 def _deregister_and_close(sub: _Subscription) -> None:
