@@ -4,8 +4,8 @@ For the bulk call hostagent makes (`getAllDomainStats`, ACTIVE | NOWAIT), and fo
 with one group left out at a time, `--calls` calls back to back: the client's CPU, libvirtd's
 CPU and the QEMU processes' main threads' CPU (where QMP is answered) per call, rounds
 interleaved so drift hits every variant alike. The difference to "all" is what that group
-costs. The pass leaves CPU_TOTAL out once the VMs' cgroups give the same counter
-(docs/sources.md, "CPU from the cgroup"): this shows why.
+costs libvirtd (docs/benchmarks.md, "Sixteenth session": CPU_TOTAL and BALLOON each cost a QMP
+round trip to every QEMU per call).
 
     python bench/libvirt_groups.py [--uri qemu:///system] [--calls 300] [--rounds 3]
 
@@ -72,7 +72,7 @@ def main() -> None:
     conn = libvirt.openReadOnly(args.uri)
     lv = libvirtd_pid()
     domains = len(conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, FLAGS))
-    variants = {"all (hostagent's first pass)": ALL}
+    variants = {"all six (hostagent's call)": ALL}
     variants.update({f"without {name}": ALL & ~bit for name, bit in GROUPS.items()})
     results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in variants}
     measure(conn, ALL, 20, lv)  # warm
@@ -83,7 +83,7 @@ def main() -> None:
           "CPU ms per call (median of rounds)")
     print(f"{'stats groups':32s} {'client':>8s} {'libvirtd':>9s} {'QEMU main':>10s} "
           f"{'libvirtd saved':>15s}")
-    base = statistics.median(r[1] for r in results["all (hostagent's first pass)"])
+    base = statistics.median(r[1] for r in results["all six (hostagent's call)"])
     for name, rows in results.items():
         client, daemon, qemu = (statistics.median(r[i] for r in rows) for i in range(3))
         saved = "" if name.startswith("all") else f"{base - daemon:+.3f}"

@@ -180,8 +180,6 @@ class Collector:
             out.append(pass_reads.domain_reading(
                 d, info, iid, t_wall_ns, files, gpus.of(info.uuid) if gpus is not None else (),
                 self._facts, timed_out=d.name in bulk.timed_out))
-        if only is None and (cgroup_cpu := pass_reads.cgroups_give_cpu(out)) is not None:
-            self.libvirt.ask_cpu = not cgroup_cpu  # the next pass's stats call
         return HostReading(t_wall_ns=t_wall_ns, domains=tuple(out), errors=tuple(errors),
                            path=bulk.path, timed_out=bulk.timed_out,
                            listed={d.uuid: d.name for d in bulk.domains})

@@ -8,7 +8,7 @@ tick before it reads (hostagent/tick.py): the event loop wakes twice a pass.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -87,22 +87,6 @@ class EarlyReads:
                 return None
             wants.append(Want(info, d.stats, facts))
         return self.files.read(wants)
-
-
-def cgroups_give_cpu(domains: Sequence[DomainReading]) -> bool | None:
-    """Whether every domain's own cgroup gives its CPU (`usage_usec`, the counter libvirt's
-    `cpu.time` reports), so that the next stats call need not ask libvirt for it
-    (`LibvirtSource.ask_cpu`): each has a per-VM cpu cgroup found, and where this pass read
-    it (libvirt gave no `cpu.time`), the read gave a figure. None for no domains."""
-    if not domains:
-        return None
-    for r in domains:
-        cg = r.facts.cgroup
-        if cg is None or cg.cpu is None:
-            return False
-        if "cpu.time" not in r.stats and (r.cgroup is None or r.cgroup.cpu_ns is None):
-            return False
-    return True
 
 
 def domain_reading(d: DomainStats, info: DomainInfo, iid: str, t_wall_ns: int,
