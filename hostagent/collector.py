@@ -425,6 +425,8 @@ class Collector:
                 self.baselines[b.instance_id] = b
             for iid in acc.removed:
                 self.baselines.pop(iid, None)
+            if (ask := pass_reads.libvirt_cpu_wanted(host.domains, self.baselines)) is not None:
+                self.libvirt.ask_cpu = ask  # the next pass's stats call
             self.alert_states = dict(acc.alert_states)
             if self.rules is not None:  # their resolved notices are committed now
                 self.rules.forget_retired(acc.retired)

@@ -226,6 +226,17 @@ class Sample:
     gpus: tuple[GpuReading, ...] = ()
     pressure: Pressure | None = None
     missing: Mapping[str, str] = field(default_factory=dict)
+    # Which counter `cpu_ns` is (CPU_FROM_CGROUP where the VM cgroup is found; None: not said,
+    # libvirt's `cpu.time` as a rule), and libvirt's `cpu.time` beside a cgroup reading when
+    # libvirt gave it too (sampling.py bills a change of counter with it).
+    cpu_source: str | None = None
+    cpu_time_ns: int | None = None
+
+
+# The two counters a domain's CPU is read from. They are the same on the lab (libvirt reads the
+# VM cgroup's cpu.stat), but not provably everywhere: one incarnation is billed from one of them.
+CPU_FROM_CGROUP = "cgroup"
+CPU_FROM_LIBVIRT = "libvirt"
 
 
 # --- baselines (persisted per instance) -------------------------------------------------------
@@ -263,9 +274,18 @@ class Baseline:
     # When `cpu_ns` was read; earlier than t_wall_ns after passes without a CPU reading, so a
     # catch-up delta is averaged over the time it really covers.
     cpu_t_wall_ns: int | None = None
+    # Which counter `cpu_ns` is (Sample.cpu_source); None: any (a zero baseline, or a test's).
+    # Stores written before it was recorded read as CPU_FROM_LIBVIRT: cpu.time came first then.
+    cpu_source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the store's on-disk form)."""
+        out = self._dict()
+        if self.cpu_source is not None:
+            out["cpu_source"] = self.cpu_source
+        return out
+
+    def _dict(self) -> dict[str, Any]:
         return {
             "v": 1,
             "instance_id": self.instance_id,
@@ -304,6 +324,7 @@ class Baseline:
                 for t, v in raw["disks"].items()
             },
             cpu_t_wall_ns=_opt_int(raw.get("cpu_t_wall_ns")),
+            cpu_source=str(raw.get("cpu_source") or CPU_FROM_LIBVIRT),
         )
 
 

@@ -8,7 +8,7 @@ tick before it reads (hostagent/tick.py): the event loop wakes twice a pass.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -16,7 +16,14 @@ import trio
 
 from hostagent.accounting.readings import NO_FACTS, DomainReading, HostFacts
 from hostagent.errors import SourceError
-from hostagent.model import DomainInfo, DomainStats, GpuReading, NicCounters
+from hostagent.model import (
+    CPU_FROM_LIBVIRT,
+    Baseline,
+    DomainInfo,
+    DomainStats,
+    GpuReading,
+    NicCounters,
+)
 from hostagent.sources import net as net_src
 from hostagent.sources.domain_files import DomainFiles, FilesResult, Want
 from hostagent.sources.fdcache import FdCache
@@ -87,6 +94,24 @@ class EarlyReads:
                 return None
             wants.append(Want(info, d.stats, facts))
         return self.files.read(wants)
+
+
+def libvirt_cpu_wanted(domains: Sequence[DomainReading],
+                       baselines: Mapping[str, Baseline]) -> bool | None:
+    """Whether the next stats call must ask libvirt for CPU (`LibvirtSource.ask_cpu`): some
+    domain's cpu cgroup is not found (libvirt's `cpu.time` is then its CPU), or some domain's
+    baseline is still in libvirt's counter (the pass that moves it to the cgroup's bills up to
+    libvirt's figure read beside it: sampling.py). None for no domains."""
+    if not domains:
+        return None
+    for r in domains:
+        cg = r.facts.cgroup
+        if cg is None or cg.cpu is None:
+            return True
+        b = baselines.get(r.instance_id)
+        if b is not None and b.cpu_source == CPU_FROM_LIBVIRT:
+            return True
+    return False
 
 
 def domain_reading(d: DomainStats, info: DomainInfo, iid: str, t_wall_ns: int,

@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import libvirt
+
 from hostagent.config.load import load
 from hostagent.daemon import Daemon
 from tests.clocks import FakeClock
@@ -39,6 +41,7 @@ class ReplayConnection:
     def __init__(self, tree: Path) -> None:
         self.tree = tree
         self.bulk_calls = 0
+        self.masks: list[int] = []  # the stats groups each stats call asked for
         self.xml_calls = 0
         self.hang_bulk = threading.Event()
         self.release = threading.Event()
@@ -52,6 +55,16 @@ class ReplayConnection:
             out.append((self._count_xml(FakeDomain(e, xml)), e["stats"]))
         return out
 
+    @staticmethod
+    def _answer(domains: list[tuple[FakeDomain, dict[str, Any]]], mask: int
+                ) -> list[tuple[FakeDomain, dict[str, Any]]]:
+        """The stats as libvirt answers `mask` (0: every group): without CPU_TOTAL, no
+        `cpu.*` keys."""
+        if mask == 0 or mask & libvirt.VIR_DOMAIN_STATS_CPU_TOTAL:
+            return domains
+        return [(d, {k: v for k, v in s.items() if not k.startswith("cpu.")})
+                for d, s in domains]
+
     def _count_xml(self, dom: FakeDomain) -> FakeDomain:
         conn = self
 
@@ -64,16 +77,19 @@ class ReplayConnection:
 
     def getAllDomainStats(self, stats: int, flags: int) -> Any:
         self.bulk_calls += 1
+        self.masks.append(stats)
         if self.hang_bulk.is_set():
             self.release.wait(30)
-        return self._domains()
+        return self._answer(self._domains(), stats)
 
     def listAllDomains(self, flags: int) -> list[FakeDomain]:
         return [d for d, _ in self._domains()]
 
     def domainListGetStats(self, doms: list[FakeDomain], stats: int, flags: int) -> Any:
+        self.masks.append(stats)
         want = {d.UUIDString() for d in doms}
-        return [(d, s) for d, s in self._domains() if d.UUIDString() in want]
+        return self._answer([(d, s) for d, s in self._domains() if d.UUIDString() in want],
+                            stats)
 
     def close(self) -> None:
         pass
@@ -98,6 +114,22 @@ class Host:
     def bulk(self, t: str) -> dict[str, dict[str, Any]]:
         entries = json.loads((self.src / t / "libvirt" / "bulk_stats.json").read_text())
         return {e["uuid"]: e["stats"] for e in entries}
+
+    def cgroup_cpu_ns(self, t: str, uuid: str) -> int:
+        """`usage_usec` x 1000 of the guest's VM cgroup in tree `t`: the counter libvirt's
+        `cpu.time` reports (the recording read it a moment apart from the bulk stats)."""
+        g = next(g for g in self.meta["guests"] if g["uuid"] == uuid)
+        cgroups = self.src / t / "sys" / "fs" / "cgroup"
+        if self.meta["cgroup_layout"] == "hybrid":
+            vm = cgroups / "unified" / "machine" / f"qemu-{g['domid']}-{g['name']}.libvirt-qemu"
+        else:
+            unit = f"qemu-{g['domid']}-{g['name']}".replace("-", "\\x2d")
+            vm = cgroups / "machine.slice" / f"machine-{unit}.scope" / "libvirt"
+        for line in (vm / "cpu.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec":
+                return int(value) * 1000
+        raise AssertionError(f"no usage_usec in {vm}/cpu.stat")
 
 
 def daemon_config(tmp: Path, host: Host, *, tables: str = "", sinks: str = "") -> Path:

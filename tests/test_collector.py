@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import orjson
 import pytest
 import trio
@@ -23,7 +25,7 @@ import trio
 from hostagent import handoff
 from hostagent.collector import Collector
 from hostagent.config.load import from_mapping
-from hostagent.model import Baseline
+from hostagent.model import CPU_FROM_CGROUP, Baseline
 from hostagent.owners.resolver import Owners
 from hostagent.sources.domain_files import PSI_EVERY_S
 from hostagent.sources.files import HostRoot
@@ -79,10 +81,14 @@ async def test_two_passes_bill_exactly_the_recorded_growth(host: Host, tmp_path:
     second = await coll.run_pass()
     assert second.committed, second.error
     assert second.events == second.domains
-    t0, t1 = host.bulk("t0"), host.bulk("t1")
+    # CPU is the VM cgroup's counter wherever that is found; the first stats call asks
+    # libvirt for it too (a new daemon), the second does not (tests/replay.py honours it).
+    assert [bool(m & libvirt.VIR_DOMAIN_STATS_CPU_TOTAL) for m in host.conn.masks] == [
+        True, False]
+    t0 = host.bulk("t0")
     for u in second.usages:
         assert u.period_end_ns - u.period_start_ns == int(host.meta["interval_s"] * 1e9)
-        assert u.cpu_ns == t1[u.uuid]["cpu.time"] - t0[u.uuid]["cpu.time"]
+        assert u.cpu_ns == host.cgroup_cpu_ns("t1", u.uuid) - host.cgroup_cpu_ns("t0", u.uuid)
         assert u.cpu_seconds == u.cpu_ns // 10**9
     assert host.conn.xml_calls == len(t0)  # XML read once per domain, not every pass
     payloads = [orjson.loads(p) for p in store_payloads(store)]
@@ -158,6 +164,84 @@ async def test_without_libvirt_figures_the_pass_reads_cgroup_usage_but_no_limit(
         assert not [k for k in s.missing if "limit" in k], s.missing
     coll.cgroups.close()
     store.close()
+
+
+async def test_a_cgroup_cpu_read_that_fails_defers_that_cpu_and_never_switches_counter(
+        tmp_path: Path) -> None:
+    """CPU is the VM cgroup's counter wherever that cgroup is found (libvirt is then not asked
+    for it: its CPU group costs a QMP round trip to every QEMU). A domain whose cpu.stat cannot
+    be read has no CPU that pass (never libvirt's `cpu.time` instead: another counter where
+    they differ), and the next good read bills the gap: the sum is the counter's growth."""
+    host = editable_host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path, count_preexisting=False)
+    assert (await coll.run_pass()).committed
+    host.move_to_t1()
+    broken = host.meta["guests"][0]
+    vm = (host.src / "t1/sys/fs/cgroup/unified/machine"
+          / f"qemu-{broken['domid']}-{broken['name']}.libvirt-qemu")
+    saved = (vm / "cpu.stat").read_text()
+    (vm / "cpu.stat").unlink()
+    (vm / "cpu.stat").mkdir()  # reading it fails (EISDIR)
+    second = await coll.run_pass()
+    assert second.committed, second.error
+    sample = next(s for s in second.samples if s.uuid == broken["uuid"])
+    assert sample.cpu_ns is None and "cpu" in sample.missing
+    assert not coll.libvirt.ask_cpu  # a failed read is not a reason to ask libvirt
+    (vm / "cpu.stat").rmdir()
+    (vm / "cpu.stat").write_text(saved)
+    host.clock.advance(float(host.meta["interval_s"]))
+    third = await coll.run_pass()
+    assert third.committed, third.error
+    assert [bool(m & libvirt.VIR_DOMAIN_STATS_CPU_TOTAL) for m in host.conn.masks] == [
+        True, False, False]
+    billed = [u for r in (second, third) for u in r.usages if u.uuid == broken["uuid"]]
+    assert billed[0].period_start_ns == host.clock.wall_ns - int(
+        2 * host.meta["interval_s"] * 1e9)
+    assert billed[-1].period_end_ns == host.clock.wall_ns
+    assert sum(u.cpu_ns for u in billed) == host.cgroup_cpu_ns(
+        "t1", broken["uuid"]) - host.cgroup_cpu_ns("t0", broken["uuid"])
+    store.close()
+
+
+async def test_a_store_of_libvirt_figures_moves_to_the_cgroup_counter_without_a_reset(
+        tmp_path: Path) -> None:
+    """Baselines written before sources were recorded hold libvirt's `cpu.time`. Here the VM
+    cgroup's counter reads LOWER than libvirt's (as where libvirt reads a machine scope and the
+    daemon its `libvirt/` child): the first pass bills up to libvirt's figure, read beside,
+    and carries on from the cgroup's. Billing the drop as a reset would bill the whole
+    counter again."""
+    host = editable_host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path, count_preexisting=False)
+    assert (await coll.run_pass()).committed
+    store.close()
+    t0 = host.bulk("t0")
+    state = tmp_path / "state.db"
+    with sqlite3.connect(state) as db:  # the store as an older version left it
+        for iid, raw in list(db.execute("SELECT instance_id, state FROM baselines")):
+            doc = json.loads(raw)
+            assert doc.pop("cpu_source") == CPU_FROM_CGROUP
+            uuid = next(g["uuid"] for g in host.meta["guests"] if g["uuid"] == iid)
+            doc["cpu_ns"] = t0[uuid]["cpu.time"] + 10**9  # libvirt's, above the cgroup's
+            db.execute("UPDATE baselines SET state = ? WHERE instance_id = ?",
+                       (json.dumps(doc), iid))
+    host.move_to_t1()
+    for g in host.meta["guests"]:  # libvirt's counter at t1: 2 s more than at the baseline
+        bulk = host.src / "t1" / "libvirt" / "bulk_stats.json"
+        entries = json.loads(bulk.read_text())
+        for e in entries:
+            if e["uuid"] == g["uuid"]:
+                e["stats"]["cpu.time"] = t0[g["uuid"]]["cpu.time"] + 3 * 10**9
+        bulk.write_text(json.dumps(entries))
+    coll2, store2 = make_collector(host, tmp_path, count_preexisting=False)
+    report = await coll2.run_pass()
+    assert report.committed, report.error
+    assert report.usages
+    for u in report.usages:
+        assert u.cpu_ns == 2 * 10**9  # libvirt's growth, not the cgroup's whole counter
+        assert coll2.baselines[u.instance_id].cpu_source == CPU_FROM_CGROUP
+        assert coll2.baselines[u.instance_id].cpu_ns == host.cgroup_cpu_ns("t1", u.uuid)
+    assert not coll2.libvirt.ask_cpu  # every baseline in the cgroup's counter now
+    store2.close()
 
 
 async def test_restart_resumes_from_persisted_baselines(tmp_path: Path) -> None:
@@ -370,8 +454,18 @@ async def test_broken_domains_cost_only_their_own_readings(
     missing = {s.name: s.missing for s in second.samples}
     billed = {"halab-1", "halab-2"} | {n for n, (_, ok) in BROKEN.items() if ok}
     assert set(by_name) == billed
+    # Some domains' cgroups cannot be found (no process), so libvirt is still asked for CPU.
+    assert all(m & libvirt.VIR_DOMAIN_STATS_CPU_TOTAL for m in host.conn.masks)
+    by_uuid = {s.uuid: s for s in second.samples}
     for u in second.usages:  # the healthy and the half-read domains, exactly
-        assert u.cpu_ns == t1[u.uuid]["cpu.time"] - t0[u.uuid]["cpu.time"]
+        if u.name in ("halab-1", "halab-2"):  # their cgroup is found: its counter
+            assert by_uuid[u.uuid].cpu_source == CPU_FROM_CGROUP
+            assert u.cpu_ns == host.cgroup_cpu_ns("t1", u.uuid) - host.cgroup_cpu_ns(
+                "t0", u.uuid)
+        else:  # a clone whose cgroup is found is halab-2's: its process and counter
+            assert u.cpu_ns in (t1[u.uuid]["cpu.time"] - t0[u.uuid]["cpu.time"],
+                                host.cgroup_cpu_ns("t1", by_name["halab-2"].uuid)
+                                - host.cgroup_cpu_ns("t0", by_name["halab-2"].uuid)), u.name
         assert u.period_end_ns - u.period_start_ns == int(host.meta["interval_s"] * 1e9)
     for name in ("halab-1", "halab-2"):
         assert not any(k in missing[name] for k in ("process", "cgroup")), name
@@ -547,9 +641,9 @@ async def test_one_domain_whose_stats_call_fails_is_counted_and_the_others_bille
     assert [(e.name, e.step) for e in report.read_errors] == [("halab-1", "stats")]
     assert report.read_errors_total == {"stats": 1}
     assert [u.name for u in report.usages] == ["halab-2"]
-    t0, t1 = host.bulk("t0"), host.bulk("t1")
     u = report.usages[0]
-    assert u.cpu_ns == t1[u.uuid]["cpu.time"] - t0[u.uuid]["cpu.time"]
+    assert not host.conn.masks[-1] & libvirt.VIR_DOMAIN_STATS_CPU_TOTAL  # from the cgroup
+    assert u.cpu_ns == host.cgroup_cpu_ns("t1", u.uuid) - host.cgroup_cpu_ns("t0", u.uuid)
     halab1 = next(iid for iid, b in before.items() if iid != u.instance_id)
     assert coll.baselines[halab1] == before[halab1]  # kept: the next pass covers the gap
     store.close()

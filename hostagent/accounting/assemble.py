@@ -1,7 +1,9 @@
 """Pure: one domain's readings from every source → a `Sample`, saying which source gave what.
 
 Preference order (each figure from the first source that has it):
-- CPU: libvirt `cpu.time` (ns) → cgroup `cpu.stat usage_usec` × 1000 (the same counter).
+- CPU: the VM cgroup's `cpu.stat usage_usec` × 1000 (v1 `cpuacct.usage`) wherever that cgroup
+  is found, else libvirt `cpu.time` (ns). The same counter on the lab, but one incarnation is
+  billed from one of them (`Sample.cpu_source`; sampling.py bills across a change of source).
 - Memory in use: balloon (`available − usable`, what the guest itself reports) → cgroup working
   set (`memory.current − inactive_file`) → QEMU RSS (`balloon.rss`).
 - NIC bytes: netlink tap counters (with ifindex, so a re-created tap is seen as a reset) →
@@ -17,6 +19,7 @@ from typing import Any
 from hostagent.accounting.readings import DomainReading
 from hostagent.accounting.sampling import incarnation_of
 from hostagent.model import (
+    CPU_FROM_CGROUP,
     BlockCounters,
     DomainInfo,
     GpuReading,
@@ -152,13 +155,24 @@ def _sample(info: DomainInfo, instance_id: str, stats: Mapping[str, Any], t_wall
             cgroup_working_set_bytes: int | None, pressure: Pressure | None,
             netlink_nics: Mapping[str, NicCounters] | None,
             netlink_missing: Mapping[str, str] | None, gpus: tuple[GpuReading, ...],
-            missing: dict[str, str]) -> Sample:
-    """`build_sample`, positional and filling `missing` in place (once per domain and pass)."""
-    cpu_ns = _int(stats, "cpu.time")
-    if cpu_ns is None:
-        cpu_ns = cgroup_cpu_ns
-    if cpu_ns is None:
-        missing["cpu"] = "neither libvirt cpu.time nor the cgroup cpu.stat could be read"
+            missing: dict[str, str], cpu_cgroup: bool = False) -> Sample:
+    """`build_sample`, positional and filling `missing` in place (once per domain and pass).
+
+    `cpu_cgroup`: the VM's cpu cgroup is found, and `cgroup_cpu_ns` is its CPU (None: that
+    read failed, and the CPU is missing this time; labelled CPU_FROM_CGROUP, with libvirt's
+    `cpu.time` beside it when given); otherwise libvirt's `cpu.time`, or the cgroup figure where
+    libvirt gave none, unlabelled as before sources were recorded."""
+    cpu_time_ns = _int(stats, "cpu.time")
+    cpu_source: str | None
+    if cpu_cgroup:  # the VM's cpu cgroup is found: its counter is this domain's CPU
+        cpu_ns, cpu_source = cgroup_cpu_ns, CPU_FROM_CGROUP
+        if cpu_ns is None:  # never libvirt's instead: one counter per incarnation
+            missing["cpu"] = "the VM cgroup's cpu.stat could not be read"
+    else:  # no VM cgroup found: libvirt's figure (a cgroup one only where given without it)
+        cpu_ns = cpu_time_ns if cpu_time_ns is not None else cgroup_cpu_ns
+        cpu_source, cpu_time_ns = None, None
+        if cpu_ns is None:
+            missing["cpu"] = "neither libvirt cpu.time nor the cgroup cpu.stat could be read"
 
     memory = memory_reading(stats, cgroup_working_set_bytes)
     if memory is None:
@@ -194,7 +208,7 @@ def _sample(info: DomainInfo, instance_id: str, stats: Mapping[str, Any], t_wall
     return Sample(instance_id, info.uuid, info.name,
                   info.domid, incarnation_of(info.domid, start_ticks), started_wall_ns,
                   t_wall_ns, vcpus, alloc_bytes, cpu_ns, memory, tuple(nics), disks, gpus,
-                  pressure, missing or _NOTHING_MISSING)
+                  pressure, missing or _NOTHING_MISSING, cpu_source, cpu_time_ns)
 
 
 def sample_of(r: DomainReading) -> Sample:
@@ -202,12 +216,14 @@ def sample_of(r: DomainReading) -> Sample:
     missing = dict(r.missing) if r.missing else {}
     cg = r.cgroup
     facts = r.facts
+    paths = facts.cgroup
+    cpu_cgroup = paths is not None and paths.cpu is not None
     if cg is None:
         return _sample(r.info, r.instance_id, r.stats, r.t_wall_ns, facts.start_ticks,
                        facts.started_wall_ns, None, None, None, r.netlink_nics,
-                       r.netlink_missing, r.gpus, missing)
+                       r.netlink_missing, r.gpus, missing, cpu_cgroup)
     if cg.missing:
         missing.update({f"cgroup:{k}": v for k, v in cg.missing.items()})
     return _sample(r.info, r.instance_id, r.stats, r.t_wall_ns, facts.start_ticks,
                    facts.started_wall_ns, cg.cpu_ns, cg.memory_working_set_bytes, cg.pressure,
-                   r.netlink_nics, r.netlink_missing, r.gpus, missing)
+                   r.netlink_nics, r.netlink_missing, r.gpus, missing, cpu_cgroup)

@@ -91,9 +91,11 @@ def overlay(anchor: Sample, light: LightReading | None) -> Sample:
     """The last reading of a domain: the anchor with the light counters that belong to it."""
     if light is None or light.domid != anchor.domid or light.t_wall_ns <= anchor.t_wall_ns:
         return anchor
-    cpu_ns = anchor.cpu_ns
+    cpu_ns, cpu_time_ns = anchor.cpu_ns, anchor.cpu_time_ns
     if light.cpu_ns is not None and (anchor.cpu_ns is None or light.cpu_ns >= anchor.cpu_ns):
-        cpu_ns = light.cpu_ns
+        # The VM cgroup's counter (sources/light.py): the anchor's too wherever that cgroup
+        # is found (its label stays); libvirt's figure beside it is the anchor's, not now's.
+        cpu_ns, cpu_time_ns = light.cpu_ns, None
     fresh = {n.mac.lower(): n for n in light.nics}
     nics = []
     for old in anchor.nics:
@@ -103,7 +105,7 @@ def overlay(anchor: Sample, light: LightReading | None) -> Sample:
                 and new.guest_tx_bytes >= old.guest_tx_bytes)
         nics.append(new if new is not None and same_tap and grew else old)
     return dataclasses.replace(anchor, t_wall_ns=light.t_wall_ns, cpu_ns=cpu_ns,
-                               nics=tuple(nics))
+                               nics=tuple(nics), cpu_time_ns=cpu_time_ns)
 
 
 def io_growth(anchor_io: IoBytes | None, light: LightReading | None,

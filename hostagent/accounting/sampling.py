@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from hostagent.model import Baseline, DiskBase, NicBase, Sample, Usage
+from hostagent.model import CPU_FROM_LIBVIRT, Baseline, DiskBase, NicBase, Sample, Usage
 
 NS_PER_S = 1_000_000_000
 
@@ -29,6 +29,9 @@ NS_PER_S = 1_000_000_000
 # missing has no known value. This sentinel marks "known NIC, value not yet established"; the
 # next good reading establishes it without billing anything. It round-trips through to_dict().
 ESTABLISHED = "baseline established by this reading; earlier use is unknown"
+# The CPU counter changed (libvirt cpu.time <-> the VM cgroup) without the old one beside it:
+# the period bills no CPU, and the next one counts on from this reading.
+SOURCE_CHANGED = "CPU read from another counter than before; counted on from this reading"
 
 
 def incarnation_of(domid: int, start_ticks: int | None) -> str:
@@ -158,6 +161,7 @@ def usage(
         nics,
         disks,
         cpu_t_wall_ns,
+        (cur.cpu_source or CPU_FROM_LIBVIRT) if cpu_read else base.cpu_source,
     )
     return result, new_base
 
@@ -202,6 +206,7 @@ def _observed_baseline(cur: Sample) -> Baseline:
         cpu_ns=cpu,
         nics=nics,
         disks=disks,
+        cpu_source=None if cpu is None else (cur.cpu_source or CPU_FROM_LIBVIRT),
     )
 
 
@@ -257,6 +262,19 @@ def _cpu(base: Baseline, cur: Sample, missing: dict[str, str]) -> tuple[int, int
     old = base.cpu_ns
     if old is None:
         missing["cpu"] = ESTABLISHED
+        return 0, value, False
+    # An unlabelled reading is libvirt's as a rule (no VM cgroup found); an unlabelled
+    # baseline (a zero one: a new process) matches any counter.
+    was, now = base.cpu_source, cur.cpu_source or CPU_FROM_LIBVIRT
+    if was is not None and was != now:
+        # Another counter than the baseline's (libvirt `cpu.time` ↔ the VM cgroup): where they
+        # are not the very same file, one can be lower, and a drop must never bill the whole
+        # counter as a reset. Billed in the baseline's counter when this reading has it too
+        # (libvirt's beside a cgroup reading), then on from the new one.
+        other = cur.cpu_time_ns if was == CPU_FROM_LIBVIRT else None
+        if other is not None and other >= old:
+            return other - old, value, True
+        missing["cpu"] = SOURCE_CHANGED
         return 0, value, False
     return (value if value < old else value - old), value, True
 

@@ -1,6 +1,7 @@
 """The blocking host reads of one pass, done in ONE worker-thread call: the tap link dump, each
-new QEMU process's pid file, /proc entry and cgroup location, and the cgroup files libvirt could
-not stand in for.
+new QEMU process's pid file, /proc entry and cgroup location, the VM cgroup's CPU (`cpu.stat`:
+the CPU of every domain whose cgroup is found, accounting/assemble.py) and the other cgroup
+files libvirt could not stand in for.
 
 One domain's failure is that domain's alone: an unreadable pid file (EACCES, EIO, a name so
 long that the path gives ENAMETOOLONG), a /proc or cgroup file that cannot be read, becomes a
@@ -9,8 +10,8 @@ as usual. A file that is gone (the process exited) is not an error (files.GONE_E
 
 PSI `some avg10` is a 10-second moving average: it is read every PSI_EVERY_S (and on a
 domain's first pass), and the passes between reuse the last figures (at a 1 s interval that
-skips 4 of 5 PSI reads, which on a host where libvirt gives CPU and balloon memory are the
-only cgroup files a pass reads).
+skips 4 of 5 PSI reads, which on a host where libvirt gives balloon memory are, with
+`cpu.stat`, the only cgroup files a pass reads).
 
 The caller bounds the whole call with a deadline and abandons it past that (trio's
 `abandon_on_cancel`); an abandoned call may still be running when the next pass comes, so
@@ -85,7 +86,6 @@ class _Kept:
     """A domain's last PSI figures and why some were missing, kept between PSI reads."""
 
     psi: cgroup_src.KeptPressure
-    alone: CgroupReading | None = None  # the PSI-only reading, made once per PSI read
 
 
 class DomainFiles:
@@ -140,44 +140,34 @@ class DomainFiles:
             # Found once per incarnation, tried again each pass until complete.
             facts = self._facts(w.info, missing, out.errors)
         out.facts[key] = facts
-        want_cpu = "cpu.time" not in w.stats
+        # Every pass reads the VM cgroup's CPU: its counter is the domain's CPU wherever that
+        # cgroup is found (accounting/assemble.py); memory only where libvirt gave none.
         want_memory = not has_guest_memory(w.stats)
         kept = None if psi_due or not self.pressure else last_psi.get(key)
-        if want_cpu or want_memory or self.pressure:
-            if facts.cgroup is None:
-                out.cgroups[key] = missing.get("cgroup", NO_CGROUP)
-            else:
-                try:
-                    out.cgroups[key] = self._cgroup(key, facts.cgroup, want_cpu, want_memory,
-                                                    kept)
-                except DOMAIN_READ_ERRORS as err:
-                    out.cgroups[key] = brief(str(err))
-                    out.errors.append(_error(w.info, "cgroup", err))
+        if facts.cgroup is None:
+            out.cgroups[key] = missing.get("cgroup", NO_CGROUP)
+        else:
+            try:
+                out.cgroups[key] = self._cgroup(key, facts.cgroup, want_memory, kept)
+            except DOMAIN_READ_ERRORS as err:
+                out.cgroups[key] = brief(str(err))
+                out.errors.append(_error(w.info, "cgroup", err))
         missing.pop("cgroup", None)  # reported through out.cgroups
         if missing:
             out.missing[key] = missing
 
-    def _cgroup(self, key: Key, paths: CgroupPaths, cpu: bool, memory: bool,
+    def _cgroup(self, key: Key, paths: CgroupPaths, memory: bool,
                 kept: _Kept | None) -> CgroupReading:
-        """The cgroup files wanted now; PSI from `kept` (the last read) when given."""
+        """The cgroup files wanted now (CPU always, memory where libvirt gave none); PSI from
+        `kept` (the last read) when given."""
         if kept is None:
-            got = self.cgroups.read(paths, cpu=cpu, memory=memory)
+            got = self.cgroups.read(paths, memory=memory)
             if self.pressure:
                 self._psi[key] = _Kept((got.pressure, {k: v for k, v in got.missing.items()
                                                        if k.startswith(PSI_KEY)}))
             return got
         self._psi[key] = kept
-        if cpu or memory:
-            return self.cgroups.read(paths, cpu=cpu, memory=memory, kept=kept.psi)
-        # Only PSI wanted (libvirt gave CPU and memory: a real host's usual pass): the same
-        # reading as last pass, made once per PSI read (nothing mutates a reading's missing).
-        if kept.alone is None:
-            pressure, missing = kept.psi
-            kept.alone = CgroupReading(
-                cpu_ns=None, memory_current_bytes=None, memory_working_set_bytes=None,
-                memory_limit_bytes=None, io_read_bytes=None, io_write_bytes=None,
-                io_source=None, pressure=pressure, missing=dict(missing))
-        return kept.alone
+        return self.cgroups.read(paths, memory=memory, kept=kept.psi)
 
     def _facts(self, info: DomainInfo, missing: dict[str, str],
                errors: list[ReadError]) -> HostFacts:

@@ -2,6 +2,9 @@
 
 golden/pass_history.jsonl was recorded before the accounting step was made faster (issue 16);
 every event payload, event_id, baseline `to_dict()` and sample summary must match it exactly.
+Re-recorded once since, when baselines began to record their CPU counter: the only change was
+the `"cpu_source":"libvirt"` key in the baselines of that history (its domains have no VM
+cgroup found, so their CPU is libvirt's as a rule); every event stayed byte for byte.
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ def test_the_field_orders_positional_construction_relies_on() -> None:
     assert [f.name for f in fields(Sample)] == [
         "instance_id", "uuid", "name", "domid", "incarnation", "started_wall_ns", "t_wall_ns",
         "vcpus", "memory_alloc_bytes", "cpu_ns", "memory", "nics", "disks", "gpus", "pressure",
-        "missing"]
+        "missing", "cpu_source", "cpu_time_ns"]
     assert [f.name for f in fields(Baseline)] == [
         "instance_id", "incarnation", "t_wall_ns", "cpu_ns", "cpu_carry_ns", "gpu_carry_ns",
-        "nics", "disks", "cpu_t_wall_ns"]
+        "nics", "disks", "cpu_t_wall_ns", "cpu_source"]
     assert [f.name for f in fields(OutEvent)][:6] == [
         "event_id", "kind", "instance_id", "period_start_ns", "period_end_ns", "payload"]
     assert [f.name for f in fields(BlockCounters)] == [

@@ -10,8 +10,10 @@ import orjson
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from hostagent.accounting.sampling import ESTABLISHED, NS_PER_S, usage
+from hostagent.accounting.sampling import ESTABLISHED, NS_PER_S, SOURCE_CHANGED, usage
 from hostagent.model import (
+    CPU_FROM_CGROUP,
+    CPU_FROM_LIBVIRT,
     Baseline,
     BlockCounters,
     DiskBase,
@@ -150,6 +152,7 @@ def test_deltas_within_an_incarnation() -> None:
         nics={MAC: NicBase(7, 400, 1200)},
         disks={"vda": DiskBase(11, 22)},
         cpu_t_wall_ns=T0 + 30 * S,
+        cpu_source=CPU_FROM_LIBVIRT,  # an unlabelled reading's CPU is libvirt's as a rule
     )
 
 
@@ -713,3 +716,77 @@ def test_usage_accounts_every_unit_exactly_once(data: st.DataObject) -> None:
         assert cpu_s_by_inc.get(name, 0) == total_ns // S  # (d)
     for name, rs in running_start.items():
         assert gpu_s_by_inc.get(name, 0) == gpus_of[name] * (last_accepted[name] - rs) // S  # (d)
+
+
+# --- the CPU counter: libvirt's cpu.time or the VM cgroup's, one per incarnation ---------------
+
+
+def test_a_lower_reading_from_another_counter_is_never_billed_as_a_reset() -> None:
+    """The baseline holds libvirt's cpu.time; the VM cgroup's counter reads lower (libvirt
+    read another cgroup: a machine scope, say). Within one process a lower counter of the SAME
+    source is a reset; across sources it bills nothing and counts on from the new reading."""
+    prev = base(cpu_ns=500 * S, cpu_source=CPU_FROM_LIBVIRT)
+    cur = sample(T0 + 30 * S, cpu_ns=499 * S, cpu_source=CPU_FROM_CGROUP)
+    u, b = emitted(prev, cur)
+    assert u.cpu_ns == 0 and u.missing.get("cpu") == SOURCE_CHANGED
+    assert (b.cpu_ns, b.cpu_source, b.cpu_t_wall_ns) == (499 * S, CPU_FROM_CGROUP, T0 + 30 * S)
+    u2, _ = emitted(b, sample(T0 + 60 * S, cpu_ns=502 * S, cpu_source=CPU_FROM_CGROUP))
+    assert u2.cpu_ns == 3 * S  # on from the cgroup's own figure
+    # the same counter going down is still a reset (a v1 cpuacct.usage written to 0)
+    u3, _ = emitted(b, sample(T0 + 60 * S, cpu_ns=2 * S, cpu_source=CPU_FROM_CGROUP))
+    assert u3.cpu_ns == 2 * S
+
+
+def test_a_change_of_counter_bills_in_the_old_one_when_the_reading_has_both() -> None:
+    """An upgraded store (baselines in libvirt's cpu.time) meets a pass that reads the cgroup
+    and asked libvirt too: the period bills libvirt's growth exactly, then the cgroup's."""
+    prev = base(cpu_ns=500 * S, cpu_source=CPU_FROM_LIBVIRT)
+    cur = sample(T0 + 30 * S, cpu_ns=480 * S, cpu_time_ns=530 * S, cpu_source=CPU_FROM_CGROUP)
+    u, b = emitted(prev, cur)
+    assert u.cpu_ns == 30 * S and "cpu" not in u.missing
+    assert (b.cpu_ns, b.cpu_source) == (480 * S, CPU_FROM_CGROUP)
+    u2, _ = emitted(b, sample(T0 + 60 * S, cpu_ns=490 * S, cpu_source=CPU_FROM_CGROUP))
+    assert u2.cpu_ns == 10 * S
+    # libvirt's figure below the baseline is no measurement either: nothing billed
+    u3, _ = emitted(prev, sample(T0 + 30 * S, cpu_ns=480 * S, cpu_time_ns=400 * S,
+                                 cpu_source=CPU_FROM_CGROUP))
+    assert u3.cpu_ns == 0 and u3.missing.get("cpu") == SOURCE_CHANGED
+
+
+def test_stores_written_before_sources_were_recorded_read_as_libvirt() -> None:
+    raw = base(cpu_ns=5 * S).to_dict()
+    assert "cpu_source" not in raw  # an unlabelled baseline writes no key
+    assert Baseline.from_dict(raw).cpu_source == CPU_FROM_LIBVIRT
+    labelled = base(cpu_ns=5 * S, cpu_source=CPU_FROM_CGROUP)
+    assert Baseline.from_dict(labelled.to_dict()) == labelled
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    offset=st.integers(-50 * S, 50 * S),
+    steps=st.lists(st.tuples(st.integers(0, 5 * S), st.sampled_from(["libvirt", "cgroup"]),
+                             st.booleans()), min_size=1, max_size=12),
+)
+def test_switching_counters_never_bills_more_than_the_vm_used(
+        offset: int, steps: list[tuple[int, str, bool]]) -> None:
+    """libvirt's counter L(t) and the cgroup's C(t) = L(t) + offset grow together; each pass
+    reads one of them (with libvirt's beside the cgroup's or not). Whatever the switches, the
+    CPU billed never exceeds L's growth: a switch is never a reset."""
+    start = 1000 * S
+    used = 0
+    prev = base(cpu_ns=start, cpu_source=CPU_FROM_LIBVIRT)
+    billed = 0
+    t = T0
+    for grow, source, both in steps:
+        used += grow
+        t += 30 * S
+        lib = start + used
+        if source == "libvirt":
+            cur = sample(t, cpu_ns=lib, cpu_source=None)
+        else:
+            cur = sample(t, cpu_ns=max(lib + offset, 0), cpu_source=CPU_FROM_CGROUP,
+                         cpu_time_ns=lib if both else None)
+        u, prev = run(prev, cur)
+        if u is not None:
+            billed += u.cpu_ns
+    assert 0 <= billed <= used

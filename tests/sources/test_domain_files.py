@@ -20,7 +20,8 @@ from tests.sources.conftest import trusting
 
 HOSTS = Path(__file__).parents[2] / "fixtures" / "hosts"
 CG = "/sys/fs/cgroup"
-# libvirt gave CPU and balloon memory: PSI is then the only cgroup read a pass wants
+# libvirt gave CPU and balloon memory: the VM cgroup's cpu.stat (the domain's CPU wherever
+# that cgroup is found) and PSI are then the only cgroup files a pass reads
 LIBVIRT_STATS = {"cpu.time": 1, "balloon.available": 1, "balloon.unused": 1}
 
 
@@ -72,8 +73,8 @@ def test_psi_is_read_every_psi_every_s_and_kept_between(tmp_path: Path) -> None:
     assert psi_cpu(files.read([want])) == 1.5  # last figures, no file read
     clock.now_s += PSI_EVERY_S - 1
     assert psi_cpu(files.read([want])) == 42.5
-    # the kept PSI descriptors survive the passes that do not read them
-    assert (fds.stats().opened, fds.stats().swept) == (3, 0)
+    # the kept PSI descriptors (and cpu.stat's) survive the passes that do not read them
+    assert (fds.stats().opened, fds.stats().swept) == (4, 0)
 
 
 def test_a_new_incarnation_reads_psi_at_once(tmp_path: Path) -> None:
@@ -89,18 +90,22 @@ def test_a_new_incarnation_reads_psi_at_once(tmp_path: Path) -> None:
     assert got.pressure.cpu_some_avg10 == 7.25
 
 
-def test_between_psi_reads_no_file_is_read_and_the_reading_is_the_last(tmp_path: Path) -> None:
-    files, want, _, clock, fds = setup(tmp_path)
+def test_between_psi_reads_only_cpu_stat_is_read(tmp_path: Path) -> None:
+    files, want, d, clock, fds = setup(tmp_path)
     first = files.read([want])
     assert first is not None
     reads = fds.stats().hits + fds.stats().opened + fds.stats().uncached
     clock.now_s += 1
+    (d / "cpu.stat").write_text("usage_usec 123456\nuser_usec 1\nsystem_usec 2\n")
     second, third = files.read([want]), files.read([want])
     assert second is not None and third is not None
-    assert fds.stats().hits + fds.stats().opened + fds.stats().uncached == reads
-    # libvirt gave CPU and memory: the PSI-only reading is made once per PSI read
-    assert second.cgroups[("u-beta", 7)] is third.cgroups[("u-beta", 7)]
-    assert second.cgroups[("u-beta", 7)] == first.cgroups[("u-beta", 7)]
+    # libvirt gave CPU and memory: one file a pass, the VM cgroup's cpu.stat (its counter is
+    # the domain's CPU), PSI as last read
+    assert fds.stats().hits + fds.stats().opened + fds.stats().uncached == reads + 2
+    a, b = first.cgroups[("u-beta", 7)], third.cgroups[("u-beta", 7)]
+    assert isinstance(a, CgroupReading) and isinstance(b, CgroupReading)
+    assert b.cpu_ns == 123456 * 1000 and b.memory_current_bytes is None
+    assert b.pressure == a.pressure
 
 
 def test_kept_psi_joins_the_cpu_and_memory_read_between_psi_reads(tmp_path: Path) -> None:
