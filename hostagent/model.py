@@ -274,8 +274,7 @@ class Baseline:
     # When `cpu_ns` was read; earlier than t_wall_ns after passes without a CPU reading, so a
     # catch-up delta is averaged over the time it really covers.
     cpu_t_wall_ns: int | None = None
-    # Which counter `cpu_ns` is (Sample.cpu_source); None: any (a zero baseline, or a test's).
-    # Stores written before it was recorded read as CPU_FROM_LIBVIRT: cpu.time came first then.
+    # Which counter `cpu_ns` is (Sample.cpu_source); None: not recorded (`cpu_counter`).
     cpu_source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -324,8 +323,17 @@ class Baseline:
                 for t, v in raw["disks"].items()
             },
             cpu_t_wall_ns=_opt_int(raw.get("cpu_t_wall_ns")),
-            cpu_source=str(raw.get("cpu_source") or CPU_FROM_LIBVIRT),
+            cpu_source=None if raw.get("cpu_source") is None else str(raw["cpu_source"]),
         )
+
+    @property
+    def cpu_counter(self) -> str | None:
+        """The counter `cpu_ns` is in: `cpu_source`, else libvirt's for a counter above zero
+        (stores written before sources were recorded, when `cpu.time` came first); None for a
+        zero (a new process's: any counter) or no counter."""
+        if self.cpu_source is not None or not self.cpu_ns:
+            return self.cpu_source
+        return CPU_FROM_LIBVIRT
 
 
 def _opt_int(value: Any) -> int | None:

@@ -109,7 +109,7 @@ def libvirt_cpu_wanted(domains: Sequence[DomainReading],
         if cg is None or cg.cpu is None:
             return True
         b = baselines.get(r.instance_id)
-        if b is not None and b.cpu_source == CPU_FROM_LIBVIRT:
+        if b is not None and b.cpu_counter == CPU_FROM_LIBVIRT:
             return True
     return False
 

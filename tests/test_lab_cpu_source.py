@@ -1,9 +1,9 @@
 """Where a pass takes a VM's CPU from, on real libvirt + QEMU guests (the lab).
 
 libvirt 9 answers the CPU_TOTAL stats group with a QMP `query-stats` round trip to every QEMU
-(besides two reads of the cgroup's cpu.stat). While every domain's cgroup is found, the pass
-reads the counter there (`usage_usec`, LAB-NOTES: the counter `cpu.time` reports) and does not
-ask libvirt for it; these tests check that on libvirtd itself.
+(besides two reads of the cgroup's cpu.stat). A domain's CPU is its VM cgroup's counter wherever
+that is found (`usage_usec`; LAB-NOTES: on the lab the very counter `cpu.time` reports), so
+once every baseline is in it the pass does not ask libvirt; checked here on libvirtd itself.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import trio
 from hostagent.clock import SystemClock
 from hostagent.collector import Collector
 from hostagent.config.load import from_mapping
+from hostagent.model import CPU_FROM_CGROUP
 from hostagent.owners.resolver import Owners
 from hostagent.sources.files import HostRoot
 from hostagent.sources.libvirt import LibvirtSource
@@ -79,7 +80,8 @@ async def test_passes_read_cpu_from_the_cgroup_not_libvirts_cpu_group(
     try:
         first = await coll.run_pass()
         assert first.committed, first.error
-        assert not lv.ask_cpu  # every lab guest's cgroup was found
+        assert {s.cpu_source for s in first.samples} == {CPU_FROM_CGROUP}
+        assert not lv.ask_cpu  # every lab guest's cgroup was found, every baseline is in it
         await trio.sleep(1.0)
         before = libvirt_cpu_ns(ref)
         second = await coll.run_pass()

@@ -263,9 +263,9 @@ def _cpu(base: Baseline, cur: Sample, missing: dict[str, str]) -> tuple[int, int
     if old is None:
         missing["cpu"] = ESTABLISHED
         return 0, value, False
-    # An unlabelled reading is libvirt's as a rule (no VM cgroup found); an unlabelled
-    # baseline (a zero one: a new process) matches any counter.
-    was, now = base.cpu_source, cur.cpu_source or CPU_FROM_LIBVIRT
+    # An unlabelled reading is libvirt's as a rule (no VM cgroup found); a baseline's counter
+    # is Baseline.cpu_counter (None: a new process's zero, which matches any counter).
+    was, now = base.cpu_counter, cur.cpu_source or CPU_FROM_LIBVIRT
     if was is not None and was != now:
         # Another counter than the baseline's (libvirt `cpu.time` ↔ the VM cgroup): where they
         # are not the very same file, one can be lower, and a drop must never bill the whole

@@ -19,7 +19,7 @@ from hostagent.clock import Clock, SystemClock
 from hostagent.collector import Collector
 from hostagent.config.load import Config
 from hostagent.errors import DomainNotFound
-from hostagent.model import Sample
+from hostagent.model import CPU_FROM_CGROUP, Sample
 from hostagent.owners.resolver import Owners
 from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu import GpuSource, describe
@@ -49,8 +49,9 @@ def counters(first: Sample, second: Sample) -> list[Counter]:
     """The counters of `second`, with rates against `first`."""
     dt_s = (second.t_wall_ns - first.t_wall_ns) / 1e9
     out = [
-        Counter("cpu_time", second.cpu_ns, "ns", "libvirt cpu.time (cgroup cpu.stat fallback)",
-                _rate(first.cpu_ns, second.cpu_ns, dt_s)),
+        Counter("cpu_time", second.cpu_ns, "ns",
+                "cgroup cpu.stat usage_usec" if second.cpu_source == CPU_FROM_CGROUP
+                else "libvirt cpu.time", _rate(first.cpu_ns, second.cpu_ns, dt_s)),
         Counter("vcpus", second.vcpus, "count", "libvirt vcpu.current"),
         Counter("memory_allocated", second.memory_alloc_bytes, "bytes", "libvirt balloon.current"),
     ]

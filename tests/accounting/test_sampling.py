@@ -756,9 +756,23 @@ def test_a_change_of_counter_bills_in_the_old_one_when_the_reading_has_both() ->
 def test_stores_written_before_sources_were_recorded_read_as_libvirt() -> None:
     raw = base(cpu_ns=5 * S).to_dict()
     assert "cpu_source" not in raw  # an unlabelled baseline writes no key
-    assert Baseline.from_dict(raw).cpu_source == CPU_FROM_LIBVIRT
+    old = Baseline.from_dict(raw)
+    assert old == base(cpu_ns=5 * S) and old.cpu_counter == CPU_FROM_LIBVIRT
+    assert base(cpu_ns=0).cpu_counter is None  # a new process's zero: any counter
     labelled = base(cpu_ns=5 * S, cpu_source=CPU_FROM_CGROUP)
     assert Baseline.from_dict(labelled.to_dict()) == labelled
+    # the old store's counter goes on into a cgroup reading without a reset
+    u, _ = emitted(old, sample(T0 + 30 * S, cpu_ns=4 * S, cpu_source=CPU_FROM_CGROUP))
+    assert u.cpu_ns == 0 and u.missing.get("cpu") == SOURCE_CHANGED
+
+
+def test_a_new_process_read_from_the_cgroup_after_a_restart_counts_from_its_zero() -> None:
+    """A new incarnation whose first reading had no CPU keeps a zero baseline; reloaded from
+    the store, that zero is any counter's: the next reading bills all of it."""
+    zero = base(cpu_ns=0)
+    reloaded = Baseline.from_dict(zero.to_dict())
+    u, b = emitted(reloaded, sample(T0 + 30 * S, cpu_ns=7 * S, cpu_source=CPU_FROM_CGROUP))
+    assert u.cpu_ns == 7 * S and b.cpu_source == CPU_FROM_CGROUP
 
 
 @settings(max_examples=300, deadline=None)
