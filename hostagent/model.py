@@ -232,6 +232,11 @@ class Sample:
     cpu_source: str | None = None
     cpu_time_ns: int | None = None
 
+    @property
+    def cpu_counter(self) -> str:
+        """The counter `cpu_ns` is in: `cpu_source`, libvirt's where unlabelled."""
+        return self.cpu_source or CPU_FROM_LIBVIRT
+
 
 # The two counters a domain's CPU is read from. They are the same on the lab (libvirt reads the
 # VM cgroup's cpu.stat), but not provably everywhere: one incarnation is billed from one of them.
@@ -279,13 +284,7 @@ class Baseline:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the store's on-disk form)."""
-        out = self._dict()
-        if self.cpu_source is not None:
-            out["cpu_source"] = self.cpu_source
-        return out
-
-    def _dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "v": 1,
             "instance_id": self.instance_id,
             "incarnation": self.incarnation,
@@ -299,6 +298,9 @@ class Baseline:
             "disks": {t: [d.rd_bytes, d.wr_bytes] for t, d in self.disks.items()},
             "cpu_t_wall_ns": self.cpu_t_wall_ns,
         }
+        if self.cpu_source is not None:  # not written unrecorded: older stores read the same
+            out["cpu_source"] = self.cpu_source
+        return out
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Baseline:

@@ -161,7 +161,7 @@ def usage(
         nics,
         disks,
         cpu_t_wall_ns,
-        (cur.cpu_source or CPU_FROM_LIBVIRT) if cpu_read else base.cpu_source,
+        cur.cpu_counter if cpu_read else base.cpu_source,
     )
     return result, new_base
 
@@ -206,7 +206,7 @@ def _observed_baseline(cur: Sample) -> Baseline:
         cpu_ns=cpu,
         nics=nics,
         disks=disks,
-        cpu_source=None if cpu is None else (cur.cpu_source or CPU_FROM_LIBVIRT),
+        cpu_source=None if cpu is None else cur.cpu_counter,
     )
 
 
@@ -265,7 +265,7 @@ def _cpu(base: Baseline, cur: Sample, missing: dict[str, str]) -> tuple[int, int
         return 0, value, False
     # An unlabelled reading is libvirt's as a rule (no VM cgroup found); a baseline's counter
     # is Baseline.cpu_counter (None: a new process's zero, which matches any counter).
-    was, now = base.cpu_counter, cur.cpu_source or CPU_FROM_LIBVIRT
+    was, now = base.cpu_counter, cur.cpu_counter
     if was is not None and was != now:
         # Another counter than the baseline's (libvirt `cpu.time` ↔ the VM cgroup): where they
         # are not the very same file, one can be lower, and a drop must never bill the whole
