@@ -45,7 +45,7 @@ from hostagent.model import Baseline, DomainInfo, DomainStats
 from hostagent.owners.resolver import Owners
 from hostagent.pass_ports import AfterCommit, PassStore
 from hostagent.read_errors import ReadErrorLog
-from hostagent.sources import cgroup as cgroup_src
+from hostagent.sources.cgroup_read import CgroupReader
 from hostagent.sources.domain_files import DomainFiles, FilesResult, LinkReader, Want
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
@@ -91,7 +91,7 @@ class Collector:
         # Nothing uses a cgroup's memory limit (events carry libvirt's allocation): not read.
         # Kept-open cgroup files, across passes; whoever owns the collector calls close().
         self.fds = FdCache()  # shared with the light sampler (hostagent/tailing.py)
-        self.cgroups = cgroup_src.CgroupReader(HostRoot(cfg.paths.root), io=False,
+        self.cgroups = CgroupReader(HostRoot(cfg.paths.root), io=False,
                                                limit=False, pressure=cfg.collector.pressure,
                                                fds=self.fds)
         self.files = DomainFiles(HostRoot(cfg.paths.root), cgroup_root=cfg.paths.cgroup_root,

@@ -30,9 +30,10 @@ from typing import Any, Protocol
 
 from hostagent.accounting.readings import NO_FACTS, HostFacts, ReadError, ReadStep, brief
 from hostagent.errors import SourceError
-from hostagent.model import CgroupPaths, CgroupReading, DomainInfo, LinkStats
+from hostagent.model import CgroupReading, DomainInfo, LinkStats
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import proc
+from hostagent.sources.cgroup_read import CgroupReader, KeptPressure, ReadAsk
 from hostagent.sources.files import HostRoot
 
 # The failures a per-domain read can raise: the source's own error (a file that is there but
@@ -85,14 +86,14 @@ class FilesResult:
 class _Kept:
     """A domain's last PSI figures and why some were missing, kept between PSI reads."""
 
-    psi: cgroup_src.KeptPressure
+    psi: KeptPressure
 
 
 class DomainFiles:
     """The pass's blocking reads; `read()` runs in a worker thread, one call per pass."""
 
     def __init__(self, root: HostRoot, *, cgroup_root: str, pressure: bool,
-                 cgroups: cgroup_src.CgroupReader, links: LinkReader,
+                 cgroups: CgroupReader, links: LinkReader,
                  monotonic_s: Callable[[], float] = time.monotonic) -> None:
         self.root = root
         self.cgroup_root = cgroup_root
@@ -121,8 +122,24 @@ class DomainFiles:
             if psi_due:
                 self._psi_read_s = now_s
             last_psi, self._psi = self._psi, {}
+            asks: list[ReadAsk] = []
+            asked: list[tuple[DomainInfo, Key]] = []
             for w in wants:
-                self._one(w, out, psi_due, last_psi)
+                one = self._one(w, out, psi_due, last_psi)
+                if one is not None:
+                    asks.append(one[0])
+                    asked.append((w.info, one[1]))
+            # Every domain's cgroup files in one batch (one lock round trip, not two a file).
+            got_all = self.cgroups.read_many(asks)
+            for (info, key), ask, got in zip(asked, asks, got_all, strict=True):
+                if isinstance(got, Exception):
+                    out.cgroups[key] = brief(str(got))
+                    out.errors.append(_error(info, "cgroup", got))
+                    continue
+                out.cgroups[key] = got
+                if ask.kept is None and self.pressure:  # read now: kept until the next read
+                    self._psi[key] = _Kept((got.pressure, {
+                        k: v for k, v in got.missing.items() if k.startswith(PSI_KEY)}))
             if psi_due or not self.pressure:
                 # Closes the files of domains gone since the last sweep (the PSI files are
                 # read only on these passes: sweeping between would close them).
@@ -132,7 +149,9 @@ class DomainFiles:
             self.busy.release()
 
     def _one(self, w: Want, out: FilesResult, psi_due: bool,
-             last_psi: Mapping[Key, _Kept]) -> None:
+             last_psi: Mapping[Key, _Kept]) -> tuple[ReadAsk, Key] | None:
+        """The domain's host facts (found once per incarnation) into `out`; what to read from
+        its cgroup, or None where none was found."""
         key = (w.info.uuid, w.info.domid)
         missing: dict[str, str] = {}
         facts = w.known
@@ -140,34 +159,22 @@ class DomainFiles:
             # Found once per incarnation, tried again each pass until complete.
             facts = self._facts(w.info, missing, out.errors)
         out.facts[key] = facts
-        # Every pass reads the VM cgroup's CPU: its counter is the domain's CPU wherever that
-        # cgroup is found (accounting/assemble.py); memory only where libvirt gave none.
-        want_memory = not has_guest_memory(w.stats)
-        kept = None if psi_due or not self.pressure else last_psi.get(key)
+        ask = None
         if facts.cgroup is None:
             out.cgroups[key] = missing.get("cgroup", NO_CGROUP)
         else:
-            try:
-                out.cgroups[key] = self._cgroup(key, facts.cgroup, want_memory, kept)
-            except DOMAIN_READ_ERRORS as err:
-                out.cgroups[key] = brief(str(err))
-                out.errors.append(_error(w.info, "cgroup", err))
+            # Every pass reads the VM cgroup's CPU: its counter is the domain's CPU wherever
+            # that cgroup is found (accounting/assemble.py); memory only where libvirt gave
+            # none; PSI from the last read between PSI reads.
+            kept = None if psi_due or not self.pressure else last_psi.get(key)
+            if kept is not None:
+                self._psi[key] = kept
+            ask = ReadAsk(facts.cgroup, memory=not has_guest_memory(w.stats),
+                                     kept=None if kept is None else kept.psi)
         missing.pop("cgroup", None)  # reported through out.cgroups
         if missing:
             out.missing[key] = missing
-
-    def _cgroup(self, key: Key, paths: CgroupPaths, memory: bool,
-                kept: _Kept | None) -> CgroupReading:
-        """The cgroup files wanted now (CPU always, memory where libvirt gave none); PSI from
-        `kept` (the last read) when given."""
-        if kept is None:
-            got = self.cgroups.read(paths, memory=memory)
-            if self.pressure:
-                self._psi[key] = _Kept((got.pressure, {k: v for k, v in got.missing.items()
-                                                       if k.startswith(PSI_KEY)}))
-            return got
-        self._psi[key] = kept
-        return self.cgroups.read(paths, memory=memory, kept=kept.psi)
+        return None if ask is None else (ask, key)
 
     def _facts(self, info: DomainInfo, missing: dict[str, str],
                errors: list[ReadError]) -> HostFacts:

@@ -28,7 +28,7 @@ from hostagent.accounting.closeout import IoBytes, LightReading
 from hostagent.clock import Clock
 from hostagent.errors import SourceError
 from hostagent.model import CgroupPaths, Nic, NicCounters
-from hostagent.sources.cgroup import _sum_io_stat
+from hostagent.sources.cgroup_read import sum_io_stat
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot, kv_bytes, kv_value
 
@@ -235,7 +235,7 @@ class LightSampler:
         if data is None:
             return None
         try:
-            rd, wr = _sum_io_stat(data.decode("utf-8", "replace"))
+            rd, wr = sum_io_stat(data.decode("utf-8", "replace"))
         except ValueError as err:
             missing["io"] = f"malformed {io_stat}: {err}"
             return None

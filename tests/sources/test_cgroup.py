@@ -15,8 +15,9 @@ import psutil
 import pytest
 
 from hostagent.errors import SourceError
-from hostagent.sources import cgroup, proc
-from hostagent.sources.cgroup import CgroupPaths, CgroupReader, ControllerDir
+from hostagent.model import CgroupPaths, CgroupReading, ControllerDir
+from hostagent.sources import cgroup, cgroup_read, proc
+from hostagent.sources.cgroup_read import CgroupReader, ReadAsk
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
 from hostagent.sources.net import LinkStatsReader
@@ -110,6 +111,70 @@ def test_counters_grow_and_agree_with_libvirt(host: str) -> None:
         assert r1.io_write_bytes is not None
         assert r1.io_read_bytes >= r0.io_read_bytes
         assert r1.io_write_bytes >= r0.io_write_bytes
+
+
+@pytest.mark.parametrize(("kept", "batch"), [(False, 256), (True, 256), (False, 2), (True, 4)])
+def test_read_many_puts_each_domains_figures_in_its_place(
+        kept: bool, batch: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Domains that need different files (all of them; no memory; a v1 layout; no cgroup found
+    # at all; PSI kept from an earlier read), in one batch and across batches: every reading is
+    # the one that domain would get read alone, and its figures are its own.
+    monkeypatch.setattr(cgroup_read, "_BATCH_DOMAINS", batch)
+    hybrid, v2 = HostRoot(HOSTS / "lab-hybrid" / "t1"), HostRoot(HOSTS / "systemd-v2" / "t0")
+    shutil.copytree(v2.root, tmp_path / "v2")
+    shutil.copytree(hybrid.root, tmp_path / "v2" / "hybrid")
+    root = HostRoot(tmp_path / "v2")
+    asks: list[ReadAsk] = []
+    psi = (None, {"cgroup:pressure.cpu": "kept"}) if kept else None
+    for host, sub in (("systemd-v2", ""), ("lab-hybrid", "/hybrid")):
+        for g in meta(host)["guests"]:
+            found = cgroup.locate(HostRoot(HOSTS / host / ("t0" if sub == "" else "t1")), CG,
+                                  g["qemu_pid"])
+            assert found is not None and found.cpu is not None and found.memory is not None
+            paths = dataclasses.replace(
+                found, cpu=ControllerDir(sub + found.cpu.path, found.cpu.version),
+                memory=ControllerDir(sub + found.memory.path, found.memory.version),
+                io=None if found.io is None else ControllerDir(sub + found.io.path,
+                                                              found.io.version),
+                unified=None if found.unified is None else sub + found.unified)
+            asks += [ReadAsk(paths), ReadAsk(paths, memory=False, kept=psi)]
+    asks.insert(2, ReadAsk(CgroupPaths(cpu=None, memory=None, io=None, unified=None,
+                                              missing={"cpu": "gone", "memory": "gone"})))
+    for fds in (None, FdCache(mountinfo=trusting(tmp_path / "v2"))):
+        reader = CgroupReader(root, fds=fds)
+        batch = reader.read_many(asks)
+        alone = [reader.read(a.paths, cpu=a.cpu, memory=a.memory, pressure=a.pressure,
+                             kept=a.kept) for a in asks]
+        assert batch == alone
+        got = [r for r in batch if isinstance(r, CgroupReading)]
+        assert len(got) == len(asks)
+        cpus = [r.cpu_ns for r in got if r.cpu_ns is not None]
+        assert len(cpus) == len(asks) - 1 and len(set(cpus[::2])) == len(cpus) // 2
+        for a, r in zip(asks, got, strict=True):
+            assert (r.memory_current_bytes is None) == (not a.memory or a.paths.memory is None)
+            if a.kept is not None:
+                assert r.pressure is None and r.missing["cgroup:pressure.cpu"] == "kept"
+        assert got[2].missing["cgroup:cpu_ns"] == "gone"
+
+
+def test_read_many_keeps_an_error_to_its_own_domain(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = HostRoot(HOSTS / "systemd-v2" / "t0")
+    asks = [ReadAsk(p) for p in (cgroup.locate(root, CG, g["qemu_pid"])
+                                        for g in meta("systemd-v2")["guests"]) if p is not None]
+    assert len(asks) == 2
+    bad = asks[0].paths.cpu
+    real = CgroupReader._cpu
+
+    def cpu(self: CgroupReader, paths: CgroupPaths, got: Any, missing: dict[str, str]) -> Any:
+        if paths.cpu == bad:
+            raise OSError("the parse of this domain failed")
+        return real(self, paths, got, missing)
+
+    monkeypatch.setattr(CgroupReader, "_cpu", cpu)
+    first, second = CgroupReader(root).read_many(asks)
+    assert isinstance(first, OSError)
+    assert isinstance(second, CgroupReading) and second.missing == {}
+    assert second.cpu_ns is not None and second.pressure is not None
 
 
 def test_hybrid_io_is_v1_blkio_and_marked() -> None:

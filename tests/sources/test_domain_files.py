@@ -12,7 +12,7 @@ from typing import Any
 from hostagent.accounting.readings import HostFacts
 from hostagent.model import CgroupReading, DomainInfo, LinkStats
 from hostagent.sources import cgroup
-from hostagent.sources.cgroup import CgroupReader
+from hostagent.sources.cgroup_read import CgroupReader
 from hostagent.sources.domain_files import PSI_EVERY_S, DomainFiles, FilesResult, Want
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
@@ -119,3 +119,31 @@ def test_kept_psi_joins_the_cpu_and_memory_read_between_psi_reads(tmp_path: Path
     assert isinstance(a, CgroupReading) and isinstance(b, CgroupReading)
     assert a == b and a.cpu_ns is not None and a.memory_current_bytes is not None
     assert list(a.missing) == list(b.missing)  # the same keys in the same order
+
+
+def test_one_domains_cgroup_error_is_its_own_in_the_batch(tmp_path: Path,
+                                                          monkeypatch: Any) -> None:
+    # The pass reads every domain's cgroup files in one batch; a domain whose figures cannot
+    # be made costs only its own reading (a ReadError), the others are read as usual.
+    files, want, _, _, _ = setup(tmp_path)
+    meta: dict[str, Any] = json.loads((HOSTS / "systemd-v2" / "meta.json").read_text())
+    g = next(g for g in meta["guests"] if g["name"] == "vm-alpha")
+    root = HostRoot(tmp_path / "root")
+    paths = cgroup.locate(root, CG, g["qemu_pid"])
+    assert paths is not None
+    alpha = Want(dataclasses.replace(want.info, uuid="u-alpha", name="vm-alpha", domid=3), {},
+                 HostFacts(pid=g["qemu_pid"], start_ticks=1, started_wall_ns=1, cgroup=paths))
+    real = CgroupReader._memory
+
+    def memory(self: CgroupReader, p: Any, got: Any, missing: dict[str, str]) -> Any:
+        if p == paths:
+            raise ValueError("vm-alpha's memory.stat made no sense")
+        return real(self, p, got, missing)
+
+    monkeypatch.setattr(CgroupReader, "_memory", memory)
+    result = files.read([alpha, want, alpha])
+    assert result is not None
+    assert result.cgroups[("u-alpha", 3)] == "vm-alpha's memory.stat made no sense"
+    assert [(e.uuid, e.step) for e in result.errors] == [("u-alpha", "cgroup")] * 2
+    beta = result.cgroups[("u-beta", 7)]
+    assert isinstance(beta, CgroupReading) and beta.cpu_ns is not None and beta.missing == {}
