@@ -91,9 +91,8 @@ class Collector:
         # Nothing uses a cgroup's memory limit (events carry libvirt's allocation): not read.
         # Kept-open cgroup files, across passes; whoever owns the collector calls close().
         self.fds = FdCache()  # shared with the light sampler (hostagent/tailing.py)
-        self.cgroups = CgroupReader(HostRoot(cfg.paths.root), io=False,
-                                               limit=False, pressure=cfg.collector.pressure,
-                                               fds=self.fds)
+        self.cgroups = CgroupReader(HostRoot(cfg.paths.root), io=False, limit=False,
+                                    pressure=cfg.collector.pressure, fds=self.fds)
         self.files = DomainFiles(HostRoot(cfg.paths.root), cgroup_root=cfg.paths.cgroup_root,
                                  pressure=cfg.collector.pressure, cgroups=self.cgroups,
                                  links=link_reader,

@@ -33,6 +33,11 @@ KeptPressure = tuple[Pressure | None, Mapping[str, str]]
 _BATCH_DOMAINS = 256
 
 
+# A domain's files as `_parse` takes them: (host path, its bytes, None when gone, or the error
+# reading it raised), in `_files` order.
+Got = Iterator[tuple[str, bytes | SourceError | None]]
+
+
 class ReadAsk(NamedTuple):
     """One domain for `CgroupReader.read_many`: its dirs and what to read (`read`'s flags)."""
 
@@ -96,9 +101,9 @@ class CgroupReader:
         return got
 
     def read_many(self, asks: Sequence[ReadAsk]) -> list[CgroupReading | Exception]:
-        """`read` of each ask, in order, the files of all of them read in one batch; a
-        domain whose figures cannot be made (an error no file helper turned into a `missing`
-        entry) gets the error in its place, and only that domain."""
+        """`read` of each ask, in order, the files of `_BATCH_DOMAINS` domains read in one
+        batch; a domain whose figures cannot be made (an error no file helper turned into a
+        `missing` entry) gets the error in its place, and only that domain."""
         out: list[CgroupReading | Exception] = []
         prefix = self._prefix
         for start in range(0, len(asks), _BATCH_DOMAINS):
@@ -150,8 +155,7 @@ class CgroupReader:
             out += (u + "/cpu.pressure", u + "/memory.pressure", u + "/io.pressure")
         return out
 
-    def _parse(self, ask: ReadAsk, got: Iterator[tuple[str, bytes | SourceError | None]]
-               ) -> CgroupReading:
+    def _parse(self, ask: ReadAsk, got: Got) -> CgroupReading:
         """The reading from the bytes of `_files(ask)`, taken from `got` in that order."""
         paths = ask.paths
         missing: dict[str, str] = {}
@@ -174,8 +178,7 @@ class CgroupReader:
         )
 
     @staticmethod
-    def _next(got: Iterator[tuple[str, bytes | SourceError | None]], key: str,
-              missing: dict[str, str]) -> bytes | None:
+    def _next(got: Got, key: str, missing: dict[str, str]) -> bytes | None:
         """The next file's bytes (parsed without decoding: int() and float() take bytes);
         None, with why in `missing[key]`, when it is gone or unreadable."""
         host_path, data = next(got)
@@ -196,8 +199,7 @@ class CgroupReader:
             data = err
         return self._next(iter(((host_path, data),)), key, missing)
 
-    def _cpu(self, paths: CgroupPaths, got: Iterator[tuple[str, bytes | SourceError | None]],
-             missing: dict[str, str]) -> int | None:
+    def _cpu(self, paths: CgroupPaths, got: Got, missing: dict[str, str]) -> int | None:
         d = paths.cpu
         if d is None:
             missing["cgroup:cpu_ns"] = paths.missing.get("cpu", "no cpu cgroup")
@@ -213,10 +215,8 @@ class CgroupReader:
             return usage_usec * 1000
         return self._int(data, d.path, "cpuacct.usage", "cgroup:cpu_ns", missing)
 
-    def _memory(
-        self, paths: CgroupPaths, got: Iterator[tuple[str, bytes | SourceError | None]],
-        missing: dict[str, str],
-    ) -> tuple[int | None, int | None, int | None]:
+    def _memory(self, paths: CgroupPaths, got: Got, missing: dict[str, str]
+                ) -> tuple[int | None, int | None, int | None]:
         d = paths.memory
         keys = _MEMORY_KEYS
         if d is None:
@@ -240,8 +240,7 @@ class CgroupReader:
         limit = self._memory_limit(d, stat, got, missing) if self._limit else None
         return current, working_set, limit
 
-    def _memory_limit(self, d: ControllerDir, stat: bytes | None,
-                      got: Iterator[tuple[str, bytes | SourceError | None]],
+    def _memory_limit(self, d: ControllerDir, stat: bytes | None, got: Got,
                       missing: dict[str, str]) -> int | None:
         """The memory limit in bytes; None when unlimited (no `missing` entry) or unreadable."""
         key = _MEMORY_KEYS[2]
@@ -261,10 +260,8 @@ class CgroupReader:
             return None
         return limit
 
-    def _read_io(
-        self, paths: CgroupPaths, got: Iterator[tuple[str, bytes | SourceError | None]],
-        missing: dict[str, str],
-    ) -> tuple[int | None, int | None, IoSource | None]:
+    def _read_io(self, paths: CgroupPaths, got: Got, missing: dict[str, str]
+                 ) -> tuple[int | None, int | None, IoSource | None]:
         d = paths.io
         keys = ("cgroup:io_read_bytes", "cgroup:io_write_bytes")
         if d is None:
@@ -286,8 +283,7 @@ class CgroupReader:
             return None, None, None
         return rd, wr, "v1:blkio.throttle"
 
-    def _read_pressure(self, paths: CgroupPaths,
-                       got: Iterator[tuple[str, bytes | SourceError | None]],
+    def _read_pressure(self, paths: CgroupPaths, got: Got,
                        missing: dict[str, str]) -> Pressure | None:
         d = paths.unified
         if d is None:

@@ -129,7 +129,8 @@ class DomainFiles:
                 if one is not None:
                     asks.append(one[0])
                     asked.append((w.info, one[1]))
-            # Every domain's cgroup files in one batch (one lock round trip, not two a file).
+            # The cgroup files of every domain, in batches (CgroupReader.read_many: one lock
+            # round trip a batch, not two a file); one domain's error is its own.
             got_all = self.cgroups.read_many(asks)
             for (info, key), ask, got in zip(asked, asks, got_all, strict=True):
                 if isinstance(got, Exception):
@@ -170,7 +171,7 @@ class DomainFiles:
             if kept is not None:
                 self._psi[key] = kept
             ask = ReadAsk(facts.cgroup, memory=not has_guest_memory(w.stats),
-                                     kept=None if kept is None else kept.psi)
+                          kept=None if kept is None else kept.psi)
         missing.pop("cgroup", None)  # reported through out.cgroups
         if missing:
             out.missing[key] = missing
