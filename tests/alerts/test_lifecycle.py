@@ -160,3 +160,26 @@ def test_a_rule_deleted_while_the_daemon_was_down_resolves_after_the_restart(
     (t,) = run_passes(again, [95.0], states, t0=30)
     assert (t.rule.id, t.kind, t.reason) == ("cpu", "resolved", "rule deleted")
     assert start().retired == {}  # an unchanged restart retires nothing
+
+
+def test_without_rules_only_instances_with_open_alerts_change(tmp_path: Path) -> None:
+    # No rule left: the instances whose alert was open either resolve (the rule was retired:
+    # its notice is owed) or drop their state silently; the others are not touched.
+    src = source(tmp_path, [RAW])
+    states: dict[str, AlertState] = {}
+    for iid in ("vm-1", "vm-2"):
+        u = usage(iid, t=0, cpu_percent_avg=95.0)
+        ev = evaluate(src.index, [u], {iid: "u"}, states, u.period_end_ns)
+        states.update(ev.states)
+    assert {s.instance_id for s in states.values()} == {"vm-1", "vm-2"}
+    (tmp_path / "rules.json").write_text("[]")
+    assert src.reload()
+    vm2 = next(fp for fp, s in states.items() if s.instance_id == "vm-2")
+    retired = dict(src.retired)
+    us = [usage(iid, t=30, cpu_percent_avg=95.0) for iid in ("vm-3", "vm-1", "vm-4")]
+    ev = evaluate(src.index, us, {}, states, us[0].period_end_ns, retired=retired)
+    assert [(t.kind, t.reason, t.usage.instance_id) for t in ev.transitions] == [
+        ("resolved", "rule deleted", "vm-1")]
+    assert ev.states == {} and ev.checked == 0
+    assert set(ev.changes) == {fp for fp in states} and vm2 in ev.changes  # both deleted
+    assert all(v is None for v in ev.changes.values())
