@@ -181,5 +181,5 @@ def test_without_rules_only_instances_with_open_alerts_change(tmp_path: Path) ->
     assert [(t.kind, t.reason, t.usage.instance_id) for t in ev.transitions] == [
         ("resolved", "rule deleted", "vm-1")]
     assert ev.states == {} and ev.checked == 0
-    assert set(ev.changes) == {fp for fp in states} and vm2 in ev.changes  # both deleted
+    assert set(ev.changes) == set(states) and vm2 in ev.changes  # both deleted
     assert all(v is None for v in ev.changes.values())
