@@ -16,7 +16,11 @@ from hostagent.model import CgroupPaths, CgroupReading, ControllerDir, IoSource,
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot, cat_bytes, kv_bytes
 
-__all__ = ["CgroupReader", "KeptPressure", "ReadAsk", "sum_io_stat"]
+__all__ = ["READ_ERRORS", "CgroupReader", "KeptPressure", "ReadAsk", "sum_io_stat"]
+
+# The failures a per-domain read can raise: the source's own error (a file that is there but
+# cannot be read or parsed), and OS or value errors from paths no file helper saw.
+READ_ERRORS = (SourceError, OSError, ValueError)
 
 # v1 reports "no limit" as PAGE_COUNTER_MAX pages (9223372036854771712 with 4 KiB pages).
 _V1_UNLIMITED_BYTES = 1 << 62
@@ -115,7 +119,7 @@ class CgroupReader:
                 n = len(fs)
                 try:
                     out.append(self._parse(ask, zip(fs, datas[at:at + n], strict=True)))
-                except (SourceError, OSError, ValueError) as err:
+                except READ_ERRORS as err:
                     out.append(err)
                 at += n
         return out
@@ -182,6 +186,12 @@ class CgroupReader:
         """The next file's bytes (parsed without decoding: int() and float() take bytes);
         None, with why in `missing[key]`, when it is gone or unreadable."""
         host_path, data = next(got)
+        return CgroupReader._usable(host_path, data, key, missing)
+
+    @staticmethod
+    def _usable(host_path: str, data: bytes | SourceError | None, key: str,
+                missing: dict[str, str]) -> bytes | None:
+        """`data`, or None with why in `missing[key]`: the file is gone or was unreadable."""
         if data is None:
             missing[key] = f"absent: {host_path}"
         elif isinstance(data, SourceError):
@@ -197,7 +207,7 @@ class CgroupReader:
             data = cat_bytes(path) if self._fds is None else self._fds.read_bytes(path)
         except SourceError as err:
             data = err
-        return self._next(iter(((host_path, data),)), key, missing)
+        return self._usable(host_path, data, key, missing)
 
     def _cpu(self, paths: CgroupPaths, got: Got, missing: dict[str, str]) -> int | None:
         d = paths.cpu

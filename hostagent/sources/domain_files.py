@@ -29,16 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hostagent.accounting.readings import NO_FACTS, HostFacts, ReadError, ReadStep, brief
-from hostagent.errors import SourceError
 from hostagent.model import CgroupReading, DomainInfo, LinkStats
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import proc
-from hostagent.sources.cgroup_read import CgroupReader, KeptPressure, ReadAsk
+from hostagent.sources.cgroup_read import READ_ERRORS, CgroupReader, KeptPressure, ReadAsk
 from hostagent.sources.files import HostRoot
 
-# The failures a per-domain read can raise: the source's own error (a file that is there but
-# cannot be read or parsed), and OS or value errors from paths no file helper saw.
-DOMAIN_READ_ERRORS = (SourceError, OSError, ValueError)
 NO_CGROUP = "cgroup of the QEMU process not found"
 # Seconds between two reads of a domain's PSI files (half the window of the avg10 they give).
 PSI_EVERY_S = 5.0
@@ -115,7 +111,7 @@ class DomainFiles:
             out = FilesResult()
             try:
                 out.links = self.links.read()
-            except DOMAIN_READ_ERRORS as err:
+            except READ_ERRORS as err:
                 out.links_error = brief(f"netlink link dump failed: {err}")
             now_s = self._now_s()
             psi_due = now_s - self._psi_read_s >= PSI_EVERY_S
@@ -183,7 +179,7 @@ class DomainFiles:
         def step(name: ReadStep, key: str, fn: Any, *args: Any) -> Any:
             try:
                 return fn(*args)
-            except DOMAIN_READ_ERRORS as err:
+            except READ_ERRORS as err:
                 errors.append(_error(info, name, err))
                 missing[key] = brief(f"{name}: {err}")
                 return None
