@@ -649,6 +649,60 @@ async def test_one_domain_whose_stats_call_fails_is_counted_and_the_others_bille
     store.close()
 
 
+def busy_answer(stats: dict[str, Any]) -> dict[str, Any]:
+    """`stats` as libvirt answers under NOWAIT while another client holds the domain's job:
+    without the figures of its QEMU monitor (balloon stats, disk bytes and sizes)."""
+    kept = {"balloon.current", "balloon.maximum"}
+    return {k: v for k, v in stats.items()
+            if k in kept or not (k.startswith("balloon.")
+                                 or (k.startswith("block.") and k.count(".") >= 3)
+                                 or k.rsplit(".", 1)[-1] in ("allocation", "capacity",
+                                                             "physical"))}
+
+
+@pytest.mark.parametrize("busy_again", [False, True])
+async def test_a_domain_busy_with_another_clients_job_is_asked_again(
+        tmp_path: Path, busy_again: bool) -> None:
+    """The NOWAIT bulk call found halab-1's job held by another client: it is asked again
+    alone; a complete answer is billed exactly, a still-busy one defers its disk bytes with
+    the reason (sources/libvirt_busy.py)."""
+    from hostagent.accounting.assemble import JOB_BUSY
+
+    host = Host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path)
+    await coll.run_pass()
+    host.move_to_t1()
+    bulk, again = host.conn.getAllDomainStats, host.conn.domainListGetStats
+    asked: list[list[str]] = []
+
+    def bulk_busy(stats: int, flags: int) -> Any:
+        return [(d, busy_answer(s) if d.name() == "halab-1" else s) for d, s in bulk(stats, flags)]
+
+    def asked_again(doms: list[FakeDomain], stats: int, flags: int) -> Any:
+        asked.append([d.name() for d in doms])
+        assert flags == libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+        return [(d, busy_answer(s) if busy_again else s) for d, s in again(doms, stats, flags)]
+
+    host.conn.getAllDomainStats = bulk_busy  # type: ignore[method-assign]
+    host.conn.domainListGetStats = asked_again  # type: ignore[method-assign]
+    report = await coll.run_pass()
+    assert report.committed, report.error
+    assert asked == [["halab-1"]] * (2 if busy_again else 1)
+    u = next(u for u in report.usages if u.name == "halab-1")
+    t0, t1 = host.bulk("t0"), host.bulk("t1")
+    grown = t1[u.uuid]["block.0.wr.bytes"] - t0[u.uuid]["block.0.wr.bytes"]
+    assert grown > 0
+    if busy_again:
+        assert u.disk_write_bytes == 0
+        assert u.missing["disk:vda:wr_bytes"] == JOB_BUSY
+        assert coll.baselines[u.instance_id].disks["vda"].wr_bytes == t0[u.uuid][
+            "block.0.wr.bytes"]  # kept: the next complete answer bills the growth
+    else:
+        assert u.disk_write_bytes == grown
+        assert not any(k.startswith("disk:") for k in u.missing)
+    store.close()
+
+
 class HungSysfs:
     """A GPU source whose sysfs scan hangs with hostdevs it has never identified."""
 

@@ -104,6 +104,11 @@ def libvirt_nics(info: DomainInfo, stats: Mapping[str, Any]) -> dict[str, NicCou
     return out
 
 
+# Why a disk's I/O bytes are absent when libvirt answered without the domain's job lock.
+JOB_BUSY = ("another libvirt client held the domain's job during the stats call (NOWAIT), "
+            "also when asked again")
+
+
 def block_counters(stats: Mapping[str, Any]) -> tuple[BlockCounters, ...]:
     """Per-disk I/O bytes and sizes from bulk stats (top of each backing chain only)."""
     count = _int(stats, "block.count")
@@ -201,6 +206,16 @@ def _sample(info: DomainInfo, instance_id: str, stats: Mapping[str, Any], t_wall
         for disk in info.disks:
             if disk.device == "disk" and disk.target not in known_targets:
                 missing[f"disk:{disk.target}"] = "libvirt reported no block stats for this disk"
+    for d in disks:
+        if d.rd_bytes is None or d.wr_bytes is None:
+            # `balloon.current` without `balloon.rss`: libvirt answered without the domain's job
+            # (NOWAIT while another client held it; sources/libvirt_busy.py asked again).
+            why = (JOB_BUSY if "balloon.current" in stats and "balloon.rss" not in stats
+                   else "libvirt reported no I/O bytes for this disk")
+            if d.rd_bytes is None:
+                missing[f"disk:{d.target}:rd_bytes"] = why
+            if d.wr_bytes is None:
+                missing[f"disk:{d.target}:wr_bytes"] = why
 
     vcpus = _int(stats, "vcpu.current") or info.vcpus
     balloon_kib = _int(stats, "balloon.current")

@@ -8,6 +8,7 @@ A hung bulk call (a QEMU whose monitor does not answer, e.g. SIGSTOPped) is aban
 `call_timeout_s`; the same pass then asks each domain separately with the NOWAIT flag, so the
 healthy domains still get their stats and the stuck one reports what libvirt has without its job
 lock. While the abandoned call is still blocked, later passes use the per-domain path too.
+A domain whose job another client held during the bulk call is asked again (libvirt_busy.py).
 
 A connection is never closed under a call still inside it (`Calls`): libvirt frees a
 connection on its last close, and an abandoned call that returns afterwards would run on freed
@@ -39,6 +40,7 @@ from hostagent.clock import Clock
 from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceTimeout, SourceUnavailable
 from hostagent.model import DomainStats
+from hostagent.sources.libvirt_busy import ask_busy_again
 from hostagent.tick import TickWait
 
 log = logging.getLogger(__name__)
@@ -360,6 +362,10 @@ class LibvirtSource:
                 wait()
             domains = tuple(_convert(calls.run(self._tracked_bulk, calls.conn, mask, flags)))
             answered.append(domains)
+            if self._nowait:
+                answered[0] = domains = ask_busy_again(domains, lambda handles: _convert(
+                    calls.run(calls.conn.domainListGetStats, handles, mask,
+                              libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)))
             return None if then is None else then(domains)
 
         try:

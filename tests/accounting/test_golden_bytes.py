@@ -5,6 +5,9 @@ every event payload, event_id, baseline `to_dict()` and sample summary must matc
 Re-recorded once since, when baselines began to record their CPU counter: the only change was
 the `"cpu_source":"libvirt"` key in the baselines of that history (its domains have no VM
 cgroup found, so their CPU is libvirt's as a rule); every event stayed byte for byte.
+Re-recorded a second time when a disk without I/O bytes began to say why (`JOB_BUSY` in
+accounting/assemble.py, where the domain's `balloon.rss` is absent too): 36 lines changed, each
+only in that reason text (was "not reported") and in the samples' `missing` that now name it.
 """
 
 from __future__ import annotations
