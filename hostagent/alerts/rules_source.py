@@ -70,6 +70,9 @@ def storm_from(cfg: ThresholdsConfig) -> StormControl:
     return StormControl(per_minute=cfg.channel_per_minute, burst=cfg.channel_burst)
 
 
+API_KEY = "thresholds.api_rules_path"
+
+
 def api_rules_path(cfg: ThresholdsConfig, state_path: str | Path) -> Path:
     """Where API-written rules live: `api_rules_path`, or next to the state store."""
     return Path(cfg.api_rules_path) if cfg.api_rules_path else (
@@ -87,14 +90,15 @@ def from_config(cfg: ThresholdsConfig, *, state_path: str | Path | None = None,
                        else Path(state_path).parent / "rules-in-force.json")
 
 
-def load_rules(path: str | Path) -> tuple[Rule, ...]:
-    """Parse a rules file; ConfigError names file, rule index and key."""
+def load_rules(path: str | Path, *, key: str = "thresholds.rules_path") -> tuple[Rule, ...]:
+    """Parse a rules file; ConfigError names file, rule index and key (`key`: the config key
+    that named the file, for the fix)."""
     p = Path(path)
     try:
         data = p.read_bytes()
     except OSError as err:
         raise ConfigError(str(p), "-", "a readable rules file", err.strerror or str(err),
-                          "fix thresholds.rules_path") from err
+                          f"fix {key}") from err
     return parse_document(data, source=str(p), toml=p.suffix.lower() == ".toml")
 
 
@@ -252,7 +256,7 @@ class RulesSource:
 
     def _read(self) -> dict[str, tuple[Rule, ...]]:
         file_rules = load_rules(self.path) if self.path is not None else ()
-        api_rules = (load_rules(self.api_path) if self.api_path is not None
+        api_rules = (load_rules(self.api_path, key=API_KEY) if self.api_path is not None
                      and self.api_path.exists() else ())
         layers = {**self.layers, "file": file_rules, "api": api_rules}
         channels.check(self.merge(layers)[0], self.routes,

@@ -2,9 +2,10 @@
 `check-config` call (the ansible role validates with `check-config`, so it must refuse what
 `run` would refuse).
 
-`check(cfg)` looks at what a config names outside itself: the rules file, the instance-id
-scheme against the node id, the queue sinks' and the account service's URLs, where the state
-store and the JSONL sinks would be written, the owners signing key, with the API enabled the
+`check(cfg)` looks at what a config names outside itself: the rules files (the operator's and
+the one the API writes), the instance-id scheme against the node id, the queue sinks' and the
+account service's URLs, where the state store and the JSONL sinks would be written, the owners
+signing key, with the API enabled the
 bind address and the TLS files, and then the API's own start-up validation
 (`hostagent.api.startup.validate_startup`: every webhook sink's SSRF guard — allow-list and
 ports — and the key files, JWKS and reserved principals).
@@ -41,6 +42,11 @@ def check(cfg: Config) -> None:
         check_http_url(src, "owners.url", cfg.owners.url)
     if cfg.thresholds.rules_path:
         rules_source.load_rules(cfg.thresholds.rules_path)
+    # The API's rules file: written by PUT /api/v1/thresholds, loaded at start-up if present.
+    api_rules = rules_source.api_rules_path(cfg.thresholds, cfg.collector.state_path)
+    check_writable_path(src, rules_source.API_KEY, str(api_rules))
+    if api_rules.exists():
+        rules_source.load_rules(api_rules, key=rules_source.API_KEY)
     if cfg.thresholds.source_url:
         from hostagent.alerts.central import check_source
 

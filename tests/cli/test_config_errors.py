@@ -116,6 +116,17 @@ def missing_rules_file(tmp: Path) -> Path:
     return write(tmp, base(tmp, extra=f'[thresholds]\nrules_path = "{tmp}/rules.json"'))
 
 
+def api_rules_a_directory(tmp: Path) -> Path:  # found by the generated documents
+    return write(tmp, base(tmp, extra='[thresholds]\napi_rules_path = "/"'))
+
+
+def api_rules_damaged(tmp: Path) -> Path:
+    """The API's rules file next to the state store (the default) is not a rules document."""
+    (tmp / "state").mkdir(exist_ok=True)
+    (tmp / "state" / "api-rules.json").write_text("{not json")
+    return write(tmp, base(tmp))
+
+
 def sink_type_not_a_string(tmp: Path) -> Path:  # found by the generated documents
     return write(tmp, base(tmp).replace('type = "jsonl"', "type = []"))
 
@@ -154,6 +165,8 @@ CASES: dict[str, tuple[Maker, str]] = {
     "state is a directory": (state_is_a_directory, "collector.state_path"),
     "sink under a file": (sink_under_a_file, "sinks[0].path"),
     "missing rules file": (missing_rules_file, "rules.json"),
+    "API rules path a directory": (api_rules_a_directory, "thresholds.api_rules_path"),
+    "API rules file damaged": (api_rules_damaged, "api-rules.json"),
 }
 if os.geteuid() != 0:  # root reads a mode-0 file
     CASES["unreadable"] = (unreadable, "Permission denied")
