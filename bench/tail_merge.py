@@ -23,7 +23,7 @@ def main() -> None:
     for i in range(n):
         info = DomainInfo(uuid=f"u{i}", name=f"vm{i}", domid=i + 1, vcpus=1, memory_bytes=1,
                           max_memory_bytes=1)
-        state[(f"u{i}", i + 1)] = tails.Tail(DomainReading(info=info, instance_id=f"u{i}",
+        state[(f"u{i}", i + 1)] = tails.Tail.of(DomainReading(info=info, instance_id=f"u{i}",
                                                            t_wall_ns=1, stats={}))
     best_s = float("inf")
     for r in range(args.rounds):

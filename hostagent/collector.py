@@ -430,7 +430,7 @@ class Collector:
             if self.rules is not None:  # their resolved notices are committed now
                 self.rules.forget_retired(acc.retired)
             before = self.tails
-            self.tails = tails.after_pass(self.tails, host, [c.key for c in closing])
+            self.tails = tails.after_pass(self.tails, host, [c.key for c in closing], samples)
             if self.on_new_tails is not None and not self.tails.keys() <= before.keys():
                 self.on_new_tails()
             if written is not None:

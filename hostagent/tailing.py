@@ -247,7 +247,7 @@ class TailTasks:
                     r.facts, started_wall_ns=ev.t_wall_ns))
             key = (r.uuid, r.info.domid)
             if key not in self.collector.tails:
-                self.collector.tails[key] = tails.Tail(anchor=r)
+                self.collector.tails[key] = tails.Tail.of(r)
                 self.new_tails()
 
     # --- light samples ----------------------------------------------------------------------

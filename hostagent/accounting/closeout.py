@@ -75,6 +75,9 @@ class Closing:
     light: LightReading | None = None
     anchor_io: IoBytes | None = None
     reason: str = "GONE"
+    # The anchor's Sample (a tail's; tails.kept leaves `reading` without libvirt's stats):
+    # None = `sample_of(reading)`, a full reading.
+    sample: Sample | None = None
 
     @property
     def instance_id(self) -> str:

@@ -115,7 +115,7 @@ def account(
         ended = dict(baselines)
         prevs = ended
         for c in ends:
-            final = sample_of(c.reading)
+            final = c.sample if c.sample is not None else sample_of(c.reading)
             iid, cur = final.instance_id, now.get(final.instance_id)
             if cur is not None and sampling.same_incarnation(cur.incarnation, final.incarnation):
                 continue

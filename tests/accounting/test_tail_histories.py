@@ -75,7 +75,7 @@ def run(history: list[tuple[str, int, int]]) -> tuple[list[Vm], list]:
         vm.domid, next_domid = next_domid, next_domid + 1
         vm.cpu_ns, vm.started_ns, vm.alive, vm.failing = 0, t_ns, True, False
         r = vm.reading(t_ns + 1)  # the STARTED read: a new tail's anchor
-        state.setdefault((vm.uuid, vm.domid), tails.Tail(anchor=r))
+        state.setdefault((vm.uuid, vm.domid), tails.Tail.of(r))
 
     def do_pass() -> None:
         live = [vm for vm in vms if vm.alive]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hostagent.accounting import tails
 from hostagent.accounting.closeout import IoBytes, LightReading
 from hostagent.accounting.readings import DomainReading, HostReading, ReadError
@@ -27,11 +29,11 @@ def light(domid: int, t_ns: int, cpu_ns: int | None, *nics: NicCounters,
 
 
 def test_only_domains_the_pass_no_longer_lists_or_reads_as_another_process_are_gone() -> None:
-    t = {("gone", 1): tails.Tail(reading("gone", 1)),
-         ("failing", 2): tails.Tail(reading("failing", 2)),
-         ("withheld", 3): tails.Tail(reading("withheld", 3)),
-         ("restarted", 4): tails.Tail(reading("restarted", 4)),
-         ("same", 5): tails.Tail(reading("same", 5))}
+    t = {("gone", 1): tails.Tail.of(reading("gone", 1)),
+         ("failing", 2): tails.Tail.of(reading("failing", 2)),
+         ("withheld", 3): tails.Tail.of(reading("withheld", 3)),
+         ("restarted", 4): tails.Tail.of(reading("restarted", 4)),
+         ("same", 5): tails.Tail.of(reading("same", 5))}
     host = HostReading(
         t_wall_ns=130 * NS,
         domains=(reading("restarted", 9, 130 * NS), reading("same", 5, 130 * NS)),
@@ -46,7 +48,7 @@ def test_only_domains_the_pass_no_longer_lists_or_reads_as_another_process_are_g
 
 
 def test_a_light_reading_without_cpu_never_replaces_the_last_good_one() -> None:
-    t = tails.Tail(reading("a", 1))
+    t = tails.Tail.of(reading("a", 1))
     good = light(1, 102 * NS, 7 * NS, nic("m1", 10), io=IoBytes(5, 6))
     t = tails.with_light(t, good)
     assert t.latest == good and t.anchor_io == IoBytes(5, 6)
@@ -61,14 +63,65 @@ def test_a_light_reading_without_cpu_never_replaces_the_last_good_one() -> None:
 
 
 def test_a_light_reading_taken_before_the_anchor_is_ignored() -> None:
-    t = tails.Tail(reading("a", 1, t_ns=100 * NS))
+    t = tails.Tail.of(reading("a", 1, t_ns=100 * NS))
     assert tails.with_light(t, light(1, 100 * NS, 5)) == t
 
 
 def test_a_close_reason_marks_only_that_domains_open_tails() -> None:
-    t = {("a", 1): tails.Tail(reading("a", 1)), ("b", 2): tails.Tail(reading("b", 2)),
-         ("a", 3): tails.Tail(reading("a", 3), reason="CRASHED")}
+    t = {("a", 1): tails.Tail.of(reading("a", 1)), ("b", 2): tails.Tail.of(reading("b", 2)),
+         ("a", 3): dataclasses.replace(tails.Tail.of(reading("a", 3)), reason="CRASHED")}
     out = tails.with_reason(t, "a", "DESTROYED")
     assert [out[k].reason for k in sorted(out)] == ["DESTROYED", "CRASHED", None]
     assert out[("a", 1)].closing().reason == "DESTROYED"
     assert out[("b", 2)].closing().reason == "GONE"
+
+
+class Stats(dict[str, object]):
+    """libvirt's stats dict, weakly referenceable: the test sees when it is freed."""
+
+
+def test_a_tail_keeps_the_anchors_sample_not_libvirts_stats_dict() -> None:
+    """Between passes every running domain has a tail; the anchor's stats dict (~5.7 KB a lab
+    guest) is not kept, and the close-out bills from the Sample the pass made of it."""
+    import gc
+    import weakref
+
+    from hostagent.accounting import ledger
+    from hostagent.accounting.assemble import sample_of
+    from hostagent.model import Disk, Owner
+
+    info = DomainInfo(uuid="a", name="vm-a", domid=1, vcpus=2, memory_bytes=2 << 30,
+                      max_memory_bytes=2 << 30, disks=(Disk("vda", "disk", None),))
+    stats = Stats({"state.state": 1, "cpu.time": 7 * NS, "balloon.current": 1 << 20,
+                   "balloon.rss": 300_000, "block.count": 1, "block.0.name": "vda",
+                   "block.0.rd.bytes": 4096, "block.0.wr.bytes": 8192,
+                   "block.0.allocation": 1 << 30, "block.0.capacity": 8 << 30})
+    r = DomainReading(info=info, instance_id="a", t_wall_ns=100 * NS, stats=stats)
+    pass_sample = sample_of(r)
+    host = HostReading(domains=(r,), errors=(), listed={"a": "vm-a"}, path="bulk",
+                       t_wall_ns=100 * NS)
+    t = tails.after_pass({}, host, [], [pass_sample])[("a", 1)]
+    assert t.sample is pass_sample  # made once, by the pass
+    assert t.anchor.stats == {} and t.anchor.cgroup is None and t.anchor.info is info
+    gone = weakref.ref(stats)
+    del stats, r, host
+    gc.collect()
+    assert gone() is None
+    # The domain is gone at the next pass: its close-out bills the anchor's disks and CPU.
+    closing = tails.ended({("a", 1): t}, HostReading(domains=(), errors=(), listed={},
+                                                    path="bulk", t_wall_ns=130 * NS))
+    (c,) = closing
+    assert c.sample is pass_sample
+
+    class NoOwners:
+        def resolve(self, instance_id: str, hint: object, *, build_id: str | None = None
+                    ) -> Owner:
+            return Owner("u", "o", "test")
+
+    settings = ledger.Settings(node_id="h", time_format="unix", store_created_ns=0,
+                               count_preexisting=True)
+    acc = ledger.account({}, [], owners=NoOwners(), settings=settings, now_ns=130 * NS,
+                         closing=closing)[0]
+    (u,) = acc.usages
+    assert (u.cpu_ns, u.disk_read_bytes, u.disk_write_bytes) == (7 * NS, 4096, 8192)
+    assert u.storage_bytes == 1 << 30
