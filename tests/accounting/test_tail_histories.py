@@ -84,14 +84,15 @@ def run(history: list[tuple[str, int, int]]) -> tuple[list[Vm], list]:
             errors=tuple(ReadError(vm.uuid, "x", "stats", "hung") for vm in live if vm.failing),
             listed={vm.uuid: "x" for vm in live})
         closing = tails.ended(state, host)
-        acc, _ = ledger.account(baselines, host.domains, owners=Everyone(), settings=SETTINGS,
-                                now_ns=t_ns, closing=closing)
+        acc, samples = ledger.account(baselines, host.domains, owners=Everyone(),
+                                      settings=SETTINGS, now_ns=t_ns, closing=closing)
         usages.extend(acc.usages)
         for b in acc.baselines:
             baselines[b.instance_id] = b
         for iid in acc.removed:
             baselines.pop(iid, None)
-        state.update(tails.after_pass(state, host, [c.key for c in closing]))
+        # As the collector does: the tails anchor on the samples the pass billed.
+        state.update(tails.after_pass(state, host, [c.key for c in closing], samples))
         for k in [k for k in state if k in {c.key for c in closing}]:
             del state[k]
 
