@@ -21,6 +21,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import libvirt
+
+from hostagent.errors import SourceUnavailable
 from hostagent.model import DomainStats
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,8 @@ def ask_busy_again(
         sleep(pause_s)
         try:
             again = {d.uuid: d for d in ask([out[i].handle for i in busy])}
-        except Exception as err:  # libvirtError: a domain vanished between the two calls
+        except (libvirt.libvirtError, SourceUnavailable) as err:  # a domain gone meanwhile,
+            # or the connection closed (shutdown): what the bulk call gave stands
             log.debug("libvirt: asking busy domains again failed", extra={"error": str(err)})
             break
         still = []

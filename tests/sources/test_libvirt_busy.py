@@ -82,13 +82,18 @@ def test_an_answer_of_another_process_never_replaces_the_bulk_one() -> None:
     assert got[0] is domains[0]
 
 
+@pytest.mark.parametrize("closed", [False, True])
 @pytest.mark.parametrize("gone_in", [0, 1])
-def test_a_failing_try_ends_the_retries_with_what_was_had(gone_in: int) -> None:
+def test_a_failing_try_ends_the_retries_with_what_was_had(gone_in: int, closed: bool) -> None:
+    """A domain gone between the calls (libvirtError), or the connection closed by a shutdown."""
     import libvirt
+
+    from hostagent.errors import SourceUnavailable
 
     domains = (dom("a", BUSY), dom("b", BUSY))
     tries: list[dict[str, DomainStats] | Exception] = [{"a": dom("a", FULL)}] * gone_in
-    tries.append(libvirt.libvirtError("Domain not found"))
+    tries.append(SourceUnavailable("the libvirt connection was closed") if closed
+                 else libvirt.libvirtError("Domain not found"))
     got, slept = run(domains, Asker(*tries))
     assert len(slept) == gone_in + 1
     assert got[1] is domains[1]
