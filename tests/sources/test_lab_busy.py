@@ -58,17 +58,18 @@ async def test_a_held_job_is_asked_again_briefly_and_never_waited_for(
             # virsh connects and takes the job within milliseconds, then waits on the stopped
             # monitor until SIGCONT. Had it not by the bulk call, that call would take the job
             # itself and hang to its deadline: the path would be "per-domain" (asserted).
-            await trio.sleep(2.0)
+            await trio.sleep(3.0)
             assert holder.poll() is None, f"virsh ended: {holder.returncode}"
             t0 = time.monotonic()
             got = await src.bulk_stats()
             elapsed_s = time.monotonic() - t0
             stats = {d.name: d.stats for d in got.domains}
             assert got.path == "bulk"
-            # Asked again twice, still busy: returned as libvirt gave it, within milliseconds
-            # (the call's deadline is 5 s; waiting for the lock would take until SIGCONT).
+            # Asked again twice, still busy: returned as libvirt gave it, well before the call's
+            # 5 s deadline (waiting for the lock would last until SIGCONT; the pauses are 12 ms,
+            # the rest is the other guests' TCG monitors, slow on a loaded 2-core CI machine).
             assert job_skipped(stats[busy_guest]) and "block.0.wr.bytes" not in stats[busy_guest]
-            assert elapsed_s < 1.0, elapsed_s
+            assert elapsed_s < 3.0, elapsed_s
             for name in lab_guests:  # the other domains' figures are complete
                 assert not job_skipped(stats[name]) and "block.0.wr.bytes" in stats[name], name
         finally:
