@@ -156,7 +156,7 @@ def test_rows_match_virsh_and_the_taps(top: Tmux, lab_guests: list[str]) -> None
     assert 0 <= rx_host - doc["net_out_bytes"] <= 20_000
     # Another client (the live `top` above) holding the domain's job would leave the bytes out
     # (NOWAIT); hostagent asks such a domain again (sources/libvirt_busy.py), and says why.
-    assert doc["disk_write_bytes"] is not None, doc["missing"]
+    assert doc["disk_write_bytes"] is not None, doc["missing_why"]
     assert 0 <= int(raw["block.0.wr.bytes"]) - doc["disk_write_bytes"] <= 4 * 1024 * 1024
 
 

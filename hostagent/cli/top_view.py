@@ -47,6 +47,8 @@ class Row:
     disk_read_bytes: int | None
     disk_write_bytes: int | None
     missing: tuple[str, ...] = ()
+    # (reading, why) of each `missing` reading, in the same order (`top --json`: missing_why).
+    missing_why: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +144,8 @@ def row(prev: Sample | None, cur: Sample, owner: str) -> Row:
         pressure_memory_some_avg10=pr.memory_some_avg10 if pr else None,
         pressure_io_some_avg10=pr.io_some_avg10 if pr else None,
         cpu_ns=cur.cpu_ns, net_in_bytes=net_in, net_out_bytes=net_out,
-        disk_read_bytes=rd, disk_write_bytes=wr, missing=tuple(sorted(cur.missing)))
+        disk_read_bytes=rd, disk_write_bytes=wr, missing=tuple(sorted(cur.missing)),
+        missing_why=tuple(sorted(cur.missing.items())))
 
 
 def rows(prev: Mapping[str, Sample], cur: Sequence[Sample],
@@ -197,7 +200,7 @@ def as_json(screen: Screen, key: SortKey = "c", text: str = "") -> dict[str, Any
         "host": {"cpus": screen.host_cpus, **asdict(screen.totals)},
         "daemon": asdict(screen.daemon),
         "sort": SORT_KEYS[key], "filter": text,
-        "domains": [asdict(r) | {"missing": list(r.missing)}
+        "domains": [asdict(r) | {"missing": list(r.missing), "missing_why": dict(r.missing_why)}
                     for r in arrange(screen.rows, key, text)],
         "errors": list(screen.errors),
     }

@@ -130,3 +130,20 @@ def test_human_bytes() -> None:
     assert [top_view.human_bytes(x) for x in (None, 0, 1023, 1536, 5 << 30)] == [
         "-", "0", "1023", "1.5K", "5.0G"]
     assert top_view.human_bytes(2048.0, per_s=True) == "2.0K/s"
+
+
+def test_json_says_why_each_reading_is_missing() -> None:
+    """A disk libvirt answered without bytes (its job was busy): `missing` names the reading,
+    `missing_why` gives the reason, as `dump` does."""
+    import dataclasses
+
+    from hostagent.accounting.assemble import JOB_BUSY
+
+    busy = dataclasses.replace(
+        sample("db", 1, 1.5), disks=(BlockCounters("vda", None, None, None, None),),
+        missing={"disk:vda:rd_bytes": JOB_BUSY, "disk:vda:wr_bytes": JOB_BUSY})
+    r = top_view.row(sample("db", 0, 0), busy, "bob")
+    (doc,) = top_view.as_json(screen((r,)), "c", "")["domains"]
+    assert doc["disk_write_bytes"] is None and doc["disk_write_bytes_per_s"] is None
+    assert doc["missing"] == ["disk:vda:rd_bytes", "disk:vda:wr_bytes"]
+    assert doc["missing_why"] == {"disk:vda:rd_bytes": JOB_BUSY, "disk:vda:wr_bytes": JOB_BUSY}
