@@ -109,6 +109,13 @@ JOB_BUSY = ("another libvirt client held the domain's job during the stats call 
             "also when asked again")
 
 
+def job_skipped(stats: Mapping[str, Any]) -> bool:
+    """libvirt answered without the domain's job (NOWAIT while another client held it): its
+    monitor's figures are absent. `balloon.current` comes from the definition, `balloon.rss`
+    (the QEMU process's RSS) whenever libvirt held the job (sources/libvirt_busy.py)."""
+    return "balloon.current" in stats and "balloon.rss" not in stats
+
+
 def block_counters(stats: Mapping[str, Any]) -> tuple[BlockCounters, ...]:
     """Per-disk I/O bytes and sizes from bulk stats (top of each backing chain only)."""
     count = _int(stats, "block.count")
@@ -208,9 +215,7 @@ def _sample(info: DomainInfo, instance_id: str, stats: Mapping[str, Any], t_wall
                 missing[f"disk:{disk.target}"] = "libvirt reported no block stats for this disk"
     for d in disks:
         if d.rd_bytes is None or d.wr_bytes is None:
-            # `balloon.current` without `balloon.rss`: libvirt answered without the domain's job
-            # (NOWAIT while another client held it; sources/libvirt_busy.py asked again).
-            why = (JOB_BUSY if "balloon.current" in stats and "balloon.rss" not in stats
+            why = (JOB_BUSY if job_skipped(stats)  # libvirt_busy.py asked again, in vain
                    else "libvirt reported no I/O bytes for this disk")
             if d.rd_bytes is None:
                 missing[f"disk:{d.target}:rd_bytes"] = why

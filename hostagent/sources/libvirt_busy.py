@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import libvirt
 
+from hostagent.accounting.assemble import job_skipped
 from hostagent.errors import SourceUnavailable
 from hostagent.model import DomainStats
 
@@ -30,11 +31,6 @@ log = logging.getLogger(__name__)
 
 # Pauses before each new try of the still-busy domains (seconds, in the worker thread).
 RETRY_PAUSES_S = (0.002, 0.01)
-
-
-def job_skipped(stats: Mapping[str, Any]) -> bool:
-    """libvirt answered without the domain's job: its monitor's figures are absent."""
-    return "balloon.current" in stats and "balloon.rss" not in stats
 
 
 def ask_busy_again(

@@ -4,7 +4,8 @@ throwaway guest of this test, never halab-*, which are only read).
 Another client is made to hold the job for as long as the test wants: its QEMU is stopped
 (SIGSTOP) and `virsh domstats` (without NOWAIT) takes the job and waits on the monitor. The
 pass's NOWAIT bulk call then gets that domain without its monitor's figures, which is the
-premise of sources/libvirt_busy.py: `balloon.current` without `balloon.rss`."""
+premise of sources/libvirt_busy.py: `balloon.current` without `balloon.rss`
+(`assemble.job_skipped`)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from collections.abc import Iterator
 import pytest
 import trio
 
+from hostagent.accounting.assemble import job_skipped
 from hostagent.clock import SystemClock
 from hostagent.config.schema import LibvirtConfig
 from hostagent.sources.libvirt import LibvirtSource
-from hostagent.sources.libvirt_busy import job_skipped
 from tests import lab_support
 
 pytestmark = pytest.mark.lab
