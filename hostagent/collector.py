@@ -408,7 +408,8 @@ class Collector:
             self.baselines, host.domains, owners=self.owners, settings=self.settings(),
             now_ns=host.t_wall_ns, rules=self.rules.index if self.rules is not None else None,
             alert_states=self.alert_states, gate=self.storm,
-            retired=self.rules.retired if self.rules is not None else None, closing=closing)
+            retired=self.rules.retired if self.rules is not None else None, closing=closing,
+            live=self.tails)
         if self.storm is not None and self.storm.dirty:  # buckets go in the same transaction
             acc = dataclasses.replace(acc, alert_changes={
                 **acc.alert_changes, alerts.STORM_KEY: self.storm.to_bytes()})

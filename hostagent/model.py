@@ -231,6 +231,10 @@ class Sample:
     # libvirt gave it too (sampling.py bills a change of counter with it).
     cpu_source: str | None = None
     cpu_time_ns: int | None = None
+    # Taps the last pass read that are gone now (a NIC hot-unplugged, or re-plugged as a new
+    # tap), with their last counters from the light samples: (ifindex, guest rx, guest tx).
+    # sampling.py bills each up to them (accounting/unplug.py).
+    gone_taps: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def cpu_counter(self) -> str:

@@ -10,6 +10,7 @@
                                               every domain anyway)
     light-samples thread, asleep on the stop watch (sources/stop_watch.py):
       a VM cgroup empties ──► LightSampler.sample(that domain, deleted taps' final counters)
+      a tap is deleted ─────► the same, for its domain (a NIC hot-unplugged, or the VM's end)
       every watched_sample_interval_s (sample_interval_s where an end is not watched):
       LightSampler.sample(targets)
           ──► Collector.light_inbox ──► (merged by trio) tail.latest
@@ -316,8 +317,9 @@ class TailTasks:
         return targets
 
     def _light_sample(self, watch: StopWatch | None, woken: Woken | None) -> None:
-        """One sample of every domain (`woken` None), or of the domains whose cgroup emptied,
-        with the final counters of the taps deleted before; the readings go to the inbox."""
+        """One sample of every domain (`woken` None), or of the domains whose cgroup emptied
+        or one of whose taps was deleted, with the final counters of the taps deleted before
+        (a NIC's bytes up to its hot-unplug); the readings go to the inbox."""
         inbox = self.collector.light_inbox
         inbox.begin()
         got: dict[str, LightReading] = {}
@@ -325,11 +327,13 @@ class TailTasks:
             with self._sampling:
                 targets = self._watch_targets(watch)
                 deleted = None
-                if woken is not None and watch is not None:
+                if watch is not None and watch.follows_links:
                     watch.collect_links()  # a tap deleted just before the cgroup emptied
-                    deleted = watch.deleted
+                    deleted = watch.deleted or None
+                if woken is not None:
                     if not woken.overflow:
-                        targets = [t for t in targets if (t.uuid, t.domid) in woken.emptied]
+                        woke = woken.emptied | woken.unplugged
+                        targets = [t for t in targets if (t.uuid, t.domid) in woke]
                     self.stops_seen += len(woken.emptied)
                 if targets:
                     got = (self.sampler.sample(targets) if deleted is None
@@ -346,7 +350,7 @@ class TailTasks:
         if targets is self._synced:
             return
         cgroups: dict[object, str] = {}
-        ifindexes: list[int] = []
+        taps: dict[int, object] = {}
         watchable = True
         for t in targets:
             if t.cpu_file is not None and t.cpu_file.endswith("/cpu.stat"):
@@ -356,8 +360,9 @@ class TailTasks:
             if t.nics:
                 if not watch.follows_links:
                     watchable = False  # taps whose deletion nobody hears of
-                ifindexes.extend(n.ifindex for n in t.nics)
-        watch.sync(cgroups, ifindexes)
+                key = (t.uuid, t.domid)
+                taps.update((n.ifindex, key) for n in t.nics)
+        watch.sync(cgroups, taps)
         self._synced = targets
         self._watched_all = watchable and not watch.failed
 

@@ -16,12 +16,14 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroute2 import IPRoute
 
 from tests import lab_support
 from tests.test_lab import DaemonProc, assert_tiles, events_for, wait_for, write_config
@@ -196,3 +198,66 @@ def test_kill_9_between_a_lifecycle_read_and_the_next_pass_bills_nothing_twice(
     check_close_out(events_for(tmp_path / "events.jsonl", guest), cpu, rx, tx,
                     started, destroyed)
     assert unattributed_s(log) <= SAMPLE_S * 2 + 0.5
+
+
+class TapEnd:
+    """The RTM_DELLINK of one tap heard through pyroute2 (not the daemon's own parser): the
+    tap's final host-side (rx, tx) bytes."""
+
+    def __init__(self, tap: str) -> None:
+        self.tap = tap
+        self.final: tuple[int, int] | None = None
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+        assert self._listening.wait(10), "no netlink listener"
+
+    def _listen(self) -> None:
+        with IPRoute() as ipr:  # pyroute2's socket works in the thread that made it
+            ipr.bind()
+            self._listening.set()
+            while self.final is None:
+                for m in ipr.get():
+                    if m.get("event") == "RTM_DELLINK" and m.get_attr("IFLA_IFNAME") == self.tap:
+                        stats = m.get_attr("IFLA_STATS64")
+                        self.final = (stats["rx_bytes"], stats["tx_bytes"])
+
+    def wait(self, timeout_s: float = 30) -> tuple[int, int]:
+        self._thread.join(timeout_s)
+        assert self.final is not None, f"{self.tap} was not deleted"
+        return self.final
+
+
+def test_a_nic_detached_between_passes_is_billed_to_its_final_counters(
+        tmp_path: Path, guest: str) -> None:
+    """`virsh detach-interface` at a random moment between two passes: the tap's end wakes
+    the light samples, and the next pass bills the NIC up to the tap's final counters, exactly
+    (the guest pings its tap every second, so every interval has bytes in both directions)."""
+    interval_s = 12.0
+    log = tmp_path / "daemon.log"
+    tap = f"{lab_support.TAP_PREFIX}{SLOT}"
+    d = DaemonProc(config(tmp_path, interval_s), log)
+    try:
+        first_pass(log)
+        lab_support.start_guest(guest)  # after the store existed: billed from its zero
+        n = len(passes(log))
+        wait_pass(log, n)  # a pass sees the guest and its tap
+        time.sleep(random.uniform(2.0, interval_s - 2.0))
+        end = TapEnd(tap)
+        subprocess.run(["virsh", "-c", lab_support.URI, "detach-interface", guest, "ethernet",
+                        "--mac", f"52:54:00:4c:ab:{SLOT:02x}", "--live"], check=True,
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        host_rx, host_tx = end.wait()
+        n = len(passes(log))
+        wait_pass(log, n)  # the pass that reads the guest without its NIC
+        wait_pass(log, n + 1)  # and one more: nothing else is billed for it
+    finally:
+        assert d.stop() == 0
+    evs = events_for(tmp_path / "events.jsonl", guest)
+    assert_tiles(evs)
+    egress = sum(round(e["metrics"]["network_egress_mb"] * 2**20) for e in evs)
+    ingress = sum(round(e["metrics"]["network_ingress_mb"] * 2**20) for e in evs)
+    print(f"egress {egress} of {host_rx}; ingress {ingress} of {host_tx}; events {len(evs)}")
+    assert host_rx > 0 and host_tx > 0
+    # The guest's transmit is the tap's receive: every byte up to the detach, once.
+    assert (egress, ingress) == (host_rx, host_tx)

@@ -5,6 +5,7 @@ next pass in its one transaction, billed to its last light reading."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import threading
 import time
 import types
@@ -536,4 +537,91 @@ async def test_a_changed_xml_is_read_at_the_next_pass_and_heard_changes_stretch_
         coll.cfg.collector, interval_s=interval_s * 4))
     assert (await coll.run_pass()).committed
     assert coll.inventory.refresh_every_passes == inventory.refresh_passes(interval_s * 4, 600)
+    store.close()
+
+
+class _RecordedTapEnds(StopWatch):
+    """The host's link notifications, plus the end of a recorded tap (a recorded tree has no
+    netlink): `delete()` hands the watch what an RTM_DELLINK of that tap would have carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._ends: dict[int, tuple[int, int]] = {}
+
+    def delete(self, ifindex: int, host_rx: int, host_tx: int) -> None:
+        with self._lock:
+            self._ends[ifindex] = (host_rx, host_tx)
+        self.wake()
+
+    def _drain_wake(self) -> None:
+        super()._drain_wake()
+        with self._lock:
+            ends, self._ends = self._ends, {}
+        for ifindex, counters in ends.items():  # as _drain_links does for a followed tap
+            if ifindex in self._taps:
+                self.deleted[ifindex] = counters
+                self._unplugged.add(self._taps[ifindex])
+
+
+async def test_a_hot_unplugged_nic_is_sampled_at_its_end_and_billed_to_its_final_counters(
+        tmp_path: Path) -> None:
+    """A tap deleted while its VM runs (a NIC detached) wakes the light-samples thread, which
+    samples that domain alone with the tap's final counters; the next pass reads the domain
+    without the tap and bills the NIC up to those counters (accounting/unplug.py)."""
+    host = editable_host(tmp_path, "systemd-v2")
+    _add_events_files(host)
+    coll, store = make_collector(host, tmp_path, sample_interval_s=3600,
+                                 watched_sample_interval_s=3600, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    watch = _RecordedTapEnds()
+    tail.watch = watch
+    taken: list[dict[str, Any]] = []
+    real_sample = tail.sampler.sample
+
+    def noted(targets: Any, **kw: Any) -> Any:
+        got = real_sample(targets, **kw)
+        taken.append(got)
+        return got
+
+    tail.sampler = types.SimpleNamespace(sample=noted)  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        assert (await coll.run_pass()).committed
+        await wait_real(lambda: tail._watched_all)
+        (uuid, _), anchor = next((k, t.anchor) for k, t in coll.tails.items()
+                                     if t.anchor.netlink_nics)
+        tap = next(iter(anchor.netlink_nics.values()))
+        assert tap.ifindex is not None and tap.ifname is not None
+        # The t1 tree without that tap: neither a link nor libvirt counters for it.
+        shutil.rmtree(host.src / "t1" / "sys" / "class" / "net" / tap.ifname)
+        bulk = host.src / "t1" / "libvirt" / "bulk_stats.json"
+        entries = orjson.loads(bulk.read_bytes())
+        for e in entries:
+            if e["uuid"] == uuid:
+                n = next(k.split(".")[1] for k, v in e["stats"].items()
+                         if k.endswith(".name") and v == tap.ifname)
+                e["stats"] = {k: v for k, v in e["stats"].items()
+                              if not k.startswith(f"net.{n}.")}
+        bulk.write_bytes(orjson.dumps(entries))
+        host.clock.advance(1.0)
+        n_taken = len(taken)
+        # The tap's end: the guest received 1,000 bytes and sent 2,000 more since the pass.
+        watch.delete(tap.ifindex, tap.guest_tx_bytes + 2_000, tap.guest_rx_bytes + 1_000)
+        await wait_real(lambda: len(taken) == n_taken + 1)
+        assert set(taken[-1]) == {uuid}  # that domain alone, at once
+        host.move_to_t1()
+        report = await coll.run_pass()
+        nursery.cancel_scope.cancel()
+    assert report.committed, report.error
+    (u,) = [u for u in report.usages if u.uuid == uuid]
+    (s,) = [s for s in report.samples if s.uuid == uuid]
+    assert tap.mac not in {n.mac for n in s.nics}  # read without it
+    others = [(n, anchor.netlink_nics[n.mac]) for n in s.nics if n.mac in anchor.netlink_nics]
+    assert u.net_ingress_bytes == 1_000 + sum(n.guest_rx_bytes - o.guest_rx_bytes
+                                              for n, o in others)
+    assert u.net_egress_bytes == 2_000 + sum(n.guest_tx_bytes - o.guest_tx_bytes
+                                             for n, o in others)
+    assert f"net:{tap.mac}" not in u.missing
+    assert tail.sample_errors == 0 and tail.stops_seen == 0
     store.close()

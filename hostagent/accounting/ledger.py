@@ -13,6 +13,8 @@ Three kinds of instance per call:
   (accounting/closeout.close_out), and the baseline moves to that reading — the close-out.
   It is kept (until `baseline_retention_ns`), so the instance's next incarnation tiles on from
   the close-out, and the same process listed again later continues from it, never from zero;
+- read this pass without counters for a NIC its tail's light readings followed (a NIC
+  hot-unplugged: accounting/unplug.py): that NIC is billed up to its last light reading;
 - neither: its baseline is kept (a domain whose reading failed this pass keeps its old
   baseline, so the next good reading covers the gap), unless it is older than
   `baseline_retention_ns`, then it is removed.
@@ -25,11 +27,12 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
-from hostagent.accounting import events, sampling
+from hostagent.accounting import events, sampling, unplug
 from hostagent.accounting.assemble import sample_of
 from hostagent.accounting.closeout import Closing, close_out
 from hostagent.accounting.events import TimeFormat
 from hostagent.accounting.readings import Accounting, DomainReading
+from hostagent.accounting.tails import Key, Tail
 from hostagent.alerts import state as threshold_state
 from hostagent.alerts import violations
 from hostagent.alerts.index import RuleIndex
@@ -87,6 +90,7 @@ def account(
     gate: threshold_state.Gate | None = None,
     closing: Sequence[Closing | DomainReading] = (),
     retired: Mapping[str, Rule] | None = None,
+    live: Mapping[Key, Tail] | None = None,
 ) -> tuple[Accounting, list[Sample]]:
     """One pass's accounting; also returns the samples it billed (for the report and the API).
 
@@ -94,8 +98,12 @@ def account(
     before the present readings, so a domain restarted between two passes gets its old
     incarnation's final event and its new one tiles on from that. A closing of the
     incarnation a present reading still shows is no end and is ignored.
+    `live`: the tails before this pass (light readings merged); a reading without counters for
+    a NIC whose tap they followed takes that NIC's last light counters (accounting/unplug.py).
     """
     samples = [sample_of(r) for r in readings]
+    if live:
+        samples = unplug.fill(samples, live)
     now = {s.instance_id: s for s in samples}
     usages: list[Usage] = []
     bases: list[Baseline] = []

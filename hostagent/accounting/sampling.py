@@ -19,6 +19,7 @@ Integer arithmetic only for the billing counters; floats only for averages and p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from hostagent.model import CPU_FROM_LIBVIRT, Baseline, DiskBase, NicBase, Sample, Usage
@@ -285,7 +286,14 @@ _ZERO_DISK = DiskBase(0, 0)  # a hot-plugged disk (or a new process): counters f
 def _nics(
     base: Baseline, cur: Sample, missing: dict[str, str], flagged: Mapping[str, str] = _NONE
 ) -> tuple[Mapping[str, NicBase], int, int]:
-    """New NIC baselines by MAC and the (egress, ingress) bytes of the period."""
+    """New NIC baselines by MAC and the (egress, ingress) bytes of the period.
+
+    A tap in `cur.gone_taps` (gone since the last pass: accounting/unplug.py) is billed from
+    the baseline up to its last counters, whether its NIC is no longer read (unplugged), is
+    flagged missing (listed, its tap not found: the baseline moves to those counters) or is
+    read on a new tap (re-plugged: the new tap counts from zero besides)."""
+    if cur.gone_taps:
+        return _nics_with_gone(base, cur, missing, flagged)
     if not cur.nics and not flagged:
         return _NO_NICS, 0, 0
     out: dict[str, NicBase] = {}
@@ -321,6 +329,37 @@ def _nics(
         ingress += rx_now if restarted or rx_now < old_rx else rx_now - old_rx
         out[mac] = NicBase(ifindex if ifindex is not None else old.ifindex, rx_now, tx_now)
     # NICs in the baseline but neither read nor flagged were unplugged: dropped, no delta.
+    return out or _NO_NICS, egress, ingress
+
+
+def _nics_with_gone(
+    base: Baseline, cur: Sample, missing: dict[str, str], flagged: Mapping[str, str]
+) -> tuple[Mapping[str, NicBase], int, int]:
+    """`_nics` of a sample with taps gone since the last pass: the same, plus each gone tap's
+    bytes from the baseline up to its last counters (a drop: counted from zero, as a reset)."""
+    gone = {ifindex: (rx, tx) for ifindex, rx, tx in cur.gone_taps}
+    read = {n.mac.lower(): n.ifindex for n in cur.nics}
+    finals: dict[str, tuple[int, int]] = {}  # by MAC: a baseline tap that is gone now
+    for mac, old in base.nics.items():
+        if old.ifindex is None or old.ifindex not in gone \
+                or old.guest_rx_bytes is None or old.guest_tx_bytes is None:
+            continue
+        if mac in read and read[mac] in (None, old.ifindex):
+            continue  # read this pass after all (libvirt's counters): billed from there
+        finals[mac] = gone[old.ifindex]
+    out, egress, ingress = _nics(base, dataclasses.replace(cur, gone_taps=()), missing,
+                                 flagged)
+    if not finals:
+        return out, egress, ingress
+    out = dict(out)
+    for mac, (rx, tx) in finals.items():
+        old = base.nics[mac]
+        old_rx, old_tx = old.guest_rx_bytes or 0, old.guest_tx_bytes or 0
+        egress += tx if tx < old_tx else tx - old_tx
+        ingress += rx if rx < old_rx else rx - old_rx
+        if mac in flagged:  # still listed: its baseline moves to the counters billed
+            out[mac] = NicBase(old.ifindex, rx, tx)
+            missing.pop(flagged[mac], None)
     return out or _NO_NICS, egress, ingress
 
 

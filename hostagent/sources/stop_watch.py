@@ -10,9 +10,12 @@ itself, so the periodic samples only back them up:
   its `cpu.stat` / `io.stat` are still there until libvirt (or systemd) removes it, later: a
   light sample taken at once reads the process's final CPU and disk bytes. Measured on the lab:
   the notification ~45 ms after `virsh destroy` started, the cgroup still readable.
-* **a tap is deleted** (QEMU closed it when it exited): the RTM_DELLINK notification of the
-  RTNLGRP_LINK multicast group carries the link's final IFLA_STATS64. Kept by ifindex (the light
-  sample's key), the sample at the cgroup's end uses them for taps already gone.
+* **a tap is deleted** (QEMU closed it when it exited, or the NIC was hot-unplugged): the
+  RTM_DELLINK notification of the RTNLGRP_LINK multicast group carries the link's final
+  IFLA_STATS64. Kept by ifindex (the light sample's key), the samples use them for taps already
+  gone. A watched tap's end also wakes the wait for its domain (`Woken.unplugged`): a NIC
+  detached from a running VM is sampled at once, so its bytes up to the detach are billed
+  (docs/billing-tail.md, "A NIC hot-unplugged").
 
 `StopWatch.wait()` blocks on both descriptors and a wake-up pipe (`wake()`), so the light-samples
 thread sleeps on it instead of a timer. Nothing here reads a counter: the caller samples the
@@ -84,11 +87,13 @@ def dellink_stats(data: bytes, keep: Iterable[int] | None = None
 
 @dataclass(frozen=True, slots=True)
 class Woken:
-    """What `StopWatch.wait()` returned for: the keys whose cgroup emptied, and whether the
-    watch lost notifications (an inotify queue overflow: sample everything)."""
+    """What `StopWatch.wait()` returned for: the keys whose cgroup emptied, whether the watch
+    lost notifications (an inotify queue overflow: sample everything), and the keys one of
+    whose taps was deleted (`deleted` holds its final counters)."""
 
     emptied: frozenset[object]
     overflow: bool = False
+    unplugged: frozenset[object] = frozenset()
 
 
 class StopWatch:
@@ -114,8 +119,9 @@ class StopWatch:
             self._poll.register(d, select.POLLIN)
         self._by_key: dict[object, tuple[str, int]] = {}  # key -> (cgroup.events path, wd)
         self._by_wd: dict[int, object] = {}
-        self._ifindexes: frozenset[int] = frozenset()
+        self._taps: Mapping[int, object] = {}  # ifindex -> key of the domain it belongs to
         self.deleted: dict[int, tuple[int, int]] = {}  # final (rx, tx) of deleted taps
+        self._unplugged: set[object] = set()  # keys a tap of which was deleted, not yet told
         self.failed: set[object] = set()  # keys whose cgroup could not be watched
         self._ended: set[object] = set()  # keys already reported emptied (reported once)
 
@@ -129,9 +135,10 @@ class StopWatch:
         """The keys whose cgroup's end is watched now."""
         return frozenset(self._by_key)
 
-    def sync(self, cgroups: Mapping[object, str], ifindexes: Iterable[int]) -> None:
-        """Watch exactly these cgroup directories (by key) and keep the final counters of
-        these ifindexes only; a directory that cannot be watched lands in `failed`."""
+    def sync(self, cgroups: Mapping[object, str], taps: Mapping[int, object]) -> None:
+        """Watch exactly these cgroup directories (by key) and follow the end of these taps
+        (ifindex -> key of their domain) only; a directory that cannot be watched lands in
+        `failed`."""
         for key in [k for k in self._by_key if k not in cgroups]:
             path, wd = self._by_key.pop(key)
             self._by_wd.pop(wd, None)
@@ -159,13 +166,13 @@ class StopWatch:
                 self._by_key.pop(other, None)
             self._by_key[key] = (path, wd)
             self._by_wd[wd] = key
-        self._ifindexes = frozenset(ifindexes)
-        self.deleted = {i: v for i, v in self.deleted.items() if i in self._ifindexes}
+        self._taps = dict(taps)
+        self.deleted = {i: v for i, v in self.deleted.items() if i in self._taps}
 
     def wait(self, timeout_s: float | None) -> Woken | None:
-        """Block until a watched cgroup empties, `wake()` is called or `timeout_s` passes;
-        None unless a cgroup emptied (or notifications were lost). Deleted taps' counters
-        collected meanwhile are in `deleted`."""
+        """Block until a watched cgroup empties or a followed tap is deleted, `wake()` is
+        called or `timeout_s` passes; None unless one of those happened (or notifications
+        were lost). Deleted taps' counters collected meanwhile are in `deleted`."""
         ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000 + 0.999))
         try:
             ready = self._poll.poll(ms)
@@ -180,9 +187,10 @@ class StopWatch:
                 self._drain_wake()
             else:
                 overflow |= self._drain_links()
-        if not emptied and not overflow:
+        unplugged, self._unplugged = self._unplugged, set()
+        if not emptied and not overflow and not unplugged:
             return None
-        return Woken(frozenset(emptied), overflow)
+        return Woken(frozenset(emptied), overflow, frozenset(unplugged))
 
     def collect_links(self) -> None:
         """Take the link notifications queued now (before a sample that needs them); a
@@ -244,7 +252,11 @@ class StopWatch:
                 raise
             if not data:
                 return lost
-            self.deleted.update(dellink_stats(data, self._ifindexes))
+            taps = self._taps
+            gone = dellink_stats(data, taps)
+            if gone:
+                self.deleted.update(gone)
+                self._unplugged.update(taps[i] for i in gone)
 
     def close(self) -> None:
         """Release the descriptors."""

@@ -42,7 +42,7 @@ def test_an_emptied_cgroup_wakes_the_watch_with_its_final_cpu_still_readable(
     watch = StopWatch(links=False)
     fds = FdCache()
     try:
-        watch.sync({("u", 7): vm, ("o", 8): other}, [])
+        watch.sync({("u", 7): vm, ("o", 8): other}, {})
         assert watch.watched == {("u", 7), ("o", 8)} and not watch.failed
         busy = _burner(other, 30.0)  # stays: its cgroup never empties
         proc = _burner(vm, 0.2)
@@ -69,7 +69,7 @@ def test_an_emptied_cgroup_wakes_the_watch_with_its_final_cpu_still_readable(
             pass
         assert woken is not None and woken.emptied == {("o", 8)}
         os.rmdir(vm)  # what libvirt does next; the pass then drops the domain's target
-        watch.sync({("o", 8): other}, [])
+        watch.sync({("o", 8): other}, {})
         assert watch.watched == {("o", 8)}
     finally:
         watch.close()
@@ -90,7 +90,7 @@ def test_an_end_is_reported_once_until_the_cgroup_fills_again(real_cgroups: Real
     vm = real_cgroups.mkdir("qemu-9-vm.libvirt-qemu")
     watch = StopWatch(links=False)
     try:
-        watch.sync({("u", 9): vm}, [])
+        watch.sync({("u", 9): vm}, {})
         proc = _burner(vm, 0.01)
         proc.stdin.write(b"x")  # type: ignore[union-attr]
         proc.stdin.flush()  # type: ignore[union-attr]
@@ -115,9 +115,9 @@ def test_an_end_is_reported_once_until_the_cgroup_fills_again(real_cgroups: Real
 def test_a_cgroup_that_cannot_be_watched_is_named_in_failed(tmp_path: Path) -> None:
     watch = StopWatch(links=False)
     try:
-        watch.sync({("u", 1): str(tmp_path / "no-such-cgroup")}, [])
+        watch.sync({("u", 1): str(tmp_path / "no-such-cgroup")}, {})
         assert watch.failed == {("u", 1)} and watch.watched == frozenset()
-        watch.sync({}, [])
+        watch.sync({}, {})
         assert watch.failed == set()
     finally:
         watch.close()
@@ -156,18 +156,22 @@ def test_a_deleted_tap_leaves_its_final_counters(netns: str) -> None:  # noqa: F
     tap, other = indexes["hatapw"], indexes["hatapz"]
     watch = StopWatch(netns=netns)
     try:
-        watch.sync({}, [tap])  # only this tap's end is followed
+        watch.sync({}, {tap: ("u", 3)})  # only this tap's end is followed
         subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _TAP_WRITER],
                        check=True)
         ip(netns, "link", "del", "hatapw")
         ip(netns, "link", "del", "hatapz")
         deadline = time.monotonic() + 5
-        while tap not in watch.deleted and time.monotonic() < deadline:
-            assert watch.wait(0.1) is None  # a link's end alone never ends a wait
-        # The host side received the 5 frames of 60 bytes and sent none.
+        woken = None
+        while woken is None and time.monotonic() < deadline:
+            woken = watch.wait(0.1)
+        # The followed tap's end woke the wait for its domain (a NIC hot-unplugged: sampled
+        # at once), and the host side received the 5 frames of 60 bytes and sent none.
+        assert woken is not None and woken.unplugged == {("u", 3)} and not woken.emptied
         assert watch.deleted == {tap: (300, 0)}
         assert other not in watch.deleted
-        watch.sync({}, [])
+        assert watch.wait(0.2) is None  # told once; the other tap's end is not followed
+        watch.sync({}, {})
         assert watch.deleted == {}
     finally:
         watch.close()
