@@ -10,10 +10,10 @@ domain without that tap (the NIC gone from the XML, listed with its tap not foun
 on a new tap) hands them to the delta engine in `Sample.gone_taps`, and `sampling._nics` bills
 the tap from its baseline up to them.
 
-Only the baseline's own tap counts (its ifindex), only for the incarnation the baseline is of,
-and a light reading is never older than the last pass (tails re-anchor at every pass) nor
-holds counters past the tap's end: nothing is billed twice, and a re-plugged NIC's new tap
-counts from zero.
+Only the same process's light reading (the tail's domid) and only the baseline's own tap (its
+ifindex) count, and a light reading is never older than the last pass (tails re-anchor at
+every pass) nor holds counters past the tap's end: nothing is billed twice, and a re-plugged
+NIC's new tap counts from zero.
 """
 
 from __future__ import annotations
