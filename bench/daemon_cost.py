@@ -11,7 +11,10 @@ the others' from the passes they report.
 Hosts:
 * `--live`: the lab's running guests (qemu:///system, `deploy/lab/lab.py up 8` for 8 guests);
 * `--domains 10,100,1000`: domains of libvirt's test driver inside libvirtd (test+unix://) and a
-  generated cgroup tree (bench/pass_cost.py's generator), `--cgroupfs` for real cgroups.
+  generated cgroup tree (bench/pass_cost.py's generator), `--cgroupfs` for real cgroups;
+  `--qemu-shaped`: the generated domains' stats answered as a QEMU guest's (bench/qemu_shape.py:
+  balloon, vCPUs, a NIC and a disk; memory then comes from the balloon, not the cgroup), for
+  hostagent and the raw bulk call alike.
 
     python bench/daemon_cost.py [--live] [--domains 10,100,1000,5000] [--window 20] [--repeat 3]
 
@@ -44,6 +47,7 @@ sys.path.insert(0, str(BENCH))
 from pass_cost import RealCgroups, generate, per_domain_pass  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SHAPED_ENV = "HOSTAGENT_BENCH_QEMU_SHAPED"  # the raw worker shapes its answers too
 STATS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
          | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_VCPU
          | libvirt.VIR_DOMAIN_STATS_INTERFACE | libvirt.VIR_DOMAIN_STATS_BLOCK)
@@ -61,6 +65,9 @@ def raw_bulk(conn: libvirt.virConnect) -> int:
 
 def worker(kind: str, uri: str, interval_s: float, passes_file: Path) -> None:
     """Poll until SIGTERM, aligned to the interval; count passes in `passes_file`."""
+    if os.environ.get(SHAPED_ENV) and kind == "raw":
+        import qemu_shape
+        qemu_shape.install()
     conn = libvirt.openReadOnly(uri)
     fn = raw_bulk if kind == "raw" else per_domain_pass
     stop = False
@@ -245,6 +252,8 @@ def run_host(label: str, uri: str, root: str, domains: int, args: argparse.Names
     """The three collectors on one host, one after another (`--repeat` rounds of the three)."""
     results = []
     py = sys.executable
+    shaped = shaped_here(args, label)
+    env = dict(os.environ, PYTHONPATH=str(REPO), **({SHAPED_ENV: "1"} if shaped else {}))
     for n in range(args.repeat):
         for kind, name in (("raw", "raw getAllDomainStats"), ("per-domain", "per-domain calls")):
             pf = work / f"{kind}.{n}.passes"
@@ -252,16 +261,21 @@ def run_host(label: str, uri: str, root: str, domains: int, args: argparse.Names
                                    [py, str(Path(__file__)), "--worker", kind, uri,
                                     str(args.interval), str(pf)],
                                    passes_counter(pf), warmup_s=args.warmup,
-                                   window_s=args.window))
+                                   window_s=args.window, env=env))
         state = work / f"hostagent.{n}"
         state.mkdir()
         cfg = hostagent_config(state, uri, root, args.interval)
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        cmd = ([py, str(BENCH / "qemu_shape.py")] if shaped else [py, "-m", "hostagent.cli"])
         results.append(measure(f"{label}: hostagent run",
-                               [py, "-m", "hostagent.cli", "--config", str(cfg), "run"],
+                               [*cmd, "--config", str(cfg), "run"],
                                events_counter(state / "events.jsonl", domains),
                                warmup_s=args.warmup + 2, window_s=args.window, env=env))
     return results
+
+
+def shaped_here(args: argparse.Namespace, label: str) -> bool:
+    """Whether this host's answers are QEMU-shaped (`--qemu-shaped`, generated hosts only)."""
+    return bool(args.qemu_shaped) and label.startswith("gen")
 
 
 def _span(values: list[float], fmt: str) -> str:
@@ -299,6 +313,8 @@ def main() -> int:
     ap.add_argument("--live", action="store_true", help="the lab's running guests")
     ap.add_argument("--domains", default="", help="comma-separated generated host sizes")
     ap.add_argument("--cgroupfs", action="store_true", help="real cgroups for generated hosts")
+    ap.add_argument("--qemu-shaped", action="store_true",
+                    help="generated domains' stats answered as a QEMU guest's (qemu_shape.py)")
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--warmup", type=float, default=4.0)
     ap.add_argument("--window", type=float, default=20.0)
@@ -326,7 +342,8 @@ def main() -> int:
                 gen = work / f"gen{size}"
                 node_xml, root = generate(size, gen, real)
                 uri = f"test+unix://{node_xml}" if shutil.which("libvirtd") else f"test://{node_xml}"
-                print_table(f"generated ({uri.split(':', 1)[0]})", size,
+                shape = ", QEMU-shaped stats" if args.qemu_shaped else ""
+                print_table(f"generated ({uri.split(':', 1)[0]}{shape})", size,
                             run_host(f"gen{size}", uri, str(root), size, args, gen))
             finally:
                 if real is not None:
