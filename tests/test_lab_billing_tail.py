@@ -6,7 +6,8 @@ host-side counters read just before a `virsh destroy`. The daemon watches the gu
 (sources/stop_watch.py): it reads the final counters when the VM cgroup empties (the cgroup
 stays ~1.5 s longer on the lab) and keeps the deleted tap's last counters, so the close-out bills
 at least what was read before the destroy, and at most that plus the destroy's own CPU and a
-ping. The unattributed CPU the daemon logs per pass stays near zero throughout.
+ping. The unattributed CPU the daemon logs per pass stays near zero throughout. A NIC detached
+from the running guest is billed exactly the final counters of its tap's RTM_DELLINK.
 """
 
 from __future__ import annotations
