@@ -400,6 +400,20 @@ def _events_files(host: Host, coll: Any, tree: str) -> dict[str, Path]:
             for (uuid, _), t in coll.tails.items()}
 
 
+def _noted_samples(tail: TailTasks) -> list[dict[str, Any]]:
+    """The light samples `tail`'s thread takes from now on, each as it returned it."""
+    taken: list[dict[str, Any]] = []
+    real_sample = tail.sampler.sample
+
+    def noted(targets: Any, **kw: Any) -> Any:
+        got = real_sample(targets, **kw)
+        taken.append(got)
+        return got
+
+    tail.sampler = types.SimpleNamespace(sample=noted)  # type: ignore[assignment]
+    return taken
+
+
 async def test_a_watched_end_is_sampled_at_once_and_periodic_samples_slow_down(
         tmp_path: Path) -> None:
     """With the stop watch on every domain, the thread samples every
@@ -414,15 +428,7 @@ async def test_a_watched_end_is_sampled_at_once_and_periodic_samples_slow_down(
     # ends would go unheard. This one listens to the host's link notifications (none concern
     # the recorded ifindexes), so every domain's end counts as watched.
     tail.watch = StopWatch()
-    taken: list[dict[str, Any]] = []
-    real_sample = tail.sampler.sample
-
-    def noted(targets: Any, **kw: Any) -> Any:
-        got = real_sample(targets, **kw)
-        taken.append(got)
-        return got
-
-    tail.sampler = types.SimpleNamespace(sample=noted)  # type: ignore[assignment]
+    taken = _noted_samples(tail)
     async with trio.open_nursery() as nursery:
         await nursery.start(tail.run)
         first = await coll.run_pass()  # the first tails: the thread is woken to watch them
@@ -576,15 +582,7 @@ async def test_a_hot_unplugged_nic_is_sampled_at_its_end_and_billed_to_its_final
     tail = TailTasks(coll, clock=host.clock)
     watch = _RecordedTapEnds()
     tail.watch = watch
-    taken: list[dict[str, Any]] = []
-    real_sample = tail.sampler.sample
-
-    def noted(targets: Any, **kw: Any) -> Any:
-        got = real_sample(targets, **kw)
-        taken.append(got)
-        return got
-
-    tail.sampler = types.SimpleNamespace(sample=noted)  # type: ignore[assignment]
+    taken = _noted_samples(tail)
     async with trio.open_nursery() as nursery:
         await nursery.start(tail.run)
         assert (await coll.run_pass()).committed
