@@ -410,8 +410,8 @@ async def test_jsonl_fsync_failure_is_retried(tmp_path: Path) -> None:
     class FailingOnce(JsonlSink):
         fails = 1
 
-        def _write_and_sync(self, data: bytes) -> None:
-            super()._write_and_sync(data)  # written, then the fsync fails
+        def _write_and_sync(self, payloads: Sequence[bytes]) -> None:
+            super()._write_and_sync(payloads)  # written, then the fsync fails
             if self.fails:
                 self.fails -= 1
                 raise SinkUnavailable("fsync failed: EIO")

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from hostagent.config.sinks import JsonlSinkConfig
+from hostagent.delivery.sinks import jsonl
 from hostagent.delivery.sinks.jsonl import JsonlSink
 from hostagent.errors import SinkUnavailable
 from tests.standins.queue import usage_event
@@ -109,3 +110,60 @@ async def test_a_batch_is_one_write_and_one_fsync(tmp_path: Path,
     await sink.aclose()
     assert calls == ["write", "fsync"]
     assert path.read_bytes() == b"".join(e.payload + b"\n" for e in events)
+
+
+async def test_a_large_batch_is_written_in_whole_lines_and_synced_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of more than WRITE_LINES events is never copied whole: each write carries whole
+    lines, the fsync comes once, after the last."""
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(JsonlSinkConfig(path=str(path)))
+    writes: list[bytes] = []
+    calls: list[str] = []
+    real_write, real_fsync = os.write, os.fsync
+
+    def write(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        calls.append("write")
+        return real_write(fd, data)
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
+    events = [usage_event(f"i{i}", 0) for i in range(2 * jsonl.WRITE_LINES + 3)]
+    sink.write_batch([e.payload for e in events])
+    assert calls == ["write", "write", "write", "fsync"]
+    assert [w.count(b"\n") for w in writes] == [jsonl.WRITE_LINES, jsonl.WRITE_LINES, 3]
+    assert all(w.endswith(b"\n") for w in writes)
+    assert path.read_bytes() == b"".join(e.payload + b"\n" for e in events)
+
+
+async def test_a_write_failing_mid_batch_leaves_whole_lines_and_a_fresh_line_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second chunk's write is cut short by a full disk: the batch fails (sent again
+    whole), the first chunk's lines stay whole, and the torn fragment never swallows the
+    line written after it."""
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(JsonlSinkConfig(path=str(path)))
+    real_write = os.write
+    n = {"writes": 0}
+
+    def write(fd: int, data: bytes) -> int:
+        n["writes"] += 1
+        if n["writes"] == 2:
+            real_write(fd, bytes(data)[:50])  # torn, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    events = [usage_event(f"i{i}", 0) for i in range(jsonl.WRITE_LINES + 5)]
+    with pytest.raises(SinkUnavailable, match="write failed"):
+        sink.write_batch([e.payload for e in events])
+    sink.write_batch([e.payload for e in events])  # the delivery sends the batch again
+    got = [e["event_id"] for e in parsed(path)]
+    assert got == [e.event_id for e in events[:jsonl.WRITE_LINES]] + [e.event_id for e in events]
+    torn = path.read_bytes().split(b"\n")[jsonl.WRITE_LINES]
+    assert torn == events[jsonl.WRITE_LINES].payload[:50]  # a line of its own
