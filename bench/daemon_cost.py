@@ -17,6 +17,10 @@ Hosts:
   hostagent and the raw bulk call alike.
 
     python bench/daemon_cost.py [--live] [--domains 10,100,1000,5000] [--window 20] [--repeat 3]
+    python bench/daemon_cost.py --live --peers     # and collectd, prometheus-libvirt-exporter
+
+`--peers` adds the two shipped collectors of issue 16's table, from Debian's packages
+(bench/peers.py: downloaded with `apt-get download` and unpacked once, never installed).
 
 Printed, not asserted (the machines are noisy).
 """
@@ -44,9 +48,11 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
+import peers as _peers  # noqa: E402
 from pass_cost import RealCgroups, generate, per_domain_pass  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+IDLE = "nothing (libvirtd alone)"
 SHAPED_ENV = "HOSTAGENT_BENCH_QEMU_SHAPED"  # the raw worker shapes its answers too
 STATS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
          | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_VCPU
@@ -179,17 +185,28 @@ class Result:
     cpu_ms_per_pass: float
     libvirtd_ms_per_pass: float
     rss_mb: float
+    libvirtd_idle_ms: float = 0.0  # libvirtd's CPU per interval with no collector at all
+
+    @property
+    def host_ms_per_pass(self) -> float:
+        """What the host pays a pass: the collector's CPU and the libvirtd work it causes."""
+        return self.cpu_ms_per_pass + self.libvirtd_ms_per_pass - self.libvirtd_idle_ms
 
 
 def measure(label: str, cmd: list[str], count: Callable[[], int], *, warmup_s: float,
-            window_s: float, env: dict[str, str] | None = None) -> Result:
-    """Start `cmd`, let it warm up, then measure one window of its and libvirtd's CPU."""
+            window_s: float, env: dict[str, str] | None = None, log: Path | None = None,
+            cwd: Path | None = None) -> Result:
+    """Start `cmd`, let it warm up, then measure one window of its and libvirtd's CPU (its
+    stderr to `log` where given: a peer that logs every pass must not fill a pipe)."""
     lv = libvirtd_pid()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with contextlib.ExitStack() as files:
+        err_to = files.enter_context(log.open("wb")) if log else subprocess.PIPE
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_to, cwd=cwd)
     try:
         time.sleep(warmup_s)
         if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
+            err = (log.read_text(errors="replace") if log else
+                   proc.stderr.read().decode() if proc.stderr else "")
             raise RuntimeError(f"{label} exited: {err[-2000:]}")
         p0, c0 = count(), CpuMark(proc.pid)
         l0 = CpuMark(lv) if lv else None
@@ -213,6 +230,11 @@ def events_counter(path: Path, domains: int) -> Callable[[], int]:
         except FileNotFoundError:
             return 0
     return count
+
+
+def intervals_counter(interval_s: float) -> Callable[[], int]:
+    """For the window without a collector: the intervals that went by."""
+    return lambda: int(time.monotonic() / interval_s)
 
 
 def passes_counter(path: Path) -> Callable[[], int]:
@@ -249,12 +271,16 @@ path = "{work}/events.jsonl"
 
 def run_host(label: str, uri: str, root: str, domains: int, args: argparse.Namespace,
              work: Path) -> list[Result]:
-    """The three collectors on one host, one after another (`--repeat` rounds of the three)."""
+    """The collectors on one host, one after another, after a window with none (libvirtd's
+    own work); `--repeat` rounds of them all."""
     results = []
     py = sys.executable
     shaped = shaped_here(args, label)
     env = dict(os.environ, PYTHONPATH=str(REPO), **({SHAPED_ENV: "1"} if shaped else {}))
     for n in range(args.repeat):
+        results.append(measure(f"{label}: {IDLE}", ["sleep", "infinity"],
+                               intervals_counter(args.interval), warmup_s=1.0,
+                               window_s=args.window))
         for kind, name in (("raw", "raw getAllDomainStats"), ("per-domain", "per-domain calls")):
             pf = work / f"{kind}.{n}.passes"
             results.append(measure(f"{label}: {name}",
@@ -270,7 +296,29 @@ def run_host(label: str, uri: str, root: str, domains: int, args: argparse.Names
                                [*cmd, "--config", str(cfg), "run"],
                                events_counter(state / "events.jsonl", domains),
                                warmup_s=args.warmup + 2, window_s=args.window, env=env))
+        if args.peers:
+            results.extend(run_peers(label, uri, args, work / f"peers.{n}"))
     return results
+
+
+def run_peers(label: str, uri: str, args: argparse.Namespace, work: Path) -> list[Result]:
+    """collectd's virt plugin and prometheus-libvirt-exporter on the same host (bench/peers.py:
+    Debian's packages, unpacked, not installed)."""
+    peers = _peers.fetch()
+    out = []
+    cd = work / "collectd"
+    cd.mkdir(parents=True)
+    conf = _peers.collectd_config(peers, cd, uri, args.interval)
+    out.append(measure(f"{label}: collectd virt plugin", _peers.collectd_command(peers, conf),
+                       _peers.collectd_passes(cd / "csv"), warmup_s=args.warmup,
+                       window_s=args.window, log=cd / "stderr", cwd=cd))
+    port = _peers.free_port()
+    with _peers.Scraper(port, args.interval).running() as scraper:
+        out.append(measure(f"{label}: prometheus-libvirt-exporter",
+                           _peers.exporter_command(peers, uri, port), scraper.count,
+                           warmup_s=args.warmup, window_s=args.window,
+                           log=work / "exporter.stderr"))
+    return out
 
 
 def shaped_here(args: argparse.Namespace, label: str) -> bool:
@@ -286,25 +334,43 @@ def _span(values: list[float], fmt: str) -> str:
 
 def print_table(host: str, domains: int, results: list[Result]) -> None:
     """One row per collector; with --repeat, each cell is the range over the repeats."""
-    runs = len([r for r in results if r.label.endswith("hostagent run")])
-    print(f"\n{host}: {domains} domains" + (f", {runs} runs (ranges)" if runs > 1 else ""))
-    print("| collector | passes | its CPU per pass | per domain | libvirtd CPU per pass | RSS |")
-    print("|---|---|---|---|---|---|")
     by: dict[str, list[Result]] = {}
     for r in results:
         by.setdefault(r.label.split(": ")[1], []).append(r)
+    alone = by.pop(IDLE, [])
+    idle_ms = statistics.median(r.libvirtd_ms_per_pass for r in alone) if alone else 0.0
+    for rs in by.values():
+        for r in rs:
+            r.libvirtd_idle_ms = idle_ms
+    runs = len(by["hostagent run"])
+    print(f"\n{host}: {domains} domains" + (f", {runs} runs (ranges)" if runs > 1 else ""))
+    if alone:
+        idle = _span([r.libvirtd_ms_per_pass for r in alone], ".2f")
+        print(f"libvirtd alone, no collector: {idle} ms per interval (its own work: the "
+              "guests' monitors, timers)")
+    print("| collector | passes | its CPU per pass | per domain | libvirtd CPU per pass "
+          "| the host pays (its + libvirtd's beyond alone) | RSS |")
+    print("|---|---|---|---|---|---|---|")
     for name, rs in by.items():
         print(f"| {name} | {sum(r.passes for r in rs)} | "
               f"{_span([r.cpu_ms_per_pass for r in rs], '.2f')} ms | "
               f"{_span([r.cpu_ms_per_pass / max(domains, 1) for r in rs], '.4f')} ms | "
               f"{_span([r.libvirtd_ms_per_pass for r in rs], '.2f')} ms | "
+              f"{_span([r.host_ms_per_pass for r in rs], '.2f')} ms | "
               f"{_span([r.rss_mb for r in rs], '.0f')} MB |")
     ours = [r.cpu_ms_per_pass for r in by["hostagent run"]]
     raw = [r.cpu_ms_per_pass for r in by["raw getAllDomainStats"]]
-    per = [r.cpu_ms_per_pass for r in by["per-domain calls"]]
     mid = statistics.median(ours)
-    print(f"ratios (medians): hostagent/raw bulk = {mid / max(statistics.median(raw), 1e-9):.1f}x,"
-          f" per-domain/hostagent = {statistics.median(per) / max(mid, 1e-9):.1f}x")
+    print(f"ratios (medians): hostagent/raw bulk = {mid / max(statistics.median(raw), 1e-9):.1f}x"
+          + "".join(f", {name}/hostagent = "
+                    f"{statistics.median(r.cpu_ms_per_pass for r in rs) / max(mid, 1e-9):.1f}x"
+                    for name, rs in by.items() if name not in ("hostagent run",
+                                                               "raw getAllDomainStats")))
+    host = statistics.median(r.host_ms_per_pass for r in by["hostagent run"])
+    print("what the host pays (collector + libvirtd beyond alone), medians: "
+          + ", ".join(f"{name}/hostagent = "
+                      f"{statistics.median(r.host_ms_per_pass for r in rs) / max(host, 1e-9):.1f}x"
+                      for name, rs in by.items() if name != "hostagent run"))
 
 
 def main() -> int:
@@ -315,6 +381,9 @@ def main() -> int:
     ap.add_argument("--cgroupfs", action="store_true", help="real cgroups for generated hosts")
     ap.add_argument("--qemu-shaped", action="store_true",
                     help="generated domains' stats answered as a QEMU guest's (qemu_shape.py)")
+    ap.add_argument("--peers", action="store_true",
+                    help="also collectd's virt plugin and prometheus-libvirt-exporter "
+                         "(bench/peers.py: Debian's packages, downloaded and unpacked once)")
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--warmup", type=float, default=4.0)
     ap.add_argument("--window", type=float, default=20.0)
