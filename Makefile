@@ -69,7 +69,8 @@ test: venv lint lab-up     ## everything CI runs
 
 bench: venv lab-up         ## every benchmark; each prints its ratios (nothing asserted)
 	$(PY) bench/pass_cost.py
-	$(PY) bench/daemon_cost.py --live --domains 10,100,1000,5000
+	$(PY) bench/daemon_cost.py --live --domains 10,100,1000 --peers
+	$(PY) bench/daemon_cost.py --domains 5000
 	$(PY) bench/handoff_cost.py
 	$(PY) bench/store_cost.py
 	$(PY) bench/light_sample.py

@@ -68,8 +68,14 @@ def fetch(cache: Path = DEFAULT_CACHE) -> Peers:
         return peers
     debs = cache / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["apt-get", "-o", "APT::Sandbox::User=root", "download", *PACKAGES],
-                   cwd=debs, check=True, stdout=subprocess.DEVNULL)
+    got = subprocess.run(["apt-get", "-o", "APT::Sandbox::User=root", "download", *PACKAGES],
+                         cwd=debs, check=False, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    if got.returncode != 0:
+        raise RuntimeError(f"apt-get download {' '.join(PACKAGES)} failed (no apt source "
+                           f"reachable?): {got.stderr.strip()[-500:]}; or unpack the two "
+                           f"packages yourself (dpkg -x) under {peers.root} and set "
+                           "HOSTAGENT_BENCH_PEERS to its parent")
     for deb in sorted(debs.glob("*.deb")):
         subprocess.run(["dpkg", "-x", str(deb), str(peers.root)], check=True)
     if not peers.present():

@@ -23,7 +23,7 @@ file) gets the round in ONE worker-thread call while its breaker is closed (`_lo
 record the last outcomes and claim a batch (commit: claimed, so never merged, before it can
 reach the sink), write and fsync it, record the acknowledgements and claim the next batch
 (commit); up to LOCAL_BATCHES_PER_CALL batches of `outbox.local_batch_size` (4,096: a pass's
-events are one batch, one write, one fsync, one claim and one acknowledgement, where
+events are one batch, one fsync, one claim and one acknowledgement, where
 `outbox.batch_size`, sized for network sinks, made 4 of each at 1,000 domains). While its
 writes succeed, the pass commit
 inserts the sink's new rows claimed already (`Store.claim_at_commit`, durable in that synced

@@ -84,23 +84,36 @@ async def test_full_disk_is_transient_and_lines_stay_whole(tiny_fs: Path) -> Non
     assert [e["event_id"] for e in parsed(path)] == [*sent, again.event_id]
 
 
-async def test_a_batch_is_one_write_and_one_fsync(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "events.jsonl"
-    sink = JsonlSink(JsonlSinkConfig(path=str(path)))
-    calls: list[str] = []
+class Syscalls:
+    """The sink's writes (their bytes) and fsyncs, in order; they still happen."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.writes: list[bytes] = []
+
+
+@pytest.fixture
+def syscalls(monkeypatch: pytest.MonkeyPatch) -> Syscalls:
+    seen = Syscalls()
     real_write, real_fsync = os.write, os.fsync
 
     def write(fd: int, data: bytes) -> int:
-        calls.append("write")
+        seen.calls.append("write")
+        seen.writes.append(bytes(data))
         return real_write(fd, data)
 
     def fsync(fd: int) -> None:
-        calls.append("fsync")
+        seen.calls.append("fsync")
         real_fsync(fd)
 
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+async def test_a_batch_is_one_write_and_one_fsync(tmp_path: Path, syscalls: Syscalls) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(JsonlSinkConfig(path=str(path)))
     events = [usage_event(f"i{i}", 0) for i in range(50)]
     for e in events:
         await sink.send(e)
@@ -108,34 +121,20 @@ async def test_a_batch_is_one_write_and_one_fsync(tmp_path: Path,
     await sink.flush()
     await sink.flush()  # nothing queued: no syscalls
     await sink.aclose()
-    assert calls == ["write", "fsync"]
+    assert syscalls.calls == ["write", "fsync"]
     assert path.read_bytes() == b"".join(e.payload + b"\n" for e in events)
 
 
 async def test_a_large_batch_is_written_in_whole_lines_and_synced_once(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, syscalls: Syscalls) -> None:
     """A batch of more than WRITE_LINES events is never copied whole: each write carries whole
     lines, the fsync comes once, after the last."""
     path = tmp_path / "events.jsonl"
     sink = JsonlSink(JsonlSinkConfig(path=str(path)))
-    writes: list[bytes] = []
-    calls: list[str] = []
-    real_write, real_fsync = os.write, os.fsync
-
-    def write(fd: int, data: bytes) -> int:
-        writes.append(bytes(data))
-        calls.append("write")
-        return real_write(fd, data)
-
-    def fsync(fd: int) -> None:
-        calls.append("fsync")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "write", write)
-    monkeypatch.setattr(os, "fsync", fsync)
     events = [usage_event(f"i{i}", 0) for i in range(2 * jsonl.WRITE_LINES + 3)]
     sink.write_batch([e.payload for e in events])
-    assert calls == ["write", "write", "write", "fsync"]
+    assert syscalls.calls == ["write", "write", "write", "fsync"]
+    writes = syscalls.writes
     assert [w.count(b"\n") for w in writes] == [jsonl.WRITE_LINES, jsonl.WRITE_LINES, 3]
     assert all(w.endswith(b"\n") for w in writes)
     assert path.read_bytes() == b"".join(e.payload + b"\n" for e in events)
