@@ -346,8 +346,7 @@ def print_table(host: str, domains: int, results: list[Result]) -> None:
     print(f"\n{host}: {domains} domains" + (f", {runs} runs (ranges)" if runs > 1 else ""))
     if alone:
         idle = _span([r.libvirtd_ms_per_pass for r in alone], ".2f")
-        print(f"libvirtd alone, no collector: {idle} ms per interval (its own work: the "
-              "guests' monitors, timers)")
+        print(f"libvirtd with no collector connected: {idle} ms per interval")
     print("| collector | passes | its CPU per pass | per domain | libvirtd CPU per pass "
           "| the host pays (its + libvirtd's beyond alone) | RSS |")
     print("|---|---|---|---|---|---|---|")
