@@ -2,7 +2,8 @@
 
 `send` only queues the line in memory; `flush` appends the whole batch on an O_APPEND
 descriptor, whole lines to each `os.write` (`WRITE_LINES` of them: a line is never split
-between writes, so lines never interleave), and fsyncs it once, in one worker-thread call.
+between writes, so anything else appended lands between whole lines), and fsyncs it once, in
+one worker-thread call.
 The delivery rather calls `write_batch` (base.BatchWriter), which does the same from the
 worker thread that also claims the batch and records its acknowledgements.
 The delivery records acknowledgements only after `flush` returned, so nothing is acked before
