@@ -185,12 +185,6 @@ class Result:
     cpu_ms_per_pass: float
     libvirtd_ms_per_pass: float
     rss_mb: float
-    libvirtd_idle_ms: float = 0.0  # libvirtd's CPU per interval with no collector at all
-
-    @property
-    def host_ms_per_pass(self) -> float:
-        """What the host pays a pass: the collector's CPU and the libvirtd work it causes."""
-        return self.cpu_ms_per_pass + self.libvirtd_ms_per_pass - self.libvirtd_idle_ms
 
 
 def measure(label: str, cmd: list[str], count: Callable[[], int], *, warmup_s: float,
@@ -339,9 +333,11 @@ def print_table(host: str, domains: int, results: list[Result]) -> None:
         by.setdefault(r.label.split(": ")[1], []).append(r)
     alone = by.pop(IDLE, [])
     idle_ms = statistics.median(r.libvirtd_ms_per_pass for r in alone) if alone else 0.0
-    for rs in by.values():
-        for r in rs:
-            r.libvirtd_idle_ms = idle_ms
+
+    def pays(r: Result) -> float:
+        """What the host pays a pass: the collector's CPU and the libvirtd work it causes."""
+        return r.cpu_ms_per_pass + r.libvirtd_ms_per_pass - idle_ms
+
     runs = len(by["hostagent run"])
     print(f"\n{host}: {domains} domains" + (f", {runs} runs (ranges)" if runs > 1 else ""))
     if alone:
@@ -355,7 +351,7 @@ def print_table(host: str, domains: int, results: list[Result]) -> None:
               f"{_span([r.cpu_ms_per_pass for r in rs], '.2f')} ms | "
               f"{_span([r.cpu_ms_per_pass / max(domains, 1) for r in rs], '.4f')} ms | "
               f"{_span([r.libvirtd_ms_per_pass for r in rs], '.2f')} ms | "
-              f"{_span([r.host_ms_per_pass for r in rs], '.2f')} ms | "
+              f"{_span([pays(r) for r in rs], '.2f')} ms | "
               f"{_span([r.rss_mb for r in rs], '.0f')} MB |")
     ours = [r.cpu_ms_per_pass for r in by["hostagent run"]]
     raw = [r.cpu_ms_per_pass for r in by["raw getAllDomainStats"]]
@@ -365,10 +361,10 @@ def print_table(host: str, domains: int, results: list[Result]) -> None:
                     f"{statistics.median(r.cpu_ms_per_pass for r in rs) / max(mid, 1e-9):.1f}x"
                     for name, rs in by.items() if name not in ("hostagent run",
                                                                "raw getAllDomainStats")))
-    host = statistics.median(r.host_ms_per_pass for r in by["hostagent run"])
+    host = statistics.median(pays(r) for r in by["hostagent run"])
     print("what the host pays (collector + libvirtd beyond alone), medians: "
           + ", ".join(f"{name}/hostagent = "
-                      f"{statistics.median(r.host_ms_per_pass for r in rs) / max(host, 1e-9):.1f}x"
+                      f"{statistics.median(pays(r) for r in rs) / max(host, 1e-9):.1f}x"
                       for name, rs in by.items() if name != "hostagent run"))
 
 

@@ -9,10 +9,10 @@ both on the same host, in its own windows, with the same clocks as hostagent's r
   JSONL sink writes hostagent's events. A pass is one line of one domain's `virt_cpu_total`.
 * **prometheus-libvirt-exporter**: idle until scraped; this process scrapes `/metrics` every
   interval from a thread (the scraper's CPU is Prometheus's, not counted), and a pass is one
-  scrape answered 200 with at least one `libvirt_` sample.
+  scrape answered 200 with at least one `libvirt_domain_` sample.
 
 The packages are not installed: `fetch()` downloads the two .debs with `apt-get download`
-(no root, no maintainer scripts, no service started or enabled) and unpacks them with
+(no maintainer scripts, no service started or enabled) and unpacks them with
 `dpkg -x` into a cache directory. Their libraries (libvirt, libxml2) are the lab's.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -187,7 +188,6 @@ class Scraper:
 
 
 def free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
