@@ -6,14 +6,18 @@ rule changes what alerts fire for everyone. Bodies are JSON, size-capped by api.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from hostagent.api.auth import Principal
+from hostagent.api.openapi import MAX_PARAM_CHARS
+from hostagent.api.pass_gate import PassGate
 from hostagent.api.problems import Problem, json_response
 from hostagent.delivery.ssrf import UrlRefused
 from hostagent.errors import ConfigError, RuleNotWritable, StateError
@@ -22,27 +26,65 @@ if TYPE_CHECKING:
     from hostagent.api.app import Api
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The JSON body, refusing (413) past `max_bytes` before reading it all, 415 if not JSON."""
+# Nesting deeper than this is no webhook registration or rule: 400 before any walk over it
+# (orjson parses up to 1,024 levels, deeper than Python's recursion limit allows a walk).
+MAX_JSON_DEPTH = 32
+
+
+async def read_json(request: Request, max_bytes: int, gate: PassGate | None = None,
+                    gate_wait_s: float = 0.0) -> Any:
+    """The JSON body, refusing (413) past `max_bytes` before reading it all, 415 if not JSON
+    or encoded, 400 when it is cut off (the client left, or fell silent past the server's
+    read timeout: server.READ_TIMEOUT_S) or nested too deep. While it waits for the client's
+    bytes the request is not in flight for `gate`: a pass does not wait for a client slow to
+    send (`gate_wait_s`: PassGate.away)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise Problem(415, "send the body as application/json")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise Problem(415, "send the body without a Content-Encoding")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() \
             and int(declared) > max_bytes:
         raise Problem(413, f"body larger than {max_bytes} bytes")
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > max_bytes:
-            raise Problem(413, f"body larger than {max_bytes} bytes")
+    async with contextlib.AsyncExitStack() as stack:
+        if gate is not None:
+            await stack.enter_async_context(gate.away(gate_wait_s))
+        try:
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > max_bytes:
+                    raise Problem(413, f"body larger than {max_bytes} bytes")
+        except ClientDisconnect as err:
+            raise Problem(400, "the request body ended before it was complete") from err
     try:
-        return orjson.loads(buf)
+        body = orjson.loads(buf)
     except orjson.JSONDecodeError as err:
         raise Problem(400, f"body is not valid JSON: {err}") from err
+    if too_deep(body, MAX_JSON_DEPTH):
+        raise Problem(400, f"body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels")
+    return body
 
 
+def too_deep(value: Any, max_depth: int) -> bool:
+    """A JSON value nests arrays and objects deeper than `max_depth` (walked without
+    recursion)."""
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, dict | list):
+            if depth > max_depth:
+                return True
+            todo.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+READS = ("GET", "HEAD")  # starlette serves HEAD wherever GET is: a read, never a write
 MAX_NUMBER = 1e15  # larger numbers in a rule overflow when scaled (GB → bytes, s → ns)
+# An id the API can address again: /api/v1/thresholds/{id} takes printable ASCII but `/`.
+_RULE_ID = re.compile(f"[!-.0-~]{{1,{MAX_PARAM_CHARS}}}")
 
 
 def out_of_range(value: Any, where: str = "") -> str | None:
@@ -65,6 +107,11 @@ class AdminRoutes:
     def __init__(self, api: Api) -> None:
         self.api = api
 
+    async def _body(self, request: Request) -> Any:
+        cfg = self.api.cfg
+        return await read_json(request, cfg.max_body_bytes, self.api.gate,
+                               cfg.yield_to_pass_max_s)
+
     def _need(self, what: str, seam: Any) -> Any:
         if seam is None:
             raise Problem(503, f"{what} are not available on this host", kind="not-configured")
@@ -73,9 +120,9 @@ class AdminRoutes:
     async def webhooks(self, request: Request, _p: Principal) -> Response:
         """GET: bare array of registrations; POST: register → 201."""
         reg = self._need("webhooks", self.api.webhooks)
-        if request.method == "GET":
+        if request.method in READS:
             return json_response([{**w, "secret": None} for w in await reg.list()])
-        body = await read_json(request, self.api.cfg.max_body_bytes)
+        body = await self._body(request)
         if not isinstance(body, dict):
             raise Problem(400, "body must be an object {url, event_types, secret?}")
         url, types, secret = body.get("url"), body.get("event_types"), body.get("secret")
@@ -113,6 +160,10 @@ class AdminRoutes:
         except ConfigError as err:
             raise Problem(400, str(err), kind="invalid-rule",
                           extra={"key": err.key, "expected": err.expected}) from err
+        if not _RULE_ID.fullmatch(out["id"]):
+            raise Problem(400, f"`id` must be 1 to {MAX_PARAM_CHARS} printable ASCII characters "
+                               "without spaces or `/` (the rule's URL is /api/v1/thresholds/{id})",
+                          kind="invalid-rule", extra={"key": "id"})
         return out
 
     async def _write(self, op: Any) -> Any:
@@ -131,9 +182,9 @@ class AdminRoutes:
     async def thresholds(self, request: Request, _p: Principal) -> Response:
         """GET: every rule (with its `source`); POST: create (409 when the id exists)."""
         rules = self._need("threshold rules", self.api.rules)
-        if request.method == "GET":
+        if request.method in READS:
             return json_response(list(await rules.list()))
-        rule = self._validate(rules, await read_json(request, self.api.cfg.max_body_bytes))
+        rule = self._validate(rules, await self._body(request))
         if await rules.get(rule["id"]) is not None:
             raise Problem(409, f"rule {rule['id']!r} exists; PUT /api/v1/thresholds/{{id}} "
                                "replaces it", kind="rule-exists")
@@ -144,7 +195,7 @@ class AdminRoutes:
         """GET / PUT (create or replace) / DELETE one rule by id."""
         rules = self._need("threshold rules", self.api.rules)
         rid = request.path_params["rule_id"]
-        if request.method == "GET":
+        if request.method in READS:
             rule = await rules.get(rid)
             if rule is None:
                 raise Problem(404, "no such rule", kind="rule-not-found")
@@ -153,7 +204,7 @@ class AdminRoutes:
             if not await self._write(rules.delete(rid)):
                 raise Problem(404, "no such rule", kind="rule-not-found")
             return Response(status_code=204)
-        raw = await read_json(request, self.api.cfg.max_body_bytes)
+        raw = await self._body(request)
         if not isinstance(raw, dict):
             raise Problem(400, "body must be a rule object")
         if raw.get("id", rid) != rid:

@@ -76,8 +76,9 @@ class Api:
         async def guarded(request: Request) -> Response:
             status = 500
             try:
-                addr = request.client.host if request.client else "unknown"
-                self._limit(self.by_address, addr, "client address")
+                if route != "/health":  # liveness costs what a 429 would: always answered
+                    addr = request.client.host if request.client else "unknown"
+                    self._limit(self.by_address, addr, "client address")
                 principal = ANONYMOUS
                 if need is not None and not open_if(self.cfg):
                     principal = self.auth.authenticate(request.headers.get("authorization"),
@@ -91,6 +92,10 @@ class Api:
             except Problem as p:
                 status = p.status
                 return problem_response(p, request.url.path)
+            except Exception as err:  # a defect: one 500, logged and counted once, here
+                log.exception("api route failed",
+                              extra={"path": request.url.path, "error": repr(err)})
+                return problem_response(Problem(500, "internal error"), request.url.path)
             finally:
                 self.requests[(route, f"{status // 100}xx")] += 1
 
@@ -214,5 +219,9 @@ def build_app(api: Api) -> Starlette:
         api.requests[("other", f"{status // 100}xx")] += 1
         return problem_response(Problem(status, str(detail), headers=headers), request.url.path)
 
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error,
-                                                        Exception: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
+                                                       Exception: http_error})
+    # A trailing slash is another (unknown) path, 404: starlette's redirect would build its
+    # Location from the client's Host header.
+    app.router.redirect_slashes = False
+    return app

@@ -95,12 +95,33 @@ class PassGate:
     async def request(self, max_wait_s: float) -> AsyncIterator[None]:
         """One API request: wait out a running pass (bounded), then count as in flight."""
         await self.wait_idle(max_wait_s)
-        if self._in_flight == 0:
-            self._drained = trio.Event()
-        self._in_flight += 1
+        self._enter()
         try:
             yield
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._drained.set()
+            self._leave()
+
+    @asynccontextmanager
+    async def away(self, max_wait_s: float) -> AsyncIterator[None]:
+        """Inside `request()`: a wait on the client (its request body), not in flight
+        meanwhile, so a pass's `drain()` does not wait for a client slow to send; afterwards
+        the request waits out a running pass again (at most `max_wait_s`) and is back in
+        flight, whatever ended the block."""
+        self._leave()
+        try:
+            yield
+        finally:
+            try:
+                await self.wait_idle(max_wait_s)
+            finally:
+                self._enter()
+
+    def _enter(self) -> None:
+        if self._in_flight == 0:
+            self._drained = trio.Event()
+        self._in_flight += 1
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._drained.set()

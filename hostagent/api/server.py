@@ -29,6 +29,11 @@ from hostagent.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# A connection silent this long is closed (hypercorn's read timeout): idle between requests
+# (as keep_alive_timeout), or in the middle of a request body, which the handler then sees
+# cut off (400) while passes never waited for it (PassGate.away).
+READ_TIMEOUT_S = 30
+
 
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and `localhost`."""
@@ -66,7 +71,8 @@ def hypercorn_config(cfg: ApiConfig) -> HyperConfig:
     # (openapi.MAX_PARAM_CHARS, percent-encoded), so the app answers 400 problem+json rather
     # than hypercorn an empty 431.
     hc.h11_max_incomplete_size = 64 * 1024 + cfg.max_header_bytes * 2
-    hc.keep_alive_timeout = 30
+    hc.keep_alive_timeout = READ_TIMEOUT_S
+    hc.read_timeout = READ_TIMEOUT_S
     return hc
 
 

@@ -15,6 +15,9 @@ import re
 from typing import Any
 
 TIME_CLAIMS = ("exp", "nbf", "iat")
+# A NumericDate past this many seconds (year ~33,000,000) is no date: refused before any
+# arithmetic, so an integer too large for a float never reaches PyJWT or math.isfinite.
+MAX_NUMERIC_DATE = 1e15
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -49,13 +52,21 @@ def shape_error(token: str) -> str | None:
     try:
         claims: Any = json.loads(payload or b"", parse_constant=_no_constant)
         head: Any = json.loads(header or b"", parse_constant=_no_constant)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         return "token header and payload must be JSON"
     if not isinstance(claims, dict) or not isinstance(head, dict):
         return "token header and payload must be JSON objects"
     for name in TIME_CLAIMS:
         v = claims.get(name)
         if name in claims and (isinstance(v, bool) or not isinstance(v, int | float)
-                               or not math.isfinite(v)):
-            return f"`{name}` must be a number (NumericDate), not {type(v).__name__}"
+                               or not _plausible(v)):
+            return (f"`{name}` must be a number (NumericDate) within ±{MAX_NUMERIC_DATE:g}, "
+                    f"not {type(v).__name__}")
     return None
+
+
+def _plausible(v: float) -> bool:
+    """A finite NumericDate within ±MAX_NUMERIC_DATE (ints compared exactly: no float cast)."""
+    if isinstance(v, int):
+        return -MAX_NUMERIC_DATE <= v <= MAX_NUMERIC_DATE
+    return math.isfinite(v) and abs(v) <= MAX_NUMERIC_DATE

@@ -176,7 +176,7 @@ class WebhookStore:
                               f"a non-empty subset of {sorted(EVENT_TYPES)}", list(event_types))
         if not url.lower().startswith(("http://", "https://")):
             raise ConfigError(_WHERE, "url", "an http(s) URL", url[:200])
-        if secret:
+        if secret is not None:  # "" is no secret: refused, never an unsigned registration
             signing_key(secret)
         reg = Registration(f"webhook_{secrets.token_hex(4)}", url, types, secret or None,
                            self.clock.now().wall_ns)

@@ -119,3 +119,47 @@ async def test_requests_arriving_during_a_pass_do_not_delay_its_drain(
             await trio.sleep(2.0)
             order.append("pass ends")
     assert order == ["pass ends", "late"]
+
+
+async def test_a_request_away_on_its_client_is_not_waited_for_and_comes_back_after_the_pass(
+        autojump_clock: trio.testing.MockClock) -> None:
+    gate = PassGate()
+    marks: list[tuple[str, float, int]] = []
+
+    async def request_with_slow_body() -> None:
+        async with gate.request(10.0):
+            async with gate.away(10.0):
+                await trio.sleep(1.0)  # the client sends its body
+            marks.append(("body read", trio.current_time(), gate.in_flight))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request_with_slow_body)
+        await trio.sleep(0.1)
+        assert gate.in_flight == 0
+        with gate.busy():
+            assert await gate.drain(5.0) == 0.0  # the pass does not wait for that client
+            await trio.sleep(2.0)  # the pass runs 2 s; the body arrived at 1.1 s
+            assert marks == []  # the request waits the pass out before it goes on
+    assert marks == [("body read", 2.1, 1)]
+    assert gate.in_flight == 0
+
+
+async def test_away_keeps_the_count_whatever_ends_it(
+        autojump_clock: trio.testing.MockClock) -> None:
+    gate = PassGate()
+    with trio.move_on_after(0.5):  # cancelled while away (a server shutting down)
+        async with gate.request(10.0), gate.away(10.0):
+            await trio.sleep(5.0)
+    assert gate.in_flight == 0
+    with gate.busy():
+        with trio.move_on_after(0.5):  # cancelled while waiting the pass out after the body
+            async with gate.request(0.0), gate.away(10.0):
+                pass
+    assert gate.in_flight == 0
+    try:
+        async with gate.request(10.0), gate.away(10.0):
+            raise ValueError("client gone")
+    except ValueError:
+        pass
+    assert gate.in_flight == 0
+    assert await gate.drain(1.0) == 0.0

@@ -48,8 +48,32 @@ def test_time_claims_must_be_numbers(claim: str, value: object) -> None:
     assert shape_error(f"{header}.{payload}.{enc(b'sig')}") is not None
 
 
-@given(st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False))
+@given(st.integers(-(10**15), 10**15) | st.floats(-1e15, 1e15))
 def test_numeric_time_claims_pass(value: float) -> None:
     header = enc(json.dumps({"alg": "RS256"}).encode())
     payload = enc(json.dumps({"sub": "x", "exp": value}).encode())
     assert shape_error(f"{header}.{payload}.{enc(b'sig')}") is None
+
+
+@given(st.sampled_from(["exp", "nbf", "iat"]),
+       st.integers(10**15 + 1, 10**500) | st.floats(1e15, 1e308, exclude_min=True),
+       st.booleans())
+def test_time_claims_past_any_date_are_refused_not_raised(claim: str, size: float,
+                                                         negative: bool) -> None:
+    """An integer too large for a float (10**400) once raised OverflowError: a 500 for anyone
+    holding no credentials at all."""
+    header = enc(json.dumps({"alg": "HS256"}).encode())
+    payload = enc(b'{"sub": "x", "%s": %s}' % (claim.encode(),
+                                              str(-size if negative else size).encode()))
+    why = shape_error(f"{header}.{payload}.{enc(b'sig')}")
+    assert why is not None and claim in why
+
+
+@given(st.integers(900, 5000), st.booleans())
+def test_json_nested_past_the_stack_is_refused_not_raised(depth: int, in_header: bool) -> None:
+    """The json module recurses: nesting past the stack raised RecursionError (a 500)."""
+    deep = enc(b"[" * depth + b"]" * depth)
+    plain = enc(json.dumps({"alg": "HS256"}).encode())
+    token = f"{deep}.{plain}.{enc(b'sig')}" if in_header else f"{plain}.{deep}.{enc(b'sig')}"
+    why = shape_error(token)  # not JSON (too deep) or not an object: refused either way
+    assert why is not None and why.startswith("token header and payload must be JSON")
