@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from hostagent.api.auth import Principal
-from hostagent.api.openapi import MAX_PARAM_CHARS
+from hostagent.api.openapi import MAX_PARAM_CHARS, RULE_ID_PATTERN
 from hostagent.api.pass_gate import PassGate
 from hostagent.api.problems import Problem, json_response
 from hostagent.delivery.ssrf import UrlRefused
@@ -83,8 +83,7 @@ def too_deep(value: Any, max_depth: int) -> bool:
 
 READS = ("GET", "HEAD")  # starlette serves HEAD wherever GET is: a read, never a write
 MAX_NUMBER = 1e15  # larger numbers in a rule overflow when scaled (GB → bytes, s → ns)
-# An id the API can address again: /api/v1/thresholds/{id} takes printable ASCII but `/`.
-_RULE_ID = re.compile(f"[!-.0-~]{{1,{MAX_PARAM_CHARS}}}")
+_RULE_ID = re.compile(RULE_ID_PATTERN)  # an id /api/v1/thresholds/{id} can address again
 
 
 def out_of_range(value: Any, where: str = "") -> str | None:

@@ -39,9 +39,15 @@ def _q(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, 
             "schema": schema or {"type": "string"}}
 
 
-def _path(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True,
-            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_PARAM_CHARS}}
+# A rule id: printable ASCII without spaces or `/`, so /api/v1/thresholds/{id} addresses it.
+RULE_ID_PATTERN = f"^[!-.0-~]{{1,{MAX_PARAM_CHARS}}}$"
+
+
+def _path(name: str, pattern: str | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_PARAM_CHARS}
+    if pattern is not None:
+        schema["pattern"] = pattern
+    return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
 def _csv_q(name: str, desc: str, values: tuple[str, ...] | None) -> dict[str, Any]:
@@ -96,7 +102,7 @@ def _rule_request(*, with_id: bool) -> dict[str, Any]:
         "repeat_interval_s": _AMOUNT,
     }
     if with_id:
-        props["id"] = _NONEMPTY
+        props["id"] = {"type": "string", "pattern": RULE_ID_PATTERN}
     return {"type": "object", "additionalProperties": False, "properties": props,
             "required": ["resource_type", "threshold_type", "action", "user_id"],
             "description": "400 `invalid-rule` also when the parts do not fit together: the "
@@ -297,14 +303,14 @@ def openapi_document(max_page_size: int = 1000) -> dict[str, Any]:
         "/api/v1/thresholds/{rule_id}": {
             "get": _op("one rule (admin)", {"200": _json(_ref("Rule")),
                                             **_errors(400, 403, 404, 503)},
-                       params=[_path("rule_id")]),
+                       params=[_path("rule_id", RULE_ID_PATTERN)]),
             "put": _op("create or replace (admin)", {
                 "200": _json(_ref("Rule")), "201": _json(_ref("Rule"), "created"),
-                **_errors(400, 403, 413, 415, 503)}, params=[_path("rule_id")],
+                **_errors(400, 403, 413, 415, 503)}, params=[_path("rule_id", RULE_ID_PATTERN)],
                 body="RuleReplacement"),
             "delete": _op("remove an API-written rule (admin; 409 for a file/central rule)",
                           {"204": {"description": "removed"}, **_errors(400, 403, 404, 409, 503)},
-                          params=[_path("rule_id")])},
+                          params=[_path("rule_id", RULE_ID_PATTERN)])},
     }
     _link_admin_operations(paths)
     return {
