@@ -6,7 +6,7 @@ against the sum of the domains' (hostagent_unattributed_cpu_seconds_total's figu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +86,10 @@ def counters(first: Sample, second: Sample) -> list[Counter]:
 
 
 def host_doc(parent: str | None, parent_ns: tuple[int | None, int | None],
-             first: Sequence[Sample], second: Sequence[Sample]) -> dict[str, Any]:
-    """The `--host` document: the parent cgroup's CPU growth no domain's growth explains."""
+             first: Sequence[Sample], second: Sequence[Sample], *,
+             interval_s: float | None = None) -> dict[str, Any]:
+    """The `--host` document: the parent cgroup's CPU growth no domain's growth explains
+    (`interval_s`: between the two reads; by default between the first domain's samples)."""
     before = {s.uuid: s for s in first}
     growth = 0
     for s in second:
@@ -98,7 +100,8 @@ def host_doc(parent: str | None, parent_ns: tuple[int | None, int | None],
     parent_growth = None if p0 is None or p1 is None else p1 - p0
     return {"host": {
         "parent_cgroup": parent, "domains": len(second),
-        "interval_s": ((second[0].t_wall_ns - first[0].t_wall_ns) / 1e9
+        "interval_s": (interval_s if interval_s is not None
+                       else (second[0].t_wall_ns - first[0].t_wall_ns) / 1e9
                        if first and second else None),
         "parent_cpu_growth_ns": parent_growth, "domains_cpu_growth_ns": growth,
         "unattributed_cpu_ns": None if parent_growth is None else parent_growth - growth}}
@@ -118,20 +121,13 @@ async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
                      limiter=limiter)
     try:
         listing = await coll.read_host(only=set())
-        by_key: dict[str, str] = {}
-        for uuid, name in listing.listed.items():
-            by_key[name] = uuid
-            by_key[uuid] = uuid
         if targets:
-            wanted = set()
-            for t in targets:
-                found = by_key.get(t) or by_key.get(t.lower())
-                if found is None:
-                    running = sorted(listing.listed.values())
-                    raise DomainNotFound(
-                        f"no running domain named or with UUID {t!r}; running: "
-                        + (", ".join(running) if running else "none"))
-                wanted.add(found)
+            ids = {}
+            for uuid in listing.listed:
+                info = coll.inventory.get(uuid)
+                if info is not None:
+                    ids[uuid] = info.domid
+            wanted = {find_domain(t, listing.listed, ids) for t in targets}
         else:
             wanted = set(listing.listed)
         root = HostRoot(cfg.paths.root)
@@ -191,8 +187,36 @@ async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
                          {"step": e.step, "error": e.detail}, "counters": [], "gpus": [],
                          "host_gpus": [], "missing": {e.step: e.detail}, "event": None})
     if host:
-        docs.append(host_doc(parent, (p0, p1), first_all, second_all))
+        docs.append(host_doc(parent, (p0, p1), first_all, second_all,
+                             interval_s=(second_read.t_wall_ns - first_read.t_wall_ns) / 1e9))
     return docs
+
+
+def find_domain(target: str, listed: Mapping[str, str], ids: Mapping[str, int]) -> str:
+    """The UUID of the running domain `target` names: its exact name first, then its UUID
+    (any case), then its libvirt id (a domain literally named "34" wins over id 34), then its
+    name in any case when only one name matches. DomainNotFound otherwise, and when several
+    names match in any case (`WEB` with `web` and `Web` running)."""
+    for uuid, name in listed.items():
+        if name == target:
+            return uuid
+    if target.lower() in listed:
+        return target.lower()
+    if target.isascii() and target.isdigit():
+        for uuid, domid in ids.items():
+            if domid == int(target):
+                return uuid
+    folded = sorted((name, uuid) for uuid, name in listed.items()
+                    if name.casefold() == target.casefold())
+    if len(folded) == 1:
+        return folded[0][1]
+    if folded:
+        raise DomainNotFound(f"no running domain named {target!r}; it matches several in "
+                             f"another case: {', '.join(repr(n) for n, _ in folded)}: "
+                             "name one exactly")
+    running = sorted(listed.values())
+    raise DomainNotFound(f"no running domain named {target!r} or with that UUID or id; "
+                         f"running: {', '.join(running) if running else 'none'}")
 
 
 def _as_dict(c: Counter) -> dict[str, Any]:
@@ -252,8 +276,9 @@ def _host_lines(h: dict[str, Any]) -> list[str]:
                 "unattributed-CPU figure", ""]
     def ms(ns: int | None) -> str:
         return "unreadable" if ns is None else f"{ns / 1e6:,.1f} ms"
-    return [f"host: {h['domains']} domains over {h['interval_s'] or 0:.2f} s, "
-            f"parent {h['parent_cgroup']}",
+    over = ("over an unknown interval" if h["interval_s"] is None
+            else f"over {h['interval_s']:.2f} s")
+    return [f"host: {h['domains']} domains {over}, parent {h['parent_cgroup']}",
             f"  parent cgroup CPU growth   {ms(h['parent_cpu_growth_ns']):>16}",
             f"  domains' CPU growth        {ms(h['domains_cpu_growth_ns']):>16}",
             f"  unattributed CPU           {ms(h['unattributed_cpu_ns']):>16}  (billing "

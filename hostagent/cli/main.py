@@ -3,7 +3,7 @@
 
 Exit status: 0 done; 1 a runtime failure; 2 a usage error, a config error (one line, never a
 traceback, whether found by `check-config` or at the start of `run`) or a state store that
-start-up refuses (`hostagent store reset` is the way out)."""
+start-up refuses (`hostagent store reset` is the way out); 130 interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,27 @@ from hostagent.errors import ConfigError, DomainNotFound, HostAgentError, StateC
 
 DEFAULT_CONFIG = "/etc/hostagent/hostagent.toml"
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 LOG_FORMAT_HELP = ("logs (always on stderr): auto = text on a terminal, json otherwise; "
                    "default: auto (`run`: the config's log.format)")
-MAX_DUMP_INTERVAL_S = 3600.0
+MAX_INTERVAL_S = 3600.0
+
+
+DUMP_HELP = """\
+Two samples of each DOMAIN --interval apart: every counter with its source and rate, and the
+event the daemon would emit for that interval.
+
+DOMAIN is matched against the running domains by exact name, then UUID (any case), then
+libvirt id: a domain literally named "34" wins over the domain with id 34. A name in
+another case matches only when it is the only such name ("WEB" with both "web" and "Web"
+running is a usage error, exit 2, listing them).
+
+--json prints one object when the output is one document (one DOMAIN, or --host alone), else
+a list: several DOMAINs or --all ([] when none is running), and with --host the host
+document {"host": {...}} last (also after a single DOMAIN). A domain document holds
+"domain", "interval_s", "counters", "gpus", "host_gpus", "missing", "event"; the host
+document "parent_cgroup", "domains", "interval_s", "parent_cpu_growth_ns",
+"domains_cpu_growth_ns", "unattributed_cpu_ns" (docs/cli-json.md)."""
 
 
 def _positive_int(text: str) -> int:
@@ -39,15 +57,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def dump_interval_s(text: str) -> float:
-    """`dump --interval`: seconds in (0, 3600]; anything else is a usage error."""
+def interval_arg(text: str) -> float:
+    """`dump --interval` and `top --interval`: seconds in (0, 3600]; anything else (nan, inf,
+    a negative number) is a usage error."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or not 0 < value <= MAX_DUMP_INTERVAL_S:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not in (0, {MAX_DUMP_INTERVAL_S:g}] seconds")
+    if not math.isfinite(value) or not 0 < value <= MAX_INTERVAL_S:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in (0, {MAX_INTERVAL_S:g}] seconds")
     return value
 
 
@@ -84,18 +102,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--passes", type=_positive_int, help="this many passes, then exit")
 
     dump = sub.add_parser("dump", parents=[common],
-                          help="print one domain's counters, sources, rates and event")
-    dump.add_argument("domains", nargs="*", metavar="DOMAIN", help="name or UUID")
-    dump.add_argument("--all", action="store_true", help="every running domain")
-    dump.add_argument("--interval", type=dump_interval_s, default=1.0,
-                      help=f"seconds between samples, in (0, {MAX_DUMP_INTERVAL_S:g}]")
+                          help="print one domain's counters, sources, rates and event",
+                          description=DUMP_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    dump.add_argument("domains", nargs="*", metavar="DOMAIN",
+                      help="name, UUID or libvirt id (a domain named like an id wins)")
+    dump.add_argument("--all", action="store_true",
+                      help="every running domain (none running: a note on stderr, exit 0)")
+    dump.add_argument("--interval", type=interval_arg, default=1.0,
+                      help=f"seconds between samples, in (0, {MAX_INTERVAL_S:g}]")
     dump.add_argument("--json", action="store_true", help="machine-readable output")
     dump.add_argument("--host", action="store_true",
                       help="also the host's unattributed CPU (VM parent cgroup vs domains)")
 
     top = sub.add_parser("top", parents=[common],
                          help="live per-domain view of this host (q quits; c m d n sort; / filter)")
-    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--interval", type=interval_arg, default=2.0,
+                     help=f"seconds between refreshes, in (0, {MAX_INTERVAL_S:g}]")
     top.add_argument("--filter", default="", help="only domains whose name or owner contains this")
     top.add_argument("--sort", choices=("c", "m", "d", "n"), default="c",
                      help="c: CPU, m: memory, d: disk, n: network (default c)")
@@ -177,18 +200,22 @@ def _check_rules(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: 0 done, 1 a runtime failure, 2 a usage, config or store error."""
+    """Console entry point: 0 done, 1 a runtime failure, 2 a usage, config or store error,
+    130 interrupted (Ctrl-C: no traceback; the terminal is restored on the way out)."""
     args = _parser().parse_args(argv)
     try:
         try:
             return _command(args)
         except BaseExceptionGroup as group:  # from a nursery: report the cause, not the tree
             raise _cause(group) from group
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except ConfigError as err:
         _json_failure(args, err)
         print(f"hostagent: config error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except (DomainNotFound, StateCorrupt) as err:
+        _json_failure(args, err)
         print(f"hostagent: {err}", file=sys.stderr)
         return EXIT_USAGE
     except HostAgentError as err:
@@ -198,8 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error to report for a group: its first hostagent error (a ConfigError first),
-    or the group itself when it holds anything else (a bug: the traceback is wanted)."""
+    """The one error to report for a group: KeyboardInterrupt when it holds one (Ctrl-C in a
+    nursery), else its first hostagent error (a ConfigError first), or the group itself when
+    it holds anything else (a bug: the traceback is wanted)."""
     leaves: list[BaseException] = []
 
     def walk(exc: BaseException) -> None:
@@ -210,6 +238,9 @@ def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     walk(group)
+    interrupt = next((e for e in leaves if isinstance(e, KeyboardInterrupt)), None)
+    if interrupt is not None:
+        return interrupt
     ours = [e for e in leaves if isinstance(e, HostAgentError)]
     if not ours or len(ours) != len(leaves):
         return group
@@ -268,12 +299,21 @@ def _dump(cfg: Config, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     docs = trio.run(functools.partial(collect_dump, host=args.host), cfg,
                     [] if args.all else args.domains, args.interval)
-    if args.host and not args.domains and not args.all:
+    host_only = args.host and not args.domains and not args.all
+    if host_only:
         docs = docs[-1:]  # only the host document
+    domain_docs = [d for d in docs if "host" not in d]
+    if args.all and not domain_docs:
+        print("hostagent dump: no running domains", file=sys.stderr)
+    elif args.domains and not args.all and not domain_docs:
+        # listed a moment before, gone by the first sample: nothing to show
+        print(f"hostagent dump: {', '.join(args.domains)}: stopped during the dump",
+              file=sys.stderr)
+        return 1
     if args.json:
-        sys.stdout.write(orjson.dumps(docs if args.all or len(args.domains) > 1 else docs[0]
-                                      if docs else None, option=orjson.OPT_INDENT_2).decode()
-                         + "\n")
+        one = host_only or (len(args.domains) == 1 and not args.all and not args.host)
+        sys.stdout.write(orjson.dumps(docs[0] if one else docs,
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         sys.stdout.write(render_text(docs))
     return 0

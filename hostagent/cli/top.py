@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sqlite3
 import sys
 import termios
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -42,7 +44,7 @@ from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import link_reader_for
 from hostagent.store.inspect import SinkStats, sink_depth
-from hostagent.store.schema import SCHEMA_VERSION
+from hostagent.store.schema import APP, SCHEMA_VERSION, UPGRADABLE
 
 log = logging.getLogger(__name__)
 UNATTRIBUTED = "hostagent_unattributed_cpu_seconds_total"
@@ -55,23 +57,32 @@ LAST_EVENT_SQL = "SELECT created_ns FROM events WHERE rowid = (SELECT MAX(rowid)
 
 
 def daemon_state(cfg: Config, now_ns: int) -> DaemonState:
-    """Last pass, backlog, breakers from the state store opened read-only; never raises."""
+    """Last pass, backlog, breakers from the state store opened read-only; never raises and
+    never writes (no -wal or -shm file created either)."""
     path = Path(cfg.collector.state_path)
     if not path.exists():
         return DaemonState(str(path), False, "no state store: the daemon has not run here")
+    wal, shm = Path(f"{path}-wal").exists(), Path(f"{path}-shm").exists()
+    if wal and not shm:
+        # Reading a write-ahead log needs its -shm index: SQLite would create one (as root: a
+        # root-owned file the daemon's user cannot open), even read-only.
+        return DaemonState(str(path), False, f"cannot read the state store without writing: "
+                           f"{path.name}-wal has no {path.name}-shm (the daemon recovers the "
+                           "log when it next starts)")
     # With no daemon (no -wal file), even a read-only open would create -wal and -shm files:
-    # `immutable=1` reads the file as it is. A running daemon keeps them: plain `mode=ro`.
-    mode = "mode=ro" if Path(f"{path}-wal").exists() else "mode=ro&immutable=1"
+    # `immutable=1` reads the file as it is. A running daemon keeps both: plain `mode=ro`.
+    mode = "mode=ro" if wal else "mode=ro&immutable=1"
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=2.0)
     except sqlite3.Error as err:
         return DaemonState(str(path), False, f"cannot open the state store: {err}")
     try:
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
-            return DaemonState(str(path), False, f"state store of schema version "
-                               f"{meta.get('schema_version')}: the daemon upgrades it to "
-                               f"{SCHEMA_VERSION} when it next starts")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        meta = (dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                if "meta" in tables else {})
+        refused = _refused(meta)
+        if refused is not None:
+            return DaemonState(str(path), False, refused)
         last = conn.execute("SELECT MAX(json_extract(state, '$.t_wall_ns')) FROM baselines"
                             ).fetchone()[0]
         row = conn.execute(LAST_EVENT_SQL).fetchone()
@@ -86,20 +97,64 @@ def daemon_state(cfg: Config, now_ns: int) -> DaemonState:
         return DaemonState(str(path), False, f"cannot read the state store: {err}")
     finally:
         conn.close()
-    hb = int(meta["delivery_heartbeat_ns"]) if "delivery_heartbeat_ns" in meta else None
+    try:
+        hb = _ns(meta, "delivery_heartbeat_ns")
+        passes = [_int(x, "last pass time") for x in (last, last_event) if x is not None]
+        out = _sinks(cfg, sinks, by, hb, now_ns)
+    except (ValueError, TypeError, OverflowError) as err:  # damaged values: not the daemon's
+        return DaemonState(str(path), False, f"cannot read the state store: {err}")
+    return DaemonState(str(path), True, None, max(passes) if passes else None,
+                       None if hb is None else (now_ns - hb) / 1e9, tuple(out),
+                       unattributed_cpu_s(cfg))
+
+
+def _refused(meta: dict[str, str]) -> str | None:
+    """Why the daemon would not use a store with this meta table, or None when it would."""
+    version = meta.get("schema_version")
+    if meta.get("app") != APP:
+        return ("not a hostagent state store: the daemon refuses to start on it "
+                "(`hostagent store reset` moves it aside)")
+    if version == str(SCHEMA_VERSION):
+        return None
+    if version is None:
+        return ("state store with no schema version: the daemon refuses to start on it "
+                "(`hostagent store reset` moves it aside)")
+    if version in {str(v) for v in UPGRADABLE}:
+        return (f"state store of schema version {version}: the daemon upgrades it to "
+                f"{SCHEMA_VERSION} when it next starts")
+    return (f"state store of schema version {version}, which this hostagent cannot use: the "
+            "daemon refuses to start on it (upgrade hostagent, or `hostagent store reset` to "
+            "start afresh)")
+
+
+def _int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} is {value!r}, not an integer")
+    return value
+
+
+def _ns(meta: dict[str, str], key: str) -> int | None:
+    if key not in meta:
+        return None
+    try:
+        return int(meta[key])
+    except (ValueError, TypeError):
+        raise ValueError(f"meta.{key} is {meta[key]!r}, not an integer") from None
+
+
+def _sinks(cfg: Config, sinks: list[tuple[Any, ...]],
+           by: dict[tuple[str, str], tuple[int, int | None]], hb: int | None,
+           now_ns: int) -> list[SinkState]:
     stale_s = 3 * cfg.outbox.maintenance_interval_s + 5
     out = []
     for name, active, state, since, updated in sinks:
         pending, oldest = by.get((name, "pending"), (0, None))
         st = SinkStats(name, bool(active), pending, oldest, by.get((name, "acked"), (0, 0))[0],
                        by.get((name, "dead"), (0, 0))[0], state, since, updated)
-        out.append(SinkState(name, pending, None if oldest is None
+        out.append(SinkState(str(name), pending, None if oldest is None
                              else max(now_ns - oldest, 0) / 1e9, st.dead,
                              breaker_text(st, hb, now_ns, stale_s)))
-    passes = [x for x in (last, last_event) if x is not None]
-    return DaemonState(str(path), True, None, max(passes) if passes else None,
-                       None if hb is None else (now_ns - hb) / 1e9, tuple(out),
-                       unattributed_cpu_s(cfg))
+    return out
 
 
 def unattributed_cpu_s(cfg: Config) -> float | None:
@@ -166,6 +221,7 @@ class State:
     text: str
     screen: Screen | None = None
     prompt: str | None = None  # the filter being typed, None when not typing
+    interrupted: bool = False  # Ctrl-C (SIGINT: cbreak keeps ISIG) ended the live view
 
 
 async def refresh(reader: Reader, prev: dict[str, Sample], interval_s: float) -> Screen:
@@ -227,7 +283,10 @@ def _cbreak(fd: int) -> Iterator[None]:
 
 
 async def live(reader: Reader, state: State, interval_s: float, console: Console) -> None:
-    """Refresh every `interval_s` and react to keys until `q`."""
+    """Refresh every `interval_s` and react to keys until `q` or Ctrl-C (`state.interrupted`).
+
+    SIGINT is received here rather than raised as KeyboardInterrupt into the nursery: the view
+    closes the way `q` closes it (no half-started task, no ExceptionGroup)."""
     prev: dict[str, Sample] = {}
     fd = sys.stdin.fileno()
     state.screen = await refresh(reader, prev, interval_s)
@@ -241,9 +300,15 @@ async def live(reader: Reader, state: State, interval_s: float, console: Console
     # (host-wide read errors show in the header instead).
     logging.disable(logging.WARNING)
     try:
-        with _cbreak(fd), Live(console=console, screen=True, auto_refresh=False) as lv:
+        with (_cbreak(fd), trio.open_signal_receiver(signal.SIGINT) as sigint,
+              Live(console=console, screen=True, auto_refresh=False) as lv):
             draw()
             async with trio.open_nursery() as nursery:
+
+                async def on_sigint() -> None:
+                    async for _ in sigint:
+                        state.interrupted = True
+                        nursery.cancel_scope.cancel()
 
                 async def ticker() -> None:
                     while True:
@@ -252,6 +317,7 @@ async def live(reader: Reader, state: State, interval_s: float, console: Console
                         draw()
 
                 nursery.start_soon(ticker)
+                nursery.start_soon(on_sigint)
                 while True:
                     await trio.lowlevel.wait_readable(fd)
                     data = os.read(fd, 64).decode(errors="replace")
@@ -265,7 +331,7 @@ async def live(reader: Reader, state: State, interval_s: float, console: Console
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
     """Entry point of `hostagent top`."""
-    interval_s = max(float(args.interval), 0.2)
+    interval_s = float(args.interval)  # checked by the parser: in (0, 3600]
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one /metrics GET per refresh
     reader = Reader(cfg, SystemClock())
     state = State(args.sort, args.filter)
@@ -283,6 +349,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             print("hostagent top: needs a terminal; use --once or --json", file=sys.stderr)
             return 2
         trio.run(live, reader, state, interval_s, Console())
+        if state.interrupted:
+            raise KeyboardInterrupt  # main's exit 130, as for Ctrl-C anywhere else
         return 0
     finally:
         reader.close()

@@ -3,10 +3,15 @@
 Nothing here reads the host or the store: `top.py` hands in samples and the daemon's state.
 Rates are per second between the two samples of one domain; a domain seen for the first time
 (or restarted: a new incarnation) has counters but no rates yet.
+
+Names, owners, errors and filter text come from guests' owners, libvirt and the person typing:
+they reach rich only as `Text` (never parsed as markup) and through `printable` (control and
+format characters escaped, so a name cannot split a row or move the cursor).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -238,8 +243,24 @@ def _age(s: float | None) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
 
 
+def printable(text: str) -> str:
+    """`text` with control, format and line/paragraph-separator characters escaped
+    (newline -> `\\n`, ESC -> `\\x1b`, U+202E -> `\\u202e`): one line, no terminal codes."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif unicodedata.category(ch) == "Zs":  # other spaces (NBSP...): a plain space
+            out.append(" ")
+        else:
+            out.append(repr(ch)[1:-1])
+    return "".join(out)
+
+
 def header_lines(screen: Screen, key: SortKey, text: str) -> list[str]:
-    """The lines above the table: host totals, then the daemon's state."""
+    """The lines above the table: host totals, then the daemon's state (each `printable`)."""
     t, d = screen.totals, screen.daemon
     lines = [
         f"hostagent top  {_iso(screen.t_wall_ns)}  every {screen.interval_s or 0:g}s  "
@@ -272,7 +293,7 @@ def header_lines(screen: Screen, key: SortKey, text: str) -> list[str]:
             parts.append(f"unattributed CPU {d.unattributed_cpu_s:.1f}s")
         lines.append("  ".join(parts))
     lines.extend(f"error: {e}" for e in screen.errors)
-    return lines
+    return [printable(line) for line in lines]
 
 
 COLUMNS = ("NAME", "OWNER", "VCPU", "CPU%", "MEM USED", "MEM ALLOC", "DISK R/s", "DISK W/s",
@@ -287,7 +308,9 @@ def table(rs: Sequence[Row]) -> Table:
     for r in rs:
         psi = "/".join(_pct(x) for x in (r.pressure_cpu_some_avg10,
                                           r.pressure_memory_some_avg10, r.pressure_io_some_avg10))
-        t.add_row(r.name, r.owner or "-", str(r.vcpus), _pct(r.cpu_percent),
+        # Text, not str: a str cell is parsed as markup ("alice[/]" raised MarkupError).
+        t.add_row(Text(printable(r.name)), Text(printable(r.owner) or "-"), str(r.vcpus),
+                  _pct(r.cpu_percent),
                   human_bytes(r.memory_used_bytes), human_bytes(r.memory_alloc_bytes),
                   human_bytes(r.disk_read_bytes_per_s, True),
                   human_bytes(r.disk_write_bytes_per_s, True),
@@ -307,7 +330,9 @@ def render(screen: Screen, key: SortKey, text: str, *, prompt: str | None = None
     shown = arrange(screen.rows, key, text)
     parts.append(table(shown))
     if not shown:
-        parts.append(Text("(no running domain" + (f" matches {text!r})" if text else ")")))
+        parts.append(Text("(no running domain"
+                          + (f" matches {printable(repr(text))})" if text else ")")))
     if interactive:
-        parts.append(Text(f"filter: {prompt}_" if prompt is not None else HELP, style="dim"))
+        parts.append(Text(f"filter: {printable(prompt)}_" if prompt is not None else HELP,
+                          style="dim"))
     return Group(*parts)

@@ -262,9 +262,11 @@ class LibvirtSource:
                                     f"{(self._next_try_ns - now) / 1e9:.1f}s: {self.last_error}")
         try:
             conn = await self._call(self._connector, self._cfg.uri, self._cfg.readonly)
-        except SourceTimeout as err:
-            self._mark_down(f"connect timed out: {err}")
-            raise SourceUnavailable(str(err)) from err
+        except SourceTimeout as err:  # err names the connector function: not for people
+            why = (f"libvirt at {self._cfg.uri} did not answer within "
+                   f"{self._cfg.call_timeout_s:g} s")
+            self._mark_down(f"connect timed out: {why}")
+            raise SourceUnavailable(why) from err
         except Exception as err:  # libvirt.libvirtError and anything the connector raises
             self._mark_down(f"connect failed: {err}")
             raise SourceUnavailable(f"cannot connect to {self._cfg.uri}: {err}") from err

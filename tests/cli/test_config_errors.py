@@ -214,18 +214,22 @@ def test_a_good_config_passes_both(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "state store OK" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "1e12", "3600.5", "soon"])
-def test_dump_interval_outside_0_3600_is_a_usage_error(
-        value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", [["dump", "--all"], ["top", "--json"], ["top", "--once"],
+                                     ["top"]])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "1e12", "1e309", "3600.5", "soon"])
+def test_dump_and_top_interval_outside_0_3600_is_a_usage_error(
+        command: list[str], value: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # top took any float: nan raised ValueError, inf and 1e12 hung, -1 and 0 became 0.2
     path = write(tmp_path, base(tmp_path))
     with pytest.raises(SystemExit) as info:
-        main(["dump", "--all", f"--interval={value}", "--config", str(path)])
+        main([*command, f"--interval={value}", "--config", str(path)])
     assert info.value.code == 2
     assert "--interval" in capsys.readouterr().err
 
 
 def test_dump_interval_at_the_bounds_is_accepted() -> None:
-    from hostagent.cli.main import dump_interval_s
+    from hostagent.cli.main import interval_arg
 
-    assert dump_interval_s("3600") == 3600.0
-    assert dump_interval_s("0.001") == 0.001
+    assert interval_arg("3600") == 3600.0
+    assert interval_arg("0.001") == 0.001

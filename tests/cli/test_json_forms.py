@@ -88,6 +88,20 @@ def test_check_json_on_a_bad_file_answers_ok_false(tmp_path: Path,
     assert orjson.loads(capsys.readouterr().out)["ok"] is False
 
 
+def test_check_config_json_on_a_refused_store_answers_ok_false(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # exit 2 with an empty stdout: the StateCorrupt path skipped the JSON document
+    with sqlite3.connect(tmp_path / "state.db") as c:
+        c.execute("CREATE TABLE other(x)")
+    c.close()
+    cfg = config(tmp_path)
+    assert main(["check-config", str(cfg), "--json"]) == 2
+    out = capsys.readouterr()
+    doc = orjson.loads(out.out)
+    assert doc["ok"] is False and doc["file"] == str(cfg)
+    assert "not a hostagent state store" in doc["error"] and doc["error"] in out.err
+
+
 def make_store(tmp_path: Path) -> Path:
     clock = FakeClock()
     path = tmp_path / "state.db"

@@ -147,3 +147,38 @@ def test_json_says_why_each_reading_is_missing() -> None:
     assert doc["disk_write_bytes"] is None and doc["disk_write_bytes_per_s"] is None
     assert doc["missing"] == ["disk:vda:rd_bytes", "disk:vda:wr_bytes"]
     assert doc["missing_why"] == {"disk:vda:rd_bytes": JOB_BUSY, "disk:vda:wr_bytes": JOB_BUSY}
+
+
+def test_untrusted_strings_are_shown_verbatim_on_one_line() -> None:
+    """Names, owners, errors and the filter never reach rich as markup, and control characters
+    are escaped: `alice[/]` raised MarkupError, `vm[bold]x` showed as `vmx`, a newline split
+    the row, ESC reached the terminal."""
+    names = ["vm[bold]x", "[bold red]red[not closed", "new\nline", "esc\x1b[31mred"]
+    prev = {s.uuid: s for s in (sample(n, 0, 0) for n in names)}
+    rs = top_view.rows(prev, [sample(n, 1, 0.5) for n in names],
+                       {f"uuid-{n}": "alice[/]" for n in names})
+    d = DaemonState("/x/state.db", True, None, None, None,
+                    (SinkState("q[/]", 0, None, 0, "closed\x1b[2J"),))
+    scr = Screen(T0_NS, 2.0, 2, rs, top_view.totals(rs, 2), d, ("bad [/] news\nline 2",))
+    for interactive in (True, False):
+        console = Console(width=200, record=True, color_system=None)
+        console.print(top_view.render(scr, "n", "", prompt="f[/]\x07",
+                                      interactive=interactive))
+        text = console.export_text()
+        assert "\x1b" not in text and "\x07" not in text
+        body = [line for line in text.splitlines() if "alice[/]" in line]
+        assert sorted(line.split()[0] for line in body) == [
+            "[bold", "esc\\x1b[31mred", "new\\nline", "vm[bold]x"]
+        assert any(line.startswith("[bold red]red[not closed ") for line in body)
+        assert "error: bad [/] news\\nline 2" in text
+        assert "breakers q[/]=closed\\x1b[2J" in text
+        assert ("filter: f[/]\\x07_" in text) == interactive  # the prompt being typed
+    console = Console(width=200, record=True)
+    console.print(top_view.render(scr, "c", "\x1b[/]"))
+    assert "filter: \\x1b[/]" in console.export_text()
+
+
+def test_printable_escapes_what_a_terminal_would_act_on() -> None:
+    assert top_view.printable("plain [b] name") == "plain [b] name"
+    assert top_view.printable("a\tb\r\n\x7f\x85\u202e\u2028\xa0z") == (
+        "a\\tb\\r\\n\\x7f\\x85\\u202e\\u2028 z")
