@@ -1,8 +1,11 @@
 """`hostagent outbox status | dead-letters | replay`: look into and repair the event outbox.
 
-These commands open the state store next to a running daemon (SQLite WAL lets them); they never
-create a store and never change sink registration. `replay` re-queues dead letters: the daemon
-picks them up at its next delivery round (at the latest after the next pass).
+These commands open the state store next to a running daemon (SQLite WAL lets them), after
+every check start-up makes (a store it refuses is refused here too, exit 2); they never create
+a store and never change sink registration. `status` and `dead-letters` open it read-only:
+they write, create and delete no file, so any user who may read the store may run them.
+`replay` re-queues dead letters: the daemon picks them up at its next delivery round (at the
+latest after the next pass).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import orjson
 from hostagent.clock import SystemClock
 from hostagent.config.load import Config
 from hostagent.errors import StateError
+from hostagent.store import opening
 from hostagent.store.inspect import SinkStats
 from hostagent.store.outbox import Store
 from hostagent.store.schema import SCHEMA_VERSION
@@ -56,6 +60,13 @@ def _age(ns: int | None, now_ns: int) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def _safe(text: object) -> str:
+    """`text` for a terminal: control characters (ANSI escapes, newlines) shown escaped, so
+    a sink's error message cannot redraw the screen or forge lines."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in str(text))
+
+
 def _iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -75,8 +86,7 @@ def _status(store: Store, cfg: Config, as_json: bool) -> int:
     now = SystemClock().now().wall_ns
     stats = store.stats()
     size = store.size()
-    meta = store.meta()
-    hb = int(meta["delivery_heartbeat_ns"]) if "delivery_heartbeat_ns" in meta else None
+    hb = opening.heartbeat_ns(store.path, store.meta())
     stale_s = 3 * cfg.outbox.maintenance_interval_s + 5
     configured = {s.name for s in cfg.sinks}
     rows = []
@@ -119,9 +129,9 @@ def _dead_letters(store: Store, sink: str | None, as_json: bool) -> int:
         print("no dead letters")
         return 0
     for d in letters:
-        print(f"{_iso(d.dead_ns)}  {d.sink}  {d.event_id}  {d.kind}  {d.instance_id}  "
-              f"period {_iso(d.period_start_ns)}..{_iso(d.period_end_ns)}  "
-              f"attempts {d.attempts}  reason: {d.reason}")
+        print(f"{_iso(d.dead_ns)}  {_safe(d.sink)}  {_safe(d.event_id)}  {_safe(d.kind)}  "
+              f"{_safe(d.instance_id)}  period {_iso(d.period_start_ns)}.."
+              f"{_iso(d.period_end_ns)}  attempts {d.attempts}  reason: {_safe(d.reason)}")
     print(f"{len(letters)} dead letter(s); `hostagent outbox replay` re-queues them")
     return 0
 
@@ -130,15 +140,18 @@ def _replay(store: Store, sink: str | None, event_id: str | None) -> int:
     n = store.replay(sink, event_id)
     print(f"re-queued {n} dead letter(s)")
     if n == 0 and (sink or event_id):
-        print("hostagent: no dead letter matched", file=sys.stderr)
+        print("hostagent: no dead letter matched (with its event still there to send)",
+              file=sys.stderr)
         return 1
     return 0
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    """Run one `outbox` subcommand; StateError propagates (the CLI prints it, exit 1)."""
+    """Run one `outbox` subcommand; StateError propagates (the CLI prints it: exit 2 for a
+    store start-up refuses, else 1). `status` and `dead-letters` open the store read-only."""
     store = Store.open(cfg.collector.state_path, clock=SystemClock(), node_id=cfg.host.node_id,
-                       sink_names=(), create=False, register_sinks=False, upgrade=False)
+                       sink_names=(), create=False, register_sinks=False, upgrade=False,
+                       read_only=args.outbox_command != "replay")
     try:
         if store.schema_version != SCHEMA_VERSION:
             raise StateError(f"{store.path}: the state store is still schema version "

@@ -1,7 +1,9 @@
 """`hostagent store check | reset`: the explicit way out of a broken state store.
 
-Run them as the service user (`runuser -u hostagent --`): they open the store like the daemon
-does, and SQLite's -wal/-shm files must not end up owned by root.
+Both open the store read-only, with every check start-up makes (`hostagent.store.opening`):
+they write, create and delete nothing, so any user who may read the store may run them.
+`reset` renames files in the store's directory: run it as the service user (`runuser -u
+hostagent --`) or root.
 
 The daemon refuses to start on a store that is empty, truncated, foreign, from a newer schema,
 damaged, or gone while its marker remains (`hostagent.store.guard`): it never starts billing
@@ -14,6 +16,7 @@ store. A healthy store, or one a running daemon still writes to, is reset only w
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +24,9 @@ from typing import Any
 from hostagent.clock import SystemClock
 from hostagent.config.load import Config
 from hostagent.errors import StateCorrupt, StateError
-from hostagent.store import guard
+from hostagent.store import guard, opening
 from hostagent.store.outbox import Store
-from hostagent.store.schema import APP, SCHEMA_VERSION, UPGRADABLE
+from hostagent.store.schema import SCHEMA_VERSION
 
 # A delivery heartbeat younger than this says a daemon is using the store right now.
 LIVE_HEARTBEAT_S = 60.0
@@ -36,7 +39,8 @@ def add_parser(subparsers: Any, parents: Sequence[Any] = ()) -> None:
                               help="check the state store, or move a broken one aside")
     sub = p.add_subparsers(dest="store_command", required=True)
     sub.add_parser("check", parents=list(parents),
-                   help="open the state store read-only and run the start-up checks")
+                   help="run every start-up check on the state store, read-only (it "
+                        "writes, creates and deletes nothing)")
     rs = sub.add_parser("reset", parents=list(parents),
                         help="move a broken state store aside so the next start begins afresh")
     rs.add_argument("--force", action="store_true",
@@ -44,19 +48,20 @@ def add_parser(subparsers: Any, parents: Sequence[Any] = ()) -> None:
 
 
 def _open_existing(path: Path, node_id: str) -> Store:
+    """The store opened read-only, every start-up check made: nothing written or created."""
     return Store.open(path, clock=SystemClock(), node_id=node_id, sink_names=(), create=False,
-                      register_sinks=False, upgrade=False)
+                      register_sinks=False, upgrade=False, read_only=True)
 
 
 def check_store(cfg: Config) -> str:
-    """`check-config`'s look at the store: what start-up would refuse, read without a lock
-    and without creating any file (`guard.peek`); StateCorrupt when start-up would refuse it.
-    Returns a short note."""
+    """`check-config`'s look at the store: what start-up would refuse but the integrity
+    check, read-only and without creating any file (`opening.peek`); StateCorrupt when
+    start-up would refuse it. Returns a short note."""
     path = Path(cfg.collector.state_path)
     if not guard.before_open(path):
         return "no state store yet (created at the first start)"
     try:
-        guard.peek(path, APP, SCHEMA_VERSION, UPGRADABLE)
+        opening.peek(path)
     except StateCorrupt:
         raise
     except StateError as err:  # e.g. no permission to read it as this user
@@ -81,10 +86,16 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     return reset(Path(cfg.collector.state_path), cfg.host.node_id, force=args.force)
 
 
+def _fail(message: str, status: int) -> int:
+    print(f"hostagent: {message}", file=sys.stderr)
+    return status
+
+
 def reset(path: Path, node_id: str, *, force: bool) -> int:
-    """Move the store at `path` aside (see the module doc); the exit status."""
+    """Move the store at `path` aside (see the module doc); the exit status. Refusals and
+    errors go to stderr, one line each; what was moved and lost to stdout."""
     marker = guard.marker_path(path)
-    if not path.exists() and not marker.exists():
+    if not path.exists() and not path.is_symlink() and not marker.exists():
         print(f"{path}: no state store here; nothing to reset")
         return 0
     problem: str | None = None
@@ -94,22 +105,25 @@ def reset(path: Path, node_id: str, *, force: bool) -> int:
     except StateCorrupt as err:
         problem = str(err)
     except StateError as err:
-        print(f"hostagent: {err}; not resetting a store that cannot be inspected")
-        return 1
+        return _fail(f"{err}; not resetting a store that cannot be inspected", 1)
     else:
-        meta = store.meta()
-        store.close()
-        heartbeat_ns = int(meta["delivery_heartbeat_ns"]) if "delivery_heartbeat_ns" in meta \
-            else None
+        try:
+            heartbeat_ns = opening.heartbeat_ns(path, store.meta())
+        except StateError as err:  # changed since it was opened: damaged after all
+            problem = str(err)
+        finally:
+            store.close()
     now_ns = SystemClock().now().wall_ns
     if problem is None and not force:
         live = heartbeat_ns is not None and now_ns - heartbeat_ns < LIVE_HEARTBEAT_S * 1e9
         why = "a daemon is using it (delivery heartbeat is recent)" if live else "it is healthy"
-        print(f"hostagent: {path}: refusing to reset: {why}; pass --force to reset it anyway "
-              "(its baselines and pending events are then lost)")
-        return EXIT_REFUSED
-    lost = guard.inspect(path) if path.exists() and path.stat().st_size > 0 else None
-    moved = guard.move_aside(path, now_ns)
+        return _fail(f"{path}: refusing to reset: {why}; pass --force to reset it anyway (its "
+                     "baselines and pending events are then lost)", EXIT_REFUSED)
+    lost = guard.inspect(path) if path.is_file() and path.stat().st_size > 0 else None
+    try:
+        moved = guard.move_aside(path, now_ns)
+    except StateError as err:
+        return _fail(str(err), 1)
     print(f"{path}: moved aside: " + ", ".join(str(m) for m in moved))
     if problem:
         print(f"reason: {problem}")

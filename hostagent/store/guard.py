@@ -4,7 +4,9 @@ A store holds the baselines every event is computed from: a daemon that starts o
 store re-bills (or skips) everything the lost baselines covered. So at start:
 
 * an existing file that is empty (0 bytes), truncated, not a hostagent store, from a newer
-  schema or failing ``PRAGMA quick_check`` is refused (`StateCorrupt`), never overwritten;
+  schema, with a meta value that does not parse or a table, column or index missing, or
+  failing ``PRAGMA quick_check`` is refused (`StateCorrupt`), never overwritten nor changed
+  (`hostagent.store.opening` checks all that read-only, before anything writes);
 * a missing store is created only when none was ever there: creating one writes a marker,
   ``state.db.id`` next to it, holding the store's ``created_ns``. A marker without its store
   means the store was deleted behind the daemon's back: refused too. A marker naming another
@@ -14,8 +16,8 @@ The way out is explicit: ``hostagent store reset`` (`hostagent.cli.store`) moves
 its WAL and the marker aside (``state.db.broken-<UTC time>``), reports what was in it when
 it can still be read, and the next start creates a fresh store.
 
-This module does the checks that need no SQLite connection and the marker I/O; the checks
-of the file's contents are in `Store.open`.
+This module does the checks that need no SQLite connection, the marker I/O and the moving
+aside; the checks of the file's contents are `hostagent.store.opening`'s.
 """
 
 from __future__ import annotations
@@ -23,17 +25,20 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from hostagent.errors import StateCorrupt, StateError
+from hostagent.store import sqlite_tx
 
 MARKER_SUFFIX = ".id"
 SIDE_FILES = ("-wal", "-shm", "-journal", MARKER_SUFFIX)
 WAY_OUT = ("refusing to start with empty billing state; stop the daemon and run "
            "`hostagent store reset` to move it aside and start afresh")
+# For a file that is not a hostagent store at all.
+FOREIGN_WAY_OUT = ("refusing to touch it: point collector.state_path elsewhere, or "
+                   "`hostagent store reset` moves it aside")
 
 
 def marker_path(path: Path) -> Path:
@@ -66,7 +71,8 @@ def before_open(path: Path) -> bool:
     try:
         if path.exists():
             if not path.is_file():
-                raise StateCorrupt(f"{path}: the state store path is not a regular file")
+                raise StateCorrupt(f"{path}: the state store path is not a regular file; "
+                                   f"{FOREIGN_WAY_OUT}")
             if path.stat().st_size == 0:
                 raise StateCorrupt(f"{path}: the state store is empty (0 bytes): its "
                                    f"baselines and pending events are gone; {WAY_OUT}")
@@ -80,16 +86,21 @@ def before_open(path: Path) -> bool:
     return False
 
 
-def after_open(path: Path, created_ns: int) -> None:
-    """Check the marker against the opened store; write it when there is none yet."""
+def check_marker(path: Path, created_ns: int) -> bool:
+    """Check the marker against the store's `created_ns` (StateCorrupt: the file was
+    replaced); True when a marker matches, False when there is none. Writes nothing."""
     marked = read_marker(path)
-    if marked == created_ns:
-        return
-    if marked is not None:
+    if marked is not None and marked != created_ns:
         raise StateCorrupt(f"{path}: this store was created at {_iso(created_ns)}, but the "
                            f"store kept here was created at {_iso(marked)}: the file was "
                            f"replaced; {WAY_OUT} (or, if you restored this store on purpose, "
                            f"delete {marker_path(path)})")
+    return marked is not None
+
+
+def write_marker(path: Path, created_ns: int) -> None:
+    """Write the marker holding the store's `created_ns` (atomically: a temporary and a
+    rename)."""
     marker = marker_path(path)
     tmp = marker.with_name(marker.name + ".tmp")
     try:
@@ -100,42 +111,6 @@ def after_open(path: Path, created_ns: int) -> None:
         os.replace(tmp, marker)
     except OSError as err:
         raise StateError(f"{marker}: cannot write the store marker: {err}") from err
-
-
-def peek(path: Path, app: str, schema_version: int,
-         upgradable: Collection[int] = frozenset()) -> None:
-    """The checks start-up makes of an existing store, read through SQLite's `immutable`
-    mode: no lock taken, no -wal/-shm file created (so `check-config` run as root never
-    leaves root-owned side files). StateCorrupt for what start-up would refuse; a store of an
-    `upgradable` version passes (start-up upgrades it). The full
-    ``PRAGMA quick_check`` is left to start-up and `hostagent store check`."""
-    if not before_open(path):
-        return
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
-    except (sqlite3.Error, OSError, ValueError) as err:
-        raise StateError(f"{path}: cannot read the state store: {err}") from err
-    try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) \
-            if "meta" in tables else {}
-    except sqlite3.Error as err:
-        raise StateCorrupt(f"{path}: not a usable hostagent state store ({err}); "
-                           f"{WAY_OUT}") from err
-    finally:
-        conn.close()
-    if meta.get("app") != app:
-        raise StateCorrupt(f"{path}: not a hostagent state store; {WAY_OUT}")
-    if meta.get("schema_version") not in {str(v) for v in (schema_version, *upgradable)}:
-        raise StateCorrupt(f"{path}: schema version {meta.get('schema_version')} is not "
-                           f"{schema_version}: this hostagent cannot use it (upgrade hostagent, "
-                           "or `hostagent store reset` to start afresh)")
-    created_ns = int(meta.get("created_ns", "0"))
-    marked = read_marker(path)
-    if marked is not None and marked != created_ns:
-        raise StateCorrupt(f"{path}: this store was created at {_iso(created_ns)}, but the "
-                           f"store kept here was created at {_iso(marked)}: the file was "
-                           f"replaced; {WAY_OUT}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +136,8 @@ def inspect(path: Path) -> Salvage:
     }
     error: str | None = None
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    except (sqlite3.Error, OSError, ValueError) as err:
+        conn = sqlite_tx.connect_read_only(path)
+    except StateError as err:
         return Salvage(None, None, None, None, str(err))
     try:
         for name, sql in queries.items():
@@ -178,23 +153,46 @@ def inspect(path: Path) -> Salvage:
 
 
 def move_aside(path: Path, now_ns: int) -> list[Path]:
-    """Rename the store and its side files to ``<name>.broken-<UTC time>…``; the new names."""
+    """Rename the store and its side files to ``<name>.broken-<UTC time>…``; the new names.
+
+    All or nothing: when one cannot be moved (StateError: which, why, and what to do), those
+    already moved are put back."""
     stamp = datetime.fromtimestamp(now_ns / 1e9, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
     base = path.with_name(f"{path.name}.broken-{stamp}")
-    moved: list[Path] = []
-    for suffix in ("", *SIDE_FILES):
-        src = path.with_name(path.name + suffix)
-        if not src.exists() and not src.is_symlink():
-            continue
-        dst = base.with_name(base.name + suffix)
-        if dst.exists():
-            raise StateError(f"{dst}: already there; not overwriting it")
-        os.replace(src, dst)
-        moved.append(dst)
+    moves = [(src, base.with_name(base.name + suffix))
+             for suffix in ("", *SIDE_FILES)
+             if (src := path.with_name(path.name + suffix)).exists() or src.is_symlink()]
+    for _, dst in moves:
+        if dst.exists() or dst.is_symlink():
+            raise StateError(f"{dst}: already there; not overwriting it (nothing was moved)")
+    moved: list[tuple[Path, Path]] = []
+    for src, dst in moves:
+        try:
+            os.replace(src, dst)
+        except OSError as err:
+            kept = _put_back(moved)
+            raise StateError(
+                f"{src}: cannot move it aside to {dst.name}: {err.strerror or err}; "
+                + ("nothing was moved" if kept else "some files stay moved aside: "
+                   + ", ".join(str(d) for _, d in moved if d.exists()))
+                + f"; run `hostagent store reset` as the service user or root, or check the "
+                f"permissions of {path.parent}") from err
+        moved.append((src, dst))
     with contextlib.suppress(OSError):
         fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    return moved
+    return [dst for _, dst in moved]
+
+
+def _put_back(moved: list[tuple[Path, Path]]) -> bool:
+    """Undo `move_aside`'s renames; False when one could not be undone."""
+    ok = True
+    for src, dst in reversed(moved):
+        try:
+            os.replace(dst, src)
+        except OSError:
+            ok = False
+    return ok

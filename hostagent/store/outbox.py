@@ -21,9 +21,10 @@ by an older hostagent, which gave every sink of the kind a row and let the queue
 Notify alerts at send time, are re-routed when the daemon configures the channels
 (``upkeep.drop_unrouted``), before any of them can be sent.
 
-Modules: this one holds the schema, opening and every write (commit, claim, record, replay);
-the read-only queries (loads, due events, stats, dead letters, size) are StoreReader's in
-hostagent.store.inspect, pruning and merging are hostagent.store.upkeep's.
+Modules: this one holds every write (commit, claim, record, replay); the schema is in
+hostagent.store.schema, the opening and its checks (before anything writes) in .opening, the
+read-only queries (loads, due events, stats, dead letters, size) in .inspect (StoreReader),
+pruning and merging in .upkeep.
 """
 
 from __future__ import annotations
@@ -42,12 +43,10 @@ import orjson
 
 from hostagent.alerts import routing
 from hostagent.clock import Clock
-from hostagent.errors import StateCorrupt, StateError
 from hostagent.model import Baseline, OutEvent
-from hostagent.store import bulk, schema, sqlite_tx, upkeep
-from hostagent.store import guard as store_guard
+from hostagent.store import bulk, opening, sqlite_tx, upkeep
 from hostagent.store.inspect import Pending, StoreReader
-from hostagent.store.schema import APP, OUTBOX_DDL, SCHEMA_VERSION, UPGRADABLE
+from hostagent.store.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -120,104 +119,28 @@ class Store(StoreReader):
              sink_kinds: Mapping[str, Collection[str]] | None = None,
              sink_channels: Mapping[str, Collection[str] | None] | None = None,
              max_bytes: int | None = None, create: bool = True,
-             register_sinks: bool = True, upgrade: bool = True,
+             register_sinks: bool = True, upgrade: bool = True, read_only: bool = False,
              on_upgrade: Callable[[int, int], None] | None = None) -> Store:
-        """Open (or create) the store; StateCorrupt if the file is foreign or damaged.
-
-        An older schema is upgraded (schema.migrate) after `on_upgrade(version, file_bytes)`
-        is told, e.g. to extend systemd's start timeout. `upgrade=False` (the commands next to
-        a daemon that may still run the older hostagent) leaves it as it is: checked only,
-        `schema_version` says which it is, and only `close` may follow."""
-        p = Path(path)
-        existed = store_guard.before_open(p)  # empty, vanished behind our back: refused
-        if not create and not existed:
-            raise StateError(f"{p}: no state store here (the daemon creates it on first run)")
+        """Open (or create) the store; StateCorrupt if the file is foreign or damaged, found
+        before anything is written (hostagent.store.opening, which also says what
+        `upgrade`, `on_upgrade` and `read_only` do; `upgrade=False` leaves an older schema as
+        it is: `schema_version` says which, and only `close` may follow)."""
+        opened = opening.open_file(Path(path), clock=clock, node_id=node_id,
+                                   create=create and not read_only, read_only=read_only,
+                                   upgrade=upgrade and not read_only, on_upgrade=on_upgrade)
+        store = cls(opened.conn, Path(path), clock)
+        meta = opened.meta
+        store.created_ns, store.host, store.schema_version = (meta.created_ns, meta.host,
+                                                              meta.schema_version)
         try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise StateError(f"{p}: cannot create the state directory: {err}") from err
-        try:
-            conn = sqlite_tx.connect(p)
-        except sqlite3.Error as err:
-            raise StateError(f"{p}: cannot open the state store: {err}") from err
-        store = cls(conn, p, clock)
-        try:
-            store._setup(existed, node_id, upgrade, on_upgrade)
-        except sqlite3.Error as err:
-            conn.close()
-            damaged = (sqlite_tx.SQLITE_CORRUPT, sqlite_tx.SQLITE_NOTADB)
-            if getattr(err, "sqlite_errorcode", 0) & 0xFF in damaged:
-                raise StateCorrupt(f"{p}: not a usable hostagent state store ({err}); refusing "
-                                   "to reset billing state: move the file aside to start "
-                                   "afresh") from err
-            raise StateError(f"{p}: cannot open the state store: {err}") from err
-        except StateError:
-            conn.close()
+            if register_sinks and not read_only:
+                store._register(sink_names)
+            store.configure(sink_kinds=sink_kinds, sink_channels=sink_channels,
+                            max_bytes=max_bytes)
+        except BaseException:
+            store.close()
             raise
-        try:
-            if create:
-                store_guard.after_open(p, store.created_ns)
-            elif store_guard.read_marker(p) not in (None, store.created_ns):
-                store_guard.after_open(p, store.created_ns)  # raises: the file was replaced
-        except StateError:
-            conn.close()
-            raise
-        if register_sinks:
-            store._register(sink_names)
-        store.configure(sink_kinds=sink_kinds, sink_channels=sink_channels, max_bytes=max_bytes)
         return store
-
-    def _setup(self, existed: bool, node_id: str, upgrade_older: bool,
-               on_upgrade: Callable[[int, int], None] | None) -> None:
-        """Check the store, and create it, or upgrade an older one (if `upgrade_older`)."""
-        c = self._conn
-        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if tables and "meta" not in tables:
-            raise StateCorrupt(f"{self.path}: not a hostagent state store (no meta table); "
-                               "refusing to touch it: point collector.state_path elsewhere, "
-                               "or `hostagent store reset` moves it aside")
-        if existed and not tables:
-            raise StateCorrupt(f"{self.path}: the state store has no tables (truncated?); "
-                               f"{store_guard.WAY_OUT}")
-        if tables:  # check it is ours before changing anything (journal mode included)
-            meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
-            if meta.get("app") != APP:
-                raise StateCorrupt(f"{self.path}: meta.app is {meta.get('app')!r}, not {APP!r}")
-        else:
-            c.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        if c.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-            raise StateError(f"{self.path}: cannot switch the store to WAL mode")
-        c.execute("PRAGMA synchronous=FULL")
-        c.execute("PRAGMA journal_size_limit=16777216")
-        if not tables:
-            now = self.clock.now().wall_ns
-            c.execute("BEGIN IMMEDIATE")
-            for statement in schema.statements(OUTBOX_DDL):
-                c.execute(statement)
-            c.executemany("INSERT INTO meta(key, value) VALUES(?, ?)",
-                          [("app", APP), ("schema_version", str(SCHEMA_VERSION)),
-                           ("created_ns", str(now)), ("host", node_id)])
-            c.execute("COMMIT")
-            meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
-        version = meta.get("schema_version", "")
-        upgrade = int(version) if version.isdigit() and int(version) in UPGRADABLE else None
-        if upgrade is None and version != str(SCHEMA_VERSION):
-            raise StateCorrupt(f"{self.path}: schema version {version or None} is "
-                               f"not {SCHEMA_VERSION}: this hostagent cannot use it (upgrade "
-                               "hostagent, or `hostagent store reset` to start afresh)")
-        check = c.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise StateCorrupt(f"{self.path}: integrity check failed: {check}; "
-                               f"{store_guard.WAY_OUT}")
-        self.schema_version = upgrade or SCHEMA_VERSION
-        if upgrade is not None and upgrade_older:  # checked first: a damaged one is refused
-            schema.upgrade(c, self.path, upgrade, on_upgrade)
-            self.schema_version = SCHEMA_VERSION
-        self.created_ns = int(meta["created_ns"])
-        self.host = meta.get("host", "")
-        if self.host != node_id:
-            log.warning("state store was created by another node_id",
-                        extra={"path": str(self.path), "stored": self.host, "node_id": node_id})
 
     def _register(self, names: Sequence[str]) -> None:
         now = self.clock.now().wall_ns
@@ -451,20 +374,24 @@ class Store(StoreReader):
     # --- dead letters ---------------------------------------------------------------------
 
     def replay(self, sink: str | None = None, event_id: str | None = None) -> int:
-        """Re-queue dead letters (optionally one sink / one event); returns how many."""
+        """Re-queue dead letters (optionally one sink / one event); returns how many. A dead
+        letter whose delivery row (or event) is gone cannot be: it is kept, and not counted."""
         with self.transaction("replay dead letters") as c:
             keys = c.execute("SELECT sink, seq, event_id FROM dead_letters WHERE (? IS NULL "
                              "OR sink = ?) AND (? IS NULL OR event_id = ?)",
                              (sink, sink, event_id, event_id)).fetchall()
-            for key in keys:
-                c.execute("UPDATE deliveries SET status = 'pending', rejections = 0, "
-                          "next_attempt_ns = 0, done_ns = NULL, last_error = 'replayed' "
-                          "WHERE sink = ? AND seq = ? AND event_id = ? AND status = 'dead'", key)
-                c.execute("DELETE FROM dead_letters WHERE sink = ? AND event_id = ?",
-                          (key[0], key[2]))
+            done = [key for key in keys if c.execute(
+                "UPDATE deliveries SET status = 'pending', rejections = 0, next_attempt_ns = 0, "
+                "done_ns = NULL, last_error = 'replayed' WHERE sink = ? AND seq = ? AND "
+                "event_id = ? AND status = 'dead' AND seq IN (SELECT seq FROM events)",
+                key).rowcount]
+            c.executemany("DELETE FROM dead_letters WHERE sink = ? AND event_id = ?",
+                          [(s, eid) for s, _, eid in done])
         for s, _, eid in keys:
-            log.info("dead letter replayed", extra={"sink": s, "event_id": eid})
-        return len(keys)
+            log.info("dead letter replayed" if (s, _, eid) in done else
+                     "dead letter not replayed: its event is gone",
+                     extra={"sink": s, "event_id": eid})
+        return len(done)
 
     # --- upkeep (hostagent.store.upkeep) ----------------------------------------------------
 

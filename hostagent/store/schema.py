@@ -21,9 +21,11 @@ pruning). A commit so adds each row to two B-trees, an acknowledgement moves it 
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from hostagent.errors import StateCorrupt
@@ -80,6 +82,54 @@ CREATE TABLE sinks(
   breaker_state TEXT, breaker_since_ns INTEGER, breaker_updated_ns INTEGER) WITHOUT ROWID;
 CREATE TABLE alert_state(fingerprint TEXT PRIMARY KEY, state BLOB NOT NULL) WITHOUT ROWID;
 """ + EVENTS_DDL + DELIVERIES_DDL + RECORDS_DDL
+
+
+# What a version-1 store must hold for `migrate` to carry it over: every column it reads.
+V1_TABLES: Mapping[str, frozenset[str]] = {
+    "meta": frozenset({"key", "value"}),
+    "baselines": frozenset({"instance_id", "state"}),
+    "sinks": frozenset({"name", "added_ns", "active", "breaker_state", "breaker_since_ns",
+                        "breaker_updated_ns"}),
+    "alert_state": frozenset({"fingerprint", "state"}),
+    "events": frozenset({"event_id", "kind", "instance_id", "period_start_ns", "period_end_ns",
+                         "payload", "created_ns"}),
+    "deliveries": frozenset({"sink", "event_id", "instance_id", "period_start_ns", "created_ns",
+                             "status", "claimed", "attempts", "rejections", "next_attempt_ns",
+                             "last_error", "done_ns"}),
+    "dead_letters": frozenset({"sink", "event_id", "reason", "attempts", "dead_ns"}),
+    "merges": frozenset({"merged_event_id", "sink", "source_ids", "created_ns"}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The tables (name → columns) and indexes a store of one schema version must have; a
+    store may hold more (the webhook store's tables live in the same file)."""
+
+    tables: Mapping[str, frozenset[str]]
+    indexes: frozenset[str]
+
+
+@functools.cache
+def layout(version: int) -> Layout:
+    """What a store of `version` (SCHEMA_VERSION or UPGRADABLE) holds: the current one read
+    from OUTBOX_DDL itself, so the check cannot drift from what `Store.open` creates."""
+    if version == 1:
+        return Layout(V1_TABLES, frozenset())  # its indexes are dropped by `migrate`
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"no layout of schema version {version}")
+    c = sqlite3.connect(":memory:")
+    try:
+        for statement in statements(OUTBOX_DDL):
+            c.execute(statement)
+        names = c.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+                          ).fetchall()
+        tables = {n: frozenset(r[1] for r in c.execute("SELECT * FROM pragma_table_info(?)",
+                                                       (n,)))
+                  for t, n in names if t == "table"}
+    finally:
+        c.close()
+    return Layout(tables, frozenset(n for t, n in names if t == "index"))
 
 
 # Seconds an upgrade may take: generous against the ~30 MB/s measured on a slow 2-core VM.

@@ -1,11 +1,14 @@
 """The state file's connections and transactions, shared by the outbox and the webhook store:
 one connection behind a lock, BEGIN IMMEDIATE … COMMIT, and SQLite errors mapped onto the
-error tree."""
+error tree; and the read-only connection the start-up checks and the inspecting commands use
+(`connect_read_only`), which never changes, creates or deletes a file."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +21,10 @@ log = logging.getLogger(__name__)
 SQLITE_CORRUPT = 11
 SQLITE_FULL = 13
 SQLITE_NOTADB = 26
+# Errors that say this user may not read (or lock) the file: run as the service user.
+SQLITE_ACCESS = frozenset({3, 8, 14, 23})  # PERM, READONLY, CANTOPEN, AUTH
+WAL_MAGIC = (0x377F0682, 0x377F0683)  # checksums little-endian, big-endian
+WAL_VERSION = 3007000
 # How long a connection waits for another writer of the state file (the collector's commit,
 # a delivery batch, the webhook store, `hostagent outbox`) before SQLITE_BUSY.
 BUSY_TIMEOUT_S = 30.0
@@ -28,6 +35,61 @@ def connect(path: Path) -> sqlite3.Connection:
     write BEGIN IMMEDIATE ourselves), usable from worker threads, BUSY_TIMEOUT_S."""
     return sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                            timeout=BUSY_TIMEOUT_S)
+
+
+def wal_holds_commits(wal: Path) -> bool:
+    """Whether the write-ahead log `wal` has a valid header and room for a frame: SQLite would
+    read commits from it. A missing, short or garbage log holds none (SQLite ignores it); one
+    that cannot be read is assumed to hold some."""
+    try:
+        with open(wal, "rb") as f:
+            head = f.read(32)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    if len(head) < 32:
+        return False
+    magic, version, page, _, _, _, sum0, sum1 = struct.unpack(">8I", head)
+    if magic not in WAL_MAGIC or version != WAL_VERSION or page < 512 or page > 65536 \
+            or page & (page - 1):
+        return False
+    words = struct.unpack((">" if magic & 1 else "<") + "6I", head[:24])
+    s0 = s1 = 0
+    for i in range(0, 6, 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return (s0, s1) == (sum0, sum1) and size >= 32 + 24 + page
+
+
+def connect_read_only(path: Path, *, may_create_index: bool = False) -> sqlite3.Connection:
+    """A connection that cannot change the state file, nor create or delete a file beside it.
+
+    With a -wal and its -shm index both there (a daemon runs, or crashed): plain ``mode=ro``
+    reads through them. Without them, even ``mode=ro`` would create both (as root: files the
+    service user cannot open), so a store whose log holds no commits (none, or garbage that
+    SQLite ignores) is read as it is on disk (``immutable=1``). A log holding commits but no
+    -shm can only be read by creating one: StateError, unless `may_create_index` (the daemon's
+    own start, which creates it anyway). A rollback journal left beside the file: ``mode=ro``
+    (SQLite refuses to read past a hot journal it may not roll back)."""
+    wal, shm, journal = (Path(f"{path}{s}") for s in ("-wal", "-shm", "-journal"))
+    if (wal.exists() and shm.exists()) or journal.exists():
+        mode = "mode=ro"
+    elif wal_holds_commits(wal):
+        if not may_create_index:
+            raise StateError(f"{path}: cannot read the state store without writing: "
+                             f"{wal.name} holds commits and {shm.name} is missing (the daemon "
+                             "recovers the log when it next starts)")
+        mode = "mode=ro"
+    else:
+        mode = "mode=ro&immutable=1"
+    try:
+        return sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True,
+                               isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_TIMEOUT_S)
+    except (sqlite3.Error, OSError, ValueError) as err:
+        raise StateError(f"{path}: cannot read the state store: {err}") from err
 
 
 def translate(err: sqlite3.Error, path: Path, what: str) -> StateError:

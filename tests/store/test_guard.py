@@ -195,7 +195,8 @@ def test_store_reset_refuses_a_healthy_store_without_force(
     assert "state store OK" in capsys.readouterr().out
     before = path.read_bytes()
     assert main(["store", "reset", "--config", cfg]) == 2
-    assert "healthy" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "healthy" in err and not out  # a refusal: on stderr
     assert path.read_bytes() == before
     assert main(["store", "reset", "--force", "--config", cfg]) == 0
     assert "lost: 3 pending event(s)" in capsys.readouterr().out

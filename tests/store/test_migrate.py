@@ -18,9 +18,9 @@ from hostagent.cli import main as cli
 from hostagent.config.load import load
 from hostagent.daemon import Daemon
 from hostagent.errors import StateCorrupt
-from hostagent.store import guard
+from hostagent.store import opening
 from hostagent.store.outbox import Outcome, Store
-from hostagent.store.schema import APP, SCHEMA_VERSION, UPGRADABLE, upgrade_budget_s
+from hostagent.store.schema import SCHEMA_VERSION, UPGRADABLE, upgrade_budget_s
 from tests.clocks import FakeClock
 from tests.standins.queue import PERIOD_NS, T0_NS, usage_event
 
@@ -167,9 +167,9 @@ def test_the_commands_beside_the_daemon_check_a_version_1_store_but_leave_it_to_
         v1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Between installing the new package and restarting the daemon, the old daemon still
     # writes version-1 rows: only the daemon's own start upgrades the store
-    guard.peek(v1, APP, SCHEMA_VERSION, UPGRADABLE)  # what check-config does: no error
+    opening.peek(v1)  # what check-config does: no error
     with pytest.raises(StateCorrupt, match="schema version 1 is not 2"):
-        guard.peek(v1, APP, SCHEMA_VERSION)
+        opening.peek(v1, upgradable=False)
     cfg = tmp_path / "hostagent.toml"
     cfg.write_text(f'[host]\nnode_id = "host-a"\n[collector]\nstate_path = "{v1}"\n')
     before = snapshot(v1)

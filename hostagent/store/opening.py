@@ -1,0 +1,258 @@
+"""Opening the state file: every check of an existing store, made before anything writes.
+
+A store start-up would refuse must be left exactly as it was, so `open_file` first reads an
+existing file through a read-only connection (`sqlite_tx.connect_read_only`: no -wal or -shm
+created, none deleted) and checks, in this order:
+
+* it is a SQLite database (else SQLITE_NOTADB / SQLITE_CORRUPT) with tables;
+* it has a ``meta(key, value)`` table whose ``app`` is ours (else: foreign);
+* every meta value it reads parses: ``schema_version`` (ours, or one `schema.migrate` upgrades),
+  ``created_ns`` (a positive integer, present), ``host`` (text); ``delivery_heartbeat_ns``, a
+  liveness stamp the daemon rewrites, is read as absent when damaged (never a refusal);
+* the tables and columns of that version (`schema.layout`), and its indexes, are all there;
+* ``PRAGMA quick_check`` passes (`integrity=False` skips it: `check-config`'s quick look);
+* the marker next to it names its ``created_ns`` (`guard.check_marker`).
+
+Each refusal is StateCorrupt, one line naming ``hostagent store reset``; a store this user may
+not read is StateError. `read_only` (the inspecting commands) keeps that connection: every
+query works, every write fails. Otherwise the store is then reopened for writing: WAL mode,
+pragmas, the marker of a new store, and an older schema upgraded (`schema.upgrade`, after
+`on_upgrade(version, file_bytes)` is told, e.g. to extend systemd's start timeout) unless
+`upgrade=False` (the commands next to a daemon that may still run the older hostagent).
+"""
+
+from __future__ import annotations
+
+import logging
+import reprlib
+import sqlite3
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostagent.clock import Clock
+from hostagent.errors import StateCorrupt, StateError
+from hostagent.store import guard, schema, sqlite_tx
+from hostagent.store.guard import FOREIGN_WAY_OUT, WAY_OUT
+from hostagent.store.schema import APP, OUTBOX_DDL, SCHEMA_VERSION, UPGRADABLE
+
+log = logging.getLogger(__name__)
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring, _QUOTE.maxother = 40, 40
+NS_MAX = 2**63 - 1  # what SQLite's INTEGER and the event schema hold
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMeta:
+    """The meta table of a store that passed the checks, each value parsed."""
+
+    schema_version: int
+    created_ns: int
+    host: str
+    delivery_heartbeat_ns: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """`open_file`'s answer: the connection (read-only, or the daemon's) and the store's meta
+    as it now is (an upgraded store: SCHEMA_VERSION)."""
+
+    conn: sqlite3.Connection
+    meta: StoredMeta
+
+
+def parse_ns(path: Path, meta: Mapping[str, object], key: str) -> int | None:
+    """meta[key] as nanoseconds (None: absent); StateCorrupt when it holds anything else."""
+    if key not in meta:
+        return None
+    value = meta[key]
+    if isinstance(value, str) and value.isascii() and value.isdigit() and int(value) <= NS_MAX:
+        return int(value)
+    raise StateCorrupt(f"{path}: meta.{key} holds {_QUOTE.repr(value)}, not a time in "
+                       f"nanoseconds: the store is damaged; {WAY_OUT}")
+
+
+def heartbeat_ns(path: Path, meta: Mapping[str, object]) -> int | None:
+    """meta.delivery_heartbeat_ns, or None when absent or damaged: a liveness stamp (the
+    daemon rewrites it every few seconds), never a reason to refuse a store's billing state."""
+    try:
+        return parse_ns(path, meta, "delivery_heartbeat_ns")
+    except StateCorrupt as err:
+        log.warning("delivery heartbeat unreadable; read as never",
+                    extra={"path": str(path), "error": str(err)})
+        return None
+
+
+def _refuse_sqlite(path: Path, err: sqlite3.Error) -> StateError:
+    """The error for a SQLite failure while checking: damage refused, anything else not."""
+    code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+    if code in (sqlite_tx.SQLITE_CORRUPT, sqlite_tx.SQLITE_NOTADB):
+        return StateCorrupt(f"{path}: not a usable hostagent state store ({err}); {WAY_OUT}")
+    hint = ("; run it as the service user (runuser -u hostagent --) or root"
+            if code in sqlite_tx.SQLITE_ACCESS else "")
+    return StateError(f"{path}: cannot read the state store: {err}{hint}")
+
+
+def check(c: sqlite3.Connection, path: Path, *, integrity: bool = True) -> StoredMeta:
+    """Every check of the module doc but the marker's, reading only; the parsed meta."""
+    try:
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            raise StateCorrupt(f"{path}: the state store has no tables (truncated?); {WAY_OUT}")
+        if "meta" not in tables:
+            raise StateCorrupt(f"{path}: not a hostagent state store (no meta table); "
+                               f"{FOREIGN_WAY_OUT}")
+        columns = [r[1] for r in c.execute("SELECT * FROM pragma_table_info('meta')")]
+        if not {"key", "value"} <= set(columns):
+            raise StateCorrupt(f"{path}: not a hostagent state store (its meta table has "
+                               f"columns {', '.join(map(str, columns))}); {FOREIGN_WAY_OUT}")
+        meta: dict[object, object] = dict(c.execute("SELECT key, value FROM meta").fetchall())
+        found = _meta(path, meta)
+        _check_layout(c, path, found.schema_version, tables)
+        if integrity:
+            result = c.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                said = " ".join(str(result).split())
+                raise StateCorrupt(f"{path}: integrity check failed ({said[:160]}"
+                                   f"{'…' if len(said) > 160 else ''}); {WAY_OUT}")
+    except sqlite3.Error as err:
+        raise _refuse_sqlite(path, err) from err
+    return found
+
+
+def _meta(path: Path, meta: Mapping[object, object]) -> StoredMeta:
+    app = meta.get("app")
+    if app != APP:
+        raise StateCorrupt(f"{path}: not a hostagent state store (meta.app is "
+                           f"{_QUOTE.repr(app)}, not {APP!r}); {FOREIGN_WAY_OUT}")
+    str_meta = {k: v for k, v in meta.items() if isinstance(k, str)}
+    version = meta.get("schema_version")
+    known = {str(v): v for v in (SCHEMA_VERSION, *UPGRADABLE)}
+    if not isinstance(version, str) or version not in known:
+        shown = version if isinstance(version, str) and version.isdigit() \
+            else _QUOTE.repr(version)
+        raise StateCorrupt(f"{path}: schema version {shown} is not {SCHEMA_VERSION}: this "
+                           "hostagent cannot use it (upgrade hostagent, or `hostagent store "
+                           "reset` to start afresh)")
+    created_ns = parse_ns(path, str_meta, "created_ns")
+    if not created_ns:
+        raise StateCorrupt(f"{path}: meta.created_ns is "
+                           f"{'missing' if created_ns is None else 0}: the store is damaged; "
+                           f"{WAY_OUT}")
+    host = meta.get("host", "")
+    if not isinstance(host, str):
+        raise StateCorrupt(f"{path}: meta.host holds {_QUOTE.repr(host)}, not a node id: the "
+                           f"store is damaged; {WAY_OUT}")
+    return StoredMeta(known[version], created_ns, host, heartbeat_ns(path, str_meta))
+
+
+def _check_layout(c: sqlite3.Connection, path: Path, version: int, tables: set[str]) -> None:
+    """StateCorrupt unless every table, column and index of `version` is there."""
+    want = schema.layout(version)
+    missing = [t for t in want.tables if t not in tables]
+    for table, columns in want.tables.items():
+        if table in tables:
+            have = {r[1] for r in c.execute("SELECT * FROM pragma_table_info(?)", (table,))}
+            missing += [f"{table}.{col}" for col in sorted(columns - have)]
+    if want.indexes:
+        have = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        missing += [f"index {i}" for i in sorted(want.indexes - have)]
+    if missing:
+        raise StateCorrupt(f"{path}: the state store (schema version {version}) lacks "
+                           f"{', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}: it is "
+                           f"damaged; {WAY_OUT}")
+
+
+def peek(path: Path, *, upgradable: bool = True) -> None:
+    """What start-up would refuse (StateCorrupt), but ``PRAGMA quick_check``, read-only and
+    creating no file: `check-config`'s look at the store. A store of an UPGRADABLE version
+    passes unless not `upgradable`. StateError: this user cannot read it."""
+    if not guard.before_open(path):
+        return
+    conn = sqlite_tx.connect_read_only(path)
+    try:
+        found = check(conn, path, integrity=False)
+    finally:
+        conn.close()
+    if not upgradable and found.schema_version != SCHEMA_VERSION:
+        raise StateCorrupt(f"{path}: schema version {found.schema_version} is not "
+                           f"{SCHEMA_VERSION}: this hostagent cannot use it (upgrade hostagent, "
+                           "or `hostagent store reset` to start afresh)")
+    guard.check_marker(path, found.created_ns)
+
+
+def open_file(path: Path, *, clock: Clock, node_id: str, create: bool, read_only: bool,
+              upgrade: bool, on_upgrade: Callable[[int, int], None] | None) -> Opened:
+    """Check an existing store (the module doc), then open it: `read_only` keeps the checking
+    connection; else it is reopened for writing (created, if `create` and none was ever
+    there; upgraded, if `upgrade` and older)."""
+    existed = guard.before_open(path)  # empty, vanished behind our back: refused
+    if not existed and (read_only or not create):
+        raise StateError(f"{path}: no state store here (the daemon creates it on first run)")
+    found: StoredMeta | None = None
+    marked = False
+    if existed:
+        ro = sqlite_tx.connect_read_only(path, may_create_index=not read_only)
+        try:
+            found = check(ro, path)
+            marked = guard.check_marker(path, found.created_ns)
+        except BaseException:
+            ro.close()
+            raise
+        if read_only:
+            _note_host(path, found, node_id)
+            return Opened(ro, found)
+        ro.close()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite_tx.connect(path)
+    except (OSError, sqlite3.Error) as err:
+        raise StateError(f"{path}: cannot open the state store: {err}") from err
+    try:
+        found = _prepare(conn, path, found, clock.now().wall_ns, node_id, upgrade, on_upgrade)
+        if create and not marked:
+            guard.write_marker(path, found.created_ns)
+    except sqlite3.Error as err:
+        conn.close()
+        raise _refuse_sqlite(path, err) from err
+    except BaseException:
+        conn.close()
+        raise
+    _note_host(path, found, node_id)
+    return Opened(conn, found)
+
+
+def _prepare(c: sqlite3.Connection, path: Path, found: StoredMeta | None, now_ns: int,
+             node_id: str, upgrade: bool, on_upgrade: Callable[[int, int], None] | None
+             ) -> StoredMeta:
+    """The writes of opening a checked store (`found`) or creating one (None)."""
+    if found is None:
+        if c.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StateError(f"{path}: a state store appeared while this one was being "
+                             "created; try again")
+        c.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    if c.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+        raise StateError(f"{path}: cannot switch the store to WAL mode")
+    c.execute("PRAGMA synchronous=FULL")
+    c.execute("PRAGMA journal_size_limit=16777216")
+    if found is None:
+        c.execute("BEGIN IMMEDIATE")
+        for statement in schema.statements(OUTBOX_DDL):
+            c.execute(statement)
+        c.executemany("INSERT INTO meta(key, value) VALUES(?, ?)",
+                      [("app", APP), ("schema_version", str(SCHEMA_VERSION)),
+                       ("created_ns", str(now_ns)), ("host", node_id)])
+        c.execute("COMMIT")
+        return StoredMeta(SCHEMA_VERSION, now_ns, node_id, None)
+    if found.schema_version != SCHEMA_VERSION and upgrade:
+        schema.upgrade(c, path, found.schema_version, on_upgrade)
+        return StoredMeta(SCHEMA_VERSION, found.created_ns, found.host,
+                          found.delivery_heartbeat_ns)
+    return found
+
+
+def _note_host(path: Path, found: StoredMeta, node_id: str) -> None:
+    if found.host != node_id:
+        log.warning("state store was created by another node_id",
+                    extra={"path": str(path), "stored": found.host, "node_id": node_id})
