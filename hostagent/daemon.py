@@ -333,6 +333,11 @@ class Daemon:
                       extra={"error": str(err)})
             self.notifier.ready()
             return None
+        except Exception as err:  # a defect load() missed must not end a running daemon
+            log.error("reload refused, keeping the running config",
+                          extra={"error": f"{type(err).__name__}: {err}"})
+            self.notifier.ready()
+            return None
         needs_restart = live.restart_keys(self.cfg, new)
         applied = live.apply(self.cfg, new)
         self._reload_api(applied)
@@ -352,10 +357,13 @@ class Daemon:
         if self.api_auth is None:
             return
         try:
-            creds = self.api_auth.reload(applied.api)
+            creds = self.api_auth.reload(applied.api, applied.source)
         except ConfigError as err:
             log.error("API credentials reload refused, keeping the keys in force",
                       extra={"error": str(err)})
+        except Exception as err:  # a defect the key readers missed: still never fatal
+            log.error("API credentials reload refused, keeping the keys in force",
+                          extra={"error": f"{type(err).__name__}: {err}"})
         else:
             log.info("API credentials reloaded", extra={
                 "api_keys": len(creds.api_keys), "jwt_keys": len(creds.verify_keys)})

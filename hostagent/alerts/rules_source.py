@@ -50,7 +50,7 @@ from hostagent.alerts.index import RuleIndex, Settings, build_index
 from hostagent.alerts.routing import Route
 from hostagent.alerts.rules import Rule, parse_rules
 from hostagent.alerts.violations import StormControl
-from hostagent.config.schema import ThresholdsConfig
+from hostagent.config.schema import MAX_REPEAT_S, ThresholdsConfig
 from hostagent.errors import ConfigError
 from hostagent.file_watch import DirWatch
 
@@ -106,14 +106,20 @@ def parse_document(data: bytes, *, source: str, toml: bool = False) -> tuple[Rul
     """A rules document (JSON or TOML bytes) → rules; ConfigError when any rule is invalid."""
     p = source
     doc: Any
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise ConfigError(p, "-", "UTF-8 text without a byte order mark", "a UTF-8 BOM",
+                          "save the file as UTF-8 without a BOM")
     if toml:
         try:
             doc = tomllib.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
             raise ConfigError(p, "-", "valid TOML", str(err), "fix the syntax") from err
+        except RecursionError as err:  # tomllib recurses once per nesting level
+            raise ConfigError(p, "-", "TOML nested at most a few hundred levels deep",
+                              "deeper nesting", "flatten the arrays or tables") from err
     else:
         try:
-            doc = orjson.loads(data)
+            doc = orjson.loads(data)  # refuses nesting past 1024 levels (JSONDecodeError)
         except orjson.JSONDecodeError as err:
             raise ConfigError(p, "-", "valid JSON", str(err), "fix the syntax") from err
     if isinstance(doc, dict):
@@ -121,7 +127,19 @@ def parse_document(data: bytes, *, source: str, toml: bool = False) -> tuple[Rul
         if unknown:
             raise ConfigError(p, unknown[0], "only a `rules` array", unknown[0])
         doc = doc.get("rules", [])
-    return parse_rules(doc, source=p)
+    rules = parse_rules(doc, source=p)
+    check_limits(rules, source=p)
+    return rules
+
+
+def check_limits(rules: Sequence[Rule], *, source: str) -> None:
+    """Refuse what parses but could not be evaluated: a `repeat_interval_s` past
+    `[thresholds] repeat_interval_s`'s maximum (it becomes nanoseconds in a 64-bit range)."""
+    for i, r in enumerate(rules):
+        if r.repeat_interval_s is not None and r.repeat_interval_s > MAX_REPEAT_S:
+            raise ConfigError(source, f"rules[{i}].repeat_interval_s",
+                              f"a value <= {MAX_REPEAT_S} (a year)", r.repeat_interval_s,
+                              "0 means never repeat")
 
 
 def rule_dict(rule: Rule) -> dict[str, Any]:
@@ -224,6 +242,7 @@ class RulesSource:
         """The layers with `name` replaced, checked (channels); ConfigError when refused."""
         layers = {**self.layers, name: tuple(rules)}
         merged, _ = self.merge(layers)
+        check_limits(rules, source=f"<{name} rules>")
         channels.check(merged, self.routes, source=f"<{name} rules>")
         return layers
 
@@ -298,11 +317,14 @@ class RulesSource:
         self._stamps = self._stamp_now()
         try:
             layers = self._read()
-        except ConfigError as err:
+        # Exception, not only ConfigError: whatever a file holds, a reload (SIGHUP, the
+        # watch) must never end the daemon; the defect is counted and logged.
+        except Exception as err:
             self.failures += 1
-            self.last_error = str(err)
+            error = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+            self.last_error = error
             log.error("threshold rules rejected; keeping the previous set",
-                      extra={"path": str(self.path), "error": str(err),
+                      extra={"path": str(self.path), "error": error,
                              "rules_kept": len(self.index.rules)})
             return False
         self.install(layers)

@@ -7,13 +7,13 @@ bound to an algorithm family, so an RSA public key can never be used as an HMAC 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
+import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -32,6 +32,7 @@ FAMILIES = {
     "EdDSA": "okp",
 }
 REALM = 'Bearer realm="hostagent"'
+T = TypeVar("T")
 # [api] keys that `Authenticator.reload` applies live (the rest of [api] needs a restart).
 CREDENTIAL_KEYS = ("jwt_algorithms", "jwt_keys_file", "jwks_file", "jwt_hmac_secret_file",
                    "jwt_audience", "jwt_issuer", "jwt_leeway_s", "jwt_admin_claim",
@@ -124,9 +125,14 @@ def load_jwks(path: str) -> list[VerifyKey]:
     """
     fix = "publish the issuer's JWKS as {\"keys\": [{\"kty\": ..., ...}]}"
     try:
-        doc = json.loads(Path(path).read_text(), parse_constant=_no_constant)
-    except (OSError, ValueError) as err:
-        raise ConfigError(path, "api.jwks_file", "a readable JSON JWKS document", str(err),
+        # orjson: strict JSON (no NaN/Infinity), and nesting past 1024 levels is an error,
+        # where the stdlib's parser recurses until RecursionError.
+        doc = orjson.loads(Path(path).read_bytes())
+    except OSError as err:
+        raise ConfigError(path, "api.jwks_file", "a readable JSON JWKS document",
+                          err.strerror or str(err), fix) from err
+    except orjson.JSONDecodeError as err:
+        raise ConfigError(path, "api.jwks_file", "a JSON JWKS document", str(err),
                           fix) from err
     keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list):
@@ -137,14 +143,15 @@ def load_jwks(path: str) -> list[VerifyKey]:
         where = f"api.jwks_file.keys[{i}]"
         if not isinstance(raw, dict):
             raise ConfigError(path, where, "a JWK object", type(raw).__name__, fix)
-        if raw.get("kty") not in JWK_FAMILIES:
-            raise ConfigError(path, f"{where}.kty", f"one of {sorted(JWK_FAMILIES)}",
-                              raw.get("kty"), fix)
+        kty = raw.get("kty")
+        if not isinstance(kty, str) or kty not in JWK_FAMILIES:
+            raise ConfigError(path, f"{where}.kty", f"one of {sorted(JWK_FAMILIES)}", kty, fix)
         if raw.get("use", "sig") != "sig":
             continue
         try:
             k = jwt.PyJWK.from_dict(raw)
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError) as err:
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError, AttributeError,
+                IndexError) as err:
             raise ConfigError(path, where, f"a valid {raw['kty']} key", str(err), fix) from err
         fam = JWK_FAMILIES[str(k.key_type)]
         weak = key_weakness(fam, k.key)
@@ -153,10 +160,6 @@ def load_jwks(path: str) -> list[VerifyKey]:
                               "publish a longer key")
         out.append(VerifyKey(fam, k.key, k.key_id))
     return out
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _unauthorized(detail: str, error: str | None = "invalid_token") -> Problem:
@@ -178,46 +181,69 @@ class Credentials:
 
 def load_credentials(cfg: ApiConfig, verify_keys: Sequence[VerifyKey] = (),
                      api_keys: Mapping[str, keys_mod.StoredKey] | None = None,
-                     reserved: frozenset[str] = reserved_principals()) -> Credentials:
+                     reserved: frozenset[str] = reserved_principals(),
+                     source: str = "<config>") -> Credentials:
     """Read every key file `cfg` names (plus the given keys); defects are ConfigErrors.
 
+    Each names `source` (the config file; a placeholder `preflight` fills in) and the [api]
+    key that names the file, with the key file and its entry in what was expected.
     A key or admin principal that is reserved (`reserved_principals`) is a ConfigError."""
     unknown = [a for a in cfg.jwt_algorithms if a not in FAMILIES]
     if unknown:
-        raise ConfigError(cfg.__class__.__name__, "api.jwt_algorithms",
-                          f"algorithms among {sorted(FAMILIES)}", unknown,
-                          "`none` is never accepted")
+        none = any(a.lower() == "none" for a in unknown)
+        raise ConfigError(source, "api.jwt_algorithms", f"algorithms among {sorted(FAMILIES)}",
+                          unknown, "remove `none`: unsigned tokens are never accepted" if none
+                          else "use those names as written (case matters), e.g. RS256")
     vk = list(verify_keys)
     if cfg.jwt_keys_file:
-        vk += load_pem_keys(cfg.jwt_keys_file)
+        vk += _from_file(source, "api.jwt_keys_file", cfg.jwt_keys_file, load_pem_keys)
     if cfg.jwks_file:
-        vk += load_jwks(cfg.jwks_file)
+        vk += _from_file(source, "api.jwks_file", cfg.jwks_file, load_jwks)
     if cfg.jwt_hmac_secret_file:
-        try:
-            secret = Path(cfg.jwt_hmac_secret_file).read_bytes().strip()
-        except OSError as err:
-            raise ConfigError(cfg.jwt_hmac_secret_file, "api.jwt_hmac_secret_file",
-                              "a readable secret file", str(err)) from err
-        if len(secret) < MIN_HMAC_BYTES:
-            raise ConfigError(cfg.jwt_hmac_secret_file, "api.jwt_hmac_secret_file",
-                              f"a secret of at least {MIN_HMAC_BYTES} bytes",
-                              f"{len(secret)} bytes")
-        vk.append(VerifyKey("hmac", secret, None))
+        vk.append(_from_file(source, "api.jwt_hmac_secret_file", cfg.jwt_hmac_secret_file,
+                             load_hmac_secret))
     keys = dict(api_keys or {})
     if cfg.api_keys_file:
-        keys.update(keys_mod.load_keys(cfg.api_keys_file))
+        keys.update(_from_file(source, "api.api_keys_file", cfg.api_keys_file,
+                               keys_mod.load_keys))
     fix = ("`unassigned` and owners.unassigned name the owner of unowned instances; give the "
            "caller its own principal")
     for k in keys.values():
         if normalize_address(k.principal).lower() in reserved:
-            raise ConfigError(cfg.api_keys_file or "<api keys>", f"keys[id={k.key_id}].principal",
-                              "a principal that is not reserved", k.principal, fix)
+            raise ConfigError(source, "api.api_keys_file",
+                              f"a principal that is not reserved (in {cfg.api_keys_file or '?'}, "
+                              f"[keys] id = {k.key_id!r})", k.principal, fix)
     admins = frozenset(normalize_address(a) for a in cfg.admin_principals)
     clash = sorted(a for a in admins if a.lower() in reserved)
     if clash:
-        raise ConfigError("<config>", "api.admin_principals", "principals that are not reserved",
+        raise ConfigError(source, "api.admin_principals", "principals that are not reserved",
                           clash, fix)
     return Credentials(cfg, tuple(vk), keys, admins, reserved)
+
+
+def load_hmac_secret(path: str) -> VerifyKey:
+    """The HMAC secret in `path` (surrounding whitespace stripped), at least 32 bytes."""
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as err:
+        raise ConfigError(path, "-", "a readable secret file", err.strerror or str(err),
+                          "point it at a regular file the daemon can read") from err
+    if len(secret) < MIN_HMAC_BYTES:
+        raise ConfigError(path, "-", f"a secret of at least {MIN_HMAC_BYTES} bytes",
+                          f"{len(secret)} bytes", "e.g. `head -c 48 /dev/urandom | base64`")
+    return VerifyKey("hmac", secret, None)
+
+
+def _from_file(source: str, key: str, path: str, read: Callable[[str], T]) -> T:
+    """`read(path)`; its ConfigError (naming the key file) becomes one naming the config file
+    and `key`, with the key file and the place in it in what was expected."""
+    try:
+        return read(path)
+    except ConfigError as err:
+        inner = err.key.removeprefix(key).lstrip(".")
+        where = err.file + (f", at {inner}" if inner and inner != "-" else "")
+        raise ConfigError(source, key, f"{err.expected} (in {where})", err.found,
+                          err.fix or f"fix {err.file} or point {key} at another file") from err
 
 
 class Authenticator:
@@ -239,9 +265,10 @@ class Authenticator:
         """The [api] section in force."""
         return self.creds.cfg
 
-    def reload(self, cfg: ApiConfig) -> Credentials:
-        """Re-read the key files `cfg` names and swap them in; ConfigError keeps the old set."""
-        self.creds = load_credentials(cfg, *self._extra)
+    def reload(self, cfg: ApiConfig, source: str = "<config>") -> Credentials:
+        """Re-read the key files `cfg` names and swap them in; ConfigError (naming `source`,
+        the config file) keeps the old set."""
+        self.creds = load_credentials(cfg, *self._extra, source=source)
         return self.creds
 
     def authenticate(self, authorization: str | None, api_key: str | None) -> Principal:

@@ -64,21 +64,45 @@ def to_toml(k: StoredKey) -> str:
             f'salt = "{k.salt.hex()}"\nsha256 = "{k.digest.hex()}"\n')
 
 
+FIX = "write entries with `python -m hostagent.api.keys new --file FILE`"
+
+
 def load_keys(path: str) -> dict[str, StoredKey]:
-    """Parse the keys file; every defect is a ConfigError naming the entry."""
+    """Parse the keys file; every defect is a ConfigError naming the file and the entry."""
     try:
-        raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(path, "keys", "a readable TOML keys file", str(err)) from err
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(path, "-", "a readable TOML keys file", err.strerror or str(err),
+                          "point it at a regular file the daemon can read") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(path, "-", "UTF-8 TOML text", "undecodable bytes", FIX) from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(path, "-", "valid TOML", str(err), FIX) from err
+    except RecursionError as err:  # tomllib recurses once per nesting level
+        raise ConfigError(path, "-", "TOML nested at most a few hundred levels deep",
+                          "deeper nesting", FIX) from err
+    unknown = sorted(set(raw) - {"keys"})
+    if unknown:  # another TOML file (the config?) named as the keys file
+        raise ConfigError(path, unknown[0], "only [[keys]] tables", unknown[0],
+                          f"is this the keys file? {FIX}")
+    entries = raw.get("keys", [])
+    if not isinstance(entries, list):
+        raise ConfigError(path, "keys", "an array of [[keys]] tables", entries, FIX)
     out: dict[str, StoredKey] = {}
-    for i, e in enumerate(raw.get("keys", [])):
+    for i, e in enumerate(entries):
         where = f"keys[{i}]"
+        if not isinstance(e, dict):
+            raise ConfigError(path, where, "a [[keys]] table", e, FIX)
+        if not isinstance(e.get("scopes"), list) or not all(
+                isinstance(sc, str) for sc in e["scopes"]):
+            raise ConfigError(path, f"{where}.scopes", f"an array of scopes among {SCOPES}",
+                              e.get("scopes"), FIX)
         try:
             k = StoredKey(str(e["id"]), str(e["principal"]), frozenset(e["scopes"]),
                           bytes.fromhex(e["salt"]), bytes.fromhex(e["sha256"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(path, where, "id, principal, scopes, salt, sha256", e,
-                              "create entries with `python -m hostagent.api.keys new`") from err
+                              FIX) from err
         if not k.principal.strip():
             raise ConfigError(path, f"{where}.principal", "a non-empty principal", k.principal)
         if not k.scopes <= set(SCOPES) or not k.scopes:

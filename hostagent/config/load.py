@@ -16,7 +16,9 @@ This module holds the root `Config`, `load()`, `from_mapping()` and the README's
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ from hostagent.errors import ConfigError
 
 # A config file is a few KiB; anything past this is not one (and is not read whole).
 MAX_CONFIG_BYTES = 1024 * 1024
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +78,12 @@ def load(path: str | Path) -> Config:
     """Read and validate a TOML config file."""
     p = Path(path)
     try:
-        with p.open("rb") as f:  # ELOOP, EACCES, EISDIR (on read) … arrive as OSError
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:  # ELOOP, EACCES … arrive as OSError
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(str(p), "-", "a regular file", "a directory or special file",
+                                  "pass the path of the TOML config file")
             data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError as err:
         raise ConfigError(str(p), "-", "a readable TOML file", "no such file",
@@ -87,6 +95,11 @@ def load(path: str | Path) -> Config:
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(str(p), "-", f"a file of at most {MAX_CONFIG_BYTES} bytes",
                           "a larger file")
+    if data.startswith(UTF8_BOM):
+        raise ConfigError(str(p), "-", "UTF-8 text without a byte order mark",
+                          "a file starting with a UTF-8 BOM (EF BB BF)",
+                          "save it as UTF-8 without a BOM (most editors: encoding \"UTF-8\", "
+                          "not \"UTF-8 with BOM\")")
     try:
         raw = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import string
 from urllib.parse import urlsplit
 
 from hostagent.config.sinks import NatsSinkConfig
@@ -31,6 +32,21 @@ def subject_token(value: str) -> str:
 def render_subject(template: str, *, node_id: str, kind: str) -> str:
     """The subject a template gives for this node and event kind."""
     return template.format(node_id=subject_token(node_id), kind=subject_token(kind))
+
+
+def template_error(template: str) -> str | None:
+    """Why `template` is not a subject template (only plain `{node_id}` / `{kind}` fields: no
+    attribute, index, conversion or format spec), or None."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as err:  # an unmatched brace
+        return f"the unmatched brace ({err})"
+    for name, spec, conv in fields:
+        if name not in PLACEHOLDERS or spec or conv:
+            shown = name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "")
+            return f"field {{{shown}}}"
+    return None
 
 
 def subject_valid(subject: str, *, wildcards: bool = False) -> bool:
@@ -71,17 +87,26 @@ def check(cfg: NatsSinkConfig, source: str, key: str) -> None:
         raise ConfigError(source, f"{key}.servers", "at least one server URL", [],
                           'servers = ["nats://127.0.0.1:4222"]')
     for url in cfg.servers:
-        parts = urlsplit(url)
-        if parts.scheme not in SCHEMES or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # ValueError: not a number or out of 0-65535
+        except ValueError as err:
             raise ConfigError(source, f"{key}.servers", "nats://HOST:PORT or tls://HOST:PORT",
-                              url, "write each server as a URL with a host")
+                              url, f"write each server as a URL with a host and a port "
+                              f"1-65535 ({err})") from None
+        if parts.scheme not in SCHEMES or not parts.hostname or port == 0:
+            raise ConfigError(source, f"{key}.servers", "nats://HOST:PORT or tls://HOST:PORT",
+                              url, "write each server as a URL with a host (and a port "
+                              "1-65535, default 4222)")
     for field in ("subject", "alert_subject"):
         template = getattr(cfg, field)
-        try:
-            subject = render_subject(template, node_id="node", kind="kind")
-        except (KeyError, IndexError, ValueError):
-            raise ConfigError(source, f"{key}.{field}", "a subject with only {node_id} and "
-                              "{kind} placeholders", template, "remove other {…} fields") from None
+        bad = template_error(template)
+        if bad is not None:
+            raise ConfigError(source, f"{key}.{field}", "a subject with only plain {node_id} "
+                              "and {kind} placeholders", template,
+                              f"remove {bad} (no other fields, '.attr', '[i]', '!r' or ':spec';"
+                              " write a literal brace as {{ or }})")
+        subject = render_subject(template, node_id="node", kind="kind")
         if not subject_valid(subject):
             raise ConfigError(source, f"{key}.{field}", "a NATS subject (dot-separated tokens, "
                               "no spaces or wildcards)", template, "e.g. hostagent.usage.{node_id}")
@@ -112,16 +137,17 @@ def check(cfg: NatsSinkConfig, source: str, key: str) -> None:
                           getattr(cfg, bad), "set both or neither")
     for f in (*secrets, "tls_key_file"):
         if getattr(cfg, f):
-            _check_file(getattr(cfg, f), source, f"{key}.{f}", secret=True)
+            check_file(getattr(cfg, f), source, f"{key}.{f}", secret=True)
     for f in ("tls_ca_file", "tls_cert_file"):
         if getattr(cfg, f):
-            _check_file(getattr(cfg, f), source, f"{key}.{f}", secret=False)
+            check_file(getattr(cfg, f), source, f"{key}.{f}", secret=False)
     if bool(cfg.tls_cert_file) != bool(cfg.tls_key_file):
         raise ConfigError(source, f"{key}.tls_key_file", "tls_cert_file and tls_key_file "
                           "together", cfg.tls_key_file, "set both or neither")
 
 
-def _check_file(path: str, source: str, key: str, *, secret: bool) -> None:
+def check_file(path: str, source: str, key: str, *, secret: bool) -> None:
+    """`path` is a regular file; with `secret`, only its owner can read it (mode 0600)."""
     try:
         st = os.stat(path)
     except OSError as err:

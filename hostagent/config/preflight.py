@@ -4,9 +4,10 @@
 
 `check(cfg)` looks at what a config names outside itself: the rules files (the operator's and
 the one the API writes), the instance-id scheme against the node id, the queue sinks' and the
-account service's URLs, where the state store and the JSONL sinks would be written, the owners
-signing key, with the API enabled the
-bind address and the TLS files, and then the API's own start-up validation
+account service's URLs, where the state store (an absolute file path), the JSONL sinks and the
+email journals would be written and that no two of them (nor the config, a rules file or a key
+file) share a file (`config.sink_checks`), the owners signing key, with the API enabled the
+bind address, the TLS files and the page sizes, and then the API's own start-up validation
 (`hostagent.api.startup.validate_startup`: every webhook sink's SSRF guard — allow-list and
 ports — and the key files, JWKS and reserved principals).
 Each defect is a `ConfigError` naming the config file and the key. What only running can
@@ -17,27 +18,33 @@ It reads, never writes: nothing is created, opened for writing or bound.
 
 from __future__ import annotations
 
+import os
 import ssl
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from hostagent.accounting import identity
 from hostagent.alerts import rules_source
+from hostagent.config import sink_checks
 from hostagent.config.load import Config
-from hostagent.config.sinks import JsonlSinkConfig, QueueSinkConfig
+from hostagent.config.sinks import EmailSinkConfig, JsonlSinkConfig, QueueSinkConfig
 from hostagent.errors import ConfigError
 
 
 def check(cfg: Config) -> None:
     """Raise ConfigError for the first defect start-up would hit; return when it would start."""
     src = cfg.source
-    check_writable_path(src, "collector.state_path", cfg.collector.state_path)
+    check_state_path(src, cfg.collector.state_path)
     for i, sink in enumerate(cfg.sinks):
         if isinstance(sink, JsonlSinkConfig):
             check_writable_path(src, f"sinks[{i}].path", sink.path)
+        if isinstance(sink, EmailSinkConfig):
+            check_writable_path(src, f"sinks[{i}].journal_path", sink.journal_path)
         if isinstance(sink, QueueSinkConfig):
             check_http_url(src, f"sinks[{i}].url", sink.url)
+    sink_checks.check_written_paths(src, cfg.sinks, cfg.collector.state_path, _read_files(cfg))
     if cfg.owners.enabled:
         check_http_url(src, "owners.url", cfg.owners.url)
     if cfg.thresholds.rules_path:
@@ -51,8 +58,7 @@ def check(cfg: Config) -> None:
         from hostagent.alerts.central import check_source
 
         check_source(cfg.thresholds, key_file=cfg.owners.key_file, config_source=src)
-    _as_ours(src, lambda: identity.check_scheme(
-        cfg.collector.instance_id, cfg.host.node_id, cfg.collector.instance_id_xpath, src))
+    _check_scheme(cfg)
     if cfg.owners.enabled and cfg.owners.key_file:
         from hostagent.owners.signing import load_key_file
 
@@ -62,27 +68,84 @@ def check(cfg: Config) -> None:
     # Webhook guards (allow_list, ports) and the API's key files, JWKS and reserved principals.
     from hostagent.api.startup import validate_startup
 
-    validate_startup(cfg)
+    _as_ours(src, lambda: validate_startup(cfg))
+
+
+def _read_files(cfg: Config) -> dict[str, str]:
+    """What names each file hostagent reads or writes besides the store and the sinks: none
+    of them may be a JSONL sink's file or an email journal."""
+    state_dir = Path(cfg.collector.state_path).parent
+    api = cfg.api
+    return {"the config file": "" if cfg.source.startswith("<") else cfg.source,
+            "thresholds.rules_path": cfg.thresholds.rules_path,
+            rules_source.API_KEY: str(rules_source.api_rules_path(
+                cfg.thresholds, cfg.collector.state_path)),
+            "the rules in force (next to collector.state_path)":
+                str(state_dir / "rules-in-force.json"),
+            "the central rules (next to collector.state_path)":
+                str(state_dir / "central-rules.json"),
+            "owners.key_file": cfg.owners.key_file,
+            **{f"api.{k}": getattr(api, k) for k in (
+                "tls_cert_file", "tls_key_file", "jwt_keys_file", "jwks_file",
+                "jwt_hmac_secret_file", "api_keys_file")}}
+
+
+def _check_scheme(cfg: Config) -> None:
+    src = cfg.source
+    try:
+        identity.check_scheme(cfg.collector.instance_id, cfg.host.node_id,
+                              cfg.collector.instance_id_xpath, src)
+    except ConfigError as err:
+        if err.key != "collector.instance_id_xpath":
+            raise
+        # ElementTree's own words ("'NoneType' object is not callable" for "[[[") are no fix.
+        detail = "" if isinstance(err.__cause__, TypeError) else f" ({err.fix})"
+        raise ConfigError(src, err.key, err.expected, err.found,
+                          "write a path such as nova:instance, {urn:example:meta}meta/id or "
+                          f"hostagent:instance/@uuid{detail}; empty for OpenStack's "
+                          "nova:instance") from err
+
+
+def check_state_path(source: str, path: str) -> None:
+    """`collector.state_path` names a file by an absolute path that start-up can create."""
+    key = "collector.state_path"
+    if not os.path.isabs(path) or path.endswith("/"):
+        raise ConfigError(source, key, "an absolute path of a file", path,
+                          'e.g. state_path = "/var/lib/hostagent/state.db" (no trailing /: '
+                          "the daemon's working directory is not a place for billing state)")
+    check_writable_path(source, key, path)
 
 
 def check_writable_path(source: str, key: str, path: str) -> None:
     """`path` names a file start-up can create or open: not a directory, not under a file."""
     p = Path(path)
-    if not path or p.name in ("", ".", ".."):
-        raise ConfigError(source, key, "a file path", path)
+    if not path or p.name in ("", ".", "..") or path.endswith("/"):
+        raise ConfigError(source, key, "a file path", path,
+                          "name a file, not a directory (no trailing /)")
     try:
-        if p.exists() and not p.is_file():
+        st = _stat(p)
+        if st is not None and not stat.S_ISREG(st.st_mode):
             raise ConfigError(source, key, "a regular file (or none yet)", path,
                               "it is a directory or a special file: name a file")
         for parent in p.parents:
-            if parent.exists():
-                if not parent.is_dir():
+            st = _stat(parent)
+            if st is not None:
+                if not stat.S_ISDIR(st.st_mode):
                     raise ConfigError(source, key, "a path under directories", path,
                                       f"{parent} is a regular file, not a directory")
                 return
-    except OSError as err:  # ENAMETOOLONG, ELOOP, EACCES on the way
+    except OSError as err:  # ENAMETOOLONG, ELOOP (a symlink loop), EACCES on the way
         raise ConfigError(source, key, "a usable file path", path,
-                          err.strerror or str(err)) from err
+                          f"{err.strerror or err}: name a path the daemon can reach") from err
+
+
+def _stat(p: Path) -> os.stat_result | None:
+    """`p`'s stat, following links; None when it is not there (yet). Unlike Path.exists, a
+    symlink loop raises (ELOOP)."""
+    try:
+        return p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def check_http_url(source: str, key: str, url: str) -> None:
@@ -103,6 +166,9 @@ def _check_api(cfg: Config) -> None:
 
     api, src = cfg.api, cfg.source
     _as_ours(src, lambda: check_bind(api))
+    if api.page_size > api.max_page_size:
+        raise ConfigError(src, "api.page_size", f"at most api.max_page_size ({api.max_page_size})",
+                          api.page_size, "lower page_size or raise max_page_size")
     if api.tls_cert_file:
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(

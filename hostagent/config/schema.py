@@ -16,6 +16,16 @@ from hostagent.model import InstanceIdScheme
 
 TimeFormat = Literal["unix", "rfc3339"]
 
+# Largest value of a duration key that keeps data or state (10 years of 365 days): every
+# duration is turned into nanoseconds and compared with, or stored as, a signed 64-bit
+# integer (SQLite INTEGER), and 10 years of ns (3.2e17) is far inside it. Every number key has
+# a maximum; a test keeps it so.
+MAX_RETENTION_S = 315_360_000
+# Largest repeat interval or cooldown of an alert (a year; 0 already means never repeat): also
+# the largest `repeat_interval_s` a threshold rule may carry.
+MAX_REPEAT_S = 31_536_000
+MAX_RATE = 1_000_000  # requests, lookups or notifications per second/minute: past any real use
+
 
 def _meta(doc: str, *, minimum: float | None = None, maximum: float | None = None) -> Any:
     """A field's metadata: its doc line and the range the loader checks (config_sinks too)."""
@@ -104,7 +114,8 @@ class CollectorConfig:
     )
     baseline_retention_s: float = field(
         default=30 * 86400.0,
-        metadata=_meta("forget the baseline of an instance not seen for this long", minimum=3600),
+        metadata=_meta("forget the baseline of an instance not seen for this long",
+                       minimum=3600, maximum=MAX_RETENTION_S),
     )
     count_preexisting: bool = field(
         default=False,
@@ -155,19 +166,21 @@ class OwnersConfig:
         default=60.0, metadata=_meta("owner index refresh period", minimum=1, maximum=86400)
     )
     ttl_s: float = field(
-        default=600.0, metadata=_meta("how long a looked-up owner is fresh", minimum=1)
+        default=600.0, metadata=_meta("how long a looked-up owner is fresh", minimum=1,
+                                      maximum=MAX_RETENTION_S)
     )
     negative_ttl_s: float = field(
-        default=60.0, metadata=_meta("how long an unknown instance is not asked again", minimum=1)
+        default=60.0, metadata=_meta("how long an unknown instance is not asked again",
+                                     minimum=1, maximum=MAX_RETENTION_S)
     )
     timeout_s: float = field(default=5.0, metadata=_meta("HTTP timeout", minimum=0.1, maximum=120))
     max_response_bytes: int = field(
         default=16 * 1024 * 1024, metadata=_meta("responses larger than this are refused",
-                                                 minimum=1024)
+                                                 minimum=1024, maximum=1 << 30)
     )
     lookups_per_s: float = field(
         default=2.0, metadata=_meta("rate limit of point lookups for unknown instances",
-                                    minimum=0.01)
+                                    minimum=0.01, maximum=MAX_RATE)
     )
     key_file: str = field(
         default="", metadata=_meta("secp256k1 private key (hex, mode 0600) to sign requests")
@@ -187,10 +200,11 @@ class OutboxConfig:
     max_bytes: int = field(
         default=512 * 1024 * 1024,
         metadata=_meta("outbox size cap; near it, pending events of an instance are merged",
-                       minimum=1024 * 1024),
+                       minimum=1024 * 1024, maximum=1 << 40),
     )
     retention_s: float = field(
-        default=86400.0, metadata=_meta("keep acknowledged events this long", minimum=0)
+        default=86400.0, metadata=_meta("keep acknowledged events this long", minimum=0,
+                                        maximum=MAX_RETENTION_S)
     )
     dead_letter_after: int = field(
         default=3,
@@ -255,16 +269,18 @@ class ThresholdsConfig:
                                   minimum=1, maximum=1000))
     repeat_interval_s: float = field(
         default=3600.0, metadata=_meta("a still-firing alert notifies again this often "
-                                       "(0: never)", minimum=0))
+                                       "(0: never)", minimum=0, maximum=MAX_REPEAT_S))
     cooldown_s: float = field(
         default=0.0, metadata=_meta("least time between two notifications of one alert; held-back"
                                     " ones are counted and the latest status sent after it",
-                                    minimum=0))
+                                    minimum=0, maximum=MAX_REPEAT_S))
     channel_per_minute: float = field(
         default=60.0, metadata=_meta("notifications per minute per channel (0: unlimited); "
-                                     "held-back ones are counted, never lost", minimum=0))
+                                     "held-back ones are counted, never lost", minimum=0,
+                                     maximum=MAX_RATE))
     channel_burst: int = field(
-        default=20, metadata=_meta("burst size of the per-channel rate limit", minimum=1))
+        default=20, metadata=_meta("burst size of the per-channel rate limit", minimum=1,
+                                   maximum=MAX_RATE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +290,8 @@ class GpuConfig:
     nvml: Literal["auto", "off"] = field(
         default="auto", metadata=_meta("read vGPU utilisation through NVML when present")
     )
-    timeout_s: float = field(default=5.0, metadata=_meta("NVML call deadline", minimum=0.1))
+    timeout_s: float = field(default=5.0, metadata=_meta("NVML call deadline", minimum=0.1,
+                                                         maximum=600))
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,13 +354,17 @@ class ApiConfig:
     admin_principals: tuple[str, ...] = field(
         default=(), metadata=_meta("principals (JWT `sub` or key principal) that are admins"))
     rate_per_principal_s: float = field(
-        default=50.0, metadata=_meta("requests/s refilled per principal", minimum=0.01))
+        default=50.0, metadata=_meta("requests/s refilled per principal", minimum=0.01,
+                                     maximum=MAX_RATE))
     burst_per_principal: int = field(
-        default=100, metadata=_meta("token bucket size per principal", minimum=1))
+        default=100, metadata=_meta("token bucket size per principal", minimum=1,
+                                    maximum=MAX_RATE))
     rate_per_address_s: float = field(
-        default=100.0, metadata=_meta("requests/s refilled per client address", minimum=0.01))
+        default=100.0, metadata=_meta("requests/s refilled per client address",
+                                      minimum=0.01, maximum=MAX_RATE))
     burst_per_address: int = field(
-        default=200, metadata=_meta("token bucket size per client address", minimum=1))
+        default=200, metadata=_meta("token bucket size per client address", minimum=1,
+                                    maximum=MAX_RATE))
     max_body_bytes: int = field(
         default=65536, metadata=_meta("largest request body accepted (413 past it)",
                                       minimum=1, maximum=16 * 1024 * 1024))
@@ -357,14 +378,16 @@ class ApiConfig:
     max_pass_age_s: float = field(
         default=180.0,
         metadata=_meta("/api/v1/health/status answers 503 when the last committed pass is older",
-                       minimum=1),
+                       minimum=1, maximum=MAX_RETENTION_S),
     )
     max_outbox_age_s: float = field(
         default=3600.0,
-        metadata=_meta("503 when a sink's oldest pending event is older", minimum=1),
+        metadata=_meta("503 when a sink's oldest pending event is older", minimum=1,
+                       maximum=MAX_RETENTION_S),
     )
     shutdown_grace_s: float = field(
-        default=5.0, metadata=_meta("seconds in-flight requests get at shutdown", minimum=0))
+        default=5.0, metadata=_meta("seconds in-flight requests get at shutdown", minimum=0,
+                                    maximum=3600))
     yield_to_pass_max_s: float = field(
         default=2.0,
         metadata=_meta("requests arriving during a collector pass wait for it to end, at most "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hostagent.config.schema import _meta
+from hostagent.config.schema import MAX_RETENTION_S, _meta
 from hostagent.errors import ConfigError
 
 # Internal services a KVM host or its neighbours run (README "HTTP API" → Webhooks):
@@ -24,9 +24,12 @@ class RetryConfig:
     """[sinks.retry]: one round of attempts; after a failed round the event waits in the outbox."""
 
     max_retries: int = field(default=3, metadata=_meta("retries per round", minimum=0, maximum=100))
-    initial_backoff_s: float = field(default=0.1, metadata=_meta("first backoff", minimum=0))
-    max_backoff_s: float = field(default=10.0, metadata=_meta("backoff cap", minimum=0))
-    multiplier: float = field(default=2.0, metadata=_meta("backoff growth", minimum=1))
+    initial_backoff_s: float = field(default=0.1, metadata=_meta("first backoff", minimum=0,
+                                                                 maximum=86400))
+    max_backoff_s: float = field(default=10.0, metadata=_meta("backoff cap", minimum=0,
+                                                              maximum=86400))
+    multiplier: float = field(default=2.0, metadata=_meta("backoff growth", minimum=1,
+                                                          maximum=10))
     jitter: float = field(default=0.1, metadata=_meta("jitter fraction", minimum=0, maximum=1))
     round_backoff_max_s: float = field(
         default=300.0,
@@ -39,10 +42,12 @@ class RetryConfig:
 class BreakerConfig:
     """[sinks.breaker]"""
 
-    failure_threshold: int = field(default=5, metadata=_meta("failures to open", minimum=1))
-    reset_timeout_s: float = field(default=60.0, metadata=_meta("open → half-open", minimum=0))
+    failure_threshold: int = field(default=5, metadata=_meta("failures to open", minimum=1,
+                                                             maximum=1_000_000))
+    reset_timeout_s: float = field(default=60.0, metadata=_meta("open → half-open", minimum=0,
+                                                                maximum=86400))
     half_open_calls: int = field(default=2, metadata=_meta("trial calls when half-open",
-                                                           minimum=1))
+                                                           minimum=1, maximum=1000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +79,8 @@ class QueueSinkConfig:
     sub_topic: int = field(default=0, metadata=_meta("sub-topic byte", minimum=0, maximum=255))
     max_in_flight: int = field(default=8, metadata=_meta("concurrent requests", minimum=1,
                                                          maximum=256))
-    timeout_s: float = field(default=5.0, metadata=_meta("HTTP timeout", minimum=0.1))
+    timeout_s: float = field(default=5.0, metadata=_meta("HTTP timeout", minimum=0.1,
+                                                         maximum=600))
     http_client: Literal["h11", "httpx"] = field(
         default="h11",
         metadata=_meta("HTTP client: \"h11\" (built-in keep-alive HTTP/1.1 pool, ~5x less CPU "
@@ -129,17 +135,25 @@ class WebhookSinkConfig:
                                   minimum=1, maximum=64))
     dead_after_attempts: int = field(
         default=50, metadata=_meta("attempts before a delivery to one endpoint is dead "
-                                   "(4xx other than 408/429 count 5 each)", minimum=1))
+                                   "(4xx other than 408/429 count 5 each)", minimum=1,
+                                   maximum=1_000_000))
     max_response_bytes: int = field(
         default=64 * 1024, metadata=_meta("reply bytes read (and ignored) per delivery",
-                                          minimum=0))
+                                          minimum=0, maximum=16 * 1024 * 1024))
     retention_s: float = field(
-        default=86400.0, metadata=_meta("keep delivered/dead webhook rows this long", minimum=0))
+        default=86400.0, metadata=_meta("keep delivered/dead webhook rows this long", minimum=0,
+                                        maximum=MAX_RETENTION_S))
     retry: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+# Every event kind hostagent emits (hostagent.accounting.events.EVENT_TYPE and
+# hostagent.alerts.violations.KIND; a test keeps them equal): what `kinds` may name.
+EVENT_KINDS = ("resource_usage", "threshold_violation")
+# The file a table's __post_init__ names in its ConfigError; `build_table` puts the config
+# file's path and the sink's dotted key in its place.
+PLACEHOLDER_FILE = "[[sinks]] email"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,11 +197,14 @@ class EmailSinkConfig:
 
     def __post_init__(self) -> None:
         if self.tls == "none" and self.host not in LOOPBACK_HOSTS:
-            raise ConfigError("[[sinks]] email", "tls", '"starttls" or "implicit" for a '
-                              "non-loopback server", self.tls,
-                              'tls = "none" is for a server on 127.0.0.1/::1 only')
-        if not self.channel or ":" in self.channel:
-            raise ConfigError("[[sinks]] email", "channel", "a name without ':'", self.channel)
+            raise ConfigError(PLACEHOLDER_FILE, "tls", '"starttls" or "implicit" for a '
+                              f"non-loopback server (host = {self.host!r})", self.tls,
+                              'tls = "none" is for a server on 127.0.0.1, ::1 or localhost '
+                              'only: use tls = "starttls" (port 587) or "implicit" (465)')
+        if (not self.channel or any(c in ": \t\r\n" for c in self.channel)):
+            raise ConfigError(PLACEHOLDER_FILE, "channel", "a non-empty name without ':' or "
+                              "spaces", self.channel, 'e.g. channel = "email" or "email-ops"; a '
+                              "rule names `<channel>:<address>` to mail one address")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,12 +233,14 @@ class NatsSinkConfig:
     stream_replicas: int = field(default=1, metadata=_meta(
         "replicas of a created stream (3 on a 3-node cluster)", minimum=1, maximum=5))
     stream_max_age_s: float = field(default=30 * 86400.0, metadata=_meta(
-        "a created stream keeps messages this long (0: forever)", minimum=0))
+        "a created stream keeps messages this long (0: forever)", minimum=0,
+        maximum=MAX_RETENTION_S))
     stream_max_bytes: int = field(default=0, metadata=_meta(
-        "size limit of a created stream (0: unlimited)", minimum=0))
+        "size limit of a created stream (0: unlimited)", minimum=0, maximum=1 << 50))
     duplicate_window_s: float = field(default=86400.0, metadata=_meta(
         "a created stream drops a re-sent event_id within this window; keep it >= the longest "
-        "outage you retry through and >= retry.round_backoff_max_s", minimum=1))
+        "outage you retry through and >= retry.round_backoff_max_s", minimum=1,
+        maximum=MAX_RETENTION_S))
     user: str = field(default="", metadata=_meta("user name (with password_file)"))
     password_file: str = field(default="", metadata=_meta("file holding the password (0600)"))
     token_file: str = field(default="", metadata=_meta("file holding a token (0600)"))

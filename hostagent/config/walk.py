@@ -15,8 +15,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from hostagent.config import nats_check
-from hostagent.config.sinks import SINK_TYPES, NatsSinkConfig, SinkConfig
+from hostagent.config import nats_check, sink_checks
+from hostagent.config.sinks import PLACEHOLDER_FILE, SINK_TYPES, NatsSinkConfig, SinkConfig
 from hostagent.errors import ConfigError
 
 
@@ -24,6 +24,10 @@ def build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
     """Validate the [[sinks]] array: each table by its `type`, names unique."""
     if not isinstance(raw, list):
         raise ConfigError(source, "sinks", "an array of tables ([[sinks]])", raw)
+    if not raw:  # events would be billed to nowhere
+        raise ConfigError(source, "sinks", "at least one [[sinks]] table", raw,
+                          "add a [[sinks]] table, or remove `sinks = []` for the default JSONL "
+                          "sink")
     out: list[SinkConfig] = []
     names: set[str] = set()
     for i, item in enumerate(raw):
@@ -36,6 +40,7 @@ def build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
                               'set type = "jsonl", "formation-queue", "webhook", "email" or '
                               '"nats"')
         sink = build_table(SINK_TYPES[kind], item, source, key)
+        sink_checks.check_sink(sink, source, key)
         if isinstance(sink, NatsSinkConfig):
             nats_check.check(sink, source, key)
         if "name" not in item and sink.name in names:
@@ -67,7 +72,13 @@ def build_table(cls: type[Any], raw: Any, source: str, prefix: str,
             continue
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(hints[name], raw[name], source, key, f.metadata)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a table's own __post_init__ check: name this file and key
+        if err.file != PLACEHOLDER_FILE:
+            raise
+        key = f"{prefix}.{err.key}" if prefix else err.key
+        raise ConfigError(source, key, err.expected, err.found, err.fix) from None
 
 
 def _coerce(tp: Any, value: Any, source: str, key: str, meta: Mapping[str, Any]) -> Any:
@@ -113,8 +124,18 @@ def _coerce(tp: Any, value: Any, source: str, key: str, meta: Mapping[str, Any])
 
 
 def _check_range(value: float, source: str, key: str, meta: Mapping[str, Any]) -> None:
-    lo, hi = meta.get("min"), meta.get("max")
+    lo: float | None = meta.get("min")
+    hi: float | None = meta.get("max")
+    if lo is not None and hi is not None:
+        span = f"from {_num(lo)} to {_num(hi)}"
+    else:
+        span = f"of at least {_num(lo)}" if lo is not None else f"of at most {_num(hi or 0)}"
     if lo is not None and value < lo:
-        raise ConfigError(source, key, f"a value >= {lo}", value)
+        raise ConfigError(source, key, f"a value >= {lo}", value, f"use a value {span}")
     if hi is not None and value > hi:
-        raise ConfigError(source, key, f"a value <= {hi}", value)
+        raise ConfigError(source, key, f"a value <= {hi}", value, f"use a value {span}")
+
+
+def _num(x: float) -> str:
+    """A bound as a TOML reader writes it: 315_360_000, 0.1."""
+    return f"{int(x):_}" if float(x).is_integer() else repr(x)

@@ -78,3 +78,20 @@ def test_duplicate_key_ids_and_empty_principals_are_config_errors(tmp_path: Path
     f.write_text(keys.to_toml(k).replace('principal = "portal"', 'principal = " "'))
     with pytest.raises(ConfigError, match="non-empty principal"):
         keys.load_keys(str(f))
+
+
+@pytest.mark.parametrize(("content", "key"), [
+    (b"\xff", "-"),                                       # before: UnicodeDecodeError
+    (b"keys = 5\n", "keys"),                              # before: TypeError
+    (b"x = " + b"[" * 3000 + b"]" * 3000 + b"\n", "-"),   # before: RecursionError
+    (b"keys = [5]\n", "keys[0]"),
+    (b'[[keys]]\nscopes = "read"\n', "keys[0].scopes"),
+    (b"[collector]\ninterval_s = 5\n", "collector"),
+])
+def test_hostile_keys_files_are_config_errors(tmp_path: Path, content: bytes, key: str) -> None:
+    f = tmp_path / "keys.toml"
+    f.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        keys.load_keys(str(f))
+    assert (err.value.file, err.value.key) == (str(f), key) and err.value.fix
+    assert keys.main(["list", "--file", str(f)]) == 2
