@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import trio
 
 from hostagent import handoff, pass_reads
-from hostagent.accounting import identity, inventory, ledger, tails, unattributed
+from hostagent.accounting import id_clash, identity, inventory, ledger, tails, unattributed
 from hostagent.accounting.readings import (
     Accounting,
     DomainReading,
@@ -153,15 +153,18 @@ class Collector:
                   for uuid, name, why in bulk.failed
                   if only is None or uuid in only]
         await self._refresh_inventory(bulk.domains, errors)
+        wanted = [(d, info) for d in bulk.domains
+                  if (info := self.inventory.get(d.uuid)) is not None
+                  and (only is None or d.uuid in only)]
+        ids = self._instance_ids
+        fresh = [info for _, info in wanted if (info.uuid, info.domid) not in ids]
+        refused = self._assign_ids(fresh, bulk.domains) if fresh else {}
         running: list[tuple[DomainStats, DomainInfo, str]] = []
-        for d in bulk.domains:
-            info = self.inventory.get(d.uuid)
-            if info is None or (only is not None and d.uuid not in only):
-                continue
-            try:
-                iid = self._instance_id(info)
-            except (SourceError, ValueError) as err:
-                errors.append(ReadError(d.uuid, brief(d.name), "identity", brief(str(err))))
+        for d, info in wanted:
+            iid = ids.get((info.uuid, info.domid))
+            if iid is None:
+                why = refused.get((info.uuid, info.domid), "no instance id")
+                errors.append(ReadError(d.uuid, brief(d.name), "identity", brief(why)))
                 continue
             running.append((d, info, iid))
         files = await self._read_files([(d, info) for d, info, _ in running],
@@ -267,15 +270,43 @@ class Collector:
         except SourceError as err:
             return None, str(err)
 
-    def _instance_id(self, info: DomainInfo) -> str:
-        key = (info.uuid, info.domid)
-        iid = self._instance_ids.get(key)
-        if iid is None:
-            iid = identity.instance_id(info, scheme=self.cfg.collector.instance_id,
-                                       node_id=self.cfg.host.node_id,
-                                       xpath=self.cfg.collector.instance_id_xpath)
-            self._instance_ids[key] = iid
-        return iid
+    def _assign_ids(self, fresh: Sequence[DomainInfo], listed: Sequence[DomainStats]
+                    ) -> dict[tuple[str, int], str]:
+        """Instance ids for incarnations that have none yet (kept for their life in
+        `_instance_ids`), one running domain per id (accounting/id_clash.py); why the others
+        have none."""
+        c = self.cfg.collector
+        refused: dict[tuple[str, int], str] = {}
+        claims: list[id_clash.Claim] = []
+        fell_back: list[tuple[str, str]] = []
+        names: dict[tuple[str, int], str] = {}
+        for info in fresh:
+            key = (info.uuid, info.domid)
+            names[key] = info.name
+            try:
+                ident = identity.identify(info, scheme=c.instance_id,
+                                          node_id=self.cfg.host.node_id,
+                                          xpath=c.instance_id_xpath)
+            except (SourceError, ValueError) as err:
+                refused[key] = str(err)
+                continue
+            if ident.fallback_reason is not None:
+                fell_back.append((info.name, ident.fallback_reason))
+            claims.append(id_clash.Claim(key, ident.instance_id))
+        held = {iid: key for key, iid in self._instance_ids.items()}
+        got = id_clash.assign(claims, held, {(d.uuid, d.domid) for d in listed},
+                              self.baselines)
+        self._instance_ids.update(got.ids)
+        refused.update(got.refused)
+        for iid, holder, key in got.clashes:
+            log.warning("instance id claimed by several running domains", extra={
+                "instance_id": iid, "kept_by": names.get(holder, holder[0]) if holder else None,
+                "domain": names[key], "billed_as": got.ids.get(key)})
+        if fell_back:  # one line a pass, however many domains: the scheme found nothing
+            log.warning("instance id scheme fell back to the domain UUID", extra={
+                "scheme": c.instance_id, "domains": len(fell_back),
+                "first": fell_back[0][0], "reason": fell_back[0][1]})
+        return refused
 
     # --- the pass ---------------------------------------------------------------------------
 

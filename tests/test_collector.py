@@ -766,3 +766,51 @@ async def test_a_steady_pass_wakes_the_event_loop_only_for_its_two_worker_calls(
     assert report.committed and report.events == report.domains > 0
     assert steps.n == 4
     store.close()
+
+
+async def test_two_domains_claiming_one_instance_id_are_billed_apart(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A virt-clone copies <metadata>: with the id taken from it, both domains claimed one id
+    and each pass read the other's baseline, billing each domain's whole counter again."""
+    host = editable_host(tmp_path, "lab-hybrid")
+    owner = ('<metadata><hostagent:owner xmlns:hostagent="urn:hostagent:owner:1" '
+             'user="lab-user-2" org="lab-org"/></metadata>')
+    for tree in ("t0", "t1"):
+        xml = host.src / tree / "libvirt" / "halab-2.xml"
+        text = xml.read_text()
+        if "<metadata>" not in text:
+            xml.write_text(text.replace("</name>", "</name>" + owner, 1))
+    uuids = sorted(host.bulk("t0"))
+    assert len(uuids) == 2
+    keeper, other = uuids  # no baseline yet: the smallest UUID keeps the id
+    scheme = {"instance_id": "metadata", "instance_id_xpath": "hostagent:owner/@org"}
+    coll, store = make_collector(host, tmp_path, count_preexisting=False, **scheme)
+    with caplog.at_level(logging.WARNING):
+        first = await coll.run_pass()
+    assert first.committed, first.error
+    assert "instance id claimed by several running domains" in caplog.text
+    host.move_to_t1()
+    for n in range(2):  # and the next pass (no time passed: nothing to bill) the same
+        report = await coll.run_pass()
+        assert report.committed, report.error
+        assert not report.read_errors, report.read_errors
+        assert {s.uuid: s.instance_id for s in report.samples} == {keeper: "lab-org",
+                                                                     other: other}
+        if n == 0:
+            assert {u.uuid: u.instance_id for u in report.usages} == {keeper: "lab-org",
+                                                                        other: other}
+    store.close()
+    billed: dict[str, int] = {}
+    for p in (orjson.loads(p) for p in store_payloads(store)):
+        billed[p["instance_id"]] = billed.get(p["instance_id"], 0) + p["metrics"]["cpu_ns"]
+    def grew_ns(uuid: str) -> int:
+        return host.cgroup_cpu_ns("t1", uuid) - host.cgroup_cpu_ns("t0", uuid)
+
+    assert billed == {"lab-org": grew_ns(keeper), other: grew_ns(other)}  # once each
+    # a restarted daemon gives each domain the id it had, and bills nothing twice
+    coll2, store2 = make_collector(host, tmp_path, count_preexisting=False, **scheme)
+    again = await coll2.run_pass()
+    assert again.committed, again.error
+    assert {s.uuid: s.instance_id for s in again.samples} == {keeper: "lab-org", other: other}
+    assert all(u.cpu_ns == 0 for u in again.usages)
+    store2.close()

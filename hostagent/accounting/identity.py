@@ -157,22 +157,38 @@ def owner_hint_from_metadata(metadata_xml: str | None) -> OwnerHint | None:
     except ET.ParseError:
         return None
     ours = root.find("hostagent:owner", NAMESPACES)
-    if ours is not None:
-        hint = _hint(ours.get("user"), ours.get("org"), "metadata:hostagent")
-        if hint is not None:
-            return hint
+    hint = None if ours is None else _hint(ours.get("user"), ours.get("org"),
+                                           "metadata:hostagent")
+    if hint is not None and hint.user_id is not None:
+        return hint
     nova = root.find("nova:instance/nova:owner", NAMESPACES)
     if nova is not None:
         user = nova.find("nova:user", NAMESPACES)
         project = nova.find("nova:project", NAMESPACES)
-        return _hint(None if user is None else user.get("uuid"),
-                     None if project is None else project.get("uuid"), "metadata:nova")
-    return None
+        found = _hint(None if user is None else user.get("uuid"),
+                      None if project is None else project.get("uuid"), "metadata:nova")
+        if hint is not None and found is not None and found.user_id is not None:
+            # an org-only hostagent hint adds its org to what follows (docs/owners.md)
+            return OwnerHint(user_id=found.user_id, org_id=hint.org_id, source=found.source)
+        return hint or found
+    return hint
+
+
+# An owner id longer than this, or with a control or format character, is no owner id (a
+# domain's metadata is the tenant's to write): read as absent, so the owner comes from the
+# account service or is `unassigned`, and no event carries it.
+MAX_OWNER_CHARS = 256
+
+
+def _owner_id(value: str | None) -> str | None:
+    text = (value or "").strip()
+    if not text or len(text) > MAX_OWNER_CHARS or not text.isprintable():
+        return None
+    return text
 
 
 def _hint(user: str | None, org: str | None, source: str) -> OwnerHint | None:
-    user = (user or "").strip() or None
-    org = (org or "").strip() or None
-    if user is None and org is None:
+    user_id, org_id = _owner_id(user), _owner_id(org)
+    if user_id is None and org_id is None:
         return None
-    return OwnerHint(user_id=user, org_id=org, source=source)
+    return OwnerHint(user_id=user_id, org_id=org_id, source=source)

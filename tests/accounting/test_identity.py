@@ -167,6 +167,24 @@ def test_our_owner_element_with_org_only_and_empty_falls_through() -> None:
     assert hint.source == "metadata:nova"
 
 
+def test_an_org_only_owner_element_adds_its_org_to_novas_user() -> None:
+    # docs/owners.md: "A hint with only an org adds the org to what follows"; it once hid
+    # nova's user entirely (the event went out unassigned)
+    both = NOVA.replace("</metadata>", OURS.format(u="", o="ours-org") + "</metadata>")
+    assert owner_hint_from_metadata(both) == OwnerHint(
+        "b2c7e0c6a0a84f3b9e3c0e1f2a3b4c5d", "ours-org", "metadata:nova")
+
+
+@pytest.mark.parametrize("value", ["U" * 257, "alice&#10;bob", "x\u202ey", "a&#x85;b", "&#9;"])
+def test_an_owner_id_that_is_no_id_is_read_as_absent(value: str) -> None:
+    # tenant-written metadata: a 2.5 MB user made every event of the domain 2.5 MB
+    bad = f"<metadata>{OURS.format(u=value, o='acme')}</metadata>"
+    assert owner_hint_from_metadata(bad) == OwnerHint(None, "acme", "metadata:hostagent")
+    longest = f"<metadata>{OURS.format(u='u' * 256, o='acme')}</metadata>"
+    assert owner_hint_from_metadata(longest) == OwnerHint("u" * 256, "acme",
+                                                          "metadata:hostagent")
+
+
 @pytest.mark.parametrize("metadata", [None, "", "<metadata/>", "<metadata><x", "not xml",
                                       "<metadata><nova:instance xmlns:nova='http://openstack."
                                       "org/xmlns/libvirt/nova/1.1'/></metadata>"])
