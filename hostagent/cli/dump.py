@@ -193,15 +193,15 @@ async def collect_dump(cfg: Config, targets: Sequence[str], interval_s: float,
 
 
 def find_domain(target: str, listed: Mapping[str, str], ids: Mapping[str, int]) -> str:
-    """The UUID of the running domain `target` names: its exact name first, then its UUID
-    (any case), then its libvirt id (a domain literally named "34" wins over id 34), then its
-    name in any case when only one name matches. DomainNotFound otherwise, and when several
-    names match in any case (`WEB` with `web` and `Web` running)."""
+    """The UUID of the running domain `target` names: its UUID (any case) first, as virsh,
+    then its exact name, then its libvirt id (a domain literally named "34" wins over id 34),
+    then its name in any case when only one name matches. DomainNotFound otherwise, and when
+    several names match in any case (`WEB` with `web` and `Web` running)."""
+    if target.lower() in listed:
+        return target.lower()
     for uuid, name in listed.items():
         if name == target:
             return uuid
-    if target.lower() in listed:
-        return target.lower()
     if target.isascii() and target.isdigit():
         for uuid, domid in ids.items():
             if domid == int(target):
@@ -214,9 +214,16 @@ def find_domain(target: str, listed: Mapping[str, str], ids: Mapping[str, int]) 
         raise DomainNotFound(f"no running domain named {target!r}; it matches several in "
                              f"another case: {', '.join(repr(n) for n, _ in folded)}: "
                              "name one exactly")
-    running = sorted(listed.values())
     raise DomainNotFound(f"no running domain named {target!r} or with that UUID or id; "
-                         f"running: {', '.join(running) if running else 'none'}")
+                         f"running: {_names(sorted(listed.values()))}")
+
+
+def _names(names: Sequence[str], most: int = 20) -> str:
+    """Domain names for a one-line message: quoted (a newline shows as \\n), at most `most`."""
+    if not names:
+        return "none"
+    shown = ", ".join(repr(n if len(n) <= 80 else n[:77] + "...") for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _as_dict(c: Counter) -> dict[str, Any]:

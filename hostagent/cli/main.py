@@ -34,10 +34,10 @@ DUMP_HELP = """\
 Two samples of each DOMAIN --interval apart: every counter with its source and rate, and the
 event the daemon would emit for that interval.
 
-DOMAIN is matched against the running domains by exact name, then UUID (any case), then
-libvirt id: a domain literally named "34" wins over the domain with id 34. A name in
-another case matches only when it is the only such name ("WEB" with both "web" and "Web"
-running is a usage error, exit 2, listing them).
+DOMAIN is matched against the running domains by UUID (any case, as virsh), then exact
+name, then libvirt id: a domain literally named "34" wins over the domain with id 34. A
+name in another case matches only when it is the only such name ("WEB" with both "web" and
+"Web" running is a usage error, exit 2, listing them).
 
 --json prints one object when the output is one document (one DOMAIN, or --host alone), else
 a list: several DOMAINs or --all ([] when none is running), and with --host the host

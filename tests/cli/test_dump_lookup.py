@@ -151,3 +151,16 @@ def test_a_libvirt_that_never_answers_is_named_by_its_uri(
     last = got.stderr.strip().splitlines()[-1]
     assert last == f"hostagent: libvirt at {uri} did not answer within 0.5 s", got.stderr
     assert "_default_connector" not in got.stderr and "Traceback" not in got.stderr
+
+
+def test_a_uuid_wins_over_a_name_spelled_like_it_and_the_running_list_is_one_line() -> None:
+    # as virsh: a domain named like another's UUID does not hide that domain
+    listed = {uuid_of(1): "a", uuid_of(2): uuid_of(1), uuid_of(3): "two\nlines"}
+    assert find_domain(uuid_of(1), listed, {}) == uuid_of(1)
+    assert find_domain(uuid_of(1).upper(), listed, {}) == uuid_of(1)
+    with pytest.raises(DomainNotFound) as err:
+        find_domain("nope", listed, {})
+    assert "\n" not in str(err.value) and "'two\\nlines'" in str(err.value)
+    many = {uuid_of(i): f"vm-{i:03d}" for i in range(30)}
+    with pytest.raises(DomainNotFound, match=r"'vm-019' and 10 more$"):
+        find_domain("nope", many, {})
