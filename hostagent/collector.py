@@ -201,7 +201,7 @@ class Collector:
                 got = xml.get(d.uuid)
                 if isinstance(got, str):
                     try:
-                        parsed.append((inventory.parse_domain_xml(got), shapes[d.uuid]))
+                        parsed.append((inventory.parse_domain_xml(got, d.name), shapes[d.uuid]))
                         continue
                     except SourceError as err:
                         got = err
@@ -246,7 +246,7 @@ class Collector:
         result: FilesResult | None = early
         why = f"host file reads exceeded {timeout_s} s"
         if result is None and not ran_out:
-            wants = [Want(info, d.stats, self._facts.get((info.uuid, info.domid)))
+            wants = [Want(info, d.stats, self._facts.get((info.uuid, info.domid)), d.name)
                      for d, info in running]
             with trio.move_on_after(timeout_s):
                 result = await handoff.run_sync(self.files.read, wants,

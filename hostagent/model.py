@@ -33,12 +33,20 @@ IoSource = Literal["v2:io.stat", "v1:blkio.throttle"]
 
 @dataclass(frozen=True, slots=True)
 class Nic:
-    """A guest NIC; `mac` (lowercase) is its stable key, `target` the host tap (may be absent)."""
+    """A guest NIC: `mac` (lowercase), `target` the host tap (may be absent), and `key`, what
+    its counters, baseline and `missing` entry (`net:<key>`) go by: the MAC, which is unique in
+    a domain as a rule; libvirt also takes NICs that share one, and then each but the last of
+    them is `<mac>@<target dev>` (accounting/inventory.keyed_nics). Defaults to the MAC."""
 
     mac: str
     kind: str
     target: str | None
     model: str | None = None
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:  # made once per XML parse, never per pass
+            object.__setattr__(self, "key", self.mac)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +163,9 @@ class CgroupReading:
 
 @dataclass(slots=True, unsafe_hash=True)
 class NicCounters:
-    """Cumulative byte counters of one NIC, keyed by MAC; `ifindex` changes when a tap is new."""
+    """Cumulative byte counters of one NIC; `ifindex` changes when a tap is new.
+
+    `key` is its NIC's `Nic.key` (None: the MAC's); its baseline is kept under `nic_key`."""
 
     mac: str
     ifname: str | None
@@ -163,6 +173,23 @@ class NicCounters:
     guest_rx_bytes: int
     guest_tx_bytes: int
     source: str
+    key: str | None = None
+
+
+def canonical_nic_key(key: str) -> str:
+    """A NIC key (`Nic.key`) as baselines keep it: its MAC part lowercased (a `@<target dev>`
+    keeps its case); `key` itself where that is the same."""
+    low = key.lower()
+    if low == key:
+        return key
+    at = key.find("@")
+    return low if at < 0 else low[:at] + key[at:]
+
+
+def nic_key(n: NicCounters) -> str:
+    """The key a NIC's counters are billed under: `canonical_nic_key` of `n.key`, else of its
+    MAC."""
+    return canonical_nic_key(n.key if n.key is not None else n.mac)
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -253,7 +280,10 @@ CPU_FROM_LIBVIRT = "libvirt"
 
 @dataclass(slots=True, unsafe_hash=True)
 class NicBase:
-    """Last good counters of one NIC; None counters: seen but never read (baseline unknown)."""
+    """Last good counters of one NIC; None counters: seen but never read (baseline unknown).
+
+    Kept in `Baseline.nics` by the NIC's key (`Nic.key`: its MAC, or `<mac>@<target dev>`
+    where NICs of the domain share a MAC; older versions kept one entry per MAC)."""
 
     ifindex: int | None
     guest_rx_bytes: int | None

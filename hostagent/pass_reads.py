@@ -8,6 +8,7 @@ tick before it reads (hostagent/tick.py): the event loop wakes twice a pass.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -62,10 +63,12 @@ class EarlyReads:
     """The host reads that run in the bulk call's worker call, right after it answers.
 
     The files need each domain's DomainInfo, known before the call only in steady state: when
-    every listed domain is a known incarnation (same domid and name), its files are read there;
+    every listed domain is a known incarnation (same domid), its files are read there;
     otherwise (a new or restarted domain) `files` stays None and the collector reads them in a
-    call of its own after the XML. `known` is the inventory snapshotted in trio. The parent
-    cgroup's CPU is read either way (`parent_read`: it ran).
+    call of its own after the XML. Host files are found by libvirt's own name of the domain
+    (`DomainStats.name`), which the XML's cannot always equal (inventory._xml_name). `known`
+    is the inventory snapshotted in trio. The parent cgroup's CPU is read either way
+    (`parent_read`: it ran).
     """
 
     known: Mapping[str, tuple[DomainInfo, HostFacts | None]]
@@ -90,9 +93,9 @@ class EarlyReads:
             if got is None:
                 return None
             info, facts = got
-            if info.domid != d.domid or info.name != d.name:
+            if info.domid != d.domid:
                 return None
-            wants.append(Want(info, d.stats, facts))
+            wants.append(Want(info, d.stats, facts, d.name))
         return self.files.read(wants)
 
 
@@ -118,9 +121,12 @@ def domain_reading(d: DomainStats, info: DomainInfo, iid: str, t_wall_ns: int,
                    files: FilesResult, gpus: tuple[GpuReading, ...],
                    known_facts: Mapping[tuple[str, int], HostFacts], *,
                    timed_out: bool) -> DomainReading:
-    """One domain's reading from this pass's bulk stats, files and GPUs."""
+    """One domain's reading from this pass's bulk stats, files and GPUs; named as libvirt
+    names it (`d.name`: the XML's name cannot always be that, inventory._xml_name)."""
     # Once per domain and pass on the trio thread: positional constructors (keyword binding
     # of DomainReading's 10 fields costs ~0.4 µs), no comprehension for one or two NICs.
+    if info.name != d.name:
+        info = dataclasses.replace(info, name=d.name)
     key = (info.uuid, info.domid)
     got = files.missing.get(key)
     missing = dict(got) if got else {}
@@ -135,10 +141,10 @@ def domain_reading(d: DomainStats, info: DomainInfo, iid: str, t_wall_ns: int,
     if files.links is not None:
         found, netlink_missing = net_src.nic_counters(info.nics, files.links)
         netlink_nics = {}
-        for n in found:
-            netlink_nics[n.mac] = n
+        for n in found:  # by NIC key: NICs may share a MAC, each has its own tap's counters
+            netlink_nics[n.key or n.mac] = n
     elif files.links_error:
-        netlink_missing = {f"net:{n.mac}": files.links_error for n in info.nics}
+        netlink_missing = {f"net:{n.key}": files.links_error for n in info.nics}
     else:
         netlink_missing = {}
     facts = files.facts.get(key) or known_facts.get(key) or NO_FACTS

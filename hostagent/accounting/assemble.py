@@ -7,7 +7,8 @@ Preference order (each figure from the first source that has it):
 - Memory in use: balloon (`available − usable`, what the guest itself reports) → cgroup working
   set (`memory.current − inactive_file`) → QEMU RSS (`balloon.rss`).
 - NIC bytes: netlink tap counters (with ifindex, so a re-created tap is seen as a reset) →
-  libvirt `net.N.{rx,tx}.bytes` (guest-oriented, already the tap's tx/rx swapped).
+  libvirt `net.N.{rx,tx}.bytes` (guest-oriented, already the tap's tx/rx swapped); each NIC
+  from its own tap (its target dev), by `Nic.key`: NICs of a domain may share a MAC.
 - Disk bytes and sizes: libvirt `block.N.*` (v1 blkio stays 0 on this kernel: not used).
 """
 
@@ -24,6 +25,7 @@ from hostagent.model import (
     DomainInfo,
     GpuReading,
     MemoryReading,
+    Nic,
     NicCounters,
     Pressure,
     Sample,
@@ -85,22 +87,26 @@ def memory_reading(
 
 
 def libvirt_nics(info: DomainInfo, stats: Mapping[str, Any]) -> dict[str, NicCounters]:
-    """NIC counters from bulk stats, keyed by MAC via the tap name in the domain XML."""
+    """NIC counters from bulk stats by NIC key (`Nic.key`), via the tap name in the domain XML
+    (one tap, one NIC: NICs may share a MAC)."""
     count = _int(stats, "net.count")
     if not count:
         return {}
-    mac_by_tap = {n.target: n.mac for n in info.nics if n.target}
+    nic_by_tap: dict[str, Nic] = {}
+    for n in info.nics:
+        if n.target:
+            nic_by_tap.setdefault(n.target, n)  # two NICs naming one tap: the first's
     out: dict[str, NicCounters] = {}
     for i in range(count):
         name_key, rx_key, tx_key = _NET_KEYS[i] if i < 16 else _keys(
             "net", i, "name", "rx.bytes", "tx.bytes")
         name = stats.get(name_key)
-        mac = mac_by_tap.get(name) if isinstance(name, str) else None
+        nic = nic_by_tap.get(name) if isinstance(name, str) else None
         rx = _int(stats, rx_key)
         tx = _int(stats, tx_key)
-        if mac is None or rx is None or tx is None:
+        if nic is None or rx is None or tx is None:
             continue
-        out[mac] = NicCounters(mac, str(name), None, rx, tx, "libvirt")
+        out[nic.key] = NicCounters(nic.mac, str(name), None, rx, tx, "libvirt", nic.key)
     return out
 
 
@@ -193,17 +199,17 @@ def _sample(info: DomainInfo, instance_id: str, stats: Mapping[str, Any], t_wall
     nics: list[NicCounters] = []
     if info.nics:
         from_libvirt: dict[str, NicCounters] | None = None  # only when netlink lacks a NIC
-        for nic in info.nics:
-            got = netlink_nics.get(nic.mac) if netlink_nics else None
+        for nic in info.nics:  # by key, not MAC: NICs may share one (each its own tap)
+            got = netlink_nics.get(nic.key) if netlink_nics else None
             if got is None:
                 if from_libvirt is None:
                     # No `net.count` (test driver, cgroup-only hosts): no libvirt counters.
                     from_libvirt = libvirt_nics(info, stats) if "net.count" in stats else {}
-                got = from_libvirt.get(nic.mac)
+                got = from_libvirt.get(nic.key)
             if got is not None:
                 nics.append(got)
             else:
-                key = f"net:{nic.mac}"
+                key = f"net:{nic.key}"
                 missing[key] = (netlink_missing or {}).get(key, "no counters for this NIC")
 
     disks = block_counters(stats) if "block.count" in stats else ()

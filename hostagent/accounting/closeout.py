@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from hostagent.accounting.readings import DomainReading
 from hostagent.accounting.sampling import usage
-from hostagent.model import Baseline, NicCounters, Sample, Usage
+from hostagent.model import Baseline, NicCounters, Sample, Usage, nic_key
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -99,10 +99,10 @@ def overlay(anchor: Sample, light: LightReading | None) -> Sample:
         # The VM cgroup's counter (sources/light.py): the anchor's too wherever that cgroup
         # is found (its label stays); libvirt's figure beside it is the anchor's, not now's.
         cpu_ns, cpu_time_ns = light.cpu_ns, None
-    fresh = {n.mac.lower(): n for n in light.nics}
+    fresh = {nic_key(n): n for n in light.nics}  # by NIC key: NICs may share a MAC
     nics = []
     for old in anchor.nics:
-        new = fresh.get(old.mac.lower())
+        new = fresh.get(nic_key(old))
         same_tap = new is not None and (old.ifindex is None or new.ifindex == old.ifindex)
         grew = (new is not None and new.guest_rx_bytes >= old.guest_rx_bytes
                 and new.guest_tx_bytes >= old.guest_tx_bytes)

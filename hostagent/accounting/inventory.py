@@ -6,9 +6,10 @@ Pure: the XML text comes from the libvirt source; this module never talks to lib
 from __future__ import annotations
 
 import logging
+import re
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import NamedTuple
 
@@ -34,28 +35,89 @@ def _memory_bytes(el: ET.Element | None) -> int:
     return int(el.text.strip()) * _UNIT_BYTES.get(unit, 1024)
 
 
-def parse_domain_xml(xml_text: str) -> DomainInfo:
+def parse_domain_xml(xml_text: str, name: str | None = None) -> DomainInfo:
     """Parse a live domain XML; SourceError if it is not a domain document or is malformed.
 
-    Every failure is a SourceError (a number that is not one, too: `<vcpu>x</vcpu>`), so the
-    collector can set that one domain aside instead of failing the pass.
+    `name`: libvirt's own name of the domain (`DomainStats.name`, virDomainGetName), where the
+    caller has it: the domain's name then, since the XML cannot always carry it (see
+    `_xml_name`). Every failure is a SourceError (a number that is not one, too:
+    `<vcpu>x</vcpu>`), so the collector can set that one domain aside instead of failing the
+    pass.
     """
     try:
         root = ET.fromstring(xml_text)  # noqa: S314 - libvirt's own XML, not untrusted input
     except ET.ParseError as err:
         raise SourceError(f"domain XML does not parse: {err}") from err
     try:
-        return _domain_info(root)
+        return _domain_info(root, name if name else _xml_name(root, xml_text))
     except (ValueError, TypeError) as err:
         raise SourceError(f"malformed domain XML: {err}") from err
 
 
-def _domain_info(root: ET.Element) -> DomainInfo:
+_RAW_NAME = re.compile(r"<name>([^<]*)</name>")
+_CHAR_REF = re.compile(r"&(#[0-9]+|#x[0-9a-fA-F]+|lt|gt|amp|apos|quot);")
+_ENTITIES = {"lt": "<", "gt": ">", "amp": "&", "apos": "'", "quot": '"'}
+
+
+def _unescape(text: str) -> str:
+    """XML character data with its predefined entities and character references expanded."""
+    def one(m: re.Match[str]) -> str:
+        ref = m.group(1)
+        if ref[0] != "#":
+            return _ENTITIES[ref]
+        return chr(int(ref[2:], 16) if ref[1] == "x" else int(ref[1:]))
+    return _CHAR_REF.sub(one, text)
+
+
+def _xml_name(root: ET.Element, xml_text: str) -> str:
+    r"""The domain's name as libvirt wrote it: not stripped (libvirt takes leading and trailing
+    blanks, and names its pid file with them), and with a carriage return kept.
+    libvirt writes a `\r` in a name as it is, and an XML parser must read a literal `\r`
+    (or `\r\n`) as `\n`: where the document has one, the name is taken from its source
+    text, when that source reads as the parsed name."""
+    parsed = root.findtext("name") or ""
+    if "\r" not in xml_text:  # as good as always: the parsed name is the name
+        return parsed
+    for m in _RAW_NAME.finditer(xml_text):  # the first that reads as it (not a comment's)
+        raw = m.group(1)
+        if _unescape(raw.replace("\r\n", "\n").replace("\r", "\n")) == parsed:
+            return _unescape(raw)
+    return parsed
+
+
+def keyed_nics(nics: Sequence[Nic]) -> tuple[Nic, ...]:
+    """`nics`, each with its key (`Nic.key`): its MAC; where NICs share a MAC (libvirt takes
+    that, with any case), the last of them keeps the MAC and each one before it is
+    `<mac>@<target dev>` (`<mac>@#<position>` without one), so every NIC's counters are its
+    own. The last keeps the MAC because a NIC hot-plugged with a MAC already in use comes
+    last (libvirt appends it): the NIC that had the MAC alone is then found by its tap's
+    ifindex under its new key, and the new one is compared with the old key's tap and counts
+    from zero (accounting/sampling.py)."""
+    if len(nics) < 2:
+        return tuple(nics)
+    last = {n.mac.lower(): i for i, n in enumerate(nics)}
+    if len(last) == len(nics):
+        return tuple(nics)
+    taken = set(last)
+    out = []
+    for i, n in enumerate(nics):
+        mac = n.mac.lower()
+        if last[mac] != i:
+            key = f"{mac}@{n.target}" if n.target else f"{mac}@#{i}"
+            while key in taken:  # two NICs naming one target dev: still two keys
+                key += "+"
+            taken.add(key)
+            out.append(Nic(n.mac, n.kind, n.target, n.model, key))
+        else:
+            out.append(n)
+    return tuple(out)
+
+
+def _domain_info(root: ET.Element, name: str) -> DomainInfo:
     if root.tag != "domain":
         raise SourceError(f"expected <domain>, found <{root.tag}>")
     uuid = (root.findtext("uuid") or "").strip().lower()
-    name = (root.findtext("name") or "").strip()
-    if not uuid or not name:
+    if not uuid or not name.strip():
         raise SourceError("domain XML has no uuid or name")
     domid = int(root.get("id", "-1"))
     vcpu_el = root.find("vcpu")
@@ -97,7 +159,7 @@ def _domain_info(root: ET.Element) -> DomainInfo:
         vcpus=max(vcpus, 1),
         memory_bytes=cur_mem,
         max_memory_bytes=max_mem,
-        nics=tuple(nics),
+        nics=keyed_nics(nics),
         disks=tuple(disks),
         hostdevs=parse_hostdevs(root),
         owner_hint=owner_hint_from_metadata(metadata_xml),

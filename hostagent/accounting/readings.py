@@ -80,8 +80,9 @@ class DomainReading:
 
     `stats` is libvirt's flat bulk-stats dict ({} when libvirt gave none), `cgroup` the cgroup
     files read where libvirt could not stand in for them, `netlink_nics` the tap counters by
-    MAC (None: no link dump this time) and why a NIC had none there (libvirt's counters may
-    still stand in). `missing` maps a reading (`cpu`, `net:<mac>`,
+    NIC key (`Nic.key`: the MAC, or `<mac>@<target dev>` where NICs share a MAC; None: no link
+    dump this time) and why a NIC had none there (libvirt's counters may still stand in).
+    `missing` maps a reading (`cpu`, `net:<key>`,
     `cgroup`, `process`, ...) to why it could not be taken; it ends up in `Sample.missing`.
     """
 

@@ -22,7 +22,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from hostagent.model import CPU_FROM_LIBVIRT, Baseline, DiskBase, NicBase, Sample, Usage
+from hostagent.model import (
+    CPU_FROM_LIBVIRT,
+    Baseline,
+    DiskBase,
+    NicBase,
+    NicCounters,
+    Sample,
+    Usage,
+    canonical_nic_key,
+    nic_key,
+)
 
 NS_PER_S = 1_000_000_000
 
@@ -189,11 +199,11 @@ def _observed_baseline(cur: Sample) -> Baseline:
     cpu = None if "cpu" in cur.missing else cur.cpu_ns
     nics: dict[str, NicBase] = {}
     for n in cur.nics:
-        mac = n.mac.lower()
-        if f"net:{mac}" not in cur.missing:
-            nics[mac] = NicBase(n.ifindex, n.guest_rx_bytes, n.guest_tx_bytes)
-    for mac in _missing_keys(cur.missing, "net:"):
-        nics[mac] = NicBase(None, None, None)
+        key = nic_key(n)
+        if f"net:{key}" not in cur.missing:
+            nics[key] = NicBase(n.ifindex, n.guest_rx_bytes, n.guest_tx_bytes)
+    for key in _missing_keys(cur.missing, "net:"):
+        nics[key] = NicBase(None, None, None)
     disks: dict[str, DiskBase] = {}
     for d in cur.disks:
         if f"disk:{d.target}" not in cur.missing:
@@ -212,7 +222,7 @@ def _observed_baseline(cur: Sample) -> Baseline:
 
 
 def _missing_keys(missing: Mapping[str, str], prefix: str) -> list[str]:
-    """Names of whole devices flagged missing (`net:<mac>`, `disk:<target>`), not sub-counters."""
+    """Names of whole devices flagged missing (`net:<key>`, `disk:<target>`), not sub-counters."""
     net, disk = _flagged(missing)
     return list(net if prefix == "net:" else disk)
 
@@ -224,18 +234,20 @@ _NO_DISKS: Mapping[str, DiskBase] = {}
 
 
 def _flagged(missing: Mapping[str, str]) -> tuple[Mapping[str, str], Mapping[str, str]]:
-    """(MAC → key, disk target → key) of whole devices flagged missing, in `missing`'s order.
+    """(NIC key → missing key, disk target → missing key) of whole devices flagged missing, in
+    `missing`'s order.
 
-    A MAC is lowercased (its key `net:<mac>` then reuses `missing`'s string where it is the
-    same); `disk:<target>:<counter>` is a sub-counter, not a whole disk."""
+    A NIC key's MAC is lowercased (`net:<mac>` then reuses `missing`'s string where it is the
+    same; a `<mac>@<target dev>` keeps its tap name's case); `disk:<target>:<counter>` is a
+    sub-counter, not a whole disk."""
     net: dict[str, str] = {}
     disk: dict[str, str] = {}
     for key in missing:
         # One partition per key (once per domain and pass): cheaper than startswith + slices.
         kind, sep, name = key.partition(":")
         if kind == "net" and sep:
-            mac = name.lower()
-            net[mac] = key if name == mac else "net:" + mac
+            nic = canonical_nic_key(name)
+            net[nic] = key if name == nic else "net:" + nic
         elif kind == "disk" and sep and ":" not in name:
             disk[name] = key
     return net, disk
@@ -286,12 +298,17 @@ _ZERO_DISK = DiskBase(0, 0)  # a hot-plugged disk (or a new process): counters f
 def _nics(
     base: Baseline, cur: Sample, missing: dict[str, str], flagged: Mapping[str, str] = _NONE
 ) -> tuple[Mapping[str, NicBase], int, int]:
-    """New NIC baselines by MAC and the (egress, ingress) bytes of the period.
+    """New NIC baselines by NIC key (`Nic.key`) and the (egress, ingress) bytes of the period.
 
     A tap in `cur.gone_taps` (gone since the last pass: accounting/unplug.py) is billed from
     the baseline up to its last counters, whether its NIC is no longer read (unplugged), is
     flagged missing (listed, its tap not found: the baseline moves to those counters) or is
-    read on a new tap (re-plugged: the new tap counts from zero besides)."""
+    read on a new tap (re-plugged: the new tap counts from zero besides).
+
+    A NIC read under a key the baseline lacks, or on another tap than its key's there, may be
+    keyed differently than when the baseline was made (NICs that came to share a MAC or no
+    longer do, a baseline of a version that kept one entry per MAC): `_base_of` finds its
+    tap's entry by ifindex before counting it from zero."""
     if cur.gone_taps:
         return _nics_with_gone(base, cur, missing, flagged)
     if not cur.nics and not flagged:
@@ -299,37 +316,72 @@ def _nics(
     out: dict[str, NicBase] = {}
     egress = ingress = 0
     had = base.nics
-    for mac, key in flagged.items():
-        missing[key] = cur.missing.get(key, "not reported")
-        if mac in had:
-            out[mac] = had[mac]
+    for key, flag in flagged.items():
+        missing[flag] = cur.missing.get(flag, "not reported")
+        if key in had:
+            out[key] = had[key]
     for n in cur.nics:
-        mac = n.mac.lower()
-        if mac == n.mac:
-            mac = n.mac  # the reading's string, not a copy kept in the baseline
-        if flagged and mac in flagged:
+        # `nic_key` inlined (once per NIC and pass): the reading's string where it is already
+        # canonical (not a copy kept in the baseline).
+        key = n.key if n.key is not None else n.mac
+        low = key.lower()
+        if low != key:
+            key = canonical_nic_key(key)
+        if flagged and key in flagged:
             continue
-        old = had.get(mac)
-        if old is None:
-            # Hot-plugged (or the process is new): its counters started at zero.
-            old = NicBase(n.ifindex, 0, 0)
+        ifindex = n.ifindex
+        old = had.get(key)
+        # A new ifindex is a new tap that counts from zero (unless the baseline has that tap
+        # under another key); unknown ifindex falls back to the "counter went down" rule.
+        restarted = False
+        if old is None or (old.ifindex is not None and ifindex is not None
+                           and old.ifindex != ifindex):
+            old, restarted = _base_of(had, key, n, old)
         old_rx, old_tx, rx_now, tx_now = (old.guest_rx_bytes, old.guest_tx_bytes,
                                           n.guest_rx_bytes, n.guest_tx_bytes)
         if old_rx is None or old_tx is None:
-            missing[f"net:{mac}"] = ESTABLISHED
-            out[mac] = NicBase(n.ifindex, rx_now, tx_now)
+            missing[f"net:{key}"] = ESTABLISHED
+            out[key] = NicBase(ifindex, rx_now, tx_now)
             continue
-        # A new ifindex is a new tap that counts from zero; unknown ifindex falls back to the
-        # "counter went down" rule.
-        ifindex = n.ifindex
-        restarted = old.ifindex is not None and ifindex is not None and old.ifindex != ifindex
         # `_counter`'s rule, inlined (twice per NIC and pass): both values are known here,
         # a restart or a drop counts the new value from zero.
         egress += tx_now if restarted or tx_now < old_tx else tx_now - old_tx
         ingress += rx_now if restarted or rx_now < old_rx else rx_now - old_rx
-        out[mac] = NicBase(ifindex if ifindex is not None else old.ifindex, rx_now, tx_now)
+        out[key] = NicBase(ifindex if ifindex is not None else old.ifindex, rx_now, tx_now)
     # NICs in the baseline but neither read nor flagged were unplugged: dropped, no delta.
     return out or _NO_NICS, egress, ingress
+
+
+_UNKNOWN_NIC = NicBase(None, None, None)  # counted on from this reading: nothing billed
+
+
+def _base_of(had: Mapping[str, NicBase], key: str, n: NicCounters,
+             own: NicBase | None) -> tuple[NicBase, bool]:
+    """(baseline, restarted) of NIC `n` (key `key`) that `had` lacks under its key (`own`
+    None), or has on another tap: off the common path (a NIC plugged, a tap re-created).
+
+    - an entry of the same MAC (the MAC's, or a `<mac>@<target dev>`) on `n`'s tap (its
+      ifindex): that entry, continued (the NIC is keyed otherwise than then);
+    - its own key's entry (on another tap): that, restarted (a new tap counts from zero);
+    - no entry of its own, the MAC's held by another tap, and `n` not its MAC's last NIC (a
+      `<mac>@...` key): unknown, counted on from this reading. A baseline of a version that
+      kept one entry per MAC had the counters of the last NIC with that MAC for all of them
+      (inventory.keyed_nics); the others were never billed apart: never from zero now.
+    - else a NIC hot-plugged (or a new process): from zero."""
+    ifindex = n.ifindex
+    mac = key.partition("@")[0]
+    prefix = mac + "@"
+    family = False
+    for k, b in had.items():
+        if k == mac or k.startswith(prefix):
+            if ifindex is not None and b.ifindex == ifindex:
+                return b, False
+            family = True
+    if own is not None:
+        return own, True
+    if family and key != mac:
+        return _UNKNOWN_NIC, False
+    return NicBase(ifindex, 0, 0), False
 
 
 def _nics_with_gone(
@@ -338,28 +390,28 @@ def _nics_with_gone(
     """`_nics` of a sample with taps gone since the last pass: the same, plus each gone tap's
     bytes from the baseline up to its last counters (a drop: counted from zero, as a reset)."""
     gone = {ifindex: (rx, tx) for ifindex, rx, tx in cur.gone_taps}
-    read = {n.mac.lower(): n.ifindex for n in cur.nics}
-    finals: dict[str, tuple[int, int]] = {}  # by MAC: a baseline tap that is gone now
-    for mac, old in base.nics.items():
+    read = {nic_key(n): n.ifindex for n in cur.nics}
+    finals: dict[str, tuple[int, int]] = {}  # by NIC key: a baseline tap that is gone now
+    for key, old in base.nics.items():
         if old.ifindex is None or old.ifindex not in gone \
                 or old.guest_rx_bytes is None or old.guest_tx_bytes is None:
             continue
-        if mac in read and read[mac] in (None, old.ifindex):
+        if key in read and read[key] in (None, old.ifindex):
             continue  # read this pass after all (libvirt's counters): billed from there
-        finals[mac] = gone[old.ifindex]
+        finals[key] = gone[old.ifindex]
     out, egress, ingress = _nics(base, dataclasses.replace(cur, gone_taps=()), missing,
                                  flagged)
     if not finals:
         return out, egress, ingress
     out = dict(out)
-    for mac, (rx, tx) in finals.items():
-        old = base.nics[mac]
+    for key, (rx, tx) in finals.items():
+        old = base.nics[key]
         old_rx, old_tx = old.guest_rx_bytes or 0, old.guest_tx_bytes or 0
         egress += tx if tx < old_tx else tx - old_tx
         ingress += rx if rx < old_rx else rx - old_rx
-        if mac in flagged:  # still listed: its baseline moves to the counters billed
-            out[mac] = NicBase(old.ifindex, rx, tx)
-            missing.pop(flagged[mac], None)
+        if key in flagged:  # still listed: its baseline moves to the counters billed
+            out[key] = NicBase(old.ifindex, rx, tx)
+            missing.pop(flagged[key], None)
     return out or _NO_NICS, egress, ingress
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from hostagent.accounting.assemble import sample_of
 from hostagent.accounting.closeout import Closing, IoBytes, LightReading
 from hostagent.accounting.readings import DomainReading, HostReading
-from hostagent.model import Sample
+from hostagent.model import Sample, nic_key
 
 Key = tuple[str, int]  # (uuid, domid)
 
@@ -80,8 +80,8 @@ def newer_light(old: LightReading | None, light: LightReading) -> LightReading |
     # Per sample and domain (budget 0.015 ms with the read): merge only what the new reading
     # lacks, which is rare (a NIC missing from the dump, io.stat unreadable).
     if old is not None and (len(light.nics) < len(old.nics) or (light.io is None and old.io)):
-        nics = {n.mac.lower(): n for n in old.nics}
-        nics.update({n.mac.lower(): n for n in light.nics})
+        nics = {nic_key(n): n for n in old.nics}  # by NIC key: NICs may share a MAC
+        nics.update({nic_key(n): n for n in light.nics})
         return dataclasses.replace(light, nics=tuple(nics.values()),
                                    io=light.io if light.io is not None else old.io)
     return light

@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from hostagent.accounting.tails import Key, Tail
-from hostagent.model import NicCounters, Sample
+from hostagent.model import NicCounters, Sample, nic_key
 
 
 def with_unplugged(sample: Sample, tail: Tail | None) -> Sample:
@@ -40,10 +40,11 @@ def with_unplugged(sample: Sample, tail: Tail | None) -> Sample:
 
 
 def _still_read(tap: NicCounters, nics: tuple[NicCounters, ...]) -> bool:
-    """`tap` is read in `nics`: by its ifindex, or by its MAC without a known ifindex (libvirt's
-    counters, where the link dump lacked it: the same tap, read another way)."""
-    mac = tap.mac.lower()
-    return any(n.ifindex == tap.ifindex or (n.ifindex is None and n.mac.lower() == mac)
+    """`tap` is read in `nics`: by its ifindex, or by its NIC's key without a known ifindex
+    (libvirt's counters, where the link dump lacked it: the same tap, read another way; by
+    key, not MAC: NICs may share a MAC)."""
+    key = nic_key(tap)
+    return any(n.ifindex == tap.ifindex or (n.ifindex is None and nic_key(n) == key)
                for n in nics)
 
 

@@ -59,11 +59,14 @@ def has_guest_memory(stats: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Want:
-    """One domain to read host files for: its identity, its libvirt stats, known facts."""
+    """One domain to read host files for: its identity, its libvirt stats, known facts, and
+    libvirt's own name of it (`DomainStats.name`; None: `info.name`), which its pid file is
+    named by: the XML's name cannot always be that (inventory._xml_name)."""
 
     info: DomainInfo
     stats: Mapping[str, Any]
     known: HostFacts | None = None
+    name: str | None = None
 
 
 @dataclass(slots=True)
@@ -154,7 +157,7 @@ class DomainFiles:
         facts = w.known
         if facts is None or facts.cgroup is None or facts.start_ticks is None:
             # Found once per incarnation, tried again each pass until complete.
-            facts = self._facts(w.info, missing, out.errors)
+            facts = self._facts(w.info, w.name, missing, out.errors)
         out.facts[key] = facts
         ask = None
         if facts.cgroup is None:
@@ -173,9 +176,10 @@ class DomainFiles:
             out.missing[key] = missing
         return None if ask is None else (ask, key)
 
-    def _facts(self, info: DomainInfo, missing: dict[str, str],
+    def _facts(self, info: DomainInfo, libvirt_name: str | None, missing: dict[str, str],
                errors: list[ReadError]) -> HostFacts:
-        """Pid, start time and cgroup dirs of a new incarnation; each step fails on its own."""
+        """Pid, start time and cgroup dirs of a new incarnation (`libvirt_name`, else
+        `info.name`, names the pid file); each step fails on its own."""
         def step(name: ReadStep, key: str, fn: Any, *args: Any) -> Any:
             try:
                 return fn(*args)
@@ -184,7 +188,8 @@ class DomainFiles:
                 missing[key] = brief(f"{name}: {err}")
                 return None
 
-        pid = step("pid_file", "process", proc.pid_of, self.root, info.name)
+        pid = step("pid_file", "process", proc.pid_of, self.root,
+                   info.name if libvirt_name is None else libvirt_name)
         if pid is None:
             return NO_FACTS
         ticks = step("proc", "process", proc.process_start_ticks, self.root, pid)

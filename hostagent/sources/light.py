@@ -27,7 +27,7 @@ from typing import Protocol
 from hostagent.accounting.closeout import IoBytes, LightReading
 from hostagent.clock import Clock
 from hostagent.errors import SourceError
-from hostagent.model import CgroupPaths, Nic, NicCounters
+from hostagent.model import CgroupPaths, Nic, NicCounters, canonical_nic_key, nic_key
 from hostagent.sources.cgroup_read import sum_io_stat
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot, kv_bytes, kv_value
@@ -54,18 +54,21 @@ class LinkReader(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class LightNic:
-    """A NIC the last full reading matched to a host link; `shares_view`: macvtap (no swap)."""
+    """A NIC the last full reading matched to a host link; `shares_view`: macvtap (no swap);
+    `key`: its `Nic.key` (None: the MAC's)."""
 
     mac: str
     ifname: str | None
     ifindex: int
     shares_view: bool = False
+    key: str | None = None
 
 
 def light_nics(nics: Sequence[Nic], counters: Sequence[NicCounters]) -> tuple[LightNic, ...]:
     """The NICs of a full reading that a light sample can follow (those read, with an ifindex)."""
-    kinds = {n.mac.lower(): n.kind for n in nics}
-    return tuple(LightNic(c.mac, c.ifname, c.ifindex, kinds.get(c.mac.lower()) == "direct")
+    kinds = {canonical_nic_key(n.key): n.kind for n in nics}
+    return tuple(LightNic(c.mac, c.ifname, c.ifindex, kinds.get(nic_key(c)) == "direct",
+                          c.key)
                  for c in counters if c.ifindex is not None)
 
 
@@ -198,14 +201,14 @@ class LightSampler:
         for n in want:
             counters = links.get(n.ifindex)
             if counters is None:
-                missing[f"net:{n.mac}"] = links_error or f"ifindex {n.ifindex} gone"
+                missing[f"net:{n.key or n.mac}"] = links_error or f"ifindex {n.ifindex} gone"
                 continue
             rx, tx = counters
             # A tap mirrors the guest (host rx = guest tx); a macvtap shares its view.
             # Positional, in NicCounters' field order: mac, ifname, ifindex, guest_rx_bytes,
-            # guest_tx_bytes, source.
+            # guest_tx_bytes, source, key.
             nics.append(NicCounters(n.mac, n.ifname, n.ifindex, rx if n.shares_view else tx,
-                                    tx if n.shares_view else rx, "netlink-stats64"))
+                                    tx if n.shares_view else rx, "netlink-stats64", n.key))
         return tuple(nics)
 
     def _read(self, rel: str, key: str, missing: dict[str, str]) -> bytes | None:

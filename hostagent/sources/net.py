@@ -1,4 +1,4 @@
-"""Host-side byte counters of network links, matched to guest NICs by tap name, keyed by MAC.
+"""Host-side byte counters of network links, matched to guest NICs by tap name, keyed by NIC.
 
 `LinkStatsReader` reads on a kept-open NETLINK_ROUTE socket: an RTM_GETLINK dump decoding only
 what we need (ifindex, IFLA_IFNAME, IFLA_ADDRESS, IFLA_STATS64, the link kind), and between
@@ -361,31 +361,40 @@ _NO_HOST_NETDEV = {
 def nic_counters(
     nics: Sequence[Nic], links: Mapping[str, LinkStats]
 ) -> tuple[tuple[NicCounters, ...], dict[str, str]]:
-    """Guest-oriented counters of each NIC from the host links, and why the others are missing."""
+    """Guest-oriented counters of each NIC from its own tap (its target dev), and why the
+    others are missing (`net:<key>`, `Nic.key`). NICs may share a MAC: each is matched by its
+    target dev, never by its MAC, and a tap counts for one NIC only."""
     counters: list[NicCounters] = []
     missing: dict[str, str] = {}
     # Once per NIC and pass: the `missing` key is made only for a NIC that has no counters.
     parts = links.parts if isinstance(links, _Links) else None  # no LinkStats made: ~1 µs
+    taps: set[str] | None = set() if len(nics) > 1 else None  # one NIC: no tap to share
     for nic in nics:
         reason = _NO_HOST_NETDEV.get(nic.kind)
         if reason is not None:
-            missing[f"net:{nic.mac}"] = reason
+            missing[f"net:{nic.key}"] = reason
             continue
         target = nic.target
         if not target:
-            missing[f"net:{nic.mac}"] = f"{nic.kind} NIC without a target dev: no host tap to count"
+            missing[f"net:{nic.key}"] = f"{nic.kind} NIC without a target dev: no host tap to count"
             continue
+        if taps is not None:
+            if target in taps:
+                missing[f"net:{nic.key}"] = (f"tap {target} is counted for another NIC of the "
+                                             "domain (two NICs name one target dev)")
+                continue
+            taps.add(target)
         if parts is not None:
             link, rx, tx = parts(target)
         else:
             link = links.get(target)
             rx, tx = (None, None) if link is None else (link.rx_bytes, link.tx_bytes)
         if link is None:
-            missing[f"net:{nic.mac}"] = (f"tap {target} not found on the host "
+            missing[f"net:{nic.key}"] = (f"tap {target} not found on the host "
                                          "(unplugged or renamed?)")
             continue
         if rx is None or tx is None:
-            missing[f"net:{nic.mac}"] = f"{target} has no 64-bit byte counters"
+            missing[f"net:{nic.key}"] = f"{target} has no 64-bit byte counters"
             continue
         # A tap sees the guest's traffic mirrored (host rx = guest tx); a macvtap shares the
         # guest's view (libvirt's virDomainNetTypeSharesHostView), so it is not swapped.
@@ -395,7 +404,7 @@ def nic_counters(
             guest_rx, guest_tx = tx, rx
         # Positional, in NicCounters' field order (keyword binding costs ~0.2 µs a NIC).
         counters.append(NicCounters(nic.mac, link.ifname, link.ifindex, guest_rx, guest_tx,
-                                    link.source))
+                                    link.source, nic.key))
     return tuple(counters), missing
 
 

@@ -58,7 +58,7 @@ def test_the_field_orders_positional_construction_relies_on() -> None:
         "target", "rd_bytes", "wr_bytes", "allocation_bytes", "capacity_bytes",
         "physical_bytes"]
     assert [f.name for f in fields(NicCounters)] == [
-        "mac", "ifname", "ifindex", "guest_rx_bytes", "guest_tx_bytes", "source"]
+        "mac", "ifname", "ifindex", "guest_rx_bytes", "guest_tx_bytes", "source", "key"]
     assert [f.name for f in fields(MemoryReading)] == ["used_bytes", "source"]
 
 

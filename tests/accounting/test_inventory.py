@@ -61,6 +61,47 @@ def test_bad_xml_is_a_source_error(bad: str) -> None:
         inventory.parse_domain_xml(bad)
 
 
+def _named(name_xml: str) -> str:
+    return XML.replace("<name>vm-a</name>", f"<name>{name_xml}</name>")
+
+
+@pytest.mark.parametrize(("name_xml", "name"), [
+    ("vm with  spaces ", "vm with  spaces "),  # libvirt keeps the blanks: so does its pid file
+    ("  vm-lead", "  vm-lead"),
+    ("vm-cr&#13;x", "vm-cr\rx"),
+    ("vm-cr\rx", "vm-cr\rx"),  # as libvirt writes it (virBufferEscapeString keeps a \r)
+    ("vm-crlf\r\nx &amp; &lt;y&gt;", "vm-crlf\r\nx & <y>"),
+    ("vm-nl&#10;x", "vm-nl\nx"),
+    ("vm-tab\tx", "vm-tab\tx"),
+])
+def test_the_name_is_libvirts_as_written(name_xml: str, name: str) -> None:
+    # Before: stripped, and a \r read as \n (the XML parser's line-end rule): the pid file,
+    # named by libvirt's name, was never found, and every pass missed the domain's CPU.
+    assert inventory.parse_domain_xml(_named(name_xml)).name == name
+
+
+def test_libvirts_own_name_wins_where_given() -> None:
+    # virDomainGetName: the name itself, whatever the XML can carry
+    info = inventory.parse_domain_xml(_named("vm-cr\nx"), name="vm-cr\rx")
+    assert info.name == "vm-cr\rx"
+    assert inventory.parse_domain_xml(_named("vm-a"), name="").name == "vm-a"
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\n"])
+def test_a_blank_name_is_a_source_error(blank: str) -> None:
+    with pytest.raises(SourceError, match="no uuid or name"):
+        inventory.parse_domain_xml(_named(blank))
+
+
+def test_a_comment_that_looks_like_the_name_is_not_taken() -> None:
+    xml = _named("vm-b\rx").replace("<domain type='kvm' id='7'>",
+                                     "<domain type='kvm' id='7'><!-- <name>other\r</name> -->")
+    assert inventory.parse_domain_xml(xml).name == "vm-b\rx"
+    xml = _named("vm-b").replace("<domain type='kvm' id='7'>",
+                                 "<domain type='kvm' id='7'><!-- <name>x\r</name> -->")
+    assert inventory.parse_domain_xml(xml).name == "vm-b"
+
+
 U = "0f8f1a54-2b0c-4c4b-9d3c-0123456789ab"
 
 

@@ -16,6 +16,7 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
+from hostagent.accounting.inventory import keyed_nics
 from hostagent.errors import SourceError
 from hostagent.model import Nic, NicCounters
 from hostagent.sources.files import HostRoot
@@ -120,12 +121,14 @@ def test_odd_nics() -> None:
                           tx_bytes=20, kind="tun"),
         "macvtap0": LinkStats(ifindex=6, ifname="macvtap0", mac=None, rx_bytes=30, tx_bytes=40,
                               kind="macvtap"),
+        "macvtap1": LinkStats(ifindex=8, ifname="macvtap1", mac=None, rx_bytes=30, tx_bytes=40,
+                              kind="macvtap"),
         "old0": LinkStats(ifindex=7, ifname="old0", mac=None, rx_bytes=None, tx_bytes=None),
     }
     nics = [
         Nic(mac="aa:00:00:00:00:01", kind="vhostuser", target="vhost-user0"),
         Nic(mac="aa:00:00:00:00:02", kind="direct", target="macvtap0"),
-        Nic(mac="aa:00:00:00:00:03", kind="ethernet", target="macvtap0"),  # managed='no'
+        Nic(mac="aa:00:00:00:00:03", kind="ethernet", target="macvtap1"),  # managed='no'
         Nic(mac="aa:00:00:00:00:04", kind="bridge", target="tap9"),
         Nic(mac="aa:00:00:00:00:05", kind="ethernet", target="old0"),
         Nic(mac="aa:00:00:00:00:06", kind="ethernet", target=""),
@@ -148,6 +151,22 @@ def test_odd_nics() -> None:
     assert "without a target" in missing["net:aa:00:00:00:00:06"]
     assert "vDPA" in missing["net:aa:00:00:00:00:07"]
     assert len(counters) + len(missing) == len(nics)
+
+
+def test_nics_sharing_a_mac_each_read_their_own_tap_and_a_tap_counts_once() -> None:
+    links = {
+        "vnet0": LinkStats(ifindex=50, ifname="vnet0", mac=None, rx_bytes=4, tx_bytes=2),
+        "vnet1": LinkStats(ifindex=51, ifname="vnet1", mac=None, rx_bytes=8, tx_bytes=4),
+    }
+    mac = "52:54:00:de:ad:01"
+    nics = keyed_nics([Nic(mac, "network", "vnet0"), Nic(mac, "network", "vnet1"),
+                       Nic(mac, "network", "vnet1"), Nic(mac, "network", "vnet9")])
+    counters, missing = nic_counters(nics, links)
+    # Before: keyed by MAC downstream, both NICs were billed vnet1's bytes.
+    assert [(c.key, c.ifindex, c.guest_tx_bytes) for c in counters] == [
+        (f"{mac}@vnet0", 50, 4), (f"{mac}@vnet1", 51, 8)]
+    assert "counted for another NIC" in missing[f"net:{mac}@vnet1+"]
+    assert "vnet9 not found" in missing[f"net:{mac}"]
 
 
 # --- netlink in a private network namespace -----------------------------------------------------
