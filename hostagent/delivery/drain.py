@@ -33,6 +33,7 @@ from hostagent.delivery.breaker import Breaker
 from hostagent.errors import StateError
 
 STORE_ERROR_PAUSE_S = 1.0  # after a store error, before the loop tries the queue again
+_EXP_SAFE = 700.0  # e**700 ≈ 1e304: a float power below it cannot overflow
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -42,16 +43,35 @@ def _jittered(base_s: float, jitter: float, rng: random.Random) -> float:
     return max(base_s * (1 + rng.uniform(-jitter, jitter)), 0.0)
 
 
+def capped_growth(start: float, multiplier: float, steps: int, cap: float) -> float:
+    """``min(cap, start × multiplier^steps)`` (`steps` below 0 count as 0) that never overflows:
+    once the cap is reached the exponent grows no further. A row of a sink down for days
+    counts thousands of rounds, and ``2.0 ** 1024`` raises OverflowError."""
+    steps = max(steps, 0)
+    if steps == 0 or start <= 0.0 or start >= cap:
+        return min(start, cap)
+    if multiplier <= 1.0:  # (the config's minimum is 1) it can only shrink: no overflow
+        return min(cap, start * multiplier ** steps)
+    growth = steps * math.log(multiplier)  # in logs: cap / start itself may overflow
+    if growth >= math.log(cap) - math.log(start):
+        return cap
+    if growth < _EXP_SAFE:
+        return min(cap, start * multiplier ** steps)
+    return min(cap, math.exp(math.log(start) + growth))  # a start near 0: the power overflows
+
+
 def attempt_backoff_s(retry: RetryConfig, attempt: int, rng: random.Random) -> float:
     """Wait before retry number `attempt` (1-based) inside a round, with ± jitter."""
-    base = min(retry.max_backoff_s, retry.initial_backoff_s * retry.multiplier ** (attempt - 1))
+    base = capped_growth(retry.initial_backoff_s, retry.multiplier, attempt - 1,
+                         retry.max_backoff_s)
     return _jittered(base, retry.jitter, rng)
 
 
 def round_backoff_s(retry: RetryConfig, rounds: int, rng: random.Random) -> float:
-    """Wait in the queue after `rounds` failed rounds (1-based), with ± jitter."""
+    """Wait in the queue after `rounds` failed rounds (1-based), with ± jitter; any number of
+    rounds (the growth stops at `round_backoff_max_s`)."""
     first = max(retry.max_backoff_s, retry.initial_backoff_s)
-    base = min(retry.round_backoff_max_s, first * retry.multiplier ** max(rounds - 1, 0))
+    base = capped_growth(first, retry.multiplier, rounds - 1, retry.round_backoff_max_s)
     return _jittered(base, retry.jitter, rng)
 
 

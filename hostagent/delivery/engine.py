@@ -9,14 +9,16 @@ store which kinds and channels each sink takes and the size cap: that may re-rou
 older hostagent wrote (hostagent.store.upkeep.drop_unrouted), so it is an explicit step.
 
 Upkeep prunes acknowledged events past `retention_s`, merges pending events near `max_bytes`
-(see hostagent.store.upkeep), refreshes the depth gauges and writes a heartbeat and the
-breaker states for `hostagent outbox status`, every `maintenance_interval_s`. While passes
-commit, it rides on a pass commit's worker call (`write_committed`) once half an interval has
-passed since the last: no wake-up of its own, the store's pages still warm from the commit.
-The maintenance task runs it on its own only when 1.5 intervals pass without one (passes that
-fail or come slower), and for the size check a commit asks for. Each upkeep on its own woke
-trio twice (its timer, its worker call's answer), ~1.6 ms of process CPU on the lab VM beside
-8 TCG guests: at the default 30 s pass interval three of them cost a quarter of the daemon.
+(counting the room the next pass needs; see hostagent.store.upkeep), refreshes the depth
+gauges and writes a heartbeat and the breaker states for `hostagent outbox status`, every
+`maintenance_interval_s`. While passes commit, it rides on a pass commit's worker call
+(`write_committed`) once half an interval has passed since the last: no wake-up of its own,
+the store's pages still warm from the commit. A commit the cap refuses makes room itself
+(`Store.commit_pass`). The maintenance task runs it on its own only when 1.5 intervals pass
+without one (passes that fail or come slower), and for the size check a commit asks for. Each
+upkeep on its own woke trio twice (its timer, its worker call's answer), ~1.6 ms of process
+CPU on the lab VM beside 8 TCG guests: at the default 30 s pass interval three of them cost a
+quarter of the daemon.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from hostagent.delivery.sink_queue import SinkQueue
 from hostagent.delivery.sinks.base import Sink
 from hostagent.errors import StateError
 from hostagent.store.inspect import Pending, SinkStats, StoreSize
-from hostagent.store.outbox import MERGE_AT, Maintenance, Store
+from hostagent.store.outbox import Maintenance, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -149,7 +151,7 @@ class Delivery:
         return apply
 
     def _saw_used_bytes(self, used_bytes: int) -> None:
-        if used_bytes >= MERGE_AT * self.cfg.max_bytes:
+        if self.store.near_cap(used_bytes):  # the next pass's reserve counted
             self._maint_wake.set()
 
     async def drained(self) -> None:
@@ -194,9 +196,10 @@ class Delivery:
         self._after_upkeep(*done)
 
     def _upkeep(self, due: bool) -> tuple[Maintenance, dict[str, SinkStats], StoreSize] | None:
-        """In a worker: the size check; if `due` or the cap is near, prune/merge, heartbeat and
-        the gauges' figures (None: not run)."""
-        if not due and self.store.size().used_bytes < MERGE_AT * self.cfg.max_bytes:
+        """In a worker: the size check; if `due` or the cap is near (the next pass's reserve
+        counted: `Store.near_cap`), prune/merge, heartbeat and the gauges' figures (None: not
+        run)."""
+        if not due and not self.store.near_cap(self.store.size().used_bytes):
             return None
         rep = self.store.maintain(self.cfg.retention_s)
         self.store.heartbeat()
@@ -248,7 +251,7 @@ class Delivery:
                         "dead_letters": s.dead_letters, "published": s.published,
                         "failed": s.failed} for name, s in m.sinks.items()}
         degraded = [n for n, s in m.sinks.items() if s.breaker_state != "closed"]
-        full = m.store_used_bytes >= MERGE_AT * self.cfg.max_bytes
+        full = self.store.near_cap(m.store_used_bytes)
         return {"status": "degraded" if degraded or full else "ok", "sinks": sinks,
                 "degraded_sinks": degraded, "store_used_bytes": m.store_used_bytes,
                 "store_max_bytes": m.store_max_bytes, "store_near_cap": full}

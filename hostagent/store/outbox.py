@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ import orjson
 
 from hostagent.alerts import routing
 from hostagent.clock import Clock
+from hostagent.errors import StateError, StoreFull
 from hostagent.model import Baseline, OutEvent
 from hostagent.store import bulk, opening, sqlite_tx, upkeep
 from hostagent.store.inspect import Pending, StoreReader
@@ -51,6 +53,9 @@ from hostagent.store.schema import SCHEMA_VERSION
 log = logging.getLogger(__name__)
 
 MERGE_AT = upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pending
+# The room kept for the next pass (`Store.reserve_bytes`): the most any of this many of the
+# last pass commits added to the pages in use.
+RESERVE_PASSES = 4
 
 
 Result = Literal["acked", "failed", "rejected", "dead", "skipped"]
@@ -111,6 +116,14 @@ class Store(StoreReader):
         # Sinks whose new rows the pass commit claims (`claim_at_commit`); replaced, never
         # changed in place: the commit reads it in a worker thread.
         self._claimed_at_commit: frozenset[str] = frozenset()
+        # What the last RESERVE_PASSES pass commits added to the pages in use (or, refused,
+        # would have), and their maximum: the room upkeep keeps for the next pass. Replaced,
+        # never changed in place (read by other worker threads).
+        self._growth: tuple[int, ...] = ()
+        self.reserve_bytes = 0
+        # What the commits' own `make_room` did, reported by the next `maintain`.
+        self._room_made: list[Maintenance] = []
+        self._room_lock = threading.Lock()
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -194,6 +207,15 @@ class Store(StoreReader):
         with self._lock:
             self._conn.close()
 
+    def near_cap(self, used_bytes: int) -> bool:
+        """Whether `used_bytes` plus the next pass's reserve reach MERGE_AT of the cap: time
+        for the near-cap upkeep (prune acked early, merge pending)."""
+        return upkeep.near_cap(used_bytes, self.max_bytes, self.reserve_bytes)
+
+    def _reserve(self, pass_bytes: int) -> None:
+        self._growth = (*self._growth, max(pass_bytes, 0))[-RESERVE_PASSES:]
+        self.reserve_bytes = max(self._growth)
+
     def transaction(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction under the store's lock (errors mapped to StateError)."""
         return sqlite_tx.transaction(self._conn, self._lock, self.path, what)
@@ -214,25 +236,57 @@ class Store(StoreReader):
                     ) -> dict[str, list[Pending]]:
         """ONE transaction: baselines, events (+ pending deliveries), alert state (None deletes).
 
+        Refused for room (StoreFull) under a size cap: the near-cap upkeep runs at once
+        (`upkeep.make_room`: prune acknowledged events, merge never-sent ones; never an
+        unacknowledged row) and, if it freed anything, the same transaction is tried once more;
+        refused again, StoreFull is raised and nothing of the pass is stored.
+
         The deliveries of the sinks in `claim_at_commit` are inserted claimed, and returned:
         those sinks' new rows, in commit order (the pass may write them at once,
         hostagent.delivery.local_round)."""
         now = self.clock.now().wall_ns
         claimed_at_commit = self._claimed_at_commit
         base_rows = [(b.instance_id, orjson.dumps(b.to_dict()).decode()) for b in baselines]
+        by_route = {(ev.kind, ev.channels): routing.sinks_for(self._routes, ev.kind, ev.channels)
+                    for ev in {(e.kind, e.channels): e for e in events}.values()}
+        routed = [(ev, sinks) for ev in events if (sinks := by_route[(ev.kind, ev.channels)])]
+        new = list({ev.event_id: (ev, sinks) for ev, sinks in reversed(routed)}  # the first
+                   .values())[::-1]  # of an id wins
+
+        def commit() -> list[tuple[int, OutEvent, Sequence[str]]]:
+            inserted, grew = self._commit_pass(base_rows, removed_instances, new, alert_state,
+                                               now, claimed_at_commit)
+            self._reserve(grew)
+            return inserted
+
+        try:
+            inserted = commit()
+        except StoreFull as full:
+            if not self._make_room(new, full):
+                raise
+            inserted = commit()  # refused again: StoreFull, the pass fails as before
+        claimed: dict[str, list[Pending]] = {}
+        if claimed_at_commit:
+            for seq, ev, to in inserted:
+                for sink in to:
+                    if sink in claimed_at_commit:
+                        claimed.setdefault(sink, []).append(Pending(ev, 0, 0, seq))
+        return claimed
+
+    def _commit_pass(self, base_rows: Sequence[tuple[str, str]], removed: Sequence[str],
+                     new: Sequence[tuple[OutEvent, Sequence[str]]],
+                     alert_state: Mapping[str, bytes | None] | None, now: int,
+                     claimed_at_commit: frozenset[str]
+                     ) -> tuple[list[tuple[int, OutEvent, Sequence[str]]], int]:
+        """The pass's transaction; what it inserted and the bytes it added to the pages in use."""
         with self.transaction("commit pass") as c:
+            used = self._used_bytes(c)
             c.executemany("INSERT INTO baselines(instance_id, state) VALUES(?, ?) "
                           "ON CONFLICT(instance_id) DO UPDATE SET state = excluded.state",
                           base_rows)
-            if removed_instances:
+            if removed:
                 c.executemany("DELETE FROM baselines WHERE instance_id = ?",
-                              [(i,) for i in removed_instances])
-            by_route = {(ev.kind, ev.channels): routing.sinks_for(self._routes, ev.kind,
-                                                                  ev.channels)
-                        for ev in {(e.kind, e.channels): e for e in events}.values()}
-            routed = [(ev, sinks) for ev in events if (sinks := by_route[(ev.kind, ev.channels)])]
-            new = list({ev.event_id: (ev, sinks) for ev, sinks in reversed(routed)}  # the
-                       .values())[::-1]  # first of an id wins
+                              [(i,) for i in removed])
             inserted = self._insert_events(c, new, now, claimed_at_commit) if new else []
             for fp, state in (alert_state or {}).items():
                 if state is None:
@@ -241,13 +295,36 @@ class Store(StoreReader):
                     c.execute("INSERT INTO alert_state(fingerprint, state) VALUES(?, ?) "
                               "ON CONFLICT(fingerprint) DO UPDATE SET state = excluded.state",
                               (fp, state))
-        claimed: dict[str, list[Pending]] = {}
-        if claimed_at_commit:
-            for seq, ev, to in inserted:
-                for sink in to:
-                    if sink in claimed_at_commit:
-                        claimed.setdefault(sink, []).append(Pending(ev, 0, 0, seq))
-        return claimed
+            grew = self._used_bytes(c) - used
+        return inserted, grew
+
+    def _make_room(self, new: Sequence[tuple[OutEvent, Sequence[str]]], full: StoreFull) -> bool:
+        """A pass's commit was refused for room: run the near-cap upkeep with that pass's size
+        reserved; True when it freed something (the commit is worth another try)."""
+        if self.max_bytes is None:
+            return False  # the disk, not the cap: the operator's to free
+        need = upkeep.pass_bytes([len(ev.payload) for ev, _ in new],
+                                 sum(len(sinks) for _, sinks in new))
+        self._reserve(need)
+        try:
+            rep = upkeep.make_room(self)
+        except StateError as err:
+            log.error("pass commit refused for room, and making room failed",
+                      extra={"error": str(err), "refused": str(full)})
+            return False
+        with self._room_lock:
+            self._room_made.append(rep)
+        made = bool(rep.pruned or rep.merges)
+        fields = {"pass_bytes": need, "pruned": rep.pruned, "merged": dict(rep.merged),
+                  "used_bytes": rep.used_bytes, "max_bytes": self.max_bytes}
+        if made:
+            log.warning("pass commit refused for room: pruned acked events, merged pending "
+                        "ones; committing again", extra=fields)
+        else:
+            log.error("pass commit refused for room and none could be made: what the outbox "
+                      "holds is unacknowledged (claimed, not mergeable, or dead letters), or "
+                      "the disk is full", extra=fields)
+        return made
 
     @staticmethod
     def _insert_events(c: sqlite3.Connection, new: Sequence[tuple[OutEvent, Sequence[str]]],
@@ -396,5 +473,13 @@ class Store(StoreReader):
     # --- upkeep (hostagent.store.upkeep) ----------------------------------------------------
 
     def maintain(self, retention_s: float) -> Maintenance:
-        """Prune acked events past retention; near the size cap prune early, then merge."""
-        return upkeep.maintain(self, retention_s)
+        """Prune acked events past retention; near the size cap prune early, then merge. Also
+        reports what refused pass commits pruned and merged since the last call."""
+        rep = upkeep.maintain(self, retention_s)
+        with self._room_lock:
+            made, self._room_made = self._room_made, []
+        merged = Counter(rep.merged)
+        for m in made:
+            merged.update(m.merged)
+        return Maintenance(rep.pruned + sum(m.pruned for m in made), dict(merged),
+                           rep.merges + sum(m.merges for m in made), rep.used_bytes)

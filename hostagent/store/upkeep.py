@@ -1,8 +1,13 @@
 """Outbox upkeep: pruning acknowledged events and, near the size cap, merging pending ones.
 
 `maintain` prunes acknowledged events `retention_s` after their acknowledgement. When the pages
-in use pass MERGE_AT (90 %) of `max_bytes`, it prunes acknowledged events early (oldest first,
-down to 80 %), then merges consecutive pending `resource_usage` events per sink and instance.
+in use, plus the room the next pass needs (`Store.reserve_bytes`: the most the last few pass
+commits added), pass MERGE_AT (90 %) of `max_bytes`, it prunes acknowledged events early
+(oldest first, until that sum is under PRUNE_TO, 80 %), then merges consecutive pending
+`resource_usage` events per sink and instance. Counting the next pass matters once a pass is
+more than a tenth of the cap: below 90 % there would be no room for it, and pruning would
+never start. `make_room` takes the same two steps at once for a pass whose commit the cap
+refused (`Store.commit_pass`, which then commits it again).
 
 A merged event covers the union of its parts' periods and keeps every billing total:
 
@@ -51,6 +56,11 @@ MERGE_NAMESPACE = uuid.UUID("6f1d3c9e-2b7a-5e41-9c0d-8a4e6b2f1d70")
 SUM_SUFFIXES = ("_seconds", "_ns", "_mb", "_bytes")
 MERGE_AT = 0.9  # of max_bytes
 PRUNE_TO = 0.8
+# What a pass's commit adds to the store besides its payload bytes: per event (its row, the
+# events_key entry, page slack) and per delivery row (the row and its pending-index entry);
+# measured on 1,000-event passes: ~330 and ~115 bytes. Only for a pass the cap refused.
+EVENT_ROW_BYTES = 384
+DELIVERY_ROW_BYTES = 128
 _CHUNK = 500  # rows per prune/merge transaction (bounds how long a commit may wait)
 VACUUM_PAGES = 1024  # free pages handed back to the file system per maintenance run
 AVG_SUFFIX = "_avg"
@@ -150,8 +160,21 @@ def merge_payloads(parts: Sequence[Mapping[str, Any]],
 # --- pruning and the size cap ------------------------------------------------------------------
 
 
+def near_cap(used_bytes: int, max_bytes: int | None, reserve_bytes: int,
+             fraction: float = MERGE_AT) -> bool:
+    """Whether the pages in use plus the room the next pass needs reach `fraction` of the cap."""
+    return max_bytes is not None and used_bytes + reserve_bytes >= fraction * max_bytes
+
+
+def pass_bytes(payload_bytes: Sequence[int], deliveries: int) -> int:
+    """About what a pass of events with these payload sizes and `deliveries` delivery rows in
+    all adds to the store (EVENT_ROW_BYTES, DELIVERY_ROW_BYTES)."""
+    return sum(payload_bytes) + EVENT_ROW_BYTES * len(payload_bytes) \
+        + DELIVERY_ROW_BYTES * deliveries
+
+
 def _under(store: Store, fraction: float) -> bool:
-    return store.max_bytes is None or store.size().used_bytes < fraction * store.max_bytes
+    return not near_cap(store.size().used_bytes, store.max_bytes, store.reserve_bytes, fraction)
 
 
 def delete_orphans(c: sqlite3.Connection, seqs: Collection[int]) -> None:
@@ -208,8 +231,9 @@ def vacuum(store: Store, pages: int) -> None:
 
 
 def prune(store: Store, before_ns: int | None) -> int:
-    """Delete acked deliveries done before `before_ns` (None: all, down to PRUNE_TO of the cap),
-    oldest first, and the events no sink needs any more."""
+    """Delete acked deliveries done before `before_ns` (None: all, until the pages in use and
+    the next pass's reserve are under PRUNE_TO of the cap), oldest first, and the events no
+    sink needs any more."""
     total = 0
     while True:
         with store.transaction("prune") as c:
@@ -227,7 +251,8 @@ def prune(store: Store, before_ns: int | None) -> int:
 
 
 def maintain(store: Store, retention_s: float) -> Maintenance:
-    """Prune past retention; near the cap prune all acked (oldest first), then merge."""
+    """Prune past retention; near the cap (counting the next pass) prune all acked (oldest
+    first), then merge."""
     from hostagent.store.outbox import Maintenance
 
     cutoff = store.clock.now().wall_ns - int(retention_s * 1e9)
@@ -239,16 +264,40 @@ def maintain(store: Store, retention_s: float) -> Maintenance:
     merged: dict[str, int] = {}
     merges = 0
     if not _under(store, MERGE_AT):
-        pruned += prune(store, None)
-        if not _under(store, MERGE_AT):
-            for sink in store.stats():
-                n, m = merge_pending(store, sink)
-                merged[sink] = n
-                merges += m
+        more, merged, merges = _near_cap(store)
+        pruned += more
         log.warning("outbox near its size cap: pruned acked events, merged pending ones",
-                    extra={"pruned": pruned, "merged": merged, "max_bytes": store.max_bytes})
+                    extra={"pruned": pruned, "merged": merged, "max_bytes": store.max_bytes,
+                           "reserve_bytes": store.reserve_bytes})
     vacuum(store, VACUUM_PAGES)
     return Maintenance(pruned, merged, merges, store.size().used_bytes)
+
+
+def make_room(store: Store) -> Maintenance:
+    """A pass's commit was refused for room: the near-cap steps now, whatever the size (prune
+    acked events, oldest first, until the pages in use and the refused pass's reserve are under
+    PRUNE_TO; merge pending ones if still not under MERGE_AT). Never an unacknowledged row.
+    Nothing, when the pages in use and the reserve are under PRUNE_TO already: then the disk,
+    not the cap, refused it."""
+    from hostagent.store.outbox import Maintenance
+
+    if _under(store, PRUNE_TO):
+        return Maintenance(0, {}, 0, store.size().used_bytes)
+    pruned, merged, merges = _near_cap(store)
+    return Maintenance(pruned, merged, merges, store.size().used_bytes)
+
+
+def _near_cap(store: Store) -> tuple[int, dict[str, int], int]:
+    """Prune acked early, then merge if still near the cap: (pruned, merged per sink, merges)."""
+    pruned = prune(store, None)
+    merged: dict[str, int] = {}
+    merges = 0
+    if not _under(store, MERGE_AT):
+        for sink in store.stats():
+            n, m = merge_pending(store, sink)
+            merged[sink] = n
+            merges += m
+    return pruned, merged, merges
 
 
 # --- merging inside the store --------------------------------------------------------------

@@ -412,11 +412,17 @@ def commit_until_full(s: Store, make: Callable[[int], list[OutEvent]]) -> tuple[
 def test_cap_full_commit_raises_storefull_and_keeps_baselines(tmp_path: Path,
                                                              clock: FakeClock) -> None:
     s = open_store(tmp_path / "s.db", clock, max_bytes=1024 * 1024)
+    # claimed (maybe sent) and unacknowledged: neither prunable nor mergeable, so the refused
+    # commit can make no room (tests/store/test_cap_room.py: when it can)
+    s.claim_at_commit("q", True)
     k, err = commit_until_full(s, lambda k: [usage_event(f"i{i}", k, pad=2000)
                                               for i in range(10)])
     assert "full" in str(err)
     assert s.load_baselines()["i0"] == base("i0", k)  # the failed pass did not advance it
-    s.maintain(retention_s=3600)  # merges the never-sent backlog
+    batch = s.pending("q", 10_000, clock.wall_ns)
+    assert len(batch) == 10 * k
+    s.record("q", [Outcome.of(p, "acked") for p in batch], dead_letter_after=3)
+    # the next commit prunes the acknowledged rows itself
     s.commit_pass([base("i0", k + 1)], [usage_event(f"i{i}", k, pad=2000) for i in range(10)])
     assert s.load_baselines()["i0"] == base("i0", k + 1)
     s.close()
