@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import trio
 
 from hostagent import handoff, pass_reads
-from hostagent.accounting import id_clash, identity, inventory, ledger, tails, unattributed
+from hostagent.accounting import inventory, ledger, tails, unattributed
 from hostagent.accounting.readings import (
     Accounting,
     DomainReading,
@@ -40,6 +40,7 @@ from hostagent.alerts.violations import StormControl
 from hostagent.clock import Clock
 from hostagent.config.load import Config
 from hostagent.errors import SourceError, StateError
+from hostagent.instance_ids import InstanceIds
 from hostagent.light_inbox import LightInbox, merge_into
 from hostagent.model import Baseline, DomainInfo, DomainStats
 from hostagent.owners.resolver import Owners
@@ -109,7 +110,8 @@ class Collector:
         if storm is not None:  # the buckets survive a restart
             storm.restore(raw_states.get(alerts.STORM_KEY))
         self._facts: dict[tuple[str, int], HostFacts] = {}
-        self._instance_ids: dict[tuple[str, int], str] = {}
+        c = cfg.collector
+        self._instance_ids = InstanceIds(c.instance_id, cfg.host.node_id, c.instance_id_xpath)
         self.read_errors = ReadErrorLog()
         self.last: PassReport | None = None
         self._passes = 0
@@ -158,7 +160,8 @@ class Collector:
                   and (only is None or d.uuid in only)]
         ids = self._instance_ids
         fresh = [info for _, info in wanted if (info.uuid, info.domid) not in ids]
-        refused = self._assign_ids(fresh, bulk.domains) if fresh else {}
+        refused = ids.assign(fresh, {(d.uuid, d.domid) for d in bulk.domains},
+                             self.baselines) if fresh else {}
         running: list[tuple[DomainStats, DomainInfo, str]] = []
         for d, info in wanted:
             iid = ids.get((info.uuid, info.domid))
@@ -214,8 +217,7 @@ class Collector:
             live = {(d.uuid, d.domid) for d in domains}
             for key in [k for k in self._facts if k not in live]:
                 del self._facts[key]
-            for key in [k for k in self._instance_ids if k not in live]:
-                del self._instance_ids[key]
+            self._instance_ids.keep_only(live)
 
     def xml_refresh_passes(self) -> int:
         """Passes between two periodic XML re-reads of a domain, for the interval in force
@@ -269,44 +271,6 @@ class Collector:
             return await self.gpu.read(infos, self.limiter), None
         except SourceError as err:
             return None, str(err)
-
-    def _assign_ids(self, fresh: Sequence[DomainInfo], listed: Sequence[DomainStats]
-                    ) -> dict[tuple[str, int], str]:
-        """Instance ids for incarnations that have none yet (kept for their life in
-        `_instance_ids`), one running domain per id (accounting/id_clash.py); why the others
-        have none."""
-        c = self.cfg.collector
-        refused: dict[tuple[str, int], str] = {}
-        claims: list[id_clash.Claim] = []
-        fell_back: list[tuple[str, str]] = []
-        names: dict[tuple[str, int], str] = {}
-        for info in fresh:
-            key = (info.uuid, info.domid)
-            names[key] = info.name
-            try:
-                ident = identity.identify(info, scheme=c.instance_id,
-                                          node_id=self.cfg.host.node_id,
-                                          xpath=c.instance_id_xpath)
-            except (SourceError, ValueError) as err:
-                refused[key] = str(err)
-                continue
-            if ident.fallback_reason is not None:
-                fell_back.append((info.name, ident.fallback_reason))
-            claims.append(id_clash.Claim(key, ident.instance_id))
-        held = {iid: key for key, iid in self._instance_ids.items()}
-        got = id_clash.assign(claims, held, {(d.uuid, d.domid) for d in listed},
-                              self.baselines)
-        self._instance_ids.update(got.ids)
-        refused.update(got.refused)
-        for iid, holder, key in got.clashes:
-            log.warning("instance id claimed by several running domains", extra={
-                "instance_id": iid, "kept_by": names.get(holder, holder[0]) if holder else None,
-                "domain": names[key], "billed_as": got.ids.get(key)})
-        if fell_back:  # one line a pass, however many domains: the scheme found nothing
-            log.warning("instance id scheme fell back to the domain UUID", extra={
-                "scheme": c.instance_id, "domains": len(fell_back),
-                "first": fell_back[0][0], "reason": fell_back[0][1]})
-        return refused
 
     # --- the pass ---------------------------------------------------------------------------
 
