@@ -3,6 +3,7 @@ terminal as it was (interactive `top`: cbreak undone, the alternate screen left)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import select
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,8 +29,9 @@ CLI = [sys.executable, "-m", "hostagent.cli"]
 def test_ctrl_c_while_sampling_exits_130_without_a_traceback(
         tmp_path: Path, command: list[str]) -> None:
     cfg = str(config(tmp_path))
-    p = subprocess.Popen([*CLI, "--config", cfg, *command], cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    with default_sigint():
+        p = subprocess.Popen([*CLI, "--config", cfg, *command], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stderr is not None
         assert "libvirt connected" in p.stderr.readline()  # the first sample is being taken
@@ -40,6 +43,19 @@ def test_ctrl_c_while_sampling_exits_130_without_a_traceback(
     assert p.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "Warning" not in err and out == ""
+
+
+@contextlib.contextmanager
+def default_sigint() -> Iterator[None]:
+    """SIGINT as a terminal's Ctrl-C finds it, for the children started inside: a shell's
+    background job (a CI runner's too) starts with SIGINT ignored, a child inherits that, and
+    Python then installs no KeyboardInterrupt handler. (The default disposition is inherited;
+    this test's own handler is not.)"""
+    old = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def read_until(fd: int, needle: bytes, timeout_s: float) -> bytes:
@@ -62,6 +78,7 @@ def test_ctrl_c_in_interactive_top_restores_the_terminal(tmp_path: Path) -> None
     cfg = str(config(tmp_path))
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as default_sigint, after the fork
         os.chdir(REPO)
         os.execve(sys.executable, [*CLI, "--config", cfg, "top", "--interval", "0.5"],
                   os.environ | {"COLUMNS": "160", "LINES": "40"})
