@@ -37,12 +37,13 @@ from hostagent.cli.top_view import DaemonState, Screen, SinkState, SortKey
 from hostagent.clock import Clock, SystemClock
 from hostagent.collector import Collector
 from hostagent.config.load import Config
-from hostagent.errors import HostAgentError
+from hostagent.errors import HostAgentError, StateError
 from hostagent.model import Sample
 from hostagent.owners.resolver import Owners
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import link_reader_for
+from hostagent.store import sqlite_tx
 from hostagent.store.inspect import SinkStats, sink_depth
 from hostagent.store.schema import APP, SCHEMA_VERSION, UPGRADABLE
 
@@ -69,13 +70,12 @@ def daemon_state(cfg: Config, now_ns: int) -> DaemonState:
         return DaemonState(str(path), False, f"cannot read the state store without writing: "
                            f"{path.name}-wal has no {path.name}-shm (the daemon recovers the "
                            "log when it next starts)")
-    # With no daemon (no -wal file), even a read-only open would create -wal and -shm files:
-    # `immutable=1` reads the file as it is. A running daemon keeps both: plain `mode=ro`.
-    mode = "mode=ro" if wal else "mode=ro&immutable=1"
+    # The inspecting commands' connection: `mode=ro` through a daemon's -wal and -shm,
+    # `immutable=1` without them (a read-only open would create both).
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=2.0)
-    except sqlite3.Error as err:
-        return DaemonState(str(path), False, f"cannot open the state store: {err}")
+        conn = sqlite_tx.connect_read_only(path)
+    except StateError as err:  # its text names the file and what failed
+        return DaemonState(str(path), False, str(err))
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         meta = (dict(conn.execute("SELECT key, value FROM meta").fetchall())
