@@ -128,7 +128,11 @@ def usage(
         memory = None
     memory_percent: float | None = None
     if memory is not None and cur.memory_alloc_bytes > 0:
-        memory_percent = memory.used_bytes / cur.memory_alloc_bytes * 100.0
+        # At most 100: the host-side figures (cgroup, RSS) count QEMU's own memory too, which
+        # on a small allocation is many times the guest's (1 KiB allocated: 20,479,902 %).
+        used = memory.used_bytes
+        memory_percent = (100.0 if used >= cur.memory_alloc_bytes
+                          else used / cur.memory_alloc_bytes * 100.0)
 
     storage_bytes, capacity_bytes = _storage(cur, missing, disk_flagged)
     utils = [g.util_percent for g in cur.gpus if g.util_percent is not None] if gpu_count else ()

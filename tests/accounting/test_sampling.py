@@ -349,6 +349,19 @@ def test_gauges_and_averages() -> None:
     assert u.pressure == Pressure(1.5, None, 0.25)
 
 
+def test_memory_percent_is_at_most_100_while_memory_bytes_stays_as_measured() -> None:
+    # A host-side figure (cgroup working set, QEMU RSS) counts QEMU's own memory too: a domain
+    # allocated 1 KiB "used" 20,479,902 % of it, which fired every memory rule.
+    for source in ("cgroup", "rss", "balloon"):
+        used = 200 * 2**20
+        u, _ = emitted(base(), sample(T0 + S, memory=MemoryReading(used, source),
+                                      memory_alloc_bytes=1024))
+        assert (u.memory_bytes, u.memory_percent) == (used, 100.0)
+    u, _ = emitted(base(), sample(T0 + S, memory=MemoryReading(2**30, "cgroup"),
+                                  memory_alloc_bytes=2**30 + 1))
+    assert u.memory_percent is not None and 99.99 < u.memory_percent < 100.0
+
+
 def test_unknown_sizes_and_utilisation_are_none_but_diskless_is_zero() -> None:
     cur = sample(T0 + S, disks=(disk(alloc=None, cap=None),), gpus=(gpu(None),), vcpus=0)
     u, _ = emitted(base(), cur)
