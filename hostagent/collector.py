@@ -404,7 +404,7 @@ class Collector:
             now_ns=host.t_wall_ns, rules=self.rules.index if self.rules is not None else None,
             alert_states=self.alert_states, gate=self.storm,
             retired=self.rules.retired if self.rules is not None else None, closing=closing,
-            live=self.tails)
+            live=self.tails, gpu_changes=self.xml_changes.hostdev_changes)
         if self.storm is not None and self.storm.dirty:  # buckets go in the same transaction
             acc = dataclasses.replace(acc, alert_changes={
                 **acc.alert_changes, alerts.STORM_KEY: self.storm.to_bytes()})
@@ -425,6 +425,8 @@ class Collector:
             self.alert_states = dict(acc.alert_states)
             if self.rules is not None:  # their resolved notices are committed now
                 self.rules.forget_retired(acc.retired)
+            if self.xml_changes.hostdev_changes:  # billed: those of unread domains stay
+                self.xml_changes.settled({e.uuid for e in host.errors})
             before = self.tails
             self.tails = tails.after_pass(self.tails, host, [c.key for c in closing], samples)
             if self.on_new_tails is not None and not self.tails.keys() <= before.keys():

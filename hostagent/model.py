@@ -262,6 +262,10 @@ class Sample:
     # tap), with their last counters from the light samples: (ifindex, guest rx, guest tx).
     # sampling.py bills each up to them (accounting/unplug.py).
     gone_taps: tuple[tuple[int, int, int], ...] = ()
+    # A GPU hot-plugged or unplugged in this period (libvirt's DEVICE_ADDED/REMOVED of a
+    # hostdev): (the GPUs held before, wall ns of the change); sampling.py bills the period
+    # with that many up to the change and with `gpus` after it (accounting/gpu_change.py).
+    gpu_change: tuple[int, int] | None = None
 
     @property
     def cpu_counter(self) -> str:

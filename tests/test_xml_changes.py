@@ -39,3 +39,26 @@ def test_changes_told_from_another_thread_are_never_lost() -> None:
     thread.join()
     got.extend(x.take()[0])
     assert sorted(got) == uuids  # each exactly once
+
+
+def test_hostdev_changes_keep_their_last_time_until_the_pass_that_reads_them() -> None:
+    """A hostdev added or removed leaves when it was heard (the GPU split,
+    accounting/gpu_change.py); other devices and metadata edits leave only the UUID; a pass
+    takes the times with the UUIDs, and its commit keeps only those of domains it failed."""
+    x = XmlChanges()
+    x.tell("AAA", "hostdev0", 10)
+    x.tell("aaa", "hostdev1", 20)  # the last one wins
+    x.tell("bbb", "net1", 30)
+    x.tell("ccc", "ua-gpu", 40)  # a user alias: its kind is unknown, no time kept
+    x.tell("ddd", "hostdev0", 50)
+    x.tell("eee")  # a metadata edit
+    assert x.hostdev_changes == {}  # not before the pass takes them
+    assert x.take() == ({"aaa", "bbb", "ccc", "ddd", "eee"}, False)
+    assert x.hostdev_changes == {"aaa": 20, "ddd": 50}
+    x.tell("aaa", "hostdev0", 60)  # heard after the take: the next pass's
+    x.settled({"ddd"})  # the pass read aaa and failed ddd
+    assert x.hostdev_changes == {"ddd": 50}
+    x.take()
+    assert x.hostdev_changes == {"ddd": 50, "aaa": 60}
+    x.settled(set())
+    assert x.hostdev_changes == {}

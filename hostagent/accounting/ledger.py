@@ -27,7 +27,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
-from hostagent.accounting import events, sampling, unplug
+from hostagent.accounting import events, gpu_change, sampling, unplug
 from hostagent.accounting.assemble import sample_of
 from hostagent.accounting.closeout import Closing, close_out
 from hostagent.accounting.events import TimeFormat
@@ -91,6 +91,7 @@ def account(
     closing: Sequence[Closing | DomainReading] = (),
     retired: Mapping[str, Rule] | None = None,
     live: Mapping[Key, Tail] | None = None,
+    gpu_changes: Mapping[str, int] | None = None,
 ) -> tuple[Accounting, list[Sample]]:
     """One pass's accounting; also returns the samples it billed (for the report and the API).
 
@@ -100,10 +101,15 @@ def account(
     incarnation a present reading still shows is no end and is ignored.
     `live`: the tails before this pass (light readings merged); a reading without counters for
     a NIC whose tap they followed takes that NIC's last light counters (accounting/unplug.py).
+    `gpu_changes`: uuid → wall ns of the last GPU hot-plug or unplug libvirt told of, for the
+    domains whose XML this pass re-read after it: a period in which the GPU count changed is
+    billed with the old count up to then (accounting/gpu_change.py).
     """
     samples = [sample_of(r) for r in readings]
     if live:
         samples = unplug.fill(samples, live)
+        if gpu_changes:
+            samples = gpu_change.fill(samples, live, gpu_changes)
     now = {s.instance_id: s for s in samples}
     usages: list[Usage] = []
     bases: list[Baseline] = []

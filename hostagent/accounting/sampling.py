@@ -63,6 +63,17 @@ def same_incarnation(a: str, b: str) -> bool:
     return dom_a == dom_b and (not ticks_a or not ticks_b)
 
 
+def _gpu_ns_split(change: tuple[int, int], gpus_after: int, from_ns: int, to_ns: int,
+                  plain_ns: int) -> int:
+    """GPU-ns of a period in which the GPU count changed at a known time: the GPUs held before
+    up to the change, those read now after it (`plain_ns`, every GPU read now over the whole
+    period, when the change lies outside it)."""
+    gpus_before, at_ns = change
+    if not from_ns < at_ns < to_ns:
+        return plain_ns
+    return gpus_before * (at_ns - from_ns) + gpus_after * (to_ns - at_ns)
+
+
 def usage(
     prev: Baseline | None,
     cur: Sample,
@@ -109,7 +120,10 @@ def usage(
 
     cpu_seconds, cpu_carry_ns = divmod(cpu_delta_ns + base.cpu_carry_ns, NS_PER_S)
     gpu_count = len(cur.gpus)
-    gpu_seconds, gpu_carry_ns = divmod(gpu_count * running_ns + base.gpu_carry_ns, NS_PER_S)
+    gpu_ns = gpu_count * running_ns
+    if cur.gpu_change is not None and not new_incarnation:
+        gpu_ns = _gpu_ns_split(cur.gpu_change, gpu_count, running_from_ns, cur.t_wall_ns, gpu_ns)
+    gpu_seconds, gpu_carry_ns = divmod(gpu_ns + base.gpu_carry_ns, NS_PER_S)
 
     # The CPU delta covers the time since CPU was last read, which is longer than the period
     # when earlier passes lacked a reading: average over that span, not the period.
