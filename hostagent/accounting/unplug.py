@@ -1,13 +1,13 @@
 """Pure: a NIC hot-unplugged from a running VM is billed up to its last light reading.
 
 A tap goes with its NIC (`virsh detach-interface`, a Nova interface detach): the next pass
-reads the domain without it, and `sampling._nics` dropped a NIC that is neither read nor
+reads the domain without it, and `device_deltas.nic_deltas` dropped a NIC that is neither read nor
 flagged, so its bytes since the last pass were lost. The light samples between passes follow
 every tap the last pass matched, and the stop watch samples a domain the moment one of its taps
 is deleted, with the final counters the kernel's RTM_DELLINK carried (sources/stop_watch.py):
 the tail's latest light reading holds that tap's counters up to its end. A pass that reads the
 domain without that tap (the NIC gone from the XML, listed with its tap not found, or re-plugged
-on a new tap) hands them to the delta engine in `Sample.gone_taps`, and `sampling._nics` bills
+on a new tap) hands them to the delta engine in `Sample.gone_taps`, and `device_deltas.nic_deltas` bills
 the tap from its baseline up to them.
 
 Only the same process's light reading (the tail's domid) and only the baseline's own tap (its

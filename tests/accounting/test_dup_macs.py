@@ -1,7 +1,7 @@
 """NICs of one domain that share a MAC (libvirt takes that, in any case): each NIC is billed
 from its own tap, once (inventory.keyed_nics, sources/net.nic_counters, pass_reads,
-accounting/assemble, sampling._nics), also across an upgrade from baselines that kept one
-entry per MAC, a NIC hot-plugged with a MAC in use, and one unplugged; the light samples,
+accounting/assemble, device_deltas.nic_deltas), also across an upgrade from baselines that
+kept one entry per MAC, a NIC hot-plugged with a MAC in use, and one unplugged; the light samples,
 tails and unplug billing follow each tap by its NIC's key."""
 
 from __future__ import annotations

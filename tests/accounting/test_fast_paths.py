@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hostagent.accounting import assemble, ledger, sampling
+from hostagent.accounting import assemble, device_deltas, ledger, sampling
 from hostagent.accounting.readings import DomainReading
 from hostagent.model import Baseline
 
@@ -39,7 +39,7 @@ def flagged_before(missing: Mapping[str, str]) -> tuple[dict[str, str], dict[str
 @given(st.lists(KEYS, max_size=8))
 def test_flagged_devices_are_found_as_before(keys: list[str]) -> None:
     missing = dict.fromkeys(keys, "why")
-    net, disk = sampling._flagged(missing)
+    net, disk = device_deltas.flagged(missing)
     net_before, disk_before = flagged_before(missing)
     assert list(net.items()) == list(net_before.items())
     assert list(disk.items()) == list(disk_before.items())
