@@ -1,7 +1,11 @@
 """`hostagent dump`: two samples of one domain (or all) `--interval` apart, every counter with its
 source and rate, and the event the daemon would emit for that interval. With `--host`, also the
 host's billing completeness over the interval: the CPU growth of the VMs' parent cgroup (v2)
-against the sum of the domains' (hostagent_unattributed_cpu_seconds_total's figure)."""
+against the sum of the domains' (hostagent_unattributed_cpu_seconds_total's figure).
+
+The text output shows every string from libvirt, a guest's owner or the host (names, devices,
+errors, the event's fields) through `top_view.printable`, as `top` does: a control character
+in a domain name is shown escaped (`\\x1b`, `\\r`, `\\n`), never sent to the terminal."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import trio
 
 from hostagent.accounting import events, sampling
 from hostagent.accounting.assemble import sample_of
+from hostagent.cli.top_view import printable
 from hostagent.clock import Clock, SystemClock
 from hostagent.collector import Collector
 from hostagent.config.load import Config
@@ -231,8 +236,13 @@ def _as_dict(c: Counter) -> dict[str, Any]:
             "rate_per_s": c.rate_per_s}
 
 
+def _p(value: object) -> str:
+    """`value` as one line of text for a terminal: control characters shown escaped."""
+    return printable("" if value is None else str(value))
+
+
 def render_text(docs: Sequence[dict[str, Any]]) -> str:
-    """Human-readable dump."""
+    """Human-readable dump; every string from the host or a guest's owner escaped (`_p`)."""
     lines: list[str] = []
     for doc in docs:
         if "host" in doc:
@@ -241,12 +251,12 @@ def render_text(docs: Sequence[dict[str, Any]]) -> str:
         d = doc["domain"]
         if "unreadable" in doc:
             bad = doc["unreadable"]
-            lines.append(f"domain {d['name']}  uuid {d['uuid']}  unreadable ({bad['step']}): "
-                         f"{bad['error']}")
+            lines.append(f"domain {_p(d['name'])}  uuid {_p(d['uuid'])}  unreadable "
+                         f"({_p(bad['step'])}): {_p(bad['error'])}")
             lines.append("")
             continue
-        lines.append(f"domain {d['name']}  uuid {d['uuid']}  id {d['domid']}  "
-                     f"instance {d['instance_id']}  incarnation {d['incarnation']}")
+        lines.append(f"domain {_p(d['name'])}  uuid {_p(d['uuid'])}  id {d['domid']}  "
+                     f"instance {_p(d['instance_id'])}  incarnation {_p(d['incarnation'])}")
         lines.append(f"  {'counter':<44} {'value':>16} {'unit':<6} {'rate/s':>12}  source")
         for c in doc["counters"]:
             rate = c["rate_per_s"]
@@ -257,23 +267,24 @@ def render_text(docs: Sequence[dict[str, Any]]) -> str:
             elif value is None:
                 value_s = "missing"
             else:
-                value_s = f"{value:,}" if isinstance(value, int) else str(value)
-            lines.append(f"  {c['name']:<44} {value_s:>16} {c['unit']:<6} {rate_s:>12}  "
-                         f"{c['source']}")
+                value_s = f"{value:,}" if isinstance(value, int) else _p(value)
+            lines.append(f"  {_p(c['name']):<44} {value_s:>16} {_p(c['unit']):<6} "
+                         f"{rate_s:>12}  {_p(c['source'])}")
         for g in doc["gpus"]:
             util = (f"{g['util_percent']:.1f} %" if g["util_percent"] is not None
-                    else f"utilisation unknown: {g['why_no_util']}")
-            lines.append(f"  gpu {g['address']} {g['model'] or ''} {g['allocation']}, "
+                    else f"utilisation unknown: {_p(g['why_no_util'])}")
+            lines.append(f"  gpu {_p(g['address'])} {_p(g['model'])} {_p(g['allocation'])}, "
                          f"{'billed' if g['billed'] else 'not billed'}, {util}")
         for k, v in doc["missing"].items():
-            lines.append(f"  missing {k}: {v}")
+            lines.append(f"  missing {_p(k)}: {_p(v)}")
         lines.append("  event the daemon would emit for this interval:")
-        lines.append("  " + orjson.dumps(doc["event"], option=orjson.OPT_INDENT_2)
-                     .decode().replace("\n", "\n  "))
+        # JSON escapes C0 controls but lets C1 controls, U+2028 and bidi overrides through.
+        event = orjson.dumps(doc["event"], option=orjson.OPT_INDENT_2).decode()
+        lines.extend("  " + printable(line) for line in event.split("\n"))
         lines.append("")
     host = docs[0].get("host_gpus", []) if docs else []
     for g in host:
-        lines.append(f"host GPU {g['address']} {g['model'] or ''}: {g['why_no_util']}")
+        lines.append(f"host GPU {_p(g['address'])} {_p(g['model'])}: {_p(g['why_no_util'])}")
     return "\n".join(lines)
 
 
@@ -285,7 +296,7 @@ def _host_lines(h: dict[str, Any]) -> list[str]:
         return "unreadable" if ns is None else f"{ns / 1e6:,.1f} ms"
     over = ("over an unknown interval" if h["interval_s"] is None
             else f"over {h['interval_s']:.2f} s")
-    return [f"host: {h['domains']} domains {over}, parent {h['parent_cgroup']}",
+    return [f"host: {h['domains']} domains {over}, parent {_p(h['parent_cgroup'])}",
             f"  parent cgroup CPU growth   {ms(h['parent_cpu_growth_ns']):>16}",
             f"  domains' CPU growth        {ms(h['domains_cpu_growth_ns']):>16}",
             f"  unattributed CPU           {ms(h['unattributed_cpu_ns']):>16}  (billing "

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     """Run one `store` subcommand."""
     if args.store_command == "check":  # every start-up check, the integrity check included
         path = Path(cfg.collector.state_path)
+        opening.check_reachable(path)  # a symlink loop: an error, not "no store yet"
         if not guard.before_open(path):
             print(f"{path}: no state store yet (created at the first start)")
             return 0
@@ -95,6 +96,10 @@ def reset(path: Path, node_id: str, *, force: bool) -> int:
     """Move the store at `path` aside (see the module doc); the exit status. Refusals and
     errors go to stderr, one line each; what was moved and lost to stdout."""
     marker = guard.marker_path(path)
+    try:  # a symlink loop on the way reads as "not there" to Path.exists: never "nothing"
+        opening.check_reachable(path)
+    except StateError as err:
+        return _fail(f"{err}; not resetting a store that cannot be inspected", 1)
     if not path.exists() and not path.is_symlink() and not marker.exists():
         print(f"{path}: no state store here; nothing to reset")
         return 0

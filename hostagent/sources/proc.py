@@ -16,8 +16,12 @@ _STARTTIME_AFTER_COMM = 19
 
 
 def pid_of(root: HostRoot, domain_name: str, run_dir: str = LIBVIRT_RUN_DIR) -> int | None:
-    """QEMU's pid from libvirt's `<run_dir>/<name>.pid`; None when absent or still empty."""
-    if not domain_name or "/" in domain_name or domain_name in (".", ".."):
+    """QEMU's pid from libvirt's `<run_dir>/<name>.pid`; None when absent or still empty.
+
+    libvirt names the file `<name>.pid` whatever the name (virPidFileBuildPath): "." and ".."
+    are domain names like any other, their files "..pid" and "...pid" plain names in
+    `run_dir`. Only "/" (or a NUL, which ends the path) could lead elsewhere: no pid for those."""
+    if not domain_name or "/" in domain_name or "\0" in domain_name:
         return None
     rel = f"{run_dir}/{domain_name}.pid"
     text = root.read_text(rel)

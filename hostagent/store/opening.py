@@ -4,6 +4,8 @@ A store start-up would refuse must be left exactly as it was, so `open_file` fir
 existing file through a read-only connection (`sqlite_tx.connect_read_only`: no -wal or -shm
 created, none deleted) and checks, in this order:
 
+* its path can be looked up (`check_reachable`: no symlink loop, no file where a directory
+  should be); `Path.exists` reads those as "no store here", which must never pass for absent;
 * it is a SQLite database (else SQLITE_NOTADB / SQLITE_CORRUPT) with tables;
 * it has a ``meta(key, value)`` table whose ``app`` is ours (else: foreign);
 * every meta value it reads parses: ``schema_version`` (ours, or one `schema.migrate` upgrades),
@@ -23,7 +25,9 @@ pragmas, the marker of a new store, and an older schema upgraded (`schema.upgrad
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import reprlib
 import sqlite3
 from collections.abc import Callable, Mapping
@@ -82,6 +86,38 @@ def heartbeat_ns(path: Path, meta: Mapping[str, object]) -> int | None:
         log.warning("delivery heartbeat unreadable; read as never",
                     extra={"path": str(path), "error": str(err)})
         return None
+
+
+def check_reachable(path: Path) -> None:
+    """StateError naming why, when `path` cannot be looked up: a symbolic link loop on the
+    way (the link is named), a file where a directory should be, a directory this user may
+    not search. Absent (ENOENT, a dangling link) is fine: the store is not there."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        why = _loop(path) if err.errno == errno.ELOOP else err.strerror or str(err)
+        fix = ("run it as the service user (runuser -u hostagent --) or root"
+               if err.errno in (errno.EACCES, errno.EPERM)
+               else "fix the path on the way or collector.state_path")
+        raise StateError(f"{path}: cannot reach the state store: {why}; {fix}") from err
+
+
+def _loop(path: Path) -> str:
+    """Which link on `path`'s way loops (the first whose lookup fails with ELOOP)."""
+    for at in (*reversed(path.parents), path):
+        try:
+            os.stat(at)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                break
+            try:
+                target = f" (-> {os.readlink(at)})"
+            except OSError:
+                target = ""
+            return f"{at} is a symbolic link loop{target}: {err.strerror}"
+    return f"a symbolic link loop on the way: {os.strerror(errno.ELOOP)}"
 
 
 def _refuse_sqlite(path: Path, err: sqlite3.Error) -> StateError:
@@ -168,6 +204,7 @@ def peek(path: Path, *, upgradable: bool = True) -> None:
     """What start-up would refuse (StateCorrupt), but ``PRAGMA quick_check``, read-only and
     creating no file: `check-config`'s look at the store. A store of an UPGRADABLE version
     passes unless not `upgradable`. StateError: this user cannot read it."""
+    check_reachable(path)
     if not guard.before_open(path):
         return
     conn = sqlite_tx.connect_read_only(path)
@@ -187,6 +224,7 @@ def open_file(path: Path, *, clock: Clock, node_id: str, create: bool, read_only
     """Check an existing store (the module doc), then open it: `read_only` keeps the checking
     connection; else it is reopened for writing (created, if `create` and none was ever
     there; upgraded, if `upgrade` and older)."""
+    check_reachable(path)  # a symlink loop is an error, not "no store here"
     existed = guard.before_open(path)  # empty, vanished behind our back: refused
     if not existed and (read_only or not create):
         raise StateError(f"{path}: no state store here (the daemon creates it on first run)")
