@@ -7,8 +7,8 @@ every tap the last pass matched, and the stop watch samples a domain the moment 
 is deleted, with the final counters the kernel's RTM_DELLINK carried (sources/stop_watch.py):
 the tail's latest light reading holds that tap's counters up to its end. A pass that reads the
 domain without that tap (the NIC gone from the XML, listed with its tap not found, or re-plugged
-on a new tap) hands them to the delta engine in `Sample.gone_taps`, and `device_deltas.nic_deltas` bills
-the tap from its baseline up to them.
+on a new tap) hands them to the delta engine in `Sample.gone_taps`, and
+`device_deltas.nic_deltas` bills the tap from its baseline up to them.
 
 Only the same process's light reading (the tail's domid) and only the baseline's own tap (its
 ifindex) count, and a light reading is never older than the last pass (tails re-anchor at

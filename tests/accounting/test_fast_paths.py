@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hostagent.accounting import assemble, device_deltas, ledger, sampling
+from hostagent.accounting import assemble, device_deltas, ledger
 from hostagent.accounting.readings import DomainReading
 from hostagent.model import Baseline
 

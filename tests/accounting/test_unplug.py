@@ -1,6 +1,6 @@
-"""A NIC hot-unplugged between two passes (accounting/unplug.py, device_deltas.nic_deltas): its bytes up to
-its last light reading are billed at the next pass, through `ledger.account` as the collector
-calls it, and never twice (a re-plugged NIC is a new tap that counts from zero)."""
+"""A NIC hot-unplugged between two passes (accounting/unplug.py, device_deltas.nic_deltas): its
+bytes up to its last light reading are billed at the next pass, through `ledger.account` as the
+collector calls it, and never twice (a re-plugged NIC is a new tap that counts from zero)."""
 
 from __future__ import annotations
 
