@@ -23,6 +23,7 @@ from hostagent.api.auth import Authenticator
 from hostagent.api.pass_gate import PassGate
 from hostagent.api.seams import RuleStore, WebhookRegistry
 from hostagent.api.view import ApiView
+from hostagent.api.wire_errors import install as install_wire_errors
 from hostagent.clock import Clock
 from hostagent.config.schema import ApiConfig
 from hostagent.errors import ConfigError
@@ -68,8 +69,8 @@ def hypercorn_config(cfg: ApiConfig) -> HyperConfig:
     hc.accesslog = None
     # Headers past this size are refused by the protocol layer before the app sees them.
     # Request line + headers: room for every query parameter at its documented maximum
-    # (openapi.MAX_PARAM_CHARS, percent-encoded), so the app answers 400 problem+json rather
-    # than hypercorn an empty 431.
+    # (openapi.MAX_PARAM_CHARS, percent-encoded), so the app answers those with its own 400
+    # problem; past it, hypercorn answers 431 (a problem+json too: see wire_errors).
     hc.h11_max_incomplete_size = 64 * 1024 + cfg.max_header_bytes * 2
     hc.keep_alive_timeout = READ_TIMEOUT_S
     hc.read_timeout = READ_TIMEOUT_S
@@ -98,6 +99,9 @@ async def serve_api(
 ) -> None:
     """Serve until `stop` is set; `task_status.started(binds)` once the socket listens."""
     hc = hypercorn_config(cfg)
+    # Requests h11 refuses never reach the app; this gives hypercorn's own answers to them a
+    # problem+json body (once per process; a warning, not a failed start, if it cannot).
+    install_wire_errors()
     log.info("api starting", extra={"bind": hc.bind, "tls": bool(cfg.tls_cert_file)})
     await hyper_serve(app, hc, shutdown_trigger=stop.wait,  # type: ignore[arg-type]
                       task_status=task_status)
