@@ -32,7 +32,7 @@ def main() -> None:
                for i in range(n)}
         t0 = time.process_time()
         newest: dict[str, tails.Tail] = {}
-        for t in state.values():  # tailing.TailTasks._targets_now
+        for t in state.values():  # light_samples.LightSamples._targets_now
             best = newest.get(t.anchor.uuid)
             if best is None or t.anchor.t_wall_ns > best.anchor.t_wall_ns:
                 newest[t.anchor.uuid] = t

@@ -154,16 +154,16 @@ async def test_a_burst_of_starts_costs_one_libvirt_call_and_a_restart_keeps_reas
 
 async def test_light_targets_are_made_once_per_incarnation_not_once_per_pass(
         host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hostagent import tailing
+    from hostagent import light_samples
 
     made: list[str] = []
-    real = tailing.target_of
+    real = light_samples.target_of
 
     def counted(anchor: Any) -> Any:
         made.append(anchor.uuid)
         return real(anchor)
 
-    monkeypatch.setattr(tailing, "target_of", counted)
+    monkeypatch.setattr(light_samples, "target_of", counted)
     coll, store = make_collector(host, tmp_path)
     tail = TailTasks(coll, clock=host.clock)
     assert (await coll.run_pass()).committed

@@ -10,18 +10,16 @@ healthy domains still get their stats and the stuck one reports what libvirt has
 lock. While the abandoned call is still blocked, later passes use the per-domain path too.
 A domain whose job another client held during the bulk call is asked again (libvirt_busy.py).
 
-A connection is never closed under a call still inside it (`Calls`): libvirt frees a
-connection on its last close, and an abandoned call that returns afterwards would run on freed
-memory (seen as a SIGSEGV at shutdown right after a SIGSTOPped QEMU answered). Whoever leaves
-it last closes it: `close()` at once when no call is inside, else the last call on its way out.
+A connection is never closed under a call still inside it: whoever leaves it last closes it
+(`Calls`, hostagent.sources.libvirt_conn, which also runs libvirt's event loop).
 
 The daemon's lifecycle watcher subscribes on this same connection (`events_connection`): libvirtd
 pings every client connection that speaks keepalive every 5 s, and answering costs both sides a
 wake-up, so one connection instead of two halves that. Events and keepalive need libvirt's event
-loop registered before the connection opens (`ensure_event_loop`); a connection opened earlier
-is replaced once. Whoever finds the connection dead drops it (`drop_if_current`), and the
-others hear it through `Calls.hold`, which also takes the event callbacks back
-before the connection closes.
+loop registered before the connection opens (`libvirt_conn.ensure_event_loop`); a connection
+opened earlier is replaced once. Whoever finds the connection dead drops it
+(`drop_if_current`), and the others hear it through `Calls.hold`, which also takes the event
+callbacks back before the connection closes.
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceTimeout, SourceUnavailable
 from hostagent.model import DomainStats
 from hostagent.sources.libvirt_busy import ask_busy_again
+from hostagent.sources.libvirt_conn import Calls, event_loop_running
 from hostagent.tick import TickWait
 
 log = logging.getLogger(__name__)
@@ -55,33 +54,6 @@ else:
     # libvirt's C library prints every error to stderr by default; we raise and log them
     # ourselves, so keep the journal to our own JSON lines.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-# libvirt's event-loop implementation is process-wide by libvirt's design (one per process).
-_loop_lock = threading.Lock()
-_loop_threads: list[threading.Thread] = []
-
-
-def ensure_event_loop() -> None:
-    """Register libvirt's default event loop and run it in a daemon thread (once per process;
-    it cannot be stopped and idles in poll())."""
-    with _loop_lock:
-        if _loop_threads:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
-        thread.start()
-        _loop_threads.append(thread)
-
-
-def event_loop_running() -> bool:
-    """libvirt's event loop is registered: connections opened from now on carry events and
-    keepalive."""
-    return bool(_loop_threads)
 
 
 def stats_mask(*, cpu: bool = True) -> int:
@@ -119,98 +91,6 @@ class Then(Generic[T]):
     bulk: BulkResult
     after: T | None = None
     then_ran_out: bool = False
-
-
-class Calls:
-    """One libvirt connection and the worker calls inside it; closed by whoever leaves last."""
-
-    __slots__ = ("_closing", "_holds", "_inside", "_lock", "conn", "events_ready")
-
-    def __init__(self, conn: Any, *, events_ready: bool = False) -> None:
-        self.conn = conn
-        self.events_ready = events_ready  # opened after libvirt's event loop was registered
-        self._lock = threading.Lock()
-        self._inside = 0
-        self._closing = False
-        self._holds: dict[int, tuple[Callable[[], object], Callable[[], object]]] = {}
-
-    @property
-    def closing(self) -> bool:
-        """`close()` was called: no new call gets in."""
-        return self._closing
-
-    def hold(self, on_close: Callable[[], object],
-             release: Callable[[], object]) -> Callable[[], None]:
-        """Something registered on the connection (event callbacks). `on_close()` is called
-        when `close()` is (in its thread: the trio thread), `release()` right before the
-        connection closes (libvirt keeps a connection that has callbacks open, and its events
-        coming). Returns what forgets both, for a caller that released it itself. On a closing
-        connection `on_close()` runs at once and nothing is held."""
-        if self._closing:
-            on_close()
-            return lambda: None
-        key = id(release)
-        with self._lock:
-            self._holds[key] = (on_close, release)
-
-        def forget() -> None:
-            with self._lock:
-                self._holds.pop(key, None)
-        return forget
-
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the connection (in a worker thread); a closed one raises."""
-        self._enter()
-        try:
-            return fn(*args)
-        finally:
-            with self._lock:
-                self._inside -= 1
-                last = self._closing and self._inside == 0
-            if last:
-                self._shut()
-
-    def _enter(self) -> None:
-        with self._lock:
-            if self._closing:
-                raise SourceUnavailable("the libvirt connection was closed")
-            self._inside += 1
-
-    def close(self) -> bool:
-        """Close now (True), or leave it to the last call still inside (False). With
-        callbacks held the close runs in a thread of its own: taking them back is an RPC."""
-        with self._lock:
-            if self._closing:
-                return False
-            self._closing = True
-            now = self._inside == 0
-            holds = list(self._holds.values())
-        for on_close, _ in holds:
-            on_close()
-        if now:
-            if holds:
-                threading.Thread(target=self._shut, name="libvirt-close", daemon=True).start()
-            else:
-                self._shut()
-        return now
-
-    def _shut(self) -> None:
-        with self._lock:
-            holds, self._holds = list(self._holds.values()), {}
-        for _, release in holds:
-            try:
-                release()
-            except Exception as err:  # a dead peer: the close below frees it anyway
-                log.debug("libvirt release failed", extra={"error": str(err)})
-        close_quietly(self.conn)
-
-
-def close_quietly(conn: Any) -> None:
-    """Close a libvirt connection; a failure (a dead peer) is only logged at debug."""
-    try:
-        conn.close()
-    except Exception as err:  # closing a dead connection is not worth a crash
-        log.debug("libvirt close failed", extra={"error": str(err)})
 
 
 def _default_connector(uri: str, readonly: bool) -> Any:

@@ -19,7 +19,8 @@ import trio
 
 from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceUnavailable
-from hostagent.sources.libvirt import Calls, LibvirtSource
+from hostagent.sources.libvirt import LibvirtSource
+from hostagent.sources.libvirt_conn import Calls
 from tests.clocks import FakeClock
 
 

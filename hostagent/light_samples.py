@@ -1,0 +1,228 @@
+"""The light samples' thread and the targets every light sample reads: LightSamples, mixed
+into hostagent.tailing.TailTasks.
+
+The thread ("light-samples", started and stopped by `TailTasks.run`) never runs trio: it sleeps
+on the stop watch (sources/stop_watch.py), or on the timer where a VM's end is not watched,
+samples a domain the moment its cgroup empties or one of its taps is deleted, and every domain
+`sample_interval_s` after the freshest reading of it (`watched_sample_interval_s` while every
+end is watched); its readings go to `Collector.light_inbox` (hostagent/light_inbox.py).
+
+A light sample reads one target per domain, its newest tail's (`target_of` its anchor), reused
+while the anchor's DomainInfo, cgroup and taps stay the same. The thread's samples and an
+event's (`TailTasks.sample`, in trio) share the sampler and that cache under `_sampling`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from hostagent.accounting import tails
+from hostagent.accounting.closeout import LightReading
+from hostagent.accounting.readings import DomainReading
+from hostagent.collector import Collector
+from hostagent.sources.files import HostRoot
+from hostagent.sources.light import LightSampler, LightTarget, light_nics, target_for
+from hostagent.sources.stop_watch import StopWatch, Woken
+
+log = logging.getLogger(__name__)
+
+# With light samples off, how often the loop looks whether the config turned them on.
+IDLE_CHECK_S = 5.0
+
+
+# A light target with what it was made from: the anchor's DomainInfo and cgroup paths (compared
+# by identity) and its taps' (mac, ifname, ifindex).
+_Target = tuple[object, object, tuple[tuple[str, str | None, int | None], ...] | None,
+                LightTarget | None]
+
+
+def target_of(anchor: DomainReading) -> LightTarget | None:
+    """What a light sample reads for the process of `anchor` (None: its cgroup is unknown)."""
+    cg = anchor.facts.cgroup
+    if cg is None:
+        return None
+    found = anchor.netlink_nics.values() if anchor.netlink_nics is not None else ()
+    return target_for(anchor.uuid, anchor.info.domid, cg,
+                      light_nics(anchor.info.nics, tuple(found)))
+
+
+class LightSamples:
+    """The light-samples thread and the targets of every light sample, for TailTasks, which
+    sets the state below (in its `__init__`)."""
+
+    collector: Collector
+    sampler: LightSampler
+    watch: StopWatch | None
+    stops_seen: int
+    samples_total: int
+    sample_errors: int
+    _root: HostRoot
+    _synced: Sequence[LightTarget] | None
+    _watched_all: bool
+    _resync: bool
+    _targets: dict[tails.Key, _Target]
+    _last: tuple[list[DomainReading], list[LightTarget]]
+    _sampling: threading.Lock
+
+    def _light_thread(self, stop: threading.Event) -> None:
+        """The periodic light samples, until `stop`: in this thread, never in trio's.
+
+        A sample is due `sample_interval_s` after the freshest reading of every domain, this
+        thread's last sample or the last pass's read: with passes that often (interval_s at or
+        below it) no sample is taken at all, and the bound on what a destroyed VM leaves
+        unbilled is the same. Where the stop watch sees the end of every domain
+        (sources/stop_watch.py), the thread sleeps on it, samples a domain the moment its
+        cgroup empties, and the periodic samples only back that up, every
+        `watched_sample_interval_s`."""
+        sampled_s = time.monotonic()
+        watch = self.watch
+        while True:
+            c = self.collector.cfg.collector  # live-changeable
+            interval_s = c.sample_interval_s
+            if interval_s <= 0:
+                if stop.wait(IDLE_CHECK_S):
+                    return
+                continue
+            if watch is not None and self._watched_all:
+                interval_s = max(interval_s, c.watched_sample_interval_s)
+            pass_s = self.collector.read_monotonic_s
+            freshest_s = sampled_s if pass_s is None else max(sampled_s, pass_s)
+            wait_s = max(0.0, freshest_s + interval_s - time.monotonic())
+            if watch is None:
+                if stop.wait(wait_s):
+                    return
+            else:
+                try:
+                    woken = watch.wait(wait_s)
+                except Exception as err:  # a defect or a broken descriptor: never the samples
+                    log.warning("VM ends no longer watched: light samples on the timer alone",
+                                extra={"error": str(err)})
+                    watch, self._watched_all = None, False  # run() closes it at the end
+                    continue
+                if stop.is_set():
+                    return
+                if woken is not None:
+                    self._light_sample(watch, woken)
+                    continue
+                if self._resync:  # new tails: watch them before their domains can end
+                    self._resync = False
+                    with self._sampling:
+                        self._watch_targets(watch)
+                if time.monotonic() < freshest_s + interval_s:
+                    continue  # woken early: the wait starts again (the interval may differ)
+            if self.collector.read_monotonic_s != pass_s:
+                continue  # a pass read every domain meanwhile: due interval_s after it
+            sampled_s = time.monotonic()
+            self._light_sample(watch, None)
+
+    def _watch_targets(self, watch: StopWatch | None) -> list[LightTarget]:
+        """The current targets (`_targets_now`), their ends watched; `_sampling` held."""
+        # a copy: trio replaces and updates the dict (a dict copy holds the GIL)
+        targets = self._targets_now(None, dict(self.collector.tails))
+        if watch is not None:
+            try:
+                self._sync_watch(watch, targets)
+            except Exception as err:  # the samples go on, on the timer
+                self._watched_all = False
+                log.warning("VM ends not watched", extra={"error": str(err)})
+        return targets
+
+    def _light_sample(self, watch: StopWatch | None, woken: Woken | None) -> None:
+        """One sample of every domain (`woken` None), or of the domains whose cgroup emptied
+        or one of whose taps was deleted, with the final counters of the taps deleted before
+        (a NIC's bytes up to its hot-unplug); the readings go to the inbox."""
+        inbox = self.collector.light_inbox
+        inbox.begin()
+        got: dict[str, LightReading] = {}
+        try:
+            with self._sampling:
+                targets = self._watch_targets(watch)
+                deleted = None
+                if watch is not None and watch.follows_links:
+                    watch.collect_links()  # a tap deleted just before the cgroup emptied
+                    deleted = watch.deleted or None
+                if woken is not None:
+                    if not woken.overflow:
+                        woke = woken.emptied | woken.unplugged
+                        targets = [t for t in targets if (t.uuid, t.domid) in woke]
+                    self.stops_seen += len(woken.emptied)
+                if targets:
+                    got = (self.sampler.sample(targets) if deleted is None
+                           else self.sampler.sample(targets, deleted_links=deleted))
+                    self.samples_total += 1
+        except Exception as err:  # the next tick tries again; the pass is the truth
+            self.sample_errors += 1
+            log.warning("light sample failed", extra={"error": str(err)})
+        finally:
+            inbox.put(got)
+
+    def _sync_watch(self, watch: StopWatch, targets: Sequence[LightTarget]) -> None:
+        """Watch the v2 cgroups of `targets` (only when they changed: the list is cached)."""
+        if targets is self._synced:
+            return
+        cgroups: dict[object, str] = {}
+        taps: dict[int, object] = {}
+        watchable = True
+        for t in targets:
+            if t.cpu_file is not None and t.cpu_file.endswith("/cpu.stat"):
+                cgroups[(t.uuid, t.domid)] = self._root.abspath(t.cpu_file[:-len("/cpu.stat")])
+            else:
+                watchable = False  # v1 cpuacct: no cgroup.events, the timer alone
+            if t.nics:
+                if not watch.follows_links:
+                    watchable = False  # taps whose deletion nobody hears of
+                key = (t.uuid, t.domid)
+                taps.update((n.ifindex, key) for n in t.nics)
+        watch.sync(cgroups, taps)
+        self._synced = targets
+        self._watched_all = watchable and not watch.failed
+
+    def new_tails(self) -> None:
+        """Tails were added (a pass, a lifecycle read): the thread watches their domains' end
+        now, not at its next sample. Thread-safe."""
+        if self.watch is not None:
+            self._resync = True
+            self.watch.wake()
+
+    def _targets_now(self, only: set[str] | None,
+                     current: dict[tails.Key, tails.Tail]) -> list[LightTarget]:
+        """One target per domain: its newest incarnation's (an older one's cgroup is gone)."""
+        anchors: list[DomainReading] = []
+        if only is None:
+            # Between two passes the anchors stay the same objects (a light reading replaces
+            # a Tail, not its anchor): the last answer holds (3 to 15 samples a pass at 30 s).
+            anchors = [t.anchor for t in current.values()]
+            last_anchors, last_out = self._last
+            if len(anchors) == len(last_anchors) and all(
+                    a is b for a, b in zip(anchors, last_anchors, strict=True)):
+                return last_out
+        newest: dict[str, tails.Tail] = {}
+        for t in current.values():
+            if only is not None and t.anchor.uuid not in only:
+                continue
+            best = newest.get(t.anchor.uuid)
+            if best is None or t.anchor.t_wall_ns > best.anchor.t_wall_ns:
+                newest[t.anchor.uuid] = t
+        cache: dict[tails.Key, _Target] = {}
+        out = []
+        for t in newest.values():
+            # Every pass brings a new anchor, but its target only changes with the domain's
+            # XML (the inventory keeps the same DomainInfo until it re-reads it), its cgroup
+            # (the facts are kept per incarnation) or where its taps are: reused otherwise.
+            a = t.anchor
+            nics = None if a.netlink_nics is None else tuple(
+                (c.mac, c.ifname, c.ifindex) for c in a.netlink_nics.values())
+            hit = self._targets.get(t.key)
+            if hit is None or hit[0] is not a.info or hit[1] is not a.facts.cgroup \
+                    or hit[2] != nics:
+                hit = (a.info, a.facts.cgroup, nics, target_of(a))
+            cache[t.key] = hit
+            if hit[3] is not None:
+                out.append(hit[3])
+        if only is None:
+            self._targets = cache
+            self._last = (anchors, out)
+        return out
