@@ -39,7 +39,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import libvirt
 import trio
@@ -48,19 +48,23 @@ from hostagent import handoff
 from hostagent.accounting.lifecycle import LifecycleEvent, LifecycleKind, Reconnected
 from hostagent.clock import Clock
 from hostagent.errors import SourceError
-from hostagent.sources.libvirt import (
-    Calls,
-    LibvirtSource,
-    backoff_s,
-    close_quietly,
-    ensure_event_loop,
-)
+from hostagent.sources.libvirt import LibvirtSource, backoff_s
+from hostagent.sources.libvirt_conn import Calls, close_quietly, ensure_event_loop
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LifecycleWatcher", "Message", "ensure_event_loop", "to_event"]
 
 Message = LifecycleEvent | Reconnected
+
+
+class XmlChangeHook(Protocol):
+    """Told in libvirt's thread that a domain's XML changed (hostagent.xml_changes.XmlChanges
+    .tell): its UUID and, for a device added or removed, the device's alias and when."""
+
+    def __call__(self, uuid: str, device: str | None = None, wall_ns: int | None = None
+                 ) -> None: ...
+
 Connector = Callable[[str], Any]
 # What changes a domain's XML without changing its bulk stats' shape (accounting/inventory.py):
 # a metadata edit (the owner), a device added or removed (a NIC replaced between two passes).
@@ -118,7 +122,7 @@ class LifecycleWatcher:
                  source: LibvirtSource | None = None,
                  keepalive_interval_s: int = 10, keepalive_count: int = 3,
                  reconnect_max_s: float = 30.0, connect_timeout_s: float = 30.0,
-                 on_xml_change: Callable[[str], None] | None = None,
+                 on_xml_change: XmlChangeHook | None = None,
                  on_xml_heard: Callable[[bool], None] | None = None) -> None:
         self.uri = uri
         # A domain's XML changed (libvirt's thread: thread-safe, never blocking), and whether
@@ -314,7 +318,7 @@ class LifecycleWatcher:
             return None
         return sub
 
-    def _register_changes(self, conn: Any, on_change: Callable[[str], None]
+    def _register_changes(self, conn: Any, on_change: XmlChangeHook
                           ) -> tuple[int, ...]:
         """The XML change callbacks (metadata, device added or removed); () when libvirt
         refuses one: then none, and the inventory keeps its 10-minute re-reads."""
@@ -325,10 +329,23 @@ class LifecycleWatcher:
                 self.callback_errors += 1
                 log.warning("XML change callback failed", extra={"error": str(err)})
 
+        def device(_conn: Any, dom: Any, alias: Any, _opaque: Any) -> None:
+            # Which device and when: a GPU's time is billed from its change
+            # (accounting/gpu_change.py).
+            try:
+                on_change(dom.UUIDString(), alias if isinstance(alias, str) else None,
+                          self._clock.now().wall_ns)
+            except Exception as err:  # never into libvirt's loop
+                self.callback_errors += 1
+                log.warning("XML change callback failed", extra={"error": str(err)})
+
         ids: list[int] = []
         try:
             for event_id in XML_CHANGE_EVENTS:
-                ids.append(conn.domainEventRegisterAny(None, event_id, changed, None))
+                ids.append(conn.domainEventRegisterAny(
+                    None, event_id,
+                    changed if event_id == libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE
+                    else device, None))
         except libvirt.libvirtError as err:
             _take_back(conn, ids)
             log.info("no XML change events: domain XML re-read every 10 minutes",

@@ -133,11 +133,14 @@ class XmlHooks:
 
     def __init__(self) -> None:
         self.told: list[str] = []
+        self.devices: list[tuple[str, str | None, int | None]] = []
         self.heard: list[bool] = []
         self.got = threading.Event()
 
-    def tell(self, uuid: str) -> None:
+    def tell(self, uuid: str, device: str | None = None, wall_ns: int | None = None) -> None:
         self.told.append(uuid)
+        if device is not None or wall_ns is not None:
+            self.devices.append((uuid, device, wall_ns))
         self.got.set()
 
 

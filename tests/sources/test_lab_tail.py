@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -214,3 +215,37 @@ async def test_a_metadata_edit_is_told_to_the_inventory_by_libvirtd(
         assert xml_hooks.heard == [True, False] and watcher.callback_errors == 0
     finally:
         conn.close()
+
+
+async def test_a_device_detached_is_told_with_its_alias_and_when(
+        tail_guest: str, xml_hooks: XmlHooks) -> None:
+    """libvirtd's DEVICE_REMOVED of a running guest reaches `on_xml_change` with the device's
+    alias and the wall time it was heard (what a GPU's hot-unplug is billed from:
+    accounting/gpu_change.py; the lab has no GPU, its NIC stands in)."""
+    watcher = LifecycleWatcher(lab_support.URI, clock=SystemClock(),
+                               on_xml_change=xml_hooks.tell,
+                               on_xml_heard=xml_hooks.heard.append)
+    send, _recv = trio.open_memory_channel[Message](1000)
+    with trio.fail_after(180):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run, send)
+            await trio.to_thread.run_sync(lab_support.start_guest, tail_guest)
+            uuid = lab_support.domain_uuid(tail_guest)
+            before_ns = time.time_ns()
+            await trio.to_thread.run_sync(lambda: subprocess.run(
+                ["virsh", "-c", lab_support.URI, "detach-interface", tail_guest, "ethernet",
+                 "--mac", f"52:54:00:4c:ab:{SLOT:02x}", "--live"], check=True,
+                capture_output=True, timeout=60, stdin=subprocess.DEVNULL))
+            def told_a_device() -> bool:  # (a metadata edit would set `got` without one)
+                end = time.monotonic() + 60
+                while not xml_hooks.devices and time.monotonic() < end:
+                    time.sleep(0.05)
+                return bool(xml_hooks.devices)
+
+            assert await trio.to_thread.run_sync(told_a_device)
+            after_ns = time.time_ns()
+            nursery.cancel_scope.cancel()
+    (told_uuid, alias, wall_ns), = xml_hooks.devices
+    assert told_uuid.lower() == uuid and alias == "net0", xml_hooks.devices
+    assert wall_ns is not None and before_ns <= wall_ns <= after_ns
+    assert watcher.callback_errors == 0

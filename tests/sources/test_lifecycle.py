@@ -282,7 +282,8 @@ async def test_a_libvirt_without_xml_change_events_keeps_the_short_cadence() -> 
         return made[-1]
 
     watcher = LifecycleWatcher("test:///default", clock=SystemClock(), connector=connect,
-                               on_xml_change=lambda _u: None, on_xml_heard=heard.append)
+                               on_xml_change=lambda _u, _d=None, _t=None: None,
+                               on_xml_heard=heard.append)
     send, recv = trio.open_memory_channel[Message](100)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
