@@ -35,19 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hostagent import pass_reads
 from hostagent.accounting import ledger, tails
 from hostagent.accounting.readings import DomainReading, HostFacts, HostReading
-from hostagent.model import (
-    Baseline,
-    CgroupReading,
-    Disk,
-    DomainInfo,
-    DomainStats,
-    LinkStats,
-    Nic,
-    NicCounters,
-    Owner,
-    OwnerHint,
-    Pressure,
-)
+from hostagent.model import Baseline, Disk, DomainInfo, Nic, NicCounters, Owner, OwnerHint, Pressure
+from hostagent.source_model import CgroupReading, DomainStats, LinkStats
 from hostagent.sources.domain_files import FilesResult
 from hostagent.sources.net import _Links
 

@@ -42,10 +42,11 @@ from hostagent.config.load import Config
 from hostagent.errors import SourceError, StateError
 from hostagent.instance_ids import InstanceIds
 from hostagent.light_inbox import LightInbox, merge_into
-from hostagent.model import Baseline, DomainInfo, DomainStats
+from hostagent.model import Baseline, DomainInfo
 from hostagent.owners.resolver import Owners
 from hostagent.pass_ports import AfterCommit, PassStore
 from hostagent.read_errors import ReadErrorLog
+from hostagent.source_model import DomainStats
 from hostagent.sources.cgroup_read import CgroupReader
 from hostagent.sources.domain_files import DomainFiles, FilesResult, LinkReader, Want
 from hostagent.sources.fdcache import FdCache

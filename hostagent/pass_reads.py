@@ -17,14 +17,8 @@ import trio
 
 from hostagent.accounting.readings import NO_FACTS, DomainReading, HostFacts
 from hostagent.errors import SourceError
-from hostagent.model import (
-    CPU_FROM_LIBVIRT,
-    Baseline,
-    DomainInfo,
-    DomainStats,
-    GpuReading,
-    NicCounters,
-)
+from hostagent.model import CPU_FROM_LIBVIRT, Baseline, DomainInfo, GpuReading, NicCounters
+from hostagent.source_model import DomainStats
 from hostagent.sources import net as net_src
 from hostagent.sources.domain_files import DomainFiles, FilesResult, Want
 from hostagent.sources.fdcache import FdCache

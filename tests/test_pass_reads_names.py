@@ -15,7 +15,8 @@ import pytest
 from hostagent import pass_reads
 from hostagent.accounting.assemble import sample_of
 from hostagent.accounting.inventory import parse_domain_xml
-from hostagent.model import DomainInfo, DomainStats, LinkStats
+from hostagent.model import DomainInfo
+from hostagent.source_model import DomainStats, LinkStats
 from hostagent.sources import proc
 from hostagent.sources.cgroup_read import CgroupReader
 from hostagent.sources.domain_files import DomainFiles, Want

@@ -22,8 +22,6 @@ from hostagent.alerts import state as threshold_state
 from hostagent.alerts.rules import Rule
 from hostagent.model import (
     Baseline,
-    CgroupPaths,
-    CgroupReading,
     DomainInfo,
     GpuReading,
     NicCounters,
@@ -32,6 +30,7 @@ from hostagent.model import (
     Sample,
     Usage,
 )
+from hostagent.source_model import CgroupPaths, CgroupReading
 
 __all__ = ["Accounting", "DomainReading", "HostFacts", "HostReading", "PassReport", "ReadError",
            "ReadStep", "brief"]

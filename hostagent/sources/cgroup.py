@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from hostagent.model import CgroupPaths, ControllerDir
+from hostagent.source_model import CgroupPaths, ControllerDir
 from hostagent.sources.files import HostRoot
 
 # libvirt's per-thread children of a VM cgroup; the VM's own cgroup is their parent.

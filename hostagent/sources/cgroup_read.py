@@ -12,7 +12,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from hostagent.errors import SourceError
-from hostagent.model import CgroupPaths, CgroupReading, ControllerDir, IoSource, Pressure
+from hostagent.model import IoSource, Pressure
+from hostagent.source_model import CgroupPaths, CgroupReading, ControllerDir
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot, cat_bytes, kv_bytes
 

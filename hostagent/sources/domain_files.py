@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hostagent.accounting.readings import NO_FACTS, HostFacts, ReadError, ReadStep, brief
-from hostagent.model import CgroupReading, DomainInfo, LinkStats
+from hostagent.model import DomainInfo
+from hostagent.source_model import CgroupReading, LinkStats
 from hostagent.sources import cgroup as cgroup_src
 from hostagent.sources import proc
 from hostagent.sources.cgroup_read import READ_ERRORS, CgroupReader, KeptPressure, ReadAsk

@@ -37,7 +37,7 @@ from hostagent import handoff
 from hostagent.clock import Clock
 from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceTimeout, SourceUnavailable
-from hostagent.model import DomainStats
+from hostagent.source_model import DomainStats
 from hostagent.sources.libvirt_busy import ask_busy_again
 from hostagent.sources.libvirt_conn import Calls, event_loop_running
 from hostagent.tick import TickWait

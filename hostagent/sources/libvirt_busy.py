@@ -25,7 +25,7 @@ import libvirt
 
 from hostagent.accounting.assemble import job_skipped
 from hostagent.errors import SourceUnavailable
-from hostagent.model import DomainStats
+from hostagent.source_model import DomainStats
 
 log = logging.getLogger(__name__)
 

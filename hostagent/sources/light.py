@@ -27,7 +27,8 @@ from typing import Protocol
 from hostagent.accounting.closeout import IoBytes, LightReading
 from hostagent.clock import Clock
 from hostagent.errors import SourceError
-from hostagent.model import CgroupPaths, Nic, NicCounters, canonical_nic_key, nic_key
+from hostagent.model import Nic, NicCounters, canonical_nic_key, nic_key
+from hostagent.source_model import CgroupPaths
 from hostagent.sources.cgroup_read import sum_io_stat
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot, kv_bytes, kv_value

@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hostagent.errors import SourceError, SourceTimeout
-from hostagent.model import LinkStats, Nic, NicCounters
+from hostagent.model import Nic, NicCounters
+from hostagent.source_model import LinkStats
 from hostagent.sources.files import HostRoot
 
 if TYPE_CHECKING:

@@ -24,7 +24,6 @@ from hostagent.accounting.closeout import IoBytes, LightReading
 from hostagent.accounting.readings import DomainReading, HostFacts, HostReading
 from hostagent.model import (
     Baseline,
-    CgroupReading,
     Disk,
     DomainInfo,
     GpuReading,
@@ -34,6 +33,7 @@ from hostagent.model import (
     OwnerHint,
     Pressure,
 )
+from hostagent.source_model import CgroupReading
 
 NS = 10**9
 STORE_NS = 1_700_000_000 * NS

@@ -21,17 +21,8 @@ from hostagent.accounting.inventory import keyed_nics, parse_domain_xml
 from hostagent.accounting.readings import DomainReading, HostFacts, HostReading
 from hostagent.accounting.sampling import ESTABLISHED, usage
 from hostagent.accounting.unplug import with_unplugged
-from hostagent.model import (
-    Baseline,
-    DomainStats,
-    LinkStats,
-    Nic,
-    NicBase,
-    NicCounters,
-    Owner,
-    OwnerHint,
-    Usage,
-)
+from hostagent.model import Baseline, Nic, NicBase, NicCounters, Owner, OwnerHint, Usage
+from hostagent.source_model import DomainStats, LinkStats
 from hostagent.sources.domain_files import FilesResult
 from hostagent.sources.light import LightSampler, light_nics
 

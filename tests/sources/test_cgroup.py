@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from hostagent.errors import SourceError
-from hostagent.model import CgroupPaths, CgroupReading, ControllerDir
+from hostagent.source_model import CgroupPaths, CgroupReading, ControllerDir
 from hostagent.sources import cgroup, cgroup_read, proc
 from hostagent.sources.cgroup_read import CgroupReader, ReadAsk
 from hostagent.sources.fdcache import FdCache

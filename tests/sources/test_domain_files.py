@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from hostagent.accounting.readings import HostFacts
-from hostagent.model import CgroupReading, DomainInfo, LinkStats
+from hostagent.model import DomainInfo
+from hostagent.source_model import CgroupReading, LinkStats
 from hostagent.sources import cgroup
 from hostagent.sources.cgroup_read import CgroupReader
 from hostagent.sources.domain_files import PSI_EVERY_S, DomainFiles, FilesResult, Want

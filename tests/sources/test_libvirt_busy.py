@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from hostagent.accounting.assemble import job_skipped
-from hostagent.model import DomainStats
+from hostagent.source_model import DomainStats
 from hostagent.sources.libvirt_busy import RETRY_PAUSES_S, ask_busy_again
 
 FULL = {"state.state": 1, "balloon.current": 1048576, "balloon.rss": 204800,

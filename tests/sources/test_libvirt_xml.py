@@ -11,7 +11,7 @@ import trio
 from hostagent import handoff
 from hostagent.config.schema import LibvirtConfig
 from hostagent.errors import SourceTimeout
-from hostagent.model import DomainStats
+from hostagent.source_model import DomainStats
 from hostagent.sources.libvirt import LibvirtSource
 from tests.clocks import FakeClock
 
