@@ -18,7 +18,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -26,12 +26,8 @@ from hostagent import handoff, pass_reads
 from hostagent.accounting import inventory, ledger, tails, unattributed
 from hostagent.accounting.readings import (
     Accounting,
-    DomainReading,
     HostFacts,
-    HostReading,
     PassReport,
-    ReadError,
-    brief,
 )
 from hostagent.alerts import state as threshold_state
 from hostagent.alerts import violations as alerts
@@ -40,18 +36,18 @@ from hostagent.alerts.violations import StormControl
 from hostagent.clock import Clock
 from hostagent.config.load import Config
 from hostagent.errors import SourceError, StateError
+from hostagent.host_reads import HostReads
 from hostagent.instance_ids import InstanceIds
 from hostagent.light_inbox import LightInbox, merge_into
-from hostagent.model import Baseline, DomainInfo
+from hostagent.model import Baseline
 from hostagent.owners.resolver import Owners
 from hostagent.pass_ports import AfterCommit, PassStore
 from hostagent.read_errors import ReadErrorLog
-from hostagent.source_model import DomainStats
 from hostagent.sources.cgroup_read import CgroupReader
-from hostagent.sources.domain_files import DomainFiles, FilesResult, LinkReader, Want
+from hostagent.sources.domain_files import DomainFiles, LinkReader
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
-from hostagent.sources.gpu import GpuReadings, GpuSource
+from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.unattributed import parent_cpu_stat
 from hostagent.tick import TickWait, WaitInterrupted
@@ -65,7 +61,7 @@ HUNG_STATS = pass_reads.HUNG_STATS
 OnRead = Callable[[], Awaitable[None]]  # awaited once a timed pass has read the host
 
 
-class Collector:
+class Collector(HostReads):
     """Owns the sources, the inventory and the in-memory baselines; `run_pass()` does one pass."""
 
     def __init__(
@@ -138,140 +134,6 @@ class Collector:
         self.after_commit: AfterCommit | None = None
         # What a pass waiting for its tick in a worker sleeps on (run_pass_at, interrupt_wait).
         self._tick = threading.Event()
-
-    # --- reading ----------------------------------------------------------------------------
-
-    async def read_host(self, only: set[str] | None = None, *,
-                        wait: TickWait | None = None) -> HostReading:
-        """One `DomainReading` per running domain (or the `only` UUIDs) and per-domain errors.
-
-        Raises SourceError only for host-wide failures (no libvirt connection); `wait`: the
-        bulk call's worker first waits for the pass's tick (WaitInterrupted: cut short).
-        """
-        early = self._early_reads() if only is None else None
-        self._early = early
-        got = await self.libvirt.bulk_stats_then(early, wait=wait)
-        bulk = got.bulk
-        errors = [ReadError(uuid, brief(name), "stats", brief(why))
-                  for uuid, name, why in bulk.failed
-                  if only is None or uuid in only]
-        await self._refresh_inventory(bulk.domains, errors)
-        wanted = [(d, info) for d in bulk.domains
-                  if (info := self.inventory.get(d.uuid)) is not None
-                  and (only is None or d.uuid in only)]
-        ids = self._instance_ids
-        fresh = [info for _, info in wanted if (info.uuid, info.domid) not in ids]
-        refused = ids.assign(fresh, {(d.uuid, d.domid) for d in bulk.domains},
-                             self.baselines) if fresh else {}
-        running: list[tuple[DomainStats, DomainInfo, str]] = []
-        for d, info in wanted:
-            iid = ids.get((info.uuid, info.domid))
-            if iid is None:
-                why = refused.get((info.uuid, info.domid), "no instance id")
-                errors.append(ReadError(d.uuid, brief(d.name), "identity", brief(why)))
-                continue
-            running.append((d, info, iid))
-        files = await self._read_files([(d, info) for d, info, _ in running],
-                                       early=got.after, ran_out=got.then_ran_out)
-        errors.extend(files.errors)
-        t_wall_ns = self.clock.now().wall_ns
-        gpus, gpu_error = await self._read_gpus([info for _, info, _ in running])
-        out: list[DomainReading] = []
-        for d, info, iid in running:
-            if gpu_error is not None and info.hostdevs:
-                # GPU seconds count time, not a counter: billing this period without them
-                # would lose them. Withheld, the domain keeps its baseline until GPUs read again.
-                errors.append(ReadError(d.uuid, brief(d.name), "gpu", brief(gpu_error)))
-                continue
-            out.append(pass_reads.domain_reading(
-                d, info, iid, t_wall_ns, files, gpus.of(info.uuid) if gpus is not None else (),
-                self._facts, timed_out=d.name in bulk.timed_out))
-        return HostReading(t_wall_ns=t_wall_ns, domains=tuple(out), errors=tuple(errors),
-                           path=bulk.path, timed_out=bulk.timed_out,
-                           listed={d.uuid: d.name for d in bulk.domains})
-
-    async def _refresh_inventory(self, domains: Sequence[DomainStats],
-                                 errors: list[ReadError]) -> None:
-        shapes = {d.uuid: inventory.shape_from_stats(d.uuid, d.domid, d.stats) for d in domains}
-        self.inventory.retune(self.xml_refresh_passes())
-        changed, everything = self.xml_changes.take()
-        want = set(self.inventory.needs_xml(shapes.values(),
-                                            shapes.keys() if everything else changed))
-        todo = [d for d in domains if d.uuid in want]
-        parsed: list[tuple[DomainInfo, inventory.Shape]] = []
-        if todo:
-            xml = await self.libvirt.domain_xml(todo)
-            for d in todo:
-                got = xml.get(d.uuid)
-                if isinstance(got, str):
-                    try:
-                        parsed.append((inventory.parse_domain_xml(got, d.name), shapes[d.uuid]))
-                        continue
-                    except SourceError as err:
-                        got = err
-                errors.append(ReadError(d.uuid, brief(d.name), "xml", brief(str(got))))
-                self.inventory.forget(d.uuid)
-        self.inventory.update(parsed, present=shapes)
-        # Keyed by incarnation: more entries than running domains means some are gone (a
-        # restart or a stop), and only then is the sweep worth its set.
-        if len(self._facts) > len(domains) or len(self._instance_ids) > len(domains):
-            live = {(d.uuid, d.domid) for d in domains}
-            for key in [k for k in self._facts if k not in live]:
-                del self._facts[key]
-            self._instance_ids.keep_only(live)
-
-    def xml_refresh_passes(self) -> int:
-        """Passes between two periodic XML re-reads of a domain, for the interval in force
-        (reloadable) and whether libvirt's XML change events are heard."""
-        return inventory.refresh_passes(
-            self.cfg.collector.interval_s,
-            inventory.XML_REFRESH_HEARD_S if self.xml_changes.heard else inventory.XML_REFRESH_S)
-
-    def _early_reads(self) -> pass_reads.EarlyReads:
-        """The host reads for the bulk call's worker call (pass_reads.EarlyReads)."""
-        facts = self._facts
-        known = {uuid: (info, facts.get((uuid, info.domid)))
-                 for uuid, info in self.inventory.items()}
-        return pass_reads.EarlyReads(known, self.files, self._root, self._parent_cpu, self.fds)
-
-    async def _read_files(self, running: Sequence[tuple[DomainStats, DomainInfo]], *,
-                          early: FilesResult | None = None, ran_out: bool = False
-                          ) -> FilesResult:
-        """Links, host facts and cgroup files in ONE worker call, bounded by a deadline.
-
-        `early`: they were read in the bulk call's worker call (`_early_reads`); `ran_out`:
-        that call ran past its deadline after the bulk call answered. Past
-        `libvirt.call_timeout_s` the call is abandoned (a hung cgroupfs or /proc read):
-        the pass goes on with those readings missing, and `DomainFiles.busy` keeps later passes
-        from starting a second call until the abandoned one returns.
-        """
-        timeout_s = self.cfg.libvirt.call_timeout_s
-        result: FilesResult | None = early
-        why = f"host file reads exceeded {timeout_s} s"
-        if result is None and not ran_out:
-            wants = [Want(info, d.stats, self._facts.get((info.uuid, info.domid)), d.name)
-                     for d, info in running]
-            with trio.move_on_after(timeout_s):
-                result = await handoff.run_sync(self.files.read, wants,
-                                                limiter=self.limiter,
-                                                abandon_on_cancel=True)
-                why = "host file reads of an earlier pass still blocked"
-        if result is None:
-            log.warning("host file reads skipped", extra={"reason": why})
-            return FilesResult(links_error=why, cgroups={
-                (info.uuid, info.domid): why for _, info in running})
-        self._facts.update(result.facts)
-        return result
-
-    async def _read_gpus(self, infos: Sequence[DomainInfo]
-                         ) -> tuple[GpuReadings | None, str | None]:
-        """This pass's GPU readings (None: no domain holds a hostdev), or why none were taken."""
-        if self.gpu is None or not any(i.hostdevs for i in infos):
-            return None, None
-        try:
-            return await self.gpu.read(infos, self.limiter), None
-        except SourceError as err:
-            return None, str(err)
 
     # --- the pass ---------------------------------------------------------------------------
 
