@@ -18,9 +18,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Container
+from typing import Protocol
 
 # libvirt's alias for a <hostdev> it names itself: hostdev0, hostdev1, ...
 HOSTDEV_ALIAS = "hostdev"
+
+
+class XmlChangeHook(Protocol):
+    """Told in libvirt's thread that a domain's XML changed (`XmlChanges.tell`; the lifecycle
+    watcher's hook): its UUID and, for a device added or removed, the device's alias and when."""
+
+    def __call__(self, uuid: str, device: str | None = None, wall_ns: int | None = None
+                 ) -> None: ...
 
 
 class XmlChanges:

@@ -15,12 +15,13 @@ hostagent.sources.libvirt (`LibvirtSource`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from hostagent.errors import SourceUnavailable
+from hostagent.errors import SourceError, SourceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +151,24 @@ def close_quietly(conn: Any) -> None:
         conn.close()
     except Exception as err:  # closing a dead connection is not worth a crash
         log.debug("libvirt close failed", extra={"error": str(err)})
+
+
+def take_back(conn: Any, callback_ids: Iterable[int]) -> None:
+    """Deregister domain event callbacks; one libvirt no longer knows is skipped."""
+    for cid in callback_ids:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.domainEventDeregisterAny(cid)
+
+def alive_in(calls: Calls, conn: Any) -> bool:
+    """`alive` through the pass's connection guard (a closed one is not alive)."""
+    try:
+        return calls.run(alive, conn)
+    except SourceError:
+        return False
+
+def alive(conn: Any) -> bool:
+    """libvirt's keepalive says the connection is up (anything else: it is not)."""
+    try:
+        return bool(conn.isAlive())
+    except Exception:  # a connection that cannot answer is not alive
+        return False

@@ -37,9 +37,9 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import libvirt
 import trio
@@ -49,7 +49,15 @@ from hostagent.accounting.lifecycle import LifecycleEvent, LifecycleKind, Reconn
 from hostagent.clock import Clock
 from hostagent.errors import SourceError
 from hostagent.sources.libvirt import LibvirtSource, backoff_s
-from hostagent.sources.libvirt_conn import Calls, close_quietly, ensure_event_loop
+from hostagent.sources.libvirt_conn import (
+    Calls,
+    alive,
+    alive_in,
+    close_quietly,
+    ensure_event_loop,
+    take_back,
+)
+from hostagent.xml_changes import XmlChangeHook
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +65,6 @@ __all__ = ["LifecycleWatcher", "Message", "ensure_event_loop", "to_event"]
 
 Message = LifecycleEvent | Reconnected
 
-
-class XmlChangeHook(Protocol):
-    """Told in libvirt's thread that a domain's XML changed (hostagent.xml_changes.XmlChanges
-    .tell): its UUID and, for a device added or removed, the device's alias and when."""
-
-    def __call__(self, uuid: str, device: str | None = None, wall_ns: int | None = None
-                 ) -> None: ...
 
 Connector = Callable[[str], Any]
 # What changes a domain's XML without changing its bulk stats' shape (accounting/inventory.py):
@@ -215,7 +216,7 @@ class LifecycleWatcher:
             # A live connection that refuses events keeps serving the passes; the
             # subscription is tried again after the backoff. (SourceUnavailable: dropped.)
             elif isinstance(failed, libvirt.libvirtError) and not await handoff.run_sync(
-                    _alive_in, calls, calls.conn, abandon_on_cancel=True):
+                    alive_in, calls, calls.conn, abandon_on_cancel=True):
                 source.drop_if_current(calls, f"event registration failed: {failed}")
             return None
         sub.calls = calls
@@ -262,8 +263,8 @@ class LifecycleWatcher:
                 await closed.wait()
             if closed.is_set():
                 return
-            alive = (_alive if sub.calls is None else functools.partial(_alive_in, sub.calls))
-            if not await handoff.run_sync(alive, sub.conn):
+            up = (alive if sub.calls is None else functools.partial(alive_in, sub.calls))
+            if not await handoff.run_sync(up, sub.conn):
                 closed.set()
                 return
 
@@ -347,7 +348,7 @@ class LifecycleWatcher:
                     changed if event_id == libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE
                     else device, None))
         except libvirt.libvirtError as err:
-            _take_back(conn, ids)
+            take_back(conn, ids)
             log.info("no XML change events: domain XML re-read every 10 minutes",
                      extra={"error": str(err)})
             return ()
@@ -385,17 +386,11 @@ def _from_thread(token: trio.lowlevel.TrioToken, fn: Callable[..., object], *arg
 
 def _deregister(sub: _Subscription) -> None:
     """Take the callbacks back (in a worker, or in the thread that closes the connection)."""
-    _take_back(sub.conn, (sub.callback_id, *sub.change_ids))
+    take_back(sub.conn, (sub.callback_id, *sub.change_ids))
     if sub.close_watched:
         with contextlib.suppress(libvirt.libvirtError):
             sub.conn.unregisterCloseCallback()
 
-
-def _take_back(conn: Any, callback_ids: Iterable[int]) -> None:
-    """Deregister domain event callbacks; one libvirt no longer knows is skipped."""
-    for cid in callback_ids:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.domainEventDeregisterAny(cid)
 
 
 def _deregister_and_close(sub: _Subscription) -> None:
@@ -403,18 +398,3 @@ def _deregister_and_close(sub: _Subscription) -> None:
     events coming), so they go first."""
     _deregister(sub)
     close_quietly(sub.conn)
-
-
-def _alive_in(calls: Calls, conn: Any) -> bool:
-    """`_alive` through the pass's connection guard (a closed one is not alive)."""
-    try:
-        return calls.run(_alive, conn)
-    except SourceError:
-        return False
-
-
-def _alive(conn: Any) -> bool:
-    try:
-        return bool(conn.isAlive())
-    except Exception:  # a connection that cannot answer is not alive
-        return False
