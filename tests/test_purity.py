@@ -40,7 +40,7 @@ def pure_modules() -> list[str]:
     mods += [f"hostagent.alerts.{p.stem}" for p in sorted((PKG / "alerts").glob("*.py"))
              if p.stem not in ("__init__", "rules_source", "rule_store", "central")]
     return [*mods, "hostagent.owners.index", "hostagent.owners.accounts", "hostagent.model",
-            "hostagent.source_model",
+            "hostagent.source_model", "hostagent.store.merging",
             "hostagent.errors", "hostagent.clock"]
 
 
