@@ -44,7 +44,7 @@ from hostagent.file_watch import (
     read_events,
     rm_watch,
 )
-from hostagent.sources.net import parse_link, route_socket
+from hostagent.sources.rtnl_links import parse_link, route_socket
 
 __all__ = ["StopWatch", "Woken", "dellink_stats"]
 
@@ -62,7 +62,7 @@ _RCVBUF_BYTES = 1 << 20
 def dellink_stats(data: bytes, keep: Iterable[int] | None = None
                   ) -> dict[int, tuple[int, int]]:
     """(rx_bytes, tx_bytes) by ifindex of the RTM_DELLINK messages in one netlink read, decoded
-    as the link dump decodes RTM_NEWLINK (sources/net.parse_link: the same layout).
+    as the link dump decodes RTM_NEWLINK (sources/rtnl_links.parse_link: the same layout).
 
     `keep`: only these ifindexes (None: all). A message without IFLA_STATS64 is skipped; a
     malformed one ends the read (nothing after it can be trusted)."""
