@@ -47,11 +47,16 @@ def check(rules: Sequence[Rule], routes: Mapping[str, Route] | None, *,
     if routes is None:
         return
     for i, rule in enumerate(rules):
-        if rule.action == "log":
-            continue
-        bad = unserved(rule.channels, routes)
-        if bad:
-            known = ", ".join(f"{c} ({'/'.join(s)})" for c, s in served(routes).items())
-            raise ConfigError(source, f"rules[{i}].notification_channels",
-                              f"channels a configured sink serves: {known or 'none'}",
-                              bad[0], "configure a sink for it ([[sinks]]) or fix the name")
+        check_rule(rule, routes, source=source, index=i)
+
+
+def check_rule(rule: Rule, routes: Mapping[str, Route], *, source: str, index: int) -> None:
+    """ConfigError when `rule` (`rules[index]` of `source`) names a channel no sink serves."""
+    if rule.action == "log":
+        return
+    bad = unserved(rule.channels, routes)
+    if bad:
+        known = ", ".join(f"{c} ({'/'.join(s)})" for c, s in served(routes).items())
+        raise ConfigError(source, f"rules[{index}].notification_channels",
+                          f"channels a configured sink serves: {known or 'none'}",
+                          bad[0], "configure a sink for it ([[sinks]]) or fix the name")

@@ -26,7 +26,17 @@ def measure(rule: Rule, u: Usage) -> float | None:
 
 
 def measure_value(res: Resource, mu: str, u: Usage) -> float | None:
-    """What a (resource, measure unit) pair reads from one Usage; None when unknown."""
+    """What a (resource, measure unit) pair reads from one Usage; None when unknown.
+
+    NaN and ±infinity are missing too, as the usage event reports them (`missing`): NaN once
+    resolved a firing alert, and an infinite value fired one whose stored state (orjson
+    writes inf as null) was then unreadable after a restart, so it fired again.
+    """
+    value = _reading(res, mu, u)
+    return value if value is None or value - value == 0.0 else None
+
+
+def _reading(res: Resource, mu: str, u: Usage) -> float | None:
     period_s = (u.period_end_ns - u.period_start_ns) / NS_PER_S
     if res == "cpu":
         if mu == "percent":

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -81,6 +82,10 @@ _UNITS: dict[Resource, dict[str, tuple[str, float]]] = {
                         **{u: ("bytes/s", f) for u, f in _RATE_UNITS.items()}},
     "gpu": {"SECONDS": ("seconds", 1.0), "S": ("seconds", 1.0)},
 }
+_MAX_FLOAT_INT = int(sys.float_info.max)
+# Consecutive passes before an alert fires: past a billion (30 years of 1 s passes) is no
+# rule; the bound keeps the value a 64-bit integer, as the rules-in-force file stores it.
+MAX_FOR_PASSES = 1_000_000_000
 _NESTED_KEYS = {"id", "resource_type", "threshold_type", "action", "user_id", "instance_id",
                 "notification_channels", "for_passes", "repeat_interval_s"}
 _FLAT_KEYS = _NESTED_KEYS | {"threshold_value", "units", "unit"}
@@ -131,7 +136,10 @@ def _str(raw: Mapping[str, Any], key: str, source: str, i: int, *,
 
 
 def _number(v: Any, source: str, i: int, key: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+    # An integer past float's range (TOML and the API keep big integers exact) is as infinite
+    # as `inf`: math.isfinite would raise OverflowError on it, out of every loader.
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
+            or (isinstance(v, int) and v > _MAX_FLOAT_INT) or not math.isfinite(v)):
         raise _err(source, i, key, "a finite non-negative number (not NaN or infinity)", v)
     return float(v)
 
@@ -196,8 +204,9 @@ def parse_rule(raw: Any, *, source: str = "<rules>", index: int = 0) -> Rule:
         raise _err(source, i, "notification_channels", "an array of strings", chans)
     for_passes = raw.get("for_passes")
     if for_passes is not None and (isinstance(for_passes, bool) or not isinstance(
-            for_passes, int) or for_passes < 1):
-        raise _err(source, i, "for_passes", "an integer >= 1", for_passes)
+            for_passes, int) or not 1 <= for_passes <= MAX_FOR_PASSES):
+        raise _err(source, i, "for_passes", f"an integer from 1 to {MAX_FOR_PASSES}",
+                   for_passes)
     rep = raw.get("repeat_interval_s")
     repeat = None if rep is None else _number(rep, source, i, "repeat_interval_s")
     rule = Rule(id="", resource=resource, kind=kind, value=value, unit=unit,
@@ -236,7 +245,12 @@ def _check_unit(resource: Resource, kind: Kind, value: float, unit_raw: str, sou
         raise _err(source, i, key, f"a unit for {_SEED_NAMES[resource]}: one of {canon}",
                    unit_raw)
     name, factor = table[u]
-    return value * factor, name, unit_raw.strip()
+    threshold = value * factor
+    if not math.isfinite(threshold):  # 1e308 TB: a threshold no value reaches, never fires
+        value_key = f"{key.rsplit('.', 1)[0]}.value" if "." in key else "threshold_value"
+        raise _err(source, i, value_key, f"a value whose size in {name} is finite", value,
+                   f"use a value below {sys.float_info.max / factor:.3g} {unit_raw.strip()}")
+    return threshold, name, unit_raw.strip()
 
 
 def parse_rules(items: Any, *, source: str = "<rules>") -> tuple[Rule, ...]:

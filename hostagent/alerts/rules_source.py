@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import tempfile
 import threading
 import tomllib
@@ -90,15 +91,47 @@ def from_config(cfg: ThresholdsConfig, *, state_path: str | Path | None = None,
                        else Path(state_path).parent / "rules-in-force.json")
 
 
+# Far past any real rule set (10,000 rules are ~3 MB): a bound, so that a log file or an image
+# put at the path is refused instead of read whole into memory.
+MAX_RULES_FILE_BYTES = 16 << 20
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def read_rules_file(p: Path, *, key: str = "thresholds.rules_path") -> bytes:
+    """A rules file's bytes; ConfigError unless it is a readable regular file of at most
+    MAX_RULES_FILE_BYTES. Never blocks: a FIFO put at the path is refused (opened
+    non-blocking), where reading it once stalled the daemon's whole event loop."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as err:
+        raise ConfigError(str(p), "-", "a readable rules file", err.strerror or str(err),
+                          f"fix {key}") from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "no file")
+            raise ConfigError(str(p), "-", "a regular rules file", kind,
+                              f"put a JSON or TOML rules file there, or fix {key}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_RULES_FILE_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(str(p), "-", "a readable rules file", err.strerror or str(err),
+                          f"fix {key}") from err
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RULES_FILE_BYTES:
+        raise ConfigError(str(p), "-", f"a rules file of at most {MAX_RULES_FILE_BYTES} bytes",
+                          "a larger file", f"split the rules or fix {key}")
+    return data
+
+
 def load_rules(path: str | Path, *, key: str = "thresholds.rules_path") -> tuple[Rule, ...]:
     """Parse a rules file; ConfigError names file, rule index and key (`key`: the config key
     that named the file, for the fix)."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as err:
-        raise ConfigError(str(p), "-", "a readable rules file", err.strerror or str(err),
-                          f"fix {key}") from err
+    data = read_rules_file(p, key=key)
     return parse_document(data, source=str(p), toml=p.suffix.lower() == ".toml")
 
 
@@ -112,7 +145,9 @@ def parse_document(data: bytes, *, source: str, toml: bool = False) -> tuple[Rul
     if toml:
         try:
             doc = tomllib.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        # ValueError: also an integer past Python's 4,300-digit conversion limit, which
+        # tomllib raises as it is, not as a TOMLDecodeError.
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as err:
             raise ConfigError(p, "-", "valid TOML", str(err), "fix the syntax") from err
         except RecursionError as err:  # tomllib recurses once per nesting level
             raise ConfigError(p, "-", "TOML nested at most a few hundred levels deep",
@@ -241,10 +276,27 @@ class RulesSource:
     def candidate(self, name: str, rules: Sequence[Rule]) -> dict[str, tuple[Rule, ...]]:
         """The layers with `name` replaced, checked (channels); ConfigError when refused."""
         layers = {**self.layers, name: tuple(rules)}
-        merged, _ = self.merge(layers)
         check_limits(rules, source=f"<{name} rules>")
-        channels.check(merged, self.routes, source=f"<{name} rules>")
+        self._check_channels(layers, {name: f"<{name} rules>"})
         return layers
+
+    def _check_channels(self, layers: Mapping[str, Sequence[Rule]],
+                        sources: Mapping[str, str]) -> None:
+        """The channels of the rules in force, each refusal naming the layer's own file and
+        the rule's index in it (it once named the rules file, at the merged set's index, for
+        a rule of api-rules.json: a `rules[2]` of a file holding two rules)."""
+        if self.routes is None:
+            return
+        _, origin = self.merge(layers)
+        for name in LAYERS:
+            source = sources.get(name) or self._layer_source(name)
+            for i, rule in enumerate(layers.get(name, ())):
+                if origin.get(rule.id) == name:  # an overridden rule is not in force
+                    channels.check_rule(rule, self.routes, source=source, index=i)
+
+    def _layer_source(self, name: str) -> str:
+        path = {"file": self.path, "api": self.api_path}.get(name)
+        return str(path) if path is not None else f"<{name} rules>"
 
     def install(self, layers: Mapping[str, tuple[Rule, ...]]) -> None:
         """Put checked layers (`candidate`) in force."""
@@ -259,7 +311,7 @@ class RulesSource:
         if self.in_force_path is not None and now != dict(old):
             try:
                 atomic_write(self.in_force_path, orjson.dumps([rule_dict(r) for r in merged]))
-            except OSError as err:
+            except (OSError, orjson.JSONEncodeError) as err:  # never fails an install
                 log.warning("could not remember the rules in force", extra={
                     "path": str(self.in_force_path), "error": str(err)})
         self.index = build_index(merged, self.settings)
@@ -278,8 +330,7 @@ class RulesSource:
         api_rules = (load_rules(self.api_path, key=API_KEY) if self.api_path is not None
                      and self.api_path.exists() else ())
         layers = {**self.layers, "file": file_rules, "api": api_rules}
-        channels.check(self.merge(layers)[0], self.routes,
-                       source=str(self.path or self.api_path or "<rules>"))
+        self._check_channels(layers, {})
         return layers
 
     def _stamp_now(self) -> tuple[_Stamp | None, _Stamp | None]:

@@ -7,6 +7,7 @@ write, and the outbox commits those rows in the pass's transaction (`AlertState.
 
 from __future__ import annotations
 
+import dataclasses
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -139,6 +140,12 @@ def step(rule: Rule, lv: Levels, prev: AlertState | None, instance_id: str,
         if value < lv.approach and value < lv.threshold:
             return None, None, False  # the hot path: nothing to keep, nothing to say
         prev = AlertState(rule.id, instance_id, "ok", 0, now_ns, "ok", None, 0, value)
+    elif prev.notified_ns is not None and prev.notified_ns > now_ns:
+        # The wall clock went back past the last notice (an NTP step, a host booted with a
+        # wrong RTC): count the cooldown and the repeat interval from now. Left as it was,
+        # `now - notified_ns` stayed negative, below any cooldown (0 included), and held back
+        # every notice of the alert, its resolve too, until the clock caught up again.
+        prev = dataclasses.replace(prev, notified_ns=now_ns)
     status, breaches = next_status(prev.status, prev.breaches, value, lv)
     since = prev.since_ns if status == prev.status else now_ns
     # The value at the last status change: an unchanged alert is an unchanged row (no write).

@@ -19,6 +19,15 @@ from hostagent.errors import OwnerLookupError
 ROLES: Final = frozenset({"Owner", "Manager", "Operator", "ReadOnly"})
 _ADDRESS = re.compile(r"(?:0[xX])?[0-9a-fA-F]{40}")
 SNIPPET_BYTES = 200
+# An owner id longer than this, or holding a control or format character, is no owner id:
+# the same rule as for an owner in domain metadata (accounting.identity). Every event of the
+# instance carries it: a 2 MB address made each of them 2 MB (the queue takes ~500 KB).
+MAX_OWNER_ID_CHARS = 256
+
+
+def usable_owner_id(text: str) -> bool:
+    """Whether an address can be an event's `user_id` (non-empty, short, printable)."""
+    return 0 < len(text) <= MAX_OWNER_ID_CHARS and text.isprintable()
 
 
 def normalize_address(address: str) -> str:
@@ -52,10 +61,12 @@ class InstanceRecord:
 
 @dataclass(frozen=True, slots=True)
 class AccountList:
-    """A validated `account/list` answer; `unknown_roles` counts role strings we skipped."""
+    """A validated `account/list` answer; `unknown_roles` counts role strings we skipped,
+    `skipped` the accounts whose address cannot be an owner id (`usable_owner_id`)."""
 
     accounts: tuple[Account, ...]
     unknown_roles: int = 0
+    skipped: int = 0
 
 
 # --- pure parsers ---------------------------------------------------------------------------
@@ -146,12 +157,24 @@ def parse_account_list(body: bytes) -> AccountList:
         # form-state sets total = len(accounts): a mismatch means a cut or mangled body.
         raise bad_field("total", f"{len(raw)} (the number of accounts)", total)
     accounts: list[Account] = []
-    unknown = 0
+    unknown = unusable = 0
     for i, item in enumerate(raw):
         acct, skipped = parse_account(item, f"accounts[{i}]")
+        if not usable_owner_id(acct.address):
+            unusable += 1  # its instances are unassigned; the other accounts still count
+            continue
         accounts.append(acct)
         unknown += skipped
-    return AccountList(tuple(accounts), unknown)
+    return AccountList(tuple(accounts), unknown, unusable)
+
+
+def check_owner_id(address: str, where: str) -> str:
+    """`address` when it can be an owner id; OwnerLookupError naming `where` otherwise."""
+    if not usable_owner_id(address):
+        raise bad_field(where, f"an owner address (at most {MAX_OWNER_ID_CHARS} printable "
+                        "characters)", f"{len(address)} characters" if len(address) > 80
+                        else address)
+    return address
 
 
 def parse_instance(raw: Any, where: str = "instance") -> InstanceRecord:
@@ -161,8 +184,8 @@ def parse_instance(raw: Any, where: str = "instance") -> InstanceRecord:
     status = raw.get("status")
     return InstanceRecord(
         instance_id=_str(raw.get("instance_id"), f"{where}.instance_id"),
-        instance_owner=normalize_address(_str(raw.get("instance_owner"),
-                                              f"{where}.instance_owner")),
+        instance_owner=check_owner_id(normalize_address(_str(
+            raw.get("instance_owner"), f"{where}.instance_owner")), f"{where}.instance_owner"),
         build_id=_opt_str(raw.get("build_id"), f"{where}.build_id"),
         node_id=_opt_str(raw.get("node_id"), f"{where}.node_id"),
         status=status if isinstance(status, str) else None,  # an enum upstream; informative only

@@ -28,13 +28,14 @@ class OwnerIndex:
     conflicts: Mapping[str, tuple[str, ...]]
     accounts: int = 0
     unknown_roles: int = 0
+    skipped_accounts: int = 0  # addresses that cannot be an owner id (accounts.usable_owner_id)
 
 
 EMPTY_INDEX: Final = OwnerIndex({}, {}, {})
 
 
 def build_index(accounts: Iterable[Account], *, org_id: str | None = None,
-                unknown_roles: int = 0) -> OwnerIndex:
+                unknown_roles: int = 0, skipped_accounts: int = 0) -> OwnerIndex:
     """Pure: the owner index of a list of accounts (deterministic for any account order)."""
     claims: dict[str, set[str]] = {}
     roles: dict[str, dict[str, str]] = {}
@@ -63,10 +64,11 @@ def build_index(accounts: Iterable[Account], *, org_id: str | None = None,
             owner = interned[addr] = Owner(addr, org_id, SERVICE_SOURCE)
         owners[iid] = owner
     frozen_roles = {iid: MappingProxyType(r) for iid, r in roles.items()}
-    return OwnerIndex(owners, frozen_roles, conflicts, n, unknown_roles)
+    return OwnerIndex(owners, frozen_roles, conflicts, n, unknown_roles, skipped_accounts)
 
 
 def index_from_body(body: bytes, org_id: str | None = None) -> OwnerIndex:
     """Parse, validate and index an `account/list` body (run it in a worker thread)."""
     listing = parse_account_list(body)
-    return build_index(listing.accounts, org_id=org_id, unknown_roles=listing.unknown_roles)
+    return build_index(listing.accounts, org_id=org_id, unknown_roles=listing.unknown_roles,
+                       skipped_accounts=listing.skipped)

@@ -169,9 +169,16 @@ class Owners:
         """Forget per-instance state of instances no longer running (call now and then)."""
         live = live_instance_ids if isinstance(live_instance_ids, set | frozenset) else set(
             live_instance_ids)
-        for table in (self._last, self._last_old, self._lookups, self._pending):
+        for table in (self._last, self._last_old, self._pending):
             for iid in [i for i in table if i not in live]:
                 del table[iid]
+        for iid in [i for i in self._lookups if i not in live]:
+            del self._lookups[iid]
+            # Its owner goes with it: left in `_merged` without its entry, it was served with
+            # no expiry (nothing re-asked it) until an account/list refresh rebuilt the table,
+            # which never came while account/list failed, and the table grew with every VM.
+            if iid not in self._index.owners:
+                self._merged.pop(iid, None)
         self._due &= live
         self._hint_owners.clear()
 
@@ -185,6 +192,7 @@ class Owners:
             "index_size": len(self._index.owners),
             "accounts": self._index.accounts,
             "conflicts": len(self._index.conflicts),
+            "accounts_skipped": self._index.skipped_accounts,
             "lookup_cache": len(self._lookups),
             "pending_lookups": len(self._pending),
             **self._counts,
@@ -251,6 +259,10 @@ class Owners:
         if index.unknown_roles and not self._index.unknown_roles:
             log.warning("account list has roles hostagent does not know; they were skipped",
                         extra={"count": index.unknown_roles})
+        if index.skipped_accounts and not self._index.skipped_accounts:
+            log.warning("account list has addresses that cannot be an owner id (empty, over "
+                        "256 characters or with control characters); their instances are "
+                        "unassigned", extra={"count": index.skipped_accounts})
         self._index, self._merged = index, merged
 
     def _refresh_ok(self) -> None:

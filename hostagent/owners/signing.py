@@ -119,7 +119,9 @@ def load_key_file(path: str, *, config_source: str = "<config>") -> Signer:
     """Read a hex private key from a file only its owner can read; ConfigError otherwise."""
     key = "owners.key_file"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO put at the path would otherwise wait for a writer
+        # forever (start-up and check-config hung); the S_ISREG check below refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as err:
         raise ConfigError(config_source, key, "a readable key file", f"{path}: {err.strerror}",
                           "create it with a hex secp256k1 key and `chmod 600` it") from err

@@ -3,12 +3,15 @@ each is a refused load that keeps the previous set, and a config error at start.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 import orjson
 import pytest
 
+from hostagent.alerts import rules_source
 from hostagent.alerts.index import Settings
 from hostagent.alerts.rules_source import RulesSource, load_rules
 from hostagent.cli.main import main
@@ -87,3 +90,101 @@ def test_deep_rules_are_exit_2_at_every_entry_point(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{rules}: [-] expected TOML nested" in err
+
+
+TOML_CPU = ('[[rules]]\nid = "cpu"\nresource_type = "Cpu"\n'
+            'threshold_type = { Percentage = { value = 80.0 } }\naction = "Log"\nuser_id = "*"\n')
+BIG = "1" + "0" * 400  # an integer past float's range; TOML keeps it exact
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    (f"for_passes = {10**23}\n", "rules[0].for_passes"),
+    (f"repeat_interval_s = {BIG}\n", "rules[0].repeat_interval_s"),
+])
+def test_huge_integers_are_a_refused_reload_not_a_crash(tmp_path: Path, extra: str,
+                                                        key: str) -> None:
+    p = tmp_path / "rules.toml"
+    p.write_text(TOML_CPU)
+    src = RulesSource(p, Settings(), in_force_path=tmp_path / "rules-in-force.json")
+    src.load_initial()
+    p.write_text(TOML_CPU + extra)
+    os.utime(p, ns=(1, 1))
+    # Before: TypeError (orjson, remembering a for_passes past 64 bits) out of check(), so out
+    # of the watch and the daemon; OverflowError for the repeat, logged with no file or key.
+    assert src.check() is False
+    assert [r.id for r in src.index.rules] == ["cpu"] and src.failures == 1
+    assert f"{p}: [{key}]" in (src.last_error or "")
+    with pytest.raises(ConfigError) as err:  # and at start: a config error, not a traceback
+        load_rules(p)
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    (TOML_CPU.replace("value = 80.0", f"value = {BIG}"),
+     "rules[0].threshold_type.Percentage.value"),
+    (TOML_CPU.replace("value = 80.0", "value = 1" + "0" * 5000), "-"),  # past 4,300 digits
+    (TOML_CPU.replace('resource_type = "Cpu"', 'resource_type = "Memory"').replace(
+        "Percentage = { value = 80.0 }", 'Absolute = { value = 1e308, unit = "TB" }'),
+     "rules[0].threshold_type.Absolute.value"),  # finite as written, infinite in bytes
+])
+def test_numbers_no_threshold_can_hold_are_config_errors(tmp_path: Path, text: str,
+                                                         key: str) -> None:
+    p = tmp_path / "rules.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:  # before: OverflowError, ValueError, or accepted
+        load_rules(p)                        # (1e308 TB: an infinite threshold, never firing)
+    assert err.value.file == str(p) and err.value.key == key
+
+
+def test_flat_rule_overflowing_its_unit_names_threshold_value(tmp_path: Path) -> None:
+    p = tmp_path / "rules.json"
+    p.write_bytes(orjson.dumps([{**FLAT, "threshold_value": 1e300, "units": "TB"}]))
+    with pytest.raises(ConfigError) as err:
+        load_rules(p)
+    assert err.value.key == "rules[0].threshold_value" and "finite" in str(err.value)
+
+
+def _released(p: Path) -> None:
+    """Let a reader blocked on the FIFO go (what the old code needed, to end the test)."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_fifo_at_rules_path_is_refused_without_blocking(tmp_path: Path) -> None:
+    p = tmp_path / "rules.json"
+    p.write_bytes(orjson.dumps([FLAT]))
+    src = RulesSource(p, Settings())
+    src.load_initial()
+    p.unlink()
+    os.mkfifo(p)
+    done: list[bool | None] = []
+    t = threading.Thread(target=lambda: done.append(src.check()), daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():
+        _released(p)
+        t.join(5)
+    # Before: check() sat in open() for a writer; the daemon calls it on its trio thread, so
+    # every pass, the API and delivery stood still with it.
+    assert done == [False] and not t.is_alive()
+    assert "a FIFO" in (src.last_error or "") and [r.id for r in src.index.rules] == ["disk-big"]
+
+
+@pytest.mark.parametrize("kind", ["directory", "device"])
+def test_other_non_files_at_rules_path_are_refused(tmp_path: Path, kind: str) -> None:
+    p = tmp_path / "rules.json"
+    if kind == "directory":
+        p.mkdir()
+    else:
+        p.symlink_to("/dev/null")  # /dev/zero: read until memory ran out
+    with pytest.raises(ConfigError, match="a regular rules file") as err:
+        load_rules(p)
+    assert err.value.file == str(p)
+
+
+def test_a_rules_file_over_the_size_bound_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "rules.json"
+    with p.open("wb") as f:
+        f.truncate(rules_source.MAX_RULES_FILE_BYTES + 1)
+    with pytest.raises(ConfigError, match="at most"):
+        load_rules(p)

@@ -14,6 +14,7 @@ import trio
 
 from hostagent.alerts import rules_source
 from hostagent.alerts.index import Settings
+from hostagent.alerts.routing import Route
 from hostagent.alerts.rules_source import RulesSource, load_rules
 from hostagent.errors import ConfigError
 from tests.alerts.test_rules_index import FLAT, NESTED
@@ -211,3 +212,25 @@ async def test_a_watched_api_write_is_installed_once(tmp_path: Path) -> None:
             await trio.sleep(0.1)
         assert src.loads == before + 5
         nursery.cancel_scope.cancel()
+
+
+def test_an_unserved_channel_is_named_in_its_own_layer_file(tmp_path: Path) -> None:
+    """A sink removed from the config while api-rules.json still names its channel."""
+    def rule(rid: str, channel: str) -> dict[str, object]:
+        return {**NESTED, "id": rid, "notification_channels": [channel]}
+
+    rules, api = tmp_path / "rules.json", tmp_path / "api-rules.json"
+    rules.write_bytes(orjson.dumps([rule("a", "queue"), rule("b", "queue")]))
+    api.write_bytes(orjson.dumps([rule("b", "queue"), rule("c", "email")]))
+    routes = {"queue": Route(frozenset({"threshold_violation"}), frozenset({"queue"}))}
+    src = RulesSource(rules, Settings(), api_path=api, routes=routes)
+    with pytest.raises(ConfigError) as err:
+        src.load_initial()
+    # Before: "rules.json: [rules[2].notification_channels]", a rule the file does not have
+    # (the index was the merged set's), so the operator looked in the wrong file.
+    assert (err.value.file, err.value.key) == (str(api), "rules[1].notification_channels")
+    # A rule overridden by a higher layer is not in force: its channels do not matter.
+    rules.write_bytes(orjson.dumps([rule("a", "queue"), rule("c", "email")]))
+    api.write_bytes(orjson.dumps([rule("c", "queue")]))
+    src.load_initial()
+    assert sorted(src.origin.items()) == [("a", "file"), ("c", "api")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from pathlib import Path
 
 import coincurve
@@ -144,6 +145,27 @@ def test_missing_symlinked_or_directory_key_file(tmp_path: Path) -> None:
         load_key_file(str(link))
     with pytest.raises(ConfigError):
         load_key_file(str(tmp_path))
+
+
+def test_a_fifo_key_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "node.key"
+    os.mkfifo(fifo, 0o600)
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_key_file(str(fifo))
+        except ConfigError as err:
+            errors.append(err)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # before: open() waited for a writer; start-up and check-config hung
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("load_key_file blocked on a FIFO")
+    assert len(errors) == 1 and "a regular file" in str(errors[0])
 
 
 def test_signer_never_shows_its_key() -> None:
