@@ -95,7 +95,11 @@ class Transition:
     value: float
     levels: Levels
     suppressed_before: int  # notifications of this fingerprint held back before this one
-    reason: str | None = None  # why, when not the value: "rule deleted" / "rule changed"
+    reason: str | None = None  # why, when not the value: "rule deleted" / "rule changed" /
+    # "owner changed"
+    # The user the notice is for when the instance is no longer theirs ("owner changed": the
+    # rule's own user, never the new owner); None: the instance's owner.
+    for_user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,8 +190,10 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
     visited (bisect), plus the rules with an open alert for that instance (so it can resolve).
     `retired`: rules deleted or changed since the last pass (their old definitions): an alert
     of one that consumers were told about resolves now, with the reason, and its state starts
-    over (a changed rule fires again under its new definition). Other states of rules no
-    longer in the index, and of removed instances, are dropped silently.
+    over (a changed rule fires again under its new definition). An open alert of a user's rule
+    on an instance now known to be another user's ends too ("owner changed", the notice for
+    the rule's user); an unknown owner changes nothing. Other states of rules no longer in the
+    index, and of removed instances, are dropped silently.
     """
     cooldown_ns = int(index.settings.cooldown_s * NS_PER_S)
     levels, by_id = index.levels, index.by_id
@@ -261,8 +267,19 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
                     visit(rule, u, value, opened.get(rule.id))
         for rid, prev in opened.items():
             held_rule = by_id.get(rid)
-            if rid in done or held_rule is None or held_rule.user_id not in (WILDCARD, user):
+            if rid in done or held_rule is None:
                 continue
+            if held_rule.user_id not in (WILDCARD, user):
+                if user is not None:  # another user's now: the rule no longer applies
+                    fp = fingerprint(rid, iid)
+                    changes[fp] = None
+                    out_states.pop(fp, None)
+                    if prev.notified != "ok":
+                        transitions.append(Transition(
+                            fp, held_rule, u, "resolved", prev.notified,
+                            _ok(rid, iid, now_ns, prev.value), prev.value, levels[rid],
+                            prev.suppressed, "owner changed", for_user=held_rule.user_id))
+                continue  # owner unknown (unassigned, account service down): kept as is
             key = (held_rule.resource, held_rule.measure_unit)
             value = cache[key] if key in cache else measure_value(key[0], key[1], u)
             visit(held_rule, u, value, prev)

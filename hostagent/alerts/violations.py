@@ -126,7 +126,8 @@ def route(transitions: Iterable[Transition], owners: Mapping[str, Owner], host: 
     """Events for Alert/Notify transitions; one log line for each Log transition."""
     out: list[OutEvent] = []
     for t in transitions:
-        owner = owners.get(t.usage.instance_id)
+        owner = (owners.get(t.usage.instance_id) if t.for_user is None
+                 else Owner(t.for_user, None, "rule"))
         if t.rule.action == "log":
             log.warning("threshold transition", extra={
                 "rule_id": t.rule.id, "instance_id": t.usage.instance_id,

@@ -18,6 +18,7 @@ from hostagent.alerts.rules_source import RulesSource
 from hostagent.alerts.state import AlertState, Transition, evaluate
 from hostagent.alerts.violations import STORM_KEY, StormControl
 from hostagent.errors import ConfigError
+from hostagent.model import Owner
 from hostagent.store.outbox import Store
 from tests.alerts.test_rules_index import CPU, T0, S, usage
 from tests.clocks import FakeClock
@@ -183,3 +184,32 @@ def test_without_rules_only_instances_with_open_alerts_change(tmp_path: Path) ->
     assert ev.states == {} and ev.checked == 0
     assert set(ev.changes) == set(states) and vm2 in ev.changes  # both deleted
     assert all(v is None for v in ev.changes.values())
+
+
+def test_a_users_open_alert_ends_when_the_instance_moves_to_another_owner(
+        tmp_path: Path) -> None:
+    """A user's rule stops applying once the instance is known to be another user's: its open
+    alert is resolved ("owner changed") to the rule's own user, never stamped with the new
+    owner's id, and not left `exceeded` for as long as the instance lives."""
+    src = source(tmp_path, [{**RAW, "user_id": "u1"}])
+    states: dict[str, AlertState] = {}
+
+    def one(t_s: int, owner: str | None) -> list[Transition]:
+        u = usage(t=t_s, cpu_percent_avg=95.0)
+        owners = {} if owner is None else {"vm-1": owner}
+        ev = evaluate(src.index, [u], owners, states, u.period_end_ns)
+        states.clear()
+        states.update(ev.states)
+        return list(ev.transitions)
+
+    assert [t.kind for t in one(0, "u1")] == ["exceeded"]
+    assert one(30, None) == [] and len(states) == 1  # owner unknown: nothing changes
+    (t,) = one(60, "u2")
+    assert (t.kind, t.reason, t.previous) == ("resolved", "owner changed", "exceeded")
+    assert states == {}
+    new_owner = {"vm-1": Owner("u2", "org-2", "account-service")}
+    (ev,) = violations.route([t], new_owner, "h", time_format="unix")
+    body = orjson.loads(ev.payload)
+    assert (body["user_id"], body["org_id"]) == ("u1", None)  # the rule's user, not u2
+    assert one(90, "u2") == []  # nothing more
+    assert [t.kind for t in one(120, "u1")] == ["exceeded"]  # back: fires anew
