@@ -29,7 +29,8 @@ import trio
 
 from hostagent import handoff
 from hostagent.alerts.rules import Rule, parse_rules
-from hostagent.alerts.rules_source import RulesSource, atomic_write, parse_document, rule_dict
+from hostagent.alerts.rules_file import atomic_write, parse_document, rule_dict
+from hostagent.alerts.rules_source import RulesSource
 from hostagent.clock import Clock
 from hostagent.config.schema import ThresholdsConfig
 from hostagent.errors import ConfigError

@@ -21,7 +21,8 @@ import trio
 from hostagent import handoff
 from hostagent.alerts import channels
 from hostagent.alerts.rules import Rule, parse_rule
-from hostagent.alerts.rules_source import RulesSource, rule_dict
+from hostagent.alerts.rules_file import rule_dict
+from hostagent.alerts.rules_source import RulesSource
 from hostagent.errors import RuleNotWritable, StateError
 
 

@@ -13,20 +13,7 @@ Every layer is validated like the file (both seed formats, NaN/±inf refused) an
 set must name only channels a configured sink serves (hostagent.alerts.channels); a load that
 fails keeps the previous set in force, logged and counted (`failures`, `last_error`).
 
-Formats (by suffix; `.toml` is TOML, anything else JSON)::
-
-    JSON:  [ {rule}, ... ]   or   {"rules": [ {rule}, ... ]}
-    TOML:  [[rules]]
-           id = "cpu-high"
-           resource_type = "Cpu"
-           threshold_type = { Percentage = { value = 80.0 } }
-           ...
-
-Each rule is either seed format (see hostagent.alerts.rules). A file that cannot be read or
-has one invalid rule raises `ConfigError` naming the file, `rules[i].key`, what was expected and
-the fix; `RulesSource` then keeps serving the last valid set (and says so in `last_error`).
-A file that disappears is an error too (rules are not silently dropped); an empty `rules_path`
-means no rules.
+The files' formats and their reading: hostagent.alerts.rules_file.
 """
 
 from __future__ import annotations
@@ -34,10 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import stat
-import tempfile
 import threading
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +33,10 @@ import trio
 from hostagent.alerts import channels
 from hostagent.alerts.index import RuleIndex, Settings, build_index
 from hostagent.alerts.routing import Route
-from hostagent.alerts.rules import Rule, parse_rules
+from hostagent.alerts.rules import Rule
+from hostagent.alerts.rules_file import atomic_write, check_limits, load_rules, rule_dict
 from hostagent.alerts.violations import StormControl
-from hostagent.config.schema import MAX_REPEAT_S, ThresholdsConfig
+from hostagent.config.schema import ThresholdsConfig
 from hostagent.errors import ConfigError
 from hostagent.file_watch import DirWatch
 
@@ -89,125 +74,6 @@ def from_config(cfg: ThresholdsConfig, *, state_path: str | Path | None = None,
                        routes=routes,
                        in_force_path=None if state_path is None
                        else Path(state_path).parent / "rules-in-force.json")
-
-
-# Far past any real rule set (10,000 rules are ~3 MB): a bound, so that a log file or an image
-# put at the path is refused instead of read whole into memory.
-MAX_RULES_FILE_BYTES = 16 << 20
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-               (stat.S_ISSOCK, "a socket"))
-
-
-def read_rules_file(p: Path, *, key: str = "thresholds.rules_path") -> bytes:
-    """A rules file's bytes; ConfigError unless it is a readable regular file of at most
-    MAX_RULES_FILE_BYTES. Never blocks: a FIFO put at the path is refused (opened
-    non-blocking), where reading it once stalled the daemon's whole event loop."""
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as err:
-        raise ConfigError(str(p), "-", "a readable rules file", err.strerror or str(err),
-                          f"fix {key}") from err
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "no file")
-            raise ConfigError(str(p), "-", "a regular rules file", kind,
-                              f"put a JSON or TOML rules file there, or fix {key}")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(MAX_RULES_FILE_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(str(p), "-", "a readable rules file", err.strerror or str(err),
-                          f"fix {key}") from err
-    finally:
-        os.close(fd)
-    if len(data) > MAX_RULES_FILE_BYTES:
-        raise ConfigError(str(p), "-", f"a rules file of at most {MAX_RULES_FILE_BYTES} bytes",
-                          "a larger file", f"split the rules or fix {key}")
-    return data
-
-
-def load_rules(path: str | Path, *, key: str = "thresholds.rules_path") -> tuple[Rule, ...]:
-    """Parse a rules file; ConfigError names file, rule index and key (`key`: the config key
-    that named the file, for the fix)."""
-    p = Path(path)
-    data = read_rules_file(p, key=key)
-    return parse_document(data, source=str(p), toml=p.suffix.lower() == ".toml")
-
-
-def parse_document(data: bytes, *, source: str, toml: bool = False) -> tuple[Rule, ...]:
-    """A rules document (JSON or TOML bytes) → rules; ConfigError when any rule is invalid."""
-    p = source
-    doc: Any
-    if data.startswith(b"\xef\xbb\xbf"):
-        raise ConfigError(p, "-", "UTF-8 text without a byte order mark", "a UTF-8 BOM",
-                          "save the file as UTF-8 without a BOM")
-    if toml:
-        try:
-            doc = tomllib.loads(data.decode("utf-8"))
-        # ValueError: also an integer past Python's 4,300-digit conversion limit, which
-        # tomllib raises as it is, not as a TOMLDecodeError.
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as err:
-            raise ConfigError(p, "-", "valid TOML", str(err), "fix the syntax") from err
-        except RecursionError as err:  # tomllib recurses once per nesting level
-            raise ConfigError(p, "-", "TOML nested at most a few hundred levels deep",
-                              "deeper nesting", "flatten the arrays or tables") from err
-    else:
-        try:
-            doc = orjson.loads(data)  # refuses nesting past 1024 levels (JSONDecodeError)
-        except orjson.JSONDecodeError as err:
-            raise ConfigError(p, "-", "valid JSON", str(err), "fix the syntax") from err
-    if isinstance(doc, dict):
-        unknown = sorted(set(doc) - {"rules"})
-        if unknown:
-            raise ConfigError(p, unknown[0], "only a `rules` array", unknown[0])
-        doc = doc.get("rules", [])
-    rules = parse_rules(doc, source=p)
-    check_limits(rules, source=p)
-    return rules
-
-
-def check_limits(rules: Sequence[Rule], *, source: str) -> None:
-    """Refuse what parses but could not be evaluated: a `repeat_interval_s` past
-    `[thresholds] repeat_interval_s`'s maximum (it becomes nanoseconds in a 64-bit range)."""
-    for i, r in enumerate(rules):
-        if r.repeat_interval_s is not None and r.repeat_interval_s > MAX_REPEAT_S:
-            raise ConfigError(source, f"rules[{i}].repeat_interval_s",
-                              f"a value <= {MAX_REPEAT_S} (a year)", r.repeat_interval_s,
-                              "0 means never repeat")
-
-
-def rule_dict(rule: Rule) -> dict[str, Any]:
-    """A rule as the rules files and the API hold it (seed 000 form plus our optional keys)."""
-    out = rule.config_dict()
-    if out.get("instance_id") is None:
-        out.pop("instance_id", None)
-    if rule.for_passes is not None:
-        out["for_passes"] = rule.for_passes
-    if rule.repeat_interval_s is not None:
-        out["repeat_interval_s"] = rule.repeat_interval_s
-    return out
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """Write `data` to `path` by temp file, fsync and rename: readers see old or new, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 LAYERS = ("central", "file", "api")  # lowest precedence first

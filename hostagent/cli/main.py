@@ -17,7 +17,7 @@ import orjson
 import trio
 
 from hostagent import __version__, logs
-from hostagent.alerts import channels, rules_source
+from hostagent.alerts import channels, rules_file
 from hostagent.config.load import Config, load
 from hostagent.delivery.sinks.base import config_routes
 from hostagent.errors import ConfigError, DomainNotFound, HostAgentError, StateCorrupt
@@ -157,7 +157,7 @@ def _check_config(args: argparse.Namespace) -> int:
     store_note = check_store(cfg)
     n_rules = None
     if cfg.thresholds.rules_path:
-        found = rules_source.load_rules(cfg.thresholds.rules_path)
+        found = rules_file.load_rules(cfg.thresholds.rules_path)
         channels.check(found, config_routes(cfg.sinks),
                        source=cfg.thresholds.rules_path)
         n_rules = len(found)
@@ -180,7 +180,7 @@ def _check_rules(args: argparse.Namespace) -> int:
     # checks them): ansible validates the rules before it writes the config naming them.
     config = getattr(args, "config", None)
     routes = config_routes(load(config).sinks) if config else None
-    found = rules_source.load_rules(args.file)
+    found = rules_file.load_rules(args.file)
     channels.check(found, routes, source=args.file)
     n = len(found)
     served = channels.served(routes) if routes is not None else None

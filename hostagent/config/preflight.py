@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from hostagent.accounting import identity
-from hostagent.alerts import rules_source
+from hostagent.alerts import rules_file, rules_source
 from hostagent.config import sink_checks
 from hostagent.config.load import Config
 from hostagent.config.sinks import EmailSinkConfig, JsonlSinkConfig, QueueSinkConfig
@@ -48,12 +48,12 @@ def check(cfg: Config) -> None:
     if cfg.owners.enabled:
         check_http_url(src, "owners.url", cfg.owners.url)
     if cfg.thresholds.rules_path:
-        rules_source.load_rules(cfg.thresholds.rules_path)
+        rules_file.load_rules(cfg.thresholds.rules_path)
     # The API's rules file: written by PUT /api/v1/thresholds, loaded at start-up if present.
     api_rules = rules_source.api_rules_path(cfg.thresholds, cfg.collector.state_path)
     check_writable_path(src, rules_source.API_KEY, str(api_rules))
     if api_rules.exists():
-        rules_source.load_rules(api_rules, key=rules_source.API_KEY)
+        rules_file.load_rules(api_rules, key=rules_source.API_KEY)
     if cfg.thresholds.source_url:
         from hostagent.alerts.central import check_source
 

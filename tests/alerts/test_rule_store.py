@@ -23,7 +23,8 @@ from hostagent.alerts.index import Settings
 from hostagent.alerts.routing import Route
 from hostagent.alerts.rule_store import LayeredRuleStore
 from hostagent.alerts.rules import parse_rule
-from hostagent.alerts.rules_source import RulesSource, from_config, load_rules
+from hostagent.alerts.rules_file import load_rules
+from hostagent.alerts.rules_source import RulesSource, from_config
 from hostagent.api.auth import Authenticator
 from hostagent.api.server import make_app, serve_api
 from hostagent.api.view import ApiView

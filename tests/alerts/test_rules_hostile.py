@@ -11,9 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hostagent.alerts import rules_source
+from hostagent.alerts import rules_file
 from hostagent.alerts.index import Settings
-from hostagent.alerts.rules_source import RulesSource, load_rules
+from hostagent.alerts.rules_file import load_rules
+from hostagent.alerts.rules_source import RulesSource
 from hostagent.cli.main import main
 from hostagent.config.schema import MAX_REPEAT_S
 from hostagent.errors import ConfigError
@@ -185,6 +186,6 @@ def test_other_non_files_at_rules_path_are_refused(tmp_path: Path, kind: str) ->
 def test_a_rules_file_over_the_size_bound_is_refused(tmp_path: Path) -> None:
     p = tmp_path / "rules.json"
     with p.open("wb") as f:
-        f.truncate(rules_source.MAX_RULES_FILE_BYTES + 1)
+        f.truncate(rules_file.MAX_RULES_FILE_BYTES + 1)
     with pytest.raises(ConfigError, match="at most"):
         load_rules(p)

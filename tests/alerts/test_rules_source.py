@@ -15,7 +15,8 @@ import trio
 from hostagent.alerts import rules_source
 from hostagent.alerts.index import Settings
 from hostagent.alerts.routing import Route
-from hostagent.alerts.rules_source import RulesSource, load_rules
+from hostagent.alerts.rules_file import load_rules
+from hostagent.alerts.rules_source import RulesSource
 from hostagent.errors import ConfigError
 from tests.alerts.test_rules_index import FLAT, NESTED
 from tests.concurrency import turns_of
