@@ -51,6 +51,7 @@ class LocalRounds:
     recorded: list[tuple[list[Outcome], int]]  # outcomes recorded and how many dead-lettered
     written: list[tuple[int, float]] = field(default_factory=list)  # (events, seconds)
     unrecorded: list[Outcome] = field(default_factory=list)  # written, their record failed
+    failed: list[tuple[int, str]] = field(default_factory=list)  # failed writes: (events, why)
     error: StateError | None = None
     last_write_ok: bool | None = None  # None: nothing was written
 
@@ -168,6 +169,7 @@ class LocalRound:
             wait_ns = int(round_backoff_s(self.retry, 1, self.rng) * 1e9)
             at = self.clock.now().wall_ns + wait_ns
             r.last_write_ok = False
+            r.failed.append((len(batch), str(err)))
             return [Outcome.of(p, "failed", str(err), at) for p in batch]
         r.last_write_ok = True
         r.written.append((len(batch), (self.clock.now().monotonic_ns - t0) / 1e9))

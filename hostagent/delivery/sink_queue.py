@@ -192,9 +192,19 @@ class SinkQueue:
         for n, seconds in r.written:
             self.breaker.record_success()
             self.counters.observe_latency(seconds, n)
+        for n, error in r.failed:
+            self._write_failed_for(n, error)
         self.on_used_bytes(r.claimed.used_bytes)
         if r.error is not None:
             raise r.error
+
+    def _write_failed_for(self, events: int, error: str) -> None:
+        """A local sink's write or flush failed for `events` events: counted in `failed` and
+        said (a full disk was seen only as a growing backlog: no log line, `failed` 0). The
+        breaker is left alone: a write is not a send."""
+        self.counters.failed += events
+        log.warning("sink write failed", extra={"sink": self.name, "events": events,
+                                                "error": error})
 
     def _local_rounds(self, local: LocalRound, outcomes: list[Outcome],
                       now_ns: int) -> LocalRounds:
@@ -237,13 +247,21 @@ class SinkQueue:
                     nursery.start_soon(self._send_instance, events, done)
         outcomes = [done[p.event.event_id] for p in batch]
         if any(o.result == "acked" for o in outcomes):
+            error = None
             try:
                 await self.sink.flush()
             except SinkUnavailable as err:
+                error = str(err)
+            except Exception as err:  # a sink's bug (see _attempt): the batch is sent again
+                log.exception("sink flush failed unexpectedly",
+                              extra={"sink": self.name, "error": repr(err)})
+                error = f"flush: {type(err).__name__}: {err}"
+            if error is not None:
+                self._write_failed_for(sum(o.result == "acked" for o in outcomes), error)
                 # Written but maybe not durable: send again later (consumers dedupe).
                 wait_ns = int(round_backoff_s(self.sink.retry, 1, self.rng) * 1e9)
                 at = self.clock.now().wall_ns + wait_ns
-                outcomes = [Outcome(o.seq, o.event_id, "failed", str(err), at)
+                outcomes = [Outcome(o.seq, o.event_id, "failed", error, at)
                             if o.result == "acked" else o for o in outcomes]
         return outcomes
 
@@ -328,6 +346,15 @@ class SinkQueue:
             self.counters.rejected += 1
             self.breaker.record_success()
             raise
+        except Exception as err:
+            # A sink's bug (an exception outside its contract) must not end the delivery
+            # task, and with it the daemon, again at every start while the event waits: it
+            # is a rejection of this event (dead-lettered after dead_letter_after of them).
+            log.exception("sink failed unexpectedly", extra={
+                "sink": self.name, "event_id": p.event.event_id, "error": repr(err)})
+            self.counters.rejected += 1
+            self.breaker.record_success()
+            raise SinkRejected(f"sink error: {type(err).__name__}: {err}") from err
         self.breaker.record_success()
         self.counters.observe_latency((self.clock.now().monotonic_ns - t0) / 1e9)
 

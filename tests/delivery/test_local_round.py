@@ -6,13 +6,16 @@ gets its new rows unclaimed (mergeable)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 import pytest
 import trio
+import trio.testing
 
 from hostagent import handoff
 from hostagent.config.schema import OutboxConfig
@@ -230,3 +233,38 @@ async def test_a_failing_write_leaves_the_next_rows_unclaimed_until_a_write_succ
         store.close()
     lines = (tmp_path / "events.jsonl").read_bytes().splitlines()
     assert lines == [usage_event("i", k).payload for k in range(3)]
+
+
+async def test_a_full_disk_is_counted_in_failed_and_logged(
+        tmp_path: Path, tmpfs: Callable[[str], Path], mock_clock: trio.testing.MockClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A JSONL file on a full filesystem: its failed writes were neither counted (`failed`
+    stayed 0) nor logged; only the backlog grew. Now each is, the breaker still closed."""
+    mock_clock.autojump_threshold = 0.01
+    fs = tmpfs("64k")
+    (fs / "filler").write_bytes(b"\0" * 60_000)  # one 4 KiB page left
+    clock = TrioClock()
+    store = Store.open(tmp_path / "state.db", clock=clock, node_id="h", sink_names=["file"])
+    sink = JsonlSink(JsonlSinkConfig(name="file", path=str(fs / "events.jsonl")))
+    d = Delivery(store, [sink], clock, OutboxConfig(maintenance_interval_s=3600))
+    events = [usage_event(f"i{i}", 0) for i in range(8)]  # ~10 KB
+    try:
+        with caplog.at_level(logging.WARNING):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(d.run)
+                await trio.to_thread.run_sync(store.commit_pass, [], events)
+                d.wake()
+                await eventually(lambda: d.metrics().sinks["file"].failed >= 8, 60)
+                m = d.metrics().sinks["file"]
+                assert (m.published, m.breaker_state) == (0, "closed")
+                (fs / "filler").unlink()  # the operator frees space
+                await eventually(lambda: d.metrics().sinks["file"].published == 8, 600)
+                nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    assert any(r.getMessage() == "sink write failed" and "No space left" in r.error
+               for r in caplog.records)
+    got = [orjson.loads(line)["event_id"] for line in
+           (fs / "events.jsonl").read_bytes().splitlines() if line.startswith(b"{")
+           and line.endswith(b"}")]
+    assert got[-8:] == [e.event_id for e in events]

@@ -15,7 +15,9 @@ reply), `status` (reply with this HTTP status, e.g. 503), `garbage` (200 with a 
 body), `failure` (every write gets a Failure reply), `reject_every` (every Nth write gets a
 Failure), `reset` (read the request, then close the connection without a reply),
 `reject_if(event) -> reason | status | None` (a Failure reply, or that HTTP status, for chosen
-events). A faulted write is not stored.
+events), `unsolicited` (after each write's reply, an extra `200 "OpSuccess"` reply nobody asked
+for on the same connection: in the same segment, or `unsolicited_after_s` later). A faulted
+write is not stored.
 `writes` counts every write request that reached the server (faulted or not);
 `max_in_flight` is the most write requests it was serving at once.
 
@@ -66,6 +68,8 @@ class Faults:
     reject_every: int = 0
     reset: bool = False
     reject_if: Callable[[dict[str, Any]], str | int | None] | None = None
+    unsolicited: bool = False
+    unsolicited_after_s: float = 0.0
 
     def clear(self) -> None:
         """Back to a healthy queue."""
@@ -198,11 +202,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def _reply(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+    def _reply(self, status: int, body: bytes, ctype: str = "application/json",
+               extra: bytes = b"") -> None:
         head = (f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n"
                 f"content-type: {ctype}\r\ncontent-length: {len(body)}\r\n\r\n").encode()
         try:
-            self.wfile.write(head + body)
+            self.wfile.write(head + body + extra)
         except OSError:
             self.close_connection = True
 
@@ -252,7 +257,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(400, b"Failed to parse the request body as JSON", "text/plain")
             return
         status, out = q._write(doc)
-        self._reply(status, out, "application/json" if status == 200 else "text/plain")
+        extra = b""
+        if f.unsolicited:
+            extra = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n' \
+                    b'content-length: 11\r\n\r\n"OpSuccess"'
+        now = extra if not f.unsolicited_after_s else b""
+        self._reply(status, out, "application/json" if status == 200 else "text/plain", now)
+        if extra and not now:
+            time.sleep(f.unsolicited_after_s)
+            with suppress(OSError):
+                self.wfile.write(extra)
 
     def do_GET(self) -> None:
         parts = [unquote(p) for p in self.path.strip("/").split("/")]

@@ -73,11 +73,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def smtp_server(port: int | None = None) -> Iterator[tuple[Handler, int]]:
-    """A running server (on `port`, or a free one): (handler, port)."""
+def smtp_server(port: int | None = None, *,
+                smtputf8: bool = True) -> Iterator[tuple[Handler, int]]:
+    """A running server (on `port`, or a free one): (handler, port). `smtputf8=False`: a
+    server that does not offer SMTPUTF8 (internationalized addresses)."""
     h = Handler()
     port = port or free_port()
-    ctl = Controller(h, hostname="127.0.0.1", port=port)
+    ctl = Controller(h, hostname="127.0.0.1", port=port, enable_SMTPUTF8=smtputf8)
     ctl.start()
     try:
         yield h, port

@@ -7,14 +7,17 @@
                 └─► one SMTP transaction per recipient (one connection per send)
     flush()     ──► the digests, then the batch counters reset
 
-Outcomes per recipient: 250 → journaled `sent`; 5xx (RCPT, DATA, MAIL) → journaled `refused`;
+Outcomes per recipient: 250 → journaled `sent`; 5xx (RCPT, DATA, MAIL), an address this
+server cannot take (SMTPUTF8 not offered) or a message that cannot be built for it (a control
+character in an ``email:<address>`` channel) → journaled `refused`;
 connection refused, timeout, dropped connection, 4xx → not journaled (transient). Then: any
 transient → SinkUnavailable (the engine retries; journaled recipients are skipped, so each
 recipient gets a transition once); otherwise any refused → Undeliverable (dead-lettered, with
-the server's reply); otherwise delivered. The journal (SQLite, `journal_path`) is written
-before `send` returns, so a kill -9 after the server took a mail but before the outbox acked
-the event resends to nobody who was journaled; a crash between the server's 250 and the
-journal write can repeat one mail (same Message-ID).
+the server's reply); otherwise delivered. A refused digest fails `flush`: the batch is resent,
+and each event the digest carried is then dead-lettered by `send`. The journal (SQLite,
+`journal_path`) is written before `send` returns, so a kill -9 after the server took a mail
+but before the outbox acked the event resends to nobody who was journaled; a crash between
+the server's 250 and the journal write can repeat one mail (same Message-ID).
 
 TLS: "starttls" (STARTTLS, required) or "implicit" (SMTPS), verified against the system's CAs
 or `ca_file`; "none" only for a server on loopback. AUTH: `username` and the password read
@@ -148,24 +151,46 @@ class EmailSink(ConfiguredSink[EmailSinkConfig]):
             smtp.login(c.username, _password(c.password_file))
         return smtp
 
-    def _mail(self, messages: Sequence[tuple[list[str], str, EmailMessage]]) -> list[str]:
+    def _build(self, ids: list[str], payloads: Sequence[bytes], rcpt: str,
+               now_s: float) -> EmailMessage | None:
+        """The message for `rcpt`; None (journaled `refused`) when it cannot be built for
+        that recipient: refused for good, like a 5xx, never retried nor raised out of the
+        sink (where it would end the delivery task)."""
+        try:
+            return email_message.build(self.cfg, payloads, rcpt, now_s)
+        except email_message.Unmailable as err:
+            self.journal.record(ids, rcpt, "refused", f"{rcpt!r}: {err}")
+            return None
+
+    def _mail(self, messages: Sequence[tuple[list[str], str, EmailMessage]]
+              ) -> tuple[list[str], list[str]]:
         """Send (event ids, recipient, message) in order on one connection; journal each.
 
-        Returns the transient errors; refused recipients are journaled.
+        Returns the transient errors and the refusals (those are journaled too).
         """
         errors: list[str] = []
+        refused: list[str] = []
         smtp: smtplib.SMTP | None = None
         try:
             for ids, rcpt, msg in messages:
                 try:
                     if smtp is None:
                         smtp = self._connect()
-                    smtp.send_message(msg, self.cfg.sender, [rcpt])
+                    try:
+                        smtp.send_message(msg, self.cfg.sender, [rcpt])
+                    except smtplib.SMTPNotSupportedError as err:
+                        # An address that needs SMTPUTF8, which this server does not offer:
+                        # refused before anything was sent (the connection is still good).
+                        detail = f"{rcpt}: {err}"
+                        self.journal.record(ids, rcpt, "refused", detail)
+                        refused.append(detail)
+                        continue
                 except (smtplib.SMTPException, OSError, _Transient) as err:
                     kind = _classify(err)
                     detail = f"{rcpt}: {type(err).__name__}: {err}"
                     if kind is _Refused and not isinstance(err, smtplib.SMTPServerDisconnected):
                         self.journal.record(ids, rcpt, "refused", detail)
+                        refused.append(detail)
                         continue
                     errors.append(detail)
                     if isinstance(err, (OSError, smtplib.SMTPServerDisconnected, _Transient)):
@@ -181,7 +206,7 @@ class EmailSink(ConfiguredSink[EmailSinkConfig]):
                     smtp.quit()
                 except (smtplib.SMTPException, OSError):
                     smtp.close()
-        return errors
+        return errors, refused
 
     def _send_sync(self, event: OutEvent) -> tuple[list[str], list[str], list[str]]:
         """→ (transient errors, refusals, recipients held for the digest)."""
@@ -197,9 +222,10 @@ class EmailSink(ConfiguredSink[EmailSinkConfig]):
                 held.append(rcpt)
                 continue
             self._batch[rcpt] = n + 1
-            messages.append(([event.event_id], rcpt,
-                             email_message.build(self.cfg, [event.payload], rcpt, now_s)))
-        errors = self._mail(messages)
+            msg = self._build([event.event_id], [event.payload], rcpt, now_s)
+            if msg is not None:
+                messages.append(([event.event_id], rcpt, msg))
+        errors, _ = self._mail(messages)
         refused = [d for s, d in self.journal.done(event.event_id).values() if s == "refused"]
         return errors, refused, held
 
@@ -219,27 +245,35 @@ class EmailSink(ConfiguredSink[EmailSinkConfig]):
         if refused and not held:
             raise Undeliverable("email refused: " + "; ".join(refused))
 
-    def _flush_sync(self) -> list[str]:
+    def _flush_sync(self) -> tuple[list[str], list[str]]:
         now_s = time.time()
         messages = []
+        refused = []
         for rcpt, events in self._digest.items():
             ids = [e.event_id for e in events]
-            messages.append((ids, rcpt, email_message.build(
-                self.cfg, [e.payload for e in events], rcpt, now_s)))
-        return self._mail(messages)
+            msg = self._build(ids, [e.payload for e in events], rcpt, now_s)
+            if msg is None:
+                refused.append(rcpt)
+            else:
+                messages.append((ids, rcpt, msg))
+        errors, refusals = self._mail(messages)
+        return errors, refused + refusals
 
     async def flush(self) -> None:
         """Send the digests of this batch; SinkUnavailable (everything resent, journaled
-        recipients skipped) when one could not be sent."""
+        recipients skipped) when one could not be sent, or was refused: resent, an event a
+        recipient refused is then dead-lettered by `send` (the journal says so), where
+        acknowledging the batch would have dropped it for that recipient unseen."""
         try:
-            errors = await handoff.run_sync(self._flush_sync, limiter=self._limiter)
+            errors, refused = await handoff.run_sync(self._flush_sync, limiter=self._limiter)
         except (sqlite3.Error, OSError) as err:
             raise SinkUnavailable(f"email digest: {err}") from err
         finally:
             self._digest.clear()
             self._batch.clear()
-        if errors:
-            raise SinkUnavailable("email digest: " + "; ".join(errors))
+        if errors or refused:
+            raise SinkUnavailable("email digest: " + "; ".join(
+                errors + [f"refused (dead-lettered when resent): {r}" for r in refused]))
 
     async def aclose(self) -> None:
         """Close the journal."""

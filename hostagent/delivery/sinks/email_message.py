@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import re
 from collections.abc import Sequence
 from email import policy
 from email.message import EmailMessage
@@ -29,6 +30,19 @@ from hostagent.config.sinks import EmailSinkConfig
 
 _POLICY = policy.default.clone(max_line_length=998)  # a subject stays one line for filters
 _SIGN = {"exceeded": ">=", "repeat": ">=", "approaching": "near", "resolved": "<"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Unmailable(ValueError):
+    """This message cannot be built for this recipient (e.g. a control character in the
+    address): refused for good, never retried."""
+
+
+def one_line(text: str) -> str:
+    """Header text taken from an event (rule id, instance, host ...): control characters, CR
+    and LF above all, become spaces, so a field can neither add a header nor break the
+    message (the email package refuses a header value with a line break)."""
+    return _CONTROL.sub(" ", text)
 
 
 def recipients(cfg: EmailSinkConfig, doc: dict[str, Any]) -> list[str]:
@@ -56,9 +70,9 @@ def _facts(doc: dict[str, Any]) -> dict[str, str]:
 def subject_line(prefix: str, doc: dict[str, Any]) -> str:
     """`[hostagent] EXCEEDED rule on instance (host): resource value unit >= threshold`."""
     f = _facts(doc)
-    return (f"{prefix} {f['transition'].upper()} {f['rule']} on {f['instance']} ({f['host']}): "
-            f"{f['resource']} {f['value']} {f['unit']} {_SIGN.get(f['transition'], '?')} "
-            f"{f['threshold']}")
+    return one_line(f"{prefix} {f['transition'].upper()} {f['rule']} on {f['instance']} "
+                    f"({f['host']}): {f['resource']} {f['value']} {f['unit']} "
+                    f"{_SIGN.get(f['transition'], '?')} {f['threshold']}")
 
 
 def _link(api_url: str, instance: str) -> str:
@@ -102,20 +116,30 @@ def message_id(event_ids: Sequence[str], recipient: str) -> str:
 
 def build(cfg: EmailSinkConfig, payloads: Sequence[bytes], recipient: str,
           now_s: float) -> EmailMessage:
-    """One mail to `recipient`: one event, or a digest of several."""
+    """One mail to `recipient`: one event, or a digest of several. Unmailable when the
+    recipient cannot be a header (a Notify channel ``email:<address>`` with a control
+    character in it)."""
+    bad = _CONTROL.search(recipient)
+    if bad is not None:
+        raise Unmailable(f"recipient {recipient!r} contains the control character "
+                         f"{bad.group()!r}")
     docs = [orjson.loads(p) for p in payloads]
     msg = EmailMessage(policy=_POLICY)
     msg["From"] = cfg.sender
-    msg["To"] = recipient
+    try:
+        msg["To"] = recipient
+    except ValueError as err:  # (the email package's own refusals of an address)
+        raise Unmailable(f"recipient {recipient!r}: {err}") from err
     msg["Date"] = formatdate(now_s, usegmt=True)
     msg["Message-ID"] = message_id([str(d.get("event_id")) for d in docs], recipient)
-    msg["X-Hostagent-Events"] = ",".join(str(d.get("event_id")) for d in docs)
+    msg["X-Hostagent-Events"] = one_line(",".join(str(d.get("event_id")) for d in docs))
     if len(docs) == 1:
         msg["Subject"] = subject_line(cfg.subject_prefix, docs[0])
         msg.set_content(_text(docs[0], cfg.api_url))
     else:
         hosts = sorted({str(d.get("host")) for d in docs})
-        msg["Subject"] = f"{cfg.subject_prefix} {len(docs)} alerts on {', '.join(hosts)}"
+        msg["Subject"] = one_line(f"{cfg.subject_prefix} {len(docs)} alerts on "
+                                  f"{', '.join(hosts)}")
         msg.set_content("\n".join(_text(d, cfg.api_url) for d in docs))
     msg.add_alternative(_html(docs, cfg.api_url), subtype="html")
     return msg

@@ -25,6 +25,7 @@ and several thousand events/s when a backlog drains.
 from __future__ import annotations
 
 import hashlib
+import select
 from typing import Any
 
 import h11
@@ -97,6 +98,12 @@ class H11Pool:
         replaced by a fresh one once, before any reply byte arrived."""
         while self._idle:
             conn = self._idle.pop()
+            if _readable(conn.stream):
+                # Idle, yet the queue sent something: it closed the connection, or sent bytes
+                # nobody asked for (a reply for no request), which the next request would
+                # read as its own reply. Never reused.
+                await trio.aclose_forcefully(conn.stream)
+                continue
             try:
                 return await self._exchange(conn, target, body)
             except _Stale:
@@ -136,7 +143,8 @@ class H11Pool:
                     break
                 elif isinstance(ev, h11.ConnectionClosed):
                     raise SinkUnavailable("connection closed mid-reply")
-            if c.our_state is h11.DONE and c.their_state is h11.DONE:
+            if (c.our_state is h11.DONE and c.their_state is h11.DONE
+                    and not c.trailing_data[0]):  # bytes after the reply: not reusable
                 c.start_next_cycle()
                 ok = len(self._idle) < self.size
             return status, bytes(reply)
@@ -151,6 +159,14 @@ class H11Pool:
         idle, self._idle = self._idle, []
         for conn in idle:
             await trio.aclose_forcefully(conn.stream)
+
+
+def _readable(stream: trio.SocketStream) -> bool:
+    """Whether an idle connection has anything to read (data or the peer's close): one
+    poll(2) with no wait."""
+    poller = select.poll()
+    poller.register(stream.socket.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _Stale(Exception):  # an internal signal, turned into SinkUnavailable above

@@ -10,6 +10,10 @@ The delivery records acknowledgements only after `flush` returned, so nothing is
 it is on disk; a failed write or fsync fails the whole batch (sent again later).
 A crash can leave a torn last line; before appending again the sink makes sure the file ends
 with a newline, so the torn fragment stays a line of its own and later lines are intact.
+Before each batch the sink checks that the path still names the file it has open: a file
+renamed (rotation by `create`), deleted or replaced is opened (created) again, never written
+on unseen. Only a regular file is written: a FIFO, a device or a directory at the path is a
+transient failure naming it (the events wait in the outbox).
 Readers skip lines that are not valid JSON. Redelivery after a crash (an event written but its
 acknowledgement not yet committed) repeats a line: consumers dedupe on `event_id`.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +50,20 @@ def lines(payloads: Sequence[bytes]) -> bytes:
     return b"\n".join([*payloads, b""])
 
 
+def _require_regular(path: Path, mode: int) -> None:
+    """SinkUnavailable unless `mode` is a regular file's. A FIFO took lines into its pipe
+    buffer (gone unless someone reads them) and then blocked the write for good, and the
+    daemon's shutdown behind it."""
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in (
+        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket")) if test(mode)), f"mode {mode:o}")
+    raise SinkUnavailable(f"{path}: not a regular file ({kind}); the JSONL sink appends to a "
+                          "plain file")
+
+
 class JsonlSink(ConfiguredSink[JsonlSinkConfig]):
     """Appends events to a file; a failed write or fsync is transient (retried)."""
 
@@ -60,14 +79,38 @@ class JsonlSink(ConfiguredSink[JsonlSinkConfig]):
         self._limiter = trio.CapacityLimiter(1)
 
     def _open(self) -> int:
+        if self._fd is not None and not self._still_at_path(self._fd):
+            # Renamed (logrotate's `create`), deleted or replaced: writing on would "deliver"
+            # events into a file nobody can see any more. Open (create) the path again.
+            fd, self._fd = self._fd, None
+            os.close(fd)
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            size = os.fstat(fd).st_size
-            # A torn line from a crash must not swallow the next line.
-            self._needs_newline = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+            # O_NONBLOCK: opening a FIFO or a device must not hang the worker thread either.
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                         | os.O_NONBLOCK, 0o640)
+            try:
+                st = os.fstat(fd)
+                _require_regular(self.path, st.st_mode)
+                # A torn line from a crash must not swallow the next line.
+                self._needs_newline = (st.st_size > 0
+                                       and os.pread(fd, 1, st.st_size - 1) != b"\n")
+            except BaseException:
+                os.close(fd)
+                raise
             self._fd = fd
         return self._fd
+
+    def _still_at_path(self, fd: int) -> bool:
+        """The path still names the open file (one stat and one fstat a batch)."""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        except OSError:  # the path cannot be checked now: the open file is all there is
+            return True
+        mine = os.fstat(fd)
+        return (at_path.st_dev, at_path.st_ino) == (mine.st_dev, mine.st_ino)
 
     def _write_and_sync(self, payloads: Sequence[bytes]) -> None:
         """Append `payloads` as lines, `WRITE_LINES` to an `os.write`, then fsync once."""

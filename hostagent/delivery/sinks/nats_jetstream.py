@@ -11,7 +11,7 @@
                                        delivered, nothing new stored
     no PubAck within timeout_s, no responders, disconnected, server error
                                      → SinkUnavailable (retried; the event waits in the outbox)
-    larger than the server's max_payload → Undeliverable (dead-lettered)
+    larger than the server's max_payload (headers counted) → Undeliverable (dead-lettered)
 
 Exactly once in the stream: the outbox re-sends an event until a PubAck came back, and the
 stream drops a re-sent `Nats-Msg-Id` inside its duplicate window, so each event is stored once
@@ -125,6 +125,15 @@ def connect_options(cfg: NatsSinkConfig, errors: list[str]) -> dict[str, Any]:
             ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file)
         opts["tls"] = ctx
     return opts
+
+
+def message_bytes(payload: bytes, event_id: str, stream: str) -> int:
+    """What the server holds against its `max_payload`: the payload AND the header block
+    nats-py sends with it (``NATS/1.0``, Nats-Msg-Id, Nats-Expected-Stream). A message over it
+    is not refused by a reply: the server closes the connection (-ERR 'Maximum Payload
+    Violation'), taking every PubAck in flight with it."""
+    head = f"NATS/1.0\r\n{MSG_ID}: {event_id}\r\n{EXPECTED_STREAM}: {stream}\r\n\r\n"
+    return len(head.encode()) + len(payload)
 
 
 def connect_budget_s(cfg: NatsSinkConfig) -> float:
@@ -244,8 +253,10 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         js, limit = conn.js, conn.nc.max_payload
         futures: dict[asyncio.Future[PubAck], _Pub] = {}
         for p in batch:
-            if len(p.payload) > limit:
-                p.error = Undeliverable(f"event is {len(p.payload)} bytes, over the server's "
+            size = message_bytes(p.payload, p.event_id, self.cfg.stream)
+            if size > limit:
+                p.error = Undeliverable(f"event is {size} bytes with its headers "
+                                        f"({len(p.payload)} without), over the server's "
                                         f"max_payload {limit}")
                 continue
             try:

@@ -9,18 +9,25 @@ mailing anyone twice.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import trio
 
+from hostagent.config.schema import OutboxConfig
 from hostagent.config.sinks import EmailSinkConfig
+from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.base import Undeliverable, build_sink
 from hostagent.delivery.sinks.email import EmailSink
 from hostagent.errors import ConfigError, SinkUnavailable
 from hostagent.model import OutEvent
+from hostagent.store.outbox import Store
+from tests.clocks import TrioClock
+from tests.delivery.test_engine import eventually
 from tests.standins.smtp_server import (
     Handler,
     free_port,
@@ -134,6 +141,108 @@ async def test_a_storm_becomes_one_digest_per_recipient(
         await s.send(event(n))
     await s.flush()
     assert len(h.to("ops@example.test")) == 3
+    await s.aclose()
+
+
+def with_doc(ev: OutEvent, **fields: Any) -> OutEvent:
+    doc = {**orjson.loads(ev.payload), **fields}
+    return OutEvent(ev.event_id, ev.kind, ev.instance_id, ev.period_start_ns, ev.period_end_ns,
+                    orjson.dumps(doc))
+
+
+async def test_line_breaks_in_alert_fields_are_flattened_in_the_subject(
+        tmp_path: Path, smtp: tuple[Handler, int]) -> None:
+    """A rule id or instance name with a line break (a rule pushed through the rules API)
+    made the email package raise ValueError out of the sink, which ended the delivery task
+    and with it the daemon, at every start while the alert sat in the outbox."""
+    h, port = smtp
+    s = sink(tmp_path, port)
+    ev = with_doc(event(1), instance_id="vm-1\r\nBcc: evil@example.test",
+                  config={"id": "cpu\nhigh", "resource_type": "Cpu"})
+    await s.send(ev)
+    await s.flush()
+    [m] = h.to("ops@example.test")
+    assert m["Subject"] == ("[hostagent] EXCEEDED cpu high on vm-1  Bcc: evil@example.test "
+                            "(host-a): cpu 95.5 percent >= 80.0")
+    assert [r for r, _ in h.mails] == [["ops@example.test"]]
+    await s.aclose()
+
+
+async def test_an_address_with_a_line_break_is_refused_and_the_others_mailed(
+        tmp_path: Path, smtp: tuple[Handler, int]) -> None:
+    h, port = smtp
+    s = sink(tmp_path, port)
+    ev = event(1, channels=["email", "email:alice@example.test\r\nBcc: evil@example.test"])
+    with pytest.raises(Undeliverable, match="control character"):
+        await s.send(ev)
+    assert [r for r, _ in h.mails] == [["ops@example.test"]]
+    with pytest.raises(Undeliverable):  # sent again: dead-lettered again, mails nobody
+        await s.send(ev)
+    assert len(h.mails) == 1
+    await s.aclose()
+
+
+async def test_the_delivery_dead_letters_an_unmailable_alert_and_keeps_running(
+        tmp_path: Path, smtp: tuple[Handler, int]) -> None:
+    h, port = smtp
+    clock = TrioClock(wall0_ns=time.time_ns())
+    store = Store.open(tmp_path / "state.db", clock=clock, node_id="host-a",
+                       sink_names=["email"])
+    s = sink(tmp_path, port)
+    bad = event(1, channels=["email:a@example.test\nBcc: evil@example.test"])
+    bad = OutEvent(bad.event_id, bad.kind, bad.instance_id, 0, 1, bad.payload,
+                   frozenset({"email:a@example.test\nBcc: evil@example.test"}))
+    good = event(2)
+    good = OutEvent(good.event_id, good.kind, "vm-1", 1, 2, good.payload, frozenset({"email"}))
+    d = Delivery(store, [s], clock, OutboxConfig(maintenance_interval_s=0.5))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(d.run)
+            await trio.to_thread.run_sync(store.commit_pass, [], [bad, good])
+            d.wake()
+            await eventually(lambda: len(h.mails) == 1 and not store.stats()["email"].pending,
+                             10, 0.05)
+            nursery.cancel_scope.cancel()
+        st = store.stats()["email"]
+        assert (st.pending, st.dead) == (0, 1)
+        [dead] = store.dead_letters("email")
+        assert dead.event_id == "ev-1" and "control character" in dead.reason
+    finally:
+        store.close()
+    assert [r for r, _ in h.mails] == [["ops@example.test"]]
+
+
+async def test_an_address_the_server_cannot_take_is_refused_not_retried(
+        tmp_path: Path) -> None:
+    """An internationalized address and a server without SMTPUTF8: smtplib raises
+    SMTPNotSupportedError before sending anything, which was classed transient (as for a
+    missing STARTTLS): the alert was retried forever."""
+    with smtp_server(smtputf8=False) as (h, port):
+        s = sink(tmp_path, port)
+        with pytest.raises(Undeliverable, match="SMTPUTF8"):
+            await s.send(event(1, channels=["email", "email:jörg@example.test"]))
+        assert [r for r, _ in h.mails] == [["ops@example.test"]]
+        await s.aclose()
+
+
+async def test_a_refused_digest_dead_letters_its_events(
+        tmp_path: Path, smtp: tuple[Handler, int]) -> None:
+    """A digest the server refused for good was journaled `refused` and the batch acked:
+    its alerts were dropped for that recipient without a dead letter."""
+    h, port = smtp
+    s = sink(tmp_path, port, digest_after=1)
+    h.data_faults = ["ok", "554"]  # the single mail goes, the digest is refused
+    for n in range(3):
+        await s.send(event(n))
+    with pytest.raises(SinkUnavailable, match="refused"):
+        await s.flush()
+    # the engine sends the batch again: what was mailed is owed to nobody, the rest is dead
+    await s.send(event(0))
+    for n in (1, 2):
+        with pytest.raises(Undeliverable, match="554"):
+            await s.send(event(n))
+    await s.flush()
+    assert len(h.to("ops@example.test")) == 1
     await s.aclose()
 
 

@@ -164,3 +164,25 @@ async def test_keep_alive_survives_the_queue_restarting(queue: QueueStandIn, cli
     await sink.send(usage_event("i0", 1))  # a stale pooled connection is replaced, not an error
     await sink.aclose()
     assert len(queue.messages("usage_events")) == 2
+
+
+@pytest.mark.parametrize("after_s", [0.0, 0.05])
+async def test_a_reply_nobody_asked_for_never_acks_the_next_event(
+        queue: QueueStandIn, after_s: float) -> None:
+    """The queue answers a write, then sends an extra `200 "OpSuccess"` on the same keep-alive
+    connection (in the same segment, or a moment later while it idles). The h11 pool reused
+    the connection: the next event read that stale reply as its own and was acked, though the
+    queue refused it (here) and never stored it: lost."""
+    queue.faults.unsolicited, queue.faults.unsolicited_after_s = True, after_s
+    queue.faults.reject_if = lambda ev: "no" if ev["instance_id"] == "x" else None
+    sink = sink_for(queue, "h11")
+    with pytest.raises(SinkRejected):
+        await sink.send(usage_event("x", 0))
+    await trio.sleep(0.2)  # the connection idles in the pool
+    with pytest.raises(SinkRejected):
+        await sink.send(usage_event("x", 1))
+    queue.faults.reject_if = None
+    await trio.sleep(0.2)
+    await sink.send(usage_event("y", 0))  # a good write still goes through
+    await sink.aclose()
+    assert [e["event_id"] for e in queue.events()] == [usage_event("y", 0).event_id]

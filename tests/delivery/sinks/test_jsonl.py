@@ -166,3 +166,58 @@ async def test_a_write_failing_mid_batch_leaves_whole_lines_and_a_fresh_line_aft
     assert got == [e.event_id for e in events[:jsonl.WRITE_LINES]] + [e.event_id for e in events]
     torn = path.read_bytes().split(b"\n")[jsonl.WRITE_LINES]
     assert torn == events[jsonl.WRITE_LINES].payload[:50]  # a line of its own
+
+
+async def test_a_renamed_or_deleted_file_is_created_again(tmp_path: Path) -> None:
+    """The sink kept its descriptor for good: after logrotate's `create` (rename), lines went
+    on into the rotated file; after a delete, into a file nobody could see, and were acked."""
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(JsonlSinkConfig(path=str(path)))
+    events = [usage_event("i0", k) for k in range(3)]
+    sink.write_batch([events[0].payload])
+    path.rename(tmp_path / "events.jsonl.1")  # rotated by renaming
+    sink.write_batch([events[1].payload])
+    assert path.read_bytes() == events[1].payload + b"\n"
+    assert (tmp_path / "events.jsonl.1").read_bytes() == events[0].payload + b"\n"
+    path.unlink()  # deleted by hand
+    sink.write_batch([events[2].payload])
+    assert path.read_bytes() == events[2].payload + b"\n"
+    await sink.aclose()
+
+
+async def test_a_path_replaced_by_a_directory_fails_the_write(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(JsonlSinkConfig(path=str(path)))
+    sink.write_batch([usage_event("i0", 0).payload])
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(SinkUnavailable, match="write failed"):  # sent again later
+        sink.write_batch([usage_event("i0", 1).payload])
+    path.rmdir()  # the operator puts it right: the next write creates the file
+    sink.write_batch([usage_event("i0", 1).payload])
+    assert parsed(path) == [orjson.loads(usage_event("i0", 1).payload)]
+    await sink.aclose()
+
+
+async def test_a_fifo_at_the_path_is_refused_not_written(tmp_path: Path) -> None:
+    """A FIFO was opened (O_RDWR never blocks) and written: lines went into the pipe buffer,
+    lost unless read, and once it was full the write blocked the delivery's worker thread for
+    good (and the daemon's shutdown behind it)."""
+    path = tmp_path / "events.jsonl"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        sink = JsonlSink(JsonlSinkConfig(path=str(path)))
+        with pytest.raises(SinkUnavailable, match=r"not a regular file \(a FIFO\)"):
+            sink.write_batch([usage_event("i0", k).payload for k in range(10)])  # < 64 KiB
+        await sink.send(usage_event("i0", 0))
+        with pytest.raises(SinkUnavailable, match="not a regular file"):
+            await sink.flush()
+        try:
+            in_pipe = os.read(reader, 65536)  # b"": no writer left, and nothing written
+        except BlockingIOError:
+            in_pipe = b""
+        assert in_pipe == b""
+        await sink.aclose()
+    finally:
+        os.close(reader)

@@ -26,7 +26,7 @@ from hostagent.config.sinks import BreakerConfig, JsonlSinkConfig, NatsSinkConfi
 from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.base import Sink, Undeliverable, build_sink
 from hostagent.delivery.sinks.jsonl import JsonlSink
-from hostagent.delivery.sinks.nats_jetstream import NatsSink, SetupError
+from hostagent.delivery.sinks.nats_jetstream import NatsSink, SetupError, message_bytes
 from hostagent.errors import SinkUnavailable
 from hostagent.model import Baseline, OutEvent
 from hostagent.store.outbox import Store
@@ -271,6 +271,36 @@ async def test_event_over_max_payload_is_undeliverable(tmp_path: Path) -> None:
         stored = await trio.to_thread.run_sync(read_stream, srv.url, "HOSTAGENT")
         await sink.aclose()
     assert [m.headers["Nats-Msg-Id"] for m in stored] == [usage_event("i0", 1).event_id]
+
+
+async def test_event_under_max_payload_but_over_it_with_headers_is_undeliverable(
+        tmp_path: Path) -> None:
+    """The server counts the header block (Nats-Msg-Id, Nats-Expected-Stream) against
+    max_payload. An event whose payload alone fits used to be published anyway: the server
+    closed the connection, no PubAck came, and the event was retried forever (holding back
+    its instance's later events, cutting the connection under every other publish)."""
+    with nats_server(tmp_path, extra="max_payload: 4096") as srv:
+        sink = NatsSink(nats_cfg(srv.url), node_id=NODE)
+        await sink.send(usage_event("i0", 0))  # connected
+        pad = 0
+        while len(usage_event("i1", 0, pad=pad).payload) < 4096 - 20:
+            pad += 1
+        big = usage_event("i1", 0, pad=pad)
+        assert len(big.payload) <= 4096 < message_bytes(big.payload, big.event_id, "HOSTAGENT")
+        conn = sink._conn
+        t0 = time.monotonic()
+        with pytest.raises(Undeliverable, match=r"with its headers .* over the server's "
+                                                 r"max_payload 4096"):
+            await sink.send(big)
+        assert time.monotonic() - t0 < 1.0  # refused before sending, not after a timeout
+        await sink.send(usage_event("i0", 1))
+        assert sink._conn is conn  # the connection was never cut
+        stored = await trio.to_thread.run_sync(read_stream, srv.url, "HOSTAGENT")
+        await sink.aclose()
+        log = srv.log_tail()
+    assert [m.headers["Nats-Msg-Id"] for m in stored] == [usage_event("i0", k).event_id
+                                                          for k in (0, 1)]
+    assert "maximum payload exceeded" not in log
 
 
 async def test_aclose_of_an_unused_sink_is_a_no_op() -> None:
