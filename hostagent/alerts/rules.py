@@ -85,6 +85,7 @@ _UNITS: dict[Resource, dict[str, tuple[str, float]]] = {
 _MAX_FLOAT_INT = int(sys.float_info.max)
 # Consecutive passes before an alert fires: past a billion (30 years of 1 s passes) is no
 # rule; the bound keeps the value a 64-bit integer, as the rules-in-force file stores it.
+MAX_CHANNEL_CHARS = 256
 MAX_FOR_PASSES = 1_000_000_000
 _NESTED_KEYS = {"id", "resource_type", "threshold_type", "action", "user_id", "instance_id",
                 "notification_channels", "for_passes", "repeat_interval_s"}
@@ -202,6 +203,11 @@ def parse_rule(raw: Any, *, source: str = "<rules>", index: int = 0) -> Rule:
     chans = raw.get("notification_channels", [])
     if not isinstance(chans, list) or not all(isinstance(c, str) and c for c in chans):
         raise _err(source, i, "notification_channels", "an array of strings", chans)
+    for c in chans:  # a channel becomes a mail address, a subject, a NATS subject part
+        if len(c) > MAX_CHANNEL_CHARS or not c.isprintable():
+            raise _err(source, i, "notification_channels",
+                       f"channel names of printable characters, at most {MAX_CHANNEL_CHARS}",
+                       c[:80])
     for_passes = raw.get("for_passes")
     if for_passes is not None and (isinstance(for_passes, bool) or not isinstance(
             for_passes, int) or not 1 <= for_passes <= MAX_FOR_PASSES):

@@ -97,7 +97,7 @@ def _rule_request(*, with_id: bool) -> dict[str, Any]:
         "units": {"type": "string"}, "unit": {"type": "string"},
         "action": {"type": "string", "pattern": _ci("notify", "log", "alert")},
         "user_id": _NONEMPTY, "instance_id": {**_NONEMPTY, "nullable": True},
-        "notification_channels": {"type": "array", "items": _NONEMPTY},
+        "notification_channels": {"type": "array", "items": {**_NONEMPTY, "maxLength": 256}},
         "for_passes": {"type": "integer", "minimum": 1, "maximum": 1e15},
         "repeat_interval_s": _AMOUNT,
     }

@@ -29,6 +29,12 @@ DEEP_TOML = "x = " + "[" * 3000 + "]" * 3000 + "\n"
     ("bom.json", b"\xef\xbb\xbf[]", "BOM"),
     ("bom.toml", b"\xef\xbb\xbf", "BOM"),
     ("repeat.json", orjson.dumps([{**FLAT, "repeat_interval_s": 1e300}]), "a value <="),
+    # A line break in a channel forged mail headers (email:a@x\r\nBcc: ...) and, before the
+    # sink was hardened, crashed delivery at every start.
+    ("crlf.json", orjson.dumps([{**FLAT, "notification_channels": ["email:a@x\r\nBcc: b@y"]}]),
+     "printable"),
+    ("long.json", orjson.dumps([{**FLAT, "notification_channels": ["email:" + "a" * 300]}]),
+     "at most 256"),
 ])
 def test_hostile_rules_files_are_config_errors(tmp_path: Path, name: str, data: bytes,
                                                expected: str) -> None:

@@ -143,3 +143,17 @@ async def test_a_client_slow_to_send_its_body_is_cut_off_and_no_pass_waits_for_i
         assert (await c.get("/api/v1/webhooks",
                             headers={"X-API-Key": keys.admin_key})).json() == []
     srv.stop.set()
+
+
+async def test_a_channel_with_a_line_break_is_refused(client: httpx.AsyncClient,
+                                                      keys: Keys) -> None:
+    """`email:a@x\\r\\nBcc: …` would forge mail headers (and once crashed delivery at every
+    start): refused as a bad field, nothing stored."""
+    h = {"X-API-Key": keys.admin_key}
+    for chans in (["email:a@x\r\nBcc: b@y"], ["api_callback\n"], ["e" * 300]):
+        r = await client.post("/api/v1/thresholds", headers=h,
+                              json={**RULE, "id": "crlf", "notification_channels": chans})
+        assert 400 <= r.status_code < 500, (chans, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+    assert (await client.get("/api/v1/thresholds", headers=h)).json() == []
+    assert await server_errors(client, keys) == 0
