@@ -331,6 +331,12 @@ class WebhookDispatcher:
                     status = resp.status_code
             except httpx.HTTPError as err:
                 return f"{type(err).__name__}: {err}", 1, True
+            except Exception as err:  # outside httpx's contract (a bug, a header it cannot
+                # encode): never the dispatcher's end, which would take the daemon with it;
+                # this delivery fails hard and is dead after its attempts, the others go on.
+                log.exception("webhook attempt failed unexpectedly",
+                              extra={"webhook_id": reg.id, "event_id": d.event_id})
+                return f"{type(err).__name__}: {err}", HARD_FAILURE_WEIGHT, False
         if scope.cancelled_caught:
             return "timed out", 1, True
         if 200 <= status < 300:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import trio
@@ -336,3 +337,25 @@ def test_a_malformed_allow_list_is_a_config_error(rig: Rig) -> None:
         build_sink(dataclasses.replace(rig.cfg, allow_list=("10.0.0.0/99",)),
                    clock=SystemClock(), webhook_store=rig.hooks)
     assert err.value.key == "sinks.allow_list[0]"
+
+
+async def test_an_attempt_failing_outside_httpx_s_contract_never_ends_the_dispatcher(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception httpx does not document (a header it cannot encode, a bug) fails that
+    delivery hard; the dispatcher (and the daemon with it) goes on delivering the others."""
+    bad = rig.hooks.register(rig.receiver.url + "?bad", ["threshold_violation"], "s3cret")
+    good = rig.hooks.register(rig.receiver.url + "?good", ["threshold_violation"], "s3cret")
+    real = httpx.AsyncClient.stream
+
+    def stream(self: httpx.AsyncClient, method: str, url: Any, **kw: Any) -> Any:
+        if "bad" in str(url):
+            raise UnicodeEncodeError("ascii", "ä", 0, 1, "not encodable")
+        return real(self, method, url, **kw)
+
+    monkeypatch.setattr(httpx.AsyncClient, "stream", stream)
+    rig.store.commit_pass([], alert_event([90.0]))
+    async for _sink, delivery in running(rig, dead_after_attempts=5):
+        delivery.wake()
+        await until(lambda: rig.hooks.counts().get(bad.id) == {"dead": 1}
+                    and rig.hooks.counts().get(good.id) == {"delivered": 1})
+    assert [r.path for r in rig.receiver.received] == ["/hook?good"]
