@@ -41,6 +41,7 @@ class NatsServer:
     port: int = field(default_factory=free_port)
     cluster_port: int = field(default_factory=free_port)
     routes: list[int] = field(default_factory=list)
+    jetstream: bool = True  # False: the next start runs without JetStream (the store is kept)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,9 +57,10 @@ class NatsServer:
             cluster = (f"cluster {{ name: hostagent-test, listen: 127.0.0.1:{self.cluster_port},"
                        f" routes: [{routes}] }}\n")
         conf = self.root / f"{self.name}.conf"
+        js = (f"jetstream {{ store_dir: \"{store}\", max_memory_store: 64MB, "
+              f"max_file_store: 1GB }}\n") if self.jetstream else ""
         conf.write_text(f"server_name: {self.name}\nlisten: 127.0.0.1:{self.port}\n"
-                        f"jetstream {{ store_dir: \"{store}\", max_memory_store: 64MB, "
-                        f"max_file_store: 1GB }}\n{cluster}{self.extra}\n")
+                        f"{js}{cluster}{self.extra}\n")
         return conf
 
     def start(self, wait: bool = True) -> NatsServer:
@@ -180,3 +182,19 @@ def wait_jetstream(url: str | list[str], timeout_s: float = 20.0) -> None:
     asyncio.run(_wait_stream_ready(url, "", timeout_s))
 
 
+
+
+async def _manage(url: str | list[str], action: Any) -> Any:
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1)
+    try:
+        return await action(nc.jetstream(timeout=5))
+    finally:
+        await nc.close()
+
+
+def manage(url: str | list[str], action: Any) -> Any:
+    """Run `await action(js)` with a JetStream context of a fresh connection, as an operator's
+    `nats stream ...` would (blocking; call from a thread under trio)."""
+    return asyncio.run(_manage(url, action))

@@ -9,9 +9,10 @@
     PubAck {stream, seq}               stored: the row is acknowledged
     PubAck {..., duplicate: true}      stored before (a resend after a crash or a lost ack):
                                        delivered, nothing new stored
-    no PubAck within timeout_s, no responders, disconnected, server error
-                                     → SinkUnavailable (retried; the event waits in the outbox)
-    larger than the server's max_payload (headers counted) → Undeliverable (dead-lettered)
+    no PubAck within timeout_s, no responders, disconnected, server error, stream full
+    (discard new)                    → SinkUnavailable (retried; the event waits in the outbox)
+    larger than the server's max_payload (headers counted), than the stream's max_msg_size
+    or max_bytes                     → Undeliverable (dead-lettered)
 
 Exactly once in the stream: the outbox re-sends an event until a PubAck came back, and the
 stream drops a re-sent `Nats-Msg-Id` inside its duplicate window, so each event is stored once
@@ -25,7 +26,10 @@ The client is nats-py (asyncio) in its own thread (hostagent.delivery.sinks.nats
 connection is opened on the first send: connect (servers in turn), then the stream is checked
 (or created when `create_stream = true`) and both subjects must be covered by it; a failure is
 ONE clear line (logged once per distinct reason, and the error of every failed round) and the
-events wait in the outbox. Many publishes are in flight at once (`max_in_flight`): the engine
+events wait in the outbox. A publish nobody answers (the stream deleted, its subjects changed,
+JetStream off) re-runs that check on the live connection: the stream is re-created
+(`create_stream = true`) and the publish repeated, or the check's line is the reason the
+events wait. Many publishes are in flight at once (`max_in_flight`): the engine
 sends one instance's events in order and different instances concurrently; their PubAcks are
 awaited together.
 """
@@ -45,6 +49,7 @@ import nats.js.errors
 import trio
 import trio.lowlevel
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig, StreamInfo
 
@@ -62,6 +67,7 @@ CHANNEL = "nats"  # what a Notify rule's notification_channels name to reach thi
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_STREAM = "Nats-Expected-Stream"
 ERR_MSG_TOO_LARGE = 10054
+ERR_STORE_FAILED = 10077  # "maximum bytes/messages exceeded": a full stream that discards new
 CLOSE_TIMEOUT_S = 3.0
 # Attempts per server after a disconnect before the client gives up; the next send opens a
 # fresh connection (the outbox holds the events meanwhile, the breaker paces the attempts).
@@ -71,6 +77,26 @@ _PROBE_STREAM = "hostagent-sink-check-probe"  # a name no real stream has: the p
 
 class SetupError(Exception):
     """The connection or the stream is not usable as configured (one line, no traceback)."""
+
+
+class _JetStream(JetStreamContext):
+    """nats-py's JetStream context, except that a refused async publish fails its future.
+
+    nats-py (2.16; nats-io/nats.py#985) turns a JetStream error reply to `publish_async` into
+    an exception with `APIError.from_error`, which raises: the error escapes into the
+    subscription's task (an error_cb line) and the publish's future never completes. A refusal
+    then looked like a lost PubAck: an event the stream can never take (over its max_msg_size)
+    was retried forever, a full stream waited `timeout_s` per attempt, both without a reason."""
+
+    async def _handle_async_reply(self, msg: Msg) -> None:
+        try:
+            await super()._handle_async_reply(msg)
+        except nats.js.errors.APIError as err:
+            prefix = self._async_reply_prefix
+            future = self._publish_async_futures.get(msg.subject[len(prefix):]) if prefix else None
+            if future is None or future.done():
+                raise
+            future.set_exception(err)
 
 
 @dataclass(eq=False)
@@ -204,8 +230,8 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         try:
             # Enough async-publish permits that a batch never stalls on them (the engine keeps
             # at most max_in_flight sends), so publish_async needs no wait_stall timer.
-            js = nc.jetstream(timeout=cfg.timeout_s,
-                              publish_async_max_pending=max(4000, 2 * cfg.max_in_flight))
+            js = _JetStream(nc, timeout=cfg.timeout_s,
+                            publish_async_max_pending=max(4000, 2 * cfg.max_in_flight))
             info = await self._ensure_stream(js)
         except BaseException:
             await nc.close()
@@ -250,14 +276,56 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
             for p in batch:
                 p.error = err
             return
-        js, limit = conn.js, conn.nc.max_payload
+        await self._publish(conn, batch)
+        await self._after_refusals(conn, batch)
+
+    def _never_fits(self, p: _Pub, conn: _Conn) -> Undeliverable | None:
+        """Why this event can never be stored (None: it can), from the server's max_payload and
+        the stream's max_bytes as last checked."""
+        size = message_bytes(p.payload, p.event_id, self.cfg.stream)
+        if size > (limit := conn.nc.max_payload):
+            return Undeliverable(f"event is {size} bytes with its headers ({len(p.payload)} "
+                                 f"without), over the server's max_payload {limit}")
+        # The stream holds at least the subject and the headers too (the store adds more).
+        max_bytes = conn.info.config.max_bytes or -1
+        if 0 < max_bytes < size + len(p.subject):
+            return Undeliverable(f"event is {size + len(p.subject)} bytes with its subject "
+                                 f"and headers, over stream {self.cfg.stream!r}'s max_bytes "
+                                 f"{max_bytes}")
+        return None
+
+    async def _after_refusals(self, conn: _Conn, batch: list[_Pub]) -> None:
+        """The stream changed under the live connection: check it again, as at connect.
+
+        No responders: the stream was deleted, its subjects no longer cover ours, or JetStream
+        is off. Re-checking re-creates it (`create_stream = true`) and publishes those events
+        again at once, or replaces "no responders" by the check's reason. A full stream
+        (discard new) refusing an event that could never fit its max_bytes dead-letters it."""
+        gone = [p for p in batch if isinstance(p.error, nats.js.errors.NoStreamResponseError)]
+        full = [p for p in batch if isinstance(p.error, nats.js.errors.APIError)
+                and p.error.err_code == ERR_STORE_FAILED]
+        if not gone and not full:
+            return
+        try:
+            conn.info = await self._ensure_stream(conn.js)
+        except SetupError as err:
+            for p in gone:
+                p.error = err
+            return
+        except (nats.errors.Error, OSError):
+            return  # the publishes' own errors stand
+        for p in full:
+            p.error = self._never_fits(p, conn) or p.error
+        for p in gone:
+            p.error = None
+        await self._publish(conn, gone)
+
+    async def _publish(self, conn: _Conn, batch: list[_Pub]) -> None:
+        js = conn.js
         futures: dict[asyncio.Future[PubAck], _Pub] = {}
         for p in batch:
-            size = message_bytes(p.payload, p.event_id, self.cfg.stream)
-            if size > limit:
-                p.error = Undeliverable(f"event is {size} bytes with its headers "
-                                        f"({len(p.payload)} without), over the server's "
-                                        f"max_payload {limit}")
+            if (refusal := self._never_fits(p, conn)) is not None:
+                p.error = refusal
                 continue
             try:
                 fut = await js.publish_async(p.subject, p.payload, stream=self.cfg.stream,
@@ -377,6 +445,9 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         if isinstance(err, nats.js.errors.APIError):
             if err.err_code == ERR_MSG_TOO_LARGE:
                 raise Undeliverable(f"JetStream refused the event: {err.description}")
+            if err.err_code == ERR_STORE_FAILED and "exceeded" in (err.description or ""):
+                raise SinkUnavailable(f"stream {self.cfg.stream!r} is full ({err.description};"
+                                      " it discards new messages): the event waits for room")
             raise SinkUnavailable(f"JetStream error {err.code}/{err.err_code}: "
                                   f"{err.description}")
         if isinstance(err, nats.js.errors.NoStreamResponseError):
