@@ -45,7 +45,7 @@ async def check_nats(cfg: NatsSinkConfig, node_id: str) -> list[str]:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """Run `sink check`; the exit status."""
-    from hostagent.delivery.sinks.nats_jetstream import SetupError
+    from hostagent.delivery.sinks.nats_client import SetupError
 
     by_name = {s.name: s for s in cfg.sinks}
     sink = by_name.get(args.name)

@@ -38,25 +38,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
 import trio
 import trio.lowlevel
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import PubAck, StorageType, StreamConfig, StreamInfo
+from nats.js.api import PubAck, StreamInfo
 
 from hostagent.config.nats_check import covered, render_subject
 from hostagent.config.sinks import NatsSinkConfig
 from hostagent.delivery.sinks.base import ConfiguredSink, Undeliverable
 from hostagent.delivery.sinks.nats_bridge import AsyncioThread
+from hostagent.delivery.sinks.nats_client import (
+    CLOSE_TIMEOUT_S,
+    ERR_MSG_TOO_LARGE,
+    ERR_STORE_FAILED,
+    EXPECTED_STREAM,
+    MSG_ID,
+    PROBE_STREAM,
+    Conn,
+    JetStream,
+    Pub,
+    SetupError,
+    connect_budget_s,
+    connect_options,
+    message_bytes,
+    stream_config,
+)
 from hostagent.errors import SinkUnavailable
 from hostagent.model import OutEvent
 
@@ -64,119 +74,6 @@ log = logging.getLogger(__name__)
 
 ALERT_KIND = "threshold_violation"
 CHANNEL = "nats"  # what a Notify rule's notification_channels name to reach this sink
-MSG_ID = "Nats-Msg-Id"
-EXPECTED_STREAM = "Nats-Expected-Stream"
-ERR_MSG_TOO_LARGE = 10054
-ERR_STORE_FAILED = 10077  # "maximum bytes/messages exceeded": a full stream that discards new
-CLOSE_TIMEOUT_S = 3.0
-# Attempts per server after a disconnect before the client gives up; the next send opens a
-# fresh connection (the outbox holds the events meanwhile, the breaker paces the attempts).
-RECONNECTS = 1
-_PROBE_STREAM = "hostagent-sink-check-probe"  # a name no real stream has: the probe is refused
-
-
-class SetupError(Exception):
-    """The connection or the stream is not usable as configured (one line, no traceback)."""
-
-
-class _JetStream(JetStreamContext):
-    """nats-py's JetStream context, except that a refused async publish fails its future.
-
-    nats-py (2.16; nats-io/nats.py#985) turns a JetStream error reply to `publish_async` into
-    an exception with `APIError.from_error`, which raises: the error escapes into the
-    subscription's task (an error_cb line) and the publish's future never completes. A refusal
-    then looked like a lost PubAck: an event the stream can never take (over its max_msg_size)
-    was retried forever, a full stream waited `timeout_s` per attempt, both without a reason."""
-
-    async def _handle_async_reply(self, msg: Msg) -> None:
-        try:
-            await super()._handle_async_reply(msg)
-        except nats.js.errors.APIError as err:
-            prefix = self._async_reply_prefix
-            future = self._publish_async_futures.get(msg.subject[len(prefix):]) if prefix else None
-            if future is None or future.done():
-                raise
-            future.set_exception(err)
-
-
-@dataclass(eq=False)
-class _Pub:
-    """One publish of a batch and its outcome."""
-
-    subject: str
-    event_id: str
-    payload: bytes
-    done: trio.Event = field(default_factory=trio.Event)
-    duplicate: bool = False
-    error: BaseException | None = None
-
-
-@dataclass
-class _Conn:
-    nc: Client
-    js: JetStreamContext
-    info: StreamInfo
-    errors: list[str] = field(default_factory=list)
-
-
-def connect_options(cfg: NatsSinkConfig, errors: list[str]) -> dict[str, Any]:
-    """nats.connect keyword arguments: servers, credentials read from their files, TLS."""
-
-    async def error_cb(err: Exception) -> None:
-        line = f"{type(err).__name__}: {err}".strip().rstrip(":")
-        errors.append(line)
-        del errors[:-5]
-        log.warning("nats client error", extra={"sink": cfg.name, "error": line})
-
-    async def disconnected_cb() -> None:
-        log.info("nats disconnected", extra={"sink": cfg.name})
-
-    opts: dict[str, Any] = {
-        "servers": list(cfg.servers), "connect_timeout": cfg.connect_timeout_s,
-        "allow_reconnect": True, "max_reconnect_attempts": RECONNECTS, "reconnect_time_wait": 0.5,
-        "dont_randomize": True, "error_cb": error_cb, "disconnected_cb": disconnected_cb,
-        "name": f"hostagent {cfg.name}"}
-    if cfg.password_file:
-        opts["user"] = cfg.user
-        opts["password"] = Path(cfg.password_file).read_text(encoding="utf-8").strip()
-    if cfg.token_file:
-        opts["token"] = Path(cfg.token_file).read_text(encoding="utf-8").strip()
-    if cfg.nkey_seed_file:
-        opts["nkeys_seed"] = cfg.nkey_seed_file
-    if cfg.creds_file:
-        opts["user_credentials"] = cfg.creds_file
-    if cfg.tls_ca_file or cfg.tls_cert_file or any(s.startswith("tls:") for s in cfg.servers):
-        ctx = ssl.create_default_context(cafile=cfg.tls_ca_file or None)
-        if cfg.tls_cert_file:
-            ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file)
-        opts["tls"] = ctx
-    return opts
-
-
-def message_bytes(payload: bytes, event_id: str, stream: str) -> int:
-    """What the server holds against its `max_payload`: the payload AND the header block
-    nats-py sends with it (``NATS/1.0``, Nats-Msg-Id, Nats-Expected-Stream). A message over it
-    is not refused by a reply: the server closes the connection (-ERR 'Maximum Payload
-    Violation'), taking every PubAck in flight with it."""
-    head = f"NATS/1.0\r\n{MSG_ID}: {event_id}\r\n{EXPECTED_STREAM}: {stream}\r\n\r\n"
-    return len(head.encode()) + len(payload)
-
-
-def connect_budget_s(cfg: NatsSinkConfig) -> float:
-    """How long opening a connection may take: every server, 1 + RECONNECTS times."""
-    return (cfg.connect_timeout_s + 0.5) * (1 + RECONNECTS) * len(cfg.servers)
-
-
-def stream_config(cfg: NatsSinkConfig) -> StreamConfig:
-    """The stream `create_stream = true` creates: file storage, replicas, max age, max bytes
-    and the duplicate window from the sink's settings."""
-    return StreamConfig(name=cfg.stream, subjects=list(cfg.stream_subjects),
-                        storage=StorageType.FILE, num_replicas=cfg.stream_replicas,
-                        max_age=cfg.stream_max_age_s or None,
-                        max_bytes=cfg.stream_max_bytes or -1,
-                        duplicate_window=cfg.duplicate_window_s)
-
-
 class NatsSink(ConfiguredSink[NatsSinkConfig]):
     """Publishes events to a JetStream stream through nats-py in a dedicated asyncio thread."""
 
@@ -188,10 +85,10 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         self.subjects = {ALERT_KIND: render_subject(cfg.alert_subject, node_id=node_id,
                                                     kind=ALERT_KIND)}
         self._bridge = AsyncioThread(f"nats-{cfg.name}")
-        self._conn: _Conn | None = None  # touched only in the asyncio thread
+        self._conn: Conn | None = None  # touched only in the asyncio thread
         self._lock: asyncio.Lock | None = None
         self._last_setup_error = ""
-        self._pending: list[_Pub] = []  # the batch the next leader sends
+        self._pending: list[Pub] = []  # the batch the next leader sends
         self.duplicates = 0  # PubAcks with duplicate: true (re-sent events the stream had)
 
     @property
@@ -209,7 +106,7 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
 
     # --- asyncio side (runs in the bridge's thread) ---------------------------------------
 
-    async def _connection(self) -> _Conn:
+    async def _connection(self) -> Conn:
         if self._conn is not None and not self._conn.nc.is_closed:
             return self._conn
         if self._lock is None:
@@ -219,7 +116,7 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
                 self._conn = await self._open()
             return self._conn
 
-    async def _open(self) -> _Conn:
+    async def _open(self) -> Conn:
         cfg, errors = self.cfg, list[str]()
         try:
             async with asyncio.timeout(connect_budget_s(cfg)):
@@ -230,13 +127,13 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         try:
             # Enough async-publish permits that a batch never stalls on them (the engine keeps
             # at most max_in_flight sends), so publish_async needs no wait_stall timer.
-            js = _JetStream(nc, timeout=cfg.timeout_s,
+            js = JetStream(nc, timeout=cfg.timeout_s,
                             publish_async_max_pending=max(4000, 2 * cfg.max_in_flight))
             info = await self._ensure_stream(js)
         except BaseException:
             await nc.close()
             raise
-        return _Conn(nc, js, info, errors)
+        return Conn(nc, js, info, errors)
 
     async def _ensure_stream(self, js: JetStreamContext) -> StreamInfo:
         cfg = self.cfg
@@ -268,7 +165,7 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
                                "round_backoff_max_s": cfg.retry.round_backoff_max_s})
         return info
 
-    async def _publish_batch(self, batch: list[_Pub]) -> None:
+    async def _publish_batch(self, batch: list[Pub]) -> None:
         """Publish every message, then await their PubAcks together (asyncio side)."""
         try:
             conn = await self._connection()
@@ -279,7 +176,7 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         await self._publish(conn, batch)
         await self._after_refusals(conn, batch)
 
-    def _never_fits(self, p: _Pub, conn: _Conn) -> Undeliverable | None:
+    def _never_fits(self, p: Pub, conn: Conn) -> Undeliverable | None:
         """Why this event can never be stored (None: it can), from the server's max_payload and
         the stream's max_bytes as last checked."""
         size = message_bytes(p.payload, p.event_id, self.cfg.stream)
@@ -294,7 +191,7 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
                                  f"{max_bytes}")
         return None
 
-    async def _after_refusals(self, conn: _Conn, batch: list[_Pub]) -> None:
+    async def _after_refusals(self, conn: Conn, batch: list[Pub]) -> None:
         """The stream changed under the live connection: check it again, as at connect.
 
         No responders: the stream was deleted, its subjects no longer cover ours, or JetStream
@@ -320,9 +217,9 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
             p.error = None
         await self._publish(conn, gone)
 
-    async def _publish(self, conn: _Conn, batch: list[_Pub]) -> None:
+    async def _publish(self, conn: Conn, batch: list[Pub]) -> None:
         js = conn.js
-        futures: dict[asyncio.Future[PubAck], _Pub] = {}
+        futures: dict[asyncio.Future[PubAck], Pub] = {}
         for p in batch:
             if (refusal := self._never_fits(p, conn)) is not None:
                 p.error = refusal
@@ -371,7 +268,7 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
             # without storing anything, which proves publish permission and ownership.
             try:
                 await conn.js.publish(subject, b"", timeout=cfg.timeout_s,
-                                      headers={EXPECTED_STREAM: _PROBE_STREAM})
+                                      headers={EXPECTED_STREAM: PROBE_STREAM})
             except nats.js.errors.APIError as err:
                 lines.append(f"subject {subject} ({kind}): covered by {cfg.stream}, publish "
                              f"permitted (probe refused as expected: {err.description})")
@@ -407,7 +304,7 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         Sends that are ready in the same scheduler tick go out as ONE batch (one hop to the
         asyncio thread, acks awaited together): the first sender of a batch leads it, shielded
         from cancellation for at most the bridge's timeout; the others wait for its outcome."""
-        p = _Pub(self.subject_for(event.kind), event.event_id, event.payload)
+        p = Pub(self.subject_for(event.kind), event.event_id, event.payload)
         self._pending.append(p)
         if len(self._pending) == 1:
             with trio.CancelScope(shield=True):
@@ -418,7 +315,7 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
             await p.done.wait()
         self._outcome(p)
 
-    async def _run_batch(self, batch: list[_Pub]) -> None:
+    async def _run_batch(self, batch: list[Pub]) -> None:
         try:
             await self._bridge.call(lambda: self._publish_batch(batch),
                                     self.cfg.timeout_s * 2 + connect_budget_s(self.cfg))
@@ -428,7 +325,7 @@ class NatsSink(ConfiguredSink[NatsSinkConfig]):
         for p in batch:
             p.done.set()
 
-    def _outcome(self, p: _Pub) -> None:
+    def _outcome(self, p: Pub) -> None:
         err = p.error
         if err is None:
             self._last_setup_error = ""

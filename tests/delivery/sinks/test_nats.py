@@ -26,7 +26,8 @@ from hostagent.config.sinks import BreakerConfig, JsonlSinkConfig, NatsSinkConfi
 from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.base import Sink, Undeliverable, build_sink
 from hostagent.delivery.sinks.jsonl import JsonlSink
-from hostagent.delivery.sinks.nats_jetstream import NatsSink, SetupError, message_bytes
+from hostagent.delivery.sinks.nats_client import SetupError, message_bytes
+from hostagent.delivery.sinks.nats_jetstream import NatsSink
 from hostagent.errors import SinkUnavailable
 from hostagent.model import Baseline, OutEvent
 from hostagent.store.outbox import Store
