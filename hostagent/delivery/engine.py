@@ -166,6 +166,7 @@ class Delivery:
     async def _maintenance_loop(self) -> None:
         interval_s = self.cfg.maintenance_interval_s
         while True:
+            failed = False
             try:
                 now_s = self._now_s()
                 # After a commit only the cheap size check runs, unless the cap is near. One
@@ -176,9 +177,12 @@ class Delivery:
                     self._upkept(now_s, done)
             except StateError as err:
                 log.error("outbox maintenance failed", extra={"error": str(err)})
+                failed = True
             # A pass commit that runs the upkeep moves this deadline (`_upkept`): while passes
             # commit, this task wakes only when a commit asks for a size check.
             wait_s = max(0.0, self._upkeep_s + ALONE_AFTER * interval_s - self._now_s())
+            if failed:  # a store that cannot be upkept (disk full): again in an interval, not
+                wait_s = max(wait_s, interval_s)  # at once (that spun a core, forever)
             with trio.CancelScope(deadline=trio.current_time() + wait_s) as self._alone:
                 await self._maint_wake.wait()
             self._alone = None
