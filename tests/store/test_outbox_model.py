@@ -80,10 +80,14 @@ class OutboxModel(RuleBasedStateMachine):
         outcomes = [Outcome.of(p, data.draw(st.sampled_from(RESULTS)), "x", 0) for p in picked]
         dead = self.store.record(sink, outcomes, dead_letter_after=DEAD_AFTER)
         expect_dead = 0
-        for o in outcomes:
+        for p, o in zip(picked, outcomes, strict=True):
             key = (sink, o.event_id)
             if self.state[sink].get(o.event_id) != "pending":
                 continue  # late: settled (or pruned) already, nothing changes
+            if self.seqs.get(o.event_id, p.seq) != p.seq:
+                # Claimed from a row since pruned; the event committed again is a new row
+                # (a new key) that this claim never took: the outcome is for nothing.
+                continue
             if o.result == "acked":
                 self.state[sink][o.event_id] = "acked"
             elif o.result in ("rejected", "dead"):
