@@ -7,7 +7,13 @@ config file; only the live keys (`hostagent.config.live`: interval, alignment, p
 baseline retention, log level and format, the API's credentials) take effect, at the next
 pass; every other changed key is named in one log line as needing a restart and has no effect
 until then. The rules file and the API's key files (API keys, JWT keys) are re-read, so a new
-or revoked key takes effect at once.
+or revoked key takes effect at once. SIGUSR1 and SIGUSR2 mean nothing to hostagent: they are
+logged and ignored (their default action ended the daemon mid-pass). `hostagent run` holds
+SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 from before it loads the config until it has closed the
+store (`hostagent.cli.main.HeldSignals`): the first thing `Daemon.run` does is open its signal
+receiver and act on the ones held meanwhile, so a stop or a reload during start-up (config,
+store, libvirt's first connection: seconds on a large host) or a second SIGTERM during shutdown
+is never the default action's death.
 
 Start-up checks the config first (`hostagent.config.preflight`, the same checks as
 `hostagent check-config`), then opens the store (`hostagent.store.guard`: never an empty one
@@ -24,10 +30,12 @@ import errno
 import functools
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -50,6 +58,7 @@ from hostagent.owners.resolver import Owners, make_client
 from hostagent.sources.gpu import GpuSource
 from hostagent.sources.libvirt import LibvirtSource
 from hostagent.sources.net import link_reader_for
+from hostagent.store import guard
 from hostagent.store.outbox import Store
 from hostagent.store.schema import upgrade_budget_s
 from hostagent.store.webhooks import WebhookStore
@@ -57,6 +66,9 @@ from hostagent.tailing import TailTasks
 from hostagent.threads import thread_limiter
 
 log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Signals with no meaning for hostagent (a logrotate postrotate's `kill -USR1`): logged, ignored.
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 # Longest a pass waits for API requests in flight, once it has read the host, before it accounts.
 PASS_DRAIN_MAX_S = 1.0
 BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
@@ -69,6 +81,29 @@ def _bind_error(err: BaseException) -> OSError | None:
     if isinstance(err, OSError) and err.errno in BIND_ERRNOS:
         return err
     return None
+
+
+def _none_held() -> list[int]:
+    return []
+
+
+_LOST = {
+    "store": "passes go on in the file the daemon has open and their events are delivered, "
+             "but the next start refuses it (deleted) or uses the file now there (replaced)",
+    "write-ahead log": "the commits since the last checkpoint are only in the deleted log: a "
+                       "crash (kill -9, power) would take the store back in time, billing "
+                       "periods again; a clean stop (systemctl restart) writes them in",
+}
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at `path`; None when there is none. OSError when it
+    cannot be looked up (a directory made unsearchable: not evidence of anything)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def next_tick_s(now_wall_s: float, interval_s: float, align: bool) -> float:
@@ -108,13 +143,33 @@ class Daemon:
     api_done: trio.Event = field(default_factory=trio.Event)
     api_urls: list[str] = field(default_factory=list)
     tail: TailTasks | None = None  # lifecycle events and light samples (the billing tail)
+    # The signals that arrived before the daemon's receiver was open (`hostagent run` holds them).
+    held_signals: Callable[[], list[int]] = _none_held
+    store_lock: guard.StoreLock | None = None  # released once the store is closed
+    store_inode: tuple[int, int] | None = None  # the store file opened: (st_dev, st_ino)
+    wal_inode: tuple[int, int] | None = None  # and its write-ahead log
 
     @classmethod
     def build(cls, cfg: Config, *, clock: Clock | None = None,
               config_path: str | None = None, owner_client: Any = None) -> Daemon:
         """Open the store and construct every component from the config."""
-        clock = clock or SystemClock()
         preflight.check(cfg)  # the checks `hostagent check-config` makes, before any write
+        # One daemon per store (hostagent.store.guard): two would each bill every period.
+        lock = guard.hold(Path(cfg.collector.state_path))
+        try:
+            daemon = cls._build(cfg, clock or SystemClock(), config_path, owner_client)
+        except BaseException:
+            lock.release(discard=True)
+            raise
+        daemon.store_lock = lock
+        with contextlib.suppress(OSError):
+            daemon.store_inode = _inode(daemon.store.path)
+            daemon.wal_inode = _inode(Path(f"{daemon.store.path}-wal"))  # written by now
+        return daemon
+
+    @classmethod
+    def _build(cls, cfg: Config, clock: Clock, config_path: str | None,
+               owner_client: Any) -> Daemon:
         limiter = thread_limiter(cfg.collector.max_threads)
         rules = rules_source.from_config(cfg.thresholds, state_path=cfg.collector.state_path,
                                          routes=config_routes(cfg.sinks))
@@ -189,6 +244,8 @@ class Daemon:
         """Run until `passes` passes are done or a stop signal arrives."""
         try:
             async with trio.open_nursery() as nursery:
+                # First: from here a stop or a reload is the daemon's, not the default action.
+                await nursery.start(self._signals)
                 await nursery.start(self.delivery.run)
                 for dispatcher in dispatchers(self.sinks):  # webhooks: one drain per endpoint
                     await nursery.start(dispatcher.run)
@@ -203,7 +260,6 @@ class Daemon:
                     self.api_urls = await nursery.start(self._api)
                 if self.tail is not None:
                     await nursery.start(self.tail.run)
-                nursery.start_soon(self._signals)
                 nursery.start_soon(self._interrupt_on_stop)
                 task_status.started()
                 await self._collect_loop(passes)
@@ -223,6 +279,8 @@ class Daemon:
             if self.webhooks is not None:
                 self.webhooks.close()
             self.store.close()
+            if self.store_lock is not None:
+                self.store_lock.release()
 
     async def _api(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                    ) -> None:
@@ -292,14 +350,43 @@ class Daemon:
             self.delivery.wake(after_commit=True)
         else:
             log.warning("pass failed", extra={**fields, "error": report.error})
+        lost = self._store_lost()
         # The loop is alive either way: a libvirtd outage must not become a watchdog restart
         # loop. READY comes with the first pass attempt; STATUS says whether it committed.
         self.notifier.pass_done(
-            f"{report.domains} domains, {report.events} events, "
+            (f"state {lost} behind the daemon's back (see the log); " if lost else "")
+            + f"{report.domains} domains, {report.events} events, "
             f"pass {report.duration_s:.2f}s" + (f", error: {report.error}" if report.error else "")
         )
         for cb in self.on_pass:
             cb(report)
+
+    def _store_lost(self) -> str | None:
+        """Whether the store file or its write-ahead log was deleted or replaced behind the
+        daemon's back; logged as an error every pass, and said in STATUS. The store: the
+        daemon then commits to a file no later start sees (the marker makes that start refuse
+        it). The log: the commits since SQLite last copied it into the store live only in the
+        deleted file, so a crash would take the store back in time, silently (baselines and
+        pending events lost, periods billed again); a clean stop copies them in. The daemon
+        goes on either way: what the open files hold is delivered from them, and only them."""
+        files = (("store", self.store.path, self.store_inode),
+                 ("write-ahead log", Path(f"{self.store.path}-wal"), self.wal_inode))
+        for what, path, opened in files:
+            if opened is None:
+                continue
+            try:
+                now = _inode(path)
+            except OSError:
+                continue  # cannot tell (its directory made unsearchable): a failed pass says more
+            if now == opened:
+                continue
+            lost = f"{what} {'deleted' if now is None else 'replaced'}"
+            log.error("state store deleted or replaced while the daemon runs", extra={
+                "path": str(path), "what": lost,
+                "consequence": _LOST[what] + "; stop the daemon (a clean stop) and restore "
+                                             "the file, or see `hostagent store reset`"})
+            return lost
+        return None
 
     async def _drain(self) -> None:
         with trio.move_on_after(self.drain_grace_s):
@@ -307,15 +394,30 @@ class Daemon:
             for dispatcher in dispatchers(self.sinks):
                 await dispatcher.drained()
 
-    async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+    async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                       ) -> None:
+        with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP, *IGNORED_SIGNALS) as sigs:
+            task_status.started()
+            held = self.held_signals()  # arrived during start-up: a stop wins, reloads are one
+            for signum in dict.fromkeys(sorted(held, key=lambda s: s == signal.SIGHUP)):
+                if signum != signal.SIGHUP or not self.stop.is_set():
+                    self._on_signal(signum)
             async for signum in sigs:
-                if signum == signal.SIGHUP:
-                    self.reload()
-                    continue
-                log.info("stop requested; finishing the pass in progress",
-                         extra={"signal": signal.Signals(signum).name})
-                self.stop.set()
+                self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            self.reload()
+        elif signum in IGNORED_SIGNALS:
+            log.warning("signal ignored: it means nothing to hostagent (SIGHUP reloads the "
+                        "config, SIGTERM stops)", extra={"signal": name})
+        elif self.stop.is_set():
+            log.info("stop already requested; finishing the pass in progress",
+                     extra={"signal": name})
+        else:
+            log.info("stop requested; finishing the pass in progress", extra={"signal": name})
+            self.stop.set()
 
     def reload(self) -> list[str] | None:
         """SIGHUP: re-read the config; apply the live keys, name the rest as needing a restart.
@@ -323,7 +425,9 @@ class Daemon:
         Returns the changed keys that need a restart; None when the file was refused."""
         if self.config_path is None:
             return None
-        self.notifier.reloading()
+        # Before the first pass (a SIGHUP held during start-up) READY=1 is the pass's to send.
+        notifier = self.notifier if self.notifier.started else Notifier({})
+        notifier.reloading()
         if self.rules is not None:
             self.rules.reload()  # an invalid rules file keeps the valid set (logged)
         try:
@@ -331,12 +435,12 @@ class Daemon:
         except ConfigError as err:
             log.error("reload refused: config invalid, keeping the running one",
                       extra={"error": str(err)})
-            self.notifier.ready()
+            notifier.ready()
             return None
         except Exception as err:  # a defect load() missed must not end a running daemon
             log.error("reload refused, keeping the running config",
                           extra={"error": f"{type(err).__name__}: {err}"})
-            self.notifier.ready()
+            notifier.ready()
             return None
         needs_restart = live.restart_keys(self.cfg, new)
         applied = live.apply(self.cfg, new)
@@ -349,7 +453,7 @@ class Daemon:
                         extra={"needs_restart": needs_restart})
         else:
             log.info("config reloaded", extra={"needs_restart": needs_restart})
-        self.notifier.ready()
+        notifier.ready()
         return needs_restart
 
     def _reload_api(self, applied: Config) -> None:
@@ -369,8 +473,11 @@ class Daemon:
                 "api_keys": len(creds.api_keys), "jwt_keys": len(creds.verify_keys)})
 
 
-def run(cfg: Config, *, config_path: str | None, passes: int | None) -> int:
-    """Entry point of `hostagent run`."""
+def run(cfg: Config, *, config_path: str | None, passes: int | None,
+        held_signals: Callable[[], list[int]] = _none_held) -> int:
+    """Entry point of `hostagent run`; `held_signals` gives the signals that arrived before
+    the daemon listens (`hostagent.cli.main.HeldSignals`)."""
     daemon = Daemon.build(cfg, config_path=config_path)
+    daemon.held_signals = held_signals
     trio.run(lambda: daemon.run(passes=passes))
     return 0

@@ -6,7 +6,9 @@ in ``$NOTIFY_SOCKET`` (a leading ``@`` means the Linux abstract namespace). With
 no-op, so the daemon can call these unconditionally.
 
 Send failures are logged and swallowed: a lost ``WATCHDOG=1`` is retried on the next pass and
-an unreachable manager must never stop collection.
+an unreachable manager must never stop collection. A run of failures with the same error is
+one warning (then debug lines) and its end one info line: a ``NOTIFY_SOCKET`` naming a socket
+that is gone logged a warning every pass, for good.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from hostagent.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 
-# A datagram to the manager never blocks for long; past this the message is dropped.
-_SEND_TIMEOUT_S = 1.0
+# Sends never wait: the daemon calls `send` on its event loop thread, and a manager that does
+# not read (its queue holds ~10 datagrams) made every send wait out a 1 s timeout there,
+# stalling the API and delivery each pass. A message the queue cannot take is dropped (and
+# logged): WATCHDOG=1 comes again with the next pass, READY=1 until one gets through.
 
 
 def _address(raw: str) -> str | bytes | None:
@@ -68,6 +72,12 @@ class Notifier:
         self._clock: Clock = clock or SystemClock()
         self._sock: socket.socket | None = None
         self._ready_sent = False
+        self._failing: str | None = None  # the error of the failures in a row, if any
+
+    @property
+    def started(self) -> bool:
+        """True once the manager got READY=1 (start-up is over for it)."""
+        return self._ready_sent
 
     @property
     def enabled(self) -> bool:
@@ -84,13 +94,20 @@ class Notifier:
         try:
             if self._sock is None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                sock.settimeout(_SEND_TIMEOUT_S)
+                sock.setblocking(False)
                 self._sock = sock
             self._sock.sendto(payload, self._address)
         except OSError as err:
-            log.warning("sd_notify failed", extra={"fields": sorted(fields), "error": str(err)})
+            error = str(err)
+            # once per run of the same error: a socket that is gone fails every pass
+            level = logging.DEBUG if error == self._failing else logging.WARNING
+            log.log(level, "sd_notify failed", extra={"fields": sorted(fields), "error": error})
+            self._failing = error
             self.close()  # reopen next time: the manager may have been re-executed
             return False
+        if self._failing is not None:
+            log.info("sd_notify works again", extra={"after_error": self._failing})
+            self._failing = None
         return True
 
     def ready(self, status: str | None = None) -> bool:

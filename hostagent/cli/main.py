@@ -3,15 +3,21 @@
 
 Exit status: 0 done; 1 a runtime failure; 2 a usage error, a config error (one line, never a
 traceback, whether found by `check-config` or at the start of `run`) or a state store that
-start-up refuses (`hostagent store reset` is the way out); 130 interrupted (Ctrl-C)."""
+start-up refuses (`hostagent store reset` is the way out); 130 interrupted (Ctrl-C). `run`
+exits 0 on SIGTERM, also one sent during its start-up (then after start-up, without a pass);
+it exits 1 when another daemon holds the state store."""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import math
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType, TracebackType
+from typing import Any
 
 import orjson
 import trio
@@ -28,6 +34,49 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 LOG_FORMAT_HELP = ("logs (always on stderr): auto = text on a terminal, json otherwise; "
                    "default: auto (`run`: the config's log.format)")
 MAX_INTERVAL_S = 3600.0
+# What `run` holds from its first moment until the daemon has closed its store: SIGINT is left
+# to Python (Ctrl-C during start-up is KeyboardInterrupt, exit 130).
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class HeldSignals:
+    """`hostagent run`'s signals while its daemon does not listen: recorded, never their
+    default action (which ended the process: SIGHUP during start-up killed the daemon, and
+    systemd's Restart=on-failure does not restart a death by SIGHUP or SIGTERM; a second
+    SIGTERM during shutdown killed it while it closed the store). The daemon's trio receiver
+    replaces these handlers while it runs, acts on `take()` first, and gives them back when it
+    closes; leaving the block restores the handlers found on entry, unless `keep` (the
+    command line's own process, which ends after it): then they are ignored, so a SIGTERM
+    while the interpreter exits is not an exit status of -15."""
+
+    def __init__(self, *, keep: bool = False) -> None:
+        self.pending: list[int] = []
+        self.keep = keep
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> HeldSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers (an embedding caller's)
+        for signum in HELD_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._hold)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.keep:  # ignored from here: Python's finalization resets its own handlers
+            for signum in self._previous:
+                signal.signal(signum, signal.SIG_IGN)
+            return
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _hold(self, signum: int, _frame: FrameType | None) -> None:
+        self.pending.append(signum)
+
+    def take(self) -> list[int]:
+        """The signals held so far (then forgotten)."""
+        taken, self.pending = self.pending, []
+        return taken
 
 
 DUMP_HELP = """\
@@ -205,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         try:
-            return _command(args)
+            return _command(args, entry=argv is None)
         except BaseExceptionGroup as group:  # from a nursery: report the cause, not the tree
             raise _cause(group) from group
     except KeyboardInterrupt:
@@ -247,22 +296,20 @@ def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return next((e for e in ours if isinstance(e, ConfigError)), ours[0])
 
 
-def _command(args: argparse.Namespace) -> int:
+def _command(args: argparse.Namespace, *, entry: bool = False) -> int:
     if args.command == "check-config":
         return _check_config(args)
     if args.command == "check-rules":
         return _check_rules(args)
-    cfg = _load(args.config)
-    # The config's log.format is the daemon's; the other commands log for the person
-    # running them (text on a terminal) unless --log-format says otherwise.
-    flag = getattr(args, "log_format", None)
-    fmt = flag or (cfg.log.format if args.command == "run" else "auto")
-    logs.setup(cfg.log.level, fmt, pin=bool(flag))  # stderr
     if args.command == "run":
-        from hostagent import daemon
-
-        passes = 1 if args.once else args.passes
-        return daemon.run(cfg, config_path=args.config, passes=passes)
+        # before the config is read: start-up takes seconds (store checks, libvirt)
+        with HeldSignals(keep=entry) as held:
+            return _run(args, held)
+    cfg = _load(args.config)
+    # These commands log for the person running them (text on a terminal) unless
+    # --log-format says otherwise; `run` logs in the config's log.format (`_run`).
+    flag = getattr(args, "log_format", None)
+    logs.setup(cfg.log.level, flag or "auto", pin=bool(flag))  # stderr
     if args.command == "dump":
         return _dump(cfg, args)
     if args.command == "top":
@@ -282,6 +329,16 @@ def _command(args: argparse.Namespace) -> int:
 
         return cli_sink_check.run(args, cfg)
     return EXIT_USAGE  # pragma: no cover - argparse enforces a command
+
+
+def _run(args: argparse.Namespace, held: HeldSignals) -> int:
+    cfg = _load(args.config)
+    flag = getattr(args, "log_format", None)
+    logs.setup(cfg.log.level, flag or cfg.log.format, pin=bool(flag))  # stderr
+    from hostagent import daemon
+
+    passes = 1 if args.once else args.passes
+    return daemon.run(cfg, config_path=args.config, passes=passes, held_signals=held.take)
 
 
 def _json_failure(args: argparse.Namespace, err: HostAgentError) -> None:

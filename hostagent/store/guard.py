@@ -12,6 +12,12 @@ store re-bills (or skips) everything the lost baselines covered. So at start:
   means the store was deleted behind the daemon's back: refused too. A marker naming another
   ``created_ns`` than the store's means the file was replaced: refused.
 
+One daemon per store: `hold` takes an exclusive lock (flock) on ``state.db.lock`` next to
+the store, which the daemon keeps until it has closed the store (the kernel drops it when the
+process dies, kill -9 included). A second daemon on the same store (a copy started by hand
+beside the service, two units naming one state_path) is refused, naming the process that
+holds it: two would each bill every period from the same baselines.
+
 The way out is explicit: ``hostagent store reset`` (`hostagent.cli.store`) moves the store,
 its WAL and the marker aside (``state.db.broken-<UTC time>``), reports what was in it when
 it can still be read, and the next start creates a fresh store.
@@ -23,8 +29,12 @@ aside; the checks of the file's contents are `hostagent.store.opening`'s.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import logging
 import os
 import sqlite3
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +42,10 @@ from pathlib import Path
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.store import sqlite_tx
 
+log = logging.getLogger(__name__)
+
 MARKER_SUFFIX = ".id"
+LOCK_SUFFIX = ".lock"
 SIDE_FILES = ("-wal", "-shm", "-journal", MARKER_SUFFIX)
 WAY_OUT = ("refusing to start with empty billing state; stop the daemon and run "
            "`hostagent store reset` to move it aside and start afresh")
@@ -44,6 +57,111 @@ FOREIGN_WAY_OUT = ("refusing to touch it: point collector.state_path elsewhere, 
 def marker_path(path: Path) -> Path:
     """The marker next to the store: ``state.db`` → ``state.db.id``."""
     return path.with_name(path.name + MARKER_SUFFIX)
+
+
+def lock_path(path: Path) -> Path:
+    """The lock next to the store: ``state.db`` → ``state.db.lock``."""
+    return path.with_name(path.name + LOCK_SUFFIX)
+
+
+# This process's locks, by the lock file's (device, inode): the daemon and a test's second
+# Daemon on one store share one descriptor (flock conflicts between descriptors, also within
+# a process), counted, so the lock stays until the last holder lets go.
+_HELD: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [fd, holders]
+_HELD_LOCK = threading.RLock()  # re-entrant: __del__ may run inside `hold`
+
+
+class StoreLock:
+    """This process's hold on a store (`hold`); `release` (or garbage collection) lets go."""
+
+    def __init__(self, key: tuple[int, int] | None, created: Path | None) -> None:
+        self._key: tuple[int, int] | None = key
+        self._created = created  # the lock file, when `hold` created it
+
+    def release(self, *, discard: bool = False) -> None:
+        """Let go of the store (the lock itself when this was its last holder here);
+        `discard`: start-up failed, so a lock file `hold` created goes too (a refused store's
+        directory is left as it was found)."""
+        key, self._key = self._key, None
+        if key is None:
+            return
+        with _HELD_LOCK:
+            held = _HELD[key]
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                if discard and self._created is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._created)  # while still locked
+                os.close(held[0])  # drops the flock
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit the process lets go anyway
+            self.release()
+
+
+def hold(path: Path) -> StoreLock:
+    """Lock the store for this process (creating its directory and lock file as needed);
+    StateError naming the holder when another process holds it. Where no lock can be had at
+    all (a directory this user may not write, a file system without flock) the store is
+    used unlocked, as before there was a lock, with a warning."""
+    lock = lock_path(path)
+    flags = os.O_CLOEXEC | os.O_NOFOLLOW
+    created: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o640)
+            created = lock
+        except FileExistsError:
+            try:
+                fd = os.open(lock, os.O_RDWR | flags)
+            except PermissionError:  # left by another user: flock needs no write access
+                fd = os.open(lock, os.O_RDONLY | flags)
+        st = os.fstat(fd)
+    except OSError as err:
+        if err.errno in _NO_LOCK_HERE:
+            return _unlocked(lock, err)
+        raise StateError(f"{lock}: cannot lock the state store: {err.strerror or err}") from err
+    key = (st.st_dev, st.st_ino)
+    with _HELD_LOCK:
+        if key in _HELD:  # held by this process already
+            os.close(fd)
+            _HELD[key][1] += 1
+            return StoreLock(key, None)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _holder(fd)
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StateError(
+                    f"{path}: another hostagent{holder} is using this state store; stop it "
+                    "first: two daemons on one store would each bill every period") from err
+            return _unlocked(lock, err)
+        with contextlib.suppress(OSError):  # who holds it, for the one refused next
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = [fd, 1]
+        return StoreLock(key, created)
+
+
+_NO_LOCK_HERE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _unlocked(lock: Path, err: OSError) -> StoreLock:
+    log.warning("state store not locked: a second daemon on it would not be refused",
+                extra={"lock": str(lock), "error": err.strerror or str(err)})
+    return StoreLock(None, None)
+
+
+def _holder(fd: int) -> str:
+    """` (pid N)` as the lock file says, or nothing."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
 
 
 def _iso(ns: int) -> str:

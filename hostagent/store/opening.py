@@ -21,10 +21,17 @@ query works, every write fails. Otherwise the store is then reopened for writing
 pragmas, the marker of a new store, and an older schema upgraded (`schema.upgrade`, after
 `on_upgrade(version, file_bytes)` is told, e.g. to extend systemd's start timeout) unless
 `upgrade=False` (the commands next to a daemon that may still run the older hostagent).
+
+A new store is made whole under a temporary name (``state.db.new``) and linked into place
+only then (`_create`): a first start cut short (kill -9, a stop or a power cut while it
+created the store) used to leave a 0-byte or table-less ``state.db`` that every later start
+refused as lost billing state until ``hostagent store reset``; now it leaves at most the
+temporary, which the next start deletes (it never was the store).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -45,6 +52,7 @@ log = logging.getLogger(__name__)
 _QUOTE = reprlib.Repr()
 _QUOTE.maxstring, _QUOTE.maxother = 40, 40
 NS_MAX = 2**63 - 1  # what SQLite's INTEGER and the event schema hold
+NEW_SUFFIX = ".new"  # a store being created (`_create`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,20 +236,21 @@ def open_file(path: Path, *, clock: Clock, node_id: str, create: bool, read_only
     existed = guard.before_open(path)  # empty, vanished behind our back: refused
     if not existed and (read_only or not create):
         raise StateError(f"{path}: no state store here (the daemon creates it on first run)")
-    found: StoredMeta | None = None
-    marked = False
-    if existed:
-        ro = sqlite_tx.connect_read_only(path, may_create_index=not read_only)
-        try:
-            found = check(ro, path)
-            marked = guard.check_marker(path, found.created_ns)
-        except BaseException:
-            ro.close()
-            raise
-        if read_only:
-            _note_host(path, found, node_id)
-            return Opened(ro, found)
+    if not existed:
+        _create(path, clock.now().wall_ns, node_id)
+        return open_file(path, clock=clock, node_id=node_id, create=create, read_only=False,
+                         upgrade=upgrade, on_upgrade=on_upgrade)
+    ro = sqlite_tx.connect_read_only(path, may_create_index=not read_only)
+    try:
+        found = check(ro, path)
+        marked = guard.check_marker(path, found.created_ns)
+    except BaseException:
         ro.close()
+        raise
+    if read_only:
+        _note_host(path, found, node_id)
+        return Opened(ro, found)
+    ro.close()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite_tx.connect(path)
@@ -259,6 +268,52 @@ def open_file(path: Path, *, clock: Clock, node_id: str, create: bool, read_only
         raise
     _note_host(path, found, node_id)
     return Opened(conn, found)
+
+
+def _create(path: Path, now_ns: int, node_id: str) -> None:
+    """A new store at `path`, whole or not at all: created, committed and closed as
+    ``<name>.new`` (its log checkpointed into it), then hard-linked into place (never over a
+    store that appeared meanwhile: StateError) and the temporary name removed."""
+    tmp = path.with_name(path.name + NEW_SUFFIX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_new(tmp)  # a creation cut short: never a store
+        conn = sqlite_tx.connect(tmp)
+    except (OSError, sqlite3.Error) as err:
+        raise StateError(f"{path}: cannot create the state store: {err}") from err
+    try:
+        try:
+            _prepare(conn, tmp, None, now_ns, node_id, False, None)
+        finally:
+            conn.close()  # the last connection: SQLite checkpoints the log into the file
+        if sqlite_tx.wal_holds_commits(Path(f"{tmp}-wal")):
+            raise StateError(f"{path}: cannot create the state store: its write-ahead log "
+                             "was not checkpointed on close")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    except FileExistsError as err:
+        raise StateError(f"{path}: a state store appeared while this one was being created; "
+                         "try again") from err
+    except (OSError, sqlite3.Error) as err:
+        raise StateError(f"{path}: cannot create the state store: {err}") from err
+    finally:
+        _remove_new(tmp)
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_new(tmp: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{tmp}{suffix}")
 
 
 def _prepare(c: sqlite3.Connection, path: Path, found: StoredMeta | None, now_ns: int,

@@ -1,0 +1,70 @@
+"""One daemon per store: `guard.hold`'s lock, within a process and across processes."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hostagent.errors import StateError
+from hostagent.store import guard
+
+REPO = Path(__file__).resolve().parents[2]
+HOLD = ("import sys\nfrom pathlib import Path\nfrom hostagent.errors import StateError\n"
+        "from hostagent.store import guard\n"
+        "try:\n    guard.hold(Path(sys.argv[1]))\nexcept StateError as err:\n"
+        "    print(err)\n    sys.exit(3)\n")
+
+
+def _other_process_holds(path: Path) -> tuple[int, str]:
+    out = subprocess.run([sys.executable, "-c", HOLD, str(path)], capture_output=True,
+                         text=True, check=False, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    return out.returncode, out.stdout
+
+
+def test_holders_in_one_process_share_it_and_another_process_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "state.db"
+    first = guard.hold(path)
+    second = guard.hold(path)  # a test's second Daemon on the store: shared, not refused
+    rc, said = _other_process_holds(path)
+    assert rc == 3
+    assert f"another hostagent (pid {os.getpid()}) is using this state store" in said
+    first.release()
+    assert _other_process_holds(path)[0] == 3  # still held by `second`
+    second.release()
+    second.release()  # twice: no effect
+    assert _other_process_holds(path)[0] == 0
+
+
+def test_a_failed_start_removes_the_lock_file_it_created(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    guard.hold(path).release(discard=True)
+    assert not guard.lock_path(path).exists()  # a refused store's directory as it was found
+    guard.hold(path).release()
+    assert guard.lock_path(path).exists()
+    guard.hold(path).release(discard=True)  # not created by this hold: kept
+    assert guard.lock_path(path).exists()
+
+
+def test_no_lock_to_be_had_is_a_warning_not_a_refusal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def denied(*_a: object, **_kw: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(guard.os, "open", denied)
+    with caplog.at_level(logging.WARNING):
+        guard.hold(tmp_path / "state.db").release()
+    assert "state store not locked" in caplog.text
+
+
+def test_an_unreachable_lock_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(StateError, match="cannot lock the state store"):
+        guard.hold(tmp_path / "loop" / "state.db")
