@@ -44,7 +44,7 @@ def test_anything_escaping_load_is_a_refused_reload(
     def broken(_path: object) -> object:
         raise AttributeError("a defect load() did not anticipate")
 
-    monkeypatch.setattr("hostagent.daemon.load", broken)
+    monkeypatch.setattr("hostagent.daemon_signals.load", broken)
     with caplog.at_level(logging.ERROR):
         assert daemon.reload() is None
     assert daemon.cfg is before
