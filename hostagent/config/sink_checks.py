@@ -24,8 +24,9 @@ from hostagent.config.sinks import EVENT_KINDS, EmailSinkConfig, JsonlSinkConfig
 from hostagent.errors import ConfigError
 
 _LINE_BREAKS = frozenset("\r\n")
-# The store's side files (hostagent.store.guard.SIDE_FILES): config must not import the store.
-STORE_SIDE_FILES = ("-wal", "-shm", "-journal", ".id")
+# The store's side files (hostagent.store.guard.SIDE_FILES; .lock: one daemon a store, .new: a
+# store being created): config must not import the store.
+STORE_SIDE_FILES = ("-wal", "-shm", "-journal", ".id", ".lock", ".new")
 
 
 def check_sink(sink: SinkConfig, source: str, key: str) -> None:

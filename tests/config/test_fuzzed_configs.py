@@ -106,7 +106,8 @@ def test_empty_or_multiline_sink_names_are_refused(
 
 @pytest.mark.parametrize("target", [
     "{tmp}/state/state.db", "{tmp}/state/state.db-wal", "{tmp}/state/state.db-shm",
-    "{tmp}/state/state.db.id", "{tmp}/hostagent.toml", "{tmp}/rules.json",
+    "{tmp}/state/state.db.id", "{tmp}/state/state.db.lock", "{tmp}/state/state.db.new",
+    "{tmp}/hostagent.toml", "{tmp}/rules.json",
     "{tmp}/state/api-rules.json", "{tmp}/other.jsonl", "{tmp}/journal.db",
     "{tmp}/state/../state/state.db",
 ])
