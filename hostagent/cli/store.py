@@ -103,6 +103,9 @@ def reset(path: Path, node_id: str, *, force: bool) -> int:
     if not path.exists() and not path.is_symlink() and not marker.exists():
         print(f"{path}: no state store here; nothing to reset")
         return 0
+    if (holder := guard.held_by(path)) is not None:  # --force too: it would go on billing
+        return _fail(f"{path}: refusing to reset: {holder} is running on this store; stop it "
+                     "first (it would go on committing to the store moved aside)", EXIT_REFUSED)
     problem: str | None = None
     heartbeat_ns: int | None = None
     try:

@@ -149,6 +149,25 @@ def hold(path: Path) -> StoreLock:
 _NO_LOCK_HERE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+def held_by(path: Path) -> str | None:
+    """Whether a process holds the store's lock right now: `another hostagent (pid N)` or
+    None (no lock file, free, or not checkable). Takes nothing: a shared lock tried and let go
+    at once, read-only (an inspecting command must not create the lock file)."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return f"another hostagent{_holder(fd)}"
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock, if taken
+    return None
+
+
 def _unlocked(lock: Path, err: OSError) -> StoreLock:
     log.warning("state store not locked: a second daemon on it would not be refused",
                 extra={"lock": str(lock), "error": err.strerror or str(err)})

@@ -68,3 +68,39 @@ def test_an_unreachable_lock_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     with pytest.raises(StateError, match="cannot lock the state store"):
         guard.hold(tmp_path / "loop" / "state.db")
+
+
+RESET_HELD = ("import sys, time\nfrom pathlib import Path\nfrom hostagent.store import guard\n"
+              "lock = guard.hold(Path(sys.argv[1]))\nprint('held', flush=True)\ntime.sleep(60)\n")
+
+
+def test_store_reset_refuses_a_store_a_running_daemon_holds_even_with_force(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`store reset --force` moved a store aside under a running daemon, which went on
+    committing to the moved file (its later passes lost to the next start). The lock says a
+    daemon runs, whatever its heartbeat: refused, nothing moved; free again, reset works."""
+    from hostagent.cli.main import main
+    from tests.clocks import FakeClock
+    from tests.store.test_guard import open_store
+    from tests.store.test_unreachable import config
+
+    path = tmp_path / "state" / "state.db"
+    open_store(path, FakeClock()).close()
+    cfg = str(config(tmp_path, path))
+    assert guard.held_by(path) is None
+    holder = subprocess.Popen([sys.executable, "-c", RESET_HELD, str(path)], text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert guard.held_by(path) == f"another hostagent (pid {holder.pid})"
+        for args in (["store", "reset"], ["store", "reset", "--force"]):
+            assert main([*args, "--config", cfg]) != 0
+            err = capsys.readouterr().err
+            assert f"another hostagent (pid {holder.pid}) is running on this store" in err
+            assert path.exists()  # nothing moved
+    finally:
+        holder.kill()
+        holder.wait()
+    assert guard.held_by(path) is None  # the kernel let go with the process
+    assert main(["store", "reset", "--force", "--config", cfg]) == 0
+    assert not path.exists()
