@@ -27,6 +27,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import trio
@@ -253,9 +254,19 @@ class Delivery:
         sinks = {name: {"breaker": s.breaker_state, "depth": s.depth,
                         "oldest_pending_age_s": s.oldest_pending_age_s,
                         "dead_letters": s.dead_letters, "published": s.published,
-                        "failed": s.failed} for name, s in m.sinks.items()}
+                        "failed": s.failed, "last_error": s.last_error,
+                        "last_error_at": _iso(s.last_error_wall_ns)}
+                 for name, s in m.sinks.items()}
         degraded = [n for n, s in m.sinks.items() if s.breaker_state != "closed"]
         full = self.store.near_cap(m.store_used_bytes)
         return {"status": "degraded" if degraded or full else "ok", "sinks": sinks,
                 "degraded_sinks": degraded, "store_used_bytes": m.store_used_bytes,
                 "store_max_bytes": m.store_max_bytes, "store_near_cap": full}
+
+
+def _iso(ns: int | None) -> str | None:
+    """RFC 3339 UTC, milliseconds (as the API's times)."""
+    if ns is None:
+        return None
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")

@@ -29,6 +29,14 @@ class SinkCounters:
     store_errors: int = 0
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     latency_sum_s: float = 0.0
+    # The last failure's reason and when (wall ns): health shows why a sink is not delivering
+    # (a queue answering 503, a NATS stream gone, a full disk under the JSONL file).
+    last_error: str | None = None
+    last_error_wall_ns: int | None = None
+
+    def note_error(self, error: str, wall_ns: int) -> None:
+        """A send, write or flush failed (or the event was refused) for this reason."""
+        self.last_error, self.last_error_wall_ns = error[:500], wall_ns
 
     def observe_latency(self, seconds: float, events: int = 1) -> None:
         """Count `events` successful sends that took `seconds` each (a batch written at once:
@@ -58,6 +66,8 @@ class SinkMetrics:
     latency_buckets: tuple[tuple[float, int], ...]  # (le seconds, cumulative count); +inf last
     latency_sum_s: float
     latency_count: int
+    last_error: str | None = None
+    last_error_wall_ns: int | None = None
 
 
 
@@ -86,4 +96,5 @@ def snapshot(name: str, c: SinkCounters, *, depth: int, oldest_pending_age_s: fl
         refused_by_breaker=c.refused_by_breaker, store_errors=c.store_errors, depth=depth,
         oldest_pending_age_s=oldest_pending_age_s, dead_letters=dead_letters,
         breaker_state=breaker_state, breaker_opened=breaker_opened,
-        latency_buckets=tuple(cumulative), latency_sum_s=c.latency_sum_s, latency_count=total)
+        latency_buckets=tuple(cumulative), latency_sum_s=c.latency_sum_s, latency_count=total,
+        last_error=c.last_error, last_error_wall_ns=c.last_error_wall_ns)

@@ -203,6 +203,7 @@ class SinkQueue:
         said (a full disk was seen only as a growing backlog: no log line, `failed` 0). The
         breaker is left alone: a write is not a send."""
         self.counters.failed += events
+        self.counters.note_error(error, self.clock.now().wall_ns)
         log.warning("sink write failed", extra={"sink": self.name, "events": events,
                                                 "error": error})
 
@@ -298,14 +299,17 @@ class SinkQueue:
         except CircuitOpen as err:
             return Outcome.of(p, "failed", str(err), later()) if sent else Outcome.of(p, "skipped")
         except Undeliverable as err:
+            self.counters.note_error(str(err), self.clock.now().wall_ns)
             log.error("event can never be delivered",
                       extra={"sink": self.name, "event_id": eid, "error": str(err)})
             return Outcome.of(p, "dead", str(err))
         except SinkRejected as err:
+            self.counters.note_error(str(err), self.clock.now().wall_ns)
             log.warning("event rejected", extra={"sink": self.name, "event_id": eid,
                                                  "error": str(err)})
             return Outcome.of(p, "rejected", str(err), later())
         except SinkUnavailable as err:
+            self.counters.note_error(str(err), self.clock.now().wall_ns)
             log.warning("delivery round failed", extra={"sink": self.name, "event_id": eid,
                                                         "error": str(err)})
             return Outcome.of(p, "failed", str(err), later())

@@ -579,3 +579,22 @@ async def test_a_failing_maintenance_waits_its_interval_instead_of_spinning(
     finally:
         store.close()
     assert 1 <= len(tries) <= 6, len(tries)  # about one every 0.5 s, not thousands
+
+
+async def test_health_says_why_a_sink_is_not_delivering(tmp_path: Path,
+                                                        queue: QueueStandIn) -> None:
+    """A queue answering 503: health names the last failure and when (it only showed the
+    breaker and counts, so an operator had to read the log to learn why)."""
+    queue.faults.status = 503
+    async with delivering(tmp_path, [qsink(queue, timeout_s=0.5)]) as (store, d):
+        assert d.health()["sinks"]["q"]["last_error"] is None
+        await commit(store, d, [usage_event("i1", 0)])
+        with trio.fail_after(30):
+            while d.health()["sinks"]["q"]["last_error"] is None:
+                await trio.sleep(0.05)
+        h = d.health()["sinks"]["q"]
+        assert "503" in h["last_error"], h
+        assert h["last_error_at"].endswith("Z") and h["depth"] >= 0
+        queue.faults.status = None
+        await drain(d, 60)
+    assert_exactly(queue, [usage_event("i1", 0)])
