@@ -315,13 +315,19 @@ def move_aside(path: Path, now_ns: int) -> list[Path]:
                 + f"; run `hostagent store reset` as the service user or root, or check the "
                 f"permissions of {path.parent}") from err
         moved.append((src, dst))
+    sync_directory(path.parent)
+    return [dst for _, dst in moved]
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync a directory, so that names made or moved in it survive a power loss (best
+    effort: a file system that cannot is left as it is)."""
     with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    return [dst for _, dst in moved]
 
 
 def _put_back(moved: list[tuple[Path, Path]]) -> bool:

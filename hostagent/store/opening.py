@@ -302,12 +302,7 @@ def _create(path: Path, now_ns: int, node_id: str) -> None:
         raise StateError(f"{path}: cannot create the state store: {err}") from err
     finally:
         _remove_new(tmp)
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    guard.sync_directory(path.parent)
 
 
 def _remove_new(tmp: Path) -> None:

@@ -87,22 +87,27 @@ def driver_node(tmp: Path) -> Path:
     return node
 
 
-def test_dump_all_reports_a_domain_whose_pid_file_cannot_be_opened(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    node = driver_node(tmp_path)
-    (tmp_path / "root").mkdir()
-    config = tmp_path / "hostagent.toml"
+def dump_config(tmp: Path, node: Path) -> Path:
+    """A config for `dump` on libvirt's test driver `node`, host files under `tmp/root`."""
+    (tmp / "root").mkdir(exist_ok=True)
+    config = tmp / "hostagent.toml"
     config.write_text(f"""
 [libvirt]
 uri = "test://{node}"
 [paths]
-root = "{tmp_path / 'root'}"
+root = "{tmp / 'root'}"
 [collector]
-state_path = "{tmp_path / 'state.db'}"
+state_path = "{tmp / 'state.db'}"
 [[sinks]]
 type = "jsonl"
-path = "{tmp_path / 'events.jsonl'}"
+path = "{tmp / 'events.jsonl'}"
 """)
+    return config
+
+
+def test_dump_all_reports_a_domain_whose_pid_file_cannot_be_opened(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = dump_config(tmp_path, driver_node(tmp_path))
     rc = main(["dump", "--all", "--json", "--interval", "0.05", "--config", str(config)])
     out, err = capsys.readouterr()
     assert rc == 0, err

@@ -11,6 +11,7 @@ import pytest
 
 from hostagent.cli.dump import render_text
 from hostagent.cli.main import main
+from tests.cli.test_dump import dump_config
 
 # ESC sequences (7-bit and the C1 CSI), CR, LF, TAB, DEL, NEL, bidi override, line separator
 HOSTILE = "\x1b[2J\x1b]0;pwned\x07\r\ndomain forged\t\x7f\x85\x9b31m\u202e\u2028x"
@@ -78,19 +79,7 @@ def test_dump_of_a_domain_named_with_cr_lf_and_tab_prints_it_escaped(
   </domain>
 </node>
 """)
-    (tmp_path / "root").mkdir()
-    config = tmp_path / "hostagent.toml"
-    config.write_text(f"""
-[libvirt]
-uri = "test://{node}"
-[paths]
-root = "{tmp_path / 'root'}"
-[collector]
-state_path = "{tmp_path / 'state.db'}"
-[[sinks]]
-type = "jsonl"
-path = "{tmp_path / 'events.jsonl'}"
-""")
+    config = dump_config(tmp_path, node)
     rc = main(["dump", "--all", "--interval", "0.05", "--config", str(config)])
     out, err = capsys.readouterr()
     assert rc == 0, err

@@ -589,9 +589,7 @@ async def test_health_says_why_a_sink_is_not_delivering(tmp_path: Path,
     async with delivering(tmp_path, [qsink(queue, timeout_s=0.5)]) as (store, d):
         assert d.health()["sinks"]["q"]["last_error"] is None
         await commit(store, d, [usage_event("i1", 0)])
-        with trio.fail_after(30):
-            while d.health()["sinks"]["q"]["last_error"] is None:
-                await trio.sleep(0.05)
+        await eventually(lambda: d.health()["sinks"]["q"]["last_error"] is not None, 30, 0.05)
         h = d.health()["sinks"]["q"]
         assert "503" in h["last_error"], h
         assert h["last_error_at"].endswith("Z") and h["depth"] >= 0

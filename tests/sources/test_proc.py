@@ -13,6 +13,7 @@ import pytest
 from hostagent.cli.main import main
 from hostagent.sources import cgroup, proc
 from hostagent.sources.files import HostRoot
+from tests.cli.test_dump import dump_config
 
 HOSTS = Path(__file__).parents[2] / "fixtures" / "hosts"
 RUN = "run/libvirt/qemu"
@@ -62,18 +63,7 @@ def test_dump_of_a_domain_named_dot_dot_reads_its_cgroup(
   <memory>1048576</memory><vcpu>1</vcpu><os><type>hvm</type></os>
 </domain></node>
 """)
-    config = tmp_path / "hostagent.toml"
-    config.write_text(f"""
-[libvirt]
-uri = "test://{node}"
-[paths]
-root = "{tmp_path / 'root'}"
-[collector]
-state_path = "{tmp_path / 'state.db'}"
-[[sinks]]
-type = "jsonl"
-path = "{tmp_path / 'events.jsonl'}"
-""")
+    config = dump_config(tmp_path, node)
     rc = main(["dump", "..", "--json", "--interval", "0.05", "--config", str(config)])
     out, err = capsys.readouterr()
     assert rc == 0, err
