@@ -355,6 +355,18 @@ class Usage:
     missing: Mapping[str, str] = field(default_factory=dict)
 
 
+
+# An owner id longer than this, or holding a control or format character, is no owner id:
+# every event of the instance carries it (a 2 MB account address made each event 2 MB; a
+# domain's metadata is the tenant's to write). Read as absent: the instance is `unassigned`.
+MAX_OWNER_ID_CHARS = 256
+
+
+def usable_owner_id(text: str) -> bool:
+    """Whether `text` can be an event's `user_id` / `org_id` (non-empty, short, printable)."""
+    return 0 < len(text) <= MAX_OWNER_ID_CHARS and text.isprintable()
+
+
 @dataclass(frozen=True, slots=True)
 class Owner:
     """Who an instance's usage is billed to, and how we know."""

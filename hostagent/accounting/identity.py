@@ -24,7 +24,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from hostagent.errors import ConfigError
-from hostagent.model import DomainInfo, InstanceIdScheme, OwnerHint
+from hostagent.model import DomainInfo, InstanceIdScheme, OwnerHint, usable_owner_id
 
 NOVA_NS = "http://openstack.org/xmlns/libvirt/nova/1.1"
 HOSTAGENT_OWNER_NS = "urn:hostagent:owner:1"
@@ -174,17 +174,11 @@ def owner_hint_from_metadata(metadata_xml: str | None) -> OwnerHint | None:
     return hint
 
 
-# An owner id longer than this, or with a control or format character, is no owner id (a
-# domain's metadata is the tenant's to write): read as absent, so the owner comes from the
-# account service or is `unassigned`, and no event carries it.
-MAX_OWNER_CHARS = 256
-
-
 def _owner_id(value: str | None) -> str | None:
+    """The metadata's owner id, or None where it cannot be one (`model.usable_owner_id`): the
+    owner then comes from the account service or is `unassigned`."""
     text = (value or "").strip()
-    if not text or len(text) > MAX_OWNER_CHARS or not text.isprintable():
-        return None
-    return text
+    return text if usable_owner_id(text) else None
 
 
 def _hint(user: str | None, org: str | None, source: str) -> OwnerHint | None:

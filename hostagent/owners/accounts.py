@@ -15,19 +15,11 @@ from typing import Any, Final
 import orjson
 
 from hostagent.errors import OwnerLookupError
+from hostagent.model import MAX_OWNER_ID_CHARS, usable_owner_id
 
 ROLES: Final = frozenset({"Owner", "Manager", "Operator", "ReadOnly"})
 _ADDRESS = re.compile(r"(?:0[xX])?[0-9a-fA-F]{40}")
 SNIPPET_BYTES = 200
-# An owner id longer than this, or holding a control or format character, is no owner id:
-# the same rule as for an owner in domain metadata (accounting.identity). Every event of the
-# instance carries it: a 2 MB address made each of them 2 MB (the queue takes ~500 KB).
-MAX_OWNER_ID_CHARS = 256
-
-
-def usable_owner_id(text: str) -> bool:
-    """Whether an address can be an event's `user_id` (non-empty, short, printable)."""
-    return 0 < len(text) <= MAX_OWNER_ID_CHARS and text.isprintable()
 
 
 def normalize_address(address: str) -> str:

@@ -28,7 +28,7 @@ class OwnerIndex:
     conflicts: Mapping[str, tuple[str, ...]]
     accounts: int = 0
     unknown_roles: int = 0
-    skipped_accounts: int = 0  # addresses that cannot be an owner id (accounts.usable_owner_id)
+    skipped_accounts: int = 0  # addresses that cannot be an owner id (model.usable_owner_id)
 
 
 EMPTY_INDEX: Final = OwnerIndex({}, {}, {})
