@@ -122,6 +122,9 @@ class Collector(HostReads):
         # Called when a pass adds tails (new domains): the light-samples thread watches their
         # end (hostagent/tailing.py). Thread-safe; called in trio.
         self.on_new_tails: Callable[[], None] | None = None
+        # Called by a pass that finds incarnations gone, before it closes them out: their
+        # final counters, read now (hostagent/light_samples.py, `final_samples`).
+        self.final_samples: Callable[[list[tails.Key]], Awaitable[None]] | None = None
         self.closeouts_total: Counter[str] = Counter()
         self.unattributed: unattributed.UnattributedCpu | None = None
         self._root = HostRoot(cfg.paths.root)
@@ -257,8 +260,13 @@ class Collector(HostReads):
                 drained_s = trio.current_time() - t0
                 deadline.deadline = due + drained_s
         parent_ns = await self._read_parent_cpu()
+        gone = tails.gone_keys(self.tails, host)
+        if gone and self.final_samples is not None:
+            # A VM that ended just before the host reading may not have been sampled at its
+            # end yet (the kernel's notification still queued, its thread not yet run).
+            await self.final_samples(gone)
         await self.merge_light()
-        closing = tails.ended(self.tails, host)
+        closing = tails.closings(self.tails, gone)
         self.read_errors.note(host.errors, {r.uuid for r in host.domains})
         report.libvirt_path, report.timed_out = host.path, host.timed_out
         report.read_errors = host.errors
@@ -298,6 +306,11 @@ class Collector(HostReads):
                 written()
         for c in closing:
             self.closeouts_total[c.reason] += 1
+            last_ns = max(c.reading.t_wall_ns, c.light.t_wall_ns if c.light is not None else 0)
+            log.info("incarnation closed out", extra={
+                "uuid": c.reading.uuid, "domid": c.reading.info.domid, "reason": c.reason,
+                "reading_age_s": round((host.t_wall_ns - last_ns) / 1e9, 3),
+                "light": c.light is not None})
         self.unattributed = unattributed.advance(
             self.unattributed, parent_ns, host.t_wall_ns, acc.usages,
             settled=unattributed.settled(acc.usages, host.errors))

@@ -19,10 +19,12 @@ import threading
 import time
 from collections.abc import Sequence
 
+from hostagent import handoff
 from hostagent.accounting import tails
 from hostagent.accounting.closeout import LightReading
 from hostagent.accounting.readings import DomainReading
 from hostagent.collector import Collector
+from hostagent.light_inbox import merge_into
 from hostagent.sources.files import HostRoot
 from hostagent.sources.light import LightSampler, LightTarget, light_nics, target_for
 from hostagent.sources.stop_watch import StopWatch, Woken
@@ -66,8 +68,22 @@ class LightSamples:
     _targets: dict[tails.Key, _Target]
     _last: tuple[list[DomainReading], list[LightTarget]]
     _sampling: threading.Lock
+    # Final samples a pass asked the thread for (`final_samples`), under `_final_cond`.
+    _final_cond: threading.Condition
+    _final_keys: set[tails.Key]
+    _final_asked: int
+    _final_served: int
+    _serving: bool  # the thread sleeps on the stop watch and takes final samples
 
     def _light_thread(self, stop: threading.Event) -> None:
+        """The periodic light samples, until `stop` (`_light_loop`); a pass waiting for its
+        final samples is told when the thread ends."""
+        try:
+            self._light_loop(stop)
+        finally:
+            self._stop_serving()
+
+    def _light_loop(self, stop: threading.Event) -> None:
         """The periodic light samples, until `stop`: in this thread, never in trio's.
 
         A sample is due `sample_interval_s` after the freshest reading of every domain, this
@@ -83,6 +99,7 @@ class LightSamples:
             c = self.collector.cfg.collector  # live-changeable
             interval_s = c.sample_interval_s
             if interval_s <= 0:
+                self._stop_serving()  # light samples off: no final samples either
                 if stop.wait(IDLE_CHECK_S):
                     return
                 continue
@@ -92,20 +109,25 @@ class LightSamples:
             freshest_s = sampled_s if pass_s is None else max(sampled_s, pass_s)
             wait_s = max(0.0, freshest_s + interval_s - time.monotonic())
             if watch is None:
+                self._stop_serving()  # the pass reads the final samples itself
                 if stop.wait(wait_s):
                     return
             else:
+                self._serving = True
                 try:
-                    woken = watch.wait(wait_s)
+                    woken = watch.wait(0.0 if self._final_keys else wait_s)
                 except Exception as err:  # a defect or a broken descriptor: never the samples
                     log.warning("VM ends no longer watched: light samples on the timer alone",
                                 extra={"error": str(err)})
                     watch, self._watched_all = None, False  # run() closes it at the end
+                    self._stop_serving()
                     continue
                 if stop.is_set():
                     return
-                if woken is not None:
-                    self._light_sample(watch, woken)
+                asked, final = self._take_final()
+                if woken is not None or final:
+                    self._light_sample(watch, woken, final)
+                    self._served(asked)
                     continue
                 if self._resync:  # new tails: watch them before their domains can end
                     self._resync = False
@@ -130,10 +152,12 @@ class LightSamples:
                 log.warning("VM ends not watched", extra={"error": str(err)})
         return targets
 
-    def _light_sample(self, watch: StopWatch | None, woken: Woken | None) -> None:
-        """One sample of every domain (`woken` None), or of the domains whose cgroup emptied
-        or one of whose taps was deleted, with the final counters of the taps deleted before
-        (a NIC's bytes up to its hot-unplug); the readings go to the inbox."""
+    def _light_sample(self, watch: StopWatch | None, woken: Woken | None,
+                      final: frozenset[tails.Key] = frozenset()) -> None:
+        """One sample of every domain (`woken` None, nothing `final`), or of the domains whose
+        cgroup emptied or one of whose taps was deleted and the incarnations a pass found gone
+        (`final`), with the final counters of the taps deleted before (a NIC's bytes up to its
+        hot-unplug); the readings go to the inbox."""
         inbox = self.collector.light_inbox
         inbox.begin()
         got: dict[str, LightReading] = {}
@@ -144,11 +168,14 @@ class LightSamples:
                 if watch is not None and watch.follows_links:
                     watch.collect_links()  # a tap deleted just before the cgroup emptied
                     deleted = watch.deleted or None
-                if woken is not None:
-                    if not woken.overflow:
-                        woke = woken.emptied | woken.unplugged
+                if woken is not None or final:
+                    if woken is None or not woken.overflow:
+                        woke: set[object] = set(final)
+                        if woken is not None:
+                            woke |= woken.emptied | woken.unplugged
                         targets = [t for t in targets if (t.uuid, t.domid) in woke]
-                    self.stops_seen += len(woken.emptied)
+                    if woken is not None:
+                        self.stops_seen += len(woken.emptied)
                 if targets:
                     got = (self.sampler.sample(targets) if deleted is None
                            else self.sampler.sample(targets, deleted_links=deleted))
@@ -158,6 +185,80 @@ class LightSamples:
             log.warning("light sample failed", extra={"error": str(err)})
         finally:
             inbox.put(got)
+
+    # --- the final samples of a pass's close-outs --------------------------------------------
+
+    async def final_samples(self, keys: list[tails.Key]) -> None:
+        """The last counters of incarnations the pass found gone (`Collector.final_samples`),
+        in the inbox before it merges them.
+
+        The stop watch reads a VM's final counters when its cgroup empties, but the kernel's
+        notification and this thread's wake-up can come after libvirt already stopped listing
+        the domain (seen on a loaded 2-core host: a destroy 1.1 s before the pass billed to
+        the previous sample). The thread that owns the watch samples these domains at once,
+        with the deleted taps' final counters; the pass waits for it (bounded by
+        `libvirt.call_timeout_s`). Without that thread (the timer alone), or when it did not
+        answer, the pass reads them itself: the cgroup outlives its last process a while, and
+        a reading without it (the cgroup removed) never replaces the last good one. Light
+        samples off: nothing."""
+        coll = self.collector
+        if coll.cfg.collector.sample_interval_s <= 0:
+            return
+        timeout_s = coll.cfg.libvirt.call_timeout_s
+        watch = self.watch
+        if watch is not None and self._serving:
+            with self._final_cond:
+                self._final_keys |= set(keys)
+                self._final_asked += 1
+                asked = self._final_asked
+            watch.wake()
+            if await handoff.run_sync(self._wait_served, asked, timeout_s,
+                                      limiter=coll.limiter, abandon_on_cancel=True):
+                return
+        want = set(keys)
+
+        def take() -> dict[str, LightReading]:
+            with self._sampling:
+                targets = [t for t in self._targets_now(None, dict(coll.tails))
+                           if (t.uuid, t.domid) in want]
+                return self.sampler.sample(targets) if targets else {}
+
+        try:
+            got = await handoff.run_sync(take, limiter=coll.limiter)
+        except Exception as err:  # the close-out bills the last good reading
+            self.sample_errors += 1
+            log.warning("final light sample failed", extra={"error": str(err)})
+            return
+        self.samples_total += 1
+        merge_into(coll.tails, got.values())
+
+    def _take_final(self) -> tuple[int, frozenset[tails.Key]]:
+        """The final samples asked for since the last take (in the thread): (the last ask's
+        number, their keys)."""
+        with self._final_cond:
+            keys, self._final_keys = frozenset(self._final_keys), set()
+            return self._final_asked, keys
+
+    def _served(self, asked: int) -> None:
+        """The asks up to `asked` are in the inbox (in the thread)."""
+        with self._final_cond:
+            self._final_served = max(self._final_served, asked)
+            self._final_cond.notify_all()
+
+    def _stop_serving(self) -> None:
+        """The thread takes no final samples now: a pass waiting for one takes it itself."""
+        if self._serving:
+            with self._final_cond:
+                self._serving = False
+                self._final_cond.notify_all()
+
+    def _wait_served(self, asked: int, timeout_s: float) -> bool:
+        """Block until the thread answered ask `asked` (False: it stopped serving, or the
+        time ran out)."""
+        with self._final_cond:
+            self._final_cond.wait_for(
+                lambda: self._final_served >= asked or not self._serving, timeout_s)
+            return self._final_served >= asked
 
     def _sync_watch(self, watch: StopWatch, targets: Sequence[LightTarget]) -> None:
         """Watch the v2 cgroups of `targets` (only when they changed: the list is cached)."""

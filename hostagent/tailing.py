@@ -94,6 +94,10 @@ class TailTasks(LightSamples):
         # One sample at a time: the thread's and an event's share the sampler (its netlink
         # socket) and the targets cache.
         self._sampling = threading.Lock()
+        self._final_cond = threading.Condition()
+        self._final_keys = set()
+        self._final_asked = self._final_served = 0
+        self._serving = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -126,11 +130,13 @@ class TailTasks(LightSamples):
                                           name="light-samples", daemon=True)
                 thread.start()
                 self.collector.on_new_tails = self.new_tails
+                self.collector.final_samples = self.final_samples
                 try:
                     task_status.started()
                     await trio.sleep_forever()
                 finally:
                     self.collector.on_new_tails = None
+                    self.collector.final_samples = None
                     stop.set()
                     if self.watch is not None:
                         self.watch.wake()

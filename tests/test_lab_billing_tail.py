@@ -91,9 +91,20 @@ def destroy_now(name: str) -> tuple[int, int, int, float]:
     return cpu, rx, tx, t
 
 
+def show_tail_log(path: Path) -> None:
+    """The daemon's lines about the guest's end (lifecycle events, close-outs, warnings) and
+    its passes' times: printed, so a failure shows how the close-out came about."""
+    for d in log_lines(path):
+        msg = str(d.get("msg", ""))
+        if d.get("level") != "info" or msg in ("pass committed", "incarnation closed out"):
+            print(d.get("ts"), msg, {k: v for k, v in d.items()
+                                     if k not in ("ts", "msg", "logger", "level")})
+
+
 def check_close_out(evs: list[dict[str, Any]], cpu_ns: int, host_rx: int, host_tx: int,
                     started_s: float, destroyed_s: float) -> None:
     """Σ of the guest's events against the counters read just before the destroy."""
+    print(f"destroy at {destroyed_s:.3f}")
     assert evs, "the guest was never billed"
     assert_tiles(evs)
     assert len({e["event_id"] for e in evs}) == len(evs)
@@ -141,6 +152,7 @@ def test_destroy_at_a_random_moment_between_passes_is_billed_to_the_last_sample(
         wait_pass(log, n + 1)  # and one more: nothing else is billed
     finally:
         assert d.stop() == 0
+    show_tail_log(log)
     check_close_out(events_for(tmp_path / "events.jsonl", guest), cpu, rx, tx,
                     started, destroyed)
     # The destroyed guest's tail after its last sample, at most: near zero.
@@ -166,6 +178,7 @@ def test_a_guest_started_after_a_pass_and_destroyed_before_the_next_is_billed(
         wait_pass(log, 1)
     finally:
         assert d.stop() == 0
+    show_tail_log(log)
     evs = events_for(tmp_path / "events.jsonl", guest)
     assert len(evs) == 1  # never seen by a pass: one close-out from its own zero
     assert evs[0]["period_ns"]["start"] >= int(started * 1e9) - 10**9
@@ -194,6 +207,7 @@ def test_kill_9_between_a_lifecycle_read_and_the_next_pass_bills_nothing_twice(
         wait_pass(log, n)
     finally:
         assert d.stop() == 0
+    show_tail_log(log)
     # Nothing of the killed daemon's tails was committed; the guest is billed once, from its
     # own zero (it started after the store existed), to the last light sample.
     check_close_out(events_for(tmp_path / "events.jsonl", guest), cpu, rx, tx,
@@ -254,6 +268,7 @@ def test_a_nic_detached_between_passes_is_billed_to_its_final_counters(
         wait_pass(log, n + 1)  # and one more: nothing else is billed for it
     finally:
         assert d.stop() == 0
+    show_tail_log(log)
     evs = events_for(tmp_path / "events.jsonl", guest)
     assert_tiles(evs)
     egress = sum(round(e["metrics"]["network_egress_mb"] * 2**20) for e in evs)

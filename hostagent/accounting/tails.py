@@ -116,8 +116,13 @@ def gone_keys(tails: Iterable[Key], host: HostReading) -> list[Key]:
 
 def ended(tails: Mapping[Key, Tail], host: HostReading) -> list[Closing]:
     """The close-outs a pass with reading `host` commits, oldest anchor first."""
-    keys = gone_keys(tails, host)
-    return sorted((tails[k].closing() for k in keys), key=lambda c: c.reading.t_wall_ns)
+    return closings(tails, gone_keys(tails, host))
+
+
+def closings(tails: Mapping[Key, Tail], keys: Iterable[Key]) -> list[Closing]:
+    """The close-outs of the incarnations `keys` (`gone_keys`), oldest anchor first."""
+    return sorted((tails[k].closing() for k in keys if k in tails),
+                  key=lambda c: c.reading.t_wall_ns)
 
 
 def after_pass(tails: Mapping[Key, Tail], host: HostReading, closed: Iterable[Key],

@@ -1,0 +1,126 @@
+"""A pass that finds a VM gone reads its final counters before it closes it out, on recorded host
+trees (libvirt replayed, the real cgroup files read).
+
+CI caught it: on a loaded 2-core host libvirt stopped listing a destroyed guest before the stop
+watch's thread had sampled its emptied cgroup, and the pass 1.1 s after the destroy billed the
+guest to its sample of 10 s before (3.8 s of CPU of 5.1 s). Here the kernel's notification never
+comes at all: the pass alone must get the final counters, through the thread that owns the stop
+watch, from the pass itself where no thread serves it, and not at all with light samples off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hostagent.sources.stop_watch import StopWatch
+from hostagent.tailing import TailTasks
+from tests.replay import Host
+from tests.test_collector import editable_host, make_collector
+from tests.test_tail_pass import (
+    _add_events_files,
+    _noted_samples,
+    drop_first_uuid,
+    wait_real,
+)
+
+
+def _gone_usage(host: Host, report: Any, gone: str) -> int | None:
+    """The CPU nanoseconds the pass billed `gone` (None: no usage of it)."""
+    assert report.committed, report.error
+    got = [u for u in report.usages if u.uuid == gone]
+    return got[0].cpu_ns if got else None
+
+
+async def test_the_watching_thread_samples_a_gone_domain_whose_end_it_did_not_hear(
+        tmp_path: Path) -> None:
+    host = editable_host(tmp_path, "systemd-v2")
+    _add_events_files(host)
+    coll, store = make_collector(host, tmp_path, sample_interval_s=0.02,
+                                 watched_sample_interval_s=3600, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    tail.watch = StopWatch()  # the host's link notifications: every end counts as watched
+    taken = _noted_samples(tail)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        assert (await coll.run_pass()).committed
+        await wait_real(lambda: tail.watch is not None and tail._watched_all)
+        n = len(taken)
+        host.move_to_t1()  # the counters grew; no `populated 0` is ever written
+        gone = drop_first_uuid(host, next(uuid for uuid, _ in coll.tails))
+        host.clock.advance(5.0)
+        report = await coll.run_pass()
+        nursery.cancel_scope.cancel()
+    assert len(taken) == n + 1 and set(taken[-1]) == {gone}  # the thread's, that domain alone
+    assert tail.stops_seen == 0  # no end was heard
+    assert _gone_usage(host, report, gone) == \
+        host.cgroup_cpu_ns("t1", gone) - host.cgroup_cpu_ns("t0", gone) > 0
+    assert tail.health()["closeouts"] == {"GONE": 1}
+    store.close()
+
+
+async def test_without_a_watch_the_pass_reads_the_final_counters_itself(tmp_path: Path) -> None:
+    host = editable_host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path, sample_interval_s=3600,
+                                 lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock, watch_stops=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        assert (await coll.run_pass()).committed
+        host.move_to_t1()
+        gone = drop_first_uuid(host, next(uuid for uuid, _ in coll.tails))
+        host.clock.advance(5.0)
+        before = tail.samples_total
+        report = await coll.run_pass()
+        nursery.cancel_scope.cancel()
+    assert tail.samples_total == before + 1
+    assert _gone_usage(host, report, gone) == \
+        host.cgroup_cpu_ns("t1", gone) - host.cgroup_cpu_ns("t0", gone) > 0
+    store.close()
+
+
+async def test_a_thread_that_does_not_answer_leaves_the_final_read_to_the_pass(
+        tmp_path: Path) -> None:
+    """The thread seems to serve (a watch, `_serving`) but never runs: the pass waits
+    `libvirt.call_timeout_s` (1 s) for it, then reads the domain itself."""
+    host = editable_host(tmp_path, "systemd-v2")
+    coll, store = make_collector(host, tmp_path, sample_interval_s=3600,
+                                 lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    tail.watch = StopWatch(links=False)
+    tail._serving = True
+    coll.final_samples = tail.final_samples
+    try:
+        assert (await coll.run_pass()).committed
+        host.move_to_t1()
+        gone = drop_first_uuid(host, next(uuid for uuid, _ in coll.tails))
+        host.clock.advance(5.0)
+        t0 = trio.current_time()
+        report = await coll.run_pass()
+        waited_s = trio.current_time() - t0
+    finally:
+        tail.watch.close()
+    assert coll.cfg.libvirt.call_timeout_s <= waited_s < 5
+    assert tail._final_keys  # asked, never taken
+    assert _gone_usage(host, report, gone) == \
+        host.cgroup_cpu_ns("t1", gone) - host.cgroup_cpu_ns("t0", gone) > 0
+    store.close()
+
+
+async def test_with_light_samples_off_the_close_out_bills_the_last_pass(tmp_path: Path) -> None:
+    host = editable_host(tmp_path, "lab-hybrid")
+    coll, store = make_collector(host, tmp_path, sample_interval_s=0, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock, watch_stops=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        assert (await coll.run_pass()).committed
+        host.move_to_t1()
+        gone = drop_first_uuid(host, next(uuid for uuid, _ in coll.tails))
+        host.clock.advance(5.0)
+        report = await coll.run_pass()
+        nursery.cancel_scope.cancel()
+    assert tail.samples_total == 0
+    assert _gone_usage(host, report, gone) is None  # nothing read after the last pass
+    store.close()
