@@ -85,11 +85,14 @@ class Collector(HostReads):
         self.libvirt = libvirt_source
         self.gpu = gpu_source
         self.limiter = limiter
-        # Disk bytes come from libvirt (v1 blkio stays 0 on kernel 6.x): never read cgroup io.
+        # Disk bytes come from libvirt (v1 blkio stays 0 on kernel 6.x); a v2 `io.stat` is
+        # read only to anchor the tails: a VM that ends before the next pass is billed the
+        # io.stat growth since this reading (accounting/closeout.io_growth), none lost
+        # before its first light sample.
         # Nothing uses a cgroup's memory limit (events carry libvirt's allocation): not read.
         # Kept-open cgroup files, across passes; whoever owns the collector calls close().
         self.fds = FdCache()  # shared with the light sampler (hostagent/tailing.py)
-        self.cgroups = CgroupReader(HostRoot(cfg.paths.root), io=False, limit=False,
+        self.cgroups = CgroupReader(HostRoot(cfg.paths.root), io="v2", limit=False,
                                     pressure=cfg.collector.pressure, fds=self.fds)
         self.files = DomainFiles(HostRoot(cfg.paths.root), cgroup_root=cfg.paths.cgroup_root,
                                  pressure=cfg.collector.pressure, cgroups=self.cgroups,

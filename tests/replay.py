@@ -115,16 +115,29 @@ class Host:
         entries = json.loads((self.src / t / "libvirt" / "bulk_stats.json").read_text())
         return {e["uuid"]: e["stats"] for e in entries}
 
-    def cgroup_cpu_ns(self, t: str, uuid: str) -> int:
-        """`usage_usec` x 1000 of the guest's VM cgroup in tree `t`: the counter libvirt's
-        `cpu.time` reports (the recording read it a moment apart from the bulk stats)."""
+    def vm_cgroup(self, t: str, uuid: str) -> Path:
+        """The guest's VM cgroup (v2) in tree `t`."""
         g = next(g for g in self.meta["guests"] if g["uuid"] == uuid)
         cgroups = self.src / t / "sys" / "fs" / "cgroup"
         if self.meta["cgroup_layout"] == "hybrid":
-            vm = cgroups / "unified" / "machine" / f"qemu-{g['domid']}-{g['name']}.libvirt-qemu"
-        else:
-            unit = f"qemu-{g['domid']}-{g['name']}".replace("-", "\\x2d")
-            vm = cgroups / "machine.slice" / f"machine-{unit}.scope" / "libvirt"
+            return cgroups / "unified" / "machine" / f"qemu-{g['domid']}-{g['name']}.libvirt-qemu"
+        unit = f"qemu-{g['domid']}-{g['name']}".replace("-", "\\x2d")
+        return cgroups / "machine.slice" / f"machine-{unit}.scope" / "libvirt"
+
+    def io_bytes(self, t: str, uuid: str) -> tuple[int, int]:
+        """Σ rbytes, Σ wbytes of the guest's VM cgroup `io.stat` in tree `t`."""
+        rd = wr = 0
+        for line in (self.vm_cgroup(t, uuid) / "io.stat").read_text().splitlines():
+            for token in line.split()[1:]:
+                key, _, value = token.partition("=")
+                rd += int(value) if key == "rbytes" else 0
+                wr += int(value) if key == "wbytes" else 0
+        return rd, wr
+
+    def cgroup_cpu_ns(self, t: str, uuid: str) -> int:
+        """`usage_usec` x 1000 of the guest's VM cgroup in tree `t`: the counter libvirt's
+        `cpu.time` reports (the recording read it a moment apart from the bulk stats)."""
+        vm = self.vm_cgroup(t, uuid)
         for line in (vm / "cpu.stat").read_text().splitlines():
             key, _, value = line.partition(" ")
             if key == "usage_usec":

@@ -124,3 +124,29 @@ async def test_with_light_samples_off_the_close_out_bills_the_last_pass(tmp_path
     assert tail.samples_total == 0
     assert _gone_usage(host, report, gone) is None  # nothing read after the last pass
     store.close()
+
+
+async def test_a_gone_domain_is_billed_its_disk_bytes_since_the_pass(tmp_path: Path) -> None:
+    """The pass reads v2 `io.stat` for the tails' anchor: a VM that ends before any light
+    sample after the pass is billed the io.stat growth since that pass (before, only the
+    growth since its first light sample, here none at all)."""
+    host = editable_host(tmp_path, "systemd-v2")
+    coll, store = make_collector(host, tmp_path, sample_interval_s=3600,
+                                 lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock, watch_stops=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        assert (await coll.run_pass()).committed
+        gone = next(uuid for uuid, _ in coll.tails)
+        anchor_io = next(t.anchor_io for (u, _), t in coll.tails.items() if u == gone)
+        host.move_to_t1()
+        drop_first_uuid(host, gone)
+        host.clock.advance(5.0)
+        report = await coll.run_pass()
+        nursery.cancel_scope.cancel()
+    t0, t1 = host.io_bytes("t0", gone), host.io_bytes("t1", gone)
+    assert anchor_io is not None and (anchor_io.read_bytes, anchor_io.write_bytes) == t0
+    (u,) = [u for u in report.usages if u.uuid == gone]
+    assert (u.disk_read_bytes, u.disk_write_bytes) == (t1[0] - t0[0], t1[1] - t0[1])
+    assert t1[0] > t0[0] and t1[1] > t0[1]
+    store.close()

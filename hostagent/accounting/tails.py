@@ -2,11 +2,11 @@
 
 A tail is the last full reading of one incarnation (the *anchor*: the pass's reading, or the one a
 STARTED/RESUMED lifecycle read took; kept as its Sample and the few fields the light samples
-need, `kept`), the latest light reading after it (cgroup `cpu.stat`, tap
-bytes, v2 `io.stat`: hostagent/sources/light.py), the `io.stat` bytes the first light reading
-saw (`anchor_io`) and the close reason a STOPPED/CRASHED/UNDEFINED event gave. Tails are keyed by
-(uuid, domid): a domain destroyed and started again between two passes has two, and both
-incarnations are billed.
+need, `kept`), the latest light reading after it (cgroup `cpu.stat`, tap bytes, v2 `io.stat`:
+hostagent/sources/light.py), the `io.stat` bytes at the anchor (`anchor_io`: the pass reads
+them; without them, the first light reading's) and the close reason a STOPPED/CRASHED/UNDEFINED
+event gave. Tails are keyed by (uuid, domid): a domain destroyed and started again between two
+passes has two, and both incarnations are billed.
 
 Polling stays the source of truth: `ended()` closes a tail only when the pass no longer lists
 the domain (nor failed to read it), or reads it with another domid. Nothing here is persisted:
@@ -55,7 +55,8 @@ class Tail:
     @classmethod
     def of(cls, reading: DomainReading, sample: Sample | None = None) -> Tail:
         """The tail anchored at a full `reading` (`sample`: its `sample_of`, if made)."""
-        return cls(kept(reading), sample_of(reading) if sample is None else sample)
+        return cls(kept(reading), sample_of(reading) if sample is None else sample, None,
+                   io_at(reading))
 
     @property
     def key(self) -> Key:
@@ -66,6 +67,16 @@ class Tail:
         """The close-out this tail asks for (`ledger.account(closing=...)`)."""
         return Closing(self.anchor, self.latest, self.anchor_io, self.reason or "GONE",
                        self.sample)
+
+
+def io_at(r: DomainReading) -> IoBytes | None:
+    """The v2 `io.stat` bytes the reading saw (None: not read), which the tail's light readings
+    count their disk growth from (`closeout.io_growth`)."""
+    cg = r.cgroup
+    if cg is None or cg.io_source != "v2:io.stat" or cg.io_read_bytes is None \
+            or cg.io_write_bytes is None:
+        return None
+    return IoBytes(cg.io_read_bytes, cg.io_write_bytes)
 
 
 def newer_light(old: LightReading | None, light: LightReading) -> LightReading | None:
@@ -135,7 +146,7 @@ def after_pass(tails: Mapping[Key, Tail], host: HostReading, closed: Iterable[Ke
     if samples is None:
         samples = [sample_of(r) for r in host.domains]
     new = Tail  # positional construction: once per domain and pass
-    out.update({(r.info.uuid, r.info.domid): new(kept(r), s)
+    out.update({(r.info.uuid, r.info.domid): new(kept(r), s, None, io_at(r))
                 for r, s in zip(host.domains, samples, strict=True)})
     return out
 

@@ -239,7 +239,7 @@ class LightSampler:
         if data is None:
             return None
         try:
-            rd, wr = sum_io_stat(data.decode("utf-8", "replace"))
+            rd, wr = sum_io_stat(data)
         except ValueError as err:
             missing["io"] = f"malformed {io_stat}: {err}"
             return None
