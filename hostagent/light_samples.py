@@ -125,10 +125,13 @@ class LightSamples:
                 if stop.is_set():
                     return
                 asked, final = self._take_final()
+                if final:  # an end already sampled when its cgroup emptied: read already
+                    final = frozenset(k for k in final if not watch.has_ended(k))
                 if woken is not None or final:
                     self._light_sample(watch, woken, final)
                     self._served(asked)
                     continue
+                self._served(asked)  # nothing left to read for the asks taken
                 if self._resync:  # new tails: watch them before their domains can end
                     self._resync = False
                     with self._sampling:
@@ -180,6 +183,8 @@ class LightSamples:
                     got = (self.sampler.sample(targets) if deleted is None
                            else self.sampler.sample(targets, deleted_links=deleted))
                     self.samples_total += 1
+                if woken is not None or final:  # rare: a VM's end, or a pass's close-out
+                    _log_ends(woken, final, got)
         except Exception as err:  # the next tick tries again; the pass is the truth
             self.sample_errors += 1
             log.warning("light sample failed", extra={"error": str(err)})
@@ -241,6 +246,8 @@ class LightSamples:
 
     def _served(self, asked: int) -> None:
         """The asks up to `asked` are in the inbox (in the thread)."""
+        if asked <= self._final_served:
+            return  # nothing asked since: no lock round trip each wake-up
         with self._final_cond:
             self._final_served = max(self._final_served, asked)
             self._final_cond.notify_all()
@@ -327,3 +334,22 @@ class LightSamples:
             self._targets = cache
             self._last = (anchors, out)
         return out
+
+
+def _log_ends(woken: Woken | None, final: frozenset[tails.Key],
+              got: dict[str, LightReading]) -> None:
+    """Debug: what a sample of VM ends read, and which ends it found no target for (how a
+    close-out came to bill what it did)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    emptied = woken.emptied if woken is not None else frozenset()
+    unplugged = woken.unplugged if woken is not None else frozenset()
+    for key in sorted({*emptied, *unplugged, *final}, key=str):
+        uuid, domid = key if isinstance(key, tuple) else (str(key), -1)
+        light = got.get(uuid)
+        read = light is not None and light.domid == domid
+        log.debug("VM end sampled" if read else "VM end not sampled: no target", extra={
+            "uuid": uuid, "domid": domid, "cpu_ns": light.cpu_ns if read and light else None,
+            "emptied": key in emptied, "unplugged": key in unplugged,
+            "asked_by_pass": key in final,
+            "missing": (dict(light.missing) or None) if read and light else None})

@@ -169,6 +169,11 @@ class StopWatch:
         self._taps = dict(taps)
         self.deleted = {i: v for i, v in self.deleted.items() if i in self._taps}
 
+    def has_ended(self, key: object) -> bool:
+        """The end of `key`'s cgroup was reported (`Woken.emptied`), and it held no process
+        since."""
+        return key in self._ended
+
     def wait(self, timeout_s: float | None) -> Woken | None:
         """Block until a watched cgroup empties or a followed tap is deleted, `wake()` is
         called or `timeout_s` passes; None unless one of those happened (or notifications
