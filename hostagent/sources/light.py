@@ -135,6 +135,16 @@ class LightSampler:
         starts with `usage_usec` and nothing missing, is inline (no helper calls, one shared
         empty `missing`, positional construction); everything else goes the general way."""
         t_wall_ns = self._clock.now().wall_ns
+        # The cgroup files first, the link dump after: a VM's end races with its cgroup's
+        # removal (the lab: emptied 50 ms after `virsh destroy` began, removed ~1.2 s later),
+        # and the dump waits for the RTNL lock, which the teardown of that VM's taps holds.
+        prefix = self._prefix
+        batches: list[tuple[Sequence[LightTarget], list[bytes | SourceError | None]]] = []
+        for at in range(0, len(targets), _BATCH):
+            part = targets[at:at + _BATCH]
+            paths = [None if t.cpu_file is None else prefix + t.cpu_file for t in part]
+            paths += [prefix + t.io_stat for t in part if t.io_stat is not None]
+            batches.append((part, self._fds.read_many(paths)))
         links: dict[int, tuple[int, int]] = {}
         links_error: str | None = None
         if any(t.nics for t in targets):
@@ -148,19 +158,21 @@ class LightSampler:
             if deleted_links:
                 links = {**deleted_links, **links}
         out: dict[str, LightReading] = {}
-        prefix = self._prefix
-        for at in range(0, len(targets), _BATCH):
-            part = targets[at:at + _BATCH]
-            files = self._fds.read_many([None if t.cpu_file is None else prefix + t.cpu_file
-                                         for t in part])
+        for part, files in batches:
             self._parse(part, files, t_wall_ns, links, links_error, out)
         return out
 
     def _parse(self, part: Sequence[LightTarget], files: Sequence[bytes | SourceError | None],
                t_wall_ns: int, links: dict[int, tuple[int, int]], links_error: str | None,
                out: dict[str, LightReading]) -> None:
-        """The readings of one batch of targets into `out`, from their cpu files' answers."""
-        for t, data in zip(part, files, strict=True):
+        """The readings of one batch of targets into `out`, from their files' answers: the
+        cpu files', one a target, then the io.stat files' of the targets that have one."""
+        io_at = len(part)
+        for t, data in zip(part, files, strict=False):
+            io_data: bytes | SourceError | None = None
+            if t.io_stat is not None:
+                io_data = files[io_at]
+                io_at += 1
             cpu_file = t.cpu_file
             if type(data) is bytes and data.startswith(_USAGE_USEC) \
                     and cpu_file is not None and cpu_file.endswith("cpu.stat"):
@@ -173,22 +185,23 @@ class LightSampler:
                     if t.nics or t.io_stat is not None:
                         missing = {}
                         if t.io_stat is not None:
-                            io = self._io(t.io_stat, missing)
+                            io = self._io(t.io_stat, io_data, missing)
                         if t.nics:
                             nics = self._nics(t.nics, links, links_error, missing)
                     out[t.uuid] = LightReading(t.uuid, t.domid, t_wall_ns, int(value) * 1000,
                                                nics, io, missing or _NOTHING_MISSING)
                     continue
             # Anything else (a v1 cpuacct.usage, a cpu.stat gone, unreadable or malformed) is
-            # read again the general way, which keeps the reason in `missing`.
-            out[t.uuid] = self._general(t, t_wall_ns, links, links_error)
+            # read the general way, which keeps the reason in `missing`.
+            out[t.uuid] = self._general(t, data, io_data, t_wall_ns, links, links_error)
 
-    def _general(self, t: LightTarget, t_wall_ns: int, links: dict[int, tuple[int, int]],
-                 links_error: str | None) -> LightReading:
-        """`sample`'s reading of one target the general way: v1, io.stat, anything missing."""
+    def _general(self, t: LightTarget, cpu_data: bytes | SourceError | None,
+                 io_data: bytes | SourceError | None, t_wall_ns: int,
+                 links: dict[int, tuple[int, int]], links_error: str | None) -> LightReading:
+        """`sample`'s reading of one target the general way: v1, anything missing."""
         missing: dict[str, str] = {}
-        cpu_ns = self._cpu(t.cpu_file, missing)
-        io = self._io(t.io_stat, missing) if t.io_stat is not None else None
+        cpu_ns = self._cpu(t.cpu_file, cpu_data, missing)
+        io = self._io(t.io_stat, io_data, missing) if t.io_stat is not None else None
         nics: tuple[NicCounters, ...] = ()
         if t.nics:
             nics = self._nics(t.nics, links, links_error, missing)
@@ -212,21 +225,23 @@ class LightSampler:
                                     tx if n.shares_view else rx, "netlink-stats64", n.key))
         return tuple(nics)
 
-    def _read(self, rel: str, key: str, missing: dict[str, str]) -> bytes | None:
-        try:
-            data = self._fds.read_bytes(self._prefix + rel)
-        except SourceError as err:
-            missing[key] = f"unreadable: {err}"
+    @staticmethod
+    def _usable(rel: str, data: bytes | SourceError | None, key: str,
+                missing: dict[str, str]) -> bytes | None:
+        """The file's bytes, or None with why in `missing[key]`."""
+        if isinstance(data, SourceError):
+            missing[key] = f"unreadable: {data}"
             return None
         if data is None:
             missing[key] = f"absent: {rel} (cgroup gone: the process ended)"
         return data
 
-    def _cpu(self, cpu_file: str | None, missing: dict[str, str]) -> int | None:
+    def _cpu(self, cpu_file: str | None, answer: bytes | SourceError | None,
+             missing: dict[str, str]) -> int | None:
         if cpu_file is None:
             missing["cpu"] = "no per-VM cpu cgroup"
             return None
-        data = self._read(cpu_file, "cpu", missing)
+        data = self._usable(cpu_file, answer, "cpu", missing)
         if data is None:
             return None
         cpu_ns = cpu_ns_of(data, cpu_file)
@@ -234,8 +249,9 @@ class LightSampler:
             missing["cpu"] = f"malformed {cpu_file}"
         return cpu_ns
 
-    def _io(self, io_stat: str, missing: dict[str, str]) -> IoBytes | None:
-        data = self._read(io_stat, "io", missing)
+    def _io(self, io_stat: str, answer: bytes | SourceError | None,
+            missing: dict[str, str]) -> IoBytes | None:
+        data = self._usable(io_stat, answer, "io", missing)
         if data is None:
             return None
         try:

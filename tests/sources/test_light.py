@@ -156,6 +156,34 @@ def test_tree_io_stat_and_one_stats_dump(tmp_path: Path) -> None:
     assert got.t_wall_ns == FakeClock().now().wall_ns and got.domid == 3
 
 
+def test_the_cgroup_files_are_read_before_the_link_dump(tmp_path: Path) -> None:
+    """A VM's end races with its cgroup's removal, and the link dump waits for the RTNL lock
+    that the teardown of its taps holds: the cgroup is removed while the dump waits here, and
+    the reading still has the final CPU and disk bytes (the deleted tap's come from its
+    RTM_DELLINK)."""
+    rel = "/sys/fs/cgroup/machine.slice/vm.scope/libvirt"
+    vm = tmp_path / rel.lstrip("/")
+    vm.mkdir(parents=True)
+    (vm / "cpu.stat").write_text("usage_usec 7000\nuser_usec 1\nsystem_usec 1\n")
+    (vm / "io.stat").write_text("253:0 rbytes=10 wbytes=20 rios=1 wios=1\n")
+
+    class RemovedDuringTheDump:
+        def read(self) -> dict[int, tuple[int, int]]:
+            shutil.rmtree(tmp_path / "sys")  # libvirt removed the cgroup meanwhile
+            return {}
+
+    sampler = LightSampler(HostRoot(tmp_path), fds=FdCache(), links=RemovedDuringTheDump(),
+                           clock=FakeClock())
+    got = sampler.sample([LightTarget("u-1", 3, f"{rel}/cpu.stat", f"{rel}/io.stat",
+                                      (LightNic(MAC, "gone0", 41),))],
+                         deleted_links={41: (500, 600)})["u-1"]
+    assert not (tmp_path / "sys").exists()
+    assert got.cpu_ns == 7_000_000 and got.io is not None
+    assert (got.io.read_bytes, got.io.write_bytes) == (10, 20)
+    assert [(n.guest_rx_bytes, n.guest_tx_bytes) for n in got.nics] == [(600, 500)]
+    assert got.missing == {}
+
+
 def test_without_a_link_reader_nics_are_missing_not_zero(tmp_path: Path) -> None:
     sampler = LightSampler(HostRoot(tmp_path), fds=FdCache(), links=None, clock=FakeClock())
     got = sampler.sample([LightTarget("u-1", 3, None, None, (LightNic(MAC, "t", 4),))])["u-1"]
@@ -226,7 +254,18 @@ def test_a_batch_sample_reads_each_domain_exactly_as_the_general_path(
     assert list(got) == [t.uuid for t in targets]
     links: dict[int, tuple[int, int]] = {} if links_fail else {5: (100, 200)}
     error = "link stats dump failed: dump refused" if links_fail else None
+
+    def answer(rel: str | None) -> bytes | SourceError | None:
+        """The file read on its own, as the batch would have had it."""
+        if rel is None:
+            return None
+        try:
+            return fds.read_bytes(str(tree) + rel)
+        except SourceError as err:
+            return err
+
     for t in targets:
-        assert got[t.uuid] == sampler._general(t, got[t.uuid].t_wall_ns, links, error)
+        assert got[t.uuid] == sampler._general(t, answer(t.cpu_file), answer(t.io_stat),
+                                               got[t.uuid].t_wall_ns, links, error)
     fds.close()
     shutil.rmtree(tree)
