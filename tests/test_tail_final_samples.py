@@ -34,6 +34,23 @@ def _gone_usage(host: Host, report: Any, gone: str) -> int | None:
     return got[0].cpu_ns if got else None
 
 
+async def _a_domain_goes_between_two_passes(host: Host, coll: Any, tail: TailTasks
+                                            ) -> tuple[str, Any, Any]:
+    """With `tail` running: a pass, the counters grow (the t1 tree), the first domain is gone,
+    another pass. (its uuid, the second pass's report, its tail after the first pass)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        assert (await coll.run_pass()).committed
+        gone = next(uuid for uuid, _ in coll.tails)
+        before = next(t for (u, _), t in coll.tails.items() if u == gone)
+        host.move_to_t1()
+        drop_first_uuid(host, gone)
+        host.clock.advance(5.0)
+        report = await coll.run_pass()
+        nursery.cancel_scope.cancel()
+    return gone, report, before
+
+
 async def test_the_watching_thread_samples_a_gone_domain_whose_end_it_did_not_hear(
         tmp_path: Path) -> None:
     host = editable_host(tmp_path, "systemd-v2")
@@ -66,16 +83,8 @@ async def test_without_a_watch_the_pass_reads_the_final_counters_itself(tmp_path
     coll, store = make_collector(host, tmp_path, sample_interval_s=3600,
                                  lifecycle_events=False)
     tail = TailTasks(coll, clock=host.clock, watch_stops=False)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(tail.run)
-        assert (await coll.run_pass()).committed
-        host.move_to_t1()
-        gone = drop_first_uuid(host, next(uuid for uuid, _ in coll.tails))
-        host.clock.advance(5.0)
-        before = tail.samples_total
-        report = await coll.run_pass()
-        nursery.cancel_scope.cancel()
-    assert tail.samples_total == before + 1
+    gone, report, _ = await _a_domain_goes_between_two_passes(host, coll, tail)
+    assert tail.samples_total == 1  # the pass's own read: no periodic sample is due
     assert _gone_usage(host, report, gone) == \
         host.cgroup_cpu_ns("t1", gone) - host.cgroup_cpu_ns("t0", gone) > 0
     store.close()
@@ -113,14 +122,7 @@ async def test_with_light_samples_off_the_close_out_bills_the_last_pass(tmp_path
     host = editable_host(tmp_path, "lab-hybrid")
     coll, store = make_collector(host, tmp_path, sample_interval_s=0, lifecycle_events=False)
     tail = TailTasks(coll, clock=host.clock, watch_stops=False)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(tail.run)
-        assert (await coll.run_pass()).committed
-        host.move_to_t1()
-        gone = drop_first_uuid(host, next(uuid for uuid, _ in coll.tails))
-        host.clock.advance(5.0)
-        report = await coll.run_pass()
-        nursery.cancel_scope.cancel()
+    gone, report, _ = await _a_domain_goes_between_two_passes(host, coll, tail)
     assert tail.samples_total == 0
     assert _gone_usage(host, report, gone) is None  # nothing read after the last pass
     store.close()
@@ -134,16 +136,8 @@ async def test_a_gone_domain_is_billed_its_disk_bytes_since_the_pass(tmp_path: P
     coll, store = make_collector(host, tmp_path, sample_interval_s=3600,
                                  lifecycle_events=False)
     tail = TailTasks(coll, clock=host.clock, watch_stops=False)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(tail.run)
-        assert (await coll.run_pass()).committed
-        gone = next(uuid for uuid, _ in coll.tails)
-        anchor_io = next(t.anchor_io for (u, _), t in coll.tails.items() if u == gone)
-        host.move_to_t1()
-        drop_first_uuid(host, gone)
-        host.clock.advance(5.0)
-        report = await coll.run_pass()
-        nursery.cancel_scope.cancel()
+    gone, report, before = await _a_domain_goes_between_two_passes(host, coll, tail)
+    anchor_io = before.anchor_io
     t0, t1 = host.io_bytes("t0", gone), host.io_bytes("t1", gone)
     assert anchor_io is not None and (anchor_io.read_bytes, anchor_io.write_bytes) == t0
     (u,) = [u for u in report.usages if u.uuid == gone]
