@@ -197,15 +197,15 @@ class LightSamples:
         """The last counters of incarnations the pass found gone (`Collector.final_samples`),
         in the inbox before it merges them.
 
-        The stop watch reads a VM's final counters when its cgroup empties, but the kernel's
-        notification and this thread's wake-up can come after libvirt already stopped listing
-        the domain (seen on a loaded 2-core host: a destroy 1.1 s before the pass billed to
-        the previous sample). The thread that owns the watch samples these domains at once,
-        with the deleted taps' final counters; the pass waits for it (bounded by
+        The stop watch reads a VM's final counters when its cgroup empties; an end it has not
+        read yet (an event still queued, a cgroup it could not watch, a domain gone from the
+        listing while its cgroup stays: a machined host) is read here. The thread that owns
+        the watch samples these domains at once, with the deleted taps' final counters, unless
+        it sampled their emptying already; the pass waits for it (bounded by
         `libvirt.call_timeout_s`). Without that thread (the timer alone), or when it did not
-        answer, the pass reads them itself: the cgroup outlives its last process a while, and
-        a reading without it (the cgroup removed) never replaces the last good one. Light
-        samples off: nothing."""
+        answer, the pass reads them itself. A reading without CPU (the cgroup removed: on the
+        lab libvirt removes it before the domain leaves the listing) never replaces the last
+        good one. Light samples off: nothing."""
         coll = self.collector
         if coll.cfg.collector.sample_interval_s <= 0:
             return
