@@ -1,11 +1,12 @@
 """A pass that finds a VM gone reads its final counters before it closes it out, on recorded host
 trees (libvirt replayed, the real cgroup files read).
 
-CI caught it: on a loaded 2-core host libvirt stopped listing a destroyed guest before the stop
-watch's thread had sampled its emptied cgroup, and the pass 1.1 s after the destroy billed the
-guest to its sample of 10 s before (3.8 s of CPU of 5.1 s). Here the kernel's notification never
-comes at all: the pass alone must get the final counters, through the thread that owns the stop
-watch, from the pass itself where no thread serves it, and not at all with light samples off.
+CI caught a close-out billed to a reading from before the destroy (3.8 s of a guest's 5.1 s of
+CPU, the pass 1.1 s after a `virsh destroy`): the watch's read at the VM's end was not in. Here
+the kernel's notification never comes at all and the cgroup stays (as on a machined host): the
+pass must get the final counters, through the thread that owns the stop watch, from the pass
+itself where no thread serves it, and not at all with light samples off. And a VM that ends
+before any light sample after the pass is billed its disk bytes since that pass.
 """
 
 from __future__ import annotations
