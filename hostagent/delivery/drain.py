@@ -19,6 +19,7 @@ ends where that schedule is capped, so the first wait between rounds is ``max_ba
 
 from __future__ import annotations
 
+import email.utils
 import math
 import random
 from collections.abc import Sequence
@@ -73,6 +74,32 @@ def round_backoff_s(retry: RetryConfig, rounds: int, rng: random.Random) -> floa
     first = max(retry.max_backoff_s, retry.initial_backoff_s)
     base = capped_growth(first, retry.multiplier, rounds - 1, retry.round_backoff_max_s)
     return _jittered(base, retry.jitter, rng)
+
+
+def retry_after_s(value: str | None, now_wall_s: float) -> float | None:
+    """Seconds a `Retry-After` header asks to wait (RFC 9110 §10.2.3: delay-seconds or an
+    HTTP-date, read against `now_wall_s`); None for no header or one that is neither. A date
+    in the past is 0."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return float(min(int(text), 10**9))  # any more is 'for ever': capped by the caller
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a date without a zone is not one
+        return None
+    return max(0.0, when.timestamp() - now_wall_s)
+
+
+def at_least_s(backoff_s: float, asked_s: float | None, retry: RetryConfig) -> float:
+    """The wait before the next round: the backoff, or what the receiver asked (Retry-After)
+    when longer, at most `round_backoff_max_s` (a receiver cannot park a row for ever)."""
+    if asked_s is None:
+        return backoff_s
+    return max(backoff_s, min(asked_s, retry.round_backoff_max_s))
 
 
 @dataclass(frozen=True, slots=True)

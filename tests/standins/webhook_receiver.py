@@ -5,7 +5,8 @@ checking the Standard Webhooks signature (`webhook-id`, `webhook-timestamp`,
 `webhook-signature: v1,<base64 HMAC-SHA256(secret, "id.ts.body")>`) and the legacy
 `X-Webhook-Signature` (hex HMAC-SHA256(secret, body)) against `secret`. Replies come from
 `script` (a list of statuses consumed one per request; 200 when empty); a 3xx reply carries
-`Location: /elsewhere` so a client that followed redirects would show up as a GET there.
+`Location: /elsewhere` so a client that followed redirects would show up as a GET there, and a
+429 or 503 carries `Retry-After: <retry_after>` when that is set.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class WebhookReceiver:
     script: list[int] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
     answer_after_s: float = 0.0  # a slow consumer: the answer comes this long after the body
+    retry_after: str | None = None  # sent as `Retry-After` with every 429 and 503 reply
     host: str = "127.0.0.1"
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -101,6 +103,8 @@ class WebhookReceiver:
                 self.send_response(status)
                 if 300 <= status < 400:
                     self.send_header("Location", "/elsewhere")
+                if status in (429, 503) and receiver.retry_after is not None:
+                    self.send_header("Retry-After", receiver.retry_after)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")

@@ -21,7 +21,8 @@ breaker gate, due rows, wake-ups, store-error pause. Outcomes: 2xx delivered. Tr
 errors, timeouts, 408, 429 and 5xx are transient: they count against the endpoint's circuit
 breaker and the row waits the engine's one formula, ``drain.round_backoff_s`` with rounds =
 attempts (``max_backoff_s × multiplier^(attempts−1)``, capped at ``round_backoff_max_s``,
-± jitter). 3xx (redirects are
+± jitter), or, after a 429 or 503 with ``Retry-After`` (seconds or an HTTP-date), what the
+endpoint asked when that is longer, at most ``round_backoff_max_s``. 3xx (redirects are
 never followed), other 4xx and a URL the SSRF guard refuses count 5 attempts each; 410 Gone is
 dead at once; a row is dead after ``dead_after_attempts``. Nothing is dropped silently: dead
 rows stay in ``webhook_deliveries`` with their last error until ``retention_s``.
@@ -47,7 +48,7 @@ from hostagent.alerts.routing import UNCLAIMED
 from hostagent.clock import Clock
 from hostagent.config.sinks import WebhookSinkConfig
 from hostagent.delivery.breaker import Breaker
-from hostagent.delivery.drain import Drain, Taken, round_backoff_s
+from hostagent.delivery.drain import Drain, Taken, at_least_s, retry_after_s, round_backoff_s
 from hostagent.delivery.sinks.base import ConfiguredSink
 from hostagent.delivery.ssrf import Guard, Resolver, UrlRefused, system_resolver
 from hostagent.errors import ConfigError, SinkUnavailable, StateError
@@ -272,15 +273,17 @@ class WebhookDispatcher:
             for d in batch:
                 nursery.start_soon(self._deliver, ep, d, limiter)
 
-    def _later_ns(self, rounds: int) -> int:
-        wait_s = round_backoff_s(self.cfg.retry, rounds, self._rng)
-        return self.clock.now().wall_ns + int(wait_s * 1e9)
+    def _later_ns(self, rounds: int, asked_s: float | None = None) -> int:
+        now_ns = self.clock.now().wall_ns
+        wait_s = at_least_s(round_backoff_s(self.cfg.retry, rounds, self._rng), asked_s,
+                            self.cfg.retry)
+        return now_ns + int(wait_s * 1e9)
 
     async def _deliver(self, ep: _Endpoint, d: Delivery, limiter: trio.CapacityLimiter) -> None:
         async with limiter:
             if not ep.breaker.allow():
                 return  # stays pending; the loop waits for the breaker
-            error, weight, transient = await self._post(ep.client, ep.reg, d)
+            error, weight, transient, asked_s = await self._post(ep.client, ep.reg, d)
         try:
             if error is None:
                 ep.breaker.record_success()
@@ -293,7 +296,7 @@ class WebhookDispatcher:
                 ep.breaker.record_success()  # it answered: the endpoint is up
             ep.stats.failed += 1
             dead = await self._db(lambda: self.store.failed(
-                d, error, self._later_ns(d.attempts + 1), weight=weight,
+                d, error, self._later_ns(d.attempts + 1, asked_s), weight=weight,
                 dead_after=self.cfg.dead_after_attempts))
         except StateError as err:
             log.error("cannot record webhook delivery", extra={"error": str(err)})
@@ -308,8 +311,9 @@ class WebhookDispatcher:
                                                           "error": error})
 
     async def _post(self, client: httpx.AsyncClient, reg: Registration, d: Delivery,
-                    ) -> tuple[str | None, int, bool]:
-        """One attempt → (error or None, attempts it counts for, transient?)."""
+                    ) -> tuple[str | None, int, bool, float | None]:
+        """One attempt → (error or None, attempts it counts for, transient?, the wait its
+        `Retry-After` asked for, on a 429 or 503)."""
         with trio.move_on_after(self.cfg.timeout_s * 2 + ATTEMPT_SLACK_S) as scope:
             try:
                 target = await self.guard.resolve(reg.url, self.resolver)
@@ -317,7 +321,7 @@ class WebhookDispatcher:
                 headers = {**request_headers(reg, d, ts), "Host": target.host_header}
             except (UrlRefused, ConfigError) as err:
                 self.stats.setdefault(reg.id, EndpointStats()).refused += 1
-                return str(err), HARD_FAILURE_WEIGHT, False
+                return str(err), HARD_FAILURE_WEIGHT, False, None
             ext: Mapping[str, Any] = ({"sni_hostname": target.host}
                                       if target.scheme == "https" else {})
             try:
@@ -329,22 +333,27 @@ class WebhookDispatcher:
                         if read >= self.cfg.max_response_bytes:
                             break
                     status = resp.status_code
+                    asked = (resp.headers.get("retry-after") if status in (429, 503)
+                             else None)
             except httpx.HTTPError as err:
-                return f"{type(err).__name__}: {err}", 1, True
+                return f"{type(err).__name__}: {err}", 1, True, None
             except Exception as err:  # outside httpx's contract (a bug, a header it cannot
                 # encode): never the dispatcher's end, which would take the daemon with it;
                 # this delivery fails hard and is dead after its attempts, the others go on.
                 log.exception("webhook attempt failed unexpectedly",
                               extra={"webhook_id": reg.id, "event_id": d.event_id})
-                return f"{type(err).__name__}: {err}", HARD_FAILURE_WEIGHT, False
+                return f"{type(err).__name__}: {err}", HARD_FAILURE_WEIGHT, False, None
         if scope.cancelled_caught:
-            return "timed out", 1, True
+            return "timed out", 1, True, None
         if 200 <= status < 300:
-            return None, 0, False
+            return None, 0, False, None
         if status in (408, 429) or status >= 500:
-            return f"HTTP {status}", 1, True
+            asked_s = retry_after_s(asked, self.clock.now().wall_ns / 1e9)
+            return (f"HTTP {status}" + (f" (Retry-After: {asked_s:.0f} s)"
+                                        if asked_s is not None else ""), 1, True, asked_s)
         if status == 410:
-            return "HTTP 410 Gone", self.cfg.dead_after_attempts, False
+            return "HTTP 410 Gone", self.cfg.dead_after_attempts, False, None
         if 300 <= status < 400:
-            return f"HTTP {status}: redirects are not followed", HARD_FAILURE_WEIGHT, False
-        return f"HTTP {status}", HARD_FAILURE_WEIGHT, False
+            return (f"HTTP {status}: redirects are not followed", HARD_FAILURE_WEIGHT, False,
+                    None)
+        return f"HTTP {status}", HARD_FAILURE_WEIGHT, False, None

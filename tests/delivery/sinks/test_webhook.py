@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from hostagent.alerts.index import Settings, build_index
 from hostagent.alerts.state import AlertState, evaluate
 from hostagent.clock import SystemClock
 from hostagent.config.schema import OutboxConfig
-from hostagent.config.sinks import BreakerConfig, JsonlSinkConfig, RetryConfig, WebhookSinkConfig
+from hostagent.config.sinks import JsonlSinkConfig, RetryConfig
 from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.base import build_sink, dispatchers
 from hostagent.delivery.sinks.webhook import WebhookDispatcher, WebhookSink, signature_headers
@@ -28,11 +28,10 @@ from hostagent.model import OutEvent, Owner
 from hostagent.store.outbox import Store
 from hostagent.store.webhooks import WebhookStore
 from tests.alerts.test_rules_index import CPU, usage
-from tests.standins.webhook_receiver import WebhookReceiver, verify_legacy, verify_standard
+from tests.delivery.sinks.conftest import Rig
+from tests.standins.webhook_receiver import verify_legacy, verify_standard
 
 OWNER = Owner("user_123456", "org_789012", "service")
-FAST = RetryConfig(max_retries=0, initial_backoff_s=0.05, max_backoff_s=0.05, multiplier=1.0,
-                   jitter=0.0, round_backoff_max_s=0.05)
 
 
 def test_standard_webhooks_reference_vector() -> None:
@@ -49,33 +48,6 @@ def test_both_signatures_verify_and_detect_tampering() -> None:
     assert not verify_standard("s3cret", h, b"{ }") and not verify_legacy("other", h, b"{}")
     assert signature_headers(None, "id1", 5, b"{}") == {}
 
-
-@dataclasses.dataclass
-class Rig:
-    store: Store
-    hooks: WebhookStore
-    receiver: WebhookReceiver
-    cfg: WebhookSinkConfig
-
-
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    r = WebhookReceiver(secret="s3cret").start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def rig(tmp_path: Path, receiver: WebhookReceiver) -> Iterator[Rig]:
-    clock = SystemClock()
-    path = tmp_path / "state.db"
-    store = Store.open(path, clock=clock, node_id="host-a", sink_names=["webhooks"])
-    hooks = WebhookStore(path, clock)
-    cfg = WebhookSinkConfig(allow_list=("127.0.0.1",), retry=FAST, timeout_s=2.0,
-                            breaker=BreakerConfig(failure_threshold=3, reset_timeout_s=60))
-    yield Rig(store, hooks, receiver, cfg)
-    hooks.close()
-    store.close()
 
 
 def alert_event(values: list[float]) -> list[OutEvent]:
