@@ -246,27 +246,34 @@ def test_dispatcher_type_is_exported() -> None:
     assert WebhookDispatcher.__name__ == "WebhookDispatcher"
 
 
-async def test_a_failed_row_waits_the_one_backoff_formula(rig: Rig) -> None:
-    # the drain engine's round_backoff_s: the first wait is max_backoff_s, not initial_backoff_s
-    rig.receiver.script = [503, 503]
+async def arrivals(rig: Rig, retry: RetryConfig, requests: int) -> list[float]:
+    """One alert delivered to one registration with `retry`: when each of the first
+    `requests` requests reached the receiver (trio time), once the row is delivered."""
     hook = rig.hooks.register(rig.receiver.url, ["threshold_violation"], "s3cret")
     rig.store.commit_pass([], alert_event([90.0]))
-    retry = RetryConfig(max_retries=0, initial_backoff_s=0.01, max_backoff_s=0.6,
-                        multiplier=2.0, jitter=0.0, round_backoff_max_s=60)
     t: list[float] = []
     async for _sink, delivery in running(rig, retry=retry):
         delivery.wake()
-        with trio.fail_after(15):
-            while len(t) < 3:  # the receiver is a thread: note when each request arrived
+        with trio.fail_after(20):
+            while len(t) < requests:  # the receiver is a thread: note each request's arrival
                 if len(rig.receiver.received) > len(t):
                     t.append(trio.current_time())
                 await trio.sleep(0.005)
             # The receiver notes a request before its answer reaches the dispatcher: wait for
             # the dispatcher to record the 200 before delivery stops.
             await until(lambda: rig.hooks.counts()[hook.id] == {"delivered": 1})
+    assert rig.hooks.counts()[hook.id] == {"delivered": 1}
+    return t
+
+
+async def test_a_failed_row_waits_the_one_backoff_formula(rig: Rig) -> None:
+    # the drain engine's round_backoff_s: the first wait is max_backoff_s, not initial_backoff_s
+    rig.receiver.script = [503, 503]
+    retry = RetryConfig(max_retries=0, initial_backoff_s=0.01, max_backoff_s=0.6,
+                        multiplier=2.0, jitter=0.0, round_backoff_max_s=60)
+    t = await arrivals(rig, retry, 3)
     assert 0.55 <= t[1] - t[0] <= 1.0  # max_backoff_s × 2^0
     assert 1.15 <= t[2] - t[1] <= 1.6  # max_backoff_s × 2^1
-    assert rig.hooks.counts()[hook.id] == {"delivered": 1}
 
 
 def test_the_daemon_finds_the_webhook_dispatcher_by_protocol(rig: Rig, tmp_path: Path) -> None:

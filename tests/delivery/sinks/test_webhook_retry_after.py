@@ -8,12 +8,11 @@ import email.utils
 import time
 
 import pytest
-import trio
 
 from hostagent.config.sinks import RetryConfig
 from hostagent.delivery.drain import at_least_s, retry_after_s
 from tests.delivery.sinks.conftest import Rig
-from tests.delivery.sinks.test_webhook import alert_event, running, until
+from tests.delivery.sinks.test_webhook import arrivals
 
 RETRY = RetryConfig(max_retries=0, initial_backoff_s=0.05, max_backoff_s=0.1, multiplier=1.0,
                     jitter=0.0, round_backoff_max_s=60)
@@ -21,17 +20,7 @@ RETRY = RetryConfig(max_retries=0, initial_backoff_s=0.05, max_backoff_s=0.1, mu
 
 async def _gap_s(rig: Rig, retry: RetryConfig) -> float:
     """Seconds between the refused first request and the delivered second one."""
-    hook = rig.hooks.register(rig.receiver.url, ["threshold_violation"], "s3cret")
-    rig.store.commit_pass([], alert_event([90.0]))
-    t: list[float] = []
-    async for _sink, delivery in running(rig, retry=retry):
-        delivery.wake()
-        with trio.fail_after(20):
-            while len(t) < 2:  # the receiver is a thread: note when each request arrived
-                if len(rig.receiver.received) > len(t):
-                    t.append(trio.current_time())
-                await trio.sleep(0.005)
-            await until(lambda: rig.hooks.counts()[hook.id] == {"delivered": 1})
+    t = await arrivals(rig, retry, 2)
     return t[1] - t[0]
 
 
