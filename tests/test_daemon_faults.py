@@ -288,17 +288,24 @@ def test_a_kill_while_the_first_start_creates_the_store_leaves_no_stub(
 # --- the store deleted under a running daemon ------------------------------------------------
 
 
+def _deleted_under_the_daemon(tmp: Path, procs: list[Proc], name: str) -> tuple[Proc, Path]:
+    """A daemon on a test-driver node whose store file `name` is deleted after its first pass,
+    once it has reported that twice; (the daemon, its config)."""
+    cfg = write_config(tmp, f"test://{_node(tmp)}")
+    p = _start(procs, cfg, tmp / "log")
+    p.wait_for('"pass committed"')
+    (tmp / name).unlink()
+    p.wait_for('"state store deleted or replaced while the daemon runs"', count=2)
+    return p, cfg
+
+
 def test_a_store_deleted_under_the_running_daemon_is_reported_every_pass(
         tmp_path: Path, procs: list[Proc]) -> None:
     """`rm state.db` under a running daemon: it went on committing to the deleted file without
     a word, for as long as it ran, and only the next start (days later: an upgrade) refused the
     state. Every pass now logs it as an error (and says it in STATUS) while the daemon goes on
     delivering from the file it has open."""
-    cfg = write_config(tmp_path, f"test://{_node(tmp_path)}")
-    p = _start(procs, cfg, tmp_path / "log")
-    p.wait_for('"pass committed"')
-    (tmp_path / "state.db").unlink()
-    p.wait_for('"state store deleted or replaced while the daemon runs"', count=2)
+    p, _ = _deleted_under_the_daemon(tmp_path, procs, "state.db")
     assert '"what":"store deleted"' in p.text()
     n = p.text().count('"pass committed"')
     p.wait_for('"pass committed"', count=n + 1)
@@ -313,11 +320,7 @@ def test_a_write_ahead_log_deleted_under_the_running_daemon_is_reported(
     gone, 0.43 s of every guest's usage never billed; with a later checkpoint, periods billed
     twice under event ids already sent). Every pass now says so, until a clean stop writes the
     log into the store; the restart after that one bills on, tiled."""
-    cfg = write_config(tmp_path, f"test://{_node(tmp_path)}")
-    p = _start(procs, cfg, tmp_path / "log")
-    p.wait_for('"pass committed"')
-    (tmp_path / "state.db-wal").unlink()
-    p.wait_for('"state store deleted or replaced while the daemon runs"', count=2)
+    p, cfg = _deleted_under_the_daemon(tmp_path, procs, "state.db-wal")
     assert '"what":"write-ahead log deleted"' in p.text()
     p.signal(signal.SIGTERM)
     assert p.wait() == 0

@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from hostagent.clock import Clock
 from hostagent.config.schema import OutboxConfig
 from hostagent.config.sinks import BreakerConfig, JsonlSinkConfig, QueueSinkConfig, RetryConfig
 from hostagent.delivery.engine import Delivery
@@ -52,10 +53,12 @@ def qsink(q: QueueStandIn, **kw: Any) -> FormationQueueSink:
 
 
 @asynccontextmanager
-async def delivering(tmp_path: Path, sinks: Sequence[Sink],
-                     **cfg: Any) -> AsyncIterator[tuple[Store, Delivery]]:
-    clock = TrioClock()
-    store = Store.open(tmp_path / "state.db", clock=clock, node_id="host-a",
+async def delivering(tmp_path: Path, sinks: Sequence[Sink], *, clock: Clock | None = None,
+                     node_id: str = "host-a", **cfg: Any
+                     ) -> AsyncIterator[tuple[Store, Delivery]]:
+    """The real outbox and delivery engine driving `sinks` (trio's clock unless `clock`)."""
+    clock = TrioClock() if clock is None else clock
+    store = Store.open(tmp_path / "state.db", clock=clock, node_id=node_id,
                        sink_names=[s.name for s in sinks])
     d = Delivery(store, sinks, clock, OutboxConfig(**cfg), rng=random.Random(7))
     try:

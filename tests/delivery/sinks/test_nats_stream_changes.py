@@ -27,13 +27,13 @@ import trio
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from hostagent.clock import SystemClock
-from hostagent.config.schema import OutboxConfig
 from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.base import Undeliverable
 from hostagent.delivery.sinks.nats_jetstream import NatsSink
 from hostagent.errors import SinkUnavailable
 from hostagent.model import Baseline, OutEvent
 from tests.delivery.sinks.test_nats import NODE, nats_cfg
+from tests.delivery.test_engine import delivering as engine_delivering
 from tests.nats_support import NatsServer, manage, nats_server, read_stream
 from tests.standins.queue import PERIOD_NS, T0_NS, usage_event
 
@@ -65,19 +65,12 @@ async def stored_ids(url: str) -> list[str]:
 @asynccontextmanager
 async def delivering(tmp_path: Path, sink: NatsSink) -> AsyncIterator[tuple[Any, Delivery]]:
     """The real outbox and delivery engine driving `sink` (closed afterwards)."""
-    from hostagent.store.outbox import Store
-
-    store = Store.open(tmp_path / "state.db", clock=SystemClock(), node_id=NODE,
-                       sink_names=["nats"])
-    d = Delivery(store, [sink], SystemClock(), OutboxConfig(maintenance_interval_s=0.2))
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(d.run)
-            yield store, d
-            nursery.cancel_scope.cancel()
+        async with engine_delivering(tmp_path, [sink], clock=SystemClock(), node_id=NODE,
+                                     maintenance_interval_s=0.2) as got:
+            yield got
     finally:
         await sink.aclose()
-        store.close()
 
 
 async def commit(store: Any, d: Delivery, events: list[OutEvent], k: int) -> None:
