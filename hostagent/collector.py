@@ -251,6 +251,10 @@ class Collector(HostReads):
         """The pass, its reading lock held; the seconds `on_read` took (not the pass's)."""
         host = await self.read_host(wait=wait)
         self.read_monotonic_s = time.monotonic()
+        host, ended = tails.ended_while_listed(self.tails, self.baselines, host)
+        if ended:
+            log.info("VM process ended while libvirt still listed it (its cgroup removed): "
+                     "closed out at its last reading", extra={"uuids": list(ended)})
         drained_s = 0.0
         if on_read is not None:
             # The API requests it lets finish (the daemon's drain, bounded) are not the pass's

@@ -75,3 +75,6 @@ class CgroupReading:
     io_source: IoSource | None
     pressure: Pressure | None
     missing: Mapping[str, str] = field(default_factory=dict)
+    # The cpu controller's file was absent: the VM cgroup was removed. A cgroup that holds a
+    # process cannot be removed, so the process that was in it has ended (tails.py).
+    cpu_gone: bool = False

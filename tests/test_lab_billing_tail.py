@@ -12,6 +12,7 @@ from the running guest is billed exactly the final counters of its tap's RTM_DEL
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -81,10 +82,13 @@ def wait_pass(path: Path, after: int, timeout_s: float = 60) -> dict[str, Any]:
     return passes(path)[after]
 
 
-def destroy_now(name: str) -> tuple[int, int, int, float]:
-    """(cpu.time ns, host tap rx, host tap tx, wall s) read just before `virsh destroy`."""
+def destroy_now(name: str, at_s: float | None = None) -> tuple[int, int, int, float]:
+    """(cpu.time ns, host tap rx, host tap tx, wall s) read just before `virsh destroy`
+    (`at_s`: the destroy's wall time, ~12 ms after virsh is started)."""
     cpu = int(lab_support.virsh_domstats_raw(name)["cpu.time"])
     rx, tx = lab_support.tap_stats(f"{lab_support.TAP_PREFIX}{SLOT}")
+    if at_s is not None:
+        time.sleep(max(0.0, at_s - 0.012 - time.time()))
     t = time.time()
     subprocess.run(["virsh", "-c", lab_support.URI, "destroy", name], check=True,
                    capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
@@ -213,6 +217,52 @@ def test_kill_9_between_a_lifecycle_read_and_the_next_pass_bills_nothing_twice(
     check_close_out(events_for(tmp_path / "events.jsonl", guest), cpu, rx, tx,
                     started, destroyed)
     assert unattributed_s(log) <= SAMPLE_S * 2 + 0.5
+
+
+
+def next_pass_start(log: Path) -> float:
+    """When the next pass will start (wall s), from the last three passes' starts."""
+    starts = [datetime.datetime.fromisoformat(p["ts"].replace("Z", "+00:00")).timestamp()
+              - p["duration_s"] for p in passes(log)[-3:]]
+    period = (starts[-1] - starts[0]) / (len(starts) - 1)
+    due = starts[-1] + period
+    while due < time.time() + 0.3:
+        due += period
+    return due
+
+
+def test_a_destroy_that_a_pass_meets_is_billed_to_its_final_counters(
+        tmp_path: Path, guest: str) -> None:
+    """A pass whose stats call comes just after a `virsh destroy` starts gets libvirt's answer
+    only once the destroy is done, with the VM still running and its cgroup already removed.
+    Each destroy here is timed to land just before a pass starts (1 s passes): before, 3 of
+    12 such destroys lost the CPU since the pass before (the stale reading was billed over the
+    counters read when the cgroup emptied); the CI failure of a 12 s pass lost 1.2 s."""
+    log = tmp_path / "daemon.log"
+    d = DaemonProc(config(tmp_path, 1.0), log)
+    ends = []
+    try:
+        first_pass(log)
+        for after_s in (0.02, 0.0, -0.02, -0.04):  # the destroy's start from the pass's
+            lab_support.start_guest(guest)
+            wait_pass(log, len(passes(log)))
+            time.sleep(2)
+            due = next_pass_start(log)
+            time.sleep(max(0.0, due + after_s - 0.25 - time.time()))
+            ends.append(destroy_now(guest, at_s=due + after_s))
+            time.sleep(3)
+    finally:
+        assert d.stop() == 0
+    show_tail_log(log)
+    met = sum(1 for d in log_lines(log) if str(d.get("msg", "")).startswith("VM process ended"))
+    print(f"passes that met a destroy and found the VM's cgroup removed: {met}")
+    by_incarnation: dict[str, list[dict[str, Any]]] = {}
+    for e in events_for(tmp_path / "events.jsonl", guest):
+        by_incarnation.setdefault(e["incarnation"], []).append(e)
+    lives = sorted(by_incarnation.values(), key=lambda evs: evs[0]["period_ns"]["start"])
+    assert len(lives) == len(ends)
+    for evs, (cpu, rx, tx, destroyed) in zip(lives, ends, strict=True):
+        check_close_out(evs, cpu, rx, tx, evs[0]["period_ns"]["start"] / 1e9, destroyed)
 
 
 class TapEnd:

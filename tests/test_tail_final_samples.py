@@ -2,15 +2,17 @@
 trees (libvirt replayed, the real cgroup files read).
 
 CI caught a close-out billed to a reading from before the destroy (3.8 s of a guest's 5.1 s of
-CPU, the pass 1.1 s after a `virsh destroy`): the watch's read at the VM's end was not in. Here
-the kernel's notification never comes at all and the cgroup stays (as on a machined host): the
-pass must get the final counters, through the thread that owns the stop watch, from the pass
-itself where no thread serves it, and not at all with light samples off. And a VM that ends
-before any light sample after the pass is billed its disk bytes since that pass.
+CPU, the pass 1.1 s after a `virsh destroy`). Here the kernel's notification never comes at
+all and the cgroup stays (as on a machined host): the pass must get the final counters, through
+the thread that owns the stop watch, from the pass itself where no thread serves it, and not at
+all with light samples off. A VM that ends before any light sample after the pass is billed its
+disk bytes since that pass. And the CI failure's cause: a pass that meets a destroy, where
+libvirt still lists the VM once its cgroup is gone (the last test).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from tests.replay import Host
 from tests.test_collector import editable_host, make_collector
 from tests.test_tail_pass import (
     _add_events_files,
+    _events_files,
     _noted_samples,
     drop_first_uuid,
     wait_real,
@@ -144,4 +147,50 @@ async def test_a_gone_domain_is_billed_its_disk_bytes_since_the_pass(tmp_path: P
     (u,) = [u for u in report.usages if u.uuid == gone]
     assert (u.disk_read_bytes, u.disk_write_bytes) == (t1[0] - t0[0], t1[1] - t0[1])
     assert t1[0] > t0[0] and t1[1] > t0[1]
+    store.close()
+
+
+async def test_a_pass_during_a_destroy_closes_the_vm_out_at_its_final_counters(
+        tmp_path: Path) -> None:
+    """The CI failure's cause: libvirt answers a stats call made during a `virsh destroy` once
+    the destroy is done, still with the VM running (its old id, no monitor figures), and by
+    then it has removed the VM cgroup. The pass billed that reading (no CPU) and dropped the
+    tail holding the counters read when the cgroup emptied; the close-out at the next pass
+    billed up to the pass before (lab, 1 s passes: 68–75 ms lost in 3 of 12 destroys timed
+    to meet a pass; CI, 12 s passes: 1.2 s). Now the removed cgroup says the process ended:
+    the pass closes the VM out at once from its tail, and a later stale answer is not billed."""
+    host = editable_host(tmp_path, "systemd-v2")
+    _add_events_files(host)
+    coll, store = make_collector(host, tmp_path, sample_interval_s=0.02,
+                                 watched_sample_interval_s=3600, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    tail.watch = StopWatch()  # the host's link notifications: every end counts as watched
+    taken = _noted_samples(tail)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        assert (await coll.run_pass()).committed
+        ends_t0 = _events_files(host, coll, "t0")
+        ends_t1 = _events_files(host, coll, "t1")
+        await wait_real(lambda: tail.watch is not None and tail._watched_all)
+        host.move_to_t1()
+        gone = next(iter(ends_t0))
+        ends_t1[gone].write_text("populated 0\nfrozen 0\n")
+        ends_t0[gone].write_text("populated 0\nfrozen 0\n")  # the watched inode
+        await wait_real(lambda: any(gone in got for got in taken))  # read as it emptied
+        final = next(got[gone] for got in taken if gone in got)
+        shutil.rmtree(host.vm_cgroup("t1", gone))  # removed; libvirt still lists the VM
+        host.clock.advance(5.0)
+        report = await coll.run_pass()
+        host.clock.advance(5.0)
+        later = await coll.run_pass()  # the destroy outlasts a pass: the same stale answer
+        nursery.cancel_scope.cancel()
+    assert report.committed, report.error
+    (u,) = [u for u in report.usages if u.uuid == gone]
+    assert u.period_end_ns == final.t_wall_ns
+    assert u.cpu_ns == final.cpu_ns - host.cgroup_cpu_ns("t0", gone) > 0
+    assert gone not in {s.uuid for s in report.samples}
+    assert tail.health()["closeouts"] == {"GONE": 1}
+    assert later.committed, later.error
+    assert gone not in {u.uuid for u in later.usages} | {s.uuid for s in later.samples}
+    assert not [k for k in coll.tails if k[0] == gone]
     store.close()

@@ -9,7 +9,9 @@ event gave. Tails are keyed by (uuid, domid): a domain destroyed and started aga
 passes has two, and both incarnations are billed.
 
 Polling stays the source of truth: `ended()` closes a tail only when the pass no longer lists
-the domain (nor failed to read it), or reads it with another domid. Nothing here is persisted:
+the domain (nor failed to read it), or reads it with another domid, or lists it with the VM
+cgroup it read before removed (`ended_while_listed`: libvirt's answer during a destroy lags the
+kernel's). Nothing here is persisted:
 a daemon crash loses the tails, which costs exactly what polling alone loses
 (docs/billing-tail.md).
 """
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 from hostagent.accounting.assemble import sample_of
 from hostagent.accounting.closeout import Closing, IoBytes, LightReading
 from hostagent.accounting.readings import DomainReading, HostReading
-from hostagent.model import Sample, nic_key
+from hostagent.accounting.sampling import incarnation_of, same_incarnation
+from hostagent.model import CPU_FROM_CGROUP, Baseline, Sample, nic_key
 
 Key = tuple[str, int]  # (uuid, domid)
 
@@ -123,6 +126,45 @@ def gone_keys(tails: Iterable[Key], host: HostReading) -> list[Key]:
         elif uuid not in host.listed and uuid not in unreadable:
             out.append((uuid, domid))
     return out
+
+
+def ended_while_listed(tails: Mapping[Key, Tail], baselines: Mapping[str, Baseline],
+                       host: HostReading) -> tuple[HostReading, tuple[str, ...]]:
+    """`host` without the readings of processes that ended while libvirt still listed them,
+    and those domains' uuids: `gone_keys` then closes them out, from their tails.
+
+    libvirt answers a stats call that comes in during a `virsh destroy` only once the destroy
+    is done, and still with the VM as running (its old id, without the monitor's figures); by
+    then it has removed the VM cgroup (lab: the call held ~1.4 s, the cgroup gone ~1.3 s into
+    the destroy). Billed as a reading, it had no CPU and replaced the tail that held the VM's
+    final counters (sampled when its cgroup emptied): the close-out at the next pass lost the
+    CPU since the pass before (CI: 1.2 s of a guest's 5.1 s). A cgroup that holds a process
+    cannot be removed, so its removal is the kernel's word that the process ended, and it wins
+    over libvirt's stale answer. Only for an incarnation whose CPU was read from that cgroup
+    before (its tail, or its baseline): a path that never had the file is a reading problem,
+    not an end. The baseline also keeps a later stale answer of the same process (a destroy
+    that outlasts a pass) from being billed after its close-out."""
+    gone = [r.info.uuid for r in host.domains
+            if r.cgroup is not None and r.cgroup.cpu_gone and _cgroup_read_before(
+                tails.get((r.info.uuid, r.info.domid)), baselines.get(r.instance_id), r)]
+    if not gone:
+        return host, ()
+    drop = set(gone)
+    return dataclasses.replace(
+        host, domains=tuple(r for r in host.domains if r.info.uuid not in drop),
+        listed={u: n for u, n in host.listed.items() if u not in drop}), tuple(gone)
+
+
+def _cgroup_read_before(tail: Tail | None, base: Baseline | None, r: DomainReading) -> bool:
+    """This incarnation's CPU was read from its VM cgroup before `r`."""
+    if tail is not None:
+        if tail.sample.cpu_source == CPU_FROM_CGROUP and tail.sample.cpu_ns is not None:
+            return True
+        if tail.latest is not None and tail.latest.cpu_ns is not None:
+            return True
+    return (base is not None and base.cpu_source == CPU_FROM_CGROUP and base.cpu_ns is not None
+            and same_incarnation(base.incarnation,
+                                 incarnation_of(r.info.domid, r.facts.start_ticks)))
 
 
 def ended(tails: Mapping[Key, Tail], host: HostReading) -> list[Closing]:

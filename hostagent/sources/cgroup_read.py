@@ -27,6 +27,8 @@ __all__ = ["READ_ERRORS", "CgroupReader", "KeptPressure", "ReadAsk", "sum_io_sta
 # cannot be read or parsed), and OS or value errors from paths no file helper saw.
 READ_ERRORS = (SourceError, OSError, ValueError)
 
+# Why a figure is missing when its file is gone (not unreadable): its cgroup was removed.
+_ABSENT = "absent: "
 # v1 reports "no limit" as PAGE_COUNTER_MAX pages (9223372036854771712 with 4 KiB pages).
 _V1_UNLIMITED_BYTES = 1 << 62
 _MEMORY_KEYS = ("cgroup:memory_current_bytes", "cgroup:memory_working_set_bytes",
@@ -187,7 +189,8 @@ class CgroupReader:
         return CgroupReading(
             cpu_ns=cpu_ns, memory_current_bytes=current, memory_working_set_bytes=working_set,
             memory_limit_bytes=limit, io_read_bytes=rd, io_write_bytes=wr, io_source=io_source,
-            pressure=psi, missing=missing,
+            pressure=psi, missing=missing, cpu_gone=cpu_ns is None and ask.cpu and missing.get(
+                "cgroup:cpu_ns", "").startswith(_ABSENT) and paths.cpu is not None,
         )
 
     @staticmethod
@@ -202,7 +205,7 @@ class CgroupReader:
                 missing: dict[str, str]) -> bytes | None:
         """`data`, or None with why in `missing[key]`: the file is gone or was unreadable."""
         if data is None:
-            missing[key] = f"absent: {host_path}"
+            missing[key] = f"{_ABSENT}{host_path}"
         elif isinstance(data, SourceError):
             missing[key] = f"unreadable: {data}"
             return None

@@ -6,8 +6,9 @@ import dataclasses
 
 from hostagent.accounting import tails
 from hostagent.accounting.closeout import IoBytes, LightReading
-from hostagent.accounting.readings import DomainReading, HostReading, ReadError
-from hostagent.model import DomainInfo, NicCounters
+from hostagent.accounting.readings import DomainReading, HostFacts, HostReading, ReadError
+from hostagent.model import CPU_FROM_CGROUP, CPU_FROM_LIBVIRT, Baseline, DomainInfo, NicCounters
+from hostagent.source_model import CgroupPaths, CgroupReading, ControllerDir
 
 NS = 10**9
 
@@ -125,3 +126,69 @@ def test_a_tail_keeps_the_anchors_sample_not_libvirts_stats_dict() -> None:
     (u,) = acc.usages
     assert (u.cpu_ns, u.disk_read_bytes, u.disk_write_bytes) == (7 * NS, 4096, 8192)
     assert u.storage_bytes == 1 << 30
+
+
+_VM_CPU = CgroupPaths(cpu=ControllerDir("/machine.slice/vm/libvirt", 2), memory=None, io=None,
+                      unified=None)
+
+
+def _cgroup(cpu_ns: int | None, *, gone: bool = False) -> CgroupReading:
+    return CgroupReading(cpu_ns=cpu_ns, memory_current_bytes=None,
+                         memory_working_set_bytes=None, memory_limit_bytes=None,
+                         io_read_bytes=None, io_write_bytes=None, io_source=None, pressure=None,
+                         cpu_gone=gone)
+
+
+def on_cgroup(uuid: str, domid: int, t_ns: int, cpu_ns: int | None, *, gone: bool = False,
+              paths: CgroupPaths | None = _VM_CPU) -> DomainReading:
+    """A reading whose CPU comes from its VM cgroup (`gone`: that cgroup was removed)."""
+    r = reading(uuid, domid, t_ns)
+    return dataclasses.replace(r, facts=HostFacts(pid=10 + domid, start_ticks=500 + domid,
+                                                  started_wall_ns=NS, cgroup=paths),
+                               cgroup=_cgroup(cpu_ns, gone=gone))
+
+
+def test_a_listed_vm_whose_cgroup_was_removed_after_a_read_of_it_has_ended() -> None:
+    """libvirt's answer during a destroy lists the VM as running, its cgroup already removed:
+    the incarnation ended (a populated cgroup cannot be removed) and the pass closes it out
+    from its tail, never billing the stale reading over the tail's final counters."""
+    read_before = tails.Tail.of(on_cgroup("a", 1, 100 * NS, 7 * NS))
+    assert read_before.sample.cpu_ns == 7 * NS
+    never_read = tails.Tail.of(on_cgroup("b", 2, 100 * NS, None))  # the path never had it
+    light_only = tails.with_light(tails.Tail.of(on_cgroup("c", 3, 100 * NS, None)),
+                                  LightReading("c", 3, 105 * NS, 8 * NS))
+    t = {("a", 1): read_before, ("b", 2): never_read, ("c", 3): light_only,
+         ("d", 4): tails.Tail.of(on_cgroup("d", 4, 100 * NS, 9 * NS))}
+    now = 130 * NS
+    host = HostReading(
+        t_wall_ns=now,
+        domains=(on_cgroup("a", 1, now, None, gone=True), on_cgroup("b", 2, now, None, gone=True),
+                 on_cgroup("c", 3, now, None, gone=True), on_cgroup("d", 4, now, 10 * NS)),
+        listed={"a": "a", "b": "b", "c": "c", "d": "d"})
+    kept, gone = tails.ended_while_listed(t, {}, host)
+    assert gone == ("a", "c")
+    assert [r.uuid for r in kept.domains] == ["b", "d"] and sorted(kept.listed) == ["b", "d"]
+    assert sorted(tails.gone_keys(t, kept)) == [("a", 1), ("c", 3)]
+    closing = tails.ended(t, kept)
+    assert [c.light.cpu_ns if c.light else None for c in closing] == [None, 8 * NS]
+    # nothing removed: the same reading object back
+    same = dataclasses.replace(host, domains=host.domains[3:])
+    assert tails.ended_while_listed(t, {}, same) == (same, ())
+
+
+def test_after_its_close_out_a_later_stale_answer_of_the_process_is_not_billed() -> None:
+    """A destroy that outlasts a pass: the next pass gets the same stale answer, with no tail
+    left; the baseline the close-out wrote (this incarnation, CPU from its cgroup) says it
+    ended. A baseline of another incarnation, or of libvirt's CPU, says nothing."""
+    stale = on_cgroup("a", 1, 140 * NS, None, gone=True)
+    host = HostReading(t_wall_ns=140 * NS, domains=(stale,), listed={"a": "a"})
+    closed = Baseline("a", "1:501", 130 * NS, 7 * NS, cpu_source=CPU_FROM_CGROUP)
+    assert tails.ended_while_listed({}, {"a": closed}, host)[1] == ("a",)
+    for other in (dataclasses.replace(closed, incarnation="9:509"),
+                  dataclasses.replace(closed, cpu_source=CPU_FROM_LIBVIRT),
+                  dataclasses.replace(closed, cpu_ns=None)):
+        assert tails.ended_while_listed({}, {"a": other}, host) == (host, ())
+    # a cgroup merely unreadable (not removed) is no end
+    unreadable = dataclasses.replace(stale, cgroup=_cgroup(None))
+    host2 = dataclasses.replace(host, domains=(unreadable,))
+    assert tails.ended_while_listed({}, {"a": closed}, host2) == (host2, ())
