@@ -15,7 +15,7 @@ from typing import Any
 from hostagent.model import CgroupVersion, IoSource, Pressure
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: made once per domain and pass
 class DomainStats:
     """One active domain's bulk stats (libvirt's flat `group.N.field` dict) and its handle."""
 

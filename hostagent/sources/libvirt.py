@@ -352,14 +352,15 @@ SHUTOFF = 5  # VIR_DOMAIN_SHUTOFF
 
 def _convert(raw: Sequence[tuple[Any, Mapping[str, Any]]]) -> list[DomainStats]:
     out = []
+    new = DomainStats  # positional, not frozen: once per domain and pass (~0.5 µs less each)
     for dom, stats in raw:
         domid = dom.ID()
         if domid < 0 or stats.get("state.state") == SHUTOFF:
             # Destroyed between libvirt's listing and its stats query: the old process's
             # counters arrive with id -1. Billing them as a new process would count them twice.
             continue
-        out.append(DomainStats(uuid=dom.UUIDString().lower(), name=dom.name(), domid=domid,
-                               stats=stats, handle=dom))
+        # DomainStats' field order: uuid, name, domid, stats, handle.
+        out.append(new(dom.UUIDString().lower(), dom.name(), domid, stats, dom))
     return out
 
 
