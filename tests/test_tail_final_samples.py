@@ -38,6 +38,18 @@ def _gone_usage(host: Host, report: Any, gone: str) -> int | None:
     return got[0].cpu_ns if got else None
 
 
+def _every_end_watched(tmp_path: Path) -> tuple[Host, Any, Any, TailTasks, list[dict[str, Any]]]:
+    """The systemd-v2 recording with `cgroup.events` files, a collector whose thread samples
+    every domain's end at once (its periodic samples an hour apart), and the samples it takes."""
+    host = editable_host(tmp_path, "systemd-v2")
+    _add_events_files(host)
+    coll, store = make_collector(host, tmp_path, sample_interval_s=0.02,
+                                 watched_sample_interval_s=3600, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    tail.watch = StopWatch()  # the host's link notifications: every end counts as watched
+    return host, coll, store, tail, _noted_samples(tail)
+
+
 async def _a_domain_goes_between_two_passes(host: Host, coll: Any, tail: TailTasks
                                             ) -> tuple[str, Any, Any]:
     """With `tail` running: a pass, the counters grow (the t1 tree), the first domain is gone,
@@ -57,13 +69,7 @@ async def _a_domain_goes_between_two_passes(host: Host, coll: Any, tail: TailTas
 
 async def test_the_watching_thread_samples_a_gone_domain_whose_end_it_did_not_hear(
         tmp_path: Path) -> None:
-    host = editable_host(tmp_path, "systemd-v2")
-    _add_events_files(host)
-    coll, store = make_collector(host, tmp_path, sample_interval_s=0.02,
-                                 watched_sample_interval_s=3600, lifecycle_events=False)
-    tail = TailTasks(coll, clock=host.clock)
-    tail.watch = StopWatch()  # the host's link notifications: every end counts as watched
-    taken = _noted_samples(tail)
+    host, coll, store, tail, taken = _every_end_watched(tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(tail.run)
         assert (await coll.run_pass()).committed
@@ -159,13 +165,7 @@ async def test_a_pass_during_a_destroy_closes_the_vm_out_at_its_final_counters(
     billed up to the pass before (lab, 1 s passes: 68–75 ms lost in 3 of 12 destroys timed
     to meet a pass; CI, 12 s passes: 1.2 s). Now the removed cgroup says the process ended:
     the pass closes the VM out at once from its tail, and a later stale answer is not billed."""
-    host = editable_host(tmp_path, "systemd-v2")
-    _add_events_files(host)
-    coll, store = make_collector(host, tmp_path, sample_interval_s=0.02,
-                                 watched_sample_interval_s=3600, lifecycle_events=False)
-    tail = TailTasks(coll, clock=host.clock)
-    tail.watch = StopWatch()  # the host's link notifications: every end counts as watched
-    taken = _noted_samples(tail)
+    host, coll, store, tail, taken = _every_end_watched(tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(tail.run)
         assert (await coll.run_pass()).committed
