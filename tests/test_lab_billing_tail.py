@@ -12,8 +12,8 @@ from the running guest is billed exactly the final counters of its tap's RTM_DEL
 
 from __future__ import annotations
 
-import datetime
 import json
+import math
 import os
 import random
 import signal
@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 from pyroute2 import IPRoute
 
@@ -83,12 +84,21 @@ def wait_pass(path: Path, after: int, timeout_s: float = 60) -> dict[str, Any]:
 
 
 def destroy_now(name: str, at_s: float | None = None) -> tuple[int, int, int, float]:
-    """(cpu.time ns, host tap rx, host tap tx, wall s) read just before `virsh destroy`
-    (`at_s`: the destroy's wall time, ~12 ms after virsh is started)."""
+    """(cpu.time ns, host tap rx, host tap tx, wall s) read just before `virsh destroy`; with
+    `at_s`, the destroy is asked through libvirt's API at that wall time instead (virsh's own
+    start takes 10–50 ms, too uneven to time a destroy against a pass)."""
     cpu = int(lab_support.virsh_domstats_raw(name)["cpu.time"])
     rx, tx = lab_support.tap_stats(f"{lab_support.TAP_PREFIX}{SLOT}")
     if at_s is not None:
-        time.sleep(max(0.0, at_s - 0.012 - time.time()))
+        conn = libvirt.open(lab_support.URI)
+        try:
+            dom = conn.lookupByName(name)
+            time.sleep(max(0.0, at_s - time.time()))
+            t = time.time()
+            dom.destroy()
+        finally:
+            conn.close()
+        return cpu, rx, tx, t
     t = time.time()
     subprocess.run(["virsh", "-c", lab_support.URI, "destroy", name], check=True,
                    capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
@@ -220,34 +230,29 @@ def test_kill_9_between_a_lifecycle_read_and_the_next_pass_bills_nothing_twice(
 
 
 
-def next_pass_start(log: Path) -> float:
-    """When the next pass will start (wall s), from the last three passes' starts."""
-    starts = [datetime.datetime.fromisoformat(p["ts"].replace("Z", "+00:00")).timestamp()
-              - p["duration_s"] for p in passes(log)[-3:]]
-    period = (starts[-1] - starts[0]) / (len(starts) - 1)
-    due = starts[-1] + period
-    while due < time.time() + 0.3:
-        due += period
-    return due
-
-
 def test_a_destroy_that_a_pass_meets_is_billed_to_its_final_counters(
         tmp_path: Path, guest: str) -> None:
-    """A pass whose stats call comes just after a `virsh destroy` starts gets libvirt's answer
-    only once the destroy is done, with the VM still running and its cgroup already removed.
-    Each destroy here is timed to land just before a pass starts (1 s passes): before, 3 of
-    12 such destroys lost the CPU since the pass before (the stale reading was billed over the
-    counters read when the cgroup emptied); the CI failure of a 12 s pass lost 1.2 s."""
+    """A pass whose stats call reaches libvirt just before a destroy does gets its answer only
+    once the destroy is done, with the VM still running and its cgroup already removed (a /tmp
+    probe: calls started 5–20 ms before the API's destroy; from its start on, the VM came back
+    shut off). Passes start on whole seconds here (`align`) and each destroy is asked 4–13 ms
+    after one starts: before, such destroys lost the CPU since the pass before (the stale
+    reading was billed over the counters read when the cgroup emptied); the CI failure of a
+    12 s pass lost 1.2 s."""
     log = tmp_path / "daemon.log"
-    d = DaemonProc(config(tmp_path, 1.0), log)
+    cfg = config(tmp_path, 1.0)
+    cfg.write_text(cfg.read_text().replace("align = false\n", "align = true\n"))
+    d = DaemonProc(cfg, log)
     ends = []
     try:
         first_pass(log)
-        for after_s in (0.02, 0.0, -0.02, -0.04):  # the destroy's start from the pass's
+        for after_s in (0.004, 0.007, 0.010, 0.013):  # the destroy this long after a pass starts
             lab_support.start_guest(guest)
             wait_pass(log, len(passes(log)))
             time.sleep(2)
-            due = next_pass_start(log)
+            due = math.floor(time.time()) + 1.0
+            if due - time.time() < 0.3:
+                due += 1.0
             time.sleep(max(0.0, due + after_s - 0.25 - time.time()))
             ends.append(destroy_now(guest, at_s=due + after_s))
             time.sleep(3)
