@@ -158,9 +158,9 @@ async def test_a_gone_domain_is_billed_its_disk_bytes_since_the_pass(tmp_path: P
 
 async def test_a_pass_during_a_destroy_closes_the_vm_out_at_its_final_counters(
         tmp_path: Path) -> None:
-    """The CI failure's cause: libvirt answers a stats call made during a `virsh destroy` once
-    the destroy is done, still with the VM running (its old id, no monitor figures), and by
-    then it has removed the VM cgroup. The pass billed that reading (no CPU) and dropped the
+    """The CI failure's cause: libvirt answers a stats call made just before a `virsh destroy`
+    once the destroy is done, still with the VM running (its old id), and by then it has
+    removed the VM cgroup. The pass billed that reading (no CPU) and dropped the
     tail holding the counters read when the cgroup emptied; the close-out at the next pass
     billed up to the pass before (lab, 1 s passes: 68–75 ms lost in 3 of 12 destroys timed
     to meet a pass; CI, 12 s passes: 1.2 s). Now the removed cgroup says the process ended:

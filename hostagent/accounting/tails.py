@@ -133,12 +133,13 @@ def ended_while_listed(tails: Mapping[Key, Tail], baselines: Mapping[str, Baseli
     """`host` without the readings of processes that ended while libvirt still listed them,
     and those domains' uuids: `gone_keys` then closes them out, from their tails.
 
-    libvirt answers a stats call that comes in during a `virsh destroy` only once the destroy
-    is done, and still with the VM as running (its old id, without the monitor's figures); by
-    then it has removed the VM cgroup (lab: the call held ~1.4 s, the cgroup gone ~1.3 s into
-    the destroy). Billed as a reading, it had no CPU and replaced the tail that held the VM's
-    final counters (sampled when its cgroup emptied): the close-out at the next pass lost the
-    CPU since the pass before (CI: 1.2 s of a guest's 5.1 s). A cgroup that holds a process
+    libvirt answers a stats call that reaches it just before a `virsh destroy` does only once
+    the destroy is done, and still with the VM as running (its old id, its figures from
+    before); by then it has removed the VM cgroup (lab: calls started 5–20 ms before the
+    destroy held 1.6–2.2 s, the cgroup gone ~1.3 s into the destroy). Billed as a reading,
+    it had no CPU and replaced the tail that held the VM's final counters (sampled when its
+    cgroup emptied): the close-out at the next pass lost the CPU since the pass before (CI:
+    1.2 s of a guest's 5.1 s). A cgroup that holds a process
     cannot be removed, so its removal is the kernel's word that the process ended, and it wins
     over libvirt's stale answer. Only for an incarnation whose CPU was read from that cgroup
     before (its tail, or its baseline): a path that never had the file is a reading problem,
