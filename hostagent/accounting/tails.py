@@ -139,12 +139,12 @@ def ended_while_listed(tails: Mapping[Key, Tail], baselines: Mapping[str, Baseli
     destroy held 1.6–2.2 s, the cgroup gone ~1.3 s into the destroy). Billed as a reading,
     it had no CPU and replaced the tail that held the VM's final counters (sampled when its
     cgroup emptied): the close-out at the next pass lost the CPU since the pass before (CI:
-    1.2 s of a guest's 5.1 s). A cgroup that holds a process
-    cannot be removed, so its removal is the kernel's word that the process ended, and it wins
-    over libvirt's stale answer. Only for an incarnation whose CPU was read from that cgroup
-    before (its tail, or its baseline): a path that never had the file is a reading problem,
-    not an end. The baseline also keeps a later stale answer of the same process (a destroy
-    that outlasts a pass) from being billed after its close-out."""
+    1.2 s of a guest's 5.1 s). A cgroup that holds a process cannot be removed, so its
+    removal is the kernel's word that the process ended, and it wins over libvirt's stale
+    answer. Only for an incarnation whose CPU was read from that cgroup before (its tail, or
+    its baseline): a path that never had the file is a reading problem, not an end. The
+    baseline also keeps a later stale answer of the same process (a destroy that outlasts a
+    pass) from being billed after its close-out."""
     gone = [r.info.uuid for r in host.domains
             if r.cgroup is not None and r.cgroup.cpu_gone and _cgroup_read_before(
                 tails.get((r.info.uuid, r.info.domid)), baselines.get(r.instance_id), r)]
