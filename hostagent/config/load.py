@@ -94,7 +94,7 @@ def load(path: str | Path) -> Config:
                           "pass the path of a regular, readable file") from err
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(str(p), "-", f"a file of at most {MAX_CONFIG_BYTES} bytes",
-                          "a larger file")
+                          "a larger file", "pass the path of the TOML config file")
     if data.startswith(UTF8_BOM):
         raise ConfigError(str(p), "-", "UTF-8 text without a byte order mark",
                           "a file starting with a UTF-8 BOM (EF BB BF)",
@@ -103,9 +103,15 @@ def load(path: str | Path) -> Config:
     try:
         raw = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise ConfigError(str(p), "-", "UTF-8 text", "undecodable bytes") from err
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(str(p), "-", "UTF-8 text",
+                          f"undecodable bytes at line {line} (byte {err.start})",
+                          "save the file as UTF-8 (not Latin-1 or UTF-16)") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(str(p), "-", "valid TOML", str(err), "fix the syntax") from err
+    except ValueError as err:  # an integer past Python's 4,300 digits: not a TOMLDecodeError
+        raise ConfigError(str(p), "-", "numbers of at most a few thousand digits", "a longer one",
+                          "shorten it: every number key's range is far smaller") from err
     except RecursionError as err:  # tomllib recurses once per nesting level
         raise ConfigError(str(p), "-", "TOML nested at most a few hundred levels deep",
                           "deeper nesting", "flatten the arrays or tables") from err
@@ -116,6 +122,9 @@ def from_mapping(raw: Mapping[str, Any], source: str = "<inline>") -> Config:
     """Validate an already-parsed TOML document."""
     top = {k: v for k, v in raw.items() if k != "sinks"}
     cfg: Config = build_table(Config, top, source, "", skip={"sinks", "source"})
+    if not cfg.libvirt.uri.strip():  # libvirt would pick its own default (qemu:///system)
+        raise ConfigError(source, "libvirt.uri", "a libvirt connection URI", cfg.libvirt.uri,
+                          'e.g. uri = "qemu:///system", or remove the key for that default')
     sinks_raw = raw.get("sinks")
     sinks: tuple[SinkConfig, ...] = cfg.sinks
     if sinks_raw is not None:

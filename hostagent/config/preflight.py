@@ -122,6 +122,10 @@ def check_writable_path(source: str, key: str, path: str) -> None:
     if not path or p.name in ("", ".", "..") or path.endswith("/"):
         raise ConfigError(source, key, "a file path", path,
                           "name a file, not a directory (no trailing /)")
+    if not p.is_absolute():  # it would be checked here and written elsewhere (the daemon: /)
+        raise ConfigError(source, key, "an absolute path", path,
+                          "start it with /: the daemon does not run in the directory where the "
+                          "config was checked")
     try:
         st = _stat(p)
         if st is not None and not stat.S_ISREG(st.st_mode):

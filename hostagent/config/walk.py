@@ -23,7 +23,8 @@ from hostagent.errors import ConfigError
 def build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
     """Validate the [[sinks]] array: each table by its `type`, names unique."""
     if not isinstance(raw, list):
-        raise ConfigError(source, "sinks", "an array of tables ([[sinks]])", raw)
+        raise ConfigError(source, "sinks", "an array of tables ([[sinks]])", raw,
+                          "write each sink as a [[sinks]] table with its type")
     if not raw:  # events would be billed to nowhere
         raise ConfigError(source, "sinks", "at least one [[sinks]] table", raw,
                           "add a [[sinks]] table, or remove `sinks = []` for the default JSONL "
@@ -33,7 +34,8 @@ def build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
     for i, item in enumerate(raw):
         key = f"sinks[{i}]"
         if not isinstance(item, dict):
-            raise ConfigError(source, key, "a table", item)
+            raise ConfigError(source, key, "a table", item,
+                              "write each sink as a [[sinks]] table with its type")
         kind = item.get("type")
         if not isinstance(kind, str) or kind not in SINK_TYPES:
             raise ConfigError(source, f"{key}.type", f"one of {sorted(SINK_TYPES)}", kind,
@@ -58,7 +60,8 @@ def build_table(cls: type[Any], raw: Any, source: str, prefix: str,
     """An instance of dataclass `cls` from table `raw` (at dotted key `prefix`), validated."""
     where = prefix or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(source, where, "a table", raw)
+        raise ConfigError(source, where, "a table", raw,
+                          "make it a table: a [section] of key = value lines, or { key = value }")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
     unknown = sorted(set(raw) - set(fields))

@@ -1,0 +1,97 @@
+"""Config inputs found by an adversarial sweep of the loader: each was a traceback, a line
+without a fix, or a config `check-config` passed although `run` would do something else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hostagent.config import preflight
+from hostagent.config.load import from_mapping, load
+from hostagent.errors import ConfigError
+
+
+def write(tmp: Path, text: str | bytes, name: str = "hostagent.toml") -> Path:
+    path = tmp / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def test_an_integer_of_thousands_of_digits_is_a_config_error(tmp_path: Path) -> None:
+    # tomllib raises int()'s ValueError (4,300-digit limit) as it is, not TOMLDecodeError.
+    path = write(tmp_path, "[collector]\ninterval_s = " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.file == str(path) and info.value.fix
+    assert "sys.set_int_max_str_digits" not in str(info.value)
+
+
+@pytest.mark.parametrize(("data", "line", "byte"), [
+    ("[host]\nnode_id = \"caf\xe9\"\n".encode("latin-1"), 2, 21),
+    ("[host]\n".encode("utf-16"), 1, 0),
+])
+def test_undecodable_bytes_say_where_and_how_to_fix(tmp_path: Path, data: bytes, line: int,
+                                                    byte: int) -> None:
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert f"at line {line} (byte {byte})" in str(info.value)
+    assert info.value.fix and "UTF-8" in info.value.fix
+
+
+@pytest.mark.parametrize("uri", ["", "  "])
+def test_an_empty_libvirt_uri_is_refused(uri: str) -> None:
+    # libvirt takes "" as "pick a default" and connects to qemu:///system (or whatever
+    # LIBVIRT_DEFAULT_URI says): a templated config with an empty variable must not do that.
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"libvirt": {"uri": uri}}, "/etc/hostagent/hostagent.toml")
+    assert info.value.key == "libvirt.uri" and info.value.fix
+    assert str(info.value).startswith("/etc/hostagent/hostagent.toml: [libvirt.uri]")
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("host = 5\n", "host"),
+    ("[[host]]\n", "host"),
+    ("sinks = 'x'\n", "sinks"),
+    ("[sinks]\ntype = 'jsonl'\n", "sinks"),
+    ("sinks = [1]\n", "sinks[0]"),
+    ("[[sinks]]\ntype = 'jsonl'\nretry = 5\n", "sinks[0].retry"),
+])
+def test_a_value_where_a_table_goes_names_a_fix(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text))
+    assert info.value.key == key and info.value.fix
+
+
+def test_a_config_file_past_the_size_limit_names_a_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, "#" * (2 << 20)))
+    assert info.value.fix
+
+
+@pytest.mark.parametrize(("sink", "key"), [
+    ({"type": "jsonl", "path": "events.jsonl"}, "sinks[0].path"),
+    ({"type": "jsonl", "path": "out/events.jsonl"}, "sinks[0].path"),
+    ({"type": "email", "host": "127.0.0.1", "tls": "none", "journal_path": "mail.db"},
+     "sinks[0].journal_path"),
+])
+def test_a_relative_sink_file_is_refused(tmp_path: Path, sink: dict[str, str],
+                                         key: str) -> None:
+    # check-config would look for it under its own working directory, the daemon writes it
+    # under its own (/ under systemd): the same rule as collector.state_path.
+    cfg = from_mapping({"collector": {"state_path": f"{tmp_path}/state.db"}, "sinks": [sink]},
+                       str(tmp_path / "hostagent.toml"))
+    with pytest.raises(ConfigError) as info:
+        preflight.check(cfg)
+    assert info.value.key == key and "absolute" in info.value.expected
+
+
+def test_a_relative_api_rules_path_is_refused(tmp_path: Path) -> None:
+    cfg = from_mapping({"collector": {"state_path": f"{tmp_path}/state.db"},
+                        "thresholds": {"api_rules_path": "api-rules.json"},
+                        "sinks": [{"type": "jsonl", "path": f"{tmp_path}/e.jsonl"}]},
+                       str(tmp_path / "hostagent.toml"))
+    with pytest.raises(ConfigError) as info:
+        preflight.check(cfg)
+    assert info.value.key == "thresholds.api_rules_path"
