@@ -14,7 +14,6 @@ load cannot slow a pass.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import math
@@ -31,6 +30,7 @@ from hostagent import heap
 from hostagent.accounting.readings import PassReport
 from hostagent.alerts import central, rules_source
 from hostagent.alerts.rules_source import RulesSource
+from hostagent.api.lifetime import serve_in_daemon
 from hostagent.api.pass_gate import PassGate
 from hostagent.clock import Clock, SystemClock
 from hostagent.collector import Collector
@@ -40,7 +40,6 @@ from hostagent.config.sinks import WebhookSinkConfig
 from hostagent.daemon_signals import SignalsAndReload
 from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.base import Sink, build_sink, config_routes, dispatchers
-from hostagent.errors import ConfigError
 from hostagent.notify import Notifier
 from hostagent.owners.resolver import Owners, make_client
 from hostagent.sources.gpu import GpuSource
@@ -56,16 +55,6 @@ from hostagent.threads import thread_limiter
 log = logging.getLogger(__name__)
 # Longest a pass waits for API requests in flight, once it has read the host, before it accounts.
 PASS_DRAIN_MAX_S = 1.0
-BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
-
-
-def _bind_error(err: BaseException) -> OSError | None:
-    """The address-in-use (or not available, or not permitted) error in `err`, if any."""
-    if isinstance(err, BaseExceptionGroup):
-        return next((c for e in err.exceptions if (c := _bind_error(e)) is not None), None)
-    if isinstance(err, OSError) and err.errno in BIND_ERRNOS:
-        return err
-    return None
 
 
 def _none_held() -> list[int]:
@@ -127,6 +116,7 @@ class Daemon(SignalsAndReload):
     api_stop: trio.Event = field(default_factory=trio.Event)
     api_done: trio.Event = field(default_factory=trio.Event)
     api_urls: list[str] = field(default_factory=list)
+    api_listens: int = 0  # times the API server listened (restarts: api/lifetime.py)
     tail: TailTasks | None = None  # lifecycle events and light samples (the billing tail)
     # The signals that arrived before the daemon's receiver was open (`hostagent run` holds them).
     held_signals: Callable[[], list[int]] = _none_held
@@ -271,16 +261,14 @@ class Daemon(SignalsAndReload):
                    ) -> None:
         from hostagent.api.server import serve_api
 
-        api = self.cfg.api
-        try:
-            await serve_api(api, self.api_app, self.api_stop, task_status=task_status)
-        except (OSError, BaseExceptionGroup) as err:  # hypercorn's nursery wraps bind errors
-            cause = _bind_error(err)
-            if cause is None:
-                raise
-            raise ConfigError(self.cfg.source, "api.port", "an address and port to listen on",
-                              f"{api.bind}:{api.port}: {cause.strerror or cause}",
-                              "stop what listens there, or change api.bind/api.port") from err
+        def on_urls(urls: list[str]) -> None:
+            self.api_urls = urls
+            self.api_listens += 1
+
+        try:  # restarted after a failure once it listens: never the end of the passes
+            await serve_in_daemon(
+                serve_api, self.cfg.api, self.api_app, self.api_stop, source=self.cfg.source,
+                on_urls=on_urls, task_status=task_status)
         finally:
             self.api_done.set()
 

@@ -24,6 +24,8 @@ from hostagent.api.pass_gate import PassGate
 from hostagent.api.seams import RuleStore, WebhookRegistry
 from hostagent.api.view import ApiView
 from hostagent.api.wire_errors import install as install_wire_errors
+from hostagent.api.wire_guards import ALPN
+from hostagent.api.wire_guards import install as install_wire_guards
 from hostagent.clock import Clock
 from hostagent.config.schema import ApiConfig
 from hostagent.errors import ConfigError
@@ -64,6 +66,7 @@ def hypercorn_config(cfg: ApiConfig) -> HyperConfig:
     hc.bind = [f"{host}:{cfg.port}"]
     if cfg.tls_cert_file:
         hc.certfile, hc.keyfile = cfg.tls_cert_file, cfg.tls_key_file
+    hc.alpn_protocols = list(ALPN)  # no HTTP/2: it could stop the server (api/wire_guards.py)
     hc.graceful_timeout = cfg.shutdown_grace_s
     hc.include_server_header = False
     hc.accesslog = None
@@ -102,6 +105,9 @@ async def serve_api(
     # Requests h11 refuses never reach the app; this gives hypercorn's own answers to them a
     # problem+json body (once per process; a warning, not a failed start, if it cannot).
     install_wire_errors()
+    # Keeps requests that made hypercorn raise out of a connection, which ended the server
+    # and the daemon with it, from the code that raised (once per process; a warning if not).
+    install_wire_guards()
     log.info("api starting", extra={"bind": hc.bind, "tls": bool(cfg.tls_cert_file)})
     await hyper_serve(app, hc, shutdown_trigger=stop.wait,  # type: ignore[arg-type]
                       task_status=task_status)
