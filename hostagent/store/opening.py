@@ -43,11 +43,14 @@ from pathlib import Path
 
 from hostagent.clock import Clock
 from hostagent.errors import StateCorrupt, StateError
-from hostagent.store import guard, schema, sqlite_tx
+from hostagent.store import guard, schema, sqlite_tx, webhooks
 from hostagent.store.guard import FOREIGN_WAY_OUT, WAY_OUT
 from hostagent.store.schema import APP, OUTBOX_DDL, SCHEMA_VERSION, UPGRADABLE
 
 log = logging.getLogger(__name__)
+
+JOURNAL_SUFFIX = "-journal"
+SQLITE_READONLY = 8
 
 _QUOTE = reprlib.Repr()
 _QUOTE.maxstring, _QUOTE.maxother = 40, 40
@@ -133,9 +136,46 @@ def _refuse_sqlite(path: Path, err: sqlite3.Error) -> StateError:
     code = getattr(err, "sqlite_errorcode", 0) & 0xFF
     if code in (sqlite_tx.SQLITE_CORRUPT, sqlite_tx.SQLITE_NOTADB):
         return StateCorrupt(f"{path}: not a usable hostagent state store ({err}); {WAY_OUT}")
+    if code == SQLITE_READONLY and _journal_left(path):
+        return StateError(f"{path}: cannot read the state store: a rollback journal is left "
+                          f"beside it ({path.name}{JOURNAL_SUFFIX}: a transaction another "
+                          "program left unfinished), which must be rolled back first and a "
+                          "read-only look cannot; the daemon's next start rolls it back")
     hint = ("; run it as the service user (runuser -u hostagent --) or root"
             if code in sqlite_tx.SQLITE_ACCESS else "")
     return StateError(f"{path}: cannot read the state store: {err}{hint}")
+
+
+def _journal_left(path: Path) -> bool:
+    """A non-empty rollback journal beside the store (SQLite reads it as hot)."""
+    try:
+        return os.stat(f"{path}{JOURNAL_SUFFIX}").st_size > 0
+    except OSError:
+        return False
+
+
+def _roll_back_journal(path: Path) -> None:
+    """Have SQLite roll back a rollback journal left beside the store, before the read-only
+    checks, which cannot: SQLite refuses to read past a hot journal it may not roll back, so
+    every start failed ("attempt to write a readonly database") and `store reset` could not
+    inspect the store either. Hostagent's store is in WAL mode and never writes such a journal;
+    another program that switched the file to rollback-journal mode and stopped mid-transaction
+    does. Rolling it back is SQLite's own crash recovery, which any writer of the file does
+    before its first read: the file gets its last committed state back. A journal SQLite does
+    not find hot (a damaged header) is removed the same way, the file left as it was. The
+    checks then judge the result as always."""
+    if not _journal_left(path):
+        return
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=sqlite_tx.BUSY_TIMEOUT_S)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as err:
+        raise _refuse_sqlite(path, err) from err
+    log.warning("a rollback journal beside the state store was rolled back", extra={
+        "path": f"{path}{JOURNAL_SUFFIX}", "left": _journal_left(path)})
 
 
 def check(c: sqlite3.Connection, path: Path, *, integrity: bool = True) -> StoredMeta:
@@ -154,6 +194,7 @@ def check(c: sqlite3.Connection, path: Path, *, integrity: bool = True) -> Store
         meta: dict[object, object] = dict(c.execute("SELECT key, value FROM meta").fetchall())
         found = _meta(path, meta)
         _check_layout(c, path, found.schema_version, tables)
+        webhooks.check_tables(c, path, tables)
         if integrity:
             result = c.execute("PRAGMA quick_check").fetchone()[0]
             if result != "ok":
@@ -240,6 +281,8 @@ def open_file(path: Path, *, clock: Clock, node_id: str, create: bool, read_only
         _create(path, clock.now().wall_ns, node_id)
         return open_file(path, clock=clock, node_id=node_id, create=create, read_only=False,
                          upgrade=upgrade, on_upgrade=on_upgrade)
+    if not read_only:
+        _roll_back_journal(path)
     ro = sqlite_tx.connect_read_only(path, may_create_index=not read_only)
     try:
         found = check(ro, path)
@@ -273,10 +316,13 @@ def open_file(path: Path, *, clock: Clock, node_id: str, create: bool, read_only
 def _create(path: Path, now_ns: int, node_id: str) -> None:
     """A new store at `path`, whole or not at all: created, committed and closed as
     ``<name>.new`` (its log checkpointed into it), then hard-linked into place (never over a
-    store that appeared meanwhile: StateError) and the temporary name removed."""
-    tmp = path.with_name(path.name + NEW_SUFFIX)
+    store that appeared meanwhile: StateError) and the temporary name removed. A dangling
+    symbolic link at `path` (no store yet where it points) gets the store where it points:
+    linking over the link itself failed as "appeared meanwhile" at every start."""
+    target = Path(os.path.realpath(path))
+    tmp = target.with_name(target.name + NEW_SUFFIX)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         _remove_new(tmp)  # a creation cut short: never a store
         conn = sqlite_tx.connect(tmp)
     except (OSError, sqlite3.Error) as err:
@@ -294,7 +340,7 @@ def _create(path: Path, now_ns: int, node_id: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.link(tmp, path)
+        os.link(tmp, target)
     except FileExistsError as err:
         raise StateError(f"{path}: a state store appeared while this one was being created; "
                          "try again") from err
@@ -302,7 +348,7 @@ def _create(path: Path, now_ns: int, node_id: str) -> None:
         raise StateError(f"{path}: cannot create the state store: {err}") from err
     finally:
         _remove_new(tmp)
-    guard.sync_directory(path.parent)
+    guard.sync_directory(target.parent)
 
 
 def _remove_new(tmp: Path) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import secrets
 import sqlite3
@@ -38,9 +39,10 @@ from typing import Any
 import orjson
 
 from hostagent.clock import Clock
-from hostagent.errors import ConfigError, StateError
+from hostagent.errors import ConfigError, StateCorrupt, StateError
 from hostagent.model import OutEvent
 from hostagent.store import sqlite_tx
+from hostagent.store.guard import WAY_OUT
 
 EVENT_TYPES = {"metrics": "resource_usage", "threshold_violation": "threshold_violation"}
 KIND_TO_TYPE = {v: k for k, v in EVENT_TYPES.items()}
@@ -85,6 +87,63 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries(
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due
   ON webhook_deliveries(webhook_id, status, seq_ns, next_attempt_ns);
 """
+
+
+@functools.cache
+def _columns() -> dict[str, frozenset[str]]:
+    """The webhook tables and their columns, read from _SCHEMA itself (as schema.layout)."""
+    c = sqlite3.connect(":memory:")
+    try:
+        c.executescript(_SCHEMA)
+        return {t: frozenset(r[1] for r in c.execute("SELECT * FROM pragma_table_info(?)", (t,)))
+                for t in ("webhooks", "webhook_deliveries")}
+    finally:
+        c.close()
+
+
+def check_tables(c: sqlite3.Connection, path: Path, tables: set[str]) -> None:
+    """StateCorrupt when the webhook tables are there but damaged: one of them or a column
+    missing (`CREATE TABLE IF NOT EXISTS` silently re-created a dropped table empty, losing
+    what endpoints were owed), or a registration whose event types do not parse. Neither
+    table there is fine: no webhook sink was configured yet. Reads only."""
+    want = _columns()
+    if not tables & want.keys():
+        return
+    missing = [t for t in want if t not in tables]
+    for table, columns in want.items():
+        if table in tables:
+            have = {r[1] for r in c.execute("SELECT * FROM pragma_table_info(?)", (table,))}
+            missing += [f"{table}.{col}" for col in sorted(columns - have)]
+    if missing:
+        raise StateCorrupt(f"{path}: the webhook tables lack {', '.join(missing[:6])}: the "
+                           f"store is damaged; {WAY_OUT}")
+    for wid, raw in c.execute("SELECT id, event_types FROM webhooks"):
+        _event_types(path, wid, raw)
+
+
+def _event_types(path: Path, wid: object, raw: object) -> tuple[str, ...]:
+    """A registration's stored event types (a JSON list of names); StateCorrupt if not."""
+    try:
+        types = orjson.loads(raw) if isinstance(raw, (str, bytes)) else None
+    except orjson.JSONDecodeError:
+        types = None
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise StateCorrupt(f"{path}: webhook registration {str(wid)[:40]!r} has event types "
+                           f"{str(raw)[:40]!r}, not a list of names: the store is damaged; "
+                           f"{WAY_OUT}")
+    return tuple(types)
+
+
+def _registration(path: Path, r: Sequence[Any]) -> Registration:
+    return Registration(r[0], r[1], _event_types(path, r[0], r[2]), r[3], r[4])
+
+
+def _delivery(path: Path, r: Sequence[Any]) -> Delivery:
+    if not isinstance(r[3], bytes) or not isinstance(r[4], int):
+        raise StateCorrupt(f"{path}: webhook delivery {str(r[1])[:40]!r} for {str(r[0])[:40]!r} "
+                           f"holds a body of type {type(r[3]).__name__} and attempts "
+                           f"{str(r[4])[:20]!r}: the store is damaged; {WAY_OUT}")
+    return Delivery(r[0], r[1], r[2], r[3], r[4])
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +206,11 @@ class WebhookStore:
                 self._conn.close()
                 raise StateError(f"{self.path}: no hostagent state store here; open the outbox "
                                  "Store first (it creates the file)")
+            try:
+                check_tables(self._conn, self.path, tables)
+            except StateCorrupt:
+                self._conn.close()
+                raise
             self._conn.execute("PRAGMA synchronous=FULL")
             with self._tx("create webhook tables") as c:
                 for stmt in _SCHEMA.split(";"):
@@ -199,8 +263,7 @@ class WebhookStore:
         with self._lock:
             rows = self._conn.execute("SELECT id, url, event_types, secret, created_ns FROM "
                                       "webhooks WHERE active = 1 ORDER BY created_ns, id")
-            return [Registration(r[0], r[1], tuple(orjson.loads(r[2])), r[3], r[4])
-                    for r in rows]
+            return [_registration(self.path, r) for r in rows]
 
     # --- fan-out and delivery -----------------------------------------------------------
 
@@ -211,9 +274,8 @@ class WebhookStore:
         body = body_of(event, payload)
         etype = KIND_TO_TYPE.get(event.kind, event.kind)
         with self._tx("fan out event") as c:
-            regs = [Registration(r[0], r[1], tuple(orjson.loads(r[2])), r[3], r[4])
-                    for r in c.execute("SELECT id, url, event_types, secret, created_ns FROM "
-                                       "webhooks WHERE active = 1")]
+            regs = [_registration(self.path, r) for r in c.execute(
+                "SELECT id, url, event_types, secret, created_ns FROM webhooks WHERE active = 1")]
             rows = [(r.id, event.event_id, etype, body, now, event.period_end_ns) for r in regs
                     if wants(r, event, payload)]
             c.executemany("INSERT OR IGNORE INTO webhook_deliveries(webhook_id, event_id, "
@@ -229,7 +291,7 @@ class WebhookStore:
                 "WHERE webhook_id = ? AND status = 'pending' AND next_attempt_ns <= ? "
                 "ORDER BY seq_ns, created_ns, event_id LIMIT ?",
                 (webhook_id, now_ns, limit)).fetchall()
-        return [Delivery(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
+        return [_delivery(self.path, r) for r in rows]
 
     def next_due_ns(self, webhook_id: str) -> int | None:
         """When the earliest pending delivery of an endpoint is due (None: nothing pending)."""

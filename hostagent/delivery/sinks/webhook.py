@@ -261,17 +261,25 @@ class WebhookDispatcher:
             await drain.run()
 
     async def deliver_batch(self, ep: _Endpoint, batch: Sequence[Delivery]) -> None:
-        """POST a batch of one endpoint's rows, `endpoint_concurrency` at a time."""
+        """POST a batch of one endpoint's rows, `endpoint_concurrency` at a time. StateError
+        when an outcome could not be recorded: the drain then pauses, since the row is still
+        due and taking it again at once POSTed it again in a tight loop (a full disk, a
+        damaged table: thousands of requests and error lines a second)."""
         limiter = trio.CapacityLimiter(self.cfg.endpoint_concurrency)
+        unrecorded: list[StateError] = []
         if self.cfg.endpoint_concurrency == 1:
             # one at a time, oldest first: trio may start a nursery's tasks in any
             # order, so only a plain loop keeps the promised per-endpoint order
             for d in batch:
-                await self._deliver(ep, d, limiter)
-            return
-        async with trio.open_nursery() as nursery:
-            for d in batch:
-                nursery.start_soon(self._deliver, ep, d, limiter)
+                await self._deliver(ep, d, limiter, unrecorded)
+                if unrecorded:
+                    break
+        else:
+            async with trio.open_nursery() as nursery:
+                for d in batch:
+                    nursery.start_soon(self._deliver, ep, d, limiter, unrecorded)
+        if unrecorded:
+            raise unrecorded[0]
 
     def _later_ns(self, rounds: int, asked_s: float | None = None) -> int:
         now_ns = self.clock.now().wall_ns
@@ -279,7 +287,8 @@ class WebhookDispatcher:
                             self.cfg.retry)
         return now_ns + int(wait_s * 1e9)
 
-    async def _deliver(self, ep: _Endpoint, d: Delivery, limiter: trio.CapacityLimiter) -> None:
+    async def _deliver(self, ep: _Endpoint, d: Delivery, limiter: trio.CapacityLimiter,
+                       unrecorded: list[StateError]) -> None:
         async with limiter:
             if not ep.breaker.allow():
                 return  # stays pending; the loop waits for the breaker
@@ -300,6 +309,7 @@ class WebhookDispatcher:
                 dead_after=self.cfg.dead_after_attempts))
         except StateError as err:
             log.error("cannot record webhook delivery", extra={"error": str(err)})
+            unrecorded.append(err)
             return
         if dead:
             ep.stats.dead += 1
