@@ -11,7 +11,8 @@ A round (hostagent.delivery.drain runs the loop):
    `trio.sleep`: the seed's RetryConfig, 3 retries from 100 ms ×2 up to 10 s, ±10 % jitter),
    each attempt asking the circuit breaker first; then `flush` the sink. Outcomes: acked;
    failed (transient: waits `drain.round_backoff_s`, never dropped); rejected (same wait;
-   dead-lettered after `dead_letter_after` rejections); skipped (not sent).
+   dead-lettered after `dead_letter_after` rejections, except while the sink has refused two
+   instances' events or more and taken none: then failed); skipped (not sent).
 
 The outcomes are kept until the next `take` (or `settle`, before the engine waits on the
 breaker, and at shutdown): acknowledgement and the next claim share one commit, and the sink
@@ -87,6 +88,7 @@ class SinkQueue:
     _limiter: trio.CapacityLimiter = field(init=False)
     _local: LocalRound | None = field(init=False)  # a local sink's worker-thread side
     _write_failed: bool = False  # the local sink's last write failed
+    _refusing: set[str] = field(default_factory=set)  # instances refused since it took one
 
     def __post_init__(self) -> None:
         self.breaker = Breaker(self.sink.breaker, self.clock)
@@ -246,7 +248,7 @@ class SinkQueue:
             async with trio.open_nursery() as nursery:
                 for events in by_instance.values():
                     nursery.start_soon(self._send_instance, events, done)
-        outcomes = [done[p.event.event_id] for p in batch]
+        outcomes = self._refused_by_the_sink(batch, [done[p.event.event_id] for p in batch])
         if any(o.result == "acked" for o in outcomes):
             error = None
             try:
@@ -265,6 +267,25 @@ class SinkQueue:
                 outcomes = [Outcome(o.seq, o.event_id, "failed", error, at)
                             if o.result == "acked" else o for o in outcomes]
         return outcomes
+
+    def _refused_by_the_sink(self, batch: Sequence[Pending],
+                             outcomes: list[Outcome]) -> list[Outcome]:
+        """Refusals of two instances' events or more since the sink last took one are its own
+        trouble (a queue answering `Failure` to all): held as failures, never dead-lettered (the
+        whole backlog was). A poison event among taken ones is dead-lettered as before."""
+        if any(o.result == "acked" for o in outcomes):
+            self._refusing.clear()
+            return outcomes
+        refused = {p.event.instance_id for p, o in zip(batch, outcomes, strict=True)
+                   if o.result == "rejected"}
+        self._refusing |= refused
+        if not refused or len(self._refusing) < 2:
+            return outcomes
+        first = next(o.error for o in outcomes if o.result == "rejected")
+        log.warning("sink refuses every event: held as its failure, not dead-lettered", extra={
+            "sink": self.name, "instances": len(self._refusing), "error": first})
+        return [Outcome(o.seq, o.event_id, "failed", f"refused with all others: {o.error}",
+                        o.next_attempt_ns) if o.result == "rejected" else o for o in outcomes]
 
     async def _send_instance(self, events: Sequence[Pending], done: dict[str, Outcome]) -> None:
         async with self._limiter:
