@@ -161,7 +161,8 @@ class AdminRoutes:
                           extra={"key": err.key, "expected": err.expected}) from err
         if not _RULE_ID.fullmatch(out["id"]):
             raise Problem(400, f"`id` must be 1 to {MAX_PARAM_CHARS} printable ASCII characters "
-                               "without spaces or `/` (the rule's URL is /api/v1/thresholds/{id})",
+                               "without spaces or `/`, and not `.` or `..` (the rule's URL is "
+                               "/api/v1/thresholds/{id})",
                           kind="invalid-rule", extra={"key": "id"})
         return out
 

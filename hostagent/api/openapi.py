@@ -39,8 +39,9 @@ def _q(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, 
             "schema": schema or {"type": "string"}}
 
 
-# A rule id: printable ASCII without spaces or `/`, so /api/v1/thresholds/{id} addresses it.
-RULE_ID_PATTERN = f"^[!-.0-~]{{1,{MAX_PARAM_CHARS}}}$"
+# A rule id: printable ASCII without spaces or `/`, so /api/v1/thresholds/{id} addresses it;
+# not `.` or `..`, which clients (httpx, curl) remove from a URL as dot segments.
+RULE_ID_PATTERN = rf"^(?!\.{{1,2}}$)[!-.0-~]{{1,{MAX_PARAM_CHARS}}}$"
 
 
 def _path(name: str, pattern: str | None = None) -> dict[str, Any]:

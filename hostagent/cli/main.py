@@ -24,6 +24,7 @@ import trio
 
 from hostagent import __version__, logs
 from hostagent.alerts import channels, rules_file
+from hostagent.cli.terminal import one_line
 from hostagent.config.load import Config, load
 from hostagent.delivery.sinks.base import config_routes
 from hostagent.errors import ConfigError, DomainNotFound, HostAgentError, StateCorrupt
@@ -261,23 +262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except ConfigError as err:
         _json_failure(args, err)
-        print(f"hostagent: config error: {_one_line(err)}", file=sys.stderr)
+        print(f"hostagent: config error: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except (DomainNotFound, StateCorrupt) as err:
         _json_failure(args, err)
-        print(f"hostagent: {_one_line(err)}", file=sys.stderr)
+        print(f"hostagent: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except HostAgentError as err:
         _json_failure(args, err)
-        print(f"hostagent: {_one_line(err)}", file=sys.stderr)
+        print(f"hostagent: {one_line(err)}", file=sys.stderr)
         return 1
-
-
-def _one_line(err: BaseException) -> str:
-    """`err`'s text as one line for a terminal: control characters (a newline or ESC in a
-    path, a URI or a domain name) shown escaped, so the error cannot span lines or redraw."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
-                   for ch in str(err))
 
 
 def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:

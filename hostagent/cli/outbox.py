@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from hostagent.cli.terminal import one_line
 from hostagent.clock import SystemClock
 from hostagent.config.load import Config
 from hostagent.errors import StateError
@@ -58,13 +59,6 @@ def _age(ns: int | None, now_ns: int) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _safe(text: object) -> str:
-    """`text` for a terminal: control characters (ANSI escapes, newlines) shown escaped, so
-    a sink's error message cannot redraw the screen or forge lines."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
-                   for ch in str(text))
 
 
 def _iso(ns: int) -> str:
@@ -129,9 +123,9 @@ def _dead_letters(store: Store, sink: str | None, as_json: bool) -> int:
         print("no dead letters")
         return 0
     for d in letters:
-        print(f"{_iso(d.dead_ns)}  {_safe(d.sink)}  {_safe(d.event_id)}  {_safe(d.kind)}  "
-              f"{_safe(d.instance_id)}  period {_iso(d.period_start_ns)}.."
-              f"{_iso(d.period_end_ns)}  attempts {d.attempts}  reason: {_safe(d.reason)}")
+        print(f"{_iso(d.dead_ns)}  {one_line(d.sink)}  {one_line(d.event_id)}  {one_line(d.kind)}  "
+              f"{one_line(d.instance_id)}  period {_iso(d.period_start_ns)}.."
+              f"{_iso(d.period_end_ns)}  attempts {d.attempts}  reason: {one_line(d.reason)}")
     print(f"{len(letters)} dead letter(s); `hostagent outbox replay` re-queues them")
     return 0
 

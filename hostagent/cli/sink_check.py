@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from hostagent.cli.terminal import one_line
 from hostagent.config.load import Config
 from hostagent.config.sinks import NatsSinkConfig
 
@@ -50,8 +51,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     by_name = {s.name: s for s in cfg.sinks}
     sink = by_name.get(args.name)
     if sink is None:
-        print(f"hostagent sink check: no sink named {args.name!r} in {cfg.source} (have: "
-              f"{', '.join(sorted(by_name)) or 'none'})", file=sys.stderr)
+        print(one_line(f"hostagent sink check: no sink named {args.name!r} in {cfg.source} "
+                       f"(have: {', '.join(sorted(by_name)) or 'none'})"), file=sys.stderr)
         return EXIT_USAGE
     if not isinstance(sink, NatsSinkConfig):
         print(f"{sink.name} ({sink.type}): no remote check for this sink type; settings OK")
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     try:
         lines = trio.run(check_nats, sink, cfg.host.node_id)
     except SetupError as err:
-        print(f"hostagent sink check: {sink.name}: {err}", file=sys.stderr)
+        print(one_line(f"hostagent sink check: {sink.name}: {err}"), file=sys.stderr)
         return EXIT_FAILED
     print(f"{sink.name} (nats): OK")
     for line in lines:

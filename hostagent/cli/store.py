@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hostagent.cli.terminal import one_line
 from hostagent.clock import SystemClock
 from hostagent.config.load import Config
 from hostagent.errors import StateCorrupt, StateError
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _fail(message: str, status: int) -> int:
-    print(f"hostagent: {message}", file=sys.stderr)
+    print(f"hostagent: {one_line(message)}", file=sys.stderr)
     return status
 
 

@@ -122,6 +122,10 @@ def from_mapping(raw: Mapping[str, Any], source: str = "<inline>") -> Config:
     """Validate an already-parsed TOML document."""
     top = {k: v for k, v in raw.items() if k != "sinks"}
     cfg: Config = build_table(Config, top, source, "", skip={"sinks", "source"})
+    node = cfg.host.node_id  # in every event, event id, NATS subject and file name of alerts
+    if not node.strip() or not node.isprintable():
+        raise ConfigError(source, "host.node_id", "this host's id: printable, not blank", node,
+                          "e.g. node_id = \"hv-01\", or remove the key for the hostname")
     if not cfg.libvirt.uri.strip():  # libvirt would pick its own default (qemu:///system)
         raise ConfigError(source, "libvirt.uri", "a libvirt connection URI", cfg.libvirt.uri,
                           'e.g. uri = "qemu:///system", or remove the key for that default')

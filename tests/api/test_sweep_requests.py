@@ -168,3 +168,19 @@ def test_changed_internals_leave_hypercorn_alone(monkeypatch: pytest.MonkeyPatch
     assert vars(H11Protocol)["_check_protocol"] is wire_errors.problem_body
     assert vars(ws_stream)["Handshake"] is H11Protocol
     assert "hypercorn internals changed" in caplog.text
+
+
+@pytest.mark.parametrize("rule_id", [".", ".."])
+async def test_a_rule_id_of_dot_segments_is_refused(client: httpx.AsyncClient, keys: Keys,
+                                                    rule_id: str) -> None:
+    # httpx and curl remove `.` and `..` from a URL: /api/v1/thresholds/.. could not be
+    # addressed again once stored.
+    rule = {"id": rule_id, "resource_type": "storage", "threshold_type": "absolute",
+            "threshold_value": 500, "units": "GB", "action": "notify", "user_id": "u",
+            "notification_channels": []}
+    got = await client.post("/api/v1/thresholds", headers={"X-API-Key": keys.admin_key},
+                            json=rule)
+    assert got.status_code == 400, got.text
+    assert_problem(Answer(got.status_code, dict(got.headers), got.content), 400)
+    listed = await client.get("/api/v1/thresholds", headers={"X-API-Key": keys.admin_key})
+    assert listed.json() == []

@@ -50,6 +50,15 @@ def test_an_empty_libvirt_uri_is_refused(uri: str) -> None:
     assert str(info.value).startswith("/etc/hostagent/hostagent.toml: [libvirt.uri]")
 
 
+@pytest.mark.parametrize("node_id", ["", "  ", "hv\n01", "hv\x1b[31m"])
+def test_a_blank_or_unprintable_node_id_is_refused(node_id: str) -> None:
+    # It goes into every event (`host`), each event id, NATS subjects and alert keys: an empty
+    # templated value billed a host as "", a newline forged log lines and subjects.
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"host": {"node_id": node_id}}, "/etc/hostagent/hostagent.toml")
+    assert info.value.key == "host.node_id" and info.value.fix
+
+
 @pytest.mark.parametrize(("text", "key"), [
     ("host = 5\n", "host"),
     ("[[host]]\n", "host"),
