@@ -126,6 +126,11 @@ def from_mapping(raw: Mapping[str, Any], source: str = "<inline>") -> Config:
     if not node.strip() or not node.isprintable():
         raise ConfigError(source, "host.node_id", "this host's id: printable, not blank", node,
                           "e.g. node_id = \"hv-01\", or remove the key for the hostname")
+    for key, value in (("paths.root", cfg.paths.root),
+                       ("paths.cgroup_root", cfg.paths.cgroup_root)):
+        if not value.startswith("/"):  # read from the daemon's directory: every reading missing
+            raise ConfigError(source, key, "an absolute path", value,
+                              "start it with / (cgroup_root is taken inside root)")
     if not cfg.libvirt.uri.strip():  # libvirt would pick its own default (qemu:///system)
         raise ConfigError(source, "libvirt.uri", "a libvirt connection URI", cfg.libvirt.uri,
                           'e.g. uri = "qemu:///system", or remove the key for that default')

@@ -47,8 +47,8 @@ def check(cfg: Config) -> None:
     sink_checks.check_written_paths(src, cfg.sinks, cfg.collector.state_path, _read_files(cfg))
     if cfg.owners.enabled:
         check_http_url(src, "owners.url", cfg.owners.url)
-    if cfg.thresholds.rules_path:
-        rules_file.load_rules(cfg.thresholds.rules_path)
+    if cfg.thresholds.rules_path:  # its errors name the rules file: the fix names this one
+        rules_file.load_rules(cfg.thresholds.rules_path, key=f"thresholds.rules_path in {src}")
     # The API's rules file: written by PUT /api/v1/thresholds, loaded at start-up if present.
     api_rules = rules_source.api_rules_path(cfg.thresholds, cfg.collector.state_path)
     check_writable_path(src, rules_source.API_KEY, str(api_rules))

@@ -59,6 +59,18 @@ def test_a_blank_or_unprintable_node_id_is_refused(node_id: str) -> None:
     assert info.value.key == "host.node_id" and info.value.fix
 
 
+@pytest.mark.parametrize(("paths", "key"), [
+    ({"root": "srv/host"}, "paths.root"), ({"root": ""}, "paths.root"),
+    ({"cgroup_root": "sys/fs/cgroup"}, "paths.cgroup_root"),
+])
+def test_a_relative_host_root_is_refused(paths: dict[str, str], key: str) -> None:
+    # Read from whatever directory the daemon runs in (/ under systemd, or a fixture's parent):
+    # every reading came back missing, which passes still billed as "no counters".
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"paths": paths}, "/etc/hostagent/hostagent.toml")
+    assert info.value.key == key and info.value.fix
+
+
 @pytest.mark.parametrize(("text", "key"), [
     ("host = 5\n", "host"),
     ("[[host]]\n", "host"),
@@ -104,3 +116,15 @@ def test_a_relative_api_rules_path_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         preflight.check(cfg)
     assert info.value.key == "thresholds.api_rules_path"
+
+
+def test_a_missing_rules_file_names_the_config_that_points_at_it(tmp_path: Path) -> None:
+    # The error is about the rules file, so it names that file; the fix is in the config.
+    config = str(tmp_path / "hostagent.toml")
+    cfg = from_mapping({"collector": {"state_path": f"{tmp_path}/state.db"},
+                        "thresholds": {"rules_path": f"{tmp_path}/nope.json"},
+                        "sinks": [{"type": "jsonl", "path": f"{tmp_path}/e.jsonl"}]}, config)
+    with pytest.raises(ConfigError) as info:
+        preflight.check(cfg)
+    assert info.value.file == f"{tmp_path}/nope.json"
+    assert info.value.fix and f"thresholds.rules_path in {config}" in info.value.fix
