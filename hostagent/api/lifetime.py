@@ -72,22 +72,16 @@ async def serve_in_daemon(serve: Serve, api: ApiConfig, app: object, stop: trio.
         try:
             await serve(api, app, stop, task_status=status)
             return
-        except (OSError, BaseExceptionGroup) as err:  # hypercorn's nursery wraps bind errors
-            if status.listened:
-                if not isinstance(err, Exception):
-                    raise  # a cancellation inside: never swallowed
-                failure: Exception = err
-            else:
-                cause = bind_error(err)
-                if cause is None:
+        except BaseException as err:
+            if not status.listened:  # the start failing: an address in use is the config's
+                if (cause := bind_error(err)) is None:  # hypercorn's nursery wraps it
                     raise
                 raise ConfigError(source, "api.port", "an address and port to listen on",
                                   f"{api.bind}:{api.port}: {cause.strerror or cause}",
                                   "stop what listens there, or change api.bind/api.port"
                                   ) from err
-        except Exception as err:
-            if not status.listened:
-                raise
+            if not isinstance(err, Exception):
+                raise  # a cancellation (or one inside a group): never swallowed
             failure = err
         restarts += 1
         log.error("api server failed: it starts again; the passes go on", exc_info=failure,

@@ -64,10 +64,10 @@ def daemon_state(cfg: Config, now_ns: int) -> DaemonState:
     if not path.exists():
         return DaemonState(str(path), False, "no state store: the daemon has not run here")
     wal, shm = Path(f"{path}-wal").exists(), Path(f"{path}-shm").exists()
-    odd = [p for p, there in ((path, True), (Path(f"{path}-wal"), wal), (Path(f"{path}-shm"), shm))
-           if there and not p.is_file()]
-    if odd:  # SQLite would open a FIFO and wait for a writer forever: top hung
-        return DaemonState(str(path), False, f"{odd[0]} is not a regular file: not reading "
+    odd = next((p for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"))
+                if p.exists() and not p.is_file()), None)
+    if odd is not None:  # SQLite would open a FIFO and wait for a writer forever: top hung
+        return DaemonState(str(path), False, f"{odd} is not a regular file: not reading "
                            "the state store (`hostagent store check` says more)")
     if wal and not shm:
         # Reading a write-ahead log needs its -shm index: SQLite would create one (as root: a

@@ -50,7 +50,6 @@ from hostagent.store.schema import APP, OUTBOX_DDL, SCHEMA_VERSION, UPGRADABLE
 log = logging.getLogger(__name__)
 
 JOURNAL_SUFFIX = "-journal"
-SQLITE_READONLY = 8
 
 _QUOTE = reprlib.Repr()
 _QUOTE.maxstring, _QUOTE.maxother = 40, 40
@@ -136,7 +135,7 @@ def _refuse_sqlite(path: Path, err: sqlite3.Error) -> StateError:
     code = getattr(err, "sqlite_errorcode", 0) & 0xFF
     if code in (sqlite_tx.SQLITE_CORRUPT, sqlite_tx.SQLITE_NOTADB):
         return StateCorrupt(f"{path}: not a usable hostagent state store ({err}); {WAY_OUT}")
-    if code == SQLITE_READONLY and _journal_left(path):
+    if code == sqlite_tx.SQLITE_READONLY and _journal_left(path):
         return StateError(f"{path}: cannot read the state store: a rollback journal is left "
                           f"beside it ({path.name}{JOURNAL_SUFFIX}: a transaction another "
                           "program left unfinished), which must be rolled back first and a "
@@ -234,15 +233,7 @@ def _meta(path: Path, meta: Mapping[object, object]) -> StoredMeta:
 
 def _check_layout(c: sqlite3.Connection, path: Path, version: int, tables: set[str]) -> None:
     """StateCorrupt unless every table, column and index of `version` is there."""
-    want = schema.layout(version)
-    missing = [t for t in want.tables if t not in tables]
-    for table, columns in want.tables.items():
-        if table in tables:
-            have = {r[1] for r in c.execute("SELECT * FROM pragma_table_info(?)", (table,))}
-            missing += [f"{table}.{col}" for col in sorted(columns - have)]
-    if want.indexes:
-        have = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        missing += [f"index {i}" for i in sorted(want.indexes - have)]
+    missing = schema.lacking(c, schema.layout(version), tables)
     if missing:
         raise StateCorrupt(f"{path}: the state store (schema version {version}) lacks "
                            f"{', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}: it is "

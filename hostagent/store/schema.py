@@ -118,9 +118,16 @@ def layout(version: int) -> Layout:
         return Layout(V1_TABLES, frozenset())  # its indexes are dropped by `migrate`
     if version != SCHEMA_VERSION:
         raise ValueError(f"no layout of schema version {version}")
+    return ddl_layout(OUTBOX_DDL)
+
+
+@functools.cache
+def ddl_layout(ddl: str) -> Layout:
+    """The tables (with their columns) and indexes `ddl` creates, read by running it on an
+    in-memory database (the outbox's DDL, the webhook store's)."""
     c = sqlite3.connect(":memory:")
     try:
-        for statement in statements(OUTBOX_DDL):
+        for statement in statements(ddl):
             c.execute(statement)
         names = c.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
                           ).fetchall()
@@ -130,6 +137,20 @@ def layout(version: int) -> Layout:
     finally:
         c.close()
     return Layout(tables, frozenset(n for t, n in names if t == "index"))
+
+
+def lacking(c: sqlite3.Connection, want: Layout, tables: set[str]) -> list[str]:
+    """What of `want` the database on `c` (holding `tables`) lacks: table names,
+    ``table.column``s and ``index name``s."""
+    missing = [t for t in want.tables if t not in tables]
+    for table, columns in want.tables.items():
+        if table in tables:
+            have = {r[1] for r in c.execute("SELECT * FROM pragma_table_info(?)", (table,))}
+            missing += [f"{table}.{col}" for col in sorted(columns - have)]
+    if want.indexes:
+        have = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        missing += [f"index {i}" for i in sorted(want.indexes - have)]
+    return missing
 
 
 # Seconds an upgrade may take: generous against the ~30 MB/s measured on a slow 2-core VM.

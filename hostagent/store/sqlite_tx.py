@@ -22,7 +22,8 @@ SQLITE_CORRUPT = 11
 SQLITE_FULL = 13
 SQLITE_NOTADB = 26
 # Errors that say this user may not read (or lock) the file: run as the service user.
-SQLITE_ACCESS = frozenset({3, 8, 14, 23})  # PERM, READONLY, CANTOPEN, AUTH
+SQLITE_READONLY = 8
+SQLITE_ACCESS = frozenset({3, SQLITE_READONLY, 14, 23})  # PERM, READONLY, CANTOPEN, AUTH
 WAL_MAGIC = (0x377F0682, 0x377F0683)  # checksums little-endian, big-endian
 WAL_VERSION = 3007000
 # How long a connection waits for another writer of the state file (the collector's commit,

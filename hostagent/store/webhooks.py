@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import re
 import secrets
 import sqlite3
@@ -41,7 +40,7 @@ import orjson
 from hostagent.clock import Clock
 from hostagent.errors import ConfigError, StateCorrupt, StateError
 from hostagent.model import OutEvent
-from hostagent.store import sqlite_tx
+from hostagent.store import schema, sqlite_tx
 from hostagent.store.guard import WAY_OUT
 
 EVENT_TYPES = {"metrics": "resource_usage", "threshold_violation": "threshold_violation"}
@@ -89,31 +88,15 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_due
 """
 
 
-@functools.cache
-def _columns() -> dict[str, frozenset[str]]:
-    """The webhook tables and their columns, read from _SCHEMA itself (as schema.layout)."""
-    c = sqlite3.connect(":memory:")
-    try:
-        c.executescript(_SCHEMA)
-        return {t: frozenset(r[1] for r in c.execute("SELECT * FROM pragma_table_info(?)", (t,)))
-                for t in ("webhooks", "webhook_deliveries")}
-    finally:
-        c.close()
-
-
 def check_tables(c: sqlite3.Connection, path: Path, tables: set[str]) -> None:
     """StateCorrupt when the webhook tables are there but damaged: one of them or a column
     missing (`CREATE TABLE IF NOT EXISTS` silently re-created a dropped table empty, losing
     what endpoints were owed), or a registration whose event types do not parse. Neither
     table there is fine: no webhook sink was configured yet. Reads only."""
-    want = _columns()
+    want = schema.ddl_layout(_SCHEMA).tables  # its index is re-created when missing
     if not tables & want.keys():
         return
-    missing = [t for t in want if t not in tables]
-    for table, columns in want.items():
-        if table in tables:
-            have = {r[1] for r in c.execute("SELECT * FROM pragma_table_info(?)", (table,))}
-            missing += [f"{table}.{col}" for col in sorted(columns - have)]
+    missing = schema.lacking(c, schema.Layout(want, frozenset()), tables)
     if missing:
         raise StateCorrupt(f"{path}: the webhook tables lack {', '.join(missing[:6])}: the "
                            f"store is damaged; {WAY_OUT}")
