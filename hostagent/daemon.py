@@ -370,8 +370,26 @@ class Daemon(SignalsAndReload):
 def run(cfg: Config, *, config_path: str | None, passes: int | None,
         held_signals: Callable[[], list[int]] = _none_held) -> int:
     """Entry point of `hostagent run`; `held_signals` gives the signals that arrived before
-    the daemon listens (`hostagent.cli.main.HeldSignals`)."""
+    the daemon listens (`hostagent.cli.main.HeldSignals`). With `passes` (`--once`,
+    `--passes N`) a pass that did not commit (source unavailable, commit failed, timed out)
+    is a HostAgentError once the daemon has closed (exit 1: scripts and timers read it),
+    naming how many failed and the last one's reason; without, 0 (a daemon stopped by
+    SIGTERM: its failed passes were logged, and the next good pass covered their gap)."""
+    from hostagent.errors import HostAgentError
+
     daemon = Daemon.build(cfg, config_path=config_path)
     daemon.held_signals = held_signals
+    failed: list[PassReport] = []
+
+    def note(report: PassReport) -> None:
+        if not report.committed:
+            failed.append(report)
+
+    daemon.on_pass.append(note)
     trio.run(lambda: daemon.run(passes=passes))
+    if passes is not None and failed:
+        why = failed[-1].error or "not committed"
+        raise HostAgentError(f"pass failed: {why}" if daemon.passes_done == 1 else
+                             f"{len(failed)} of {daemon.passes_done} passes failed; the last "
+                             f"failed: {why}")
     return 0

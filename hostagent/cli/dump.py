@@ -216,10 +216,10 @@ def find_domain(target: str, listed: Mapping[str, str], ids: Mapping[str, int]) 
     if len(folded) == 1:
         return folded[0][1]
     if folded:
-        raise DomainNotFound(f"no running domain named {target!r}; it matches several in "
-                             f"another case: {', '.join(repr(n) for n, _ in folded)}: "
+        raise DomainNotFound(f"no running domain named {_quoted(target)}; it matches several "
+                             f"in another case: {_names([n for n, _ in folded])}: "
                              "name one exactly")
-    raise DomainNotFound(f"no running domain named {target!r} or with that UUID or id; "
+    raise DomainNotFound(f"no running domain named {_quoted(target)} or with that UUID or id; "
                          f"running: {_names(sorted(listed.values()))}")
 
 
@@ -227,8 +227,14 @@ def _names(names: Sequence[str], most: int = 20) -> str:
     """Domain names for a one-line message: quoted (a newline shows as \\n), at most `most`."""
     if not names:
         return "none"
-    shown = ", ".join(repr(n if len(n) <= 80 else n[:77] + "...") for n in names[:most])
+    shown = ", ".join(_quoted(n) for n in names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _quoted(name: str) -> str:
+    """A name as a message quotes it: repr, at most 80 characters of it (a DOMAIN argument of
+    100,000 characters once made a 100 kB error line)."""
+    return repr(name if len(name) <= 80 else name[:77] + "...")
 
 
 def _as_dict(c: Counter) -> dict[str, Any]:

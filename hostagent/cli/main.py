@@ -5,7 +5,8 @@ Exit status: 0 done; 1 a runtime failure; 2 a usage error, a config error (one l
 traceback, whether found by `check-config` or at the start of `run`) or a state store that
 start-up refuses (`hostagent store reset` is the way out); 130 interrupted (Ctrl-C). `run`
 exits 0 on SIGTERM, also one sent during its start-up (then after start-up, without a pass);
-it exits 1 when another daemon holds the state store."""
+it exits 1 when another daemon holds the state store, and `run --once` / `--passes N` exit 1
+when any of their passes did not commit (one line naming why)."""
 
 from __future__ import annotations
 
@@ -158,7 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("domains", nargs="*", metavar="DOMAIN",
                       help="name, UUID or libvirt id (a domain named like an id wins)")
     dump.add_argument("--all", action="store_true",
-                      help="every running domain (none running: a note on stderr, exit 0)")
+                      help="every running domain (none running: a note on stderr, exit 0); "
+                           "not with DOMAINs")
     dump.add_argument("--interval", type=interval_arg, default=1.0,
                       help=f"seconds between samples, in (0, {MAX_INTERVAL_S:g}]")
     dump.add_argument("--json", action="store_true", help="machine-readable output")
@@ -355,6 +357,10 @@ def _dump(cfg: Config, args: argparse.Namespace) -> int:
         print("hostagent dump: name a DOMAIN (name or UUID) or pass --all or --host",
               file=sys.stderr)
         return EXIT_USAGE
+    if args.all and args.domains:  # the DOMAINs were ignored, a misspelt one too (exit 0)
+        print("hostagent dump: --all dumps every running domain: name DOMAINs or pass --all, "
+              "not both", file=sys.stderr)
+        return EXIT_USAGE
     docs = trio.run(functools.partial(collect_dump, host=args.host), cfg,
                     [] if args.all else args.domains, args.interval)
     host_only = args.host and not args.domains and not args.all
@@ -365,8 +371,9 @@ def _dump(cfg: Config, args: argparse.Namespace) -> int:
         print("hostagent dump: no running domains", file=sys.stderr)
     elif args.domains and not args.all and not domain_docs:
         # listed a moment before, gone by the first sample: nothing to show
-        print(f"hostagent dump: {', '.join(args.domains)}: stopped during the dump",
-              file=sys.stderr)
+        names = ", ".join(one_line(d if len(d) <= 80 else d[:77] + "...")
+                          for d in args.domains)  # escaped: a name cannot drive the terminal
+        print(f"hostagent dump: {names}: stopped during the dump", file=sys.stderr)
         return 1
     if args.json:
         one = host_only or (len(args.domains) == 1 and not args.all and not args.host)

@@ -20,6 +20,7 @@ import orjson
 
 from hostagent.cli.terminal import one_line
 from hostagent.clock import SystemClock
+from hostagent.config import preflight
 from hostagent.config.load import Config
 from hostagent.errors import StateError
 from hostagent.store import opening
@@ -142,7 +143,9 @@ def _replay(store: Store, sink: str | None, event_id: str | None) -> int:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """Run one `outbox` subcommand; StateError propagates (the CLI prints it: exit 2 for a
-    store start-up refuses, else 1). `status` and `dead-letters` open the store read-only."""
+    store start-up refuses, else 1). `status` and `dead-letters` open the store read-only. A
+    symbolic link loop at `collector.state_path` is a ConfigError (exit 2), as in `run`."""
+    preflight.check_store_reachable(cfg.source, cfg.collector.state_path)
     store = Store.open(cfg.collector.state_path, clock=SystemClock(), node_id=cfg.host.node_id,
                        sink_names=(), create=False, register_sinks=False, upgrade=False,
                        read_only=args.outbox_command != "replay")

@@ -23,6 +23,7 @@ from typing import Any
 
 from hostagent.cli.terminal import one_line
 from hostagent.clock import SystemClock
+from hostagent.config import preflight
 from hostagent.config.load import Config
 from hostagent.errors import StateCorrupt, StateError
 from hostagent.store import guard, opening
@@ -71,7 +72,9 @@ def check_store(cfg: Config) -> str:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    """Run one `store` subcommand."""
+    """Run one `store` subcommand; a symbolic link loop at `collector.state_path` is a
+    ConfigError (exit 2), as in `run`."""
+    preflight.check_store_reachable(cfg.source, cfg.collector.state_path)
     if args.store_command == "check":  # every start-up check, the integrity check included
         path = Path(cfg.collector.state_path)
         opening.check_reachable(path)  # a symlink loop: an error, not "no store yet"

@@ -33,6 +33,7 @@ from rich.live import Live
 from hostagent.accounting.assemble import sample_of
 from hostagent.cli import top_view
 from hostagent.cli.outbox import breaker_text
+from hostagent.cli.terminal import one_line
 from hostagent.cli.top_view import DaemonState, Screen, SinkState, SortKey
 from hostagent.clock import Clock, SystemClock
 from hostagent.collector import Collector
@@ -349,6 +350,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             else:
                 Console(width=max(Console().width, 140)).print(
                     top_view.render(screen, state.key, state.text, interactive=False))
+            if screen.errors:  # the host could not be read: no "0 domains" a script believes
+                print(f"hostagent: {one_line(screen.errors[-1])}", file=sys.stderr)
+                return 1
             return 0
         if not sys.stdin.isatty() or not sys.stdout.isatty():
             print("hostagent top: needs a terminal; use --once or --json", file=sys.stderr)

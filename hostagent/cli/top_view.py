@@ -298,13 +298,19 @@ def header_lines(screen: Screen, key: SortKey, text: str) -> list[str]:
 
 COLUMNS = ("NAME", "OWNER", "VCPU", "CPU%", "MEM USED", "MEM ALLOC", "DISK R/s", "DISK W/s",
            "NET IN/s", "NET OUT/s", "GPU", "PSI cpu/mem/io")
+# The widest a NAME or OWNER cell gets; longer ones end in "…". Without a cap, one long name
+# (libvirt allows thousands of characters) squeezed every other column to "…" on every row.
+NAME_MAX_WIDTH = 32
+OWNER_MAX_WIDTH = 20
 
 
 def table(rs: Sequence[Row]) -> Table:
     """The per-domain table (already arranged)."""
     t = Table(box=None, pad_edge=False, show_edge=False, header_style="bold reverse")
-    for i, col in enumerate(COLUMNS):
-        t.add_column(col, justify="left" if i < 2 else "right", no_wrap=True)
+    t.add_column(COLUMNS[0], no_wrap=True, max_width=NAME_MAX_WIDTH, overflow="ellipsis")
+    t.add_column(COLUMNS[1], no_wrap=True, max_width=OWNER_MAX_WIDTH, overflow="ellipsis")
+    for col in COLUMNS[2:]:  # the figures keep their width: a narrow terminal cuts names first
+        t.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     for r in rs:
         psi = "/".join(_pct(x) for x in (r.pressure_cpu_some_avg10,
                                           r.pressure_memory_some_avg10, r.pressure_io_some_avg10))

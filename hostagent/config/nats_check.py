@@ -117,10 +117,11 @@ def check(cfg: NatsSinkConfig, source: str, key: str) -> None:
     for pattern in cfg.stream_subjects:
         if not subject_valid(pattern, wildcards=True):
             raise ConfigError(source, f"{key}.stream_subjects", "subject filters ('*' for one "
-                              "token, a trailing '>' for the rest)", pattern)
+                              "token, a trailing '>' for the rest)", pattern,
+                              'e.g. stream_subjects = ["hostagent.>"]')
     if not cfg.stream or any(c in _BAD_TOKEN_CHARS or c in "/\\" for c in cfg.stream):
         raise ConfigError(source, f"{key}.stream", "a stream name (no spaces, '.', '*', '>', "
-                          "'/')", cfg.stream)
+                          "'/')", cfg.stream, 'e.g. stream = "HOSTAGENT"')
     if cfg.duplicate_window_s < cfg.retry.round_backoff_max_s:
         raise ConfigError(source, f"{key}.duplicate_window_s", "a duplicate window >= "
                           f"retry.round_backoff_max_s ({cfg.retry.round_backoff_max_s})",
@@ -154,7 +155,8 @@ def check_file(path: str, source: str, key: str, *, secret: bool) -> None:
         raise ConfigError(source, key, "a readable file", path,
                           f"create it ({err.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(source, key, "a regular file", path)
+        raise ConfigError(source, key, "a regular file", path,
+                          "name a regular file, not a directory or special file")
     if secret and st.st_mode & 0o077:
         raise ConfigError(source, key, "a file only its owner can read (mode 0600)",
                           f"{path} (mode {stat.S_IMODE(st.st_mode):04o})", f"chmod 600 {path}")

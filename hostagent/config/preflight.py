@@ -18,6 +18,7 @@ It reads, never writes: nothing is created, opened for writing or bound.
 
 from __future__ import annotations
 
+import errno
 import os
 import ssl
 import stat
@@ -139,8 +140,48 @@ def check_writable_path(source: str, key: str, path: str) -> None:
                                       f"{parent} is a regular file, not a directory")
                 return
     except OSError as err:  # ENAMETOOLONG, ELOOP (a symlink loop), EACCES on the way
+        if err.errno == errno.ELOOP:
+            raise _loop_error(source, key, p) from err
         raise ConfigError(source, key, "a usable file path", path,
                           f"{err.strerror or err}: name a path the daemon can reach") from err
+
+
+def check_store_reachable(source: str, path: str) -> None:
+    """The `store` and `outbox` commands' first look at `collector.state_path`: a symbolic
+    link loop or a regular file on the way is the config's mistake (exit 2, as `run` and
+    `check-config` say), never a runtime failure. Anything else (absent, a directory this user
+    may not search) is left to the store's own checks and messages."""
+    key = "collector.state_path"
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise _loop_error(source, key, Path(path)) from err
+        if err.errno == errno.ENOTDIR:
+            for parent in Path(path).parents:
+                if parent.is_file():
+                    raise ConfigError(source, key, "a path under directories", path,
+                                      f"{parent} is a regular file, not a directory: "
+                                      f"{os.strerror(errno.ENOTDIR)}") from err
+
+
+def _loop_error(source: str, key: str, path: Path) -> ConfigError:
+    """The error for a path whose lookup loops, naming the first link on the way that does."""
+    where = "a symbolic link on the way loops"
+    for at in (*reversed(path.parents), path):
+        try:
+            os.stat(at)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                break
+            try:
+                where = f"{at} is a symbolic link loop (-> {os.readlink(at)})"
+            except OSError:
+                where = f"{at} is a symbolic link loop"
+            break
+    return ConfigError(source, key, "a path without a symbolic link loop", str(path),
+                       f"{where}: {os.strerror(errno.ELOOP)}; repoint or remove the link, or "
+                       "name another path")
 
 
 def _stat(p: Path) -> os.stat_result | None:
@@ -160,7 +201,9 @@ def check_http_url(source: str, key: str, url: str) -> None:
     except ValueError as err:
         raise ConfigError(source, key, "an http:// or https:// URL", url, str(err)) from err
     if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
-        raise ConfigError(source, key, "an http:// or https:// URL with a host", url)
+        raise ConfigError(source, key, "an http:// or https:// URL with a host", url,
+                          'write it as http://HOST:PORT or https://HOST:PORT, e.g. '
+                          '"http://127.0.0.1:53333"')
 
 
 

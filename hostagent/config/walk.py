@@ -9,7 +9,9 @@ found and, where there is one, the fix.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import socket
 import types
 import typing
 from collections.abc import Mapping
@@ -74,7 +76,7 @@ def build_table(cls: type[Any], raw: Any, source: str, prefix: str,
         if name not in raw:
             continue
         key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(hints[name], raw[name], source, key, f.metadata)
+        kwargs[name] = _coerce(hints[name], raw[name], source, key, f.metadata, _default(f))
     try:
         return cls(**kwargs)
     except ConfigError as err:  # a table's own __post_init__ check: name this file and key
@@ -84,46 +86,90 @@ def build_table(cls: type[Any], raw: Any, source: str, prefix: str,
         raise ConfigError(source, key, err.expected, err.found, err.fix) from None
 
 
-def _coerce(tp: Any, value: Any, source: str, key: str, meta: Mapping[str, Any]) -> Any:
+def _coerce(tp: Any, value: Any, source: str, key: str, meta: Mapping[str, Any],
+            default: Any = None) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return build_table(tp, value, source, key)
+    name = key.rsplit(".", 1)[-1]
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(source, key, "one of " + ", ".join(repr(c) for c in choices), value)
+            raise ConfigError(source, key, "one of " + ", ".join(repr(c) for c in choices), value,
+                              f"set {name} = {_either(choices)}")
         return value
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(args[0], value, source, key, meta)
+        return _coerce(args[0], value, source, key, meta, default)
     if origin is tuple:
-        if (not isinstance(value, list) or not all(isinstance(v, str) for v in value)
-                or any("\x00" in v for v in value)):
-            raise ConfigError(source, key, "an array of strings (no NUL characters)", value)
+        example = _toml(default if default else ("a", "b"))
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(source, key, "an array of strings (no NUL characters)", value,
+                              f"write an array of quoted strings, e.g. {name} = {example}")
+        if any("\x00" in v for v in value):
+            raise ConfigError(source, key, "an array of strings (no NUL characters)", value,
+                              "remove the NUL (\\u0000) characters")
         return tuple(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(source, key, "true or false", value)
+            raise ConfigError(source, key, "true or false", value,
+                              f"write {name} = true or {name} = false, without quotes")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(source, key, "an integer", value)
+            raise ConfigError(source, key, "an integer", value,
+                              f"write a whole number without quotes, e.g. {name} = "
+                              f"{_toml(default if isinstance(default, int) else 1)}")
         _check_range(value, source, key, meta)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(source, key, "a number", value)
+            raise ConfigError(source, key, "a number", value,
+                              f"write a number without quotes, e.g. {name} = "
+                              f"{_toml(default if isinstance(default, float) else 1.0)}")
         if not math.isfinite(value):
             raise ConfigError(source, key, "a finite number", value, "nan and inf are not values")
         _check_range(float(value), source, key, meta)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(source, key, "a string", value)
+            example = default if isinstance(default, str) and default else "..."
+            raise ConfigError(source, key, "a string", value,
+                              f"write it in double quotes, e.g. {name} = {_toml(example)}")
         if "\x00" in value:
-            raise ConfigError(source, key, "a string without NUL characters", value)
+            raise ConfigError(source, key, "a string without NUL characters", value,
+                              "remove the NUL (\\u0000) characters")
         return value
-    raise ConfigError(source, key, f"a value of type {tp}", value)  # pragma: no cover
+    raise ConfigError(source, key, f"a value of type {tp}", value,  # pragma: no cover
+                      "see the configuration reference in the README")
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    """A field's default, for the example in a fix; None when it has none (or it is made
+    from the host: the host name)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    factory: Any = f.default_factory
+    if factory is dataclasses.MISSING or factory is socket.gethostname:
+        return None
+    return factory()
+
+
+def _toml(value: Any) -> str:
+    """`value` written as TOML: "text", true, 30.0, ["a", "b"]."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def _either(choices: tuple[Any, ...]) -> str:
+    """'"a", "b" or "c"' for choices a, b, c."""
+    shown = [_toml(c) for c in choices]
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " or " + shown[-1]
 
 
 def _check_range(value: float, source: str, key: str, meta: Mapping[str, Any]) -> None:

@@ -51,7 +51,7 @@ def test_a_state_dir_that_is_a_symlink_to_itself_is_a_clear_error(
     path = loop / "state.db"
     cfg = config(tmp_path, path)
     before = listing(tmp_path)
-    assert main([*command, "--config", str(cfg)]) == 1
+    assert main([*command, "--config", str(cfg)]) == 2  # the config's mistake, as in `run`
     out, err = one_error(capsys)
     assert "nothing to reset" not in out and "no state store" not in out + err
     assert str(path) in err
@@ -65,10 +65,10 @@ def test_a_loop_of_two_links_names_the_first_one_on_the_way(
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
     path = tmp_path / "a" / "hostagent" / "state.db"
-    assert main(["store", "reset", "--config", str(config(tmp_path, path))]) == 1
+    assert main(["store", "reset", "--config", str(config(tmp_path, path))]) == 2
     _, err = one_error(capsys)
-    assert f"{path}: cannot reach the state store: {tmp_path / 'a'} is a symbolic link loop " \
-           f"(-> {tmp_path / 'b'})" in err
+    assert "[collector.state_path]" in err and str(path) in err
+    assert f"{tmp_path / 'a'} is a symbolic link loop (-> {tmp_path / 'b'})" in err
 
 
 def test_a_store_file_that_is_a_symlink_to_itself_is_a_clear_error(
@@ -76,7 +76,7 @@ def test_a_store_file_that_is_a_symlink_to_itself_is_a_clear_error(
     path = tmp_path / "state.db"
     path.symlink_to(path)
     for command in (["store", "reset"], ["store", "check"], ["outbox", "status"]):
-        assert main([*command, "--config", str(config(tmp_path, path))]) == 1, command
+        assert main([*command, "--config", str(config(tmp_path, path))]) == 2, command
         _, err = one_error(capsys)
         assert f"{path} is a symbolic link loop" in err, command
     assert path.is_symlink() and listing(tmp_path) == ["hostagent.toml", "state.db"]
@@ -87,9 +87,10 @@ def test_a_store_under_a_regular_file_is_a_clear_error(
     (tmp_path / "plain").write_text("not a directory\n")
     path = tmp_path / "plain" / "state.db"
     for command in (["store", "reset"], ["store", "check"], ["outbox", "status"]):
-        assert main([*command, "--config", str(config(tmp_path, path))]) == 1, command
+        assert main([*command, "--config", str(config(tmp_path, path))]) == 2, command
         _, err = one_error(capsys)
         assert str(path) in err and "Not a directory" in err, command
+        assert "[collector.state_path]" in err and "is a regular file" in err, command
 
 
 def test_opening_refuses_a_looped_path_as_state_error_not_as_damage(tmp_path: Path) -> None:
