@@ -9,6 +9,7 @@
      │    └── SourceTimeout     a blocking call passed its deadline and was abandoned
      ├── StateError             the state file (SQLite) is unusable
      │    ├── StateCorrupt      the file exists but is not a hostagent store: never reset silently
+     │    │    └── ForeignLog   the store is intact; the -wal beside it is another database's
      │    └── StoreFull         the commit failed for lack of space; baselines were not advanced
      ├── SinkError              a delivery failed
      │    ├── SinkUnavailable   transient: transport error, timeout, 5xx; retried, never dropped
@@ -74,6 +75,11 @@ class StateError(HostAgentError):
 
 class StateCorrupt(StateError):
     """The state file is damaged or foreign; refusing to reset billing state."""
+
+
+class ForeignLog(StateCorrupt):
+    """The store read alone is intact; the write-ahead log beside it is not its own (moving
+    the log aside is the fix, not `store reset`)."""
 
 
 class StoreFull(StateError):

@@ -157,9 +157,11 @@ def setup(level: str, fmt: Format, stream: IO[str] | None = None, *, pin: bool =
     try:
         numeric = LEVELS[level.lower()]
     except KeyError:
-        raise ConfigError("<log>", "log.level", "one of " + ", ".join(LEVELS), level) from None
+        raise ConfigError("<log>", "log.level", "one of " + ", ".join(LEVELS), level,
+                          'set level = "debug", "info", "warning" or "error"') from None
     if fmt not in FORMATS:
-        raise ConfigError("<log>", "log.format", "'auto', 'json' or 'text'", fmt)
+        raise ConfigError("<log>", "log.format", "'auto', 'json' or 'text'", fmt,
+                          'set format = "auto", "json" or "text"')
     root = logging.getLogger()
     olds = [h for h in root.handlers if isinstance(h, _Handler)]
     chosen = resolve_format(fmt, sys.stderr if stream is None else stream)

@@ -169,8 +169,12 @@ def test_text_format_exception() -> None:
 
 @pytest.mark.parametrize(("level", "fmt"), [("verbose", "json"), ("info", "xml"), ("info", "")])
 def test_bad_arguments(level: str, fmt: str) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as info:
         logs.setup(level, fmt, stream=io.StringIO())  # type: ignore[arg-type]
+    # Every choice is named in the fix, as the config's own choice errors do (before: none).
+    key, choices = (("level", logs.LEVELS) if level == "verbose" else ("format", logs.FORMATS))
+    names = [f'"{c}"' for c in choices]
+    assert info.value.fix == f"set {key} = " + ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def test_the_default_handler_follows_a_replaced_stderr(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,7 +53,8 @@ class CentralRules:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("<config>", "thresholds.source_url", "an http:// or https:// URL",
-                              url)
+                              url, 'write it as http://HOST:PORT/PATH or https://HOST:PORT/PATH, '
+                              'e.g. source_url = "https://rules.example/v1/thresholds"')
         self.url = url
         self.path = parts.path or "/"
         self.source = source

@@ -28,7 +28,8 @@ from typing import Any
 
 import orjson
 
-from hostagent.alerts.rules import Rule, parse_rules
+from hostagent.alerts.rules import Rule, parse_rules, table_fix
+from hostagent.config.load import decode_utf8
 from hostagent.config.schema import MAX_REPEAT_S
 from hostagent.errors import ConfigError
 
@@ -40,37 +41,51 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pip
                (stat.S_ISSOCK, "a socket"))
 
 
-def read_rules_file(p: Path, *, key: str = "thresholds.rules_path") -> bytes:
+def _unreadable(p: Path, err: OSError, key: str | None) -> ConfigError:
+    missing = isinstance(err, FileNotFoundError)
+    if key is None:  # named on the command line (check-rules FILE): no config key to fix
+        fix = ("pass the path of an existing rules file (JSON, or TOML named *.toml)" if missing
+               else "pass the path of a rules file you can read (check its permissions)")
+    else:
+        fix = (f"create it, or fix {key}" if missing
+               else f"make it readable by the daemon's user, or fix {key}")
+    return ConfigError(str(p), "-", "a readable rules file", err.strerror or str(err), fix)
+
+
+def read_rules_file(p: Path, *, key: str | None = None) -> bytes:
     """A rules file's bytes; ConfigError unless it is a readable regular file of at most
     MAX_RULES_FILE_BYTES. Never blocks: a FIFO put at the path is refused (opened
-    non-blocking), where reading it once stalled the daemon's whole event loop."""
+    non-blocking), where reading it once stalled the daemon's whole event loop.
+
+    `key`: the config key that named the file, for the fix (None: the file was named on the
+    command line, `hostagent check-rules FILE`)."""
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as err:
-        raise ConfigError(str(p), "-", "a readable rules file", err.strerror or str(err),
-                          f"fix {key}") from err
+        raise _unreadable(p, err, key) from err
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "no file")
             raise ConfigError(str(p), "-", "a regular rules file", kind,
-                              f"put a JSON or TOML rules file there, or fix {key}")
+                              "pass the path of a JSON or TOML rules file" if key is None
+                              else f"put a JSON or TOML rules file there, or fix {key}")
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read(MAX_RULES_FILE_BYTES + 1)
     except OSError as err:
-        raise ConfigError(str(p), "-", "a readable rules file", err.strerror or str(err),
-                          f"fix {key}") from err
+        raise _unreadable(p, err, key) from err
     finally:
         os.close(fd)
     if len(data) > MAX_RULES_FILE_BYTES:
         raise ConfigError(str(p), "-", f"a rules file of at most {MAX_RULES_FILE_BYTES} bytes",
-                          "a larger file", f"split the rules or fix {key}")
+                          "a larger file", "pass the path of a rules file (10,000 rules take "
+                          "about 3 MB)" if key is None else f"split the rules or fix {key}")
     return data
 
 
-def load_rules(path: str | Path, *, key: str = "thresholds.rules_path") -> tuple[Rule, ...]:
+def load_rules(path: str | Path, *, key: str | None = None) -> tuple[Rule, ...]:
     """Parse a rules file; ConfigError names file, rule index and key (`key`: the config key
-    that named the file, for the fix)."""
+    that named the file, for the fix; None: named on the command line)."""
     p = Path(path)
     data = read_rules_file(p, key=key)
     return parse_document(data, source=str(p), toml=p.suffix.lower() == ".toml")
@@ -83,27 +98,34 @@ def parse_document(data: bytes, *, source: str, toml: bool = False) -> tuple[Rul
     if data.startswith(b"\xef\xbb\xbf"):
         raise ConfigError(p, "-", "UTF-8 text without a byte order mark", "a UTF-8 BOM",
                           "save the file as UTF-8 without a BOM")
+    text = decode_utf8(data, p)  # before the parsers: orjson's message names no place
     if toml:
         try:
-            doc = tomllib.loads(data.decode("utf-8"))
-        # ValueError: also an integer past Python's 4,300-digit conversion limit, which
-        # tomllib raises as it is, not as a TOMLDecodeError.
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as err:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
             raise ConfigError(p, "-", "valid TOML", str(err), "fix the syntax") from err
+        # An integer past Python's 4,300-digit conversion limit, which tomllib raises as a
+        # ValueError, not as a TOMLDecodeError (its text says to raise a Python limit).
+        except ValueError as err:
+            raise ConfigError(p, "-", "numbers of at most a few thousand digits",
+                              "a longer one", "shorten it: no rule takes a number that long"
+                              ) from err
         except RecursionError as err:  # tomllib recurses once per nesting level
             raise ConfigError(p, "-", "TOML nested at most a few hundred levels deep",
                               "deeper nesting", "flatten the arrays or tables") from err
     else:
         try:
-            doc = orjson.loads(data)  # refuses nesting past 1024 levels (JSONDecodeError)
+            doc = orjson.loads(text)  # refuses nesting past 1024 levels (JSONDecodeError)
         except orjson.JSONDecodeError as err:
             raise ConfigError(p, "-", "valid JSON", str(err), "fix the syntax") from err
     if isinstance(doc, dict):
         unknown = sorted(set(doc) - {"rules"})
         if unknown:
-            raise ConfigError(p, unknown[0], "only a `rules` array", unknown[0])
+            raise ConfigError(p, unknown[0], "only a `rules` array", unknown[0],
+                              "remove the key (is this the rules file?); "
+                              + table_fix(toml))
         doc = doc.get("rules", [])
-    rules = parse_rules(doc, source=p)
+    rules = parse_rules(doc, source=p, toml=toml)
     check_limits(rules, source=p)
     return rules
 
@@ -115,7 +137,8 @@ def check_limits(rules: Sequence[Rule], *, source: str) -> None:
         if r.repeat_interval_s is not None and r.repeat_interval_s > MAX_REPEAT_S:
             raise ConfigError(source, f"rules[{i}].repeat_interval_s",
                               f"a value <= {MAX_REPEAT_S} (a year)", r.repeat_interval_s,
-                              "0 means never repeat")
+                              f"use a value from 0 to {MAX_REPEAT_S} seconds (0: never "
+                              "repeat), or remove the key for [thresholds] repeat_interval_s")
 
 
 def rule_dict(rule: Rule) -> dict[str, Any]:

@@ -56,7 +56,10 @@ def storm_from(cfg: ThresholdsConfig) -> StormControl:
     return StormControl(per_minute=cfg.channel_per_minute, burst=cfg.channel_burst)
 
 
+FILE_KEY = "thresholds.rules_path"
 API_KEY = "thresholds.api_rules_path"
+# The rules in force are remembered next to the state store (see `from_config`).
+IN_FORCE_KEY = "collector.state_path"
 
 
 def api_rules_path(cfg: ThresholdsConfig, state_path: str | Path) -> Path:
@@ -192,7 +195,8 @@ class RulesSource:
         self.install(self.candidate(name, rules))
 
     def _read(self) -> dict[str, tuple[Rule, ...]]:
-        file_rules = load_rules(self.path) if self.path is not None else ()
+        file_rules = (load_rules(self.path, key=FILE_KEY) if self.path is not None
+                      else ())
         api_rules = (load_rules(self.api_path, key=API_KEY) if self.api_path is not None
                      and self.api_path.exists() else ())
         layers = {**self.layers, "file": file_rules, "api": api_rules}
@@ -220,7 +224,8 @@ class RulesSource:
         self._stamps = self._stamp_now()
         if self.in_force_path is not None and self.in_force_path.exists():
             try:  # what was in force before the restart: its changes retire rules
-                self.index = build_index(load_rules(self.in_force_path), self.settings)
+                self.index = build_index(load_rules(self.in_force_path, key=IN_FORCE_KEY),
+                                         self.settings)
             except ConfigError as err:
                 log.warning("remembered rules unreadable", extra={"error": str(err)})
         if self.path is None and self.api_path is None:

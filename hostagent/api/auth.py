@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import jwt
@@ -22,6 +21,7 @@ from hostagent.api.problems import Problem
 from hostagent.api.token_shape import shape_error
 from hostagent.config.schema import ApiConfig
 from hostagent.errors import ConfigError
+from hostagent.file_read import read_regular
 from hostagent.owners.accounts import normalize_address
 
 FAMILIES = {
@@ -83,6 +83,9 @@ def _family_of(key: Any) -> str:
 
 MIN_RSA_BITS = 2048
 MIN_HMAC_BYTES = 32
+# A PEM key, a JWKS or a secret is kilobytes: a bound, so another file put at the path (a
+# device, a log) is refused instead of read whole.
+KEY_FILE_MAX_BYTES = 16 << 20
 
 
 def key_weakness(family: str, key: Any) -> str | None:
@@ -97,7 +100,7 @@ def key_weakness(family: str, key: Any) -> str | None:
 def load_pem_keys(path: str) -> list[VerifyKey]:
     """Every `-----BEGIN PUBLIC KEY-----` block in a PEM file."""
     try:
-        text = Path(path).read_text()
+        text = read_regular(path, KEY_FILE_MAX_BYTES).decode()
         blocks = [b + "-----END PUBLIC KEY-----\n"
                   for b in text.split("-----END PUBLIC KEY-----") if "-----BEGIN" in b]
         out = []
@@ -127,7 +130,7 @@ def load_jwks(path: str) -> list[VerifyKey]:
     try:
         # orjson: strict JSON (no NaN/Infinity), and nesting past 1024 levels is an error,
         # where the stdlib's parser recurses until RecursionError.
-        doc = orjson.loads(Path(path).read_bytes())
+        doc = orjson.loads(read_regular(path, KEY_FILE_MAX_BYTES))
     except OSError as err:
         raise ConfigError(path, "api.jwks_file", "a readable JSON JWKS document",
                           err.strerror or str(err), fix) from err
@@ -224,7 +227,7 @@ def load_credentials(cfg: ApiConfig, verify_keys: Sequence[VerifyKey] = (),
 def load_hmac_secret(path: str) -> VerifyKey:
     """The HMAC secret in `path` (surrounding whitespace stripped), at least 32 bytes."""
     try:
-        secret = Path(path).read_bytes().strip()
+        secret = read_regular(path, KEY_FILE_MAX_BYTES).strip()
     except OSError as err:
         raise ConfigError(path, "-", "a readable secret file", err.strerror or str(err),
                           "point it at a regular file the daemon can read") from err

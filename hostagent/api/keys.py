@@ -18,14 +18,18 @@ import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+from hostagent.config.load import decode_utf8
 from hostagent.errors import ConfigError
+from hostagent.file_read import FileTooLarge, NotRegularFile, read_regular
 
 PREFIX = "hak_"
 SCOPES = ("read", "admin")
 # No key may carry these (the owner of unowned instances); auth adds owners.unassigned.
 RESERVED_PRINCIPALS = frozenset({"unassigned"})
+# A key is ~200 bytes of TOML: far past any real keys file, a bound so that another file put
+# at the path is refused instead of read whole.
+MAX_KEYS_FILE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,48 +69,72 @@ def to_toml(k: StoredKey) -> str:
 
 
 FIX = "write entries with `python -m hostagent.api.keys new --file FILE`"
+TABLE_FIX = ("write each key as a [[keys]] table of id, principal, scopes, salt and sha256, as "
+             "`python -m hostagent.api.keys new --principal NAME --scope read --file FILE` "
+             "writes it")
+SCOPES_FIX = 'write scopes = ["read"] or scopes = ["read", "admin"]'
+
+
+def _read(path: str) -> bytes:
+    """The keys file's bytes. Never blocks: a FIFO at the path is refused (opened
+    non-blocking), where reading it hung check-config and start-up."""
+    try:
+        return read_regular(path, MAX_KEYS_FILE_BYTES)
+    except NotRegularFile as err:
+        raise ConfigError(path, "-", "a regular TOML keys file", "a directory or special file",
+                          "point it at the TOML keys file (" + FIX + ")") from err
+    except FileTooLarge as err:
+        raise ConfigError(path, "-", f"a keys file of at most {MAX_KEYS_FILE_BYTES} bytes",
+                          "a larger file", "point it at the TOML keys file (10,000 keys take "
+                          "about 2 MB)") from err
+    except OSError as err:
+        raise ConfigError(path, "-", "a readable TOML keys file", err.strerror or str(err),
+                          f"create it: {FIX}" if isinstance(err, FileNotFoundError)
+                          else "point it at a regular file the daemon can read") from err
 
 
 def load_keys(path: str) -> dict[str, StoredKey]:
     """Parse the keys file; every defect is a ConfigError naming the file and the entry."""
+    text = decode_utf8(_read(path), path)
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(path, "-", "a readable TOML keys file", err.strerror or str(err),
-                          "point it at a regular file the daemon can read") from err
-    except UnicodeDecodeError as err:
-        raise ConfigError(path, "-", "UTF-8 TOML text", "undecodable bytes", FIX) from err
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(path, "-", "valid TOML", str(err), FIX) from err
+        raise ConfigError(path, "-", "valid TOML", str(err),
+                          f"fix the syntax; {TABLE_FIX}") from err
+    except ValueError as err:  # an integer past Python's 4,300 digits: not a TOMLDecodeError
+        raise ConfigError(path, "-", "numbers of at most a few thousand digits", "a longer one",
+                          f"a keys file holds no numbers; {TABLE_FIX}") from err
     except RecursionError as err:  # tomllib recurses once per nesting level
         raise ConfigError(path, "-", "TOML nested at most a few hundred levels deep",
-                          "deeper nesting", FIX) from err
+                          "deeper nesting", TABLE_FIX) from err
     unknown = sorted(set(raw) - {"keys"})
     if unknown:  # another TOML file (the config?) named as the keys file
         raise ConfigError(path, unknown[0], "only [[keys]] tables", unknown[0],
                           f"is this the keys file? {FIX}")
     entries = raw.get("keys", [])
     if not isinstance(entries, list):
-        raise ConfigError(path, "keys", "an array of [[keys]] tables", entries, FIX)
+        raise ConfigError(path, "keys", "an array of [[keys]] tables", entries, TABLE_FIX)
     out: dict[str, StoredKey] = {}
     for i, e in enumerate(entries):
         where = f"keys[{i}]"
         if not isinstance(e, dict):
-            raise ConfigError(path, where, "a [[keys]] table", e, FIX)
+            raise ConfigError(path, where, "a [[keys]] table", e, TABLE_FIX)
         if not isinstance(e.get("scopes"), list) or not all(
                 isinstance(sc, str) for sc in e["scopes"]):
             raise ConfigError(path, f"{where}.scopes", f"an array of scopes among {SCOPES}",
-                              e.get("scopes"), FIX)
+                              e.get("scopes"), SCOPES_FIX)
         try:
             k = StoredKey(str(e["id"]), str(e["principal"]), frozenset(e["scopes"]),
                           bytes.fromhex(e["salt"]), bytes.fromhex(e["sha256"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(path, where, "id, principal, scopes, salt, sha256", e,
-                              FIX) from err
+                              TABLE_FIX) from err
         if not k.principal.strip():
-            raise ConfigError(path, f"{where}.principal", "a non-empty principal", k.principal)
+            raise ConfigError(path, f"{where}.principal", "a non-empty principal", k.principal,
+                              'name who holds the key, e.g. principal = "portal"')
         if not k.scopes <= set(SCOPES) or not k.scopes:
-            raise ConfigError(path, f"{where}.scopes", f"a subset of {SCOPES}", sorted(k.scopes))
+            raise ConfigError(path, f"{where}.scopes", f"a subset of {SCOPES}", sorted(k.scopes),
+                              SCOPES_FIX)
         if k.key_id in out:
             raise ConfigError(path, f"{where}.id", "a key id used once", k.key_id,
                               "remove the duplicate entry (only one can match a key)")

@@ -25,7 +25,7 @@ from hostagent.cli.terminal import one_line
 from hostagent.clock import SystemClock
 from hostagent.config import preflight
 from hostagent.config.load import Config
-from hostagent.errors import StateCorrupt, StateError
+from hostagent.errors import ForeignLog, StateCorrupt, StateError
 from hostagent.store import guard, opening
 from hostagent.store.outbox import Store
 from hostagent.store.schema import SCHEMA_VERSION
@@ -114,6 +114,11 @@ def reset(path: Path, node_id: str, *, force: bool) -> int:
     heartbeat_ns: int | None = None
     try:
         store = _open_existing(path, node_id)
+    except ForeignLog as err:  # the store is intact: moving it aside would lose it for nothing
+        if not force:
+            return _fail(f"{err}; refusing to reset (pass --force to set the store aside "
+                         "anyway)", EXIT_REFUSED)
+        problem = str(err)
     except StateCorrupt as err:
         problem = str(err)
     except StateError as err:

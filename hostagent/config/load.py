@@ -100,13 +100,9 @@ def load(path: str | Path) -> Config:
                           "a file starting with a UTF-8 BOM (EF BB BF)",
                           "save it as UTF-8 without a BOM (most editors: encoding \"UTF-8\", "
                           "not \"UTF-8 with BOM\")")
+    text = decode_utf8(data, str(p))
     try:
-        raw = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError(str(p), "-", "UTF-8 text",
-                          f"undecodable bytes at line {line} (byte {err.start})",
-                          "save the file as UTF-8 (not Latin-1 or UTF-16)") from err
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(str(p), "-", "valid TOML", str(err), "fix the syntax") from err
     except ValueError as err:  # an integer past Python's 4,300 digits: not a TOMLDecodeError
@@ -116,6 +112,18 @@ def load(path: str | Path) -> Config:
         raise ConfigError(str(p), "-", "TOML nested at most a few hundred levels deep",
                           "deeper nesting", "flatten the arrays or tables") from err
     return from_mapping(raw, str(p))
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """`data` as text; ConfigError naming the line and byte of the first one that is not
+    UTF-8 (every file hostagent reads as text: the config, rules, API keys)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(source, "-", "UTF-8 text",
+                          f"undecodable bytes at line {line} (byte {err.start})",
+                          "save the file as UTF-8 (not Latin-1 or UTF-16)") from err
 
 
 def from_mapping(raw: Mapping[str, Any], source: str = "<inline>") -> Config:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import email.utils
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -144,14 +144,24 @@ class Queue(Protocol[R]):
 
 
 class Drain(Generic[R]):
-    """Runs one queue's loop; `wake()` when new rows may be due; `idle` once it found none."""
+    """Runs one queue's loop; `wake()` when new rows may be due; `idle` once it found none,
+    `stalled` while it pauses on a store error; `quiet` (either) is what a stop waits for
+    (`all_quiet`)."""
 
     def __init__(self, queue: Queue[R], clock: Clock) -> None:
         self.queue = queue
         self.clock = clock
         self.idle = False
-        self.idle_changed = trio.Event()
+        self.stalled = False
+        self.idle_changed = trio.Event()  # set (and replaced) whenever it turns quiet
         self._wake = trio.Event()
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing it can do right now: no row due (`idle`), or the store refused its last
+        take or record (`stalled`: the rows stay owed in the store, for the next try or the
+        next start; waiting out the pause sends nothing new)."""
+        return self.idle or self.stalled
 
     def wake(self) -> None:
         """Look for due rows now."""
@@ -161,8 +171,11 @@ class Drain(Generic[R]):
     def _set_idle(self, idle: bool) -> None:
         self.idle = idle
         if idle:
-            self.idle_changed.set()
-            self.idle_changed = trio.Event()
+            self._turned_quiet()
+
+    def _turned_quiet(self) -> None:
+        self.idle_changed.set()
+        self.idle_changed = trio.Event()
 
     async def _wait(self, timeout_s: float | None) -> None:
         with trio.move_on_after(math.inf if timeout_s is None else timeout_s):
@@ -180,6 +193,7 @@ class Drain(Generic[R]):
                     continue
                 now_ns = self.clock.now().wall_ns
                 taken = await q.take(now_ns)
+                self.stalled = False
                 if taken.more:
                     self._set_idle(False)
                     continue
@@ -192,4 +206,25 @@ class Drain(Generic[R]):
                 await q.deliver(taken.rows)
             except StateError as err:
                 q.store_failed(err)
+                self.stalled = True
+                self._turned_quiet()  # a stop need not wait out the pause (`all_quiet`)
                 await self._wait(STORE_ERROR_PAUSE_S)
+
+
+async def all_quiet(drains: Callable[[], Iterable[Drain[Any]]], *,
+                    stalled_too: bool = False) -> None:
+    """Return once every drain `drains()` lists is `idle` or, with `stalled_too`, paused on a
+    store error (`quiet`): what a stop waits for, within the daemon's drain grace, so a send
+    in flight is answered and recorded, not sent again after the restart.
+
+    `stalled_too` is for queues whose unrecorded outcome is lost anyway (webhook endpoints: the
+    row stays due and is POSTed again): an endpoint whose outcome the store could not record (a
+    full disk, a damaged table) held every stop for the whole grace, POSTing the same row
+    again each pause; its row stays owed in the store and goes again, with the same event id,
+    after the restart. The outbox's sinks keep unrecorded acknowledgements for their next
+    take, so waiting through a passing store error spares a resend: not for them."""
+    while True:
+        busy = next((d for d in drains() if not (d.quiet if stalled_too else d.idle)), None)
+        if busy is None:
+            return
+        await busy.idle_changed.wait()

@@ -37,7 +37,7 @@ from hostagent.clock import Clock
 from hostagent.config.load import Config
 from hostagent.config.schema import OutboxConfig
 from hostagent.delivery import metrics as em
-from hostagent.delivery.drain import Drain
+from hostagent.delivery.drain import Drain, all_quiet
 from hostagent.delivery.sink_queue import SinkQueue
 from hostagent.delivery.sinks.base import Sink
 from hostagent.errors import StateError
@@ -156,10 +156,9 @@ class Delivery:
             self._maint_wake.set()
 
     async def drained(self) -> None:
-        """Return once every sink has found nothing it can send right now."""
-        while not all(d.idle for d in self._drains):
-            busy = next(d for d in self._drains if not d.idle)
-            await busy.idle_changed.wait()
+        """Return once every sink has found nothing it can send right now (`drain.all_quiet`;
+        through store errors: its unrecorded acknowledgements wait for its next take)."""
+        await all_quiet(lambda: self._drains)
 
     def _now_s(self) -> float:
         return self.clock.now().monotonic_ns / 1e9

@@ -13,6 +13,7 @@ an error message or a repr.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -123,12 +124,19 @@ def load_key_file(path: str, *, config_source: str = "<config>") -> Signer:
         # forever (start-up and check-config hung); the S_ISREG check below refuses it.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as err:
+        fix = ("point owners.key_file at the key file itself: a symbolic link is not followed"
+               if err.errno == errno.ELOOP
+               else "create it with a hex secp256k1 key and `chmod 600` it"
+               if err.errno == errno.ENOENT
+               else "make it readable by the daemon's user (its owner, mode 0600)")
         raise ConfigError(config_source, key, "a readable key file", f"{path}: {err.strerror}",
-                          "create it with a hex secp256k1 key and `chmod 600` it") from err
+                          fix) from err
     try:
         st = os.fstat(fd)  # the file we opened, not whatever the path names a moment later
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(config_source, key, "a regular file", path)
+            raise ConfigError(config_source, key, "a regular file", path,
+                              "point owners.key_file at the file holding the node's key as "
+                              "64 hex digits, not a directory or special file")
         if st.st_mode & 0o077:
             raise ConfigError(
                 config_source, key, "a key file readable by its owner only (mode 0600)",
@@ -152,4 +160,6 @@ def load_key_file(path: str, *, config_source: str = "<config>") -> Signer:
         return Signer(bytes.fromhex(text))
     except ValueError as err:
         raise ConfigError(config_source, key, "a valid secp256k1 private key",
-                          f"{path}: out-of-range key (not shown)") from err
+                          f"{path}: out-of-range key (not shown)",
+                          "write the node's own private key: 64 hex digits above zero and below "
+                          "the secp256k1 group order") from err

@@ -122,7 +122,8 @@ def hold(path: Path) -> StoreLock:
     except OSError as err:
         if err.errno in _NO_LOCK_HERE:
             return _unlocked(lock, err)
-        raise StateError(f"{lock}: cannot lock the state store: {err.strerror or err}") from err
+        raise sqlite_tx.no_space(path, err, "cannot create its lock file") or StateError(
+            f"{lock}: cannot lock the state store: {err.strerror or err}") from err
     key = (st.st_dev, st.st_ino)
     with _HELD_LOCK:
         if key in _HELD:  # held by this process already
@@ -183,7 +184,8 @@ def _holder(fd: int) -> str:
     return f" (pid {text})" if text.isdigit() else ""
 
 
-def _iso(ns: int) -> str:
+def iso(ns: int) -> str:
+    """`ns` as an ISO 8601 UTC time to the second."""
     return datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -218,7 +220,7 @@ def before_open(path: Path) -> bool:
         raise StateError(f"{path}: cannot inspect the state store: {err}") from err
     created_ns = read_marker(path)
     if created_ns is not None:
-        raise StateCorrupt(f"{path}: the state store created at {_iso(created_ns)} is gone "
+        raise StateCorrupt(f"{path}: the state store created at {iso(created_ns)} is gone "
                            f"({marker_path(path)} remains); {WAY_OUT}")
     return False
 
@@ -228,8 +230,8 @@ def check_marker(path: Path, created_ns: int) -> bool:
     replaced); True when a marker matches, False when there is none. Writes nothing."""
     marked = read_marker(path)
     if marked is not None and marked != created_ns:
-        raise StateCorrupt(f"{path}: this store was created at {_iso(created_ns)}, but the "
-                           f"store kept here was created at {_iso(marked)}: the file was "
+        raise StateCorrupt(f"{path}: this store was created at {iso(created_ns)}, but the "
+                           f"store kept here was created at {iso(marked)}: the file was "
                            f"replaced; {WAY_OUT} (or, if you restored this store on purpose, "
                            f"delete {marker_path(path)})")
     return marked is not None
@@ -247,7 +249,10 @@ def write_marker(path: Path, created_ns: int) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, marker)
     except OSError as err:
-        raise StateError(f"{marker}: cannot write the store marker: {err}") from err
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise sqlite_tx.no_space(marker, err, "cannot write the store marker") or StateError(
+            f"{marker}: cannot write the store marker: {err}") from err
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hostagent.clock import Clock
-from hostagent.errors import StateCorrupt, StateError
+from hostagent.errors import ForeignLog, StateCorrupt, StateError
 from hostagent.store import guard, schema, sqlite_tx, webhooks
 from hostagent.store.guard import FOREIGN_WAY_OUT, WAY_OUT
 from hostagent.store.schema import APP, OUTBOX_DDL, SCHEMA_VERSION, UPGRADABLE
@@ -135,6 +135,9 @@ def _refuse_sqlite(path: Path, err: sqlite3.Error) -> StateError:
     code = getattr(err, "sqlite_errorcode", 0) & 0xFF
     if code in (sqlite_tx.SQLITE_CORRUPT, sqlite_tx.SQLITE_NOTADB):
         return StateCorrupt(f"{path}: not a usable hostagent state store ({err}); {WAY_OUT}")
+    full = sqlite_tx.no_space(path, err, "cannot open the state store")
+    if full is not None:  # e.g. the -shm index WAL mode creates: "disk I/O error" before
+        return full
     if code == sqlite_tx.SQLITE_READONLY and _journal_left(path):
         return StateError(f"{path}: cannot read the state store: a rollback journal is left "
                           f"beside it ({path.name}{JOURNAL_SUFFIX}: a transaction another "
@@ -205,6 +208,76 @@ def check(c: sqlite3.Connection, path: Path, *, integrity: bool = True) -> Store
     return found
 
 
+def checked(c: sqlite3.Connection, path: Path, *, integrity: bool = True,
+            ) -> tuple[StoredMeta, bool]:
+    """`check`, then the marker's (`guard.check_marker`): the meta, and whether a marker
+    matched. A refusal that the write-ahead log beside the store explains (the file alone
+    passes every check) is refused as the log's (`_foreign_log`), not the store's."""
+    try:
+        found = check(c, path, integrity=integrity)
+        return found, guard.check_marker(path, found.created_ns)
+    except StateCorrupt as err:
+        raise _foreign_log(path, err, integrity, c) or err from err
+
+
+def _another_database(c: sqlite3.Connection, created_ns: int) -> bool:
+    """Whether `c` (the store read through its -wal) reads another database than the file
+    alone, created at `created_ns`: no meta table, another `app`, another `created_ns`. A
+    log that reads as this same store (its own commits damaged it: a wrong schema version, a
+    dropped table) is not foreign: moving it aside would lose those commits, so the damage
+    verdict stands. A read that fails says nothing either way: not foreign."""
+    try:
+        if not c.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+                         ).fetchone():
+            return True
+        meta = dict(c.execute("SELECT key, value FROM meta WHERE key IN ('app', 'created_ns')"
+                              ).fetchall())
+    except sqlite3.Error:
+        return False
+    return meta.get("app") != APP or str(meta.get("created_ns")) != str(created_ns)
+
+
+def _foreign_log(path: Path, refusal: StateCorrupt, integrity: bool,
+                 c: sqlite3.Connection) -> ForeignLog | None:
+    """The refusal to give when the store read without its -wal (``immutable=1``: SQLite then
+    reads the file alone) passes the checks its reading through the -wal (`c`) failed, and
+    that reading is another database (`_another_database`); None when not (or there is no
+    log holding commits): the refusal stands.
+
+    SQLite cannot tell whose a write-ahead log is: any well-formed log beside the file (its
+    own header's checksum and salts, whatever the page size) is read as the file's latest
+    commits, and the first writer checkpoints those pages into the file. Another database's
+    log left or copied beside an intact store made it read as "not a hostagent state store"
+    (or damaged, or replaced), and the way out offered, `store reset`, set the intact store
+    aside; a daemon opening it for writing would have overwritten it."""
+    wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
+    if not sqlite_tx.wal_holds_commits(wal):
+        return None
+    try:
+        alone = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True,
+                                isolation_level=None, check_same_thread=False)
+    except (sqlite3.Error, OSError, ValueError):
+        return None
+    try:
+        found = check(alone, path, integrity=integrity)
+        guard.check_marker(path, found.created_ns)
+    except StateError:
+        return None
+    finally:
+        alone.close()
+    if not _another_database(c, found.created_ns):
+        return None
+    said = str(refusal).removeprefix(f"{path}: ").split("; ", 1)[0]
+    return ForeignLog(
+        f"{path}: the write-ahead log beside the store, {wal.name}, is not this store's: "
+        f"read without it the store is intact (created at {guard.iso(found.created_ns)}), "
+        f"read through it: {said} (SQLite applies any well-formed log it finds beside a "
+        "file, and the first writer would copy its pages into the store); refusing to open "
+        f"it: move {wal.name} and {shm.name} aside (mv {wal} {wal}.foreign; mv {shm} "
+        f"{shm}.foreign) and start again; not `hostagent store reset`, which would set the "
+        "intact store aside")
+
+
 def _meta(path: Path, meta: Mapping[object, object]) -> StoredMeta:
     app = meta.get("app")
     if app != APP:
@@ -249,14 +322,13 @@ def peek(path: Path, *, upgradable: bool = True) -> None:
         return
     conn = sqlite_tx.connect_read_only(path)
     try:
-        found = check(conn, path, integrity=False)
+        found, _ = checked(conn, path, integrity=False)
     finally:
         conn.close()
     if not upgradable and found.schema_version != SCHEMA_VERSION:
         raise StateCorrupt(f"{path}: schema version {found.schema_version} is not "
                            f"{SCHEMA_VERSION}: this hostagent cannot use it (upgrade hostagent, "
                            "or `hostagent store reset` to start afresh)")
-    guard.check_marker(path, found.created_ns)
 
 
 def open_file(path: Path, *, clock: Clock, node_id: str, create: bool, read_only: bool,
@@ -276,8 +348,7 @@ def open_file(path: Path, *, clock: Clock, node_id: str, create: bool, read_only
         _roll_back_journal(path)
     ro = sqlite_tx.connect_read_only(path, may_create_index=not read_only)
     try:
-        found = check(ro, path)
-        marked = guard.check_marker(path, found.created_ns)
+        found, marked = checked(ro, path)
     except BaseException:
         ro.close()
         raise
@@ -289,7 +360,7 @@ def open_file(path: Path, *, clock: Clock, node_id: str, create: bool, read_only
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite_tx.connect(path)
     except (OSError, sqlite3.Error) as err:
-        raise StateError(f"{path}: cannot open the state store: {err}") from err
+        raise _not_opened(path, err, "cannot open the state store") from err
     try:
         found = _prepare(conn, path, found, clock.now().wall_ns, node_id, upgrade, on_upgrade)
         if create and not marked:
@@ -317,15 +388,14 @@ def _create(path: Path, now_ns: int, node_id: str) -> None:
         _remove_new(tmp)  # a creation cut short: never a store
         conn = sqlite_tx.connect(tmp)
     except (OSError, sqlite3.Error) as err:
-        raise StateError(f"{path}: cannot create the state store: {err}") from err
+        raise _not_opened(path, err, "cannot create the state store") from err
     try:
         try:
             _prepare(conn, tmp, None, now_ns, node_id, False, None)
         finally:
             conn.close()  # the last connection: SQLite checkpoints the log into the file
         if sqlite_tx.wal_holds_commits(Path(f"{tmp}-wal")):
-            raise StateError(f"{path}: cannot create the state store: its write-ahead log "
-                             "was not checkpointed on close")
+            raise _not_checkpointed(path)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -336,10 +406,26 @@ def _create(path: Path, now_ns: int, node_id: str) -> None:
         raise StateError(f"{path}: a state store appeared while this one was being created; "
                          "try again") from err
     except (OSError, sqlite3.Error) as err:
-        raise StateError(f"{path}: cannot create the state store: {err}") from err
+        raise _not_opened(path, err, "cannot create the state store") from err
     finally:
         _remove_new(tmp)
     guard.sync_directory(target.parent)
+
+
+def _not_opened(path: Path, err: OSError | sqlite3.Error, what: str) -> StateError:
+    """StoreFull saying "no space left" and the fix when the file system is full (SQLite
+    said "database or disk is full" or "disk I/O error"), else StateError with the error."""
+    return sqlite_tx.no_space(path, err, what) or StateError(f"{path}: {what}: {err}")
+
+
+def _not_checkpointed(path: Path) -> StateError:
+    """A new store's log left holding commits on close: the checkpoint grows the file, and on
+    a full disk it fails unseen (StoreFull: "no space left")."""
+    if sqlite_tx.out_of_room(path):
+        return _not_opened(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                           "cannot create the state store")
+    return StateError(f"{path}: cannot create the state store: its write-ahead log was not "
+                      "checkpointed on close")
 
 
 def _remove_new(tmp: Path) -> None:

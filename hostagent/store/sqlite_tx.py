@@ -5,6 +5,7 @@ error tree; and the read-only connection the start-up checks and the inspecting 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -18,8 +19,10 @@ from hostagent.errors import StateCorrupt, StateError, StoreFull
 
 log = logging.getLogger(__name__)
 
+SQLITE_IOERR = 10
 SQLITE_CORRUPT = 11
 SQLITE_FULL = 13
+SQLITE_CANTOPEN = 14
 SQLITE_NOTADB = 26
 # Errors that say this user may not read (or lock) the file: run as the service user.
 SQLITE_READONLY = 8
@@ -29,6 +32,14 @@ WAL_VERSION = 3007000
 # How long a connection waits for another writer of the state file (the collector's commit,
 # a delivery batch, the webhook store, `hostagent outbox`) before SQLITE_BUSY.
 BUSY_TIMEOUT_S = 30.0
+# Below this much free room (or with no free inode) the file system holding the store counts
+# as full: SQLite's -shm index alone takes 32 KiB, a WAL frame a page, a checkpoint pages more.
+ROOM_MIN_BYTES = 1 << 20
+_NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# SQLite reports a full disk as SQLITE_FULL only where it wrote through its pager; creating or
+# growing the -shm index (SQLITE_IOERR_SHMSIZE), a write or fsync of the log, or creating a
+# file (SQLITE_CANTOPEN) on a full file system read "disk I/O error" / "unable to open".
+_MAYBE_NO_ROOM = frozenset({SQLITE_FULL, SQLITE_IOERR, SQLITE_CANTOPEN})
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -81,7 +92,8 @@ def connect_read_only(path: Path, *, may_create_index: bool = False) -> sqlite3.
         if not may_create_index:
             raise StateError(f"{path}: cannot read the state store without writing: "
                              f"{wal.name} holds commits and {shm.name} is missing (the daemon "
-                             "recovers the log when it next starts)")
+                             "recovers the log when it next starts, or refuses it naming "
+                             "it if it is not this store's)")
         mode = "mode=ro"
     else:
         mode = "mode=ro&immutable=1"
@@ -93,9 +105,60 @@ def connect_read_only(path: Path, *, may_create_index: bool = False) -> sqlite3.
         raise StateError(f"{path}: cannot read the state store: {err}") from err
 
 
+def _room(directory: Path) -> tuple[int, bool] | None:
+    """(bytes free to this user, no inode left) on the file system holding `directory` (or
+    its nearest existing parent); None when that cannot be read."""
+    for at in (directory, *directory.parents):
+        try:
+            st = os.statvfs(at)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        root = os.geteuid() == 0  # root may use the blocks reserved for it
+        blocks, inodes = (st.f_bfree, st.f_ffree) if root else (st.f_bavail, st.f_favail)
+        return blocks * st.f_frsize, st.f_files > 0 and inodes == 0
+    return None
+
+
+def out_of_room(path: Path) -> bool:
+    """Whether the file system holding `path` is full: less than ROOM_MIN_BYTES free to this
+    user, or no inode left."""
+    room = _room(path.parent)
+    return room is not None and (room[0] < ROOM_MIN_BYTES or room[1])
+
+
+def no_space(path: Path, err: BaseException, what: str) -> StoreFull | None:
+    """StoreFull naming the file system, "no space left" and the fix, when `err` comes of the
+    store's file system being full: ENOSPC or EDQUOT, or a SQLite error a full disk causes
+    (SQLITE_FULL, SQLITE_IOERR_*, SQLITE_CANTOPEN) while `out_of_room`. None otherwise: a
+    store that hit its own size cap (`outbox.max_bytes`) on a disk with room, or an I/O error
+    that is not about room."""
+    if isinstance(err, OSError):
+        if err.errno not in _NO_ROOM_ERRNOS:
+            return None
+        said = err.strerror or str(err)
+    elif isinstance(err, sqlite3.Error):
+        code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+        if code not in _MAYBE_NO_ROOM or not out_of_room(path):
+            return None
+        said = f"SQLite: {err}"
+    else:
+        return None
+    room = _room(path.parent)
+    left = ("free room unreadable" if room is None else "no inode left" if room[1]
+            else f"{room[0] // 1024} KiB free")
+    return StoreFull(f"{path}: {what}: no space left on the file system holding it "
+                     f"({path.parent}: {left}; {said}); free space there, or set "
+                     "collector.state_path to a file system with room")
+
+
 def translate(err: sqlite3.Error, path: Path, what: str) -> StateError:
     """The StateError for a SQLite error: disk full and damage get their own classes."""
     code = getattr(err, "sqlite_errorcode", None)
+    full = no_space(path, err, what)
+    if full is not None:
+        return full
     if code is not None and code & 0xFF == SQLITE_FULL:
         return StoreFull(f"{path}: {what}: store or disk full ({err})")
     if code is not None and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):

@@ -200,7 +200,8 @@ class WebhookStore:
                     if stmt.strip():
                         c.execute(stmt)
         except sqlite3.Error as err:
-            raise StateError(f"{self.path}: cannot open webhook tables: {err}") from err
+            raise sqlite_tx.no_space(self.path, err, "cannot open webhook tables") or StateError(
+                f"{self.path}: cannot open webhook tables: {err}") from err
 
     def close(self) -> None:
         """Close this connection."""

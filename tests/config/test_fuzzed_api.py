@@ -43,8 +43,8 @@ def test_bad_api_keys_files_name_the_config_key_and_the_keys_file(
 def test_a_directory_as_keys_file_names_the_config_file(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = check_config(tmp_path, api(tmp_path, api_keys_file=f'"{tmp_path}"'), capsys)
-    assert "[api.api_keys_file] expected a readable TOML keys file (in " in err
-    assert "Is a directory" in err
+    assert "[api.api_keys_file] expected a regular TOML keys file (in " in err
+    assert "a directory or special file" in err and "; fix: " in err
 
 
 @pytest.mark.parametrize(("doc", "found"), [

@@ -105,18 +105,19 @@ class H11Pool:
                 await trio.aclose_forcefully(conn.stream)
                 continue
             try:
-                return await self._exchange(conn, target, body)
+                return await self._exchange(conn, target, body, reused=True)
             except _Stale:
                 continue
         conn = _Conn(await trio.open_tcp_stream(self.host, self.port))
         try:
-            return await self._exchange(conn, target, body)
+            return await self._exchange(conn, target, body, reused=False)
         except _Stale as err:
             raise SinkUnavailable(f"connection closed by the queue: {err}") from None
 
-    async def _exchange(self, conn: _Conn, target: str, body: bytes) -> tuple[int, bytes]:
+    async def _exchange(self, conn: _Conn, target: str, body: bytes, *, reused: bool,
+                        ) -> tuple[int, bytes]:
         c = conn.h11
-        ok = False
+        ok = got_any = False
         try:
             headers = [("Host", self._host_header), ("Content-Type", "application/json"),
                        ("Content-Length", str(len(body)))]
@@ -124,7 +125,7 @@ class H11Pool:
                 h11.Request(method="POST", target=target, headers=headers),
                 h11.Data(data=body), h11.EndOfMessage()))
             await conn.stream.send_all(data)
-            status, reply, got_any = 0, bytearray(), False
+            status, reply = 0, bytearray()
             while True:
                 ev = c.next_event()
                 if ev is h11.NEED_DATA:
@@ -148,6 +149,14 @@ class H11Pool:
                 c.start_next_cycle()
                 ok = len(self._idle) < self.size
             return status, bytes(reply)
+        except trio.BrokenResourceError as err:
+            if reused and not got_any:
+                # The queue closed this idle connection as we reused it (its keep-alive
+                # timeout, or a close right after its last reply, before we saw the FIN):
+                # the kernel answers our write with a reset. Nothing of a reply came, so it
+                # is a stale connection like a clean close: once more on a fresh one.
+                raise _Stale(f"reset before replying ({err})") from None
+            raise
         finally:
             if ok:
                 self._idle.append(conn)
@@ -167,6 +176,10 @@ def _readable(stream: trio.SocketStream) -> bool:
     poller = select.poll()
     poller.register(stream.socket.fileno(), select.POLLIN)
     return bool(poller.poll(0))
+
+
+class _NoAnswer(Exception):  # an internal signal: httpx got no status line (its cause)
+    """The connection closed or reset before any answer."""
 
 
 class _Stale(Exception):  # an internal signal, turned into SinkUnavailable above
@@ -205,15 +218,36 @@ class FormationQueueSink(ConfiguredSink[QueueSinkConfig]):
         return encode_write(event.payload, self.cfg.sub_topic, topic)
 
     async def _post_httpx(self, body: bytes) -> tuple[int, bytes]:
+        """POST through httpx; once more when the first try got no answer at all (the
+        connection closed or reset before a status line): httpx reuses a pooled connection
+        the queue may have closed just then (its keep-alive timeout racing our write), and
+        failed that write as the queue's error, as the h11 pool did (`H11Pool.post`)."""
+        try:
+            return await self._post_httpx_once(body)
+        except _NoAnswer:
+            pass
+        try:
+            return await self._post_httpx_once(body)
+        except _NoAnswer as err:
+            raise err.__cause__ or err from None
+
+    async def _post_httpx_once(self, body: bytes) -> tuple[int, bytes]:
         assert self._client is not None
-        async with self._client.stream("POST", self._url, content=body,
-                                       headers=_HEADERS) as resp:
-            reply = bytearray()
-            async for chunk in resp.aiter_bytes():
-                reply += chunk
-                if len(reply) > MAX_REPLY_BYTES:
-                    raise SinkUnavailable(f"reply larger than {MAX_REPLY_BYTES} bytes")
-            return resp.status_code, bytes(reply)
+        answered = False
+        try:
+            async with self._client.stream("POST", self._url, content=body,
+                                           headers=_HEADERS) as resp:
+                answered = True
+                reply = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    reply += chunk
+                    if len(reply) > MAX_REPLY_BYTES:
+                        raise SinkUnavailable(f"reply larger than {MAX_REPLY_BYTES} bytes")
+                return resp.status_code, bytes(reply)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as err:
+            if answered:
+                raise
+            raise _NoAnswer from err
 
     async def send(self, event: OutEvent) -> None:
         """POST one event; return only on "OpSuccess"."""

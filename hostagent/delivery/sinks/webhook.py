@@ -48,7 +48,14 @@ from hostagent.alerts.routing import UNCLAIMED
 from hostagent.clock import Clock
 from hostagent.config.sinks import WebhookSinkConfig
 from hostagent.delivery.breaker import Breaker
-from hostagent.delivery.drain import Drain, Taken, at_least_s, retry_after_s, round_backoff_s
+from hostagent.delivery.drain import (
+    Drain,
+    Taken,
+    all_quiet,
+    at_least_s,
+    retry_after_s,
+    round_backoff_s,
+)
 from hostagent.delivery.sinks.base import ConfiguredSink
 from hostagent.delivery.ssrf import Guard, Resolver, UrlRefused, system_resolver
 from hostagent.errors import ConfigError, SinkUnavailable, StateError
@@ -214,12 +221,9 @@ class WebhookDispatcher:
     async def drained(self) -> None:
         """Return once every endpoint found nothing it can send right now: a stop waits for
         this (within the daemon's drain grace), so a POST in flight is answered and recorded,
-        not sent again after the restart. Rows waiting for a backoff do not count."""
-        while True:
-            busy = next((d for _, d in self._live.values() if not d.idle), None)
-            if busy is None:
-                return
-            await busy.idle_changed.wait()
+        not sent again after the restart. Rows waiting for a backoff do not count, nor an
+        endpoint paused because its outcome could not be recorded (`drain.all_quiet`)."""
+        await all_quiet(lambda: [d for _, d in self._live.values()], stalled_too=True)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver until cancelled; picks up new and deleted registrations."""

@@ -1,0 +1,38 @@
+"""Reading a small file an operator names (keys, secrets, JWKS) without ever blocking on it.
+
+`Path.read_bytes()` on a FIFO waits for a writer forever: named as a key file, it hung
+`check-config` and the daemon's start. Here the file is opened non-blocking and refused unless
+it is a regular file, and read up to a bound, so that a device or a huge file put at the path is
+refused instead of read whole. Errors are OSError (with a `strerror` to quote), as from
+`open()`, so callers keep their one `except OSError` and its message.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+
+class NotRegularFile(OSError):
+    """The path names a directory, FIFO, socket or device."""
+
+
+class FileTooLarge(OSError):
+    """The file is larger than the reader's bound."""
+
+
+def read_regular(path: str, max_bytes: int) -> bytes:
+    """The bytes of the regular file at `path` (symlinks followed), at most `max_bytes`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file (a directory, FIFO or "
+                                 "device)", path)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise FileTooLarge(errno.EFBIG, f"larger than {max_bytes} bytes", path)
+    return data
