@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from hostagent import heap
+from hostagent import handoff, heap
 from hostagent.accounting.readings import PassReport
 from hostagent.alerts import central, rules_source
 from hostagent.alerts.rules_source import RulesSource
@@ -64,9 +64,11 @@ def _none_held() -> list[int]:
 _LOST = {
     "store": "passes go on in the file the daemon has open and their events are delivered, "
              "but the next start refuses it (deleted) or uses the file now there (replaced)",
-    "write-ahead log": "the commits since the last checkpoint are only in the deleted log: a "
-                       "crash (kill -9, power) would take the store back in time, billing "
-                       "periods again; a clean stop (systemctl restart) writes them in",
+    "write-ahead log": "its commits were copied into the store file (a checkpoint), and so is "
+                       "every pass's commit from now on, before its events are sent: a crash "
+                       "loses at most delivery acknowledgements (those events are sent again "
+                       "with the same event_id); a clean stop (systemctl restart) creates a "
+                       "new log",
 }
 
 
@@ -123,6 +125,7 @@ class Daemon(SignalsAndReload):
     store_lock: guard.StoreLock | None = None  # released once the store is closed
     store_inode: tuple[int, int] | None = None  # the store file opened: (st_dev, st_ino)
     wal_inode: tuple[int, int] | None = None  # and its write-ahead log
+    _log_saved: bool = False  # the log found deleted or replaced was checkpointed
 
     @classmethod
     def build(cls, cfg: Config, *, clock: Clock | None = None,
@@ -301,6 +304,10 @@ class Daemon(SignalsAndReload):
                 return
             self.passes_done += 1
             self._after_pass(report)
+            if self.store.log_lost and not self._log_saved:
+                # Its commits live only in the open, deleted (or replaced) log: into the store
+                # file now, and every pass commit from now on (`Store.checkpoint`).
+                self._log_saved = await handoff.run_sync(self.store.checkpoint)
             if self.stop.is_set():
                 return
 
@@ -354,6 +361,8 @@ class Daemon(SignalsAndReload):
             if now == opened:
                 continue
             lost = f"{what} {'deleted' if now is None else 'replaced'}"
+            if what == "write-ahead log":
+                self.store.log_lost = True
             log.error("state store deleted or replaced while the daemon runs", extra={
                 "path": str(path), "what": lost,
                 "consequence": _LOST[what] + "; stop the daemon (a clean stop) and restore "

@@ -6,6 +6,8 @@ connection, a window that is seconds long on a real host too) or the in-process 
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import signal
 import socket
@@ -329,3 +331,39 @@ def test_a_write_ahead_log_deleted_under_the_running_daemon_is_reported(
     again.signal(signal.SIGTERM)
     assert again.wait() == 0
     assert "state store deleted or replaced" not in again.text()
+
+
+def test_a_write_ahead_log_deleted_then_a_kill_9_loses_nothing(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """`rm state.db-wal`, then kill -9 before any clean stop: the commits since the last
+    checkpoint lived only in the deleted log, so the restart took the store back in time (its
+    baselines and outbox as at creation: periods billed again). Now the daemon checkpoints the
+    log into the store as soon as it sees it gone, and every pass commit after: the restart
+    goes on from the last pass, each instance's periods tiling, no event id reused."""
+    p, cfg = _deleted_under_the_daemon(tmp_path, procs, "state.db-wal")
+    assert "its commits were copied into the store file" in p.text()
+    n = p.text().count('"pass committed"')
+    p.wait_for('"pass committed"', count=n + 2)
+    p.proc.kill()
+    p.proc.wait()
+    again = _start(procs, cfg, tmp_path / "log2")
+    again.wait_for('"pass committed"', count=2)
+    again.signal(signal.SIGTERM)
+    assert again.wait() == 0
+    by_id: dict[str, dict[str, object]] = {}
+    by_instance: dict[str, list[tuple[int, int]]] = {}
+    for line in (tmp_path / "events.jsonl").read_bytes().splitlines():
+        e = json.loads(line)
+        if e.get("event_type") != "resource_usage":
+            continue
+        assert by_id.setdefault(e["event_id"], e) == e, "an event id reused for another event"
+    for e in by_id.values():
+        period = e["period_ns"]
+        assert isinstance(period, dict)
+        by_instance.setdefault(str(e["instance_id"]), []).append(
+            (period["start"], period["end"]))
+    assert len(by_instance) == 20
+    for instance, periods in by_instance.items():
+        periods.sort()
+        for (_, end), (start, _) in itertools.pairwise(periods):
+            assert start == end, (instance, periods)  # no period billed twice, none skipped

@@ -209,7 +209,8 @@ def _check_config(args: argparse.Namespace) -> int:
     store_note = check_store(cfg)
     n_rules = None
     if cfg.thresholds.rules_path:
-        found = rules_file.load_rules(cfg.thresholds.rules_path)
+        found = rules_file.load_rules(cfg.thresholds.rules_path,
+                                      key="thresholds.rules_path")
         channels.check(found, config_routes(cfg.sinks),
                        source=cfg.thresholds.rules_path)
         n_rules = len(found)

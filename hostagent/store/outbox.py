@@ -123,6 +123,10 @@ class Store(PassCommit):
         self._used_seen: int | None = None  # the pages in use, as last seen (near_cap, commits)
         self._commits = 0
         self._room_lock = threading.Lock()
+        # Set by the daemon when the -wal was deleted or replaced under it: every pass commit
+        # is then checkpointed into the store file at once (`checkpoint`), so that what the
+        # store holds never lives only in a log no later start can see.
+        self.log_lost = False
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -192,6 +196,21 @@ class Store(PassCommit):
     def transaction(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction under the store's lock (errors mapped to StateError)."""
         return sqlite_tx.transaction(self._conn, self._lock, self.path, what)
+
+    def checkpoint(self) -> bool:
+        """Copy every commit of the write-ahead log into the store file and sync it (SQLite's
+        TRUNCATE checkpoint, through the open log: it reads a deleted one too); True when it
+        copied all of it. Never raises: it comes after a commit that must stand (logged)."""
+        try:
+            with self._lock:
+                busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as err:
+            log.error("checkpoint failed", extra={"path": str(self.path), "error": str(err)})
+            return False
+        if busy:  # another connection read or wrote for longer than the busy timeout
+            log.warning("checkpoint incomplete: another connection was busy",
+                        extra={"path": str(self.path)})
+        return not busy
 
     @contextmanager
     def reading(self, what: str) -> Iterator[sqlite3.Connection]:

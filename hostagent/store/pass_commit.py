@@ -56,6 +56,12 @@ class PassCommit(StoreReader):
     def transaction(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction under the store's lock (errors mapped to StateError)."""
 
+    log_lost: bool  # the -wal was deleted or replaced: checkpoint every pass commit
+
+    @abstractmethod
+    def checkpoint(self) -> bool:
+        """Copy the write-ahead log into the store file (never raises; True: all of it)."""
+
     @abstractmethod
     def _make_room(self, new: Sequence[tuple[OutEvent, Sequence[str]]], full: StoreFull) -> bool:
         """Make room for a pass whose commit was refused; True when something was freed."""
@@ -130,6 +136,8 @@ class PassCommit(StoreReader):
             if not self._make_room(new, full):
                 raise
             inserted = commit()  # refused again: StoreFull, the pass fails as before
+        if self.log_lost:  # before anything of the pass is sent: in the store file for good
+            self.checkpoint()
         claimed: dict[str, list[Pending]] = {}
         if claimed_at_commit:
             for seq, ev, to in inserted:
