@@ -192,3 +192,39 @@ def test_after_its_close_out_a_later_stale_answer_of_the_process_is_not_billed()
     unreadable = dataclasses.replace(stale, cgroup=_cgroup(None))
     host2 = dataclasses.replace(host, domains=(unreadable,))
     assert tails.ended_while_listed({}, {"a": closed}, host2) == (host2, ())
+
+
+def _anchored(uuid: str, domid: int, t_ns: int, *taps: tuple[str, int]) -> tails.Tail:
+    """A tail anchored at a pass's reading that matched `taps` ((mac, ifindex) each)."""
+    r = dataclasses.replace(reading(uuid, domid, t_ns), netlink_nics={
+        mac: NicCounters(mac, f"tap{ifindex}", ifindex, guest_rx_bytes=t_ns,
+                         guest_tx_bytes=t_ns, source="netlink-stats64")
+        for mac, ifindex in taps})
+    return tails.Tail.of(r)
+
+
+def test_the_watch_moves_when_a_pass_brings_new_tails_or_other_taps() -> None:
+    """The stop watch keeps a deleted tap's final counters only for the taps it follows; a
+    pass must have it follow a NIC hot-plugged into a running VM (same tail key, one tap
+    more) or re-plugged on a new tap (same MAC, another ifindex). Before, only new tail keys
+    moved it: a hot-plugged NIC's unplug was never heard where passes come more often than
+    light samples, and its bytes since the last pass were lost (lab: 67,704 of 68,336)."""
+    one = {("a", 1): _anchored("a", 1, 100 * NS, ("m0", 7))}
+    # the next pass: the same tap, new counters (a new anchor): nothing moves
+    same = {("a", 1): _anchored("a", 1, 101 * NS, ("m0", 7))}
+    assert not tails.watch_moved(one, same)
+    assert not tails.watch_moved(one, {})  # tails closed out: nothing to watch anew
+    assert tails.watch_moved({}, one)  # a new domain
+    assert tails.watch_moved(one, {**same, ("a", 2): _anchored("a", 2, 101 * NS)})
+    # a NIC hot-plugged into the running VM: one tap more under the same key
+    plugged = {("a", 1): _anchored("a", 1, 101 * NS, ("m0", 7), ("m1", 9))}
+    assert tails.watch_moved(one, plugged)
+    assert not tails.watch_moved(plugged, plugged)
+    # re-plugged: the same MAC on a new tap
+    assert tails.watch_moved(one, {("a", 1): _anchored("a", 1, 101 * NS, ("m0", 8))})
+    # unplugged: its tap is gone (the thread drops it from the watch)
+    assert tails.watch_moved(plugged, same)
+    # taps found again where a pass had none (a link dump that failed once)
+    bare = dataclasses.replace(reading("a", 1, 101 * NS), netlink_nics=None)
+    assert tails.watch_moved({("a", 1): tails.Tail.of(bare)}, same)
+    assert tails.watch_moved(same, {("a", 1): tails.Tail.of(bare)})
