@@ -129,6 +129,9 @@ class Collector(HostReads):
         # Called by a pass that finds incarnations gone, before it closes them out: their
         # final counters, read now (hostagent/light_samples.py, `final_samples`).
         self.final_samples: Callable[[list[tails.Key]], Awaitable[None]] | None = None
+        # Whether the stop watch saw an incarnation's cgroup empty (its end, before libvirt
+        # says so: `ended_in_memory`). Thread-safe; set by hostagent/tailing.py.
+        self.ended_seen: Callable[[tails.Key], bool] | None = None
         self.closeouts_total: Counter[str] = Counter()
         self.unattributed: unattributed.UnattributedCpu | None = None
         self._root = HostRoot(cfg.paths.root)
@@ -179,13 +182,16 @@ class Collector(HostReads):
 
     def ended_in_memory(self) -> bool:
         """Some VM ended since the last pass (libvirt's STOPPED, CRASHED or UNDEFINED put a
-        close reason on its tail): what it used since that pass is billed only by a pass.
+        close reason on its tail, or, ~1.5 s before libvirt's event, the stop watch saw its
+        cgroup empty: `ended_seen`): what it used since that pass is billed only by a pass.
 
         Before, a daemon stopped (SIGTERM) between two passes lost those close-outs, as a kill
         -9 does: on the lab a guest destroyed 2 s after a pass and the daemon stopped 0.3 s
         later was billed 3,263.9 of its 3,429.8 ms of CPU and 532 of its 770 bytes of egress,
         though the daemon held the final counters (up to `interval_s` of a VM's usage)."""
-        return any(t.reason is not None for t in self.tails.values())
+        seen = self.ended_seen
+        return any(t.reason is not None or (seen is not None and seen(k))
+                   for k, t in self.tails.items())
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:

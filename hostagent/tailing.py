@@ -131,12 +131,14 @@ class TailTasks(LightSamples):
                 thread.start()
                 self.collector.on_new_tails = self.new_tails
                 self.collector.final_samples = self.final_samples
+                self.collector.ended_seen = self.ended_seen
                 try:
                     task_status.started()
                     await trio.sleep_forever()
                 finally:
                     self.collector.on_new_tails = None
                     self.collector.final_samples = None
+                    self.collector.ended_seen = None
                     stop.set()
                     if self.watch is not None:
                         self.watch.wake()
@@ -150,6 +152,11 @@ class TailTasks(LightSamples):
                 if self.watch is not None:
                     self.watch.close()
                     self.watch = None
+
+    def ended_seen(self, key: tails.Key) -> bool:
+        """Whether the stop watch saw `key`'s cgroup empty (and no process in it since)."""
+        watch = self.watch
+        return watch is not None and watch.has_ended(key)
 
     def health(self) -> dict[str, Any]:
         """The billing tail's counters, for /metrics: samples, VM ends seen at once, whether
