@@ -1,4 +1,5 @@
-"""Reading a small file an operator names (keys, secrets, JWKS) without ever blocking on it.
+"""Files an operator names: reading a small one (keys, secrets, JWKS) without ever blocking on
+it, and saying which link on a path's way loops.
 
 `Path.read_bytes()` on a FIFO waits for a writer forever: named as a key file, it hung
 `check-config` and the daemon's start. Here the file is opened non-blocking and refused unless
@@ -12,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from pathlib import Path
 
 
 class NotRegularFile(OSError):
@@ -36,3 +38,20 @@ def read_regular(path: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise FileTooLarge(errno.EFBIG, f"larger than {max_bytes} bytes", path)
     return data
+
+
+def loop_link(path: Path) -> str:
+    """Which link on `path`'s way loops (the first whose lookup fails with ELOOP), for a
+    message: `/a is a symbolic link loop (-> b): Too many levels of symbolic links`."""
+    for at in (*reversed(path.parents), path):
+        try:
+            os.stat(at)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                break
+            try:
+                target = f" (-> {os.readlink(at)})"
+            except OSError:
+                target = ""
+            return f"{at} is a symbolic link loop{target}: {err.strerror}"
+    return f"a symbolic link loop on the way: {os.strerror(errno.ELOOP)}"

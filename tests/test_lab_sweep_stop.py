@@ -122,6 +122,31 @@ def _wait_for(what: str, ok: object, timeout_s: float = 30) -> None:
         time.sleep(0.05)
 
 
+def _daemon_with_the_guest(tmp_path: Path, guest: str) -> tuple[Path, Path, DaemonProc]:
+    """A daemon passing every 5 s, the guest started after its first pass (billed from zero)
+    and read by a pass, ~1 s after it; (config, log, daemon)."""
+    log = tmp_path / "daemon.log"
+    cfg = write_config(tmp_path, interval_s=5.0)
+    d = DaemonProc(cfg, log)
+    _wait_for("first pass", lambda: _passes(log) >= 1)
+    time.sleep(2)  # the guest starts clearly after the store existed: billed from zero
+    lab_support.start_guest(guest)
+    n = _passes(log)
+    _wait_for("a pass of the guest", lambda: _passes(log) > n)
+    time.sleep(1.0)
+    return cfg, log, d
+
+
+def _billed(tmp_path: Path, guest: str) -> tuple[int, int, int]:
+    """The guest's events, checked (each once, tiling): CPU ns, egress and ingress bytes."""
+    evs = events_for(tmp_path / "events.jsonl", guest)
+    assert evs and len({e["event_id"] for e in evs}) == len(evs)
+    assert_tiles(evs)
+    return (sum(e["metrics"]["cpu_ns"] for e in evs),
+            sum(round(e["metrics"]["network_egress_mb"] * 2**20) for e in evs),
+            sum(round(e["metrics"]["network_ingress_mb"] * 2**20) for e in evs))
+
+
 @pytest.mark.lab
 def test_a_daemon_stopped_after_a_destroy_bills_the_vm_to_its_final_counters(
         tmp_path: Path, guest: str) -> None:
@@ -130,16 +155,8 @@ def test_a_daemon_stopped_after_a_destroy_bills_the_vm_to_its_final_counters(
     its final cgroup CPU (read by this test until the cgroup goes) and its tap's final bytes."""
     from tests.test_lab_billing_tail import TapEnd
 
-    log = tmp_path / "daemon.log"
-    cfg = write_config(tmp_path, interval_s=5.0)
-    d = DaemonProc(cfg, log)
+    cfg, log, d = _daemon_with_the_guest(tmp_path, guest)
     try:
-        _wait_for("first pass", lambda: _passes(log) >= 1)
-        time.sleep(2)  # the guest starts clearly after the store existed: billed from zero
-        lab_support.start_guest(guest)
-        n = _passes(log)
-        _wait_for("a pass of the guest", lambda: _passes(log) > n)
-        time.sleep(1.0)
         fd = os.open(lab_support.vm_cgroup_v2_dir(guest) / "cpu.stat", os.O_RDONLY)
         final_usec = [0]
 
@@ -168,12 +185,7 @@ def test_a_daemon_stopped_after_a_destroy_bills_the_vm_to_its_final_counters(
         _wait_for("two passes after the restart", lambda: _passes(log) >= n + 2)
     finally:
         assert d.stop() == 0
-    evs = events_for(tmp_path / "events.jsonl", guest)
-    assert evs and len({e["event_id"] for e in evs}) == len(evs)
-    assert_tiles(evs)
-    cpu = sum(e["metrics"]["cpu_ns"] for e in evs)
-    egress = sum(round(e["metrics"]["network_egress_mb"] * 2**20) for e in evs)
-    ingress = sum(round(e["metrics"]["network_ingress_mb"] * 2**20) for e in evs)
+    cpu, egress, ingress = _billed(tmp_path, guest)
     print(f"cpu billed {cpu / 1e6:.3f} of {final_usec[0] / 1e3:.3f} ms; egress {egress} of {rx}; "
           f"ingress {ingress} of {tx}")
     assert final_usec[0] > 0 and not reader.is_alive()
@@ -190,16 +202,8 @@ def test_a_daemon_stopped_after_qemu_died_before_libvirt_said_so_bills_it_all(
     tiled. Before, only a close reason from libvirt counted, and this stop lost the tail."""
     from tests.test_lab_billing_tail import TapEnd
 
-    log = tmp_path / "daemon.log"
-    cfg = write_config(tmp_path, interval_s=5.0)
-    d = DaemonProc(cfg, log)
+    cfg, log, d = _daemon_with_the_guest(tmp_path, guest)
     try:
-        _wait_for("first pass", lambda: _passes(log) >= 1)
-        time.sleep(2)  # the guest starts clearly after the store existed: billed from zero
-        lab_support.start_guest(guest)
-        n = _passes(log)
-        _wait_for("a pass of the guest", lambda: _passes(log) > n)
-        time.sleep(1.0)
         fd = os.open(lab_support.vm_cgroup_v2_dir(guest) / "cpu.stat", os.O_RDONLY)
         end = TapEnd(f"{lab_support.TAP_PREFIX}{SLOT}")
         pid = lab_support.qemu_pid(guest)
@@ -220,12 +224,7 @@ def test_a_daemon_stopped_after_qemu_died_before_libvirt_said_so_bills_it_all(
         _wait_for("two passes after the restart", lambda: _passes(log) >= n + 2)
     finally:
         assert d.stop() == 0
-    evs = events_for(tmp_path / "events.jsonl", guest)
-    assert evs and len({e["event_id"] for e in evs}) == len(evs)
-    assert_tiles(evs)
-    cpu = sum(e["metrics"]["cpu_ns"] for e in evs)
-    egress = sum(round(e["metrics"]["network_egress_mb"] * 2**20) for e in evs)
-    ingress = sum(round(e["metrics"]["network_ingress_mb"] * 2**20) for e in evs)
+    cpu, egress, ingress = _billed(tmp_path, guest)
     print(f"cpu billed {cpu / 1e6:.3f} of {final_usec / 1e3:.3f} ms; egress {egress} of {rx}; "
           f"ingress {ingress} of {tx}")
     assert cpu == final_usec * 1000

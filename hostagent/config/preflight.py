@@ -32,6 +32,7 @@ from hostagent.config import sink_checks
 from hostagent.config.load import Config
 from hostagent.config.sinks import EmailSinkConfig, JsonlSinkConfig, QueueSinkConfig
 from hostagent.errors import ConfigError
+from hostagent.file_read import loop_link
 
 
 def check(cfg: Config) -> None:
@@ -167,21 +168,8 @@ def check_store_reachable(source: str, path: str) -> None:
 
 def _loop_error(source: str, key: str, path: Path) -> ConfigError:
     """The error for a path whose lookup loops, naming the first link on the way that does."""
-    where = "a symbolic link on the way loops"
-    for at in (*reversed(path.parents), path):
-        try:
-            os.stat(at)
-        except OSError as err:
-            if err.errno != errno.ELOOP:
-                break
-            try:
-                where = f"{at} is a symbolic link loop (-> {os.readlink(at)})"
-            except OSError:
-                where = f"{at} is a symbolic link loop"
-            break
     return ConfigError(source, key, "a path without a symbolic link loop", str(path),
-                       f"{where}: {os.strerror(errno.ELOOP)}; repoint or remove the link, or "
-                       "name another path")
+                       f"{loop_link(path)}; repoint or remove the link, or name another path")
 
 
 def _stat(p: Path) -> os.stat_result | None:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from hostagent.clock import Clock
 from hostagent.errors import ForeignLog, StateCorrupt, StateError
+from hostagent.file_read import loop_link
 from hostagent.store import guard, schema, sqlite_tx, webhooks
 from hostagent.store.guard import FOREIGN_WAY_OUT, WAY_OUT
 from hostagent.store.schema import APP, OUTBOX_DDL, SCHEMA_VERSION, UPGRADABLE
@@ -107,27 +108,11 @@ def check_reachable(path: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as err:
-        why = _loop(path) if err.errno == errno.ELOOP else err.strerror or str(err)
+        why = loop_link(path) if err.errno == errno.ELOOP else err.strerror or str(err)
         fix = ("run it as the service user (runuser -u hostagent --) or root"
                if err.errno in (errno.EACCES, errno.EPERM)
                else "fix the path on the way or collector.state_path")
         raise StateError(f"{path}: cannot reach the state store: {why}; {fix}") from err
-
-
-def _loop(path: Path) -> str:
-    """Which link on `path`'s way loops (the first whose lookup fails with ELOOP)."""
-    for at in (*reversed(path.parents), path):
-        try:
-            os.stat(at)
-        except OSError as err:
-            if err.errno != errno.ELOOP:
-                break
-            try:
-                target = f" (-> {os.readlink(at)})"
-            except OSError:
-                target = ""
-            return f"{at} is a symbolic link loop{target}: {err.strerror}"
-    return f"a symbolic link loop on the way: {os.strerror(errno.ELOOP)}"
 
 
 def _refuse_sqlite(path: Path, err: sqlite3.Error) -> StateError:

@@ -17,18 +17,13 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from hostagent.clock import SystemClock
-from hostagent.config.sinks import BreakerConfig, WebhookSinkConfig
+from hostagent.config.sinks import BreakerConfig
 from hostagent.delivery.breaker import Breaker
 from hostagent.delivery.drain import STORE_ERROR_PAUSE_S, Drain, Taken, all_quiet
-from hostagent.delivery.sinks.webhook import WebhookDispatcher
 from hostagent.errors import StateError
-from hostagent.store.webhooks import WebhookStore
 from tests.clocks import FakeClock, TrioClock
-from tests.standins.queue import usage_event
-from tests.standins.webhook_receiver import WebhookReceiver
 from tests.store.test_guard import used_store
-from tests.store.test_sweep_damage import FAST, damage
+from tests.store.test_sweep_damage import stuck_on_an_unrecordable_row
 
 
 class Unrecordable:
@@ -78,27 +73,10 @@ async def test_stopping_a_webhook_endpoint_stuck_on_an_unrecordable_row_is_promp
         tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     used_store(path, FakeClock())
-    receiver = WebhookReceiver().start()
-    hooks = WebhookStore(path, SystemClock())
-    try:
-        hooks.register(receiver.url, ["metrics"])
-        assert hooks.fan_out(usage_event("i0", 0)) == 1
-        damage(path, "ALTER TABLE webhook_deliveries DROP COLUMN done_ns")  # records fail
-        cfg = WebhookSinkConfig(allow_list=("127.0.0.1",), retry=FAST, timeout_s=2.0,
-                                breaker=BreakerConfig(failure_threshold=3, reset_timeout_s=60))
-        dispatcher = WebhookDispatcher(cfg, hooks, SystemClock())
-        async with trio.open_nursery() as nursery:
-            await nursery.start(dispatcher.run)
-            with trio.fail_after(10):  # the first POST (a loaded machine may take a while)
-                while not receiver.received:  # noqa: ASYNC110 - the receiver is a thread
-                    await trio.sleep(0.01)
-            # what the daemon's stop waits for, within its drain grace (5 s): it waited it all
-            with trio.fail_after(STORE_ERROR_PAUSE_S * 3):
-                await dispatcher.drained()
-            nursery.cancel_scope.cancel()
-        assert 1 <= len(receiver.received) <= 3
-    finally:
-        hooks.close()
-        receiver.stop()
+    async with stuck_on_an_unrecordable_row(path) as (receiver, dispatcher):
+        # what the daemon's stop waits for, within its drain grace (5 s): it waited it all
+        with trio.fail_after(STORE_ERROR_PAUSE_S * 3):
+            await dispatcher.drained()
+    assert 1 <= len(receiver.received) <= 3
     with contextlib.closing(sqlite3.connect(path)) as c:  # still owed: sent again later
         assert c.execute("SELECT status FROM webhook_deliveries").fetchall() == [("pending",)]

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -108,13 +109,12 @@ def test_a_damaged_delivery_row_is_a_store_error_not_a_crash(
         hooks.close()
 
 
-async def test_an_outcome_the_store_cannot_record_pauses_the_endpoint(
-        tmp_path: Path, clock: FakeClock) -> None:
-    # The receiver answers 200, but the row cannot be marked delivered (here a column dropped
-    # under the running daemon; a full disk does the same): the row stayed due, and the
-    # endpoint got the same event again in a tight loop, thousands of POSTs a second.
-    path = tmp_path / "state.db"
-    used_store(path, clock)
+@contextlib.asynccontextmanager
+async def stuck_on_an_unrecordable_row(path: Path) -> AsyncIterator[
+        tuple[WebhookReceiver, WebhookDispatcher]]:
+    """A running webhook dispatcher (cancelled on exit) whose one row cannot be marked
+    delivered (a column dropped under it; a full disk does the same), after its first POST;
+    (the receiver, the dispatcher)."""
     receiver = WebhookReceiver().start()
     hooks = WebhookStore(path, SystemClock())
     try:
@@ -129,12 +129,22 @@ async def test_an_outcome_the_store_cannot_record_pauses_the_endpoint(
             with trio.fail_after(10):  # the first POST (a loaded machine may take a while)
                 while not receiver.received:  # noqa: ASYNC110 - the receiver is a thread
                     await trio.sleep(0.01)
-            await trio.sleep(1.5)
+            yield receiver, dispatcher
             nursery.cancel_scope.cancel()
-        assert len(receiver.received) <= 3  # one POST a pause (drain.STORE_ERROR_PAUSE_S)
     finally:
         hooks.close()
         receiver.stop()
+
+
+async def test_an_outcome_the_store_cannot_record_pauses_the_endpoint(
+        tmp_path: Path, clock: FakeClock) -> None:
+    # The receiver answers 200, but the row cannot be marked delivered: the row stayed due,
+    # and the endpoint got the same event again in a tight loop, thousands of POSTs a second.
+    path = tmp_path / "state.db"
+    used_store(path, clock)
+    async with stuck_on_an_unrecordable_row(path) as (receiver, _):
+        await trio.sleep(1.5)
+    assert len(receiver.received) <= 3  # one POST a pause (drain.STORE_ERROR_PAUSE_S)
 
 
 def test_a_dangling_link_at_the_state_path_gets_the_store_where_it_points(
