@@ -20,6 +20,7 @@ from hostagent.model import MAX_OWNER_ID_CHARS, usable_owner_id
 ROLES: Final = frozenset({"Owner", "Manager", "Operator", "ReadOnly"})
 _ADDRESS = re.compile(r"(?:0[xX])?[0-9a-fA-F]{40}")
 SNIPPET_BYTES = 200
+CLIP_CHARS = 120  # of an id or a path quoted in an error message
 
 
 def normalize_address(address: str) -> str:
@@ -76,8 +77,25 @@ def json_body(body: bytes) -> Any:
         raise OwnerLookupError(f"malformed JSON ({err}): {snippet(body)}") from err
 
 
+def clip(text: str, limit: int = CLIP_CHARS) -> str:
+    """`text` cut to `limit` characters for an error message, saying how long it was: a
+    2 MB instance id once became a 2 MB log line and /health `last_error`."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text)} characters)"
+
+
+def one_line(text: str) -> str:
+    """The first SNIPPET_BYTES characters of a server's text, on one line: whitespace runs
+    become one space and other control characters escapes (an HTML error page, an ESC)."""
+    flat = " ".join(text[:SNIPPET_BYTES].split())
+    if flat.isprintable():
+        return flat
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in flat)
+
+
 def snippet(body: bytes) -> str:
-    return body[:SNIPPET_BYTES].decode("utf-8", "replace")
+    return one_line(body[:SNIPPET_BYTES].decode("utf-8", "replace"))
 
 
 def envelope(doc: Any) -> dict[str, Any]:
@@ -87,7 +105,7 @@ def envelope(doc: Any) -> dict[str, Any]:
     if ok is not True:
         err = doc.get("error")
         if ok is False:
-            raise OwnerLookupError(f"success: false: {str(err)[:SNIPPET_BYTES]}")
+            raise OwnerLookupError(f"success: false: {one_line(str(err))}")
         raise bad_field("success", "true", ok)
     return doc
 
@@ -125,7 +143,8 @@ def parse_account(raw: Any, where: str = "account") -> tuple[Account, int]:
             raise bad_field(f"{where}.authorized_instances", "an object", auth_raw)
         for iid, role in auth_raw.items():
             if not isinstance(role, str):
-                raise bad_field(f"{where}.authorized_instances[{iid!r}]", "a role string", role)
+                raise bad_field(f"{where}.authorized_instances[{clip(repr(iid))}]",
+                                "a role string", role)
             if role in ROLES:
                 auth[iid] = role
             else:  # a role added upstream later must not stop billing
@@ -193,7 +212,7 @@ def parse_by_build_id(body: bytes) -> tuple[InstanceRecord, ...]:
     """`GET instance/<build_id>/get_by_build_id` body (`{"Success": {"List": [...]}}`)."""
     doc = json_body(body)
     if isinstance(doc, dict) and "Failure" in doc:
-        raise OwnerLookupError(f"Failure: {str(doc['Failure'])[:SNIPPET_BYTES]}")
+        raise OwnerLookupError(f"Failure: {one_line(str(doc['Failure']))}")
     ok = doc.get("Success") if isinstance(doc, dict) else None
     items = ok.get("List") if isinstance(ok, dict) else None
     if not isinstance(items, list):
