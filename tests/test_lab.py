@@ -307,6 +307,7 @@ def test_sigterm_while_a_qemu_is_stopped_exits_cleanly(tmp_path: Path, lab_guest
         assert time.monotonic() - t0 < 10
     finally:
         os.kill(pid, signal.SIGCONT)
+        d.stop(signal.SIGKILL)  # failed before its stop: never a daemon left running
     assert_tiles(events_for(path, lab_guests[0]))
 
 

@@ -165,7 +165,8 @@ def account(
         users = {iid: (None if o.user_id == settings.unassigned else o.user_id)
                  for iid, o in who.items()}
         ev = threshold_state.evaluate(rules, usages, users, states, now_ns, gate=gate,
-                                      removed_instances=removed, retired=dict(retired or {}))
+                                      removed_instances=removed, retired=dict(retired or {}),
+                                      ended=closed.keys())  # their alerts resolve
         out.extend(violations.route(ev.transitions, who, settings.node_id,
                                 time_format=settings.time_format, unassigned=settings.unassigned))
         changes, states = ev.changes, ev.states

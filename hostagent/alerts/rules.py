@@ -312,6 +312,16 @@ def _replace_id(rule: Rule, rid: str) -> Rule:
                 rule.for_passes, rule.repeat_interval_s)
 
 
+def unit_factor(rule: Rule) -> float:
+    """How many of `rule.measure_unit` one of its written `unit` is (1 for a percentage)."""
+    if rule.kind == "percent":
+        return 1.0
+    entry = _UNITS[rule.resource].get(rule.unit.strip().upper())
+    if entry is not None:
+        return entry[1]
+    return rule.threshold / rule.value if rule.value else 1.0  # not built by parse_rule
+
+
 def _check_unit(resource: Resource, kind: Kind, value: float, unit_raw: str, source: str,
                 i: int, key: str, toml: bool) -> tuple[float, str, str]:
     u = unit_raw.strip().upper()

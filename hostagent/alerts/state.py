@@ -124,7 +124,10 @@ def next_status(prev: Status, breaches: int, value: float, lv: Levels) -> tuple[
         breaches += 1
         if prev == "exceeded" or breaches >= lv.for_passes:
             return "exceeded", 0
-        return "approaching", breaches
+        # Counting up to `for_passes`: that is approaching only where the rule has an
+        # approaching level. With approaching_fraction = 1 ("no approaching state") it once
+        # notified `approaching` (and then `resolved`) for every breach shorter than for_passes.
+        return ("approaching" if lv.approach < lv.threshold else "ok"), breaches
     if prev == "exceeded" and value >= lv.resolve:
         return "exceeded", 0  # hysteresis: still firing
     if value >= lv.approach and lv.approach < lv.threshold:
@@ -160,8 +163,11 @@ def step(rule: Rule, lv: Levels, prev: AlertState | None, instance_id: str,
     elif (status == "exceeded" and lv.repeat_ns > 0 and prev.notified_ns is not None
           and now_ns - prev.notified_ns >= lv.repeat_ns):
         kind = "repeat"
-    new = AlertState(rule.id, instance_id, status, breaches, since, prev.notified,
-                     prev.notified_ns, prev.suppressed, kept)
+    if kind is None and status == prev.status and breaches == prev.breaches:
+        new = prev  # a firing alert that goes on firing (most rows): nothing to build or write
+    else:
+        new = AlertState(rule.id, instance_id, status, breaches, since, prev.notified,
+                         prev.notified_ns, prev.suppressed, kept)
     suppressed = False
     if kind is not None:
         fp = fingerprint(rule.id, instance_id)
@@ -174,19 +180,25 @@ def step(rule: Rule, lv: Levels, prev: AlertState | None, instance_id: str,
         else:
             new = AlertState(rule.id, instance_id, status, breaches, since, status, now_ns, 0,
                              kept)
-    if new.status == "ok" and new.notified == "ok" and new.breaches == 0:
+    if (new.status == "ok" and new.notified == "ok" and new.breaches == 0
+            and (new.notified_ns is None or now_ns - new.notified_ns >= cooldown_ns)):
         return None, kind, suppressed
+    # A resolved alert keeps its row while its cooldown runs: dropped at once, it forgot when
+    # it last notified, and a VM flapping across the threshold every pass got its `exceeded`
+    # one pass after each `resolved`, whatever `cooldown_s` said.
     return new, kind, suppressed
 
 
 def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str | None],
              states: Mapping[str, AlertState], now_ns: int, *, gate: Gate | None = None,
              removed_instances: Iterable[str] = (),
-             retired: Mapping[str, Rule] | None = None) -> Evaluation:
+             retired: Mapping[str, Rule] | None = None,
+             ended: Iterable[str] = ()) -> Evaluation:
     """One pass: the rules that apply to each usage → notifications + state changes.
 
-    `owners` maps instance → user_id (None or absent: unknown; then only instance and wildcard
-    rules apply). Per instance and measure, only rules whose level the value reaches are
+    `owners` maps instance → user_id (None or absent: unknown; then only the rules of user
+    `*` apply, the instance's own and the wildcard ones: a user's rule never reaches an
+    unassigned instance). Per instance and measure, only rules whose level the value reaches are
     visited (bisect), plus the rules with an open alert for that instance (so it can resolve).
     `retired`: rules deleted or changed since the last pass (their old definitions): an alert
     of one that consumers were told about resolves now, with the reason, and its state starts
@@ -194,6 +206,10 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
     on an instance now known to be another user's ends too ("owner changed", the notice for
     the rule's user); an unknown owner changes nothing. Other states of rules no longer in the
     index, and of removed instances, are dropped silently.
+    `ended`: instances whose domain ended in this pass (stopped, destroyed, migrated away) and
+    that do not run now; their usage here is their last. After it, each of their alerts that
+    consumers were told about resolves ("instance stopped"), and their states go: an alert
+    of a VM that is no more does not stay open.
     """
     cooldown_ns = int(index.settings.cooldown_s * NS_PER_S)
     levels, by_id = index.levels, index.by_id
@@ -217,20 +233,32 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
         lv = levels[rule.id]
         new, kind, held = step(rule, lv, prev, iid, value, now_ns, cooldown_ns, gate)
         suppressed += held
-        if new != prev:
+        if new is not prev and new != prev:
             changes[fp] = None if new is None else new.to_bytes()
+            # An instance may report twice in one pass (the close-out of the incarnation that
+            # ended, then the new one's first period): the second usage steps on from the
+            # first's state. It once stepped from the pass's starting state again: a second
+            # `exceeded` for one crossing, or a `resolved` whose alert was then dropped while
+            # the new incarnation's value still fired.
+            inst = open_by_inst.setdefault(iid, {})
             if new is None:
                 out_states.pop(fp, None)
+                inst.pop(rule.id, None)
             else:
                 out_states[fp] = new
+                inst[rule.id] = new
         if kind is not None and value is not None:
             transitions.append(Transition(fp, rule, u, kind, prev.notified if prev else "ok",
                                           new or _ok(rule.id, iid, now_ns, value), value, lv,
                                           prev.suppressed if prev else 0))
 
+    stopped = set(ended)
+    last_usage: dict[str, Usage] = {}
     for u in usages:
         iid = u.instance_id
         user = owners.get(iid)
+        if iid in stopped:
+            last_usage[iid] = u
         opened = open_by_inst.get(iid, {})
         for rid, old in (retired or {}).items():
             prev = opened.pop(rid, None)
@@ -265,7 +293,7 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
                         continue
                     done.add(rule.id)
                     visit(rule, u, value, opened.get(rule.id))
-        for rid, prev in opened.items():
+        for rid, prev in list(opened.items()):  # visit() updates `opened`
             held_rule = by_id.get(rid)
             if rid in done or held_rule is None:
                 continue
@@ -274,6 +302,7 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
                     fp = fingerprint(rid, iid)
                     changes[fp] = None
                     out_states.pop(fp, None)
+                    opened.pop(rid, None)
                     if prev.notified != "ok":
                         transitions.append(Transition(
                             fp, held_rule, u, "resolved", prev.notified,
@@ -283,6 +312,19 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
             key = (held_rule.resource, held_rule.measure_unit)
             value = cache[key] if key in cache else measure_value(key[0], key[1], u)
             visit(held_rule, u, value, prev)
+    if last_usage:
+        for fp, st in list(out_states.items()):
+            final = last_usage.get(st.instance_id)
+            stopped_rule = by_id.get(st.rule_id)
+            if final is None or stopped_rule is None:
+                continue
+            del out_states[fp]
+            changes[fp] = None
+            if st.notified != "ok":  # never held back: there is no later pass to send it
+                transitions.append(Transition(
+                    fp, stopped_rule, final, "resolved", st.notified,
+                    _ok(st.rule_id, st.instance_id, now_ns, st.value), st.value,
+                    levels[st.rule_id], st.suppressed, "instance stopped"))
     gone = set(removed_instances)
     for fp, st in list(out_states.items()):
         if st.rule_id not in levels or st.instance_id in gone:

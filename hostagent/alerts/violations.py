@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from hostagent.accounting.events import TimeFormat, exact, render_time
-from hostagent.alerts.rules import Rule
+from hostagent.alerts.rules import Rule, unit_factor
 from hostagent.alerts.state import Transition
 from hostagent.model import OutEvent, Owner
 
@@ -60,10 +60,11 @@ def alert_event_id(host: str, fp: str, kind: str, at_ns: int) -> str:
 
 
 def _in_rule_unit(rule: Rule, measured: float) -> float:
-    """A measured value (bytes, bytes/s, percent...) back in the unit the rule was written in."""
-    if rule.kind == "percent" or rule.threshold == 0 or rule.value == 0:
-        return measured
-    return measured * rule.value / rule.threshold
+    """A measured value (bytes, bytes/s, percent...) back in the unit the rule was written in.
+
+    By the unit's factor, not threshold ÷ value: a 0 GB threshold once reported its
+    `current_value` in bytes under `"unit": "GB"`."""
+    return measured / unit_factor(rule)
 
 
 def channels_of(rule: Rule) -> tuple[str, ...]:

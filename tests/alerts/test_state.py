@@ -59,11 +59,12 @@ def test_repeat_interval() -> None:
 
 
 def test_cooldown_holds_back_and_catches_up() -> None:
-    got, states = run([90, 10, 90, 10, 10, 10, 10], ti.Settings(cooldown_s=100,
-                                                                repeat_interval_s=0))
+    got, states = run([90, 10, 90, 10, 10, 10, 10, 10, 10], ti.Settings(cooldown_s=100,
+                                                                        repeat_interval_s=0))
     # exceeded at 0; the flaps inside 100 s are held back; at pass 4 (120 s) the latest status
     # (ok) is sent with the count of what was held back.
     assert got == [(0, "exceeded"), (4, "resolved")]
+    # the resolved alert's row stays while its cooldown runs (to 220 s), then goes (pass 8)
     assert states == {}
 
 
