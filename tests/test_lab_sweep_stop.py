@@ -21,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from hostagent.accounting.closeout import LightReading
 from hostagent.accounting.lifecycle import LifecycleEvent, LifecycleKind
+from hostagent.collector import Collector
+from hostagent.store.outbox import Store
 from hostagent.tailing import TailTasks
 from tests import lab_support
 from tests.replay import Host
@@ -31,18 +34,14 @@ from tests.test_lab import DaemonProc, assert_tiles, events_for, write_config
 SLOT = 98  # tap hatap98; no other test uses it
 
 
-async def test_a_stop_between_passes_commits_the_close_out_of_a_vm_that_ended(
-        tmp_path: Path) -> None:
-    """Not a lab test: the recorded lab host. A stop while the pass waits for its tick runs
-    no pass (None), unless a VM ended since the last one: then one pass commits its
-    close-out (before: None, and the close-out was lost with the daemon)."""
+async def _one_vm_gone(tmp_path: Path) -> tuple[Host, Collector, Store, TailTasks, str,
+                                                  LightReading]:
+    """The recorded lab host after a pass and a light sample, one VM then gone from libvirt's
+    list; (host, collector, store, tail tasks, the VM's uuid, its last light reading)."""
     host = Host(tmp_path, "lab-hybrid")
     coll, store = make_collector(host, tmp_path)
     tail = TailTasks(coll, clock=host.clock)
-    first = await coll.run_pass()
-    assert first.committed
-    due_s = time.monotonic() + 3600
-    assert await coll.run_pass_at(due_s, stop=lambda: True) is None  # nothing ended
+    assert (await coll.run_pass()).committed
     host.move_to_t1()
     assert await tail.sample(None) == len(host.bulk("t0"))
     gone = host.conn._domains()[0][0].UUIDString()
@@ -51,18 +50,39 @@ async def test_a_stop_between_passes_commits_the_close_out_of_a_vm_that_ended(
     real = host.conn._domains
     host.conn._domains = lambda: [(d, s) for d, s in real()  # type: ignore[method-assign]
                                   if d.UUIDString() != gone]
-    await tail.on_event(LifecycleEvent(gone, "x", -1, LifecycleKind.STOPPED, "DESTROYED",
-                                       host.clock.now().wall_ns, 0))
-    assert coll.ended_in_memory()
     host.clock.advance(1.0)
+    return host, coll, store, tail, gone, last
+
+
+async def _stop_commits_its_close_out(coll: Collector, gone: str, last: LightReading,
+                                      start_cpu_ns: int) -> None:
+    """A stop while the pass waits for its tick runs one pass, which bills the VM up to its
+    last light reading; then, nothing ended, a stop runs none."""
+    due_s = time.monotonic() + 3600
+    assert coll.ended_in_memory()
     report = await coll.run_pass_at(due_s, stop=lambda: True)
     assert report is not None and report.committed, report
     (u,) = [u for u in report.usages if u.uuid == gone]
     assert u.period_end_ns == last.t_wall_ns
-    assert u.cpu_ns == last.cpu_ns - host.cgroup_cpu_ns("t0", gone)
-    assert not coll.ended_in_memory()
+    assert last.cpu_ns is not None and u.cpu_ns == last.cpu_ns - start_cpu_ns
+    assert not coll.ended_in_memory()  # closed out: its tail is gone, whatever the watch says
     assert await coll.run_pass_at(due_s, stop=lambda: True) is None
-    store.close()
+
+
+async def test_a_stop_between_passes_commits_the_close_out_of_a_vm_that_ended(
+        tmp_path: Path) -> None:
+    """Not a lab test: the recorded lab host. A stop while the pass waits for its tick runs
+    no pass (None), unless a VM ended since the last one: then one pass commits its
+    close-out (before: None, and the close-out was lost with the daemon)."""
+    host, coll, store, tail, gone, last = await _one_vm_gone(tmp_path)
+    try:
+        assert not coll.ended_in_memory()  # nothing heard: a stop runs no pass
+        assert await coll.run_pass_at(time.monotonic() + 3600, stop=lambda: True) is None
+        await tail.on_event(LifecycleEvent(gone, "x", -1, LifecycleKind.STOPPED, "DESTROYED",
+                                           host.clock.now().wall_ns, 0))
+        await _stop_commits_its_close_out(coll, gone, last, host.cgroup_cpu_ns("t0", gone))
+    finally:
+        store.close()
 
 
 async def test_a_stop_after_the_watch_saw_a_vm_end_but_before_libvirt_said_so_commits_it(
@@ -71,31 +91,13 @@ async def test_a_stop_after_the_watch_saw_a_vm_end_but_before_libvirt_said_so_co
     the cgroup empty within ~50 ms (and takes the final counters). A stop in between found no
     close reason on the tail and ran no pass: the VM's usage since the last pass was lost.
     The watch's word now counts too (`Collector.ended_seen`)."""
-    host = Host(tmp_path, "lab-hybrid")
-    coll, store = make_collector(host, tmp_path)
-    tail = TailTasks(coll, clock=host.clock)
-    assert (await coll.run_pass()).committed
-    due_s = time.monotonic() + 3600
-    host.move_to_t1()
-    assert await tail.sample(None) == len(host.bulk("t0"))
-    gone = host.conn._domains()[0][0].UUIDString()
-    last = next(t.latest for k, t in coll.tails.items() if k[0] == gone)
-    assert last is not None and last.cpu_ns is not None
-    real = host.conn._domains
-    host.conn._domains = lambda: [(d, s) for d, s in real()  # type: ignore[method-assign]
-                                  if d.UUIDString() != gone]
-    assert not coll.ended_in_memory()  # no close reason: libvirt has said nothing yet
-    coll.ended_seen = lambda key: key[0] == gone  # the watch saw its cgroup empty
-    assert coll.ended_in_memory()
-    host.clock.advance(1.0)
-    report = await coll.run_pass_at(due_s, stop=lambda: True)
-    assert report is not None and report.committed, report
-    (u,) = [u for u in report.usages if u.uuid == gone]
-    assert u.period_end_ns == last.t_wall_ns
-    assert u.cpu_ns == last.cpu_ns - host.cgroup_cpu_ns("t0", gone)
-    assert not coll.ended_in_memory()  # closed out: its tail is gone, whatever the watch says
-    assert await coll.run_pass_at(due_s, stop=lambda: True) is None
-    store.close()
+    host, coll, store, _, gone, last = await _one_vm_gone(tmp_path)
+    try:
+        assert not coll.ended_in_memory()  # no close reason: libvirt has said nothing yet
+        coll.ended_seen = lambda key: key[0] == gone  # the watch saw its cgroup empty
+        await _stop_commits_its_close_out(coll, gone, last, host.cgroup_cpu_ns("t0", gone))
+    finally:
+        store.close()
 
 
 @pytest.fixture
