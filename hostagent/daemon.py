@@ -40,6 +40,7 @@ from hostagent.config.sinks import WebhookSinkConfig
 from hostagent.daemon_signals import SignalsAndReload
 from hostagent.delivery.engine import Delivery
 from hostagent.delivery.sinks.base import Sink, build_sink, config_routes, dispatchers
+from hostagent.errors import HostAgentError
 from hostagent.notify import Notifier
 from hostagent.owners.resolver import Owners, make_client
 from hostagent.sources.gpu import GpuSource
@@ -384,8 +385,6 @@ def run(cfg: Config, *, config_path: str | None, passes: int | None,
     is a HostAgentError once the daemon has closed (exit 1: scripts and timers read it),
     naming how many failed and the last one's reason; without, 0 (a daemon stopped by
     SIGTERM: its failed passes were logged, and the next good pass covered their gap)."""
-    from hostagent.errors import HostAgentError
-
     daemon = Daemon.build(cfg, config_path=config_path)
     daemon.held_signals = held_signals
     failed: list[PassReport] = []

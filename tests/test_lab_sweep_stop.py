@@ -139,6 +139,15 @@ def _daemon_with_the_guest(tmp_path: Path, guest: str) -> tuple[Path, Path, Daem
     return cfg, log, d
 
 
+def _stopped_and_restarted(cfg: Path, log: Path, d: DaemonProc) -> DaemonProc:
+    """`d` stopped (SIGTERM, exit 0), and a new daemon on its store once it made two passes."""
+    assert d.stop(signal.SIGTERM) == 0
+    d = DaemonProc(cfg, log)
+    n = _passes(log)
+    _wait_for("two passes after the restart", lambda: _passes(log) >= n + 2)
+    return d
+
+
 def _billed(tmp_path: Path, guest: str) -> tuple[int, int, int]:
     """The guest's events, checked (each once, tiling): CPU ns, egress and ingress bytes."""
     evs = events_for(tmp_path / "events.jsonl", guest)
@@ -181,10 +190,7 @@ def test_a_daemon_stopped_after_a_destroy_bills_the_vm_to_its_final_counters(
         rx, tx = end.wait()
         _wait_for("STOPPED heard", lambda: '"kind":"STOPPED"' in log.read_text(errors="replace"))
         assert _passes(log) == n, "a pass came between the destroy and the stop: timing"
-        assert d.stop(signal.SIGTERM) == 0
-        d = DaemonProc(cfg, log)
-        n = _passes(log)
-        _wait_for("two passes after the restart", lambda: _passes(log) >= n + 2)
+        d = _stopped_and_restarted(cfg, log, d)
     finally:
         assert d.stop() == 0
     cpu, egress, ingress = _billed(tmp_path, guest)
@@ -219,11 +225,8 @@ def test_a_daemon_stopped_after_qemu_died_before_libvirt_said_so_bills_it_all(
         heard = log.read_text(errors="replace")
         if '"kind":"STOPPED"' in heard or '"kind":"CRASHED"' in heard or _passes(log) != n:
             pytest.skip("libvirt's event or a pass came before the stop: not this window")
-        assert d.stop(signal.SIGTERM) == 0
+        d = _stopped_and_restarted(cfg, log, d)
         rx, tx = end.wait()
-        d = DaemonProc(cfg, log)
-        n = _passes(log)
-        _wait_for("two passes after the restart", lambda: _passes(log) >= n + 2)
     finally:
         assert d.stop() == 0
     cpu, egress, ingress = _billed(tmp_path, guest)

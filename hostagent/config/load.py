@@ -16,9 +16,7 @@ This module holds the root `Config`, `load()`, `from_mapping()` and the README's
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +45,7 @@ from hostagent.config.sinks import (
 )
 from hostagent.config.walk import build_sinks, build_table
 from hostagent.errors import ConfigError
+from hostagent.file_read import FileTooLarge, NotRegularFile, read_regular
 
 # A config file is a few KiB; anything past this is not one (and is not read whole).
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -77,14 +76,14 @@ class Config:
 def load(path: str | Path) -> Config:
     """Read and validate a TOML config file."""
     p = Path(path)
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:  # ELOOP, EACCES … arrive as OSError
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ConfigError(str(p), "-", "a regular file", "a directory or special file",
-                                  "pass the path of the TOML config file")
-            data = f.read(MAX_CONFIG_BYTES + 1)
+    try:  # a FIFO is refused, never waited on (file_read.read_regular)
+        data = read_regular(str(p), MAX_CONFIG_BYTES)
+    except NotRegularFile as err:
+        raise ConfigError(str(p), "-", "a regular file", "a directory or special file",
+                          "pass the path of the TOML config file") from err
+    except FileTooLarge as err:
+        raise ConfigError(str(p), "-", f"a file of at most {MAX_CONFIG_BYTES} bytes",
+                          "a larger file", "pass the path of the TOML config file") from err
     except FileNotFoundError as err:
         raise ConfigError(str(p), "-", "a readable TOML file", "no such file",
                           "create it or pass --config") from err
@@ -92,9 +91,6 @@ def load(path: str | Path) -> Config:
         reason = (err.strerror if isinstance(err, OSError) else None) or str(err)
         raise ConfigError(str(p), "-", "a readable TOML file", reason,
                           "pass the path of a regular, readable file") from err
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(str(p), "-", f"a file of at most {MAX_CONFIG_BYTES} bytes",
-                          "a larger file", "pass the path of the TOML config file")
     if data.startswith(UTF8_BOM):
         raise ConfigError(str(p), "-", "UTF-8 text without a byte order mark",
                           "a file starting with a UTF-8 BOM (EF BB BF)",

@@ -124,7 +124,10 @@ def _room(directory: Path) -> tuple[int, bool] | None:
 def out_of_room(path: Path) -> bool:
     """Whether the file system holding `path` is full: less than ROOM_MIN_BYTES free to this
     user, or no inode left."""
-    room = _room(path.parent)
+    return _full(_room(path.parent))
+
+
+def _full(room: tuple[int, bool] | None) -> bool:
     return room is not None and (room[0] < ROOM_MIN_BYTES or room[1])
 
 
@@ -137,15 +140,17 @@ def no_space(path: Path, err: BaseException, what: str) -> StoreFull | None:
     if isinstance(err, OSError):
         if err.errno not in _NO_ROOM_ERRNOS:
             return None
-        said = err.strerror or str(err)
+        said, room = err.strerror or str(err), _room(path.parent)
     elif isinstance(err, sqlite3.Error):
         code = getattr(err, "sqlite_errorcode", 0) & 0xFF
-        if code not in _MAYBE_NO_ROOM or not out_of_room(path):
+        if code not in _MAYBE_NO_ROOM:
+            return None
+        room = _room(path.parent)  # once: the verdict and the message
+        if not _full(room):
             return None
         said = f"SQLite: {err}"
     else:
         return None
-    room = _room(path.parent)
     left = ("free room unreadable" if room is None else "no inode left" if room[1]
             else f"{room[0] // 1024} KiB free")
     return StoreFull(f"{path}: {what}: no space left on the file system holding it "
