@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 class NotRegularFile(OSError):
-    """The path names a directory, FIFO, socket or device."""
+    """The path names a directory (errno EISDIR), FIFO, socket or device (EINVAL)."""
 
 
 class FileTooLarge(OSError):
@@ -28,9 +28,12 @@ def read_regular(path: str, max_bytes: int) -> bytes:
     """The bytes of the regular file at `path` (symlinks followed), at most `max_bytes`."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(errno.EINVAL, "not a regular file (a directory, FIFO or "
-                                 "device)", path)
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):  # what reading it would say
+            raise NotRegularFile(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file (a FIFO, socket or device)",
+                                 path)
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read(max_bytes + 1)
     finally:

@@ -16,6 +16,7 @@ This module holds the root `Config`, `load()`, `from_mapping()` and the README's
 from __future__ import annotations
 
 import dataclasses
+import errno
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -79,8 +80,11 @@ def load(path: str | Path) -> Config:
     try:  # a FIFO is refused, never waited on (file_read.read_regular)
         data = read_regular(str(p), MAX_CONFIG_BYTES)
     except NotRegularFile as err:
-        raise ConfigError(str(p), "-", "a regular file", "a directory or special file",
-                          "pass the path of the TOML config file") from err
+        if err.errno != errno.EISDIR:  # a directory: "Is a directory", below
+            raise ConfigError(str(p), "-", "a regular file", "a directory or special file",
+                              "pass the path of the TOML config file") from err
+        raise ConfigError(str(p), "-", "a readable TOML file", err.strerror,
+                          "pass the path of a regular, readable file") from err
     except FileTooLarge as err:
         raise ConfigError(str(p), "-", f"a file of at most {MAX_CONFIG_BYTES} bytes",
                           "a larger file", "pass the path of the TOML config file") from err
