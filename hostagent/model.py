@@ -201,6 +201,10 @@ class Sample:
     # hostdev): (the GPUs held before, wall ns of the change); sampling.py bills the period
     # with that many up to the change and with `gpus` after it (accounting/gpu_change.py).
     gpu_change: tuple[int, int] | None = None
+    # Taps born since the last pass (a NIC hot-plugged, libvirt's DEVICE_ADDED) and gone again
+    # before this one, with their final counters: (ifindex, guest rx, guest tx). No pass read
+    # them, so sampling.py bills each from zero (accounting/unplug.py).
+    born_taps: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def cpu_counter(self) -> str:

@@ -6,6 +6,8 @@
                           ├ READ_NOW:         read_host(only={uuid}) → a new tail's anchor
                           ├ READ_BEFORE_GONE: light sample of that domain → tail.latest
                           ├ CLOSE:            the close reason on its tails
+                          ├ DeviceAdded:      read_host(only={uuid}) → the tail follows its
+                          │                   new taps (tails.with_taps: a NIC hot-plugged)
                           └ Reconnected:      nothing (events may be lost: polling finds
                                               every domain anyway)
     light-samples thread, asleep on the stop watch (sources/stop_watch.py):
@@ -43,7 +45,13 @@ import trio
 from hostagent import handoff
 from hostagent.accounting import tails
 from hostagent.accounting.closeout import LightReading
-from hostagent.accounting.lifecycle import Action, LifecycleEvent, action_for, close_reason
+from hostagent.accounting.lifecycle import (
+    Action,
+    DeviceAdded,
+    LifecycleEvent,
+    action_for,
+    close_reason,
+)
 from hostagent.accounting.readings import DomainReading
 from hostagent.clock import Clock
 from hostagent.collector import Collector
@@ -192,8 +200,13 @@ class TailTasks(LightSamples):
         domains that started (a burst of starts costs one libvirt bulk call, not one each)."""
         starts: dict[str, LifecycleEvent] = {}
         going: set[str] = set()
+        added: set[str] = set()
         coll = self.collector
         for msg in msgs:
+            if isinstance(msg, DeviceAdded):
+                self.events_total["DEVICE_ADDED"] += 1
+                added.add(msg.uuid)
+                continue
             if not isinstance(msg, LifecycleEvent):
                 log.info("lifecycle events subscribed", extra={"reconnects": msg.reconnects})
                 continue
@@ -214,6 +227,36 @@ class TailTasks(LightSamples):
             await self.sample(going)
         if starts:
             await self._read_now(starts)
+        added.difference_update(starts)  # read just now, as new tails or not
+        if added:
+            await self._read_taps(added)
+
+    async def _read_taps(self, uuids: set[str]) -> None:
+        """A device was hot-plugged into these running domains: one full read of them, and
+        each tail follows the taps it reads from now on (`tails.with_taps`). A NIC plugged and
+        unplugged again before the next pass is then still billed: the stop watch hears its
+        tap's end, and the next pass bills that tap from zero (accounting/unplug.py). A failed
+        read costs what polling alone costs (the NIC, if it stays, is read by the next pass)."""
+        coll = self.collector
+        async with coll.exclusive():
+            try:
+                host = await coll.read_host(only=uuids)
+            except SourceError as err:
+                log.info("device-added read failed", extra={
+                    "domains": len(uuids), "error": str(err)})
+                return
+            moved = False
+            for r in host.domains:
+                key = (r.uuid, r.info.domid)
+                had = coll.tails.get(key)
+                if had is None:
+                    continue
+                now = tails.with_taps(had, r)
+                if now is not had:
+                    coll.tails[key] = now
+                    moved = True
+            if moved:
+                self.new_tails()
 
     async def _read_now(self, starts: Mapping[str, LifecycleEvent]) -> None:
         """A full read of the (new) domains: each the anchor of its tail, unless it has one."""

@@ -16,7 +16,7 @@ import orjson
 import pytest
 import trio
 
-from hostagent.accounting.lifecycle import LifecycleEvent, LifecycleKind
+from hostagent.accounting.lifecycle import DeviceAdded, LifecycleEvent, LifecycleKind
 from hostagent.sources.stop_watch import StopWatch
 from hostagent.tailing import TailTasks
 from tests.replay import FakeDomain, Host
@@ -623,4 +623,34 @@ async def test_a_hot_unplugged_nic_is_sampled_at_its_end_and_billed_to_its_final
                                              for n, o in others)
     assert f"net:{tap.mac}" not in u.missing
     assert tail.sample_errors == 0 and tail.stops_seen == 0
+    store.close()
+
+
+async def test_a_device_added_has_the_tail_follow_the_domains_new_tap(tmp_path: Path) -> None:
+    """libvirt's DEVICE_ADDED (`DeviceAdded`): one read of that domain, and its tail follows
+    the taps it reads from then on (the light samples' targets), while what the next pass
+    bills from (the anchor's time and Sample) stays. A NIC plugged and unplugged again before
+    the next pass is billed that way (tests/test_lab_sweep_nic_plug.py, on the lab)."""
+    host = editable_host(tmp_path, "systemd-v2")
+    coll, store = make_collector(host, tmp_path, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    assert (await coll.run_pass()).committed
+    key, before = next((k, t) for k, t in coll.tails.items() if t.anchor.netlink_nics)
+    assert before.anchor.netlink_nics is not None
+    tap = next(iter(before.anchor.netlink_nics.values()))
+    assert tap.ifindex is not None
+    # the NIC unplugged and plugged again: its tap under the same name, a new ifindex
+    (host.src / "t0" / "sys" / "class" / "net" / str(tap.ifname) / "ifindex").write_text(
+        f"{tap.ifindex + 1000}\n")
+    host.clock.advance(1.0)
+    others = {k: t for k, t in coll.tails.items() if k != key}
+    await tail.on_events([DeviceAdded(key[0], "net1", host.clock.now().wall_ns)])
+    after = coll.tails[key]
+    assert after.anchor.netlink_nics is not None
+    assert [n.ifindex for n in after.anchor.netlink_nics.values()] == [tap.ifindex + 1000]
+    assert after.sample is before.sample and after.anchor.t_wall_ns == before.anchor.t_wall_ns
+    assert all(coll.tails[k] is t for k, t in others.items())  # only that domain was read
+    target = next(t for t in tail._targets_now(None, coll.tails) if (t.uuid, t.domid) == key)
+    assert [n.ifindex for n in target.nics] == [tap.ifindex + 1000]
+    assert tail.events_total["DEVICE_ADDED"] == 1
     store.close()

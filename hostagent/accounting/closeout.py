@@ -27,12 +27,12 @@ are another counter than libvirt's per-disk bytes, so only their growth since th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from hostagent.accounting.readings import DomainReading
 from hostagent.accounting.sampling import usage
-from hostagent.model import Baseline, NicCounters, Sample, Usage, nic_key
+from hostagent.model import Baseline, NicCounters, Sample, Usage, canonical_nic_key, nic_key
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -78,6 +78,8 @@ class Closing:
     # The anchor's Sample (a tail's; tails.kept leaves `reading` without libvirt's stats):
     # None = `sample_of(reading)`, a full reading.
     sample: Sample | None = None
+    # Taps born since the anchor (`tails.Tail.born`): billed from zero (`overlay`).
+    born: frozenset[int] = frozenset()
 
     @property
     def instance_id(self) -> str:
@@ -90,8 +92,10 @@ class Closing:
         return self.reading.uuid, self.reading.info.domid
 
 
-def overlay(anchor: Sample, light: LightReading | None) -> Sample:
-    """The last reading of a domain: the anchor with the light counters that belong to it."""
+def overlay(anchor: Sample, light: LightReading | None,
+            born: Collection[int] = ()) -> Sample:
+    """The last reading of a domain: the anchor with the light counters that belong to it,
+    and those of the taps `born` since it (`tails.Tail.born`: a NIC hot-plugged)."""
     if light is None or light.domid != anchor.domid or light.t_wall_ns <= anchor.t_wall_ns:
         return anchor
     cpu_ns, cpu_time_ns = anchor.cpu_ns, anchor.cpu_time_ns
@@ -100,15 +104,30 @@ def overlay(anchor: Sample, light: LightReading | None) -> Sample:
         # is found (its label stays); libvirt's figure beside it is the anchor's, not now's.
         cpu_ns, cpu_time_ns = light.cpu_ns, None
     fresh = {nic_key(n): n for n in light.nics}  # by NIC key: NICs may share a MAC
+    by_tap = {n.ifindex: n for n in light.nics if n.ifindex is not None}
     nics = []
     for old in anchor.nics:
-        new = fresh.get(nic_key(old))
+        new = by_tap.get(old.ifindex) if old.ifindex is not None else None
+        if new is None:
+            new = fresh.get(nic_key(old))
         same_tap = new is not None and (old.ifindex is None or new.ifindex == old.ifindex)
         grew = (new is not None and new.guest_rx_bytes >= old.guest_rx_bytes
                 and new.guest_tx_bytes >= old.guest_tx_bytes)
         nics.append(new if new is not None and same_tap and grew else old)
+    missing = anchor.missing
+    if born:
+        # Each billed from zero (sampling.usage: a tap the baseline lacks counts from zero);
+        # not a NIC the anchor read without a tap id (libvirt's counters: maybe that tap).
+        keyed = {nic_key(n) for n in anchor.nics if n.ifindex is None}
+        new_taps = [n for i, n in by_tap.items() if i in born and nic_key(n) not in keyed]
+        if new_taps:
+            nics.extend(new_taps)
+            # A NIC the anchor listed with its tap not found is read now, on its new tap.
+            now_read = {canonical_nic_key(nic_key(n)) for n in new_taps}
+            missing = {k: v for k, v in missing.items()
+                       if not (k.startswith("net:") and canonical_nic_key(k[4:]) in now_read)}
     return dataclasses.replace(anchor, t_wall_ns=light.t_wall_ns, cpu_ns=cpu_ns,
-                               nics=tuple(nics), cpu_time_ns=cpu_time_ns)
+                               nics=tuple(nics), cpu_time_ns=cpu_time_ns, missing=missing)
 
 
 def io_growth(anchor_io: IoBytes | None, light: LightReading | None,
@@ -131,9 +150,15 @@ def close_out(
     store_created_ns: int,
     anchor_io: IoBytes | None = None,
     count_preexisting: bool = False,
+    born: Collection[int] = (),
 ) -> CloseOut:
-    """The final Usage of `anchor`'s incarnation up to its last reading, and the new baseline."""
-    last = overlay(anchor, light)
+    """The final Usage of `anchor`'s incarnation up to its last reading, and the new baseline
+    (`born`: `overlay`'s)."""
+    last = overlay(anchor, light, born)
+    if last.gone_taps or last.born_taps:
+        # The anchor's pass billed those taps (a tail keeps that pass's filled Sample): never
+        # again here.
+        last = dataclasses.replace(last, gone_taps=(), born_taps=())
     final, baseline = usage(prev, last, store_created_ns=store_created_ns,
                             count_preexisting=count_preexisting)
     if final is not None:

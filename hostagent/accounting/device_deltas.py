@@ -5,8 +5,9 @@ period, by the delta engine's rules (docs/usage-math.md): a counter that went do
 re-created (new ifindex) or a device hot-plugged counts from its own zero; a missing reading
 keeps the old baseline and bills nothing (the next good one covers the gap); a first reading
 of a known device establishes its baseline (`ESTABLISHED` in `missing`); a NIC hot-unplugged
-is billed up to its last light counters (`Sample.gone_taps`, accounting/unplug.py). Storage is
-a gauge: the disks' allocation and capacity at the period's end.
+is billed up to its last light counters (`Sample.gone_taps`, accounting/unplug.py), and a tap
+born and gone again since the last pass from zero (`Sample.born_taps`). Storage is a gauge: the
+disks' allocation and capacity at the period's end.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def nic_deltas(
     keyed differently than when the baseline was made (NICs that came to share a MAC or no
     longer do, a baseline of a version that kept one entry per MAC): `_base_of` finds its
     tap's entry by ifindex before counting it from zero."""
-    if cur.gone_taps:
+    if cur.gone_taps or cur.born_taps:
         return _nics_with_gone(base, cur, missing, flagged)
     if not cur.nics and not flagged:
         return _NO_NICS, 0, 0
@@ -170,8 +171,21 @@ def _nics_with_gone(
     base: Baseline, cur: Sample, missing: dict[str, str], flagged: Mapping[str, str]
 ) -> tuple[Mapping[str, NicBase], int, int]:
     """`nic_deltas` of a sample with taps gone since the last pass: the same, plus each gone tap's
-    bytes from the baseline up to its last counters (a drop: counted from zero, as a reset)."""
+    bytes from the baseline up to its last counters (a drop: counted from zero, as a reset),
+    and each tap born since then and gone again (`born_taps`) from zero, unless the baseline
+    holds that tap after all (then it is billed from there like a gone one) or this reading
+    reads it."""
     gone = {ifindex: (rx, tx) for ifindex, rx, tx in cur.gone_taps}
+    born_rx = born_tx = 0
+    if cur.born_taps:
+        held = {old.ifindex for old in base.nics.values()}
+        read_taps = {n.ifindex for n in cur.nics}
+        for ifindex, rx, tx in cur.born_taps:
+            if ifindex in held:
+                gone[ifindex] = (rx, tx)
+            elif ifindex not in read_taps:
+                born_rx += rx
+                born_tx += tx
     read = {nic_key(n): n.ifindex for n in cur.nics}
     finals: dict[str, tuple[int, int]] = {}  # by NIC key: a baseline tap that is gone now
     for key, old in base.nics.items():
@@ -181,8 +195,10 @@ def _nics_with_gone(
         if key in read and read[key] in (None, old.ifindex):
             continue  # read this pass after all (libvirt's counters): billed from there
         finals[key] = gone[old.ifindex]
-    out, egress, ingress = nic_deltas(base, dataclasses.replace(cur, gone_taps=()), missing,
-                                 flagged)
+    out, egress, ingress = nic_deltas(
+        base, dataclasses.replace(cur, gone_taps=(), born_taps=()), missing, flagged)
+    egress += born_tx
+    ingress += born_rx
     if not finals:
         return out, egress, ingress
     out = dict(out)

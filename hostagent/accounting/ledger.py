@@ -135,7 +135,7 @@ def account(
                 continue
             co = close_out(ended.get(iid), final, c.light, reason=c.reason,
                            store_created_ns=settings.store_created_ns, anchor_io=c.anchor_io,
-                           count_preexisting=settings.count_preexisting)
+                           count_preexisting=settings.count_preexisting, born=c.born)
             ended[iid] = co.baseline
             if cur is None:
                 closed[iid] = co.baseline

@@ -16,6 +16,10 @@ What each kind means for billing (libvirt 9.0 on the lab, /work/shared/LAB-NOTES
   libvirt stats, which may describe something else by then.
 * STOPPED / CRASHED / UNDEFINED: QEMU is gone. A read taken now is NOT the domain's (the lab saw
   a `cpu.time` of 51 s for a domain at 319 s): close the incarnation out at its last reading.
+
+libvirt's DEVICE_ADDED (a NIC hot-plugged into a running VM) arrives as `DeviceAdded`: the
+daemon reads the domain's taps at once, so the stop watch follows a new tap from then on and a
+NIC unplugged again before the next pass is still billed (docs/billing-tail.md).
 """
 
 from __future__ import annotations
@@ -76,6 +80,16 @@ class Reconnected:
     uri: str
     t_wall_ns: int
     reconnects: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAdded:
+    """libvirt's DEVICE_ADDED: a device (`alias`: libvirt's name of it, `net1`, `hostdev0`...)
+    was hot-plugged into the running domain `uuid`, heard at `t_wall_ns`."""
+
+    uuid: str
+    alias: str | None
+    t_wall_ns: int
 
 
 _ACTIONS = {

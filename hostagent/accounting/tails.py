@@ -26,7 +26,7 @@ from hostagent.accounting.assemble import sample_of
 from hostagent.accounting.closeout import Closing, IoBytes, LightReading
 from hostagent.accounting.readings import DomainReading, HostReading
 from hostagent.accounting.sampling import incarnation_of, same_incarnation
-from hostagent.model import CPU_FROM_CGROUP, Baseline, Sample, nic_key
+from hostagent.model import CPU_FROM_CGROUP, Baseline, NicCounters, Sample, nic_key
 
 Key = tuple[str, int]  # (uuid, domid)
 
@@ -54,6 +54,9 @@ class Tail:
     latest: LightReading | None = None
     anchor_io: IoBytes | None = None
     reason: str | None = None
+    # Taps (ifindexes) a DEVICE_ADDED read found that `sample` lacks: born since the anchor's
+    # pass (`with_taps`), billed from zero when gone (accounting/unplug.py).
+    born: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, reading: DomainReading, sample: Sample | None = None) -> Tail:
@@ -69,7 +72,7 @@ class Tail:
     def closing(self) -> Closing:
         """The close-out this tail asks for (`ledger.account(closing=...)`)."""
         return Closing(self.anchor, self.latest, self.anchor_io, self.reason or "GONE",
-                       self.sample)
+                       self.sample, self.born)
 
 
 def io_at(r: DomainReading) -> IoBytes | None:
@@ -92,13 +95,35 @@ def newer_light(old: LightReading | None, light: LightReading) -> LightReading |
     if light.cpu_ns is None or (old is not None and light.t_wall_ns <= old.t_wall_ns):
         return old
     # Per sample and domain (budget 0.015 ms with the read): merge only what the new reading
-    # lacks, which is rare (a NIC missing from the dump, io.stat unreadable).
-    if old is not None and (len(light.nics) < len(old.nics) or (light.io is None and old.io)):
-        nics = {nic_key(n): n for n in old.nics}  # by NIC key: NICs may share a MAC
-        nics.update({nic_key(n): n for n in light.nics})
+    # lacks, which is rare (a NIC missing from the dump, io.stat unreadable, a tap no longer
+    # followed: a NIC re-plugged on a new tap since, `with_taps`).
+    if old is not None and (_lacks_taps(light.nics, old.nics) or (light.io is None and old.io)):
+        # By tap (ifindex): NICs may share a MAC, and a re-plugged NIC's old tap keeps its
+        # final counters beside its new one.
+        nics = {_tap_of(n): n for n in old.nics}
+        nics.update({_tap_of(n): n for n in light.nics})
         return dataclasses.replace(light, nics=tuple(nics.values()),
                                    io=light.io if light.io is not None else old.io)
     return light
+
+
+def _tap_of(n: NicCounters) -> int | str:
+    """A light NIC's tap: its ifindex (its NIC key where none is known)."""
+    return n.ifindex if n.ifindex is not None else nic_key(n)
+
+
+def _lacks_taps(new: Sequence[NicCounters], old: Sequence[NicCounters]) -> bool:
+    """Some tap of `old` is not in `new` (cheap where both read the same taps in order)."""
+    if len(new) < len(old):
+        return True
+    if len(new) == len(old):
+        for a, b in zip(new, old, strict=True):
+            if a.ifindex != b.ifindex or a.ifindex is None:
+                break
+        else:
+            return False
+    taps = {_tap_of(n) for n in new}
+    return any(_tap_of(n) not in taps for n in old)
 
 
 def with_light(tail: Tail, light: LightReading) -> Tail:
@@ -110,7 +135,29 @@ def with_light(tail: Tail, light: LightReading) -> Tail:
     if merged is tail.latest or merged is None:
         return tail
     anchor_io = tail.anchor_io if tail.anchor_io is not None else light.io
-    return Tail(tail.anchor, tail.sample, merged, anchor_io, tail.reason)
+    return Tail(tail.anchor, tail.sample, merged, anchor_io, tail.reason, tail.born)
+
+
+def with_taps(tail: Tail, r: DomainReading) -> Tail:
+    """`tail` following the taps of `r`, a full reading of its process taken after libvirt
+    said a device was hot-plugged (DEVICE_ADDED): the anchor's XML and tap ids become `r`'s, so
+    the light samples read, and the stop watch follows, a tap born since the last pass. The
+    anchor's time, its Sample, the light reading and `anchor_io` stay: the next pass and a
+    close-out still bill from the last pass. The taps `r` reads that the Sample lacks join
+    `born` (kept when a later read no longer finds them: a NIC plugged and unplugged again,
+    then another plugged), which accounting/unplug.py bills from zero once gone. `tail`
+    itself when `r` is another process or reads the same taps."""
+    a = tail.anchor
+    if r.uuid != a.uuid or r.info.domid != a.info.domid or r.netlink_nics is None:
+        return tail
+    taps = [n.ifindex for n in r.netlink_nics.values()]
+    if a.netlink_nics is not None and a.info is r.info \
+            and [n.ifindex for n in a.netlink_nics.values()] == taps:
+        return tail
+    known = {n.ifindex for n in tail.sample.nics}
+    born = tail.born | {i for i in taps if i is not None and i not in known}
+    anchor = dataclasses.replace(a, info=r.info, netlink_nics=r.netlink_nics)
+    return Tail(anchor, tail.sample, tail.latest, tail.anchor_io, tail.reason, born)
 
 
 def gone_keys(tails: Iterable[Key], host: HostReading) -> list[Key]:

@@ -14,6 +14,14 @@ Only the same process's light reading (the tail's domid) and only the baseline's
 ifindex) count, and a light reading is never older than the last pass (tails re-anchor at
 every pass) nor holds counters past the tap's end: nothing is billed twice, and a re-plugged
 NIC's new tap counts from zero.
+
+A NIC plugged and unplugged again between two passes was never read by a pass: the light
+samples follow its tap because libvirt's DEVICE_ADDED had the daemon read the domain's taps
+(`tails.with_taps`: the tail's `born` taps, those the last pass's Sample lacks). Such a tap,
+unless it is a NIC that Sample read without a tap id (libvirt's counters: maybe the same tap,
+billed that way), goes to `Sample.born_taps`, and
+`device_deltas.nic_deltas` bills it from zero (unless the baseline holds it after all): all
+of its life came after the last pass. Any other gone tap counts only against the baseline's.
 """
 
 from __future__ import annotations
@@ -34,9 +42,19 @@ def with_unplugged(sample: Sample, tail: Tail | None) -> Sample:
     lnics, nics = light.nics, sample.nics
     if len(lnics) == 1 and nics and lnics[0].ifindex == nics[0].ifindex:
         return sample  # the common case (once per domain and pass): its one tap is read
-    gone = tuple((n.ifindex, n.guest_rx_bytes, n.guest_tx_bytes) for n in lnics
-                 if n.ifindex is not None and not _still_read(n, nics))
-    return dataclasses.replace(sample, gone_taps=gone) if gone else sample
+    gone_nics = [n for n in lnics if n.ifindex is not None and not _still_read(n, nics)]
+    if not gone_nics:
+        return sample
+    assert tail is not None
+    since = tail.born
+    keyed = {nic_key(n) for n in tail.sample.nics if n.ifindex is None} if since else ()
+    gone: list[tuple[int, int, int]] = []
+    born: list[tuple[int, int, int]] = []
+    for n in gone_nics:
+        assert n.ifindex is not None
+        tap = (n.ifindex, n.guest_rx_bytes, n.guest_tx_bytes)
+        (born if n.ifindex in since and nic_key(n) not in keyed else gone).append(tap)
+    return dataclasses.replace(sample, gone_taps=tuple(gone), born_taps=tuple(born))
 
 
 def _still_read(tap: NicCounters, nics: tuple[NicCounters, ...]) -> bool:

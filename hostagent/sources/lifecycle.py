@@ -24,7 +24,8 @@ connection of its own (enough for events, LAB-NOTES) and closes it when it is lo
 With `on_xml_change`, the same subscription registers the XML change events: a metadata edit
 or a device added or removed calls it with the domain's UUID (in libvirt's thread, no trio
 hop), and `on_xml_heard(True/False)` says when they start and stop being heard, so the
-inventory re-reads a domain's XML when it changed instead of every 10 minutes.
+inventory re-reads a domain's XML when it changed instead of every 10 minutes. A device added
+is also sent down the channel as `DeviceAdded` (the billing tail reads the domain's new taps).
 
 The channel is never waited on from libvirt's thread: an event that finds it full is dropped
 and counted (`dropped`), which costs what polling costs. Errors: connecting raises nothing out
@@ -45,7 +46,12 @@ import libvirt
 import trio
 
 from hostagent import handoff
-from hostagent.accounting.lifecycle import LifecycleEvent, LifecycleKind, Reconnected
+from hostagent.accounting.lifecycle import (
+    DeviceAdded,
+    LifecycleEvent,
+    LifecycleKind,
+    Reconnected,
+)
 from hostagent.clock import Clock
 from hostagent.errors import SourceError
 from hostagent.sources.libvirt import LibvirtSource, backoff_s
@@ -63,7 +69,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LifecycleWatcher", "Message", "ensure_event_loop", "to_event"]
 
-Message = LifecycleEvent | Reconnected
+Message = LifecycleEvent | Reconnected | DeviceAdded
 
 
 Connector = Callable[[str], Any]
@@ -72,6 +78,10 @@ Connector = Callable[[str], Any]
 XML_CHANGE_EVENTS = (libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
                      libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
                      libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED)
+
+
+# The opaque value of the DEVICE_ADDED registration (its callback is DEVICE_REMOVED's too).
+_ADDED = "added"
 
 
 def _detail_names() -> dict[tuple[LifecycleKind, int], str]:
@@ -313,16 +323,18 @@ class LifecycleWatcher:
             close_watched = True
         sub = _Subscription(conn, callback_id, close_watched)
         if self._on_xml_change is not None:
-            sub.change_ids = self._register_changes(conn, self._on_xml_change)
+            sub.change_ids = self._register_changes(conn, self._on_xml_change, token, send)
         if gave_up.is_set():  # nobody waits for it: take it back
             _deregister(sub)
             return None
         return sub
 
-    def _register_changes(self, conn: Any, on_change: XmlChangeHook
+    def _register_changes(self, conn: Any, on_change: XmlChangeHook,
+                          token: trio.lowlevel.TrioToken, send: trio.MemorySendChannel[Message]
                           ) -> tuple[int, ...]:
         """The XML change callbacks (metadata, device added or removed); () when libvirt
-        refuses one: then none, and the inventory keeps its 10-minute re-reads."""
+        refuses one: then none, and the inventory keeps its 10-minute re-reads. A device
+        added is also delivered to the channel (`DeviceAdded`: the tails follow a new tap)."""
         def changed(_conn: Any, dom: Any, *_details: Any) -> None:
             try:
                 on_change(dom.UUIDString())
@@ -330,12 +342,16 @@ class LifecycleWatcher:
                 self.callback_errors += 1
                 log.warning("XML change callback failed", extra={"error": str(err)})
 
-        def device(_conn: Any, dom: Any, alias: Any, _opaque: Any) -> None:
+        def device(_conn: Any, dom: Any, alias: Any, opaque: Any) -> None:
             # Which device and when: a GPU's time is billed from its change
             # (accounting/gpu_change.py).
             try:
-                on_change(dom.UUIDString(), alias if isinstance(alias, str) else None,
-                          self._clock.now().wall_ns)
+                uuid, name = dom.UUIDString(), alias if isinstance(alias, str) else None
+                wall_ns = self._clock.now().wall_ns
+                on_change(uuid, name, wall_ns)
+                if opaque == _ADDED and not _from_thread(
+                        token, self._deliver, send, DeviceAdded(uuid.lower(), name, wall_ns)):
+                    self.dropped += 1
             except Exception as err:  # never into libvirt's loop
                 self.callback_errors += 1
                 log.warning("XML change callback failed", extra={"error": str(err)})
@@ -346,7 +362,8 @@ class LifecycleWatcher:
                 ids.append(conn.domainEventRegisterAny(
                     None, event_id,
                     changed if event_id == libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE
-                    else device, None))
+                    else device,
+                    _ADDED if event_id == libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED else None))
         except libvirt.libvirtError as err:
             take_back(conn, ids)
             log.info("no XML change events: domain XML re-read every 10 minutes",

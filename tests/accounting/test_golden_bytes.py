@@ -48,7 +48,8 @@ def test_the_field_orders_positional_construction_relies_on() -> None:
     assert [f.name for f in fields(Sample)] == [
         "instance_id", "uuid", "name", "domid", "incarnation", "started_wall_ns", "t_wall_ns",
         "vcpus", "memory_alloc_bytes", "cpu_ns", "memory", "nics", "disks", "gpus", "pressure",
-        "missing", "cpu_source", "cpu_time_ns", "gone_taps", "gpu_change"]
+        "missing", "cpu_source", "cpu_time_ns", "gone_taps", "gpu_change",
+        "born_taps"]
     assert [f.name for f in fields(Baseline)] == [
         "instance_id", "incarnation", "t_wall_ns", "cpu_ns", "cpu_carry_ns", "gpu_carry_ns",
         "nics", "disks", "cpu_t_wall_ns", "cpu_source"]

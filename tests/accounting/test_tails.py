@@ -7,7 +7,14 @@ import dataclasses
 from hostagent.accounting import tails
 from hostagent.accounting.closeout import IoBytes, LightReading
 from hostagent.accounting.readings import DomainReading, HostFacts, HostReading, ReadError
-from hostagent.model import CPU_FROM_CGROUP, CPU_FROM_LIBVIRT, Baseline, DomainInfo, NicCounters
+from hostagent.model import (
+    CPU_FROM_CGROUP,
+    CPU_FROM_LIBVIRT,
+    Baseline,
+    DomainInfo,
+    Nic,
+    NicCounters,
+)
 from hostagent.source_model import CgroupPaths, CgroupReading, ControllerDir
 
 NS = 10**9
@@ -19,8 +26,10 @@ def reading(uuid: str, domid: int, t_ns: int = 100 * NS) -> DomainReading:
     return DomainReading(info=info, instance_id=uuid, t_wall_ns=t_ns, stats={})
 
 
-def nic(mac: str, rx: int) -> NicCounters:
-    return NicCounters(mac, "tap0", 7, guest_rx_bytes=rx, guest_tx_bytes=rx,
+def nic(mac: str, rx: int, ifindex: int | None = None) -> NicCounters:
+    """A light reading's NIC: its own tap (`ifindex`: by default, one per MAC)."""
+    tap = ifindex if ifindex is not None else sum(map(ord, mac))
+    return NicCounters(mac, f"tap-{mac}", tap, guest_rx_bytes=rx, guest_tx_bytes=rx,
                        source="netlink-stats64")
 
 
@@ -228,3 +237,51 @@ def test_the_watch_moves_when_a_pass_brings_new_tails_or_other_taps() -> None:
     bare = dataclasses.replace(reading("a", 1, 101 * NS), netlink_nics=None)
     assert tails.watch_moved({("a", 1): tails.Tail.of(bare)}, same)
     assert tails.watch_moved(same, {("a", 1): tails.Tail.of(bare)})
+
+
+def test_a_re_plugged_nic_keeps_its_old_taps_final_counters_beside_its_new_tap() -> None:
+    # The same NIC (MAC) on a new tap after a DEVICE_ADDED read: a later light reading of the
+    # new tap alone must not drop the old tap's final counters (the next pass bills them).
+    t = tails.Tail.of(reading("a", 1))
+    t = tails.with_light(t, light(1, 102 * NS, 7 * NS, nic("m1", 500, ifindex=7)))
+    t = tails.with_light(t, light(1, 104 * NS, 8 * NS, nic("m1", 30, ifindex=8)))
+    assert t.latest is not None
+    assert sorted((n.ifindex, n.guest_rx_bytes) for n in t.latest.nics) == [(7, 500), (8, 30)]
+    # the same taps in the same order: the new reading as it is (no merge)
+    same = light(1, 106 * NS, 9 * NS, nic("m1", 40, ifindex=8), nic("m1", 500, ifindex=7))
+    again = tails.with_light(t, same)
+    assert again.latest is same
+
+
+def _with_nics(r: DomainReading, *nics: NicCounters) -> DomainReading:
+    """`r` with these NICs in its XML, each read on its tap."""
+    info = dataclasses.replace(r.info, nics=tuple(
+        Nic(mac=n.mac, kind="ethernet", target=n.ifname) for n in nics))
+    return dataclasses.replace(r, info=info, netlink_nics={n.mac: n for n in nics})
+
+
+def test_a_device_added_read_moves_the_anchors_taps_only() -> None:
+    anchor = _with_nics(reading("a", 1, 100 * NS), nic("m1", 5, ifindex=7))
+    t = tails.with_light(tails.Tail.of(anchor), light(1, 102 * NS, 7 * NS,
+                                                      nic("m1", 9, ifindex=7)))
+    plugged = _with_nics(reading("a", 1, 103 * NS), nic("m1", 10, ifindex=7),
+                         nic("m2", 0, ifindex=8))
+    moved = tails.with_taps(t, plugged)
+    assert moved is not t
+    assert moved.anchor.netlink_nics == plugged.netlink_nics
+    assert moved.anchor.info is plugged.info
+    # what the next pass and a close-out bill from stays the last pass's
+    assert moved.anchor.t_wall_ns == 100 * NS and moved.sample is t.sample
+    assert moved.latest is t.latest and moved.anchor_io is t.anchor_io
+    assert moved.born == {8}  # the tap the last pass's Sample lacks
+    # a later read that no longer finds it (unplugged, another NIC plugged) keeps it born
+    replugged = tails.with_taps(moved, _with_nics(reading("a", 1, 104 * NS),
+                                                  nic("m1", 11, ifindex=7),
+                                                  nic("m3", 0, ifindex=9)))
+    assert replugged.born == {8, 9}
+    assert tails.with_light(replugged, light(1, 105 * NS, 8 * NS)).born == {8, 9}
+    assert replugged.closing().born == {8, 9}
+    # the same taps again, another process, or no tap reading: nothing moves
+    assert tails.with_taps(moved, plugged) is moved
+    assert tails.with_taps(t, _with_nics(reading("a", 2, 103 * NS), nic("m2", 0, 8))) is t
+    assert tails.with_taps(t, dataclasses.replace(plugged, netlink_nics=None)) is t

@@ -1,6 +1,8 @@
 """A NIC hot-unplugged between two passes (accounting/unplug.py, device_deltas.nic_deltas): its
 bytes up to its last light reading are billed at the next pass, through `ledger.account` as the
-collector calls it, and never twice (a re-plugged NIC is a new tap that counts from zero)."""
+collector calls it, and never twice (a re-plugged NIC is a new tap that counts from zero). A NIC
+plugged after a pass (libvirt's DEVICE_ADDED: `tails.with_taps`) and unplugged before the next
+is billed from zero up to its final counters, at that pass or at the VM's close-out."""
 
 from __future__ import annotations
 
@@ -75,6 +77,21 @@ class Host:
         key = (reading.uuid, reading.domid)
         self.tails[key] = tails.with_light(self.tails[key], reading)
 
+    def device_added(self, r: DomainReading) -> None:
+        """The read a DEVICE_ADDED makes (tailing.TailTasks._read_taps)."""
+        key = (r.uuid, r.info.domid)
+        self.tails[key] = tails.with_taps(self.tails[key], r)
+
+    def stop(self, t_ns: int) -> None:
+        """A pass that finds the VM gone: its close-out."""
+        host = HostReading(t_wall_ns=t_ns, domains=(), listed={})
+        closing = tails.ended(self.tails, host)
+        acc, _ = ledger.account(self.baselines, (), owners=Everyone(), settings=SETTINGS,
+                                now_ns=t_ns, closing=closing, live=self.tails)
+        self.baselines.update({b.instance_id: b for b in acc.baselines})
+        self.tails = tails.after_pass(self.tails, host, [c.key for c in closing])
+        self.usages.extend(acc.usages)
+
     def billed(self) -> tuple[int, int]:
         return (sum(u.net_ingress_bytes for u in self.usages),
                 sum(u.net_egress_bytes for u in self.usages))
@@ -141,14 +158,88 @@ def test_a_tap_read_through_libvirt_instead_is_not_billed_twice() -> None:
     assert h.billed() == (1_600, 2_700)
 
 
+def test_a_nic_plugged_and_unplugged_between_two_passes_is_billed_from_zero() -> None:
+    h = Host()
+    h.run_pass(reading(2_000 * NS, (7, 0, 0)))
+    h.run_pass(reading(2_030 * NS, (7, 1_000, 2_000)))
+    # plugged on tap 8 (the first NIC unplugged), heard, read, sampled at its deletion
+    h.light(light(2_033 * NS, (7, 1_100, 2_100)))  # tap 7's end
+    h.device_added(reading(2_035 * NS, (8, 10, 20)))
+    h.light(light(2_045 * NS, (8, 300, 400)))  # tap 8's end
+    u = h.run_pass(reading(2_060 * NS, None, listed=False))
+    assert u is not None and (u.net_ingress_bytes, u.net_egress_bytes) == (100 + 300, 100 + 400)
+    assert h.billed() == (1_400, 2_500)
+    h.run_pass(reading(2_090 * NS, None, listed=False))
+    assert h.billed() == (1_400, 2_500)  # once
+
+
+def test_without_the_device_added_read_the_plugged_tap_was_lost() -> None:
+    h = Host()
+    h.run_pass(reading(2_000 * NS, (7, 0, 0)))
+    h.run_pass(reading(2_030 * NS, (7, 1_000, 2_000)))
+    h.light(light(2_045 * NS, (8, 300, 400)))  # not the anchor's tap: ignored
+    h.run_pass(reading(2_060 * NS, (7, 1_000, 2_000)))
+    assert h.billed() == (1_000, 2_000)
+
+
+def test_a_tap_the_last_pass_did_not_read_by_its_id_is_never_billed_from_zero() -> None:
+    # The last pass did not find the tap (the link dump lacked it: the NIC flagged, its
+    # baseline kept): the tap the DEVICE_ADDED read then finds is the baseline's own, billed
+    # from there.
+    h = Host()
+    h.run_pass(reading(2_000 * NS, (7, 0, 0)))
+    h.run_pass(reading(2_030 * NS, (7, 1_000, 2_000)))
+    h.run_pass(reading(2_040 * NS, None, listed=True))
+    h.device_added(reading(2_045 * NS, (7, 1_050, 2_050)))
+    h.light(light(2_050 * NS, (7, 1_300, 2_400)))
+    h.run_pass(reading(2_060 * NS, None, listed=False))
+    assert h.billed() == (1_300, 2_400)
+    # The last pass read the NIC through libvirt's counters (no tap id): the tap may be that
+    # very one, billed that way: never from zero either.
+    h = Host()
+    h.run_pass(reading(2_000 * NS, (7, 0, 0)))
+    h.run_pass(reading(2_030 * NS, (None, 1_000, 2_000)))
+    h.device_added(reading(2_035 * NS, (9, 1_050, 2_050)))
+    h.light(light(2_045 * NS, (9, 1_300, 2_400)))
+    h.run_pass(reading(2_060 * NS, None, listed=False))
+    assert h.billed() == (1_000, 2_000)
+
+
+def test_a_close_out_bills_a_plugged_tap_once() -> None:
+    # Plugged after a pass, unplugged, then the VM destroyed: the close-out bills it from zero.
+    h = Host()
+    h.run_pass(reading(2_000 * NS, (7, 0, 0)))
+    h.run_pass(reading(2_030 * NS, (7, 1_000, 2_000)))
+    h.device_added(reading(2_035 * NS, (8, 0, 0)))
+    h.light(light(2_045 * NS, (8, 300, 400)))
+    h.light(light(2_046 * NS, (7, 1_200, 2_300)))
+    h.stop(2_060 * NS)
+    assert h.billed() == (1_500, 2_700)
+    # Billed at a pass, then the VM destroyed: the close-out does not bill it again (a tail
+    # keeps that pass's Sample, born taps included).
+    h = Host()
+    h.run_pass(reading(2_000 * NS, (7, 0, 0)))
+    h.device_added(reading(2_005 * NS, (8, 0, 0)))
+    h.light(light(2_010 * NS, (8, 300, 400)))
+    h.run_pass(reading(2_030 * NS, (7, 1_000, 2_000)))
+    assert h.billed() == (1_300, 2_400)
+    h.light(light(2_040 * NS, (7, 1_100, 2_100)))
+    h.stop(2_060 * NS)
+    assert h.billed() == (1_400, 2_500)
+
+
 STEPS = ("pass", "pass", "light", "grow", "grow", "unplug", "replug")
 
 
 @given(st.lists(st.tuples(st.sampled_from(STEPS), st.integers(1, 5_000),
-                          st.integers(1, 5_000), st.booleans()), max_size=40))
+                          st.integers(1, 5_000), st.booleans()), max_size=40),
+       st.booleans())
 @settings(max_examples=300, deadline=None)
 def test_every_tap_is_billed_up_to_its_last_reading_before_a_pass_and_never_twice(
-        steps: list[tuple[str, int, int, bool]]) -> None:
+        steps: list[tuple[str, int, int, bool]], stop: bool) -> None:
+    """`listed` (the bool of a step): the XML still lists a NIC whose tap is gone, at a pass;
+    libvirt's DEVICE_ADDED was heard, at a re-plug (`with_taps`: the new tap is followed).
+    `stop`: the VM ends after the last step, and its close-out bills the rest."""
     h = Host()
     t = 2_000 * NS
     ifindex, rx, tx, attached = 7, 0, 0, True
@@ -171,6 +262,10 @@ def test_every_tap_is_billed_up_to_its_last_reading_before_a_pass_and_never_twic
                 last_read[ifindex] = (rx, tx)
         elif step == "replug" and not attached:
             ifindex, rx, tx, attached = ifindex + 1, 0, 0, True
+            if listed:  # heard: read at once, followed from then on
+                h.device_added(reading(t, (ifindex, rx, tx)))
+                followed.add(ifindex)
+                last_read[ifindex] = (rx, tx)
         elif step == "pass":
             h.run_pass(reading(t, (ifindex, rx, tx) if attached else None, listed=listed))
             for k in followed:
@@ -179,5 +274,11 @@ def test_every_tap_is_billed_up_to_its_last_reading_before_a_pass_and_never_twic
             if attached:
                 billable[ifindex] = last_read[ifindex] = (rx, tx)
             followed = {ifindex} if attached else set()
+    if stop:
+        t += NS
+        h.stop(t)
+        for k in followed:
+            if k in last_read:
+                billable[k] = last_read[k]
     assert h.billed() == (sum(v[0] for v in billable.values()),
                           sum(v[1] for v in billable.values()))

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from hostagent.accounting.closeout import close_out
-from hostagent.accounting.lifecycle import Action, LifecycleEvent, action_for
+from hostagent.accounting.lifecycle import Action, DeviceAdded, LifecycleEvent, action_for
 from hostagent.accounting.unattributed import advance
 from hostagent.clock import SystemClock
 from hostagent.model import Sample, Usage
@@ -217,35 +217,63 @@ async def test_a_metadata_edit_is_told_to_the_inventory_by_libvirtd(
         conn.close()
 
 
-async def test_a_device_detached_is_told_with_its_alias_and_when(
-        tail_guest: str, xml_hooks: XmlHooks) -> None:
-    """libvirtd's DEVICE_REMOVED of a running guest reaches `on_xml_change` with the device's
-    alias and the wall time it was heard (what a GPU's hot-unplug is billed from:
-    accounting/gpu_change.py; the lab has no GPU, its NIC stands in)."""
+async def test_a_device_attached_is_sent_and_one_detached_is_told_with_its_alias_and_when(
+        tail_guest: str, xml_hooks: XmlHooks, tmp_path: Path) -> None:
+    """libvirtd's DEVICE_ADDED of a running guest goes down the channel as `DeviceAdded` (the
+    billing tail then reads the guest's new taps: tailing.TailTasks._read_taps), and its
+    DEVICE_REMOVED reaches `on_xml_change` with the device's alias and the wall time it was
+    heard (what a GPU's hot-unplug is billed from: accounting/gpu_change.py; the lab has no
+    GPU, its NIC stands in), sending nothing down the channel. (libvirt deletes the plugged
+    tap with the guest.)"""
+    plug = f"{lab_support.TAP_PREFIX}{SLOT + 100}"
+    nic = tmp_path / "nic.xml"
+    nic.write_text("<interface type='ethernet'><mac address='52:54:00:4c:ac:de'/>"
+                   f"<target dev='{plug}'/><model type='virtio'/></interface>")
     watcher = LifecycleWatcher(lab_support.URI, clock=SystemClock(),
                                on_xml_change=xml_hooks.tell,
                                on_xml_heard=xml_hooks.heard.append)
-    send, _recv = trio.open_memory_channel[Message](1000)
+    send, recv = trio.open_memory_channel[Message](1000)
+
+    def virsh(*args: str) -> None:
+        subprocess.run(["virsh", "-c", lab_support.URI, *args], check=True,
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    def told_a_device() -> bool:  # (a metadata edit would set `got` without one)
+        end = time.monotonic() + 60
+        while not xml_hooks.devices and time.monotonic() < end:
+            time.sleep(0.05)
+        return bool(xml_hooks.devices)
+
     with trio.fail_after(180):
         async with trio.open_nursery() as nursery:
             await nursery.start(watcher.run, send)
             await trio.to_thread.run_sync(lab_support.start_guest, tail_guest)
             uuid = lab_support.domain_uuid(tail_guest)
             before_ns = time.time_ns()
-            await trio.to_thread.run_sync(lambda: subprocess.run(
-                ["virsh", "-c", lab_support.URI, "detach-interface", tail_guest, "ethernet",
-                 "--mac", f"52:54:00:4c:ab:{SLOT:02x}", "--live"], check=True,
-                capture_output=True, timeout=60, stdin=subprocess.DEVNULL))
-            def told_a_device() -> bool:  # (a metadata edit would set `got` without one)
-                end = time.monotonic() + 60
-                while not xml_hooks.devices and time.monotonic() < end:
-                    time.sleep(0.05)
-                return bool(xml_hooks.devices)
-
+            await trio.to_thread.run_sync(virsh, "attach-device", tail_guest, str(nic),
+                                          "--live")
+            added = None
+            while added is None:
+                msg = await recv.receive()
+                if isinstance(msg, DeviceAdded):
+                    added = msg
+            assert added.uuid == uuid and added.alias == "net1", added
+            assert before_ns <= added.t_wall_ns <= time.time_ns()
+            assert await trio.to_thread.run_sync(told_a_device)  # the inventory's too
+            xml_hooks.devices.clear()
+            before_ns = time.time_ns()
+            await trio.to_thread.run_sync(
+                virsh, "detach-interface", tail_guest, "ethernet",
+                "--mac", f"52:54:00:4c:ab:{SLOT:02x}", "--live")
             assert await trio.to_thread.run_sync(told_a_device)
             after_ns = time.time_ns()
             nursery.cancel_scope.cancel()
     (told_uuid, alias, wall_ns), = xml_hooks.devices
     assert told_uuid.lower() == uuid and alias == "net0", xml_hooks.devices
     assert wall_ns is not None and before_ns <= wall_ns <= after_ns
-    assert watcher.callback_errors == 0
+    while True:  # nothing but lifecycle events after it: a removal sends no DeviceAdded
+        try:
+            assert not isinstance(recv.receive_nowait(), DeviceAdded)
+        except trio.WouldBlock:
+            break
+    assert watcher.callback_errors == 0 and watcher.dropped == 0
