@@ -109,6 +109,8 @@ class Collector(HostReads):
             {k: v for k, v in raw_states.items() if k != alerts.STORM_KEY})
         if storm is not None:  # the buckets survive a restart
             storm.restore(raw_states.get(alerts.STORM_KEY))
+        # A pass has looked for the open alerts of VMs gone while the daemon was down.
+        self.unseen_checked = False
         self._facts: dict[tuple[str, int], HostFacts] = {}
         c = cfg.collector
         self._instance_ids = InstanceIds(c.instance_id, cfg.host.node_id, c.instance_id_xpath)
@@ -300,12 +302,18 @@ class Collector(HostReads):
         self.read_errors.note(host.errors, {r.uuid for r in host.domains})
         report.libvirt_path, report.timed_out = host.path, host.timed_out
         report.read_errors = host.errors
+        # Until a pass has read every running domain since the start, the open alerts of VMs
+        # that went away while the daemon was down are looked for (once: while the daemon
+        # runs, every VM that stops is closed out, which resolves its alerts).
+        unseen_due = (not self.unseen_checked and bool(self.alert_states)
+                      and pass_reads.read_every_running(host))
         acc, samples = ledger.account(
             self.baselines, host.domains, owners=self.owners, settings=self.settings(),
             now_ns=host.t_wall_ns, rules=self.rules.index if self.rules is not None else None,
             alert_states=self.alert_states, gate=self.storm,
             retired=self.rules.retired if self.rules is not None else None, closing=closing,
-            live=self.tails, gpu_changes=self.xml_changes.hostdev_changes)
+            live=self.tails, gpu_changes=self.xml_changes.hostdev_changes,
+            complete=unseen_due)
         if self.storm is not None and self.storm.dirty:  # buckets go in the same transaction
             acc = dataclasses.replace(acc, alert_changes={
                 **acc.alert_changes, alerts.STORM_KEY: self.storm.to_bytes()})
@@ -324,6 +332,8 @@ class Collector(HostReads):
             if (ask := pass_reads.libvirt_cpu_wanted(host.domains, self.baselines)) is not None:
                 self.libvirt.ask_cpu = ask  # the next pass's stats call
             self.alert_states = dict(acc.alert_states)
+            self.unseen_checked = self.unseen_checked or unseen_due or (
+                not self.alert_states and not host.errors)
             if self.rules is not None:  # their resolved notices are committed now
                 self.rules.forget_retired(acc.retired)
             if self.xml_changes.hostdev_changes:  # billed: those of unread domains stay

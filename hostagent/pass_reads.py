@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from hostagent.accounting.readings import NO_FACTS, DomainReading, HostFacts
+from hostagent.accounting.readings import NO_FACTS, DomainReading, HostFacts, HostReading
 from hostagent.errors import SourceError
 from hostagent.model import CPU_FROM_LIBVIRT, Baseline, DomainInfo, GpuReading, NicCounters
 from hostagent.source_model import DomainStats
@@ -91,6 +91,15 @@ class EarlyReads:
                 return None
             wants.append(Want(info, d.stats, facts, d.name))
         return self.files.read(wants)
+
+
+def read_every_running(host: HostReading) -> bool:
+    """The pass read every domain libvirt listed as running (no read error): an instance it
+    did not read does not run (`ledger.account(complete=...)`)."""
+    if host.errors:
+        return False
+    read = {r.info.uuid for r in host.domains}
+    return all(uuid in read for uuid in host.listed)
 
 
 def libvirt_cpu_wanted(domains: Sequence[DomainReading],

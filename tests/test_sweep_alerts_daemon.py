@@ -80,6 +80,12 @@ def alerts(tmp: Path) -> list[dict[str, Any]]:
     return [d for d in docs if d.get("event_type") == "threshold_violation"]
 
 
+def resource_events(tmp: Path) -> list[dict[str, Any]]:
+    docs = [orjson.loads(line) for line in (tmp / "events.jsonl").read_bytes().splitlines()
+            if line]
+    return [d for d in docs if d.get("event_type") == "resource_usage"]
+
+
 def wait_alerts(tmp: Path, p: Proc, n: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     while len(got := alerts(tmp)) < n:
@@ -101,7 +107,7 @@ def test_sighup_delete_restore_and_restart_notify_each_change_once(
         tmp_path: Path, procs: list[Proc]) -> None:
     """Fire → SIGHUP with the rule deleted (a `resolved` each, "rule deleted") → SIGHUP with it
     back (fires again) → restart (nothing re-notified) → a domain gone while the daemon was down
-    (documented: its alert stays open, no notice)."""
+    (its alert resolves at the first pass, "instance stopped", once)."""
     node(tmp_path, [0, 1])
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps([NET_ANY]))
@@ -155,11 +161,20 @@ def test_sighup_delete_restore_and_restart_notify_each_change_once(
     r.wait_for('"pass committed"', count=4)
     r.signal(signal.SIGTERM)
     assert r.wait() == 0
-    # Documented (README "Thresholds and alerts"): an alert whose instance no longer reports
-    # gets no notice; it is dropped silently once the instance's baseline expires
-    # (collector.baseline_retention_s). See the report: a "instance gone" resolve needs the
-    # ledger to tell evaluate which instances ended.
-    assert len(alerts(tmp_path)) == 14
+    # The first pass reads every running domain and not d1: its alert resolves, once
+    # ("instance stopped", at its last reading). Before, it stayed open with no notice until
+    # d1's baseline expired (collector.baseline_retention_s, 30 days).
+    got = alerts(tmp_path)
+    assert kinds(got[14:]) == [(uuid_of(1), "resolved", "instance stopped")]
+    last_period_end = max(e["period"]["end"] for e in resource_events(tmp_path)
+                          if e["instance_id"] == uuid_of(1))
+    assert got[14]["period"]["end"] == last_period_end  # when it was last seen running
+    s = Proc(cfg, tmp_path / "log4")  # and never again
+    procs.append(s)
+    s.wait_for('"pass committed"', count=3)
+    s.signal(signal.SIGTERM)
+    assert s.wait() == 0
+    assert len(alerts(tmp_path)) == 15
 
 
 def test_storm_control_bounds_the_alerts_per_window(tmp_path: Path, procs: list[Proc]) -> None:

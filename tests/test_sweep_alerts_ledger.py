@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import orjson
 
+from hostagent import pass_reads
 from hostagent.accounting import ledger
 from hostagent.accounting.closeout import Closing, LightReading
+from hostagent.accounting.readings import HostReading, ReadError
 from hostagent.alerts.index import Settings, build_index
 from hostagent.alerts.rules import parse_rule
 from hostagent.alerts.state import AlertState
@@ -107,3 +109,61 @@ def test_counters_reset_by_a_reboot_neither_fire_nor_resolve_spuriously() -> Non
         assert all(u.cpu_ns >= 0 for u in acc.usages)
         seen += [(step, k, r) for k, r, _ in alerts(acc)]
     assert seen == [("busy", "exceeded", "value"), ("reboot-idle", "resolved", "value")]
+
+
+def test_a_domain_gone_while_the_daemon_was_down_resolves_once_a_pass_reads_every_domain(
+        ) -> None:
+    """No close-out tells of a VM that stopped while the daemon was down. A pass that read
+    every running domain (`complete`) and not that one resolves its open alert ("instance
+    stopped", at its last committed reading); a pass that could not read some domain
+    (`complete` False) changes nothing, since the VM may be the one it missed."""
+    vm = Vm(n=4, domid=10, ticks=500, started_ns=STORE_NS + NS)
+    other = Vm(n=5, domid=11, ticks=600, started_ns=STORE_NS + NS)
+    t0 = STORE_NS + 10 * NS
+    acc, _ = ledger.account({}, [vm.reading(t0), other.reading(t0)], owners=Everyone(),
+                            settings=SETTINGS, now_ns=t0, rules=INDEX, alert_states={})
+    vm.cpu_ns += 20 * NS
+    other.cpu_ns += 20 * NS
+    acc, _ = ledger.account({b.instance_id: b for b in acc.baselines},
+                            [vm.reading(t0 + 30 * NS), other.reading(t0 + 30 * NS)],
+                            owners=Everyone(), settings=SETTINGS, now_ns=t0 + 30 * NS,
+                            rules=INDEX, alert_states={})
+    assert sorted(alerts(acc)) == sorted([("exceeded", "value", vm.uuid),
+                                          ("exceeded", "value", other.uuid)])
+    baselines = {b.instance_id: b for b in acc.baselines}
+    states = dict(acc.alert_states)
+    t1 = t0 + 3_600 * NS  # the daemon back an hour later; `vm` is gone, `other` idles on
+    other.cpu_ns += NS // 2
+    acc, _ = ledger.account(baselines, [other.reading(t1)], owners=Everyone(),
+                            settings=SETTINGS, now_ns=t1, rules=INDEX, alert_states=states)
+    assert alerts(acc) == [("resolved", "value", other.uuid)]  # not complete: `vm` stays
+    assert {s.instance_id for s in acc.alert_states.values()} == {vm.uuid}
+    baselines = {b.instance_id: b for b in acc.baselines} | {vm.uuid: baselines[vm.uuid]}
+    states = dict(acc.alert_states)
+    other.cpu_ns += NS // 2
+    acc, _ = ledger.account(baselines, [other.reading(t1 + 30 * NS)], owners=Everyone(),
+                            settings=SETTINGS, now_ns=t1 + 30 * NS, rules=INDEX,
+                            alert_states=states, complete=True)
+    assert alerts(acc) == [("resolved", "instance stopped", vm.uuid)]
+    doc = next(orjson.loads(e.payload) for e in acc.events if e.kind == "threshold_violation")
+    assert doc["period"]["end"] == doc["period"]["start"]  # its last reading, not now
+    assert dict(acc.alert_states) == {}
+    assert [u.instance_id for u in acc.usages] == [other.uuid]  # nothing billed for it
+    acc, _ = ledger.account(baselines, [other.reading(t1 + 60 * NS)], owners=Everyone(),
+                            settings=SETTINGS, now_ns=t1 + 60 * NS, rules=INDEX,
+                            alert_states={}, complete=True)
+    assert alerts(acc) == []
+
+
+def test_a_pass_has_read_every_running_domain_only_without_a_read_error() -> None:
+    """What the collector passes as `complete`: every listed domain read, no read error."""
+    t = STORE_NS + 10 * NS
+    a = Vm(n=6, domid=10, ticks=500, started_ns=STORE_NS + NS).reading(t)
+    b = Vm(n=7, domid=11, ticks=600, started_ns=STORE_NS + NS).reading(t)
+    listed = {a.info.uuid: "a", b.info.uuid: "b"}
+    assert pass_reads.read_every_running(HostReading(t, (a, b), listed=listed))
+    assert not pass_reads.read_every_running(HostReading(t, (a,), listed=listed))
+    failed = (ReadError(b.info.uuid, "b", "xml", "unreadable"),)
+    assert not pass_reads.read_every_running(HostReading(t, (a,), failed, listed=listed))
+    assert not pass_reads.read_every_running(HostReading(t, (a, b), failed, listed=listed))
+    assert pass_reads.read_every_running(HostReading(t, ()))  # nothing runs

@@ -22,7 +22,7 @@ Three kinds of instance per call:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
@@ -78,6 +78,24 @@ def expired(baselines: Mapping[str, Baseline], present: AbstractSet[str], now_ns
             if iid not in present and now_ns - b.t_wall_ns > retention_ns]
 
 
+def stopped_unseen(states: Iterable[threshold_state.AlertState], baselines: Mapping[str, Baseline],
+                   running: AbstractSet[str]) -> dict[str, Usage]:
+    """The instances with open alerts that a pass reading every running domain did not find
+    (`running`: those it read or closed out): they stopped while the daemon was down, and no
+    close-out will tell of it. Each maps to an empty period at its last committed reading
+    (its baseline), the context of its alerts' "instance stopped" notices. An instance
+    without a baseline (expired) is left out: its states are dropped as before."""
+    out: dict[str, Usage] = {}
+    for st in states:
+        iid = st.instance_id
+        b = baselines.get(iid)
+        if iid in running or iid in out or b is None:
+            continue
+        out[iid] = Usage(iid, iid, iid, b.incarnation, False, b.t_wall_ns, b.t_wall_ns, 0, 0,
+                         0, 0, None, None, None, None, None, None, 0, 0, 0, 0, 0, 0, None)
+    return out
+
+
 def account(
     baselines: Mapping[str, Baseline],
     readings: Sequence[DomainReading],
@@ -92,6 +110,7 @@ def account(
     retired: Mapping[str, Rule] | None = None,
     live: Mapping[Key, Tail] | None = None,
     gpu_changes: Mapping[str, int] | None = None,
+    complete: bool = False,
 ) -> tuple[Accounting, list[Sample]]:
     """One pass's accounting; also returns the samples it billed (for the report and the API).
 
@@ -104,6 +123,9 @@ def account(
     `gpu_changes`: uuid → wall ns of the last GPU hot-plug or unplug libvirt told of, for the
     domains whose XML this pass re-read after it: a period in which the GPU count changed is
     billed with the old count up to then (accounting/gpu_change.py).
+    `complete`: `readings` are every domain that runs now (the pass read them all, no read
+    error): an open alert of an instance neither read nor closed out resolves ("instance
+    stopped", `stopped_unseen`: it stopped while the daemon was down).
     """
     samples = [sample_of(r) for r in readings]
     if live:
@@ -162,11 +184,17 @@ def account(
     changes: Mapping[str, bytes | None] = {}
     states: Mapping[str, threshold_state.AlertState] = alert_states or {}
     if rules is not None:
+        gone = (stopped_unseen(states.values(), baselines, now.keys() | closed.keys())
+                if complete and states else None)
+        if gone:
+            for iid in gone:
+                who[iid] = resolve(iid, None, build_id=None)
         users = {iid: (None if o.user_id == settings.unassigned else o.user_id)
                  for iid, o in who.items()}
         ev = threshold_state.evaluate(rules, usages, users, states, now_ns, gate=gate,
                                       removed_instances=removed, retired=dict(retired or {}),
-                                      ended=closed.keys())  # their alerts resolve
+                                      ended=closed.keys(),  # their alerts resolve
+                                      gone=gone)
         out.extend(violations.route(ev.transitions, who, settings.node_id,
                                 time_format=settings.time_format, unassigned=settings.unassigned))
         changes, states = ev.changes, ev.states

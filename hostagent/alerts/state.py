@@ -193,7 +193,8 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
              states: Mapping[str, AlertState], now_ns: int, *, gate: Gate | None = None,
              removed_instances: Iterable[str] = (),
              retired: Mapping[str, Rule] | None = None,
-             ended: Iterable[str] = ()) -> Evaluation:
+             ended: Iterable[str] = (),
+             gone: Mapping[str, Usage] | None = None) -> Evaluation:
     """One pass: the rules that apply to each usage → notifications + state changes.
 
     `owners` maps instance → user_id (None or absent: unknown; then only the rules of user
@@ -210,6 +211,10 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
     that do not run now; their usage here is their last. After it, each of their alerts that
     consumers were told about resolves ("instance stopped"), and their states go: an alert
     of a VM that is no more does not stay open.
+    `gone`: instances with open alerts that no longer run and have no usage in this pass (they
+    stopped while the daemon was down, so no close-out told of their end), each with the
+    period its last committed reading ended (`ledger.stopped_unseen`). Their alerts resolve as
+    `ended`'s do, without a value evaluated.
     """
     cooldown_ns = int(index.settings.cooldown_s * NS_PER_S)
     levels, by_id = index.levels, index.by_id
@@ -312,6 +317,8 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
             key = (held_rule.resource, held_rule.measure_unit)
             value = cache[key] if key in cache else measure_value(key[0], key[1], u)
             visit(held_rule, u, value, prev)
+    if gone:
+        last_usage.update({iid: u for iid, u in gone.items() if iid not in last_usage})
     if last_usage:
         for fp, st in list(out_states.items()):
             final = last_usage.get(st.instance_id)
@@ -325,9 +332,9 @@ def evaluate(index: RuleIndex, usages: Iterable[Usage], owners: Mapping[str, str
                     fp, stopped_rule, final, "resolved", st.notified,
                     _ok(st.rule_id, st.instance_id, now_ns, st.value), st.value,
                     levels[st.rule_id], st.suppressed, "instance stopped"))
-    gone = set(removed_instances)
+    expired = set(removed_instances)
     for fp, st in list(out_states.items()):
-        if st.rule_id not in levels or st.instance_id in gone:
+        if st.rule_id not in levels or st.instance_id in expired:
             del out_states[fp]
             changes[fp] = None
     return Evaluation(tuple(transitions), changes, out_states, suppressed, checked)
