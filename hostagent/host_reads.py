@@ -30,7 +30,7 @@ from hostagent.sources.domain_files import DomainFiles, FilesResult, Want
 from hostagent.sources.fdcache import FdCache
 from hostagent.sources.files import HostRoot
 from hostagent.sources.gpu import GpuReadings, GpuSource
-from hostagent.sources.libvirt import LibvirtSource
+from hostagent.sources.libvirt import LibvirtSource, Then
 from hostagent.tick import TickWait
 from hostagent.xml_changes import XmlChanges
 
@@ -56,27 +56,38 @@ class HostReads:
     _parent_cpu: str | None
     _early: pass_reads.EarlyReads | None
 
+    # A read of at most this many domains between passes (`only`: a VM started, a device
+    # plugged) asks libvirt for those domains alone (`LibvirtSource.stats_of`); a larger
+    # one, or a listing (`only=set()`), makes the bulk call.
+    TARGETED_MAX = 16
+
     async def read_host(self, only: set[str] | None = None, *,
                         wait: TickWait | None = None) -> HostReading:
         """One `DomainReading` per running domain (or the `only` UUIDs) and per-domain errors.
 
-        Raises SourceError only for host-wide failures (no libvirt connection); `wait`: the
-        bulk call's worker first waits for the pass's tick (WaitInterrupted: cut short).
+        Raises SourceError only for host-wide failures (no libvirt connection), or when a
+        targeted read (`TARGETED_MAX`) hung or failed; `wait`: the bulk call's worker first
+        waits for the pass's tick (WaitInterrupted: cut short).
         """
+        targeted = only is not None and 0 < len(only) <= self.TARGETED_MAX and wait is None
         early = self._early_reads() if only is None else None
         self._early = early
-        got = await self.libvirt.bulk_stats_then(early, wait=wait)
+        if targeted:
+            assert only is not None
+            got: Then[FilesResult | None] = Then(await self.libvirt.stats_of(only))
+        else:
+            got = await self.libvirt.bulk_stats_then(early, wait=wait)
         bulk = got.bulk
         errors = [ReadError(uuid, brief(name), "stats", brief(why))
                   for uuid, name, why in bulk.failed
                   if only is None or uuid in only]
-        await self._refresh_inventory(bulk.domains, errors)
+        await self._refresh_inventory(bulk.domains, errors, partial=targeted)
         wanted = [(d, info) for d in bulk.domains
                   if (info := self.inventory.get(d.uuid)) is not None
                   and (only is None or d.uuid in only)]
         ids = self._instance_ids
         fresh = [info for _, info in wanted if (info.uuid, info.domid) not in ids]
-        refused = ids.assign(fresh, {(d.uuid, d.domid) for d in bulk.domains},
+        refused = ids.assign(fresh, self._live(bulk.domains, partial=targeted),
                              self.baselines) if fresh else {}
         running: list[tuple[DomainStats, DomainInfo, str]] = []
         for d, info in wanted:
@@ -105,13 +116,28 @@ class HostReads:
                            path=bulk.path, timed_out=bulk.timed_out,
                            listed={d.uuid: d.name for d in bulk.domains})
 
+    def _live(self, domains: Sequence[DomainStats], *, partial: bool) -> set[tuple[str, int]]:
+        """The incarnations running now, for the instance ids: those read, and after a
+        partial read also the others known (a UUID runs once: not its other incarnations)."""
+        live = {(d.uuid, d.domid) for d in domains}
+        if partial:
+            read = {d.uuid for d in domains}
+            live.update(k for k in self._instance_ids.holders() if k[0] not in read)
+        return live
+
     async def _refresh_inventory(self, domains: Sequence[DomainStats],
-                                 errors: list[ReadError]) -> None:
+                                 errors: list[ReadError], *, partial: bool = False) -> None:
+        """The inventory (domain XML) brought up to date for `domains`; `partial`: they are
+        some of the running domains only (a targeted read between passes), so nobody else is
+        forgotten, the periodic re-reads stay the passes' and libvirt's change notices stay
+        for the next pass (which reads those domains once more)."""
         shapes = {d.uuid: inventory.shape_from_stats(d.uuid, d.domid, d.stats) for d in domains}
         self.inventory.retune(self.xml_refresh_passes())
-        changed, everything = self.xml_changes.take()
+        changed, everything = (self.xml_changes.peek() if partial
+                               else self.xml_changes.take())
         want = set(self.inventory.needs_xml(shapes.values(),
-                                            shapes.keys() if everything else changed))
+                                            shapes.keys() if everything else changed,
+                                            periodic=not partial))
         todo = [d for d in domains if d.uuid in want]
         parsed: list[tuple[DomainInfo, inventory.Shape]] = []
         if todo:
@@ -126,6 +152,9 @@ class HostReads:
                         got = err
                 errors.append(ReadError(d.uuid, brief(d.name), "xml", brief(str(got))))
                 self.inventory.forget(d.uuid)
+        if partial:
+            self.inventory.update(parsed, present=None)
+            return
         self.inventory.update(parsed, present=shapes)
         # Keyed by incarnation: more entries than running domains means some are gone (a
         # restart or a stop), and only then is the sweep worth its set.

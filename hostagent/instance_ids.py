@@ -11,7 +11,7 @@ found no id for (one line a pass, however many).
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, KeysView, Mapping, Sequence
 
 from hostagent.accounting import id_clash, identity
 from hostagent.errors import SourceError
@@ -34,6 +34,10 @@ class InstanceIds:
 
     def __contains__(self, key: object) -> bool:
         return key in self._ids
+
+    def holders(self) -> KeysView[Key]:
+        """The incarnations that hold an id."""
+        return self._ids.keys()
 
     def get(self, key: Key) -> str | None:
         """The id of incarnation `key`, None when it has none (yet, or refused)."""

@@ -75,6 +75,14 @@ class XmlChanges:
                 self._hostdevs = {}
         return uuids, everything
 
+    def peek(self) -> tuple[frozenset[str], bool]:
+        """What `take()` would give, left in place (a read of some domains between passes:
+        the next pass still takes it)."""
+        if not self._uuids and not self._everything:
+            return frozenset(), False
+        with self._lock:
+            return frozenset(self._uuids), self._everything
+
     def settled(self, failed: Container[str]) -> None:
         """The pass that took the hostdev changes is committed: only those of the domains it
         failed to read stay, for the pass that reads them."""

@@ -35,12 +35,21 @@ class FakeDomain:
         return self.xml
 
 
+class NoDomain(libvirt.libvirtError):
+    """libvirt's answer to a lookup of a UUID it does not know."""
+
+    def get_error_code(self) -> int:
+        return int(libvirt.VIR_ERR_NO_DOMAIN)
+
+
 class ReplayConnection:
     """Answers like a libvirt connection from a recorded tree; can hang on demand."""
 
     def __init__(self, tree: Path) -> None:
         self.tree = tree
         self.bulk_calls = 0
+        self.list_calls = 0  # domainListGetStats: the per-domain path, targeted reads
+        self.lookups = 0
         self.masks: list[int] = []  # the stats groups each stats call asked for
         self.xml_calls = 0
         self.hang_bulk = threading.Event()
@@ -85,7 +94,15 @@ class ReplayConnection:
     def listAllDomains(self, flags: int) -> list[FakeDomain]:
         return [d for d, _ in self._domains()]
 
+    def lookupByUUIDString(self, uuid: str) -> FakeDomain:
+        self.lookups += 1
+        for d, _ in self._domains():
+            if d.UUIDString() == uuid:
+                return d
+        raise NoDomain("Domain not found: no domain with matching uuid")
+
     def domainListGetStats(self, doms: list[FakeDomain], stats: int, flags: int) -> Any:
+        self.list_calls += 1
         self.masks.append(stats)
         want = {d.UUIDString() for d in doms}
         return self._answer([(d, s) for d, s in self._domains() if d.UUIDString() in want],

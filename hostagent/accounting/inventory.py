@@ -317,10 +317,13 @@ class Inventory:
         self._next_phase = len(self._phase) % refresh
 
     def needs_xml(self, shapes: Iterable[Shape],
-                  changed: AbstractSet[str] = frozenset()) -> list[str]:
+                  changed: AbstractSet[str] = frozenset(), *, periodic: bool = True
+                  ) -> list[str]:
         """UUIDs whose XML must be fetched this pass; `changed`: those libvirt said changed
-        (hostagent/xml_changes.py)."""
-        self._pass += 1
+        (hostagent/xml_changes.py); `periodic=False`: a read between passes, which neither
+        counts as a pass nor makes the periodic re-reads."""
+        if periodic:
+            self._pass += 1
         due = self._pass % self._refresh
         known, phases = self._shape, self._phase
         want = []
@@ -339,20 +342,23 @@ class Inventory:
             elif s.uuid in changed:
                 want.append(s.uuid)
                 self.reads["changed"] += 1
-            elif phase == due:
+            elif periodic and phase == due:
                 want.append(s.uuid)
                 self.reads["periodic"] += 1
         return want
 
     def update(self, infos: Iterable[tuple[DomainInfo, Shape]],
-               present: Mapping[str, object] | Iterable[str]) -> None:
+               present: Mapping[str, object] | Iterable[str] | None) -> None:
         """Record freshly parsed domains (with the stats shape seen then); forget the ones not
-        `present` (stopped): the UUIDs, or a mapping keyed by them."""
-        if not isinstance(present, Mapping):
-            present = dict.fromkeys(present)
+        `present` (stopped): the UUIDs, or a mapping keyed by them; None: forget nobody (a
+        read of some domains only)."""
         for info, shape in infos:
             self._by_uuid[info.uuid] = info
             self._shape[info.uuid] = shape
+        if present is None:
+            return
+        if not isinstance(present, Mapping):
+            present = dict.fromkeys(present)
         if not present.keys() >= self._by_uuid.keys():  # a set comparison in C: cheap
             for uuid in [u for u in self._by_uuid if u not in present]:
                 self.forget(uuid)
