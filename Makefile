@@ -11,6 +11,9 @@ LAB_GUESTS ?= 3
 DEMO_DIR ?= demo-state
 DEMO_PASSES ?= 6
 DEMO_INTERVAL ?= 5
+# pytest-xdist workers for the tests that need no lab (each starts its own servers on
+# ephemeral ports); the lab tests share libvirtd and its guests and run one at a time.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test dev deps venv lab-up lab-down lint unit lab-tests deploy-check bench clean
 
@@ -55,7 +58,7 @@ lint: dev
 	$(VENV)/bin/mypy --strict hostagent
 
 unit: dev
-	$(VENV)/bin/pytest -m "not lab" -q
+	$(VENV)/bin/pytest -m "not lab" -q -n $(TEST_WORKERS)
 
 lab-tests: venv lab-up
 	HOSTAGENT_LAB=required $(VENV)/bin/pytest -m lab -q
@@ -64,7 +67,8 @@ deploy-check: venv
 	bash deploy/ci/check_deploy.sh
 
 test: venv lint lab-up     ## everything CI runs
-	HOSTAGENT_LAB=required $(VENV)/bin/pytest -q
+	HOSTAGENT_LAB=required $(VENV)/bin/pytest -m "not lab" -q -n $(TEST_WORKERS)
+	HOSTAGENT_LAB=required $(VENV)/bin/pytest -m lab -q
 	bash deploy/ci/check_deploy.sh
 
 bench: venv lab-up         ## every benchmark; each prints its ratios (nothing asserted)
