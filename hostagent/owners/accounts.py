@@ -16,6 +16,7 @@ import orjson
 
 from hostagent.errors import OwnerLookupError
 from hostagent.model import MAX_OWNER_ID_CHARS, usable_owner_id
+from hostagent.owners import json_stream
 
 ROLES: Final = frozenset({"Owner", "Manager", "Operator", "ReadOnly"})
 _ADDRESS = re.compile(r"(?:0[xX])?[0-9a-fA-F]{40}")
@@ -158,25 +159,53 @@ def parse_account(raw: Any, where: str = "account") -> tuple[Account, int]:
 
 
 def parse_account_list(body: bytes) -> AccountList:
-    """`GET account/list` body → validated accounts; OwnerLookupError on anything off."""
-    doc = envelope(json_body(body))
-    raw = doc.get("accounts")
-    if not isinstance(raw, list):
-        raise bad_field("accounts", "an array", raw)
-    total = doc.get("total")
-    if total is not None and (isinstance(total, bool) or total != len(raw)):
-        # form-state sets total = len(accounts): a mismatch means a cut or mangled body.
-        raise bad_field("total", f"{len(raw)} (the number of accounts)", total)
+    """`GET account/list` body → validated accounts; OwnerLookupError on anything off.
+
+    The accounts are parsed one at a time as the body is read (owners/json_stream.py): the
+    whole document is never built, only the accounts kept (16 MiB of accounts: a 277 MB peak
+    parsed whole). The checks come in the order of a whole parse: JSON, the envelope, the
+    array, `total`, then the first bad account."""
     accounts: list[Account] = []
-    unknown = unusable = 0
-    for i, item in enumerate(raw):
-        acct, skipped = parse_account(item, f"accounts[{i}]")
+    counts = [0, 0, 0]  # accounts seen, unknown roles, unusable addresses
+    bad: list[OwnerLookupError] = []
+
+    def on_item(i: int, item: Any) -> None:
+        counts[0] += 1
+        if bad:
+            return  # the answer is refused: nothing more is kept
+        try:
+            acct, skipped = parse_account(item, f"accounts[{i}]")
+        except OwnerLookupError as err:
+            bad.append(err)
+            accounts.clear()
+            return
         if not usable_owner_id(acct.address):
-            unusable += 1  # its instances are unassigned; the other accounts still count
-            continue
+            counts[2] += 1  # its instances are unassigned; the other accounts still count
+            return
         accounts.append(acct)
-        unknown += skipped
-    return AccountList(tuple(accounts), unknown, unusable)
+        counts[1] += skipped
+
+    def on_restart() -> None:  # "accounts" given twice: the last one counts
+        accounts.clear()
+        bad.clear()
+        counts[:] = [0, 0, 0]
+
+    try:
+        got = json_stream.walk_object(body, "accounts", on_item, on_restart)
+        if got is None:
+            raise bad_field("body", "a JSON object", json_stream.loads(body))
+    except json_stream.MalformedJson as err:
+        raise OwnerLookupError(f"malformed JSON ({err}): {snippet(body)}") from err
+    doc = envelope(got.members)
+    if not got.array_seen:
+        raise bad_field("accounts", "an array", doc.get("accounts"))
+    total = doc.get("total")
+    if total is not None and (isinstance(total, bool) or total != counts[0]):
+        # form-state sets total = len(accounts): a mismatch means a cut or mangled body.
+        raise bad_field("total", f"{counts[0]} (the number of accounts)", total)
+    if bad:
+        raise bad[0]
+    return AccountList(tuple(accounts), counts[1], counts[2])
 
 
 def check_owner_id(address: str, where: str) -> str:
