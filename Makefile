@@ -12,7 +12,8 @@ DEMO_DIR ?= demo-state
 DEMO_PASSES ?= 6
 DEMO_INTERVAL ?= 5
 # pytest-xdist workers for the tests that need no lab (each starts its own servers on
-# ephemeral ports); the lab tests share libvirtd and its guests and run one at a time.
+# ephemeral ports); the lab tests share libvirtd and its guests, and the mock-clock tests
+# (marked `alone` by tests/conftest.py) need an unloaded machine: both run one at a time.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test dev deps venv lab-up lab-down lint unit lab-tests deploy-check bench clean
@@ -58,7 +59,8 @@ lint: dev
 	$(VENV)/bin/mypy --strict hostagent
 
 unit: dev
-	$(VENV)/bin/pytest -m "not lab" -q -n $(TEST_WORKERS)
+	$(VENV)/bin/pytest -m "not lab and not alone" -q -n $(TEST_WORKERS)
+	$(VENV)/bin/pytest -m "alone and not lab" -q
 
 lab-tests: venv lab-up
 	HOSTAGENT_LAB=required $(VENV)/bin/pytest -m lab -q
@@ -67,8 +69,8 @@ deploy-check: venv
 	bash deploy/ci/check_deploy.sh
 
 test: venv lint lab-up     ## everything CI runs
-	HOSTAGENT_LAB=required $(VENV)/bin/pytest -m "not lab" -q -n $(TEST_WORKERS)
-	HOSTAGENT_LAB=required $(VENV)/bin/pytest -m lab -q
+	HOSTAGENT_LAB=required $(VENV)/bin/pytest -m "not lab and not alone" -q -n $(TEST_WORKERS)
+	HOSTAGENT_LAB=required $(VENV)/bin/pytest -m "lab or alone" -q
 	bash deploy/ci/check_deploy.sh
 
 bench: venv lab-up         ## every benchmark; each prints its ratios (nothing asserted)

@@ -19,6 +19,17 @@ from tests.sources.libvirt_proxy import LIBVIRTD_SOCK, SocketProxy
 LAB_REQUIRED = os.environ.get("HOSTAGENT_LAB") == "required"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on trio's mock clock run `alone` (`make test` runs them after the parallel
+    ones, one at a time): the clock jumps ahead whenever every task waits, and on a loaded
+    machine a real server's answer still on its way looks like such a wait (a 0.2 s send
+    timeout jumped past: a chaos drain that never ended, with two test workers on 2 cores)."""
+    alone = pytest.mark.alone
+    for item in items:
+        if "mock_clock" in getattr(item, "fixturenames", ()):
+            item.add_marker(alone)
+
+
 def unavailable(reason: str) -> NoReturn:
     """Skip when a root-only prerequisite is missing, but fail under `make test`."""
     if LAB_REQUIRED:
