@@ -133,34 +133,11 @@ async def latency(args: argparse.Namespace, keys: Any) -> None:
 
 
 async def pass_ratio(args: argparse.Namespace, keys: Any) -> None:
-    from bench.pass_cost import generate
-    from hostagent.clock import SystemClock
-    from hostagent.collector import Collector
-    from hostagent.config.load import from_mapping
-    from hostagent.owners.resolver import Owners
-    from hostagent.sources.gpu import GpuSource
-    from hostagent.sources.libvirt import LibvirtSource
-    from hostagent.sources.net import LinkStatsReader
-    from hostagent.store.outbox import Store
+    from bench.pass_cost import bench_collector, generate
 
     with tempfile.TemporaryDirectory() as tmp:
         node_xml, root = generate(args.domains, Path(tmp) / "gen")
-        cfg = from_mapping({
-            "host": {"node_id": "bench"},
-            "libvirt": {"uri": f"test://{node_xml}", "call_timeout_s": 60, "readonly": False},
-            "paths": {"root": str(root)},
-            "collector": {"state_path": f"{tmp}/state.db", "pass_timeout_s": 120},
-            "sinks": [{"type": "jsonl", "path": f"{tmp}/events.jsonl"}]})
-        clock = SystemClock()
-        limiter = trio.CapacityLimiter(cfg.collector.max_threads)
-        store = Store.open(cfg.collector.state_path, clock=clock, node_id="bench",
-                           sink_names=["jsonl"])
-        coll = Collector(cfg, clock=clock, store=store, owners=Owners(cfg.owners, clock, None),
-                         libvirt_source=LibvirtSource(cfg.libvirt, clock=clock,
-                                                      limiter=limiter),
-                         link_reader=LinkStatsReader(),
-                         gpu_source=GpuSource(cfg.gpu, root=str(root), clock=clock),
-                         limiter=limiter)
+        coll, store = bench_collector(f"test://{node_xml}", str(root), Path(tmp))
         view = ApiView()
         gate = PassGate()
         drains: list[float] = []

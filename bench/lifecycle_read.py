@@ -25,15 +25,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.daemon_cost import libvirtd_pid
-from bench.pass_cost import generate
-from hostagent.clock import SystemClock
+from bench.pass_cost import bench_collector, generate
 from hostagent.collector import Collector
-from hostagent.config.load import from_mapping
-from hostagent.owners.resolver import Owners
-from hostagent.sources.gpu import GpuSource
-from hostagent.sources.libvirt import LibvirtSource
-from hostagent.sources.net import LinkStatsReader
-from hostagent.store.outbox import Store
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -55,24 +48,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         node_xml, root = generate(args.domains, work / "gen")
-        cfg = from_mapping({
-            "host": {"node_id": "bench"},
-            "libvirt": {"uri": f"test+unix://{node_xml}", "call_timeout_s": 60,
-                        "readonly": False},
-            "paths": {"root": str(root)},
-            "collector": {"state_path": str(work / "state.db"), "pass_timeout_s": 120},
-            "sinks": [{"type": "jsonl", "path": str(work / "events.jsonl")}],
-        })
-        clock = SystemClock()
-        limiter = trio.CapacityLimiter(cfg.collector.max_threads)
-        store = Store.open(cfg.collector.state_path, clock=clock, node_id="bench",
-                           sink_names=["jsonl"])
-        coll = Collector(cfg, clock=clock, store=store, owners=Owners(cfg.owners, clock, None),
-                         libvirt_source=LibvirtSource(cfg.libvirt, clock=clock,
-                                                      limiter=limiter),
-                         link_reader=LinkStatsReader(),
-                         gpu_source=GpuSource(cfg.gpu, root=str(root), clock=clock),
-                         limiter=limiter)
+        coll, store = bench_collector(f"test+unix://{node_xml}", str(root), work)
 
         async def reads(target: str, targeted_max: int) -> tuple[float, float]:
             coll.TARGETED_MAX = targeted_max

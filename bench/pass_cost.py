@@ -208,10 +208,9 @@ def measure(fn: Callable[[], int], passes: int) -> tuple[float, float, int]:
     return statistics.median(cpus), statistics.median(walls), count
 
 
-def hostagent_passes(uri: str, root: str, state_dir: Path,
-                     passes: int) -> tuple[float, float, int]:
-    """Real hostagent passes (sources, math, events, SQLite commit) in ONE trio run, like the
-    daemon: median CPU and wall seconds per pass after a warm-up pass, and the domain count."""
+def bench_collector(uri: str, root: str, state_dir: Path) -> tuple[Collector, Store]:
+    """A Collector on `uri` and `root` as `hostagent run` builds one: a real store and a JSONL
+    sink in `state_dir`. The caller closes `coll.cgroups` and the store."""
     cfg = from_mapping({
         "host": {"node_id": "bench"},
         "libvirt": {"uri": uri, "call_timeout_s": 60, "readonly": False},
@@ -228,6 +227,14 @@ def hostagent_passes(uri: str, root: str, state_dir: Path,
                      link_reader=LinkStatsReader(), gpu_source=GpuSource(cfg.gpu, root=root,
                                                                           clock=clock),
                      limiter=limiter)
+    return coll, store
+
+
+def hostagent_passes(uri: str, root: str, state_dir: Path,
+                     passes: int) -> tuple[float, float, int]:
+    """Real hostagent passes (sources, math, events, SQLite commit) in ONE trio run, like the
+    daemon: median CPU and wall seconds per pass after a warm-up pass, and the domain count."""
+    coll, store = bench_collector(uri, root, state_dir)
 
     async def run_all() -> tuple[float, float, int]:
         count = 0
