@@ -2,8 +2,9 @@
 
 The account service's `account/list` answer is one object holding every account of the cloud
 (`{"success": true, "accounts": [...], "total": N}`). Parsed whole (orjson), 16 MiB of minimal
-accounts took a 277 MB peak of Python objects (tracemalloc; +350-480 MB of RSS), most of it
-the document, which the owner index then throws away: it keeps ~62 MB of parsed accounts.
+accounts took a 277 MB peak of Python objects (tracemalloc; +130 MB of RSS in a fresh
+process), most of it the document, which the owner index then throws away: it keeps ~62 MB of
+parsed accounts.
 `walk_object` reads the top-level object with the standard library's C scanner
 (`json.JSONDecoder.raw_decode`), one member at a time, and the named array one item at a time:
 each item goes to `on_item` and is dropped, so the peak is the body, its text and what
