@@ -293,10 +293,14 @@ class Collector(HostReads):
                 deadline.deadline = due + drained_s
         parent_ns = await self._read_parent_cpu()
         gone = tails.gone_keys(self.tails, host)
-        if gone and self.final_samples is not None:
+        if self.final_samples is not None:
             # A VM that ended just before the host reading may not have been sampled at its
-            # end yet (the kernel's notification still queued, its thread not yet run).
-            await self.final_samples(gone)
+            # end yet (the kernel's notification still queued, its thread not yet run); a
+            # tap deleted (a NIC unplugged) while the last pass read the host left only a
+            # light reading older than its anchor (`tails.taps_gone`).
+            unplugged = tails.taps_gone(self.tails, host)
+            if gone or unplugged:
+                await self.final_samples(gone + unplugged)
         await self.merge_light()
         closing = tails.closings(self.tails, gone)
         self.read_errors.note(host.errors, {r.uuid for r in host.domains})

@@ -194,8 +194,9 @@ class LightSamples:
     # --- the final samples of a pass's close-outs --------------------------------------------
 
     async def final_samples(self, keys: list[tails.Key]) -> None:
-        """The last counters of incarnations the pass found gone (`Collector.final_samples`),
-        in the inbox before it merges them.
+        """The last counters of incarnations the pass found gone, or read without a tap their
+        tail follows (`tails.taps_gone`: the tap's final counters the watch kept), in the
+        inbox before the pass merges them (`Collector.final_samples`).
 
         The stop watch reads a VM's final counters when its cgroup empties; an end it has not
         read yet (an event still queued, a cgroup it could not watch, a domain gone from the

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from hostagent.accounting.lifecycle import DeviceAdded, LifecycleEvent, LifecycleKind
+from hostagent.model import NicCounters
 from hostagent.sources.stop_watch import StopWatch
 from hostagent.tailing import TailTasks
 from tests.replay import FakeDomain, Host
@@ -592,18 +593,7 @@ async def test_a_hot_unplugged_nic_is_sampled_at_its_end_and_billed_to_its_final
         (uuid, _), anchor = next((k, t.anchor) for k, t in coll.tails.items()
                                      if t.anchor.netlink_nics)
         tap = next(iter(anchor.netlink_nics.values()))
-        assert tap.ifindex is not None and tap.ifname is not None
-        # The t1 tree without that tap: neither a link nor libvirt counters for it.
-        shutil.rmtree(host.src / "t1" / "sys" / "class" / "net" / tap.ifname)
-        bulk = host.src / "t1" / "libvirt" / "bulk_stats.json"
-        entries = orjson.loads(bulk.read_bytes())
-        for e in entries:
-            if e["uuid"] == uuid:
-                n = next(k.split(".")[1] for k, v in e["stats"].items()
-                         if k.endswith(".name") and v == tap.ifname)
-                e["stats"] = {k: v for k, v in e["stats"].items()
-                              if not k.startswith(f"net.{n}.")}
-        bulk.write_bytes(orjson.dumps(entries))
+        _t1_without_tap(host, uuid, tap)
         host.clock.advance(1.0)
         n_taken = len(taken)
         # The tap's end: the guest received 1,000 bytes and sent 2,000 more since the pass.
@@ -624,6 +614,70 @@ async def test_a_hot_unplugged_nic_is_sampled_at_its_end_and_billed_to_its_final
                                              for n, o in others)
     assert f"net:{tap.mac}" not in u.missing
     assert tail.sample_errors == 0 and tail.stops_seen == 0
+    store.close()
+
+
+def _t1_without_tap(host: Host, uuid: str, tap: NicCounters) -> None:
+    """The t1 tree without `tap` of domain `uuid`: neither a link nor libvirt counters."""
+    assert tap.ifindex is not None and tap.ifname is not None
+    shutil.rmtree(host.src / "t1" / "sys" / "class" / "net" / tap.ifname)
+    bulk = host.src / "t1" / "libvirt" / "bulk_stats.json"
+    entries = orjson.loads(bulk.read_bytes())
+    for e in entries:
+        if e["uuid"] == uuid:
+            n = next(k.split(".")[1] for k, v in e["stats"].items()
+                     if k.endswith(".name") and v == tap.ifname)
+            e["stats"] = {k: v for k, v in e["stats"].items()
+                          if not k.startswith(f"net.{n}.")}
+    bulk.write_bytes(orjson.dumps(entries))
+
+
+async def test_a_tap_deleted_while_a_pass_reads_the_host_is_billed_to_its_final_counters(
+        tmp_path: Path) -> None:
+    """A tap deleted after the pass's link dump and before it stamps its reading: the stop
+    watch's sample of that end is not newer than the pass's anchor, so the tail drops it, and
+    no light sample comes before the next pass (the lab lost one datagram that way,
+    tests/test_lab_sweep_nic_plug.py). The next pass reads the domain without the tap, asks
+    for its final sample (`tails.taps_gone`) and bills the tap up to the final counters the
+    watch kept."""
+    host = editable_host(tmp_path, "systemd-v2")
+    _add_events_files(host)
+    coll, store = make_collector(host, tmp_path, sample_interval_s=3600,
+                                 watched_sample_interval_s=3600, lifecycle_events=False)
+    tail = TailTasks(coll, clock=host.clock)
+    watch = _RecordedTapEnds()
+    tail.watch = watch
+    taken = _noted_samples(tail)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tail.run)
+        assert (await coll.run_pass()).committed
+        await wait_real(lambda: tail._watched_all)
+        (uuid, domid), anchor = next((k, t.anchor) for k, t in coll.tails.items()
+                                     if t.anchor.netlink_nics)
+        tap = next(iter(anchor.netlink_nics.values()))
+        _t1_without_tap(host, uuid, tap)
+        n_taken = len(taken)
+        # The clock stands still: the watch's sample of the end is as old as the anchor.
+        assert tap.ifindex is not None
+        watch.delete(tap.ifindex, tap.guest_tx_bytes + 2_000, tap.guest_rx_bytes + 1_000)
+        await wait_real(lambda: len(taken) == n_taken + 1)
+        await coll.merge_light()
+        assert coll.tails[(uuid, domid)].latest is None  # dropped: not after the anchor
+        host.move_to_t1()
+        host.clock.advance(5.0)
+        report = await coll.run_pass()
+        nursery.cancel_scope.cancel()
+    assert report.committed, report.error
+    assert set(taken[-1]) == {uuid}  # the pass's final sample: that domain alone
+    (u,) = [u for u in report.usages if u.uuid == uuid]
+    (s,) = [s for s in report.samples if s.uuid == uuid]
+    assert tap.mac not in {n.mac for n in s.nics}
+    others = [(n, anchor.netlink_nics[n.mac]) for n in s.nics if n.mac in anchor.netlink_nics]
+    assert u.net_ingress_bytes == 1_000 + sum(n.guest_rx_bytes - o.guest_rx_bytes
+                                              for n, o in others)
+    assert u.net_egress_bytes == 2_000 + sum(n.guest_tx_bytes - o.guest_tx_bytes
+                                             for n, o in others)
+    assert tail.sample_errors == 0
     store.close()
 
 

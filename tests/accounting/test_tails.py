@@ -285,3 +285,37 @@ def test_a_device_added_read_moves_the_anchors_taps_only() -> None:
     assert tails.with_taps(moved, plugged) is moved
     assert tails.with_taps(t, _with_nics(reading("a", 2, 103 * NS), nic("m2", 0, 8))) is t
     assert tails.with_taps(t, dataclasses.replace(plugged, netlink_nics=None)) is t
+
+
+def test_a_pass_that_reads_a_domain_without_a_followed_tap_asks_for_its_final_sample() -> None:
+    """`taps_gone`: the incarnations a pass reads without a tap their tail follows (a NIC
+    unplugged, or re-plugged on a new tap), whose final light sample the pass then asks for;
+    a tap read under another key (its XML re-read), a NIC never matched to a tap, another
+    process or a domain without a tail asks for nothing."""
+    t = {("a", 1): _anchored("a", 1, 100 * NS, ("m0", 7), ("m1", 9)),
+         ("b", 2): _anchored("b", 2, 100 * NS, ("m0", 11)),
+         ("c", 3): _anchored("c", 3, 100 * NS, ("m0", 12)),
+         ("d", 4): _anchored("d", 4, 100 * NS, ("m0", 13))}
+
+    def host(*rs: DomainReading) -> HostReading:
+        return HostReading(t_wall_ns=130 * NS, domains=rs, listed={r.uuid: r.uuid for r in rs})
+
+    def now(uuid: str, domid: int, *taps: tuple[str, int]) -> DomainReading:
+        return _anchored(uuid, domid, 130 * NS, *taps).anchor
+
+    same = host(now("a", 1, ("m0", 7), ("m1", 9)), now("b", 2, ("m0", 11)),
+                now("c", 3, ("m0", 12)), now("d", 4, ("m0", 13)))
+    assert tails.taps_gone(t, same) == []
+    changed = host(
+        now("a", 1, ("m0", 7)),  # m1 unplugged
+        now("b", 2, ("m0", 21)),  # re-plugged: the same MAC on a new tap
+        now("c", 3, ("key-of-m0", 12)),  # the same tap under another key
+        now("d", 5, ("m0", 14)),  # another process (gone_keys closes the old one)
+        now("e", 6))  # no tail
+    assert tails.taps_gone(t, changed) == [("a", 1), ("b", 2)]
+    no_dump = dataclasses.replace(now("c", 3), netlink_nics=None)  # the link dump failed
+    assert tails.taps_gone(t, host(no_dump)) == [("c", 3)]
+    never_matched = {("a", 1): tails.Tail.of(dataclasses.replace(reading("a", 1), netlink_nics={
+        "m0": NicCounters("m0", "tap0", None, guest_rx_bytes=1, guest_tx_bytes=1,
+                          source="libvirt")}))}
+    assert tails.taps_gone(never_matched, host(now("a", 1))) == []
