@@ -17,7 +17,8 @@
      ├── OwnerLookupError       the account service could not answer
      ├── AuthError              an API credential is missing or invalid
      ├── DomainNotFound         `hostagent dump` was asked for a domain that is not running
-     └── RuleNotWritable        the API was asked to delete a rule of the file/central layer
+     ├── RuleNotWritable        the API was asked to delete a rule of the file/central layer
+     └── RuleExists             the API was asked to create a rule whose id is in force
 
 Callers catch the narrowest class they can handle; the daemon counts and logs the rest.
 """
@@ -112,3 +113,7 @@ class DomainNotFound(HostAgentError):
 
 class RuleNotWritable(HostAgentError):
     """A threshold rule comes from the rules file or the central source, not from the API."""
+
+
+class RuleExists(HostAgentError):
+    """A rule to create (POST) has the id of a rule in force."""

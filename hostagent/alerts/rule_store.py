@@ -23,7 +23,7 @@ from hostagent.alerts import channels
 from hostagent.alerts.rules import Rule, parse_rule
 from hostagent.alerts.rules_file import rule_dict
 from hostagent.alerts.rules_source import RulesSource
-from hostagent.errors import RuleNotWritable, StateError
+from hostagent.errors import RuleExists, RuleNotWritable, StateError
 
 
 class LayeredRuleStore:
@@ -51,11 +51,17 @@ class LayeredRuleStore:
         rule = self._source.index.by_id.get(rule_id)
         return None if rule is None else self._shown(rule)
 
-    async def put(self, rule: Mapping[str, Any]) -> bool:
-        """Insert or replace by id in the API layer; True when the id was not in force."""
+    async def put(self, rule: Mapping[str, Any], *, create: bool = False) -> bool:
+        """Insert or replace by id in the API layer; True when the id was not in force.
+        `create`: insert only (RuleExists when the id is in force), checked under the write
+        lock: two POSTs of one id at once used to both answer 201, the second replacing the
+        first."""
         parsed = parse_rule(dict(rule), source="<api>", index=0)
         async with self._lock:
             new = parsed.id not in self._source.index.by_id
+            if create and not new:
+                raise RuleExists(f"rule {parsed.id!r} exists; PUT /api/v1/thresholds/{{id}} "
+                                 "replaces it")
             api = [r for r in self._source.layers["api"] if r.id != parsed.id] + [parsed]
             await self._write(api)
             return new

@@ -20,7 +20,7 @@ from hostagent.api.openapi import MAX_PARAM_CHARS, RULE_ID_PATTERN
 from hostagent.api.pass_gate import PassGate
 from hostagent.api.problems import Problem, json_response
 from hostagent.delivery.ssrf import UrlRefused
-from hostagent.errors import ConfigError, RuleNotWritable, StateError
+from hostagent.errors import ConfigError, RuleExists, RuleNotWritable, StateError
 
 if TYPE_CHECKING:
     from hostagent.api.app import Api
@@ -175,6 +175,8 @@ class AdminRoutes:
                           extra={"key": err.key, "expected": err.expected}) from err
         except RuleNotWritable as err:
             raise Problem(409, str(err), kind="rule-not-writable") from err
+        except RuleExists as err:
+            raise Problem(409, str(err), kind="rule-exists") from err
         except (StateError, OSError) as err:
             raise Problem(503, f"threshold rules cannot be written on this host: {err}",
                           kind="rules-not-writable") from err
@@ -185,10 +187,7 @@ class AdminRoutes:
         if request.method in READS:
             return json_response(list(await rules.list()))
         rule = self._validate(rules, await self._body(request))
-        if await rules.get(rule["id"]) is not None:
-            raise Problem(409, f"rule {rule['id']!r} exists; PUT /api/v1/thresholds/{{id}} "
-                               "replaces it", kind="rule-exists")
-        await self._write(rules.put(rule))
+        await self._write(rules.put(rule, create=True))  # 409 when the id is in force
         return json_response(await rules.get(rule["id"]) or rule, 201)  # as in force: + source
 
     async def threshold_one(self, request: Request, _p: Principal) -> Response:

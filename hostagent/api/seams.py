@@ -45,8 +45,9 @@ class RuleStore(Protocol):
         """One rule, or None."""
         ...
 
-    async def put(self, rule: Mapping[str, Any]) -> bool:
-        """Insert or replace by `id` (already validated); True when it was new."""
+    async def put(self, rule: Mapping[str, Any], *, create: bool = False) -> bool:
+        """Insert or replace by `id` (already validated); True when it was new. `create`:
+        insert only, RuleExists when the id is in force (atomic with the insert)."""
         ...
 
     async def delete(self, rule_id: str) -> bool:

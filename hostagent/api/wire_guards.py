@@ -25,8 +25,15 @@ everything else. Each had a way in that `install()` closes (once per process):
   the connection's task while the app's own refusal (403) was being sent from the app's, and
   the two answers raced on one socket (trio.BusyResourceError). `_ws_handle` drops such bytes
   while the app decides: the app accepts no WebSocket, so its 403 is the one answer.
+- A client that closes while the app still answers it (found by an API sweep: thousands of
+  pipelined requests never read, then a close; 2 of 4 tries). `TCPServer._close` sends the EOF
+  without the `send_lock` that the app's answers take, so an answer's `send_all` meeting it
+  raised trio.BusyResourceError out of `TCPServer.protocol_send`, which only takes a broken or
+  closed stream for the client gone: the app logged "api route failed" and hypercorn a
+  traceback, and a 5xx was counted, for a client that had left. `_protocol_send` takes that
+  error for what it is, the connection closing, as hypercorn takes a broken stream.
 
-The three swaps are hypercorn internals, read against hypercorn 0.18 (0.17 not checked). As
+The four swaps are hypercorn internals, read against hypercorn 0.18 (0.17 not checked). As
 in `wire_errors`, `mismatches()` compares what they rely on with the installed hypercorn; on
 any mismatch `install()` logs a warning and leaves hypercorn alone, and
 tests/api/test_sweep_requests.py fails.
@@ -39,9 +46,12 @@ import logging
 from typing import Any
 
 import h11
+import trio
+from hypercorn import events as conn_events
 from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import Body, Data, Event
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.tcp_server import TCPServer
 
 from hostagent.api.wire_errors import hypercorn_version
 
@@ -76,6 +86,15 @@ async def _ws_handle(self: ws_stream.WSStream, event: Event) -> None:
     await _originals["ws_handle"](self, event)
 
 
+async def _protocol_send(self: TCPServer, event: conn_events.Event) -> None:
+    """Stands in for TCPServer.protocol_send: a send that meets the connection's EOF being
+    sent (`TCPServer._close`, the client gone) ends like a send to a broken stream."""
+    try:
+        await _originals["protocol_send"](self, event)
+    except trio.BusyResourceError:
+        await self.protocol.handle(conn_events.Closed())
+
+
 def mismatches() -> list[str]:
     """What the swaps rely on and the installed hypercorn no longer has (empty: they fit)."""
     found = []
@@ -107,6 +126,19 @@ def mismatches() -> list[str]:
             handle.__code__.co_names):
         found.append(f"{where}: no longer makes a Handshake, spawns the app (app_put) and "
                      "refuses bytes before it accepted")
+    where = "TCPServer.protocol_send"
+    send = _originals.get("protocol_send", getattr(TCPServer, "protocol_send", None))
+    if send is None or not inspect.iscoroutinefunction(send):
+        found.append(f"{where}: no such coroutine method")
+    elif list(inspect.signature(send).parameters) != ["self", "event"]:
+        found.append(f"{where}: signature is now {inspect.signature(send)}")
+    elif not {"send_all", "send_lock", "BrokenResourceError", "Closed"}.issubset(
+            send.__code__.co_names):
+        found.append(f"{where}: no longer sends under send_lock, taking a broken stream for "
+                     "the client gone")
+    close = getattr(TCPServer, "_close", None)
+    if close is None or "send_eof" not in close.__code__.co_names:
+        found.append("TCPServer._close: no longer sends the EOF")
     return found
 
 
@@ -121,7 +153,9 @@ def install() -> bool:
     _originals["check_protocol"] = H11Protocol._check_protocol
     _originals["handshake"] = ws_stream.Handshake
     _originals["ws_handle"] = ws_stream.WSStream.handle
+    _originals["protocol_send"] = TCPServer.protocol_send
     setattr(H11Protocol, "_check_protocol", _stay_http1)  # noqa: B010 (as in wire_errors)
     setattr(ws_stream, "Handshake", _Handshake)  # noqa: B010
     setattr(ws_stream.WSStream, "handle", _ws_handle)  # noqa: B010
+    setattr(TCPServer, "protocol_send", _protocol_send)  # noqa: B010
     return True

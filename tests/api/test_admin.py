@@ -96,6 +96,30 @@ async def test_thresholds_crud(client: httpx.AsyncClient, keys: Keys) -> None:
     assert (await client.get("/api/v1/thresholds/mine", headers=h)).status_code == 404
 
 
+async def test_concurrent_creates_of_one_rule_id_make_one_rule_and_409s(
+        client: httpx.AsyncClient, keys: Keys) -> None:
+    """POSTs of one id at once: exactly one 201, the others 409 `rule-exists`, and the rule
+    in force is the one whose 201 said so. The existence check ran outside the store's write
+    lock: all eight got 201 and the last write won (found by an API sweep)."""
+    h = {"X-API-Key": keys.admin_key}
+    answers: list[httpx.Response] = []
+
+    async def post(i: int) -> None:
+        answers.append(await client.post("/api/v1/thresholds", headers=h,
+                                         json={**RULE, "id": "race0",
+                                               "threshold_value": 100 + i}))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(post, i)
+    assert sorted(r.status_code for r in answers) == [201] + [409] * 7
+    assert all(r.json()["type"].endswith("rule-exists") for r in answers
+               if r.status_code == 409)
+    (won,) = [r.json() for r in answers if r.status_code == 201]
+    now = (await client.get("/api/v1/thresholds/race0", headers=h)).json()
+    assert now == won
+
+
 async def test_body_size_cap(client: httpx.AsyncClient, keys: Keys) -> None:
     h = {"X-API-Key": keys.admin_key, "Content-Type": "application/json"}
     big = b'{"url": "https://x.test/' + b"a" * 70_000 + b'", "event_types": ["metrics"]}'

@@ -16,6 +16,7 @@ from tests.api.support import Keys, api_config, report, start_server, token
 
 DURATION_S = float(os.environ.get("HOSTAGENT_API_LOAD_S", "3"))
 CLIENTS = 50
+MAX_S = 30.0
 
 
 async def test_fifty_clients_no_errors(nursery: trio.Nursery, keys: Keys) -> None:
@@ -36,8 +37,12 @@ async def test_fifty_clients_no_errors(nursery: trio.Nursery, keys: Keys) -> Non
                  f"/api/v1/usage/instances/i-{i % 10:04d}/current", "/health"]
         async with httpx.AsyncClient(base_url=srv.url, headers=h, timeout=30) as c:
             n = 0
-            with trio.move_on_after(DURATION_S):
-                while True:
+            # DURATION_S, and on a loaded machine on until the clients have CLIENTS answers
+            # between them (at most MAX_S): the count below is then about the server, not
+            # about how busy the machine was (one CI-like run with other work beside it got
+            # fewer than 50 answers in 3 s).
+            with trio.move_on_after(MAX_S):
+                while trio.current_time() < done_at or sum(answered) < CLIENTS:
                     try:
                         r = await c.get(paths[n % len(paths)])
                     except httpx.HTTPError as err:
@@ -47,6 +52,7 @@ async def test_fifty_clients_no_errors(nursery: trio.Nursery, keys: Keys) -> Non
                     answered[i] += 1
                     n += 1
 
+    done_at = trio.current_time() + DURATION_S
     async with trio.open_nursery() as n:
         for i in range(CLIENTS):
             n.start_soon(client, i)

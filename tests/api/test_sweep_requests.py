@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import types
 from pathlib import Path
 
 import h2.config
@@ -17,6 +18,7 @@ import pytest
 import trio
 from hypercorn.protocol import ws_stream
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.tcp_server import TCPServer
 
 from hostagent.api import wire_errors, wire_guards
 from hostagent.api.server import hypercorn_config, make_app, serve_api
@@ -157,6 +159,33 @@ def test_hypercorn_internals_still_fit_the_guards() -> None:
     assert wire_guards.install() is True  # idempotent
     assert vars(H11Protocol)["_check_protocol"] is wire_guards._stay_http1
     assert vars(ws_stream)["Handshake"] is wire_guards._Handshake
+    assert vars(TCPServer)["protocol_send"] is wire_guards._protocol_send
+
+
+async def test_an_answer_meeting_the_closing_eof_ends_the_connection_quietly() -> None:
+    """hypercorn's `_close` sends the EOF outside the `send_lock` the app's answers take: an
+    answer sent meanwhile raised trio.BusyResourceError out of `protocol_send` into the app
+    (an "api route failed" error, hypercorn's traceback and a 5xx counted, for a client that
+    had closed: found by an API sweep). Now it ends the connection as a broken stream does."""
+    from hypercorn.events import Closed, RawData
+
+    assert wire_guards.install() is True
+    handled: list[object] = []
+
+    class Closing:  # the stream while `_close` holds it for its EOF
+        async def send_all(self, data: bytes) -> None:
+            raise trio.BusyResourceError("another task is currently sending data")
+
+    class Protocol:
+        async def handle(self, event: object) -> None:
+            handled.append(event)
+
+    conn = types.SimpleNamespace(send_lock=trio.Lock(), stream=Closing(), protocol=Protocol())
+    await TCPServer.protocol_send(conn, RawData(b"HTTP/1.1 200 OK\r\n"))  # type: ignore[arg-type]
+    assert [type(e) for e in handled] == [Closed]
+    assert not conn.send_lock.locked()
+    with pytest.raises(trio.BusyResourceError):  # what hypercorn itself does
+        await wire_guards._originals["protocol_send"](conn, RawData(b"x"))
 
 
 def test_changed_internals_leave_hypercorn_alone(monkeypatch: pytest.MonkeyPatch,
