@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 import orjson
 
+from hostagent.config.schema import MAX_REPEAT_S
 from hostagent.errors import ConfigError
 
 Resource = Literal["cpu", "memory", "storage", "network_egress", "network_ingress", "gpu"]
@@ -86,6 +87,8 @@ _MAX_FLOAT_INT = int(sys.float_info.max)
 # Consecutive passes before an alert fires: past a billion (30 years of 1 s passes) is no
 # rule; the bound keeps the value a 64-bit integer, as the rules-in-force file stores it.
 MAX_CHANNEL_CHARS = 256
+MAX_OWNER_CHARS = 1024  # a rule's user_id and instance_id (the API's path parameters' bound)
+_OWNER_KEYS = frozenset({"user_id", "instance_id"})
 MAX_FOR_PASSES = 1_000_000_000
 # For the examples in the fixes: an absolute threshold each resource can take.
 _EXAMPLE: dict[Resource, tuple[str, str]] = {
@@ -187,6 +190,12 @@ def _str(raw: Mapping[str, Any], key: str, source: str, i: int, *, toml: bool,
         return None
     if not isinstance(v, str) or not v:
         raise _err(source, i, key, "a non-empty string", v, _str_fix(key, toml))
+    if key in _OWNER_KEYS and (len(v) > MAX_OWNER_CHARS or not v.isprintable()):
+        # An owner or instance id is matched against the account service's and libvirt's ids,
+        # shown in notices and addressed in the API's paths: a 60 KB id, or one holding a NUL,
+        # a line break or an escape sequence, was kept and written out as it was.
+        raise _err(source, i, key, f"at most {MAX_OWNER_CHARS} printable characters", v[:80],
+                   _str_fix(key, toml))
     return v
 
 
@@ -294,6 +303,12 @@ def parse_rule(raw: Any, *, source: str = "<rules>", index: int = 0,
     rep = raw.get("repeat_interval_s")
     repeat = (None if rep is None else
               _number(rep, source, i, "repeat_interval_s", toml=toml, example="3600"))
+    if repeat is not None and repeat > MAX_REPEAT_S:
+        # Here, not only in the merged set's check (`rules_file.check_limits`): that one named
+        # the rule's place in the stored API layer (`rules[26]`), not the request's body.
+        raise _err(source, i, "repeat_interval_s", f"a value <= {MAX_REPEAT_S} (a year)", rep,
+                   f"use a value from 0 to {MAX_REPEAT_S} seconds (0: never repeat), or "
+                   "remove the key for [thresholds] repeat_interval_s")
     rule = Rule(id="", resource=resource, kind=kind, value=value, unit=unit,
                 threshold=threshold, measure_unit=measure_unit, action=action,
                 user_id=user_id, instance_id=instance_id, channels=tuple(chans),

@@ -38,12 +38,15 @@ async def read_json(request: Request, max_bytes: int, gate: PassGate | None = No
     read timeout: server.READ_TIMEOUT_S) or nested too deep. While it waits for the client's
     bytes the request is not in flight for `gate`: a pass does not wait for a client slow to
     send (`gate_wait_s`: PassGate.away)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise Problem(415, "send the body as application/json")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise Problem(415, "send the body without a Content-Encoding")
+    # Every Content-Type and Content-Encoding header the client sent, not the first: a second
+    # `Content-Encoding: gzip` after an `identity` one was let through. A charset, if named,
+    # must be UTF-8 (RFC 8259 §8.1): the body is read as UTF-8.
+    ctypes = request.headers.getlist("content-type")
+    if len(ctypes) != 1 or _media_type(ctypes[0]) != ("application/json", "utf-8"):
+        raise Problem(415, "send the body as application/json (UTF-8), one Content-Type")
+    for value in request.headers.getlist("content-encoding"):
+        if any(c.strip().lower() not in ("", "identity") for c in value.split(",")):
+            raise Problem(415, "send the body without a Content-Encoding")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() \
             and int(declared) > max_bytes:
@@ -66,6 +69,18 @@ async def read_json(request: Request, max_bytes: int, gate: PassGate | None = No
     if too_deep(body, MAX_JSON_DEPTH):
         raise Problem(400, f"body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels")
     return body
+
+
+def _media_type(value: str) -> tuple[str, str]:
+    """(type, charset) of a Content-Type value, lowercased; the charset "utf-8" when none is
+    named."""
+    kind, *params = value.split(";")
+    charset = "utf-8"
+    for p in params:
+        key, _, val = p.partition("=")
+        if key.strip().lower() == "charset":
+            charset = val.strip().strip('"').lower()
+    return kind.strip().lower(), "utf-8" if charset == "utf8" else charset
 
 
 def too_deep(value: Any, max_depth: int) -> bool:
@@ -157,8 +172,12 @@ class AdminRoutes:
         try:
             out: dict[str, Any] = rules.validate(raw)
         except ConfigError as err:
-            raise Problem(400, str(err), kind="invalid-rule",
-                          extra={"key": err.key, "expected": err.expected}) from err
+            # The body is one rule: its keys, not `rules[0].` as a rules file's are named.
+            key = err.key.removeprefix("rules[0].")
+            said = ConfigError("request body", key, err.expected, err.found, err.fix) \
+                if key != err.key else err
+            raise Problem(400, str(said), kind="invalid-rule",
+                          extra={"key": key, "expected": err.expected}) from err
         if not _RULE_ID.fullmatch(out["id"]):
             raise Problem(400, f"`id` must be 1 to {MAX_PARAM_CHARS} printable ASCII characters "
                                "without spaces or `/`, and not `.` or `..` (the rule's URL is "

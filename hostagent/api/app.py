@@ -9,6 +9,7 @@ pass), so a request never blocks or races the collector.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +23,7 @@ from starlette.routing import Route
 from hostagent import __version__
 from hostagent.api import admin_routes, metrics_export, usage_routes
 from hostagent.api.auth import Authenticator, Principal
-from hostagent.api.openapi import MAX_PARAM_CHARS, openapi_document
+from hostagent.api.openapi import MAX_PARAM_CHARS, PATH_PARAM_PATTERN, openapi_document
 from hostagent.api.pass_gate import PassGate
 from hostagent.api.problems import Problem, json_response, problem_response
 from hostagent.api.ratelimit import RateLimiter
@@ -167,10 +168,16 @@ class Api:
                              503 if reasons else 200)
 
 
+_PATH_PARAM = re.compile(PATH_PARAM_PATTERN)
+
 def _check_path_params(request: Request) -> None:
+    """Every path parameter is 1 to MAX_PARAM_CHARS characters without a control character,
+    as the OpenAPI document says (`PATH_PARAM_PATTERN`): `%00` or `%0a` in a user id used to
+    be answered 200 with it echoed back."""
     for name, value in request.path_params.items():
-        if not 1 <= len(value) <= MAX_PARAM_CHARS:
-            raise Problem(400, f"`{name}` must be 1 to {MAX_PARAM_CHARS} characters")
+        if not 1 <= len(value) <= MAX_PARAM_CHARS or not _PATH_PARAM.fullmatch(value):
+            raise Problem(400, f"`{name}` must be 1 to {MAX_PARAM_CHARS} characters, none of "
+                               "them a control character")
 
 
 def _check_scope(p: Principal, need: str) -> None:

@@ -44,10 +44,16 @@ def _q(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, 
 RULE_ID_PATTERN = rf"^(?!\.{{1,2}}$)[!-.0-~]{{1,{MAX_PARAM_CHARS}}}$"
 
 
+# Any other path parameter: no control character (a NUL or a line break never reaches a
+# lookup, a log line or an answer). Other characters are looked up as they are: a percent
+# escape that is not UTF-8 (`%ff`, which a client may send for an id holding `%ff`) arrives
+# as U+FFFD, and is simply not found.
+PATH_PARAM_PATTERN = rf"^[^\u0000-\u001f\u007f-\u009f]{{1,{MAX_PARAM_CHARS}}}$"
+
+
 def _path(name: str, pattern: str | None = None) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_PARAM_CHARS}
-    if pattern is not None:
-        schema["pattern"] = pattern
+    schema: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_PARAM_CHARS,
+                              "pattern": PATH_PARAM_PATTERN if pattern is None else pattern}
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 

@@ -232,6 +232,15 @@ async def test_path_parameters_are_bounded(client: httpx.AsyncClient, keys: Keys
     r = await client.get("/api/v1/thresholds/" + "x" * 1025, headers=h)
     assert r.status_code == 400
     assert (await client.get("/api/v1/thresholds/" + "x" * 1024, headers=h)).status_code == 404
+    # no control character: a NUL or a line break was answered (200, echoed back)
+    for path in ("/api/v1/usage/users/%00/current", "/api/v1/usage/users/a%0ab/current",
+                 "/api/v1/thresholds/%00", "/api/v1/metrics/instances/a%C2%85"):
+        r = await client.get(path, headers=h)
+        assert r.status_code == 400, (path, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+    for path in ("/api/v1/thresholds/a%20b", "/api/v1/thresholds/%ff",  # U+FFFD: not found
+                 "/api/v1/thresholds/r%C3%A9gle"):
+        assert (await client.get(path, headers=h)).status_code == 404, path
 
 
 @pytest.mark.parametrize("query", ["limit=1_0", "limit=%EF%BC%95", "limit=+5", "offset=%205",
@@ -245,7 +254,7 @@ async def test_query_parameters_are_exact(client: httpx.AsyncClient, keys: Keys,
 
 
 @pytest.mark.parametrize("over", [{"repeat_interval_s": 1.29e308}, {"threshold_value": 1e300},
-                                  {"for_passes": 10**18}])
+                                  {"for_passes": 10**18}, {"repeat_interval_s": 40_000_000}])
 async def test_rule_numbers_that_would_overflow_are_400(server: Server,
                                                         client: httpx.AsyncClient, keys: Keys,
                                                         over: dict[str, Any]) -> None:
@@ -254,5 +263,5 @@ async def test_rule_numbers_that_would_overflow_are_400(server: Server,
     for r in (await client.post("/api/v1/thresholds", headers=h, json={**RULE, **over}),
               await client.put("/api/v1/thresholds/r1", headers=h, json={**RULE, **over})):
         assert r.status_code == 400, r.text
-        assert r.json()["key"] == next(iter(over))
+        assert r.json()["key"] == next(iter(over))  # the body's key, not its place in a file
     assert server.rules_path.read_text() == "[]"  # nothing written

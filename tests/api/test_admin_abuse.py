@@ -75,8 +75,22 @@ async def test_an_encoded_body_is_415(client: httpx.AsyncClient, keys: Keys) -> 
         r = await client.post("/api/v1/webhooks", headers={**h, "Content-Encoding": enc},
                               content=b'{"url": "https://x.test", "event_types": ["metrics"]}')
         assert r.status_code == 415, enc
-    r = await client.post("/api/v1/webhooks", headers={**h, "Content-Encoding": "identity"},
-                          content=b'{"url": "https://public.test/", "event_types": ["metrics"]}')
+    body = b'{"url": "https://x.test", "event_types": ["metrics"]}'
+    # every header counts, not the first (an `identity` then a `gzip` was let through), and a
+    # charset other than UTF-8 is not read as UTF-8
+    for headers in ([("Content-Encoding", "identity"), ("Content-Encoding", "gzip")],
+                    [("Content-Encoding", "identity, gzip")],
+                    [("Content-Type", "application/json")],  # a second Content-Type
+                    [("Content-Type", "text/plain")]):
+        r = await client.post("/api/v1/webhooks", content=body,
+                              headers=httpx.Headers([*h.items(), *headers]))
+        assert r.status_code == 415, (headers, r.text)
+    r = await client.post("/api/v1/webhooks", content=body, headers={
+        **h, "Content-Type": "application/json; charset=latin-1"})
+    assert r.status_code == 415, r.text
+    r = await client.post("/api/v1/webhooks", headers={
+        **h, "Content-Encoding": "identity", "Content-Type": "application/json; charset=UTF-8"},
+        content=b'{"url": "https://public.test/", "event_types": ["metrics"]}')
     assert r.status_code == 201, r.text
 
 
@@ -89,6 +103,23 @@ async def test_rule_ids_the_api_could_not_address_again_are_refused(
     assert r.status_code == 400, r.text
     assert r.json()["key"] == "id"
     assert (await client.get("/api/v1/thresholds", headers=h)).json() == []
+
+
+@pytest.mark.parametrize("owner", [{"user_id": "u" * 1025}, {"user_id": "a\x00b"},
+                                   {"user_id": "\n\r"}, {"instance_id": "\x1b[31mvm"},
+                                   {"instance_id": "i" * 1025}])
+async def test_rule_owners_that_are_not_ids_are_refused(
+        client: httpx.AsyncClient, keys: Keys, owner: dict[str, str]) -> None:
+    """A rule's user_id and instance_id: at most 1,024 printable characters (a 60 KB user id
+    and one of control characters were accepted and kept, found by an API sweep)."""
+    h = {"X-API-Key": keys.admin_key}
+    r = await client.post("/api/v1/thresholds", headers=h, json={**RULE, **owner})
+    assert r.status_code == 400, r.text
+    assert r.json()["key"] == next(iter(owner))
+    assert (await client.get("/api/v1/thresholds", headers=h)).json() == []
+    r = await client.post("/api/v1/thresholds", headers=h,
+                          json={**RULE, "user_id": "u" * 1024, "instance_id": "vm 1 é"})
+    assert r.status_code == 201, r.text
 
 
 async def test_every_addressable_rule_id_round_trips(client: httpx.AsyncClient,
