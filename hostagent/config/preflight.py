@@ -32,7 +32,11 @@ from hostagent.config import sink_checks
 from hostagent.config.load import Config
 from hostagent.config.sinks import EmailSinkConfig, JsonlSinkConfig, QueueSinkConfig
 from hostagent.errors import ConfigError
-from hostagent.file_read import loop_link
+from hostagent.file_read import FileTooLarge, NotRegularFile, loop_link, read_regular
+
+# A PEM certificate chain or private key is a few KiB; a bound keeps the look before
+# load_cert_chain from reading a huge file whole.
+MAX_TLS_FILE_BYTES = 1 << 20
 
 
 def check(cfg: Config) -> None:
@@ -205,6 +209,9 @@ def _check_api(cfg: Config) -> None:
         raise ConfigError(src, "api.page_size", f"at most api.max_page_size ({api.max_page_size})",
                           api.page_size, "lower page_size or raise max_page_size")
     if api.tls_cert_file:
+        for key, path in (("api.tls_cert_file", api.tls_cert_file),
+                          ("api.tls_key_file", api.tls_key_file)):
+            _check_tls_file(src, key, path)
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
                 api.tls_cert_file, api.tls_key_file)
@@ -214,6 +221,25 @@ def _check_api(cfg: Config) -> None:
                               "its private key (api.tls_key_file)",
                               f"{api.tls_cert_file}: {reason}",
                               "fix the paths or the files' permissions") from err
+
+
+def _check_tls_file(source: str, key: str, path: str) -> None:
+    """`path` is a regular file: `ssl.load_cert_chain` opens it blocking, and a FIFO there
+    made `check-config` and `run` wait for a writer forever (Ctrl-C did not stop them). The
+    file is opened the way the API's key files are (`file_read.read_regular`: non-blocking,
+    refused unless regular) before OpenSSL reads it."""
+    try:
+        read_regular(path, MAX_TLS_FILE_BYTES)
+    except NotRegularFile as err:
+        raise ConfigError(source, key, "a regular PEM file", f"{path}: {err.strerror}",
+                          "point it at the PEM file itself, not a directory, FIFO, socket "
+                          "or device") from err
+    except FileTooLarge as err:
+        raise ConfigError(source, key, f"a PEM file of at most {MAX_TLS_FILE_BYTES} bytes",
+                          f"{path}: {err.strerror}", "point it at the PEM file itself") from err
+    except OSError as err:  # absent, unreadable, a loop: load_cert_chain says the same
+        raise ConfigError(source, key, "a readable PEM file", f"{path}: {err.strerror or err}",
+                          "fix the path or the file's permissions") from err
 
 
 def _as_ours(source: str, call: Callable[[], object]) -> None:

@@ -1,0 +1,83 @@
+"""Commands found by a second adversarial sweep: each hung, printed a traceback or quietly
+ignored what it was told. The product rule: every command error is one line on stderr, exit 2
+for a usage or config error, never a Python traceback. Real files and real processes: a FIFO,
+a closed pipe, a directory this user may not search."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hostagent.cli.main import main
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "hostagent.cli"]
+# A command that waits on a FIFO never ends: this bounds the wait, then the child is killed.
+HANG_S = 30
+
+
+def base(tmp: Path, extra: str = "", collector: str = "") -> str:
+    """A config on libvirt's test driver, files under `tmp`."""
+    return (f'[collector]\nstate_path = "{tmp}/state/state.db"\n{collector}\n'
+            f'[libvirt]\nuri = "test:///default"\n{extra}\n'
+            f'[[sinks]]\ntype = "jsonl"\npath = "{tmp}/events.jsonl"\n')
+
+
+def write(tmp: Path, text: str, name: str = "hostagent.toml") -> Path:
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def cli(*args: str, timeout_s: float = HANG_S, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout_s, check=False, **kw)  # type: ignore[call-overload]
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+# --- a FIFO at a TLS file ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("fifo_at", ["tls_cert_file", "tls_key_file"])
+def test_a_fifo_at_a_tls_file_is_refused_not_waited_on(tmp_path: Path, fifo_at: str,
+                                                       command: str) -> None:
+    cert, key = self_signed(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    files = {"tls_cert_file": cert, "tls_key_file": key, fifo_at: tmp_path / "fifo"}
+    path = write(tmp_path, base(tmp_path, extra=(
+        "[api]\nenabled = true\nport = 0\n"
+        + "".join(f'{k} = "{v}"\n' for k, v in files.items()))))
+    argv = ["check-config", str(path)] if command == "check-config" else \
+        ["run", "--once", "--config", str(path)]
+    got = cli(*argv)  # before: waited for a writer forever, Ctrl-C did not stop it
+    assert got.returncode == 2, got.stderr
+    line = one_error_line(got.stderr)
+    assert line.startswith(f"hostagent: config error: {path}: [api.{fifo_at}] expected a "
+                           "regular PEM file"), line
+    assert "fix:" in line and not (tmp_path / "events.jsonl").exists()
+
+
+def test_good_tls_files_still_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cert, key = self_signed(tmp_path)
+    path = write(tmp_path, base(tmp_path, extra=(
+        f'[api]\nenabled = true\nport = 0\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"')))
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
