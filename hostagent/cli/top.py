@@ -60,13 +60,21 @@ LAST_EVENT_SQL = "SELECT created_ns FROM events WHERE rowid = (SELECT MAX(rowid)
 
 def daemon_state(cfg: Config, now_ns: int) -> DaemonState:
     """Last pass, backlog, breakers from the state store opened read-only; never raises and
-    never writes (no -wal or -shm file created either)."""
+    never writes (no -wal or -shm file created either).
+
+    Path.exists() raises what is not "absent" (EACCES on a directory this user may not
+    search: the shipped unit's StateDirectoryMode=0750 keeps operators outside the group out;
+    ENAMETOOLONG): that is a state the view shows, as `store check` does, not a traceback."""
     path = Path(cfg.collector.state_path)
-    if not path.exists():
-        return DaemonState(str(path), False, "no state store: the daemon has not run here")
-    wal, shm = Path(f"{path}-wal").exists(), Path(f"{path}-shm").exists()
-    odd = next((p for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"))
-                if p.exists() and not p.is_file()), None)
+    try:
+        if not path.exists():
+            return DaemonState(str(path), False, "no state store: the daemon has not run here")
+        wal, shm = Path(f"{path}-wal").exists(), Path(f"{path}-shm").exists()
+        odd = next((p for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"))
+                    if p.exists() and not p.is_file()), None)
+    except OSError as err:
+        return DaemonState(str(path), False,
+                           f"cannot reach the state store: {err.strerror or err}")
     if odd is not None:  # SQLite would open a FIFO and wait for a writer forever: top hung
         return DaemonState(str(path), False, f"{odd} is not a regular file: not reading "
                            "the state store (`hostagent store check` says more)")

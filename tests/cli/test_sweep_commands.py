@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,38 @@ def test_good_tls_files_still_pass(tmp_path: Path, capsys: pytest.CaptureFixture
     path = write(tmp_path, base(tmp_path, extra=(
         f'[api]\nenabled = true\nport = 0\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"')))
     assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+
+
+# --- top, with a state store it cannot reach ---------------------------------------------------
+
+
+def test_top_shows_a_state_path_too_long_to_look_up(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, base(tmp_path).replace("state/state.db", "x" * 300 + "/state.db"))
+    assert main(["-c", str(path), "top", "--json"]) == 0  # before: ENAMETOOLONG traceback
+    assert '"reason": "cannot reach the state store: File name too long"' in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("form", [["--once"], ["--json"]])
+def test_top_shows_a_state_directory_it_may_not_search(tmp_path: Path, form: list[str]) -> None:
+    # The shipped unit's StateDirectoryMode=0750: an operator outside the group cannot search
+    # it. Root can: as root the command runs as nobody (setpriv), from a directory nobody may
+    # enter (pytest's own tmp_path is under a mode-0700 directory).
+    with tempfile.TemporaryDirectory(prefix="hostagent-top-") as scratch:
+        tmp = Path(scratch)
+        tmp.chmod(0o755)
+        (tmp / "state").mkdir(mode=0o700)
+        path = write(tmp, base(tmp))
+        path.chmod(0o644)
+        argv = [*CLI, "-c", str(path), "top", *form]
+        if os.geteuid() == 0:
+            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+        else:
+            (tmp / "state").chmod(0)
+        got = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=HANG_S,
+                             check=False)
+        (tmp / "state").chmod(0o700)
+    assert got.returncode == 0, got.stderr  # before: a PermissionError traceback, exit 1
+    assert "Traceback" not in got.stderr
+    assert "cannot reach the state store: Permission denied" in got.stdout
