@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import socket
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +21,9 @@ from typing import Any, Literal
 from hostagent.config import nats_check, sink_checks
 from hostagent.config.sinks import PLACEHOLDER_FILE, SINK_TYPES, NatsSinkConfig, SinkConfig
 from hostagent.errors import ConfigError
+
+# The largest integer a float holds (as alerts.rules has it): past it, float() overflows.
+_MAX_FLOAT_INT = int(sys.float_info.max)
 
 
 def build_sinks(raw: Any, source: str) -> tuple[SinkConfig, ...]:
@@ -127,8 +131,14 @@ def _coerce(tp: Any, value: Any, source: str, key: str, meta: Mapping[str, Any],
             raise ConfigError(source, key, "a number", value,
                               f"write a number without quotes, e.g. {name} = "
                               f"{_toml(default if isinstance(default, float) else 1.0)}")
-        if not math.isfinite(value):
-            raise ConfigError(source, key, "a finite number", value, "nan and inf are not values")
+        # TOML keeps integers exact: one past float's range is checked against the bounds as
+        # an integer (`interval_s = 1e309` written out in digits is "at most 3600", not an
+        # OverflowError from math.isfinite), and is as infinite as `inf` where none binds it.
+        if isinstance(value, int):
+            _check_range(value, source, key, meta)
+        if (isinstance(value, int) and abs(value) > _MAX_FLOAT_INT) or not math.isfinite(value):
+            raise ConfigError(source, key, "a finite number", value,
+                              "nan, inf and numbers past 1.8e308 are not values")
         _check_range(float(value), source, key, meta)
         return float(value)
     if tp is str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hostagent.cli.main import main
+from hostagent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "hostagent.cli"]
@@ -117,3 +118,41 @@ def test_top_shows_a_state_directory_it_may_not_search(tmp_path: Path, form: lis
     assert got.returncode == 0, got.stderr  # before: a PermissionError traceback, exit 1
     assert "Traceback" not in got.stderr
     assert "cannot reach the state store: Permission denied" in got.stdout
+
+
+# --- an integer past float's range at a float key ---------------------------------------------
+
+HUGE = "1" + "0" * 309  # 1e309 written out: TOML keeps it an exact integer
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize(("where", "key", "bound"), [
+    ("collector", "collector.interval_s", "<= 3600"),
+    ("collector-", "collector.interval_s", ">= "),
+    ("retry", "sinks[0].retry.multiplier", "<= "),
+    ("thresholds", "thresholds.approaching_fraction", "<= "),
+])
+def test_an_integer_past_float_range_is_out_of_range_not_a_traceback(
+        tmp_path: Path, where: str, key: str, bound: str, command: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    text = {"collector": base(tmp_path, collector=f"interval_s = {HUGE}"),
+            "collector-": base(tmp_path, collector=f"interval_s = -{HUGE}"),
+            "retry": base(tmp_path) + f"[sinks.retry]\nmultiplier = {HUGE}\n",
+            "thresholds": base(tmp_path, extra=f"[thresholds]\napproaching_fraction = {HUGE}"),
+            }[where]
+    path = write(tmp_path, text)
+    argv = ["check-config", str(path)] if command == "check-config" else \
+        ["run", "--once", "--config", str(path)]
+    assert main(argv) == 2  # before: OverflowError: int too large to convert to float, exit 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"hostagent: config error: {path}: [{key}] expected a value {bound}")
+
+
+def test_an_unbounded_float_key_refuses_an_integer_past_float_range() -> None:
+    from hostagent.config.walk import _coerce  # no float key of the schema lacks a bound
+
+    with pytest.raises(ConfigError, match=r"\[x.y\] expected a finite number"):
+        _coerce(float, 10**309, "t.toml", "x.y", {})
+    with pytest.raises(ConfigError, match=r"\[x.y\] expected a finite number"):
+        _coerce(float, -(10**309), "t.toml", "x.y", {})
+    assert _coerce(float, 10**308, "t.toml", "x.y", {}) == 1e308
