@@ -3,7 +3,8 @@
 
 Exit status: 0 done; 1 a runtime failure; 2 a usage error, a config error (one line, never a
 traceback, whether found by `check-config` or at the start of `run`) or a state store that
-start-up refuses (`hostagent store reset` is the way out); 130 interrupted (Ctrl-C). `run`
+start-up refuses (`hostagent store reset` is the way out); 130 interrupted (Ctrl-C); 141
+the reader of stdout went away (`| head`: quietly, no traceback). `run`
 exits 0 on SIGTERM, also one sent during its start-up (then after start-up, without a pass);
 it exits 1 when another daemon holds the state store, and `run --once` / `--passes N` exit 1
 when any of their passes did not commit (one line naming why)."""
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import signal
 import sys
 import threading
@@ -33,6 +35,7 @@ from hostagent.errors import ConfigError, DomainNotFound, HostAgentError, StateC
 DEFAULT_CONFIG = "/etc/hostagent/hostagent.toml"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell shows for a writer whose reader left
 LOG_FORMAT_HELP = ("logs (always on stderr): auto = text on a terminal, json otherwise; "
                    "default: auto (`run`: the config's log.format)")
 MAX_INTERVAL_S = 3600.0
@@ -254,11 +257,30 @@ def _check_rules(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: 0 done, 1 a runtime failure, 2 a usage, config or store error,
-    130 interrupted (Ctrl-C: no traceback; the terminal is restored on the way out)."""
+    130 interrupted (Ctrl-C: no traceback; the terminal is restored on the way out), 141 the
+    reader of stdout went away (`hostagent dump --all | head -1`: quietly, as a command killed
+    by SIGPIPE, which Python ignores and turns into BrokenPipeError)."""
     args = _parser().parse_args(argv)
     try:
+        status = _main(args, entry=argv is None)
+        sys.stdout.flush()  # here, not at the interpreter's exit, where it cannot be caught
+        return status
+    except BrokenPipeError:
+        if argv is None:
+            # What is left in stdout's buffer would be flushed again at exit, and fail again
+            # ("Exception ignored ... BrokenPipeError", exit 120): stdout becomes /dev/null,
+            # as Python's documentation advises (signal module, "Note on SIGPIPE").
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _main(args: argparse.Namespace, *, entry: bool) -> int:
+    """The command, with every error it may end in reported as one line on stderr."""
+    try:
         try:
-            return _command(args, entry=argv is None)
+            return _command(args, entry=entry)
         except BaseExceptionGroup as group:  # from a nursery: report the cause, not the tree
             raise _cause(group) from group
     except KeyboardInterrupt:

@@ -156,3 +156,31 @@ def test_an_unbounded_float_key_refuses_an_integer_past_float_range() -> None:
     with pytest.raises(ConfigError, match=r"\[x.y\] expected a finite number"):
         _coerce(float, -(10**309), "t.toml", "x.y", {})
     assert _coerce(float, 10**308, "t.toml", "x.y", {}) == 1e308
+
+
+# --- stdout's reader gone (`| head`) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])  # print raises at once / at the last flush
+@pytest.mark.parametrize("command", [["check-config", "{path}"],
+                                     ["-c", "{path}", "dump", "--all", "--interval", "0.1"],
+                                     ["-c", "{path}", "dump", "--json", "test", "--interval",
+                                      "0.1"],
+                                     ["-c", "{path}", "top", "--json", "--interval", "0.1"],
+                                     ["-c", "{path}", "store", "check"]])
+def test_a_closed_stdout_ends_the_command_quietly(tmp_path: Path, command: list[str],
+                                                  unbuffered: str) -> None:
+    path = write(tmp_path, base(tmp_path))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte: every write is EPIPE
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    try:
+        got = subprocess.run([*CLI, *(a.format(path=path) for a in command)], cwd=REPO,
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+                             timeout=HANG_S, check=False)
+    finally:
+        os.close(write_end)
+    # before: a BrokenPipeError traceback, exit 1 (or "Exception ignored", exit 120)
+    assert got.returncode == 141, got.stderr
+    assert "Traceback" not in got.stderr and "Exception ignored" not in got.stderr
+    assert "BrokenPipe" not in got.stderr and "Broken pipe" not in got.stderr
