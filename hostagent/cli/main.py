@@ -152,8 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", parents=[common], help="run the collector daemon")
-    run.add_argument("--once", action="store_true", help="one pass, deliver, exit")
-    run.add_argument("--passes", type=_positive_int, help="this many passes, then exit")
+    # Both given, --passes was ignored (one pass ran): a usage error instead.
+    how_many = run.add_mutually_exclusive_group()
+    how_many.add_argument("--once", action="store_true", help="one pass, deliver, exit")
+    how_many.add_argument("--passes", type=_positive_int, help="this many passes, then exit")
 
     dump = sub.add_parser("dump", parents=[common],
                           help="print one domain's counters, sources, rates and event",
@@ -180,8 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one refresh and exit")
     top.add_argument("--json", action="store_true", help="one refresh as JSON (implies --once)")
 
-    check = sub.add_parser("check-config",
-                           help="validate a config file (and the rules file it names) and exit")
+    check = sub.add_parser("check-config", parents=[common],
+                           help="validate a config file (and the rules file it names) and exit; "
+                                "FILE is the config checked (--config only as the same file)")
     check.add_argument("file")
     check.add_argument("--quiet", "-q", action="store_true")
     check.add_argument("--json", action="store_true", help="machine-readable output")
@@ -207,7 +210,15 @@ def _check_config(args: argparse.Namespace) -> int:
     from hostagent.cli.store import check_store
     from hostagent.config import preflight
 
+    config = getattr(args, "config", None)
+    if config is not None and os.path.abspath(config) != os.path.abspath(args.file):
+        # It was ignored, and a config other than the one meant was checked (exit 0).
+        print(f"hostagent check-config: checks FILE ({one_line(args.file)}), not --config "
+              f"({one_line(config)}): name the config to check once, as FILE", file=sys.stderr)
+        return EXIT_USAGE
     cfg = load(args.file)
+    flag = getattr(args, "log_format", None)  # as the other commands: `run` alone reads log.format
+    logs.setup(cfg.log.level, flag or "auto", pin=bool(flag))  # stderr
     preflight.check(cfg)
     store_note = check_store(cfg)
     n_rules = None

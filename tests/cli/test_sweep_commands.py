@@ -5,10 +5,13 @@ a closed pipe, a directory this user may not search."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -184,3 +187,59 @@ def test_a_closed_stdout_ends_the_command_quietly(tmp_path: Path, command: list[
     assert got.returncode == 141, got.stderr
     assert "Traceback" not in got.stderr and "Exception ignored" not in got.stderr
     assert "BrokenPipe" not in got.stderr and "Broken pipe" not in got.stderr
+
+
+# --- the common options --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """The root logger's handlers as they were: `--log-format` pins the format it sets."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_check_config_takes_log_format_after_the_subcommand(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, base(tmp_path))
+    # before: "unrecognized arguments: --log-format json", exit 2
+    assert main(["check-config", str(path), "--log-format", "text"]) == 0
+    assert main(["check-config", str(path), "--log-format", "json"]) == 0
+    capsys.readouterr()
+    logging.getLogger("hostagent.probe").warning("after check-config")
+    (line,) = capsys.readouterr().err.splitlines()
+    assert json.loads(line)["msg"] == "after check-config"  # its logs are in the format asked
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_check_config_refuses_a_config_option_naming_another_file(
+        tmp_path: Path, where: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, base(tmp_path))
+    other = write(tmp_path, "x = = 1\n", name="other.toml")
+    argv = (["-c", str(other), "check-config", str(path)] if where == "before"
+            else ["check-config", str(path), "--config", str(other)])
+    assert main(argv) == 2  # before: --config was ignored, FILE checked, exit 0
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"hostagent check-config: checks FILE ({path}), not --config "
+                           f"({other})")
+    assert main(["-c", str(path), "check-config", str(path)]) == 0  # the same file: no doubt
+
+
+def test_run_once_and_passes_together_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, base(tmp_path))
+    with pytest.raises(SystemExit) as info:  # before: --passes ignored, one pass ran
+        main(["run", "--once", "--passes", "3", "-c", str(path)])
+    assert info.value.code == 2
+    assert "argument --passes: not allowed with argument --once" in capsys.readouterr().err
+    assert not (tmp_path / "events.jsonl").exists() and not (tmp_path / "state").exists()
