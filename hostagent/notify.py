@@ -28,15 +28,24 @@ log = logging.getLogger(__name__)
 # logged): WATCHDOG=1 comes again with the next pass, READY=1 until one gets through.
 
 
-def _address(raw: str) -> str | bytes | None:
-    """Socket address for sendto(), or None when the variable is unset or unsupported."""
+def _address(raw: str) -> bytes | None:
+    """Socket address for sendto(), or None when the variable is unset or unsupported.
+
+    The name is the environment's bytes: os.environ holds bytes that are not UTF-8 as lone
+    surrogates (surrogateescape), which `str.encode()` refused (`NOTIFY_SOCKET=$'@\\xff'` was
+    a UnicodeEncodeError traceback from `run`); os.fsencode gives the bytes back. A name
+    that is no bytes at all (a lone surrogate in a mapping passed in) disables sd_notify."""
     if not raw:
         return None
-    if raw.startswith("@"):
+    if raw.startswith(("@", "/")):
+        try:
+            name = os.fsencode(raw)
+        except UnicodeEncodeError:
+            log.warning("NOTIFY_SOCKET is not a file name, sd_notify disabled",
+                        extra={"notify_socket": ascii(raw)})
+            return None
         # Abstract namespace: the name starts with a NUL byte instead of '@'.
-        return b"\0" + raw[1:].encode()
-    if raw.startswith("/"):
-        return raw
+        return b"\0" + name[1:] if raw.startswith("@") else name
     log.warning("unsupported NOTIFY_SOCKET, sd_notify disabled", extra={"notify_socket": raw})
     return None
 

@@ -177,3 +177,27 @@ def test_watchdog_interval(env: dict[str, str], pid: int, expected: float | None
 def test_watchdog_interval_defaults_to_own_pid() -> None:
     env = {"WATCHDOG_USEC": "1500000", "WATCHDOG_PID": str(os.getpid())}
     assert watchdog_interval_s(env) == 1.5
+
+
+@pytest.mark.parametrize("where", ["abstract", "path"])
+def test_a_name_that_is_not_utf8_reaches_its_socket(tmp_path: Path, where: str) -> None:
+    # os.environ holds such bytes as lone surrogates: str.encode() raised UnicodeEncodeError
+    name = f"hostagent-\xff-{os.getpid()}-{id(object())}".encode("latin-1")
+    address = b"\0" + name if where == "abstract" else bytes(tmp_path) + b"/" + name
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(2.0)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": ("@" + os.fsdecode(name)) if where == "abstract"
+                      else os.fsdecode(address)})
+        assert n.ready()
+        assert recv_fields(sock) == {"READY": "1"}
+        n.close()
+    finally:
+        sock.close()
+
+
+def test_a_name_that_is_no_bytes_disables() -> None:
+    n = Notifier({"NOTIFY_SOCKET": "@\ud800"})  # a lone surrogate no file name decodes to
+    assert not n.enabled
+    assert not n.ready()

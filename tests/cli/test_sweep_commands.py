@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -189,7 +190,7 @@ def test_a_closed_stdout_ends_the_command_quietly(tmp_path: Path, command: list[
     assert "BrokenPipe" not in got.stderr and "Broken pipe" not in got.stderr
 
 
-# --- the common options --------------------------------------------------------------------------
+# --- the common options ------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -243,3 +244,22 @@ def test_run_once_and_passes_together_is_a_usage_error(
     assert info.value.code == 2
     assert "argument --passes: not allowed with argument --once" in capsys.readouterr().err
     assert not (tmp_path / "events.jsonl").exists() and not (tmp_path / "state").exists()
+
+
+# --- NOTIFY_SOCKET with bytes that are not UTF-8 ------------------------------------------------
+
+
+def test_run_tells_a_manager_whose_socket_name_is_not_utf8(tmp_path: Path) -> None:
+    name = f"hostagent-\xff-{os.getpid()}".encode("latin-1")
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(b"\0" + name)
+    manager.settimeout(HANG_S)
+    try:
+        path = write(tmp_path, base(tmp_path))
+        env = {**os.environ, "NOTIFY_SOCKET": "@" + os.fsdecode(name)}
+        got = cli("run", "--once", "-c", str(path), env=env)
+        assert got.returncode == 0, got.stderr  # before: a UnicodeEncodeError traceback, exit 1
+        assert "Traceback" not in got.stderr
+        assert b"READY=1" in manager.recv(4096)
+    finally:
+        manager.close()
