@@ -31,6 +31,9 @@ from hostagent.config.schema import ApiConfig
 from hostagent.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# Hypercorn's own messages (its "Running on", its errors). Not "hypercorn.error": hypercorn
+# attaches a stderr handler to that logger whenever a Config with the default errorlog is used.
+HYPERCORN_LOG = logging.getLogger("hostagent.api.hypercorn")
 
 # A connection silent this long is closed (hypercorn's read timeout): idle between requests
 # (as keep_alive_timeout), or in the middle of a request body, which the handler then sees
@@ -70,6 +73,11 @@ def hypercorn_config(cfg: ApiConfig) -> HyperConfig:
     hc.graceful_timeout = cfg.shutdown_grace_s
     hc.include_server_header = False
     hc.accesslog = None
+    # A Logger is used as it is; hypercorn's default ("-") gave its "hypercorn.error" logger
+    # a handler of its own on stderr, in its own text format: under `--log-format json` that
+    # line ("[...] [INFO] Running on http://...") broke `journalctl -o cat | jq`. This one has
+    # no handler: its records reach the daemon's handler, in the daemon's format and level.
+    hc.errorlog = HYPERCORN_LOG
     # Headers past this size are refused by the protocol layer before the app sees them.
     # Request line + headers: room for every query parameter at its documented maximum
     # (openapi.MAX_PARAM_CHARS, percent-encoded), so the app answers those with its own 400

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -93,3 +96,28 @@ async def test_graceful_shutdown_finishes_in_flight(keys: Keys) -> None:
             await trio.sleep(0.1)
             gate.set()
     assert results == [200]  # the nursery exited: serve_api returned after the request
+
+
+def test_under_log_format_json_every_stderr_line_of_a_daemon_serving_the_api_is_json(
+        tmp_path: Path) -> None:
+    # hypercorn's own stderr logger wrote "[2026-...] [6277] [INFO] Running on http://..." in
+    # its own format among the daemon's JSON lines: `journalctl -o cat | jq` stopped there.
+    config = tmp_path / "hostagent.toml"
+    config.write_text(f'[collector]\nstate_path = "{tmp_path}/state/state.db"\n'
+                      f'[libvirt]\nuri = "test:///default"\n'
+                      f'[[sinks]]\ntype = "jsonl"\npath = "{tmp_path}/events.jsonl"\n'
+                      "[api]\nenabled = true\nport = 0\n")
+    got = subprocess.run([sys.executable, "-m", "hostagent.cli", "run", "--once", "-c",
+                          str(config), "--log-format", "json"],
+                         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert got.returncode == 0, got.stderr
+    records = []
+    for line in got.stderr.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"a stderr line that is not JSON: {line!r}")
+    running = [r for r in records if r["msg"].startswith("Running on http://127.0.0.1:")]
+    assert [r["logger"] for r in running] == ["hostagent.api.hypercorn"]
+    assert any(r["msg"] == "api starting" for r in records)  # the API did serve
