@@ -19,6 +19,7 @@ import pytest
 
 from hostagent.cli.main import main
 from hostagent.errors import ConfigError
+from tests.api.test_server import self_signed
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "hostagent.cli"]
@@ -49,14 +50,6 @@ def one_error_line(err: str) -> str:
 def cli(*args: str, timeout_s: float = HANG_S, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout_s, check=False, **kw)  # type: ignore[call-overload]
-
-
-def self_signed(tmp: Path) -> tuple[Path, Path]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return cert, key
 
 
 # --- a FIFO at a TLS file ----------------------------------------------------------------------
