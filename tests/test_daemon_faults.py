@@ -233,6 +233,37 @@ def test_a_second_daemon_on_the_same_store_is_refused(
     assert third.wait() == 0
 
 
+def test_a_second_daemon_reaching_the_store_through_a_symlink_is_refused(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """A second config whose state_path is a symbolic link to the first one's store: the
+    second daemon took its own lock next to the link and both committed into one file, every
+    period billed twice under different event ids. The lock is the store file's now: refused,
+    naming the first, and nothing of the second's beside the link but its marker."""
+    node = _node(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    cfg_a = write_config(a, f"test://{node}")
+    cfg_b = write_config(b, f"test://{node}")
+    first = _start(procs, cfg_a, tmp_path / "log1")
+    first.wait_for('"pass committed"')
+    (b / "state.db").symlink_to(a / "state.db")
+    second = _start(procs, cfg_b, tmp_path / "log2")
+    assert second.wait(timeout_s=30) == 1
+    said = second.text()
+    assert (f"{b}/state.db: another hostagent (pid {first.proc.pid}) is using this "
+            "state store") in said, said
+    assert "Traceback" not in said
+    assert not (b / "state.db.lock").exists()
+    assert not (b / "events.jsonl").exists()  # it billed nothing
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    third = _start(procs, cfg_b, tmp_path / "log3")  # alone, through the link: it runs
+    third.wait_for('"pass committed"')
+    third.signal(signal.SIGTERM)
+    assert third.wait() == 0
+
+
 # --- a first start cut short -----------------------------------------------------------------
 
 _KILLED_CREATING = """

@@ -16,7 +16,16 @@ One daemon per store: `hold` takes an exclusive lock (flock) on ``state.db.lock`
 the store, which the daemon keeps until it has closed the store (the kernel drops it when the
 process dies, kill -9 included). A second daemon on the same store (a copy started by hand
 beside the service, two units naming one state_path) is refused, naming the process that
-holds it: two would each bill every period from the same baselines.
+holds it: two would each bill every period from the same baselines. The lock sits next to the
+file the path resolves to (`lock_path`: symbolic links followed), not next to the path as
+given: a second config whose state_path is a symbolic link to the first one's store took its
+own lock next to the link, and both daemons committed into one file, every period billed
+twice under different event ids.
+
+The marker stays next to the path as given (`marker_path`): it records what store this name
+held, so a link deleted or repointed at another store is refused as a store gone or replaced,
+where a marker next to the target would follow the link and let the name change stores
+silently.
 
 The way out is explicit: ``hostagent store reset`` (`hostagent.cli.store`) moves the store,
 its WAL and the marker aside (``state.db.broken-<UTC time>``), reports what was in it when
@@ -60,8 +69,13 @@ def marker_path(path: Path) -> Path:
 
 
 def lock_path(path: Path) -> Path:
-    """The lock next to the store: ``state.db`` → ``state.db.lock``."""
-    return path.with_name(path.name + LOCK_SUFFIX)
+    """The lock next to the store file itself: ``state.db`` → ``state.db.lock``, after every
+    symbolic link on the way and at the end is followed (a dangling one: where it points, where
+    the store will be created). Every path to one store file so names one lock (the module
+    doc): the lock of a path as given was one per link. A link loop is left unresolved (its
+    lock cannot be opened: `hold` says so)."""
+    real = Path(os.path.realpath(path))
+    return real.with_name(real.name + LOCK_SUFFIX)
 
 
 # This process's locks, by the lock file's (device, inode): the daemon and a test's second
@@ -109,7 +123,7 @@ def hold(path: Path) -> StoreLock:
     flags = os.O_CLOEXEC | os.O_NOFOLLOW
     created: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o640)
             created = lock
@@ -153,9 +167,16 @@ _NO_LOCK_HERE = (errno.EACCES, errno.EPERM, errno.EROFS)
 def held_by(path: Path) -> str | None:
     """Whether a process holds the store's lock right now: `another hostagent (pid N)` or
     None (no lock file, free, or not checkable). Takes nothing: a shared lock tried and let go
-    at once, read-only (an inspecting command must not create the lock file)."""
+    at once, read-only (an inspecting command must not create the lock file). Through a
+    symbolic link it also asks the lock next to the link, where a daemon started before the
+    lock followed links still holds it."""
+    locks = dict.fromkeys((lock_path(path), path.with_name(path.name + LOCK_SUFFIX)))
+    return next((who for lock in locks if (who := _held(lock)) is not None), None)
+
+
+def _held(lock: Path) -> str | None:
     try:
-        fd = os.open(lock_path(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
     try:

@@ -42,6 +42,62 @@ def test_holders_in_one_process_share_it_and_another_process_is_refused(tmp_path
     assert _other_process_holds(path)[0] == 0
 
 
+def test_a_symlink_to_a_held_store_is_refused_both_ways(tmp_path: Path) -> None:
+    """Two state paths, one a symbolic link to the other's store, are one store: each took
+    the lock next to its own name and two daemons billed every period into one file."""
+    real = tmp_path / "a" / "state.db"
+    link = tmp_path / "b" / "state.db"
+    real.parent.mkdir()
+    link.parent.mkdir()
+    real.write_bytes(b"")  # what is in it does not matter to the lock
+    link.symlink_to(real)
+    for mine, theirs in ((real, link), (link, real)):
+        held = guard.hold(mine)
+        rc, said = _other_process_holds(theirs)
+        assert rc == 3, said
+        assert f"{theirs}: another hostagent (pid {os.getpid()})" in said
+        assert guard.held_by(theirs) == f"another hostagent (pid {os.getpid()})"
+        held.release()
+        assert _other_process_holds(theirs)[0] == 0
+    assert guard.lock_path(link) == guard.lock_path(real) == real.with_name("state.db.lock")
+    assert not link.with_name("state.db.lock").exists()
+
+
+def test_a_dangling_link_locks_where_the_store_will_be(tmp_path: Path) -> None:
+    real = tmp_path / "data" / "real.db"  # its directory not there yet either
+    link = tmp_path / "state.db"
+    link.symlink_to(real)
+    guard.hold(link).release()
+    assert real.with_name("real.db.lock").is_file()
+    assert not (tmp_path / "state.db.lock").exists()
+
+
+HOLD_AT = ("import fcntl, os, sys, time\n"
+           "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+           "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, b'%d\\n' % os.getpid())\n"
+           "print('held', flush=True)\ntime.sleep(60)\n")
+
+
+def test_held_by_also_sees_a_lock_left_next_to_the_link(tmp_path: Path) -> None:
+    """A daemon started before the lock followed links holds ``state.db.lock`` next to the
+    link: `store reset` through that link must still see it running."""
+    real = tmp_path / "a" / "state.db"
+    real.parent.mkdir()
+    real.write_bytes(b"")
+    link = tmp_path / "state.db"
+    link.symlink_to(real)
+    old = subprocess.Popen([sys.executable, "-c", HOLD_AT, str(tmp_path / "state.db.lock")],
+                           text=True, stdout=subprocess.PIPE)
+    try:
+        assert old.stdout is not None and old.stdout.readline() == "held\n"
+        assert guard.held_by(link) == f"another hostagent (pid {old.pid})"
+        assert guard.held_by(real) is None  # the real store's own lock is free
+    finally:
+        old.kill()
+        old.wait()
+    assert guard.held_by(link) is None
+
+
 def test_a_failed_start_removes_the_lock_file_it_created(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     guard.hold(path).release(discard=True)
