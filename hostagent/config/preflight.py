@@ -152,13 +152,21 @@ def check_writable_path(source: str, key: str, path: str) -> None:
 
 
 def check_store_reachable(source: str, path: str) -> None:
-    """The `store` and `outbox` commands' first look at `collector.state_path`: a symbolic
-    link loop or a regular file on the way is the config's mistake (exit 2, as `run` and
-    `check-config` say), never a runtime failure. Anything else (absent, a directory this user
-    may not search) is left to the store's own checks and messages."""
+    """The `store` and `outbox` commands' first look at `collector.state_path`: what
+    `check_state_path` refuses, a path that is not absolute or names a directory (or a special
+    file) included, is the config's mistake (exit 2, as `run` and `check-config` say), never a
+    runtime failure, and never a store to move aside (`store reset` renamed a directory holding
+    a running daemon's store, or ./data, and crashed on an empty path). So are a symbolic link
+    loop and a regular file on the way. A directory this user may not search is left to the
+    store's own checks and messages (exit 1: run it as the service user)."""
     key = "collector.state_path"
+    if not path or not os.path.isabs(path) or path.endswith("/") \
+            or Path(path).name in ("", ".", ".."):
+        raise ConfigError(source, key, "an absolute path of a file", path,
+                          'e.g. state_path = "/var/lib/hostagent/state.db" (no trailing /: '
+                          "the commands' working directory is not where the daemon's store is)")
     try:
-        os.stat(path)
+        st = os.stat(path)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise _loop_error(source, key, Path(path)) from err
@@ -168,6 +176,14 @@ def check_store_reachable(source: str, path: str) -> None:
                     raise ConfigError(source, key, "a path under directories", path,
                                       f"{parent} is a regular file, not a directory: "
                                       f"{os.strerror(errno.ENOTDIR)}") from err
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(source, key, "a regular file (or none yet)", path,
+                          f"it is a directory: name the store file in it, e.g. "
+                          f"{os.path.join(path, 'state.db')}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(source, key, "a regular file (or none yet)", path,
+                          "it is a special file: name a regular file")
 
 
 def _loop_error(source: str, key: str, path: Path) -> ConfigError:

@@ -230,6 +230,9 @@ def before_open(path: Path) -> bool:
     """Refuse what must not be opened; True when a store file is there to open."""
     try:
         if path.exists():
+            if path.is_dir():  # never a store to move aside: the config names the wrong path
+                raise StateError(f"{path}: the state store path is a directory; set "
+                                 "collector.state_path to the store file in it")
             if not path.is_file():
                 raise StateCorrupt(f"{path}: the state store path is not a regular file; "
                                    f"{FOREIGN_WAY_OUT}")
@@ -317,6 +320,7 @@ def inspect(path: Path) -> Salvage:
 
 def move_aside(path: Path, now_ns: int) -> list[Path]:
     """Rename the store and its side files to ``<name>.broken-<UTC time>…``; the new names.
+    A directory among them is refused (StateError), whatever the caller checked.
 
     All or nothing: when one cannot be moved (StateError: which, why, and what to do), those
     already moved are put back."""
@@ -325,6 +329,10 @@ def move_aside(path: Path, now_ns: int) -> list[Path]:
     moves = [(src, base.with_name(base.name + suffix))
              for suffix in ("", *SIDE_FILES)
              if (src := path.with_name(path.name + suffix)).exists() or src.is_symlink()]
+    for src, _ in moves:  # a directory is never a store: renaming one took a daemon's away
+        if src.is_dir() and not src.is_symlink():
+            raise StateError(f"{src}: a directory, not a store file; not moving it aside "
+                             "(nothing was moved): set collector.state_path to the store file")
     for _, dst in moves:
         if dst.exists() or dst.is_symlink():
             raise StateError(f"{dst}: already there; not overwriting it (nothing was moved)")
