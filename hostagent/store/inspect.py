@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ import orjson
 
 from hostagent.errors import StateCorrupt
 from hostagent.model import Baseline, OutEvent
+from hostagent.store.guard import WAY_OUT
 
 # A sink's depth, each a range of one partial index. INDEXED BY: without it SQLite may walk the
 # sink's whole primary key, every acknowledged row retention keeps.
@@ -28,6 +29,57 @@ PENDING_SQL = ("SELECT COUNT(*), MIN(created_ns) FROM deliveries INDEXED BY deli
                "WHERE sink = ? AND status = 'pending'")
 DEAD_SQL = ("SELECT COUNT(*), MIN(created_ns) FROM deliveries INDEXED BY deliveries_dead "
             "WHERE sink = ? AND status = 'dead'")
+
+
+# Text read as bytes and decoded here: one value that is not UTF-8 (a byte flipped on disk, a
+# hand edit) made SQLite's own decoding fail the whole query ("Could not decode to UTF-8
+# column"), a StateError no command got past, `store reset` included.
+META_SQL = ("SELECT CAST(key AS BLOB), typeof(value) = 'text', CASE WHEN typeof(value) = 'text' "
+            "THEN CAST(value AS BLOB) ELSE value END FROM meta")
+BASELINES_SQL = "SELECT CAST(instance_id AS BLOB), CAST(state AS BLOB) FROM baselines"
+
+
+def read_meta(c: sqlite3.Connection) -> dict[object, object]:
+    """The meta table, key → value. A text value that is not UTF-8 is left as its bytes: the
+    checks then refuse it as they refuse any value that is not text (`opening._meta`: damage,
+    `store reset` the way out) or, the delivery heartbeat, read it as never."""
+    return {_text(key, "replace"): _utf8(value) if is_text else value
+            for key, is_text, value in c.execute(META_SQL)}
+
+
+def _text(raw: object, errors: str = "strict") -> object:
+    """`raw` decoded, if bytes (UnicodeDecodeError when not UTF-8 and `errors` is strict)."""
+    return raw.decode("utf-8", errors) if isinstance(raw, bytes) else raw
+
+
+def _utf8(raw: object) -> object:
+    """`raw` decoded when it is UTF-8; else as it was (bytes, which no text check accepts)."""
+    try:
+        return _text(raw)
+    except UnicodeDecodeError:
+        return raw
+
+
+def parse_baselines(path: Path, rows: Iterable[tuple[object, object]]) -> dict[str, Baseline]:
+    """`BASELINES_SQL`'s rows parsed; StateCorrupt naming `hostagent store reset` for the
+    first that does not parse (not JSON, not UTF-8, not a baseline). Start-up loads them after
+    the store's checks, so the checks parse them too (`opening.check`): a damaged baseline was
+    refused at start with no way out named, while `store check` said OK and `store reset`
+    refused a "healthy" store."""
+    out: dict[str, Baseline] = {}
+    for raw_iid, state in rows:
+        shown = repr(raw_iid)
+        try:
+            iid = _text(raw_iid)
+            shown = repr(iid)
+            if not isinstance(iid, str) or not isinstance(state, bytes):
+                raise TypeError("not text")  # noqa: TRY301 - damage, reported as the rest
+            out[iid] = Baseline.from_dict(orjson.loads(state))
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+            said = str(err)[:120]
+            raise StateCorrupt(f"{path}: the baseline of {shown[:80]} is damaged ({said}); "
+                               f"{WAY_OUT}") from err
+    return out
 
 
 def sink_depth(c: sqlite3.Connection, sink: str) -> dict[tuple[str, str], tuple[int, int | None]]:
@@ -109,14 +161,8 @@ class StoreReader(ABC):
     def load_baselines(self) -> dict[str, Baseline]:
         """Every instance's persisted baseline."""
         with self.reading("load baselines") as c:
-            rows = c.execute("SELECT instance_id, state FROM baselines").fetchall()
-        out: dict[str, Baseline] = {}
-        for iid, state in rows:
-            try:
-                out[iid] = Baseline.from_dict(orjson.loads(state))
-            except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as err:
-                raise StateCorrupt(f"{self.path}: baseline of {iid!r} is damaged: {err}") from err
-        return out
+            rows = c.execute(BASELINES_SQL).fetchall()
+        return parse_baselines(self.path, rows)
 
     def load_alert_state(self) -> dict[str, bytes]:
         """Alert state by fingerprint."""
@@ -180,10 +226,10 @@ class StoreReader(ABC):
                         "next_attempt_ns > 0 AND next_attempt_ns > ?", (sink, now_ns)).fetchone()
         return None if row[0] is None else int(row[0])
 
-    def meta(self) -> dict[str, str]:
-        """The meta table."""
+    def meta(self) -> dict[str, object]:
+        """The meta table (`read_meta`: a value not UTF-8 is its bytes, never a failed read)."""
         with self.reading("read meta") as c:
-            return dict(c.execute("SELECT key, value FROM meta").fetchall())
+            return {k: v for k, v in read_meta(c).items() if isinstance(k, str)}
 
     # --- inspection -------------------------------------------------------------------------
 

@@ -8,10 +8,12 @@ created, none deleted) and checks, in this order:
   should be); `Path.exists` reads those as "no store here", which must never pass for absent;
 * it is a SQLite database (else SQLITE_NOTADB / SQLITE_CORRUPT) with tables;
 * it has a ``meta(key, value)`` table whose ``app`` is ours (else: foreign);
-* every meta value it reads parses: ``schema_version`` (ours, or one `schema.migrate` upgrades),
+* every meta value it reads parses (read as bytes: one that is not UTF-8 is damage, not a
+  failed read): ``schema_version`` (ours, or one `schema.migrate` upgrades),
   ``created_ns`` (a positive integer, present), ``host`` (text); ``delivery_heartbeat_ns``, a
   liveness stamp the daemon rewrites, is read as absent when damaged (never a refusal);
 * the tables and columns of that version (`schema.layout`), and its indexes, are all there;
+* every baseline parses (`inspect.parse_baselines`, what start-up loads next);
 * ``PRAGMA quick_check`` passes (`integrity=False` skips it: `check-config`'s quick look);
 * the marker next to it names its ``created_ns`` (`guard.check_marker`).
 
@@ -44,7 +46,7 @@ from pathlib import Path
 from hostagent.clock import Clock
 from hostagent.errors import ForeignLog, StateCorrupt, StateError
 from hostagent.file_read import loop_link
-from hostagent.store import guard, schema, sqlite_tx, webhooks
+from hostagent.store import guard, inspect, schema, sqlite_tx, webhooks
 from hostagent.store.guard import FOREIGN_WAY_OUT, WAY_OUT
 from hostagent.store.schema import APP, OUTBOX_DDL, SCHEMA_VERSION, UPGRADABLE
 
@@ -178,10 +180,10 @@ def check(c: sqlite3.Connection, path: Path, *, integrity: bool = True) -> Store
         if not {"key", "value"} <= set(columns):
             raise StateCorrupt(f"{path}: not a hostagent state store (its meta table has "
                                f"columns {', '.join(map(str, columns))}); {FOREIGN_WAY_OUT}")
-        meta: dict[object, object] = dict(c.execute("SELECT key, value FROM meta").fetchall())
-        found = _meta(path, meta)
+        found = _meta(path, inspect.read_meta(c))
         _check_layout(c, path, found.schema_version, tables)
         webhooks.check_tables(c, path, tables)
+        inspect.parse_baselines(path, c.execute(inspect.BASELINES_SQL))
         if integrity:
             result = c.execute("PRAGMA quick_check").fetchone()[0]
             if result != "ok":

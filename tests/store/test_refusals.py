@@ -34,6 +34,19 @@ DAMAGE = {
     "a table dropped": "DROP TABLE sinks",
     "a column dropped": "ALTER TABLE dead_letters DROP COLUMN reason",
     "an index dropped": "DROP INDEX deliveries_pending",
+    # Start-up refused these with no way out named (a baseline not JSON), or failed every
+    # command with exit 1, `store reset` included ("Could not decode to UTF-8 column").
+    "a baseline not JSON": "UPDATE baselines SET state = 'garbage' WHERE instance_id = 'i1'",
+    "a baseline not UTF-8": "UPDATE baselines SET state = CAST(x'7bff' AS TEXT)",
+    "a baseline not a baseline": "UPDATE baselines SET state = '[1]'",
+    "a baseline's instance id not UTF-8": "UPDATE baselines SET instance_id = "
+                                          "CAST(x'69ff' AS TEXT) WHERE instance_id = 'i1'",
+    "created_ns not UTF-8": "UPDATE meta SET value = CAST(x'31ff32' AS TEXT) "
+                            "WHERE key = 'created_ns'",
+    "host not UTF-8": "UPDATE meta SET value = CAST(x'31ff32' AS TEXT) WHERE key = 'host'",
+    "app not UTF-8": "UPDATE meta SET value = CAST(x'68ff' AS TEXT) WHERE key = 'app'",
+    "schema_version not UTF-8": "UPDATE meta SET value = CAST(x'32ff' AS TEXT) "
+                                "WHERE key = 'schema_version'",
 }
 
 
@@ -142,16 +155,22 @@ def test_peek_checks_the_schema_but_not_the_integrity(tmp_path: Path, clock: Fak
         opening.peek(path)
 
 
+@pytest.mark.parametrize("value", ["'soon'", "CAST(x'31ff32' AS TEXT)"], ids=["text", "utf8"])
 def test_a_damaged_heartbeat_is_read_as_never_and_the_daemon_rewrites_it(
-        tmp_path: Path, clock: FakeClock, capsys: pytest.CaptureFixture[str]) -> None:
-    # A liveness stamp is no reason to refuse billing state (and reset it away): read as never
+        tmp_path: Path, clock: FakeClock, capsys: pytest.CaptureFixture[str],
+        value: str) -> None:
+    # A liveness stamp is no reason to refuse billing state (and reset it away): read as never.
+    # One not UTF-8 failed every command (exit 1), `store reset` included.
     path = damage(tmp_path, clock, "INSERT OR REPLACE INTO meta "
-                                   "VALUES('delivery_heartbeat_ns', 'soon')")
+                                   f"VALUES('delivery_heartbeat_ns', {value})")
     cfg = str(config(tmp_path))
     assert main(["outbox", "status", "--config", cfg]) == 0
     out = capsys.readouterr()
     assert "delivery heartbeat: never" in out.out and "Traceback" not in out.err
     assert main(["store", "check", "--config", cfg]) == 0
+    assert "state store OK" in capsys.readouterr().out
+    assert main(["store", "reset", "--config", cfg]) == 2  # healthy: not set aside unasked
+    assert "refusing to reset: it is healthy" in refusal(capsys)
     assert main(["run", "--once", "--config", cfg]) == 0
     with contextlib.closing(sqlite3.connect(path)) as c:
         value = c.execute("SELECT value FROM meta WHERE key = 'delivery_heartbeat_ns'"
