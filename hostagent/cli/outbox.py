@@ -99,15 +99,18 @@ def _status(store: Store, cfg: Config, as_json: bool) -> int:
     if as_json:
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
-    print(f"state store {store.path} (host {store.host}, created {_iso(store.created_ns)})")
+    # Every name read from the store through one_line: a host or sink name holding an ESC or a
+    # newline redrew the terminal or forged a line (as `dead-letters` already escaped them).
+    print(f"state store {one_line(store.path)} (host {one_line(store.host)}, created "
+          f"{_iso(store.created_ns)})")
     print(f"size: {size.used_bytes / MIB:.1f} MiB used of the {cfg.outbox.max_bytes / MIB:.0f} "
           f"MiB cap (file {size.file_bytes / MIB:.1f} MiB, WAL {size.wal_bytes / MIB:.1f} MiB)")
     print("delivery heartbeat: " + ("never" if hb is None else _age(hb, now) + " ago"))
     print(f"{'SINK':<24} {'PENDING':>8} {'OLDEST':>8} {'ACKED':>8} {'DEAD':>6}  BREAKER")
     for st, row in zip(stats.values(), rows, strict=True):
-        name = st.name if row["configured"] else f"{st.name} (not configured)"
+        name = one_line(st.name) + ("" if row["configured"] else " (not configured)")
         print(f"{name:<24} {st.pending:>8} {_age(st.oldest_pending_ns, now):>8} {st.acked:>8} "
-              f"{st.dead:>6}  {row['breaker']}")
+              f"{st.dead:>6}  {one_line(row['breaker'])}")
     return 0
 
 

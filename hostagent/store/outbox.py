@@ -58,6 +58,15 @@ MERGE_AT = upkeep.MERGE_AT  # of max_bytes: prune acked early, then merge pendin
 Result = Literal["acked", "failed", "rejected", "dead", "skipped"]
 
 
+def lenient_text(raw: bytes) -> str:
+    """The text factory of a store opened read-only (the inspecting commands, which only
+    show what they read): a value that is not UTF-8 (a sink name, a dead letter's reason
+    damaged on disk) is shown with U+FFFD where SQLite's decoding failed the whole command
+    (exit 1, "Could not decode to UTF-8 column"). The daemon's connection keeps strict
+    decoding: what it writes back must be what it read."""
+    return raw.decode("utf-8", "replace")
+
+
 @dataclass(slots=True)
 class Outcome:
     """What one delivery round did to one event (`skipped`: never sent this round), for the
@@ -144,6 +153,8 @@ class Store(PassCommit):
         opened = opening.open_file(Path(path), clock=clock, node_id=node_id,
                                    create=create and not read_only, read_only=read_only,
                                    upgrade=upgrade and not read_only, on_upgrade=on_upgrade)
+        if read_only:  # only shown: a text value not UTF-8 (damage) must not fail the command
+            opened.conn.text_factory = lenient_text
         store = cls(opened.conn, Path(path), clock)
         meta = opened.meta
         store.created_ns, store.host, store.schema_version = (meta.created_ns, meta.host,
