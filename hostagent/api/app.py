@@ -223,8 +223,27 @@ def build_app(api: Api) -> Starlette:
         detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
         if status >= 500:
             log.error("api route failed", extra={"path": request.url.path, "error": repr(exc)})
+        elif api.gate is not None:
+            # The router's own answers (404 no such path, 405 no such method) wait for a
+            # running pass and count against the address's bucket like every other route's:
+            # a flood of them got neither (300 at once, 300 answers, found by an API sweep).
+            async with api.gate.request(api.cfg.yield_to_pass_max_s):
+                return _router_answer(request, status, str(detail), headers)
+        else:
+            return _router_answer(request, status, str(detail), headers)
         api.requests[("other", f"{status // 100}xx")] += 1
         return problem_response(Problem(status, str(detail), headers=headers), request.url.path)
+
+    def _router_answer(request: Request, status: int, detail: str,
+                       headers: dict[str, str]) -> Response:
+        addr = request.client.host if request.client else "unknown"
+        try:
+            api._limit(api.by_address, addr, "client address")
+            problem = Problem(status, detail, headers=headers)
+        except Problem as limited:  # 429
+            problem = limited
+        api.requests[("other", f"{problem.status // 100}xx")] += 1
+        return problem_response(problem, request.url.path)
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                        Exception: http_error})

@@ -58,3 +58,24 @@ async def test_429_per_principal_and_per_address(nursery: trio.Nursery, keys: Ke
         # liveness is answered whatever the address's bucket holds (a probe never fails)
         assert [(await c.get("/health")).status_code for _ in range(10)] == [200] * 10
     srv.stop.set()
+
+
+async def test_the_routers_own_answers_are_limited_per_address(nursery: trio.Nursery,
+                                                               keys: Keys) -> None:
+    """404 (no such path) and 405 (no such method) come from the router, not from a route:
+    they skipped the address's bucket (300 at once got 300 answers, found by an API sweep)."""
+    cfg = api_config(keys, rate_per_address_s=0.01, burst_per_address=4)
+    srv = await start_server(nursery, cfg, ApiView())
+    async with httpx.AsyncClient(base_url=srv.url) as c:
+        codes = [(await c.get("/nope")).status_code,
+                 (await c.request("OPTIONS", "/api/v1/metrics")).status_code,
+                 (await c.get("/nope")).status_code,
+                 (await c.delete("/api/v1/metrics")).status_code,
+                 (await c.get("/nope")).status_code,
+                 (await c.request("OPTIONS", "/api/v1/metrics")).status_code]
+        assert codes == [404, 405, 404, 405, 429, 429]
+        r = await c.get("/nope")
+        assert r.headers["content-type"] == "application/problem+json"
+        assert int(r.headers["retry-after"]) >= 1
+        assert [(await c.get("/health")).status_code for _ in range(3)] == [200] * 3
+    srv.stop.set()
