@@ -360,6 +360,12 @@ class Usage:
 
 
 
+# Largest repeat interval or cooldown of an alert, in seconds (a year; 0 already means never
+# repeat): also the largest `repeat_interval_s` a threshold rule may carry. Its nanoseconds
+# stay far inside the signed 64-bit integers they are stored and compared as.
+MAX_REPEAT_S = 31_536_000
+
+
 # An owner id longer than this, or holding a control or format character, is no owner id:
 # every event of the instance carries it (a 2 MB account address made each event 2 MB; a
 # domain's metadata is the tenant's to write). Read as absent: the instance is `unassigned`.

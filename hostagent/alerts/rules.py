@@ -48,8 +48,8 @@ from typing import Any, Literal
 
 import orjson
 
-from hostagent.config.schema import MAX_REPEAT_S
 from hostagent.errors import ConfigError
+from hostagent.model import MAX_OWNER_ID_CHARS, MAX_REPEAT_S, usable_owner_id
 
 Resource = Literal["cpu", "memory", "storage", "network_egress", "network_ingress", "gpu"]
 Action = Literal["notify", "log", "alert"]
@@ -87,8 +87,7 @@ _MAX_FLOAT_INT = int(sys.float_info.max)
 # Consecutive passes before an alert fires: past a billion (30 years of 1 s passes) is no
 # rule; the bound keeps the value a 64-bit integer, as the rules-in-force file stores it.
 MAX_CHANNEL_CHARS = 256
-MAX_OWNER_CHARS = 1024  # a rule's user_id and instance_id (the API's path parameters' bound)
-_OWNER_KEYS = frozenset({"user_id", "instance_id"})
+MAX_INSTANCE_CHARS = 1024  # a rule's instance_id (the API's path parameters' bound)
 MAX_FOR_PASSES = 1_000_000_000
 # For the examples in the fixes: an absolute threshold each resource can take.
 _EXAMPLE: dict[Resource, tuple[str, str]] = {
@@ -190,12 +189,16 @@ def _str(raw: Mapping[str, Any], key: str, source: str, i: int, *, toml: bool,
         return None
     if not isinstance(v, str) or not v:
         raise _err(source, i, key, "a non-empty string", v, _str_fix(key, toml))
-    if key in _OWNER_KEYS and (len(v) > MAX_OWNER_CHARS or not v.isprintable()):
-        # An owner or instance id is matched against the account service's and libvirt's ids,
-        # shown in notices and addressed in the API's paths: a 60 KB id, or one holding a NUL,
-        # a line break or an escape sequence, was kept and written out as it was.
-        raise _err(source, i, key, f"at most {MAX_OWNER_CHARS} printable characters", v[:80],
-                   _str_fix(key, toml))
+    # An owner or instance id is matched against the account service's and libvirt's ids,
+    # shown in notices and addressed in the API's paths: a 60 KB id, or one holding a NUL, a
+    # line break or an escape sequence, was kept and written out as it was. A user id is one
+    # an event can carry (model.usable_owner_id), or "*".
+    if key == "user_id" and v != "*" and not usable_owner_id(v):
+        raise _err(source, i, key, f"\"*\" or an owner id of at most {MAX_OWNER_ID_CHARS} "
+                   "printable characters", v[:80], _str_fix(key, toml))
+    if key == "instance_id" and (len(v) > MAX_INSTANCE_CHARS or not v.isprintable()):
+        raise _err(source, i, key, f"at most {MAX_INSTANCE_CHARS} printable characters",
+                   v[:80], _str_fix(key, toml))
     return v
 
 

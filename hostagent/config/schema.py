@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hostagent import model
 from hostagent.model import InstanceIdScheme
 
 TimeFormat = Literal["unix", "rfc3339"]
@@ -21,9 +22,9 @@ TimeFormat = Literal["unix", "rfc3339"]
 # integer (SQLite INTEGER), and 10 years of ns (3.2e17) is far inside it. Every number key has
 # a maximum; a test keeps it so.
 MAX_RETENTION_S = 315_360_000
-# Largest repeat interval or cooldown of an alert (a year; 0 already means never repeat): also
-# the largest `repeat_interval_s` a threshold rule may carry.
-MAX_REPEAT_S = 31_536_000
+# Largest repeat interval or cooldown of an alert (hostagent.model: the rules' parser, which
+# is pure, checks a rule's `repeat_interval_s` against it too).
+MAX_REPEAT_S = model.MAX_REPEAT_S
 MAX_RATE = 1_000_000  # requests, lookups or notifications per second/minute: past any real use
 
 

@@ -153,13 +153,15 @@ def load_key_file(path: str, *, config_source: str = "<config>") -> Signer:
     if text[:2] in ("0x", "0X"):
         text = text[2:]
     if len(raw) > _MAX_KEY_FILE_BYTES or not _HEX64.fullmatch(text):
+        # The path goes in the fix, which is never cut short: a `found` value is (to 120
+        # characters), and a long path lost its middle there.
         raise ConfigError(config_source, key, "64 hex digits (optionally 0x-prefixed)",
-                          f"{path}: content of another shape (not shown)",
-                          "write the node's 32-byte private key as hex")
+                          "content of another shape (not shown)",
+                          f"write the node's 32-byte private key as hex into {path}")
     try:
         return Signer(bytes.fromhex(text))
     except ValueError as err:
         raise ConfigError(config_source, key, "a valid secp256k1 private key",
-                          f"{path}: out-of-range key (not shown)",
-                          "write the node's own private key: 64 hex digits above zero and below "
-                          "the secp256k1 group order") from err
+                          "an out-of-range key (not shown)",
+                          f"write the node's own private key into {path}: 64 hex digits above "
+                          "zero and below the secp256k1 group order") from err

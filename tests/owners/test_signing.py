@@ -127,7 +127,10 @@ def test_key_file_readable_by_others_is_refused_with_fix(tmp_path: Path, mode: i
 @pytest.mark.parametrize("content", ["", "abc", KEY_HEX[:-2], KEY_HEX + "00", "00" * 32,
                                      "g" * 64, "ff" * 32])
 def test_bad_key_content_is_refused_without_showing_it(tmp_path: Path, content: str) -> None:
-    key = _write(tmp_path / "node.key", content, 0o600)
+    # A long path is named whole (it lost its middle in the quoted `found` value: this test
+    # failed under pytest-xdist, whose temporary paths are longer).
+    (tmp_path / ("d" * 120)).mkdir()
+    key = _write(tmp_path / ("d" * 120) / "node.key", content, 0o600)
     with pytest.raises(ConfigError) as info:
         load_key_file(str(key))
     assert str(key) in str(info.value)
