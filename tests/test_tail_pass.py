@@ -573,11 +573,11 @@ class _RecordedTapEnds(StopWatch):
                 self._unplugged.add(self._taps[ifindex])
 
 
-async def test_a_hot_unplugged_nic_is_sampled_at_its_end_and_billed_to_its_final_counters(
-        tmp_path: Path) -> None:
-    """A tap deleted while its VM runs (a NIC detached) wakes the light-samples thread, which
-    samples that domain alone with the tap's final counters; the next pass reads the domain
-    without the tap and bills the NIC up to those counters (accounting/unplug.py)."""
+def _tap_ends_recorded(tmp_path: Path) -> tuple[Host, Any, Any, TailTasks, _RecordedTapEnds,
+                                                 list[dict[str, Any]]]:
+    """The systemd-v2 recording with `cgroup.events` files, a collector whose periodic light
+    samples are an hour apart, its light-samples thread watching through `_RecordedTapEnds`
+    (tap deletions told by the test), and the samples it takes."""
     host = editable_host(tmp_path, "systemd-v2")
     _add_events_files(host)
     coll, store = make_collector(host, tmp_path, sample_interval_s=3600,
@@ -585,7 +585,15 @@ async def test_a_hot_unplugged_nic_is_sampled_at_its_end_and_billed_to_its_final
     tail = TailTasks(coll, clock=host.clock)
     watch = _RecordedTapEnds()
     tail.watch = watch
-    taken = _noted_samples(tail)
+    return host, coll, store, tail, watch, _noted_samples(tail)
+
+
+async def test_a_hot_unplugged_nic_is_sampled_at_its_end_and_billed_to_its_final_counters(
+        tmp_path: Path) -> None:
+    """A tap deleted while its VM runs (a NIC detached) wakes the light-samples thread, which
+    samples that domain alone with the tap's final counters; the next pass reads the domain
+    without the tap and bills the NIC up to those counters (accounting/unplug.py)."""
+    host, coll, store, tail, watch, taken = _tap_ends_recorded(tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(tail.run)
         assert (await coll.run_pass()).committed
@@ -640,14 +648,7 @@ async def test_a_tap_deleted_while_a_pass_reads_the_host_is_billed_to_its_final_
     tests/test_lab_sweep_nic_plug.py). The next pass reads the domain without the tap, asks
     for its final sample (`tails.taps_gone`) and bills the tap up to the final counters the
     watch kept."""
-    host = editable_host(tmp_path, "systemd-v2")
-    _add_events_files(host)
-    coll, store = make_collector(host, tmp_path, sample_interval_s=3600,
-                                 watched_sample_interval_s=3600, lifecycle_events=False)
-    tail = TailTasks(coll, clock=host.clock)
-    watch = _RecordedTapEnds()
-    tail.watch = watch
-    taken = _noted_samples(tail)
+    host, coll, store, tail, watch, taken = _tap_ends_recorded(tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(tail.run)
         assert (await coll.run_pass()).committed

@@ -22,8 +22,8 @@ def base(tmp: Path, extra: str = "", collector: str = "") -> str:
             f'[[sinks]]\ntype = "jsonl"\npath = "{tmp}/events.jsonl"\n')
 
 
-def write(tmp: Path, text: str) -> Path:
-    path = tmp / "hostagent.toml"
+def write(tmp: Path, text: str, name: str = "hostagent.toml") -> Path:
+    path = tmp / name
     path.write_text(text)
     return path
 

@@ -20,31 +20,12 @@ import pytest
 from hostagent.cli.main import main
 from hostagent.errors import ConfigError
 from tests.api.test_server import self_signed
+from tests.cli.test_config_errors import base, one_error_line, write
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "hostagent.cli"]
 # A command that waits on a FIFO never ends: this bounds the wait, then the child is killed.
 HANG_S = 30
-
-
-def base(tmp: Path, extra: str = "", collector: str = "") -> str:
-    """A config on libvirt's test driver, files under `tmp`."""
-    return (f'[collector]\nstate_path = "{tmp}/state/state.db"\n{collector}\n'
-            f'[libvirt]\nuri = "test:///default"\n{extra}\n'
-            f'[[sinks]]\ntype = "jsonl"\npath = "{tmp}/events.jsonl"\n')
-
-
-def write(tmp: Path, text: str, name: str = "hostagent.toml") -> Path:
-    path = tmp / name
-    path.write_text(text)
-    return path
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def cli(*args: str, timeout_s: float = HANG_S, **kw: object) -> subprocess.CompletedProcess[str]:
