@@ -21,6 +21,7 @@ from hostagent.cli.main import main
 from hostagent.errors import ConfigError
 from tests.api.test_server import self_signed
 from tests.cli.test_config_errors import base, one_error_line, write
+from tests.store.test_read_only import nobody_can_run_hostagent
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "hostagent.cli"]
@@ -79,6 +80,8 @@ def test_top_shows_a_state_directory_it_may_not_search(tmp_path: Path, form: lis
     # The shipped unit's StateDirectoryMode=0750: an operator outside the group cannot search
     # it. Root can: as root the command runs as nobody (setpriv), from a directory nobody may
     # enter (pytest's own tmp_path is under a mode-0700 directory).
+    if os.geteuid() == 0 and not nobody_can_run_hostagent():
+        pytest.skip("needs a checkout user nobody may read (a `mktemp -d` clone is 0700)")
     with tempfile.TemporaryDirectory(prefix="hostagent-top-") as scratch:
         tmp = Path(scratch)
         tmp.chmod(0o755)
