@@ -47,6 +47,7 @@ from hostagent.config.sinks import (
 from hostagent.config.walk import build_sinks, build_table
 from hostagent.errors import ConfigError
 from hostagent.file_read import FileTooLarge, NotRegularFile, read_regular
+from hostagent.model import MAX_OWNER_ID_CHARS, usable_owner_id
 
 # A config file is a few KiB; anything past this is not one (and is not read whole).
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -139,6 +140,13 @@ def from_mapping(raw: Mapping[str, Any], source: str = "<inline>") -> Config:
         if not value.startswith("/"):  # read from the daemon's directory: every reading missing
             raise ConfigError(source, key, "an absolute path", value,
                               "start it with / (cgroup_root is taken inside root)")
+    if not usable_owner_id(cfg.owners.unassigned) or not cfg.owners.unassigned.strip():
+        # The user_id of every event whose owner is unknown: "" (or a line break) reached
+        # events as it was, an owner no billing pipeline can tell from a missing field.
+        raise ConfigError(source, "owners.unassigned", "an owner id an event can carry "
+                          f"(printable, not blank, at most {MAX_OWNER_ID_CHARS} characters)",
+                          cfg.owners.unassigned,
+                          'e.g. unassigned = "unassigned", or remove the key for that default')
     if not cfg.libvirt.uri.strip():  # libvirt would pick its own default (qemu:///system)
         raise ConfigError(source, "libvirt.uri", "a libvirt connection URI", cfg.libvirt.uri,
                           'e.g. uri = "qemu:///system", or remove the key for that default')

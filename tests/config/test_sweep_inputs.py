@@ -59,6 +59,17 @@ def test_a_blank_or_unprintable_node_id_is_refused(node_id: str) -> None:
     assert info.value.key == "host.node_id" and info.value.fix
 
 
+@pytest.mark.parametrize("unassigned", ["", "  ", "a\nb", "x" * 257])
+def test_an_unassigned_user_id_no_event_can_carry_is_refused(unassigned: str) -> None:
+    # The user_id of every event whose owner is unknown: "" reached events as it was (found by
+    # a CLI sweep), an owner no billing pipeline can tell from a missing one.
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"owners": {"unassigned": unassigned}}, "/etc/hostagent/hostagent.toml")
+    assert info.value.key == "owners.unassigned" and info.value.fix
+    assert from_mapping({"owners": {"unassigned": "nobody-known"}}).owners.unassigned \
+        == "nobody-known"
+
+
 @pytest.mark.parametrize(("paths", "key"), [
     ({"root": "srv/host"}, "paths.root"), ({"root": ""}, "paths.root"),
     ({"cgroup_root": "sys/fs/cgroup"}, "paths.cgroup_root"),
